@@ -1,0 +1,1 @@
+"""Dataset loading and formatting per task type (filled in below)."""

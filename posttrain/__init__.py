@@ -1,0 +1,19 @@
+"""posttrain: LLM post-training and alignment methods as Hugging Face TRL trainers.
+
+The repository's top-level folders are mapped into this one namespace by setuptools
+``package-dir`` (see ``pyproject.toml``), so nothing generic lands in site-packages:
+
+    trainers/  -> posttrain.trainers   one module per method (+ classic/ auxiliary trainers)
+    recipes/   -> posttrain.recipes    YAML recipes, recipe parsing, model loading, the train entry point
+    evals/     -> posttrain.evals      the eval harness
+    data/      -> posttrain.data       dataset loading, formatting and built-in generators
+
+This package itself owns the namespace, the command line (``posttrain`` / ``python -m posttrain``)
+and the one error type that the command line turns into a one-line message.
+"""
+
+__version__ = "0.1.0"
+
+
+class UserError(Exception):
+    """A mistake in what the user gave (recipe, override, dataset): printed as one line, exit code 2."""

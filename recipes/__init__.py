@@ -1,0 +1,1 @@
+"""Recipes: YAML loading and validation, model loading, the train entry point."""

@@ -1,0 +1,1 @@
+"""Method registry (filled in below)."""

@@ -1,0 +1,1 @@
+"""Auxiliary (non-LLM) trainers and optimizers."""
