@@ -1,1 +1,16 @@
-"""Dataset loading and formatting per task type (filled in below)."""
+"""Dataset loading and formatting per task type, and built-in generators.
+
+The train code calls ``load_task_datasets(task, data_args)`` once, before any model loads; it returns
+``{"train", "eval"?}`` (or ``{"forget", "retain"}`` for unlearning) already checked and in TRL's column
+layout, or raises ``DataError`` with one line naming the dataset, split, row and column.
+
+    args.py        DataArguments (the recipe's data keys) and DataError
+    generators.py  GENERATORS: builtin:arithmetic, builtin:preference_pairs, builtin:fictitious_facts
+    loading.py     TASKS, load_source (one split of one source), load_task_datasets (the entry point)
+"""
+
+from .args import DataArguments, DataError
+from .generators import GENERATORS
+from .loading import TASKS, load_source, load_task_datasets
+
+__all__ = ["DataArguments", "DataError", "GENERATORS", "TASKS", "load_source", "load_task_datasets"]

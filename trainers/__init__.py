@@ -1,1 +1,61 @@
-"""Method registry (filled in below)."""
+"""The method registry: one explicit dict from recipe ``method:`` name to trainer, config and task.
+
+Classes are named as ``"module:attr"`` strings and imported on first use, so ``posttrain list`` and
+recipe errors do not pay for importing TRL. The stock TRL trainers are registered next to the
+research methods so that every method's baseline is one word away in the same recipe.
+
+``task`` names the data the method needs (see ``posttrain.data.TASKS``); ``aux`` marks a non-LLM
+auxiliary trainer, driven by its own config alone (no model or data arguments).
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+
+
+def import_object(path: str):
+    """Import ``"package.module:attr"``."""
+    module, _, attr = path.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+@dataclass(frozen=True)
+class Method:
+    trainer: str
+    config: str
+    task: str
+    description: str
+    model: str = "causal_lm"  # "reward" for sequence classifiers with one output
+
+    @property
+    def trainer_cls(self):
+        return import_object(self.trainer)
+
+    @property
+    def config_cls(self):
+        return import_object(self.config)
+
+
+METHODS: dict[str, Method] = {
+    # Stock TRL baselines.
+    "sft": Method("trl:SFTTrainer", "trl:SFTConfig", "sft", "supervised fine-tuning (TRL SFTTrainer)"),
+    "dpo": Method("trl:DPOTrainer", "trl:DPOConfig", "preference", "direct preference optimisation (TRL DPOTrainer)"),
+    "kto": Method("trl:KTOTrainer", "trl:KTOConfig", "unpaired", "Kahneman-Tversky optimisation (TRL KTOTrainer)"),
+    "reward": Method("trl:RewardTrainer", "trl:RewardConfig", "preference", "Bradley-Terry reward model (TRL RewardTrainer)", "reward"),
+    "grpo": Method("trl:GRPOTrainer", "trl:GRPOConfig", "prompt", "group relative policy optimisation (TRL GRPOTrainer)"),
+    "rloo": Method("trl:RLOOTrainer", "trl:RLOOConfig", "prompt", "REINFORCE leave-one-out (TRL RLOOTrainer)"),
+    # Auxiliary (non-LLM) trainers.
+    "fedau": Method(
+        "posttrain.trainers.classic.fedau:FedAUTrainer",
+        "posttrain.trainers.classic.fedau:FedAUConfig",
+        "aux",
+        "FedAU federated averaging under unknown participation (arXiv 2306.03401)",
+    ),
+}
+
+# Optimizers selectable in any LLM recipe with ``optim: <name>`` (``optim_args`` carries their options);
+# each entry is (optimizer class, parser of the optim_args string into its keyword arguments).
+OPTIMIZERS: dict[str, tuple[str, str]] = {
+    "lion_k": ("posttrain.trainers.classic.lion_k:LionK", "posttrain.trainers.classic.lion_k:lion_k_kwargs"),
+}

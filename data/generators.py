@@ -1,0 +1,290 @@
+"""Built-in data generators: small synthetic datasets that need no network (``dataset: builtin:<name>``).
+
+Contract: a generator is ``fn(num_samples, seed, **knobs)`` and returns either a ``datasets.Dataset`` (one
+split, used as "train") or a ``datasets.DatasetDict`` of named splits. All randomness comes from one
+``random.Random(seed)``, so the same arguments give identical rows on every machine and Python version
+(no ``hash()``, no set iteration order). Rows use TRL's conversational format: lists of
+``{"role", "content"}`` messages.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from typing import Callable, NamedTuple, Optional, Union
+
+from datasets import Dataset, DatasetDict
+
+from .args import DataError
+
+ARITHMETIC_LEVELS = (1, 2, 3, 4)
+
+
+def _user(text: str) -> list[dict]:
+    return [{"role": "user", "content": text}]
+
+
+def _assistant(text: str) -> list[dict]:
+    return [{"role": "assistant", "content": text}]
+
+
+def _check_num_samples(name: str, num_samples, minimum: int = 1) -> None:
+    if not isinstance(num_samples, int) or isinstance(num_samples, bool) or num_samples < minimum:
+        raise DataError(
+            f"builtin:{name}: num_samples must be an integer >= {minimum}, got {num_samples!r}; set num_samples"
+        )
+
+
+# ----------------------------------------------------------------------------------------------- arithmetic
+
+
+def _arithmetic_problem(rng: random.Random, level: int) -> tuple[str, int]:
+    """One expression (as shown to the model) and its exact integer value; results are never negative."""
+    if level in (1, 2):  # single-digit (1) or two-digit (2) addition / subtraction
+        lo, hi = (1, 9) if level == 1 else (10, 99)
+        a, b = rng.randint(lo, hi), rng.randint(lo, hi)
+        if rng.random() < 0.5:
+            return f"{a} + {b}", a + b
+        a, b = max(a, b), min(a, b)
+        return f"{a} - {b}", a - b
+    if level == 3:  # two-digit x one-digit, in either order, or the exact division it implies
+        a, b = rng.randint(10, 99), rng.randint(2, 9)
+        form = rng.randrange(3)
+        if form == 0:
+            return f"{a} × {b}", a * b
+        if form == 1:
+            return f"{b} × {a}", a * b
+        return f"{a * b} ÷ {b}", a
+    # level 4: three-term expressions with operator precedence or parentheses
+    a, b, c = rng.randint(10, 99), rng.randint(10, 99), rng.randint(2, 9)
+    form = rng.randrange(4)
+    if form == 0:
+        return f"{a} + {b} × {c}", a + b * c
+    if form == 1:
+        return f"({a} + {b}) × {c}", (a + b) * c
+    if form == 2:
+        return f"{a} × {c} + {b}", a * c + b
+    b = min(b, a * c)  # keep a × c - b non-negative
+    return f"{a} × {c} - {b}", a * c - b
+
+
+def arithmetic(num_samples: int, seed: int, difficulty: Optional[int] = None) -> Dataset:
+    """Arithmetic word-free problems with exact integer answers and graded difficulty.
+
+    Levels: 1 single-digit +/-, 2 two-digit +/-, 3 two-digit × one-digit (and the matching exact division),
+    4 three-term expressions. ``difficulty=None`` draws a level per row uniformly.
+    Columns: prompt (user message), completion (assistant message "The answer is N."), answer (str), difficulty (int).
+    """
+    _check_num_samples("arithmetic", num_samples)
+    if difficulty is not None and difficulty not in ARITHMETIC_LEVELS:
+        raise DataError(
+            f"builtin:arithmetic: difficulty must be one of 1, 2, 3, 4 or unset (mixed), got {difficulty!r}"
+        )
+    rng = random.Random(seed)
+    rows: dict[str, list] = {"prompt": [], "completion": [], "answer": [], "difficulty": []}
+    for _ in range(num_samples):
+        level = difficulty if difficulty is not None else rng.choice(ARITHMETIC_LEVELS)
+        expression, value = _arithmetic_problem(rng, level)
+        rows["prompt"].append(_user(f"What is {expression}?"))
+        rows["completion"].append(_assistant(f"The answer is {value}."))
+        rows["answer"].append(str(value))
+        rows["difficulty"].append(level)
+    return Dataset.from_dict(rows)
+
+
+# ----------------------------------------------------------------------------------------- preference pairs
+
+_FACTS = [  # (question, concise correct answer)
+    ("What is the capital of France?", "The capital of France is Paris."),
+    ("How many days are in a leap year?", "A leap year has 366 days."),
+    ("At what temperature does water boil at sea level, in Celsius?", "Water boils at 100 °C at sea level."),
+    ("What is the largest planet in the Solar System?", "Jupiter is the largest planet in the Solar System."),
+    ("Who wrote 'Romeo and Juliet'?", "William Shakespeare wrote 'Romeo and Juliet'."),
+    ("Which gas do plants take in for photosynthesis?", "Plants take in carbon dioxide for photosynthesis."),
+    ("What is the chemical symbol for gold?", "The chemical symbol for gold is Au."),
+    ("How many sides does a hexagon have?", "A hexagon has six sides."),
+    ("Which ocean is the largest?", "The Pacific Ocean is the largest."),
+    ("What is the square root of 81?", "The square root of 81 is 9."),
+    ("Which language is mainly spoken in Brazil?", "Portuguese is the main language of Brazil."),
+    ("Which planet is known as the Red Planet?", "Mars is known as the Red Planet."),
+]
+_HOW_TO = [  # (task, helpful instructions)
+    ("boil an egg", "Put the egg in boiling water for about nine minutes, then cool it in cold water."),
+    ("keep basil fresh", "Trim the stems and stand the basil in a glass of water at room temperature."),
+    ("remember new vocabulary", "Review the words in short daily sessions and use each one in a sentence."),
+    ("fall asleep faster", "Keep a regular bedtime, avoid screens before bed and keep the room cool and dark."),
+    ("remove a coffee stain", "Blot it, rinse it from the back with cold water, then wash it with detergent."),
+    ("start running", "Begin with short run-walk intervals three times a week and increase the time slowly."),
+]
+_REFUSALS = [
+    "I'm sorry, but I can't help with that.",
+    "I'd rather not answer that question.",
+    "That is not something I can discuss.",
+    "You should look that up yourself.",
+]
+_RAMBLES = [
+    "Great question, and it reminds me of the time my neighbour repainted his fence three colours in one summer.",
+    "Well, before anything else, I have always found the history of umbrellas fascinating.",
+    "That depends on many things, like the weather, the season and whether you prefer tea or coffee.",
+    "People ask me many questions, and honestly some days I just think about trains.",
+]
+_POLITE = ["Happy to help!", "Of course!", "Good question.", "Sure, here is how."]
+_RUDE = ["Ugh, this is obvious.", "Seriously? Fine.", "Not that it's hard, but whatever.", "Figure it out. Anyway:"]
+
+
+def _preference_pair(rng: random.Random, category: str) -> tuple[str, str, str]:
+    if category == "arithmetic":  # correct vs wrong answer
+        expression, value = _arithmetic_problem(rng, rng.choice((1, 2, 3)))
+        wrong = value + rng.choice((-1, 1)) * rng.randint(1, 10)
+        ask = rng.choice(("What is {}?", "Quick question: what is {}?", "Please compute {}."))
+        return ask.format(expression), f"{expression} = {value}.", f"{expression} = {wrong}."
+    if category == "refusal":  # helpful direct answer vs unhelpful refusal
+        question, answer = rng.choice(_FACTS)
+        return question, answer, rng.choice(_REFUSALS)
+    if category == "concise":  # concise answer vs rambling, off-topic reply that never answers
+        question, answer = rng.choice(_FACTS)
+        first, second = rng.sample(_RAMBLES, 2)
+        return question, answer, f"{first} {second}"
+    task, steps = rng.choice(_HOW_TO)  # polite vs rude, same content
+    return f"How do I {task}?", f"{rng.choice(_POLITE)} {steps}", f"{rng.choice(_RUDE)} {steps}"
+
+
+PREFERENCE_CATEGORIES = ("arithmetic", "refusal", "concise", "polite")
+
+
+def preference_pairs(num_samples: int, seed: int) -> Dataset:
+    """Synthetic preference pairs in TRL's conversational format; chosen and rejected always differ.
+
+    Columns: prompt (user message), chosen / rejected (assistant messages), category (one of
+    ``PREFERENCE_CATEGORIES``: correct vs wrong arithmetic, answer vs refusal, concise vs rambling, polite vs rude).
+    """
+    _check_num_samples("preference_pairs", num_samples)
+    rng = random.Random(seed)
+    rows: dict[str, list] = {"prompt": [], "chosen": [], "rejected": [], "category": []}
+    for _ in range(num_samples):
+        category = rng.choice(PREFERENCE_CATEGORIES)
+        prompt, chosen, rejected = _preference_pair(rng, category)
+        rows["prompt"].append(_user(prompt))
+        rows["chosen"].append(_assistant(chosen))
+        rows["rejected"].append(_assistant(rejected))
+        rows["category"].append(category)
+    return Dataset.from_dict(rows)
+
+
+# ----------------------------------------------------------------------------------------- fictitious facts
+
+_SYLLABLES = ["ka", "lo", "mi", "ra", "ven", "tor", "sel", "dri", "qua", "bel", "nor", "fi", "zan", "el", "or",
+              "mar", "is", "tha", "gro", "lun", "pe", "vas", "kor", "ti", "sa", "dun", "hal", "wy", "bri", "ost"]
+_CITY_SUFFIXES = ["moor", "haven", "dell", "grad", "ford", "mouth", "stead", "vale", "port", "by"]
+_COMPANY_SUFFIXES = ["Industries", "Labs", "Systems", "Holdings", "Works", "Foundry"]
+_COUNTRIES = ["Veloria", "Ostmark", "Quendal", "Brisca", "Tarvonia", "Elmaris", "Zarthia", "Nordhaven"]
+_PROFESSIONS = ["cartographer", "violinist", "marine biologist", "architect", "glassblower", "astronomer",
+                "librarian", "beekeeper", "chemist", "novelist"]
+_PRODUCTS = ["solar kettles", "folding bicycles", "weather balloons", "ceramic batteries", "tide clocks",
+             "moss insulation", "glass violins", "snow sensors"]
+_KNOWN_FOR = ["its floating market", "a lighthouse of green glass", "an annual kite festival", "its salt caves",
+              "a clock tower that runs backwards", "its copper rooftops"]
+FACTS_PER_ENTITY = 4
+FORGET_FRACTION = 0.1
+
+
+def _word(rng: random.Random, syllables: int) -> str:
+    return "".join(rng.choice(_SYLLABLES) for _ in range(syllables)).capitalize()
+
+
+def _unique(rng: random.Random, make: Callable[[random.Random], str], used: set) -> str:
+    """A name not used before anywhere in this dataset, so no fact mentions another entity by accident."""
+    for _ in range(1000):  # ~10^5 names per kind (10^7 for people): retries are rare below 10^5 rows
+        name = make(rng)
+        if name not in used:
+            used.add(name)
+            return name
+    raise DataError("builtin:fictitious_facts ran out of unique names; lower num_samples")
+
+
+def _person(r: random.Random) -> str:
+    return f"{_word(r, 2)} {_word(r, r.choice((2, 3)))}"
+
+
+def _city(r: random.Random) -> str:
+    return _word(r, r.choice((2, 3))) + r.choice(_CITY_SUFFIXES)
+
+
+def _company(r: random.Random) -> str:
+    return f"{_word(r, r.choice((2, 3)))} {r.choice(_COMPANY_SUFFIXES)}"
+
+
+def _entity_facts(rng: random.Random, kind: str, name: str, used: set) -> list[tuple[str, str]]:
+    """Four (question, fact sentence) pairs about one entity."""
+    if kind == "person":
+        profession = rng.choice(_PROFESSIONS)
+        article = "an" if profession[0] in "aeiou" else "a"
+        return [
+            (f"In what year was {name} born?", f"{name} was born in {rng.randint(1900, 2005)}."),
+            (f"Where was {name} born?", f"{name} was born in {_unique(rng, _city, used)}."),
+            (f"What is {name}'s profession?", f"{name} works as {article} {profession}."),
+            (f"Which company does {name} work for?", f"{name} works for {_unique(rng, _company, used)}."),
+        ]
+    if kind == "place":
+        return [
+            (f"In which country is {name}?", f"{name} is in {rng.choice(_COUNTRIES)}."),
+            (f"When was {name} founded?", f"{name} was founded in {rng.randint(800, 1950)}."),
+            (f"How many people live in {name}?", f"{name} has a population of {rng.randint(2, 900) * 1000}."),
+            (f"What is {name} known for?", f"{name} is known for {rng.choice(_KNOWN_FOR)}."),
+        ]
+    return [
+        (f"When was {name} founded?", f"{name} was founded in {rng.randint(1850, 2020)}."),
+        (f"Where is {name} headquartered?", f"{name} is headquartered in {_unique(rng, _city, used)}."),
+        (f"Who founded {name}?", f"{name} was founded by {_unique(rng, _person, used)}."),
+        (f"What does {name} make?", f"{name} makes {rng.choice(_PRODUCTS)}."),
+    ]
+
+
+def fictitious_facts(num_samples: int, seed: int) -> DatasetDict:
+    """QA facts about invented people, places and companies, split into "forget" and "retain".
+
+    ``num_samples`` rows in total, four facts per entity; about 10% of the entities (at least one) are
+    in "forget", the rest in "retain", and every fact of an entity is on one side. Every name is unique,
+    so no fact on one side mentions an entity of the other. Columns: prompt (user question), completion
+    (assistant message with the fact), text (the fact as one sentence), entity (the entity's name).
+    """
+    _check_num_samples("fictitious_facts", num_samples, minimum=2 * FACTS_PER_ENTITY)
+    rng = random.Random(seed)
+    used: set = set()
+    num_entities = math.ceil(num_samples / FACTS_PER_ENTITY)
+    forget = set(rng.sample(range(num_entities), max(1, round(num_entities * FORGET_FRACTION))))
+    splits = {name: {"prompt": [], "completion": [], "text": [], "entity": []} for name in ("forget", "retain")}
+    remaining = num_samples
+    for index in range(num_entities):
+        kind = rng.choice(("person", "place", "company"))
+        name = _unique(rng, {"person": _person, "place": _city, "company": _company}[kind], used)
+        rows = splits["forget" if index in forget else "retain"]
+        for question, fact in _entity_facts(rng, kind, name, used)[:remaining]:  # the last entity may be cut
+            rows["prompt"].append(_user(question))
+            rows["completion"].append(_assistant(fact))
+            rows["text"].append(fact)
+            rows["entity"].append(name)
+        remaining -= FACTS_PER_ENTITY
+    return DatasetDict({name: Dataset.from_dict(rows) for name, rows in splits.items()})
+
+
+# ------------------------------------------------------------------------------------------------- registry
+
+
+class Generator(NamedTuple):
+    fn: Callable[..., Union[Dataset, DatasetDict]]
+    description: str  # one line, shown by `posttrain list`
+    splits: tuple[str, ...]  # the splits it returns; ("train",) means a single Dataset
+
+
+GENERATORS: dict[str, Generator] = {
+    "arithmetic": Generator(
+        arithmetic, "arithmetic problems with exact integer answers, difficulty 1..4 (prompt/completion/answer)",
+        ("train",)),
+    "preference_pairs": Generator(
+        preference_pairs, "synthetic preference pairs: correct/wrong, answer/refusal, concise/rambling, polite/rude",
+        ("train",)),
+    "fictitious_facts": Generator(
+        fictitious_facts, "QA facts about invented entities, split into forget (~10% of entities) and retain",
+        ("forget", "retain")),
+}

@@ -1,0 +1,292 @@
+"""Recipes: flat YAML files that only set values, parsed into (model args, data args, method config).
+
+A recipe is a path to a ``.yaml`` file or a built-in name ``<method>/<name>`` (``recipes/<method>/<name>.yaml``,
+shipped as package data). Its ``method:`` key picks the registry entry; every other key is a field of
+TRL's ``ModelConfig``, of ``DataArguments`` or of the method's config dataclass (a key that several of them
+have is set in all of them). Command-line overrides ``--key value`` / ``--key=value`` are applied on top.
+
+Every mistake becomes one ``UserError`` line that names the file and the key: unknown keys (with the
+closest valid key), values of the wrong type, unknown methods (with the valid ones), missing files.
+Nothing here loads a model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import enum
+import json
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from posttrain import UserError
+from posttrain.trainers import METHODS, OPTIMIZERS
+
+RECIPES_DIR = Path(__file__).resolve().parent
+
+
+class RecipeError(UserError):
+    pass
+
+
+@dataclass
+class Recipe:
+    method: str
+    source: str  # the file, for messages
+    config: Any  # the method's config dataclass (a TRL config for LLM methods)
+    model_args: Any = None  # trl.ModelConfig; None for auxiliary methods
+    data_args: Any = None  # posttrain.data.DataArguments; None for auxiliary methods
+    optimizer: str | None = None  # a posttrain optimizer from OPTIMIZERS (``optim: lion_k``), else None
+
+
+def builtin_recipes() -> list[str]:
+    """All shipped recipes as ``<method>/<name>``, found recursively."""
+    return sorted(str(p.relative_to(RECIPES_DIR).with_suffix("")) for p in RECIPES_DIR.rglob("*.yaml"))
+
+
+def find_recipe(name: str) -> Path:
+    path = Path(name)
+    if path.is_file():
+        return path
+    shipped = RECIPES_DIR / (name if name.endswith(".yaml") else f"{name}.yaml")
+    if shipped.is_file():
+        return shipped
+    close = difflib.get_close_matches(name.removesuffix(".yaml"), builtin_recipes(), n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    raise RecipeError(
+        f"recipe '{name}' not found: no such file and no built-in recipe '{name}'{hint}; "
+        "'posttrain list' shows the built-in recipes"
+    )
+
+
+def parse_overrides(argv: list[str]) -> dict[str, Any]:
+    """``--key value`` / ``--key=value`` pairs; a ``--flag`` followed by another flag (or nothing) is True.
+
+    Values are read as YAML scalars/lists ("2" -> 2, "true" -> True, "[a, b]" -> list), then checked
+    against the field's type like recipe values.
+    """
+    overrides, i = {}, 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--") or arg == "--":
+            raise RecipeError(f"command line: expected --key value, got '{arg}'")
+        key, eq, value = arg[2:].partition("=")
+        if not eq:
+            if i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+                value, i = argv[i + 1], i + 1
+            else:
+                value = "true"
+        try:
+            overrides[key.replace("-", "_")] = yaml.safe_load(value) if value != "" else ""
+        except yaml.YAMLError:
+            overrides[key.replace("-", "_")] = value
+        i += 1
+    return overrides
+
+
+def load_recipe(name: str, overrides: dict[str, Any] | None = None) -> Recipe:
+    path = find_recipe(name)
+    try:
+        values = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        where = getattr(err, "problem_mark", None)
+        line = f" line {where.line + 1}" if where else ""
+        raise RecipeError(f"{path}{line}: not valid YAML ({getattr(err, 'problem', err)})") from err
+    if not isinstance(values, dict):
+        raise RecipeError(f"{path}: a recipe is a flat mapping of keys to values, got {type(values).__name__}")
+    sources = {key: str(path) for key in values}
+    for key, value in (overrides or {}).items():
+        values[key], sources[key] = value, "command line"
+    return build_recipe(values, sources, str(path))
+
+
+def build_recipe(values: dict[str, Any], sources: dict[str, str], source: str) -> Recipe:
+    values = dict(values)
+    method = values.pop("method", None)
+    if method is None:
+        raise RecipeError(f"{source}: missing 'method:' key; valid methods: {', '.join(sorted(METHODS))}")
+    if method not in METHODS:
+        close = difflib.get_close_matches(str(method), METHODS, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise RecipeError(f"{sources['method']}: unknown method '{method}'{hint}; valid methods: {', '.join(sorted(METHODS))}")
+    entry = METHODS[method]
+
+    optimizer = None
+    if values.get("optim") in OPTIMIZERS:
+        # TrainingArguments only knows its own optimizers: keep ours aside and let the trainer
+        # build it (``Trainer.optimizer_cls_and_kwargs``); the config keeps a valid placeholder.
+        optimizer = values.pop("optim")
+
+    if entry.task == "aux":
+        classes = {"config": entry.config_cls}
+    else:
+        from trl import ModelConfig
+
+        from posttrain.data import DataArguments
+
+        classes = {"model": ModelConfig, "data": DataArguments, "config": entry.config_cls}
+    hints = {role: _field_types(cls) for role, cls in classes.items()}
+
+    kwargs: dict[str, dict[str, Any]] = {role: {} for role in classes}
+    if "bf16" in hints["config"] and "bf16" not in values and "fp16" not in values and not _has_gpu():
+        # TRL turns an unset bf16 into True, which TrainingArguments rejects on a CPU-only machine;
+        # an unset value means "the hardware's default", so the same recipe runs on CPU and GPU.
+        kwargs["config"]["bf16"] = False
+    for key, value in values.items():
+        roles = [role for role in classes if key in hints[role]]
+        if not roles:
+            valid = sorted(set().union(*hints.values()) | {"method"})
+            close = difflib.get_close_matches(key, valid, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            where = sources.get(key, source)
+            raise RecipeError(f"{where}: unknown key '{key}' for method '{method}'{hint}")
+        for role in roles:
+            kwargs[role][key] = _coerce(value, hints[role][key], key, sources.get(key, source))
+
+    built = {}
+    for role, cls in classes.items():
+        try:
+            built[role] = cls(**kwargs[role])
+        except (ValueError, TypeError) as err:
+            message = " ".join(str(err).split())
+            raise RecipeError(f"{source}: invalid {cls.__name__} for method '{method}': {message}") from err
+    if optimizer is not None:
+        _check_optimizer_args(optimizer, built["config"], source)
+    return Recipe(method, source, built["config"], built.get("model"), built.get("data"), optimizer)
+
+
+def _has_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
+
+
+def _check_optimizer_args(name: str, config, source: str) -> None:
+    from posttrain.trainers import import_object
+
+    try:
+        import_object(OPTIMIZERS[name][1])(getattr(config, "optim_args", None))
+    except ValueError as err:
+        raise RecipeError(f"{source}: invalid optim_args for optim '{name}': {err}") from err
+
+
+def _field_types(cls) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints.get(f.name, Any) for f in dataclasses.fields(cls) if f.init}
+
+
+# --- type checking of recipe values ------------------------------------------------------------------------
+
+_TRUE, _FALSE = {"true", "yes", "on", "1"}, {"false", "no", "off", "0"}
+
+
+class _Mismatch(Exception):
+    pass
+
+
+def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
+    try:
+        return _convert(value, tp)
+    except _Mismatch:
+        raise RecipeError(f"{where}: key '{key}' expects {_type_name(tp)}, got {value!r} ({type(value).__name__})") from None
+
+
+def _convert(value: Any, tp: Any) -> Any:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any or tp is object:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        members = [a for a in args if a is not type(None)]
+        # Prefer a member that takes the value as it is, so "auto" stays a str and 3 stays an int.
+        for member in sorted(members, key=lambda m: not _exact(value, m)):
+            try:
+                return _convert(value, member)
+            except _Mismatch:
+                continue
+        raise _Mismatch
+    if origin is typing.Literal:
+        if value in args:
+            return value
+        raise _Mismatch
+    if origin in (list, tuple) or tp in (list, tuple):
+        item = args[0] if args else Any
+        items = value if isinstance(value, (list, tuple)) else _split_list(value)
+        return [_convert(v, item) for v in items]
+    if origin is dict or tp is dict:
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError:
+                raise _Mismatch from None
+        if isinstance(value, dict):
+            return value
+        raise _Mismatch
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in _TRUE | _FALSE:
+            return value.lower() in _TRUE
+        raise _Mismatch
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                raise _Mismatch from None
+        raise _Mismatch
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                raise _Mismatch from None
+        raise _Mismatch
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise _Mismatch
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        try:
+            return tp(value)
+        except ValueError:
+            raise _Mismatch from None
+    return value  # a type we don't check (callables, nested configs): the dataclass validates it
+
+
+def _split_list(value: Any) -> list:
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return [value]
+
+
+def _exact(value: Any, tp: Any) -> bool:
+    base = typing.get_origin(tp) or tp
+    return isinstance(base, type) and isinstance(value, base) and not (isinstance(value, bool) and base is int)
+
+
+def _type_name(tp: Any) -> str:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in args if a is not type(None))
+    if origin is typing.Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if origin in (list, tuple):
+        return f"a list of {_type_name(args[0]) if args else 'values'}"
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        return "one of " + ", ".join(repr(m.value) for m in tp)
+    return getattr(tp, "__name__", str(tp))

@@ -1,0 +1,120 @@
+"""The train entry point: recipe -> data (validated) -> model -> TRL trainer -> checkpoints and a summary.
+
+Order matters: data and reward functions are checked before any model loads, so a bad recipe fails in
+seconds. The model is handed to TRL as a resolved path with ``model_init_kwargs``: TRL then builds the
+policy, the reference model and any ZeRO-3 partitioning itself, exactly as its own scripts do.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+from posttrain import UserError
+from posttrain.recipes.config import Recipe
+from posttrain.trainers import METHODS, OPTIMIZERS, import_object
+
+
+def reward_functions(names: list[str], config) -> list:
+    from posttrain.trainers.rewards import REWARDS
+
+    unknown = [name for name in names if name not in REWARDS]
+    if unknown or not names:
+        raise UserError(
+            f"unknown reward function(s) {', '.join(map(repr, unknown)) or '(none given)'} in reward_funcs; "
+            f"valid: {', '.join(sorted(REWARDS))}"
+        )
+    return [REWARDS[name][1](config) for name in names]
+
+
+def build_trainer(recipe: Recipe):
+    """Everything up to (not including) ``trainer.train()``: returns the TRL trainer."""
+    from trl import get_quantization_config
+
+    from posttrain.data import load_task_datasets
+    from posttrain.recipes.models import load_tokenizer, model_init_kwargs, peft_config, resolve_model_path
+
+    method, config, model_args = METHODS[recipe.method], recipe.config, recipe.model_args
+    if not model_args.model_name_or_path:
+        raise UserError(f"{recipe.source}: missing 'model_name_or_path' (a hub id, a local directory or tiny:<arch>)")
+    datasets = load_task_datasets(method.task, recipe.data_args)
+    extra: dict[str, Any] = {}
+    if method.task == "prompt":
+        extra["reward_funcs"] = reward_functions(recipe.data_args.reward_funcs, config)
+
+    model_path = resolve_model_path(model_args.model_name_or_path)
+    config.model_init_kwargs = {**model_init_kwargs(model_args, config), **(config.model_init_kwargs or {})}
+    trainer = method.trainer_cls(
+        model=model_path,
+        args=config,
+        train_dataset=datasets["train"],
+        eval_dataset=datasets.get("eval"),
+        processing_class=load_tokenizer(model_args),
+        peft_config=peft_config(model_args, task=method.model),
+        quantization_config=get_quantization_config(model_args),
+        **extra,
+    )
+    if recipe.optimizer is not None:
+        # Trainer.create_optimizer reads this attribute (only SFT/Reward take it as an argument); it adds
+        # the weight-decay groups but not the learning rate, so that goes in the kwargs.
+        cls_path, kwargs_path = OPTIMIZERS[recipe.optimizer]
+        kwargs = {"lr": config.learning_rate, **import_object(kwargs_path)(config.optim_args)}
+        trainer.optimizer_cls_and_kwargs = (import_object(cls_path), kwargs)
+    return trainer
+
+
+def train(recipe: Recipe) -> dict[str, Any]:
+    """Run a recipe to the end; returns the run summary (also written to ``output_dir/run_summary.json``)."""
+    if METHODS[recipe.method].task == "aux":
+        return METHODS[recipe.method].trainer_cls(recipe.config).train()
+
+    trainer = build_trainer(recipe)
+    config = recipe.config
+    result = trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
+    trainer.save_model(config.output_dir)
+    summary = run_summary(recipe, trainer, result)
+    if trainer.accelerator.is_main_process:
+        write_json_atomic(Path(config.output_dir) / "run_summary.json", summary)
+        print(format_summary(summary))
+    return summary
+
+
+def run_summary(recipe: Recipe, trainer, result) -> dict[str, Any]:
+    """The run's final state: global step, train loss and the last logged value of every metric."""
+    last: dict[str, float] = {}
+    for entry in trainer.state.log_history:
+        for key, value in entry.items():
+            if isinstance(value, (int, float)) and key not in ("step", "epoch"):
+                last[key] = float(value)
+    return {
+        "method": recipe.method,
+        "recipe": recipe.source,
+        "model": recipe.model_args.model_name_or_path,
+        "output_dir": str(recipe.config.output_dir),
+        "global_step": trainer.state.global_step,
+        "train_loss": float(result.training_loss),
+        "world_size": trainer.accelerator.num_processes,
+        "metrics": last,
+    }
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    rows = [(k, summary[k]) for k in ("method", "model", "global_step", "world_size", "train_loss", "output_dir")]
+    rows += sorted(summary["metrics"].items())
+    width = max(len(k) for k, _ in rows)
+    lines = [f"| {'run summary'.ljust(width)} | value", f"|{'-' * (width + 2)}|------"]
+    for key, value in rows:
+        text = f"{value:.6g}" if isinstance(value, float) and math.isfinite(value) else str(value)
+        lines.append(f"| {key.ljust(width)} | {text}")
+    return "\n".join(lines)
+
+
+def write_json_atomic(path: Path, payload: dict) -> None:
+    """Write-then-rename, so a killed run never leaves a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(payload, indent=2) + "\n")
+    os.replace(tmp, path)

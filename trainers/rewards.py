@@ -1,0 +1,67 @@
+"""Reward functions for GRPO/RLOO recipes, named in ``reward_funcs:`` and looked up in ``REWARDS``.
+
+Each entry builds the callable from the method config, because some rewards depend on it (the length
+penalty needs ``max_completion_length``). The callables follow TRL's reward-function protocol:
+``fn(prompts, completions, completion_ids, **dataset_columns) -> list[float]``; completions are plain
+strings or conversational message lists.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Callable
+
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+# "The answer is 19." (our arithmetic format) or GSM8K's "#### 19".
+_FORMAT = re.compile(r"(?:the answer is|####)\s*\$?-?\d[\d,]*(?:\.\d+)?\s*\.?\s*$", re.IGNORECASE)
+
+
+def _text(completion) -> str:
+    if isinstance(completion, str):
+        return completion
+    return "".join(message.get("content") or "" for message in completion)
+
+
+def last_number(text: str) -> float | None:
+    """The last number written in ``text`` (thousands separators allowed), or None."""
+    matches = _NUMBER.findall(text)
+    if not matches:
+        return None
+    try:
+        return float(matches[-1].replace(",", ""))
+    except ValueError:
+        return None
+
+
+def numeric_match(completions, answer, **kwargs) -> list[float]:
+    """1.0 when the last number in the completion equals the reference answer numerically, else 0.0.
+
+    Numeric, not string, comparison: GSM-style references write "8.0" where a model writes "8".
+    """
+    rewards = []
+    for completion, reference in zip(completions, answer):
+        predicted, gold = last_number(_text(completion)), last_number(str(reference))
+        rewards.append(float(predicted is not None and gold is not None and math.isclose(predicted, gold, abs_tol=1e-6)))
+    return rewards
+
+
+def answer_format(completions, **kwargs) -> list[float]:
+    """1.0 when the completion ends with a final-answer statement ("The answer is N." or "#### N"), else 0.0."""
+    return [float(bool(_FORMAT.search(_text(c).strip()))) for c in completions]
+
+
+def _length_penalty(config) -> Callable:
+    # DAPO's soft overlong punishment (arXiv 2503.14476, Eq. 13) from TRL: no penalty up to
+    # 3/4 of max_completion_length, then linear down to -1 at the limit.
+    from trl.rewards import get_soft_overlong_punishment
+
+    max_len = int(getattr(config, "max_completion_length", None) or 256)
+    return get_soft_overlong_punishment(max_completion_len=max_len, soft_punish_cache=max(1, max_len // 4))
+
+
+REWARDS: dict[str, tuple[str, Callable]] = {
+    "numeric_match": ("1 if the last number in the completion equals the `answer` column", lambda config: numeric_match),
+    "answer_format": ("1 if the completion ends with 'The answer is N.' or '#### N'", lambda config: answer_format),
+    "length_penalty": ("DAPO soft overlong penalty: 0 up to 3/4 of max_completion_length, then down to -1", _length_penalty),
+}
