@@ -133,10 +133,14 @@ def build_recipe(values: dict[str, Any], sources: dict[str, str], source: str) -
     hints = {role: _field_types(cls) for role, cls in classes.items()}
 
     kwargs: dict[str, dict[str, Any]] = {role: {} for role in classes}
-    if "bf16" in hints["config"] and "bf16" not in values and "fp16" not in values and not _has_gpu():
-        # TRL turns an unset bf16 into True, which TrainingArguments rejects on a CPU-only machine;
-        # an unset value means "the hardware's default", so the same recipe runs on CPU and GPU.
-        kwargs["config"]["bf16"] = False
+    if "use_cpu" in hints["config"] and not _has_gpu():
+        # Unset values mean "this hardware's default", so one recipe runs on CPU and GPU alike.
+        # TRL turns an unset bf16 into True, which TrainingArguments rejects without a GPU; and only
+        # use_cpu=True lets accelerate see a torchrun launch as MULTI_CPU (gloo), otherwise every
+        # rank silently trains alone.
+        if "bf16" not in values and "fp16" not in values:
+            kwargs["config"]["bf16"] = False
+        kwargs["config"].setdefault("use_cpu", True)
     for key, value in values.items():
         roles = [role for role in classes if key in hints[role]]
         if not roles:
