@@ -32,8 +32,6 @@ def reward_functions(names: list[str], config) -> list:
 
 def build_trainer(recipe: Recipe):
     """Everything up to (not including) ``trainer.train()``: returns the TRL trainer."""
-    from trl import get_quantization_config
-
     from posttrain.data import load_task_datasets
     from posttrain.recipes.models import load_tokenizer, model_init_kwargs, peft_config, resolve_model_path
 
@@ -46,15 +44,15 @@ def build_trainer(recipe: Recipe):
         extra["reward_funcs"] = reward_functions(recipe.data_args.reward_funcs, config)
 
     model_path = resolve_model_path(model_args.model_name_or_path)
-    config.model_init_kwargs = {**model_init_kwargs(model_args, config), **(config.model_init_kwargs or {})}
+    # dtype, attention, trust_remote_code, QLoRA quantization (+ device map); recipe's model_init_kwargs win.
+    config.model_init_kwargs = model_init_kwargs(model_args, config)
     trainer = method.trainer_cls(
         model=model_path,
         args=config,
         train_dataset=datasets["train"],
         eval_dataset=datasets.get("eval"),
-        processing_class=load_tokenizer(model_args),
+        processing_class=load_tokenizer(model_args, trust_remote_code=getattr(config, "trust_remote_code", False)),
         peft_config=peft_config(model_args, task=method.model),
-        quantization_config=get_quantization_config(model_args),
         **extra,
     )
     if recipe.optimizer is not None:

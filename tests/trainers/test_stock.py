@@ -37,3 +37,13 @@ def test_lion_k_drives_an_llm_recipe(tmp_path):
     assert group["K"] == "l2" and group["initial_lr"] == recipe.config.learning_rate and group["weight_decay"] == 0.1
     moved = [n for n, p in trainer.model.named_parameters() if not torch.equal(p, before[n])]
     assert moved, "Lion-K updated no parameter"
+
+
+@pytest.mark.parametrize("name", ["dpo/tiny", "reward/tiny"])
+def test_lora_through_model_config(name, tmp_path):
+    argv = ["--use_peft", "--lora_r", "4", "--lora_alpha", "8", "--lora_target_modules", "q_proj,v_proj"]
+    assert main(["train", name, "--max_steps", "2", "--output_dir", str(tmp_path), *argv]) == 0
+    adapter = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert adapter["r"] == 4 and set(adapter["target_modules"]) == {"q_proj", "v_proj"}
+    if name == "reward/tiny":  # the fresh score head must be trained and saved with the adapter
+        assert adapter["task_type"] == "SEQ_CLS"
