@@ -16,6 +16,7 @@ import dataclasses
 import difflib
 import enum
 import json
+import re
 import types
 import typing
 from dataclasses import dataclass
@@ -32,6 +33,22 @@ RECIPES_DIR = Path(__file__).resolve().parent
 
 class RecipeError(UserError):
     pass
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.2 booleans: only true/false. YAML 1.1 also reads yes/no/on/off as booleans, which turns
+    ``save_strategy: no`` (or ``--save_strategy no``) into False."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+
+
+def _read_yaml(text: str):
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
 
 
 @dataclass
@@ -82,7 +99,7 @@ def parse_overrides(argv: list[str]) -> dict[str, Any]:
             else:
                 value = "true"
         try:
-            overrides[key.replace("-", "_")] = yaml.safe_load(value) if value != "" else ""
+            overrides[key.replace("-", "_")] = _read_yaml(value) if value != "" else ""
         except yaml.YAMLError:
             overrides[key.replace("-", "_")] = value
         i += 1
@@ -92,7 +109,7 @@ def parse_overrides(argv: list[str]) -> dict[str, Any]:
 def load_recipe(name: str, overrides: dict[str, Any] | None = None) -> Recipe:
     path = find_recipe(name)
     try:
-        values = yaml.safe_load(path.read_text())
+        values = _read_yaml(path.read_text())
     except yaml.YAMLError as err:
         where = getattr(err, "problem_mark", None)
         line = f" line {where.line + 1}" if where else ""

@@ -96,3 +96,11 @@ def test_custom_optimizer_is_kept_aside():
     assert recipe.optimizer == "lion_k" and recipe.config.optim != "lion_k"
     with pytest.raises(UserError, match="invalid optim_args for optim 'lion_k'"):
         load_recipe("dpo/tiny", {"optim": "lion_k", "optim_args": "K=nope"})
+
+
+def test_yaml_12_booleans_keep_no_a_string(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("method: dpo\nmodel_name_or_path: tiny:qwen3\nsave_strategy: no\nuse_peft: true\n")
+    recipe = load_recipe(str(path), parse_overrides(["--logging_strategy", "no", "--remove_unused_columns", "false"]))
+    assert recipe.config.save_strategy == "no" and recipe.config.logging_strategy == "no"
+    assert recipe.model_args.use_peft is True and recipe.config.remove_unused_columns is False
