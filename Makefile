@@ -27,8 +27,8 @@ test-fast: venv
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
 demo: venv
-	HF_HUB_OFFLINE=1 $(BIN)/posttrain train dpo/smollm2-135m --max_steps 6 --per_device_train_batch_size 2 \
-	    --max_length 128 --logging_steps 1 --save_strategy no --report_to none --output_dir runs/demo-dpo-smollm2
+	HF_HUB_OFFLINE=1 $(BIN)/posttrain train dpo/smollm2-135m --max_steps 24 --per_device_train_batch_size 4 \
+	    --max_length 128 --logging_steps 4 --save_strategy no --report_to none --output_dir runs/demo-dpo-smollm2
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info runs

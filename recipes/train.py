@@ -81,33 +81,38 @@ def train(recipe: Recipe) -> dict[str, Any]:
 
 
 def run_summary(recipe: Recipe, trainer, result) -> dict[str, Any]:
-    """The run's final state: global step, train loss and the last logged value of every metric."""
-    last: dict[str, float] = {}
-    for entry in trainer.state.log_history:
+    """The run in numbers: final state, and each logged training metric at its first and last log."""
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]  # per-step training logs
+    metrics: dict[str, dict[str, float]] = {}
+    for entry in logs:
         for key, value in entry.items():
             if isinstance(value, (int, float)) and key not in ("step", "epoch"):
-                last[key] = float(value)
+                metrics.setdefault(key, {"first": float(value)})["last"] = float(value)
     return {
         "method": recipe.method,
         "recipe": recipe.source,
         "model": recipe.model_args.model_name_or_path,
         "output_dir": str(recipe.config.output_dir),
         "global_step": trainer.state.global_step,
-        "train_loss": float(result.training_loss),
         "world_size": trainer.accelerator.num_processes,
-        "metrics": last,
+        "train_loss": float(result.training_loss),
+        "train_runtime_s": float(result.metrics.get("train_runtime", float("nan"))),
+        "metrics": metrics,
     }
 
 
 def format_summary(summary: dict[str, Any]) -> str:
-    rows = [(k, summary[k]) for k in ("method", "model", "global_step", "world_size", "train_loss", "output_dir")]
-    rows += sorted(summary["metrics"].items())
-    width = max(len(k) for k, _ in rows)
-    lines = [f"| {'run summary'.ljust(width)} | value", f"|{'-' * (width + 2)}|------"]
-    for key, value in rows:
-        text = f"{value:.6g}" if isinstance(value, float) and math.isfinite(value) else str(value)
-        lines.append(f"| {key.ljust(width)} | {text}")
-    return "\n".join(lines)
+    def fmt(value) -> str:
+        return f"{value:.4g}" if isinstance(value, float) and math.isfinite(value) else str(value)
+
+    rows = [(k, fmt(summary[k]), "") for k in ("method", "model", "global_step", "world_size", "train_loss", "train_runtime_s")]
+    rows += [(k, fmt(v["first"]), fmt(v["last"])) for k, v in sorted(summary["metrics"].items())]
+    widths = [max(len(r[i]) for r in rows + [("run summary", "first / value", "last")]) for i in range(3)]
+    line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
+    out = [line(("run summary", "first / value", "last")), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+    out += [line(r) for r in rows]
+    out.append(f"saved to {summary['output_dir']}")
+    return "\n".join(out)
 
 
 def write_json_atomic(path: Path, payload: dict) -> None:
