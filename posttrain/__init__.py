@@ -17,3 +17,7 @@ __version__ = "0.1.0"
 
 class UserError(Exception):
     """A mistake in what the user gave (recipe, override, dataset): printed as one line, exit code 2."""
+
+
+class TrainingError(Exception):
+    """A run that stopped on purpose mid-training (e.g. a non-finite loss): one line, exit code 1."""

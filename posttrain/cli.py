@@ -1,6 +1,6 @@
 """The ``posttrain`` command line (also ``python -m posttrain`` and ``accelerate launch -m posttrain``).
 
-    posttrain train RECIPE [--key value | --key=value ...] [--debug]
+    posttrain train RECIPE [--key value | --key=value ...] [--resume] [--debug]
     posttrain list [methods|recipes|rewards|data]
 
 A mistake in the input (recipe, override, data) prints one line and exits with code 2; ``--debug``
@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from posttrain import UserError, __version__
+from posttrain import TrainingError, UserError, __version__
 
 
 def _list(what: str) -> None:
@@ -53,13 +53,13 @@ def _describe(entry) -> str:
     return (getattr(entry, "description", None) or (entry.__doc__ or "").strip().split("\n")[0]).strip()
 
 
-def _train(recipe_name: str, overrides: list[str]) -> None:
+def _train(recipe_name: str, overrides: list[str], resume: bool) -> None:
     from posttrain.recipes.config import load_recipe, parse_overrides
 
     recipe = load_recipe(recipe_name, parse_overrides(overrides))
     from posttrain.recipes.train import train
 
-    train(recipe)
+    train(recipe, resume=resume)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -69,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     train_p = sub.add_parser("train", help="run a recipe: a .yaml path or <method>/<name>, then --key value overrides")
     train_p.add_argument("recipe")
     train_p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+    train_p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in output_dir")
     list_p = sub.add_parser("list", help="list methods, recipes, reward functions and built-in datasets")
     list_p.add_argument("what", nargs="?", default="all", choices=["all", "methods", "recipes", "rewards", "data"])
 
@@ -80,12 +81,17 @@ def main(argv: list[str] | None = None) -> int:
                 parser.error(f"unrecognized arguments: {' '.join(rest)}")
             _list(args.what)
         else:
-            _train(args.recipe, rest)
+            _train(args.recipe, rest, args.resume)
     except UserError as err:
         if debug:
             raise
         print(f"posttrain: error: {err}", file=sys.stderr)
         return 2
+    except TrainingError as err:
+        if debug:
+            raise
+        print(f"posttrain: stopped: {err}", file=sys.stderr)
+        return 1
     return 0
 
 

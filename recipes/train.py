@@ -16,6 +16,7 @@ from typing import Any
 from posttrain import UserError
 from posttrain.recipes.config import Recipe
 from posttrain.trainers import METHODS, OPTIMIZERS, import_object
+from posttrain.trainers.runtime import guarded, is_complete_checkpoint, latest_checkpoint
 
 
 def reward_functions(names: list[str], config) -> list:
@@ -38,6 +39,11 @@ def build_trainer(recipe: Recipe):
     method, config, model_args = METHODS[recipe.method], recipe.config, recipe.model_args
     if not model_args.model_name_or_path:
         raise UserError(f"{recipe.source}: missing 'model_name_or_path' (a hub id, a local directory or tiny:<arch>)")
+    if isinstance(config.resume_from_checkpoint, str) and not is_complete_checkpoint(Path(config.resume_from_checkpoint)):
+        raise UserError(
+            f"resume_from_checkpoint '{config.resume_from_checkpoint}' is not a complete checkpoint-N folder "
+            "(no readable trainer_state.json or weights); use --resume to pick the newest complete one"
+        )
     datasets = load_task_datasets(method.task, recipe.data_args)
     extra: dict[str, Any] = {}
     if method.task == "prompt":
@@ -46,7 +52,7 @@ def build_trainer(recipe: Recipe):
     model_path = resolve_model_path(model_args.model_name_or_path)
     # dtype, attention, trust_remote_code, QLoRA quantization (+ device map); recipe's model_init_kwargs win.
     config.model_init_kwargs = model_init_kwargs(model_args, config)
-    trainer = method.trainer_cls(
+    trainer = guarded(method.trainer_cls)(
         model=model_path,
         args=config,
         train_dataset=datasets["train"],
@@ -64,13 +70,20 @@ def build_trainer(recipe: Recipe):
     return trainer
 
 
-def train(recipe: Recipe) -> dict[str, Any]:
-    """Run a recipe to the end; returns the run summary (also written to ``output_dir/run_summary.json``)."""
+def train(recipe: Recipe, resume: bool = False) -> dict[str, Any]:
+    """Run a recipe to the end; returns the run summary (also written to ``output_dir/run_summary.json``).
+
+    ``resume``: continue from the newest complete checkpoint in ``output_dir`` (from scratch if none).
+    """
     if METHODS[recipe.method].task == "aux":
         return METHODS[recipe.method].trainer_cls(recipe.config).train()
 
-    trainer = build_trainer(recipe)
     config = recipe.config
+    if resume:
+        checkpoint = latest_checkpoint(config.output_dir)
+        print(f"posttrain: resuming from {checkpoint}" if checkpoint else f"posttrain: no checkpoint in {config.output_dir}; starting from scratch")
+        config.resume_from_checkpoint = str(checkpoint) if checkpoint else None
+    trainer = build_trainer(recipe)
     result = trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
     trainer.save_model(config.output_dir)
     summary = run_summary(recipe, trainer, result)

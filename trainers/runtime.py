@@ -1,0 +1,88 @@
+"""What every trainer gets at run time: a non-finite guard, and the choice of checkpoint to resume from.
+
+**Non-finite guard.** ``guarded(TrainerClass)`` returns a subclass that stops the run with
+``NonFiniteError`` (naming the step) as soon as a micro-batch loss or the gradient norm is NaN/inf, before
+the trainer can log or save anything from that step, so the newest checkpoint on disk is the last good
+one. The check rides on ``Trainer._get_grad_norm`` (transformers 5.24, pinned): it runs once per
+optimizer step, before ``optimizer.step()`` (under DeepSpeed the engine has already stepped inside
+backward, but nothing is saved afterwards). The flags are summed over data-parallel ranks, so every
+rank stops at the same step instead of leaving the others waiting in a collective.
+
+**Checkpoints.** ``latest_checkpoint(output_dir)`` is the newest *complete* ``checkpoint-N``: the
+Trainer writes ``trainer_state.json`` last, so a folder whose state file is missing, unreadable or from
+another step (a run killed mid-save) is never picked, unlike ``transformers.get_last_checkpoint``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+
+from posttrain import TrainingError
+
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors", "pytorch_model.bin")
+
+
+class NonFiniteError(TrainingError):
+    pass
+
+
+def is_complete_checkpoint(folder: Path) -> bool:
+    match = _CHECKPOINT.match(folder.name)
+    if not match or not folder.is_dir():
+        return False
+    try:
+        state = json.loads((folder / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        return False
+    has_weights = any((folder / name).exists() for name in _WEIGHTS) or any(folder.glob("global_step*"))
+    return state.get("global_step") == int(match.group(1)) and has_weights
+
+
+def latest_checkpoint(output_dir) -> Path | None:
+    folder = Path(output_dir)
+    if not folder.is_dir():
+        return None
+    complete = [c for c in folder.iterdir() if is_complete_checkpoint(c)]
+    return max(complete, key=lambda c: int(_CHECKPOINT.match(c.name).group(1)), default=None)
+
+
+class NonFiniteGuard:
+    """Mixin placed before a transformers/TRL trainer in the MRO (see the module docstring)."""
+
+    _loss_finite: torch.Tensor | None = None
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        finite = torch.isfinite(loss.detach()).all()
+        self._loss_finite = finite if self._loss_finite is None else self._loss_finite & finite
+        return loss
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
+        loss_ok = self._loss_finite if self._loss_finite is not None else torch.tensor(True)
+        self._loss_finite = None
+        norm = torch.as_tensor(grad_norm if grad_norm is not None else 0.0, dtype=torch.float32)
+        device = self.accelerator.device
+        bad = torch.stack([(~loss_ok).float().to(device), (~torch.isfinite(norm)).float().to(device)])
+        bad = self.accelerator.reduce(bad, reduction="sum")
+        if bad.any():
+            step = self.state.global_step + 1
+            what = " and ".join(name for name, flag in zip(("loss", "gradient norm"), bad.tolist()) if flag)
+            last = latest_checkpoint(self.args.output_dir)
+            where = f"the last good checkpoint is {last}" if last else "no checkpoint was saved yet"
+            raise NonFiniteError(
+                f"non-finite {what} at step {step} (gradient norm {norm.item():g}); "
+                f"stopped before saving anything from this step; {where} (continue with --resume, "
+                "e.g. with a lower learning_rate or max_grad_norm)"
+            )
+        return grad_norm
+
+
+def guarded(trainer_cls: type) -> type:
+    """``trainer_cls`` with the non-finite guard; same name, so logs and model cards read as before."""
+    return type(trainer_cls.__name__, (NonFiniteGuard, trainer_cls), {"__module__": trainer_cls.__module__})
