@@ -108,6 +108,8 @@ def run_summary(recipe: Recipe, trainer, result) -> dict[str, Any]:
         "output_dir": str(recipe.config.output_dir),
         "global_step": trainer.state.global_step,
         "world_size": trainer.accelerator.num_processes,
+        "distributed_type": trainer.accelerator.distributed_type.value,
+        "zero_stage": getattr(trainer.accelerator.state.deepspeed_plugin, "zero_stage", None),
         "train_loss": float(result.training_loss),
         "train_runtime_s": float(result.metrics.get("train_runtime", float("nan"))),
         "metrics": metrics,
@@ -118,7 +120,7 @@ def format_summary(summary: dict[str, Any]) -> str:
     def fmt(value) -> str:
         return f"{value:.4g}" if isinstance(value, float) and math.isfinite(value) else str(value)
 
-    rows = [(k, fmt(summary[k]), "") for k in ("method", "model", "global_step", "world_size", "train_loss", "train_runtime_s")]
+    rows = [(k, fmt(summary[k]), "") for k in ("method", "model", "global_step", "world_size", "distributed_type", "train_loss", "train_runtime_s")]
     rows += [(k, fmt(v["first"]), fmt(v["last"])) for k, v in sorted(summary["metrics"].items())]
     widths = [max(len(r[i]) for r in rows + [("run summary", "first / value", "last")]) for i in range(3)]
     line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
