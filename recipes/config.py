@@ -47,7 +47,7 @@ _Loader.yaml_implicit_resolvers = {
 _Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
 
 
-def _read_yaml(text: str):
+def read_yaml(text: str):
     return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
 
 
@@ -99,7 +99,7 @@ def parse_overrides(argv: list[str]) -> dict[str, Any]:
             else:
                 value = "true"
         try:
-            overrides[key.replace("-", "_")] = _read_yaml(value) if value != "" else ""
+            overrides[key.replace("-", "_")] = read_yaml(value) if value != "" else ""
         except yaml.YAMLError:
             overrides[key.replace("-", "_")] = value
         i += 1
@@ -109,7 +109,7 @@ def parse_overrides(argv: list[str]) -> dict[str, Any]:
 def load_recipe(name: str, overrides: dict[str, Any] | None = None) -> Recipe:
     path = find_recipe(name)
     try:
-        values = _read_yaml(path.read_text())
+        values = read_yaml(path.read_text())
     except yaml.YAMLError as err:
         where = getattr(err, "problem_mark", None)
         line = f" line {where.line + 1}" if where else ""

@@ -27,6 +27,7 @@ class Method:
     task: str
     description: str
     model: str = "causal_lm"  # "reward" for sequence classifiers with one output
+    parent: str | None = None  # the registered TRL method this one extends (bench/ compares the two); None: itself
 
     @property
     def trainer_cls(self):

@@ -1,0 +1,204 @@
+"""Time a method against its TRL parent in the same process, on identical batches.
+
+    python bench/compare.py dpo                       # stock DPO vs stock DPO: the harness's own noise check
+    python bench/compare.py grpo --steps 30
+    python bench/compare.py dpo --model qwen2-0.5b-random --per_device_train_batch_size 8 --max_length 512
+    python bench/compare.py dpo --recipe dpo/smollm2-135m --out results.json   # any recipe, any overrides
+
+Both trainers are built from the same recipe (the parent with the method swapped to the parent and keys
+it does not know dropped) and fed the same batch, drawn once from the parent's dataloader. A measured step
+is ``trainer.training_step`` -- generation (GRPO-like methods), forward, loss and backward -- with the RNG
+reseeded identically for both. The optimizer update is left out: it costs both the same, and without it
+both models stay at their initial weights, so a generating method samples the same completions for both.
+Steps alternate between the two (A B, B A, ...) so that machine drift hits both alike; we report the
+median of N steps after a warm-up, and the peak memory of a step: the CUDA allocator's peak on a GPU, the
+growth of the process's resident set (sampled every millisecond) on a CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import torch
+
+from posttrain.recipes.config import build_recipe, find_recipe, parse_overrides, read_yaml
+from posttrain.recipes.train import build_trainer, write_json_atomic
+from posttrain.trainers import METHODS
+
+QWEN2_05B = dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                 num_key_value_heads=2, vocab_size=151936, max_position_embeddings=4096, tie_word_embeddings=True)
+
+
+def random_qwen2_05b() -> str:
+    """A randomly initialised Qwen2-0.5B-shaped model (bf16 on GPU) with the tiny tokenizer, cached once."""
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    from posttrain.recipes.tiny import build_once, build_tokenizer, cache_dir
+
+    def build(out: Path) -> None:
+        tokenizer = build_tokenizer()
+        config = Qwen2Config(**QWEN2_05B, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+        torch.manual_seed(0)
+        AutoModelForCausalLM.from_config(config).save_pretrained(out)
+        tokenizer.save_pretrained(out)
+
+    final = cache_dir() / "bench" / "qwen2-0.5b-random"
+    return str(build_once(final, build, lambda d: (d / "config.json").is_file() and (d / "tokenizer.json").is_file()))
+
+
+class PeakRSS:
+    """Peak growth of the resident set while the block runs, sampled every millisecond in a thread."""
+
+    def __init__(self):
+        self.process, self.peak = psutil.Process(), 0
+
+    def __enter__(self):
+        self.start = self.peak = self.process.memory_info().rss
+        self.running = True
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def _sample(self):
+        while self.running:
+            self.peak = max(self.peak, self.process.memory_info().rss)
+            time.sleep(0.001)
+
+    def __exit__(self, *exc):
+        self.running = False
+        self.thread.join()
+        self.peak = max(self.peak, self.process.memory_info().rss)
+        self.bytes = self.peak - self.start
+
+
+def timed_step(trainer, batch, seed: int) -> tuple[float, int]:
+    """One training_step on ``batch``: seconds and peak bytes."""
+    cuda = torch.cuda.is_available()
+    torch.manual_seed(seed)
+    trainer.model.train()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        start = time.perf_counter()
+        trainer.training_step(trainer.model, batch)
+        torch.cuda.synchronize()
+        seconds, peak = time.perf_counter() - start, torch.cuda.max_memory_allocated() - base
+    else:
+        with PeakRSS() as rss:
+            start = time.perf_counter()
+            trainer.training_step(trainer.model, batch)
+            seconds = time.perf_counter() - start
+        peak = rss.bytes
+    trainer.model.zero_grad(set_to_none=True)
+    return seconds, peak
+
+
+def build_pair(method: str, recipe_name: str, overrides: dict) -> dict:
+    """{"parent": trainer, method: trainer} from one recipe."""
+    path = find_recipe(recipe_name)
+    values = {**read_yaml(path.read_text()), **overrides, "method": method, "report_to": "none", "save_strategy": "no"}
+    sources = {key: str(path) for key in values}
+    parent = METHODS[method].parent or method
+    parent_cls = METHODS[parent].config_cls
+    parent_values = {k: v for k, v in values.items() if k == "method" or k in _known_keys(parent_cls)}
+    dropped = sorted(set(values) - set(parent_values))
+    if dropped:
+        print(f"parent '{parent}' does not take {', '.join(dropped)}; dropped for it")
+    parent_values["method"] = parent
+    trainers = {}
+    for label, vals in ((f"{parent} (parent)", parent_values), (method, values)):
+        recipe = build_recipe(vals, sources, str(path))
+        recipe.config.output_dir = str(Path(os.environ.get("TMPDIR", "/tmp")) / f"posttrain-bench-{os.getpid()}")
+        trainer = build_trainer(recipe)
+        # set by Trainer's training loop, which we do not run; training_step divides the loss by it
+        trainer.current_gradient_accumulation_steps = recipe.config.gradient_accumulation_steps
+        trainers[label] = trainer
+    return trainers
+
+
+def _known_keys(config_cls) -> set[str]:
+    import dataclasses
+
+    from trl import ModelConfig
+
+    from posttrain.data import DataArguments
+
+    return {f.name for cls in (ModelConfig, DataArguments, config_cls) for f in dataclasses.fields(cls)}
+
+
+def machine() -> str:
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name()} (torch {torch.__version__})"
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"CPU {cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads (torch {torch.__version__})"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("method", help="a registered method; it is compared with its TRL parent")
+    parser.add_argument("--recipe", help="recipe to build both trainers from (default <method>/tiny)")
+    parser.add_argument("--model", help="model_name_or_path override; 'qwen2-0.5b-random' builds a random Qwen2-0.5B shape")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--out", help="JSON results file (default bench/results/<method>.json)")
+    args, rest = parser.parse_known_args(argv)
+    overrides = parse_overrides(rest)
+    if args.model:
+        overrides["model_name_or_path"] = random_qwen2_05b() if args.model == "qwen2-0.5b-random" else args.model
+    recipe_name = args.recipe or f"{args.method}/tiny"
+
+    trainers = build_pair(args.method, recipe_name, overrides)
+    first = next(iter(trainers.values()))
+    batch = next(iter(first.get_train_dataloader()))
+    times = {label: [] for label in trainers}
+    peaks = {label: [] for label in trainers}
+    order = list(trainers)
+    for i in range(args.warmup + args.steps):
+        for label in order if i % 2 == 0 else order[::-1]:
+            seconds, peak = timed_step(trainers[label], batch, seed=1000 + i)
+            if i >= args.warmup:
+                times[label].append(seconds)
+                peaks[label].append(peak)
+
+    base = order[0]
+    rows = []
+    for label in order:
+        ts = sorted(times[label])
+        rows.append({
+            "variant": label,
+            "median_ms": 1e3 * statistics.median(ts),
+            "p10_ms": 1e3 * ts[len(ts) // 10],
+            "p90_ms": 1e3 * ts[(9 * len(ts)) // 10],
+            "peak_mib": max(peaks[label]) / 2**20,
+            "ratio": statistics.median(ts) / statistics.median(times[base]),
+        })
+    result = {"method": args.method, "recipe": recipe_name, "overrides": {k: str(v) for k, v in overrides.items()},
+              "machine": machine(), "steps": args.steps, "warmup": args.warmup, "rows": rows,
+              "memory": "CUDA allocator peak per step" if torch.cuda.is_available() else "peak RSS growth per step"}
+    print(f"\n{args.method} vs its parent on {result['machine']}; recipe {recipe_name}; median of {args.steps} steps")
+    print(f"| variant | median step (ms) | p10 | p90 | peak mem (MiB, {result['memory']}) | time ratio |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['variant']} | {r['median_ms']:.2f} | {r['p10_ms']:.2f} | {r['p90_ms']:.2f} | {r['peak_mib']:.1f} | {r['ratio']:.3f} |")
+    out = Path(args.out or Path(__file__).parent / "results" / f"{args.method}.json")
+    write_json_atomic(out, result)
+    print(f"written to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,26 @@
+"""The benchmark harness on the tiny recipe: a stock-vs-stock run must come out close to 1."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.mark.parametrize("method", ["dpo", "grpo"])
+def test_stock_vs_stock_ratio_is_close_to_one(method, tmp_path, run_env):
+    out = tmp_path / f"{method}.json"
+    cmd = [sys.executable, str(ROOT / "bench" / "compare.py"), method, "--steps", "12", "--warmup", "2", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**run_env, "OMP_NUM_THREADS": "2"}, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "| time ratio |" in proc.stdout
+    result = json.loads(out.read_text())
+    parent, candidate = result["rows"]
+    assert parent["ratio"] == 1.0 and parent["variant"] == f"{method} (parent)"
+    assert all(r["median_ms"] > 0 and r["p10_ms"] <= r["median_ms"] <= r["p90_ms"] for r in result["rows"])
+    # identical trainers on identical batches: only machine noise separates them (a loose band: CI is shared)
+    assert 0.8 < candidate["ratio"] < 1.25, result
