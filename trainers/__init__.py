@@ -46,6 +46,14 @@ METHODS: dict[str, Method] = {
     "reward": Method("trl:RewardTrainer", "trl:RewardConfig", "preference", "Bradley-Terry reward model (TRL RewardTrainer)", "reward"),
     "grpo": Method("trl:GRPOTrainer", "trl:GRPOConfig", "prompt", "group relative policy optimisation (TRL GRPOTrainer)"),
     "rloo": Method("trl:RLOOTrainer", "trl:RLOOConfig", "prompt", "REINFORCE leave-one-out (TRL RLOOTrainer)"),
+    # Research methods.
+    "sparsepo": Method(
+        "posttrain.trainers.sparsepo:SparsePOTrainer",
+        "posttrain.trainers.sparsepo:SparsePOConfig",
+        "preference",
+        "SparsePO: TDPO-1 with learned or activation token masks (arXiv 2410.05102)",
+        parent="dpo",
+    ),
     # Auxiliary (non-LLM) trainers.
     "fedau": Method(
         "posttrain.trainers.classic.fedau:FedAUTrainer",

@@ -1,0 +1,464 @@
+"""SparsePO: token-level preference optimisation with sparse token masks (arXiv 2410.05102).
+
+Official code: huawei-noah/HEBO, folder SparsePO (Apache-2.0), read at commit 04f4ece8; this module follows it
+(spec: llm-methods.md §1), written anew for TRL 1.16.
+
+Delta from TRL's ``DPOTrainer``: ``_compute_loss`` is replaced by the TDPO-1 objective with a token mask on
+the reward term and one on the KL term. For a pair (y_w, y_l), over completion tokens t:
+
+    l_t(y)   = log pi(y_t | .) - log pi_ref(y_t | .)                       token log-ratio
+    d_t(y)   = sum_v pi_ref(v | .) [log pi(v | .) - log pi_ref(v | .)]     = -KL(pi_ref || pi) <= 0
+    U        = sum_t m^u_t(y_w) l_t(y_w) - sum_t m^u_t(y_l) l_t(y_l)
+    D        = sum_t m^d_t(y_w) d_t(y_w) - sum_t m^d_t(y_l) d_t(y_l)
+    loss     = -log sigmoid(beta (U - D)) + l1_u (|m^u(y_w)|_1 + |m^u(y_l)|_1) + l1_d (|m^d(y_w)|_1 + |m^d(y_l)|_1)
+
+Masks (``mask_type``):
+- ``learned`` (official "sparse"): a small network reads the *reference* model's hidden states (no grad)
+  and outputs m_t >= 0 (ReLU makes masks exactly sparse). ``simple_all``: one shared LayerNorm, a linear
+  unit per layer, a bias-free mixer over layers; ``simple_last``: one linear unit on the last hidden state;
+  ``random``: uniform [0, 1) (an ablation). The network is a submodule of the policy (so DDP/DeepSpeed and
+  the optimizer see it), trained jointly, with ``mask_weight_decay``; saved beside every checkpoint as
+  ``sparsepo_mask.safetensors`` and restored on resume.
+- ``activation`` (official "MaPO"): the feature mean of the reference model's activations at mlp / attn /
+  resid / logits hook points, min-max rescaled per sequence over completion tokens, averaged per type then
+  over types; no parameters.
+- ``uniform``: all ones, i.e. TDPO-1 (there is no plain-DPO mode: the KL term is always there).
+
+With ``rw_kl_independent=False`` (default, "common") one mask serves both terms and the trainer halves both
+L1 coefficients, as the official trainer does.
+
+Memory: d_t needs full-vocabulary distributions of policy and reference. They are never held for the whole
+batch: the policy forward is patched (like TRL's fused LM head) to project completion tokens through both
+LM heads in chunks of ``kl_chunk_size`` tokens under activation checkpointing, so each chunk's logits are
+recomputed in backward instead of stored. Doubts: the official code runs the heads without chunking (same
+numbers); its MaPO normalisation goes through fp16 (we stay in fp32: differences ~1e-4); a 1-token
+completion gives NaN there and 1.0 here.
+"""
+
+from __future__ import annotations
+
+import types
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+from trl import DPOConfig, DPOTrainer
+
+MASK_FILE = "sparsepo_mask.safetensors"
+
+
+@dataclass
+class SparsePOConfig(DPOConfig):
+    """DPOConfig plus the SparsePO mask settings; defaults are the official ones (SparseConfig / MaPOConfig)."""
+
+    mask_type: str = field(default="learned", metadata={"help": "learned (official 'sparse'), activation (official 'MaPO') or uniform (TDPO-1)."})
+    mask_model: str = field(default="simple_all", metadata={"help": "learned masks: simple_all, simple_last or random."})
+    mask_layer_activation: str = field(default="relu", metadata={"help": "per-layer activation: relu, resc, znorm or none."})
+    mask_mixer_activation: str = field(default="relu", metadata={"help": "mixer activation: relu, resc, znorm or none."})
+    mask_dropout: float = field(default=0.01, metadata={"help": "dropout in the mask network (zeroed by disable_dropout=True, the default)."})
+    mask_weight_decay: float = field(default=0.01, metadata={"help": "weight decay of the mask network's weights (own optimizer group)."})
+    mask_on_reward: bool = field(default=True, metadata={"help": "mask the reward term (else m^u = 1)."})
+    mask_on_kl: bool = field(default=True, metadata={"help": "mask the KL term (else m^d = 1; the KL term stays)."})
+    rw_kl_independent: bool = field(default=False, metadata={"help": "two mask networks (reward, KL) instead of one common mask."})
+    l1_norm_param_u: float = field(default=0.0, metadata={"help": "L1 penalty on the reward mask (halved for a common mask)."})
+    l1_norm_param_d: float = field(default=0.0, metadata={"help": "L1 penalty on the KL mask (halved for a common mask)."})
+    activation_hook: str = field(default="all", metadata={"help": "activation masks: all, mlp, attn, resid or logits."})
+    kl_chunk_size: int = field(default=1024, metadata={"help": "completion tokens projected through the LM heads at once (memory vs speed)."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        checks = {
+            "mask_type": (self.mask_type, MASK_TYPES), "mask_model": (self.mask_model, MASK_MODELS),
+            "mask_layer_activation": (self.mask_layer_activation, ACTIVATIONS),
+            "mask_mixer_activation": (self.mask_mixer_activation, ACTIVATIONS),
+            "activation_hook": (self.activation_hook, HOOK_TYPES),
+        }
+        for name, (value, valid) in checks.items():
+            if value not in valid:
+                raise ValueError(f"{name}={value!r}; valid: {', '.join(valid)}")
+        if self.precompute_ref_log_probs:
+            raise ValueError("SparsePO needs the reference model's per-token distributions and hidden states at every step; "
+                             "precompute_ref_log_probs stores only sequence log-probs: set it to false")
+        if list(self.loss_type) != ["sigmoid"]:
+            raise ValueError(f"SparsePO implements the sigmoid loss only (loss_type={self.loss_type})")
+        if self.kl_chunk_size < 1:
+            raise ValueError("kl_chunk_size must be >= 1")
+
+
+MASK_TYPES = ("learned", "activation", "uniform")
+MASK_MODELS = ("simple_all", "simple_last", "random")
+ACTIVATIONS = ("relu", "resc", "znorm", "none")
+HOOK_TYPES = ("all", "mlp", "attn", "resid", "logits")
+
+
+# ----------------------------------------------------------------------------------------------- pure math
+
+
+def sparsepo_loss(logratio, neg_kl, reward_mask, kl_mask, completion_mask, beta, l1_reward=0.0, l1_kl=0.0):
+    """Per-pair SparsePO loss (B,). All inputs (2B, T), rows [chosen; rejected]; masks are applied on
+    completion tokens only, and the L1 penalty sums each mask over both rows of the pair."""
+    cm = completion_mask.to(logratio.dtype)
+    mu, md = reward_mask * cm, kl_mask * cm
+    u_rows, d_rows = (mu * logratio).sum(-1), (md * neg_kl).sum(-1)
+    (u_c, u_r), (d_c, d_r) = u_rows.chunk(2), d_rows.chunk(2)
+    loss = -F.logsigmoid(beta * ((u_c - u_r) - (d_c - d_r)))
+    penalty = l1_reward * mu.abs().sum(-1) + l1_kl * md.abs().sum(-1)
+    return loss + sum(penalty.chunk(2))
+
+
+def _masked_minmax(x, mask):
+    """Per-row min-max of ``x`` over ``mask`` to [0, 1], 0 outside; a constant row gives 1 on the mask."""
+    mask = mask.bool()
+    big = torch.finfo(x.dtype).max
+    lo = torch.where(mask, x, big).amin(-1, keepdim=True)
+    hi = torch.where(mask, x, -big).amax(-1, keepdim=True)
+    span = hi - lo
+    out = torch.where(span > 0, (x - lo) / span.clamp_min(torch.finfo(x.dtype).tiny), torch.ones_like(x))
+    return out * mask
+
+
+def activation_mask(features, completion_mask):
+    """MaPO mask from feature-mean activations (N, T): per-sequence min-max over completion tokens, 0 elsewhere."""
+    return _masked_minmax(features.float(), completion_mask)
+
+
+def _znorm(x, mask):
+    mask = mask.to(x.dtype)
+    n = mask.sum(-1, keepdim=True).clamp_min(1)
+    mean = (x * mask).sum(-1, keepdim=True) / n
+    var = (((x - mean) * mask) ** 2).sum(-1, keepdim=True) / (n - 1).clamp_min(1)
+    return (x - mean) / (var.sqrt() + 1e-12)
+
+
+def _activate(x, name, mask):
+    if name == "relu":
+        return F.relu(x)
+    if name == "resc":
+        return _masked_minmax(x, mask)
+    if name == "znorm":
+        return _masked_minmax(_znorm(x, mask), mask)
+    return x
+
+
+class SimpleMaskAllLayers(nn.Module):
+    """m_t = phi_mix(sum_l c_l * phi_layer(w_l . LN(H^l_t) + b_l)), one LayerNorm shared by all layers."""
+
+    def __init__(self, num_layers, hidden_size, eps=1e-5, layer_activation="relu", mixer_activation="relu", dropout=0.0):
+        super().__init__()
+        self.norm = nn.LayerNorm(hidden_size, eps=eps)
+        self.layer_weight = nn.Parameter(torch.zeros(num_layers, hidden_size))
+        self.layer_bias = nn.Parameter(torch.zeros(num_layers))
+        self.mixer_weight = nn.Parameter(torch.zeros(num_layers))
+        self.layer_activation, self.mixer_activation = layer_activation, mixer_activation
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, hidden_states, mask):  # hidden_states: L tensors (N, T, d)
+        mixed = 0
+        for l, h in enumerate(hidden_states):
+            a = self.norm(h.to(self.layer_weight.dtype)) @ self.layer_weight[l] + self.layer_bias[l]
+            mixed = mixed + self.mixer_weight[l] * self.dropout(_activate(a, self.layer_activation, mask))
+        return self.dropout(_activate(mixed, self.mixer_activation, mask))
+
+
+class SimpleMaskLastLayer(nn.Module):
+    """m_t = phi(w . H^L_t + b) on the last hidden state, no LayerNorm."""
+
+    def __init__(self, hidden_size, activation="relu", dropout=0.0):
+        super().__init__()
+        self.linear = nn.Linear(hidden_size, 1)
+        self.activation = activation
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, hidden_states, mask):
+        return self.dropout(_activate(self.linear(hidden_states[-1].to(self.linear.weight.dtype)).squeeze(-1), self.activation, mask))
+
+
+class RandomMask(nn.Module):
+    """Uniform [0, 1) per token (ablation); no parameters."""
+
+    def forward(self, hidden_states, mask):
+        return torch.rand(mask.shape, device=mask.device)
+
+
+def build_mask_network(config: SparsePOConfig, model_config) -> nn.Module:
+    text = model_config.get_text_config()
+    dropout = 0.0 if config.disable_dropout else config.mask_dropout
+    if config.mask_model == "random":
+        return RandomMask()
+    if config.mask_model == "simple_last":
+        net = SimpleMaskLastLayer(text.hidden_size, config.mask_mixer_activation, dropout)
+    else:
+        eps = getattr(text, "rms_norm_eps", None) or getattr(text, "layer_norm_epsilon", None) or 1e-5
+        net = SimpleMaskAllLayers(text.num_hidden_layers, text.hidden_size, eps, config.mask_layer_activation,
+                                  config.mask_mixer_activation, dropout)
+    # What HF's _init_weights gives missing keys: normal(0, initializer_range) weights, zero biases, LN = identity.
+    std = getattr(text, "initializer_range", 0.02)
+    for name, p in net.named_parameters():
+        if name.startswith("norm."):
+            continue
+        nn.init.normal_(p, 0.0, std) if "weight" in name else nn.init.zeros_(p)
+    return net
+
+
+# ------------------------------------------------------------------------- per-token terms, chunked
+
+
+def _chunk_terms(hidden, ref_hidden, labels, lm_head, ref_lm_head):
+    logp = F.log_softmax(lm_head(hidden).float(), dim=-1)
+    with torch.no_grad():
+        ref_logits = ref_lm_head(ref_hidden).float()
+        ref_logp = F.log_softmax(ref_logits, dim=-1)
+    taken = labels.unsqueeze(-1)
+    logratio = (logp.gather(-1, taken) - ref_logp.gather(-1, taken)).squeeze(-1)
+    neg_kl = (ref_logp.exp() * (logp - ref_logp)).sum(-1)
+    return logratio, neg_kl, ref_logits.mean(-1)
+
+
+def token_terms(hidden, ref_hidden, labels, mask, lm_head, ref_lm_head, chunk_size=None):
+    """Token log-ratio l_t, -KL(pi_ref || pi)_t and the reference's mean logit, each shaped like ``mask``
+    (zero where ``mask`` is False). Only masked positions are projected; with ``chunk_size`` they go
+    through the heads ``chunk_size`` at a time under activation checkpointing (logits recomputed in
+    backward), so no (tokens, vocab) tensor outlives its chunk."""
+    h, rh, y = hidden[mask], ref_hidden[mask], labels[mask]
+    size = chunk_size or max(1, h.shape[0])
+    pieces = []
+    for start in range(0, h.shape[0], size):
+        args = (h[start:start + size], rh[start:start + size], y[start:start + size], lm_head, ref_lm_head)
+        if chunk_size and torch.is_grad_enabled():
+            pieces.append(checkpoint(_chunk_terms, *args, use_reentrant=False))
+        else:
+            pieces.append(_chunk_terms(*args))
+    out = []
+    for i in range(3):
+        flat = torch.cat([p[i] for p in pieces]) if pieces else h.new_zeros(0, dtype=torch.float32)
+        out.append(torch.zeros(mask.shape, dtype=flat.dtype, device=flat.device).masked_scatter(mask, flat))
+    return tuple(out)
+
+
+def _sparsepo_forward(self, *args, sparsepo=None, **kwargs):
+    """Policy forward patched in by SparsePOTrainer (like TRL's fused LM head): with ``sparsepo=...`` it
+    runs the backbone, the chunked token terms and the mask networks inside the model's own forward, so
+    DDP/DeepSpeed see every parameter it uses; without it, the original forward."""
+    if sparsepo is None:
+        return self._sparsepo_original_forward(*args, **kwargs)
+    kwargs["use_cache"] = False
+    for head_only in ("labels", "logits_to_keep", "num_items_in_batch"):  # PEFT passes some of these through
+        kwargs.pop(head_only, None)
+    hidden = self.base_model(*args, **kwargs).last_hidden_state[:, :-1]
+    logratio, neg_kl, ref_logit_mean = token_terms(hidden, sparsepo["ref_hidden"], sparsepo["labels"], sparsepo["mask"],
+                                                   self.get_output_embeddings(), sparsepo["ref_lm_head"], sparsepo["chunk_size"])
+    masks = {name: net(sparsepo["mask_inputs"], sparsepo["mask"]) for name, net in self.sparsepo_masks.items()}
+    return {"logratio": logratio, "neg_kl": neg_kl, "ref_logit_mean": ref_logit_mean, "masks": masks}
+
+
+# ------------------------------------------------------------------ activation capture (MaPO hook points)
+
+
+def hook_points(model) -> dict[str, list[tuple[nn.Module, str]]]:
+    """(module, 'output'|'input') per hook type for Llama/Qwen/Mistral-style decoders: mlp = MLP activation;
+    attn = q/k/v projections and the attention output (o_proj input); resid = layer-norm outputs, each layer's
+    output, the embeddings and the final norm. 'logits' is read from the chunked heads instead."""
+    backbone = model.base_model
+    layers = [m for m in backbone.modules() if type(m).__name__.endswith("DecoderLayer")]
+    points = {"mlp": [], "attn": [], "resid": []}
+    for layer in layers:
+        mlp, attn = getattr(layer, "mlp", None), getattr(layer, "self_attn", None)
+        if mlp is not None and hasattr(mlp, "act_fn"):
+            points["mlp"].append((mlp.act_fn, "output"))
+        for name in ("q_proj", "k_proj", "v_proj"):
+            if attn is not None and hasattr(attn, name):
+                points["attn"].append((getattr(attn, name), "output"))
+        if attn is not None and hasattr(attn, "o_proj"):
+            points["attn"].append((attn.o_proj, "input"))
+        for name in ("input_layernorm", "post_attention_layernorm"):
+            if hasattr(layer, name):
+                points["resid"].append((getattr(layer, name), "output"))
+        points["resid"].append((layer, "output"))
+    for name in ("embed_tokens", "norm"):
+        if hasattr(backbone, name):
+            points["resid"].append((getattr(backbone, name), "output"))
+    return points
+
+
+class ActivationCapture:
+    """Feature means of the reference's activations, recorded only while ``active`` (the hooks stay on a
+    policy that doubles as the PEFT reference)."""
+
+    def __init__(self, model, hook_type):
+        self.active, self.features = False, {}
+        types_ = ("mlp", "attn", "resid") if hook_type == "all" else (() if hook_type == "logits" else (hook_type,))
+        for kind, entries in hook_points(model).items():
+            if kind not in types_:
+                continue
+            for index, (module, where) in enumerate(entries):
+                key = (kind, index)
+                if where == "output":
+                    module.register_forward_hook(lambda m, i, o, key=key: self._record(key, o))
+                else:
+                    module.register_forward_pre_hook(lambda m, i, key=key: self._record(key, i))
+
+    def _record(self, key, value):
+        if self.active:
+            value = value[0] if isinstance(value, (tuple, list)) else value
+            self.features[key] = value.detach().float().mean(-1)  # (N, S): the feature axis averaged at once
+
+
+# ------------------------------------------------------------------------------------------- trainer
+
+
+class SparsePOTrainer(DPOTrainer):
+    """DPOTrainer with the SparsePO loss: overrides ``_compute_loss`` (plus saving/restoring the mask network)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        cfg = self.args
+        policy = self._inner_model(self.model)
+        lm_head_name = next((n for n, m in policy.named_modules() if m is policy.get_output_embeddings()), "lm_head")
+        if any(lm_head_name in name and "lora" in name.lower() for name, _ in self.model.named_parameters()):
+            raise ValueError("SparsePO computes the reference distribution with the policy's LM head module: "
+                             "keep lm_head out of lora_target_modules")
+        names = ["reward", "kl"] if cfg.rw_kl_independent else ["common"]
+        nets = {n: build_mask_network(cfg, policy.config) for n in names} if cfg.mask_type == "learned" else {}
+        # A submodule of the policy: the optimizer, DDP and DeepSpeed see it; kept out of the exported
+        # model.safetensors (saved beside it instead) so the checkpoint still loads as a plain HF model.
+        policy.sparsepo_masks = nn.ModuleDict(nets).to(policy.device)
+        policy._keys_to_ignore_on_save = set(policy._keys_to_ignore_on_save or ()) | {
+            f"sparsepo_masks.{k}" for k in policy.sparsepo_masks.state_dict()}
+        if not hasattr(policy, "_sparsepo_original_forward"):
+            policy._sparsepo_original_forward = policy.forward
+            policy.forward = types.MethodType(_sparsepo_forward, policy)
+        common = not cfg.rw_kl_independent
+        self.l1_reward = cfg.l1_norm_param_u / 2 if common else cfg.l1_norm_param_u  # official halving
+        self.l1_kl = cfg.l1_norm_param_d / 2 if common else cfg.l1_norm_param_d
+        reference = policy if self.ref_model is None else self._inner_model(self.ref_model)
+        self._capture = ActivationCapture(reference, cfg.activation_hook) if cfg.mask_type == "activation" else None
+
+    @staticmethod
+    def _inner_model(model):
+        model = getattr(model, "module", model)  # DDP / DeepSpeed engine
+        return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+    def create_optimizer(self, model=None):
+        # Official grouping: the mask network's weights decay with mask_weight_decay, everything else as usual.
+        decay = self.get_decay_parameter_names(self.model)
+        mask_ids = {id(p) for p in self._inner_model(self.model).sparsepo_masks.parameters()}
+        groups = [
+            {"params": [p for n, p in self.model.named_parameters() if p.requires_grad and id(p) not in mask_ids and n in decay],
+             "weight_decay": self.args.weight_decay},
+            {"params": [p for n, p in self.model.named_parameters() if p.requires_grad and id(p) in mask_ids and n in decay],
+             "weight_decay": self.args.mask_weight_decay},
+            {"params": [p for n, p in self.model.named_parameters() if p.requires_grad and n not in decay], "weight_decay": 0.0},
+        ]
+        if self.optimizer is None:
+            cls, kwargs = self.optimizer_cls_and_kwargs or self.get_optimizer_cls_and_kwargs(self.args, self.model)
+            self.optimizer = cls([g for g in groups if g["params"]], **kwargs)
+        return self.optimizer
+
+    def _reference_pass(self, model_kwargs):
+        """Reference forward without its LM head (logits for the last position only): the last hidden
+        state for the chunked KL, all hidden states for learned masks, hook activations for MaPO."""
+        learned = self.args.mask_type == "learned"
+        captured = {}
+        inner = self._inner_model(self.model if self.ref_model is None else self.ref_model)
+        handle = inner.base_model.register_forward_hook(lambda m, i, o: captured.update(last=o.last_hidden_state))
+        if self._capture is not None:
+            self._capture.active, self._capture.features = True, {}
+        try:
+            with torch.no_grad():
+                if self.ref_model is None:  # PEFT: the reference is the policy with its adapter off
+                    from trl.trainer.utils import use_adapter
+
+                    peft_model = self.accelerator.unwrap_model(self.model)
+                    with use_adapter(peft_model, adapter_name="ref" if "ref" in peft_model.peft_config else None):
+                        out = self.model(**model_kwargs, output_hidden_states=learned, logits_to_keep=1)
+                else:
+                    out = self.ref_model(**model_kwargs, output_hidden_states=learned, logits_to_keep=1)
+        finally:
+            handle.remove()
+            if self._capture is not None:
+                self._capture.active = False
+        hidden_states = [h[:, :-1] for h in out.hidden_states[1:]] if learned else None
+        return captured["last"][:, :-1], hidden_states, inner.get_output_embeddings()
+
+    def _compute_loss(self, model, inputs, return_outputs):
+        mode = "train" if self.model.training else "eval"
+        cfg = self.args
+        completion_mask = inputs["completion_mask"]
+        mask = completion_mask[:, 1:].bool()  # position t predicts token t+1
+        labels = inputs["input_ids"][:, 1:].masked_fill(~mask, 0)
+        model_kwargs = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask")}
+        model_kwargs["use_cache"] = False
+
+        ref_hidden, ref_hidden_states, ref_lm_head = self._reference_pass(model_kwargs)
+        out = model(**model_kwargs, sparsepo={
+            "ref_hidden": ref_hidden, "labels": labels, "mask": mask, "ref_lm_head": ref_lm_head,
+            "chunk_size": cfg.kl_chunk_size, "mask_inputs": ref_hidden_states})
+        logratio, neg_kl = out["logratio"], out["neg_kl"]
+
+        if cfg.mask_type == "learned":
+            reward_mask = out["masks"].get("reward", out["masks"].get("common"))
+            kl_mask = out["masks"].get("kl", out["masks"].get("common"))
+        elif cfg.mask_type == "activation":
+            reward_mask = kl_mask = self._activation_mask(out["ref_logit_mean"], mask)
+        else:
+            reward_mask = kl_mask = torch.ones_like(logratio)
+        ones = torch.ones_like(logratio)
+        reward_mask = reward_mask if cfg.mask_on_reward else ones
+        kl_mask = kl_mask if cfg.mask_on_kl else ones
+        l1_u = self.l1_reward if cfg.mask_on_reward else 0.0
+        l1_d = self.l1_kl if cfg.mask_on_kl else 0.0
+        loss = sparsepo_loss(logratio, neg_kl, reward_mask, kl_mask, mask, cfg.beta, l1_u, l1_d).mean()
+        self._log_metrics(mode, logratio, neg_kl, reward_mask, kl_mask, mask)
+        return (loss, out) if return_outputs else loss
+
+    def _activation_mask(self, ref_logit_mean, mask):
+        per_type: dict[str, list] = {}
+        for (kind, _), feature in self._capture.features.items():
+            per_type.setdefault(kind, []).append(activation_mask(feature[:, :-1], mask))
+        if self.args.activation_hook in ("all", "logits"):
+            per_type["logits"] = [activation_mask(ref_logit_mean, mask)]
+        means = [torch.stack(v).mean(0) for v in per_type.values()]
+        return torch.stack(means).mean(0)
+
+    def _log_metrics(self, mode, logratio, neg_kl, reward_mask, kl_mask, mask):
+        beta, cm = self.args.beta, mask.to(logratio.dtype)
+        with torch.no_grad():
+            rewards = beta * ((reward_mask * logratio * cm).sum(-1) + (kl_mask * neg_kl * cm).sum(-1))
+            chosen, rejected = rewards.chunk(2)
+            m = reward_mask * cm
+            tokens = cm.sum(-1)
+            stats = {
+                "rewards/chosen": chosen, "rewards/rejected": rejected, "rewards/margins": chosen - rejected,
+                "rewards/accuracies": (chosen > rejected).float(),
+                "mask/mean": m.sum(-1) / tokens.clamp_min(1),
+                "mask/sparsity": ((reward_mask == 0) & mask).sum(-1) / tokens.clamp_min(1),
+                "kl/seq": -(neg_kl * cm).sum(-1),
+            }
+            mass = m.sum(-1) / tokens.clamp_min(1)
+            stats["mask/chosen_mass"], stats["mask/rejected_mass"] = mass.chunk(2)
+            for key, value in stats.items():
+                self._metrics[mode][key].append(self.accelerator.gather(value.float()).mean().item())
+
+    # ----------------------------------------------------------------------- mask network on disk
+
+    def _save(self, output_dir=None, state_dict=None):
+        super()._save(output_dir, state_dict)
+        nets = self._inner_model(self.model).sparsepo_masks
+        if len(nets.state_dict()) and self.args.should_save:
+            from safetensors.torch import save_file
+
+            path = Path(output_dir or self.args.output_dir) / MASK_FILE
+            save_file({k: v.detach().contiguous().cpu() for k, v in nets.state_dict().items()}, str(path))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        path = Path(resume_from_checkpoint) / MASK_FILE
+        if path.is_file():
+            from safetensors.torch import load_file
+
+            nets = self._inner_model(model if model is not None else self.model).sparsepo_masks
+            current = nets.state_dict()
+            nets.load_state_dict({k: v.to(current[k].device, current[k].dtype) for k, v in load_file(str(path)).items()})
