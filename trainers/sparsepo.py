@@ -29,8 +29,8 @@ L1 coefficients, as the official trainer does.
 
 Memory: d_t needs full-vocabulary distributions of policy and reference. They are never held for the whole
 batch: the policy forward is patched (like TRL's fused LM head) to project completion tokens through both
-LM heads in chunks of ``kl_chunk_size`` tokens under activation checkpointing, so each chunk's logits are
-recomputed in backward instead of stored. Doubts: the official code runs the heads without chunking (same
+LM heads in chunks of ``kl_chunk_size`` tokens in a custom autograd function that keeps no logits and
+recomputes each chunk's in backward (one ZeRO-3 gather of the heads per pass). Doubts: the official code runs the heads without chunking (same
 numbers); its MaPO normalisation goes through fp16 (we stay in fp32: differences ~1e-4); a 1-token
 completion gives NaN there and 1.0 here.
 """
@@ -44,7 +44,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 from trl import DPOConfig, DPOTrainer
 
 MASK_FILE = "sparsepo_mask.safetensors"
@@ -206,36 +205,80 @@ def build_mask_network(config: SparsePOConfig, model_config) -> nn.Module:
 # ------------------------------------------------------------------------- per-token terms, chunked
 
 
-def _chunk_terms(hidden, ref_hidden, labels, lm_head, ref_lm_head):
-    logp = F.log_softmax(lm_head(hidden).float(), dim=-1)
-    with torch.no_grad():
-        ref_logits = ref_lm_head(ref_hidden).float()
-        ref_logp = F.log_softmax(ref_logits, dim=-1)
-    taken = labels.unsqueeze(-1)
-    logratio = (logp.gather(-1, taken) - ref_logp.gather(-1, taken)).squeeze(-1)
-    neg_kl = (ref_logp.exp() * (logp - ref_logp)).sum(-1)
-    return logratio, neg_kl, ref_logits.mean(-1)
+def _up(x):
+    """At least float32 (bf16/fp16 logits are upcast for the softmax; float64 stays, for gradcheck)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def _head_logp(hidden, weight, bias):
+    return F.log_softmax(_up(F.linear(hidden, weight, bias)), dim=-1)
+
+
+class _TokenTerms(torch.autograd.Function):
+    """(l_t, -KL_t, mean reference logit) for M tokens, projected ``chunk`` tokens at a time.
+
+    Forward keeps no logits; backward recomputes them chunk by chunk and applies the closed-form gradient
+    d/dz [g_l l + g_d d] = g_l onehot(y) + g_d p_ref - (g_l + g_d) p_pol. The heads are used as raw
+    tensors inside one ZeRO-3 gather per pass (TRL's ``maybe_gather_lm_head_ctx``), never as module calls
+    per chunk: ranks with different token counts would otherwise issue different numbers of collectives.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, ref_hidden, labels, weight, bias, ref_weight, ref_bias, chunk):
+        from trl.trainer.utils import maybe_gather_lm_head_ctx
+
+        outs = []
+        with maybe_gather_lm_head_ctx(weight, bias, ref_weight, ref_bias):
+            for s in range(0, hidden.shape[0], chunk):
+                logp = _head_logp(hidden[s:s + chunk], weight, bias)
+                ref_logits = _up(F.linear(ref_hidden[s:s + chunk], ref_weight, ref_bias))
+                ref_logp = F.log_softmax(ref_logits, dim=-1)
+                taken = labels[s:s + chunk].unsqueeze(-1)
+                outs.append(((logp.gather(-1, taken) - ref_logp.gather(-1, taken)).squeeze(-1),
+                             (ref_logp.exp() * (logp - ref_logp)).sum(-1), ref_logits.mean(-1)))
+        ctx.save_for_backward(hidden, ref_hidden, labels, weight, bias, ref_weight, ref_bias)
+        ctx.chunk = chunk
+        empty = _up(hidden.new_zeros(0))
+        return tuple(torch.cat([o[i] for o in outs]) if outs else empty for i in range(3))
+
+    @staticmethod
+    def backward(ctx, grad_logratio, grad_neg_kl, _):
+        from trl.trainer.utils import maybe_gather_lm_head_ctx
+
+        hidden, ref_hidden, labels, weight, bias, ref_weight, ref_bias = ctx.saved_tensors
+        chunk = ctx.chunk
+        need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[4]
+        d_hidden = torch.zeros_like(hidden) if need_h else None
+        d_weight = _up(torch.zeros(weight.shape, dtype=weight.dtype, device=hidden.device)) if need_w else None
+        d_bias = _up(torch.zeros(bias.shape, dtype=bias.dtype, device=hidden.device)) if need_b else None
+        with maybe_gather_lm_head_ctx(weight, bias, ref_weight, ref_bias):
+            w = _up(weight)
+            for s in range(0, hidden.shape[0], chunk):
+                h = hidden[s:s + chunk]
+                p = _head_logp(h, weight, bias).exp()
+                p_ref = _head_logp(ref_hidden[s:s + chunk], ref_weight, ref_bias).exp()
+                g_l, g_d = _up(grad_logratio[s:s + chunk, None]), _up(grad_neg_kl[s:s + chunk, None])
+                d_z = g_d * p_ref - (g_l + g_d) * p
+                d_z.scatter_add_(-1, labels[s:s + chunk, None], g_l)
+                if need_h:
+                    d_hidden[s:s + chunk] = (d_z @ w).to(hidden.dtype)
+                if need_w:
+                    d_weight += d_z.T @ _up(h)
+                if need_b:
+                    d_bias += d_z.sum(0)
+        cast = lambda g, like: None if g is None else g.to(like.dtype)  # noqa: E731
+        return d_hidden, None, None, cast(d_weight, weight), cast(d_bias, bias) if bias is not None else None, None, None, None
 
 
 def token_terms(hidden, ref_hidden, labels, mask, lm_head, ref_lm_head, chunk_size=None):
-    """Token log-ratio l_t, -KL(pi_ref || pi)_t and the reference's mean logit, each shaped like ``mask``
-    (zero where ``mask`` is False). Only masked positions are projected; with ``chunk_size`` they go
-    through the heads ``chunk_size`` at a time under activation checkpointing (logits recomputed in
-    backward), so no (tokens, vocab) tensor outlives its chunk."""
-    h, rh, y = hidden[mask], ref_hidden[mask], labels[mask]
-    size = chunk_size or max(1, h.shape[0])
-    pieces = []
-    for start in range(0, h.shape[0], size):
-        args = (h[start:start + size], rh[start:start + size], y[start:start + size], lm_head, ref_lm_head)
-        if chunk_size and torch.is_grad_enabled():
-            pieces.append(checkpoint(_chunk_terms, *args, use_reentrant=False))
-        else:
-            pieces.append(_chunk_terms(*args))
-    out = []
-    for i in range(3):
-        flat = torch.cat([p[i] for p in pieces]) if pieces else h.new_zeros(0, dtype=torch.float32)
-        out.append(torch.zeros(mask.shape, dtype=flat.dtype, device=flat.device).masked_scatter(mask, flat))
-    return tuple(out)
+    """Token log-ratio l_t, -KL(pi_ref || pi)_t and the reference's mean logit (for MaPO's 'logits' hook),
+    each shaped like ``mask`` and zero where it is False. Only masked positions are projected, through the
+    heads' weights ``chunk_size`` tokens at a time (all at once when None); no (tokens, vocab) tensor
+    outlives its chunk, in forward or backward."""
+    h, rh, y = hidden[mask], ref_hidden[mask].to(hidden.dtype), labels[mask]
+    chunk = chunk_size or max(1, h.shape[0])
+    flat = _TokenTerms.apply(h, rh, y, lm_head.weight, lm_head.bias, ref_lm_head.weight, ref_lm_head.bias, chunk)
+    return tuple(torch.zeros(mask.shape, dtype=f.dtype, device=f.device).masked_scatter(mask, f) for f in flat)
 
 
 def _sparsepo_forward(self, *args, sparsepo=None, **kwargs):

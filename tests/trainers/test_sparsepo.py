@@ -1,0 +1,258 @@
+"""SparsePO: the spec's worked examples (§1.10), property tests, and the trainer on real batches."""
+
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from posttrain.recipes.config import load_recipe
+from posttrain.recipes.train import build_trainer
+from posttrain.trainers.sparsepo import (
+    MASK_FILE,
+    SimpleMaskAllLayers,
+    activation_mask,
+    sparsepo_loss,
+    token_terms,
+)
+
+# --- spec §1.10: beta 0.1, V = 3, two completion tokens per row; rows [chosen; rejected] -----------------
+POLICY = torch.tensor([[[1.0, 0.0, -1.0], [0.5, 0.5, 0.0]], [[0.0, 1.0, 0.0], [0.2, 0.0, 0.3]]])
+REF = torch.tensor([[[0.0, 0.0, 0.0], [0.0, 1.0, 0.0]], [[0.0, 0.5, 0.0], [0.0, 0.0, 0.0]]])
+LABELS = torch.tensor([[0, 1], [1, 2]])
+ALL = torch.ones(2, 2, dtype=torch.bool)
+MASK = torch.tensor([[1.0, 0.0], [0.5, 2.0]])
+
+
+def identity_head(size=3):
+    head = nn.Linear(size, size, bias=False)
+    nn.init.eye_(head.weight)
+    return head
+
+
+def spec_terms(chunk_size=None):
+    # logits are the "hidden states" here, read out by identity heads
+    return token_terms(POLICY, REF, LABELS, ALL, identity_head(), identity_head(), chunk_size)
+
+
+def test_token_terms_match_the_spec():
+    logratio, neg_kl, _ = spec_terms()
+    torch.testing.assert_close(logratio, torch.tensor([[0.691006, -0.406575], [0.242932, 0.125693]]), atol=1e-6, rtol=0)
+    torch.testing.assert_close(neg_kl, torch.tensor([[-0.308994, -0.088663], [-0.031137, -0.007640]]), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "reward_mask, kl_mask, l1, expected",
+    [
+        (MASK, MASK, 0.0, 0.663777),            # SparsePO-common
+        (MASK, MASK, 0.0005, 0.667277),         # + L1 0.001 each, halved for the common mask
+        (torch.ones(2, 2), torch.ones(2, 2), 0.0, 0.679507),  # all masks 1: TDPO-1
+        (MASK, torch.ones(2, 2), 0.0, 0.659868),  # mask_on_kl=False: KL unmasked
+    ],
+)
+def test_sparsepo_loss_worked_examples(reward_mask, kl_mask, l1, expected):
+    logratio, neg_kl, _ = spec_terms()
+    loss = sparsepo_loss(logratio, neg_kl, reward_mask, kl_mask, ALL, beta=0.1, l1_reward=l1, l1_kl=l1)
+    assert loss.shape == (1,)
+    assert loss.item() == pytest.approx(expected, abs=1e-6)
+
+
+def test_simple_mask_all_layers_worked_example():
+    net = SimpleMaskAllLayers(num_layers=2, hidden_size=3, eps=1e-5)
+    with torch.no_grad():
+        net.layer_weight.copy_(torch.tensor([[0.5, -0.2, 0.1], [-0.3, 0.4, 0.2]]))
+        net.layer_bias.copy_(torch.tensor([0.1, -0.05]))
+        net.mixer_weight.copy_(torch.tensor([1.0, 0.8]))
+    h1 = torch.tensor([[[1, 2, 3], [0.5, -0.5, 0], [2, 2, -1]]], dtype=torch.float32)
+    h2 = torch.tensor([[[0, 1, 0], [1, 1, 1.5], [-1, 0, 1]]], dtype=torch.float32)
+    mask = net([h1, h2], torch.ones(1, 3))
+    torch.testing.assert_close(mask, torch.tensor([[0.469105, 1.086986, 0.620605]]), atol=1e-6, rtol=0)
+
+
+def test_mapo_activation_mask_worked_example():
+    features = torch.tensor([[0.2, -0.4, 1.0, 0.1, 5.0]])  # the last position is padding
+    got = activation_mask(features, torch.tensor([[1, 1, 1, 1, 0]]))
+    torch.testing.assert_close(got, torch.tensor([[0.428571, 0.0, 1.0, 0.357143, 0.0]]), atol=1e-6, rtol=0)
+
+
+# --- properties on fresh random inputs ------------------------------------------------------------------
+
+
+def test_uniform_masks_give_tdpo1_on_random_inputs():
+    g = torch.Generator().manual_seed(torch.seed() % 2**31)
+    logratio, neg_kl = torch.randn(6, 9, generator=g), -torch.rand(6, 9, generator=g)
+    cm = torch.rand(6, 9, generator=g) > 0.3
+    ones = torch.ones(6, 9)
+    got = sparsepo_loss(logratio, neg_kl, ones, ones, cm, beta=0.3)
+    lr, kl = (logratio * cm).sum(-1), (neg_kl * cm).sum(-1)
+    u, d = lr[:3] - lr[3:], kl[:3] - kl[3:]
+    torch.testing.assert_close(got, -F.logsigmoid(0.3 * (u - d)))
+
+
+def test_token_terms_gradient_is_exact():
+    # the hand-written backward against finite differences, in float64, chunked
+    torch.manual_seed(torch.seed() % 2**31)
+    head, ref_head = nn.Linear(5, 11).double(), nn.Linear(5, 11).double()
+    hidden = torch.randn(3, 4, 5, dtype=torch.float64, requires_grad=True)
+    ref_hidden, labels, mask = torch.randn(3, 4, 5, dtype=torch.float64), torch.randint(0, 11, (3, 4)), torch.rand(3, 4) > 0.3
+    weights = torch.randn(2, 3, 4, dtype=torch.float64)
+
+    def f(h, w, b):
+        lr, kl, _ = token_terms(h, ref_hidden, labels, mask, SimpleNamespace(weight=w, bias=b), ref_head, chunk_size=2)
+        return (weights[0] * lr + weights[1] * kl).sum()
+
+    w0, b0 = head.weight.detach().clone().requires_grad_(), head.bias.detach().clone().requires_grad_()
+    assert torch.autograd.gradcheck(f, (hidden, w0, b0))
+
+
+def test_chunked_token_terms_equal_unchunked_values_and_gradients():
+    torch.manual_seed(torch.seed() % 2**31)
+    head, ref_head = nn.Linear(8, 50), nn.Linear(8, 50)
+    hidden = torch.randn(4, 7, 8, requires_grad=True)
+    ref_hidden, labels = torch.randn(4, 7, 8), torch.randint(0, 50, (4, 7))
+    mask = torch.rand(4, 7) > 0.25
+    results = []
+    for chunk in (None, 3):
+        hidden.grad, head.weight.grad = None, None
+        terms = token_terms(hidden, ref_hidden, labels, mask, head, ref_head, chunk)
+        (terms[0].sum() + 0.7 * terms[1].sum()).backward()
+        results.append((*[t.detach() for t in terms], hidden.grad.clone(), head.weight.grad.clone()))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    assert (results[0][0][~mask] == 0).all() and (results[0][1] <= 1e-6).all()  # -KL <= 0
+
+
+# --- the trainer on real batches ----------------------------------------------------------------------
+
+
+def make_trainer(tmp_path, **overrides):
+    values = {"output_dir": str(tmp_path), "max_steps": 2, **overrides}
+    return build_trainer(load_recipe("sparsepo/tiny", values))
+
+
+def first_batch(trainer):
+    return trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+
+
+def reference_loss(trainer, batch, reward_mask=None):
+    """The loss from plain full-vocabulary forwards of policy and reference, no chunking, no patching."""
+    policy, ref = trainer.model, trainer.ref_model
+    ids, attn, cm = batch["input_ids"], batch["attention_mask"], batch["completion_mask"]
+    mask = cm[:, 1:].bool()
+    labels = ids[:, 1:].masked_fill(~mask, 0).unsqueeze(-1)
+    logp = F.log_softmax(policy._sparsepo_original_forward(input_ids=ids, attention_mask=attn).logits[:, :-1].float(), -1)
+    with torch.no_grad():
+        ref_logp = F.log_softmax(ref(input_ids=ids, attention_mask=attn).logits[:, :-1].float(), -1)
+    logratio = (logp.gather(-1, labels) - ref_logp.gather(-1, labels)).squeeze(-1) * mask
+    neg_kl = (ref_logp.exp() * (logp - ref_logp)).sum(-1) * mask
+    m = torch.ones_like(logratio) if reward_mask is None else reward_mask
+    return sparsepo_loss(logratio, neg_kl, m, m, mask, trainer.args.beta).mean()
+
+
+def perturb(model, seed=0):
+    """Move the policy (not its mask network) away from the reference."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "sparsepo_masks" not in name:
+                p.add_(0.05 * torch.randn(p.shape, generator=g))
+
+
+def test_trainer_loss_equals_sparsepo_loss_on_a_real_batch(tmp_path):
+    trainer = make_trainer(tmp_path, mask_type="uniform")
+    perturb(trainer.model)
+    batch = first_batch(trainer)
+    got = trainer.compute_loss(trainer.model, batch)
+    assert got.item() == pytest.approx(reference_loss(trainer, batch).item(), abs=1e-6)
+
+
+def test_trainer_chunked_path_equals_unchunked_path(tmp_path):
+    losses, grads = [], []
+    for chunk in (3, 10**9):
+        trainer = make_trainer(tmp_path, kl_chunk_size=chunk)
+        perturb(trainer.model)
+        batch = first_batch(trainer)
+        loss = trainer.compute_loss(trainer.model, batch)
+        loss.backward()
+        losses.append(loss.item())
+        grads.append(torch.cat([p.grad.flatten() for p in trainer.model.parameters() if p.grad is not None]))
+    assert losses[0] == pytest.approx(losses[1], abs=1e-6)
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=1e-5)
+
+
+def test_learned_mask_reads_the_reference_and_gets_gradients(tmp_path):
+    trainer = make_trainer(tmp_path)
+    perturb(trainer.model)
+    batch = first_batch(trainer)
+    nets = trainer.model.sparsepo_masks
+    assert list(nets) == ["common"]
+    loss = trainer.compute_loss(trainer.model, batch)
+    loss.backward()
+    assert nets["common"].layer_weight.grad is not None and nets["common"].layer_weight.grad.abs().sum() > 0
+    groups = trainer.create_optimizer().param_groups
+    mask_ids = {id(p) for p in nets.parameters()}
+    decays = {g["weight_decay"] for g in groups if any(id(p) in mask_ids for p in g["params"])}
+    assert decays == {trainer.args.mask_weight_decay, 0.0}  # weights: mask_weight_decay; LayerNorm/biases: none
+
+
+def test_at_initialisation_uniform_sparsepo_equals_dpo_loss_and_gradients(tmp_path):
+    # Reduce-to-parent: with policy = reference, -KL(ref||pi) and its gradient vanish, so TDPO-1 (uniform
+    # masks) and DPO agree in loss (log 2) and gradients on the same batch.
+    sparse = make_trainer(tmp_path / "s", mask_type="uniform")
+    dpo = build_trainer(load_recipe("dpo/tiny", {"output_dir": str(tmp_path / "d"), "max_steps": 2}))
+    batch = first_batch(dpo)
+    grads = []
+    for trainer in (sparse, dpo):
+        loss = trainer.compute_loss(trainer.model, batch)
+        loss.backward()
+        assert loss.item() == pytest.approx(0.693147, abs=1e-6)
+        grads.append({n: p.grad for n, p in trainer.model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-7, rtol=1e-4, msg=name)
+
+
+def test_activation_masks_are_minmax_of_reference_activations(tmp_path):
+    trainer = make_trainer(tmp_path, mask_type="activation")
+    batch = first_batch(trainer)
+    trainer.compute_loss(trainer.model, batch)
+    features = trainer._capture.features
+    kinds = {kind for kind, _ in features}
+    assert kinds == {"mlp", "attn", "resid"}
+    mask = batch["completion_mask"][:, 1:].bool()
+    m = trainer._activation_mask(torch.zeros(mask.shape), mask)
+    assert ((m >= -1e-6) & (m <= 1 + 1e-6)).all() and (m[~mask] == 0).all()
+
+
+def test_precompute_ref_log_probs_is_refused(tmp_path):
+    from posttrain import UserError
+
+    with pytest.raises(UserError, match="precompute_ref_log_probs"):
+        load_recipe("sparsepo/tiny", {"precompute_ref_log_probs": True})
+
+
+def test_mask_network_is_saved_beside_the_model_and_restored(tmp_path):
+    trainer = make_trainer(tmp_path, save_strategy="steps", save_steps=2)
+    trainer.train()
+    checkpoint = tmp_path / "checkpoint-2"
+    assert (checkpoint / MASK_FILE).is_file() and (checkpoint / "model.safetensors").is_file()
+    from safetensors.torch import load_file
+
+    saved = load_file(str(checkpoint / MASK_FILE))
+    assert not any(k.startswith("sparsepo") for k in load_file(str(checkpoint / "model.safetensors")))
+    fresh = make_trainer(tmp_path / "other")
+    fresh._load_from_checkpoint(str(checkpoint))
+    for key, value in fresh.model.sparsepo_masks.state_dict().items():
+        torch.testing.assert_close(value, saved[key], atol=0, rtol=0)
+
+
+def test_metrics_are_logged(tmp_path):
+    trainer = make_trainer(tmp_path, max_steps=1, logging_steps=1)
+    trainer.train()
+    logged = next(e for e in trainer.state.log_history if "loss" in e)
+    for key in ("mask/mean", "mask/sparsity", "mask/chosen_mass", "mask/rejected_mass", "rewards/margins", "kl/seq"):
+        assert key in logged, key
+    assert 0.0 <= logged["mask/sparsity"] <= 1.0
+    json.dumps(logged)
