@@ -426,11 +426,10 @@ class SparsePOTrainer(DPOTrainer):
         hidden_states = [h[:, :-1] for h in out.hidden_states[1:]] if learned else None
         return captured["last"][:, :-1], hidden_states, inner.get_output_embeddings()
 
-    def _compute_loss(self, model, inputs, return_outputs):
-        mode = "train" if self.model.training else "eval"
+    def _terms_and_masks(self, model, inputs):
+        """Token terms and masks of a batch: logratio, neg_kl, reward_mask, kl_mask, mask (all (2B, T-1))."""
         cfg = self.args
-        completion_mask = inputs["completion_mask"]
-        mask = completion_mask[:, 1:].bool()  # position t predicts token t+1
+        mask = inputs["completion_mask"][:, 1:].bool()  # position t predicts token t+1
         labels = inputs["input_ids"][:, 1:].masked_fill(~mask, 0)
         model_kwargs = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask")}
         model_kwargs["use_cache"] = False
@@ -439,23 +438,32 @@ class SparsePOTrainer(DPOTrainer):
         out = model(**model_kwargs, sparsepo={
             "ref_hidden": ref_hidden, "labels": labels, "mask": mask, "ref_lm_head": ref_lm_head,
             "chunk_size": cfg.kl_chunk_size, "mask_inputs": ref_hidden_states})
-        logratio, neg_kl = out["logratio"], out["neg_kl"]
-
+        ones = torch.ones_like(out["logratio"])
         if cfg.mask_type == "learned":
             reward_mask = out["masks"].get("reward", out["masks"].get("common"))
             kl_mask = out["masks"].get("kl", out["masks"].get("common"))
         elif cfg.mask_type == "activation":
             reward_mask = kl_mask = self._activation_mask(out["ref_logit_mean"], mask)
         else:
-            reward_mask = kl_mask = torch.ones_like(logratio)
-        ones = torch.ones_like(logratio)
-        reward_mask = reward_mask if cfg.mask_on_reward else ones
-        kl_mask = kl_mask if cfg.mask_on_kl else ones
+            reward_mask = kl_mask = ones
+        return {"logratio": out["logratio"], "neg_kl": out["neg_kl"], "mask": mask,
+                "reward_mask": reward_mask if cfg.mask_on_reward else ones,
+                "kl_mask": kl_mask if cfg.mask_on_kl else ones}
+
+    @torch.no_grad()
+    def token_masks(self, inputs) -> dict:
+        """For analysis: the reward and KL masks (and token terms) of a collated batch, without gradients."""
+        return self._terms_and_masks(self.model, self._prepare_inputs(inputs))
+
+    def _compute_loss(self, model, inputs, return_outputs):
+        mode = "train" if self.model.training else "eval"
+        cfg = self.args
+        t = self._terms_and_masks(model, inputs)
         l1_u = self.l1_reward if cfg.mask_on_reward else 0.0
         l1_d = self.l1_kl if cfg.mask_on_kl else 0.0
-        loss = sparsepo_loss(logratio, neg_kl, reward_mask, kl_mask, mask, cfg.beta, l1_u, l1_d).mean()
-        self._log_metrics(mode, logratio, neg_kl, reward_mask, kl_mask, mask)
-        return (loss, out) if return_outputs else loss
+        loss = sparsepo_loss(t["logratio"], t["neg_kl"], t["reward_mask"], t["kl_mask"], t["mask"], cfg.beta, l1_u, l1_d).mean()
+        self._log_metrics(mode, t["logratio"], t["neg_kl"], t["reward_mask"], t["kl_mask"], t["mask"])
+        return (loss, t) if return_outputs else loss
 
     def _activation_mask(self, ref_logit_mean, mask):
         per_type: dict[str, list] = {}
