@@ -1,4 +1,4 @@
-"""Two real processes on CPU over gloo: DDP, DeepSpeed ZeRO-2 and ZeRO-3, for DPO and GRPO.
+"""Two real processes on CPU over gloo: DDP, DeepSpeed ZeRO-2 and ZeRO-3, for DPO, GRPO and SparsePO.
 
 The shipped accelerate configs are used as they are, with --num_processes 2 and --mixed_precision no
 (bf16 is for GPUs). DeepSpeed JIT-builds its shm_comm op once per machine (about a minute, cached in
@@ -27,7 +27,7 @@ def launch(config, recipe, output_dir, env, *extra):
     return json.loads((output_dir / "run_summary.json").read_text())
 
 
-@pytest.mark.parametrize("recipe", ["dpo/tiny", "grpo/tiny"])
+@pytest.mark.parametrize("recipe", ["dpo/tiny", "grpo/tiny", "sparsepo/tiny"])
 @pytest.mark.parametrize("backend", list(CONFIGS))
 def test_two_processes(backend, recipe, tmp_path, run_env):
     config, distributed_type, zero_stage = CONFIGS[backend]

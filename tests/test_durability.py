@@ -36,7 +36,7 @@ def step_losses(folder) -> dict[int, float]:
     return {entry["step"]: entry["loss"] for entry in history if "loss" in entry}
 
 
-@pytest.mark.parametrize("name", ["dpo/tiny", "grpo/tiny"])
+@pytest.mark.parametrize("name", ["dpo/tiny", "grpo/tiny", "sparsepo/tiny"])
 def test_killed_run_resumes_on_the_same_trajectory(name, tmp_path):
     full, cut = tmp_path / "full", tmp_path / "cut"
     assert main(["train", name, "--output_dir", str(full), *[f"--{k}={v}" for k, v in CHECKPOINTED.items()]]) == 0
@@ -58,6 +58,14 @@ def test_killed_run_resumes_on_the_same_trajectory(name, tmp_path):
     b = AutoModelForCausalLM.from_pretrained(cut / "checkpoint-4")
     for (n, p), q in zip(a.named_parameters(), b.parameters()):
         torch.testing.assert_close(p, q, atol=1e-6, rtol=0, msg=n)
+    # method state saved beside the model (SparsePO's mask network) resumes exactly too
+    for extra in (full / "checkpoint-4").glob("sparsepo_*.safetensors"):
+        from safetensors.torch import load_file
+
+        x, y = load_file(str(extra)), load_file(str(cut / "checkpoint-4" / extra.name))
+        assert x.keys() == y.keys() and x
+        for key in x:
+            torch.testing.assert_close(x[key], y[key], atol=1e-6, rtol=0, msg=key)
 
 
 def test_resume_never_picks_a_half_written_checkpoint(tmp_path):
