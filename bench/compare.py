@@ -12,7 +12,8 @@ reseeded identically for both. The optimizer update is left out: it costs both t
 both models stay at their initial weights, so a generating method samples the same completions for both.
 Steps alternate between the two (A B, B A, ...) so that machine drift hits both alike; we report the
 median of N steps after a warm-up, and the peak memory of a step: the CUDA allocator's peak on a GPU, the
-growth of the process's resident set (sampled every millisecond) on a CPU.
+growth of the process's resident set (sampled every millisecond, after returning freed memory to the OS
+with glibc's malloc_trim) on a CPU.
 """
 
 from __future__ import annotations
@@ -80,6 +81,17 @@ class PeakRSS:
         self.bytes = self.peak - self.start
 
 
+def _release_freed_memory() -> None:
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: the measure is only noisier
+        pass
+
+
 def timed_step(trainer, batch, seed: int) -> tuple[float, int]:
     """One training_step on ``batch``: seconds and peak bytes."""
     cuda = torch.cuda.is_available()
@@ -94,6 +106,7 @@ def timed_step(trainer, batch, seed: int) -> tuple[float, int]:
         torch.cuda.synchronize()
         seconds, peak = time.perf_counter() - start, torch.cuda.max_memory_allocated() - base
     else:
+        _release_freed_memory()  # so the resident set starts from what is live, not from old free lists
         with PeakRSS() as rss:
             start = time.perf_counter()
             trainer.training_step(trainer.model, batch)

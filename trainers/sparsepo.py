@@ -65,7 +65,7 @@ class SparsePOConfig(DPOConfig):
     l1_norm_param_u: float = field(default=0.0, metadata={"help": "L1 penalty on the reward mask (halved for a common mask)."})
     l1_norm_param_d: float = field(default=0.0, metadata={"help": "L1 penalty on the KL mask (halved for a common mask)."})
     activation_hook: str = field(default="all", metadata={"help": "activation masks: all, mlp, attn, resid or logits."})
-    kl_chunk_size: int = field(default=1024, metadata={"help": "completion tokens projected through the LM heads at once (memory vs speed)."})
+    kl_chunk_size: int = field(default=512, metadata={"help": "completion tokens projected through the LM heads at once (memory vs speed)."})
 
     def __post_init__(self):
         super().__post_init__()
@@ -210,17 +210,24 @@ def _up(x):
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
-def _head_logp(hidden, weight, bias):
-    return F.log_softmax(_up(F.linear(hidden, weight, bias)), dim=-1)
+def _chunk_logits(hidden, ref_hidden, weight, bias, ref_weight, ref_bias):
+    """Policy and reference logits of one chunk with their log-normalisers, (M, V) each, upcast."""
+    z, rz = _up(F.linear(hidden, weight, bias)), _up(F.linear(ref_hidden, ref_weight, ref_bias))
+    return z, z.logsumexp(-1, keepdim=True), rz, rz.logsumexp(-1, keepdim=True)
+
+
+def _rowdot(a, b):
+    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)  # sum_v a*b per row, without an (M, V) product
 
 
 class _TokenTerms(torch.autograd.Function):
     """(l_t, -KL_t, mean reference logit) for M tokens, projected ``chunk`` tokens at a time.
 
     Forward keeps no logits; backward recomputes them chunk by chunk and applies the closed-form gradient
-    d/dz [g_l l + g_d d] = g_l onehot(y) + g_d p_ref - (g_l + g_d) p_pol. The heads are used as raw
-    tensors inside one ZeRO-3 gather per pass (TRL's ``maybe_gather_lm_head_ctx``), never as module calls
-    per chunk: ranks with different token counts would otherwise issue different numbers of collectives.
+    d/dz [g_l l + g_d d] = g_l onehot(y) + g_d p_ref - (g_l + g_d) p_pol. Only two (chunk, V) buffers are
+    alive at once (in-place softmaxes). The heads are used as raw tensors inside one ZeRO-3 gather per pass
+    (TRL's ``maybe_gather_lm_head_ctx``), never as module calls per chunk: ranks with different token
+    counts would otherwise issue different numbers of collectives.
     """
 
     @staticmethod
@@ -230,12 +237,15 @@ class _TokenTerms(torch.autograd.Function):
         outs = []
         with maybe_gather_lm_head_ctx(weight, bias, ref_weight, ref_bias):
             for s in range(0, hidden.shape[0], chunk):
-                logp = _head_logp(hidden[s:s + chunk], weight, bias)
-                ref_logits = _up(F.linear(ref_hidden[s:s + chunk], ref_weight, ref_bias))
-                ref_logp = F.log_softmax(ref_logits, dim=-1)
+                z, lse, rz, rlse = _chunk_logits(hidden[s:s + chunk], ref_hidden[s:s + chunk], weight, bias, ref_weight, ref_bias)
                 taken = labels[s:s + chunk].unsqueeze(-1)
-                outs.append(((logp.gather(-1, taken) - ref_logp.gather(-1, taken)).squeeze(-1),
-                             (ref_logp.exp() * (logp - ref_logp)).sum(-1), ref_logits.mean(-1)))
+                logratio = (z.gather(-1, taken) - lse - rz.gather(-1, taken) + rlse).squeeze(-1)
+                ref_mean = rz.mean(-1)
+                # -KL(p_ref || p) = sum_v p_ref (z - rz) - lse + rlse
+                z.sub_(rz)
+                p_ref = rz.sub_(rlse).exp_()
+                neg_kl = _rowdot(p_ref, z) - lse.squeeze(-1) + rlse.squeeze(-1)
+                outs.append((logratio, neg_kl, ref_mean))
         ctx.save_for_backward(hidden, ref_hidden, labels, weight, bias, ref_weight, ref_bias)
         ctx.chunk = chunk
         empty = _up(hidden.new_zeros(0))
@@ -255,11 +265,11 @@ class _TokenTerms(torch.autograd.Function):
             w = _up(weight)
             for s in range(0, hidden.shape[0], chunk):
                 h = hidden[s:s + chunk]
-                p = _head_logp(h, weight, bias).exp()
-                p_ref = _head_logp(ref_hidden[s:s + chunk], ref_weight, ref_bias).exp()
+                z, lse, rz, rlse = _chunk_logits(h, ref_hidden[s:s + chunk], weight, bias, ref_weight, ref_bias)
                 g_l, g_d = _up(grad_logratio[s:s + chunk, None]), _up(grad_neg_kl[s:s + chunk, None])
-                d_z = g_d * p_ref - (g_l + g_d) * p
-                d_z.scatter_add_(-1, labels[s:s + chunk, None], g_l)
+                d_z = z.sub_(lse).exp_().mul_(-(g_l + g_d))            # -(g_l + g_d) p
+                d_z.add_(rz.sub_(rlse).exp_().mul_(g_d))                # + g_d p_ref
+                d_z.scatter_add_(-1, labels[s:s + chunk, None], g_l)    # + g_l onehot(y)
                 if need_h:
                     d_hidden[s:s + chunk] = (d_z @ w).to(hidden.dtype)
                 if need_w:
