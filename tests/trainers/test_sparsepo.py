@@ -256,3 +256,15 @@ def test_metrics_are_logged(tmp_path):
         assert key in logged, key
     assert 0.0 <= logged["mask/sparsity"] <= 1.0
     json.dumps(logged)
+
+
+@pytest.mark.parametrize("mask_type", ["learned", "activation"])
+def test_lora_reference_is_the_adapter_disabled_policy(mask_type, tmp_path):
+    from posttrain.cli import main
+
+    lora = ["--use_peft", "--lora_r", "4", "--lora_target_modules", "q_proj,v_proj"]
+    assert main(["train", "sparsepo/tiny", "--mask_type", mask_type, "--max_steps", "2", "--output_dir", str(tmp_path), *lora]) == 0
+    summary = json.loads((tmp_path / "run_summary.json").read_text())
+    assert summary["metrics"]["kl/seq"]["first"] == pytest.approx(0.0, abs=1e-7)  # LoRA B = 0: policy == reference
+    assert (tmp_path / "adapter_model.safetensors").is_file()
+    assert (tmp_path / MASK_FILE).is_file() == (mask_type == "learned")
