@@ -83,6 +83,12 @@ class NonFiniteGuard:
         return grad_norm
 
 
+def inner_model(model):
+    """The plain transformers model inside DDP/DeepSpeed wrappers and a PEFT model (the base model)."""
+    model = getattr(model, "module", model)
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def guarded(trainer_cls: type) -> type:
     """``trainer_cls`` with the non-finite guard; same name, so logs and model cards read as before."""
     return type(trainer_cls.__name__, (NonFiniteGuard, trainer_cls), {"__module__": trainer_cls.__module__})

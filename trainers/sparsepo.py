@@ -391,8 +391,9 @@ class SparsePOTrainer(DPOTrainer):
 
     @staticmethod
     def _inner_model(model):
-        model = getattr(model, "module", model)  # DDP / DeepSpeed engine
-        return model.get_base_model() if hasattr(model, "get_base_model") else model
+        from posttrain.trainers.runtime import inner_model
+
+        return inner_model(model)
 
     def create_optimizer(self, model=None):
         # Official grouping: the mask network's weights decay with mask_weight_decay, everything else as usual.
