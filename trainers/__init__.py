@@ -54,6 +54,13 @@ METHODS: dict[str, Method] = {
         "SparsePO: TDPO-1 with learned or activation token masks (arXiv 2410.05102)",
         parent="dpo",
     ),
+    "thr_grpo": Method(
+        "posttrain.trainers.thr_grpo:THRGRPOTrainer",
+        "posttrain.trainers.thr_grpo:THRGRPOConfig",
+        "prompt",
+        "THR-GRPO: token-hidden-reward advantages steer GRPO (arXiv 2510.03669; NTHR exact, THR reconstructed)",
+        parent="grpo",
+    ),
     # Auxiliary (non-LLM) trainers.
     "fedau": Method(
         "posttrain.trainers.classic.fedau:FedAUTrainer",

@@ -1,0 +1,378 @@
+"""THR / NTHR pure math: the spec's worked example (llm-methods.md §2.8) and property tests."""
+
+import math
+
+import pytest
+import torch
+
+from posttrain.trainers.thr_grpo import (
+    THRGRPOConfig,
+    anchor_matrix,
+    grpo_group_advantages,
+    nthr_advantages,
+    prediction_errors,
+    slice_to_generated_vocab,
+    thr_advantages,
+    token_influence,
+)
+
+# --- spec §2.8: G = 4, two tokens per sample, V* = {0, 1, 2}, d = 2 -------------------------------------
+REWARDS = torch.tensor([1.0, 1.0, 0.0, 0.0])
+TOKENS = torch.tensor([[0, 1], [0, 2], [0, 1], [2, 2]])
+Q = torch.tensor([
+    [[.6, .3, .1], [.2, .7, .1]],
+    [[.5, .3, .2], [.1, .2, .7]],
+    [[.6, .2, .2], [.3, .4, .3]],
+    [[.3, .3, .4], [.2, .2, .6]],
+])
+H = torch.tensor([
+    [[1.0, 0.0], [.5, .5]],
+    [[1.0, .2], [0.0, 1.0]],
+    [[.9, .1], [.4, .6]],
+    [[-1.0, .5], [0.0, -1.0]],
+])
+MASK = torch.ones(4, 2, dtype=torch.bool)
+CORRECT = REWARDS >= 1.0
+
+
+def spec_influence():
+    return token_influence(H, Q, TOKENS, MASK, CORRECT, beta=1.0)
+
+
+def close(actual, expected, places=4):
+    torch.testing.assert_close(actual.float(), torch.tensor(expected, dtype=torch.float32), atol=0.6 * 10**-places, rtol=0)
+
+
+def test_anchor_matrix_matches_the_spec():
+    close(anchor_matrix(H, Q, TOKENS, MASK, CORRECT), [[0.8, -0.1], [-0.45, -0.11], [-0.35, 0.21]])
+
+
+def test_influence_and_threshold_match_the_spec():
+    s, tau = spec_influence()
+    close(s, [[0.4900, -0.1470], [0.5932, 0.0950], [0.4260, -0.2214], [0.4095, -0.1260]])
+    close(s[:2].mean(-1), [0.1715, 0.3441])
+    assert abs(float(tau) - 0.1715) < 0.6e-4
+    s, tau_half = token_influence(H, Q, TOKENS, MASK, CORRECT, beta=0.5)
+    assert abs(float(tau_half) - 0.5 * 0.17155) < 1e-4
+
+
+def test_grpo_advantages_match_the_spec_and_trl():
+    A = grpo_group_advantages(REWARDS)
+    close(A, [0.8659, 0.8659, -0.8659, -0.8659])
+    r = torch.tensor([0.3, 1.2, -0.5, 2.0, 0.0])
+    torch.testing.assert_close(grpo_group_advantages(r), (r - r.mean()) / (r.std() + 1e-4))
+
+
+def test_nthr_matches_the_spec():
+    s, tau = spec_influence()
+    out = nthr_advantages(grpo_group_advantages(REWARDS), s, tau, CORRECT, MASK)
+    close(out, [[0.8659, 0.8659], [0.8659, 0.8659], [-0.0, -0.8659], [-0.0, -0.8659]])
+
+
+def test_nthr_eta_for_an_unbalanced_group():
+    # Same tokens, but sample 3 is also counted correct: rho = 3/4 -> eta = 0.5 on sample 2's selected tokens.
+    correct = torch.tensor([True, True, False, True])
+    s, tau = token_influence(H, Q, TOKENS, MASK, correct)
+    A = torch.tensor([1.0, 1.0, -3.0, 1.0])
+    out = nthr_advantages(A, s, tau, correct, MASK)
+    selected = s[2] > tau
+    assert selected.any()
+    torch.testing.assert_close(out[2], torch.where(selected, -1.5 * torch.ones(2), -3.0 * torch.ones(2)))
+    torch.testing.assert_close(out[[0, 1, 3]], torch.ones(3, 2))
+
+
+@pytest.mark.parametrize("p, expected", [
+    (0.2, [[1.0391, 0.8659], [1.0391, 0.8659], [-0.6927, -1.0391], [-0.6927, -0.8659]]),
+    (-0.2, [[0.6927, 0.8659], [0.6927, 0.8659], [-1.0391, -0.6927], [-1.0391, -0.8659]]),
+])
+def test_thr_reweight_matches_the_spec(p, expected):
+    s, tau = spec_influence()
+    close(thr_advantages(grpo_group_advantages(REWARDS), s, tau, p, MASK, mode="reweight"), expected)
+
+
+def test_thr_dominant_only_on_the_spec_case():
+    s, tau = spec_influence()
+    A = grpo_group_advantages(REWARDS)
+    out = thr_advantages(A, s, tau, 0.2, MASK, mode="dominant_only")
+    # dominant: all token-0s and s2's token 1; the rest are zeroed
+    close(out, [[1.0391, 0.0], [1.0391, 0.0], [-0.6927, -1.0391], [-0.6927, 0.0]])
+
+
+def test_unknown_mode_is_refused():
+    s, tau = spec_influence()
+    with pytest.raises(ValueError, match="reweight, dominant_only"):
+        thr_advantages(grpo_group_advantages(REWARDS), s, tau, 0.2, MASK, mode="nthr")
+
+
+# --- property tests on random groups --------------------------------------------------------------------
+
+
+def random_group(seed, G=6, T=5, V=9, d=4, dtype=torch.float64):
+    gen = torch.Generator().manual_seed(seed)
+    logits = torch.randn(G, T, V, generator=gen, dtype=dtype)
+    probs_full = logits.softmax(-1)
+    token_ids = torch.randint(0, V, (G, T), generator=gen)
+    lengths = torch.randint(1, T + 1, (G,), generator=gen)
+    mask = torch.arange(T)[None] < lengths[:, None]
+    token_ids = torch.where(mask, token_ids, torch.full_like(token_ids, -100))  # padding ids must not matter
+    hidden = torch.randn(G, T, d, generator=gen, dtype=dtype)
+    rewards = torch.zeros(G, dtype=dtype)
+    rewards[torch.randperm(G, generator=gen)[: int(torch.randint(1, G, (1,), generator=gen))]] = 1.0
+    return hidden, probs_full, token_ids, mask, rewards
+
+
+def influence_of(hidden, probs_full, token_ids, mask, rewards, beta=1.0):
+    probs, pos, vocab = slice_to_generated_vocab(probs_full, token_ids, mask)
+    return token_influence(hidden, probs, pos, mask, rewards >= 1.0, beta=beta)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_slice_to_generated_vocab_round_trip(seed):
+    hidden, probs_full, token_ids, mask, rewards = random_group(seed)
+    probs, pos, vocab = slice_to_generated_vocab(probs_full, token_ids, mask)
+    assert torch.equal(vocab, torch.unique(token_ids[mask]))
+    assert probs.shape == (*token_ids.shape, vocab.numel())
+    assert torch.equal(vocab[pos][mask], token_ids[mask])
+    assert torch.equal(pos[~mask], torch.zeros_like(pos[~mask]))
+    torch.testing.assert_close(probs.gather(-1, pos[..., None])[..., 0][mask],
+                               probs_full.gather(-1, token_ids.clamp_min(0)[..., None])[..., 0][mask])
+    torch.testing.assert_close(probs, probs_full[..., vocab])  # sliced, not renormalised
+    assert (probs.sum(-1) < 1 + 1e-12).all()
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_influence_equals_the_naive_double_sum(seed):
+    hidden, probs_full, token_ids, mask, rewards = random_group(seed)
+    probs, pos, vocab = slice_to_generated_vocab(probs_full, token_ids, mask)
+    correct = rewards >= 1.0
+    s, tau = token_influence(hidden, probs, pos, mask, correct)
+    G, T = token_ids.shape
+    K = vocab.numel()
+    naive = torch.zeros(G, T, dtype=torch.float64)
+    for j in range(G):
+        for kp in range(T):
+            if not mask[j, kp]:
+                continue
+            g_j = -probs[j, kp].clone()
+            g_j[pos[j, kp]] += 1
+            for i in range(G):
+                if not correct[i]:
+                    continue
+                for k in range(T):
+                    if not mask[i, k]:
+                        continue
+                    g_i = -probs[i, k].clone()
+                    g_i[pos[i, k]] += 1
+                    naive[j, kp] += torch.dot(g_i, g_j) * torch.dot(hidden[i, k], hidden[j, kp])
+    assert K == vocab.numel()
+    torch.testing.assert_close(s, naive)
+    anchors = [naive[i][mask[i]].mean() for i in range(G) if correct[i]]
+    torch.testing.assert_close(tau, min(anchors))
+    assert s.dtype == torch.float64
+
+
+def test_influence_is_float32_by_default_and_ignores_padding_content():
+    hidden, probs_full, token_ids, mask, rewards = random_group(11, dtype=torch.float32)
+    s, tau = influence_of(hidden, probs_full, token_ids, mask, rewards)
+    assert s.dtype == torch.float32 and tau.dtype == torch.float32
+    garbage_h = torch.where(mask[..., None], hidden, torch.full_like(hidden, 1e3))
+    garbage_q = torch.where(mask[..., None], probs_full, torch.rand_like(probs_full))
+    s2, tau2 = influence_of(garbage_h, garbage_q, token_ids, mask, rewards)
+    torch.testing.assert_close(s2, s)
+    torch.testing.assert_close(tau2, tau)
+    assert (s[~mask] == 0).all()
+
+
+@pytest.mark.parametrize("mode", ["reweight", "dominant_only"])
+@pytest.mark.parametrize("seed", range(4))
+def test_p_zero_and_sign_symmetry(seed, mode):
+    hidden, probs_full, token_ids, mask, rewards = random_group(seed)
+    s, tau = influence_of(hidden, probs_full, token_ids, mask, rewards)
+    A = grpo_group_advantages(rewards)
+    plain = A[:, None] * mask
+    dominant = (s.abs() > tau) & mask
+    assert dominant.any() and (mask & ~dominant).any(), "the random group should have both kinds of tokens"
+    zero = thr_advantages(A, s, tau, 0.0, mask, mode=mode)
+    if mode == "reweight":
+        torch.testing.assert_close(zero, plain)  # p = 0 is GRPO
+    else:
+        torch.testing.assert_close(zero, torch.where(dominant, plain, torch.zeros_like(plain)))
+    p = 0.3
+    plus, minus = (thr_advantages(A, s, tau, q, mask, mode=mode) for q in (p, -p))
+    # factors (1 + p sgn THR) and (1 - p sgn THR) swap; their mean is the p = 0 result
+    torch.testing.assert_close((plus + minus) / 2, zero)
+    sgn = torch.sign(A[:, None] * s)
+    torch.testing.assert_close(plus, torch.where(dominant, plain * (1 + p * sgn), zero))
+    torch.testing.assert_close(minus, torch.where(dominant, plain * (1 - p * sgn), zero))
+    # exploitation: positive-THR dominant tokens get larger |A|, negative-THR ones smaller
+    up = dominant & (sgn > 0)
+    assert up.any()
+    assert (plus[up].abs() > minus[up].abs()).all()
+    assert (plus[~mask] == 0).all() and (minus[~mask] == 0).all()
+
+
+@pytest.mark.parametrize("n_correct", [0, 6])
+@pytest.mark.parametrize("seed", range(3))
+def test_all_correct_or_all_wrong_groups_keep_grpo_advantages(seed, n_correct):
+    hidden, probs_full, token_ids, mask, _ = random_group(seed)
+    G = token_ids.shape[0]
+    correct = torch.arange(G) < n_correct
+    # non-binary rewards, so the advantages are not all zero even when every sample is "correct"
+    rewards = torch.linspace(0.0, 0.9, G) + correct.double() * 1.0
+    A = grpo_group_advantages(rewards)
+    assert A.abs().max() > 0.5
+    probs, pos, _ = slice_to_generated_vocab(probs_full, token_ids, mask)
+    s, tau = token_influence(hidden, probs, pos, mask, correct)
+    assert math.isinf(float(tau)) and float(tau) > 0
+    assert (s == 0).all()
+    plain = A[:, None] * mask
+    for mode in ("reweight", "dominant_only"):
+        torch.testing.assert_close(thr_advantages(A, s, tau, 0.5, mask, mode=mode), plain)
+    torch.testing.assert_close(nthr_advantages(A, s, tau, correct, mask), plain)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_nthr_properties(seed):
+    hidden, probs_full, token_ids, mask, rewards = random_group(seed)
+    s, tau = influence_of(hidden, probs_full, token_ids, mask, rewards)
+    correct = rewards >= 1.0
+    A = grpo_group_advantages(rewards)
+    out = nthr_advantages(A, s, tau, correct, mask)
+    rho = correct.double().mean()
+    eta = 2 * abs(0.5 - rho)
+    selected = (~correct)[:, None] & (s > tau) & mask
+    expected = torch.where(selected, eta * A[:, None], A[:, None]) * mask
+    torch.testing.assert_close(out, expected)
+    assert torch.equal(out[correct], (A[:, None] * mask)[correct])  # correct samples untouched
+    # beta = -inf selects every token of every incorrect sample
+    s_all, tau_all = influence_of(hidden, probs_full, token_ids, mask, rewards, beta=-math.inf)
+    assert float(tau_all) == -math.inf
+    out_all = nthr_advantages(A, s_all, tau_all, correct, mask)
+    torch.testing.assert_close(out_all[~correct], (eta * A[:, None] * mask)[~correct])
+
+
+def test_prediction_errors_sum_to_one_minus_mass():
+    hidden, probs_full, token_ids, mask, rewards = random_group(3)
+    probs, pos, _ = slice_to_generated_vocab(probs_full, token_ids, mask)
+    g = prediction_errors(probs, pos, mask)
+    torch.testing.assert_close(g.sum(-1)[mask], 1 - probs.sum(-1)[mask])
+    assert (g[~mask] == 0).all()
+
+
+# --- config ---------------------------------------------------------------------------------------------
+
+
+def make_config(tmp_path, **kw):
+    return THRGRPOConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to=[], **kw)
+
+
+def test_config_defaults_and_sequence_token(tmp_path):
+    cfg = make_config(tmp_path, importance_sampling_level="sequence_token", thr_p=-0.5, thr_mode="dominant_only")
+    assert cfg.importance_sampling_level == "sequence_token"
+    assert (cfg.thr_p, cfg.thr_mode, cfg.thr_beta, cfg.correct_threshold) == (-0.5, "dominant_only", 1.0, 1.0)
+    assert make_config(tmp_path).thr_p == 0.0 and make_config(tmp_path).thr_mode == "reweight"
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"thr_mode": "thr"}, "reweight, dominant_only, nthr"),
+    ({"importance_sampling_level": "seq"}, "token, sequence, sequence_token"),
+    ({"thr_p": float("nan")}, "thr_p"),
+])
+def test_config_rejects_bad_values(tmp_path, kw, match):
+    with pytest.raises(ValueError, match=match):
+        make_config(tmp_path, **kw)
+
+
+# ------------------------------------------------------------------------------- the trainer on real batches
+
+import json as _json
+import subprocess as _subprocess
+import sys as _sys
+
+from posttrain.recipes.config import load_recipe as _load_recipe
+from posttrain.recipes.train import build_trainer as _build_trainer
+
+
+def _loss_and_grads(name, tmp_path, **overrides):
+    trainer = _build_trainer(_load_recipe(name, {"output_dir": str(tmp_path / name.split("/")[0]), "max_steps": 1, **overrides}))
+    trainer.current_gradient_accumulation_steps = 1  # set by the training loop, which we do not run
+    batch = next(iter(trainer.get_train_dataloader()))
+    torch.manual_seed(1234)  # same sampling for both trainers
+    trainer.model.train()
+    inputs = trainer._prepare_inputs(batch)
+    loss = trainer.compute_loss(trainer.model, inputs)
+    loss.backward()
+    return trainer, inputs, loss.item(), {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+
+
+def test_thr_p0_gives_stock_grpo_loss_and_gradients(tmp_path):
+    _, grpo_inputs, grpo_loss, grpo_grads = _loss_and_grads("grpo/tiny", tmp_path, reward_funcs=["numeric_match"])
+    thr, thr_inputs, thr_loss, thr_grads = _loss_and_grads("thr_grpo/tiny", tmp_path, thr_p=0.0)
+    assert torch.equal(grpo_inputs["completion_ids"], thr_inputs["completion_ids"])  # the same batch
+    assert thr_inputs["advantages"].dim() == 2  # THR did run and produced per-token advantages
+    assert thr_loss == pytest.approx(grpo_loss, abs=1e-7)
+    assert grpo_grads.keys() == thr_grads.keys()
+    for name in grpo_grads:
+        torch.testing.assert_close(thr_grads[name], grpo_grads[name], atol=1e-7, rtol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("mode", ["reweight", "dominant_only", "nthr"])
+def test_trainer_token_advantages_on_a_mixed_group(mode, tmp_path):
+    p = 0.5
+    trainer = _build_trainer(_load_recipe("thr_grpo/tiny", {"output_dir": str(tmp_path), "thr_p": p, "thr_mode": mode,
+                                                           "num_generations": 8, "per_device_train_batch_size": 8}))
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(4, 500, (8, 7), generator=g)
+    mask = (torch.arange(7)[None] < torch.randint(3, 8, (8,), generator=g)[:, None]).long()
+    rewards = torch.tensor([1.0, 0, 0, 1, 0, 1, 0, 0])
+    plain = grpo_group_advantages(rewards)
+    out = {"prompt_ids": torch.randint(4, 500, (8, 5), generator=g), "prompt_mask": torch.ones(8, 5, dtype=torch.long),
+           "completion_ids": ids, "completion_mask": mask, "advantages": plain}
+    adv = trainer.thr_token_advantages(out, rewards)
+    valid = mask.bool()
+    assert adv.shape == ids.shape and (adv[~valid] == 0).all()
+    factors = (adv / plain[:, None])[valid]
+    # nthr: eta = 2|0.5 - rho| with rho = 3/8, only on selected tokens of incorrect samples
+    allowed = {"reweight": (1.0, 1 + p, 1 - p), "dominant_only": (0.0, 1 + p, 1 - p), "nthr": (1.0, 2 * abs(0.5 - 3 / 8))}[mode]
+    assert all(min(abs(f - c) for c in allowed) < 1e-5 for f in factors.tolist()), factors
+    if mode == "nthr":
+        assert (factors[(rewards[:, None].expand_as(valid) == 1)[valid]] == 1).all()
+    else:
+        assert (factors != 1).any()  # some token was dominant and moved
+    assert trainer._metrics["train"]["thr/mixed_groups"] == [1.0]
+
+
+def test_gspo_token_ratio_has_the_sequence_value_and_the_token_gradient(tmp_path):
+    trainer = _build_trainer(_load_recipe("thr_grpo/tiny", {"output_dir": str(tmp_path), "importance_sampling_level": "sequence_token"}))
+    ids = torch.randint(4, 500, (2, 9))
+    mask = torch.tensor([[1] * 6 + [0] * 3, [1] * 4 + [0] * 5])
+    plain, _, _ = trainer._get_per_token_logps_and_entropies(trainer.model, ids, torch.ones_like(ids), 6)
+    old = plain.detach() + 0.1 * torch.randn(plain.shape)
+    trainer._gspo_token = (old, mask[:, 3:])
+    shifted, _, _ = trainer._get_per_token_logps_and_entropies(trainer.model, ids, torch.ones_like(ids), 6)
+    trainer._gspo_token = None
+    m = mask[:, 3:].float()
+    seq = ((plain - old) * m).sum(-1, keepdim=True) / m.sum(-1, keepdim=True)
+    torch.testing.assert_close((shifted - old)[m.bool()], seq.expand_as(shifted)[m.bool()])
+    g1 = torch.autograd.grad((plain * m).sum(), next(trainer.model.parameters()), retain_graph=True)[0]
+    g2 = torch.autograd.grad((shifted * m).sum(), next(trainer.model.parameters()))[0]
+    torch.testing.assert_close(g1, g2)
+
+
+@pytest.mark.slow
+def test_a_group_split_across_two_processes_gets_the_same_advantages(tmp_path):
+    from conftest import BIN, ROOT
+
+    results = {}
+    for world in (1, 2):
+        path = tmp_path / f"w{world}.json"
+        launch = ["--multi_gpu", "--num_processes", "2", "--main_process_port", "29555"] if world == 2 else ["--num_processes", "1"]
+        cmd = [str(BIN / "accelerate"), "launch", *launch, str(ROOT / "tests" / "helpers" / "thr_split_group.py"), str(path)]
+        proc = _subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+        assert proc.returncode == 0, proc.stderr[-5000:]
+        results[world] = _json.loads(path.read_text())
+    assert results[2]["world"] == 2
+    one, two = torch.tensor(results[1]["advantages"]), torch.tensor(results[2]["advantages"])
+    assert results[1]["metrics"]["thr/mixed_groups"] == [2.0]
+    torch.testing.assert_close(one, two, atol=1e-6, rtol=1e-5)
+    assert not torch.allclose(one, one[:, :1].expand_as(one) * (one != 0))  # THR actually reweighted something

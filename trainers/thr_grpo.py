@@ -1,0 +1,380 @@
+"""THR: Token Hidden Reward — steering GRPO between exploitation and exploration (arXiv 2510.03669).
+
+Paper: Deng, Ren, Li, Gong, Sutherland, Li, Thrampoulidis, "Token Hidden Reward: Steering
+Exploration-Exploitation in Group Relative Deep Reinforcement Learning", arXiv 2510.03669 (ICLR 2026).
+Precursor, whose full text was read and which is implemented *exactly* here: NTHR, Deng, Ren, Li, Sutherland,
+Li, Thrampoulidis, "On the Effect of Negative Gradient in Group Relative Deep Reinforcement Optimization"
+(NeurIPS 2025). No official code exists for either; this module is written from the spec (llm-methods.md §2).
+
+Delta from TRL's ``GRPOTrainer``: after generation and scoring, the per-sample advantages A_i are replaced by
+per-token advantages A'_{i,k} computed per prompt group from the *old* policy's final-layer hidden states and its
+next-token probabilities sliced to V*, the set of token ids generated in that group (TRL's ``_compute_loss``
+accepts (B, T) advantages).
+
+Equations, for one prompt group of G completions y_i with rewards r_i, correct set P = {i : r_i >= threshold}:
+
+    A_i        = (r_i - mean r) / (std_unbiased(r) + 1e-4)                   TRL scale_rewards="group"
+    h_{i,k}    = final hidden state feeding the LM head at token k of y_i    (d,)
+    q_{i,k}    = pi_old(. | x, y_{i,<k}) restricted to V* (not renormalised)   (K,) with K = |V*|
+    g_{i,k}    = e_{y_{i,k}} - q_{i,k}                                       prediction error in V*
+    M+         = sum_{i in P} sum_k g_{i,k} h_{i,k}^T                        (K, d)
+    s_{i,k}    = g_{i,k}^T M+ h_{i,k} = sum_{i' in P} sum_k' <g_{i',k'}, g_{i,k}> <h_{i',k'}, h_{i,k}>
+    tau        = beta * min_{i in P} mean_k s_{i,k}                          beta = 1
+
+  NTHR (exact): for incorrect j, tokens with s_{j,k} > tau get  A'_{j,k} = eta A_j,  eta = 2 |0.5 - rho|,
+  rho = |P| / G; every other token keeps A_i.
+
+  THR (reconstruction): THR_{i,k} = A_i s_{i,k}; dominant tokens are those with |s_{i,k}| > tau;
+      reweight:       A'_{i,k} = A_i (1 + p sgn THR_{i,k}) on dominant tokens, A_i elsewhere
+      dominant_only:  A'_{i,k} = A_i (1 + p sgn THR_{i,k}) on dominant tokens, 0 elsewhere ("THR-only")
+  p > 0 amplifies tokens whose update raises the likelihood of the correct answers (exploitation, greedy
+  accuracy), p < 0 the others (exploration, Pass@K); p = 0 with ``reweight`` is GRPO.
+
+Groups with |P| = 0 or |P| = G are skipped: they keep the plain GRPO advantages (``token_influence`` signals
+this with tau = +inf).
+
+Caution: THR's functional form is a **reconstruction** ([unverified] in the spec): only the paper's abstract
+and its reviews could be read. Whether THR carries extra positive scale factors, whether dominance compares
+|s| or |THR| with tau, and how p enters are guesses consistent with those sources and with NTHR. That is why
+the rule (``thr_mode``), the threshold scale (``thr_beta``) and the steering scalar (``thr_p``) are options.
+
+GSPO integration: ``importance_sampling_level="sequence_token"`` selects GSPO-token (token weight
+sg[s_i] pi(y_t)/sg[pi(y_t)], s_i the length-normalised sequence ratio), under which per-token advantages stay
+meaningful; TRL's own ``"sequence"`` level multiplies one (B, 1) ratio by the (B, T) advantages and mixes them.
+
+Implementation note: the sliced probabilities are exp(logits[V*] - logsumexp(logits over the full vocabulary));
+only the normaliser needs the full vocabulary.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from trl import GRPOConfig, GRPOTrainer
+from trl.models.utils import disable_gradient_checkpointing
+from trl.trainer.utils import maybe_gather_lm_head_ctx
+
+THR_MODES = ("reweight", "dominant_only", "nthr")
+IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence", "sequence_token")
+
+
+@dataclass
+class THRGRPOConfig(GRPOConfig):
+    """GRPOConfig plus the THR / NTHR settings. Defaults: p = 0 with ``reweight`` (plain GRPO), NTHR's beta = 1."""
+
+    thr_p: float = field(
+        default=0.0,
+        metadata={"help": "THR steering scalar p: dominant tokens get A (1 + p sgn THR). p > 0 exploitation (greedy "
+                  "accuracy), p < 0 exploration (Pass@K), 0 = GRPO (with thr_mode=reweight). |p| <= 1 keeps every "
+                  "token's advantage sign; larger |p| is allowed but flips the sign of some tokens' advantages. "
+                  "Ignored by thr_mode=nthr."},
+    )
+    thr_mode: str = field(
+        default="reweight",
+        metadata={"help": "reweight (dominant tokens reweighted, others keep A), dominant_only (others get 0: "
+                  "'THR-only' training) or nthr (NTHR: selected tokens of incorrect samples get eta A)."},
+    )
+    thr_beta: float = field(
+        default=1.0,
+        metadata={"help": "threshold scale beta: tau = beta * min over correct samples of their mean token influence "
+                  "(NTHR uses 1; its ablation: -inf, 0, 0.1, 1)."},
+    )
+    correct_threshold: float = field(
+        default=1.0,
+        metadata={"help": "a completion counts as correct (an anchor of M+) when its total reward is >= this."},
+    )
+    importance_sampling_level: str = field(
+        default="token",
+        metadata={"help": "token (GRPO), sequence (TRL's GSPO: one ratio per sequence, which mixes per-token "
+                  "advantages) or sequence_token (GSPO-token: sg[s_i] pi(y_t)/sg[pi(y_t)], recommended with THR "
+                  "when a sequence-level ratio is wanted)."},
+    )
+
+    def __post_init__(self):
+        # TRL 1.16's GRPOConfig.__post_init__ does not validate importance_sampling_level (only the trainer's
+        # loss does, at the first step), so "sequence_token" passes through it unchanged; validate here.
+        super().__post_init__()
+        if self.thr_mode not in THR_MODES:
+            raise ValueError(f"thr_mode={self.thr_mode!r}; valid: {', '.join(THR_MODES)}")
+        if self.importance_sampling_level not in IMPORTANCE_SAMPLING_LEVELS:
+            raise ValueError(f"importance_sampling_level={self.importance_sampling_level!r}; "
+                             f"valid: {', '.join(IMPORTANCE_SAMPLING_LEVELS)}")
+        if not math.isfinite(self.thr_p):
+            raise ValueError(f"thr_p must be finite (got {self.thr_p})")
+        if math.isnan(self.thr_beta):
+            raise ValueError("thr_beta must not be NaN")
+
+
+# ----------------------------------------------------------------------------------------------- pure math
+
+
+def _work_dtype(*tensors):
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def grpo_group_advantages(rewards):
+    """GRPO advantages of one group (G,): (r - mean) / (unbiased std + 1e-4), as TRL 1.16 with scale_rewards="group"."""
+    r = rewards.to(_work_dtype(rewards))
+    return (r - r.mean()) / (r.std(unbiased=True) + 1e-4)
+
+
+def slice_to_generated_vocab(probs_full, token_ids, completion_mask):
+    """Restrict next-token probabilities to the group's generated-token set V*.
+
+    probs_full (G, T, V), token_ids (G, T), completion_mask (G, T). V* = sorted unique ids among the valid
+    completion tokens. Returns probs (G, T, K) = probs_full[..., V*] (not renormalised), token_pos (G, T) the
+    index of each sampled token in V* (0 on masked positions) and vocab (K,) = V*.
+    """
+    mask = completion_mask.bool()
+    vocab = torch.unique(token_ids[mask])  # sorted
+    pos = torch.searchsorted(vocab, token_ids.contiguous()).clamp_max(max(vocab.numel() - 1, 0))
+    token_pos = torch.where(mask, pos, torch.zeros_like(pos))
+    return probs_full.index_select(-1, vocab), token_pos, vocab
+
+
+def prediction_errors(probs, token_pos, completion_mask):
+    """g = onehot(token_pos, K) - probs (G, T, K), zero on masked positions; float32 (float64 if given)."""
+    dtype = _work_dtype(probs)
+    mask = completion_mask.bool()
+    pos = torch.where(mask, token_pos, torch.zeros_like(token_pos)).long()
+    g = F.one_hot(pos, probs.shape[-1]).to(dtype) - probs.to(dtype)
+    return g * mask.unsqueeze(-1).to(dtype)
+
+
+def anchor_matrix(hidden, probs, token_pos, completion_mask, correct):
+    """M+ = sum over the valid tokens of the correct samples of g h^T, shape (K, d)."""
+    dtype = _work_dtype(hidden, probs)
+    g = prediction_errors(probs.to(dtype), token_pos, completion_mask)
+    h = hidden.to(dtype)
+    w = correct.to(dtype)[:, None, None]
+    return torch.einsum("gtk,gtd->kd", g * w, h)
+
+
+@torch.no_grad()
+def token_influence(hidden, probs, token_pos, completion_mask, correct, beta=1.0):
+    """Influence s (G, T) of every completion token on the correct samples, and the threshold tau.
+
+    hidden (G, T, d): final hidden states; probs (G, T, K): next-token probabilities sliced to V*; token_pos
+    (G, T): index of the sampled token in V*; completion_mask (G, T); correct (G,) bool. With g = e_y - q,
+    M+ = sum_{correct i, valid k} g h^T and s = g^T M+ h (0 on masked positions); tau = beta * min over the
+    correct samples (with at least one valid token) of their mean s. ``beta = -inf`` gives tau = -inf.
+
+    Groups with no correct sample or only correct samples are skipped: s is all zeros and tau = +inf, which
+    makes ``thr_advantages`` and ``nthr_advantages`` return the plain advantages. tau is a 0-d tensor (no host
+    sync). Computed in float32, or float64 when hidden or probs are float64.
+    """
+    dtype = _work_dtype(hidden, probs)
+    mask = completion_mask.bool()
+    maskf = mask.to(dtype)
+    correct = correct.bool()
+    h = hidden.to(dtype)
+    g = prediction_errors(probs.to(dtype), token_pos, mask)
+    M = torch.einsum("gtk,gtd->kd", g * correct.to(dtype)[:, None, None], h)
+    s = ((g @ M) * h).sum(-1) * maskf
+
+    n_tok = maskf.sum(-1)
+    mean_s = s.sum(-1) / n_tok.clamp_min(1)
+    anchors = correct & (n_tok > 0)
+    inf = torch.tensor(math.inf, dtype=dtype, device=s.device)
+    s_min = torch.where(anchors, mean_s, inf).amin()
+    if beta == -math.inf:
+        tau = -inf
+    else:
+        tau = torch.where(torch.isfinite(s_min), beta * s_min, inf)
+    n_pos = correct.sum()
+    skip = (n_pos == 0) | (n_pos == correct.numel()) | ~anchors.any()
+    s = torch.where(skip, torch.zeros_like(s), s)
+    tau = torch.where(skip, inf, tau)
+    return s, tau
+
+
+def _as_tensor(x, like):
+    return torch.as_tensor(x, dtype=like.dtype, device=like.device)
+
+
+@torch.no_grad()
+def thr_advantages(advantages, s, tau, p, completion_mask, mode="reweight"):
+    """THR per-token advantages (G, T) for one group (reconstruction, spec §2.4).
+
+    advantages (G,): per-sample GRPO advantages; s (G, T), tau: from ``token_influence``; p: steering scalar.
+    THR = A_i s_{i,k}; dominant tokens have |s| > tau. ``reweight``: dominant tokens get A_i (1 + p sgn THR), the
+    others A_i. ``dominant_only``: dominant tokens as before, the others 0. Masked positions are 0. tau = +inf
+    (a skipped group) gives the plain advantages in both modes.
+    """
+    if mode not in ("reweight", "dominant_only"):
+        raise ValueError(f"mode={mode!r}; valid: reweight, dominant_only (NTHR: use nthr_advantages)")
+    dtype = _work_dtype(advantages, s)
+    s = s.to(dtype)
+    A = advantages.to(dtype)[:, None].expand_as(s)
+    tau = _as_tensor(tau, s)
+    dominant = s.abs() > tau
+    steered = A * (1 + p * torch.sign(A * s))
+    if mode == "reweight":
+        out = torch.where(dominant, steered, A)
+    else:
+        out = torch.where(dominant, steered, torch.where(tau == math.inf, A, torch.zeros_like(A)))
+    return out * completion_mask.to(dtype)
+
+
+@torch.no_grad()
+def nthr_advantages(advantages, s, tau, correct, completion_mask):
+    """NTHR per-token advantages (G, T) for one group (exact, spec §2.3).
+
+    Tokens of incorrect samples with s > tau get eta A_j, eta = 2 |0.5 - rho|, rho = N+ / G; every other valid
+    token keeps A_i; masked positions are 0. Groups with N+ = 0 or N+ = G keep the plain advantages.
+    """
+    dtype = _work_dtype(advantages, s)
+    s = s.to(dtype)
+    A = advantages.to(dtype)[:, None].expand_as(s)
+    correct = correct.bool()
+    n_pos = correct.sum()
+    G = correct.numel()
+    rho = n_pos.to(dtype) / G
+    eta = 2 * (0.5 - rho).abs()
+    selected = (~correct)[:, None] & (s > _as_tensor(tau, s)) & completion_mask.bool()
+    selected &= (n_pos > 0) & (n_pos < G)
+    return torch.where(selected, eta * A, A) * completion_mask.to(dtype)
+
+
+# ------------------------------------------------------------------------------------------- trainer
+
+
+class THRGRPOTrainer(GRPOTrainer):
+    """GRPOTrainer with THR/NTHR per-token advantages: overrides ``_generate_and_score_completions`` (and, for
+    GSPO-token, wraps ``_compute_loss``)."""
+
+    _gspo_token = None  # (old log-probs, mask) while a GSPO-token loss is computed
+
+
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        # TRL gathers the rewards of the whole generation batch over processes here: keep them for "correct".
+        self._thr_rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        return self._thr_rewards_per_func
+
+    def _generate_and_score_completions(self, inputs):
+        out = super()._generate_and_score_completions(inputs)
+        if self.model.training:
+            rewards = (self._thr_rewards_per_func * self.reward_weights.to(self._thr_rewards_per_func.device)).nansum(1)
+            out["advantages"] = self.thr_token_advantages(out, rewards)
+        return out
+
+    def thr_token_advantages(self, out, rewards):
+        """(B, T) advantages of this process's completions. ``rewards`` (N,) are those of the whole generation
+        batch (all processes, in process order), ``out`` holds this process's prompt/completion ids and masks
+        and its (B,) GRPO advantages. Hidden states are gathered so every group is complete wherever it is
+        computed; every rank computes every group (identical results), then keeps its own rows."""
+        cfg, acc = self.args, self.accelerator
+        completion_ids, completion_mask = out["completion_ids"], out["completion_mask"]
+        local_b, local_t = completion_ids.shape
+        hidden, lse = self._old_policy_hidden_and_lse(out)
+        width = int(acc.gather(torch.tensor([local_t], device=completion_ids.device)).max())
+        pad = lambda x, v=0: F.pad(x, (0, 0) * (x.dim() - 2) + (0, width - local_t), value=v)  # noqa: E731
+        ids = acc.gather(pad(completion_ids))
+        mask = acc.gather(pad(completion_mask)).bool()
+        hidden, lse = acc.gather(pad(hidden)), acc.gather(pad(lse))
+        advantages = acc.gather(out["advantages"].float())
+        correct = (rewards >= cfg.correct_threshold).to(ids.device)
+
+        head = self._inner(self.model).get_output_embeddings()
+        G = self.num_generations
+        result = advantages[:, None] * mask
+        stats = {"dominant": [], "positive": [], "negative": [], "abs_s": [], "tau": []}
+        with maybe_gather_lm_head_ctx(head.weight, head.bias):
+            for start in range(0, ids.size(0), G):
+                rows = slice(start, start + G)
+                n_correct = int(correct[rows].sum())
+                if n_correct in (0, G):
+                    continue  # all-correct / all-wrong groups keep GRPO's advantages
+                m = mask[rows]
+                vocab = torch.unique(ids[rows][m])
+                logits = F.linear(hidden[rows], head.weight[vocab].float(),
+                                  None if head.bias is None else head.bias[vocab].float()) / self.temperature
+                probs = (logits - lse[rows, :, None]).exp() * m[..., None]
+                token_pos = torch.searchsorted(vocab, ids[rows]).clamp(max=vocab.numel() - 1)
+                s, tau = token_influence(hidden[rows], probs, token_pos, m, correct[rows], beta=cfg.thr_beta)
+                if cfg.thr_mode == "nthr":
+                    group = nthr_advantages(advantages[rows], s, tau, correct[rows], m)
+                else:
+                    group = thr_advantages(advantages[rows], s, tau, cfg.thr_p, m, mode=cfg.thr_mode)
+                result[rows] = group
+                dominant = (s.abs() > tau) & m
+                thr_sign = torch.sign(advantages[rows, None] * s)
+                stats["dominant"].append(dominant.sum() / m.sum().clamp_min(1))
+                stats["positive"].append(((thr_sign > 0) & dominant).sum() / dominant.sum().clamp_min(1))
+                stats["negative"].append(((thr_sign < 0) & dominant).sum() / dominant.sum().clamp_min(1))
+                stats["abs_s"].append(s.abs()[m].mean())
+                stats["tau"].append(torch.as_tensor(tau, dtype=torch.float32))
+        for key, values in stats.items():  # identical on every rank: no reduction needed
+            if values:
+                self._metrics["train"][f"thr/{key}"].append(torch.stack([v.float().cpu() for v in values]).mean().item())
+        self._metrics["train"]["thr/mixed_groups"].append(float(len(stats["tau"])))
+        rank = acc.process_index
+        return result[rank * local_b:(rank + 1) * local_b, :local_t]
+
+    @torch.no_grad()
+    def _old_policy_hidden_and_lse(self, out):
+        """Final hidden states feeding the LM head at the positions that predict each completion token (B, T, d),
+        and the log-normaliser of the sampling distribution there (B, T), fp32. One no-grad forward of the
+        backbone in per-device batches; the head is applied in token chunks, never to the whole batch."""
+        prompt_ids, prompt_mask = out["prompt_ids"], out["prompt_mask"]
+        completion_ids, completion_mask = out["completion_ids"], out["completion_mask"]
+        input_ids = torch.cat([prompt_ids, completion_ids], 1)
+        attention_mask = torch.cat([prompt_mask, completion_mask], 1)
+        inner = self._inner(self.model)
+        head = inner.get_output_embeddings()
+        captured = {}
+        handle = inner.base_model.register_forward_hook(lambda m, i, o: captured.update(h=o.last_hidden_state))
+        hiddens, lses = [], []
+        batch = self.args.per_device_train_batch_size
+        try:
+            with disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
+                for i in range(0, input_ids.size(0), batch):
+                    self.model(input_ids=input_ids[i:i + batch], attention_mask=attention_mask[i:i + batch],
+                               logits_to_keep=1, use_cache=False)
+                    h = captured["h"][:, prompt_ids.size(1) - 1:-1].float()
+                    hiddens.append(h)
+                    lses.append(self._chunked_lse(h, head))
+        finally:
+            handle.remove()
+        return torch.cat(hiddens), torch.cat(lses)
+
+    def _chunked_lse(self, hidden, head, chunk=1024):
+        flat = hidden.reshape(-1, hidden.size(-1))
+        out = []
+        with maybe_gather_lm_head_ctx(head.weight, head.bias):
+            for s in range(0, flat.size(0), chunk):
+                logits = F.linear(flat[s:s + chunk], head.weight.float(), None if head.bias is None else head.bias.float())
+                out.append((logits / self.temperature).logsumexp(-1))
+        return torch.cat(out).view(hidden.shape[:-1])
+
+    @staticmethod
+    def _inner(model):
+        from posttrain.trainers.runtime import inner_model
+
+        return inner_model(model)
+
+    # --------------------------------------------------------------------------------------- GSPO-token
+
+    def _compute_loss(self, model, inputs):
+        if self.args.importance_sampling_level != "sequence_token":
+            return super()._compute_loss(model, inputs)
+        # GSPO-token: log w_t = sg[mean_t(log pi - log pi_old)] + log pi_t - sg[log pi_t]. TRL's token-level
+        # branch computes log pi - log pi_old, so hand it log pi + sg[seq - (log pi - log pi_old)]: the same
+        # gradient as log pi, the value of the sequence ratio (identical to log pi when on-policy).
+        mask = inputs["completion_mask"]
+        self._gspo_token, self.importance_sampling_level = (inputs.get("old_per_token_logps"), mask), "token"
+        try:
+            return super()._compute_loss(model, inputs)
+        finally:
+            self._gspo_token, self.importance_sampling_level = None, "sequence_token"
+
+    def _get_per_token_logps_and_entropies(self, *args, **kwargs):
+        logps, entropies, aux = super()._get_per_token_logps_and_entropies(*args, **kwargs)
+        if self._gspo_token is not None and self._gspo_token[0] is not None and torch.is_grad_enabled():
+            old, mask = self._gspo_token
+            seq = ((logps - old) * mask).sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1)
+            logps = logps + (seq - (logps - old)).detach()
+        return logps, entropies, aux
