@@ -49,8 +49,10 @@ def test_steering_orders_the_runs(first_60_steps):
     assert grpo["greedy_acc"] > minus["greedy_acc"]
     assert grpo["p_correct"] > minus["p_correct"]
     assert minus["entropy"] > grpo["entropy"]
-    # exploitation (p > 0): more probability on the correct answers, less entropy. Greedy accuracy is not
-    # compared here: over 32 seeds its p=+0.5 vs GRPO difference is -0.012 +- 0.014 (noise), see EXPERIMENTS.md.
+    # exploitation (p > 0): more probability on the correct answers, less entropy, and (the acceptance
+    # on these fixed seeds, the spec's protocol) greedy(+p) > greedy(GRPO). That last margin is thin here
+    # (0.669 vs 0.665) and over 32 seeds it is -0.012 +- 0.014, i.e. noise: see EXPERIMENTS.md.
+    assert plus["greedy_acc"] > grpo["greedy_acc"]
     assert plus["p_correct"] > grpo["p_correct"]
     assert plus["entropy"] < grpo["entropy"]
     # the table is what the curves say
