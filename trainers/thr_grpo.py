@@ -269,6 +269,14 @@ class THRGRPOTrainer(GRPOTrainer):
         cfg, acc = self.args, self.accelerator
         completion_ids, completion_mask = out["completion_ids"], out["completion_mask"]
         local_b, local_t = completion_ids.shape
+        G = self.num_generations
+        correct = (rewards >= cfg.correct_threshold).to(completion_ids.device)
+        n_correct = correct.view(-1, G).sum(1)
+        if not ((n_correct > 0) & (n_correct < G)).any():
+            # No mixed group anywhere (rewards are global, so every rank takes this branch): THR leaves every
+            # advantage as GRPO's, and the old-policy forward is not needed at all.
+            self._metrics["train"]["thr/mixed_groups"].append(0.0)
+            return out["advantages"][:, None] * completion_mask
         hidden, lse = self._old_policy_hidden_and_lse(out)
         width = int(acc.gather(torch.tensor([local_t], device=completion_ids.device)).max())
         pad = lambda x, v=0: F.pad(x, (0, 0) * (x.dim() - 2) + (0, width - local_t), value=v)  # noqa: E731
@@ -276,10 +284,8 @@ class THRGRPOTrainer(GRPOTrainer):
         mask = acc.gather(pad(completion_mask)).bool()
         hidden, lse = acc.gather(pad(hidden)), acc.gather(pad(lse))
         advantages = acc.gather(out["advantages"].float())
-        correct = (rewards >= cfg.correct_threshold).to(ids.device)
 
         head = self._inner(self.model).get_output_embeddings()
-        G = self.num_generations
         result = advantages[:, None] * mask
         stats = {"dominant": [], "positive": [], "negative": [], "abs_s": [], "tau": []}
         with maybe_gather_lm_head_ctx(head.weight, head.bias):
