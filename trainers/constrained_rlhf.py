@@ -1,0 +1,725 @@
+"""Constrained RLHF: composite reward models, Lagrange multipliers, proxy points and NM-PPO (arXiv 2310.04373).
+
+Paper: Moskovitz, Singh, Strouse, Sandholm, Salakhutdinov, Dragan, McAleer, "Confronting Reward Model
+Overoptimization with Constrained RLHF", arXiv 2310.04373 (ICLR 2024). Official code: the authors' fork of
+RL4LMs, ``tedmoskovitz/ConstrainedRL4LMs`` (PPO-based: ``ConstrainedPPO`` with an (N+1)-head critic, per-stream
+GAE, multipliers stepped after every PPO minibatch; no LICENSE file, so nothing is copied from it: this module is
+written from the equations in the spec, llm-methods.md §3).
+
+Delta from TRL's ``RLOOTrainer`` (the spec's "practical TRL variant", §3.5, a documented deviation from the
+official PPO loop): the N component rewards are kept un-summed, a KL stream r_KL = -kl_coef * sum_t (log pi_old -
+log pi_ref) is added, each stream gets its own RLOO advantage and is normalised over the batch, the streams are
+mixed with squashed Lagrange multipliers, and the multipliers take one step per *generation batch* (not per
+minibatch) on the batch mean of each component reward minus its threshold. RLOO's own ``beta`` is kept at 0 so
+the KL is not counted twice (it lives in the KL stream, weighted by ``kl_coef``).
+
+Problem. Component reward models r_1..r_N, thresholds theta ("proxy points": the component values beyond which
+the hidden evaluation score drops), V_i(pi) = E_pi[r_i], V_KL(pi) = E_pi[r_KL]. Lagrangian
+
+    L(pi, lambda) = V_KL + sum_i lambda_i (V_i - theta_i)        the policy ascends, the multipliers descend.
+
+Formulations (``formulation``):
+
+    mu     maximise V_KL  s.t.  V_i >= theta_i (inequality);  w_i = sigmoid(lambda_i) in (0, 1)   (mu-PPO)
+    xi     maximise V_KL  s.t.  V_i  = theta_i (equality);    w_i = tanh(lambda_i)    in (-1, 1)  (xi-PPO)
+    all    maximise V_KL + sum_i V_i s.t. V_i <= theta_i (upper bounds; "All-PPO": this definition is inferred
+           from reviews of the paper and is UNVERIFIED; no All-PPO config ships with the official code)
+    sat    PPO-SAT: one reward stream -sum_i (r_i - theta_i)^2 + r_KL per completion; no multipliers
+    fixed  fixed weights (the baseline): one reward stream sum_i w_i r_i + r_KL, w = ``reward_weights``
+           (default 1), i.e. TRL's RLOO with beta = kl_coef (and normalised advantages)
+    nm     xi with the thresholds tuned online by Nelder-Mead on a hidden evaluation score (NM-PPO)
+
+Advantages (per stream s in {1..N, KL}: RLOO advantage, then normalised over the batch,
+A_n = (A - mean) / (std_unbiased + 1e-8)); with squashed multipliers w (``squash_multipliers=True``)
+
+    A_mix = (N - sum_i w_i) A_KL_n + sum_i w_i A_i_n          the weights sum to N: a fixed reward scale
+    A_mix = A_KL_n + sum_i lambda_i A_i_n                     unsquashed (see the note in ``mix_advantages``)
+
+and for ``all`` with upper-bound multipliers mu_i = sigmoid(lambda_i) (or mu_i = lambda_i clamped >= 0 unsquashed)
+
+    A_mix = A_KL_n + sum_i (1 - mu_i) A_i_n                   a component stops being pushed once V_i > theta_i.
+
+The single-stream baselines (fixed, sat) sum their reward with r_KL first, then take one RLOO advantage and
+normalise it: there kl_coef sets how far the policy moves. In the mixed forms every stream is normalised, so
+kl_coef (any positive scale of a stream) cancels: how far the policy moves is set by the multipliers alone.
+
+Multiplier loss (violation detached), one SGD(momentum 0.1) step with grad-norm clip 0.5 per generation batch:
+
+    loss(lambda) = sum_i w_i(lambda) (V_i - theta_i)           mu, xi       (all: sum_i w_i (theta_i - V_i))
+
+so a component above its threshold lowers its multiplier (xi: it can go negative and push the component back
+down). Unsquashed inequality multipliers are clamped to >= 0 after each step. Init: one draw from N(0, 0.01^2)
+shared by all constraints (as the official code), 0.5 when unsquashed. The values V_i must be the global batch
+means (all-reduced over data-parallel ranks): the step is deterministic, so every rank then holds the same lambda.
+
+NM-PPO: Nelder-Mead (reflection 1, expansion 2, contraction 0.5, shrink 0.5) over the threshold vector during
+one continuing run; each function evaluation trains with the candidate thresholds, evaluates every
+``nm_eval_every`` iterations and returns early once every constrained metric is within +-5% of its threshold;
+NM minimises -(evaluation score); evaluations are cached (a point within 5e-3 in every coordinate of a cached
+one reuses its value); it stops once the std of the simplex values is below ``nm_tol`` or the iteration budget
+``nm_iterations`` is spent. See ``NelderMead`` and ``evaluate_with_early_stop``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from trl import RLOOConfig
+
+FORMULATIONS = ("mu", "xi", "all", "sat", "fixed", "nm")
+# formulations that need ``constraint_thresholds``
+THRESHOLD_FORMULATIONS = ("mu", "xi", "all", "sat", "nm")
+NORM_EPS = 1e-8
+
+
+@dataclass
+class ConstrainedRLHFConfig(RLOOConfig):
+    """RLOOConfig plus the constrained-RLHF settings (defaults: the official ``gpt2_constrained_ppo.yml``)."""
+
+    constraint_thresholds: list[float] | None = field(
+        default=None,
+        metadata={"help": "theta: one threshold (proxy point) per reward function, in reward_funcs order. Required "
+                  "for mu, xi, all, sat and nm (for nm: the starting point; the search box is nm_init_low/high)."},
+    )
+    formulation: str = field(
+        default="xi",
+        metadata={"help": "mu (maximise the KL reward s.t. V_i >= theta_i), xi (s.t. V_i = theta_i), all (composite "
+                  "reward s.t. V_i <= theta_i; definition inferred from reviews, unverified), sat (PPO-SAT: reward = "
+                  "-sum_i (r_i - theta_i)^2 - KL), fixed (the baseline: reward sum_i w_i r_i - KL with w = "
+                  "reward_weights, i.e. RLOO with beta = kl_coef), nm (xi with Nelder-Mead over the thresholds)."},
+    )
+    squash_multipliers: bool = field(
+        default=True,
+        metadata={"help": "squash the multipliers: tanh for equality (xi, nm), sigmoid otherwise (mu, all); the "
+                  "mixed weights then sum to N. False: raw multipliers (inequality ones clamped >= 0)."},
+    )
+    multiplier_lr: float = field(default=0.1, metadata={"help": "SGD learning rate of the multipliers."})
+    multiplier_momentum: float = field(default=0.1, metadata={"help": "SGD momentum of the multipliers."})
+    multiplier_grad_clip: float = field(
+        default=0.5, metadata={"help": "gradient-norm clip of the multiplier step (over all multipliers)."}
+    )
+    multiplier_init_std: float = field(
+        default=0.01,
+        metadata={"help": "squashed multipliers start at one draw from N(0, std^2), shared by all constraints "
+                  "(as the official code); unsquashed ones start at 0.5."},
+    )
+    kl_coef: float = field(
+        default=0.2,
+        metadata={"help": "beta_KL of the KL stream r_KL = -kl_coef * sum_t (log pi_old - log pi_ref). RLOO's own "
+                  "`beta` must stay 0 so the KL is not counted twice. It cancels in the normalised mixed forms (mu, "
+                  "xi, all, nm) and matters only for the single-stream ones (fixed, sat)."},
+    )
+    beta: float = field(
+        default=0.0,
+        metadata={"help": "RLOO's KL-in-reward coefficient: must be 0 here (the KL is the KL stream, see kl_coef)."},
+    )
+    nm_iterations: int = field(
+        default=100,
+        metadata={"help": "NM-PPO budget: the search stops once this many training iterations were spent on "
+                  "function evaluations (or the simplex values' std < nm_tol)."},
+    )
+    nm_tol: float = field(default=0.01, metadata={"help": "NM-PPO stops when the std of the simplex values < this."})
+    nm_eval_every: int = field(
+        default=5,
+        metadata={"help": "NM-PPO: evaluate every this many training iterations within a function evaluation."},
+    )
+    nm_steps_per_eval: int | None = field(
+        default=None,
+        metadata={"help": "NM-PPO: training iterations per function evaluation at most (default nm_iterations // 10, "
+                  "as the official code); an evaluation returns early once every constraint is within +-5%."},
+    )
+    nm_init_low: list[float] | None = field(
+        default=None,
+        metadata={"help": "NM-PPO: lower corner of the box the initial simplex is drawn from (one value per reward "
+                  "function); default 0.9 * constraint_thresholds."},
+    )
+    nm_init_high: list[float] | None = field(
+        default=None,
+        metadata={"help": "NM-PPO: upper corner of the initial-simplex box; default 1.1 * constraint_thresholds."},
+    )
+    nm_eval_function: str | None = field(
+        default=None,
+        metadata={"help": "NM-PPO: name of the evaluation (score, higher is better) the trainer resolves; NM "
+                  "minimises -score. Required for formulation=nm."},
+    )
+    nm_seed: int | None = field(
+        default=None, metadata={"help": "NM-PPO: seed of the initial simplex (default: the run's seed)."}
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.formulation not in FORMULATIONS:
+            raise ValueError(f"formulation={self.formulation!r}; valid: {', '.join(FORMULATIONS)}")
+        if self.beta != 0.0:
+            raise ValueError(f"beta={self.beta}: constrained RLHF keeps RLOO's KL-in-reward coefficient at 0 (the KL "
+                             "is its own stream, weighted by kl_coef); set kl_coef instead")
+        if self.constraint_thresholds is not None:
+            self.constraint_thresholds = [float(t) for t in self.constraint_thresholds]
+            if not self.constraint_thresholds:
+                raise ValueError("constraint_thresholds is empty")
+            if not all(math.isfinite(t) for t in self.constraint_thresholds):
+                raise ValueError(f"constraint_thresholds must be finite (got {self.constraint_thresholds})")
+        if self.formulation in THRESHOLD_FORMULATIONS and self.constraint_thresholds is None:
+            raise ValueError(f"formulation={self.formulation!r} needs constraint_thresholds (one per reward function)")
+        if (self.constraint_thresholds is not None and self.reward_weights is not None
+                and len(self.constraint_thresholds) != len(self.reward_weights)):
+            raise ValueError(f"{len(self.constraint_thresholds)} constraint_thresholds but {len(self.reward_weights)} "
+                             "reward_weights: both need one value per reward function")
+        if not (math.isfinite(self.kl_coef) and self.kl_coef >= 0):
+            raise ValueError(f"kl_coef must be finite and >= 0 (got {self.kl_coef})")
+        if not (self.multiplier_lr > 0 and math.isfinite(self.multiplier_lr)):
+            raise ValueError(f"multiplier_lr must be > 0 (got {self.multiplier_lr})")
+        if not 0 <= self.multiplier_momentum < 1:
+            raise ValueError(f"multiplier_momentum must be in [0, 1) (got {self.multiplier_momentum})")
+        if not self.multiplier_grad_clip > 0:
+            raise ValueError(f"multiplier_grad_clip must be > 0 (got {self.multiplier_grad_clip})")
+        if not (self.multiplier_init_std >= 0 and math.isfinite(self.multiplier_init_std)):
+            raise ValueError(f"multiplier_init_std must be >= 0 (got {self.multiplier_init_std})")
+        if self.nm_iterations < 1:
+            raise ValueError(f"nm_iterations must be >= 1 (got {self.nm_iterations})")
+        if not self.nm_tol > 0:
+            raise ValueError(f"nm_tol must be > 0 (got {self.nm_tol})")
+        if self.nm_eval_every < 1:
+            raise ValueError(f"nm_eval_every must be >= 1 (got {self.nm_eval_every})")
+        if self.nm_steps_per_eval is not None and self.nm_steps_per_eval < 1:
+            raise ValueError(f"nm_steps_per_eval must be >= 1 (got {self.nm_steps_per_eval})")
+        if self.formulation == "nm":
+            n = len(self.constraint_thresholds)
+            low, high = self.nm_box()
+            if len(low) != n or len(high) != n:
+                raise ValueError(f"nm_init_low/nm_init_high need {n} values (one per constraint threshold), got "
+                                 f"{len(low)} and {len(high)}")
+            if not all(lo < hi for lo, hi in zip(low, high)):
+                raise ValueError(f"nm_init_low must be < nm_init_high in every coordinate (got {low}, {high})")
+            if self.nm_eval_function is None:
+                raise ValueError("formulation='nm' needs nm_eval_function (the evaluation score NM maximises)")
+
+    # --------------------------------------------------------------------------------------------- helpers
+
+    @property
+    def equality(self) -> bool:
+        """True for the equality formulations (xi, nm)."""
+        return self.formulation in ("xi", "nm")
+
+    def nm_box(self) -> tuple[list[float], list[float]]:
+        """The initial-simplex box (low, high): nm_init_low/high, defaulting to thresholds * 0.9 / * 1.1."""
+        th = self.constraint_thresholds or []
+        low = [min(.9 * t, 1.1 * t) for t in th] if self.nm_init_low is None else [float(x) for x in self.nm_init_low]
+        high = [max(.9 * t, 1.1 * t) for t in th] if self.nm_init_high is None else [float(x) for x in self.nm_init_high]
+        return low, high
+
+    @property
+    def nm_eval_steps(self) -> int:
+        """Training iterations per NM function evaluation (nm_steps_per_eval, default nm_iterations // 10)."""
+        return self.nm_steps_per_eval if self.nm_steps_per_eval is not None else max(1, self.nm_iterations // 10)
+
+    def validate_for(self, n_reward_funcs: int) -> None:
+        """Check the per-reward-function lists against the number of reward functions (the trainer calls this)."""
+        for name in ("constraint_thresholds", "reward_weights", "nm_init_low", "nm_init_high"):
+            value = getattr(self, name)
+            if value is not None and len(value) != n_reward_funcs:
+                raise ValueError(f"{name} has {len(value)} values but there are {n_reward_funcs} reward functions "
+                                 "(one value per reward function, in reward_funcs order)")
+
+
+# ----------------------------------------------------------------------------------------------- pure math
+
+
+def _work_dtype(*tensors):
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def normalise_stream(x: torch.Tensor) -> torch.Tensor:
+    """(x - mean) / (std_unbiased + 1e-8) over dim 0 (per column for a 2-D input). A batch of one gives zeros."""
+    if x.shape[0] < 2:
+        return torch.zeros_like(x)
+    return (x - x.mean(0)) / (x.std(0, unbiased=True) + NORM_EPS)
+
+
+def squash_multipliers(multipliers: torch.Tensor, equality: bool, squash: bool = True) -> torch.Tensor:
+    """tanh(lambda) for equality constraints, sigmoid(lambda) for inequality ones, identity when not squashed."""
+    if not squash:
+        return multipliers
+    return torch.tanh(multipliers) if equality else torch.sigmoid(multipliers)
+
+
+def _check_streams(component_adv, kl_adv, multipliers):
+    if component_adv.dim() != 2:
+        raise ValueError(f"component_adv must be (B, N), got shape {tuple(component_adv.shape)}")
+    B, N = component_adv.shape
+    if kl_adv.shape != (B,):
+        raise ValueError(f"kl_adv must be (B,) = ({B},), got shape {tuple(kl_adv.shape)}")
+    if multipliers.shape != (N,):
+        raise ValueError(f"multipliers must be (N,) = ({N},), got shape {tuple(multipliers.shape)}")
+
+
+def mix_advantages(component_adv, kl_adv, multipliers, equality, squash=True):
+    """The mixed advantage (B,) of xi-/mu-PPO from per-stream advantages.
+
+    component_adv (B, N): one advantage stream per component reward; kl_adv (B,): the KL stream; multipliers
+    (N,): the raw Lagrange multipliers lambda (detached here: the policy loss does not train them). Each stream is
+    normalised over the batch, (x - mean) / (std_unbiased + 1e-8), per column. Squashed (w = tanh(lambda) if
+    ``equality`` else sigmoid(lambda)): A = (N - sum w) A_KL_n + sum_i w_i A_i_n, the weights sum to N.
+    Unsquashed: A = A_KL_n + sum_i lambda_i A_i_n (``fixed`` weights use this branch).
+    """
+    dtype = _work_dtype(component_adv, kl_adv)
+    multipliers = torch.as_tensor(multipliers, device=component_adv.device)
+    _check_streams(component_adv, kl_adv, multipliers)
+    A_c = normalise_stream(component_adv.to(dtype))
+    A_kl = normalise_stream(kl_adv.to(dtype))
+    w = squash_multipliers(multipliers.detach().to(dtype), equality, squash)
+    mixed_components = A_c @ w
+    if squash:
+        return (A_c.shape[1] - w.sum()) * A_kl + mixed_components
+    # Official-code quirk (spec §3.2): its unsquashed branch mixes with ``lagrange[1:]``, dropping the first
+    # multiplier (a leftover; with N multipliers it does not even line up with the N streams). Here every
+    # multiplier weighs its own stream, the sensible reading of the Lagrangian.
+    return A_kl + mixed_components
+
+
+def mix_upper_bound_advantages(component_adv, kl_adv, multipliers, squash=True):
+    """The ``all`` formulation (composite objective V_KL + sum_i V_i s.t. V_i <= theta_i), shape (B,).
+
+    Lagrangian V_KL + sum_i V_i - sum_i mu_i (V_i - theta_i) with mu_i >= 0: component i is weighed by
+    1 - mu_i, with mu_i = sigmoid(lambda_i) in (0, 1) when squashed (lambda_i clamped >= 0 by the multiplier
+    step otherwise): A = A_KL_n + sum_i (1 - mu_i) A_i_n. This form is our choice; the paper's All-PPO could
+    not be read (its definition here is inferred from reviews, unverified).
+    """
+    dtype = _work_dtype(component_adv, kl_adv)
+    multipliers = torch.as_tensor(multipliers, device=component_adv.device)
+    _check_streams(component_adv, kl_adv, multipliers)
+    A_c = normalise_stream(component_adv.to(dtype))
+    A_kl = normalise_stream(kl_adv.to(dtype))
+    mu = squash_multipliers(multipliers.detach().to(dtype), equality=False, squash=squash)
+    return A_kl + A_c @ (1 - mu)
+
+
+def multiplier_loss(multipliers, component_values, thresholds, equality, squash=True, *, upper_bound=False):
+    """sum_i squash(lambda)_i (V_i - theta_i), a scalar whose gradient reaches only the multipliers.
+
+    component_values (N,): the constraint values (batch means of the component rewards), thresholds (N,).
+    Descending it lowers the multiplier of a component that is above its threshold. ``upper_bound=True``
+    (the ``all`` formulation) flips the violation: sum_i sigmoid(lambda)_i (theta_i - V_i).
+    """
+    values = torch.as_tensor(component_values, dtype=multipliers.dtype, device=multipliers.device).detach()
+    theta = torch.as_tensor(thresholds, dtype=multipliers.dtype, device=multipliers.device).detach()
+    if values.shape != multipliers.shape or theta.shape != multipliers.shape:
+        raise ValueError(f"multipliers {tuple(multipliers.shape)}, component_values {tuple(values.shape)} and "
+                         f"thresholds {tuple(theta.shape)} must all be (N,)")
+    violation = theta - values if upper_bound else values - theta
+    return (squash_multipliers(multipliers, equality and not upper_bound, squash) * violation).sum()
+
+
+def rloo_advantages(rewards, num_generations):
+    """RLOO advantages: r - mean of the other completions of the same prompt, over dim 0.
+
+    rewards (B,) or (B, N) with the num_generations completions of each prompt consecutive (TRL's layout).
+    """
+    k = int(num_generations)
+    if k < 2:
+        raise ValueError(f"RLOO needs num_generations >= 2 (got {k})")
+    if rewards.shape[0] % k:
+        raise ValueError(f"batch of {rewards.shape[0]} is not a multiple of num_generations={k}")
+    grouped = rewards.reshape(-1, k, *rewards.shape[1:])
+    baseline = (grouped.sum(1, keepdim=True) - grouped) / (k - 1)
+    return (grouped - baseline).reshape(rewards.shape)
+
+
+def kl_stream_rewards(logps, ref_logps, completion_mask, kl_coef):
+    """The KL stream's per-completion reward (B,): -kl_coef * sum_t mask * (log pi_old - log pi_ref)."""
+    mask = completion_mask.to(logps.dtype)
+    return -kl_coef * ((logps - ref_logps) * mask).sum(-1)
+
+
+def sat_rewards(component_rewards, thresholds):
+    """PPO-SAT reward per completion (B,): -sum_i (r_i - theta_i)^2, from component rewards (B, N)."""
+    theta = torch.as_tensor(thresholds, dtype=component_rewards.dtype, device=component_rewards.device)
+    return -((component_rewards - theta) ** 2).sum(-1)
+
+
+def formulation_advantages(formulation, component_rewards, kl_rewards, num_generations, multipliers=None,
+                           thresholds=None, squash=True):
+    """Sequence advantages (B,) for any formulation, from per-completion rewards.
+
+    component_rewards (B, N), kl_rewards (B,) (``kl_stream_rewards``), the num_generations completions of a prompt
+    consecutive. mu / xi / nm / all: every stream gets its RLOO advantage, then ``mix_advantages`` (multipliers =
+    the raw lambda; equality for xi and nm) or ``mix_upper_bound_advantages`` (all) normalises and mixes them.
+    fixed / sat: ONE stream, the reward sum_i w_i r_i + r_KL (w = multipliers, default ones) or
+    -sum_i (r_i - theta_i)^2 + r_KL, its RLOO advantage normalised over the batch (= TRL's RLOO with beta =
+    kl_coef and normalize_advantages=True, whose normaliser adds 1e-4 to the std where this adds 1e-8).
+    """
+    if formulation not in FORMULATIONS:
+        raise ValueError(f"formulation={formulation!r}; valid: {', '.join(FORMULATIONS)}")
+    if component_rewards.dim() != 2 or kl_rewards.shape != component_rewards.shape[:1]:
+        raise ValueError(f"component_rewards must be (B, N) and kl_rewards (B,), got {tuple(component_rewards.shape)} "
+                         f"and {tuple(kl_rewards.shape)}")
+    if formulation in ("fixed", "sat"):
+        if formulation == "sat":
+            if thresholds is None:
+                raise ValueError("formulation='sat' needs thresholds")
+            reward = sat_rewards(component_rewards, thresholds)
+        else:
+            n = component_rewards.shape[1]
+            w = torch.ones(n) if multipliers is None else torch.as_tensor(multipliers).detach()
+            if w.shape != (n,):
+                raise ValueError(f"fixed weights must be (N,) = ({n},), got shape {tuple(w.shape)}")
+            reward = component_rewards @ w.to(component_rewards)
+        return normalise_stream(rloo_advantages(reward + kl_rewards.to(reward), num_generations))
+    if multipliers is None:
+        raise ValueError(f"formulation={formulation!r} needs the multipliers")
+    A_c = rloo_advantages(component_rewards, num_generations)
+    A_kl = rloo_advantages(kl_rewards, num_generations)
+    if formulation == "all":
+        return mix_upper_bound_advantages(A_c, A_kl, multipliers, squash=squash)
+    return mix_advantages(A_c, A_kl, multipliers, equality=formulation in ("xi", "nm"), squash=squash)
+
+
+# ----------------------------------------------------------------------------------------- multiplier state
+
+
+class LagrangeMultipliers:
+    """The Lagrange multipliers lambda (N,), their SGD(momentum) optimiser and the one-step update.
+
+    ``step(values, thresholds)`` descends ``multiplier_loss`` once: gradient-norm clip ``grad_clip``, then
+    SGD(lr, momentum); unsquashed inequality (and upper-bound) multipliers are clamped to >= 0 afterwards.
+    Squashed multipliers start at ONE draw from N(0, init_std^2) shared by every constraint (as the official
+    code), unsquashed ones at 0.5, or at ``init`` when given. ``fixed=True`` freezes them (``step`` is a no-op):
+    the ``fixed`` baseline, with ``init`` = the fixed weights and ``squash=False``.
+
+    Distributed runs: the update is deterministic given its inputs, so ranks stay identical when they all pass
+    the same (all-reduced) component values; ``sync_(broadcast)`` additionally copies rank 0's lambda and
+    momentum onto every rank (e.g. after a resume). ``state_dict``/``load_state_dict`` include the momentum
+    buffer, so a resumed run continues exactly. lambda is float64 (N is tiny).
+    """
+
+    def __init__(self, n, equality, squash=True, lr=0.1, momentum=0.1, grad_clip=0.5, init_std=0.01, init=None,
+                 fixed=False, upper_bound=False, generator=None, dtype=torch.float64):
+        if n < 1:
+            raise ValueError(f"need at least one constraint (got n={n})")
+        if equality and upper_bound:
+            raise ValueError("upper-bound (all) multipliers are inequality multipliers: equality must be False")
+        self.n, self.equality, self.squash = int(n), bool(equality), bool(squash)
+        self.lr, self.momentum, self.grad_clip = float(lr), float(momentum), float(grad_clip)
+        self.fixed, self.upper_bound = bool(fixed), bool(upper_bound)
+        if init is not None:
+            start = torch.as_tensor(init, dtype=dtype).reshape(-1).clone()
+            if start.numel() == 1:
+                start = start.expand(self.n).clone()
+            if start.shape != (self.n,):
+                raise ValueError(f"init has {start.numel()} values for {self.n} constraints")
+        elif squash:
+            draw = torch.randn((), generator=generator, dtype=torch.float64) * init_std
+            start = draw.to(dtype).expand(self.n).clone()  # one draw shared by all constraints
+        else:
+            start = torch.full((self.n,), 0.5, dtype=dtype)
+        self.lam = start.requires_grad_(not self.fixed)
+        self.optimizer = (None if self.fixed
+                          else torch.optim.SGD([self.lam], lr=self.lr, momentum=self.momentum, foreach=False))
+
+    @classmethod
+    def from_config(cls, config: ConstrainedRLHFConfig, n: int, generator=None):
+        """The multipliers a formulation needs (None for ``sat``, which has none)."""
+        f = config.formulation
+        if f == "sat":
+            return None
+        if f == "fixed":
+            weights = config.reward_weights if config.reward_weights is not None else [1.0] * n
+            return cls(n, equality=False, squash=False, init=weights, fixed=True)
+        return cls(n, equality=config.equality, squash=config.squash_multipliers, lr=config.multiplier_lr,
+                   momentum=config.multiplier_momentum, grad_clip=config.multiplier_grad_clip,
+                   init_std=config.multiplier_init_std, upper_bound=(f == "all"), generator=generator)
+
+    def weights(self) -> torch.Tensor:
+        """The squashed multipliers (tanh / sigmoid, identity if unsquashed), detached."""
+        with torch.no_grad():
+            return squash_multipliers(self.lam.detach(), self.equality, self.squash).clone()
+
+    def loss(self, component_values, thresholds) -> torch.Tensor:
+        return multiplier_loss(self.lam, component_values, thresholds, self.equality, self.squash,
+                               upper_bound=self.upper_bound)
+
+    def step(self, component_values, thresholds) -> dict:
+        """One multiplier step on the (global) constraint values; returns the loss and the pre-clip grad norm."""
+        if self.fixed:
+            return {"loss": 0.0, "grad_norm": 0.0}
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = self.loss(component_values, thresholds)
+        loss.backward()
+        with torch.no_grad():  # = torch.nn.utils.clip_grad_norm_ (coefficient max_norm / (norm + 1e-6), capped at 1)
+            grad_norm = self.lam.grad.norm()
+            self.lam.grad.mul_(torch.clamp(self.grad_clip / (grad_norm + 1e-6), max=1.0))
+        self.optimizer.step()
+        if not self.squash and not self.equality:
+            with torch.no_grad():
+                self.lam.clamp_(min=0.0)
+        return {"loss": float(loss.detach()), "grad_norm": float(grad_norm)}
+
+    def sync_(self, broadcast: Callable[[torch.Tensor], torch.Tensor | None]) -> None:
+        """Make every rank hold rank 0's state: ``broadcast(t)`` broadcasts t in place or returns the result
+        (``torch.distributed.broadcast(t, 0)``, ``accelerate.utils.broadcast``)."""
+        tensors = [self.lam.data]
+        if self.optimizer is not None:
+            buf = self.optimizer.state.get(self.lam, {}).get("momentum_buffer")
+            if buf is not None:
+                tensors.append(buf)
+        with torch.no_grad():
+            for t in tensors:
+                out = broadcast(t)
+                if out is not None and out is not t:
+                    t.copy_(out)
+
+    def state_dict(self) -> dict:
+        return {
+            "lam": self.lam.detach().clone(),
+            "optimizer": None if self.optimizer is None else self.optimizer.state_dict(),
+            "settings": {"n": self.n, "equality": self.equality, "squash": self.squash, "fixed": self.fixed,
+                         "upper_bound": self.upper_bound},
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        mine = {"n": self.n, "equality": self.equality, "squash": self.squash, "fixed": self.fixed,
+                "upper_bound": self.upper_bound}
+        if state["settings"] != mine:
+            raise ValueError(f"multiplier state {state['settings']} does not match this run's {mine}")
+        with torch.no_grad():
+            self.lam.copy_(state["lam"])
+        if self.optimizer is not None and state["optimizer"] is not None:
+            self.optimizer.load_state_dict(state["optimizer"])
+
+    def log_dict(self, names: Sequence[str] | None = None, prefix: str = "constrained/") -> dict:
+        names = names or [str(i) for i in range(self.n)]
+        lam, w = self.lam.detach().tolist(), self.weights().tolist()
+        out = {f"{prefix}lambda/{k}": v for k, v in zip(names, lam)}
+        out.update({f"{prefix}weight/{k}": v for k, v in zip(names, w)})
+        return out
+
+
+# ----------------------------------------------------------------------------------------------- NM-PPO
+
+
+class NelderMead:
+    """Nelder-Mead over the threshold vector, ask/tell style, so a trainer can drive it during one run.
+
+        nm = NelderMead(low, high, tol=0.01, max_iterations=100, seed=0)
+        while not nm.done:
+            theta = nm.ask()                        # next point that needs an evaluation
+            score, used = ...                       # train with theta, evaluate (higher is better)
+            nm.tell(score, cost=used)               # NM minimises -score
+
+    The initial simplex is n + 1 points drawn uniformly in the box [low, high] (seeded). Coefficients: reflection
+    alpha = 1, expansion gamma = 2, contraction rho = 0.5 (outside if the reflected point beats the worst, inside
+    otherwise), shrink sigma = 0.5 towards the best point. Before every iteration the search stops when the
+    (population) std of the simplex values is below ``tol``, or when the evaluations told so far cost
+    ``max_iterations`` in total (``cost`` = training iterations the evaluation used; 1 by default, i.e. the
+    budget counts function evaluations); an iteration already begun finishes. It also stops ("collapsed") once
+    every simplex point is within ``cache_radius`` of the best one, since every later point would be a cache hit.
+    Cache: a point equal to, or within ``cache_radius`` in every coordinate of, an evaluated point reuses that value
+    without being asked (cost 0). Points are not clipped to the box.
+
+    ``state_dict`` stores the told evaluations; ``load_state_dict`` replays them (the algorithm is deterministic
+    given the seed and the values), so a resumed search continues exactly.
+    """
+
+    MAX_STEPS = 10_000  # safety stop: NM iterations without a budget-consuming evaluation
+
+    def __init__(self, low, high, tol=0.01, max_iterations=100, seed=0, alpha=1.0, gamma=2.0, rho=0.5, sigma=0.5,
+                 cache_radius=5e-3):
+        self.low = np.asarray(low, dtype=np.float64).reshape(-1)
+        self.high = np.asarray(high, dtype=np.float64).reshape(-1)
+        if self.low.shape != self.high.shape or self.low.size == 0:
+            raise ValueError(f"low and high must be non-empty and the same length (got {self.low}, {self.high})")
+        if not np.all(self.low <= self.high):
+            raise ValueError(f"low must be <= high in every coordinate (got {self.low}, {self.high})")
+        if not tol >= 0 or max_iterations <= 0:
+            raise ValueError(f"need tol >= 0 and max_iterations > 0 (got {tol}, {max_iterations})")
+        self.n = self.low.size
+        self.tol, self.max_iterations, self.seed = float(tol), float(max_iterations), int(seed)
+        self.alpha, self.gamma, self.rho, self.sigma = float(alpha), float(gamma), float(rho), float(sigma)
+        self.cache_radius = float(cache_radius)
+        self._reset()
+
+    # ------------------------------------------------------------------------------------------- driving
+
+    def _reset(self):
+        self.history: list[tuple[list[float], float, float]] = []  # told evaluations: (x, score, cost)
+        self.cache: list[tuple[np.ndarray, float]] = []  # (x, f = -score)
+        self.iterations = 0.0  # total cost told
+        self.cache_hits = 0
+        self.nm_steps = 0
+        self.simplex: np.ndarray | None = None
+        self.values: np.ndarray | None = None  # f = -score at the simplex points
+        self.trace: list[dict] = []  # best point at the start of every iteration (and at the end)
+        self.done, self.stop_reason = False, None
+        self._pending: np.ndarray | None = None
+        self._gen = self._algorithm()
+        self._advance(None)
+
+    def _advance(self, value):
+        try:
+            self._pending = self._gen.send(value)
+        except StopIteration:
+            self._pending = None
+            self.done = True
+
+    def ask(self) -> np.ndarray | None:
+        """The next point to evaluate (a copy), or None when the search is done."""
+        return None if self._pending is None else self._pending.copy()
+
+    def tell(self, score: float, cost: float = 1.0) -> None:
+        """Report the score (higher is better) of the point ``ask`` returned; ``cost`` counts against the budget."""
+        if self._pending is None:
+            raise RuntimeError("tell() without a pending point: the search is done")
+        score, cost = float(score), float(cost)
+        if not math.isfinite(score):
+            raise ValueError(f"score must be finite (got {score})")
+        x = self._pending
+        self.history.append((x.tolist(), score, cost))
+        self.cache.append((x.copy(), -score))
+        self.iterations += cost
+        self._advance(-score)
+
+    def lookup(self, x) -> float | None:
+        """Cached score for x (exact, or within cache_radius in every coordinate), else None."""
+        x = np.asarray(x, dtype=np.float64)
+        for cx, f in self.cache:
+            if np.array_equal(cx, x):
+                return -f
+        for cx, f in self.cache:
+            if np.all(np.abs(cx - x) <= self.cache_radius):
+                return -f
+        return None
+
+    @property
+    def best_point(self) -> np.ndarray | None:
+        if self.values is None:
+            return None
+        return self.simplex[int(np.argmin(self.values))].copy()
+
+    @property
+    def best_score(self) -> float | None:
+        return None if self.values is None else float(-np.min(self.values))
+
+    # ------------------------------------------------------------------------------------------ algorithm
+
+    def _f(self, x):
+        """Sub-generator: the value f = -score at x, from the cache or by asking."""
+        cached = self.lookup(x)
+        if cached is not None:
+            self.cache_hits += 1
+            return -cached
+        return (yield np.asarray(x, dtype=np.float64))
+
+    def _record(self):
+        i = int(np.argmin(self.values))
+        self.trace.append({"iterations": self.iterations, "nm_step": self.nm_steps,
+                           "best": self.simplex[i].tolist(), "best_score": float(-self.values[i])})
+
+    def _algorithm(self):
+        rng = np.random.default_rng(self.seed)
+        points = self.low + rng.random((self.n + 1, self.n)) * (self.high - self.low)
+        values = np.empty(self.n + 1)
+        for i in range(self.n + 1):
+            values[i] = yield from self._f(points[i])
+        self.simplex, self.values = points, values
+        while True:
+            order = np.argsort(self.values, kind="stable")
+            self.simplex, self.values = self.simplex[order], self.values[order]
+            self._record()
+            if np.std(self.values) < self.tol:
+                self.stop_reason = "tol"
+                return
+            if self.iterations >= self.max_iterations:
+                self.stop_reason = "budget"
+                return
+            if self.cache_radius > 0 and np.all(np.abs(self.simplex - self.simplex[0]) <= self.cache_radius):
+                self.stop_reason = "collapsed"  # every further point would come from the cache
+                return
+            if self.nm_steps >= self.MAX_STEPS:
+                self.stop_reason = "max_steps"
+                return
+            self.nm_steps += 1
+            S, F = self.simplex, self.values
+            best, second_worst, worst = F[0], F[-2], F[-1]
+            centroid = S[:-1].mean(0)
+            xr = centroid + self.alpha * (centroid - S[-1])
+            fr = yield from self._f(xr)
+            if best <= fr < second_worst:
+                S[-1], F[-1] = xr, fr
+                continue
+            if fr < best:
+                xe = centroid + self.gamma * (xr - centroid)
+                fe = yield from self._f(xe)
+                S[-1], F[-1] = (xe, fe) if fe < fr else (xr, fr)
+                continue
+            if fr < worst:  # outside contraction
+                xc = centroid + self.rho * (xr - centroid)
+                fc = yield from self._f(xc)
+                if fc <= fr:
+                    S[-1], F[-1] = xc, fc
+                    continue
+            else:  # inside contraction
+                xc = centroid + self.rho * (S[-1] - centroid)
+                fc = yield from self._f(xc)
+                if fc < worst:
+                    S[-1], F[-1] = xc, fc
+                    continue
+            for i in range(1, self.n + 1):  # shrink towards the best point
+                S[i] = S[0] + self.sigma * (S[i] - S[0])
+                F[i] = yield from self._f(S[i])
+
+    # -------------------------------------------------------------------------------------------- state
+
+    def _settings(self):
+        return {"low": self.low.tolist(), "high": self.high.tolist(), "tol": self.tol,
+                "max_iterations": self.max_iterations, "seed": self.seed, "alpha": self.alpha, "gamma": self.gamma,
+                "rho": self.rho, "sigma": self.sigma, "cache_radius": self.cache_radius}
+
+    def state_dict(self) -> dict:
+        return {"settings": self._settings(), "history": [list(h) for h in self.history]}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["settings"] != self._settings():
+            raise ValueError(f"Nelder-Mead state {state['settings']} does not match this search {self._settings()}")
+        self._reset()
+        for x, score, cost in state["history"]:
+            if self._pending is None or not np.allclose(self._pending, x, rtol=0, atol=1e-12):
+                raise ValueError("Nelder-Mead replay diverged from the saved history")
+            self.tell(score, cost)
+
+
+class EarlyStopResult(NamedTuple):
+    score: float  # the evaluation score returned (higher is better; NM minimises -score)
+    iterations: int  # training iterations used
+    component_values: list[float]  # the constrained metrics at that evaluation
+    early: bool  # True if every constraint was within the tolerance
+
+
+def evaluate_with_early_stop(train_step: Callable[[], object], evaluate: Callable[[], tuple[float, Sequence[float]]],
+                             thresholds: Sequence[float], n_iterations: int, eval_every: int,
+                             rel_tol: float = 0.05) -> EarlyStopResult:
+    """One NM-PPO function evaluation (the official rule).
+
+    Calls ``train_step()`` up to ``n_iterations`` times (continuing the current run with ``thresholds`` set by the
+    caller) and ``evaluate() -> (score, component_values)`` after every ``eval_every`` iterations and after the
+    last one. Returns early, with that evaluation, once every component value is within +-rel_tol * |theta_i| of
+    its threshold; otherwise returns the last evaluation.
+    """
+    if n_iterations < 1 or eval_every < 1:
+        raise ValueError(f"need n_iterations >= 1 and eval_every >= 1 (got {n_iterations}, {eval_every})")
+    theta = [float(t) for t in thresholds]
+    score, values = None, None
+    for it in range(1, n_iterations + 1):
+        train_step()
+        if it % eval_every == 0 or it == n_iterations:
+            score, values = evaluate()
+            values = [float(v) for v in values]
+            if len(values) != len(theta):
+                raise ValueError(f"evaluate() returned {len(values)} component values for {len(theta)} thresholds")
+            if all(abs(v - t) <= rel_tol * abs(t) for v, t in zip(values, theta)):
+                return EarlyStopResult(float(score), it, values, True)
+    return EarlyStopResult(float(score), n_iterations, values, False)
