@@ -25,7 +25,8 @@ Masks (``mask_type``):
 - ``uniform``: all ones, i.e. TDPO-1 (there is no plain-DPO mode: the KL term is always there).
 
 With ``rw_kl_independent=False`` (default, "common") one mask serves both terms and the trainer halves both
-L1 coefficients, as the official trainer does.
+L1 coefficients, as the official trainer does. Logged ``rewards/chosen`` is beta (sum m^u l + sum m^d d) of
+the chosen rows, as the official trainer logs it: neither DPO's reward nor the loss logit beta (U - D).
 
 Memory: d_t needs full-vocabulary distributions of policy and reference. They are never held for the whole
 batch: the policy forward is patched (like TRL's fused LM head) to project completion tokens through both
@@ -37,6 +38,7 @@ completion gives NaN there and 1.0 here.
 
 from __future__ import annotations
 
+import logging
 import types
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +49,7 @@ from torch import nn
 from trl import DPOConfig, DPOTrainer
 
 MASK_FILE = "sparsepo_mask.safetensors"
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -457,9 +460,10 @@ class SparsePOTrainer(DPOTrainer):
             reward_mask = kl_mask = self._activation_mask(out["ref_logit_mean"], mask)
         else:
             reward_mask = kl_mask = ones
+        cm = mask.to(ones.dtype)  # masks are only defined on completion tokens
         return {"logratio": out["logratio"], "neg_kl": out["neg_kl"], "mask": mask,
-                "reward_mask": reward_mask if cfg.mask_on_reward else ones,
-                "kl_mask": kl_mask if cfg.mask_on_kl else ones}
+                "reward_mask": (reward_mask if cfg.mask_on_reward else ones) * cm,
+                "kl_mask": (kl_mask if cfg.mask_on_kl else ones) * cm}
 
     @torch.no_grad()
     def token_masks(self, inputs) -> dict:
@@ -474,6 +478,12 @@ class SparsePOTrainer(DPOTrainer):
         l1_d = self.l1_kl if cfg.mask_on_kl else 0.0
         loss = sparsepo_loss(t["logratio"], t["neg_kl"], t["reward_mask"], t["kl_mask"], t["mask"], cfg.beta, l1_u, l1_d).mean()
         self._log_metrics(mode, t["logratio"], t["neg_kl"], t["reward_mask"], t["kl_mask"], t["mask"])
+        if cfg.mask_type == "learned" and not getattr(self, "_checked_dead_mask", False):
+            self._checked_dead_mask = True
+            if self.accelerator.gather(t["reward_mask"].detach().abs().sum()).sum() == 0:
+                logger.warning("SparsePO: the learned mask is exactly 0 on every completion token of the first batch "
+                               "(ReLU dead at initialisation): no gradient reaches the policy or the mask. Try another "
+                               "seed, or mask_mixer_activation: resc.")
         return (loss, t) if return_outputs else loss
 
     def _activation_mask(self, ref_logit_mean, mask):
