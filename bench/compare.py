@@ -199,7 +199,11 @@ def main(argv=None) -> int:
             "peak_mib": max(peaks[label]) / 2**20,
             "ratio": statistics.median(ts) / statistics.median(times[base]),
         })
-    result = {"method": args.method, "recipe": recipe_name, "overrides": {k: str(v) for k, v in overrides.items()},
+    # the method's own metrics over the measured steps (e.g. how many THR groups were mixed), for context
+    method_metrics = {label: {k: statistics.mean(v) for k, v in trainer._metrics["train"].items()
+                              if k.startswith(("thr/", "mask/")) and v}
+                      for label, trainer in trainers.items() if hasattr(trainer, "_metrics")}
+    result = {"method": args.method, "recipe": recipe_name, "method_metrics": method_metrics, "overrides": {k: str(v) for k, v in overrides.items()},
               "machine": machine(), "steps": args.steps, "warmup": args.warmup, "rows": rows,
               "memory": "CUDA allocator peak per step" if torch.cuda.is_available() else "peak RSS growth per step"}
     print(f"\n{args.method} vs its parent on {result['machine']}; recipe {recipe_name}; median of {args.steps} steps")
@@ -207,6 +211,9 @@ def main(argv=None) -> int:
     print("|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['variant']} | {r['median_ms']:.2f} | {r['p10_ms']:.2f} | {r['p90_ms']:.2f} | {r['peak_mib']:.1f} | {r['ratio']:.3f} |")
+    for label, values in method_metrics.items():
+        if values:
+            print(f"{label}: " + ", ".join(f"{k} {v:.4g}" for k, v in sorted(values.items())))
     out = Path(args.out or Path(__file__).parent / "results" / f"{args.method}.json")
     write_json_atomic(out, result)
     print(f"written to {out}")
