@@ -42,8 +42,11 @@ GSPO integration: ``importance_sampling_level="sequence_token"`` selects GSPO-to
 sg[s_i] pi(y_t)/sg[pi(y_t)], s_i the length-normalised sequence ratio), under which per-token advantages stay
 meaningful; TRL's own ``"sequence"`` level multiplies one (B, 1) ratio by the (B, T) advantages and mixes them.
 
-Implementation note: the sliced probabilities are exp(logits[V*] - logsumexp(logits over the full vocabulary));
-only the normaliser needs the full vocabulary.
+Implementation notes: the sliced probabilities are exp(logits[V*] - logsumexp(logits over the full vocabulary));
+only the normaliser needs the full vocabulary, computed in token chunks. The hidden states need one no-grad
+forward of the old policy per generation batch: TRL's own old-log-prob forward (when it runs at all) goes through
+its fused LM head, which returns no hidden states. It is skipped when no group of the batch is mixed. Groups may
+span processes: the per-token inputs are gathered, every rank computes every group, then keeps its own rows.
 """
 
 from __future__ import annotations
