@@ -41,16 +41,10 @@ def _list(what: str) -> None:
 
         print("built-in datasets (recipe `dataset: builtin:<name>`):")
         for name, entry in sorted(GENERATORS.items()):
-            print(f"  {name:<17} {_describe(entry)}")
+            print(f"  {name:<17} {entry.description}")
         print("data task types:")
         for name, description in TASKS.items():
             print(f"  {name:<11} {description}")
-
-
-def _describe(entry) -> str:
-    if isinstance(entry, tuple):
-        return next((part for part in entry if isinstance(part, str)), "")
-    return (getattr(entry, "description", None) or (entry.__doc__ or "").strip().split("\n")[0]).strip()
 
 
 def _train(recipe_name: str, overrides: list[str], resume: bool) -> None:
