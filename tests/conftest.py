@@ -29,3 +29,14 @@ def run_env(tmp_path):
     env = dict(os.environ)
     env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     return env
+
+
+def load_experiment(name: str):
+    """Import ``experiments/<name>.py`` (not a package) as a module; the caller removes it from sys.modules."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, ROOT / "experiments" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses in the script look their module up here
+    spec.loader.exec_module(module)
+    return module

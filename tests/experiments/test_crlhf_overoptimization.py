@@ -2,24 +2,17 @@
 seed 0, with the full run's settings, fixed weights overoptimise, xi-PPO holds the proxy points, and NM-PPO finds
 them from a random simplex; the multipliers are what holds xi at theta."""
 
-import importlib.util
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[2]
-
+from conftest import load_experiment
 
 @pytest.fixture(scope="module")
 def toy():
     torch.set_num_threads(1)
-    spec = importlib.util.spec_from_file_location("crlhf_overoptimization", ROOT / "experiments" / "crlhf_overoptimization.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["crlhf_overoptimization"] = module
-    spec.loader.exec_module(module)
-    yield module
+    yield load_experiment("crlhf_overoptimization")
     sys.modules.pop("crlhf_overoptimization", None)
 
 

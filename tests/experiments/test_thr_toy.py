@@ -1,23 +1,16 @@
 """The THR toy experiment (experiments/thr_toy.py, spec llm-methods.md §2.7): it runs the package's THR functions,
 p = 0 is GRPO, and the steering scalar moves the policy in the expected directions over the first 60 steps."""
 
-import importlib.util
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[2]
-
+from conftest import load_experiment
 
 @pytest.fixture(scope="module")
 def toy():
-    spec = importlib.util.spec_from_file_location("thr_toy", ROOT / "experiments" / "thr_toy.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["thr_toy"] = module
-    spec.loader.exec_module(module)
-    yield module
+    yield load_experiment("thr_toy")
     sys.modules.pop("thr_toy", None)
 
 
