@@ -268,6 +268,39 @@ def fictitious_facts(num_samples: int, seed: int) -> DatasetDict:
     return DatasetDict({name: Dataset.from_dict(rows) for name, rows in splits.items()})
 
 
+# ------------------------------------------------------------------------------------------------ reviews
+
+_REVIEW_SUBJECTS = {
+    "film": ("the film", "the movie", "the documentary"),
+    "book": ("the novel", "the book", "the short-story collection"),
+    "place": ("the restaurant", "the hotel", "the cafe", "the museum"),
+    "thing": ("the phone", "the headphones", "the bicycle", "the coffee maker", "the board game"),
+}
+_REVIEW_ASKS = (
+    "Write a one-sentence review of {subject} \"{title}\".",
+    "In two sentences, tell a friend what you thought of {subject} \"{title}\".",
+    "Give a short review of {subject} \"{title}\".",
+    "Describe your experience with {subject} \"{title}\" in a few words.",
+)
+
+
+def review_prompts(num_samples: int, seed: int) -> Dataset:
+    """Prompts asking for a short review of an invented film, book, place or product (prompt, subject).
+
+    No reference answers: RL recipes score the completions with sentiment, offensiveness and length rewards.
+    """
+    _check_num_samples("review_prompts", num_samples)
+    rng = random.Random(seed)
+    rows = {"prompt": [], "subject": []}
+    for _ in range(num_samples):
+        kind = rng.choice(sorted(_REVIEW_SUBJECTS))
+        title = " ".join(_word(rng, rng.randint(1, 3)).capitalize() for _ in range(rng.randint(1, 3)))
+        ask = rng.choice(_REVIEW_ASKS).format(subject=rng.choice(_REVIEW_SUBJECTS[kind]), title=title)
+        rows["prompt"].append(_user(ask))
+        rows["subject"].append(kind)
+    return Dataset.from_dict(rows)
+
+
 # ------------------------------------------------------------------------------------------------- registry
 
 
@@ -287,4 +320,7 @@ GENERATORS: dict[str, Generator] = {
     "fictitious_facts": Generator(
         fictitious_facts, "QA facts about invented entities, split into forget (~10% of entities) and retain",
         ("forget", "retain")),
+    "review_prompts": Generator(
+        review_prompts, "requests for a short review of an invented film, book, place or product (prompt only)",
+        ("train",)),
 }

@@ -27,7 +27,8 @@ TASKS: dict[str, str] = {
     "sft": "supervised fine-tuning: {messages} | {prompt, completion} | {text}; other columns are dropped",
     "preference": "pairwise preferences (DPO-style, reward models): {prompt, chosen, rejected} or {chosen, rejected}",
     "unpaired": "binary feedback (KTO): {prompt, completion, label} or preference pairs, which are unpaired",
-    "prompt": "prompts with verifiable answers (GRPO, RLOO): {prompt, answer}; extra columns go to reward functions",
+    "prompt": "prompts for RL (GRPO, RLOO): {prompt, answer} or {prompt} when no reward needs a reference answer; "
+              "extra columns go to reward functions",
     "unlearn": "a forget set and a retain set, each {text} or {prompt, completion}",
 }
 # Column sets each task accepts, in order of preference: the first one a dataset has is used.
@@ -35,7 +36,7 @@ TASK_FORMATS: dict[str, list[tuple[str, ...]]] = {
     "sft": [("messages",), ("prompt", "completion"), ("text",)],
     "preference": [("prompt", "chosen", "rejected"), ("chosen", "rejected")],
     "unpaired": [("prompt", "completion", "label"), ("prompt", "chosen", "rejected"), ("chosen", "rejected")],
-    "prompt": [("prompt", "answer")],
+    "prompt": [("prompt", "answer"), ("prompt",)],
     "unlearn": [("prompt", "completion"), ("text",)],
 }
 LOCAL_LOADERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
@@ -298,7 +299,8 @@ def format_for_task(task: str, dataset: Dataset, where: str) -> Dataset:
         return dataset
     check_columns(dataset, where, {c: COLUMN_CHECKS[c] for c in columns})
     if task == "prompt":
-        if isinstance(dataset.features["answer"], Value) and dataset.features["answer"].dtype != "string":
+        answer = dataset.features.get("answer")
+        if isinstance(answer, Value) and answer.dtype != "string":
             dataset = dataset.cast_column("answer", Value("string"))  # reward functions always see strings
         return dataset
     dataset = dataset.select_columns(list(columns))

@@ -7,6 +7,7 @@ policy, the reference model and any ZeRO-3 partitioning itself, exactly as its o
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import os
@@ -20,15 +21,52 @@ from posttrain.trainers.runtime import guarded, is_complete_checkpoint, latest_c
 
 
 def reward_functions(names: list[str], config) -> list:
+    """The reward callables named in ``reward_funcs``; ``rm:<directory>`` is a learned reward model (the output of a
+    ``reward`` recipe), handed to TRL as its path so TRL loads it as a one-label sequence classifier."""
     from posttrain.trainers.rewards import REWARDS
 
-    unknown = [name for name in names if name not in REWARDS]
+    unknown = [name for name in names if name not in REWARDS and not name.startswith("rm:")]
     if unknown or not names:
         raise UserError(
             f"unknown reward function(s) {', '.join(map(repr, unknown)) or '(none given)'} in reward_funcs; "
-            f"valid: {', '.join(sorted(REWARDS))}"
+            f"valid: {', '.join(sorted(REWARDS))}, or rm:<directory> for a trained reward model"
         )
-    return [REWARDS[name][1](config) for name in names]
+    funcs = []
+    for name in names:
+        if name.startswith("rm:"):
+            path = Path(name[3:]).expanduser()
+            if not (path / "config.json").is_file():
+                raise UserError(f"reward_funcs: {name!r}: {path} is not a saved model directory (no config.json); "
+                                "train one with a `reward` recipe and name its output_dir")
+            funcs.append(str(path))
+        else:
+            funcs.append(REWARDS[name][1](config))
+    return funcs
+
+
+# what TRL passes to every reward function besides the dataset columns
+_REWARD_PROTOCOL = {"prompts", "completions", "completion_ids", "trainer_state", "log_extra", "log_metric"}
+
+
+def check_reward_columns(funcs: list, names: list[str], columns: list[str]) -> None:
+    """Every argument a reward function requires must be a dataset column (TRL passes columns by name)."""
+    for fn, name in zip(funcs, names):
+        if isinstance(fn, str):
+            continue  # a reward model reads the prompt and completion only
+        required = [p.name for p in inspect.signature(fn).parameters.values()
+                    if p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+        missing = [p for p in required if p not in _REWARD_PROTOCOL and p not in columns]
+        if missing:
+            raise UserError(f"reward function {name!r} needs the dataset column(s) {', '.join(missing)}, but the "
+                            f"dataset has {columns}; use a dataset with them or another reward function")
+
+
+def _validate_per_reward_settings(config, funcs: list) -> None:
+    if hasattr(config, "validate_for"):  # per-reward-function settings (constrained RLHF thresholds, ...)
+        try:
+            config.validate_for(len(funcs))
+        except ValueError as e:
+            raise UserError(f"{e}") from None
 
 
 def build_trainer(recipe: Recipe):
@@ -48,6 +86,8 @@ def build_trainer(recipe: Recipe):
     extra: dict[str, Any] = {}
     if method.task == "prompt":
         extra["reward_funcs"] = reward_functions(recipe.data_args.reward_funcs, config)
+        check_reward_columns(extra["reward_funcs"], recipe.data_args.reward_funcs, datasets["train"].column_names)
+        _validate_per_reward_settings(config, extra["reward_funcs"])
 
     model_path = resolve_model_path(model_args.model_name_or_path)
     # dtype, attention, trust_remote_code, QLoRA quantization (+ device map); recipe's model_init_kwargs win.

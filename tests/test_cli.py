@@ -24,6 +24,10 @@ def test_list_shows_methods_recipes_rewards_and_data(capsys):
         (["train", "dpo/tiny", "--max_steps", "many"], "expects int"),
         (["train", "grpo/tiny", "--reward_funcs", "nope"], "unknown reward function"),
         (["train", "dpo/tiny", "--dataset", "builtin:nothing"], "nothing"),
+        (["train", "grpo/tiny", "--dataset", "builtin:review_prompts", "--difficulty", "null"], "'numeric_match' needs the dataset column(s) answer"),
+        (["train", "grpo/tiny", "--reward_funcs", "rm:/nowhere"], "not a saved model directory"),
+        (["train", "constrained_rlhf/tiny", "--constraint_thresholds", "[0.1]"], "constraint_thresholds has 1 values"),
+        (["train", "constrained_rlhf/tiny", "--formulation", "ppo"], "formulation='ppo'"),
     ],
 )
 def test_user_errors_are_one_line_with_exit_2(argv, message, capsys, tmp_path):

@@ -61,6 +61,20 @@ METHODS: dict[str, Method] = {
         "THR-GRPO: token-hidden-reward advantages steer GRPO (arXiv 2510.03669; NTHR exact, THR reconstructed)",
         parent="grpo",
     ),
+    "constrained_rlhf": Method(
+        "posttrain.trainers.constrained_rlhf:ConstrainedRLHFTrainer",
+        "posttrain.trainers.constrained_rlhf:ConstrainedRLHFConfig",
+        "prompt",
+        "constrained RLHF: Lagrange multipliers weigh several reward models, NM threshold search (arXiv 2310.04373)",
+        parent="rloo",
+    ),
+    "constrained_grpo": Method(
+        "posttrain.trainers.constrained_rlhf:ConstrainedGRPOTrainer",
+        "posttrain.trainers.constrained_rlhf:ConstrainedGRPOConfig",
+        "prompt",
+        "constrained RLHF on GRPO's group-mean baseline (arXiv 2310.04373)",
+        parent="grpo",
+    ),
     # Auxiliary (non-LLM) trainers.
     "fedau": Method(
         "posttrain.trainers.classic.fedau:FedAUTrainer",

@@ -63,13 +63,18 @@ one reuses its value); it stops once the std of the simplex values is below ``nm
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 import torch
-from trl import RLOOConfig
+from accelerate.utils import broadcast
+from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
+from trl.models.utils import disable_gradient_checkpointing
+from trl.trainer.utils import use_adapter
 
 FORMULATIONS = ("mu", "xi", "all", "sat", "fixed", "nm")
 # formulations that need ``constraint_thresholds``
@@ -78,8 +83,9 @@ NORM_EPS = 1e-8
 
 
 @dataclass
-class ConstrainedRLHFConfig(RLOOConfig):
-    """RLOOConfig plus the constrained-RLHF settings (defaults: the official ``gpt2_constrained_ppo.yml``)."""
+class ConstrainedArguments:
+    """The constrained-RLHF settings (defaults: the official ``gpt2_constrained_ppo.yml``), mixed into the RLOO and
+    GRPO configs below."""
 
     constraint_thresholds: list[float] | None = field(
         default=None,
@@ -227,6 +233,16 @@ class ConstrainedRLHFConfig(RLOOConfig):
                                  "(one value per reward function, in reward_funcs order)")
 
 
+@dataclass
+class ConstrainedRLHFConfig(ConstrainedArguments, RLOOConfig):
+    """RLOOConfig plus the constrained-RLHF settings: the spec's practical TRL variant (RLOO advantages per stream)."""
+
+
+@dataclass
+class ConstrainedGRPOConfig(ConstrainedArguments, GRPOConfig):
+    """GRPOConfig plus the constrained-RLHF settings: the same method with GRPO's group-mean baseline per stream."""
+
+
 # ----------------------------------------------------------------------------------------------- pure math
 
 
@@ -342,22 +358,43 @@ def sat_rewards(component_rewards, thresholds):
     return -((component_rewards - theta) ** 2).sum(-1)
 
 
+def group_mean_advantages(rewards, num_generations, scale="group"):
+    """GRPO advantages over dim 0 (TRL 1.16): r - mean of its group, divided by the group's unbiased std + 1e-4
+    (``scale="group"``), by the batch std + 1e-4 (``"batch"``) or not at all (``"none"``). (B,) or (B, N)."""
+    k = int(num_generations)
+    if rewards.shape[0] % k:
+        raise ValueError(f"batch of {rewards.shape[0]} is not a multiple of num_generations={k}")
+    grouped = rewards.reshape(-1, k, *rewards.shape[1:])
+    centred = (grouped - grouped.mean(1, keepdim=True)).reshape(rewards.shape)
+    if scale == "group":
+        std = grouped.std(1, unbiased=True, keepdim=True).expand_as(grouped).reshape(rewards.shape)
+        return centred / (std + 1e-4)
+    if scale == "batch":
+        return centred / (rewards.std(0, unbiased=True) + 1e-4)
+    if scale == "none":
+        return centred
+    raise ValueError(f"scale={scale!r}; valid: group, batch, none")
+
+
 def formulation_advantages(formulation, component_rewards, kl_rewards, num_generations, multipliers=None,
-                           thresholds=None, squash=True):
+                           thresholds=None, squash=True, *, baseline=None, normalise_single=NORM_EPS):
     """Sequence advantages (B,) for any formulation, from per-completion rewards.
 
     component_rewards (B, N), kl_rewards (B,) (``kl_stream_rewards``), the num_generations completions of a prompt
-    consecutive. mu / xi / nm / all: every stream gets its RLOO advantage, then ``mix_advantages`` (multipliers =
-    the raw lambda; equality for xi and nm) or ``mix_upper_bound_advantages`` (all) normalises and mixes them.
-    fixed / sat: ONE stream, the reward sum_i w_i r_i + r_KL (w = multipliers, default ones) or
-    -sum_i (r_i - theta_i)^2 + r_KL, its RLOO advantage normalised over the batch (= TRL's RLOO with beta =
-    kl_coef and normalize_advantages=True, whose normaliser adds 1e-4 to the std where this adds 1e-8).
+    consecutive. ``baseline(rewards, num_generations)`` turns rewards ((B,) or (B, N)) into per-stream advantages:
+    ``rloo_advantages`` by default, ``group_mean_advantages`` for the GRPO twin. mu / xi / nm / all: every stream
+    gets its advantage, then ``mix_advantages`` (multipliers = the raw lambda; equality for xi and nm) or
+    ``mix_upper_bound_advantages`` (all) normalises and mixes them. fixed / sat: ONE stream, the reward
+    sum_i w_i r_i + r_KL (w = multipliers, default ones) or -sum_i (r_i - theta_i)^2 + r_KL; its advantage is
+    normalised over the batch as (A - mean) / (std_unbiased + normalise_single) (None: not normalised). With the
+    RLOO baseline and ``normalise_single=1e-4`` this is TRL's RLOO with beta = kl_coef, normalize_advantages=True.
     """
     if formulation not in FORMULATIONS:
         raise ValueError(f"formulation={formulation!r}; valid: {', '.join(FORMULATIONS)}")
     if component_rewards.dim() != 2 or kl_rewards.shape != component_rewards.shape[:1]:
         raise ValueError(f"component_rewards must be (B, N) and kl_rewards (B,), got {tuple(component_rewards.shape)} "
                          f"and {tuple(kl_rewards.shape)}")
+    baseline = rloo_advantages if baseline is None else baseline
     if formulation in ("fixed", "sat"):
         if formulation == "sat":
             if thresholds is None:
@@ -369,11 +406,14 @@ def formulation_advantages(formulation, component_rewards, kl_rewards, num_gener
             if w.shape != (n,):
                 raise ValueError(f"fixed weights must be (N,) = ({n},), got shape {tuple(w.shape)}")
             reward = component_rewards @ w.to(component_rewards)
-        return normalise_stream(rloo_advantages(reward + kl_rewards.to(reward), num_generations))
+        adv = baseline(reward + kl_rewards.to(reward), num_generations)
+        if normalise_single is None or adv.shape[0] < 2:
+            return adv
+        return (adv - adv.mean()) / (adv.std(unbiased=True) + normalise_single)
     if multipliers is None:
         raise ValueError(f"formulation={formulation!r} needs the multipliers")
-    A_c = rloo_advantages(component_rewards, num_generations)
-    A_kl = rloo_advantages(kl_rewards, num_generations)
+    A_c = baseline(component_rewards, num_generations)
+    A_kl = baseline(kl_rewards, num_generations)
     if formulation == "all":
         return mix_upper_bound_advantages(A_c, A_kl, multipliers, squash=squash)
     return mix_advantages(A_c, A_kl, multipliers, equality=formulation in ("xi", "nm"), squash=squash)
@@ -699,27 +739,246 @@ class EarlyStopResult(NamedTuple):
     early: bool  # True if every constraint was within the tolerance
 
 
+class EarlyStopEvaluation:
+    """One NM-PPO function evaluation, fed one training iteration at a time (the official rule).
+
+    ``tick(evaluate)`` is called after every training iteration run with the candidate ``thresholds``; after every
+    ``eval_every``-th iteration and after the ``n_iterations``-th it calls ``evaluate() -> (score,
+    component_values)`` and returns an ``EarlyStopResult`` once every component value is within
+    +-rel_tol * |theta_i| of its threshold (early) or the iterations are spent (the last evaluation); else None.
+    """
+
+    def __init__(self, thresholds, n_iterations: int, eval_every: int, rel_tol: float = 0.05, iterations: int = 0):
+        if n_iterations < 1 or eval_every < 1:
+            raise ValueError(f"need n_iterations >= 1 and eval_every >= 1 (got {n_iterations}, {eval_every})")
+        self.thresholds = [float(t) for t in thresholds]
+        self.n_iterations, self.eval_every, self.rel_tol = int(n_iterations), int(eval_every), float(rel_tol)
+        self.iterations = int(iterations)  # done so far (restored on resume)
+
+    @property
+    def due(self) -> bool:
+        """True when the next ``tick`` evaluates."""
+        nxt = self.iterations + 1
+        return nxt % self.eval_every == 0 or nxt >= self.n_iterations
+
+    def tick(self, evaluate: Callable[[], tuple[float, Sequence[float]]]) -> EarlyStopResult | None:
+        due = self.due
+        self.iterations += 1
+        if not due:
+            return None
+        score, values = evaluate()
+        values = [float(v) for v in values]
+        if len(values) != len(self.thresholds):
+            raise ValueError(f"evaluate() returned {len(values)} component values for {len(self.thresholds)} thresholds")
+        early = all(abs(v - t) <= self.rel_tol * abs(t) for v, t in zip(values, self.thresholds))
+        if early or self.iterations >= self.n_iterations:
+            return EarlyStopResult(float(score), self.iterations, values, early)
+        return None
+
+
 def evaluate_with_early_stop(train_step: Callable[[], object], evaluate: Callable[[], tuple[float, Sequence[float]]],
                              thresholds: Sequence[float], n_iterations: int, eval_every: int,
                              rel_tol: float = 0.05) -> EarlyStopResult:
-    """One NM-PPO function evaluation (the official rule).
-
-    Calls ``train_step()`` up to ``n_iterations`` times (continuing the current run with ``thresholds`` set by the
-    caller) and ``evaluate() -> (score, component_values)`` after every ``eval_every`` iterations and after the
-    last one. Returns early, with that evaluation, once every component value is within +-rel_tol * |theta_i| of
-    its threshold; otherwise returns the last evaluation.
-    """
-    if n_iterations < 1 or eval_every < 1:
-        raise ValueError(f"need n_iterations >= 1 and eval_every >= 1 (got {n_iterations}, {eval_every})")
-    theta = [float(t) for t in thresholds]
-    score, values = None, None
-    for it in range(1, n_iterations + 1):
+    """One NM-PPO function evaluation in one call: ``train_step()`` up to ``n_iterations`` times (the caller set the
+    thresholds), with ``EarlyStopEvaluation``'s evaluation and early-stop rule."""
+    run = EarlyStopEvaluation(thresholds, n_iterations, eval_every, rel_tol)
+    while True:
         train_step()
-        if it % eval_every == 0 or it == n_iterations:
-            score, values = evaluate()
-            values = [float(v) for v in values]
-            if len(values) != len(theta):
-                raise ValueError(f"evaluate() returned {len(values)} component values for {len(theta)} thresholds")
-            if all(abs(v - t) <= rel_tol * abs(t) for v, t in zip(values, theta)):
-                return EarlyStopResult(float(score), it, values, True)
-    return EarlyStopResult(float(score), n_iterations, values, False)
+        result = run.tick(evaluate)
+        if result is not None:
+            return result
+
+
+# ------------------------------------------------------------------------------------------------- trainers
+
+STATE_FILE = "constrained_rlhf_state.pt"
+
+
+class _ConstrainedMixin:
+    """The constrained-RLHF delta, shared by the RLOO and GRPO trainers: overrides ``_generate_and_score_completions``
+    (the advantages and the multiplier step) and ``_calculate_rewards`` (to keep the component rewards un-summed);
+    saves its state beside the weights. ``_stream_baseline`` is the per-stream advantage of the parent method."""
+
+    def __init__(self, model, reward_funcs, args=None, **kwargs):
+        if not isinstance(args, ConstrainedArguments):
+            raise TypeError(f"{type(self).__name__} needs a {ConstrainedArguments.__name__} config (got {type(args)})")
+        funcs = reward_funcs if isinstance(reward_funcs, list) else [reward_funcs]
+        args.validate_for(len(funcs))
+        # TRL builds and prepares a reference model (plain, PEFT, DeepSpeed or FSDP) only for beta != 0: let it,
+        # then zero beta so TRL never adds the KL to the reward or loss itself: it is the KL stream here.
+        args.beta = args.kl_coef
+        try:
+            super().__init__(model, funcs, args=args, **kwargs)
+        finally:
+            args.beta = 0.0
+        self.beta = 0.0
+        n = len(funcs)
+        self.thresholds = list(args.constraint_thresholds or [0.0] * n)
+        self.multipliers = LagrangeMultipliers.from_config(args, n, generator=torch.Generator().manual_seed(args.seed))
+        self.nm = self.nm_run = self.nm_eval = None
+        self._nm_window: list[tuple[float, list[float]]] = []
+        if args.formulation == "nm":
+            from posttrain.trainers.rewards import REWARDS
+
+            if args.nm_eval_function not in REWARDS:
+                raise ValueError(f"nm_eval_function={args.nm_eval_function!r} is not a reward function; valid: "
+                                 f"{', '.join(sorted(REWARDS))}")
+            self.nm_eval = REWARDS[args.nm_eval_function][1](args)
+            low, high = args.nm_box()
+            self.nm = NelderMead(low, high, tol=args.nm_tol, max_iterations=args.nm_iterations,
+                                 seed=args.seed if args.nm_seed is None else args.nm_seed)
+            self._nm_next()
+
+    # --------------------------------------------------------------------------------------- rewards
+
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        # TRL gathers the (B, N) component rewards of the whole generation batch over processes: keep them.
+        self._component_rewards = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        if self.nm_eval is not None and self.model.training:
+            columns = {k: [x[k] for x in inputs] for k in inputs[0] if k not in ("prompt", "completion", "completion_ids")}
+            score = self.nm_eval(prompts=prompts, completions=completions, completion_ids=completion_ids_list, **columns)
+            self._nm_scores = self.accelerator.gather(torch.tensor(score, dtype=torch.float32, device=self.accelerator.device))
+        return self._component_rewards
+
+    def _generate_and_score_completions(self, inputs):
+        out = super()._generate_and_score_completions(inputs)
+        if not self.model.training:
+            return out  # evaluation keeps the parent's advantages (they are only logged)
+        args, rewards = self.args, self._component_rewards.double()
+        if torch.isnan(rewards).any():
+            bad = [n for n, col in zip(self.reward_func_names, rewards.isnan().any(0).tolist()) if col]
+            raise ValueError(f"reward function(s) {', '.join(bad)} returned None for some completions: constrained "
+                             "RLHF needs every component reward of every completion")
+        kl = self.accelerator.gather(self._sequence_kl(out)).double()  # (B,) sum_t log pi_old - log pi_ref
+        lam = None if self.multipliers is None else self.multipliers.lam
+        advantages = formulation_advantages(
+            args.formulation, rewards, -args.kl_coef * kl, self.num_generations, lam, self.thresholds,
+            args.squash_multipliers, baseline=self._stream_baseline,
+            normalise_single=1e-4 if getattr(args, "normalize_advantages", False) else None)
+        rank, b = self.accelerator.process_index, out["completion_ids"].size(0)
+        out["advantages"] = advantages[rank * b:(rank + 1) * b].to(out["advantages"].dtype)
+
+        values = rewards.mean(0)  # the constraint values V_i: global batch means (identical on every rank)
+        metrics = {"constrained/kl": kl.mean().item()}
+        for name, v, t in zip(self.reward_func_names, values.tolist(), self.thresholds):
+            metrics[f"constrained/value/{name}"] = v
+            if args.formulation != "fixed":
+                metrics[f"constrained/threshold/{name}"] = t
+        if self.multipliers is not None:
+            metrics.update(self.multipliers.log_dict(self.reward_func_names))  # the weights used for this batch
+            metrics["constrained/multiplier_loss"] = self.multipliers.step(values, self.thresholds)["loss"]
+        if self.nm is not None:
+            self._nm_tick(values.tolist(), metrics)
+        for key, value in metrics.items():
+            self._metrics["train"][key].append(value)
+        return out
+
+    @torch.no_grad()
+    def _sequence_kl(self, out) -> torch.Tensor:
+        """sum_t (log pi_old - log pi_ref) per local completion; zeros when kl_coef = 0 (no reference model)."""
+        mask = out["completion_mask"]
+        if self.args.kl_coef == 0:
+            return torch.zeros(mask.size(0), device=mask.device)
+        ids = torch.cat([out["prompt_ids"], out["completion_ids"]], 1)
+        attention = torch.cat([out["prompt_mask"], mask], 1)
+        keep, batch = mask.size(1), self.args.per_device_train_batch_size
+
+        def logps(model):
+            return self._get_per_token_logps_and_entropies(model, ids, attention, keep, batch_size=batch)[0]
+
+        with disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
+            if "old_logps" in out:  # RLOO: sum_t log pi_old, already masked
+                policy = out["old_logps"]
+            else:  # GRPO keeps old per-token log-probs only off-policy; on-policy they are this model's
+                old = out.get("old_per_token_logps")
+                policy = ((logps(self.model) if old is None else old) * mask).sum(1)
+            # the reference branch of TRL 1.16's RLOOTrainer._generate_and_score_completions
+            if self.ref_model is not None:
+                ref = logps(self.ref_model)
+            else:  # PEFT: the adapter disabled (or the initial copy named "ref") is the reference
+                unwrapped = self.accelerator.unwrap_model(self.model)
+                with use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None):
+                    ref = logps(self.model)
+        return policy - (ref * mask).sum(1)
+
+    # ------------------------------------------------------------------------------------------ NM-PPO
+
+    def _nm_next(self):
+        """Start the next NM function evaluation (or, once the search is done, settle on its best point)."""
+        theta = self.nm.ask()
+        if theta is None:
+            self.thresholds, self.nm_run = self.nm.best_point.tolist(), None
+            return
+        self.thresholds = theta.tolist()
+        self.nm_run = EarlyStopEvaluation(self.thresholds, self.args.nm_eval_steps, self.args.nm_eval_every)
+
+    def _nm_tick(self, values, metrics):
+        """One training iteration of the current NM evaluation: the score is the evaluation function's mean over the
+        completions generated since the last check (fresh samples of the current policy), the component values the
+        batch means over the same batches."""
+        if self.nm_run is None:
+            return
+        self._nm_window.append((self._nm_scores.mean().item(), values))
+
+        def evaluate():
+            scores, comps = zip(*self._nm_window)
+            self._nm_window.clear()
+            return float(np.mean(scores)), np.mean(comps, 0).tolist()
+
+        result = self.nm_run.tick(evaluate)
+        if result is not None:
+            self.nm.tell(result.score, cost=result.iterations)
+            metrics.update({"nm/score": result.score, "nm/evaluations": float(len(self.nm.history)),
+                            "nm/early": float(result.early)})
+            self._nm_next()
+
+    # ------------------------------------------------------------------------------------------- state
+
+    def constrained_state(self) -> dict:
+        state = {"thresholds": list(self.thresholds),
+                 "multipliers": None if self.multipliers is None else self.multipliers.state_dict()}
+        if self.nm is not None:
+            state["nm"] = self.nm.state_dict()
+            state["nm_iterations"] = None if self.nm_run is None else self.nm_run.iterations
+            state["nm_window"] = [list(w) for w in self._nm_window]
+        return state
+
+    def load_constrained_state(self, state: dict) -> None:
+        if self.multipliers is not None:
+            self.multipliers.load_state_dict(state["multipliers"])
+        if self.nm is not None:
+            self.nm.load_state_dict(state["nm"])
+            self._nm_next()
+            if self.nm_run is not None:
+                self.nm_run.iterations = state["nm_iterations"]
+            self._nm_window = [(float(s), list(v)) for s, v in state["nm_window"]]
+        self.thresholds = [float(t) for t in state["thresholds"]]
+
+    def _save(self, output_dir=None, state_dict=None):
+        super()._save(output_dir, state_dict)
+        if self.args.should_save:
+            path = Path(output_dir or self.args.output_dir) / STATE_FILE
+            torch.save(self.constrained_state(), path.with_suffix(".tmp"))
+            os.replace(path.with_suffix(".tmp"), path)  # never a half-written state file
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        path = Path(resume_from_checkpoint) / STATE_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing: the checkpoint was not written by a constrained RLHF run")
+        self.load_constrained_state(torch.load(path, weights_only=True))
+        if self.multipliers is not None and self.accelerator.num_processes > 1:
+            self.multipliers.sync_(lambda t: broadcast(t, from_process=0))  # rank 0's copy wins, bit for bit
+
+
+class ConstrainedRLHFTrainer(_ConstrainedMixin, RLOOTrainer):
+    """RLOOTrainer with constrained-RLHF advantages and Lagrange multipliers (the spec's practical TRL variant)."""
+
+    _stream_baseline = staticmethod(rloo_advantages)
+
+
+class ConstrainedGRPOTrainer(_ConstrainedMixin, GRPOTrainer):
+    """GRPOTrainer twin: each stream's advantage is GRPO's group-centred reward (scaled as ``scale_rewards``)."""
+
+    def _stream_baseline(self, rewards, num_generations):
+        return group_mean_advantages(rewards, num_generations, self.args.scale_rewards)

@@ -60,8 +60,49 @@ def _length_penalty(config) -> Callable:
     return get_soft_overlong_punishment(max_completion_len=max_len, soft_punish_cache=max(1, max_len // 4))
 
 
+def _vader_sentiment(config) -> Callable:
+    # VADER (Hutto & Gilbert 2014): a lexicon- and rule-based sentiment scorer, offline and deterministic.
+    from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+    analyzer = SentimentIntensityAnalyzer()
+
+    def vader_sentiment(completions, **kwargs) -> list[float]:
+        """VADER compound sentiment of the completion, in [-1, 1] (positive is higher)."""
+        return [analyzer.polarity_scores(_text(c))["compound"] for c in completions]
+
+    return vader_sentiment
+
+
+def _offensiveness_cost(config) -> Callable:
+    # alt-profanity-check: a linear SVM on TF-IDF features trained on offensive/toxic comments; it scores a whole
+    # list of texts in one call, so the batch goes through at once.
+    from profanity_check import predict_prob
+
+    def offensiveness_cost(completions, **kwargs) -> list[float]:
+        """-P(offensive) of the completion, in [-1, 0]: a cost written as a reward (higher is better)."""
+        return [-float(p) for p in predict_prob([_text(c) for c in completions])]
+
+    return offensiveness_cost
+
+
+def _length_fraction(config) -> Callable:
+    max_len = int(getattr(config, "max_completion_length", None) or 256)
+
+    def length_fraction(completion_ids, **kwargs) -> list[float]:
+        """Completion length in tokens / max_completion_length, in [0, 1]: a length reward or, as a
+        constraint, a length budget."""
+        return [len(ids) / max_len for ids in completion_ids]
+
+    return length_fraction
+
+
+# A learned reward model is named ``rm:<directory>`` in reward_funcs (see ``posttrain.recipes.train``): TRL loads it
+# as a sequence classifier and scores each generation batch in one forward.
 REWARDS: dict[str, tuple[str, Callable]] = {
     "numeric_match": ("1 if the last number in the completion equals the `answer` column", lambda config: numeric_match),
     "answer_format": ("1 if the completion ends with 'The answer is N.' or '#### N'", lambda config: answer_format),
     "length_penalty": ("DAPO soft overlong penalty: 0 up to 3/4 of max_completion_length, then down to -1", _length_penalty),
+    "length_fraction": ("completion tokens / max_completion_length, in [0, 1]", _length_fraction),
+    "vader_sentiment": ("VADER compound sentiment of the completion, in [-1, 1] (PyPI vadersentiment)", _vader_sentiment),
+    "offensiveness_cost": ("-P(offensive) of the completion, in [-1, 0] (PyPI alt-profanity-check)", _offensiveness_cost),
 }

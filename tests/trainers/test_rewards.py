@@ -19,3 +19,24 @@ def test_length_penalty_uses_max_completion_length():
 
     fn = REWARDS["length_penalty"][1](Config())
     assert fn(completion_ids=[[1] * 6, [1] * 7, [1] * 9]) == [0.0, pytest.approx(-0.5), -1.0]
+
+
+def test_length_fraction():
+    class Config:
+        max_completion_length = 8
+
+    fn = REWARDS["length_fraction"][1](Config())
+    assert fn(completion_ids=[[], [1] * 2, [1] * 8]) == [0.0, 0.25, 1.0]
+
+
+def test_vader_sentiment_orders_texts_by_polarity():
+    fn = REWARDS["vader_sentiment"][1](None)
+    happy, sad, flat = fn(["What a wonderful, lovely day!", "This is awful and I hate it.",
+                           [{"role": "assistant", "content": "The table has four legs."}]])
+    assert happy > 0.5 and sad < -0.5 and flat == 0.0
+
+
+def test_offensiveness_cost_is_a_negative_probability():
+    fn = REWARDS["offensiveness_cost"][1](None)
+    polite, rude = fn(["Thank you for the kind help.", "shut up you stupid idiot"])
+    assert -0.3 < polite <= 0 and -1 <= rude < -0.9
