@@ -1,0 +1,378 @@
+"""WAGLE: weight attribution-guided LLM unlearning (arXiv 2410.17509).
+
+Official code: OPTML-Group/WAGLE (MIT), read through the spec (llm-methods.md §4): ``generate_mask.py`` score type
+``snip_advanced`` is WAGLE, ``GA.py`` GradDiff/NPO, ``CL.py`` PO, ``base.py`` the masked step. Written anew.
+
+Delta from ``transformers.Trainer``: an unlearning loss on paired (forget, retain) batches, and the gradients are
+multiplied by a fixed 0/1 weight mask after gradient clipping and before ``optimizer.step()``.
+
+Phase 1, the mask (model.eval(); per batch b the plain token-mean next-token CE, HF ``outputs.loss``, not negated):
+
+    g_f = sum_b grad CE(forget_b)        g_r = sum_b grad CE(retain_b)      summed, not averaged, over batches
+    S_j = (theta_j - g_r,j / gamma) * g_f,j                                  every entry of every trainable tensor
+    m_j = 1  iff  |S_j| is among the global top int(n * ratio) of all n entries (ratio = fraction *updated*)
+
+  baselines on the same API: snip |theta g_f|, magnitude |theta|, random U[0, 1) (seeded), dense (all ones).
+  For PO masks the forget CE is the CE of the refusal answer (official ``snip_advanced_CL``).
+
+Phase 2, the objective (lambda = ``retain_weight``, beta = 0.1 hard-coded in the official code):
+
+    graddiff  L = -CE_f + lambda CE_r
+    npo       L = -(2 / beta) log sigmoid(beta (CE_f^theta - CE_f^ref)) + lambda CE_r   (batch token-mean CE, not
+              the NPO paper's sequence log-likelihood sum; ref = frozen copy of the initial model)
+    po        L = CE(forget question -> refusal answer) + lambda CE_r
+    step      backward -> clip_grad_norm (unmasked grads) -> grad *= m -> optimizer.step()
+
+Scale: the top-k threshold is found by a radix select over 8-bit histograms of order-preserving integer keys,
+chunk by chunk (4 passes for float32 scores, 8 for float64), never by sorting or concatenating all entries; ties at
+the threshold go to the earliest entries in (dict order, row-major) order, i.e. exactly a *stable* descending sort.
+
+Doubts: (1) the official ranking uses an unstable ``torch.argsort``, so on exact ties the masks may differ;
+(2) S is not scale-invariant: multiplying both gradient sums by c reweights theta against g_r / gamma, so data
+parallelism (DDP averages over ranks) or a backward that divides by the accumulation steps must be undone with
+``grad_scale`` to match the official single-process sums; (3) with the shipped gamma = 1e-6 the theta term is
+negligible and |S| ~ |g_r g_f| / gamma; (4) official accumulates bf16 grads, we sum in float32; (5) AdamW's
+decoupled weight decay still shrinks masked weights (official behaviour, kept); (6) int(n * ratio) keeps the
+official float rounding (int(100 * 0.29) = 28); (7) the paper's form theta g_f - g_r g_f / gamma is the same S.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from transformers import TrainingArguments
+
+MASK_FILE = "wagle_mask.safetensors"
+OBJECTIVES = ("graddiff", "npo", "po")
+MASK_METHODS = ("wagle", "random", "magnitude", "snip", "dense")
+
+
+@dataclass
+class WAGLEConfig(TrainingArguments):
+    """TrainingArguments plus the WAGLE settings; defaults from the official TOFU GradDiff+WAGLE config."""
+
+    objective: str = field(default="graddiff", metadata={"help": "unlearning loss: graddiff (GA+FT), npo (NPO+FT) or po (refusal answers, CL+FT)."})
+    mask_method: str = field(default="wagle", metadata={"help": "wagle (|(theta - g_r/gamma) g_f|), random, magnitude (|theta|), snip (|theta g_f|) or dense (all weights; ignores mask_ratio)."})
+    mask_ratio: float = field(default=0.95, metadata={"help": "fraction of weights updated (global top int(n*ratio)); official: TOFU 0.95 GradDiff/NPO, 0.8 PO; WMDP 0.4 GradDiff, 0.6 NPO."})
+    gamma: float = field(default=1e-6, metadata={"help": "Hessian-diagonal constant gamma ('mu' in the official configs: 1e-6)."})
+    npo_beta: float = field(default=0.1, metadata={"help": "NPO inverse temperature beta (official: 0.1, hard-coded)."})
+    retain_weight: float = field(default=1.0, metadata={"help": "weight lambda of the retain CE in every objective."})
+    mask_path: str | None = field(default=None, metadata={"help": "load this saved mask (safetensors) instead of computing one; it must match the model's trainable parameters."})
+    mask_seed: int = field(default=0, metadata={"help": "seed of the random mask baseline."})
+    attribution_batches: int = field(default=-1, metadata={"help": "paired batches used for the gradient sums of phase 1; -1: the whole forget loader."})
+    keep_grads_on_cpu: bool = field(default=False, metadata={"help": "keep the phase-1 gradient sums and scores on CPU (saves accelerator memory)."})
+    mask_chunk_size: int = field(default=2**24, metadata={"help": "entries processed at once by the global top-k threshold search."})
+    # official training arguments (TOFU GradDiff+WAGLE): warmup max(1, max_steps // 10) ~ ratio 0.1
+    learning_rate: float = field(default=7e-6, metadata={"help": "official: 7e-6 TOFU GradDiff, 1e-5 NPO, 2e-5 PO."})
+    weight_decay: float = field(default=0.1, metadata={"help": "official: 0.1 TOFU, 0.0 WMDP."})
+    num_train_epochs: float = field(default=5.0, metadata={"help": "official: 5."})
+    per_device_train_batch_size: int = field(default=1, metadata={"help": "official: 1 (x 4 accumulation steps)."})
+    gradient_accumulation_steps: int = field(default=4, metadata={"help": "official: 4."})
+    warmup_steps: float = field(default=0.1, metadata={"help": "official: max(1, max_steps // 10) steps; a float < 1 is a ratio."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective={self.objective!r}; valid: {', '.join(OBJECTIVES)}")
+        if self.mask_method not in MASK_METHODS:
+            raise ValueError(f"mask_method={self.mask_method!r}; valid: {', '.join(MASK_METHODS)}")
+        if not 0.0 <= self.mask_ratio <= 1.0:
+            raise ValueError(f"mask_ratio must be in [0, 1] (got {self.mask_ratio})")
+        if not self.gamma > 0 or not self.npo_beta > 0:
+            raise ValueError(f"gamma and npo_beta must be > 0 (got {self.gamma}, {self.npo_beta})")
+        if self.mask_chunk_size < 1 or self.attribution_batches == 0 or self.attribution_batches < -1:
+            raise ValueError("mask_chunk_size must be >= 1 and attribution_batches -1 or >= 1")
+
+
+# ----------------------------------------------------------------------------------------------- pure math
+
+
+def attribution_scores(params, grad_forget, grad_retain, gamma):
+    """WAGLE scores {name: |(theta - g_r / gamma) * g_f|} in float32, on the device of the forget gradients."""
+    _check_names(params, grad_forget, "grad_forget")
+    _check_names(params, grad_retain, "grad_retain")
+    out = {}
+    for name, theta in params.items():
+        gf = grad_forget[name].float()
+        theta, gr = theta.detach().to(gf.device, torch.float32), grad_retain[name].to(gf.device, torch.float32)
+        out[name] = ((theta - gr / gamma) * gf).abs()
+    return out
+
+
+def snip_scores(params, grad_forget):
+    """SNIP baseline {name: |theta * g_f|} (WAGLE without the retain correction)."""
+    _check_names(params, grad_forget, "grad_forget")
+    return {n: (t.detach().to(grad_forget[n].device, torch.float32) * grad_forget[n].float()).abs() for n, t in params.items()}
+
+
+def magnitude_scores(params):
+    """Magnitude baseline {name: |theta|}."""
+    return {n: t.detach().float().abs() for n, t in params.items()}
+
+
+def random_scores(shapes, seed=0):
+    """Random baseline: U[0, 1) scores from one CPU generator seeded once, tensors drawn in dict order.
+    ``shapes`` maps names to shapes or tensors (only their shapes are used), so every rank draws the same."""
+    g = torch.Generator().manual_seed(seed)
+    return {n: torch.rand(tuple(s.shape if isinstance(s, torch.Tensor) else s), generator=g) for n, s in shapes.items()}
+
+
+def _keys(x, wide):
+    """Order-preserving integer keys of floats: a < b iff key(a) < key(b); -0.0 is mapped to +0.0 first."""
+    x = x.to(torch.float64 if wide else torch.float32)
+    if torch.isnan(x).any():
+        raise ValueError("NaN in the mask scores")
+    bits = torch.where(x == 0, torch.zeros_like(x), x).view(torch.int64 if wide else torch.int32)
+    return bits ^ ((bits >> (63 if wide else 31)) & (2**63 - 1 if wide else 2**31 - 1))
+
+
+def _chunks(tensor, size):
+    flat = tensor.reshape(-1)
+    return [flat[i:i + size] for i in range(0, flat.numel(), size)]
+
+
+def top_ratio_mask(scores, ratio, chunk_size=2**24):
+    """{name: bool mask}, True for the global top int(n * ratio) scores over all tensors together, exactly.
+
+    The k-th largest score is found by radix select: one 256-bin histogram of the next 8 key bits per pass, over
+    chunks of ``chunk_size`` entries, restricted to the entries that share the high bits found so far. Entries
+    above it are all kept; entries equal to it are kept in (dict order, row-major) order until k are taken."""
+    if not 0.0 <= ratio <= 1.0:
+        raise ValueError(f"ratio must be in [0, 1] (got {ratio})")
+    n = sum(s.numel() for s in scores.values())
+    k = int(n * ratio)
+    if k == 0 or k == n:
+        return {name: torch.full(s.shape, k > 0, dtype=torch.bool, device=s.device) for name, s in scores.items()}
+    wide = any(s.dtype == torch.float64 for s in scores.values())
+    width = 64 if wide else 32
+    prefix, need = 0, k  # need: rank of the k-th largest key among the keys that share the prefix
+    for shift in range(width - 8, -1, -8):
+        top = shift == width - 8
+        hist = torch.zeros(256, dtype=torch.int64)
+        for s in scores.values():
+            for chunk in _chunks(s, chunk_size):
+                key = _keys(chunk, wide)
+                if not top:
+                    key = key[(key >> (shift + 8)) == prefix]
+                digit = ((key >> shift) & 255) ^ (128 if top else 0)  # top byte: sign flipped, so unsigned order
+                hist += torch.bincount(digit.long(), minlength=256).cpu()
+        at_least = hist.flip(0).cumsum(0)  # at_least[i]: entries whose digit >= 255 - i
+        i = int(torch.searchsorted(at_least, need))
+        digit = 255 - i
+        need -= int(at_least[i] - hist[digit])
+        prefix = digit - 128 if top else prefix * 256 + digit
+    threshold, ties_left = prefix, need
+    masks = {}
+    for name, s in scores.items():
+        parts = []
+        for chunk in _chunks(s, chunk_size):
+            key = _keys(chunk, wide)
+            keep, tie = key > threshold, key == threshold
+            if ties_left > 0:
+                take = tie & (tie.cumsum(0) <= ties_left)
+                ties_left -= int(take.sum())
+                keep |= take
+            parts.append(keep)
+        masks[name] = (torch.cat(parts) if parts else torch.zeros(0, dtype=torch.bool, device=s.device)).view(s.shape)
+    return masks
+
+
+def graddiff_loss(forget_ce, retain_ce, retain_weight=1.0):
+    """GradDiff (official GA+FT): -CE_f + lambda CE_r."""
+    return -forget_ce + retain_weight * retain_ce
+
+
+def npo_forget_term(forget_ce, ref_forget_ce, beta=0.1):
+    """Official NPO term on batch token-mean CEs: -(2 / beta) log sigmoid(beta (CE_theta - CE_ref))."""
+    return -(2.0 / beta) * F.logsigmoid(beta * (forget_ce - ref_forget_ce))
+
+
+def npo_loss(forget_ce, ref_forget_ce, retain_ce, beta=0.1, retain_weight=1.0):
+    """NPO+FT: the NPO forget term + lambda CE_r."""
+    return npo_forget_term(forget_ce, ref_forget_ce, beta) + retain_weight * retain_ce
+
+
+def po_loss(refusal_ce, retain_ce, retain_weight=1.0):
+    """PO (official CL+FT): CE of the forget questions with refusal answers + lambda CE_r."""
+    return refusal_ce + retain_weight * retain_ce
+
+
+def _check_names(reference, other, what):
+    if set(reference) != set(other):
+        missing, extra = sorted(set(reference) - set(other)), sorted(set(other) - set(reference))
+        raise KeyError(f"{what} does not match the parameters: missing {missing[:5]}, unexpected {extra[:5]}")
+
+
+# ----------------------------------------------------------------------------------------------- model side
+
+
+def _is_zero3(p):
+    return hasattr(p, "ds_id")
+
+
+def _full_shape(p):
+    return tuple(p.ds_shape) if _is_zero3(p) else tuple(p.shape)
+
+
+def trainable_parameters(model):
+    """(name, parameter) of the parameters the mask covers: every trainable one (tied weights once), named as
+    in the bare model (a DDP / DeepSpeed / compiled wrapper is looked through, so no ``module.`` prefix)."""
+    from accelerate.utils import extract_model_from_parallel
+
+    return [(n, p) for n, p in extract_model_from_parallel(model).named_parameters() if p.requires_grad]
+
+
+def _full_grad(p):
+    if _is_zero3(p):  # partitioned: gathered from the ZeRO-3 optimizer (a collective: all ranks, same order)
+        from deepspeed.utils import safe_get_full_grad
+
+        return safe_get_full_grad(p)
+    return p.grad
+
+
+def accumulate_gradients(model, loader, loss_fn=None, *, max_batches=None, to_cpu=False, grad_scale=1.0, backward=None):
+    """{name: float32 sum over batches of grad_scale * grad loss_fn(model, batch)}; loss_fn defaults to the
+    model's own token-mean CE ``model(**batch).loss``. Runs in eval mode (official), restores the mode.
+
+    ``model`` may be the DDP / DeepSpeed wrapper (forward, backward and zero_grad go through it). ``backward``:
+    the caller's (e.g. ``accelerator.backward``). ``grad_scale`` undoes what the stack does to the plain sum:
+    world_size under DDP (ranks are averaged), the accumulation steps if ``backward`` divides by them.
+    ZeRO-3 (written, untested): the full gradient of each parameter is gathered after each backward with
+    ``safe_get_full_grad``; run phase 1 with gradient accumulation 1 so each backward is one reduced batch."""
+    was_training = model.training
+    model.eval()
+    params = trainable_parameters(model)
+    sums = {}
+    try:
+        for step, batch in enumerate(loader):
+            if max_batches is not None and step >= max_batches:
+                break
+            model.zero_grad(set_to_none=True)
+            loss = loss_fn(model, batch) if loss_fn is not None else model(**batch).loss
+            (backward or torch.Tensor.backward)(loss)
+            for name, p in params:
+                grad = _full_grad(p)
+                if grad is None:
+                    grad = torch.zeros(_full_shape(p), device=p.device)
+                grad = grad.detach().to("cpu" if to_cpu else grad.device, torch.float32) * grad_scale  # a new tensor
+                if name in sums:
+                    sums[name] += grad
+                else:
+                    sums[name] = grad
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.train(was_training)
+    if not sums:
+        raise ValueError("accumulate_gradients: the loader gave no batch")
+    return sums
+
+
+def _gathered(model):
+    """Yield (name, full parameter) one at a time; under ZeRO-3 each is gathered only while it is in use."""
+    for name, p in trainable_parameters(model):
+        if _is_zero3(p):
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
+                yield name, p
+        else:
+            yield name, p
+
+
+def build_mask(model, method, ratio, grad_forget=None, grad_retain=None, gamma=1e-6, seed=0, chunk_size=2**24, device=None):
+    """The phase-1 mask of ``method`` (MASK_METHODS) over the model's trainable parameters; scores go to
+    ``device`` (default: where they are computed)."""
+    named = trainable_parameters(model)
+    if method == "dense":
+        return {n: torch.ones(_full_shape(p), dtype=torch.bool, device=device) for n, p in named}
+    if method == "random":
+        return top_ratio_mask(random_scores({n: _full_shape(p) for n, p in named}, seed), ratio, chunk_size)
+    if method not in ("wagle", "snip", "magnitude"):
+        raise ValueError(f"mask method {method!r}; valid: {', '.join(MASK_METHODS)}")
+    if (method != "magnitude" and grad_forget is None) or (method == "wagle" and grad_retain is None):
+        raise ValueError(f"mask method {method!r} needs the forget{' and retain' if method == 'wagle' else ''} gradient sums")
+    scores = {}
+    for name, p in _gathered(model):
+        one = {name: p.detach()}
+        if method == "wagle":
+            s = attribution_scores(one, {name: grad_forget[name]}, {name: grad_retain[name]}, gamma)
+        elif method == "snip":
+            s = snip_scores(one, {name: grad_forget[name]})
+        else:
+            s = magnitude_scores(one)
+        scores[name] = s[name].to(device)  # scores are new tensors (abs), never views of a gathered parameter
+    return top_ratio_mask(scores, ratio, chunk_size)
+
+
+def apply_gradient_mask(model, mask):
+    """Zero the gradients of masked-out entries (``p.grad`` of plain, DDP models). Call after clipping, before
+    ``optimizer.step()``; a trainable parameter with a gradient but no mask entry is an error."""
+    for name, p in trainable_parameters(model):
+        if p.grad is None:
+            continue
+        if name not in mask:
+            raise KeyError(f"no mask for parameter {name!r}")
+        p.grad.masked_fill_(~mask[name].to(p.grad.device), 0)
+
+
+def mask_density(mask):
+    """Fraction of entries updated (True), for logging."""
+    total = sum(m.numel() for m in mask.values())
+    return sum(int(m.sum()) for m in mask.values()) / max(total, 1)
+
+
+def save_mask(mask, path, metadata=None):
+    """Write the mask as bool safetensors, atomically (temporary file in the same folder, then ``os.replace``)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {n: m.detach().to("cpu", torch.bool).contiguous() for n, m in mask.items()}
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata={str(k): str(v) for k, v in (metadata or {}).items()})
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_mask(path, reference=None, device="cpu"):
+    """Read a saved mask (names sorted); with ``reference`` (a model, or {name: tensor or shape}) check that it has exactly
+    the reference's (trainable) parameter names and shapes and bool entries, else one ValueError naming them."""
+    from safetensors.torch import load_file
+
+    mask = load_file(str(path), device=str(device))
+    if reference is None:
+        return mask
+    if isinstance(reference, torch.nn.Module):
+        shapes = {n: _full_shape(p) for n, p in trainable_parameters(reference)}
+    else:
+        shapes = {n: tuple(s.shape if isinstance(s, torch.Tensor) else s) for n, s in reference.items()}
+    missing, extra = sorted(set(shapes) - set(mask)), sorted(set(mask) - set(shapes))
+    wrong = [f"{n} {tuple(mask[n].shape)} != {shapes[n]}" for n in shapes if n in mask and tuple(mask[n].shape) != shapes[n]]
+    wrong += [f"{n} has dtype {m.dtype}" for n, m in mask.items() if m.dtype != torch.bool]
+    if missing or extra or wrong:
+        raise ValueError(f"mask {path} does not match the model: missing {missing[:5]} ({len(missing)}), "
+                         f"unexpected {extra[:5]} ({len(extra)}), wrong {wrong[:5]} ({len(wrong)})")
+    return {n: mask[n] for n in shapes}  # the reference's order (safetensors sorts names)
+
+
+# Trainer wiring (for the integration; not written here):
+# - before training (once, main process computes or every rank identically): mask = load_mask(args.mask_path,
+#   model) if args.mask_path else build_mask(model, args.mask_method, args.mask_ratio,
+#   accumulate_gradients(model, forget batches [refusal batches for po], max_batches=attribution_batches,
+#   to_cpu=keep_grads_on_cpu, grad_scale=world_size, backward=accelerator.backward),
+#   accumulate_gradients(model, retain batches, ...), args.gamma, args.mask_seed, args.mask_chunk_size);
+#   then save_mask(mask, output_dir / MASK_FILE) on the main process, move the mask to the parameters' device once.
+# - compute_loss: graddiff_loss / npo_loss (ref CE under no_grad from the frozen initial copy) / po_loss.
+# - optimizer step: wrap optimizer.step so apply_gradient_mask(model, mask) runs after the Trainer's clipping
+#   (clip -> mask -> step). Under DeepSpeed/FSDP the grads are not plain p.grad: mask inside the engine instead.
+# - checkpoints: save_mask beside each checkpoint; on resume load_mask(checkpoint / MASK_FILE, model).
+# - log mask_density(mask), forget/retain CE.
