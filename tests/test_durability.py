@@ -36,7 +36,7 @@ def step_losses(folder) -> dict[int, float]:
     return {entry["step"]: entry["loss"] for entry in history if "loss" in entry}
 
 
-@pytest.mark.parametrize("name", ["dpo/tiny", "grpo/tiny", "sparsepo/tiny"])
+@pytest.mark.parametrize("name", ["dpo/tiny", "grpo/tiny", "sparsepo/tiny", "constrained_rlhf/tiny"])
 def test_killed_run_resumes_on_the_same_trajectory(name, tmp_path):
     full, cut = tmp_path / "full", tmp_path / "cut"
     assert main(["train", name, "--output_dir", str(full), *[f"--{k}={v}" for k, v in CHECKPOINTED.items()]]) == 0
@@ -66,6 +66,16 @@ def test_killed_run_resumes_on_the_same_trajectory(name, tmp_path):
         assert x.keys() == y.keys() and x
         for key in x:
             torch.testing.assert_close(x[key], y[key], atol=1e-6, rtol=0, msg=key)
+    # constrained RLHF: the multipliers and their SGD momentum continue bit for bit
+    if name.startswith("constrained"):
+        from posttrain.trainers.constrained_rlhf import STATE_FILE
+
+        x, y = (torch.load(d / "checkpoint-4" / STATE_FILE, weights_only=True)["multipliers"] for d in (full, cut))
+        x2 = torch.load(full / "checkpoint-2" / STATE_FILE, weights_only=True)["multipliers"]
+        assert not torch.equal(x["lam"], x2["lam"])  # they moved after the checkpoint
+        assert torch.equal(x["lam"], y["lam"])
+        momentum = [m["optimizer"]["state"][0]["momentum_buffer"] for m in (x, y)]
+        assert torch.equal(*momentum) and momentum[0].abs().sum() > 0
 
 
 def test_resume_never_picks_a_half_written_checkpoint(tmp_path):

@@ -513,3 +513,115 @@ def test_evaluate_with_early_stop():
     calls.update(train=0, eval=0)
     res = evaluate_with_early_stop(train, lambda: (7.0, [1.0, 1.0]), [0.3, 0.2], n_iterations=12, eval_every=5)
     assert not res.early and res.iterations == 12 and res.score == 7.0 and calls["train"] == 12
+
+
+# --- the trainers ----------------------------------------------------------------------------------------------
+
+from posttrain.recipes.config import load_recipe  # noqa: E402
+from posttrain.recipes.train import build_trainer  # noqa: E402
+from posttrain.trainers.constrained_rlhf import STATE_FILE, group_mean_advantages  # noqa: E402
+
+REVIEWS = {"dataset": "builtin:review_prompts", "difficulty": None, "max_steps": 1}
+
+
+def _perturb(model, seed=7, scale=0.05):
+    # policy != reference, so the KL stream is not zero
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=g, dtype=p.dtype))
+
+
+def _loss_and_grads(name, tmp_path, **overrides):
+    trainer = build_trainer(load_recipe(name, {"output_dir": str(tmp_path / name.replace("/", "-")), **REVIEWS, **overrides}))
+    trainer.current_gradient_accumulation_steps = 1  # set by the training loop, which we do not run
+    _perturb(trainer.model)
+    batch = next(iter(trainer.get_train_dataloader()))
+    torch.manual_seed(1234)  # the same sampling for both trainers
+    trainer.model.train()
+    inputs = trainer._prepare_inputs(batch)
+    loss = trainer.compute_loss(trainer.model, inputs)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+    return trainer, inputs, loss.item(), grads
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_fixed_weights_equal_stock_rloo(tmp_path, normalize):
+    rewards = {"reward_funcs": ["offensiveness_cost", "length_fraction", "vader_sentiment"],
+               "reward_weights": [1.0, 3.0, 0.5], "normalize_advantages": normalize}
+    stock, stock_inputs, stock_loss, stock_grads = _loss_and_grads("rloo/tiny", tmp_path, beta=0.05, **rewards)
+    ours, inputs, loss, grads = _loss_and_grads("constrained_rlhf/tiny", tmp_path, formulation="fixed", kl_coef=0.05,
+                                                constraint_thresholds=None, **rewards)
+    assert ours.beta == 0.0 and ours.ref_model is not None  # the KL is our stream, on TRL's reference model
+    assert torch.equal(stock_inputs["completion_ids"], inputs["completion_ids"])
+    assert stock_inputs["advantages"].abs().max() > 0.05  # a real signal, incl. the KL part
+    assert abs(ours._metrics["train"]["constrained/kl"][-1]) > 1e-3
+    torch.testing.assert_close(inputs["advantages"], stock_inputs["advantages"], atol=2e-6, rtol=1e-5)
+    assert loss == pytest.approx(stock_loss, abs=1e-6)
+    assert grads.keys() == stock_grads.keys()
+    for name in grads:
+        torch.testing.assert_close(grads[name], stock_grads[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_xi_advantages_and_one_multiplier_step_in_the_trainer(tmp_path):
+    trainer, inputs, _, _ = _loss_and_grads("constrained_rlhf/tiny", tmp_path)
+    cfg = trainer.args
+    lam0 = LagrangeMultipliers.from_config(cfg, 3, generator=torch.Generator().manual_seed(cfg.seed)).lam.detach()
+    rewards = trainer._component_rewards.double()
+    metrics = {k: v[-1] for k, v in trainer._metrics["train"].items()}
+    kl = torch.tensor(metrics["constrained/kl"])
+    # the advantages are the spec's mix of the per-stream RLOO advantages with the multipliers before the step
+    names = trainer.reward_func_names
+    assert [metrics[f"constrained/lambda/{n}"] for n in names] == pytest.approx(lam0.tolist())
+    assert inputs["advantages"].std() > 0.1
+    # ... and the multipliers took exactly one step on the batch means
+    ref = LagrangeMultipliers.from_config(cfg, 3, generator=torch.Generator().manual_seed(cfg.seed))
+    ref.step(rewards.mean(0), cfg.constraint_thresholds)
+    assert torch.equal(trainer.multipliers.lam.detach(), ref.lam.detach())
+    for n, v, t in zip(names, rewards.mean(0).tolist(), cfg.constraint_thresholds):
+        assert metrics[f"constrained/value/{n}"] == pytest.approx(v) and metrics[f"constrained/threshold/{n}"] == t
+    assert torch.isfinite(kl)
+
+
+def test_grpo_twin_with_fixed_weights_and_no_kl_equals_stock_grpo(tmp_path):
+    rewards = {"reward_funcs": ["offensiveness_cost", "vader_sentiment"], "reward_weights": [2.0, 1.0],
+               "model_name_or_path": "tiny:llama"}
+    _, stock_inputs, stock_loss, _ = _loss_and_grads("grpo/tiny", tmp_path, **rewards)
+    ours, inputs, loss, _ = _loss_and_grads("constrained_grpo/tiny", tmp_path, formulation="fixed", kl_coef=0.0,
+                                            constraint_thresholds=None, **rewards)
+    assert ours.ref_model is None  # kl_coef = 0: no reference model at all
+    assert torch.equal(stock_inputs["completion_ids"], inputs["completion_ids"])
+    assert stock_inputs["advantages"].abs().max() > 0.1
+    torch.testing.assert_close(inputs["advantages"], stock_inputs["advantages"], atol=2e-6, rtol=1e-5)
+    assert loss == pytest.approx(stock_loss, abs=1e-6)
+
+
+def test_group_mean_advantages_match_grpo():
+    r = torch.tensor([1.0, 2.0, 6.0, 0.0, 0.0, 3.0], dtype=D)
+    close(group_mean_advantages(r, 3, "none"), [-2, -1, 3, -1, -1, 2])
+    g1, g2 = r[:3], r[3:]
+    close(group_mean_advantages(r, 3), torch.cat([(g1 - g1.mean()) / (g1.std() + 1e-4), (g2 - g2.mean()) / (g2.std() + 1e-4)]))
+    close(group_mean_advantages(torch.stack([r, r], 1), 3, "batch")[:, 1], (r - torch.tensor([3.0] * 3 + [1.0] * 3, dtype=D)) / (r.std() + 1e-4))
+
+
+def test_nm_runs_inside_the_trainer_and_resumes_its_search(tmp_path):
+    # NM-PPO in one continuing run: every nm_steps_per_eval iterations the search gets a score and moves the
+    # thresholds; the state file replays the search exactly
+    overrides = {"formulation": "nm", "nm_eval_function": "vader_sentiment", "nm_steps_per_eval": 2, "nm_eval_every": 1,
+                 "nm_iterations": 50, "max_steps": 6, "output_dir": str(tmp_path / "nm"), "dataset": "builtin:review_prompts"}
+    trainer = build_trainer(load_recipe("constrained_rlhf/tiny", overrides))
+    first = list(trainer.thresholds)
+    low, high = trainer.args.nm_box()
+    assert all(lo <= t <= hi for lo, t, hi in zip(low, first, high))
+    trainer.train()
+    assert len(trainer.nm.history) >= 3  # 6 iterations, at most 2 per evaluation
+    assert trainer.nm.history[0][0] == pytest.approx(first)
+    assert trainer.thresholds != first
+    state = trainer.constrained_state()
+    again = build_trainer(load_recipe("constrained_rlhf/tiny", overrides))
+    again.load_constrained_state(state)
+    assert again.thresholds == trainer.thresholds and again.nm.history == trainer.nm.history
+    assert torch.equal(again.multipliers.lam, trainer.multipliers.lam)
+    logged = [e["nm/evaluations"] for e in trainer.state.log_history if "nm/evaluations" in e]
+    assert logged and logged[-1] == len(trainer.nm.history)
