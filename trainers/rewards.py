@@ -96,6 +96,17 @@ def _length_fraction(config) -> Callable:
     return length_fraction
 
 
+def distinct_2(completions, **kwargs) -> list[float]:
+    """Distinct word bigrams / word bigrams of the completion, in [0, 1] (1 for fewer than two words): lexical
+    diversity, the diversity half of the official constrained-RLHF evaluation score; repetition lowers it."""
+    scores = []
+    for c in completions:
+        words = _text(c).lower().split()
+        bigrams = list(zip(words, words[1:]))
+        scores.append(len(set(bigrams)) / len(bigrams) if bigrams else 1.0)
+    return scores
+
+
 # A learned reward model is named ``rm:<directory>`` in reward_funcs (see ``posttrain.recipes.train``): TRL loads it
 # as a sequence classifier and scores each generation batch in one forward.
 REWARDS: dict[str, tuple[str, Callable]] = {
@@ -104,5 +115,7 @@ REWARDS: dict[str, tuple[str, Callable]] = {
     "length_penalty": ("DAPO soft overlong penalty: 0 up to 3/4 of max_completion_length, then down to -1", _length_penalty),
     "length_fraction": ("completion tokens / max_completion_length, in [0, 1]", _length_fraction),
     "vader_sentiment": ("VADER compound sentiment of the completion, in [-1, 1] (PyPI vadersentiment)", _vader_sentiment),
+    "distinct_2": ("distinct word bigrams / word bigrams of the completion, in [0, 1] (lexical diversity)",
+                   lambda config: distinct_2),
     "offensiveness_cost": ("-P(offensive) of the completion, in [-1, 0] (PyPI alt-profanity-check)", _offensiveness_cost),
 }

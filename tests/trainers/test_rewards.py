@@ -40,3 +40,8 @@ def test_offensiveness_cost_is_a_negative_probability():
     fn = REWARDS["offensiveness_cost"][1](None)
     polite, rude = fn(["Thank you for the kind help.", "shut up you stupid idiot"])
     assert -0.3 < polite <= 0 and -1 <= rude < -0.9
+
+
+def test_distinct_2_drops_with_repetition():
+    fn = REWARDS["distinct_2"][1](None)
+    assert fn(["a b c d", "great great great great", "one", "A b a b"]) == [1.0, pytest.approx(1 / 3), 1.0, pytest.approx(2 / 3)]
