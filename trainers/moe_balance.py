@@ -1,0 +1,630 @@
+"""ALF-LB: auxiliary-loss-free load balancing of mixture-of-experts routers (arXiv 2408.15664, 2512.03915).
+
+Papers: Wang, Gao, Zhao, Sun, Dai, "Auxiliary-Loss-Free Load Balancing Strategy for Mixture-of-Experts",
+arXiv 2408.15664 (the method, as used by DeepSeek-V3, arXiv 2412.19437); Han & Zhong, "A Theoretical Framework
+for Auxiliary-Loss-Free Load Balancing of Sparse Mixture-of-Experts in Large-Scale AI Models", arXiv 2512.03915
+(the primal-dual view and the decaying step size). Spec: llm-methods.md §5. No official code exists for
+either paper; DeepSeek-V3's ``inference/model.py`` ``Gate.forward`` (spec §5.1) is the reference for routing.
+
+Delta from the parent trainer: not a loss. Every MoE router keeps a per-expert bias b (fp32 buffer, no grad,
+in the state dict) that is added to the affinities for top-k *selection only*; after each optimizer step a
+callback (``MoEBalanceCallback``) moves b towards balance from the step's expert loads. The model's loss and
+its gradients are those of the parent (with b = 0 and rate 0 the run is the parent's, bit for bit).
+
+Equations, for one MoE layer with E experts, top-K routing and T tokens in the step (all micro-batches, all
+data-parallel ranks):
+
+    s_{t,i} = sigmoid(u_t . e_i)                                      affinities (softmax for Qwen/Mixtral)
+    selection:  TopK_i (s_{t,i} + b_i)   (group-limited: keep the topk_group groups with the largest sum of
+                                          their top-2 biased scores, DeepSeek-V3 / transformers)
+    gate:       g_{t,i} = s_{t,i} / sum_{j selected} s_{t,j} * scaling    if i selected, else 0   (unbiased s)
+    loads:      c_i = #{t : i selected for t},   c_bar = K T / E,   e_i = c_bar - c_i
+    sign        b_i <- b_i + u sign(e_i)                              DeepSeek, u = 1e-3
+    proportional b_i <- b_i + u e_i / c_bar                           spec §5.6 (load fraction, dimensionless)
+    decaying    b_i <- b_i + u (1 + n / n0)^(-p) e_i / c_bar          primal-dual subgradient step, n = 0, 1, ...
+    MaxVio      = (max_i c_i - c_bar) / c_bar
+    load entropy = -sum_i (c_i / KT) log(c_i / KT)                    (max log E at perfect balance)
+
+Han & Zhong read the bias as the dual variable p of the assignment LP (experts' capacity constraints
+sum_t x_{t,i} = c_bar): selection is the primal step, and the update p_i <- p_i + eps_n (c_bar - A_i) a dual
+subgradient step; DeepSeek's sign rule is eps_{n,i} = u / |c_bar - A_i|. The "decaying" rule is the plain
+subgradient step with eps_n = u (1 + n/n0)^(-p) on the load fraction.
+
+Doubts (flagged, from the spec's [2nd]/[unverified] tags):
+  * proportional/decaying normalise e_i by c_bar (spec §5.6's simulation, u (L - A) / L). The paper's variant
+    "b_i += u e_i" (spec §5.2) may use raw counts or fractions; raw counts would make u depend on batch size.
+  * The decaying schedule (power p = 0.5 default, n0 = 1) is illustrative: the paper's O(log N) regret needs
+    "certain step-size choices", 1/(mu n) being standard for strongly convex objectives (p = 1) [unverified].
+  * Group score: the sum of the top-2 *biased* scores in each group, as transformers 5.24 and DeepSeek-V3's
+    code with a bias; DeepSeek's code without a bias uses the group max instead (spec §5.1).
+  * Pad tokens: the router sees them. ``RoutingCounter`` drops them from the loads when the forward has a 2-D
+    attention mask matching the router's tokens (``ignore_padding=True``); the papers pre-train without pads.
+  * ``aux_balance_loss`` (the aux-loss baseline, alpha = 1e-3) uses the normalised affinities
+    s_{t,i} / sum_j s_{t,j} in P_i, as DeepSeek-V3's sequence-wise loss; Wang et al.'s exact P_i for sigmoid
+    gates was not read.
+
+Models: DeepSeek-V3 in transformers 5.24 already routes this way: ``DeepseekV3TopkRouter`` registers
+``e_score_correction_bias`` as a buffer (modeling_deepseek_v3.py L131), chooses with ``scores + bias``
+(L136-152, group-limited) and gathers the weights from the unbiased ``scores`` (L153-157); the buffer and
+``gate.weight`` are in ``_keep_in_fp32_modules_strict`` (L551). Qwen2-MoE, Qwen3-MoE and Mixtral routers have no
+bias: ``install_expert_bias`` adds the same buffer to each router and swaps its ``forward`` for a selection-only
+biased one (documented at the function). Biases are buffers, hence in ``model.state_dict()`` and in
+``save_pretrained`` / Trainer checkpoints, and restored by ``resume_from_checkpoint`` (tested); nothing else of
+the method carries state (loads are zeroed every step; the decaying step reads ``state.global_step``).
+
+Gradient checkpointing re-runs each layer's forward during backward; ``RoutingCounter`` counts a router call only
+outside the autograd engine (``torch._C._current_graph_task_id() == -1``), so each token is counted once
+(stack-notes §1d; tested with reentrant and non-reentrant checkpointing).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import types
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from transformers import TrainerCallback
+
+MOE_BALANCE_MODES = ("none", "aux_free", "aux_loss")
+BIAS_RULES = ("sign", "proportional", "decaying")
+BIAS_NAME = "e_score_correction_bias"  # DeepSeek-V3's buffer name; install_expert_bias uses it too
+
+# Routers whose forward(hidden) returns (router_logits, topk_weights, topk_indices) with softmax affinities and
+# no bias (transformers 5.24): install_expert_bias patches these.
+SOFTMAX_ROUTERS = ("Qwen2MoeTopKRouter", "Qwen3MoeTopKRouter", "MixtralTopKRouter")
+
+
+@dataclass
+class MoEBalanceConfig:
+    """Load-balancing settings of an MoE run. Plain dataclass: a trainer config mixes it in (fields ``moe_*``)."""
+
+    moe_balance: str = field(
+        default="aux_free",
+        metadata={"help": "aux_free (ALF-LB: selection-only expert bias updated after each step), aux_loss "
+                  "(the classic balance loss, alpha = moe_aux_loss_coef; biases frozen) or none (loads are "
+                  "still measured and logged)."},
+    )
+    moe_bias_rate: float = field(
+        default=1e-3,
+        metadata={"help": "bias update rate u (DeepSeek-V3 / Wang et al.: 1e-3; 1e-4 converges slowly, 1e-2 "
+                  "oscillates). 0 freezes the biases (the usual choice for DPO/GRPO of a pretrained MoE)."},
+    )
+    moe_bias_rule: str = field(
+        default="sign",
+        metadata={"help": "sign: b += u sign(c_bar - c) (DeepSeek); proportional: b += u (c_bar - c) / c_bar; "
+                  "decaying: proportional with step u (1 + n / n0)^-p (primal-dual subgradient step, Han & Zhong)."},
+    )
+    moe_bias_decay_power: float = field(
+        default=0.5,
+        metadata={"help": "p of the decaying rule's step u (1 + n / n0)^-p (0.5: subgradient default; 1: the "
+                  "strongly convex choice)."},
+    )
+    moe_bias_decay_steps: float = field(
+        default=1.0,
+        metadata={"help": "n0 of the decaying rule: number of updates over which the step falls to u / 2^p."},
+    )
+    moe_aux_loss_coef: float = field(
+        default=1e-3,
+        metadata={"help": "alpha of the auxiliary balance loss (moe_balance=aux_loss; Wang et al.'s baseline 1e-3)."},
+    )
+    moe_ignore_padding: bool = field(
+        default=True,
+        metadata={"help": "leave pad tokens (attention_mask == 0) out of the expert loads."},
+    )
+    moe_log_per_layer: bool = field(
+        default=True,
+        metadata={"help": "log MaxVio, load entropy and bias norm per MoE layer as well as overall."},
+    )
+
+    def __post_init__(self):
+        if self.moe_balance not in MOE_BALANCE_MODES:
+            raise ValueError(f"moe_balance={self.moe_balance!r}; valid: {', '.join(MOE_BALANCE_MODES)}")
+        if self.moe_bias_rule not in BIAS_RULES:
+            raise ValueError(f"moe_bias_rule={self.moe_bias_rule!r}; valid: {', '.join(BIAS_RULES)}")
+        if not (math.isfinite(self.moe_bias_rate) and self.moe_bias_rate >= 0):
+            raise ValueError(f"moe_bias_rate must be finite and >= 0 (got {self.moe_bias_rate})")
+        if not (math.isfinite(self.moe_bias_decay_power) and self.moe_bias_decay_power >= 0):
+            raise ValueError(f"moe_bias_decay_power must be finite and >= 0 (got {self.moe_bias_decay_power})")
+        if not (math.isfinite(self.moe_bias_decay_steps) and self.moe_bias_decay_steps > 0):
+            raise ValueError(f"moe_bias_decay_steps must be finite and > 0 (got {self.moe_bias_decay_steps})")
+        if not (math.isfinite(self.moe_aux_loss_coef) and self.moe_aux_loss_coef >= 0):
+            raise ValueError(f"moe_aux_loss_coef must be finite and >= 0 (got {self.moe_aux_loss_coef})")
+
+
+# ----------------------------------------------------------------------------------------------- pure math
+
+
+def biased_topk(scores, bias, k, n_group=1, topk_group=1, norm_topk_prob=True, scaling=1.0):
+    """Top-k expert selection on ``scores + bias``; gate weights from the unbiased ``scores``.
+
+    scores (N, E) affinities (sigmoid or softmax; leading dims beyond one are flattened back), bias (E,).
+    Group-limited routing (DeepSeek-V3) when n_group > 1: the E experts form n_group consecutive groups, each
+    scored by the sum of its top-2 biased scores (its max when a group has one expert), and only the topk_group
+    best groups are eligible. Returns ``(indices (N, k) long, weights (N, k))``: indices sorted by decreasing
+    biased score; weights = scores gathered at indices, divided by their sum (+1e-20, as transformers) when
+    norm_topk_prob, times scaling. Weights carry the scores' gradient; the bias never gets one.
+    """
+    E = scores.shape[-1]
+    if bias.shape != (E,):
+        raise ValueError(f"bias must have shape ({E},), got {tuple(bias.shape)}")
+    if E % n_group:
+        raise ValueError(f"{E} experts do not split into n_group={n_group} groups")
+    if not 1 <= topk_group <= n_group:
+        raise ValueError(f"topk_group={topk_group} must be in [1, n_group={n_group}]")
+    if not 1 <= k <= topk_group * (E // n_group):
+        raise ValueError(f"k={k} must be in [1, {topk_group * (E // n_group)}] (experts in the chosen groups)")
+    lead = scores.shape[:-1]
+    s = scores.reshape(-1, E)
+    with torch.no_grad():  # selection is discrete: no gradient flows through it
+        choice = s.detach().float() + bias.detach().float().to(s.device)
+        if n_group > 1:
+            size = E // n_group
+            grouped = choice.view(-1, n_group, size)
+            group_scores = grouped.topk(min(2, size), dim=-1)[0].sum(dim=-1)  # (N, n_group)
+            group_idx = group_scores.topk(topk_group, dim=-1)[1]
+            keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, group_idx, True)
+            choice = choice.masked_fill(~keep.repeat_interleave(size, dim=1), float("-inf"))
+        indices = choice.topk(k, dim=-1, sorted=True)[1]
+    weights = s.gather(1, indices)
+    if norm_topk_prob:
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+    weights = weights * scaling
+    return indices.view(*lead, k), weights.view(*lead, k)
+
+
+def expert_counts(indices, num_experts, mask=None):
+    """Tokens routed to each expert: bincount of indices (..., k) over the tokens where ``mask`` (...) is true."""
+    idx = indices.reshape(-1, indices.shape[-1])
+    if mask is not None:
+        idx = idx[mask.reshape(-1).bool()]
+    return torch.bincount(idx.reshape(-1), minlength=num_experts)
+
+
+def bias_step_size(rate, n, decay_power=0.5, decay_steps=1.0):
+    """Step of the decaying rule at update n (0-based): rate (1 + n / decay_steps)^-decay_power."""
+    return rate * (1.0 + n / decay_steps) ** (-decay_power)
+
+
+def update_expert_bias(bias, counts, rate, rule="sign", *, step=0, decay_power=0.5, decay_steps=1.0):
+    """One balancing step of the expert bias from the loads of the step (pure: returns a new tensor).
+
+    bias (..., E), counts (..., E) (token counts, any dtype; leading dims are independent layers).
+    e = c_bar - counts with c_bar the mean load (K T / E). Rules: ``sign`` b + rate sign(e) (sign(0) = 0, so a
+    balanced expert stays); ``proportional`` b + rate e / c_bar; ``decaying`` b + bias_step_size(rate, step,
+    decay_power, decay_steps) e / c_bar. A layer with no tokens (c_bar = 0) is left unchanged. The result has the
+    bias's dtype (keep it fp32: a 1e-3 step is lost next to a bias of 0.5 in bf16).
+    """
+    if rule not in BIAS_RULES:
+        raise ValueError(f"rule={rule!r}; valid: {', '.join(BIAS_RULES)}")
+    if counts.shape != bias.shape:
+        raise ValueError(f"counts {tuple(counts.shape)} and bias {tuple(bias.shape)} differ in shape")
+    if rate == 0:
+        return bias.clone()
+    c = counts.to(device=bias.device, dtype=torch.float64)
+    mean = c.mean(dim=-1, keepdim=True)
+    err = mean - c
+    if rule == "sign":
+        delta = rate * torch.sign(err)
+    else:
+        step_size = rate if rule == "proportional" else bias_step_size(rate, step, decay_power, decay_steps)
+        delta = step_size * torch.where(mean > 0, err / mean.clamp_min(1e-12), torch.zeros_like(err))
+    return bias + delta.to(bias.dtype)
+
+
+def max_violation(counts):
+    """MaxVio = (max_i c_i - c_bar) / c_bar of loads (E,); of (L, E), the mean over the L layers. 0 if no tokens."""
+    c = counts.detach().double()
+    c = c.reshape(-1, c.shape[-1])
+    mean = c.mean(dim=-1)
+    vio = torch.where(mean > 0, (c.max(dim=-1).values - mean) / mean.clamp_min(1e-12), torch.zeros_like(mean))
+    return float(vio.mean())
+
+
+def load_entropy(counts, normalized=False):
+    """Entropy (nats) of the load distribution c / sum c over experts (E,); of (L, E), the mean over layers.
+
+    log E at perfect balance, 0 when one expert takes every token; ``normalized`` divides by log E. 0 if no tokens.
+    """
+    c = counts.detach().double()
+    c = c.reshape(-1, c.shape[-1])
+    total = c.sum(dim=-1, keepdim=True)
+    p = torch.where(total > 0, c / total.clamp_min(1e-12), torch.zeros_like(c))
+    h = -(torch.where(p > 0, p * p.clamp_min(1e-300).log(), torch.zeros_like(p))).sum(dim=-1)
+    if normalized:
+        h = h / math.log(c.shape[-1]) if c.shape[-1] > 1 else torch.zeros_like(h)
+    return float(h.mean())
+
+
+def aux_balance_loss(scores, indices, num_experts, alpha=1e-3, mask=None):
+    """Auxiliary balance loss alpha * sum_i f_i P_i (the aux-loss baseline of Wang et al.; DeepSeek-V3's form).
+
+    scores (N, E) affinities with gradient, indices (N, K) the selected experts, mask (N,) optional (pads out).
+    f_i = E / (K T) * #{t : i selected} (no gradient), P_i = mean_t s_{t,i} / sum_j s_{t,j}. Equals alpha at
+    perfect balance with uniform affinities.
+    """
+    s = scores.reshape(-1, num_experts)
+    idx = indices.reshape(-1, indices.shape[-1])
+    if mask is not None:
+        keep = mask.reshape(-1).bool()
+        s, idx = s[keep], idx[keep]
+    T, K = idx.shape
+    if T == 0:
+        return s.sum() * 0.0
+    f = torch.bincount(idx.reshape(-1), minlength=num_experts).to(s.dtype) * (num_experts / (K * T))
+    P = (s / (s.sum(dim=-1, keepdim=True) + 1e-20)).mean(dim=0)
+    return alpha * (f.detach() * P).sum()
+
+
+def moe_metrics(counts, biases=None, names=None, per_layer=True, prefix="moe/"):
+    """Metrics of one step: per layer (``{prefix}{name}/maxvio|load_entropy|bias_norm``) and overall.
+
+    counts (L, E) or a list of (E,); biases a matching list (or None); names the layer labels (default 0..L-1).
+    Overall: ``maxvio`` (mean over layers, the paper's MaxVio_batch), ``maxvio_max`` (worst layer),
+    ``load_entropy`` (mean over layers, nats), ``bias_norm`` (L2 over all layers' biases), ``assignments``
+    (token-expert assignments per layer, mean over layers: tokens x K when each token is counted once).
+    """
+    rows = [c.detach().double().cpu() for c in counts]
+    names = list(names) if names is not None else [str(i) for i in range(len(rows))]
+    out = {}
+    vios, ents = [], []
+    for i, (name, c) in enumerate(zip(names, rows)):
+        vio, ent = max_violation(c), load_entropy(c)
+        vios.append(vio)
+        ents.append(ent)
+        if per_layer:
+            out[f"{prefix}{name}/maxvio"] = vio
+            out[f"{prefix}{name}/load_entropy"] = ent
+            if biases is not None:
+                out[f"{prefix}{name}/bias_norm"] = float(biases[i].detach().double().norm())
+    if rows:
+        out[f"{prefix}maxvio"] = sum(vios) / len(vios)
+        out[f"{prefix}maxvio_max"] = max(vios)
+        out[f"{prefix}load_entropy"] = sum(ents) / len(ents)
+        out[f"{prefix}assignments"] = float(sum(float(c.sum()) for c in rows) / len(rows))
+    if biases is not None and len(biases):
+        out[f"{prefix}bias_norm"] = float(torch.cat([b.detach().double().reshape(-1).cpu() for b in biases]).norm())
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- model side
+
+
+def _is_router(module) -> bool:
+    name = type(module).__name__.lower()
+    return name.endswith("topkrouter") or isinstance(getattr(module, "_buffers", {}).get(BIAS_NAME), torch.Tensor)
+
+
+def find_routers(model):
+    """The MoE routers of a transformers model, in module order: ``[(qualified name, module)]``.
+
+    A router is a module whose class name ends in ``TopkRouter``/``TopKRouter`` (DeepSeek-V3, GLM-4-MoE, Qwen2/3-MoE,
+    Mixtral in transformers 5.24, all returning ``(router_logits, weights, indices)``) or that owns an
+    ``e_score_correction_bias`` buffer.
+    """
+    return [(n, m) for n, m in model.named_modules() if _is_router(m)]
+
+
+def _num_experts(module) -> int:
+    for attr in ("num_experts", "n_routed_experts"):
+        if isinstance(getattr(module, attr, None), int):
+            return getattr(module, attr)
+    return module.weight.shape[0]
+
+
+def _layer_label(name: str, i: int) -> str:
+    m = re.search(r"layers\.(\d+)\.", name + ".")
+    return f"layer{m.group(1)}" if m else f"router{i}"
+
+
+def _softmax_router_forward(self, hidden_states):
+    """Selection-only biased forward for Qwen2-MoE / Qwen3-MoE / Mixtral routers (installed by install_expert_bias).
+
+    Same as transformers 5.24's ``Qwen3MoeTopKRouter.forward`` (modeling_qwen3_moe.py L259-268; Qwen2-MoE L320-329,
+    Mixtral L104-111) with the top-k taken on softmax + bias: logits = h W^T, probs = softmax(logits) in fp32,
+    indices = TopK(probs + bias), weights = probs at the indices, renormalised if ``norm_topk_prob`` (Mixtral
+    always). With a zero bias the outputs equal the original's.
+    """
+    hidden_states = hidden_states.reshape(-1, self.hidden_dim)
+    router_logits = F.linear(hidden_states, self.weight)
+    probs = F.softmax(router_logits, dtype=torch.float, dim=-1)
+    indices, weights = biased_topk(probs, getattr(self, BIAS_NAME), self.top_k,
+                                   norm_topk_prob=getattr(self, "norm_topk_prob", True))
+    if self._posttrain_cast_weights:
+        weights = weights.to(router_logits.dtype)
+    return router_logits, weights, indices
+
+
+def install_expert_bias(model):
+    """Give every router of ``model`` a selection-only expert bias; returns the routers ``[(name, module)]``.
+
+    DeepSeek-V3-style routers (an ``e_score_correction_bias`` buffer already routing selection-only) are left as
+    they are. Qwen2-MoE, Qwen3-MoE and Mixtral routers (``SOFTMAX_ROUTERS``) get a zero fp32 buffer
+    ``e_score_correction_bias`` (E,) and an instance-level ``forward`` (``_softmax_router_forward``): selection on
+    softmax + bias, weights from the unbiased softmax. The patch is per instance (the class is untouched), so
+    apply it after loading the model and before training. The buffer then sits in the state dict; a checkpoint
+    saved from a patched model carries ``...gate.e_score_correction_bias`` keys, which a fresh ``from_pretrained``
+    reports as unexpected and drops: patch the new model and call ``load_expert_biases(model, folder)``.
+    Their models' ``output_router_logits`` aux loss (``load_balancing_loss_func``) recomputes an *unbiased*
+    top-k from the logits: keep ``router_aux_loss_coef = 0`` with aux-free balancing. Other routers raise
+    NotImplementedError.
+    """
+    routers = find_routers(model)
+    if not routers:
+        raise ValueError(f"{type(model).__name__} has no MoE router (no *TopkRouter module)")
+    for name, mod in routers:
+        if isinstance(mod._buffers.get(BIAS_NAME), torch.Tensor):
+            continue
+        cls = type(mod).__name__
+        if cls not in SOFTMAX_ROUTERS:
+            raise NotImplementedError(f"no selection-only bias patch for router {cls} ({name}); "
+                                      f"supported: {', '.join(SOFTMAX_ROUTERS)} and routers with {BIAS_NAME}")
+        mod.register_buffer(BIAS_NAME, torch.zeros(_num_experts(mod), dtype=torch.float32, device=mod.weight.device))
+        mod._posttrain_cast_weights = cls != "MixtralTopKRouter"  # Qwen casts weights to the logits' dtype
+        mod.forward = types.MethodType(_softmax_router_forward, mod)
+    return routers
+
+
+def expert_biases(model_or_routers):
+    """The bias buffers of every router, in order (raises if a router has none: see install_expert_bias)."""
+    routers = model_or_routers if isinstance(model_or_routers, list) else find_routers(model_or_routers)
+    out = []
+    for name, mod in routers:
+        b = mod._buffers.get(BIAS_NAME)
+        if not isinstance(b, torch.Tensor):
+            raise ValueError(f"router {name} ({type(mod).__name__}) has no {BIAS_NAME} buffer; call "
+                             "install_expert_bias(model) first")
+        out.append(b)
+    return out
+
+
+def load_expert_biases(model, folder):
+    """Copy the ``e_score_correction_bias`` tensors saved in ``folder``'s safetensors files into ``model``.
+
+    For patched Qwen/Mixtral models (see install_expert_bias); DeepSeek-V3's biases load with the model already.
+    Returns the number of tensors loaded.
+    """
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    state = {}
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        state.update({k: v for k, v in load_file(str(f)).items() if k.endswith(BIAS_NAME)})
+    own = {k for k in model.state_dict() if k.endswith(BIAS_NAME)}
+    missing = own - set(state)
+    if missing:
+        raise KeyError(f"{folder} lacks expert biases for {sorted(missing)[:3]}")
+    with torch.no_grad():
+        for k in own:
+            mod = model.get_submodule(k.rsplit(".", 1)[0])
+            getattr(mod, BIAS_NAME).copy_(state[k].to(torch.float32))
+    return len(own)
+
+
+def _in_backward() -> bool:
+    """True while the autograd engine runs a backward pass on this thread."""
+    return torch._C._current_graph_task_id() != -1
+
+
+class RoutingCounter:
+    """Accumulates per-layer expert loads of a transformers MoE model over the micro-batches of a step.
+
+    A forward hook on each router reads the selected indices from its output (``out[-1]``: DeepSeek-V3's
+    ``topk_indices``, i.e. the model's own biased, group-limited choice, modeling_deepseek_v3.py L152/L158) and adds
+    their bincount to ``counts[layer]`` (on the router's device; no host sync).
+
+    Counting each token once under gradient checkpointing: the checkpoint recomputes the layer's forward inside
+    backward (transformers' ``GradientCheckpointingLayer`` wraps ``forward``, so the router's hooks fire again; both
+    ``use_reentrant=False``, transformers' default, and ``use_reentrant=True``). A recomputation always runs inside
+    the autograd engine, where ``torch._C._current_graph_task_id()`` is the running graph task's id, while the
+    ordinary forward runs outside it (id -1), so the hook skips calls made during a backward pass (torch's own
+    non-reentrant checkpoint keys its recomputations by this id, torch/utils/checkpoint.py L1170 in 2.13; the one
+    exception, unpacking a checkpointed saved tensor by hand outside backward, is not done by training code). Testing
+    ``torch.is_grad_enabled()`` instead would not work: the reentrant checkpoint runs the *original* forward under
+    no_grad and the recomputation with grad.
+
+    ``ignore_padding``: a forward pre-hook on ``model`` keeps the call's ``attention_mask`` keyword; when it is 2-D
+    with as many entries as the router's tokens, pad positions are left out. ``count_no_grad=False`` also skips
+    forwards run under no_grad (e.g. TRL's generation and old-log-prob passes, which would otherwise add to the
+    step's loads); it is incompatible with reentrant checkpointing (see above). ``training_only`` skips routers in
+    eval mode.
+    """
+
+    def __init__(self, model, ignore_padding=True, count_no_grad=True, training_only=False):
+        self.model = model
+        self.routers = find_routers(model)
+        if not self.routers:
+            raise ValueError(f"{type(model).__name__} has no MoE router (no *TopkRouter module)")
+        self.names = [_layer_label(n, i) for i, (n, _) in enumerate(self.routers)]
+        self.num_experts = [_num_experts(m) for _, m in self.routers]
+        self.ignore_padding = ignore_padding
+        self.count_no_grad = count_no_grad
+        self.training_only = training_only
+        self.enabled = True
+        self._mask = None
+        self.counts = [torch.zeros(e, dtype=torch.long, device=m.weight.device)
+                       for e, (_, m) in zip(self.num_experts, self.routers)]
+        self._handles = [m.register_forward_hook(self._make_hook(i)) for i, (_, m) in enumerate(self.routers)]
+        if ignore_padding:
+            self._handles.append(model.register_forward_pre_hook(self._keep_mask, with_kwargs=True))
+            self._handles.append(model.register_forward_hook(self._drop_mask))
+
+    def _keep_mask(self, module, args, kwargs):
+        mask = kwargs.get("attention_mask")
+        self._mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+
+    def _drop_mask(self, module, args, output):
+        self._mask = None
+
+    def _make_hook(self, i):
+        def hook(module, args, output):
+            if not self.enabled or _in_backward():  # gradient-checkpointing recomputation: already counted
+                return
+            if not self.count_no_grad and not torch.is_grad_enabled():
+                return
+            if self.training_only and not module.training:
+                return
+            indices = output[-1]
+            if not (isinstance(indices, torch.Tensor) and not indices.is_floating_point()):
+                raise TypeError(f"router {self.routers[i][0]} did not return integer top-k indices last")
+            idx = indices.reshape(-1, indices.shape[-1])
+            mask = self._mask
+            if mask is not None and mask.numel() == idx.shape[0]:
+                idx = idx[mask.reshape(-1).to(idx.device).bool()]
+            self.counts[i] += torch.bincount(idx.reshape(-1), minlength=self.num_experts[i])
+
+        return hook
+
+    def reset(self):
+        for c in self.counts:
+            c.zero_()
+
+    def stacked(self):
+        """Counts as one (L, E) tensor (all layers must have the same E)."""
+        return torch.stack(self.counts)
+
+    def remove(self):
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+
+def all_reduce_counts(counts):
+    """Sum a list of per-layer counts over data-parallel ranks (no-op without torch.distributed); returns a list."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [c.clone() for c in counts]
+    flat = torch.cat([c.reshape(-1).to(torch.long) for c in counts])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    return list(flat.split([c.numel() for c in counts]))
+
+
+def apply_bias_update(model_or_counter, counts=None, rate=1e-3, rule="sign", *, step=0, decay_power=0.5,
+                      decay_steps=1.0, reduce=True):
+    """All-reduce the step's loads and update every router's bias in place (fp32, no grad); returns the loads.
+
+    ``model_or_counter``: a ``RoutingCounter`` (its routers and, when ``counts`` is None, its counts) or a model
+    (then ``counts`` is required: a list of (E,) or an (L, E) tensor in router order). The loads are summed across
+    data-parallel ranks when torch.distributed is initialised (``reduce``), so every rank applies the same update
+    (DDP also re-broadcasts buffers from rank 0 at each forward). A bias that is not fp32 (a model cast to bf16)
+    is replaced by its fp32 copy. Returns the reduced loads as a list of (E,) tensors.
+    """
+    if isinstance(model_or_counter, RoutingCounter):
+        routers = model_or_counter.routers
+        counts = model_or_counter.counts if counts is None else counts
+    else:
+        routers = find_routers(model_or_counter)
+        if counts is None:
+            raise ValueError("counts are required when a model is given")
+    counts = list(counts)
+    if len(counts) != len(routers):
+        raise ValueError(f"{len(counts)} count rows for {len(routers)} routers")
+    biases = expert_biases(routers)
+    counts = all_reduce_counts(counts) if reduce else [c.clone() for c in counts]
+    if rate == 0:
+        return counts
+    with torch.no_grad():
+        for (_, mod), b, c in zip(routers, biases, counts):
+            new = update_expert_bias(b.float(), c.to(b.device), rate, rule, step=step, decay_power=decay_power,
+                                     decay_steps=decay_steps)
+            if b.dtype == torch.float32:
+                b.copy_(new)
+            else:
+                setattr(mod, BIAS_NAME, new)  # assigning to a registered buffer name replaces the buffer
+    return counts
+
+
+class MoEBalanceCallback(TrainerCallback):
+    """Aux-loss-free balancing inside ``transformers.Trainer`` / TRL trainers.
+
+    on_train_begin: hook the routers (``RoutingCounter``). on_step_begin (first micro-batch of each optimizer
+    step): zero the loads. on_step_end (after ``optimizer.step()``): all-reduce the loads, update the biases
+    (``moe_balance="aux_free"``; otherwise rate 0: loads only) and record the metrics (``moe_metrics`` of the
+    reduced loads and the new biases). The metrics reach the logs through TRL's ``trainer._metrics`` when a trainer
+    is attached (``attach``) and has one (averaged over the logging window like TRL's own); else on_log adds
+    the last step's metrics (once) to the next training log and to its ``state.log_history`` entry
+    (``attach`` puts the callback first so the reporters see them). The biases are model buffers: checkpoints
+    and ``resume_from_checkpoint`` carry them; the decaying step is computed from ``state.global_step``, so a
+    resumed run continues the schedule. Untested here: the TRL ``_metrics`` route and real Trainer resume.
+    """
+
+    def __init__(self, config: MoEBalanceConfig | None = None, model=None, trainer=None, count_no_grad=True):
+        self.config = config or MoEBalanceConfig()
+        self.counter = None
+        self.trainer = None
+        self.count_no_grad = count_no_grad
+        self.last_metrics: dict[str, float] = {}
+        self._pending: dict[str, float] = {}
+        self.history: list[dict] = []
+        if model is not None:
+            self._setup(model)
+        if trainer is not None:
+            self.attach(trainer)
+
+    def attach(self, trainer):
+        """Register with ``trainer`` (first in its callback list) and route metrics to its ``_metrics`` if any."""
+        self.trainer = trainer
+        cbs = trainer.callback_handler.callbacks
+        if self in cbs:
+            cbs.remove(self)
+        cbs.insert(0, self)
+        return self
+
+    def _setup(self, model):
+        if self.counter is not None:
+            return
+        if self.config.moe_balance == "aux_free":
+            install_expert_bias(model)  # no-op for DeepSeek-V3-style routers
+        self.counter = RoutingCounter(model, ignore_padding=self.config.moe_ignore_padding,
+                                      count_no_grad=self.count_no_grad)
+
+    @property
+    def rate(self):
+        return self.config.moe_bias_rate if self.config.moe_balance == "aux_free" else 0.0
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if model is not None:
+            self._setup(model)
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if self.counter is not None:
+            self.counter.reset()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.counter is None:
+            return
+        cfg = self.config
+        counts = apply_bias_update(self.counter, rate=self.rate, rule=cfg.moe_bias_rule,
+                                   step=max(state.global_step - 1, 0), decay_power=cfg.moe_bias_decay_power,
+                                   decay_steps=cfg.moe_bias_decay_steps)
+        biases = expert_biases(self.counter.routers) if self._has_biases() else None
+        metrics = moe_metrics(counts, biases, self.counter.names, per_layer=cfg.moe_log_per_layer)
+        self.last_metrics = metrics
+        self.history.append({"step": state.global_step, **metrics})
+        sink = getattr(self.trainer, "_metrics", None)
+        if isinstance(sink, dict) and "train" in sink:  # TRL: averaged over the logging window, logged by it
+            for k, v in metrics.items():
+                sink["train"][k].append(v)
+        else:
+            self._pending = metrics
+
+    def _has_biases(self):
+        return all(isinstance(m._buffers.get(BIAS_NAME), torch.Tensor) for _, m in self.counter.routers)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        # once, into the first training log after the step (not eval logs, not the end-of-training summary)
+        if not self._pending or logs is None or any(k.startswith("eval_") or k == "train_runtime" for k in logs):
+            return
+        logs.update(self._pending)
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1].update(self._pending)
+        self._pending = {}
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.counter is not None:
+            self.counter.remove()
+            self.counter = None
