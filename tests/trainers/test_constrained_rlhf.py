@@ -625,3 +625,21 @@ def test_nm_runs_inside_the_trainer_and_resumes_its_search(tmp_path):
     assert torch.equal(again.multipliers.lam, trainer.multipliers.lam)
     logged = [e["nm/evaluations"] for e in trainer.state.log_history if "nm/evaluations" in e]
     assert logged and logged[-1] == len(trainer.nm.history)
+
+
+def test_a_trained_reward_model_is_a_component(tmp_path):
+    from safetensors.torch import load_file
+
+    from posttrain.cli import main
+
+    rm_dir = tmp_path / "rm"
+    assert main(["train", "reward/tiny", "--output_dir", str(rm_dir), "--max_steps", "1"]) == 0
+    trainer, _, _, _ = _loss_and_grads("constrained_rlhf/tiny", tmp_path, reward_funcs=[f"rm:{rm_dir}", "length_fraction"],
+                                       constraint_thresholds=[0.0, 0.5])
+    rm = trainer.reward_funcs[0]
+    saved = load_file(str(rm_dir / "model.safetensors"))
+    name = next(k for k in saved if k.startswith("score"))
+    torch.testing.assert_close(rm.state_dict()[name], saved[name])  # TRL loaded our checkpoint, score head included
+    scores = trainer._component_rewards[:, 0]
+    assert torch.isfinite(scores).all() and scores.std() > 0
+    assert trainer.reward_func_names[0] == "rm"
