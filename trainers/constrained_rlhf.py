@@ -11,7 +11,10 @@ official PPO loop): the N component rewards are kept un-summed, a KL stream r_KL
 log pi_ref) is added, each stream gets its own RLOO advantage and is normalised over the batch, the streams are
 mixed with squashed Lagrange multipliers, and the multipliers take one step per *generation batch* (not per
 minibatch) on the batch mean of each component reward minus its threshold. RLOO's own ``beta`` is kept at 0 so
-the KL is not counted twice (it lives in the KL stream, weighted by ``kl_coef``).
+the KL is not counted twice (it lives in the KL stream, weighted by ``kl_coef``). ``ConstrainedRLHFTrainer``
+overrides ``_generate_and_score_completions`` (advantages + multiplier step) and ``_calculate_rewards`` (keeps the
+(B, N) rewards); ``ConstrainedGRPOTrainer`` is the same on ``GRPOTrainer``, with GRPO's group-centred (and
+``scale_rewards``-scaled) reward as each stream's advantage.
 
 Problem. Component reward models r_1..r_N, thresholds theta ("proxy points": the component values beyond which
 the hidden evaluation score drops), V_i(pi) = E_pi[r_i], V_KL(pi) = E_pi[r_KL]. Lagrangian
