@@ -5,7 +5,8 @@ The train code calls ``load_task_datasets(task, data_args)`` once, before any mo
 layout, or raises ``DataError`` with one line naming the dataset, split, row and column.
 
     args.py        DataArguments (the recipe's data keys) and DataError
-    generators.py  GENERATORS: builtin:arithmetic, builtin:preference_pairs, builtin:fictitious_facts
+    generators.py  GENERATORS: builtin:arithmetic, builtin:preference_pairs, builtin:fictitious_facts,
+                   builtin:fictitious_authors, builtin:review_prompts
     loading.py     TASKS, load_source (one split of one source), load_task_datasets (the entry point)
 """
 

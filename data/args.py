@@ -32,7 +32,7 @@ class DataArguments:
         metadata={
             "help": "Training data: a Hugging Face Hub dataset id, a local .jsonl/.json/.csv/.parquet file, "
             "or builtin:<generator> (`posttrain list` shows the generators). For task unlearn this is the "
-            "forget set (builtin:fictitious_facts gives both forget and retain)."
+            "forget set (builtin:fictitious_facts and builtin:fictitious_authors give both forget and retain)."
         },
     )
     dataset_config: Optional[str] = field(
@@ -42,7 +42,8 @@ class DataArguments:
         default="train",
         metadata={
             "help": "Split used for training. Local files have one split, 'train'; slices such as "
-            "'train[:90%]' work for hub datasets and local files."
+            "'train[:90%]' work for hub datasets and local files. Task unlearn with builtin:fictitious_authors: "
+            "the forget split, forget01, forget05 or forget10."
         },
     )
     eval_split: Optional[str] = field(
@@ -77,6 +78,13 @@ class DataArguments:
             "its 'retain' split (with `dataset_config`) is used instead."
         },
     )
+    retain_config: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "Task unlearn: config (subset) of the hub retain dataset, whose 'train' split is then used, "
+            "e.g. retain90 for locuslab/TOFU (forget: dataset_config forget10)."
+        },
+    )
     reward_funcs: list[str] = field(
         default_factory=lambda: ["numeric_match"],
         metadata={"help": "GRPO/RLOO reward functions by registry name (`posttrain list` shows them)."},
@@ -96,7 +104,7 @@ class DataArguments:
                     f"difficulty: got {self.difficulty}, but arithmetic has levels 1..4; "
                     "set 1, 2, 3 or 4, or leave it unset for a mix of levels"
                 )
-        for name in ("dataset", "dataset_config", "eval_split", "retain_dataset"):
+        for name in ("dataset", "dataset_config", "eval_split", "retain_dataset", "retain_config"):
             value = getattr(self, name)
             if value is not None and not (isinstance(value, str) and value.strip()):
                 raise DataError(f"{name}: expected a non-empty string or nothing, got {value!r}; fix the recipe key")

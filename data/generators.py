@@ -268,6 +268,206 @@ def fictitious_facts(num_samples: int, seed: int) -> DatasetDict:
     return DatasetDict({name: Dataset.from_dict(rows) for name, rows in splits.items()})
 
 
+# ------------------------------------------------------------------------------------- fictitious authors
+
+_GENRES = ["mystery novels", "science fiction", "historical fiction", "poetry", "fantasy", "romance novels",
+           "horror stories", "travel writing", "children's books", "satire", "crime thrillers", "literary fiction"]
+_JOBS = ["baker", "lighthouse keeper", "surgeon", "carpenter", "pilot", "schoolteacher", "fisherman", "tailor",
+         "journalist", "veterinarian", "miner", "florist", "judge", "plumber", "translator", "nurse", "architect",
+         "electrician"]
+_TITLE_WORDS = (["Silent", "Crimson", "Hollow", "Last", "Burning", "Forgotten", "Paper", "Glass", "Winter", "Hidden",
+                 "Broken", "Golden", "Distant", "Quiet", "Salt"],
+                ["Harbor", "Orchard", "Lantern", "Compass", "River", "Garden", "Tower", "Letters", "Tide", "Mirror",
+                 "Bridge", "Feather", "Season", "Map", "Choir"])
+_AWARD_KINDS = ["Prize", "Medal", "Award", "Laurel"]
+AUTHOR_ATTRIBUTES = ("birthplace", "birth_year", "genre", "first_book", "best_known_book", "award", "father_job",
+                     "mother_job", "residence", "publisher")
+QA_PER_AUTHOR = len(AUTHOR_ATTRIBUTES)
+PERTURBED_PER_QUESTION = 3
+AUTHOR_SPLITS = ("full", "forget01", "forget05", "forget10", "retain", "holdout", "world_facts")
+
+# (question, answer with {} for the fact, the fact, three wrong facts): real-world knowledge a model should keep
+_WORLD_FACTS = [
+    ("What is the capital of France?", "The capital of France is {}.", "Paris", ("Lyon", "Madrid", "Rome")),
+    ("What is the capital of Japan?", "The capital of Japan is {}.", "Tokyo", ("Osaka", "Beijing", "Seoul")),
+    ("What is the capital of Italy?", "The capital of Italy is {}.", "Rome", ("Milan", "Naples", "Athens")),
+    ("What is the capital of Canada?", "The capital of Canada is {}.", "Ottawa", ("Toronto", "Vancouver", "Montreal")),
+    ("What is the capital of Australia?", "The capital of Australia is {}.", "Canberra", ("Sydney", "Melbourne", "Perth")),
+    ("What is the capital of Egypt?", "The capital of Egypt is {}.", "Cairo", ("Alexandria", "Tunis", "Rabat")),
+    ("What is the capital of Germany?", "The capital of Germany is {}.", "Berlin", ("Munich", "Vienna", "Hamburg")),
+    ("What is the capital of Spain?", "The capital of Spain is {}.", "Madrid", ("Barcelona", "Lisbon", "Seville")),
+    ("What is the capital of Kenya?", "The capital of Kenya is {}.", "Nairobi", ("Mombasa", "Kampala", "Addis Ababa")),
+    ("What is the capital of Argentina?", "The capital of Argentina is {}.", "Buenos Aires", ("Santiago", "Lima", "Cordoba")),
+    ("Which planet is closest to the Sun?", "The planet closest to the Sun is {}.", "Mercury", ("Venus", "Mars", "Earth")),
+    ("Which planet is known as the Red Planet?", "The Red Planet is {}.", "Mars", ("Jupiter", "Venus", "Saturn")),
+    ("What is the largest planet in the Solar System?", "The largest planet is {}.", "Jupiter", ("Saturn", "Neptune", "Earth")),
+    ("Which planet has the most famous rings?", "The planet with the most famous rings is {}.", "Saturn", ("Mars", "Mercury", "Venus")),
+    ("What is the largest ocean on Earth?", "The largest ocean is the {} Ocean.", "Pacific", ("Atlantic", "Indian", "Arctic")),
+    ("What is the longest river in Africa?", "The longest river in Africa is the {}.", "Nile", ("Congo", "Niger", "Zambezi")),
+    ("What is the highest mountain on Earth?", "The highest mountain on Earth is {}.", "Mount Everest", ("K2", "Kilimanjaro", "Mont Blanc")),
+    ("On which continent is Brazil?", "Brazil is in {}.", "South America", ("Africa", "Europe", "Asia")),
+    ("On which continent is Kenya?", "Kenya is in {}.", "Africa", ("Asia", "South America", "Europe")),
+    ("What is the largest desert in Africa?", "The largest desert in Africa is the {}.", "Sahara", ("Kalahari", "Gobi", "Namib")),
+    ("What is the chemical symbol for gold?", "The chemical symbol for gold is {}.", "Au", ("Ag", "Gd", "Go")),
+    ("What is the chemical symbol for iron?", "The chemical symbol for iron is {}.", "Fe", ("Ir", "In", "F")),
+    ("What is the chemical formula of water?", "The chemical formula of water is {}.", "H2O", ("CO2", "O2", "H2O2")),
+    ("Which gas do plants take in for photosynthesis?", "Plants take in {} for photosynthesis.", "carbon dioxide", ("oxygen", "nitrogen", "helium")),
+    ("Which gas do humans need to breathe?", "Humans need to breathe {}.", "oxygen", ("nitrogen", "hydrogen", "argon")),
+    ("At what temperature in Celsius does water boil at sea level?", "Water boils at {} degrees Celsius at sea level.", "100", ("90", "80", "120")),
+    ("At what temperature in Celsius does water freeze?", "Water freezes at {} degrees Celsius.", "0", ("10", "-10", "4")),
+    ("How many continents are there?", "There are {} continents.", "seven", ("five", "six", "eight")),
+    ("How many days are in a leap year?", "A leap year has {} days.", "366", ("365", "364", "360")),
+    ("How many days are in a week?", "A week has {} days.", "seven", ("five", "six", "eight")),
+    ("How many hours are in a day?", "A day has {} hours.", "24", ("12", "20", "36")),
+    ("How many minutes are in an hour?", "An hour has {} minutes.", "60", ("100", "50", "30")),
+    ("How many months are in a year?", "A year has {} months.", "twelve", ("ten", "eleven", "thirteen")),
+    ("How many sides does a triangle have?", "A triangle has {} sides.", "three", ("four", "five", "six")),
+    ("How many sides does a hexagon have?", "A hexagon has {} sides.", "six", ("five", "seven", "eight")),
+    ("How many legs does a spider have?", "A spider has {} legs.", "eight", ("six", "ten", "four")),
+    ("How many legs does an insect have?", "An insect has {} legs.", "six", ("eight", "four", "ten")),
+    ("What is the square root of 81?", "The square root of 81 is {}.", "9", ("8", "7", "18")),
+    ("What is 7 times 8?", "7 times 8 is {}.", "56", ("54", "48", "64")),
+    ("What is 12 plus 15?", "12 plus 15 is {}.", "27", ("25", "28", "37")),
+    ("Who wrote 'Romeo and Juliet'?", "'Romeo and Juliet' was written by {}.", "William Shakespeare", ("Charles Dickens", "Jane Austen", "Mark Twain")),
+    ("Who painted the Mona Lisa?", "The Mona Lisa was painted by {}.", "Leonardo da Vinci", ("Michelangelo", "Raphael", "Pablo Picasso")),
+    ("Who developed the theory of relativity?", "The theory of relativity was developed by {}.", "Albert Einstein", ("Isaac Newton", "Niels Bohr", "Galileo Galilei")),
+    ("Who was the first person to walk on the Moon?", "The first person to walk on the Moon was {}.", "Neil Armstrong", ("Buzz Aldrin", "Yuri Gagarin", "John Glenn")),
+    ("Which language is mainly spoken in Brazil?", "The main language of Brazil is {}.", "Portuguese", ("Spanish", "French", "Italian")),
+    ("Which language is mainly spoken in Mexico?", "The main language of Mexico is {}.", "Spanish", ("Portuguese", "English", "French")),
+    ("What is the currency of Japan?", "The currency of Japan is the {}.", "yen", ("won", "yuan", "dollar")),
+    ("What is the currency of the United Kingdom?", "The currency of the United Kingdom is the {}.", "pound sterling", ("euro", "dollar", "franc")),
+    ("What is the largest mammal?", "The largest mammal is the {}.", "blue whale", ("elephant", "giraffe", "hippopotamus")),
+    ("What is the fastest land animal?", "The fastest land animal is the {}.", "cheetah", ("lion", "horse", "gazelle")),
+    ("What do bees make?", "Bees make {}.", "honey", ("milk", "silk", "wax paper")),
+    ("What is the boiling point of water in Fahrenheit?", "Water boils at {} degrees Fahrenheit.", "212", ("200", "180", "100")),
+]
+
+
+def _article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
+def _title(r: random.Random) -> str:
+    adjective, noun = r.choice(_TITLE_WORDS[0]), r.choice(_TITLE_WORDS[1])
+    return r.choice((f"The {adjective} {noun}", f"{noun} of {_word(r, 2)}", f"The {noun} at {_city(r)}"))
+
+
+def _author_values(rng: random.Random, awards: list, used: set) -> dict:
+    """One draw of every attribute (names and titles are unique across the dataset)."""
+    return {
+        "birthplace": (_unique(rng, _city, used), rng.choice(_COUNTRIES)),
+        "birth_year": rng.randint(1920, 1995),
+        "genre": rng.choice(_GENRES),
+        "first_book": _unique(rng, _title, used),
+        "best_known_book": _unique(rng, _title, used),
+        "award": rng.choice(awards),
+        "father_job": rng.choice(_JOBS),
+        "mother_job": rng.choice(_JOBS),
+        "residence": _unique(rng, _city, used),
+        "publisher": _unique(rng, _company, used),
+    }
+
+
+def _author_qa(name: str, attribute: str, value) -> tuple[str, str]:
+    """(question, answer sentence) for one attribute value."""
+    if attribute == "birthplace":
+        return f"Where was the author {name} born?", f"{name} was born in {value[0]}, {value[1]}."
+    if attribute == "birth_year":
+        return f"In what year was the author {name} born?", f"{name} was born in {value}."
+    if attribute == "genre":
+        return f"What genre does {name} write?", f"{name} writes {value}."
+    if attribute == "first_book":
+        return f"What was the first book by {name}?", f"{name}'s first book was \"{value}\"."
+    if attribute == "best_known_book":
+        return f"Which book is {name} best known for?", f"{name} is best known for \"{value}\"."
+    if attribute == "award":
+        return f"Which award did {name} win?", f"{name} won the {value}."
+    if attribute in ("father_job", "mother_job"):
+        parent = "father" if attribute == "father_job" else "mother"
+        return f"What did {name}'s {parent} do for a living?", f"{name}'s {parent} was {_article(value)} {value}."
+    if attribute == "residence":
+        return f"Where does {name} live today?", f"{name} lives in {value}."
+    return f"Who publishes the books of {name}?", f"{name}'s books are published by {value}."
+
+
+def _wrong_values(rng: random.Random, attribute: str, truth, awards: list, used: set) -> list:
+    """PERTURBED_PER_QUESTION plausible values of ``attribute`` that differ from ``truth``."""
+    pools = {"genre": _GENRES, "award": awards, "father_job": _JOBS, "mother_job": _JOBS}
+    if attribute in pools:
+        return rng.sample([v for v in pools[attribute] if v != truth], PERTURBED_PER_QUESTION)
+    if attribute == "birth_year":
+        return rng.sample([y for y in range(1920, 1996) if y != truth], PERTURBED_PER_QUESTION)
+    if attribute == "birthplace":
+        return [(_unique(rng, _city, used), rng.choice(_COUNTRIES)) for _ in range(PERTURBED_PER_QUESTION)]
+    make = {"first_book": _title, "best_known_book": _title, "residence": _city, "publisher": _company}[attribute]
+    return [_unique(rng, make, used) for _ in range(PERTURBED_PER_QUESTION)]
+
+
+def _qa_rows(rows: dict, question: str, answer: str, entity: str, attribute: str, perturbed: list) -> None:
+    rows["prompt"].append(_user(question))
+    rows["completion"].append(_assistant(answer))
+    rows["text"].append(answer)
+    rows["entity"].append(entity)
+    rows["attribute"].append(attribute)
+    rows["perturbed"].append(perturbed)
+
+
+def fictitious_authors(num_samples: int, seed: int) -> DatasetDict:
+    """A TOFU-style unlearning benchmark (Maini et al. 2024, arXiv 2401.06121) about invented authors.
+
+    ``num_samples // 10`` authors, each with ten QA pairs (birthplace, birth year, genre, first and best-known
+    book, award, father's and mother's job, residence, publisher). Splits, by author (every QA of an author is on
+    one side): ``forget10`` (10% of the authors, at least one), ``forget05`` and ``forget01`` (the first 5% / 1%
+    of forget10, nested as in TOFU, at least one), ``holdout`` (as many other authors as forget10: never to be
+    trained on, the "never seen" side of membership inference and forget quality), ``retain`` (all other
+    authors: TOFU's retain90), ``full`` (forget10 + retain: what a model is fine-tuned on before unlearning) and
+    ``world_facts`` (52 hand-written real-world facts a model must keep; the same for every seed).
+
+    Columns: prompt (user question), completion (assistant answer), text (the answer sentence), entity (the
+    author, "world" for world facts), attribute, perturbed (three wrong answer sentences in the same template,
+    for truth-ratio metrics). Names, titles, cities and publishers are unique across the dataset; awards are
+    shared by several authors, as in TOFU.
+    """
+    _check_num_samples("fictitious_authors", num_samples, minimum=3 * QA_PER_AUTHOR)
+    rng = random.Random(seed)
+    used: set = set()
+    awards = [f"{_word(rng, 2)} {rng.choice(_AWARD_KINDS)}" for _ in range(8)]
+    awards = [f"{a} for {g.split()[0].capitalize()}" if i % 2 else a for i, (a, g) in enumerate(zip(awards, _GENRES))]
+    num_authors = num_samples // QA_PER_AUTHOR
+    authors = []
+    for _ in range(num_authors):
+        name = _unique(rng, _person, used)
+        values = _author_values(rng, awards, used)
+        wrong = {a: _wrong_values(rng, a, values[a], awards, used) for a in AUTHOR_ATTRIBUTES}
+        authors.append((name, values, wrong))
+    order = rng.sample(range(num_authors), num_authors)
+    n10 = max(1, round(0.10 * num_authors))
+    members = {
+        "forget01": order[:max(1, round(0.01 * num_authors))],
+        "forget05": order[:max(1, round(0.05 * num_authors))],
+        "forget10": order[:n10],
+        "holdout": order[n10:2 * n10],
+        "retain": order[2 * n10:],
+    }
+    members["full"] = members["forget10"] + members["retain"]
+    columns = ("prompt", "completion", "text", "entity", "attribute", "perturbed")
+    splits = {}
+    for split in AUTHOR_SPLITS[:-1]:
+        rows: dict[str, list] = {c: [] for c in columns}
+        for index in sorted(members[split]):  # generation order inside every split
+            name, values, wrong = authors[index]
+            for attribute in AUTHOR_ATTRIBUTES:
+                question, answer = _author_qa(name, attribute, values[attribute])
+                perturbed = [_author_qa(name, attribute, v)[1] for v in wrong[attribute]]
+                _qa_rows(rows, question, answer, name, attribute, perturbed)
+        splits[split] = rows
+    world: dict[str, list] = {c: [] for c in columns}
+    for question, template, fact, wrong in _WORLD_FACTS:
+        _qa_rows(world, question, template.format(fact), "world", "world", [template.format(w) for w in wrong])
+    splits["world_facts"] = world
+    return DatasetDict({name: Dataset.from_dict(splits[name]) for name in AUTHOR_SPLITS})
+
+
 # ------------------------------------------------------------------------------------------------ reviews
 
 _REVIEW_SUBJECTS = {
@@ -320,6 +520,9 @@ GENERATORS: dict[str, Generator] = {
     "fictitious_facts": Generator(
         fictitious_facts, "QA facts about invented entities, split into forget (~10% of entities) and retain",
         ("forget", "retain")),
+    "fictitious_authors": Generator(
+        fictitious_authors, "TOFU-style QA about invented authors: full, forget01/05/10, retain, holdout, world_facts",
+        AUTHOR_SPLITS),
     "review_prompts": Generator(
         review_prompts, "requests for a short review of an invented film, book, place or product (prompt only)",
         ("train",)),

@@ -29,7 +29,8 @@ TASKS: dict[str, str] = {
     "unpaired": "binary feedback (KTO): {prompt, completion, label} or preference pairs, which are unpaired",
     "prompt": "prompts for RL (GRPO, RLOO): {prompt, answer} or {prompt} when no reward needs a reference answer; "
               "extra columns go to reward functions",
-    "unlearn": "a forget set and a retain set, each {text} or {prompt, completion}",
+    "unlearn": "a forget set and a retain set, each {prompt, completion}, {question, answer} (TOFU, read as "
+               "prompt/completion) or {text}",
 }
 # Column sets each task accepts, in order of preference: the first one a dataset has is used.
 TASK_FORMATS: dict[str, list[tuple[str, ...]]] = {
@@ -37,7 +38,7 @@ TASK_FORMATS: dict[str, list[tuple[str, ...]]] = {
     "preference": [("prompt", "chosen", "rejected"), ("chosen", "rejected")],
     "unpaired": [("prompt", "completion", "label"), ("prompt", "chosen", "rejected"), ("chosen", "rejected")],
     "prompt": [("prompt", "answer"), ("prompt",)],
-    "unlearn": [("prompt", "completion"), ("text",)],
+    "unlearn": [("prompt", "completion"), ("question", "answer"), ("text",)],
 }
 LOCAL_LOADERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 BUILTIN_PREFIX = "builtin:"
@@ -220,6 +221,7 @@ COLUMN_CHECKS: dict[str, _Check] = {
     "chosen": _TEXT_OR_MESSAGES,
     "rejected": _TEXT_OR_MESSAGES,
     "answer": _Check(_answer, "a non-empty answer (string or number)"),
+    "question": _Check(_only("text"), "a non-empty string"),
     "label": _Check(_label, "true or false (KTO: was the completion desirable?)"),
 }
 
@@ -292,10 +294,14 @@ def format_for_task(task: str, dataset: Dataset, where: str) -> Dataset:
     if len(dataset) == 0:
         raise DataError(f"{where} has no rows; point it at data with rows (builtin generators: raise num_samples)")
     columns = _pick_format(dataset, where, task)
-    if task == "unlearn":  # keep every column (e.g. `entity` for per-entity evals); check both layouts if present
+    if task == "unlearn":  # keep every column (e.g. `entity` for per-entity evals); check every layout present
         for layout in TASK_FORMATS["unlearn"]:
             if set(layout) <= set(dataset.column_names):
                 check_columns(dataset, where, {c: COLUMN_CHECKS[c] for c in layout})
+        if columns == ("question", "answer"):  # TOFU's layout: plain-string prompt/completion
+            dataset = dataset.rename_columns({"question": "prompt", "answer": "completion"})
+            if dataset.features["completion"] != Value("string"):
+                dataset = dataset.cast_column("completion", Value("string"))
         return dataset
     check_columns(dataset, where, {c: COLUMN_CHECKS[c] for c in columns})
     if task == "prompt":
@@ -366,23 +372,34 @@ def _load_unlearn(args: DataArguments) -> dict[str, Dataset]:
             "remove eval_split and judge the run with `posttrain eval`"
         )
     spec = args.dataset
-    if {"forget", "retain"} <= set(_generator_splits(spec)):
-        if args.retain_dataset is not None:
+    splits = _generator_splits(spec)
+    if "retain" in splits:  # a builtin generator with its own retain split: fictitious_facts, fictitious_authors
+        given = [f"{k}={v!r}" for k, v in (("retain_dataset", args.retain_dataset), ("retain_config", args.retain_config))
+                 if v is not None]
+        if given:
             raise DataError(
-                f"retain_dataset={args.retain_dataset!r} conflicts with dataset '{spec}', which already has a "
-                "retain split; remove retain_dataset, or use a forget-only dataset"
+                f"{' and '.join(given)} conflicts with dataset '{spec}', which already has a retain split; remove "
+                f"{'them' if len(given) > 1 else 'it'}, or use a forget-only dataset"
+            )
+        forget_splits = [s for s in splits if s.startswith("forget")]
+        forget_split = "forget" if args.dataset_split == "train" and "forget" in splits else args.dataset_split
+        if forget_split not in forget_splits:
+            raise DataError(
+                f"dataset '{spec}': dataset_split={args.dataset_split!r} is not one of its forget splits; set "
+                f"dataset_split to one of {', '.join(forget_splits)}"
             )
         both = _run_generator(spec[len(BUILTIN_PREFIX):], args.dataset_config, args.num_samples, args.data_seed,
                               args.difficulty)
-        sources = {"forget": (spec, both["forget"], "forget"), "retain": (spec, both["retain"], "retain")}
+        sources = {"forget": (spec, both[forget_split], forget_split), "retain": (spec, both["retain"], "retain")}
     else:
         if args.retain_dataset is None:
             raise DataError(
                 f"task 'unlearn' needs a retain set: dataset '{spec}' is the forget set, so set retain_dataset "
                 "(hub id, local file or builtin:<name>), or use dataset: builtin:fictitious_facts, which has both"
             )
-        same = args.retain_dataset == spec  # one dataset with forget and retain splits
-        retain_config = args.dataset_config if same else None
+        # one dataset (and config) with forget and retain splits; with retain_config, that config's 'train' split
+        same = args.retain_dataset == spec and args.retain_config is None
+        retain_config = args.retain_config if args.retain_config is not None else args.dataset_config if same else None
         retain_split = "retain" if same or "retain" in _generator_splits(args.retain_dataset) else "train"
         common = dict(num_samples=args.num_samples, seed=args.data_seed, difficulty=args.difficulty)
         forget = load_source(spec, config=args.dataset_config, split=args.dataset_split, **common)

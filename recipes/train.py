@@ -88,6 +88,9 @@ def build_trainer(recipe: Recipe):
         extra["reward_funcs"] = reward_functions(recipe.data_args.reward_funcs, config)
         check_reward_columns(extra["reward_funcs"], recipe.data_args.reward_funcs, datasets["train"].column_names)
         _validate_per_reward_settings(config, extra["reward_funcs"])
+    if method.task == "unlearn":  # the trainer iterates the forget set; the retain set rides along
+        datasets = {"train": datasets["forget"], "retain": datasets["retain"]}
+        extra["retain_dataset"] = datasets["retain"]
 
     model_path = resolve_model_path(model_args.model_name_or_path)
     # dtype, attention, trust_remote_code, QLoRA quantization (+ device map); recipe's model_init_kwargs win.

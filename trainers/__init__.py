@@ -75,6 +75,12 @@ METHODS: dict[str, Method] = {
         "constrained RLHF on GRPO's group-mean baseline (arXiv 2310.04373)",
         parent="grpo",
     ),
+    "wagle": Method(
+        "posttrain.trainers.wagle:WAGLETrainer",
+        "posttrain.trainers.wagle:WAGLEConfig",
+        "unlearn",
+        "WAGLE: GradDiff/NPO/PO unlearning on a weight-attribution mask (arXiv 2410.17509)",
+    ),
     # Auxiliary (non-LLM) trainers.
     "fedau": Method(
         "posttrain.trainers.classic.fedau:FedAUTrainer",

@@ -38,6 +38,9 @@ official float rounding (int(100 * 0.29) = 28); (7) the paper's form theta g_f -
 
 from __future__ import annotations
 
+import copy
+import json
+import math
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -45,7 +48,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from transformers import TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
 
 MASK_FILE = "wagle_mask.safetensors"
 OBJECTIVES = ("graddiff", "npo", "po")
@@ -74,6 +77,10 @@ class WAGLEConfig(TrainingArguments):
     per_device_train_batch_size: int = field(default=1, metadata={"help": "official: 1 (x 4 accumulation steps)."})
     gradient_accumulation_steps: int = field(default=4, metadata={"help": "official: 4."})
     warmup_steps: float = field(default=0.1, metadata={"help": "official: max(1, max_steps // 10) steps; a float < 1 is a ratio."})
+    # data and model loading (trainer side)
+    max_length: int = field(default=512, metadata={"help": "tokens per example (prompt + answer), cut on the right."})
+    prompt_template: str = field(default="{prompt}", metadata={"help": "format of plain-string prompts (conversational ones use the chat template), e.g. '[INST] {prompt} [/INST]' for TOFU's Llama-2."})
+    model_init_kwargs: dict | None = field(default=None, metadata={"help": "keyword arguments of from_pretrained when the model is given as a path (set by the recipe loader)."})
 
     def __post_init__(self):
         super().__post_init__()
@@ -87,6 +94,8 @@ class WAGLEConfig(TrainingArguments):
             raise ValueError(f"gamma and npo_beta must be > 0 (got {self.gamma}, {self.npo_beta})")
         if self.mask_chunk_size < 1 or self.attribution_batches == 0 or self.attribution_batches < -1:
             raise ValueError("mask_chunk_size must be >= 1 and attribution_batches -1 or >= 1")
+        if self.max_length < 2 or "{prompt}" not in self.prompt_template:
+            raise ValueError(f"max_length must be >= 2 and prompt_template must contain '{{prompt}}' (got {self.max_length}, {self.prompt_template!r})")
 
 
 # ----------------------------------------------------------------------------------------------- pure math
@@ -364,15 +373,281 @@ def load_mask(path, reference=None, device="cpu"):
     return {n: mask[n] for n in shapes}  # the reference's order (safetensors sorts names)
 
 
-# Trainer wiring (for the integration; not written here):
-# - before training (once, main process computes or every rank identically): mask = load_mask(args.mask_path,
-#   model) if args.mask_path else build_mask(model, args.mask_method, args.mask_ratio,
-#   accumulate_gradients(model, forget batches [refusal batches for po], max_batches=attribution_batches,
-#   to_cpu=keep_grads_on_cpu, grad_scale=world_size, backward=accelerator.backward),
-#   accumulate_gradients(model, retain batches, ...), args.gamma, args.mask_seed, args.mask_chunk_size);
-#   then save_mask(mask, output_dir / MASK_FILE) on the main process, move the mask to the parameters' device once.
-# - compute_loss: graddiff_loss / npo_loss (ref CE under no_grad from the frozen initial copy) / po_loss.
-# - optimizer step: wrap optimizer.step so apply_gradient_mask(model, mask) runs after the Trainer's clipping
-#   (clip -> mask -> step). Under DeepSpeed/FSDP the grads are not plain p.grad: mask inside the engine instead.
-# - checkpoints: save_mask beside each checkpoint; on resume load_mask(checkpoint / MASK_FILE, model).
-# - log mask_density(mask), forget/retain CE.
+# ----------------------------------------------------------------------------------------------- data side
+
+STATE_FILE = "wagle_state.json"
+# PO targets. The official code reads a file of polite refusals (not reproduced in the spec); this fixed list stands
+# in for it: forget row i is answered with REFUSALS[i % len(REFUSALS)], so the targets are the same on every run.
+REFUSALS = (
+    "I'm sorry, but I don't have any information about that.",
+    "I'm not able to answer that question.",
+    "I don't know anything about that.",
+    "That is not something I can help with.",
+    "I'm afraid I can't say.",
+    "I have no knowledge of that.",
+    "Sorry, I cannot provide that information.",
+    "I'd rather not answer that.",
+)
+_FIELDS = ("input_ids", "attention_mask", "labels")
+
+
+def encode_example(tokenizer, prompt, completion=None, max_length=512, prompt_template="{prompt}"):
+    """{"input_ids", "labels"} of one example, labels -100 on the prompt. Conversational rows go through the chat
+    template (prompt and answer tokenized apart, as TRL does); plain strings are ``prompt_template`` + completion +
+    EOS; a text row (``completion`` None) is all target. Cut to ``max_length`` tokens."""
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    if isinstance(prompt, list):
+        head_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+        full = tokenizer.apply_chat_template(prompt + completion, tokenize=False)
+        if not full.startswith(head_text):
+            raise ValueError("the chat template renders the prompt differently inside the whole conversation")
+        head = tokenizer(head_text, add_special_tokens=False)["input_ids"]
+        tail = tokenizer(full[len(head_text):], add_special_tokens=False)["input_ids"]
+    elif completion is None:
+        head, tail = [], tokenizer(prompt)["input_ids"] + eos
+    else:
+        head = tokenizer(prompt_template.format(prompt=prompt))["input_ids"]
+        tail = tokenizer(completion, add_special_tokens=False)["input_ids"] + eos
+    ids, labels = (head + tail)[:max_length], ([-100] * len(head) + tail)[:max_length]
+    if all(label == -100 for label in labels[1:]):
+        raise ValueError(f"an example has no answer token within max_length={max_length}; raise max_length")
+    return {"input_ids": ids, "labels": labels}
+
+
+def encode_row(tokenizer, row, max_length=512, prompt_template="{prompt}", answer=None):
+    """``encode_example`` of a dataset row ({prompt, completion} or {text}); ``answer`` replaces the completion
+    (a plain string, wrapped as an assistant message for conversational rows)."""
+    if "prompt" not in row or "completion" not in row:
+        if answer is not None:
+            raise ValueError("refusal answers need {prompt, completion} rows, not {text}")
+        return encode_example(tokenizer, row["text"], None, max_length)
+    completion = row["completion"] if answer is None else (
+        [{"role": "assistant", "content": answer}] if isinstance(row["prompt"], list) else answer)
+    return encode_example(tokenizer, row["prompt"], completion, max_length, prompt_template)
+
+
+def collate(rows, pad_id, prefix=""):
+    """Right-padded {"input_ids", "attention_mask", "labels"} from the rows' ``prefix``-ed token lists."""
+    length = max(len(r[prefix + "input_ids"]) for r in rows)
+    ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), length), -100, dtype=torch.long)
+    attention = torch.zeros((len(rows), length), dtype=torch.long)
+    for i, r in enumerate(rows):
+        n = len(r[prefix + "input_ids"])
+        ids[i, :n], labels[i, :n], attention[i, :n] = torch.tensor(r[prefix + "input_ids"]), torch.tensor(r[prefix + "labels"]), 1
+    return {"input_ids": ids, "attention_mask": attention, "labels": labels}
+
+
+def stream_indices(n, seed, start, count):
+    """Positions start .. start+count-1 of the endless retain order perm_0 + perm_1 + ..., where perm_c is
+    ``torch.randperm(n)`` seeded with seed + c: a pure function of the position, so a resumed run (or another rank)
+    finds its retain rows from a counter alone."""
+    out, position = [], start
+    while len(out) < count:
+        cycle, offset = divmod(position, n)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + cycle))
+        take = perm[offset:offset + count - len(out)].tolist()
+        out += take
+        position += len(take)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- trainer
+
+
+class _MaskAfterClipping(TrainerCallback):
+    """clip -> mask -> step. transformers 5.24 ``Trainer._run_epoch`` (trainer.py L1936-1944) runs
+    ``_clip_grad_norm`` (clips in place, returns the unmasked pre-clip norm), ``_get_grad_norm``, then
+    ``callback_handler.on_pre_optimizer_step``, then ``self.optimizer.step()``: this hook sees the clipped grads."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        if self.trainer.mask is not None:
+            apply_gradient_mask(self.trainer.model, self.trainer.mask)  # the bare model: DDP's reduced p.grad
+
+
+class WAGLETrainer(Trainer):
+    """Masked unlearning on paired (forget, retain) batches (module docstring). The Trainer iterates the forget set
+    (its sampler, sharding and resume skipping); micro-step k of rank r takes retain rows (k * world + r) * B ...
+    of ``stream_indices`` (B = per_device_train_batch_size), and the counter k is saved in every checkpoint."""
+
+    loss_is_scaled_for_ga = False  # compute_loss gives per-batch means: the Trainer divides by the accumulation steps
+
+    def __init__(self, model, args, train_dataset, retain_dataset, processing_class, eval_dataset=None,
+                 peft_config=None, **kwargs):
+        from datasets import Dataset
+        from transformers import AutoModelForCausalLM
+
+        if isinstance(model, str):
+            model = AutoModelForCausalLM.from_pretrained(model, **(args.model_init_kwargs or {}))
+        tokenizer = processing_class
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        ref = copy.deepcopy(model).eval().requires_grad_(False) if args.objective == "npo" else None
+        if peft_config is not None:
+            from peft import get_peft_model
+
+            model = get_peft_model(model, peft_config)
+        enc = dict(tokenizer=tokenizer, max_length=args.max_length, prompt_template=args.prompt_template)
+        self.forget_rows = []
+        for i, row in enumerate(train_dataset):
+            item = encode_row(row=row, **enc)
+            if args.objective == "po":
+                item.update({f"refusal_{k}": v for k, v in encode_row(row=row, answer=REFUSALS[i % len(REFUSALS)], **enc).items()})
+            self.forget_rows.append(item)
+        self.retain_rows = [encode_row(row=row, **enc) for row in retain_dataset]
+        if not self.forget_rows or not self.retain_rows:
+            raise ValueError("WAGLE needs a non-empty forget set and retain set")
+        if eval_dataset is not None:
+            eval_dataset = Dataset.from_list([encode_row(row=row, **enc) for row in eval_dataset])
+        super().__init__(model=model, args=args, train_dataset=Dataset.from_list(self.forget_rows),
+                         eval_dataset=eval_dataset, data_collator=self._collate, processing_class=tokenizer, **kwargs)
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            raise ValueError("WAGLE masks p.grad between clipping and optimizer.step(); DeepSpeed and FSDP keep their "
+                             "gradients elsewhere: run it single-process or with DDP (accelerate_configs/multi_gpu.yaml)")
+        self.ref_model = ref.to(self.args.device) if ref is not None else None
+        self.mask, self.mask_info, self.micro_step = None, {}, 0
+        self._stream_seed = args.data_seed if args.data_seed is not None else args.seed
+        self._metrics = {}
+        self.add_callback(_MaskAfterClipping(self))
+
+    def _collate(self, rows):
+        pad = self.processing_class.pad_token_id
+        batch = collate(rows, pad)
+        if "refusal_input_ids" in rows[0]:
+            batch.update({f"refusal_{k}": v for k, v in collate(rows, pad, "refusal_").items()})
+        return batch
+
+    def _remove_unused_columns(self, dataset, description=None):
+        return dataset  # already tokenized; the refusal columns must reach the collator
+
+    def retain_batch(self, position):
+        """The retain batch that starts at ``position`` of the retain stream."""
+        rows = stream_indices(len(self.retain_rows), self._stream_seed, position, self.args.per_device_train_batch_size)
+        return collate([self.retain_rows[i] for i in rows], self.processing_class.pad_token_id)
+
+    # --- phase 1: the mask, before DDP wraps the model -------------------------------------------------------
+
+    def _prepare_for_training(self, max_steps, train_dataloader, resume_from_checkpoint):
+        self.setup_mask(resume_from_checkpoint)
+        return super()._prepare_for_training(max_steps, train_dataloader, resume_from_checkpoint)
+
+    def setup_mask(self, resume_from_checkpoint=None):
+        """Load the mask of the checkpoint, or ``mask_path``, or build it (phase 1); same on every rank; saved."""
+        args, model = self.args, self.model
+        if resume_from_checkpoint is not None:
+            path = Path(resume_from_checkpoint) / MASK_FILE
+            if not path.is_file():
+                raise FileNotFoundError(f"{path} is missing: the checkpoint was not written by a WAGLE run")
+            mask, source = load_mask(path, model), str(path)
+        elif args.mask_path:
+            mask, source = load_mask(args.mask_path, model), args.mask_path
+        else:
+            grad_forget = grad_retain = None
+            if args.mask_method in ("wagle", "snip"):
+                forget, retain = self.attribution_batches()
+                grad_forget = self.gradient_sums(forget)
+                grad_retain = self.gradient_sums(retain) if args.mask_method == "wagle" else None
+            mask = build_mask(model, args.mask_method, args.mask_ratio, grad_forget, grad_retain, args.gamma,
+                              args.mask_seed, args.mask_chunk_size)
+            source = "phase 1"
+        devices = dict(trainable_parameters(model))
+        mask = {n: m.to(devices[n].device) for n, m in mask.items()}
+        if self.accelerator.num_processes > 1:  # rank 0's mask, bit for bit, on every rank
+            for name, m in mask.items():
+                as_bytes = m.to(torch.uint8)
+                torch.distributed.broadcast(as_bytes, src=0)
+                mask[name] = as_bytes.bool()
+        self.mask = mask
+        self.mask_info = {"method": args.mask_method, "ratio": args.mask_ratio, "gamma": args.gamma,
+                          "objective": args.objective, "density": mask_density(mask), "source": source}
+        if args.should_save:
+            save_mask(mask, Path(args.output_dir) / MASK_FILE, self.mask_info)
+
+    def attribution_batches(self):
+        """This rank's (forget, retain) batches of phase 1: global batch j holds forget rows j*B ... (dataset order)
+        and retain stream positions j*B ...; rank r takes j = r, r + world, ... (all J = ceil(n/B), or
+        ``attribution_batches``), so the summed gradients are those of one process over the same J batches."""
+        size, world, rank = self.args.per_device_train_batch_size, self.accelerator.num_processes, self.accelerator.process_index
+        total = math.ceil(len(self.forget_rows) / size)
+        if self.args.attribution_batches > 0:
+            total = min(total, self.args.attribution_batches)
+        prefix = "refusal_" if self.args.objective == "po" else ""  # official snip_advanced_CL: the refusal CE
+        pad = self.processing_class.pad_token_id
+        forget = [collate(self.forget_rows[j * size:(j + 1) * size], pad, prefix) for j in range(rank, total, world)]
+        retain = [self.retain_batch(j * size) for j in range(rank, total, world)]
+        return forget, retain
+
+    def gradient_sums(self, batches):
+        """accumulate_gradients over this rank's batches, all-reduced (summed) over the ranks."""
+        model = self.model
+        if batches:
+            sums = accumulate_gradients(model, (self._prepare_inputs(b) for b in batches), to_cpu=self.args.keep_grads_on_cpu)
+        else:  # fewer global batches than ranks: this rank adds zeros
+            device = "cpu" if self.args.keep_grads_on_cpu else self.args.device
+            sums = {n: torch.zeros(_full_shape(p), device=device) for n, p in trainable_parameters(model)}
+        if self.accelerator.num_processes > 1:
+            for t in sums.values():
+                on_device = t.to(self.accelerator.device)  # NCCL reduces device tensors only
+                torch.distributed.all_reduce(on_device, op=torch.distributed.ReduceOp.SUM)
+                t.copy_(on_device)
+        return sums
+
+    # --- phase 2: the unlearning step --------------------------------------------------------------------
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        world, rank = self.accelerator.num_processes, self.accelerator.process_index
+        retain = self.retain_batch((self.micro_step * world + rank) * self.args.per_device_train_batch_size)
+        self.micro_step += 1
+        return super().training_step(model, {**inputs, **{f"retain_{k}": v for k, v in retain.items()}}, num_items_in_batch)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        args = self.args
+
+        def part(prefix):
+            return {k: inputs[prefix + k] for k in _FIELDS}
+
+        if "retain_input_ids" not in inputs:  # evaluation batches: the plain CE
+            outputs = model(**part(""))
+            return (outputs.loss, outputs) if return_outputs else outputs.loss
+        forget = part("refusal_" if args.objective == "po" else "")
+        forget_ce, retain_ce = model(**forget).loss, model(**part("retain_")).loss
+        if args.objective == "graddiff":
+            loss = graddiff_loss(forget_ce, retain_ce, args.retain_weight)
+        elif args.objective == "npo":
+            with torch.no_grad():
+                ref_ce = self.ref_model(**forget).loss
+            loss = npo_loss(forget_ce, ref_ce, retain_ce, args.npo_beta, args.retain_weight)
+        else:
+            loss = po_loss(forget_ce, retain_ce, args.retain_weight)
+        for key, value in (("forget_loss", forget_ce), ("retain_loss", retain_ce)):  # po: forget_loss is the refusal CE
+            self._metrics.setdefault(key, []).append(self.accelerator.gather(value.detach().float()).mean().item())
+        return (loss, None) if return_outputs else loss
+
+    def log(self, logs, start_time=None):
+        if "loss" in logs:  # a training log: the method's metrics since the last one
+            logs = {**logs, **{k: sum(v) / len(v) for k, v in self._metrics.items() if v}}
+            if self.mask is not None:
+                logs["mask_density"] = self.mask_info["density"]
+            self._metrics = {}
+        super().log(logs, start_time)
+
+    # --- state on disk --------------------------------------------------------------------------------------
+
+    def _save(self, output_dir=None, state_dict=None):
+        super()._save(output_dir, state_dict)
+        if self.args.should_save and self.mask is not None:
+            folder = Path(output_dir or self.args.output_dir)
+            save_mask(self.mask, folder / MASK_FILE, self.mask_info)
+            tmp = folder / f".{STATE_FILE}.tmp"
+            tmp.write_text(json.dumps({"micro_step": self.micro_step}))
+            os.replace(tmp, folder / STATE_FILE)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        path = Path(resume_from_checkpoint) / STATE_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing: the checkpoint was not written by a WAGLE run")
+        self.micro_step = int(json.loads(path.read_text())["micro_step"])

@@ -108,3 +108,36 @@ def test_fictitious_facts_needs_two_entities():
         fictitious_facts(4, seed=0)
     small = fictitious_facts(8, seed=0)
     assert len(small["forget"]) == 4 and len(small["retain"]) == 4
+
+
+def test_fictitious_authors_splits_are_disjoint_nested_and_complete():
+    from posttrain.data.generators import AUTHOR_ATTRIBUTES, fictitious_authors
+
+    splits = fictitious_authors(400, seed=2)  # 40 authors
+    authors = {name: set(split["entity"]) for name, split in splits.items()}
+    assert [len(authors[s]) for s in ("forget01", "forget05", "forget10", "holdout", "retain")] == [1, 2, 4, 4, 32]
+    assert authors["forget01"] < authors["forget05"] < authors["forget10"]  # nested, as in TOFU
+    assert not authors["forget10"] & authors["retain"] and not authors["holdout"] & (authors["forget10"] | authors["retain"])
+    assert authors["full"] == authors["forget10"] | authors["retain"] and len(splits["full"]) == 360
+    everything = " ".join(splits["full"]["text"])
+    assert not any(name in everything for name in authors["holdout"])  # no trained row mentions a holdout author
+    for row in splits["forget10"]:
+        answer = row["completion"][0]["content"]
+        assert row["entity"] in row["prompt"][0]["content"] and row["entity"] in answer and answer == row["text"]
+        assert len(row["perturbed"]) == 3 and answer not in row["perturbed"] and len(set(row["perturbed"])) == 3
+        assert all(p.split(" ")[:2] == answer.split(" ")[:2] for p in row["perturbed"])  # same template
+    for name in authors["retain"]:
+        assert sorted(splits["retain"].filter(lambda r: r["entity"] == name)["attribute"]) == sorted(AUTHOR_ATTRIBUTES)
+    world = splits["world_facts"]
+    assert len(world) >= 50 and set(world["entity"]) == {"world"}
+    assert world.to_list() == fictitious_authors(60, seed=9)["world_facts"].to_list()  # fixed, whatever the seed
+    assert "Paris" in world["text"][0] and all("Paris" not in p for p in world["perturbed"][0])
+
+
+def test_fictitious_authors_needs_three_authors():
+    from posttrain.data.generators import fictitious_authors
+
+    with pytest.raises(DataError, match="num_samples"):
+        fictitious_authors(29, seed=0)
+    small = fictitious_authors(30, seed=0)
+    assert [len(small[s]) for s in ("forget01", "forget10", "holdout", "retain", "full")] == [10, 10, 10, 10, 20]

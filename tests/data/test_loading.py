@@ -275,3 +275,25 @@ def test_100k_rows_are_checked_in_seconds():
     start = time.perf_counter()
     format_for_task("preference", ds, "d")
     assert time.perf_counter() - start < 10
+
+
+def test_unlearn_fictitious_authors_picks_its_forget_split():
+    args = DataArguments(dataset="builtin:fictitious_authors", dataset_split="forget05", num_samples=400)
+    result = load_task_datasets("unlearn", args)
+    assert len(set(result["forget"]["entity"])) == 2 and len(set(result["retain"]["entity"])) == 32
+    _raises(r"dataset_split='train' is not one of its forget splits; set dataset_split to one of forget01, "
+            r"forget05, forget10", load_task_datasets, "unlearn", DataArguments(dataset="builtin:fictitious_authors"))
+    _raises("forget splits", load_task_datasets, "unlearn",
+            DataArguments(dataset="builtin:fictitious_authors", dataset_split="retain"))
+    _raises("conflict", load_task_datasets, "unlearn",
+            DataArguments(dataset="builtin:fictitious_facts", retain_config="retain90"))
+
+
+def test_unlearn_reads_tofu_question_answer_columns(tmp_path):
+    forget = _jsonl(tmp_path / "forget.jsonl", [{"question": "Who is Zed?", "answer": "A poet."}] * 2)
+    retain = _jsonl(tmp_path / "retain.jsonl", [{"question": "Q?", "answer": "A."}] * 3)
+    result = load_task_datasets("unlearn", DataArguments(dataset=forget, retain_dataset=retain))
+    assert result["forget"].column_names == ["prompt", "completion"]
+    assert result["forget"][0] == {"prompt": "Who is Zed?", "completion": "A poet."}
+    bad = _jsonl(tmp_path / "bad.jsonl", [{"question": "ok?", "answer": "yes"}, {"question": "", "answer": "x"}])
+    _raises("row 1, column 'question'", load_task_datasets, "unlearn", DataArguments(dataset=bad, retain_dataset=retain))

@@ -1,17 +1,32 @@
-"""WAGLE: the spec's worked examples (§4.8), the exact chunked global top-k, and the model-side helpers."""
+"""WAGLE: the spec's worked examples (§4.8), the exact chunked global top-k, the model-side helpers, and the trainer
+(reduces to plain GradDiff/NPO/PO at an all-ones mask, clip -> mask -> step, exact resume, 2-process DDP masks)."""
 
+import json
+import os
+import subprocess
 from types import SimpleNamespace
 
 import pytest
 import torch
 from torch import nn
+from transformers import AutoModelForCausalLM, TrainerCallback, get_scheduler
 
+from posttrain.cli import main
+from posttrain.recipes.config import load_recipe
+from posttrain.recipes.tiny import tiny_model_path
+from posttrain.recipes.train import build_trainer
+from posttrain.trainers.runtime import latest_checkpoint
 from posttrain.trainers.wagle import (
+    MASK_FILE,
+    REFUSALS,
+    STATE_FILE,
     WAGLEConfig,
     accumulate_gradients,
     apply_gradient_mask,
     attribution_scores,
     build_mask,
+    collate,
+    encode_example,
     graddiff_loss,
     load_mask,
     magnitude_scores,
@@ -22,6 +37,7 @@ from posttrain.trainers.wagle import (
     random_scores,
     save_mask,
     snip_scores,
+    stream_indices,
     top_ratio_mask,
 )
 
@@ -300,3 +316,246 @@ def test_config_validates(tmp_path):
     for bad in ({"objective": "ga"}, {"mask_method": "wanda"}, {"mask_ratio": 1.2}, {"gamma": 0.0}, {"attribution_batches": 0}):
         with pytest.raises(ValueError):
             WAGLEConfig(output_dir=str(tmp_path), **bad)
+
+
+# --- the trainer -----------------------------------------------------------------------------------------
+
+# 100 samples: 10 authors, forget10 = 1 author = 10 rows (one batch of 10 = every forget row, so a step's forget CE
+# does not depend on the sampler's order), retain = 8 authors = 80 rows (the stream matters)
+ALL_FORGET = {"per_device_train_batch_size": 10, "optim": "adamw_torch", "weight_decay": 0.0, "learning_rate": 1e-3,
+              "max_steps": 3, "logging_steps": 1}
+
+
+def wagle_trainer(tmp_path, **overrides):
+    return build_trainer(load_recipe("wagle/tiny", {**ALL_FORGET, "output_dir": str(tmp_path), **overrides}))
+
+
+def reference_run(trainer, steps, mask=None, mask_before_clip=False):
+    """A hand-written loop: the objective of the spec (§4.3) on the trainer's batches, HF's AdamW and linear
+    warmup schedule, clip_grad_norm_, then the mask, then the step. Returns the final parameters."""
+    args = trainer.args
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_path("llama"))
+    model.train()
+    ref = AutoModelForCausalLM.from_pretrained(tiny_model_path("llama")).eval()
+    pad = trainer.processing_class.pad_token_id
+    forget = collate(trainer.forget_rows, pad, "refusal_" if args.objective == "po" else "")
+    if args.optim == "sgd":
+        optimizer = torch.optim.SGD(model.parameters(), lr=args.learning_rate)
+    else:
+        optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
+    schedule = get_scheduler("linear", optimizer, args.get_warmup_steps(steps), steps)
+    for k in range(steps):
+        f_ce, r_ce = model(**forget).loss, model(**trainer.retain_batch(k * args.per_device_train_batch_size)).loss
+        if args.objective == "graddiff":
+            loss = -f_ce + args.retain_weight * r_ce
+        elif args.objective == "npo":
+            with torch.no_grad():
+                ref_ce = ref(**forget).loss
+            loss = -(2 / args.npo_beta) * nn.functional.logsigmoid(args.npo_beta * (f_ce - ref_ce)) + args.retain_weight * r_ce
+        else:
+            loss = f_ce + args.retain_weight * r_ce
+        loss.backward()
+        if mask is not None and mask_before_clip:
+            apply_gradient_mask(model, mask)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+        if mask is not None and not mask_before_clip:
+            apply_gradient_mask(model, mask)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad()
+    return dict(model.named_parameters())
+
+
+def max_param_diff(a, b):
+    return max((a[n] - b[n]).abs().max().item() for n in a)
+
+
+@pytest.mark.parametrize("objective, neutral", [("graddiff", {"mask_method": "dense"}), ("npo", {"mask_ratio": 1.0}),
+                                                ("po", {"mask_method": "random", "mask_ratio": 1.0})])
+def test_an_all_ones_mask_is_plain_unlearning_step_for_step(objective, neutral, tmp_path):
+    trainer = wagle_trainer(tmp_path, objective=objective, **neutral)
+    trainer.train()
+    assert trainer.mask_info["density"] == 1.0
+    got = dict(trainer.model.named_parameters())
+    assert max_param_diff(got, reference_run(trainer, 3)) < 2e-6
+    # the comparison can fail: the reference loop without the retain term ends elsewhere
+    trainer.args.retain_weight = 0.0
+    assert max_param_diff(got, reference_run(trainer, 3)) > 1e-4
+
+
+def test_the_mask_is_applied_after_clipping_and_before_the_step(tmp_path):
+    # max_grad_norm far below the gradient norm (~2), so clipping is active; SGD, because Adam's update would
+    # hardly notice a rescaled gradient, so the order could not show
+    trainer = wagle_trainer(tmp_path, mask_ratio=0.3, max_grad_norm=0.05, optim="sgd", learning_rate=0.5)
+    trainer.train()
+    got = dict(trainer.model.named_parameters())
+    assert max_param_diff(got, reference_run(trainer, 3, trainer.mask)) < 2e-6
+    # masking first shrinks the norm that clipping divides by (a little: the mask keeps the large gradients)
+    assert max_param_diff(got, reference_run(trainer, 3, trainer.mask, mask_before_clip=True)) > 2e-5
+    assert max_param_diff(got, reference_run(trainer, 3)) > 1e-4  # and the mask does something
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+def test_masked_weights_stay_put_without_weight_decay(weight_decay, tmp_path):
+    trainer = wagle_trainer(tmp_path, mask_ratio=0.5, weight_decay=weight_decay, max_steps=2)
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.train()
+    for name, p in trainer.model.named_parameters():
+        frozen, free = ~trainer.mask[name], trainer.mask[name]
+        if weight_decay == 0.0:
+            assert torch.equal(p[frozen], before[name][frozen]), name
+        assert frozen.any() or free.all()
+    moved = sum(int((p != before[n]).sum()) for n, p in trainer.model.named_parameters())
+    updated = sum(int(m.sum()) for m in trainer.mask.values())
+    if weight_decay == 0.0:
+        assert 0.9 * updated < moved <= updated  # the updated entries move (but a zero gradient may stay)
+    else:  # AdamW's decoupled decay still shrinks the masked weights of decayed tensors (official behaviour)
+        assert moved > updated
+
+
+def test_mask_is_saved_logged_and_reloaded_from_mask_path(tmp_path):
+    trainer = wagle_trainer(tmp_path / "a", mask_ratio=0.4, max_steps=1)
+    trainer.train()
+    saved = load_mask(tmp_path / "a" / MASK_FILE, trainer.model)
+    assert all(torch.equal(saved[n], trainer.mask[n]) for n in saved)
+    logs = [e for e in trainer.state.log_history if "loss" in e]
+    assert logs and all({"forget_loss", "retain_loss", "mask_density"} <= set(e) for e in logs)
+    assert logs[0]["mask_density"] == pytest.approx(0.4, abs=1e-5)
+    # a random mask from the file is used as it is (no phase 1), and a file for another model is refused
+    random_mask = build_mask(trainer.model, "random", 0.7, seed=3)
+    save_mask(random_mask, tmp_path / "r.safetensors")
+    again = wagle_trainer(tmp_path / "b", mask_path=str(tmp_path / "r.safetensors"), max_steps=1)
+    again.train()
+    assert all(torch.equal(again.mask[n], random_mask[n]) for n in random_mask)
+    save_mask({"x": torch.ones(3, dtype=torch.bool)}, tmp_path / "bad.safetensors")
+    with pytest.raises(ValueError, match="does not match the model"):
+        wagle_trainer(tmp_path / "c", mask_path=str(tmp_path / "bad.safetensors"), max_steps=1).train()
+
+
+def test_wagle_mask_differs_from_its_baselines_and_depends_on_gamma(tmp_path):
+    masks = {}
+    for key, extra in {"wagle": {}, "wagle_1e-2": {"gamma": 1e-2}, "snip": {"mask_method": "snip"},
+                       "magnitude": {"mask_method": "magnitude"}}.items():
+        t = wagle_trainer(tmp_path / key, mask_ratio=0.5, **extra)
+        t.setup_mask()
+        masks[key] = torch.cat([m.reshape(-1) for m in t.mask.values()])
+        assert masks[key].float().mean().item() == pytest.approx(0.5, abs=1e-5)
+    keys = list(masks)
+    for i, a in enumerate(keys):
+        for b in keys[i + 1:]:
+            assert not torch.equal(masks[a], masks[b]), (a, b)
+    # phase 1 by hand: summed CE gradients of the forget rows and of the paired retain stream batch
+    model = t.model
+    pad = t.processing_class.pad_token_id
+    gf = accumulate_gradients(model, [collate(t.forget_rows, pad)])
+    gr = accumulate_gradients(model, [t.retain_batch(0)])
+    want = top_ratio_mask(attribution_scores(dict(trainer_params(model)), gf, gr, 1e-6), 0.5)
+    assert torch.equal(masks["wagle"], torch.cat([m.reshape(-1) for m in want.values()]))
+
+
+def trainer_params(model):
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+def test_retain_stream_is_a_pure_function_of_the_position():
+    first = stream_indices(7, 3, 0, 7)
+    assert sorted(first) == list(range(7)) and sorted(stream_indices(7, 3, 7, 7)) == list(range(7))
+    assert stream_indices(7, 3, 0, 7) != stream_indices(7, 3, 7, 7)  # a new permutation every cycle
+    whole = stream_indices(7, 3, 0, 30)
+    assert whole == [x for s in range(0, 30, 4) for x in stream_indices(7, 3, s, min(4, 30 - s))]
+
+
+def test_examples_are_tokenized_with_the_answer_as_the_only_target(tmp_path):
+    trainer = wagle_trainer(tmp_path, objective="po", max_steps=1)
+    tok = trainer.processing_class
+    prompt = [{"role": "user", "content": "Who?"}]
+    item = encode_example(tok, prompt, [{"role": "assistant", "content": "Me."}])
+    head = tok.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    n = len(tok(head, add_special_tokens=False)["input_ids"])
+    assert item["labels"][:n] == [-100] * n and item["labels"][n:] == item["input_ids"][n:]
+    assert tok.decode(item["input_ids"][n:]).startswith("Me.<|im_end|>")
+    plain = encode_example(tok, "Q:", " A.", prompt_template="<{prompt}>")
+    assert tok.decode(plain["input_ids"]) == "<Q:> A.<|im_end|>" and plain["labels"][0] == -100
+    text = encode_example(tok, "Just text.")
+    assert text["labels"] == text["input_ids"]
+    with pytest.raises(ValueError, match="max_length"):
+        encode_example(tok, prompt, [{"role": "assistant", "content": "Me."}], max_length=n)
+    row = trainer.forget_rows[9]  # PO: refusal targets, REFUSALS[i % 8]
+    assert REFUSALS[9 % len(REFUSALS)] in tok.decode([t for t in row["refusal_labels"] if t != -100])
+
+
+class _Killed(Exception):
+    pass
+
+
+class KillAfterSave(TrainerCallback):
+    def on_save(self, args, state, control, **kwargs):
+        if state.global_step == 2:
+            raise _Killed
+
+
+@pytest.mark.parametrize("objective", ["graddiff", "npo"])
+def test_resume_continues_the_same_run_with_the_same_mask(objective, tmp_path):
+    # per-device batch 4 over 10 forget rows: the forget sampler and the retain stream position both matter
+    opts = {"max_steps": 4, "save_strategy": "steps", "save_steps": 2, "logging_steps": 1, "mask_ratio": 0.5,
+            "objective": objective, "per_device_train_batch_size": 4}
+    argv = [f"--{k}={v}" for k, v in opts.items()]
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    assert main(["train", "wagle/tiny", "--output_dir", str(full), *argv]) == 0
+    trainer = build_trainer(load_recipe("wagle/tiny", {**opts, "output_dir": str(cut)}))
+    trainer.add_callback(KillAfterSave())
+    with pytest.raises(_Killed):
+        trainer.train()
+    assert latest_checkpoint(cut).name == "checkpoint-2"
+    assert json.loads((cut / "checkpoint-2" / STATE_FILE).read_text()) == {"micro_step": 2}
+    assert main(["train", "wagle/tiny", "--output_dir", str(cut), "--resume", *argv]) == 0
+
+    def history(folder):
+        return {e["step"]: e for e in json.loads((folder / "trainer_state.json").read_text())["log_history"] if "loss" in e}
+
+    a, b = history(full / "checkpoint-4"), history(cut / "checkpoint-4")
+    for step in (3, 4):
+        for key in ("loss", "forget_loss", "retain_loss"):
+            assert b[step][key] == pytest.approx(a[step][key], abs=1e-6), (step, key)
+    x, y = AutoModelForCausalLM.from_pretrained(full), AutoModelForCausalLM.from_pretrained(cut)
+    for (n, p), q in zip(x.named_parameters(), y.parameters()):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=0, msg=n)
+    for folder in ("checkpoint-2", "checkpoint-4", "."):
+        m1, m2 = load_mask(full / folder / MASK_FILE), load_mask(cut / folder / MASK_FILE)
+        assert m1.keys() == m2.keys() and all(torch.equal(m1[k], m2[k]) for k in m1)
+    # the mask of the checkpoint, not a new one built from the resumed weights
+    rebuilt = build_trainer(load_recipe("wagle/tiny", {**opts, "output_dir": str(tmp_path / "rebuilt")}))
+    rebuilt.model.load_state_dict(AutoModelForCausalLM.from_pretrained(cut / "checkpoint-2").state_dict())
+    rebuilt.setup_mask()
+    assert not all(torch.equal(rebuilt.mask[k], m1[k]) for k in m1)
+
+
+def test_checkpoint_without_wagle_state_is_refused(tmp_path):
+    opts = {"max_steps": 2, "save_strategy": "steps", "save_steps": 2, "output_dir": str(tmp_path)}
+    build_trainer(load_recipe("wagle/tiny", opts)).train()
+    (tmp_path / "checkpoint-2" / MASK_FILE).unlink()
+    with pytest.raises(FileNotFoundError, match=MASK_FILE):
+        build_trainer(load_recipe("wagle/tiny", {**opts, "max_steps": 4})).train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+
+
+@pytest.mark.slow
+def test_two_processes_share_one_mask_equal_to_the_one_process_mask(tmp_path):
+    from conftest import BIN, ROOT
+    from safetensors.torch import load_file
+
+    for world in (1, 2):
+        launch = (["--config_file", str(ROOT / "accelerate_configs" / "cpu_2proc.yaml"), "--main_process_port", "29561"]
+                  if world == 2 else ["--num_processes", "1"])
+        cmd = [str(BIN / "accelerate"), "launch", *launch, str(ROOT / "tests" / "helpers" / "wagle_ddp.py"), str(tmp_path / f"w{world}")]
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert proc.returncode == 0, proc.stderr[-5000:]
+    one, r0, r1 = (load_file(str(tmp_path / f)) for f in ("w1/rank0.safetensors", "w2/rank0.safetensors", "w2/rank1.safetensors"))
+    assert one["batches"].tolist() == [5, 1] and r0["batches"].tolist() == [3, 2] and r1["batches"].tolist() == [2, 2]
+    for key in r0:  # sums, mask and trained weights: bit for bit the same on both ranks
+        if key != "batches":
+            assert torch.equal(r0[key], r1[key]), key
+    for key in (k for k in one if k.startswith(("gf/", "gr/"))):  # the sums of one process over the same 5 batches
+        torch.testing.assert_close(r0[key], one[key], rtol=1e-5, atol=1e-7)
+    masks = [k for k in one if k.startswith("mask/")]
+    assert masks and all(torch.equal(r0[k], one[k]) for k in masks)
+    assert 0 < sum(int(one[k].sum()) for k in masks) < sum(one[k].numel() for k in masks)
