@@ -1,7 +1,9 @@
 """The ``posttrain`` command line (also ``python -m posttrain`` and ``accelerate launch -m posttrain``).
 
     posttrain train RECIPE [--key value | --key=value ...] [--resume] [--debug]
-    posttrain list [methods|recipes|rewards|data]
+    posttrain list [methods|recipes|rewards|data|evals]
+    posttrain eval [RECIPE] --model M [--compare M2 ...] --tasks a,b [--output DIR] [--limit N] [--peft ADAPTER]
+    posttrain report RUN_DIR
 
 A mistake in the input (recipe, override, data) prints one line and exits with code 2; ``--debug``
 shows the traceback instead.
@@ -36,6 +38,12 @@ def _list(what: str) -> None:
         print("reward functions (recipe `reward_funcs:`):")
         for name, (description, _) in sorted(REWARDS.items()):
             print(f"  {name:<15} {description}")
+    if what in ("all", "evals"):
+        from posttrain.evals.tasks import TASKS as EVAL_TASKS
+
+        print("eval tasks (posttrain eval --tasks):")
+        for name, (_, description, _) in EVAL_TASKS.items():
+            print(f"  {name:<15} {description}")
     if what in ("all", "data"):
         from posttrain.data import GENERATORS, TASKS
 
@@ -54,6 +62,26 @@ def _train(recipe_name: str, overrides: list[str], resume: bool) -> None:
     from posttrain.recipes.train import train
 
     train(recipe, resume=resume)
+    _close_process_group()
+
+
+def _eval(args) -> None:
+    from posttrain.evals.harness import load_eval_recipe, make_spec, run_eval
+    from posttrain.recipes.config import read_yaml
+
+    values = {"model": args.model, "peft": args.peft, "output": args.output, "limit": args.limit,
+              "compare": args.compare, "seed": args.seed, "batch_size": args.batch_size,
+              "cache": False if args.no_cache else None}
+    if args.tasks or args.task_config:
+        tasks = {t.strip(): {} for t in (args.tasks or "").split(",") if t.strip()}
+        for name, config in (read_yaml(args.task_config) if args.task_config else {}).items():
+            tasks[name] = config
+        values["tasks"] = tasks
+    if args.recipe:
+        spec = load_eval_recipe(args.recipe, values)
+    else:
+        spec = make_spec({k: v for k, v in values.items() if v is not None})
+    run_eval(spec)
     _close_process_group()
 
 
@@ -77,7 +105,23 @@ def main(argv: list[str] | None = None) -> int:
     train_p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     train_p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in output_dir")
     list_p = sub.add_parser("list", help="list methods, recipes, reward functions and built-in datasets")
-    list_p.add_argument("what", nargs="?", default="all", choices=["all", "methods", "recipes", "rewards", "data"])
+    list_p.add_argument("what", nargs="?", default="all", choices=["all", "methods", "recipes", "rewards", "data", "evals"])
+    eval_p = sub.add_parser("eval", help="evaluate checkpoints on registered tasks (or run an eval recipe)")
+    eval_p.add_argument("recipe", nargs="?", help="an eval recipe (.yaml path or eval/<name>); flags override it")
+    eval_p.add_argument("--model", help="checkpoint folder, hub id or tiny:<arch>")
+    eval_p.add_argument("--peft", help="a LoRA adapter folder to load on --model")
+    eval_p.add_argument("--tasks", help="comma-separated task names (`posttrain list evals`)")
+    eval_p.add_argument("--task_config", help='JSON/YAML mapping task -> options, e.g. \'{"math": {"n": 64}}\'')
+    eval_p.add_argument("--output", help="output folder (default runs/eval)")
+    eval_p.add_argument("--limit", type=int, help="at most N examples per task")
+    eval_p.add_argument("--compare", nargs="+", help="more checkpoints, one column each")
+    eval_p.add_argument("--seed", type=int)
+    eval_p.add_argument("--batch_size", type=int)
+    eval_p.add_argument("--no_cache", action="store_true", help="recompute even when a cached result exists")
+    eval_p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+    report_p = sub.add_parser("report", help="plot a training run's logged metrics (RUN_DIR/report/)")
+    report_p.add_argument("run_dir")
+    report_p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
 
     args, rest = parser.parse_known_args(argv)
     debug = getattr(args, "debug", False)
@@ -86,6 +130,15 @@ def main(argv: list[str] | None = None) -> int:
             if rest:
                 parser.error(f"unrecognized arguments: {' '.join(rest)}")
             _list(args.what)
+        elif args.command in ("eval", "report"):
+            if rest:
+                parser.error(f"unrecognized arguments: {' '.join(rest)}")
+            if args.command == "report":
+                from posttrain.evals.report import report
+
+                report(args.run_dir)
+            else:
+                _eval(args)
         else:
             _train(args.recipe, rest, args.resume)
     except UserError as err:

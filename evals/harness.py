@@ -1,0 +1,258 @@
+"""``posttrain eval``: run registered tasks on one or more checkpoints; cache, tables and plots.
+
+    posttrain eval --model runs/dpo-smollm2 --compare HuggingFaceTB/SmolLM2-135M-Instruct --tasks preference,perplexity
+    posttrain eval recipes/eval/tiny.yaml                       # an eval recipe: the same keys in YAML
+    accelerate launch --num_processes 2 -m posttrain eval ...  # data-parallel; the same numbers as 1 process
+
+Each (checkpoint, task, task config, limit, seed) result is cached under ``$POSTTRAIN_CACHE/evals`` keyed by the
+checkpoint's weight files (size and mtime), so a re-run only loads models whose results are missing. The output
+folder gets ``results.json`` (numbers, configs, versions), ``results.md`` (one column per checkpoint) and PNG
+plots: one bar chart per task, pass@k curves, MaxVio per layer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from posttrain import UserError
+
+RESULTS_VERSION = 1
+
+
+@dataclass
+class EvalSpec:
+    models: list[str]
+    tasks: dict[str, dict] = field(default_factory=dict)  # name -> config
+    output: str = "runs/eval"
+    limit: int | None = None
+    seed: int = 0
+    batch_size: int = 8
+    peft: str | None = None
+    cache: bool = True
+
+
+def parse_tasks(value) -> dict[str, dict]:
+    """``"a,b"``, ``["a", "b"]`` or ``{"a": {config}, "b": null}`` -> {name: config}, checked against TASKS."""
+    from posttrain.evals.tasks import TASKS
+
+    if isinstance(value, str):
+        value = [t.strip() for t in value.split(",") if t.strip()]
+    if isinstance(value, (list, tuple)):
+        value = {name: {} for name in value}
+    if not isinstance(value, dict) or not value:
+        raise UserError("tasks: give task names (--tasks a,b) or, in an eval recipe, a mapping task -> config")
+    unknown = [name for name in value if name not in TASKS]
+    if unknown:
+        raise UserError(f"unknown eval task(s) {', '.join(map(repr, unknown))}; valid: {', '.join(TASKS)}")
+    import inspect
+
+    tasks = {}
+    for name, config in value.items():
+        config = dict(config or {})
+        params = inspect.signature(TASKS[name][0]).parameters
+        bad = [k for k in config if k not in params or k == "ctx"]
+        if bad:
+            raise UserError(f"eval task '{name}' has no option(s) {', '.join(bad)}; "
+                            f"valid: {', '.join(p for p in params if p != 'ctx')}")
+        tasks[name] = config
+    return tasks
+
+
+def load_eval_recipe(path: str, overrides: dict[str, Any]) -> EvalSpec:
+    """An eval recipe (YAML with model, compare, tasks, output, limit, seed, batch_size, peft) plus CLI overrides."""
+    from posttrain.recipes.config import find_recipe, read_yaml
+
+    values = read_yaml(find_recipe(path).read_text())
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return make_spec(values, where=path)
+
+
+def make_spec(values: dict[str, Any], where: str = "command line") -> EvalSpec:
+    allowed = {"model", "compare", "tasks", "output", "limit", "seed", "batch_size", "peft", "cache"}
+    unknown = sorted(set(values) - allowed)
+    if unknown:
+        raise UserError(f"{where}: unknown eval key(s) {', '.join(unknown)}; valid: {', '.join(sorted(allowed))}")
+    if not values.get("model"):
+        raise UserError(f"{where}: name the checkpoint to evaluate (--model PATH_OR_HUB_ID)")
+    compare = values.get("compare") or []
+    compare = [compare] if isinstance(compare, str) else list(compare)
+    for name in [values["model"], *compare]:
+        _check_model(name)
+    return EvalSpec(models=[values["model"], *compare], tasks=parse_tasks(values.get("tasks") or ""),
+                    output=str(values.get("output") or "runs/eval"), limit=values.get("limit"),
+                    seed=int(values.get("seed") or 0), batch_size=int(values.get("batch_size") or 8),
+                    peft=values.get("peft"), cache=values.get("cache", True) is not False)
+
+
+def _check_model(name: str) -> None:
+    # a path that does not exist fails here, before any model loads; hub ids are checked by transformers
+    looks_local = name.startswith(("/", ".", "~")) or os.sep in name and not name.count("/") == 1
+    if looks_local and not Path(name).expanduser().exists():
+        raise UserError(f"checkpoint {name!r} does not exist; give a checkpoint folder, a hub id or tiny:<arch>")
+
+
+# ------------------------------------------------------------------------------------------------- running
+
+
+def _versions() -> dict:
+    import torch
+    import transformers
+    import trl
+
+    from posttrain import __version__
+
+    return {"posttrain": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "trl": trl.__version__, "python": platform.python_version()}
+
+
+def _cache_path(model: str, path: str, peft, task: str, config: dict, spec: EvalSpec) -> Path:
+    from posttrain.evals.common import checkpoint_fingerprint
+    from posttrain.recipes.tiny import cache_dir
+
+    key = {"model": checkpoint_fingerprint(path), "peft": peft and checkpoint_fingerprint(peft), "task": task,
+           "config": config, "limit": spec.limit, "seed": spec.seed, "batch_size": spec.batch_size,
+           "version": RESULTS_VERSION, "versions": _versions()}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:24]
+    return cache_dir() / "evals" / f"{task}-{digest}.json"
+
+
+def run_eval(spec: EvalSpec, log=print) -> dict:
+    """Evaluate every model on every task (cached), write results.json / results.md / plots; returns results."""
+    from accelerate import PartialState
+    from accelerate.utils import broadcast_object_list, gather_object
+
+    from posttrain.evals.common import EvalContext, load_checkpoint
+    from posttrain.evals.tasks import TASKS
+    from posttrain.recipes.models import resolve_model_path
+    from posttrain.recipes.train import write_json_atomic
+
+    import torch
+
+    state = PartialState(cpu=not torch.cuda.is_available())  # without cpu=True a CPU launch stays one process
+    results: dict[str, dict] = {}
+    for model_name in spec.models:
+        path = resolve_model_path(model_name)
+        peft = spec.peft if model_name == spec.models[0] else None
+        results[model_name] = {}
+        pending = {}
+        for task, config in spec.tasks.items():
+            cached = _cache_path(model_name, path, peft, task, config, spec)
+            if spec.cache and cached.is_file():
+                results[model_name][task] = json.loads(cached.read_text())
+                log(f"{model_name} / {task}: cached")
+            else:
+                pending[task] = cached
+        if not pending:
+            continue
+        model, tokenizer, _ = load_checkpoint(model_name, peft=peft, device=str(state.device))
+        ctx = EvalContext(model, tokenizer, model_name, path, seed=spec.seed, limit=spec.limit,
+                          batch_size=spec.batch_size, world=state.num_processes, rank=state.process_index,
+                          _gather=gather_object)
+        for task, cached in pending.items():
+            fn, _, parallel = TASKS[task]
+            log(f"{model_name} / {task} ...")
+            if parallel or state.num_processes == 1:
+                out = fn(ctx, **spec.tasks[task])
+            else:  # single-process task: rank 0 computes, the others receive its result
+                holder = [fn(EvalContext(model, tokenizer, model_name, path, seed=spec.seed, limit=spec.limit,
+                                         batch_size=spec.batch_size), **spec.tasks[task])
+                          if state.is_main_process else None]
+                out = broadcast_object_list(holder)[0]
+            out["config"] = spec.tasks[task]
+            results[model_name][task] = out
+            if state.is_main_process:
+                write_json_atomic(cached, out)
+        del model
+    report = {"models": spec.models, "tasks": spec.tasks, "limit": spec.limit, "seed": spec.seed,
+              "processes": state.num_processes, "versions": _versions(), "results": results}
+    if state.is_main_process:
+        out_dir = Path(spec.output)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(out_dir / "results.json", report)
+        table = markdown_table(report)
+        (out_dir / "results.md").write_text(table)
+        plots = write_plots(report, out_dir)
+        log(table)
+        log(f"results: {out_dir / 'results.json'}, {out_dir / 'results.md'}" + (f", {len(plots)} plots" if plots else ""))
+    state.wait_for_everyone()
+    return report
+
+
+# ------------------------------------------------------------------------------------------------ output
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def markdown_table(report: dict) -> str:
+    """One row per (task, metric), one column per checkpoint."""
+    models = report["models"]
+    lines = ["| task | metric | " + " | ".join(f"`{m}`" for m in models) + " |",
+             "|---|---|" + "---|" * len(models)]
+    for task in report["tasks"]:
+        metrics = []
+        for m in models:
+            metrics += [k for k in report["results"][m][task]["metrics"] if k not in metrics]
+        for metric in metrics:
+            cells = [_fmt(report["results"][m][task]["metrics"].get(metric, "")) for m in models]
+            lines.append(f"| {task} | {metric} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_plots(report: dict, out_dir: Path) -> list[Path]:
+    """Per-task bars across checkpoints, pass@k curves, MaxVio per layer. Needs matplotlib (skipped without)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    models, written = report["models"], []
+    labels = [Path(m).name or m for m in models]
+    for task in report["tasks"]:
+        per_model = [report["results"][m][task] for m in models]
+        metrics = [k for k in per_model[0]["metrics"] if all(k in r["metrics"] for r in per_model)]
+        if metrics:
+            fig, axes = plt.subplots(1, len(metrics), figsize=(2.6 * len(metrics) + 1, 3.2), squeeze=False)
+            for ax, metric in zip(axes[0], metrics):
+                ax.bar(range(len(models)), [r["metrics"][metric] for r in per_model], color=[f"C{i}" for i in range(len(models))])
+                ax.set_xticks(range(len(models)), labels, rotation=20, fontsize=7)
+                ax.set_title(metric, fontsize=9)
+            fig.suptitle(task)
+            fig.tight_layout()
+            written.append(out_dir / f"{task}.png")
+            fig.savefig(written[-1], dpi=110)
+            plt.close(fig)
+        for key, kind in (("curves", "curve"), ("per_layer", "layers")):
+            if not any(key in r for r in per_model):
+                continue
+            fig, ax = plt.subplots(figsize=(5, 3.4))
+            for i, (label, r) in enumerate(zip(labels, per_model)):
+                if kind == "curve":
+                    for name, curve in r.get("curves", {}).items():
+                        ax.plot(curve["x"], curve["y"], marker="o", color=f"C{i}", label=f"{label}")
+                        ax.set_xscale("log", base=2)
+                        ax.set_xlabel("k")
+                        ax.set_ylabel(name)
+                else:
+                    layers = r.get("per_layer", {})
+                    ax.plot(range(len(layers)), list(layers.values()), marker="o", color=f"C{i}", label=label)
+                    ax.set_xlabel("MoE layer")
+                    ax.set_ylabel("MaxVio_global")
+            ax.legend(fontsize=7)
+            ax.set_title(task)
+            fig.tight_layout()
+            written.append(out_dir / f"{task}_{kind}.png")
+            fig.savefig(written[-1], dpi=110)
+            plt.close(fig)
+    return written

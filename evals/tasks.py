@@ -1,0 +1,203 @@
+"""The eval tasks and their registry, ``TASKS``: one explicit dict from task name to (function, description).
+
+A task is ``fn(ctx: EvalContext, **config) -> dict``: ``{"metrics": {name: float}, ...}`` plus optional extras
+the report plots (``curves``: name -> {"x": [...], "y": [...]}; ``per_layer``: layer -> value). Its keyword
+arguments are the task's config (``--tasks math`` uses the defaults; an eval recipe or ``--task_config`` sets
+them) and they are part of the result-cache key. Every task fixes its seeds; generation and scoring go through
+``ctx.map_batches`` so that N processes give the numbers of one (see ``evals/common.py``).
+"""
+
+from __future__ import annotations
+
+import math
+
+from posttrain.evals.arithmetic import pass_at_k
+from posttrain.evals.common import EvalContext, completion_logps, eval_rows, generate, mean, render
+
+
+def _reference_logps(ctx: EvalContext, reference: str, pairs):
+    from posttrain.evals.common import load_checkpoint
+
+    ref, _, _ = load_checkpoint(reference, device=str(ctx.device))
+    try:
+        return ctx.map_batches(pairs, lambda batch, _: completion_logps(ref, ctx.tokenizer, batch))
+    finally:
+        del ref
+
+
+def preference(ctx: EvalContext, dataset: str = "builtin:preference_pairs", num_samples: int = 256,
+               reference: str | None = None, reward_model: str | None = None, beta: float = 0.1, split: str | None = None):
+    """Held-out preference accuracy and mean margin. With ``reference`` (a checkpoint): DPO's implicit reward
+    r = beta (log pi(y|x) - log pi_ref(y|x)); with ``reward_model`` (a reward recipe's output): its score;
+    with neither: the policy's own log-likelihood, r = beta log pi(y|x). accuracy = mean [r_chosen > r_rejected]."""
+    rows = eval_rows(dataset, "preference", split=split, num_samples=num_samples, seed=ctx.seed, limit=ctx.limit)
+    prompts = rows["prompt"] if "prompt" in rows.column_names else [None] * len(rows)
+    pairs = [render(ctx.tokenizer, p, c) for p, c in zip(prompts, rows["chosen"])]
+    pairs += [render(ctx.tokenizer, p, r) for p, r in zip(prompts, rows["rejected"])]
+    n = len(rows)
+    if reward_model is not None:
+        scores = _reward_model_scores(ctx, reward_model, pairs)
+    else:
+        logps = [lp for lp, _ in ctx.map_batches(pairs, lambda batch, _: completion_logps(ctx.model, ctx.tokenizer, batch))]
+        if reference is not None:
+            ref = [lp for lp, _ in _reference_logps(ctx, reference, pairs)]
+            logps = [a - b for a, b in zip(logps, ref)]
+        scores = [beta * lp for lp in logps]
+    chosen, rejected = scores[:n], scores[n:]
+    margins = [c - r for c, r in zip(chosen, rejected)]
+    return {"metrics": {"accuracy": mean(m > 0 for m in margins), "margin": mean(margins),
+                        "chosen_reward": mean(chosen), "rejected_reward": mean(rejected), "pairs": float(n)}}
+
+
+def _reward_model_scores(ctx: EvalContext, path: str, pairs):
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from posttrain.recipes.models import resolve_model_path
+
+    rm = AutoModelForSequenceClassification.from_pretrained(resolve_model_path(path), num_labels=1).to(ctx.device).eval()
+
+    @torch.no_grad()
+    def score(batch, _):
+        ctx.tokenizer.padding_side = "right"
+        enc = ctx.tokenizer([p + c for p, c in batch], return_tensors="pt", padding=True, add_special_tokens=False)
+        return rm(**enc.to(ctx.device)).logits[:, 0].float().tolist()
+
+    return ctx.map_batches(pairs, score)
+
+
+def perplexity(ctx: EvalContext, dataset: str = "builtin:fictitious_facts", split: str = "retain", column: str = "text",
+               num_samples: int = 256, max_length: int = 1024):
+    """exp(mean negative log-likelihood per token) over a set of texts (every token but each text's first)."""
+    rows = eval_rows(dataset, "", split=split, num_samples=num_samples, seed=ctx.seed, limit=ctx.limit)
+    if column not in rows.column_names:
+        raise ValueError(f"perplexity: dataset '{dataset}' has no '{column}' column (columns: {rows.column_names}); "
+                         "set column")
+    scored = ctx.map_batches([("", t) for t in rows[column]],
+                             lambda batch, _: completion_logps(ctx.model, ctx.tokenizer, batch, max_length))
+    nll, tokens = -math.fsum(lp for lp, _ in scored), sum(n for _, n in scored)
+    return {"metrics": {"perplexity": math.exp(nll / tokens), "nll_per_token": nll / tokens, "tokens": float(tokens)}}
+
+
+def math_task(ctx: EvalContext, dataset: str = "builtin:arithmetic", difficulty: int | None = 1, num_samples: int = 64,
+              n: int = 16, k: tuple = (1, 2, 4, 8, 16), temperature: float = 1.0, max_new_tokens: int = 32,
+              split: str | None = None):
+    """Greedy accuracy and pass@k (unbiased estimator, Chen et al. 2021) from ``n`` samples per prompt, on
+    prompt/answer data; a completion is correct when its last number equals the answer (``numeric_match``)."""
+    from posttrain.trainers.rewards import numeric_match
+
+    if max(k) > n:
+        raise ValueError(f"math: pass@{max(k)} needs n >= {max(k)} samples per prompt (n={n})")
+    builtin_arith = dataset == "builtin:arithmetic"
+    rows = eval_rows(dataset, "prompt", split=split, num_samples=num_samples, seed=ctx.seed, limit=ctx.limit,
+                     difficulty=difficulty if builtin_arith else None)
+    items = list(zip(rows["prompt"], (str(a) for a in rows["answer"])))
+
+    def run(batch, index):
+        prompts, answers = [p for p, _ in batch], [a for _, a in batch]
+        greedy = [g[0] for g in generate(ctx.model, ctx.tokenizer, prompts, max_new_tokens=max_new_tokens)]
+        samples = generate(ctx.model, ctx.tokenizer, prompts, n=n, max_new_tokens=max_new_tokens,
+                           temperature=temperature, seed=ctx.seed * 1_000_003 + index)
+        return [(g, int(sum(numeric_match(s, [a] * n)))) for g, s, a in zip(numeric_match(greedy, answers), samples, answers)]
+
+    results = ctx.map_batches(items, run)
+    ks = sorted(set(int(x) for x in k))
+    curve = [mean(pass_at_k(n, c, kk) for _, c in results) for kk in ks]
+    metrics = {"greedy_accuracy": mean(g for g, _ in results)}
+    metrics.update({f"pass@{kk}": v for kk, v in zip(ks, curve)})
+    return {"metrics": metrics, "curves": {"pass@k": {"x": ks, "y": curve}}}
+
+
+def reward(ctx: EvalContext, reward_funcs: tuple = ("vader_sentiment", "offensiveness_cost"),
+           dataset: str = "builtin:review_prompts", num_samples: int = 64, max_new_tokens: int = 64,
+           temperature: float = 0.0, split: str | None = None):
+    """Mean score of the model's completions under named reward functions (``posttrain list rewards``)."""
+    from posttrain.recipes.train import reward_functions
+
+    class _Config:  # what the reward builders read
+        max_completion_length = max_new_tokens
+
+    funcs = reward_functions(list(reward_funcs), _Config())
+    rows = eval_rows(dataset, "prompt", split=split, num_samples=num_samples, seed=ctx.seed, limit=ctx.limit)
+    columns = [c for c in rows.column_names if c != "prompt"]
+    items = [dict(zip(rows.column_names, values)) for values in zip(*(rows[c] for c in rows.column_names))]
+
+    def run(batch, index):
+        completions = [c[0] for c in generate(ctx.model, ctx.tokenizer, [r["prompt"] for r in batch],
+                                              max_new_tokens=max_new_tokens, temperature=temperature,
+                                              seed=ctx.seed * 1_000_003 + index)]
+        ids = [ctx.tokenizer(c, add_special_tokens=False)["input_ids"] for c in completions]
+        extra = {c: [r[c] for r in batch] for c in columns}
+        scores = [f(prompts=[r["prompt"] for r in batch], completions=completions, completion_ids=ids, **extra)
+                  for f in funcs]
+        return list(zip(*scores))
+
+    scores = ctx.map_batches(items, run)
+    return {"metrics": {name: mean(s[i] for s in scores) for i, name in enumerate(reward_funcs)}}
+
+
+def unlearning(ctx: EvalContext, dataset: str = "builtin:fictitious_authors", forget: str = "forget05",
+               retain: str = "retain", world: str = "world_facts", holdout: str | None = None, num_samples: int = 400, data_seed: int = 0):
+    """The WAGLE / TOFU-style metrics of ``posttrain.evals.unlearning`` (forget and retain loss and accuracy,
+    truth ratios, forget quality and membership-inference AUC against ``holdout``). Computed on rank 0."""
+    from posttrain.evals.unlearning import unlearning_metrics
+
+    # the unlearning sets are the *training* splits (the run's data seed, 0 by default), not held-out ones:
+    # forgetting is measured on what the model was trained, then made to forget
+    from posttrain.data.loading import load_source
+
+    def split(name):
+        if name is None:
+            return None
+        rows = load_source(dataset, split=name, num_samples=num_samples, seed=data_seed)
+        return rows.select(range(min(ctx.limit, len(rows)))) if ctx.limit else rows
+
+    metrics = unlearning_metrics(ctx.model, ctx.tokenizer, split(forget), split(retain), split(world), split(holdout),
+                                 batch_size=ctx.batch_size)
+    return {"metrics": metrics}
+
+
+def moe_balance(ctx: EvalContext, dataset: str = "builtin:fictitious_facts", split: str = "retain",
+                column: str = "text", num_samples: int = 256, max_length: int = 512):
+    """MaxVio_global (Wang et al. 2024) and per-layer expert loads of an MoE model on a text set."""
+    from posttrain.trainers.moe_balance import maxvio_global
+
+    rows = eval_rows(dataset, "", split=split, num_samples=num_samples, seed=ctx.seed, limit=ctx.limit)
+    result = maxvio_global(ctx.model, ctx.tokenizer, rows[column], batch_size=ctx.batch_size, max_length=max_length)
+    metrics = {k: result[k] for k in ("maxvio_global", "maxvio_global_max", "load_entropy")}
+    return {"metrics": metrics, "per_layer": result["per_layer"], "loads": result["loads"]}
+
+
+def lm_eval(ctx: EvalContext, tasks: tuple = (), include_path: str | None = None, num_fewshot: int | None = None,
+            batch_size: int = 8):
+    """EleutherAI lm-evaluation-harness tasks on the in-memory model (offline with local task YAMLs under
+    ``include_path``, e.g. ``dataset_path: json`` on a local JSONL). Runs on rank 0."""
+    if not tasks:
+        raise ValueError("lm_eval: name the lm-evaluation-harness tasks in its config, e.g. tasks: [my_task]")
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    lm = HFLM(pretrained=ctx.model, tokenizer=ctx.tokenizer, batch_size=batch_size, device=str(ctx.device))
+    out = simple_evaluate(model=lm, tasks=list(tasks), num_fewshot=num_fewshot, limit=ctx.limit,
+                          task_manager=TaskManager(include_path=include_path), random_seed=ctx.seed,
+                          numpy_random_seed=ctx.seed, torch_random_seed=ctx.seed, fewshot_random_seed=ctx.seed,
+                          log_samples=False)
+    metrics = {}
+    for task, values in out["results"].items():
+        for key, value in values.items():
+            if isinstance(value, (int, float)) and "stderr" not in key:
+                metrics[f"{task}/{key.split(',')[0]}"] = float(value)
+    return {"metrics": metrics}
+
+
+# name -> (function, description, runs on every process (data-parallel) or on rank 0 only)
+TASKS: dict[str, tuple] = {
+    "preference": (preference, "held-out preference accuracy and margin (implicit DPO reward vs a reference, or a reward model)", True),
+    "perplexity": (perplexity, "perplexity of a text set", True),
+    "math": (math_task, "greedy accuracy and pass@k (unbiased, k up to n) on prompt/answer data", True),
+    "reward": (reward, "mean score of completions under named reward functions (sentiment, offensiveness, ...)", True),
+    "unlearning": (unlearning, "forget/retain loss and accuracy, truth ratio, forget quality, membership-inference AUC", False),
+    "moe_balance": (moe_balance, "MaxVio_global and per-layer expert loads of an MoE model", False),
+    "lm_eval": (lm_eval, "EleutherAI lm-evaluation-harness tasks (local task YAMLs work offline)", False),
+}
