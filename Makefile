@@ -1,5 +1,6 @@
 # make test   - create .venv if missing and run the whole CPU test suite (what CI runs)
-# make demo   - a short real DPO run of SmolLM2-135M-Instruct on the built-in preference pairs
+# make demo   - a short real DPO run of SmolLM2-135M-Instruct on the built-in preference pairs, then its evaluation
+#               against the base model (table printed; runs/demo-eval/ holds results.md and the plots)
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -29,6 +30,8 @@ test-fast: venv
 demo: venv
 	HF_HUB_OFFLINE=1 $(BIN)/posttrain train dpo/smollm2-135m --max_steps 24 --per_device_train_batch_size 4 \
 	    --max_length 128 --logging_steps 4 --save_strategy no --report_to none --output_dir runs/demo-dpo-smollm2
+	HF_HUB_OFFLINE=1 $(BIN)/posttrain eval eval/smollm2-135m_demo --no_cache
+	test -s runs/demo-eval/results.md && test -s runs/demo-eval/preference.png
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info runs

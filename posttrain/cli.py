@@ -32,6 +32,9 @@ def _list(what: str) -> None:
         print("recipes (posttrain train <name>):")
         for name in builtin_recipes():
             print(f"  {name}")
+        print("eval recipes (posttrain eval <name>):")
+        for name in builtin_recipes("eval"):
+            print(f"  {name}")
     if what in ("all", "rewards"):
         from posttrain.trainers.rewards import REWARDS
 

@@ -61,9 +61,11 @@ class Recipe:
     optimizer: str | None = None  # a posttrain optimizer from OPTIMIZERS (``optim: lion_k``), else None
 
 
-def builtin_recipes() -> list[str]:
-    """All shipped recipes as ``<method>/<name>``, found recursively."""
-    return sorted(str(p.relative_to(RECIPES_DIR).with_suffix("")) for p in RECIPES_DIR.rglob("*.yaml"))
+def builtin_recipes(kind: str = "train") -> list[str]:
+    """Shipped recipes as ``<method>/<name>``, found recursively: training recipes, or with ``kind="eval"`` the
+    eval recipes under ``recipes/eval/`` (``posttrain eval eval/<name>``)."""
+    names = sorted(str(p.relative_to(RECIPES_DIR).with_suffix("")) for p in RECIPES_DIR.rglob("*.yaml"))
+    return [n for n in names if n.startswith("eval/") == (kind == "eval")]
 
 
 def find_recipe(name: str) -> Path:

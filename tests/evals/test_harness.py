@@ -221,3 +221,26 @@ def test_two_processes_give_the_numbers_of_one(tmp_path, run_env):
         assert x.keys() == y.keys()
         for key in x:
             assert y[key] == pytest.approx(x[key], rel=1e-5, abs=1e-6), (task, key)
+
+
+def test_eval_recipe_with_cli_overrides(tmp_path):
+    from posttrain.cli import main
+
+    assert main(["eval", "eval/tiny", "--tasks", "perplexity", "--limit", "2", "--output", str(tmp_path)]) == 0
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["models"] == ["tiny:llama", "tiny:qwen3"] and list(saved["tasks"]) == ["perplexity"]
+    assert saved["limit"] == 2 and saved["results"]["tiny:qwen3"]["perplexity"]["metrics"]["perplexity"] > 1
+
+
+def test_report_plots_a_training_run(tmp_path):
+    from posttrain.cli import main
+
+    run = tmp_path / "run"
+    assert main(["train", "constrained_rlhf/tiny", "--output_dir", str(run), "--max_steps", "2",
+                 "--save_strategy", "steps", "--save_steps", "2"]) == 0
+    assert main(["report", str(run)]) == 0
+    pngs = {p.name: p.stat().st_size for p in (run / "report").glob("*.png")}
+    assert {"loss.png", "constrained.png", "rewards.png"} <= set(pngs) and min(pngs.values()) > 1000
+    table = (run / "report" / "report.md").read_text()
+    assert "| constrained/lambda/vader_sentiment |" in table
+    assert main(["report", str(tmp_path / "nothing")]) == 2
