@@ -244,3 +244,20 @@ def test_report_plots_a_training_run(tmp_path):
     table = (run / "report" / "report.md").read_text()
     assert "| constrained/lambda/vader_sentiment |" in table
     assert main(["report", str(tmp_path / "nothing")]) == 2
+
+
+def test_a_lora_run_output_is_evaluated_on_its_base(tmp_path):
+    from posttrain.cli import main
+
+    run = tmp_path / "lora"
+    assert main(["train", "sft/tiny", "--output_dir", str(run), "--use_peft", "true", "--max_steps", "3",
+                 "--learning_rate", "5e-2"]) == 0
+    assert (run / "adapter_config.json").is_file() and not (run / "model.safetensors").exists()
+    scores = {}  # sft/tiny trains a LoRA adapter on tiny:qwen3
+    for label, values in {"folder": {"model": str(run)}, "flag": {"model": "tiny:qwen3", "peft": str(run)},
+                          "base": {"model": "tiny:qwen3"}}.items():
+        report = run_eval(make_spec({**values, "tasks": "perplexity", "limit": 4, "cache": False,
+                                     "output": str(tmp_path / label)}), log=lambda *a: None)
+        scores[label] = report["results"][values["model"]]["perplexity"]["metrics"]["perplexity"]
+    assert scores["folder"] == pytest.approx(scores["flag"], rel=1e-6)
+    assert abs(scores["folder"] - scores["base"]) > 1e-3 * scores["base"]  # the adapter is applied
