@@ -261,3 +261,20 @@ def test_a_lora_run_output_is_evaluated_on_its_base(tmp_path):
         scores[label] = report["results"][values["model"]]["perplexity"]["metrics"]["perplexity"]
     assert scores["folder"] == pytest.approx(scores["flag"], rel=1e-6)
     assert abs(scores["folder"] - scores["base"]) > 1e-3 * scores["base"]  # the adapter is applied
+
+
+def test_unlearning_task_scores_the_training_splits(tiny):
+    # the task reads the run's own forget/retain/world splits (data seed 0) and per-row answer losses: check the
+    # forget loss against a per-row token-mean CE of the answers computed here
+    from posttrain.data.loading import load_source
+
+    out = eval_tasks.unlearning(tiny, forget="forget01", num_samples=200)["metrics"]
+    rows = load_source("builtin:fictitious_authors", split="forget01", num_samples=200, seed=0).select(range(6))
+    tok, losses = tiny.tokenizer, []
+    for row in rows:
+        prompt_text = tok.apply_chat_template(row["prompt"], tokenize=False, add_generation_prompt=True)
+        completion = tok.apply_chat_template(row["prompt"] + row["completion"], tokenize=False)[len(prompt_text):]
+        n = len(tok(completion, add_special_tokens=False)["input_ids"])
+        losses.append(-_logp(tiny.model, tok, prompt_text, completion) / n)
+    assert {"forget_loss", "retain_loss", "world_loss", "forget_acc"} <= set(out)
+    assert out["forget_loss"] == pytest.approx(sum(losses) / len(losses), rel=0.05)
