@@ -256,14 +256,22 @@ def accumulate_gradients(model, loader, loss_fn=None, *, max_batches=None, to_cp
     was_training = model.training
     model.eval()
     params = trainable_parameters(model)
-    sums = {}
+    # Plain parameters: backward itself sums the batches' gradients into p.grad, which then becomes the result (no
+    # second copy of the parameters). ZeRO-3 and CPU sums: gathered and added batch by batch.
+    direct = not to_cpu and not any(_is_zero3(p) for _, p in params)
+    sums, batches = {}, 0
     try:
+        model.zero_grad(set_to_none=True)
         for step, batch in enumerate(loader):
             if max_batches is not None and step >= max_batches:
                 break
-            model.zero_grad(set_to_none=True)
+            batches += 1
+            if not direct:
+                model.zero_grad(set_to_none=True)
             loss = loss_fn(model, batch) if loss_fn is not None else model(**batch).loss
             (backward or torch.Tensor.backward)(loss)
+            if direct:
+                continue
             for name, p in params:
                 grad = _full_grad(p)
                 if grad is None:
@@ -273,10 +281,16 @@ def accumulate_gradients(model, loader, loss_fn=None, *, max_batches=None, to_cp
                     sums[name] += grad
                 else:
                     sums[name] = grad
+        if direct and batches:
+            for name, p in params:
+                grad = p.grad.detach() if p.grad is not None else torch.zeros(_full_shape(p), device=p.device)
+                p.grad = None  # the summed gradient is ours now
+                grad = grad if grad.dtype == torch.float32 else grad.float()
+                sums[name] = grad.mul_(grad_scale) if grad_scale != 1 else grad
     finally:
         model.zero_grad(set_to_none=True)
         model.train(was_training)
-    if not sums:
+    if not batches:
         raise ValueError("accumulate_gradients: the loader gave no batch")
     return sums
 
@@ -293,9 +307,11 @@ def _gathered(model):
             yield name, p
 
 
-def build_mask(model, method, ratio, grad_forget=None, grad_retain=None, gamma=1e-6, seed=0, chunk_size=2**24, device=None):
+def build_mask(model, method, ratio, grad_forget=None, grad_retain=None, gamma=1e-6, seed=0, chunk_size=2**24, device=None,
+               consume=False):
     """The phase-1 mask of ``method`` (MASK_METHODS) over the model's trainable parameters; scores go to
-    ``device`` (default: where they are computed)."""
+    ``device`` (default: where they are computed). ``consume=True`` empties the gradient dicts as the scores are
+    made, so scores and gradient sums never coexist in full (peak: model + the two sums)."""
     named = trainable_parameters(model)
     if method == "dense":
         return {n: torch.ones(_full_shape(p), dtype=torch.bool, device=device) for n, p in named}
@@ -315,6 +331,10 @@ def build_mask(model, method, ratio, grad_forget=None, grad_retain=None, gamma=1
         else:
             s = magnitude_scores(one)
         scores[name] = s[name].to(device)  # scores are new tensors (abs), never views of a gathered parameter
+        if consume:
+            for sums in (grad_forget, grad_retain):
+                if sums is not None:
+                    sums.pop(name, None)
     return top_ratio_mask(scores, ratio, chunk_size)
 
 
@@ -551,7 +571,7 @@ class WAGLETrainer(Trainer):
                 grad_forget = self.gradient_sums(forget)
                 grad_retain = self.gradient_sums(retain) if args.mask_method == "wagle" else None
             mask = build_mask(model, args.mask_method, args.mask_ratio, grad_forget, grad_retain, args.gamma,
-                              args.mask_seed, args.mask_chunk_size)
+                              args.mask_seed, args.mask_chunk_size, consume=True)
             source = "phase 1"
         devices = dict(trainable_parameters(model))
         mask = {n: m.to(devices[n].device) for n, m in mask.items()}

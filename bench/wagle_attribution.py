@@ -1,0 +1,74 @@
+"""Time and peak memory of WAGLE's phase 1 (the attribution mask) on SmolLM2-135M, CPU or GPU.
+
+    python bench/wagle_attribution.py                      # 64 forget + 64 retain examples, batch 4
+    python bench/wagle_attribution.py --examples 128 --batch 8
+
+Builds the ``wagle/smollm2-135m_graddiff`` trainer on the base SmolLM2-135M-Instruct (the cost does not depend on the
+weights) and times ``WAGLETrainer.setup_mask``: forget and retain gradient sums over the paired batches, the scores
+and the global top-ratio threshold. Memory: what attribution adds on top of the loaded model (growth of the resident
+set, sampled every ms, on a CPU; the CUDA allocator's peak on a GPU), plus the model's own size, against the issue's
+budget of the model plus three fp32 copies of its parameters. Phase 1 keeps two: the forget sum, then the retain sum
+accumulating in the parameters' .grad; the scores replace the sums as they are made. Activations come on top.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from compare import PeakRSS, _release_freed_memory, machine  # noqa: E402
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--examples", type=int, default=64, help="forget examples (and as many retain examples)")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--out", default="bench/results/wagle_attribution.json")
+    args = parser.parse_args(argv)
+
+    from posttrain.recipes.config import load_recipe
+    from posttrain.recipes.train import build_trainer
+
+    cuda = torch.cuda.is_available()
+    recipe = load_recipe("wagle/smollm2-135m_graddiff", {
+        "model_name_or_path": "HuggingFaceTB/SmolLM2-135M-Instruct", "output_dir": "/tmp/posttrain-bench-wagle",
+        "per_device_train_batch_size": args.batch, "attribution_batches": -(-args.examples // args.batch),
+        "report_to": "none", "save_strategy": "no"})
+    trainer = build_trainer(recipe)
+    params = sum(p.numel() for p in trainer.model.parameters())
+    model_bytes = sum(p.numel() * p.element_size() for p in trainer.model.parameters())
+    _release_freed_memory()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()  # the model (and whatever else is live)
+    with PeakRSS() as rss:  # growth over the process with the model loaded
+        start = time.perf_counter()
+        trainer.setup_mask()
+        if cuda:
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+    growth = (torch.cuda.max_memory_allocated() - base) if cuda else rss.bytes
+    peak = model_bytes + growth  # the model plus what attribution adds on top of it
+    budget = model_bytes + 3 * 4 * params
+    n_forget = min(args.examples, len(trainer.forget_rows))
+    result = {"machine": machine(), "examples": n_forget, "batch": args.batch, "seconds": seconds,
+              "peak_mib": peak / 2**20, "growth_mib": growth / 2**20, "model_mib": model_bytes / 2**20, "budget_mib": budget / 2**20,
+              "within_budget": peak <= budget, "density": trainer.mask_info["density"]}
+    print(f"WAGLE attribution on {result['machine']}: {n_forget} forget + {n_forget} retain examples, batch {args.batch}")
+    print("| time (s) | model + attribution's peak growth (MiB) | model (MiB) | budget: model + 3 fp32 copies (MiB) | within |")
+    print("|---|---|---|---|---|")
+    print(f"| {seconds:.1f} | {result['peak_mib']:.0f} | {result['model_mib']:.0f} | {result['budget_mib']:.0f} | "
+          f"{'yes' if result['within_budget'] else 'NO'} |")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
