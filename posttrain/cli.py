@@ -4,6 +4,7 @@
     posttrain list [methods|recipes|rewards|data|evals]
     posttrain eval [RECIPE] --model M [--compare M2 ...] --tasks a,b [--output DIR] [--limit N] [--peft ADAPTER]
     posttrain report RUN_DIR
+    posttrain moe upcycle SRC DST --experts N --top_k K [--shared_experts 1] [--noise 0.01] [--seed 0]
 
 A mistake in the input (recipe, override, data) prints one line and exits with code 2; ``--debug``
 shows the traceback instead.
@@ -109,6 +110,22 @@ def main(argv: list[str] | None = None) -> int:
     train_p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in output_dir")
     list_p = sub.add_parser("list", help="list methods, recipes, reward functions and built-in datasets")
     list_p.add_argument("what", nargs="?", default="all", choices=["all", "methods", "recipes", "rewards", "data", "evals"])
+    moe_p = sub.add_parser("moe", help="mixture-of-experts tools").add_subparsers(dest="moe_command", required=True)
+    up = moe_p.add_parser("upcycle", help="turn a dense Llama-style model into a DeepSeek-V3-style MoE (GLM-4-MoE "
+                          "architecture: Llama attention, shared + routed experts, sigmoid router with a selection bias)")
+    up.add_argument("src", help="tiny:llama, a local folder or a hub id")
+    up.add_argument("dst", help="a new folder for the MoE checkpoint")
+    up.add_argument("--experts", type=int, required=True, help="routed experts per MoE layer (copies of the MLP)")
+    up.add_argument("--top_k", type=int, required=True, help="routed experts per token")
+    up.add_argument("--shared_experts", type=int, default=1, help="shared experts (exact MLP copies), >= 1")
+    up.add_argument("--noise", type=float, default=0.01, help="std of the noise on each routed copy, relative to the "
+                    "copied matrix's std (0: exact copies, the dense model's function)")
+    up.add_argument("--seed", type=int, default=0, help="seed of the noise and the router init")
+    up.add_argument("--dense_layers", type=int, default=0, help="keep the first N layers dense")
+    up.add_argument("--n_group", type=int, default=1, help="expert groups (group-limited routing)")
+    up.add_argument("--topk_group", type=int, default=1, help="groups kept per token")
+    up.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+
     eval_p = sub.add_parser("eval", help="evaluate checkpoints on registered tasks (or run an eval recipe)")
     eval_p.add_argument("recipe", nargs="?", help="an eval recipe (.yaml path or eval/<name>); flags override it")
     eval_p.add_argument("--model", help="checkpoint folder, hub id or tiny:<arch>")
@@ -133,6 +150,15 @@ def main(argv: list[str] | None = None) -> int:
             if rest:
                 parser.error(f"unrecognized arguments: {' '.join(rest)}")
             _list(args.what)
+        elif args.command == "moe":
+            if rest:
+                parser.error(f"unrecognized arguments: {' '.join(rest)}")
+            from posttrain.recipes.upcycle import upcycle
+
+            dst = upcycle(args.src, args.dst, args.experts, args.top_k, args.shared_experts, args.noise, args.seed,
+                          args.dense_layers, args.n_group, args.topk_group)
+            print(f"posttrain: upcycled {args.src} into {dst} ({args.experts} experts, top-{args.top_k}, "
+                  f"{args.shared_experts} shared)")
         elif args.command in ("eval", "report"):
             if rest:
                 parser.error(f"unrecognized arguments: {' '.join(rest)}")

@@ -59,6 +59,7 @@ class Recipe:
     model_args: Any = None  # trl.ModelConfig; None for auxiliary methods
     data_args: Any = None  # posttrain.data.DataArguments; None for auxiliary methods
     optimizer: str | None = None  # a posttrain optimizer from OPTIMIZERS (``optim: lion_k``), else None
+    moe: Any = None  # MoEBalanceConfig when the recipe sets ``moe_balance`` (posttrain.recipes.moe), else None
 
 
 def builtin_recipes(kind: str = "train") -> list[str]:
@@ -141,6 +142,13 @@ def build_recipe(values: dict[str, Any], sources: dict[str, str], source: str) -
         # build it (``Trainer.optimizer_cls_and_kwargs``); the config keeps a valid placeholder.
         optimizer = values.pop("optim")
 
+    moe = None
+    if any(str(key).startswith("moe_") for key in values):
+        # MoE load balancing works with any LLM trainer: kept beside the method config, like ``optim``.
+        from posttrain.recipes.moe import parse_moe_keys
+
+        moe = parse_moe_keys(values, sources, source, method, entry.task, _coerce)
+
     if entry.task == "aux":
         classes = {"config": entry.config_cls}
     else:
@@ -163,7 +171,7 @@ def build_recipe(values: dict[str, Any], sources: dict[str, str], source: str) -
     for key, value in values.items():
         roles = [role for role in classes if key in hints[role]]
         if not roles:
-            valid = sorted(set().union(*hints.values()) | {"method"})
+            valid = sorted(set().union(*hints.values()) | {"method"} | (_moe_names() if entry.task != "aux" else set()))
             close = difflib.get_close_matches(key, valid, n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
             where = sources.get(key, source)
@@ -180,7 +188,17 @@ def build_recipe(values: dict[str, Any], sources: dict[str, str], source: str) -
             raise RecipeError(f"{source}: invalid {cls.__name__} for method '{method}': {message}") from err
     if optimizer is not None:
         _check_optimizer_args(optimizer, built["config"], source)
-    return Recipe(method, source, built["config"], built.get("model"), built.get("data"), optimizer)
+    if moe is not None:
+        from posttrain.recipes.moe import check_moe_recipe
+
+        check_moe_recipe(values, built["config"], moe, sources, source)
+    return Recipe(method, source, built["config"], built.get("model"), built.get("data"), optimizer, moe)
+
+
+def _moe_names() -> set[str]:
+    from posttrain.recipes.moe import moe_keys
+
+    return set(moe_keys())
 
 
 def _has_gpu() -> bool:

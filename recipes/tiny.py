@@ -24,7 +24,7 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-ARCHS = ("llama", "qwen3", "deepseek_v3")
+ARCHS = ("llama", "qwen3", "deepseek_v3", "qwen3_moe")
 
 # Bump when the tokenizer, template or configs below change: cached builds with another stamp are rebuilt.
 BUILD_VERSION = 1
@@ -158,7 +158,7 @@ def build_tokenizer():
 
 
 def _config(arch: str):
-    from transformers import DeepseekV3Config, LlamaConfig, Qwen3Config
+    from transformers import DeepseekV3Config, LlamaConfig, Qwen3Config, Qwen3MoeConfig
 
     common = dict(
         vocab_size=VOCAB_SIZE,
@@ -176,6 +176,11 @@ def _config(arch: str):
         return LlamaConfig(num_key_value_heads=2, **common)
     if arch == "qwen3":
         return Qwen3Config(num_key_value_heads=2, head_dim=16, **common)
+    if arch == "qwen3_moe":
+        # Softmax top-k routing without a bias and with its own aux loss (router_aux_loss_coef 0.001): the MoE whose
+        # router posttrain patches for aux-loss-free balancing (trainers/moe_balance.py install_expert_bias).
+        return Qwen3MoeConfig(num_key_value_heads=2, head_dim=16, moe_intermediate_size=32, num_experts=8,
+                              num_experts_per_tok=2, norm_topk_prob=True, decoder_sparse_step=1, **common)
     # DeepSeek-V3: the one small MoE whose router keeps a selection-only bias (e_score_correction_bias),
     # which the aux-loss-free balancing method updates (stack-notes 1d).
     return DeepseekV3Config(

@@ -72,6 +72,7 @@ def _validate_per_reward_settings(config, funcs: list) -> None:
 def build_trainer(recipe: Recipe):
     """Everything up to (not including) ``trainer.train()``: returns the TRL trainer."""
     from posttrain.data import load_task_datasets
+    from posttrain.recipes.moe import attach_moe, prepare_moe
     from posttrain.recipes.models import load_tokenizer, model_init_kwargs, peft_config, resolve_model_path
 
     method, config, model_args = METHODS[recipe.method], recipe.config, recipe.model_args
@@ -93,6 +94,7 @@ def build_trainer(recipe: Recipe):
         extra["retain_dataset"] = datasets["retain"]
 
     model_path = resolve_model_path(model_args.model_name_or_path)
+    moe_plan = prepare_moe(recipe, model_path)  # MoE checks on config.json, before the model loads (recipes/moe.py)
     # dtype, attention, trust_remote_code, QLoRA quantization (+ device map); recipe's model_init_kwargs win.
     config.model_init_kwargs = model_init_kwargs(model_args, config)
     trainer = guarded(method.trainer_cls)(
@@ -110,6 +112,8 @@ def build_trainer(recipe: Recipe):
         cls_path, kwargs_path = OPTIMIZERS[recipe.optimizer]
         kwargs = {"lr": config.learning_rate, **import_object(kwargs_path)(config.optim_args)}
         trainer.optimizer_cls_and_kwargs = (import_object(cls_path), kwargs)
+    if moe_plan is not None:  # before train() wraps the model: the bias buffers exist at DDP/DeepSpeed wrap time
+        attach_moe(trainer, recipe, moe_plan)
     return trainer
 
 

@@ -55,6 +55,16 @@ the method carries state (loads are zeroed every step; the decaying step reads `
 Gradient checkpointing re-runs each layer's forward during backward; ``RoutingCounter`` counts a router call only
 outside the autograd engine (``torch._C._current_graph_task_id() == -1``), so each token is counted once
 (stack-notes §1d; tested with reentrant and non-reentrant checkpointing).
+
+Wiring: any LLM recipe takes ``moe_balance: none|aux_free|aux_loss`` and the other ``MoEBalanceConfig`` fields
+(``posttrain.recipes.moe``: parsing, the checks before the model loads, ``attach_moe`` after the trainer is built and
+before ``train()`` wraps the model). ``aux_loss`` uses the model's own balance loss where it has one (Qwen-MoE,
+Mixtral, via TRL's ``router_aux_loss_coef``) and ``RouterAuxLoss`` (an autograd hook adding ``aux_balance_loss``)
+where it has none (DeepSeek-V3, GLM-4-MoE). Distributed: the loads of every micro-batch are summed, all-reduced
+over the data-parallel ranks and applied after ``optimizer.step()``; every rank holds bit-identical biases under
+DDP, ZeRO-2 and ZeRO-3 (buffers are not partitioned; DeepSpeed 0.19.8 keeps fp32 buffers fp32 under bf16), they
+land in every checkpoint's ``model.safetensors`` and resume bit for bit (tests/test_moe_distributed.py).
+``maxvio_global(model, tokenizer, texts)`` measures MaxVio_global on an evaluation set (for the eval harness).
 """
 
 from __future__ import annotations
@@ -214,13 +224,23 @@ def update_expert_bias(bias, counts, rate, rule="sign", *, step=0, decay_power=0
     return bias + delta.to(bias.dtype)
 
 
+def _maxvio_rows(c):
+    """(L,) MaxVio of each row of float64 loads (L, E); 0 for a row without tokens."""
+    mean = c.mean(dim=-1)
+    return torch.where(mean > 0, (c.max(dim=-1).values - mean) / mean.clamp_min(1e-12), torch.zeros_like(mean))
+
+
+def _entropy_rows(c):
+    """(L,) entropy (nats) of each row's load distribution of float64 loads (L, E); 0 for a row without tokens."""
+    total = c.sum(dim=-1, keepdim=True)
+    p = torch.where(total > 0, c / total.clamp_min(1e-12), torch.zeros_like(c))
+    return -(torch.where(p > 0, p * p.clamp_min(1e-300).log(), torch.zeros_like(p))).sum(dim=-1)
+
+
 def max_violation(counts):
     """MaxVio = (max_i c_i - c_bar) / c_bar of loads (E,); of (L, E), the mean over the L layers. 0 if no tokens."""
     c = counts.detach().double()
-    c = c.reshape(-1, c.shape[-1])
-    mean = c.mean(dim=-1)
-    vio = torch.where(mean > 0, (c.max(dim=-1).values - mean) / mean.clamp_min(1e-12), torch.zeros_like(mean))
-    return float(vio.mean())
+    return float(_maxvio_rows(c.reshape(-1, c.shape[-1])).mean())
 
 
 def load_entropy(counts, normalized=False):
@@ -230,9 +250,7 @@ def load_entropy(counts, normalized=False):
     """
     c = counts.detach().double()
     c = c.reshape(-1, c.shape[-1])
-    total = c.sum(dim=-1, keepdim=True)
-    p = torch.where(total > 0, c / total.clamp_min(1e-12), torch.zeros_like(c))
-    h = -(torch.where(p > 0, p * p.clamp_min(1e-300).log(), torch.zeros_like(p))).sum(dim=-1)
+    h = _entropy_rows(c)
     if normalized:
         h = h / math.log(c.shape[-1]) if c.shape[-1] > 1 else torch.zeros_like(h)
     return float(h.mean())
@@ -265,27 +283,43 @@ def moe_metrics(counts, biases=None, names=None, per_layer=True, prefix="moe/"):
     Overall: ``maxvio`` (mean over layers, the paper's MaxVio_batch), ``maxvio_max`` (worst layer),
     ``load_entropy`` (mean over layers, nats), ``bias_norm`` (L2 over all layers' biases), ``assignments``
     (token-expert assignments per layer, mean over layers: tokens x K when each token is counted once).
+    Layers with the same number of experts are computed together, with one device-to-host copy.
     """
-    rows = [c.detach().double().cpu() for c in counts]
+    rows = [c.detach() for c in counts]
     names = list(names) if names is not None else [str(i) for i in range(len(rows))]
     out = {}
-    vios, ents = [], []
-    for i, (name, c) in enumerate(zip(names, rows)):
-        vio, ent = max_violation(c), load_entropy(c)
-        vios.append(vio)
-        ents.append(ent)
-        if per_layer:
-            out[f"{prefix}{name}/maxvio"] = vio
-            out[f"{prefix}{name}/load_entropy"] = ent
-            if biases is not None:
-                out[f"{prefix}{name}/bias_norm"] = float(biases[i].detach().double().norm())
-    if rows:
-        out[f"{prefix}maxvio"] = sum(vios) / len(vios)
-        out[f"{prefix}maxvio_max"] = max(vios)
-        out[f"{prefix}load_entropy"] = sum(ents) / len(ents)
-        out[f"{prefix}assignments"] = float(sum(float(c.sum()) for c in rows) / len(rows))
+    if not rows:
+        return out
+    # one device-to-host copy, then plain Python: cheaper than a dozen tiny tensor ops at every step
+    if all(r.shape == rows[0].shape for r in rows):
+        loads = torch.stack([r.to(rows[0].device) for r in rows]).reshape(len(rows), -1).tolist()
+    else:
+        loads = [r.reshape(-1).tolist() for r in rows]
+    vios, ents, sums = [], [], []
+    for row in loads:
+        total = float(sum(row))
+        mean = total / len(row)
+        vios.append((max(row) - mean) / mean if mean > 0 else 0.0)
+        ents.append(-sum(x / total * math.log(x / total) for x in row if x > 0) if total > 0 else 0.0)
+        sums.append(total)
+    norms = None
     if biases is not None and len(biases):
-        out[f"{prefix}bias_norm"] = float(torch.cat([b.detach().double().reshape(-1).cpu() for b in biases]).norm())
+        b = [x.detach().reshape(-1) for x in biases]
+        vals = (torch.stack([x.to(b[0].device) for x in b]).tolist() if all(x.shape == b[0].shape for x in b)
+                else [x.tolist() for x in b])
+        norms = [math.sqrt(sum(v * v for v in row)) for row in vals]
+    if per_layer:
+        for i, name in enumerate(names):
+            out[f"{prefix}{name}/maxvio"] = vios[i]
+            out[f"{prefix}{name}/load_entropy"] = ents[i]
+            if norms is not None:
+                out[f"{prefix}{name}/bias_norm"] = norms[i]
+    out[f"{prefix}maxvio"] = sum(vios) / len(vios)
+    out[f"{prefix}maxvio_max"] = max(vios)
+    out[f"{prefix}load_entropy"] = sum(ents) / len(ents)
+    out[f"{prefix}assignments"] = sum(sums) / len(sums)
+    if norms is not None:
+        out[f"{prefix}bias_norm"] = math.sqrt(sum(n * n for n in norms))
     return out
 
 
@@ -474,6 +508,8 @@ class RoutingCounter:
             mask = self._mask
             if mask is not None and mask.numel() == idx.shape[0]:
                 idx = idx[mask.reshape(-1).to(idx.device).bool()]
+            if self.counts[i].device != idx.device:  # built before DeepSpeed/accelerate moved the model
+                self.counts[i] = self.counts[i].to(idx.device)
             self.counts[i] += torch.bincount(idx.reshape(-1), minlength=self.num_experts[i])
 
         return hook
@@ -485,6 +521,93 @@ class RoutingCounter:
     def stacked(self):
         """Counts as one (L, E) tensor (all layers must have the same E)."""
         return torch.stack(self.counts)
+
+    def remove(self):
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+
+class _InjectAuxLoss(torch.autograd.Function):
+    """Identity on ``output``; its backward also feeds d(loss)/d(aux) = ``scale`` into ``aux``'s graph.
+
+    This is how an auxiliary loss reaches the gradients without the trainer's loss knowing about it (Megatron-LM's
+    ``MoEAuxLossAutoScaler`` does the same): ``aux`` is computed from the router's affinities in a forward hook
+    and tied to the router's gate weights, which always lie on the path to the loss. Nothing is saved for backward.
+    """
+
+    @staticmethod
+    def forward(ctx, output, aux, scale):
+        ctx.aux_meta = (aux.shape, aux.dtype, aux.device)
+        ctx.scale = float(scale)
+        return output.view_as(output)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        shape, dtype, device = ctx.aux_meta
+        return grad_output, torch.full(shape, ctx.scale, dtype=dtype, device=device), None
+
+
+class RouterAuxLoss:
+    """posttrain's own auxiliary balance loss (``moe_balance: aux_loss``) for routers whose model has none.
+
+    DeepSeek-V3 and GLM-4-MoE in transformers 5.24 have no load-balancing loss (no ``router_aux_loss_coef``), and TRL's
+    aux-loss path crashes on their configs (stack-notes §1d). This adds ``aux_balance_loss`` (alpha * sum_i f_i P_i,
+    per layer, the selection being the router's own) to the gradients of any trainer, through a forward hook on each
+    router: the loss is computed from the router logits (sigmoid affinities for DeepSeek-style routers, softmax for
+    Qwen/Mixtral ones) and ``_InjectAuxLoss`` ties it to the gate weights with backward scale ``scale_fn()`` (1 / the
+    gradient-accumulation steps, as the trainers scale their own loss). Forwards under no_grad or in eval mode are left
+    alone. Gradient checkpointing: the recomputation in backward computes the same loss again (so the checkpoint's
+    saved tensors match), with the padding mask of the original forward (kept per layer); each forward adds to the
+    logged value once. ``mask_source``: a ``RoutingCounter`` whose ``_mask`` is the current forward's padding
+    mask (pads are left out of f and P), or None.
+    """
+
+    def __init__(self, routers, alpha=1e-3, scale_fn=None, mask_source=None):
+        self.routers = routers
+        self.alpha = alpha
+        self.scale_fn = scale_fn or (lambda: 1.0)
+        self.mask_source = mask_source
+        self.num_experts = [_num_experts(m) for _, m in routers]
+        self.softmax = [type(m).__name__ in SOFTMAX_ROUTERS for _, m in routers]
+        self._masks = [None] * len(routers)
+        self._logged = [True] * len(routers)
+        self.total = 0.0  # sum over layers and forwards since reset()
+        self.forwards = 0  # forwards of layer 0 since reset()
+        self._handles = [m.register_forward_hook(self._make_hook(i)) for i, (_, m) in enumerate(routers)]
+
+    def _make_hook(self, i):
+        def hook(module, args, output):
+            recompute = _in_backward()
+            if not recompute:
+                src = self.mask_source._mask if self.mask_source is not None else None
+                self._masks[i] = src
+                self._logged[i] = False
+            if not (torch.is_grad_enabled() and module.training):
+                return None
+            logits, weights, indices = output
+            if not weights.requires_grad:  # frozen router (e.g. LoRA): nothing to balance
+                return None
+            idx = indices.reshape(-1, indices.shape[-1])
+            mask = self._masks[i]
+            mask = mask.reshape(-1).to(idx.device) if mask is not None and mask.numel() == idx.shape[0] else None
+            logits = logits.reshape(-1, logits.shape[-1]).float()
+            scores = logits.softmax(dim=-1) if self.softmax[i] else logits.sigmoid()
+            aux = aux_balance_loss(scores, idx, self.num_experts[i], alpha=self.alpha, mask=mask)
+            if not self._logged[i]:  # once per forward: the original one, or the recomputation of a reentrant
+                self._logged[i] = True  # checkpoint (whose original forward runs under no_grad)
+                self.total = self.total + aux.detach()  # a tensor: no host sync per layer
+                self.forwards += i == 0
+            return output[0], _InjectAuxLoss.apply(weights, aux, self.scale_fn()), indices
+
+        return hook
+
+    def reset(self):
+        self.total, self.forwards = 0.0, 0
+
+    def mean(self):
+        """The aux loss (summed over layers, alpha included) per forward since reset(); 0 if none."""
+        return float(self.total) / self.forwards if self.forwards else 0.0
 
     def remove(self):
         for h in self._handles:
@@ -523,41 +646,56 @@ def apply_bias_update(model_or_counter, counts=None, rate=1e-3, rule="sign", *, 
     counts = list(counts)
     if len(counts) != len(routers):
         raise ValueError(f"{len(counts)} count rows for {len(routers)} routers")
-    biases = expert_biases(routers)
+    biases = expert_biases(routers) if rate != 0 else None  # rate 0 (none / aux_loss): loads only, biases optional
     counts = all_reduce_counts(counts) if reduce else [c.clone() for c in counts]
     if rate == 0:
         return counts
+    kw = dict(step=step, decay_power=decay_power, decay_steps=decay_steps)
     with torch.no_grad():
-        for (_, mod), b, c in zip(routers, biases, counts):
-            new = update_expert_bias(b.float(), c.to(b.device), rate, rule, step=step, decay_power=decay_power,
-                                     decay_steps=decay_steps)
+        if all(b.shape == biases[0].shape and b.device == biases[0].device for b in biases):
+            # every layer in one update (rows are independent; the same numbers as layer by layer)
+            stacked = update_expert_bias(torch.stack([b.float() for b in biases]),
+                                         torch.stack([c.to(biases[0].device) for c in counts]), rate, rule, **kw)
+            news = stacked.unbind(0)
+        else:
+            news = [update_expert_bias(b.float(), c.to(b.device), rate, rule, **kw) for b, c in zip(biases, counts)]
+        for (_, mod), b, new in zip(routers, biases, news):
             if b.dtype == torch.float32:
                 b.copy_(new)
             else:
-                setattr(mod, BIAS_NAME, new)  # assigning to a registered buffer name replaces the buffer
+                setattr(mod, BIAS_NAME, new.clone())  # assigning to a registered buffer name replaces the buffer
     return counts
 
 
 class MoEBalanceCallback(TrainerCallback):
     """Aux-loss-free balancing inside ``transformers.Trainer`` / TRL trainers.
 
-    on_train_begin: hook the routers (``RoutingCounter``). on_step_begin (first micro-batch of each optimizer
-    step): zero the loads. on_step_end (after ``optimizer.step()``): all-reduce the loads, update the biases
-    (``moe_balance="aux_free"``; otherwise rate 0: loads only) and record the metrics (``moe_metrics`` of the
-    reduced loads and the new biases). The metrics reach the logs through TRL's ``trainer._metrics`` when a trainer
-    is attached (``attach``) and has one (averaged over the logging window like TRL's own); else on_log adds
-    the last step's metrics (once) to the next training log and to its ``state.log_history`` entry
-    (``attach`` puts the callback first so the reporters see them). The biases are model buffers: checkpoints
-    and ``resume_from_checkpoint`` carry them; the decaying step is computed from ``state.global_step``, so a
-    resumed run continues the schedule. Untested here: the TRL ``_metrics`` route and real Trainer resume.
+    on_train_begin: hook the routers (``RoutingCounter``; the constructor does it at once when given ``model``).
+    on_step_begin (first micro-batch of each optimizer step): zero the loads. on_step_end (after
+    ``optimizer.step()``): all-reduce the loads, update the biases (``moe_balance="aux_free"``; otherwise rate 0:
+    loads only) and record the metrics (``moe_metrics`` of the reduced loads and the new biases). The metrics reach
+    the logs through TRL's ``trainer._metrics`` when a trainer is attached (``attach``) and has one (averaged over the
+    logging window like TRL's own); else on_log adds the last step's metrics (once) to the next training log and to
+    its ``state.log_history`` entry (``attach`` puts the callback first so the reporters see them). The biases are
+    model buffers: checkpoints and ``resume_from_checkpoint`` carry them; the decaying step is computed from
+    ``state.global_step``, so a resumed run continues the schedule.
+
+    ``count_no_grad=False`` leaves forwards under no_grad out of the loads (generation, old/reference log-probs of
+    RL and preference trainers; needs non-reentrant gradient checkpointing, see ``RoutingCounter``).
+    ``aux_loss_hook=True`` with ``moe_balance="aux_loss"`` adds posttrain's ``RouterAuxLoss`` (for models without
+    an aux loss of their own); its value is logged as ``moe/aux_loss``.
     """
 
-    def __init__(self, config: MoEBalanceConfig | None = None, model=None, trainer=None, count_no_grad=True):
+    def __init__(self, config: MoEBalanceConfig | None = None, model=None, trainer=None, count_no_grad=True,
+                 aux_loss_hook=False):
         self.config = config or MoEBalanceConfig()
         self.counter = None
+        self.aux = None
         self.trainer = None
         self.count_no_grad = count_no_grad
+        self.aux_loss_hook = aux_loss_hook
         self.last_metrics: dict[str, float] = {}
+        self.last_counts: list = []
         self._pending: dict[str, float] = {}
         self.history: list[dict] = []
         if model is not None:
@@ -581,6 +719,18 @@ class MoEBalanceCallback(TrainerCallback):
             install_expert_bias(model)  # no-op for DeepSeek-V3-style routers
         self.counter = RoutingCounter(model, ignore_padding=self.config.moe_ignore_padding,
                                       count_no_grad=self.count_no_grad)
+        if self.config.moe_balance == "aux_loss" and self.aux_loss_hook:
+            self.aux = RouterAuxLoss(self.counter.routers, alpha=self.config.moe_aux_loss_coef,
+                                     scale_fn=self._aux_scale,
+                                     mask_source=self.counter if self.config.moe_ignore_padding else None)
+
+    def _aux_scale(self):
+        """Backward scale of the aux loss: 1 / gradient-accumulation steps, as the trainer scales its own loss."""
+        trainer = self.trainer
+        steps = getattr(trainer, "current_gradient_accumulation_steps", None) if trainer is not None else None
+        if not steps and trainer is not None:
+            steps = trainer.args.gradient_accumulation_steps
+        return 1.0 / (steps or 1)
 
     @property
     def rate(self):
@@ -593,6 +743,8 @@ class MoEBalanceCallback(TrainerCallback):
     def on_step_begin(self, args, state, control, **kwargs):
         if self.counter is not None:
             self.counter.reset()
+        if self.aux is not None:
+            self.aux.reset()
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.counter is None:
@@ -603,7 +755,10 @@ class MoEBalanceCallback(TrainerCallback):
                                    decay_steps=cfg.moe_bias_decay_steps)
         biases = expert_biases(self.counter.routers) if self._has_biases() else None
         metrics = moe_metrics(counts, biases, self.counter.names, per_layer=cfg.moe_log_per_layer)
+        if self.aux is not None:
+            metrics["moe/aux_loss"] = self.aux.mean()
         self.last_metrics = metrics
+        self.last_counts = counts  # the step's loads (list of (E,)), summed over micro-batches and ranks
         self.history.append({"step": state.global_step, **metrics})
         sink = getattr(self.trainer, "_metrics", None)
         if isinstance(sink, dict) and "train" in sink:  # TRL: averaged over the logging window, logged by it
@@ -628,3 +783,48 @@ class MoEBalanceCallback(TrainerCallback):
         if self.counter is not None:
             self.counter.remove()
             self.counter = None
+        if self.aux is not None:
+            self.aux.remove()
+            self.aux = None
+
+
+@torch.no_grad()
+def maxvio_global(model, tokenizer, texts, batch_size=8, max_length=512, device=None):
+    """MaxVio_global of ``model`` on ``texts`` (Wang et al. 2024, spec §5.2): the loads over the whole set.
+
+    Every text is tokenised (padded per batch of ``batch_size``, truncated to ``max_length``; pads are left out of
+    the loads), run through the model in eval mode, and each MoE layer's token-expert assignments are summed over all
+    batches. Returns ``{"maxvio_global": mean over layers of (max_i c_i - c_bar) / c_bar, "maxvio_global_max": worst
+    layer, "load_entropy": mean over layers (nats), "per_layer": {layer: maxvio}, "loads": {layer: [c_i]},
+    "tokens": tokens counted}``. The model's own routing is measured, biases included. ``device`` defaults to the
+    device of the model's first parameter.
+    """
+    texts = list(texts)
+    if not texts:
+        raise ValueError("maxvio_global needs at least one text")
+    device = device or next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    counter = RoutingCounter(model, ignore_padding=True)
+    tokens = 0
+    try:
+        for i in range(0, len(texts), batch_size):
+            enc = tokenizer(texts[i:i + batch_size], return_tensors="pt", padding=True, truncation=True,
+                            max_length=max_length)
+            mask = enc.get("attention_mask")
+            tokens += int(mask.sum()) if mask is not None else enc["input_ids"].numel()
+            model(input_ids=enc["input_ids"].to(device),
+                  attention_mask=mask.to(device) if mask is not None else None, use_cache=False)
+        loads = [c.detach().cpu() for c in counter.counts]
+    finally:
+        counter.remove()
+        model.train(was_training)
+    per_layer = {name: max_violation(c) for name, c in zip(counter.names, loads)}
+    return {
+        "maxvio_global": sum(per_layer.values()) / len(per_layer),
+        "maxvio_global_max": max(per_layer.values()),
+        "load_entropy": sum(load_entropy(c) for c in loads) / len(loads),
+        "per_layer": per_layer,
+        "loads": {name: c.tolist() for name, c in zip(counter.names, loads)},
+        "tokens": tokens,
+    }

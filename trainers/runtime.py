@@ -8,6 +8,14 @@ optimizer step, before ``optimizer.step()`` (under DeepSpeed the engine has alre
 backward, but nothing is saved afterwards). The flags are summed over data-parallel ranks, so every
 rank stops at the same step instead of leaving the others waiting in a collective.
 
+**Resume of MoE models.** transformers 5.24's ``save_pretrained`` writes fused expert tensors
+(``experts.gate_up_proj``, ``experts.down_proj`` of DeepSeek-V3, GLM-4-MoE, Qwen-MoE, Mixtral, ...) back in the
+hub's per-expert layout (``experts.0.gate_proj.weight``, ...), but ``Trainer._load_from_checkpoint`` loads the
+checkpoint with a plain ``load_state_dict(strict=False)``: the experts' keys do not match and the resumed run
+silently keeps the experts' *initial* weights (only a "missing keys" warning). ``ConvertedCheckpointLoad`` finishes
+that load: keys still missing after it are taken from ``from_pretrained`` of the checkpoint, which applies the
+layout conversion. DeepSpeed resumes from its own checkpoint (runtime layout) and is untouched.
+
 **Checkpoints.** ``latest_checkpoint(output_dir)`` is the newest *complete* ``checkpoint-N``: the
 Trainer writes ``trainer_state.json`` last, so a folder whose state file is missing, unreadable or from
 another step (a run killed mid-save) is never picked, unlike ``transformers.get_last_checkpoint``.
@@ -83,6 +91,37 @@ class NonFiniteGuard:
         return grad_norm
 
 
+class ConvertedCheckpointLoad:
+    """Mixin: completes ``Trainer._load_from_checkpoint`` for weights saved in a converted layout (module doc)."""
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        outer = model if model is not None else self.model
+        folder = Path(resume_from_checkpoint)
+        single, index = folder / "model.safetensors", folder / "model.safetensors.index.json"
+        if hasattr(outer, "peft_config") or not (single.is_file() or index.is_file()):
+            return  # adapters and .bin checkpoints: as transformers loads them
+        if single.is_file():
+            from safetensors import safe_open
+
+            with safe_open(str(single), framework="pt") as f:
+                saved = set(f.keys())
+        else:
+            saved = set(json.loads(index.read_text())["weight_map"])
+        target = inner_model(outer)
+        own = target.state_dict()
+        tied = {k for k in own if k == "lm_head.weight"} if getattr(target.config, "tie_word_embeddings", False) else set()
+        missing = sorted(set(own) - saved - tied)
+        if not missing or not saved - set(own):
+            # nothing missing, or nothing saved under another name: the load was complete (keys that only the
+            # model holds, e.g. a method's own modules saved beside it, are restored by that method)
+            return
+        converted = type(target).from_pretrained(str(folder), dtype=own[missing[0]].dtype).state_dict()
+        found = {k: converted[k] for k in missing if k in converted}
+        if found:
+            target.load_state_dict(found, strict=False)
+
+
 def inner_model(model):
     """The plain transformers model inside DDP/DeepSpeed wrappers and a PEFT model (the base model)."""
     model = getattr(model, "module", model)
@@ -91,4 +130,5 @@ def inner_model(model):
 
 def guarded(trainer_cls: type) -> type:
     """``trainer_cls`` with the non-finite guard; same name, so logs and model cards read as before."""
-    return type(trainer_cls.__name__, (NonFiniteGuard, trainer_cls), {"__module__": trainer_cls.__module__})
+    return type(trainer_cls.__name__, (NonFiniteGuard, ConvertedCheckpointLoad, trainer_cls),
+                {"__module__": trainer_cls.__module__})
