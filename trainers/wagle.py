@@ -70,6 +70,7 @@ class WAGLEConfig(TrainingArguments):
     attribution_batches: int = field(default=-1, metadata={"help": "paired batches used for the gradient sums of phase 1; -1: the whole forget loader."})
     keep_grads_on_cpu: bool = field(default=False, metadata={"help": "keep the phase-1 gradient sums and scores on CPU (saves accelerator memory)."})
     mask_chunk_size: int = field(default=2**24, metadata={"help": "entries processed at once by the global top-k threshold search."})
+    attribution_micro_batch: int = field(default=1, metadata={"help": "phase 1 runs each batch this many rows at a time, each piece's token-sum CE divided by the whole batch's answer tokens: the batch's token-mean gradient with the activations of a smaller batch (0: whole batches)."})
     # official training arguments (TOFU GradDiff+WAGLE): warmup max(1, max_steps // 10) ~ ratio 0.1
     learning_rate: float = field(default=7e-6, metadata={"help": "official: 7e-6 TOFU GradDiff, 1e-5 NPO, 2e-5 PO."})
     weight_decay: float = field(default=0.1, metadata={"help": "official: 0.1 TOFU, 0.0 WMDP."})
@@ -92,6 +93,8 @@ class WAGLEConfig(TrainingArguments):
             raise ValueError(f"mask_ratio must be in [0, 1] (got {self.mask_ratio})")
         if not self.gamma > 0 or not self.npo_beta > 0:
             raise ValueError(f"gamma and npo_beta must be > 0 (got {self.gamma}, {self.npo_beta})")
+        if self.attribution_micro_batch < 0:
+            raise ValueError(f"attribution_micro_batch must be >= 0 (got {self.attribution_micro_batch})")
         if self.mask_chunk_size < 1 or self.attribution_batches == 0 or self.attribution_batches < -1:
             raise ValueError("mask_chunk_size must be >= 1 and attribution_batches -1 or >= 1")
         if self.max_length < 2 or "{prompt}" not in self.prompt_template:
@@ -475,6 +478,24 @@ def stream_indices(n, seed, start, count):
 # ----------------------------------------------------------------------------------------------- trainer
 
 
+def _pieces(batches, size):
+    """(piece of ``size`` rows, answer tokens of its whole batch) for every batch: see ``_piece_loss``."""
+    for batch in batches:
+        tokens = (batch["labels"][:, 1:] != -100).sum()
+        for i in range(0, batch["input_ids"].size(0), size):
+            yield {k: v[i:i + size] for k, v in batch.items()}, tokens
+
+
+def _piece_loss(model, item):
+    # token-sum CE of the piece / answer tokens of its batch: the pieces' gradients add up to the gradient of the
+    # batch's token-mean CE (HF's ``outputs.loss``), with the activations of one piece
+    piece, tokens = item
+    logits = model(input_ids=piece["input_ids"], attention_mask=piece["attention_mask"]).logits[:, :-1]
+    labels = piece["labels"][:, 1:]
+    return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), labels.reshape(-1), ignore_index=-100,
+                           reduction="sum") / tokens
+
+
 class _MaskAfterClipping(TrainerCallback):
     """clip -> mask -> step. transformers 5.24 ``Trainer._run_epoch`` (trainer.py L1936-1944) runs
     ``_clip_grad_norm`` (clips in place, returns the unmasked pre-clip norm), ``_get_grad_norm``, then
@@ -602,8 +623,11 @@ class WAGLETrainer(Trainer):
 
     def gradient_sums(self, batches):
         """accumulate_gradients over this rank's batches, all-reduced (summed) over the ranks."""
-        model = self.model
-        if batches:
+        model, micro = self.model, self.args.attribution_micro_batch
+        if batches and micro:
+            sums = accumulate_gradients(model, _pieces((self._prepare_inputs(b) for b in batches), micro),
+                                        loss_fn=_piece_loss, to_cpu=self.args.keep_grads_on_cpu)
+        elif batches:
             sums = accumulate_gradients(model, (self._prepare_inputs(b) for b in batches), to_cpu=self.args.keep_grads_on_cpu)
         else:  # fewer global batches than ranks: this rank adds zeros
             device = "cpu" if self.args.keep_grads_on_cpu else self.args.device

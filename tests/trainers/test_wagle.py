@@ -559,3 +559,26 @@ def test_two_processes_share_one_mask_equal_to_the_one_process_mask(tmp_path):
     masks = [k for k in one if k.startswith("mask/")]
     assert masks and all(torch.equal(r0[k], one[k]) for k in masks)
     assert 0 < sum(int(one[k].sum()) for k in masks) < sum(one[k].numel() for k in masks)
+
+
+def test_micro_batched_attribution_gives_the_batch_gradient():
+    # pieces of a batch, each token-sum CE / the batch's answer tokens, sum to the gradient of the batch's
+    # token-mean CE (what the official code differentiates), whatever the piece size
+    from posttrain.trainers.wagle import _piece_loss, _pieces
+
+    torch.manual_seed(0)
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=2))
+    ids = torch.randint(0, 50, (5, 7))
+    attention = torch.ones_like(ids)
+    attention[1, 5:] = attention[3, 4:] = 0
+    labels = ids.masked_fill(attention == 0, -100)
+    labels[:, :2] = -100  # prompt tokens
+    batches = [{"input_ids": ids, "attention_mask": attention, "labels": labels}]
+    whole = accumulate_gradients(model, batches)
+    for size in (1, 2, 5):
+        pieces = accumulate_gradients(model, _pieces(batches, size), loss_fn=_piece_loss)
+        for name in whole:
+            torch.testing.assert_close(pieces[name], whole[name], atol=1e-6, rtol=1e-5, msg=name)
