@@ -20,55 +20,20 @@ growth of the resident set (sampled every millisecond, after malloc_trim) on a C
 from __future__ import annotations
 
 import argparse
-import ctypes
-import gc
 import os
-import platform
 import statistics
-import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
-import psutil
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from compare import PeakRSS, _release_freed_memory  # noqa: E402  (the same memory probe as bench/compare.py)
+from compare import machine as compare_machine  # noqa: E402
 
 from posttrain.recipes.config import build_recipe, find_recipe, parse_overrides, read_yaml
 from posttrain.recipes.train import build_trainer, write_json_atomic
-
-
-class PeakRSS:
-    """Peak growth of the resident set while the block runs, sampled every millisecond in a thread."""
-
-    def __init__(self):
-        self.process, self.peak = psutil.Process(), 0
-
-    def __enter__(self):
-        self.start = self.peak = self.process.memory_info().rss
-        self.running = True
-        self.thread = threading.Thread(target=self._sample, daemon=True)
-        self.thread.start()
-        return self
-
-    def _sample(self):
-        while self.running:
-            self.peak = max(self.peak, self.process.memory_info().rss)
-            time.sleep(0.001)
-
-    def __exit__(self, *exc):
-        self.running = False
-        self.thread.join()
-        self.peak = max(self.peak, self.process.memory_info().rss)
-        self.bytes = self.peak - self.start
-
-
-def _release_freed_memory() -> None:
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 def build(recipe_name: str, overrides: dict) -> dict:
@@ -126,17 +91,8 @@ def timed_step(trainer, batch, seed: int) -> tuple[float, float, int]:
 
 
 def machine() -> str:
-    if torch.cuda.is_available():
-        return f"{torch.cuda.get_device_name()} (torch {torch.__version__})"
-    cpu = platform.processor() or platform.machine()
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-        cpu = next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
-    except (OSError, StopIteration, subprocess.SubprocessError):
-        pass
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    return (f"CPU {cpu}, {os.cpu_count()} cores visible, {torch.get_num_threads()} torch thread(s), load average "
-            f"{load:.2f} at start (torch {torch.__version__})")
+    return f"{compare_machine()}, load average {load:.2f} at start"
 
 
 def main(argv=None) -> int:
