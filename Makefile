@@ -29,7 +29,8 @@ test-fast: venv
 
 demo: venv
 	HF_HUB_OFFLINE=1 $(BIN)/posttrain train dpo/smollm2-135m --max_steps 24 --per_device_train_batch_size 4 \
-	    --max_length 128 --logging_steps 4 --save_strategy no --report_to none --output_dir runs/demo-dpo-smollm2
+	    --max_length 128 --logging_steps 4 --save_strategy no --eval_strategy no --report_to none \
+	    --output_dir runs/demo-dpo-smollm2
 	HF_HUB_OFFLINE=1 $(BIN)/posttrain eval eval/smollm2-135m_demo --no_cache
 	test -s runs/demo-eval/results.md && test -s runs/demo-eval/preference.png
 
