@@ -29,7 +29,7 @@ def preference(ctx: EvalContext, dataset: str = "builtin:preference_pairs", num_
                reference: str | None = None, reward_model: str | None = None, beta: float = 0.1, split: str | None = None):
     """Held-out preference accuracy and mean margin. With ``reference`` (a checkpoint): DPO's implicit reward
     r = beta (log pi(y|x) - log pi_ref(y|x)); with ``reward_model`` (a reward recipe's output): its score;
-    with neither: the policy's own log-likelihood, r = beta log pi(y|x). accuracy = mean [r_chosen > r_rejected]."""
+    with neither: the policy's own log-likelihood, r = beta log pi(y|x). accuracy = mean [r_chosen > r_rejected], ties 1/2."""
     rows = eval_rows(dataset, "preference", split=split, num_samples=num_samples, seed=ctx.seed, limit=ctx.limit)
     prompts = rows["prompt"] if "prompt" in rows.column_names else [None] * len(rows)
     pairs = [render(ctx.tokenizer, p, c) for p, c in zip(prompts, rows["chosen"])]
@@ -45,7 +45,8 @@ def preference(ctx: EvalContext, dataset: str = "builtin:preference_pairs", num_
         scores = [beta * lp for lp in logps]
     chosen, rejected = scores[:n], scores[n:]
     margins = [c - r for c, r in zip(chosen, rejected)]
-    return {"metrics": {"accuracy": mean(m > 0 for m in margins), "margin": mean(margins),
+    # a tie (e.g. the reference itself: every implicit reward is 0) counts half, so chance reads 0.5
+    return {"metrics": {"accuracy": mean(1.0 if m > 0 else 0.5 if m == 0 else 0.0 for m in margins), "margin": mean(margins),
                         "chosen_reward": mean(chosen), "rejected_reward": mean(rejected), "pairs": float(n)}}
 
 

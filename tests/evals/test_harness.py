@@ -70,7 +70,7 @@ def test_preference_accuracy_and_margin_from_known_logps(tiny, tmp_path):
         margins.append(rewards[0] - rewards[1])
     assert out["pairs"] == 6
     assert out["margin"] == pytest.approx(sum(margins) / 6, abs=1e-3)
-    assert out["accuracy"] == pytest.approx(sum(m > 0 for m in margins) / 6)
+    assert out["accuracy"] == pytest.approx(sum(m > 0 for m in margins) / 6)  # no exact ties here
     assert 0 < out["accuracy"] < 1 or abs(out["margin"]) > 0.1
 
 
@@ -163,6 +163,11 @@ def test_lm_eval_runs_a_local_jsonl_task_offline(tiny, tmp_path):
         scores = [_logp(tiny.model, tiny.tokenizer, d["question"], " " + c) for c in d["choices"]]
         hits.append(max(range(3), key=scores.__getitem__) == d["label"])
     assert out["tiny_choice/acc"] == pytest.approx(sum(hits) / len(hits))
+
+
+def test_preference_against_the_model_itself_is_chance(tiny):
+    out = eval_tasks.preference(tiny, reference="tiny:llama")["metrics"]
+    assert out["margin"] == 0 and out["accuracy"] == 0.5  # every implicit reward is exactly 0: ties count half
 
 
 def test_cache_outputs_and_table(tmp_path, capsys):
