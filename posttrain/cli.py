@@ -41,13 +41,13 @@ def _list(what: str) -> None:
 
         print("reward functions (recipe `reward_funcs:`):")
         for name, (description, _) in sorted(REWARDS.items()):
-            print(f"  {name:<15} {description}")
+            print(f"  {name:<18} {description}")
     if what in ("all", "evals"):
         from posttrain.evals.tasks import TASKS as EVAL_TASKS
 
         print("eval tasks (posttrain eval --tasks):")
         for name, (_, description, _) in EVAL_TASKS.items():
-            print(f"  {name:<15} {description}")
+            print(f"  {name:<18} {description}")
     if what in ("all", "data"):
         from posttrain.data import GENERATORS, TASKS
 
