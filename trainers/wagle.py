@@ -69,7 +69,7 @@ class WAGLEConfig(TrainingArguments):
     mask_seed: int = field(default=0, metadata={"help": "seed of the random mask baseline."})
     attribution_batches: int = field(default=-1, metadata={"help": "paired batches used for the gradient sums of phase 1; -1: the whole forget loader."})
     keep_grads_on_cpu: bool = field(default=False, metadata={"help": "keep the phase-1 gradient sums and scores on CPU (saves accelerator memory)."})
-    mask_chunk_size: int = field(default=2**24, metadata={"help": "entries processed at once by the global top-k threshold search."})
+    mask_chunk_size: int = field(default=2**22, metadata={"help": "entries processed at once by the global top-k threshold search."})
     attribution_micro_batch: int = field(default=1, metadata={"help": "phase 1 runs each batch this many rows at a time, each piece's token-sum CE divided by the whole batch's answer tokens: the batch's token-mean gradient with the activations of a smaller batch (0: whole batches)."})
     # official training arguments (TOFU GradDiff+WAGLE): warmup max(1, max_steps // 10) ~ ratio 0.1
     learning_rate: float = field(default=7e-6, metadata={"help": "official: 7e-6 TOFU GradDiff, 1e-5 NPO, 2e-5 PO."})
@@ -327,7 +327,11 @@ def build_mask(model, method, ratio, grad_forget=None, grad_retain=None, gamma=1
     scores = {}
     for name, p in _gathered(model):
         one = {name: p.detach()}
-        if method == "wagle":
+        if consume and method == "wagle" and grad_retain[name].dtype == torch.float32:
+            # in place in the retain sum, which is consumed anyway: no parameter-sized temporaries
+            gr = grad_retain.pop(name)
+            s = {name: gr.div_(-gamma).add_(p.detach().to(gr.device, torch.float32)).mul_(grad_forget[name].to(gr.device)).abs_()}
+        elif method == "wagle":
             s = attribution_scores(one, {name: grad_forget[name]}, {name: grad_retain[name]}, gamma)
         elif method == "snip":
             s = snip_scores(one, {name: grad_forget[name]})
