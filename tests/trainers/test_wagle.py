@@ -4,6 +4,7 @@
 import json
 import os
 import subprocess
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -285,6 +286,47 @@ def test_build_mask_methods_on_a_model():
     assert random_scores({"x": (2, 3)}, 1)["x"].shape == (2, 3)
     with pytest.raises(ValueError, match="gradient"):
         build_mask(model, "wagle", 0.5, gf)
+
+
+PHASE_ONE_MEMORY = """
+import ctypes, sys, threading, time
+ctypes.CDLL("libc.so.6").mallopt(-3, 65536)  # M_MMAP_THRESHOLD: big blocks come from mmap and go back on free,
+ctypes.CDLL("libc.so.6").mallopt(-1, 0)      # M_TRIM_THRESHOLD: so the resident set follows the live tensors
+import psutil, torch
+from posttrain.trainers.wagle import accumulate_gradients, build_mask
+torch.manual_seed(0)
+model = torch.nn.Sequential(*[torch.nn.Linear(2048, 2048, bias=False) for _ in range(4)])  # 64 MiB, resident
+batches = [torch.randn(8, 2048) for _ in range(8)]
+proc, peak, running = psutil.Process(), [0], [True]
+def sample():
+    while running[0]:
+        peak[0] = max(peak[0], proc.memory_info().rss)
+        time.sleep(0.0005)
+start = peak[0] = proc.memory_info().rss
+thread = threading.Thread(target=sample)
+thread.start()
+loss = lambda m, x: m(x).pow(2).mean()
+forget, retain = accumulate_gradients(model, batches, loss), accumulate_gradients(model, batches, loss)
+build_mask(model, "wagle", 0.5, forget, retain, 1e-6, chunk_size=2**20, consume=sys.argv[1] == "consume")
+running[0] = False
+thread.join()
+print((peak[0] - start) / sum(p.numel() * 4 for p in model.parameters()))
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="needs glibc's mallopt, so the resident set follows live memory")
+def test_phase_one_stays_within_three_parameter_copies():
+    # the issue's budget: model + 3 fp32 copies. Live by design: the forget sum and the retain sum in .grad (2
+    # copies), plus one weight's gradient and the top-k chunk keys. Scores made beside the sums would cost a 4th copy.
+    def copies(mode):
+        out = subprocess.run([sys.executable, "-c", PHASE_ONE_MEMORY, mode], capture_output=True, text=True, timeout=300,
+                             env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert out.returncode == 0, out.stderr[-3000:]
+        return float(out.stdout.split()[-1])
+
+    consumed, beside = copies("consume"), copies("keep")
+    assert 2.0 <= consumed <= 3.0, consumed  # both sums were live at once, and nothing more than a copy on top
+    assert beside > consumed + 0.75, (beside, consumed)  # the probe sees a parameter-sized copy
 
 
 def test_save_load_round_trip_and_mismatch_errors(tmp_path):
