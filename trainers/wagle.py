@@ -23,6 +23,10 @@ Phase 2, the objective (lambda = ``retain_weight``, beta = 0.1 hard-coded in the
     po        L = CE(forget question -> refusal answer) + lambda CE_r
     step      backward -> clip_grad_norm (unmasked grads) -> grad *= m -> optimizer.step()
 
+Distributed: DDP sums are all-reduced and p.grad is masked (``_MaskAfterClipping``). DeepSpeed ZeRO-1/2/3 clips the
+flat fp32 partitions inside its ``step()``: a step pre-hook on its inner optimizer masks each rank's partition
+(``install_partition_mask``). Under ZeRO-3 phase 1 runs through the engine and gathers each parameter's sums.
+
 Scale: the top-k threshold is found by a radix select over 8-bit histograms of order-preserving integer keys,
 chunk by chunk (4 passes for float32 scores, 8 for float64), never by sorting or concatenating all entries; ties at
 the threshold go to the earliest entries in (dict order, row-major) order, i.e. exactly a *stable* descending sort.
@@ -247,51 +251,66 @@ def _full_grad(p):
     return p.grad
 
 
+def _is_deepspeed_engine(model):
+    return hasattr(model, "zero_optimization") and hasattr(model, "optimizer")
+
+
+def _zero_grads(model):
+    if _is_deepspeed_engine(model):
+        model.zero_grad()  # p.grad
+        if model.optimizer is not None:  # the reduced partitions: the next backward overwrites them, not adds to them
+            model.optimizer.zero_grad()
+    else:
+        model.zero_grad(set_to_none=True)
+
+
 def accumulate_gradients(model, loader, loss_fn=None, *, max_batches=None, to_cpu=False, grad_scale=1.0, backward=None):
     """{name: float32 sum over batches of grad_scale * grad loss_fn(model, batch)}; loss_fn defaults to the
     model's own token-mean CE ``model(**batch).loss``. Runs in eval mode (official), restores the mode.
 
     ``model`` may be the DDP / DeepSpeed wrapper (forward, backward and zero_grad go through it). ``backward``:
     the caller's (e.g. ``accelerator.backward``). ``grad_scale`` undoes what the stack does to the plain sum:
-    world_size under DDP (ranks are averaged), the accumulation steps if ``backward`` divides by them.
-    ZeRO-3 (written, untested): the full gradient of each parameter is gathered after each backward with
-    ``safe_get_full_grad``; run phase 1 with gradient accumulation 1 so each backward is one reduced batch."""
+    world_size under DDP or DeepSpeed (ranks are averaged), the accumulation steps if ``backward`` divides by them.
+    ZeRO-3: the engine's optimizer adds up the reduced gradient partitions over the batches, and each parameter's
+    full sum is gathered once at the end (``safe_get_full_grad``, a collective: every rank must run the same number
+    of batches, in the same parameter order)."""
     was_training = model.training
     model.eval()
     params = trainable_parameters(model)
+    zero3 = any(_is_zero3(p) for _, p in params)
     # Plain parameters: backward itself sums the batches' gradients into p.grad, which then becomes the result (no
-    # second copy of the parameters). ZeRO-3 and CPU sums: gathered and added batch by batch.
-    direct = not to_cpu and not any(_is_zero3(p) for _, p in params)
+    # second copy of the parameters). ZeRO-3: DeepSpeed sums into its partitions. CPU sums: copied batch by batch.
+    direct = not to_cpu and not zero3
     sums, batches = {}, 0
     try:
-        model.zero_grad(set_to_none=True)
+        _zero_grads(model)
         for step, batch in enumerate(loader):
             if max_batches is not None and step >= max_batches:
                 break
             batches += 1
-            if not direct:
-                model.zero_grad(set_to_none=True)
+            if not direct and not zero3:
+                _zero_grads(model)
             loss = loss_fn(model, batch) if loss_fn is not None else model(**batch).loss
             (backward or torch.Tensor.backward)(loss)
-            if direct:
+            if direct or zero3:
                 continue
             for name, p in params:
-                grad = _full_grad(p)
-                if grad is None:
-                    grad = torch.zeros(_full_shape(p), device=p.device)
-                grad = grad.detach().to("cpu" if to_cpu else grad.device, torch.float32) * grad_scale  # a new tensor
+                grad = p.grad if p.grad is not None else torch.zeros(_full_shape(p), device=p.device)
+                grad = grad.detach().to("cpu", torch.float32) * grad_scale  # a new tensor
                 if name in sums:
                     sums[name] += grad
                 else:
                     sums[name] = grad
-        if direct and batches:
+        if batches and (direct or zero3):
             for name, p in params:
-                grad = p.grad.detach() if p.grad is not None else torch.zeros(_full_shape(p), device=p.device)
-                p.grad = None  # the summed gradient is ours now
-                grad = grad if grad.dtype == torch.float32 else grad.float()
+                grad = _full_grad(p) if zero3 else p.grad
+                grad = grad.detach() if grad is not None else torch.zeros(_full_shape(p), device=p.device)
+                if not zero3:
+                    p.grad = None  # the summed gradient is ours now
+                grad = grad.to("cpu" if to_cpu else grad.device, torch.float32)  # ZeRO-3: already a gathered copy
                 sums[name] = grad.mul_(grad_scale) if grad_scale != 1 else grad
     finally:
-        model.zero_grad(set_to_none=True)
+        _zero_grads(model)
         model.train(was_training)
     if not batches:
         raise ValueError("accumulate_gradients: the loader gave no batch")
@@ -354,6 +373,57 @@ def apply_gradient_mask(model, mask):
         if name not in mask:
             raise KeyError(f"no mask for parameter {name!r}")
         p.grad.masked_fill_(~mask[name].to(p.grad.device), 0)
+
+
+def partition_masks(engine, mask):
+    """{id(tensor): bool mask} for the flat fp32 tensors a DeepSpeed ZeRO optimizer steps on this rank: the ZeRO-1/2
+    partition of each group (a parameter's piece is its ``_hp_mapping`` fragment) or the ZeRO-3 partition of each
+    sub-group (``grad_position``; rank k holds entries [k c, (k + 1) c) of the flattened parameter, c its partition
+    size). Padding entries are masked (their gradients are zero anyway)."""
+    opt, names = engine.optimizer, {id(p): n for n, p in trainable_parameters(engine)}
+    out = {}
+    if hasattr(opt, "fp32_partitioned_groups_flat"):  # ZeRO-3 (deepspeed 0.19.8 stage3.py)
+        for i, group in enumerate(opt.fp16_groups):
+            flat = opt.fp32_partitioned_groups_flat[i]
+            local = torch.zeros(flat.numel(), dtype=torch.bool)
+            for p in (p for p in group if id(p) in names):
+                _, offset, count = opt.grad_position[opt.get_param_id(p)]
+                start = count * opt._get_param_partition_rank(p)
+                real = max(0, min(count, p.ds_numel - start))
+                local[offset:offset + real] = mask[names[id(p)]].reshape(-1)[start:start + real].cpu()
+            out[id(flat)] = local.to(flat.device)
+    elif hasattr(opt, "single_partition_of_fp32_groups"):  # ZeRO-1/2 (stage_1_and_2.py)
+        for i, group in enumerate(opt.bit16_groups):
+            flat = opt.single_partition_of_fp32_groups[i]
+            local = torch.zeros(flat.numel(), dtype=torch.bool)
+            for p in (p for p in group if id(p) in names and getattr(p, "_hp_mapping", None) is not None):
+                hp, lp = p._hp_mapping.hp_fragment_address, p._hp_mapping.lp_fragment_address
+                local[hp.start:hp.start + hp.numel] = mask[names[id(p)]].reshape(-1)[lp.start:lp.start + lp.numel].cpu()
+            out[id(flat)] = local.to(flat.device)
+    else:
+        raise ValueError(f"WAGLE under DeepSpeed needs ZeRO stage 1, 2 or 3 (the optimizer is {type(opt).__name__}): "
+                         "set zero_stage in the accelerate config")
+    return out
+
+
+def install_partition_mask(engine, mask):
+    """Mask a DeepSpeed engine's gradients after its clipping and before its optimizer step: ZeRO optimizers clip
+    the flat fp32 partition gradients inside ``step()`` and then call the inner torch optimizer's ``step()``, so a
+    step pre-hook on that optimizer sees the clipped gradients (the order of ``apply_gradient_mask``). Returns the
+    hook handles."""
+    masks = partition_masks(engine, mask)
+
+    def hook(optimizer, args, kwargs):
+        for group in optimizer.param_groups:
+            for t in group["params"]:
+                if t.grad is None:
+                    continue
+                if id(t) not in masks:
+                    raise KeyError("DeepSpeed stepped a tensor with no WAGLE mask (not a ZeRO partition of this engine)")
+                t.grad.masked_fill_(~masks[id(t)], 0)
+
+    inner = [getattr(engine.optimizer, name, None) for name in ("optimizer", "backup_optimizer")]  # offload: both
+    return [o.register_step_pre_hook(hook) for o in inner if isinstance(o, torch.optim.Optimizer)]
 
 
 def mask_density(mask):
@@ -500,6 +570,13 @@ def _piece_loss(model, item):
                            reduction="sum") / tokens
 
 
+def _read_micro_step(checkpoint):
+    path = Path(checkpoint) / STATE_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: the checkpoint was not written by a WAGLE run")
+    return int(json.loads(path.read_text())["micro_step"])
+
+
 class _MaskAfterClipping(TrainerCallback):
     """clip -> mask -> step. transformers 5.24 ``Trainer._run_epoch`` (trainer.py L1936-1944) runs
     ``_clip_grad_norm`` (clips in place, returns the unmasked pre-clip norm), ``_get_grad_norm``, then
@@ -509,7 +586,7 @@ class _MaskAfterClipping(TrainerCallback):
         self.trainer = trainer
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        if self.trainer.mask is not None:
+        if self.trainer.mask is not None and not self.trainer.is_deepspeed_enabled:  # DeepSpeed: install_partition_mask
             apply_gradient_mask(self.trainer.model, self.trainer.mask)  # the bare model: DDP's reduced p.grad
 
 
@@ -525,12 +602,17 @@ class WAGLETrainer(Trainer):
         from datasets import Dataset
         from transformers import AutoModelForCausalLM
 
+        from transformers.integrations import is_deepspeed_zero3_enabled
+
         if isinstance(model, str):
             model = AutoModelForCausalLM.from_pretrained(model, **(args.model_init_kwargs or {}))
         tokenizer = processing_class
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
-        ref = copy.deepcopy(model).eval().requires_grad_(False) if args.objective == "npo" else None
+        ref = None
+        if args.objective == "npo":  # ZeRO-3 partitions weights as they load: load the reference, don't copy a shard
+            ref = (AutoModelForCausalLM.from_pretrained(model.config._name_or_path, **(args.model_init_kwargs or {}))
+                   if is_deepspeed_zero3_enabled() else copy.deepcopy(model)).eval().requires_grad_(False)
         if peft_config is not None:
             from peft import get_peft_model
 
@@ -549,10 +631,14 @@ class WAGLETrainer(Trainer):
             eval_dataset = Dataset.from_list([encode_row(row=row, **enc) for row in eval_dataset])
         super().__init__(model=model, args=args, train_dataset=Dataset.from_list(self.forget_rows),
                          eval_dataset=eval_dataset, data_collator=self._collate, processing_class=tokenizer, **kwargs)
-        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
-            raise ValueError("WAGLE masks p.grad between clipping and optimizer.step(); DeepSpeed and FSDP keep their "
-                             "gradients elsewhere: run it single-process or with DDP (accelerate_configs/multi_gpu.yaml)")
-        self.ref_model = ref.to(self.args.device) if ref is not None else None
+        if self.is_fsdp_enabled:
+            raise ValueError("WAGLE masks the gradients between clipping and the optimizer step, which FSDP does not "
+                             "expose: run it with DDP (accelerate_configs/multi_gpu.yaml) or DeepSpeed (zero1/2/3.yaml)")
+        if ref is not None and self.is_deepspeed_enabled:
+            from trl.models import prepare_deepspeed
+
+            ref = prepare_deepspeed(ref, self.accelerator)  # an inference engine (ZeRO-3: partitioned like the policy)
+        self.ref_model = ref.to(self.args.device) if ref is not None and not self.is_deepspeed_enabled else ref
         self.mask, self.mask_info, self.micro_step = None, {}, 0
         self._stream_seed = args.data_seed if args.data_seed is not None else args.seed
         self._metrics = {}
@@ -573,11 +659,26 @@ class WAGLETrainer(Trainer):
         rows = stream_indices(len(self.retain_rows), self._stream_seed, position, self.args.per_device_train_batch_size)
         return collate([self.retain_rows[i] for i in rows], self.processing_class.pad_token_id)
 
-    # --- phase 1: the mask, before DDP wraps the model -------------------------------------------------------
+    # --- phase 1: the mask, before DDP or ZeRO-1/2 wraps the model, through the engine under ZeRO-3 -------------
+
+    def _zero3(self):
+        from transformers.integrations import is_deepspeed_zero3_enabled
+
+        return self.is_deepspeed_enabled and is_deepspeed_zero3_enabled()
 
     def _prepare_for_training(self, max_steps, train_dataloader, resume_from_checkpoint):
-        self.setup_mask(resume_from_checkpoint)
-        return super()._prepare_for_training(max_steps, train_dataloader, resume_from_checkpoint)
+        if not self._zero3():  # the parameters are whole: phase 1 on the bare model
+            if self.is_deepspeed_enabled:
+                self.model.to(self.args.device)  # the Trainer leaves it where it loaded until deepspeed.initialize
+            self.setup_mask(resume_from_checkpoint)
+        model, train_dataloader = super()._prepare_for_training(max_steps, train_dataloader, resume_from_checkpoint)
+        if self._zero3():  # partitioned as they loaded: phase 1 runs through the engine
+            self.setup_mask(resume_from_checkpoint)
+        if self.is_deepspeed_enabled:
+            self._mask_hooks = install_partition_mask(model, self.mask)
+            if resume_from_checkpoint is not None:  # the Trainer calls _load_from_checkpoint only without DeepSpeed
+                self.micro_step = _read_micro_step(resume_from_checkpoint)
+        return model, train_dataloader
 
     def setup_mask(self, resume_from_checkpoint=None):
         """Load the mask of the checkpoint, or ``mask_path``, or build it (phase 1); same on every rank; saved."""
@@ -598,13 +699,14 @@ class WAGLETrainer(Trainer):
             mask = build_mask(model, args.mask_method, args.mask_ratio, grad_forget, grad_retain, args.gamma,
                               args.mask_seed, args.mask_chunk_size, consume=True)
             source = "phase 1"
-        devices = dict(trainable_parameters(model))
-        mask = {n: m.to(devices[n].device) for n, m in mask.items()}
+        # next to the parameters; under DeepSpeed on the host (install_partition_mask copies each rank's part)
+        devices = {n: "cpu" if self.is_deepspeed_enabled else p.device for n, p in trainable_parameters(model)}
+        mask = {n: m.to(devices[n]) for n, m in mask.items()}
         if self.accelerator.num_processes > 1:  # rank 0's mask, bit for bit, on every rank
             for name, m in mask.items():
-                as_bytes = m.to(torch.uint8)
+                as_bytes = m.to(self.accelerator.device, torch.uint8)  # NCCL broadcasts device tensors only
                 torch.distributed.broadcast(as_bytes, src=0)
-                mask[name] = as_bytes.bool()
+                mask[name] = as_bytes.bool().to(devices[name])
         self.mask = mask
         self.mask_info = {"method": args.mask_method, "ratio": args.mask_ratio, "gamma": args.gamma,
                           "objective": args.objective, "density": mask_density(mask), "source": source}
@@ -627,6 +729,8 @@ class WAGLETrainer(Trainer):
 
     def gradient_sums(self, batches):
         """accumulate_gradients over this rank's batches, all-reduced (summed) over the ranks."""
+        if self._zero3():
+            return self._zero3_gradient_sums(batches)
         model, micro = self.model, self.args.attribution_micro_batch
         if batches and micro:
             sums = accumulate_gradients(model, _pieces((self._prepare_inputs(b) for b in batches), micro),
@@ -642,6 +746,23 @@ class WAGLETrainer(Trainer):
                 torch.distributed.all_reduce(on_device, op=torch.distributed.ReduceOp.SUM)
                 t.copy_(on_device)
         return sums
+
+    def _zero3_gradient_sums(self, batches):
+        # every rank must run as many forward/backward passes as the others (each pass gathers the layers from all
+        # ranks): this rank's pieces, then zero-weight passes up to the largest count; DeepSpeed averages over ranks
+        engine, world, size = self.model_wrapped, self.accelerator.num_processes, self.args.per_device_train_batch_size
+        items = [(piece, tokens, 1.0) for piece, tokens in
+                 _pieces((self._prepare_inputs(b) for b in batches), self.args.attribution_micro_batch or size)]
+        count = torch.tensor(len(items), device=self.accelerator.device)
+        torch.distributed.all_reduce(count, op=torch.distributed.ReduceOp.MAX)
+        if not items:  # fewer global batches than ranks: zero-weight passes on a forget row
+            row = self._prepare_inputs(collate(self.forget_rows[:1], self.processing_class.pad_token_id))
+            items = [(*next(_pieces([row], 1)), 0.0)]
+        filler = (*items[0][:2], 0.0)
+        items += [filler] * (int(count) - len(items))
+        return accumulate_gradients(engine, items, lambda model, item: _piece_loss(model, item[:2]) * item[2],
+                                    to_cpu=self.args.keep_grads_on_cpu, grad_scale=world,
+                                    backward=lambda loss: engine.backward(loss, scale_wrt_gas=False))
 
     # --- phase 2: the unlearning step --------------------------------------------------------------------
 
@@ -695,7 +816,4 @@ class WAGLETrainer(Trainer):
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         super()._load_from_checkpoint(resume_from_checkpoint, model)
-        path = Path(resume_from_checkpoint) / STATE_FILE
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} is missing: the checkpoint was not written by a WAGLE run")
-        self.micro_step = int(json.loads(path.read_text())["micro_step"])
+        self.micro_step = _read_micro_step(resume_from_checkpoint)

@@ -2,6 +2,7 @@
 (reduces to plain GradDiff/NPO/PO at an all-ones mask, clip -> mask -> step, exact resume, 2-process DDP masks)."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -580,27 +581,68 @@ def test_checkpoint_without_wagle_state_is_refused(tmp_path):
         build_trainer(load_recipe("wagle/tiny", {**opts, "max_steps": 4})).train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
 
 
-@pytest.mark.slow
-def test_two_processes_share_one_mask_equal_to_the_one_process_mask(tmp_path):
+def _launch_helper(out, config=None, port=29561, script="wagle_distributed.py", *args):
     from conftest import BIN, ROOT
+
+    launch = (["--config_file", str(ROOT / "accelerate_configs" / config), "--num_processes", "2", "--mixed_precision", "no",
+               "--main_process_port", str(port)] if config else ["--num_processes", "1"])
+    cmd = [str(BIN / "accelerate"), "launch", *launch, str(ROOT / "tests" / "helpers" / script), str(out), *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-5000:]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", ["cpu_2proc.yaml", "zero2.yaml", "zero3.yaml"])
+def test_two_processes_share_one_mask_equal_to_the_one_process_mask(config, tmp_path):
+    # DDP: phase 1 on the bare model, sums all-reduced, p.grad masked. ZeRO-2: the same phase 1, the mask applied to
+    # this rank's flat fp32 partition. ZeRO-3: phase 1 through the engine (ranks pad to the same number of passes;
+    # here 3 and 2 batches), each parameter's full sum gathered, the mask applied to the sub-group partitions.
     from safetensors.torch import load_file
 
-    for world in (1, 2):
-        launch = (["--config_file", str(ROOT / "accelerate_configs" / "cpu_2proc.yaml"), "--main_process_port", "29561"]
-                  if world == 2 else ["--num_processes", "1"])
-        cmd = [str(BIN / "accelerate"), "launch", *launch, str(ROOT / "tests" / "helpers" / "wagle_ddp.py"), str(tmp_path / f"w{world}")]
-        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
-        assert proc.returncode == 0, proc.stderr[-5000:]
-    one, r0, r1 = (load_file(str(tmp_path / f)) for f in ("w1/rank0.safetensors", "w2/rank0.safetensors", "w2/rank1.safetensors"))
-    assert one["batches"].tolist() == [5, 1] and r0["batches"].tolist() == [3, 2] and r1["batches"].tolist() == [2, 2]
-    for key in r0:  # sums, mask and trained weights: bit for bit the same on both ranks
+    _launch_helper(tmp_path / "one")
+    _launch_helper(tmp_path / "two", config)
+    one, r0, r1 = (load_file(str(tmp_path / f)) for f in ("one/rank0.safetensors", "two/rank0.safetensors", "two/rank1.safetensors"))
+    assert one["batches"].item() == 5 and r0["batches"].item() == 3 and r1["batches"].item() == 2
+    for key in r0:  # sums, mask and weights: bit for bit the same on both ranks
         if key != "batches":
             assert torch.equal(r0[key], r1[key]), key
-    for key in (k for k in one if k.startswith(("gf/", "gr/"))):  # the sums of one process over the same 5 batches
+    sums = [k for k in one if k.startswith(("gf/", "gr/"))]
+    assert len(sums) == 2 * sum(k.startswith("mask/") for k in one)
+    for key in sums:  # the sums of one process over the same 5 batches (a wrong rank scaling would show here)
         torch.testing.assert_close(r0[key], one[key], rtol=1e-5, atol=1e-7)
     masks = [k for k in one if k.startswith("mask/")]
-    assert masks and all(torch.equal(r0[k], one[k]) for k in masks)
+    assert all(torch.equal(r0[k], one[k]) for k in masks)
     assert 0 < sum(int(one[k].sum()) for k in masks) < sum(one[k].numel() for k in masks)
+    moved = {k: r0[f"param/{k[5:]}"] != r0[f"initial/{k[5:]}"] for k in masks}
+    assert not any(moved[k][~r0[k]].any() for k in masks)  # weight decay 0: masked entries never move
+    assert sum(int(moved[k][r0[k]].sum()) for k in masks) > 0.9 * sum(int(r0[k].sum()) for k in masks)  # the rest do
+
+
+@pytest.mark.slow
+def test_zero3_npo_resumes_on_the_same_trajectory(tmp_path):
+    # NPO's reference is a second (inference) ZeRO-3 engine; the Trainer does not call _load_from_checkpoint under
+    # DeepSpeed, so the retain-stream position comes back through _prepare_for_training
+    from conftest import BIN, ROOT
+
+    def run(name, *extra):
+        cmd = [str(BIN / "accelerate"), "launch", "--config_file", str(ROOT / "accelerate_configs" / "zero3.yaml"),
+               "--num_processes", "2", "--mixed_precision", "no", "--main_process_port", "29563", "-m", "posttrain",
+               "train", "wagle/tiny", "--objective", "npo", "--max_steps", "4", "--save_strategy", "steps",
+               "--save_steps", "2", "--logging_steps", "1", "--mask_ratio", "0.5", "--output_dir", str(tmp_path / name), *extra]
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-5000:]
+        state = tmp_path / name / "checkpoint-4"
+        logs = {e["step"]: e for e in json.loads((state / "trainer_state.json").read_text())["log_history"] if "loss" in e}
+        return logs, json.loads((state / STATE_FILE).read_text()), load_mask(state / MASK_FILE)
+
+    full, full_state, full_mask = run("full")
+    cut, cut_state, cut_mask = run("cut", "--resume_from_checkpoint", str(tmp_path / "full" / "checkpoint-2"))
+    assert full_state == cut_state == {"micro_step": 4}
+    assert all(torch.equal(full_mask[k], cut_mask[k]) for k in full_mask)
+    assert full[1]["loss"] == pytest.approx(2 / 0.1 * math.log(2) + full[1]["retain_loss"], abs=1e-3)  # NPO at the start
+    for step in (3, 4):
+        for key in ("loss", "forget_loss", "retain_loss"):
+            assert cut[step][key] == pytest.approx(full[step][key], abs=1e-5), (step, key)
 
 
 def test_micro_batched_attribution_gives_the_batch_gradient():
