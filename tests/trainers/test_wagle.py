@@ -1,5 +1,5 @@
 """WAGLE: the spec's worked examples (§4.8), the exact chunked global top-k, the model-side helpers, and the trainer
-(reduces to plain GradDiff/NPO/PO at an all-ones mask, clip -> mask -> step, exact resume, 2-process DDP masks)."""
+(reduces to plain GradDiff/NPO/PO at an all-ones mask, clip -> mask -> step, exact resume, 2-process DDP and DeepSpeed ZeRO-2/3 runs)."""
 
 import json
 import math
@@ -581,31 +581,43 @@ def test_checkpoint_without_wagle_state_is_refused(tmp_path):
         build_trainer(load_recipe("wagle/tiny", {**opts, "max_steps": 4})).train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
 
 
-def _launch_helper(out, config=None, port=29561, script="wagle_distributed.py", *args):
+def _launch_helper(out, config=None):
     from conftest import BIN, ROOT
 
     launch = (["--config_file", str(ROOT / "accelerate_configs" / config), "--num_processes", "2", "--mixed_precision", "no",
-               "--main_process_port", str(port)] if config else ["--num_processes", "1"])
-    cmd = [str(BIN / "accelerate"), "launch", *launch, str(ROOT / "tests" / "helpers" / script), str(out), *args]
+               "--main_process_port", "29561"] if config else ["--num_processes", "1"])
+    cmd = [str(BIN / "accelerate"), "launch", *launch, str(ROOT / "tests" / "helpers" / "wagle_distributed.py"), str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-5000:]
 
 
+@pytest.fixture(scope="module")
+def one_process_and_ddp(tmp_path_factory):
+    from safetensors.torch import load_file
+
+    out = tmp_path_factory.mktemp("wagle")
+    _launch_helper(out / "one")
+    _launch_helper(out / "ddp", "cpu_2proc.yaml")
+    return load_file(str(out / "one" / "rank0.safetensors")), load_file(str(out / "ddp" / "rank0.safetensors"))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("config", ["cpu_2proc.yaml", "zero2.yaml", "zero3.yaml"])
-def test_two_processes_share_one_mask_equal_to_the_one_process_mask(config, tmp_path):
+def test_two_processes_share_one_mask_equal_to_the_one_process_mask(config, one_process_and_ddp, tmp_path):
     # DDP: phase 1 on the bare model, sums all-reduced, p.grad masked. ZeRO-2: the same phase 1, the mask applied to
     # this rank's flat fp32 partition. ZeRO-3: phase 1 through the engine (ranks pad to the same number of passes;
     # here 3 and 2 batches), each parameter's full sum gathered, the mask applied to the sub-group partitions.
     from safetensors.torch import load_file
 
-    _launch_helper(tmp_path / "one")
-    _launch_helper(tmp_path / "two", config)
-    one, r0, r1 = (load_file(str(tmp_path / f)) for f in ("one/rank0.safetensors", "two/rank0.safetensors", "two/rank1.safetensors"))
+    one, ddp = one_process_and_ddp
+    _launch_helper(tmp_path, config)
+    r0, r1 = (load_file(str(tmp_path / f"rank{r}.safetensors")) for r in (0, 1))
     assert one["batches"].item() == 5 and r0["batches"].item() == 3 and r1["batches"].item() == 2
     for key in r0:  # sums, mask and weights: bit for bit the same on both ranks
         if key != "batches":
             assert torch.equal(r0[key], r1[key]), key
+    for key in (k for k in ddp if k.startswith("param/")):  # DeepSpeed trains as DDP does: clip (unmasked norm), mask, step
+        torch.testing.assert_close(r0[key], ddp[key], rtol=0, atol=1e-6)
     sums = [k for k in one if k.startswith(("gf/", "gr/"))]
     assert len(sums) == 2 * sum(k.startswith("mask/") for k in one)
     for key in sums:  # the sums of one process over the same 5 batches (a wrong rank scaling would show here)
