@@ -65,6 +65,10 @@ def load_checkpoint(name: str, peft: str | None = None, dtype: str = "float32", 
     if adapter is not None and adapter == path:
         base = resolve_model_path(json.loads((Path(path) / "adapter_config.json").read_text())["base_model_name_or_path"])
     model = AutoModelForCausalLM.from_pretrained(base, dtype=getattr(torch, dtype))
+    if Path(base).is_dir():  # biases of patched MoE routers (aux-loss-free balancing) that from_pretrained dropped
+        from posttrain.trainers.moe_balance import restore_expert_biases
+
+        restore_expert_biases(model, base)
     if adapter is not None:
         from peft import PeftModel
 

@@ -438,6 +438,24 @@ def load_expert_biases(model, folder):
     return len(own)
 
 
+def restore_expert_biases(model, folder):
+    """For a model fresh from ``from_pretrained(folder)``: if ``folder`` was saved from patched routers (Qwen /
+    Mixtral, ``install_expert_bias``), whose biases the stock class dropped, patch the routers and load the saved
+    biases. Returns the number of biases loaded (0 when the folder holds none that the model lacks)."""
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    saved = set()
+    for f in Path(folder).glob("*.safetensors"):
+        with safe_open(str(f), framework="pt") as handle:
+            saved |= {k for k in handle.keys() if k.endswith(BIAS_NAME)}
+    if not saved - set(model.state_dict()):
+        return 0
+    install_expert_bias(model)
+    return load_expert_biases(model, folder)
+
+
 def _in_backward() -> bool:
     """True while the autograd engine runs a backward pass on this thread."""
     return torch._C._current_graph_task_id() != -1

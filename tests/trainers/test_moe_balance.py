@@ -831,6 +831,27 @@ def test_resume_restores_biases_and_experts_exactly(arch, tmp_path):
         assert torch.equal(a[k], b[k]), k
 
 
+def test_eval_harness_loads_patched_router_biases(tmp_path):
+    # a stock from_pretrained drops the biases of patched Qwen routers; the eval harness patches and restores them
+    from transformers import AutoModelForCausalLM
+
+    from posttrain.evals.common import load_checkpoint
+    from posttrain.recipes.train import build_trainer
+
+    trainer = build_trainer(recipe_of(tmp_path, model_name_or_path="tiny:qwen3_moe", moe_balance="aux_free",
+                                      moe_bias_rate=1e-2, max_steps=2))
+    trainer.train()
+    trainer.save_model(str(tmp_path))
+    trained = [b.clone() for b in expert_biases(trainer.model)]
+    assert all(float(b.abs().sum()) > 0 for b in trained)
+    stock = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert not any(k.endswith("e_score_correction_bias") for k in stock.state_dict())
+    model, _, _ = load_checkpoint(str(tmp_path))
+    assert all(torch.equal(a, b) for a, b in zip(trained, expert_biases(model), strict=True))
+    plain, _, _ = load_checkpoint("tiny:qwen3_moe")  # an unpatched model stays unpatched
+    assert not any(k.endswith("e_score_correction_bias") for k in plain.state_dict())
+
+
 def test_maxvio_global(deepseek):
     from posttrain.recipes.tiny import build_tokenizer
     from posttrain.trainers.moe_balance import maxvio_global
