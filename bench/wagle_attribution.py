@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from compare import PeakRSS, _release_freed_memory, machine  # noqa: E402
+from compare import PeakRSS, _release_freed_memory, machine, random_qwen2_05b  # noqa: E402
 
 
 def _return_freed_memory_at_once() -> None:
@@ -45,6 +45,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--examples", type=int, default=64, help="forget examples (and as many retain examples)")
     parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--model", default="HuggingFaceTB/SmolLM2-135M-Instruct",
+                        help="model_name_or_path; 'qwen2-0.5b-random' builds a random Qwen2-0.5B shape (no download)")
     parser.add_argument("--out", default="bench/results/wagle_attribution.json")
     parser.add_argument("--malloc-default", action="store_true",
                         help="leave glibc's malloc as it is: freed heap memory stays resident, so the growth overstates live memory")
@@ -57,7 +59,8 @@ def main(argv=None) -> int:
 
     cuda = torch.cuda.is_available()
     recipe = load_recipe("wagle/smollm2-135m_graddiff", {
-        "model_name_or_path": "HuggingFaceTB/SmolLM2-135M-Instruct", "output_dir": "/tmp/posttrain-bench-wagle",
+        "model_name_or_path": random_qwen2_05b() if args.model == "qwen2-0.5b-random" else args.model,
+        "output_dir": "/tmp/posttrain-bench-wagle",
         "per_device_train_batch_size": args.batch, "attribution_batches": -(-args.examples // args.batch),
         "report_to": "none", "save_strategy": "no"})
     trainer = build_trainer(recipe)
@@ -83,12 +86,13 @@ def main(argv=None) -> int:
     peak = model_bytes + growth  # the model plus what attribution adds on top of it
     budget = model_bytes + 3 * 4 * params
     n_forget = min(args.examples, len(trainer.forget_rows))
-    result = {"machine": machine(), "malloc": "glibc default" if args.malloc_default else "freed memory returned at once",
+    result = {"machine": machine(), "model": args.model, "malloc": "glibc default" if args.malloc_default else "freed memory returned at once",
               "examples": n_forget, "batch": args.batch, "seconds": seconds,
               "peak_mib": peak / 2**20, "growth_mib": growth / 2**20, "model_mib": model_bytes / 2**20, "budget_mib": budget / 2**20,
               "within_budget": peak <= budget, "process_rss_before_mib": before / 2**20,
               "process_peak_rss_mib": (before + rss.bytes) / 2**20, "density": trainer.mask_info["density"]}
-    print(f"WAGLE attribution on {result['machine']}: {n_forget} forget + {n_forget} retain examples, batch {args.batch}, malloc: {result['malloc']}")
+    print(f"WAGLE attribution of {args.model} on {result['machine']}: {n_forget} forget + {n_forget} retain examples, "
+          f"batch {args.batch}, malloc: {result['malloc']}")
     print("| time (s) | model + attribution's peak growth (MiB) | model (MiB) | budget: model + 3 fp32 copies (MiB) | within |")
     print("|---|---|---|---|---|")
     print(f"| {seconds:.1f} | {result['peak_mib']:.0f} | {result['model_mib']:.0f} | {result['budget_mib']:.0f} | "
