@@ -264,7 +264,8 @@ def _zero_grads(model):
         model.zero_grad(set_to_none=True)
 
 
-def accumulate_gradients(model, loader, loss_fn=None, *, max_batches=None, to_cpu=False, grad_scale=1.0, backward=None):
+def accumulate_gradients(model, loader, loss_fn=None, *, max_batches=None, to_cpu=False, grad_scale=1.0, backward=None,
+                         keep=True):
     """{name: float32 sum over batches of grad_scale * grad loss_fn(model, batch)}; loss_fn defaults to the
     model's own token-mean CE ``model(**batch).loss``. Runs in eval mode (official), restores the mode.
 
@@ -273,7 +274,7 @@ def accumulate_gradients(model, loader, loss_fn=None, *, max_batches=None, to_cp
     world_size under DDP or DeepSpeed (ranks are averaged), the accumulation steps if ``backward`` divides by them.
     ZeRO-3: the engine's optimizer adds up the reduced gradient partitions over the batches, and each parameter's
     full sum is gathered once at the end (``safe_get_full_grad``, a collective: every rank must run the same number
-    of batches, in the same parameter order)."""
+    of batches, in the same parameter order); ranks with ``keep=False`` take part in the gathers and return {}."""
     was_training = model.training
     model.eval()
     params = trainable_parameters(model)
@@ -304,6 +305,8 @@ def accumulate_gradients(model, loader, loss_fn=None, *, max_batches=None, to_cp
         if batches and (direct or zero3):
             for name, p in params:
                 grad = _full_grad(p) if zero3 else p.grad
+                if not keep:
+                    continue
                 grad = grad.detach() if grad is not None else torch.zeros(_full_shape(p), device=p.device)
                 if not zero3:
                     p.grad = None  # the summed gradient is ours now
@@ -696,8 +699,15 @@ class WAGLETrainer(Trainer):
                 forget, retain = self.attribution_batches()
                 grad_forget = self.gradient_sums(forget)
                 grad_retain = self.gradient_sums(retain) if args.mask_method == "wagle" else None
-            mask = build_mask(model, args.mask_method, args.mask_ratio, grad_forget, grad_retain, args.gamma,
-                              args.mask_seed, args.mask_chunk_size, consume=True)
+            if self._zero3() and not self.accelerator.is_main_process:
+                # rank 0 alone kept the sums: the others take part in its parameter gathers, then receive its mask
+                if args.mask_method in ("wagle", "snip", "magnitude"):
+                    for _ in _gathered(model):
+                        pass
+                mask = {n: torch.zeros(_full_shape(p), dtype=torch.bool) for n, p in trainable_parameters(model)}
+            else:
+                mask = build_mask(model, args.mask_method, args.mask_ratio, grad_forget, grad_retain, args.gamma,
+                                  args.mask_seed, args.mask_chunk_size, consume=True)
             source = "phase 1"
         # next to the parameters; under DeepSpeed on the host (install_partition_mask copies each rank's part)
         devices = {n: "cpu" if self.is_deepspeed_enabled else p.device for n, p in trainable_parameters(model)}
@@ -728,7 +738,8 @@ class WAGLETrainer(Trainer):
         return forget, retain
 
     def gradient_sums(self, batches):
-        """accumulate_gradients over this rank's batches, all-reduced (summed) over the ranks."""
+        """accumulate_gradients over this rank's batches, all-reduced (summed) over the ranks. ZeRO-3: summed by
+        DeepSpeed, gathered parameter by parameter and kept on rank 0 only (the other ranks get {})."""
         if self._zero3():
             return self._zero3_gradient_sums(batches)
         model, micro = self.model, self.args.attribution_micro_batch
@@ -762,7 +773,8 @@ class WAGLETrainer(Trainer):
         items += [filler] * (int(count) - len(items))
         return accumulate_gradients(engine, items, lambda model, item: _piece_loss(model, item[:2]) * item[2],
                                     to_cpu=self.args.keep_grads_on_cpu, grad_scale=world,
-                                    backward=lambda loss: engine.backward(loss, scale_wrt_gas=False))
+                                    backward=lambda loss: engine.backward(loss, scale_wrt_gas=False),
+                                    keep=self.accelerator.is_main_process)  # rank 0 builds the mask and broadcasts it
 
     # --- phase 2: the unlearning step --------------------------------------------------------------------
 
