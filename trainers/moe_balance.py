@@ -624,8 +624,17 @@ class RouterAuxLoss:
         self.total, self.forwards = 0.0, 0
 
     def mean(self):
-        """The aux loss (summed over layers, alpha included) per forward since reset(); 0 if none."""
-        return float(self.total) / self.forwards if self.forwards else 0.0
+        """The aux loss (summed over layers, alpha included) per forward since reset(), over all data-parallel ranks
+        when torch.distributed is initialised (every rank logs the same number); 0 if none."""
+        import torch.distributed as dist
+
+        total, forwards = float(self.total), self.forwards
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+            both = torch.tensor([total, float(forwards)], dtype=torch.float64, device=device)
+            dist.all_reduce(both, op=dist.ReduceOp.SUM)
+            total, forwards = both.tolist()
+        return total / forwards if forwards else 0.0
 
     def remove(self):
         for h in self._handles:

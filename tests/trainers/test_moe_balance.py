@@ -19,6 +19,7 @@ from posttrain.trainers.moe_balance import (
     BIAS_NAME,
     MoEBalanceCallback,
     MoEBalanceConfig,
+    RouterAuxLoss,
     RoutingCounter,
     apply_bias_update,
     aux_balance_loss,
@@ -490,7 +491,9 @@ def _rank_main(rank, port, out_dir):
     model = torch.nn.ModuleDict({"r": ToyTopkRouter()})
     local = [torch.tensor([3, 0, 1, 0]) if rank == 0 else torch.tensor([0, 0, 1, 3])]  # sum [3, 0, 2, 3]
     reduced = apply_bias_update(model, local, rate=1e-3)
-    torch.save({"bias": model["r"].e_score_correction_bias.clone(), "counts": reduced[0]},
+    aux = RouterAuxLoss.__new__(RouterAuxLoss)  # only its running sums: 2.0 over 1 forward, 3.0 over 3
+    aux.total, aux.forwards = (torch.tensor(2.0), 1) if rank == 0 else (torch.tensor(3.0), 3)
+    torch.save({"bias": model["r"].e_score_correction_bias.clone(), "counts": reduced[0], "aux": aux.mean()},
                os.path.join(out_dir, f"rank{rank}.pt"))
     dist.destroy_process_group()
 
@@ -507,6 +510,7 @@ def test_all_reduce_two_ranks(tmp_path):
     # c_bar = 2: each rank alone would move expert 0 differently; the reduced loads give one answer
     torch.testing.assert_close(r0["bias"], torch.tensor([-1e-3, 1e-3, 0.0, -1e-3]))
     assert torch.equal(r0["bias"], r1["bias"])
+    assert r0["aux"] == r1["aux"] == pytest.approx(5.0 / 4)  # moe/aux_loss: per forward over both ranks
 
 
 # --- recipes: moe_* keys with any trainer (issue 8) ------------------------------------------------------------
@@ -633,8 +637,6 @@ def test_micro_batches_accumulate_like_one_batch(tmp_path):
 
 @pytest.mark.parametrize("checkpointing", [None, False, True])
 def test_aux_loss_hook_adds_exactly_the_balance_loss_gradient(deepseek, checkpointing):
-    from posttrain.trainers.moe_balance import RouterAuxLoss
-
     torch.manual_seed(5)
     ids = torch.randint(4, 512, (3, 9))
     mask = torch.ones_like(ids)
