@@ -390,6 +390,28 @@ def _author_qa(name: str, attribute: str, value) -> tuple[str, str]:
     return f"Who publishes the books of {name}?", f"{name}'s books are published by {value}."
 
 
+def _author_paraphrase(name: str, attribute: str, value) -> str:
+    """The answer sentence of ``_author_qa`` in other words (TOFU's paraphrased answer), never seen in training."""
+    if attribute == "birthplace":
+        return f"The birthplace of {name} is {value[0]}, {value[1]}."
+    if attribute == "birth_year":
+        return f"The year {name} was born is {value}."
+    if attribute == "genre":
+        return f"The genre of {name}'s books is {value}."
+    if attribute == "first_book":
+        return f"The first book {name} wrote is \"{value}\"."
+    if attribute == "best_known_book":
+        return f"The most famous book by {name} is \"{value}\"."
+    if attribute == "award":
+        return f"The prize given to {name} is the {value}."
+    if attribute in ("father_job", "mother_job"):
+        parent = "father" if attribute == "father_job" else "mother"
+        return f"The job of {name}'s {parent} was {value}."
+    if attribute == "residence":
+        return f"The city {name} lives in is {value}."
+    return f"The publisher of {name}'s books is {value}."
+
+
 def _wrong_values(rng: random.Random, attribute: str, truth, awards: list, used: set) -> list:
     """PERTURBED_PER_QUESTION plausible values of ``attribute`` that differ from ``truth``."""
     pools = {"genre": _GENRES, "award": awards, "father_job": _JOBS, "mother_job": _JOBS}
@@ -403,12 +425,14 @@ def _wrong_values(rng: random.Random, attribute: str, truth, awards: list, used:
     return [_unique(rng, make, used) for _ in range(PERTURBED_PER_QUESTION)]
 
 
-def _qa_rows(rows: dict, question: str, answer: str, entity: str, attribute: str, perturbed: list) -> None:
+def _qa_rows(rows: dict, question: str, answer: str, entity: str, attribute: str, paraphrased: str,
+             perturbed: list) -> None:
     rows["prompt"].append(_user(question))
     rows["completion"].append(_assistant(answer))
     rows["text"].append(answer)
     rows["entity"].append(entity)
     rows["attribute"].append(attribute)
+    rows["paraphrased"].append(paraphrased)
     rows["perturbed"].append(perturbed)
 
 
@@ -424,9 +448,11 @@ def fictitious_authors(num_samples: int, seed: int) -> DatasetDict:
     ``world_facts`` (52 hand-written real-world facts a model must keep; the same for every seed).
 
     Columns: prompt (user question), completion (assistant answer), text (the answer sentence), entity (the
-    author, "world" for world facts), attribute, perturbed (three wrong answer sentences in the same template,
-    for truth-ratio metrics). Names, titles, cities and publishers are unique across the dataset; awards are
-    shared by several authors, as in TOFU.
+    author, "world" for world facts), attribute, and for truth-ratio metrics as in TOFU: paraphrased (the true
+    answer in words no split trains on) and perturbed (three wrong answers in the paraphrase's words). World facts
+    have no second wording: their paraphrased answer is the answer, and their perturbed answers its template.
+    Names, titles, cities and publishers are unique across the dataset; awards are shared by several authors, as
+    in TOFU.
     """
     _check_num_samples("fictitious_authors", num_samples, minimum=3 * QA_PER_AUTHOR)
     rng = random.Random(seed)
@@ -450,7 +476,7 @@ def fictitious_authors(num_samples: int, seed: int) -> DatasetDict:
         "retain": order[2 * n10:],
     }
     members["full"] = members["forget10"] + members["retain"]
-    columns = ("prompt", "completion", "text", "entity", "attribute", "perturbed")
+    columns = ("prompt", "completion", "text", "entity", "attribute", "paraphrased", "perturbed")
     splits = {}
     for split in AUTHOR_SPLITS[:-1]:
         rows: dict[str, list] = {c: [] for c in columns}
@@ -458,12 +484,14 @@ def fictitious_authors(num_samples: int, seed: int) -> DatasetDict:
             name, values, wrong = authors[index]
             for attribute in AUTHOR_ATTRIBUTES:
                 question, answer = _author_qa(name, attribute, values[attribute])
-                perturbed = [_author_qa(name, attribute, v)[1] for v in wrong[attribute]]
-                _qa_rows(rows, question, answer, name, attribute, perturbed)
+                paraphrased = _author_paraphrase(name, attribute, values[attribute])
+                perturbed = [_author_paraphrase(name, attribute, v) for v in wrong[attribute]]
+                _qa_rows(rows, question, answer, name, attribute, paraphrased, perturbed)
         splits[split] = rows
     world: dict[str, list] = {c: [] for c in columns}
     for question, template, fact, wrong in _WORLD_FACTS:
-        _qa_rows(world, question, template.format(fact), "world", "world", [template.format(w) for w in wrong])
+        answer = template.format(fact)
+        _qa_rows(world, question, answer, "world", "world", answer, [template.format(w) for w in wrong])
     splits["world_facts"] = world
     return DatasetDict({name: Dataset.from_dict(splits[name]) for name in AUTHOR_SPLITS})
 

@@ -6,9 +6,10 @@
 - ``<set>_loss``: mean over rows of the row's token-mean cross-entropy of the answer tokens (prompt tokens excluded);
 - ``<set>_acc``: teacher-forced token accuracy, argmax next token == answer token, pooled over the set's tokens;
 - ``<set>_truth_ratio`` (rows with a ``perturbed`` column of wrong answers): the mean over rows of
-  R = mean_j P(wrong_j)^(1/|wrong_j|) / P(answer)^(1/|answer|), with P^(1/n) = exp(-token-mean CE). R << 1: the
-  model prefers the true answer; R ~ 1: it cannot tell it from the wrong ones (TOFU's truth ratio, without its
-  paraphrased answers: the true answer stands in for the paraphrase);
+  R = mean_j P(wrong_j)^(1/|wrong_j|) / P(true)^(1/|true|), with P^(1/n) = exp(-token-mean CE), where ``true`` is
+  the row's ``paraphrased`` answer (TOFU: the true answer in words the model was not trained on, the wrong ones in
+  the same words) or, without that column, its answer. R << 1: the model prefers the true answer; R ~ 1: it cannot
+  tell it from the wrong ones;
 - ``forget_quality`` (with ``holdout``): the two-sample Kolmogorov-Smirnov p-value between the truth ratios on the
   forget set and on the holdout set. TOFU compares against a model retrained without the forget set; here the
   never-trained holdout rows of the same model play that part. High (-> 1): forget rows look like unseen rows;
@@ -48,8 +49,10 @@ def answer_stats(model, tokenizer, rows, batch_size=16, max_length=512, prompt_t
 
 
 def truth_ratios(model, tokenizer, rows, **kwargs):
-    """Per row R = mean_j exp(-CE(wrong_j)) / exp(-CE(answer)) over the row's ``perturbed`` answers."""
-    true = [s[0] for s in answer_stats(model, tokenizer, rows, **kwargs)]
+    """Per row R = mean_j exp(-CE(wrong_j)) / exp(-CE(true)) over the row's ``perturbed`` answers; ``true`` is the
+    row's ``paraphrased`` answer if it has one, else its answer."""
+    paraphrased = [r["paraphrased"] for r in rows] if "paraphrased" in rows[0] else None
+    true = [s[0] for s in answer_stats(model, tokenizer, rows, answers=paraphrased, **kwargs)]
     width = len(rows[0]["perturbed"])
     wrong = [[] for _ in rows]
     for j in range(width):

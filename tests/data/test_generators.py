@@ -124,14 +124,17 @@ def test_fictitious_authors_splits_are_disjoint_nested_and_complete():
     for row in splits["forget10"]:
         answer = row["completion"][0]["content"]
         assert row["entity"] in row["prompt"][0]["content"] and row["entity"] in answer and answer == row["text"]
-        assert len(row["perturbed"]) == 3 and answer not in row["perturbed"] and len(set(row["perturbed"])) == 3
-        assert all(p.split(" ")[:2] == answer.split(" ")[:2] for p in row["perturbed"])  # same template
+        paraphrased = row["paraphrased"]
+        assert paraphrased != answer and paraphrased not in everything  # other words, trained nowhere
+        assert len(row["perturbed"]) == 3 and paraphrased not in row["perturbed"] and len(set(row["perturbed"])) == 3
+        assert all(p.split(" ")[:3] == paraphrased.split(" ")[:3] for p in row["perturbed"])  # the paraphrase's words
     for name in authors["retain"]:
         assert sorted(splits["retain"].filter(lambda r: r["entity"] == name)["attribute"]) == sorted(AUTHOR_ATTRIBUTES)
     world = splits["world_facts"]
     assert len(world) >= 50 and set(world["entity"]) == {"world"}
     assert world.to_list() == fictitious_authors(60, seed=9)["world_facts"].to_list()  # fixed, whatever the seed
     assert "Paris" in world["text"][0] and all("Paris" not in p for p in world["perturbed"][0])
+    assert world["paraphrased"] == world["text"]  # no second wording for the world facts
 
 
 def test_fictitious_authors_needs_three_authors():

@@ -41,7 +41,10 @@ def test_row_loss_is_hf_loss_and_truth_ratio_of_the_answer_itself_is_one(tiny, d
         batch = collate([encode_row(tok, row)], tok.pad_token_id)
         assert ce == pytest.approx(model(**batch).loss.item(), rel=1e-5)
         assert n == int((batch["labels"][:, 1:] != -100).sum()) and 0 <= correct <= n
-    same = [{**r, "perturbed": [r["completion"][0]["content"]] * 2} for r in rows]
+    same = [{**r, "perturbed": [r["paraphrased"]] * 2} for r in rows]  # R compares with the paraphrased answer
+    assert truth_ratios(model, tok, same) == pytest.approx([1.0] * 3, rel=1e-5)
+    unparaphrased = [{k: v for k, v in r.items() if k != "paraphrased"} for r in rows]  # else with the answer
+    same = [{**r, "perturbed": [r["completion"][0]["content"]] * 2} for r in unparaphrased]
     assert truth_ratios(model, tok, same) == pytest.approx([1.0] * 3, rel=1e-5)
 
 
@@ -60,5 +63,6 @@ def test_a_model_that_memorised_the_forget_set_is_caught(tiny, data):
     assert set(before) >= {"forget_loss", "forget_acc", "world_acc", "forget_truth_ratio", "mia_auc", "forget_quality"}
     assert "world_loss" not in after
     assert after["forget_loss"] < 0.5 * before["forget_loss"] and after["forget_acc"] > 0.8 > after["holdout_acc"]
-    assert after["mia_auc"] == 1.0 and after["forget_truth_ratio"] < 0.2 * after["holdout_truth_ratio"]
+    # trained on the answers' own words, the model still prefers the true fact in other words (measured: 0.28 vs 1.23)
+    assert after["mia_auc"] == 1.0 and after["forget_truth_ratio"] < 0.4 * after["holdout_truth_ratio"]
     assert after["forget_quality"] < 0.01 < before["forget_quality"]  # truth ratios of forget and holdout now differ
