@@ -138,10 +138,14 @@ def reward(ctx: EvalContext, reward_funcs: tuple = ("vader_sentiment", "offensiv
 
 
 def unlearning(ctx: EvalContext, dataset: str = "builtin:fictitious_authors", forget: str = "forget05",
-               retain: str = "retain", world: str = "world_facts", holdout: str | None = None, num_samples: int = 400, data_seed: int = 0):
+               retain: str = "retain", world: str = "world_facts", holdout: str | None = None, num_samples: int = 400,
+               data_seed: int = 0, retain_model: str | None = None):
     """The WAGLE / TOFU-style metrics of ``posttrain.evals.unlearning`` (forget and retain loss and accuracy,
-    truth ratios, forget quality and membership-inference AUC against ``holdout``). Computed on rank 0."""
-    from posttrain.evals.unlearning import unlearning_metrics
+    truth ratios, forget quality and membership-inference AUC against ``holdout``). ``retain_model``: a checkpoint
+    trained on the retain set alone, for TOFU's own forget quality (``forget_quality_vs_retain_model``). Computed on
+    rank 0."""
+    from posttrain.evals.common import load_checkpoint
+    from posttrain.evals.unlearning import truth_ratios, unlearning_metrics
 
     # the unlearning sets are the *training* splits (the run's data seed, 0 by default), not held-out ones:
     # forgetting is measured on what the model was trained, then made to forget
@@ -153,8 +157,13 @@ def unlearning(ctx: EvalContext, dataset: str = "builtin:fictitious_authors", fo
         rows = load_source(dataset, split=name, num_samples=num_samples, seed=data_seed)
         return rows.select(range(min(ctx.limit, len(rows)))) if ctx.limit else rows
 
+    reference = None
+    if retain_model is not None:
+        model, tokenizer, _ = load_checkpoint(retain_model, device=str(ctx.model.device))
+        reference = truth_ratios(model, tokenizer, list(split(forget)), batch_size=ctx.batch_size)
+        del model
     metrics = unlearning_metrics(ctx.model, ctx.tokenizer, split(forget), split(retain), split(world), split(holdout),
-                                 batch_size=ctx.batch_size)
+                                 batch_size=ctx.batch_size, reference_forget_ratios=reference)
     return {"metrics": metrics}
 
 

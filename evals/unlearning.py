@@ -13,6 +13,9 @@
 - ``forget_quality`` (with ``holdout``): the two-sample Kolmogorov-Smirnov p-value between the truth ratios on the
   forget set and on the holdout set. TOFU compares against a model retrained without the forget set; here the
   never-trained holdout rows of the same model play that part. High (-> 1): forget rows look like unseen rows;
+- ``forget_quality_vs_retain_model`` (with ``reference_forget_ratios``, the truth ratios of a model trained on the
+  retain set alone on the same forget rows): TOFU's forget quality, the KS p-value between the two models' forget
+  truth ratios;
 - ``mia_auc`` (with ``holdout``): loss-based membership inference, the ROC AUC of "lower loss = member" between
   forget rows (members) and holdout rows (non-members); 0.5: indistinguishable, 1: the forget set is memorised.
 """
@@ -71,7 +74,7 @@ def auc(positive, negative):
 
 
 def unlearning_metrics(model, tokenizer, forget, retain, world, holdout=None, batch_size=16, max_length=512,
-                       prompt_template="{prompt}"):
+                       prompt_template="{prompt}", reference_forget_ratios=None):
     """The module docstring's metrics; ``world`` or ``holdout`` may be None (their metrics are then left out)."""
     from scipy.stats import ks_2samp  # scipy comes with scikit-learn (alt-profanity-check's pinned dependency)
 
@@ -93,6 +96,8 @@ def unlearning_metrics(model, tokenizer, forget, retain, world, holdout=None, ba
                 results[f"{name}_truth_ratio"] = sum(ratios[name]) / len(rows)
     finally:
         model.train(was_training)
+    if reference_forget_ratios is not None and "forget" in ratios:
+        results["forget_quality_vs_retain_model"] = float(ks_2samp(ratios["forget"], reference_forget_ratios).pvalue)
     if holdout is not None:
         results["mia_auc"] = auc([-x for x in losses["forget"]], [-x for x in losses["holdout"]])
         if "forget" in ratios and "holdout" in ratios:

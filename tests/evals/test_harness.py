@@ -283,3 +283,7 @@ def test_unlearning_task_scores_the_training_splits(tiny):
         losses.append(-_logp(tiny.model, tok, prompt_text, completion) / n)
     assert {"forget_loss", "retain_loss", "world_loss", "forget_acc"} <= set(out)
     assert out["forget_loss"] == pytest.approx(sum(losses) / len(losses), rel=0.05)
+    assert "forget_quality_vs_retain_model" not in out
+    # TOFU's forget quality against a retain-only model: the model against itself has identical truth ratios
+    same = eval_tasks.unlearning(tiny, forget="forget01", num_samples=200, retain_model="tiny:llama")["metrics"]
+    assert same["forget_quality_vs_retain_model"] == pytest.approx(1.0)

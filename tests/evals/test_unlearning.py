@@ -52,13 +52,15 @@ def test_a_model_that_memorised_the_forget_set_is_caught(tiny, data):
     tok = tiny[1]
     model = AutoModelForCausalLM.from_pretrained(tiny_model_path("llama")).train()  # a fresh copy to train
     before = unlearning_metrics(model, tok, data["forget10"], data["retain"], data["world_facts"], data["holdout"])
+    untrained = truth_ratios(model, tok, list(data["forget10"]))  # stands in for a model that never saw the forget set
     batch = collate([encode_row(tok, r) for r in data["forget10"]], tok.pad_token_id)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     for _ in range(60):
         model(**batch).loss.backward()
         optimizer.step()
         optimizer.zero_grad()
-    after = unlearning_metrics(model, tok, data["forget10"], data["retain"], None, data["holdout"])
+    after = unlearning_metrics(model, tok, data["forget10"], data["retain"], None, data["holdout"],
+                               reference_forget_ratios=untrained)
     assert model.training  # the mode is restored
     assert set(before) >= {"forget_loss", "forget_acc", "world_acc", "forget_truth_ratio", "mia_auc", "forget_quality"}
     assert "world_loss" not in after
@@ -66,3 +68,4 @@ def test_a_model_that_memorised_the_forget_set_is_caught(tiny, data):
     # trained on the answers' own words, the model still prefers the true fact in other words (measured: 0.28 vs 1.23)
     assert after["mia_auc"] == 1.0 and after["forget_truth_ratio"] < 0.4 * after["holdout_truth_ratio"]
     assert after["forget_quality"] < 0.01 < before["forget_quality"]  # truth ratios of forget and holdout now differ
+    assert after["forget_quality_vs_retain_model"] < 0.01 and "forget_quality_vs_retain_model" not in before
