@@ -13,6 +13,7 @@ from posttrain import UserError
 from posttrain.evals import tasks as eval_tasks
 from posttrain.evals.common import EvalContext, eval_rows, load_checkpoint
 from posttrain.evals.harness import make_spec, markdown_table, run_eval
+from posttrain.recipes.config import builtin_recipes
 
 
 @pytest.fixture(scope="module")
@@ -287,3 +288,13 @@ def test_unlearning_task_scores_the_training_splits(tiny):
     # TOFU's forget quality against a retain-only model: the model against itself has identical truth ratios
     same = eval_tasks.unlearning(tiny, forget="forget01", num_samples=200, retain_model="tiny:llama")["metrics"]
     assert same["forget_quality_vs_retain_model"] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("name", builtin_recipes(kind="eval"))
+def test_every_eval_recipe_loads_and_names_its_command(name):
+    from posttrain.evals.harness import load_eval_recipe
+    from posttrain.recipes.config import find_recipe
+
+    spec = load_eval_recipe(name, {})  # task names and options are checked against the task functions
+    assert spec.models and spec.tasks
+    assert find_recipe(name).read_text().splitlines()[0] == f"# posttrain eval {name}"
