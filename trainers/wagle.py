@@ -604,7 +604,6 @@ class WAGLETrainer(Trainer):
                  peft_config=None, **kwargs):
         from datasets import Dataset
         from transformers import AutoModelForCausalLM
-
         from transformers.integrations import is_deepspeed_zero3_enabled
 
         if isinstance(model, str):
