@@ -1,5 +1,6 @@
 """WAGLE: the spec's worked examples (§4.8), the exact chunked global top-k, the model-side helpers, and the trainer
-(reduces to plain GradDiff/NPO/PO at an all-ones mask, clip -> mask -> step, exact resume, 2-process DDP and DeepSpeed ZeRO-2/3 runs)."""
+(reduces to plain GradDiff/NPO/PO at an all-ones mask, clip -> mask -> step, exact resume, 2-process DDP and
+DeepSpeed ZeRO-2/3 runs, the phase-1 memory budget)."""
 
 import json
 import math
