@@ -152,15 +152,36 @@ def _chunks(tensor, size):
     return [flat[i:i + size] for i in range(0, flat.numel(), size)]
 
 
-def top_ratio_mask(scores, ratio, chunk_size=2**24):
+def _sum_over_ranks(t, group):
+    """``t`` summed over the ranks of ``group`` (None: this process alone); NCCL reduces device tensors only."""
+    if group is None:
+        return t
+    import torch.distributed as dist
+
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else t.device
+    out = t.to(device)
+    dist.all_reduce(out, group=group)
+    return out.to(t.device)
+
+
+def top_ratio_mask(scores, ratio, chunk_size=2**24, group=None):
     """{name: bool mask}, True for the global top int(n * ratio) scores over all tensors together, exactly.
 
     The k-th largest score is found by radix select: one 256-bin histogram of the next 8 key bits per pass, over
     chunks of ``chunk_size`` entries, restricted to the entries that share the high bits found so far. Entries
-    above it are all kept; entries equal to it are kept in (dict order, row-major) order until k are taken."""
+    above it are all kept; entries equal to it are kept in (dict order, row-major) order until k are taken.
+
+    ``group`` (a torch.distributed process group, e.g. ``torch.distributed.group.WORLD``): ``scores`` are this
+    rank's shards, each a contiguous piece of its flattened tensor, rank r's piece before rank r + 1's (ZeRO-3's
+    partitioning). Counts and histograms are summed over the ranks, and ties are taken in the order (name, rank,
+    entry): every rank gets its part of the mask of the whole tensors, entry for entry (a collective: all ranks,
+    same names in the same order)."""
     if not 0.0 <= ratio <= 1.0:
         raise ValueError(f"ratio must be in [0, 1] (got {ratio})")
-    n = sum(s.numel() for s in scores.values())
+    local = torch.tensor([sum(s.numel() for s in scores.values()), sum(int(torch.isnan(s).sum()) for s in scores.values())])
+    n, nans = _sum_over_ranks(local, group).tolist()
+    if nans:
+        raise ValueError("NaN in the mask scores")
     k = int(n * ratio)
     if k == 0 or k == n:
         return {name: torch.full(s.shape, k > 0, dtype=torch.bool, device=s.device) for name, s in scores.items()}
@@ -177,21 +198,35 @@ def top_ratio_mask(scores, ratio, chunk_size=2**24):
                     key = key[(key >> (shift + 8)) == prefix]
                 digit = ((key >> shift) & 255) ^ (128 if top else 0)  # top byte: sign flipped, so unsigned order
                 hist += torch.bincount(digit.long(), minlength=256).cpu()
+        hist = _sum_over_ranks(hist, group)
         at_least = hist.flip(0).cumsum(0)  # at_least[i]: entries whose digit >= 255 - i
         i = int(torch.searchsorted(at_least, need))
         digit = 255 - i
         need -= int(at_least[i] - hist[digit])
         prefix = digit - 128 if top else prefix * 256 + digit
-    threshold, ties_left = prefix, need
+    threshold = prefix  # and the first `need` ties of the global order are kept
+    ties = torch.tensor([sum(int((_keys(c, wide) == threshold).sum()) for c in _chunks(s, chunk_size))
+                         for s in scores.values()], dtype=torch.int64)
+    if group is None:
+        before = ties.cumsum(0) - ties  # ties in the tensors before each one
+    else:
+        import torch.distributed as dist
+
+        world, rank = dist.get_world_size(group), dist.get_rank(group)
+        table = torch.zeros(world, len(ties), dtype=torch.int64)
+        table[rank] = ties
+        table = _sum_over_ranks(table, group)  # [rank, tensor]: every rank's tie counts
+        before = table.sum(0).cumsum(0) - table.sum(0) + table[:rank].sum(0)  # earlier tensors, then earlier ranks
+    quota = (need - before).clamp(min=0).minimum(ties).tolist()  # ties this rank keeps in each tensor
     masks = {}
-    for name, s in scores.items():
+    for (name, s), left in zip(scores.items(), quota):
         parts = []
         for chunk in _chunks(s, chunk_size):
             key = _keys(chunk, wide)
             keep, tie = key > threshold, key == threshold
-            if ties_left > 0:
-                take = tie & (tie.cumsum(0) <= ties_left)
-                ties_left -= int(take.sum())
+            if left > 0:
+                take = tie & (tie.cumsum(0) <= left)
+                left -= int(take.sum())
                 keep |= take
             parts.append(keep)
         masks[name] = (torch.cat(parts) if parts else torch.zeros(0, dtype=torch.bool, device=s.device)).view(s.shape)

@@ -155,6 +155,46 @@ def test_chunked_mask_equals_exact_global_topk(dtype, ties):
         torch.testing.assert_close(picked.sort(descending=True).values, torch.topk(flat, k).values)
 
 
+def _sharded_topk_rank(rank, world, port, seed, out_dir):
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    g = torch.Generator().manual_seed(seed)
+    results = []
+    for trial in range(12):  # the same draws on every rank
+        scores = random_score_dict(g, ties=trial % 2 == 0)
+        ratio, chunk = float(torch.rand(1, generator=g)), int(torch.randint(1, 9, (1,), generator=g))
+        # ZeRO-3's layout: rank r holds entries [r c, (r + 1) c) of each flattened tensor (c = ceil(numel / world)),
+        # so the last ranks may hold a shorter piece or nothing
+        shards = {n: x.reshape(-1)[rank * -(-x.numel() // world):(rank + 1) * -(-x.numel() // world)]
+                  for n, x in scores.items()}
+        results.append(top_ratio_mask(shards, ratio, chunk_size=chunk, group=dist.group.WORLD))
+    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_sharded_mask_equals_the_mask_of_the_whole_tensors(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    seed, world = torch.seed() % 2**31, 3
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(_sharded_topk_rank, args=(world, port, seed, str(tmp_path)), nprocs=world, join=True)
+    per_rank = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
+    g = torch.Generator().manual_seed(seed)
+    for trial in range(12):
+        scores = random_score_dict(g, ties=trial % 2 == 0)
+        ratio, chunk = float(torch.rand(1, generator=g)), int(torch.randint(1, 9, (1,), generator=g))
+        want = top_ratio_mask(scores, ratio, chunk_size=chunk)
+        for name, x in scores.items():
+            got = torch.cat([per_rank[r][trial][name] for r in range(world)])
+            assert torch.equal(got, want[name].reshape(-1)), f"seed {seed} trial {trial} {name}"
+
+
 def test_mask_count_is_int_n_ratio_and_extremes():
     g = torch.Generator().manual_seed(torch.seed() % 2**31)
     scores = {"a": torch.rand(10, 10, generator=g), "b": torch.rand(7, generator=g)}
