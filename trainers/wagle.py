@@ -25,7 +25,8 @@ Phase 2, the objective (lambda = ``retain_weight``, beta = 0.1 hard-coded in the
 
 Distributed: DDP sums are all-reduced and p.grad is masked (``_MaskAfterClipping``). DeepSpeed ZeRO-1/2/3 clips the
 flat fp32 partitions inside its ``step()``: a step pre-hook on its inner optimizer masks each rank's partition
-(``install_partition_mask``). Under ZeRO-3 phase 1 runs through the engine and gathers each parameter's sums.
+(``install_partition_mask``). Under ZeRO-3 phase 1 runs through the engine and stays sharded: each rank scores
+its own pieces of the parameters, and the radix select sums its histograms over the ranks (``_zero3_mask``).
 
 Scale: the top-k threshold is found by a radix select over 8-bit histograms of order-preserving integer keys,
 chunk by chunk (4 passes for float32 scores, 8 for float64), never by sorting or concatenating all entries; ties at
@@ -286,6 +287,15 @@ def _full_grad(p):
     return p.grad
 
 
+def _zero3_range(p):
+    """(start, length) of this rank's real entries of a ZeRO-3 parameter: rank k of its partition group holds
+    entries [k c, (k + 1) c) of the flattened parameter (c = ``partition_numel()``; the last ranks' pieces may be
+    short or empty: padding)."""
+    count = p.partition_numel()
+    start = count * p._z3_optimizer._get_param_partition_rank(p)
+    return start, max(0, min(count, p.ds_numel - start))
+
+
 def _is_deepspeed_engine(model):
     return hasattr(model, "zero_optimization") and hasattr(model, "optimizer")
 
@@ -300,16 +310,16 @@ def _zero_grads(model):
 
 
 def accumulate_gradients(model, loader, loss_fn=None, *, max_batches=None, to_cpu=False, grad_scale=1.0, backward=None,
-                         keep=True):
+                         shard=False):
     """{name: float32 sum over batches of grad_scale * grad loss_fn(model, batch)}; loss_fn defaults to the
     model's own token-mean CE ``model(**batch).loss``. Runs in eval mode (official), restores the mode.
 
     ``model`` may be the DDP / DeepSpeed wrapper (forward, backward and zero_grad go through it). ``backward``:
     the caller's (e.g. ``accelerator.backward``). ``grad_scale`` undoes what the stack does to the plain sum:
     world_size under DDP or DeepSpeed (ranks are averaged), the accumulation steps if ``backward`` divides by them.
-    ZeRO-3: the engine's optimizer adds up the reduced gradient partitions over the batches, and each parameter's
-    full sum is gathered once at the end (``safe_get_full_grad``, a collective: every rank must run the same number
-    of batches, in the same parameter order); ranks with ``keep=False`` take part in the gathers and return {}."""
+    ZeRO-3: the engine's optimizer adds up the reduced gradient partitions over the batches (every rank must run
+    the same number of batches); then each parameter's full sum is gathered (``safe_get_full_grad``, a collective),
+    or with ``shard=True`` each rank returns its own piece of it (flat, see ``_zero3_range``), with no collective."""
     was_training = model.training
     model.eval()
     params = trainable_parameters(model)
@@ -339,13 +349,16 @@ def accumulate_gradients(model, loader, loss_fn=None, *, max_batches=None, to_cp
                     sums[name] = grad
         if batches and (direct or zero3):
             for name, p in params:
-                grad = _full_grad(p) if zero3 else p.grad
-                if not keep:
-                    continue
+                if zero3 and shard:
+                    from deepspeed.utils import safe_get_local_grad
+
+                    grad = safe_get_local_grad(p).reshape(-1)[:_zero3_range(p)[1]]  # a view of DeepSpeed's buffer
+                else:
+                    grad = _full_grad(p) if zero3 else p.grad
                 grad = grad.detach() if grad is not None else torch.zeros(_full_shape(p), device=p.device)
                 if not zero3:
                     p.grad = None  # the summed gradient is ours now
-                grad = grad.to("cpu" if to_cpu else grad.device, torch.float32)  # ZeRO-3: already a gathered copy
+                grad = grad.to("cpu" if to_cpu else grad.device, torch.float32, copy=zero3 and shard)
                 sums[name] = grad.mul_(grad_scale) if grad_scale != 1 else grad
     finally:
         _zero_grads(model)
@@ -733,12 +746,8 @@ class WAGLETrainer(Trainer):
                 forget, retain = self.attribution_batches()
                 grad_forget = self.gradient_sums(forget)
                 grad_retain = self.gradient_sums(retain) if args.mask_method == "wagle" else None
-            if self._zero3() and not self.accelerator.is_main_process:
-                # rank 0 alone kept the sums: the others take part in its parameter gathers, then receive its mask
-                if args.mask_method in ("wagle", "snip", "magnitude"):
-                    for _ in _gathered(model):
-                        pass
-                mask = {n: torch.zeros(_full_shape(p), dtype=torch.bool) for n, p in trainable_parameters(model)}
+            if self._zero3():
+                mask = self._zero3_mask(grad_forget, grad_retain)
             else:
                 mask = build_mask(model, args.mask_method, args.mask_ratio, grad_forget, grad_retain, args.gamma,
                                   args.mask_seed, args.mask_chunk_size, consume=True)
@@ -773,7 +782,7 @@ class WAGLETrainer(Trainer):
 
     def gradient_sums(self, batches):
         """accumulate_gradients over this rank's batches, all-reduced (summed) over the ranks. ZeRO-3: summed by
-        DeepSpeed, gathered parameter by parameter and kept on rank 0 only (the other ranks get {})."""
+        DeepSpeed, and each rank gets its own flat pieces of the sums (``_zero3_range``)."""
         if self._zero3():
             return self._zero3_gradient_sums(batches)
         model, micro = self.model, self.args.attribution_micro_batch
@@ -807,8 +816,46 @@ class WAGLETrainer(Trainer):
         items += [filler] * (int(count) - len(items))
         return accumulate_gradients(engine, items, lambda model, item: _piece_loss(model, item[:2]) * item[2],
                                     to_cpu=self.args.keep_grads_on_cpu, grad_scale=world,
-                                    backward=lambda loss: engine.backward(loss, scale_wrt_gas=False),
-                                    keep=self.accelerator.is_main_process)  # rank 0 builds the mask and broadcasts it
+                                    backward=lambda loss: engine.backward(loss, scale_wrt_gas=False), shard=True)
+
+    def _zero3_mask(self, grad_forget, grad_retain):
+        # phase 1 without whole parameters or sums: each rank scores its own pieces (fp32 master weights, official
+        # formulas), the threshold and tie order are global (top_ratio_mask over shards), then the mask pieces are
+        # all-gathered into whole masks (1 byte per weight, on the host)
+        import torch.distributed as dist
+        from deepspeed.utils import safe_get_local_fp32_param
+
+        args, world = self.args, self.accelerator.num_processes
+        named = trainable_parameters(self.model)
+        if any(p._z3_optimizer._get_param_partition_world_size(p) != world for _, p in named):
+            raise NotImplementedError("WAGLE's ZeRO-3 phase 1 needs every parameter partitioned over all ranks "
+                                      "(no MiCS or hpZ secondary partitions)")
+        g, scores = torch.Generator().manual_seed(args.mask_seed), {}
+        for name, p in named:
+            start, length = _zero3_range(p)
+            theta = safe_get_local_fp32_param(p).reshape(-1)[:length]
+            if args.mask_method == "wagle":  # in place in the retain piece, as build_mask(consume=True)
+                gr, gf = grad_retain.pop(name), grad_forget.pop(name)
+                scores[name] = gr.div_(-args.gamma).add_(theta.to(gr.device)).mul_(gf.to(gr.device)).abs_()
+            elif args.mask_method == "snip":
+                gf = grad_forget.pop(name)
+                scores[name] = gf.mul_(theta.to(gf.device)).abs_()
+            elif args.mask_method == "magnitude":
+                scores[name] = theta.abs()
+            elif args.mask_method == "random":  # the draws of random_scores, whole tensors in order, then this piece
+                scores[name] = torch.rand(_full_shape(p), generator=g).reshape(-1)[start:start + length].clone()
+            else:  # dense
+                scores[name] = torch.ones(length)
+        pieces = top_ratio_mask(scores, 1.0 if args.mask_method == "dense" else args.mask_ratio, args.mask_chunk_size,
+                                group=dist.group.WORLD)
+        mask = {}
+        for name, p in named:
+            mine = torch.zeros(p.partition_numel(), dtype=torch.uint8, device=self.accelerator.device)
+            mine[:pieces[name].numel()] = pieces[name].to(mine.device)
+            parts = [torch.empty_like(mine) for _ in range(world)]
+            dist.all_gather(parts, mine, group=p._z3_optimizer._get_param_partition_group(p))
+            mask[name] = torch.cat(parts)[:p.ds_numel].view(_full_shape(p)).bool().cpu()
+        return mask
 
     # --- phase 2: the unlearning step --------------------------------------------------------------------
 

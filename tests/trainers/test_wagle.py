@@ -647,30 +647,54 @@ def one_process_and_ddp(tmp_path_factory):
 def test_two_processes_share_one_mask_equal_to_the_one_process_mask(config, one_process_and_ddp, tmp_path):
     # DDP: phase 1 on the bare model, sums all-reduced, p.grad masked. ZeRO-2: the same phase 1, the mask applied to
     # this rank's flat fp32 partition. ZeRO-3: phase 1 through the engine (ranks pad to the same number of passes;
-    # here 3 and 2 batches), each parameter's full sum gathered, the mask applied to the sub-group partitions.
+    # here 3 and 2 batches), each rank scoring its own pieces, one global threshold, the mask applied to the
+    # sub-group partitions: the same mask as one process, entry for entry.
     from safetensors.torch import load_file
 
     one, ddp = one_process_and_ddp
     _launch_helper(tmp_path, config)
     r0, r1 = (load_file(str(tmp_path / f"rank{r}.safetensors")) for r in (0, 1))
     assert one["batches"].item() == 5 and r0["batches"].item() == 3 and r1["batches"].item() == 2
-    if config == "zero3":  # rank 0 alone keeps the gathered sums: it builds the mask and broadcasts it
-        assert not any(k.startswith(("gf/", "gr/")) for k in r1) and any(k.startswith("gf/") for k in r0)
-    for key in r1:  # sums, mask and weights: bit for bit the same on both ranks
-        if key != "batches":
+    sums = [k for k in one if k.startswith(("gf/", "gr/"))]
+    assert len(sums) == 2 * sum(k.startswith("mask/") for k in one)
+    zero3 = config == "zero3.yaml"
+    if zero3:  # each rank holds its own flat piece of every sum: rank 0 the first half, rank 1 the rest
+        for key in sums:
+            assert r0[key].numel() == -(-one[key].numel() // 2), key
+            torch.testing.assert_close(torch.cat([r0[key], r1[key]]), one[key].reshape(-1), rtol=1e-5, atol=1e-7)
+    for key in r1:  # (sums,) mask and weights: bit for bit the same on both ranks
+        if key != "batches" and not (zero3 and key in sums):
             assert torch.equal(r0[key], r1[key]), key
     for key in (k for k in ddp if k.startswith("param/")):  # DeepSpeed trains as DDP does: clip (unmasked norm), mask, step
         torch.testing.assert_close(r0[key], ddp[key], rtol=0, atol=1e-6)
-    sums = [k for k in one if k.startswith(("gf/", "gr/"))]
-    assert len(sums) == 2 * sum(k.startswith("mask/") for k in one)
-    for key in sums:  # the sums of one process over the same 5 batches (a wrong rank scaling would show here)
-        torch.testing.assert_close(r0[key], one[key], rtol=1e-5, atol=1e-7)
+    for key in sums if not zero3 else ():  # the sums of one process over the same 5 batches (a wrong rank
+        torch.testing.assert_close(r0[key], one[key], rtol=1e-5, atol=1e-7)  # scaling would show here)
     masks = [k for k in one if k.startswith("mask/")]
     assert all(torch.equal(r0[k], one[k]) for k in masks)
     assert 0 < sum(int(one[k].sum()) for k in masks) < sum(one[k].numel() for k in masks)
     moved = {k: r0[f"param/{k[5:]}"] != r0[f"initial/{k[5:]}"] for k in masks}
     assert not any(moved[k][~r0[k]].any() for k in masks)  # weight decay 0: masked entries never move
     assert sum(int(moved[k][r0[k]].sum()) for k in masks) > 0.9 * sum(int(r0[k].sum()) for k in masks)  # the rest do
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["snip", "magnitude", "random"])
+def test_zero3_baseline_masks_equal_the_one_process_masks(method, tmp_path):
+    # the baselines on ZeRO-3 pieces too: fp32 master weights, the forget pieces, random_scores' draws sliced
+    from conftest import BIN, ROOT
+
+    def mask_of(name, *launch):
+        cmd = [str(BIN / "accelerate"), "launch", *launch, "-m", "posttrain", "train", "wagle/tiny", "--mask_method", method,
+               "--mask_ratio", "0.3", "--max_steps", "1", "--output_dir", str(tmp_path / name)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-5000:]
+        return load_mask(tmp_path / name / MASK_FILE)
+
+    one = mask_of("one", "--num_processes", "1")
+    two = mask_of("two", "--config_file", str(ROOT / "accelerate_configs" / "zero3.yaml"), "--num_processes", "2",
+                  "--mixed_precision", "no", "--main_process_port", "29565")
+    assert one.keys() == two.keys() and all(torch.equal(one[k], two[k]) for k in one)
+    assert 0 < sum(int(m.sum()) for m in one.values()) < sum(m.numel() for m in one.values())
 
 
 @pytest.mark.slow
