@@ -279,14 +279,6 @@ def trainable_parameters(model):
     return [(n, p) for n, p in extract_model_from_parallel(model).named_parameters() if p.requires_grad]
 
 
-def _full_grad(p):
-    if _is_zero3(p):  # partitioned: gathered from the ZeRO-3 optimizer (a collective: all ranks, same order)
-        from deepspeed.utils import safe_get_full_grad
-
-        return safe_get_full_grad(p)
-    return p.grad
-
-
 def _zero3_range(p):
     """(start, length) of this rank's real entries of a ZeRO-3 parameter: rank k of its partition group holds
     entries [k c, (k + 1) c) of the flattened parameter (c = ``partition_numel()``; the last ranks' pieces may be
@@ -309,8 +301,7 @@ def _zero_grads(model):
         model.zero_grad(set_to_none=True)
 
 
-def accumulate_gradients(model, loader, loss_fn=None, *, max_batches=None, to_cpu=False, grad_scale=1.0, backward=None,
-                         shard=False):
+def accumulate_gradients(model, loader, loss_fn=None, *, max_batches=None, to_cpu=False, grad_scale=1.0, backward=None):
     """{name: float32 sum over batches of grad_scale * grad loss_fn(model, batch)}; loss_fn defaults to the
     model's own token-mean CE ``model(**batch).loss``. Runs in eval mode (official), restores the mode.
 
@@ -318,8 +309,8 @@ def accumulate_gradients(model, loader, loss_fn=None, *, max_batches=None, to_cp
     the caller's (e.g. ``accelerator.backward``). ``grad_scale`` undoes what the stack does to the plain sum:
     world_size under DDP or DeepSpeed (ranks are averaged), the accumulation steps if ``backward`` divides by them.
     ZeRO-3: the engine's optimizer adds up the reduced gradient partitions over the batches (every rank must run
-    the same number of batches); then each parameter's full sum is gathered (``safe_get_full_grad``, a collective),
-    or with ``shard=True`` each rank returns its own piece of it (flat, see ``_zero3_range``), with no collective."""
+    the same number of batches), and each rank returns its own flat pieces of the sums (``_zero3_range``): no
+    parameter-sized gradient is ever gathered."""
     was_training = model.training
     model.eval()
     params = trainable_parameters(model)
@@ -349,16 +340,14 @@ def accumulate_gradients(model, loader, loss_fn=None, *, max_batches=None, to_cp
                     sums[name] = grad
         if batches and (direct or zero3):
             for name, p in params:
-                if zero3 and shard:
+                if zero3:
                     from deepspeed.utils import safe_get_local_grad
 
                     grad = safe_get_local_grad(p).reshape(-1)[:_zero3_range(p)[1]]  # a view of DeepSpeed's buffer
                 else:
-                    grad = _full_grad(p) if zero3 else p.grad
-                grad = grad.detach() if grad is not None else torch.zeros(_full_shape(p), device=p.device)
-                if not zero3:
+                    grad = p.grad if p.grad is not None else torch.zeros(_full_shape(p), device=p.device)
                     p.grad = None  # the summed gradient is ours now
-                grad = grad.to("cpu" if to_cpu else grad.device, torch.float32, copy=zero3 and shard)
+                grad = grad.detach().to("cpu" if to_cpu else grad.device, torch.float32, copy=zero3)
                 sums[name] = grad.mul_(grad_scale) if grad_scale != 1 else grad
     finally:
         _zero_grads(model)
@@ -366,18 +355,6 @@ def accumulate_gradients(model, loader, loss_fn=None, *, max_batches=None, to_cp
     if not batches:
         raise ValueError("accumulate_gradients: the loader gave no batch")
     return sums
-
-
-def _gathered(model):
-    """Yield (name, full parameter) one at a time; under ZeRO-3 each is gathered only while it is in use."""
-    for name, p in trainable_parameters(model):
-        if _is_zero3(p):
-            import deepspeed
-
-            with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
-                yield name, p
-        else:
-            yield name, p
 
 
 def build_mask(model, method, ratio, grad_forget=None, grad_retain=None, gamma=1e-6, seed=0, chunk_size=2**24, device=None,
@@ -394,8 +371,10 @@ def build_mask(model, method, ratio, grad_forget=None, grad_retain=None, gamma=1
         raise ValueError(f"mask method {method!r}; valid: {', '.join(MASK_METHODS)}")
     if (method != "magnitude" and grad_forget is None) or (method == "wagle" and grad_retain is None):
         raise ValueError(f"mask method {method!r} needs the forget{' and retain' if method == 'wagle' else ''} gradient sums")
+    if any(_is_zero3(p) for _, p in named):
+        raise ValueError("build_mask needs whole parameters; under ZeRO-3 WAGLETrainer scores each rank's pieces")
     scores = {}
-    for name, p in _gathered(model):
+    for name, p in named:
         one = {name: p.detach()}
         if consume and method == "wagle" and grad_retain[name].dtype == torch.float32:
             # in place in the retain sum, which is consumed anyway: no parameter-sized temporaries
@@ -816,7 +795,7 @@ class WAGLETrainer(Trainer):
         items += [filler] * (int(count) - len(items))
         return accumulate_gradients(engine, items, lambda model, item: _piece_loss(model, item[:2]) * item[2],
                                     to_cpu=self.args.keep_grads_on_cpu, grad_scale=world,
-                                    backward=lambda loss: engine.backward(loss, scale_wrt_gas=False), shard=True)
+                                    backward=lambda loss: engine.backward(loss, scale_wrt_gas=False))
 
     def _zero3_mask(self, grad_forget, grad_retain):
         # phase 1 without whole parameters or sums: each rank scores its own pieces (fp32 master weights, official
