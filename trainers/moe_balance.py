@@ -78,6 +78,8 @@ import torch
 import torch.nn.functional as F
 from transformers import TrainerCallback
 
+from posttrain.trainers.runtime import sum_over_ranks
+
 MOE_BALANCE_MODES = ("none", "aux_free", "aux_loss")
 BIAS_RULES = ("sign", "proportional", "decaying")
 BIAS_NAME = "e_score_correction_bias"  # DeepSeek-V3's buffer name; install_expert_bias uses it too
@@ -290,24 +292,21 @@ def moe_metrics(counts, biases=None, names=None, per_layer=True, prefix="moe/"):
     out = {}
     if not rows:
         return out
-    # one device-to-host copy, then plain Python: cheaper than a dozen tiny tensor ops at every step
+    # layers with as many experts as the first go in one (L, E) matrix: one device-to-host copy, vectorised rows
     if all(r.shape == rows[0].shape for r in rows):
-        loads = torch.stack([r.to(rows[0].device) for r in rows]).reshape(len(rows), -1).tolist()
+        mats = [torch.stack([r.to(rows[0].device) for r in rows]).reshape(len(rows), -1).double().cpu()]
     else:
-        loads = [r.reshape(-1).tolist() for r in rows]
-    vios, ents, sums = [], [], []
-    for row in loads:
-        total = float(sum(row))
-        mean = total / len(row)
-        vios.append((max(row) - mean) / mean if mean > 0 else 0.0)
-        ents.append(-sum(x / total * math.log(x / total) for x in row if x > 0) if total > 0 else 0.0)
-        sums.append(total)
+        mats = [r.reshape(1, -1).double().cpu() for r in rows]
+    vios = torch.cat([_maxvio_rows(m) for m in mats]).tolist()
+    ents = torch.cat([_entropy_rows(m) for m in mats]).tolist()
+    sums = torch.cat([m.sum(dim=-1) for m in mats]).tolist()
     norms = None
     if biases is not None and len(biases):
         b = [x.detach().reshape(-1) for x in biases]
-        vals = (torch.stack([x.to(b[0].device) for x in b]).tolist() if all(x.shape == b[0].shape for x in b)
-                else [x.tolist() for x in b])
-        norms = [math.sqrt(sum(v * v for v in row)) for row in vals]
+        if all(x.shape == b[0].shape for x in b):
+            norms = torch.stack([x.to(b[0].device) for x in b]).double().cpu().norm(dim=-1).tolist()
+        else:
+            norms = [float(x.double().norm()) for x in b]
     if per_layer:
         for i, name in enumerate(names):
             out[f"{prefix}{name}/maxvio"] = vios[i]
@@ -626,14 +625,8 @@ class RouterAuxLoss:
     def mean(self):
         """The aux loss (summed over layers, alpha included) per forward since reset(), over all data-parallel ranks
         when torch.distributed is initialised (every rank logs the same number); 0 if none."""
-        import torch.distributed as dist
-
-        total, forwards = float(self.total), self.forwards
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
-            both = torch.tensor([total, float(forwards)], dtype=torch.float64, device=device)
-            dist.all_reduce(both, op=dist.ReduceOp.SUM)
-            total, forwards = both.tolist()
+        both = torch.tensor([float(self.total), float(self.forwards)], dtype=torch.float64)
+        total, forwards = sum_over_ranks(both).tolist()
         return total / forwards if forwards else 0.0
 
     def remove(self):
@@ -643,14 +636,10 @@ class RouterAuxLoss:
 
 
 def all_reduce_counts(counts):
-    """Sum a list of per-layer counts over data-parallel ranks (no-op without torch.distributed); returns a list."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return [c.clone() for c in counts]
-    flat = torch.cat([c.reshape(-1).to(torch.long) for c in counts])
-    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-    return list(flat.split([c.numel() for c in counts]))
+    """Sum a list of per-layer counts over data-parallel ranks (no-op without torch.distributed); returns a new list
+    of int64 tensors."""
+    flat = sum_over_ranks(torch.cat([c.reshape(-1).to(torch.long) for c in counts]))  # one collective for all layers
+    return [part.view_as(c) for part, c in zip(flat.split([c.numel() for c in counts]), counts)]
 
 
 def apply_bias_update(model_or_counter, counts=None, rate=1e-3, rule="sign", *, step=0, decay_power=0.5,

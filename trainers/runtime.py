@@ -122,6 +122,20 @@ class ConvertedCheckpointLoad:
             target.load_state_dict(found, strict=False)
 
 
+def sum_over_ranks(t, group=None):
+    """``t`` summed over the ranks of ``group`` (default: all) when torch.distributed is running, else ``t`` itself.
+    The sum is a new tensor on ``t``'s device; under NCCL it goes through the current GPU (NCCL reduces device
+    tensors only)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
+        return t
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else t.device
+    out = t.to(device, copy=True)
+    dist.all_reduce(out, group=group)
+    return out.to(t.device)
+
+
 def inner_model(model):
     """The plain transformers model inside DDP/DeepSpeed wrappers and a PEFT model (the base model)."""
     model = getattr(model, "module", model)
