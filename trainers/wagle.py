@@ -55,6 +55,8 @@ import torch
 import torch.nn.functional as F
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
+from posttrain.trainers.runtime import sum_over_ranks
+
 MASK_FILE = "wagle_mask.safetensors"
 OBJECTIVES = ("graddiff", "npo", "po")
 MASK_METHODS = ("wagle", "random", "magnitude", "snip", "dense")
@@ -121,6 +123,13 @@ def attribution_scores(params, grad_forget, grad_retain, gamma):
     return out
 
 
+def _attribution_scores_(grad_retain, theta, grad_forget, gamma):
+    """``attribution_scores`` of one tensor written into the float32 ``grad_retain`` (consumed): no parameter-sized
+    temporaries. The same floats: -g_r / gamma + theta is theta - g_r / gamma."""
+    gf = grad_forget.to(grad_retain.device)
+    return grad_retain.div_(-gamma).add_(theta.to(grad_retain.device, torch.float32)).mul_(gf).abs_()
+
+
 def snip_scores(params, grad_forget):
     """SNIP baseline {name: |theta * g_f|} (WAGLE without the retain correction)."""
     _check_names(params, grad_forget, "grad_forget")
@@ -153,18 +162,6 @@ def _chunks(tensor, size):
     return [flat[i:i + size] for i in range(0, flat.numel(), size)]
 
 
-def _sum_over_ranks(t, group):
-    """``t`` summed over the ranks of ``group`` (None: this process alone); NCCL reduces device tensors only."""
-    if group is None:
-        return t
-    import torch.distributed as dist
-
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else t.device
-    out = t.to(device)
-    dist.all_reduce(out, group=group)
-    return out.to(t.device)
-
-
 def top_ratio_mask(scores, ratio, chunk_size=2**24, group=None):
     """{name: bool mask}, True for the global top int(n * ratio) scores over all tensors together, exactly.
 
@@ -179,8 +176,11 @@ def top_ratio_mask(scores, ratio, chunk_size=2**24, group=None):
     same names in the same order)."""
     if not 0.0 <= ratio <= 1.0:
         raise ValueError(f"ratio must be in [0, 1] (got {ratio})")
+    def total(t):  # over the shards of all ranks, or of this process alone
+        return t if group is None else sum_over_ranks(t, group)
+
     local = torch.tensor([sum(s.numel() for s in scores.values()), sum(int(torch.isnan(s).sum()) for s in scores.values())])
-    n, nans = _sum_over_ranks(local, group).tolist()
+    n, nans = total(local).tolist()
     if nans:
         raise ValueError("NaN in the mask scores")
     k = int(n * ratio)
@@ -199,7 +199,7 @@ def top_ratio_mask(scores, ratio, chunk_size=2**24, group=None):
                     key = key[(key >> (shift + 8)) == prefix]
                 digit = ((key >> shift) & 255) ^ (128 if top else 0)  # top byte: sign flipped, so unsigned order
                 hist += torch.bincount(digit.long(), minlength=256).cpu()
-        hist = _sum_over_ranks(hist, group)
+        hist = total(hist)
         at_least = hist.flip(0).cumsum(0)  # at_least[i]: entries whose digit >= 255 - i
         i = int(torch.searchsorted(at_least, need))
         digit = 255 - i
@@ -216,7 +216,7 @@ def top_ratio_mask(scores, ratio, chunk_size=2**24, group=None):
         world, rank = dist.get_world_size(group), dist.get_rank(group)
         table = torch.zeros(world, len(ties), dtype=torch.int64)
         table[rank] = ties
-        table = _sum_over_ranks(table, group)  # [rank, tensor]: every rank's tie counts
+        table = total(table)  # [rank, tensor]: every rank's tie counts
         before = table.sum(0).cumsum(0) - table.sum(0) + table[:rank].sum(0)  # earlier tensors, then earlier ranks
     quota = (need - before).clamp(min=0).minimum(ties).tolist()  # ties this rank keeps in each tensor
     masks = {}
@@ -378,8 +378,7 @@ def build_mask(model, method, ratio, grad_forget=None, grad_retain=None, gamma=1
         one = {name: p.detach()}
         if consume and method == "wagle" and grad_retain[name].dtype == torch.float32:
             # in place in the retain sum, which is consumed anyway: no parameter-sized temporaries
-            gr = grad_retain.pop(name)
-            s = {name: gr.div_(-gamma).add_(p.detach().to(gr.device, torch.float32)).mul_(grad_forget[name].to(gr.device)).abs_()}
+            s = {name: _attribution_scores_(grad_retain.pop(name), p.detach(), grad_forget[name], gamma)}
         elif method == "wagle":
             s = attribution_scores(one, {name: grad_forget[name]}, {name: grad_retain[name]}, gamma)
         elif method == "snip":
@@ -773,11 +772,8 @@ class WAGLETrainer(Trainer):
         else:  # fewer global batches than ranks: this rank adds zeros
             device = "cpu" if self.args.keep_grads_on_cpu else self.args.device
             sums = {n: torch.zeros(_full_shape(p), device=device) for n, p in trainable_parameters(model)}
-        if self.accelerator.num_processes > 1:
-            for t in sums.values():
-                on_device = t.to(self.accelerator.device)  # NCCL reduces device tensors only
-                torch.distributed.all_reduce(on_device, op=torch.distributed.ReduceOp.SUM)
-                t.copy_(on_device)
+        for t in sums.values():
+            t.copy_(sum_over_ranks(t))
         return sums
 
     def _zero3_gradient_sums(self, batches):
@@ -813,9 +809,8 @@ class WAGLETrainer(Trainer):
         for name, p in named:
             start, length = _zero3_range(p)
             theta = safe_get_local_fp32_param(p).reshape(-1)[:length]
-            if args.mask_method == "wagle":  # in place in the retain piece, as build_mask(consume=True)
-                gr, gf = grad_retain.pop(name), grad_forget.pop(name)
-                scores[name] = gr.div_(-args.gamma).add_(theta.to(gr.device)).mul_(gf.to(gr.device)).abs_()
+            if args.mask_method == "wagle":
+                scores[name] = _attribution_scores_(grad_retain.pop(name), theta, grad_forget.pop(name), args.gamma)
             elif args.mask_method == "snip":
                 gf = grad_forget.pop(name)
                 scores[name] = gf.mul_(theta.to(gf.device)).abs_()
