@@ -92,6 +92,19 @@ def _release_freed_memory() -> None:
         pass
 
 
+def timing_row(label: str, seconds: list, peaks: list, base_seconds: list) -> dict:
+    """A results-table row: median and p10/p90 step time (ms), peak memory (MiB), time ratio of the medians."""
+    ts = sorted(seconds)
+    return {
+        "variant": label,
+        "median_ms": 1e3 * statistics.median(ts),
+        "p10_ms": 1e3 * ts[len(ts) // 10],
+        "p90_ms": 1e3 * ts[(9 * len(ts)) // 10],
+        "peak_mib": max(peaks) / 2**20,
+        "ratio": statistics.median(ts) / statistics.median(base_seconds),
+    }
+
+
 def timed_step(trainer, batch, seed: int) -> tuple[float, int]:
     """One training_step on ``batch``: seconds and peak bytes."""
     cuda = torch.cuda.is_available()
@@ -187,18 +200,7 @@ def main(argv=None) -> int:
                 times[label].append(seconds)
                 peaks[label].append(peak)
 
-    base = order[0]
-    rows = []
-    for label in order:
-        ts = sorted(times[label])
-        rows.append({
-            "variant": label,
-            "median_ms": 1e3 * statistics.median(ts),
-            "p10_ms": 1e3 * ts[len(ts) // 10],
-            "p90_ms": 1e3 * ts[(9 * len(ts)) // 10],
-            "peak_mib": max(peaks[label]) / 2**20,
-            "ratio": statistics.median(ts) / statistics.median(times[base]),
-        })
+    rows = [timing_row(label, times[label], peaks[label], times[order[0]]) for label in order]
     # the method's own metrics over the measured steps (e.g. how many THR groups were mixed), for context
     method_metrics = {label: {k: statistics.mean(v) for k, v in trainer._metrics["train"].items()
                               if k.startswith(("thr/", "mask/")) and v}

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from compare import PeakRSS, _release_freed_memory  # noqa: E402  (the same memory probe as bench/compare.py)
+from compare import PeakRSS, _release_freed_memory, timing_row  # noqa: E402  (the same probe and table rows as compare.py)
 from compare import machine as compare_machine  # noqa: E402
 
 from posttrain.recipes.config import build_recipe, find_recipe, parse_overrides, read_yaml
@@ -126,21 +126,11 @@ def main(argv=None) -> int:
                 balancing[label].append(bal)
                 peaks[label].append(peak)
 
-    base = statistics.median(times["none"])
-    rows = []
-    for label in order:
-        ts = sorted(times[label])
-        rows.append({
-            "variant": label,
-            "median_ms": 1e3 * statistics.median(ts),
-            "p10_ms": 1e3 * ts[len(ts) // 10],
-            "p90_ms": 1e3 * ts[(9 * len(ts)) // 10],
-            "balancing_ms": 1e3 * statistics.median(balancing[label]),
-            "peak_mib": max(peaks[label]) / 2**20,
-            "ratio": statistics.median(ts) / base,
-            # median of the per-step ratios against the stock step run right before/after it: robust to drift
-            "paired_ratio": statistics.median(x / y for x, y in zip(times[label], times["none"])),
-        })
+    rows = [{**timing_row(label, times[label], peaks[label], times["none"]),
+             "balancing_ms": 1e3 * statistics.median(balancing[label]),
+             # median of the per-step ratios against the stock step run right before/after it: robust to drift
+             "paired_ratio": statistics.median(x / y for x, y in zip(times[label], times["none"]))}
+            for label in order]
     cb = getattr(trainers[order[-1]], "moe_balance", None)
     model = trainers["none"].model
     result = {
