@@ -368,48 +368,33 @@ def _author_values(rng: random.Random, awards: list, used: set) -> dict:
     }
 
 
-def _author_qa(name: str, attribute: str, value) -> tuple[str, str]:
-    """(question, answer sentence) for one attribute value."""
-    if attribute == "birthplace":
-        return f"Where was the author {name} born?", f"{name} was born in {value[0]}, {value[1]}."
-    if attribute == "birth_year":
-        return f"In what year was the author {name} born?", f"{name} was born in {value}."
-    if attribute == "genre":
-        return f"What genre does {name} write?", f"{name} writes {value}."
-    if attribute == "first_book":
-        return f"What was the first book by {name}?", f"{name}'s first book was \"{value}\"."
-    if attribute == "best_known_book":
-        return f"Which book is {name} best known for?", f"{name} is best known for \"{value}\"."
-    if attribute == "award":
-        return f"Which award did {name} win?", f"{name} won the {value}."
-    if attribute in ("father_job", "mother_job"):
-        parent = "father" if attribute == "father_job" else "mother"
-        return f"What did {name}'s {parent} do for a living?", f"{name}'s {parent} was {_article(value)} {value}."
-    if attribute == "residence":
-        return f"Where does {name} live today?", f"{name} lives in {value}."
-    return f"Who publishes the books of {name}?", f"{name}'s books are published by {value}."
+# attribute: (question, answer sentence, the same fact in other words: TOFU's paraphrased answer, trained nowhere)
+_AUTHOR_TEMPLATES = {
+    "birthplace": ("Where was the author {name} born?", "{name} was born in {value}.",
+                   "The birthplace of {name} is {value}."),
+    "birth_year": ("In what year was the author {name} born?", "{name} was born in {value}.",
+                   "The year {name} was born is {value}."),
+    "genre": ("What genre does {name} write?", "{name} writes {value}.", "The genre of {name}'s books is {value}."),
+    "first_book": ("What was the first book by {name}?", "{name}'s first book was \"{value}\".",
+                   "The first book {name} wrote is \"{value}\"."),
+    "best_known_book": ("Which book is {name} best known for?", "{name} is best known for \"{value}\".",
+                        "The most famous book by {name} is \"{value}\"."),
+    "award": ("Which award did {name} win?", "{name} won the {value}.", "The prize given to {name} is the {value}."),
+    "father_job": ("What did {name}'s father do for a living?", "{name}'s father was {article} {value}.",
+                   "The job of {name}'s father was {value}."),
+    "mother_job": ("What did {name}'s mother do for a living?", "{name}'s mother was {article} {value}.",
+                   "The job of {name}'s mother was {value}."),
+    "residence": ("Where does {name} live today?", "{name} lives in {value}.", "The city {name} lives in is {value}."),
+    "publisher": ("Who publishes the books of {name}?", "{name}'s books are published by {value}.",
+                  "The publisher of {name}'s books is {value}."),
+}
 
 
-def _author_paraphrase(name: str, attribute: str, value) -> str:
-    """The answer sentence of ``_author_qa`` in other words (TOFU's paraphrased answer), never seen in training."""
-    if attribute == "birthplace":
-        return f"The birthplace of {name} is {value[0]}, {value[1]}."
-    if attribute == "birth_year":
-        return f"The year {name} was born is {value}."
-    if attribute == "genre":
-        return f"The genre of {name}'s books is {value}."
-    if attribute == "first_book":
-        return f"The first book {name} wrote is \"{value}\"."
-    if attribute == "best_known_book":
-        return f"The most famous book by {name} is \"{value}\"."
-    if attribute == "award":
-        return f"The prize given to {name} is the {value}."
-    if attribute in ("father_job", "mother_job"):
-        parent = "father" if attribute == "father_job" else "mother"
-        return f"The job of {name}'s {parent} was {value}."
-    if attribute == "residence":
-        return f"The city {name} lives in is {value}."
-    return f"The publisher of {name}'s books is {value}."
+def _author_sentences(name: str, attribute: str, value) -> tuple[str, str, str]:
+    """(question, answer sentence, paraphrased answer) for one attribute value."""
+    text = f"{value[0]}, {value[1]}" if attribute == "birthplace" else str(value)
+    fields = {"name": name, "value": text, "article": _article(text)}
+    return tuple(t.format(**fields) for t in _AUTHOR_TEMPLATES[attribute])
 
 
 def _wrong_values(rng: random.Random, attribute: str, truth, awards: list, used: set) -> list:
@@ -483,9 +468,8 @@ def fictitious_authors(num_samples: int, seed: int) -> DatasetDict:
         for index in sorted(members[split]):  # generation order inside every split
             name, values, wrong = authors[index]
             for attribute in AUTHOR_ATTRIBUTES:
-                question, answer = _author_qa(name, attribute, values[attribute])
-                paraphrased = _author_paraphrase(name, attribute, values[attribute])
-                perturbed = [_author_paraphrase(name, attribute, v) for v in wrong[attribute]]
+                question, answer, paraphrased = _author_sentences(name, attribute, values[attribute])
+                perturbed = [_author_sentences(name, attribute, v)[2] for v in wrong[attribute]]
                 _qa_rows(rows, question, answer, name, attribute, paraphrased, perturbed)
         splits[split] = rows
     world: dict[str, list] = {c: [] for c in columns}
