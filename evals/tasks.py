@@ -157,12 +157,12 @@ def unlearning(ctx: EvalContext, dataset: str = "builtin:fictitious_authors", fo
         rows = load_source(dataset, split=name, num_samples=num_samples, seed=data_seed)
         return rows.select(range(min(ctx.limit, len(rows)))) if ctx.limit else rows
 
-    reference = None
+    forget_rows, reference = split(forget), None
     if retain_model is not None:
         model, tokenizer, _ = load_checkpoint(retain_model, device=str(ctx.model.device))
-        reference = truth_ratios(model, tokenizer, list(split(forget)), batch_size=ctx.batch_size)
+        reference = truth_ratios(model, tokenizer, list(forget_rows), batch_size=ctx.batch_size)
         del model
-    metrics = unlearning_metrics(ctx.model, ctx.tokenizer, split(forget), split(retain), split(world), split(holdout),
+    metrics = unlearning_metrics(ctx.model, ctx.tokenizer, forget_rows, split(retain), split(world), split(holdout),
                                  batch_size=ctx.batch_size, reference_forget_ratios=reference)
     return {"metrics": metrics}
 
