@@ -72,7 +72,6 @@ def main(argv=None) -> int:
         for p in trainer.model.parameters():
             p.sum()
     _release_freed_memory()
-    before = PeakRSS().process.memory_info().rss
     if cuda:
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()  # the model (and whatever else is live)
@@ -89,8 +88,8 @@ def main(argv=None) -> int:
     result = {"machine": machine(), "model": args.model, "malloc": "glibc default" if args.malloc_default else "freed memory returned at once",
               "examples": n_forget, "batch": args.batch, "seconds": seconds,
               "peak_mib": peak / 2**20, "growth_mib": growth / 2**20, "model_mib": model_bytes / 2**20, "budget_mib": budget / 2**20,
-              "within_budget": peak <= budget, "process_rss_before_mib": before / 2**20,
-              "process_peak_rss_mib": (before + rss.bytes) / 2**20, "density": trainer.mask_info["density"]}
+              "within_budget": peak <= budget, "process_rss_before_mib": rss.start / 2**20,
+              "process_peak_rss_mib": rss.peak / 2**20, "density": trainer.mask_info["density"]}
     print(f"WAGLE attribution of {args.model} on {result['machine']}: {n_forget} forget + {n_forget} retain examples, "
           f"batch {args.batch}, malloc: {result['malloc']}")
     print("| time (s) | model + attribution's peak growth (MiB) | model (MiB) | budget: model + 3 fp32 copies (MiB) | within |")
