@@ -141,10 +141,15 @@ def build_pair(method: str, recipe_name: str, overrides: dict) -> dict:
     if dropped:
         print(f"parent '{parent}' does not take {', '.join(dropped)}; dropped for it")
     parent_values["method"] = parent
+    return build_trainers({f"{parent} (parent)": parent_values, method: values}, sources, path)
+
+
+def build_trainers(variants: dict, sources: dict, path, tag: str = "bench") -> dict:
+    """{label: trainer built from that variant's recipe values}, ready for ``training_step`` outside ``train()``."""
     trainers = {}
-    for label, vals in ((f"{parent} (parent)", parent_values), (method, values)):
+    for label, vals in variants.items():
         recipe = build_recipe(vals, sources, str(path))
-        recipe.config.output_dir = str(Path(os.environ.get("TMPDIR", "/tmp")) / f"posttrain-bench-{os.getpid()}")
+        recipe.config.output_dir = str(Path(os.environ.get("TMPDIR", "/tmp")) / f"posttrain-{tag}-{os.getpid()}")
         trainer = build_trainer(recipe)
         # set by Trainer's training loop, which we do not run; training_step divides the loss by it
         trainer.current_gradient_accumulation_steps = recipe.config.gradient_accumulation_steps

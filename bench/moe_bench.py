@@ -29,11 +29,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from compare import PeakRSS, _release_freed_memory, timing_row  # noqa: E402  (the same probe and table rows as compare.py)
+from compare import PeakRSS, _release_freed_memory, build_trainers, timing_row  # noqa: E402  (as compare.py)
 from compare import machine as compare_machine  # noqa: E402
 
-from posttrain.recipes.config import build_recipe, find_recipe, parse_overrides, read_yaml
-from posttrain.recipes.train import build_trainer, write_json_atomic
+from posttrain.recipes.config import find_recipe, parse_overrides, read_yaml
+from posttrain.recipes.train import write_json_atomic
 
 
 def build(recipe_name: str, overrides: dict) -> dict:
@@ -43,14 +43,7 @@ def build(recipe_name: str, overrides: dict) -> dict:
     values.setdefault("moe_balance", "aux_free")
     sources = {key: str(path) for key in values}
     stock = {k: v for k, v in values.items() if not k.startswith("moe_")}
-    trainers = {}
-    for label, vals in (("none", stock), (values["moe_balance"], values)):
-        recipe = build_recipe(vals, sources, str(path))
-        recipe.config.output_dir = str(Path(os.environ.get("TMPDIR", "/tmp")) / f"posttrain-moe-bench-{os.getpid()}")
-        trainer = build_trainer(recipe)
-        trainer.current_gradient_accumulation_steps = recipe.config.gradient_accumulation_steps
-        trainers[label] = trainer
-    return trainers
+    return build_trainers({"none": stock, values["moe_balance"]: values}, sources, path, tag="moe-bench")
 
 
 def timed_step(trainer, batch, seed: int) -> tuple[float, float, int]:
