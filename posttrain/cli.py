@@ -66,7 +66,9 @@ def _train(recipe_name: str, overrides: list[str], resume: bool) -> None:
     from posttrain.recipes.train import train
 
     train(recipe, resume=resume)
-    _close_process_group()
+    from posttrain.trainers.runtime import close_process_group
+
+    close_process_group()
 
 
 def _eval(args) -> None:
@@ -86,18 +88,9 @@ def _eval(args) -> None:
     else:
         spec = make_spec({k: v for k, v in values.items() if v is not None})
     run_eval(spec)
-    _close_process_group()
+    from posttrain.trainers.runtime import close_process_group
 
-
-def _close_process_group() -> None:
-    """Leave the process group together: without this, one rank of a DeepSpeed/gloo launch could exit while
-    the other's communication threads are still alive, and die with 'terminate called without an active
-    exception' (SIGABRT) after a successful run."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+    close_process_group()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -136,6 +136,17 @@ def sum_over_ranks(t, group=None):
     return out.to(t.device)
 
 
+def close_process_group() -> None:
+    """Leave the process group together, at the end of a launched script: without this, one rank of a
+    DeepSpeed/gloo launch can exit while another's communication threads are still alive, and die with
+    'terminate called without an active exception' (SIGABRT) after a successful run."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def inner_model(model):
     """The plain transformers model inside DDP/DeepSpeed wrappers and a PEFT model (the base model)."""
     model = getattr(model, "module", model)

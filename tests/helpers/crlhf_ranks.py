@@ -7,6 +7,7 @@ from pathlib import Path
 
 from posttrain.recipes.config import load_recipe
 from posttrain.recipes.train import build_trainer
+from posttrain.trainers.runtime import close_process_group
 
 out_dir = Path(sys.argv[1])
 trainer = build_trainer(load_recipe("constrained_rlhf/tiny", {"output_dir": str(out_dir), "max_steps": 3,
@@ -18,3 +19,4 @@ state = {"world": trainer.accelerator.num_processes, "lam": [x.hex() for x in m.
          "momentum": [x.hex() for x in momentum.tolist()], "thresholds": trainer.thresholds,
          "kl": [e.get("constrained/kl") for e in trainer.state.log_history if "constrained/kl" in e]}
 (out_dir / f"rank{trainer.accelerator.process_index}.json").write_text(json.dumps(state))
+close_process_group()

@@ -16,7 +16,7 @@ from transformers import TrainerCallback
 from posttrain.recipes.config import build_recipe
 from posttrain.recipes.train import build_trainer
 from posttrain.trainers.moe_balance import expert_biases, find_routers
-from posttrain.trainers.runtime import inner_model
+from posttrain.trainers.runtime import close_process_group, inner_model
 
 ap = argparse.ArgumentParser()
 ap.add_argument("record", type=Path)
@@ -69,8 +69,4 @@ out = {"world": acc.num_processes, "rank": acc.process_index, "distributed_type"
        "steps": record.steps, "bias_dtypes": [str(b.dtype) for b in expert_biases(find_routers(trainer.model))]}
 args.record.mkdir(parents=True, exist_ok=True)
 (args.record / f"rank{acc.process_index}.json").write_text(json.dumps(out))
-import torch.distributed as dist  # noqa: E402
-
-if dist.is_available() and dist.is_initialized():
-    dist.barrier()
-    dist.destroy_process_group()
+close_process_group()

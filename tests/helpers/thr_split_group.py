@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from posttrain.recipes.config import load_recipe
 from posttrain.recipes.train import build_trainer
+from posttrain.trainers.runtime import close_process_group
 from posttrain.trainers.thr_grpo import grpo_group_advantages
 
 out_path = sys.argv[1]
@@ -40,3 +41,4 @@ local = trainer.thr_token_advantages(out, rewards.to(device))
 everything = acc.gather(F.pad(local, (0, t - local_t)))
 if acc.is_main_process:
     json.dump({"world": world, "advantages": everything.tolist(), "metrics": dict(trainer._metrics["train"])}, open(out_path, "w"))
+close_process_group()

@@ -15,6 +15,7 @@ from safetensors.torch import save_file
 
 from posttrain.recipes.config import load_recipe
 from posttrain.recipes.train import build_trainer
+from posttrain.trainers.runtime import close_process_group
 
 torch.set_num_threads(1)
 out = Path(sys.argv[1])
@@ -51,3 +52,4 @@ trainer.train()
 tensors = {**recorded, **initial, **full_parameters("param"), **{f"mask/{n}": m for n, m in trainer.mask.items()}}
 tensors["world"] = torch.tensor(trainer.accelerator.num_processes)
 save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(out / f"rank{trainer.accelerator.process_index}.safetensors"))
+close_process_group()
