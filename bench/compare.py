@@ -43,13 +43,13 @@ def random_qwen2_05b() -> str:
     """A randomly initialised Qwen2-0.5B-shaped model (bf16 on GPU) with the tiny tokenizer, cached once."""
     from transformers import AutoModelForCausalLM, Qwen2Config
 
-    from posttrain.recipes.tiny import build_once, build_tokenizer, cache_dir
+    from posttrain.recipes.tiny import build_once, build_tokenizer, cache_dir, save_pretrained_on_any_rank
 
     def build(out: Path) -> None:
         tokenizer = build_tokenizer()
         config = Qwen2Config(**QWEN2_05B, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
         torch.manual_seed(0)
-        AutoModelForCausalLM.from_config(config).save_pretrained(out)
+        save_pretrained_on_any_rank(AutoModelForCausalLM.from_config(config), out)
         tokenizer.save_pretrained(out)
 
     final = cache_dir() / "bench" / "qwen2-0.5b-random"

@@ -22,7 +22,7 @@ import os
 from pathlib import Path
 
 from posttrain import UserError
-from posttrain.recipes.tiny import STAMP_FILE, build_once, cache_dir
+from posttrain.recipes.tiny import STAMP_FILE, build_once, cache_dir, save_pretrained_on_any_rank
 
 logger = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ def _convert(gguf: Path, out: Path) -> None:
     plain.generation_config = quantized.generation_config
     del quantized
 
-    plain.save_pretrained(out)
+    save_pretrained_on_any_rank(plain, out)
     tokenizer.save_pretrained(out)
     try:
         from importlib.metadata import version

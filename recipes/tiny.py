@@ -90,6 +90,8 @@ def build_once(final_dir: Path, build: Callable[[Path], None], is_complete: Call
         tmp = Path(tempfile.mkdtemp(prefix=f".{final_dir.name}.tmp-", dir=final_dir.parent))
         try:
             build(tmp)
+            if not is_complete(tmp):  # never rename an incomplete build into place, where it would look cached
+                raise RuntimeError(f"building {final_dir} left an incomplete folder: {sorted(p.name for p in tmp.iterdir())}")
             umask = os.umask(0)
             os.umask(umask)
             tmp.chmod(0o777 & ~umask)  # mkdtemp makes it owner-only; the cache may be shared
@@ -223,11 +225,22 @@ def make_tiny(arch: str, seed: int = 0):
     return model, tokenizer
 
 
+def save_pretrained_on_any_rank(model, out_dir) -> None:
+    """``model.save_pretrained(out_dir)`` from whichever rank calls it. Once torch.distributed is initialised,
+    transformers 5.24 writes the config and weights on rank 0 only (``should_save_on_this_rank``), silently;
+    the cache builders run on whichever rank takes the lock first, which is rank 1 about half the time."""
+    model.should_save_on_this_rank = lambda is_main_process: True  # shadows the mixin's method, this call only
+    try:
+        model.save_pretrained(out_dir)
+    finally:
+        del model.should_save_on_this_rank
+
+
 def build_tiny(arch: str, out_dir, seed: int = 0) -> Path:
     """Build the tiny ``arch`` model and its tokenizer and ``save_pretrained`` both into ``out_dir``."""
     model, tokenizer = make_tiny(arch, seed)
     out_dir = Path(out_dir)
-    model.save_pretrained(out_dir)
+    save_pretrained_on_any_rank(model, out_dir)
     tokenizer.save_pretrained(out_dir)
     (out_dir / STAMP_FILE).write_text(json.dumps({"arch": arch, "seed": seed, "version": BUILD_VERSION}))
     return out_dir

@@ -144,6 +144,35 @@ def test_concurrent_build_from_two_processes(tmp_path):
     AutoModelForCausalLM.from_pretrained(final)
 
 
+def _build_on_rank(rank: int, cache: str, store: str) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    os.environ["POSTTRAIN_CACHE"] = cache
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        if rank == 1:  # rank 1 takes the build; rank 0 finds it cached
+            tiny_model_path("llama")
+        dist.barrier()
+        AutoModelForCausalLM.from_pretrained(tiny_model_path("llama"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_rank_one_of_a_process_group_builds_a_whole_checkpoint(tmp_path):
+    # transformers writes nothing from save_pretrained on a rank other than 0 of an initialised process group
+    torch.multiprocessing.spawn(_build_on_rank, args=(str(tmp_path / "cache"), str(tmp_path / "store")), nprocs=2)
+    assert {"config.json", "model.safetensors"} <= {p.name for p in (tmp_path / "cache" / "tiny" / "llama").iterdir()}
+
+
+def test_an_incomplete_build_is_never_renamed_into_place(tmp_path):
+    final = tmp_path / "model"
+    with pytest.raises(RuntimeError, match="incomplete folder"):
+        tiny.build_once(final, lambda d: (d / "config.json").write_text("{}"), lambda d: (d / "weights").is_file())
+    assert not final.exists() and not [p for p in tmp_path.iterdir() if not p.name.endswith(".lock")]
+
+
 # --- resolution ----------------------------------------------------------------------------------------------
 
 
