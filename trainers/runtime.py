@@ -1,4 +1,5 @@
-"""What every trainer gets at run time: a non-finite guard, and the choice of checkpoint to resume from.
+"""What every trainer gets at run time: a non-finite guard, the choice of checkpoint to resume from, and two small
+distributed helpers (``sum_over_ranks``, and ``close_process_group`` for the end of a launched script).
 
 **Non-finite guard.** ``guarded(TrainerClass)`` returns a subclass that stops the run with
 ``NonFiniteError`` (naming the step) as soon as a micro-batch loss or the gradient norm is NaN/inf, before
