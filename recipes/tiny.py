@@ -24,7 +24,7 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-ARCHS = ("llama", "qwen3", "deepseek_v3", "qwen3_moe")
+ARCHS = ("llama", "qwen3", "deepseek_v3", "qwen3_moe", "qwen2_moe", "mixtral")
 
 # Bump when the tokenizer, template or configs below change: cached builds with another stamp are rebuilt.
 BUILD_VERSION = 1
@@ -160,7 +160,7 @@ def build_tokenizer():
 
 
 def _config(arch: str):
-    from transformers import DeepseekV3Config, LlamaConfig, Qwen3Config, Qwen3MoeConfig
+    from transformers import DeepseekV3Config, LlamaConfig, MixtralConfig, Qwen2MoeConfig, Qwen3Config, Qwen3MoeConfig
 
     common = dict(
         vocab_size=VOCAB_SIZE,
@@ -183,6 +183,15 @@ def _config(arch: str):
         # router posttrain patches for aux-loss-free balancing (trainers/moe_balance.py install_expert_bias).
         return Qwen3MoeConfig(num_key_value_heads=2, head_dim=16, moe_intermediate_size=32, num_experts=8,
                               num_experts_per_tok=2, norm_topk_prob=True, decoder_sparse_step=1, **common)
+    if arch == "qwen2_moe":
+        # Qwen2-MoE (Qwen1.5-MoE): softmax routing plus a gated shared expert; patched like Qwen3-MoE.
+        return Qwen2MoeConfig(num_key_value_heads=2, moe_intermediate_size=32, shared_expert_intermediate_size=64,
+                              num_experts=8, num_experts_per_tok=2, norm_topk_prob=False, decoder_sparse_step=1,
+                              qkv_bias=True, **common)
+    if arch == "mixtral":
+        # Mixtral: softmax top-2 routing, always renormalised; its checkpoints name the MoE block
+        # ``block_sparse_moe`` while transformers 5.24 builds it as ``mlp`` (renamed on save and load).
+        return MixtralConfig(num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2, **{**common, "intermediate_size": 32})
     # DeepSeek-V3: the one small MoE whose router keeps a selection-only bias (e_score_correction_bias),
     # which the aux-loss-free balancing method updates (stack-notes 1d).
     return DeepseekV3Config(
