@@ -40,3 +40,36 @@ def load_experiment(name: str):
     sys.modules[name] = module  # dataclasses in the script look their module up here
     spec.loader.exec_module(module)
     return module
+
+
+def method_state(folder) -> dict:
+    """The method state saved in a checkpoint or output folder (``posttrain.trainers.method_state``)."""
+    import torch
+
+    from posttrain.trainers.method_state import STATE_FILE
+
+    return torch.load(Path(folder) / STATE_FILE, weights_only=True)
+
+
+def assert_same_state(a, b, atol=0.0, where="state"):
+    """Nested dicts / lists of tensors and numbers equal: bit for bit at atol 0, else within atol."""
+    import torch
+
+    if isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), (where, sorted(a), sorted(b) if isinstance(b, dict) else b)
+        for key in a:
+            assert_same_state(a[key], b[key], atol, f"{where}.{key}")
+    elif isinstance(a, (list, tuple)):
+        assert isinstance(b, (list, tuple)) and len(a) == len(b), (where, a, b)
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same_state(x, y, atol, f"{where}[{i}]")
+    elif isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.shape == b.shape and a.dtype == b.dtype, (where, a, b)
+        if atol == 0 or a.dtype == torch.bool:
+            assert torch.equal(a, b), where
+        else:
+            torch.testing.assert_close(a, b, atol=atol, rtol=0, msg=where)
+    elif isinstance(a, float) and atol:
+        assert abs(a - b) <= atol, (where, a, b)
+    else:
+        assert a == b, (where, a, b)

@@ -66,18 +66,17 @@ one reuses its value); it stops once the std of the simplex values is below ``nm
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 import torch
-from accelerate.utils import broadcast
 from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import use_adapter
+
+from posttrain.trainers.method_state import MethodStateMixin
 
 FORMULATIONS = ("mu", "xi", "all", "sat", "fixed", "nm")
 # formulations that need ``constraint_thresholds``
@@ -435,9 +434,8 @@ class LagrangeMultipliers:
     the ``fixed`` baseline, with ``init`` = the fixed weights and ``squash=False``.
 
     Distributed runs: the update is deterministic given its inputs, so ranks stay identical when they all pass
-    the same (all-reduced) component values; ``sync_(broadcast)`` additionally copies rank 0's lambda and
-    momentum onto every rank (e.g. after a resume). ``state_dict``/``load_state_dict`` include the momentum
-    buffer, so a resumed run continues exactly. lambda is float64 (N is tiny).
+    the same (all-reduced) component values; a resume loads rank 0's copy on every rank (``method_state``).
+    ``state_dict``/``load_state_dict`` include the momentum buffer, so a resumed run continues exactly. lambda is float64 (N is tiny).
     """
 
     def __init__(self, n, equality, squash=True, lr=0.1, momentum=0.1, grad_clip=0.5, init_std=0.01, init=None,
@@ -501,20 +499,6 @@ class LagrangeMultipliers:
             with torch.no_grad():
                 self.lam.clamp_(min=0.0)
         return {"loss": float(loss.detach()), "grad_norm": float(grad_norm)}
-
-    def sync_(self, broadcast: Callable[[torch.Tensor], torch.Tensor | None]) -> None:
-        """Make every rank hold rank 0's state: ``broadcast(t)`` broadcasts t in place or returns the result
-        (``torch.distributed.broadcast(t, 0)``, ``accelerate.utils.broadcast``)."""
-        tensors = [self.lam.data]
-        if self.optimizer is not None:
-            buf = self.optimizer.state.get(self.lam, {}).get("momentum_buffer")
-            if buf is not None:
-                tensors.append(buf)
-        with torch.no_grad():
-            for t in tensors:
-                out = broadcast(t)
-                if out is not None and out is not t:
-                    t.copy_(out)
 
     def state_dict(self) -> dict:
         return {
@@ -794,13 +778,10 @@ def evaluate_with_early_stop(train_step: Callable[[], object], evaluate: Callabl
 
 # ------------------------------------------------------------------------------------------------- trainers
 
-STATE_FILE = "constrained_rlhf_state.pt"
-
-
-class _ConstrainedMixin:
+class _ConstrainedMixin(MethodStateMixin):
     """The constrained-RLHF delta, shared by the RLOO and GRPO trainers: overrides ``_generate_and_score_completions``
     (the advantages and the multiplier step) and ``_calculate_rewards`` (to keep the component rewards un-summed);
-    saves its state beside the weights. ``_stream_baseline`` is the per-stream advantage of the parent method."""
+    its state (``method_state``) goes into every checkpoint. ``_stream_baseline`` is the per-stream advantage of the parent method."""
 
     def __init__(self, model, reward_funcs, args=None, **kwargs):
         if not isinstance(args, ConstrainedArguments):
@@ -937,7 +918,8 @@ class _ConstrainedMixin:
 
     # ------------------------------------------------------------------------------------------- state
 
-    def constrained_state(self) -> dict:
+    def method_state(self) -> dict:
+        """Multipliers, their SGD momentum, thresholds and the NM search (``method_state.MethodStateMixin``)."""
         state = {"thresholds": list(self.thresholds),
                  "multipliers": None if self.multipliers is None else self.multipliers.state_dict()}
         if self.nm is not None:
@@ -946,7 +928,7 @@ class _ConstrainedMixin:
             state["nm_window"] = [list(w) for w in self._nm_window]
         return state
 
-    def load_constrained_state(self, state: dict) -> None:
+    def load_method_state(self, state: dict) -> None:
         if self.multipliers is not None:
             self.multipliers.load_state_dict(state["multipliers"])
         if self.nm is not None:
@@ -956,22 +938,6 @@ class _ConstrainedMixin:
                 self.nm_run.iterations = state["nm_iterations"]
             self._nm_window = [(float(s), list(v)) for s, v in state["nm_window"]]
         self.thresholds = [float(t) for t in state["thresholds"]]
-
-    def _save(self, output_dir=None, state_dict=None):
-        super()._save(output_dir, state_dict)
-        if self.args.should_save:
-            path = Path(output_dir or self.args.output_dir) / STATE_FILE
-            torch.save(self.constrained_state(), path.with_suffix(".tmp"))
-            os.replace(path.with_suffix(".tmp"), path)  # never a half-written state file
-
-    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-        super()._load_from_checkpoint(resume_from_checkpoint, model)
-        path = Path(resume_from_checkpoint) / STATE_FILE
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} is missing: the checkpoint was not written by a constrained RLHF run")
-        self.load_constrained_state(torch.load(path, weights_only=True))
-        if self.multipliers is not None and self.accelerator.num_processes > 1:
-            self.multipliers.sync_(lambda t: broadcast(t, from_process=0))  # rank 0's copy wins, bit for bit
 
 
 class ConstrainedRLHFTrainer(_ConstrainedMixin, RLOOTrainer):

@@ -49,8 +49,10 @@ Models: DeepSeek-V3 in transformers 5.24 already routes this way: ``DeepseekV3To
 ``gate.weight`` are in ``_keep_in_fp32_modules_strict`` (L551). Qwen2-MoE, Qwen3-MoE and Mixtral routers have no
 bias: ``install_expert_bias`` adds the same buffer to each router and swaps its ``forward`` for a selection-only
 biased one (documented at the function). Biases are buffers, hence in ``model.state_dict()`` and in
-``save_pretrained`` / Trainer checkpoints, and restored by ``resume_from_checkpoint`` (tested); nothing else of
-the method carries state (loads are zeroed every step; the decaying step reads ``state.global_step``).
+``save_pretrained`` / Trainer checkpoints; they are also ``MoEBalanceCallback``'s method state
+(``method_state.MethodStateMixin``), which restores them on ``resume_from_checkpoint`` under every backend and for
+every router (tested); nothing else of the method carries state (loads are zeroed every step; the decaying step
+reads ``state.global_step``).
 
 Gradient checkpointing re-runs each layer's forward during backward; ``RoutingCounter`` counts a router call only
 outside the autograd engine (``torch._C._current_graph_task_id() == -1``), so each token is counted once
@@ -693,8 +695,8 @@ class MoEBalanceCallback(TrainerCallback):
     the logs through TRL's ``trainer._metrics`` when a trainer is attached (``attach``) and has one (averaged over the
     logging window like TRL's own); else on_log adds the last step's metrics (once) to the next training log and to
     its ``state.log_history`` entry (``attach`` puts the callback first so the reporters see them). The biases are
-    model buffers: checkpoints and ``resume_from_checkpoint`` carry them; the decaying step is computed from
-    ``state.global_step``, so a resumed run continues the schedule.
+    model buffers and the callback's method state: every checkpoint carries them and a resume restores them; the
+    decaying step is computed from ``state.global_step``, so a resumed run continues the schedule.
 
     ``count_no_grad=False`` leaves forwards under no_grad out of the loads (generation, old/reference log-probs of
     RL and preference trainers; needs non-reentrant gradient checkpointing, see ``RoutingCounter``).
@@ -706,6 +708,7 @@ class MoEBalanceCallback(TrainerCallback):
                  aux_loss_hook=False):
         self.config = config or MoEBalanceConfig()
         self.counter = None
+        self.routers = None
         self.aux = None
         self.trainer = None
         self.count_no_grad = count_no_grad
@@ -735,6 +738,7 @@ class MoEBalanceCallback(TrainerCallback):
             install_expert_bias(model)  # no-op for DeepSeek-V3-style routers
         self.counter = RoutingCounter(model, ignore_padding=self.config.moe_ignore_padding,
                                       count_no_grad=self.count_no_grad)
+        self.routers = self.counter.routers  # kept after on_train_end removes the hooks: the final save reads them
         if self.config.moe_balance == "aux_loss" and self.aux_loss_hook:
             self.aux = RouterAuxLoss(self.counter.routers, alpha=self.config.moe_aux_loss_coef,
                                      scale_fn=self._aux_scale,
@@ -769,7 +773,7 @@ class MoEBalanceCallback(TrainerCallback):
         counts = apply_bias_update(self.counter, rate=self.rate, rule=cfg.moe_bias_rule,
                                    step=max(state.global_step - 1, 0), decay_power=cfg.moe_bias_decay_power,
                                    decay_steps=cfg.moe_bias_decay_steps)
-        biases = expert_biases(self.counter.routers) if self._has_biases() else None
+        biases = expert_biases(self.routers) if self.has_method_state else None
         metrics = moe_metrics(counts, biases, self.counter.names, per_layer=cfg.moe_log_per_layer)
         if self.aux is not None:
             metrics["moe/aux_loss"] = self.aux.mean()
@@ -783,8 +787,26 @@ class MoEBalanceCallback(TrainerCallback):
         else:
             self._pending = metrics
 
-    def _has_biases(self):
-        return all(isinstance(m._buffers.get(BIAS_NAME), torch.Tensor) for _, m in self.counter.routers)
+    # method state (method_state.MethodStateMixin): the biases under the model's runtime names, so a resume restores
+    # them whatever names the model's checkpoint layout gives them (Mixtral's are renamed on save) and on every backend
+
+    @property
+    def has_method_state(self):
+        return self.routers is not None and all(isinstance(m._buffers.get(BIAS_NAME), torch.Tensor) for _, m in self.routers)
+
+    def method_state(self):
+        return {"expert_biases": {name: b.detach().to("cpu", torch.float32).clone()
+                                  for (name, _), b in zip(self.routers, expert_biases(self.routers))}}
+
+    def load_method_state(self, state):
+        saved = state["expert_biases"]
+        names = [name for name, _ in self.routers]
+        if sorted(saved) != sorted(names):
+            raise ValueError(f"the checkpoint's expert biases are for routers {sorted(saved)[:3]}..., this model has "
+                             f"{names[:3]}...: resume with the model the run started from")
+        with torch.no_grad():
+            for name, b in zip(names, expert_biases(self.routers)):
+                b.copy_(saved[name].to(b.device, b.dtype))
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         # once, into the first training log after the step (not eval logs, not the end-of-training summary)

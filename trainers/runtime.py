@@ -155,6 +155,11 @@ def inner_model(model):
 
 
 def guarded(trainer_cls: type) -> type:
-    """``trainer_cls`` with the non-finite guard; same name, so logs and model cards read as before."""
-    return type(trainer_cls.__name__, (NonFiniteGuard, ConvertedCheckpointLoad, trainer_cls),
+    """``trainer_cls`` with the non-finite guard, the converted-checkpoint load and (for stock trainers, whose
+    callbacks may carry method state, e.g. ALF-LB's expert biases) ``MethodStateMixin``; same name, so logs and
+    model cards read as before."""
+    from posttrain.trainers.method_state import MethodStateMixin
+
+    state = () if issubclass(trainer_cls, MethodStateMixin) else (MethodStateMixin,)
+    return type(trainer_cls.__name__, (NonFiniteGuard, ConvertedCheckpointLoad, *state, trainer_cls),
                 {"__module__": trainer_cls.__module__})

@@ -17,8 +17,8 @@ Masks (``mask_type``):
   and outputs m_t >= 0 (ReLU makes masks exactly sparse). ``simple_all``: one shared LayerNorm, a linear
   unit per layer, a bias-free mixer over layers; ``simple_last``: one linear unit on the last hidden state;
   ``random``: uniform [0, 1) (an ablation). The network is a submodule of the policy (so DDP/DeepSpeed and
-  the optimizer see it), trained jointly, with ``mask_weight_decay``; saved beside every checkpoint as
-  ``sparsepo_mask.safetensors`` and restored on resume.
+  the optimizer see it), trained jointly, with ``mask_weight_decay``; kept out of ``model.safetensors`` and
+  saved as the trainer's method state (``method_state.pt``) in every checkpoint and the final output folder.
 - ``activation`` (official "MaPO"): the feature mean of the reference model's activations at mlp / attn /
   resid / logits hook points, min-max rescaled per sequence over completion tokens, averaged per type then
   over types; no parameters.
@@ -41,14 +41,14 @@ from __future__ import annotations
 import logging
 import types
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from trl import DPOConfig, DPOTrainer
 
-MASK_FILE = "sparsepo_mask.safetensors"
+from posttrain.trainers.method_state import MethodStateMixin, gathered
+
 logger = logging.getLogger(__name__)
 
 
@@ -365,8 +365,8 @@ class ActivationCapture:
 # ------------------------------------------------------------------------------------------- trainer
 
 
-class SparsePOTrainer(DPOTrainer):
-    """DPOTrainer with the SparsePO loss: overrides ``_compute_loss`` (plus saving/restoring the mask network)."""
+class SparsePOTrainer(MethodStateMixin, DPOTrainer):
+    """DPOTrainer with the SparsePO loss: overrides ``_compute_loss``; the mask networks are its method state."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -514,23 +514,18 @@ class SparsePOTrainer(DPOTrainer):
             for key, value in stats.items():
                 self._metrics[mode][key].append(self.accelerator.gather(value.float()).mean().item())
 
-    # ----------------------------------------------------------------------- mask network on disk
+    # ----------------------------------------------------------------------- mask network in checkpoints
 
-    def _save(self, output_dir=None, state_dict=None):
-        super()._save(output_dir, state_dict)
+    def method_state(self):
+        """The mask networks' weights (``method_state.MethodStateMixin``; ZeRO-3: gathered); None without them."""
         nets = self._inner_model(self.model).sparsepo_masks
-        if len(nets.state_dict()) and self.args.should_save:
-            from safetensors.torch import save_file
+        if not len(nets.state_dict()):
+            return None
+        with gathered(nets.parameters()):
+            return {"mask_networks": {k: v.detach().cpu().clone() for k, v in nets.state_dict().items()}}
 
-            path = Path(output_dir or self.args.output_dir) / MASK_FILE
-            save_file({k: v.detach().contiguous().cpu() for k, v in nets.state_dict().items()}, str(path))
-
-    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-        super()._load_from_checkpoint(resume_from_checkpoint, model)
-        path = Path(resume_from_checkpoint) / MASK_FILE
-        if path.is_file():
-            from safetensors.torch import load_file
-
-            nets = self._inner_model(model if model is not None else self.model).sparsepo_masks
+    def load_method_state(self, state):
+        nets = self._inner_model(self.model).sparsepo_masks
+        with gathered(nets.parameters(), modifier_rank=0):
             current = nets.state_dict()
-            nets.load_state_dict({k: v.to(current[k].device, current[k].dtype) for k, v in load_file(str(path)).items()})
+            nets.load_state_dict({k: v.to(current[k].device, current[k].dtype) for k, v in state["mask_networks"].items()})

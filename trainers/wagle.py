@@ -28,6 +28,10 @@ flat fp32 partitions inside its ``step()``: a step pre-hook on its inner optimiz
 (``install_partition_mask``). Under ZeRO-3 phase 1 runs through the engine and stays sharded: each rank scores
 its own pieces of the parameters, and the radix select sums its histograms over the ranks (``_zero3_mask``).
 
+State: the mask and the retain-stream position are the trainer's method state (``method_state.MethodStateMixin``:
+in every checkpoint, restored on resume under every backend, so a resumed run skips phase 1). The mask is also
+written to ``output_dir/wagle_mask.safetensors``, for another run's ``mask_path``.
+
 Scale: the top-k threshold is found by a radix select over 8-bit histograms of order-preserving integer keys,
 chunk by chunk (4 passes for float32 scores, 8 for float64), never by sorting or concatenating all entries; ties at
 the threshold go to the earliest entries in (dict order, row-major) order, i.e. exactly a *stable* descending sort.
@@ -44,7 +48,6 @@ official float rounding (int(100 * 0.29) = 28); (7) the paper's form theta g_f -
 from __future__ import annotations
 
 import copy
-import json
 import math
 import os
 import tempfile
@@ -55,6 +58,7 @@ import torch
 import torch.nn.functional as F
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
+from posttrain.trainers.method_state import MethodStateMixin
 from posttrain.trainers.runtime import sum_over_ranks
 
 MASK_FILE = "wagle_mask.safetensors"
@@ -479,13 +483,16 @@ def save_mask(mask, path, metadata=None):
 
 
 def load_mask(path, reference=None, device="cpu"):
-    """Read a saved mask (names sorted); with ``reference`` (a model, or {name: tensor or shape}) check that it has exactly
-    the reference's (trainable) parameter names and shapes and bool entries, else one ValueError naming them."""
+    """Read a saved mask (names sorted); with ``reference`` checked by ``check_mask``."""
     from safetensors.torch import load_file
 
     mask = load_file(str(path), device=str(device))
-    if reference is None:
-        return mask
+    return mask if reference is None else check_mask(mask, reference, path)
+
+
+def check_mask(mask, reference, source):
+    """``mask`` in the order of ``reference`` (a model, or {name: tensor or shape}) after checking that it has exactly
+    the reference's (trainable) parameter names and shapes and bool entries, else one ValueError naming them."""
     if isinstance(reference, torch.nn.Module):
         shapes = {n: _full_shape(p) for n, p in trainable_parameters(reference)}
     else:
@@ -494,14 +501,13 @@ def load_mask(path, reference=None, device="cpu"):
     wrong = [f"{n} {tuple(mask[n].shape)} != {shapes[n]}" for n in shapes if n in mask and tuple(mask[n].shape) != shapes[n]]
     wrong += [f"{n} has dtype {m.dtype}" for n, m in mask.items() if m.dtype != torch.bool]
     if missing or extra or wrong:
-        raise ValueError(f"mask {path} does not match the model: missing {missing[:5]} ({len(missing)}), "
+        raise ValueError(f"mask {source} does not match the model: missing {missing[:5]} ({len(missing)}), "
                          f"unexpected {extra[:5]} ({len(extra)}), wrong {wrong[:5]} ({len(wrong)})")
     return {n: mask[n] for n in shapes}  # the reference's order (safetensors sorts names)
 
 
 # ----------------------------------------------------------------------------------------------- data side
 
-STATE_FILE = "wagle_state.json"
 # PO targets. The official code reads a file of polite refusals (not reproduced in the spec); this fixed list stands
 # in for it: forget row i is answered with REFUSALS[i % len(REFUSALS)], so the targets are the same on every run.
 REFUSALS = (
@@ -599,13 +605,6 @@ def _piece_loss(model, item):
                            reduction="sum") / tokens
 
 
-def _read_micro_step(checkpoint):
-    path = Path(checkpoint) / STATE_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: the checkpoint was not written by a WAGLE run")
-    return int(json.loads(path.read_text())["micro_step"])
-
-
 class _MaskAfterClipping(TrainerCallback):
     """clip -> mask -> step. transformers 5.24 ``Trainer._run_epoch`` (trainer.py L1936-1944) runs
     ``_clip_grad_norm`` (clips in place, returns the unmasked pre-clip norm), ``_get_grad_norm``, then
@@ -619,7 +618,7 @@ class _MaskAfterClipping(TrainerCallback):
             apply_gradient_mask(self.trainer.model, self.trainer.mask)  # the bare model: DDP's reduced p.grad
 
 
-class WAGLETrainer(Trainer):
+class WAGLETrainer(MethodStateMixin, Trainer):
     """Masked unlearning on paired (forget, retain) batches (module docstring). The Trainer iterates the forget set
     (its sampler, sharding and resume skipping); micro-step k of rank r takes retain rows (k * world + r) * B ...
     of ``stream_indices`` (B = per_device_train_batch_size), and the counter k is saved in every checkpoint."""
@@ -698,24 +697,21 @@ class WAGLETrainer(Trainer):
         if not self._zero3():  # the parameters are whole: phase 1 on the bare model
             if self.is_deepspeed_enabled:
                 self.model.to(self.args.device)  # the Trainer leaves it where it loaded until deepspeed.initialize
-            self.setup_mask(resume_from_checkpoint)
+            self.setup_mask()
         model, train_dataloader = super()._prepare_for_training(max_steps, train_dataloader, resume_from_checkpoint)
         if self._zero3():  # partitioned as they loaded: phase 1 runs through the engine
-            self.setup_mask(resume_from_checkpoint)
+            self.setup_mask()
         if self.is_deepspeed_enabled:
             self._mask_hooks = install_partition_mask(model, self.mask)
-            if resume_from_checkpoint is not None:  # the Trainer calls _load_from_checkpoint only without DeepSpeed
-                self.micro_step = _read_micro_step(resume_from_checkpoint)
         return model, train_dataloader
 
-    def setup_mask(self, resume_from_checkpoint=None):
-        """Load the mask of the checkpoint, or ``mask_path``, or build it (phase 1); same on every rank; saved."""
+    def setup_mask(self):
+        """The mask restored from a checkpoint (``load_method_state``), or ``mask_path``, or built (phase 1); same on
+        every rank; placed next to the parameters and saved into output_dir."""
         args, model = self.args, self.model
-        if resume_from_checkpoint is not None:
-            path = Path(resume_from_checkpoint) / MASK_FILE
-            if not path.is_file():
-                raise FileNotFoundError(f"{path} is missing: the checkpoint was not written by a WAGLE run")
-            mask, source = load_mask(path, model), str(path)
+        restored = self.mask is not None
+        if restored:
+            mask, source = self.mask, self.mask_info["source"]
         elif args.mask_path:
             mask, source = load_mask(args.mask_path, model), args.mask_path
         else:
@@ -733,7 +729,7 @@ class WAGLETrainer(Trainer):
         # next to the parameters; under DeepSpeed on the host (install_partition_mask copies each rank's part)
         devices = {n: "cpu" if self.is_deepspeed_enabled else p.device for n, p in trainable_parameters(model)}
         mask = {n: m.to(devices[n]) for n, m in mask.items()}
-        if self.accelerator.num_processes > 1:  # rank 0's mask, bit for bit, on every rank
+        if self.accelerator.num_processes > 1 and not restored:  # rank 0's mask, bit for bit, on every rank
             for name, m in mask.items():
                 as_bytes = m.to(self.accelerator.device, torch.uint8)  # NCCL broadcasts device tensors only
                 torch.distributed.broadcast(as_bytes, src=0)
@@ -870,17 +866,16 @@ class WAGLETrainer(Trainer):
             self._metrics = {}
         super().log(logs, start_time)
 
-    # --- state on disk --------------------------------------------------------------------------------------
+    # --- method state (method_state.MethodStateMixin) -------------------------------------------------------
 
-    def _save(self, output_dir=None, state_dict=None):
-        super()._save(output_dir, state_dict)
-        if self.args.should_save and self.mask is not None:
-            folder = Path(output_dir or self.args.output_dir)
-            save_mask(self.mask, folder / MASK_FILE, self.mask_info)
-            tmp = folder / f".{STATE_FILE}.tmp"
-            tmp.write_text(json.dumps({"micro_step": self.micro_step}))
-            os.replace(tmp, folder / STATE_FILE)
+    def method_state(self):
+        """The mask (bool, on the host) and the retain-stream position: a resumed run continues both."""
+        if self.mask is None:
+            return None
+        return {"mask": {n: m.to("cpu") for n, m in self.mask.items()}, "mask_info": dict(self.mask_info),
+                "micro_step": self.micro_step}
 
-    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-        super()._load_from_checkpoint(resume_from_checkpoint, model)
-        self.micro_step = _read_micro_step(resume_from_checkpoint)
+    def load_method_state(self, state):
+        self.mask = check_mask(state["mask"], self.model, "of the checkpoint")
+        self.mask_info = dict(state["mask_info"])  # how the mask was made (phase 1, a mask_path), not where it was read
+        self.micro_step = int(state["micro_step"])

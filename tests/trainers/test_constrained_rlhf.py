@@ -262,21 +262,6 @@ def test_state_dict_refuses_another_kind():
         LagrangeMultipliers(2, equality=False).load_state_dict(a.state_dict())
 
 
-def test_sync_copies_rank0_state():
-    rank0 = LagrangeMultipliers(2, equality=True, generator=torch.Generator().manual_seed(0))
-    rank1 = LagrangeMultipliers(2, equality=True, generator=torch.Generator().manual_seed(1))
-    _run3 = lambda m, v: m.step(v, [0.2, 0.3])  # noqa: E731
-    _run3(rank0, [0.5, 0.1])
-    _run3(rank1, [0.9, 0.9])
-    sources = [rank0.lam.detach(), rank0.optimizer.state[rank0.lam]["momentum_buffer"]]
-    calls = iter(sources)
-    rank1.sync_(lambda t: next(calls).clone())  # accelerate-style: returns the broadcast tensor
-    assert torch.equal(rank1.lam.detach(), rank0.lam.detach())
-    for m in (rank0, rank1):
-        _run3(m, [0.4, 0.2])
-    assert torch.equal(rank1.lam.detach(), rank0.lam.detach())  # identical inputs, identical steps
-
-
 def test_from_config():
     kw = dict(output_dir="/tmp/crlhf-test", use_cpu=True, bf16=False, report_to=[])
     m = LagrangeMultipliers.from_config(ConstrainedRLHFConfig(**kw, constraint_thresholds=[0.3, 0.2]), 2)
@@ -519,7 +504,7 @@ def test_evaluate_with_early_stop():
 
 from posttrain.recipes.config import load_recipe  # noqa: E402
 from posttrain.recipes.train import build_trainer  # noqa: E402
-from posttrain.trainers.constrained_rlhf import STATE_FILE, group_mean_advantages  # noqa: E402
+from posttrain.trainers.constrained_rlhf import group_mean_advantages  # noqa: E402
 
 REVIEWS = {"dataset": "builtin:review_prompts", "difficulty": None, "max_steps": 1}
 
@@ -618,9 +603,9 @@ def test_nm_runs_inside_the_trainer_and_resumes_its_search(tmp_path):
     assert len(trainer.nm.history) >= 3  # 6 iterations, at most 2 per evaluation
     assert trainer.nm.history[0][0] == pytest.approx(first)
     assert trainer.thresholds != first
-    state = trainer.constrained_state()
+    state = trainer.method_state()
     again = build_trainer(load_recipe("constrained_rlhf/tiny", overrides))
-    again.load_constrained_state(state)
+    again.load_method_state(state)
     assert again.thresholds == trainer.thresholds and again.nm.history == trainer.nm.history
     assert torch.equal(again.multipliers.lam, trainer.multipliers.lam)
     logged = [e["nm/evaluations"] for e in trainer.state.log_history if "nm/evaluations" in e]

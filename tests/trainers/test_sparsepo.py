@@ -8,10 +8,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from conftest import method_state
 from posttrain.recipes.config import load_recipe
 from posttrain.recipes.train import build_trainer
 from posttrain.trainers.sparsepo import (
-    MASK_FILE,
     SimpleMaskAllLayers,
     activation_mask,
     sparsepo_loss,
@@ -233,17 +233,17 @@ def test_precompute_ref_log_probs_is_refused(tmp_path):
         load_recipe("sparsepo/tiny", {"precompute_ref_log_probs": True})
 
 
-def test_mask_network_is_saved_beside_the_model_and_restored(tmp_path):
+def test_mask_network_is_method_state_and_restored(tmp_path):
     trainer = make_trainer(tmp_path, save_strategy="steps", save_steps=2)
     trainer.train()
     checkpoint = tmp_path / "checkpoint-2"
-    assert (checkpoint / MASK_FILE).is_file() and (checkpoint / "model.safetensors").is_file()
     from safetensors.torch import load_file
 
-    saved = load_file(str(checkpoint / MASK_FILE))
-    assert not any(k.startswith("sparsepo") for k in load_file(str(checkpoint / "model.safetensors")))
+    saved = method_state(checkpoint)["trainer"]["mask_networks"]
+    assert saved and not any(k.startswith("sparsepo") for k in load_file(str(checkpoint / "model.safetensors")))
     fresh = make_trainer(tmp_path / "other")
-    fresh._load_from_checkpoint(str(checkpoint))
+    assert any(not torch.equal(v, saved[k]) for k, v in fresh.model.sparsepo_masks.state_dict().items())
+    fresh.restore_method_state(checkpoint)
     for key, value in fresh.model.sparsepo_masks.state_dict().items():
         torch.testing.assert_close(value, saved[key], atol=0, rtol=0)
 
@@ -267,4 +267,4 @@ def test_lora_reference_is_the_adapter_disabled_policy(mask_type, tmp_path):
     summary = json.loads((tmp_path / "run_summary.json").read_text())
     assert summary["metrics"]["kl/seq"]["first"] == pytest.approx(0.0, abs=1e-7)  # LoRA B = 0: policy == reference
     assert (tmp_path / "adapter_model.safetensors").is_file()
-    assert (tmp_path / MASK_FILE).is_file() == (mask_type == "learned")
+    assert (method_state(tmp_path)["trainer"] is not None) == (mask_type == "learned")  # the final folder has it too
