@@ -14,7 +14,8 @@ A trainer, or a ``TrainerCallback`` registered with it, declares its state with 
 - **Save.** ``_save_checkpoint`` writes ``method_state.pt`` (``{owner: state}``, owner ``"trainer"`` or the
   callback's class name) into ``checkpoint-N`` *before* the Trainer writes the weights, optimizer and, last,
   ``trainer_state.json``: every folder that ``runtime.latest_checkpoint`` takes as complete holds it. The saving
-  process writes a temporary file and renames it, so the file is whole or absent.
+  process writes a temporary file and renames it, so the file is whole or absent. The final ``save_model`` (not
+  the Trainer's internal one inside a checkpoint) writes it beside the final model too.
 - **Restore.** ``train(resume_from_checkpoint=...)`` has rank 0 read the file and broadcast it, then every owner
   loads it, all before the Trainer's own ``train``. That is before any backend prepares the model, and so it does
   not depend on whether the Trainer then calls ``_load_from_checkpoint`` (plain, DDP, FSDP) or only DeepSpeed's
@@ -119,6 +120,8 @@ class MethodStateMixin:
     (module docstring). Placed before a transformers/TRL trainer in the MRO."""
 
     def _save_checkpoint(self, model, trial):
+        # transformers 5.24 trainer.py L3363-3417: the folder is checkpoint-{global_step} of _get_output_dir(trial);
+        # the parent then writes weights, optimizer, RNG and, last, trainer_state.json into it
         self.write_method_state(Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}")
         super()._save_checkpoint(model, trial)
 
