@@ -415,27 +415,71 @@ def expert_biases(model_or_routers):
     return out
 
 
+def _checkpoint_to_runtime_names(model):
+    """A function mapping a key as saved in a checkpoint to ``model``'s own state-dict key, by the renaming that
+    ``from_pretrained`` applies: transformers 5.24 writes some modules under their hub names (Mixtral's ``mlp`` as
+    ``block_sparse_moe``) and maps them back on load, and the biases of patched routers must follow the same rule.
+
+    Mirrors step 1 of ``convert_and_load_state_dict_in_model`` (core_model_loading.py L1875-1895): the model's
+    ``get_model_conversion_mapping`` (as modeling_utils.py L4411 calls it, without a user ``key_mapping`` or a
+    quantizer), all renamings then at most one converter via ``rename_source_key`` (which also adds or strips the
+    base-model prefix), and the original key when only that one is the model's. ``model`` must already hold the
+    biases (``install_expert_bias``): the prefix handling looks the keys up in its state dict.
+    """
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+
+    mapping = get_model_conversion_mapping(model)
+    renamings = [t for t in mapping if isinstance(t, WeightRenaming)]
+    converters = [t for t in mapping if isinstance(t, WeightConverter)]
+    own = model.state_dict()
+
+    def runtime_name(key):
+        renamed, _ = rename_source_key(key, renamings, converters, model.base_model_prefix, own)
+        if renamed not in own and key in own:
+            renamed, _ = rename_source_key(key, [], [], model.base_model_prefix, own)
+        return renamed
+
+    return runtime_name
+
+
+def _saved_biases(folder):
+    """``{checkpoint key: safetensors file}`` of every ``e_score_correction_bias`` saved in ``folder``."""
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    found = {}
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as handle:
+            found.update({k: f for k in handle.keys() if k.endswith(BIAS_NAME)})
+    return found
+
+
 def load_expert_biases(model, folder):
     """Copy the ``e_score_correction_bias`` tensors saved in ``folder``'s safetensors files into ``model``.
 
     For patched Qwen/Mixtral models (see install_expert_bias); DeepSeek-V3's biases load with the model already.
-    Returns the number of tensors loaded.
+    Saved keys are mapped to the model's names as ``from_pretrained`` maps them (``_checkpoint_to_runtime_names``).
+    Raises KeyError naming the routers whose bias ``folder`` lacks. Returns the number of tensors loaded.
     """
-    from pathlib import Path
+    from safetensors import safe_open
 
-    from safetensors.torch import load_file
-
-    state = {}
-    for f in sorted(Path(folder).glob("*.safetensors")):
-        state.update({k: v for k, v in load_file(str(f)).items() if k.endswith(BIAS_NAME)})
-    own = {k for k in model.state_dict() if k.endswith(BIAS_NAME)}
-    missing = own - set(state)
+    runtime_name = _checkpoint_to_runtime_names(model)
+    saved = {runtime_name(k): (k, f) for k, f in _saved_biases(folder).items()}
+    own = [k for k in model.state_dict() if k.endswith(BIAS_NAME)]
+    missing = [k for k in own if k not in saved]
     if missing:
-        raise KeyError(f"{folder} lacks expert biases for {sorted(missing)[:3]}")
+        unmatched = sorted(key for name, (key, _) in saved.items() if name not in own)
+        raise KeyError(f"{folder} has no saved {BIAS_NAME} for {len(missing)} of {len(own)} routers: "
+                       f"{', '.join(missing)}" + (f" (saved under names the model lacks: {', '.join(unmatched)})"
+                                                  if unmatched else ""))
     with torch.no_grad():
         for k in own:
-            mod = model.get_submodule(k.rsplit(".", 1)[0])
-            getattr(mod, BIAS_NAME).copy_(state[k].to(torch.float32))
+            key, f = saved[k]
+            with safe_open(str(f), framework="pt") as handle:
+                tensor = handle.get_tensor(key)
+            getattr(model.get_submodule(k.rsplit(".", 1)[0]), BIAS_NAME).copy_(tensor.to(torch.float32))
     return len(own)
 
 
@@ -443,15 +487,11 @@ def restore_expert_biases(model, folder):
     """For a model fresh from ``from_pretrained(folder)``: if ``folder`` was saved from patched routers (Qwen /
     Mixtral, ``install_expert_bias``), whose biases the stock class dropped, patch the routers and load the saved
     biases. Returns the number of biases loaded (0 when the folder holds none that the model lacks)."""
-    from pathlib import Path
-
-    from safetensors import safe_open
-
-    saved = set()
-    for f in Path(folder).glob("*.safetensors"):
-        with safe_open(str(f), framework="pt") as handle:
-            saved |= {k for k in handle.keys() if k.endswith(BIAS_NAME)}
-    if not saved - set(model.state_dict()):
+    saved = _saved_biases(folder)
+    if not saved:
+        return 0
+    runtime_name, own = _checkpoint_to_runtime_names(model), model.state_dict()
+    if all(runtime_name(k) in own for k in saved):  # e.g. DeepSeek-V3: loaded with the model
         return 0
     install_expert_bias(model)
     return load_expert_biases(model, folder)
