@@ -2,8 +2,9 @@
 
 transformers 5.24 saves some modules under their hub names (Mixtral's ``mlp`` as ``block_sparse_moe``), so the
 checkpoint's bias keys need not be the model's; ``load_expert_biases`` maps them as ``from_pretrained`` does. One real
-``posttrain train`` per architecture (aux-free, 2 steps) feeds three checks: ``posttrain eval`` routes with the trained
-biases, ``from_pretrained`` + ``restore_expert_biases`` restores them, and a missing bias is one clear error.
+``posttrain train`` per architecture (aux-free, 2 steps) feeds four checks: ``posttrain eval`` routes with the trained
+biases, ``from_pretrained`` + ``restore_expert_biases`` restores them, a missing bias is one clear error, and a run
+resumed from its checkpoint-1 ends with the same biases.
 """
 
 import json
@@ -36,6 +37,11 @@ def _by_layer(model):
     return {_layer(name): bias for (name, _), bias in zip(find_routers(model), expert_biases(model), strict=True)}
 
 
+def _run_args(arch):
+    return ["--model_name_or_path", f"tiny:{arch}", "--max_steps", "2", "--moe_bias_rule", "proportional",
+            "--moe_bias_rate", "0.05", "--save_strategy", "steps", "--save_steps", "1"]
+
+
 @pytest.fixture(scope="module", params=ARCHS)
 def trained(request, tmp_path_factory):
     """(arch, output folder, {layer: bias as saved}) of a 2-step aux-free SFT run of the tiny ``arch`` model."""
@@ -43,8 +49,7 @@ def trained(request, tmp_path_factory):
     out = tmp_path_factory.mktemp(f"bias-{arch}")
     # proportional steps of 0.05 x load error: no layer's bias comes back to exactly zero (sign steps can cancel),
     # and the values use the whole fp32 mantissa, so "bit for bit" means something
-    assert main(["train", "moe_balance/tiny_sft", "--model_name_or_path", f"tiny:{arch}", "--max_steps", "2",
-                 "--moe_bias_rule", "proportional", "--moe_bias_rate", "0.05", "--output_dir", str(out)]) == 0
+    assert main(["train", "moe_balance/tiny_sft", *_run_args(arch), "--output_dir", str(out)]) == 0
     with safe_open(str(out / "model.safetensors"), framework="pt") as f:
         saved = {_layer(k): f.get_tensor(k) for k in f.keys() if k.endswith(BIAS_NAME)}
     assert sorted(saved) == [0, 1] and all(b.dtype == torch.float32 and b.abs().sum() > 0 for b in saved.values())
@@ -105,3 +110,14 @@ def test_missing_bias_is_one_clear_error(trained, tmp_path):
     install_expert_bias(model)
     with pytest.raises(KeyError, match=rf"no saved {BIAS_NAME} for 1 of 2 routers: model\.layers\.1\.mlp\.gate\."):
         load_expert_biases(model, tmp_path)
+
+
+def test_resume_restores_the_biases(trained, tmp_path):
+    # --resume from checkpoint-1 (the method state carries the biases under the model's own names, whatever the
+    # checkpoint layout calls them) must end step 2 with the uninterrupted run's biases, bit for bit
+    arch, out, saved = trained
+    assert main(["train", "moe_balance/tiny_sft", *_run_args(arch), "--output_dir", str(tmp_path),
+                 "--resume_from_checkpoint", str(out / "checkpoint-1")]) == 0
+    with safe_open(str(tmp_path / "model.safetensors"), framework="pt") as f:
+        resumed = {_layer(k): f.get_tensor(k) for k in f.keys() if k.endswith(BIAS_NAME)}
+    assert sorted(resumed) == sorted(saved) and all(torch.equal(resumed[k], saved[k]) for k in saved)
