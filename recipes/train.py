@@ -69,6 +69,19 @@ def _validate_per_reward_settings(config, funcs: list) -> None:
             raise UserError(f"{e}") from None
 
 
+def _check_method_state(recipe: Recipe, checkpoint: Path) -> None:
+    """A method with state (``method_state`` on its trainer, or aux-free expert biases) resumes only from a checkpoint
+    that holds it: say so before the model loads (the mechanism checks each owner's entry again on resume)."""
+    from posttrain.trainers.method_state import STATE_FILE, MissingMethodStateError
+
+    stateful = hasattr(METHODS[recipe.method].trainer_cls, "method_state")
+    if (stateful or getattr(recipe.moe, "moe_balance", None) == "aux_free") and not (checkpoint / STATE_FILE).is_file():
+        raise MissingMethodStateError(
+            f"{checkpoint / STATE_FILE} is missing: checkpoint {checkpoint} was not written by a {recipe.method} run"
+            f"{' with aux-free balancing' if not stateful else ''}; resume from a checkpoint of the same recipe, "
+            "or start a new run")
+
+
 def build_trainer(recipe: Recipe):
     """Everything up to (not including) ``trainer.train()``: returns the TRL trainer."""
     from posttrain.data import load_task_datasets
@@ -83,6 +96,8 @@ def build_trainer(recipe: Recipe):
             f"resume_from_checkpoint '{config.resume_from_checkpoint}' is not a complete checkpoint-N folder "
             "(no readable trainer_state.json or weights); use --resume to pick the newest complete one"
         )
+    if isinstance(config.resume_from_checkpoint, str):
+        _check_method_state(recipe, Path(config.resume_from_checkpoint))
     datasets = load_task_datasets(method.task, recipe.data_args)
     extra: dict[str, Any] = {}
     if method.task == "prompt":

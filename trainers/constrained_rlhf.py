@@ -435,7 +435,8 @@ class LagrangeMultipliers:
 
     Distributed runs: the update is deterministic given its inputs, so ranks stay identical when they all pass
     the same (all-reduced) component values; a resume loads rank 0's copy on every rank (``method_state``).
-    ``state_dict``/``load_state_dict`` include the momentum buffer, so a resumed run continues exactly. lambda is float64 (N is tiny).
+    ``state_dict``/``load_state_dict`` include the momentum buffer, so a resumed run continues exactly. lambda is
+    float64 (N is tiny).
     """
 
     def __init__(self, n, equality, squash=True, lr=0.1, momentum=0.1, grad_clip=0.5, init_std=0.01, init=None,
@@ -781,7 +782,8 @@ def evaluate_with_early_stop(train_step: Callable[[], object], evaluate: Callabl
 class _ConstrainedMixin(MethodStateMixin):
     """The constrained-RLHF delta, shared by the RLOO and GRPO trainers: overrides ``_generate_and_score_completions``
     (the advantages and the multiplier step) and ``_calculate_rewards`` (to keep the component rewards un-summed);
-    its state (``method_state``) goes into every checkpoint. ``_stream_baseline`` is the per-stream advantage of the parent method."""
+    its state (``method_state``) goes into every checkpoint. ``_stream_baseline`` is the per-stream advantage of the
+    parent method."""
 
     def __init__(self, model, reward_funcs, args=None, **kwargs):
         if not isinstance(args, ConstrainedArguments):

@@ -35,12 +35,14 @@ from pathlib import Path
 
 import torch
 
+from posttrain import UserError
+
 STATE_FILE = "method_state.pt"
 TRAINER = "trainer"  # the owner name of the trainer's own state
 
 
-class MissingMethodStateError(FileNotFoundError):
-    pass
+class MissingMethodStateError(UserError, FileNotFoundError):
+    """A resume from a checkpoint that lacks the state this run needs (the CLI prints it as one line)."""
 
 
 def method_state_owners(trainer) -> dict:
@@ -77,9 +79,9 @@ def read_method_state(folder, owners) -> dict:
     state = torch.load(path, weights_only=True)
     missing = [o for o in owners if o not in state]
     if missing:
-        raise MissingMethodStateError(f"{path} has no state of {', '.join(missing)} (it holds {', '.join(state) or 'none'}): "
-                                      "written by another method or configuration; resume from a checkpoint of the "
-                                      "same recipe, or start a new run")
+        raise MissingMethodStateError(f"{path} has no state of {', '.join(missing)} (it holds "
+                                      f"{', '.join(state) or 'none'}): written by another method or configuration; "
+                                      "resume from a checkpoint of the same recipe, or start a new run")
     return {o: state[o] for o in owners}
 
 

@@ -813,7 +813,7 @@ class MoEBalanceCallback(TrainerCallback):
         counts = apply_bias_update(self.counter, rate=self.rate, rule=cfg.moe_bias_rule,
                                    step=max(state.global_step - 1, 0), decay_power=cfg.moe_bias_decay_power,
                                    decay_steps=cfg.moe_bias_decay_steps)
-        biases = expert_biases(self.routers) if self.has_method_state else None
+        biases = expert_biases(self.routers) if self._has_biases() else None
         metrics = moe_metrics(counts, biases, self.counter.names, per_layer=cfg.moe_log_per_layer)
         if self.aux is not None:
             metrics["moe/aux_loss"] = self.aux.mean()
@@ -827,12 +827,15 @@ class MoEBalanceCallback(TrainerCallback):
         else:
             self._pending = metrics
 
+    def _has_biases(self):
+        return all(isinstance(m._buffers.get(BIAS_NAME), torch.Tensor) for _, m in self.routers)
+
     # method state (method_state.MethodStateMixin): the biases under the model's runtime names, so a resume restores
     # them whatever names the model's checkpoint layout gives them (Mixtral's are renamed on save) and on every backend
 
     @property
-    def has_method_state(self):
-        return self.routers is not None and all(isinstance(m._buffers.get(BIAS_NAME), torch.Tensor) for _, m in self.routers)
+    def has_method_state(self):  # aux_free only: otherwise the biases (DeepSeek-V3's own) never move
+        return self.config.moe_balance == "aux_free" and self.routers is not None
 
     def method_state(self):
         return {"expert_biases": {name: b.detach().to("cpu", torch.float32).clone()
