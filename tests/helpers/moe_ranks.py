@@ -3,7 +3,6 @@ step (the routers' biases as exact hex floats, the all-reduced loads) to <record
 tests/test_moe_distributed.py with ``accelerate launch`` (2 ranks; DDP, ZeRO-2, ZeRO-3) and with plain python (1 rank).
 
     moe_ranks.py RECORD_DIR DATA.jsonl OUTPUT_DIR --model tiny:deepseek_v3 --batch 2 --max_steps 4 [--save_steps 2]
-                 [--resume CHECKPOINT]
 """
 
 import argparse
@@ -27,7 +26,6 @@ ap.add_argument("--batch", type=int, default=2)
 ap.add_argument("--accum", type=int, default=1)
 ap.add_argument("--max_steps", type=int, default=4)
 ap.add_argument("--save_steps", type=int, default=0)
-ap.add_argument("--resume", default=None)
 args = ap.parse_args()
 torch.set_num_threads(1)
 
@@ -47,11 +45,7 @@ def hexes(model):
 
 class Record(TrainerCallback):
     def __init__(self):
-        self.steps, self.begin = [], None
-
-    def on_step_begin(self, args, state, control, **kwargs):
-        if self.begin is None:  # what the run starts from (a resumed run: the checkpoint's biases)
-            self.begin = {"step": state.global_step, "bias": hexes(inner_model(trainer.model))}
+        self.steps = []
 
     def on_step_end(self, args, state, control, **kwargs):
         cb = trainer.moe_balance
@@ -62,11 +56,11 @@ class Record(TrainerCallback):
 
 record = Record()
 trainer.add_callback(record)  # after MoEBalanceCallback (first in the list): sees the updated biases
-trainer.train(resume_from_checkpoint=args.resume)
+trainer.train()
 acc = trainer.accelerator
 out = {"world": acc.num_processes, "rank": acc.process_index, "distributed_type": acc.distributed_type.value,
-       "zero_stage": getattr(acc.state.deepspeed_plugin, "zero_stage", None), "begin": record.begin,
-       "steps": record.steps, "bias_dtypes": [str(b.dtype) for b in expert_biases(find_routers(trainer.model))]}
+       "zero_stage": getattr(acc.state.deepspeed_plugin, "zero_stage", None), "steps": record.steps,
+       "bias_dtypes": [str(b.dtype) for b in expert_biases(find_routers(trainer.model))]}
 args.record.mkdir(parents=True, exist_ok=True)
 (args.record / f"rank{acc.process_index}.json").write_text(json.dumps(out))
 close_process_group()
