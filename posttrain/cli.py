@@ -1,6 +1,6 @@
 """The ``posttrain`` command line (also ``python -m posttrain`` and ``accelerate launch -m posttrain``).
 
-    posttrain train RECIPE [--key value | --key=value ...] [--resume] [--debug]
+    posttrain train RECIPE [--key value | --key=value ...] [--resume | --overwrite_output_dir] [--debug]
     posttrain list [methods|recipes|rewards|data|evals]
     posttrain eval [RECIPE] --model M [--compare M2 ...] --tasks a,b [--output DIR] [--limit N] [--peft ADAPTER]
     posttrain report RUN_DIR
@@ -59,13 +59,13 @@ def _list(what: str) -> None:
             print(f"  {name:<11} {description}")
 
 
-def _train(recipe_name: str, overrides: list[str], resume: bool) -> None:
+def _train(recipe_name: str, overrides: list[str], resume: bool, overwrite_output_dir: bool = False) -> None:
     from posttrain.recipes.config import load_recipe, parse_overrides
 
     recipe = load_recipe(recipe_name, parse_overrides(overrides))
     from posttrain.recipes.train import train
 
-    train(recipe, resume=resume)
+    train(recipe, resume=resume, overwrite_output_dir=overwrite_output_dir)
     from posttrain.trainers.runtime import close_process_group
 
     close_process_group()
@@ -101,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     train_p.add_argument("recipe")
     train_p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     train_p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in output_dir")
+    train_p.add_argument("--overwrite_output_dir", action="store_true", help="start over in an output_dir that holds "
+                         "checkpoints, deleting them (without it such a run refuses; --resume continues them)")
     list_p = sub.add_parser("list", help="list methods, recipes, reward functions and built-in datasets")
     list_p.add_argument("what", nargs="?", default="all", choices=["all", "methods", "recipes", "rewards", "data", "evals"])
     moe_p = sub.add_parser("moe", help="mixture-of-experts tools").add_subparsers(dest="moe_command", required=True)
@@ -162,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 _eval(args)
         else:
-            _train(args.recipe, rest, args.resume)
+            _train(args.recipe, rest, args.resume, args.overwrite_output_dir)
     except UserError as err:
         if debug:
             raise

@@ -17,7 +17,9 @@ from typing import Any
 from posttrain import UserError
 from posttrain.recipes.config import Recipe
 from posttrain.trainers import METHODS, OPTIMIZERS, import_object
-from posttrain.trainers.runtime import guarded, is_complete_checkpoint, latest_checkpoint
+from posttrain.recipes.output_dir import (is_main_process, output_dir_lock, prepare_fresh_output_dir,
+                                          resume_checkpoint, settings_from_checkpoint)
+from posttrain.trainers.runtime import checkpoint_problem, guarded
 
 
 def reward_functions(names: list[str], config) -> list:
@@ -91,12 +93,10 @@ def build_trainer(recipe: Recipe):
     method, config, model_args = METHODS[recipe.method], recipe.config, recipe.model_args
     if not model_args.model_name_or_path:
         raise UserError(f"{recipe.source}: missing 'model_name_or_path' (a hub id, a local directory or tiny:<arch>)")
-    if isinstance(config.resume_from_checkpoint, str) and not is_complete_checkpoint(Path(config.resume_from_checkpoint)):
-        raise UserError(
-            f"resume_from_checkpoint '{config.resume_from_checkpoint}' is not a complete checkpoint-N folder "
-            "(no readable trainer_state.json or weights); use --resume to pick the newest complete one"
-        )
     if isinstance(config.resume_from_checkpoint, str):
+        problem = checkpoint_problem(config.resume_from_checkpoint)
+        if problem:
+            raise UserError(f"resume_from_checkpoint: {problem}; use --resume to pick the newest complete one")
         _check_method_state(recipe, Path(config.resume_from_checkpoint))
     datasets = load_task_datasets(method.task, recipe.data_args)
     extra: dict[str, Any] = {}
@@ -132,26 +132,36 @@ def build_trainer(recipe: Recipe):
     return trainer
 
 
-def train(recipe: Recipe, resume: bool = False) -> dict[str, Any]:
+def train(recipe: Recipe, resume: bool = False, overwrite_output_dir: bool = False) -> dict[str, Any]:
     """Run a recipe to the end; returns the run summary (also written to ``output_dir/run_summary.json``).
 
-    ``resume``: continue from the newest complete checkpoint in ``output_dir`` (from scratch if none).
+    ``resume``: continue from the newest complete checkpoint in ``output_dir`` (from scratch if it holds none).
+    ``overwrite_output_dir``: a run from scratch deletes the checkpoints already in ``output_dir`` (without it, it
+    refuses them). The main process holds ``output_dir``'s lock for the whole run (``recipes/output_dir.py``).
     """
     if METHODS[recipe.method].task == "aux":
         return METHODS[recipe.method].trainer_cls(recipe.config).train()
 
     config = recipe.config
-    if resume:
-        checkpoint = latest_checkpoint(config.output_dir)
-        print(f"posttrain: resuming from {checkpoint}" if checkpoint else f"posttrain: no checkpoint in {config.output_dir}; starting from scratch")
-        config.resume_from_checkpoint = str(checkpoint) if checkpoint else None
-    trainer = build_trainer(recipe)
-    result = trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
-    trainer.save_model(config.output_dir)
-    summary = run_summary(recipe, trainer, result)
-    if trainer.accelerator.is_main_process:
-        write_json_atomic(Path(config.output_dir) / "run_summary.json", summary)
-        print(format_summary(summary))
+    main = is_main_process(config)
+    with output_dir_lock(config.output_dir, main):
+        if resume or config.resume_from_checkpoint is True:
+            checkpoint = resume_checkpoint(config.output_dir)
+            print(f"posttrain: resuming from {checkpoint}" if checkpoint else f"posttrain: no checkpoint in {config.output_dir}; starting from scratch")
+            config.resume_from_checkpoint = str(checkpoint) if checkpoint else None
+        elif not config.resume_from_checkpoint:
+            prepare_fresh_output_dir(config.output_dir, overwrite_output_dir, main)
+        if config.resume_from_checkpoint and main and not checkpoint_problem(config.resume_from_checkpoint):
+            warning = settings_from_checkpoint(config.resume_from_checkpoint, config)
+            if warning:
+                print(warning)
+        trainer = build_trainer(recipe)
+        result = trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
+        trainer.save_model(config.output_dir)
+        summary = run_summary(recipe, trainer, result)
+        if trainer.accelerator.is_main_process:
+            write_json_atomic(Path(config.output_dir) / "run_summary.json", summary)
+            print(format_summary(summary))
     return summary
 
 

@@ -1,19 +1,24 @@
-"""Durability: exact resume after a kill, --resume picks only complete checkpoints, NaN/inf guard."""
+"""Durability: exact resume after a kill, --resume picks only complete checkpoints, NaN/inf guard, no non-finite
+checkpoint, one run per output_dir."""
 
 import json
 import math
+import os
 import shutil
+import socket
+import subprocess
+import sys
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, TrainerCallback
 
-from conftest import assert_same_state, method_state
+from conftest import BIN, ROOT, assert_same_state, method_state
 from posttrain.cli import main
 from posttrain.recipes.config import load_recipe
 from posttrain.recipes.train import build_trainer
 from posttrain.trainers.method_state import STATE_FILE
-from posttrain.trainers.runtime import NonFiniteError, latest_checkpoint
+from posttrain.trainers.runtime import MANIFEST, NonFiniteError, checkpoint_problem, latest_checkpoint, read_manifest
 
 CHECKPOINTED = {"max_steps": 4, "save_strategy": "steps", "save_steps": 2, "logging_steps": 1}
 
@@ -143,3 +148,176 @@ def _nan_trainer(build):
         return trainer
 
     return wrapped
+
+
+def one_line(err: str) -> str:
+    """The single posttrain line on stderr (progress bars share it, ending their lines with \\r only)."""
+    ours = [line[line.index("posttrain:"):] for line in err.split("\n") if "posttrain:" in line]
+    assert len(ours) == 1, ours
+    return ours[0]
+
+
+@pytest.fixture(scope="module")
+def two_checkpoints(tmp_path_factory):
+    """A dpo/tiny run with complete checkpoint-2 and checkpoint-4."""
+    out = tmp_path_factory.mktemp("run")
+    assert main(["train", "dpo/tiny", "--output_dir", str(out), *[f"--{k}={v}" for k, v in CHECKPOINTED.items()]]) == 0
+    return out
+
+
+@pytest.mark.parametrize("damage", ["missing", "truncated"])
+@pytest.mark.parametrize("name", ["optimizer.pt", "scheduler.pt", "rng_state.pth", "model.safetensors"])
+def test_a_checkpoint_missing_or_damaging_a_file_the_resume_reads_is_never_resumed(name, damage, two_checkpoints,
+                                                                                   tmp_path, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(two_checkpoints, out)
+    path = out / "checkpoint-4" / name
+    if damage == "missing":
+        path.unlink()
+    else:
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    assert latest_checkpoint(out).name == "checkpoint-2" and str(path) in checkpoint_problem(out / "checkpoint-4")
+    # an explicit path: one line naming the file, before any model loads
+    capsys.readouterr()
+    assert main(["train", "dpo/tiny", "--output_dir", str(out), "--resume_from_checkpoint", str(out / "checkpoint-4")]) == 2
+    line = one_line(capsys.readouterr().err)
+    assert line.startswith("posttrain: error: resume_from_checkpoint:") and str(path) in line, line
+    # --resume: falls back to checkpoint-2, says why, and retraces the run's step 3
+    assert main(["train", "dpo/tiny", "--output_dir", str(out), "--resume", *[f"--{k}={v}" for k, v in CHECKPOINTED.items()],
+                 "--max_steps=3"]) == 0
+    said = capsys.readouterr().out
+    assert f"skipping checkpoint-4: {path}" in said and f"resuming from {out / 'checkpoint-2'}" in said, said
+    assert step_losses(out / "checkpoint-3")[3] == pytest.approx(step_losses(two_checkpoints / "checkpoint-4")[3], abs=1e-6)
+
+
+def test_save_only_model_checkpoints_are_not_resumable(tmp_path, capsys):
+    args = ["train", "dpo/tiny", "--output_dir", str(tmp_path), *[f"--{k}={v}" for k, v in CHECKPOINTED.items()]]
+    assert main([*args, "--save_only_model=true", "--max_steps=2"]) == 0
+    assert "save_only_model" in checkpoint_problem(tmp_path / "checkpoint-2") and latest_checkpoint(tmp_path) is None
+    capsys.readouterr()
+    assert main([*args, "--resume"]) == 2
+    line = one_line(capsys.readouterr().err)
+    assert "no complete checkpoint" in line and "cannot be resumed exactly" in line, line
+
+
+def test_the_manifest_is_written_last_and_lists_every_file(two_checkpoints):
+    checkpoint = two_checkpoints / "checkpoint-4"
+    listed = set(read_manifest(checkpoint)["files"])
+    on_disk = {str(f.relative_to(checkpoint)) for f in checkpoint.rglob("*") if f.is_file() and f.name != MANIFEST}
+    assert listed == on_disk and {"optimizer.pt", "scheduler.pt", "rng_state.pth", "model.safetensors"} <= listed
+    assert (checkpoint / MANIFEST).stat().st_mtime >= max((checkpoint / f).stat().st_mtime for f in listed)
+
+
+def test_no_checkpoint_with_non_finite_weights_is_written(tmp_path):
+    # step 3's update makes the weights infinite (finite loss and gradient: the step guard has nothing to see)
+    trainer = build_trainer(load_recipe("dpo/tiny", {**CHECKPOINTED, "save_steps": 1, "output_dir": str(tmp_path)}))
+
+    class HugeStepAt3(TrainerCallback):
+        def on_step_begin(self, args, state, control, optimizer=None, **kwargs):
+            if state.global_step == 2:
+                for group in optimizer.param_groups:
+                    group["lr"] = 1e40
+
+    trainer.add_callback(HugeStepAt3())
+    with pytest.raises(NonFiniteError, match=r"non-finite weights after step 3; checkpoint-3 was not written; "
+                                             r"the last good checkpoint is .*checkpoint-2 "):
+        trainer.train()
+    assert [c.name for c in sorted(tmp_path.glob("checkpoint-*"))] == ["checkpoint-1", "checkpoint-2"]
+
+
+@pytest.mark.parametrize("save", ["checkpoint", "final model"])
+def test_cli_stops_before_writing_non_finite_weights(save, tmp_path, capsys):
+    saving = ["--save_strategy=steps", "--save_steps=1"] if save == "checkpoint" else ["--save_strategy=no"]
+    assert main(["train", "dpo/tiny", "--output_dir", str(tmp_path), "--max_steps=1", "--learning_rate=1e40", *saving]) == 1
+    line = one_line(capsys.readouterr().err)
+    expected = ("after step 1; checkpoint-1 was not written" if save == "checkpoint"
+                else "at the end of training (step 1); the final model was not saved")
+    assert line.startswith(f"posttrain: stopped: non-finite weights {expected}; no checkpoint was saved yet"), line
+    assert not list(tmp_path.glob("checkpoint-*")) and not list(tmp_path.glob("*.safetensors"))
+
+
+def test_a_fresh_run_refuses_a_folder_with_checkpoints(two_checkpoints, tmp_path, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(two_checkpoints, out)
+    capsys.readouterr()
+    assert main(["train", "dpo/tiny", "--output_dir", str(out), "--max_steps=1"]) == 2
+    line = one_line(capsys.readouterr().err)
+    assert f"output_dir {out} already holds checkpoints (checkpoint-2, checkpoint-4)" in line and "--resume" in line
+    assert latest_checkpoint(out).name == "checkpoint-4"
+    # --overwrite_output_dir starts over: the old checkpoints go, so a later --resume cannot pick one of them
+    assert main(["train", "dpo/tiny", "--output_dir", str(out), "--overwrite_output_dir",
+                 *[f"--{k}={v}" for k, v in CHECKPOINTED.items()], "--save_steps=1", "--max_steps=1"]) == 0
+    assert [c.name for c in out.glob("checkpoint-*")] == ["checkpoint-1"]
+
+
+def test_a_second_run_into_a_running_runs_folder_refuses(tmp_path, monkeypatch):
+    second = {}
+
+    class StartAnotherRun(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 1:  # the first run holds the folder: a real second process tries it
+                cmd = [sys.executable, "-m", "posttrain", "train", "dpo/tiny", "--output_dir", str(tmp_path), "--resume"]
+                second["proc"] = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
+
+    def with_callback(recipe):
+        trainer = build_trainer(recipe)
+        trainer.add_callback(StartAnotherRun())
+        return trainer
+
+    monkeypatch.setattr("posttrain.recipes.train.build_trainer", with_callback)
+    assert main(["train", "dpo/tiny", "--output_dir", str(tmp_path), "--max_steps=2"]) == 0
+    proc = second["proc"]
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert one_line(proc.stderr) == (f"posttrain: error: output_dir {tmp_path} is in use by another posttrain run (pid "
+                                     f"{os.getpid()}, lock {tmp_path / '.posttrain.lock'}); wait for it to end, or "
+                                     "choose another --output_dir")
+
+
+def test_a_resume_names_the_settings_its_checkpoint_overrides(two_checkpoints, tmp_path, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(two_checkpoints, out)
+    shutil.rmtree(out / "checkpoint-4")
+    args = ["train", "dpo/tiny", "--output_dir", str(out), *[f"--{k}={v}" for k, v in CHECKPOINTED.items()]]
+    capsys.readouterr()
+    assert main([*args, "--resume", "--learning_rate=0.5", "--weight_decay=0.25"]) == 0
+    said = [line for line in capsys.readouterr().out.splitlines() if "posttrain: warning" in line]
+    assert len(said) == 1 and "keeps learning_rate=" in said[0] and "(this run: 0.5)" in said[0], said
+    assert "weight_decay=0.0 (this run: 0.25)" in said[0], said
+    # and that is what happened: step 4 ran at the uninterrupted run's learning rate, not at 0.5
+    logged = lambda folder: {e["step"]: e["learning_rate"] for e in json.loads((folder / "trainer_state.json").read_text())["log_history"] if "loss" in e}  # noqa: E731
+    assert logged(out / "checkpoint-4")[4] == logged(two_checkpoints / "checkpoint-4")[4]
+    # a resume with the same settings says nothing
+    shutil.rmtree(out / "checkpoint-4")
+    assert main([*args, "--resume"]) == 0
+    assert "posttrain: warning" not in capsys.readouterr().out
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_a_deepspeed_zero2_checkpoint_is_complete_until_a_shard_is_damaged(tmp_path, run_env):
+    cmd = [str(BIN / "accelerate"), "launch", "--config_file", str(ROOT / "accelerate_configs" / "zero2.yaml"),
+           "--num_processes", "2", "--mixed_precision", "no", "--main_process_port", str(_free_port()),
+           "-m", "posttrain", "train", "dpo/tiny", "--output_dir", str(tmp_path),
+           *[f"--{k}={v}" for k, v in CHECKPOINTED.items()], "--save_steps=1", "--max_steps=2"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=run_env, cwd=ROOT, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    for step in (1, 2):
+        assert checkpoint_problem(tmp_path / f"checkpoint-{step}") is None
+    manifest = read_manifest(tmp_path / "checkpoint-2")
+    files = set(manifest["files"])
+    assert manifest["world_size"] == 2 and {"latest", "rng_state_0.pth", "rng_state_1.pth", "scheduler.pt"} <= files
+    shards = sorted(f for f in files if f.startswith("global_step2/") and f.endswith("optim_states.pt"))
+    assert len(shards) == 2, files
+    assert latest_checkpoint(tmp_path).name == "checkpoint-2"
+    # rank 1's optimizer shard cut short, or rank 1's RNG state gone: the resume falls back to checkpoint-1
+    shard = tmp_path / "checkpoint-2" / shards[1]
+    shard.write_bytes(shard.read_bytes()[:-100])
+    assert str(shard) in checkpoint_problem(tmp_path / "checkpoint-2")
+    assert latest_checkpoint(tmp_path).name == "checkpoint-1"
+    (tmp_path / "checkpoint-1" / "rng_state_1.pth").unlink()
+    assert latest_checkpoint(tmp_path) is None

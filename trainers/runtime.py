@@ -17,15 +17,26 @@ silently keeps the experts' *initial* weights (only a "missing keys" warning). `
 that load: keys still missing after it are taken from ``from_pretrained`` of the checkpoint, which applies the
 layout conversion. DeepSpeed resumes from its own checkpoint (runtime layout) and is untouched.
 
-**Checkpoints.** ``latest_checkpoint(output_dir)`` is the newest *complete* ``checkpoint-N``: the
-Trainer writes ``trainer_state.json`` last, so a folder whose state file is missing, unreadable or from
-another step (a run killed mid-save) is never picked, unlike ``transformers.get_last_checkpoint``.
+**Checkpoints.** A ``checkpoint-N`` is *complete* when every file the resume reads is present and readable.
+After the Trainer has written everything (every rank: weights, optimizer or DeepSpeed's ``global_stepN/`` shards,
+scheduler, RNG states, ``trainer_state.json``) and all ranks have met at a barrier, the saving process writes
+``checkpoint_manifest.json`` last (write, then rename), listing each file with its size.
+``checkpoint_problem`` checks a folder against it: manifest readable, each listed file there with its size,
+safetensors headers and torch zip directories readable, and the files a resume needs all listed (trainer state of
+step N, weights, optimizer, scheduler, one RNG state per rank, DeepSpeed's ``latest`` and per-rank shards). A
+``save_only_model`` checkpoint is intact but not resumable (no optimizer, scheduler or RNG state), and is reported
+so. ``latest_checkpoint(output_dir)`` is the newest complete one, unlike ``transformers.get_last_checkpoint``. The
+Trainer's ``save_total_limit`` rotation runs after the manifest, so the previous complete checkpoint is never
+deleted before the new one is complete. No checkpoint (nor final model) with non-finite weights is written: the
+check is one ``isfinite`` pass over each rank's parameters (its ZeRO-3 partition), a flag summed over ranks.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
+import zipfile
 from pathlib import Path
 
 import torch
@@ -34,30 +45,130 @@ from posttrain import TrainingError
 
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 _WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors", "pytorch_model.bin")
+MANIFEST = "checkpoint_manifest.json"
+# what a resume keeps from the checkpoint's optimizer state whatever this run asks (torch's Optimizer.load_state_dict
+# restores the param groups' hyperparameters, LambdaLR.load_state_dict the base learning rates); recorded in the
+# manifest so a resume can say which of its settings do not apply
+RESUMED_SETTINGS = ("learning_rate", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "optim_args")
 
 
 class NonFiniteError(TrainingError):
     pass
 
 
-def is_complete_checkpoint(folder: Path) -> bool:
+def checkpoint_folders(output_dir) -> list[Path]:
+    """The ``checkpoint-N`` folders in ``output_dir``, complete or not, oldest step first."""
+    folder = Path(output_dir)
+    found = [c for c in folder.iterdir() if _CHECKPOINT.match(c.name) and c.is_dir()] if folder.is_dir() else []
+    return sorted(found, key=lambda c: int(_CHECKPOINT.match(c.name).group(1)))
+
+
+def write_checkpoint_manifest(folder, args, world_size: int) -> Path:
+    """List every file in ``folder`` (recursively) with its size into ``folder/checkpoint_manifest.json``, written
+    last and atomically: the mark that the save finished on every rank."""
+    folder = Path(folder)
+    files = {str(f.relative_to(folder)): f.stat().st_size for f in sorted(folder.rglob("*"))
+             if f.is_file() and f.name != MANIFEST and not f.name.startswith(".")}
+    manifest = {"step": int(_CHECKPOINT.match(folder.name).group(1)), "world_size": world_size,
+                "save_only_model": bool(args.save_only_model),
+                "settings": {k: getattr(args, k, None) for k in RESUMED_SETTINGS}, "files": files}
+    tmp = folder / f".{MANIFEST}.tmp"
+    tmp.write_text(json.dumps(manifest, indent=1, default=str) + "\n")
+    os.replace(tmp, folder / MANIFEST)
+    return folder / MANIFEST
+
+
+def read_manifest(folder) -> dict:
+    return json.loads((Path(folder) / MANIFEST).read_text())
+
+
+def _unreadable(path: Path) -> str | None:
+    """Why ``path`` cannot be read, from its header alone (cheap): a safetensors header whose tensors do not end at
+    the end of the file, or a torch file (a zip since torch 1.6) without a readable central directory."""
+    try:
+        if path.suffix == ".safetensors":
+            with path.open("rb") as f:
+                n = int.from_bytes(f.read(8), "little")
+                header = json.loads(f.read(n))
+            end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+            if 8 + n + end != path.stat().st_size:
+                return f"{path.stat().st_size} bytes, its header describes {8 + n + end}"
+        elif path.suffix in (".pt", ".pth", ".bin"):
+            zipfile.ZipFile(path).close()
+    except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile) as err:
+        return f"unreadable: {type(err).__name__}: {err}"
+    return None
+
+
+def _missing_for_resume(folder: Path, manifest: dict) -> list[str]:
+    """The files a resume of ``folder`` reads that its manifest does not list (the Trainer did not write them)."""
+    files, world = set(manifest["files"]), manifest.get("world_size", 1)
+    deepspeed = {f.split("/")[0] for f in files if f.startswith("global_step")}
+    needed = [] if files & set(_WEIGHTS) or deepspeed else ["model weights (" + " or ".join(_WEIGHTS) + ")"]
+    if manifest.get("save_only_model"):
+        return needed
+    needed += [n for n in (["rng_state.pth"] if world == 1 else [f"rng_state_{r}.pth" for r in range(world)])
+               if n not in files]
+    if deepspeed:  # DeepSpeed's load_checkpoint reads the tag named in `latest`, one optimizer shard per rank
+        tag = (folder / "latest").read_text().strip() if "latest" in files else None
+        if tag is None or tag not in deepspeed:
+            needed.append("latest (naming a global_stepN folder)")
+        else:
+            shards = [f for f in files if f.startswith(f"{tag}/") and f.endswith("optim_states.pt")]
+            models = [f for f in files if f.startswith(f"{tag}/") and f.endswith("model_states.pt")]
+            if len(shards) < world or not models:
+                needed.append(f"{tag}/*optim_states.pt for each of {world} ranks and *model_states.pt")
+    else:  # under DeepSpeed scheduler.pt exists only for a Trainer-made scheduler (a DeepSpeed one is in the
+        # engine's checkpoint), and the manifest's sizes cover it when written (transformers 5.24 trainer.py L3575-3584)
+        # optimizer.pt; FSDP writes optimizer.bin or an optimizer_0/ folder
+        needed += [] if any(f.split("/")[0].startswith("optimizer") for f in files) else ["optimizer.pt"]
+        needed += [] if "scheduler.pt" in files else ["scheduler.pt"]
+    return needed
+
+
+def checkpoint_problem(folder) -> str | None:
+    """None if ``folder`` is a complete, resumable checkpoint-N; else one line naming the missing or damaged file."""
+    folder = Path(folder)
     match = _CHECKPOINT.match(folder.name)
     if not match or not folder.is_dir():
-        return False
+        return f"{folder} is not a checkpoint-N folder"
     try:
-        state = json.loads((folder / "trainer_state.json").read_text())
+        manifest = read_manifest(folder)
+        listed = dict(manifest["files"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return (f"{folder / MANIFEST} is missing or unreadable: the save was cut short (or predates posttrain's "
+                "checkpoint manifests)")
+    for name, size in listed.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{path} is missing"
+        if path.stat().st_size != size:
+            return f"{path} is damaged: {path.stat().st_size} bytes, {size} when saved"
+        damage = _unreadable(path)
+        if damage:
+            return f"{path} is damaged: {damage}"
+    needed = _missing_for_resume(folder, manifest)
+    if needed:
+        return f"{folder} lacks {', '.join(needed)}"
+    try:
+        step = json.loads((folder / "trainer_state.json").read_text()).get("global_step")
     except (OSError, ValueError):
-        return False
-    has_weights = any((folder / name).exists() for name in _WEIGHTS) or any(folder.glob("global_step*"))
-    return state.get("global_step") == int(match.group(1)) and has_weights
+        step = None
+    if step != int(match.group(1)) or "trainer_state.json" not in listed:
+        return f"{folder / 'trainer_state.json'} is missing or not of step {match.group(1)}"
+    if manifest.get("save_only_model"):
+        return (f"{folder} was saved with save_only_model (weights only: no optimizer, scheduler or RNG state), so "
+                f"it cannot be resumed exactly; start a new run from its weights (--model_name_or_path {folder})")
+    return None
+
+
+def is_complete_checkpoint(folder) -> bool:
+    return checkpoint_problem(folder) is None
 
 
 def latest_checkpoint(output_dir) -> Path | None:
-    folder = Path(output_dir)
-    if not folder.is_dir():
-        return None
-    complete = [c for c in folder.iterdir() if is_complete_checkpoint(c)]
-    return max(complete, key=lambda c: int(_CHECKPOINT.match(c.name).group(1)), default=None)
+    """The newest complete checkpoint in ``output_dir`` (incomplete newer ones are skipped), or None."""
+    return next((c for c in reversed(checkpoint_folders(output_dir)) if is_complete_checkpoint(c)), None)
 
 
 class NonFiniteGuard:
@@ -70,6 +181,44 @@ class NonFiniteGuard:
         finite = torch.isfinite(loss.detach()).all()
         self._loss_finite = finite if self._loss_finite is None else self._loss_finite & finite
         return loss
+
+    def _save_checkpoint(self, model, trial):
+        from transformers.trainer_utils import rotate_checkpoints
+
+        step = self.state.global_step
+        run_dir = self._get_output_dir(trial=trial)
+        self._stop_if_weights_non_finite(f"after step {step}; checkpoint-{step} was not written", run_dir)
+        # transformers 5.24 trainer.py L3422-3430 rotates (deletes old checkpoints) at the end of _save_checkpoint,
+        # before the manifest below makes the new one complete: rotate after it instead
+        limit, self.args.save_total_limit = self.args.save_total_limit, None
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.save_total_limit = limit
+        self.accelerator.wait_for_everyone()  # every rank's files (RNG state, DeepSpeed shards) are on disk
+        if self.args.should_save:
+            write_checkpoint_manifest(Path(run_dir) / f"checkpoint-{step}", self.args, self.accelerator.num_processes)
+            rotate_checkpoints(output_dir=run_dir, save_total_limit=limit,
+                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
+
+    def save_model(self, output_dir=None, _internal_call=False):
+        if not _internal_call:  # the final model (checkpoints are checked in _save_checkpoint)
+            self._stop_if_weights_non_finite(f"at the end of training (step {self.state.global_step}); the final "
+                                             "model was not saved", self.args.output_dir)
+        super().save_model(output_dir, _internal_call)
+
+    def _stop_if_weights_non_finite(self, when: str, run_dir) -> None:
+        """One isfinite pass over this rank's parameters (under ZeRO-3 its partition, ``ds_tensor``: the parameter
+        itself is empty there); the flag is summed over ranks, so every rank stops together. A collective: every
+        rank calls it."""
+        device = self.accelerator.device
+        flags = [torch.isfinite(getattr(p, "ds_tensor", p).detach()).all().to(device) for p in self.model.parameters()]
+        bad = (~torch.stack(flags)).sum().float().reshape(1) if flags else torch.zeros(1, device=device)
+        if self.accelerator.reduce(bad, reduction="sum").item():
+            last = latest_checkpoint(run_dir)
+            where = f"the last good checkpoint is {last}" if last else "no checkpoint was saved yet"
+            raise NonFiniteError(f"non-finite weights {when}; {where} (continue with --resume, e.g. with a lower "
+                                 "learning_rate or max_grad_norm)")
 
     def _get_grad_norm(self, model, grad_norm=None):
         grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
