@@ -169,13 +169,22 @@ def main(argv: list[str] | None = None) -> int:
         if debug:
             raise
         print(f"posttrain: error: {err}", file=sys.stderr)
-        return 2
+        return _error_exit(2)
     except TrainingError as err:
         if debug:
             raise
         print(f"posttrain: stopped: {err}", file=sys.stderr)
-        return 1
+        return _error_exit(1)
     return 0
+
+
+def _error_exit(code: int) -> int:
+    """``code``; under a launch the process ends here with it (trainers/runtime.exit_launched_process: an error exit
+    must not turn into a SIGABRT at finalization either)."""
+    from posttrain.trainers.runtime import exit_launched_process
+
+    exit_launched_process(code)
+    return code
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@
 #   --port P      first rendezvous port; run i uses P + i % 100 (default 29800, away from the tests' 295xx)
 #
 # Prints a table (target, runs, non-zero exits, signals seen) and exits 1 if any run failed. One full round is
-# 17 launches; see the report of issue 14 for how long that takes on 2 cores.
+# 18 launches; see the report of issue 14 for how long that takes on 2 cores.
 set -u
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -39,7 +39,7 @@ RESULTS=$LOGS/results.tsv
 : > "$RESULTS"
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=1 PYTHONUNBUFFERED=1
 
-TARGETS=(helper:crlhf_ranks helper:moe_ranks helper:thr_split_group helper:wagle_distributed)
+TARGETS=(helper:crlhf_ranks helper:moe_ranks helper:resume_matrix helper:thr_split_group helper:wagle_distributed)
 for r in sparsepo/tiny dpo/tiny kto/tiny reward/tiny sft/tiny grpo/tiny rloo/tiny thr_grpo/tiny constrained_rlhf/tiny \
          constrained_grpo/tiny wagle/tiny moe_balance/tiny_sft moe_balance/tiny_grpo; do
     TARGETS+=("train:$r")
@@ -90,6 +90,9 @@ for ((i = 1; i <= RUNS; i++)); do
                 --mixed_precision no --main_process_port $((PORT + n % 100)))
         case $t in
             helper:moe_ranks) cmd=("${launch[@]}" "$ROOT/tests/helpers/moe_ranks.py" "$work/rec" "$MOE_DATA" "$work/out") ;;
+            # one case (a 4-step run and its resume) keeps a round short; tests/test_resume_matrix.py runs them all
+            helper:resume_matrix) cmd=("${launch[@]}" "$ROOT/tests/helpers/resume_matrix.py" "$work/out"
+                                       '{"constrained_rlhf": ["constrained_rlhf/tiny", {}]}') ;;
             helper:*) cmd=("${launch[@]}" "$ROOT/tests/helpers/${t#helper:}.py" "$work/out") ;;
             train:*) cmd=("${launch[@]}" -m posttrain train "${t#train:}" --max_steps 2 --output_dir "$work/out") ;;
         esac

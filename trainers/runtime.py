@@ -315,12 +315,22 @@ def close_process_group() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
-        _exit_without_finalizing()
+        _exit_without_finalizing(0)
 
 
-def _exit_without_finalizing() -> None:
-    """What ``sys.exit(0)`` does before the interpreter's finalization (threading._shutdown, then the atexit
-    handlers: logging, tempfile and datasets cleanup, ...), then ``os._exit(0)``: see close_process_group."""
+def exit_launched_process(code: int) -> None:
+    """For a launched process that stops on an error (exit ``code``): end it without the interpreter's
+    finalization, for the reason in close_process_group (the gloo workers outlive any Python teardown, whatever
+    the exit code). No barrier: the other ranks may not be where this one is. Returns when no process group runs."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        _exit_without_finalizing(code)
+
+
+def _exit_without_finalizing(code: int) -> None:
+    """What ``sys.exit(code)`` does before the interpreter's finalization (threading._shutdown, then the atexit
+    handlers: logging, tempfile and datasets cleanup, ...), then ``os._exit(code)``: see close_process_group."""
     import atexit
     import os
     import sys
@@ -335,7 +345,7 @@ def _exit_without_finalizing() -> None:
             stream.flush()
         except (AttributeError, ValueError, OSError):  # closed or replaced by a caller
             pass
-    os._exit(0)
+    os._exit(code)
 
 
 def inner_model(model):
