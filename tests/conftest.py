@@ -73,3 +73,27 @@ def assert_same_state(a, b, atol=0.0, where="state"):
         assert abs(a - b) <= atol, (where, a, b)
     else:
         assert a == b, (where, a, b)
+
+
+def run_cli_cases(cases: dict, env: dict, cwd, workers: int = 2, timeout: int = 300) -> dict:
+    """Run each ``posttrain`` argv of ``cases`` (id -> argv list) in its own subprocess, ``workers`` at a time;
+    returns id -> CompletedProcess. For the table-driven bad-input tests: each case is a real command line."""
+    from concurrent.futures import ThreadPoolExecutor
+    import subprocess
+
+    def run(argv):
+        return subprocess.run([str(BIN / "posttrain"), *argv], capture_output=True, text=True, env=env, cwd=cwd,
+                              timeout=timeout)
+
+    with ThreadPoolExecutor(workers) as pool:
+        futures = {case: pool.submit(run, argv) for case, argv in cases.items()}
+        return {case: future.result() for case, future in futures.items()}
+
+
+def assert_one_line_error(proc, message: str, code: int = 2) -> None:
+    """The README's promise for a mistake: exit ``code``, one stderr line naming it, no traceback."""
+    err = proc.stderr.strip()
+    assert proc.returncode == code, f"exit {proc.returncode} (want {code}); stderr:\n{proc.stderr[-3000:]}"
+    assert "Traceback" not in err and len(err.splitlines()) == 1, f"not one line:\n{err[-3000:]}"
+    assert err.startswith("posttrain: "), err
+    assert message in err, f"{message!r} not in: {err}"
