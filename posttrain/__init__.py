@@ -21,3 +21,7 @@ class UserError(Exception):
 
 class TrainingError(Exception):
     """A run that stopped on purpose mid-training (e.g. a non-finite loss): one line, exit code 1."""
+
+
+class Interrupted(Exception):
+    """A run stopped by Ctrl-C (SIGINT): one line saying where it stopped and how to continue, exit code 130."""

@@ -6,16 +6,18 @@
     posttrain report RUN_DIR
     posttrain moe upcycle SRC DST --experts N --top_k K [--shared_experts 1] [--noise 0.01] [--seed 0]
 
-A mistake in the input (recipe, override, data) prints one line and exits with code 2; ``--debug``
-shows the traceback instead.
+A mistake in the input (recipe, override, data) prints one line and exits with code 2; a run stopped on purpose
+(non-finite loss) exits with 1, Ctrl-C with 130 (one line: where it stopped, how to resume); ``--debug`` shows the
+traceback instead.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
-from posttrain import TrainingError, UserError, __version__
+from posttrain import Interrupted, TrainingError, UserError, __version__
 
 
 def _list(what: str) -> None:
@@ -175,6 +177,14 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"posttrain: stopped: {err}", file=sys.stderr)
         return _error_exit(1)
+    except (Interrupted, KeyboardInterrupt) as err:
+        if debug:
+            raise
+        # every rank of a launch gets the terminal's SIGINT: one line, from the main process
+        if os.environ.get("RANK", "0") == "0":
+            print(f"posttrain: {err if isinstance(err, Interrupted) else 'interrupted before training started'}",
+                  file=sys.stderr)
+        return _error_exit(130)
     return 0
 
 

@@ -19,6 +19,7 @@ import json
 import re
 import types
 import typing
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,23 @@ class _Loader(yaml.SafeLoader):
     ``save_strategy: no`` (or ``--save_strategy no``) into False."""
 
 
+def _construct_mapping(loader, node, deep=False):
+    """PyYAML keeps the last of two equal keys without a word; a recipe that sets a key twice is a mistake."""
+    first: dict = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        try:
+            if key in first:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (first set on line {first[key] + 1}); keep one of them",
+                    key_node.start_mark)
+            first[key] = key_node.start_mark.line
+        except TypeError:  # an unhashable key: the base constructor reports it
+            pass
+    return yaml.SafeLoader.construct_mapping(loader, node, deep)
+
+
+_Loader.add_constructor("tag:yaml.org,2002:map", lambda loader, node: _construct_mapping(loader, node, deep=True))
 _Loader.yaml_implicit_resolvers = {
     first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
@@ -111,8 +129,15 @@ def parse_overrides(argv: list[str]) -> dict[str, Any]:
 
 def load_recipe(name: str, overrides: dict[str, Any] | None = None) -> Recipe:
     path = find_recipe(name)
+    data = path.read_bytes()
     try:
-        values = read_yaml(path.read_text())
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data[:err.start].count(b"\n") + 1
+        raise RecipeError(f"{path} line {line}: not UTF-8 text (byte 0x{data[err.start]:02x}); save the recipe as "
+                          "UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
+    try:
+        values = read_yaml(text)
     except yaml.YAMLError as err:
         where = getattr(err, "problem_mark", None)
         line = f" line {where.line + 1}" if where else ""
@@ -179,13 +204,23 @@ def build_recipe(values: dict[str, Any], sources: dict[str, str], source: str) -
         for role in roles:
             kwargs[role][key] = _coerce(value, hints[role][key], key, sources.get(key, source))
 
+    _check_values(kwargs, sources, source, method, entry.task)
     built = {}
     for role, cls in classes.items():
         try:
-            built[role] = cls(**kwargs[role])
+            with warnings.catch_warnings():
+                if "gradient_checkpointing" not in values:
+                    # TRL's configs default the name transformers 5 deprecated (gradient_checkpointing=True): a
+                    # FutureWarning on every run that the recipe cannot fix
+                    warnings.filterwarnings("ignore", "`gradient_checkpointing", FutureWarning)
+                built[role] = cls(**kwargs[role])
         except (ValueError, TypeError) as err:
             message = " ".join(str(err).split())
-            raise RecipeError(f"{source}: invalid {cls.__name__} for method '{method}': {message}") from err
+            # blame the keys the message names where they were set (a --key on the command line is not the file)
+            named = sorted({sources[k] for k, v in kwargs[role].items() if k in sources and (
+                re.search(rf"\b{re.escape(k)}\b", message) or (isinstance(v, str) and len(v) > 2 and v in message))})
+            where = " and ".join(named) if named else source + (" with command-line overrides" if "command line" in sources.values() else "")
+            raise RecipeError(f"{where}: invalid {cls.__name__} for method '{method}': {message}") from err
     if optimizer is not None:
         _check_optimizer_args(optimizer, built["config"], source)
     if moe is not None:
@@ -193,6 +228,75 @@ def build_recipe(values: dict[str, Any], sources: dict[str, str], source: str) -
 
         check_moe_recipe(values, built["config"], moe, sources, source)
     return Recipe(method, source, built["config"], built.get("model"), built.get("data"), optimizer, moe)
+
+
+# recipe key -> (test, what it must be) for values whose wrong sign or zero the libraries accept and reinterpret
+# (max_steps -5 trains for num_train_epochs, a negative beta flips the preference) or reject deep inside training
+# (batch size 0 in torch's sampler). Checked on the values a recipe or the command line gives, before any model loads.
+_AT_LEAST_1 = (lambda v: v >= 1, "at least 1")
+_POSITIVE = (lambda v: v > 0, "greater than 0")
+_NOT_NEGATIVE = (lambda v: v >= 0, "at least 0")
+VALUE_RULES: dict[str, tuple] = {
+    "per_device_train_batch_size": _AT_LEAST_1,
+    "per_device_eval_batch_size": _AT_LEAST_1,
+    "gradient_accumulation_steps": _AT_LEAST_1,
+    "max_steps": (lambda v: v == -1 or v >= 1, "-1 (train for num_train_epochs) or at least 1"),
+    "num_train_epochs": _POSITIVE,
+    "learning_rate": _NOT_NEGATIVE,
+    "weight_decay": _NOT_NEGATIVE,
+    "warmup_steps": _NOT_NEGATIVE,
+    "max_grad_norm": _NOT_NEGATIVE,
+    "logging_steps": _POSITIVE,
+    "save_steps": _POSITIVE,
+    "eval_steps": _POSITIVE,
+    "save_total_limit": _AT_LEAST_1,
+    "max_length": _AT_LEAST_1,
+    "max_prompt_length": _AT_LEAST_1,
+    "max_completion_length": _AT_LEAST_1,
+    "num_generations": _AT_LEAST_1,
+    "beta": _NOT_NEGATIVE,
+    "temperature": _POSITIVE,
+    "top_p": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "seed": _NOT_NEGATIVE,
+    "data_seed": _NOT_NEGATIVE,
+    "dataloader_num_workers": _NOT_NEGATIVE,
+}
+# data keys that only one kind of method reads: anywhere else they would be ignored without a word
+TASK_ONLY_KEYS: dict[str, str] = {"reward_funcs": "prompt", "retain_dataset": "unlearn", "retain_config": "unlearn"}
+
+
+def _check_values(kwargs: dict[str, dict[str, Any]], sources: dict[str, str], source: str, method: str, task: str) -> None:
+    given = {k: v for role in kwargs.values() for k, v in role.items() if k in sources}  # not the CPU defaults
+    for key, value in given.items():
+        where = sources.get(key, source)
+        rule = VALUE_RULES.get(key)
+        if rule and isinstance(value, (int, float)) and not isinstance(value, bool) and not rule[0](value):
+            raise RecipeError(f"{where}: {key} must be {rule[1]}, got {value!r}")
+        if key in TASK_ONLY_KEYS and TASK_ONLY_KEYS[key] != task:
+            users = ", ".join(sorted(n for n, m in METHODS.items() if m.task == TASK_ONLY_KEYS[key]))
+            raise RecipeError(f"{where}: method '{method}' does not use {key} (only {users} do); remove it")
+    if given.get("output_dir") == "":
+        raise RecipeError(f"{sources['output_dir']}: output_dir is empty; give the folder the run writes to")
+    if "report_to" in given:
+        _check_report_to(given["report_to"], sources["report_to"])
+
+
+def _check_report_to(value, where: str) -> None:
+    """transformers accepts any name here and fails when the Trainer builds its callbacks (or ignores it)."""
+    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK, get_available_reporting_integrations
+
+    names = [value] if isinstance(value, str) else list(value or [])
+    for name in names:
+        if name in ("all", "none"):
+            continue
+        if name not in INTEGRATION_TO_CALLBACK:
+            close = difflib.get_close_matches(str(name), INTEGRATION_TO_CALLBACK, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise RecipeError(f"{where}: unknown report_to {name!r}{hint}; valid: none, all, "
+                              f"{', '.join(sorted(INTEGRATION_TO_CALLBACK))}")
+        if name not in get_available_reporting_integrations():
+            raise RecipeError(f"{where}: report_to {name!r}: its package is not installed; install it "
+                              f"(pip install {name.replace('_', '-')}) or use report_to: none")
 
 
 def _moe_names() -> set[str]:

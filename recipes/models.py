@@ -21,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
+import re
 from pathlib import Path
 
 import torch
@@ -54,8 +54,13 @@ def resolve_model_path(name: str) -> str:
         if arch not in ARCHS:
             raise UserError(f"unknown tiny model {name!r}; valid: {', '.join('tiny:' + a for a in ARCHS)}")
         return str(tiny_model_path(arch))
-    if os.path.isdir(os.path.expanduser(name)):
-        return os.path.expanduser(name)
+    local = Path(name).expanduser()
+    if local.is_dir():
+        check_model_folder(local, name)
+        return str(local)
+    if local.exists():
+        raise UserError(f"model {name!r} is a file, not a model folder; give the folder holding config.json and the "
+                        "weights, a hub id (org/name) or tiny:<arch>")
     if name == SMOLLM2_ID:
         if _in_hf_cache(name) or hub_reachable():
             return name
@@ -64,18 +69,81 @@ def resolve_model_path(name: str) -> str:
             _announced.add(path)
             logger.warning("%s: hub unreachable and not in the HF cache; using the offline copy %s", name, path)
         return str(path)
+    if name.startswith(("/", "./", "../", "~")) or not _HUB_ID.fullmatch(name):
+        raise UserError(f"model {name!r}: no such folder{'' if _HUB_ID.fullmatch(name) else ', and not a hub id (org/name)'}; "
+                        "give a local model folder (config.json and weights), a hub id such as "
+                        f"{SMOLLM2_ID}, or tiny:<arch>")
+    if _hub_offline() and not _in_hf_cache(name, weights=False):
+        raise UserError(f"model {name!r}: not in the local Hugging Face cache and the hub is off (HF_HUB_OFFLINE); "
+                        "download it first (huggingface-cli download) or give a local folder")
     return name
 
 
-def _in_hf_cache(repo_id: str) -> bool:
-    """Whether a usable snapshot (config + weights, not just a tokenizer) is in the local HF cache."""
+# a hub repo id: "name" or "org/name" (huggingface_hub's validate_repo_id, less its length limit)
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
+
+
+def _hub_offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def check_model_folder(folder: Path, name: str | None = None) -> None:
+    """A local model folder that ``from_pretrained`` would fail on (deep in transformers, after a long traceback, or
+    after the other models loaded): refuse it here in one line. Reads config.json and the weights' headers only."""
+    name = name or str(folder)
+    if (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file():
+        configs, patterns = ["adapter_config.json"], ("adapter_model.safetensors", "adapter_model.bin")
+    else:
+        configs, patterns = ["config.json"], ("*.safetensors", "pytorch_model*.bin")
+    for config in configs:
+        path = folder / config
+        if not path.is_file():
+            raise UserError(f"model {name!r}: {path} is missing, so this is not a saved model folder; give the "
+                            "folder a save_pretrained (or a training run's output_dir) wrote")
+        try:
+            parsed = json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise UserError(f"model {name!r}: {path} is not valid JSON ({err}); restore it from the original "
+                            "model") from None
+        if not isinstance(parsed, dict) or (config == "config.json" and "model_type" not in parsed):
+            raise UserError(f"model {name!r}: {path} has no 'model_type', so transformers cannot tell the "
+                            "architecture; restore it from the original model")
+    from posttrain.trainers.runtime import file_problem
+
+    weights = sorted({p for pattern in patterns for p in folder.glob(pattern)})
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
+        except (UnicodeDecodeError, ValueError, KeyError, AttributeError) as err:
+            raise UserError(f"model {name!r}: {index} is unreadable ({type(err).__name__}: {err}); restore it from "
+                            "the original model") from None
+        missing = sorted(s for s in shards if not (folder / s).is_file())
+        if missing:
+            raise UserError(f"model {name!r}: the shard(s) {', '.join(missing)} named in {index.name} are missing; "
+                            "copy the whole model folder again")
+    if not weights:
+        raise UserError(f"model {name!r}: {folder} has no weights ({' or '.join(patterns)}); copy the whole model "
+                        "folder again, or give the folder a save_pretrained wrote")
+    for path in weights:
+        problem = file_problem(path)
+        if problem:
+            raise UserError(f"model {name!r}: {path} is truncated or damaged ({problem}); copy it again from "
+                            "the original model")
+
+
+def _in_hf_cache(repo_id: str, weights: bool = True) -> bool:
+    """Whether a usable snapshot (config + weights, not just a tokenizer; config only with ``weights=False``) is in
+    the local HF cache."""
     from huggingface_hub import snapshot_download
 
     try:
         snap = Path(snapshot_download(repo_id, local_files_only=True))
     except Exception:  # LocalEntryNotFoundError and friends: not cached
         return False
-    return (snap / "config.json").is_file() and any(snap.glob("*.safetensors"))
+    return (snap / "config.json").is_file() and (not weights or any(snap.glob("*.safetensors")))
 
 
 def _trust_remote_code(model_args, training_args=None) -> bool:

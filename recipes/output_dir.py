@@ -39,8 +39,7 @@ def output_dir_lock(output_dir, main: bool):
         yield
         return
     folder = Path(output_dir)
-    folder.mkdir(parents=True, exist_ok=True)
-    fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = _open_lock_file(folder)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -53,6 +52,20 @@ def output_dir_lock(output_dir, main: bool):
         yield
     finally:
         os.close(fd)  # releases the lock
+
+
+def _open_lock_file(folder: Path) -> int:
+    """Create ``folder`` and open its lock file: the first write of a run, so an output_dir that cannot be written
+    (a file, under a file, read-only, no permission) is reported here, before any model loads."""
+    blocking = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise UserError(f"output_dir {folder}: {blocking} is a file, not a folder; choose another --output_dir")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        return os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as err:
+        raise UserError(f"output_dir {folder} cannot be written ({err.strerror or err}); choose a folder you can "
+                        "write to with --output_dir") from None
 
 
 def resume_checkpoint(output_dir) -> Path | None:

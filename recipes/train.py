@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from posttrain import UserError
+from posttrain import Interrupted, UserError
 from posttrain.recipes.config import Recipe
 from posttrain.trainers import METHODS, OPTIMIZERS, import_object
 from posttrain.recipes.output_dir import (is_main_process, output_dir_lock, prepare_fresh_output_dir,
@@ -25,6 +25,7 @@ from posttrain.trainers.runtime import checkpoint_problem, guarded
 def reward_functions(names: list[str], config) -> list:
     """The reward callables named in ``reward_funcs``; ``rm:<directory>`` is a learned reward model (the output of a
     ``reward`` recipe), handed to TRL as its path so TRL loads it as a one-label sequence classifier."""
+    from posttrain.recipes.models import check_model_folder
     from posttrain.trainers.rewards import REWARDS
 
     unknown = [name for name in names if name not in REWARDS and not name.startswith("rm:")]
@@ -40,6 +41,7 @@ def reward_functions(names: list[str], config) -> list:
             if not (path / "config.json").is_file():
                 raise UserError(f"reward_funcs: {name!r}: {path} is not a saved model directory (no config.json); "
                                 "train one with a `reward` recipe and name its output_dir")
+            check_model_folder(path, name)
             funcs.append(str(path))
         else:
             funcs.append(REWARDS[name][1](config))
@@ -98,6 +100,7 @@ def build_trainer(recipe: Recipe):
         if problem:
             raise UserError(f"resume_from_checkpoint: {problem}; use --resume to pick the newest complete one")
         _check_method_state(recipe, Path(config.resume_from_checkpoint))
+    model_path = resolve_model_path(model_args.model_name_or_path)  # a missing or damaged model folder: one line
     datasets = load_task_datasets(method.task, recipe.data_args)
     extra: dict[str, Any] = {}
     if method.task == "prompt":
@@ -108,7 +111,6 @@ def build_trainer(recipe: Recipe):
         datasets = {"train": datasets["forget"], "retain": datasets["retain"]}
         extra["retain_dataset"] = datasets["retain"]
 
-    model_path = resolve_model_path(model_args.model_name_or_path)
     moe_plan = prepare_moe(recipe, model_path)  # MoE checks on config.json, before the model loads (recipes/moe.py)
     # dtype, attention, trust_remote_code, QLoRA quantization (+ device map); recipe's model_init_kwargs win.
     config.model_init_kwargs = model_init_kwargs(model_args, config)
@@ -156,13 +158,32 @@ def train(recipe: Recipe, resume: bool = False, overwrite_output_dir: bool = Fal
             if warning:
                 print(warning)
         trainer = build_trainer(recipe)
-        result = trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
+        try:
+            result = trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
+        except KeyboardInterrupt:
+            raise Interrupted(where_interrupted(trainer, config.output_dir)) from None
         trainer.save_model(config.output_dir)
         summary = run_summary(recipe, trainer, result)
         if trainer.accelerator.is_main_process:
             write_json_atomic(Path(config.output_dir) / "run_summary.json", summary)
             print(format_summary(summary))
     return summary
+
+
+def where_interrupted(trainer, output_dir) -> str:
+    """The one line for Ctrl-C: the step reached and what ``--resume`` would continue from. A checkpoint cut short
+    by the interrupt has no manifest, so ``--resume`` skips it (trainers/runtime.py)."""
+    from posttrain.trainers.runtime import latest_checkpoint
+
+    for callback in trainer.callback_handler.callbacks:  # an open tqdm bar would redraw itself after the line
+        for bar in (getattr(callback, "training_bar", None), getattr(callback, "prediction_bar", None)):
+            if bar is not None:
+                bar.close()
+    state = trainer.state
+    checkpoint = latest_checkpoint(output_dir)
+    resume = (f"rerun the same command with --resume to continue from {checkpoint}" if checkpoint else
+              "no checkpoint was saved yet, so a rerun starts over (save_steps sets how often one is written)")
+    return f"interrupted at step {state.global_step} of {state.max_steps}; {resume}"
 
 
 def run_summary(recipe: Recipe, trainer, result) -> dict[str, Any]:

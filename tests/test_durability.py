@@ -321,3 +321,46 @@ def test_a_deepspeed_zero2_checkpoint_is_complete_until_a_shard_is_damaged(tmp_p
     assert latest_checkpoint(tmp_path).name == "checkpoint-1"
     (tmp_path / "checkpoint-1" / "rng_state_1.pth").unlink()
     assert latest_checkpoint(tmp_path) is None
+
+
+def test_ctrl_c_stops_in_one_line_exit_130_and_the_run_resumes(tmp_path, run_env):
+    """SIGINT mid-training (what Ctrl-C sends): exit 130, a last line saying where the run stopped and what --resume
+    continues from, no KeyboardInterrupt traceback; and that resume works."""
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    argv = [str(BIN / "posttrain"), "train", "sft/tiny", "--output_dir", str(out), "--max_steps", "1000",
+            "--save_strategy", "steps", "--save_steps", "2", "--logging_steps", "1"]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=run_env, cwd=ROOT)
+    deadline = time.monotonic() + 600
+    while latest_checkpoint(out) is None and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert proc.poll() is None, proc.communicate()[1][-3000:]
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err[-3000:]
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-3000:]
+    last = err.strip().splitlines()[-1]
+    checkpoint = latest_checkpoint(out)
+    assert last.startswith("posttrain: interrupted at step ") and " of 1000; " in last, last
+    assert last.endswith(f"rerun the same command with --resume to continue from {checkpoint}"), last
+    step = int(checkpoint.name.split("-")[1])
+    assert step >= 2 and int(last.split("at step ")[1].split()[0]) >= step
+
+    resumed = subprocess.run(argv[:-8] + ["--max_steps", str(step + 1), "--resume", "--save_strategy", "no"],
+                             capture_output=True, text=True, env=run_env, cwd=ROOT)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming from {checkpoint}" in resumed.stdout
+    assert json.loads((out / "run_summary.json").read_text())["global_step"] == step + 1
+
+
+def test_ctrl_c_before_training_is_one_line_exit_130(tmp_path, capsys, monkeypatch):
+    import posttrain.recipes.train as train_module
+
+    def interrupted(recipe):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module, "build_trainer", interrupted)
+    assert main(["train", "sft/tiny", "--output_dir", str(tmp_path)]) == 130
+    assert capsys.readouterr().err.strip() == "posttrain: interrupted before training started"

@@ -82,13 +82,16 @@ def read_manifest(folder) -> dict:
     return json.loads((Path(folder) / MANIFEST).read_text())
 
 
-def _unreadable(path: Path) -> str | None:
+def file_problem(path: Path) -> str | None:
     """Why ``path`` cannot be read, from its header alone (cheap): a safetensors header whose tensors do not end at
     the end of the file, or a torch file (a zip since torch 1.6) without a readable central directory."""
     try:
         if path.suffix == ".safetensors":
+            size = path.stat().st_size
             with path.open("rb") as f:
                 n = int.from_bytes(f.read(8), "little")
+                if size < 8 or n > size - 8:  # never read a length that garbage bytes claim
+                    return f"{size} bytes, too short for its safetensors header"
                 header = json.loads(f.read(n))
             end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
             if 8 + n + end != path.stat().st_size:
@@ -144,7 +147,7 @@ def checkpoint_problem(folder) -> str | None:
             return f"{path} is missing"
         if path.stat().st_size != size:
             return f"{path} is damaged: {path.stat().st_size} bytes, {size} when saved"
-        damage = _unreadable(path)
+        damage = file_problem(path)
         if damage:
             return f"{path} is damaged: {damage}"
     needed = _missing_for_resume(folder, manifest)

@@ -177,16 +177,25 @@ def test_an_incomplete_build_is_never_renamed_into_place(tmp_path):
 
 
 def test_resolve_model_path(tmp_path, monkeypatch):
-    assert resolve_model_path("tiny:llama") == str(cache_dir() / "tiny" / "llama")
-    assert resolve_model_path(str(tmp_path)) == str(tmp_path)
+    tiny = resolve_model_path("tiny:llama")
+    assert tiny == str(cache_dir() / "tiny" / "llama")
+    assert resolve_model_path(tiny) == tiny  # a saved model folder
+    with pytest.raises(UserError, match="config.json is missing"):
+        resolve_model_path(str(tmp_path))  # a folder, but not a model's
+
+    # offline (the tests' setting): a hub id must be in the HF cache, or the run stops before anything loads
+    monkeypatch.setattr(models, "_in_hf_cache", lambda repo_id, weights=True: False)
+    with pytest.raises(UserError, match="not in the local Hugging Face cache"):
+        resolve_model_path("Qwen/Qwen3-0.6B")
+    monkeypatch.setattr(models, "_in_hf_cache", lambda repo_id, weights=True: repo_id == "Qwen/Qwen3-0.6B")
     assert resolve_model_path("Qwen/Qwen3-0.6B") == "Qwen/Qwen3-0.6B"
 
     # SmolLM2 with no hub and no HF cache: the offline conversion (stubbed here; the slow test runs it)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(models, "_in_hf_cache", lambda repo_id: False)
+    monkeypatch.setattr(models, "_in_hf_cache", lambda repo_id, weights=True: False)
     monkeypatch.setattr(models, "smollm2_offline_path", lambda: tmp_path / "smol")
     assert resolve_model_path(SMOLLM2_ID) == str(tmp_path / "smol")
-    monkeypatch.setattr(models, "_in_hf_cache", lambda repo_id: True)
+    monkeypatch.setattr(models, "_in_hf_cache", lambda repo_id, weights=True: True)
     assert resolve_model_path(SMOLLM2_ID) == SMOLLM2_ID
 
 
