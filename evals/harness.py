@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import platform
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,57 +38,141 @@ class EvalSpec:
     cache: bool = True
 
 
-def parse_tasks(value) -> dict[str, dict]:
-    """``"a,b"``, ``["a", "b"]`` or ``{"a": {config}, "b": null}`` -> {name: config}, checked against TASKS."""
-    from posttrain.evals.tasks import TASKS
+def parse_tasks(value, where: str = "command line") -> dict[str, dict]:
+    """``"a,b"``, ``["a", "b"]`` or ``{"a": {config}, "b": null}`` -> {name: config}, checked against TASKS: option
+    names and types (read like recipe values), then the task's own check (``CHECKS``). ``where``: for messages."""
+    import inspect
+
+    from posttrain.evals.tasks import CHECKS, TASKS
+    from posttrain.recipes.config import _coerce  # the recipe type checker: options read and fail like recipe keys
 
     if isinstance(value, str):
         value = [t.strip() for t in value.split(",") if t.strip()]
     if isinstance(value, (list, tuple)):
         value = {name: {} for name in value}
     if not isinstance(value, dict) or not value:
-        raise UserError("tasks: give task names (--tasks a,b) or, in an eval recipe, a mapping task -> config")
+        raise UserError(f"{where}: tasks: give task names (--tasks a,b) or, in an eval recipe, a mapping "
+                        "task -> config")
     unknown = [name for name in value if name not in TASKS]
     if unknown:
-        raise UserError(f"unknown eval task(s) {', '.join(map(repr, unknown))}; valid: {', '.join(TASKS)}")
-    import inspect
-
+        raise UserError(f"{where}: unknown eval task(s) {', '.join(map(repr, unknown))}; valid: {', '.join(TASKS)}")
     tasks = {}
     for name, config in value.items():
+        if not isinstance(config, (dict, type(None))):
+            raise UserError(f"{where}: eval task '{name}': its options must be a mapping option -> value, got "
+                            f"{config!r}; e.g. {{\"math\": {{\"n\": 64}}}}")
         config = dict(config or {})
         params = inspect.signature(TASKS[name][0]).parameters
         bad = [k for k in config if k not in params or k == "ctx"]
         if bad:
-            raise UserError(f"eval task '{name}' has no option(s) {', '.join(bad)}; "
+            raise UserError(f"{where}: eval task '{name}' has no option(s) {', '.join(map(str, bad))}; "
                             f"valid: {', '.join(p for p in params if p != 'ctx')}")
+        hints = typing.get_type_hints(TASKS[name][0])
+        config = {k: _coerce(v, hints.get(k, Any), k, f"{where}: eval task '{name}'") for k, v in config.items()}
+        if name in CHECKS:
+            defaults = {k: p.default for k, p in params.items() if p.default is not inspect.Parameter.empty}
+            try:
+                CHECKS[name](**{**defaults, **config})
+            except ValueError as err:
+                raise UserError(f"{where}: eval task '{name}': {err}") from None
         tasks[name] = config
     return tasks
 
 
+def parse_task_config(text: str) -> dict:
+    """``--task_config``: a JSON/YAML mapping task -> options (checked by ``parse_tasks``)."""
+    example = "e.g. '{\"math\": {\"n\": 64}}'"
+    value = _read_yaml(text, "command line: --task_config", f"give a mapping task -> options, {example}")
+    if not isinstance(value, dict):
+        raise UserError(f"command line: --task_config must be a mapping task -> options, {example}; got "
+                        f"{type(value).__name__} {value!r}")
+    return value
+
+
+def _read_yaml(text: str, where: str, fix: str):
+    import yaml
+
+    from posttrain.recipes.config import read_yaml
+
+    try:
+        return read_yaml(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        line = f" line {mark.line + 1}" if mark and "\n" in text.strip() else ""
+        problem = " ".join(str(getattr(err, "problem", None) or err).split())
+        raise UserError(f"{where}{line}: not valid YAML/JSON ({problem}); {fix}") from None
+
+
+# the keys of an eval recipe (and of the eval command line), with their types
+EVAL_KEYS = {"model": str, "compare": Any, "tasks": Any, "output": str, "limit": int, "seed": int,
+             "batch_size": int, "peft": str, "cache": bool}
+
+
 def load_eval_recipe(path: str, overrides: dict[str, Any]) -> EvalSpec:
     """An eval recipe (YAML with model, compare, tasks, output, limit, seed, batch_size, peft) plus CLI overrides."""
-    from posttrain.recipes.config import find_recipe, read_yaml
+    from posttrain.recipes.config import find_recipe
 
-    values = read_yaml(find_recipe(path).read_text())
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    return make_spec(values, where=path)
+    file = find_recipe(path)
+    try:
+        text = file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise UserError(f"{file}: not UTF-8 text (byte {err.start}); save the eval recipe as UTF-8") from None
+    values = _read_yaml(text, str(file), "fix the eval recipe")
+    if not isinstance(values, dict):
+        raise UserError(f"{file}: an eval recipe is a mapping of keys ({', '.join(EVAL_KEYS)}) to values, "
+                        f"got {type(values).__name__}")
+    # each value is blamed on where it came from: the recipe file, or the command line that overrides it
+    sources = {key: str(file) for key in values}
+    for key, value in overrides.items():
+        if value is not None:
+            values[key], sources[key] = value, "command line"
+    return make_spec(values, where=str(file), sources=sources)
 
 
-def make_spec(values: dict[str, Any], where: str = "command line") -> EvalSpec:
-    allowed = {"model", "compare", "tasks", "output", "limit", "seed", "batch_size", "peft", "cache"}
-    unknown = sorted(set(values) - allowed)
+def make_spec(values: dict[str, Any], where: str = "command line", sources: dict[str, str] | None = None) -> EvalSpec:
+    """The checked spec of ``values``; ``sources``: key -> where its value came from (default ``where``). Nothing
+    here loads a model: every mistake is found before the first one loads."""
+    from posttrain.recipes.config import _coerce
+
+    def source(key: str) -> str:
+        return (sources or {}).get(key, where)
+
+    unknown = sorted(set(values) - set(EVAL_KEYS), key=str)
     if unknown:
-        raise UserError(f"{where}: unknown eval key(s) {', '.join(unknown)}; valid: {', '.join(sorted(allowed))}")
+        raise UserError(f"{source(unknown[0])}: unknown eval key(s) {', '.join(map(str, unknown))}; "
+                        f"valid: {', '.join(sorted(EVAL_KEYS))}")
+    values = {k: v if v is None or EVAL_KEYS[k] is Any else _coerce(v, EVAL_KEYS[k], k, source(k))
+              for k, v in values.items()}
     if not values.get("model"):
         raise UserError(f"{where}: name the checkpoint to evaluate (--model PATH_OR_HUB_ID)")
     compare = values.get("compare") or []
     compare = [compare] if isinstance(compare, str) else list(compare)
     for name in [values["model"], *compare]:
         _check_model(name)
-    return EvalSpec(models=[values["model"], *compare], tasks=parse_tasks(values.get("tasks") or ""),
-                    output=str(values.get("output") or "runs/eval"), limit=values.get("limit"),
-                    seed=int(values.get("seed") or 0), batch_size=int(values.get("batch_size") or 8),
-                    peft=values.get("peft"), cache=values.get("cache", True) is not False)
+    # 0 and negative numbers are refused, not read as "everything" (limit) or the default (batch_size)
+    limit, batch_size = values.get("limit"), values.get("batch_size")
+    if limit is not None and limit < 1:
+        raise UserError(f"{source('limit')}: limit must be >= 1 (got {limit}); leave it out to evaluate every example")
+    if batch_size is not None and batch_size < 1:
+        raise UserError(f"{source('batch_size')}: batch_size must be >= 1 (got {batch_size}); leave it out for 8")
+    output = values.get("output")
+    if output is not None:
+        _check_output(output, source("output"))
+    return EvalSpec(models=[values["model"], *compare], tasks=parse_tasks(values.get("tasks") or "", source("tasks")),
+                    output=output or "runs/eval", limit=limit, seed=values.get("seed") or 0,
+                    batch_size=8 if batch_size is None else batch_size, peft=values.get("peft"),
+                    cache=values.get("cache", True) is not False)
+
+
+def _check_output(output: str, where: str) -> None:
+    # the folder is written after every model has been evaluated: a bad one must fail now, not then
+    if not output.strip():
+        raise UserError(f"{where}: output is empty; name a folder for the results, or leave it out for runs/eval")
+    path = Path(output)
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        under = "" if existing == path else f" is under {existing}, which"
+        raise UserError(f"{where}: output {output}{under} is not a folder; name a new or existing folder")
 
 
 def _check_model(name: str) -> None:
@@ -135,9 +220,11 @@ def run_eval(spec: EvalSpec, log=print) -> dict:
     import torch
 
     state = PartialState(cpu=not torch.cuda.is_available())  # without cpu=True a CPU launch stays one process
+    # every checkpoint is resolved (and a broken local folder refused) before the first one loads
+    paths = {model_name: resolve_model_path(model_name) for model_name in spec.models}
     results: dict[str, dict] = {}
     for model_name in spec.models:
-        path = resolve_model_path(model_name)
+        path = paths[model_name]
         peft = spec.peft if model_name == spec.models[0] else None
         results[model_name] = {}
         pending = {}

@@ -27,6 +27,25 @@ def find_trainer_state(run_dir: Path) -> Path:
                     "(save_strategy must have written at least one checkpoint)")
 
 
+def read_log_history(state_file: Path) -> list[dict]:
+    """The ``log_history`` of a trainer_state.json; a file that cannot be read or parsed is named as corrupt (not as
+    missing: it is there)."""
+    fix = "give a checkpoint-N folder of the run instead: each holds the trainer_state.json of its step"
+    try:
+        state = json.loads(state_file.read_text(encoding="utf-8"))
+    except OSError as err:
+        raise UserError(f"{state_file} cannot be read ({err.strerror}); fix its permissions or {fix}") from None
+    except UnicodeDecodeError as err:
+        raise UserError(f"{state_file} is corrupt (not UTF-8 text: byte {err.start}); {fix}") from None
+    except json.JSONDecodeError as err:
+        raise UserError(f"{state_file} is corrupt (not JSON: {err.msg}, line {err.lineno}); {fix}") from None
+    history = state.get("log_history") if isinstance(state, dict) else None
+    if not isinstance(history, list) or not all(isinstance(entry, dict) for entry in history):
+        raise UserError(f"{state_file} has no log_history list of log entries, so it is not a Trainer's "
+                        "trainer_state.json (or it is damaged); give a training run's output_dir")
+    return history
+
+
 def series(log_history: list[dict]) -> dict[str, tuple[list[int], list[float]]]:
     """metric -> (steps, values) of the training logs (evaluation logs keep their eval_ prefix)."""
     out: dict[str, tuple[list[int], list[float]]] = {}
@@ -49,7 +68,7 @@ def report(run_dir: str, log=print) -> Path:
 
     run = Path(run_dir)
     state_file = find_trainer_state(run)
-    metrics = series(json.loads(state_file.read_text())["log_history"])
+    metrics = series(read_log_history(state_file))
     if not metrics:
         raise UserError(f"{state_file}: no logged metrics (set logging_steps)")
     out = run / "report"

@@ -3,13 +3,15 @@
 A task is ``fn(ctx: EvalContext, **config) -> dict``: ``{"metrics": {name: float}, ...}`` plus optional extras
 the report plots (``curves``: name -> {"x": [...], "y": [...]}; ``per_layer``: layer -> value). Its keyword
 arguments are the task's config (``--tasks math`` uses the defaults; an eval recipe or ``--task_config`` sets
-them) and they are part of the result-cache key. Every task fixes its seeds; generation and scoring go through
-``ctx.map_batches`` so that N processes give the numbers of one (see ``evals/common.py``).
+them) and they are part of the result-cache key; ``CHECKS`` refuses impossible configs before any model loads.
+Every task fixes its seeds; generation and scoring go through ``ctx.map_batches`` so that N processes give the
+numbers of one (see ``evals/common.py``).
 """
 
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 from posttrain.evals.arithmetic import pass_at_k
 from posttrain.evals.common import EvalContext, completion_logps, eval_rows, generate, mean, render
@@ -87,8 +89,7 @@ def math_task(ctx: EvalContext, dataset: str = "builtin:arithmetic", difficulty:
     prompt/answer data; a completion is correct when its last number equals the answer (``numeric_match``)."""
     from posttrain.trainers.rewards import numeric_match
 
-    if max(k) > n:
-        raise ValueError(f"math: pass@{max(k)} needs n >= {max(k)} samples per prompt (n={n})")
+    check_math(n=n, k=k, temperature=temperature)
     builtin_arith = dataset == "builtin:arithmetic"
     rows = eval_rows(dataset, "prompt", split=split, num_samples=num_samples, seed=ctx.seed, limit=ctx.limit,
                      difficulty=difficulty if builtin_arith else None)
@@ -107,6 +108,19 @@ def math_task(ctx: EvalContext, dataset: str = "builtin:arithmetic", difficulty:
     metrics = {"greedy_accuracy": mean(g for g, _ in results)}
     metrics.update({f"pass@{kk}": v for kk, v in zip(ks, curve)})
     return {"metrics": metrics, "curves": {"pass@k": {"x": ks, "y": curve}}}
+
+
+def check_math(n: int, k, temperature: float, **_) -> None:
+    """The math options that would fail only after the model loaded and generated."""
+    if n < 1:
+        raise ValueError(f"n must be >= 1 (got {n})")
+    if not k or min(k) < 1:
+        raise ValueError(f"k must be a list of integers >= 1 (got {list(k)})")
+    if max(k) > n:
+        raise ValueError(f"pass@{max(k)} needs n >= {max(k)} samples per prompt (n={n}); raise n or drop k > {n}")
+    if n > 1 and temperature <= 0:  # transformers refuses n greedy sequences per prompt
+        raise ValueError(f"n={n} samples per prompt need temperature > 0 (got {temperature}); greedy accuracy is "
+                         "measured anyway, or set n: 1, k: [1]")
 
 
 def reward(ctx: EvalContext, reward_funcs: tuple = ("vader_sentiment", "offensiveness_cost"),
@@ -182,8 +196,7 @@ def lm_eval(ctx: EvalContext, tasks: tuple = (), include_path: str | None = None
             batch_size: int = 8):
     """EleutherAI lm-evaluation-harness tasks on the in-memory model (offline with local task YAMLs under
     ``include_path``, e.g. ``dataset_path: json`` on a local JSONL). Runs on rank 0."""
-    if not tasks:
-        raise ValueError("lm_eval: name the lm-evaluation-harness tasks in its config, e.g. tasks: [my_task]")
+    check_lm_eval(tasks=tasks)
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
@@ -201,6 +214,11 @@ def lm_eval(ctx: EvalContext, tasks: tuple = (), include_path: str | None = None
     return {"metrics": metrics}
 
 
+def check_lm_eval(tasks, **_) -> None:
+    if not tasks:
+        raise ValueError("name the lm-evaluation-harness tasks in its config, e.g. tasks: [my_task]")
+
+
 # name -> (function, description, runs on every process (data-parallel) or on rank 0 only)
 TASKS: dict[str, tuple] = {
     "preference": (preference, "held-out preference accuracy and margin (implicit DPO reward vs a reference, or a reward model)", True),
@@ -211,3 +229,7 @@ TASKS: dict[str, tuple] = {
     "moe_balance": (moe_balance, "MaxVio_global and per-layer expert loads of an MoE model", False),
     "lm_eval": (lm_eval, "EleutherAI lm-evaluation-harness tasks (local task YAMLs work offline)", False),
 }
+
+# name -> check(**config with the defaults filled in), raising ValueError: run on every task config when the eval
+# spec is made, before any model loads (the tasks call them too, for direct callers)
+CHECKS: dict[str, Callable[..., None]] = {"math": check_math, "lm_eval": check_lm_eval}

@@ -74,16 +74,14 @@ def _train(recipe_name: str, overrides: list[str], resume: bool, overwrite_outpu
 
 
 def _eval(args) -> None:
-    from posttrain.evals.harness import load_eval_recipe, make_spec, run_eval
-    from posttrain.recipes.config import read_yaml
+    from posttrain.evals.harness import load_eval_recipe, make_spec, parse_task_config, run_eval
 
     values = {"model": args.model, "peft": args.peft, "output": args.output, "limit": args.limit,
               "compare": args.compare, "seed": args.seed, "batch_size": args.batch_size,
               "cache": False if args.no_cache else None}
     if args.tasks or args.task_config:
         tasks = {t.strip(): {} for t in (args.tasks or "").split(",") if t.strip()}
-        for name, config in (read_yaml(args.task_config) if args.task_config else {}).items():
-            tasks[name] = config
+        tasks.update(parse_task_config(args.task_config) if args.task_config else {})
         values["tasks"] = tasks
     if args.recipe:
         spec = load_eval_recipe(args.recipe, values)

@@ -157,10 +157,22 @@ def upcycle(src: str, dst, experts: int, top_k: int, shared_experts: int = 1, no
     if noise < 0:
         raise UserError(f"upcycle: noise must be >= 0 (got {noise})")
     dst = Path(dst)
+    # checked before the source loads: the folder is only written at the end
+    existing = next(p for p in (dst, *dst.parents) if p.exists())
+    if not existing.is_dir():
+        where = "" if existing == dst else f" is under {existing}, which"
+        raise UserError(f"upcycle: destination {dst}{where} is not a folder; pick a new folder")
     if dst.exists() and any(dst.iterdir()):
         raise UserError(f"upcycle: {dst} exists and is not empty; pick a new folder")
     path = resolve_model_path(src)
-    dense_cfg = AutoConfig.from_pretrained(path)
+    try:
+        dense_cfg = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as err:  # a missing folder, an unknown or uncached hub id, an unreadable config
+        # transformers reads a name that is no folder as a hub id, and its complaint about the id's form misleads
+        reason = ("no such folder, and no such model on the hub or in the HF cache" if not Path(path).exists()
+                  else (str(err).strip().splitlines() or [type(err).__name__])[0])
+        raise UserError(f"upcycle: cannot load the source model {src!r} ({reason}); give tiny:llama, a model "
+                        "folder or a hub id") from None
     _check_source(dense_cfg)
     cfg = moe_config(dense_cfg, experts, top_k, shared_experts, dense_layers, n_group, topk_group)
     dense = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
