@@ -44,7 +44,7 @@ def parse_tasks(value, where: str = "command line") -> dict[str, dict]:
     import inspect
 
     from posttrain.evals.tasks import CHECKS, TASKS
-    from posttrain.recipes.config import _coerce  # the recipe type checker: options read and fail like recipe keys
+    from posttrain.recipes.config import coerce  # the recipe type checker: options read and fail like recipe keys
 
     if isinstance(value, str):
         value = [t.strip() for t in value.split(",") if t.strip()]
@@ -68,7 +68,7 @@ def parse_tasks(value, where: str = "command line") -> dict[str, dict]:
             raise UserError(f"{where}: eval task '{name}' has no option(s) {', '.join(map(str, bad))}; "
                             f"valid: {', '.join(p for p in params if p != 'ctx')}")
         hints = typing.get_type_hints(TASKS[name][0])
-        config = {k: _coerce(v, hints.get(k, Any), k, f"{where}: eval task '{name}'") for k, v in config.items()}
+        config = {k: coerce(v, hints.get(k, Any), k, f"{where}: eval task '{name}'") for k, v in config.items()}
         if name in CHECKS:
             defaults = {k: p.default for k, p in params.items() if p.default is not inspect.Parameter.empty}
             try:
@@ -110,14 +110,10 @@ EVAL_KEYS = {"model": str, "compare": Any, "tasks": Any, "output": str, "limit":
 
 def load_eval_recipe(path: str, overrides: dict[str, Any]) -> EvalSpec:
     """An eval recipe (YAML with model, compare, tasks, output, limit, seed, batch_size, peft) plus CLI overrides."""
-    from posttrain.recipes.config import find_recipe
+    from posttrain.recipes.config import find_recipe, read_recipe_file
 
     file = find_recipe(path)
-    try:
-        text = file.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise UserError(f"{file}: not UTF-8 text (byte {err.start}); save the eval recipe as UTF-8") from None
-    values = _read_yaml(text, str(file), "fix the eval recipe")
+    values = read_recipe_file(file)
     if not isinstance(values, dict):
         raise UserError(f"{file}: an eval recipe is a mapping of keys ({', '.join(EVAL_KEYS)}) to values, "
                         f"got {type(values).__name__}")
@@ -132,7 +128,7 @@ def load_eval_recipe(path: str, overrides: dict[str, Any]) -> EvalSpec:
 def make_spec(values: dict[str, Any], where: str = "command line", sources: dict[str, str] | None = None) -> EvalSpec:
     """The checked spec of ``values``; ``sources``: key -> where its value came from (default ``where``). Nothing
     here loads a model: every mistake is found before the first one loads."""
-    from posttrain.recipes.config import _coerce
+    from posttrain.recipes.config import coerce
 
     def source(key: str) -> str:
         return (sources or {}).get(key, where)
@@ -141,7 +137,7 @@ def make_spec(values: dict[str, Any], where: str = "command line", sources: dict
     if unknown:
         raise UserError(f"{source(unknown[0])}: unknown eval key(s) {', '.join(map(str, unknown))}; "
                         f"valid: {', '.join(sorted(EVAL_KEYS))}")
-    values = {k: v if v is None or EVAL_KEYS[k] is Any else _coerce(v, EVAL_KEYS[k], k, source(k))
+    values = {k: v if v is None or EVAL_KEYS[k] is Any else coerce(v, EVAL_KEYS[k], k, source(k))
               for k, v in values.items()}
     if not values.get("model"):
         raise UserError(f"{where}: name the checkpoint to evaluate (--model PATH_OR_HUB_ID)")

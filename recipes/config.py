@@ -127,8 +127,9 @@ def parse_overrides(argv: list[str]) -> dict[str, Any]:
     return overrides
 
 
-def load_recipe(name: str, overrides: dict[str, Any] | None = None) -> Recipe:
-    path = find_recipe(name)
+def read_recipe_file(path: Path):
+    """The YAML value of a recipe file (train or eval); not UTF-8, invalid YAML or a duplicate key is one
+    ``RecipeError`` naming the file and the line."""
     data = path.read_bytes()
     try:
         text = data.decode("utf-8")
@@ -137,11 +138,17 @@ def load_recipe(name: str, overrides: dict[str, Any] | None = None) -> Recipe:
         raise RecipeError(f"{path} line {line}: not UTF-8 text (byte 0x{data[err.start]:02x}); save the recipe as "
                           "UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
     try:
-        values = read_yaml(text)
+        return read_yaml(text)
     except yaml.YAMLError as err:
         where = getattr(err, "problem_mark", None)
         line = f" line {where.line + 1}" if where else ""
-        raise RecipeError(f"{path}{line}: not valid YAML ({getattr(err, 'problem', err)})") from err
+        problem = " ".join(str(getattr(err, "problem", None) or err).split())
+        raise RecipeError(f"{path}{line}: not valid YAML ({problem})") from None
+
+
+def load_recipe(name: str, overrides: dict[str, Any] | None = None) -> Recipe:
+    path = find_recipe(name)
+    values = read_recipe_file(path)
     if not isinstance(values, dict):
         raise RecipeError(f"{path}: a recipe is a flat mapping of keys to values, got {type(values).__name__}")
     sources = {key: str(path) for key in values}
@@ -172,7 +179,7 @@ def build_recipe(values: dict[str, Any], sources: dict[str, str], source: str) -
         # MoE load balancing works with any LLM trainer: kept beside the method config, like ``optim``.
         from posttrain.recipes.moe import parse_moe_keys
 
-        moe = parse_moe_keys(values, sources, source, method, entry.task, _coerce)
+        moe = parse_moe_keys(values, sources, source, method, entry.task, coerce)
 
     if entry.task == "aux":
         classes = {"config": entry.config_cls}
@@ -202,7 +209,7 @@ def build_recipe(values: dict[str, Any], sources: dict[str, str], source: str) -
             where = sources.get(key, source)
             raise RecipeError(f"{where}: unknown key '{key}' for method '{method}'{hint}")
         for role in roles:
-            kwargs[role][key] = _coerce(value, hints[role][key], key, sources.get(key, source))
+            kwargs[role][key] = coerce(value, hints[role][key], key, sources.get(key, source))
 
     _check_values(kwargs, sources, source, method, entry.task)
     built = {}
@@ -334,7 +341,7 @@ class _Mismatch(Exception):
     pass
 
 
-def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
+def coerce(value: Any, tp: Any, key: str, where: str) -> Any:
     try:
         return _convert(value, tp)
     except _Mismatch:
