@@ -1,8 +1,9 @@
 """Faults in data files: non-UTF-8 bytes, rows over max_row_bytes, malformed lines, empty files, directories.
 
-Each bad file runs as a real ``posttrain train sft/tiny`` command (one line, exit 2, the file and line named,
-before any model loads); the scan itself is tested in-process against a whole-buffer reference, over read
-sizes small enough that characters and "\\r\\n" fall across reads.
+One table of bad files: each is loaded in-process (one-line DataError naming the file and line or row), and
+a subset runs as real ``posttrain train sft/tiny`` commands (one stderr line, exit 2, before any model loads).
+The scan itself is tested against a whole-buffer reference, with reads small enough that characters and
+"\\r\\n" fall across them.
 """
 
 import json
@@ -18,9 +19,9 @@ from datasets import Dataset
 
 from conftest import assert_one_line_error, run_cli_cases
 from posttrain.data import DataArguments, DataError, load_task_datasets
+from posttrain.data import files as files_module
 from posttrain.data import loading
 from posttrain.data.args import DEFAULT_MAX_ROW_BYTES
-from posttrain.data import files as files_module
 from posttrain.data.files import TextFault, first_bad_json_line, scan_text_file
 
 LIMIT = 200  # the small --max_row_bytes of the over-limit cases
@@ -151,8 +152,9 @@ def test_bad_data_files_fail_in_one_line_on_the_command_line(files, cli_env, tmp
 
 
 def test_big_row_fails_fast_with_bounded_memory(files, cli_env, tmp_path):
-    # Before the bound, an 8 MiB row cost ~2.5 GB and tens of seconds to load and tokenise (a 60 MB row took
-    # 190 s and 19 GB); now the scan stops 1 MiB into it. A bare `posttrain train` peaks at ~0.5 GB.
+    # Before the bound, rows of 1 and 2 MiB added 0.26 and 0.5 GB of peak memory and 1.5 and 9 s to a run, so
+    # an 8 MiB one ~2 GB (a 60 MB row took 190 s and 19 GB); now the scan stops 1 MiB into it. A `posttrain
+    # train` that stops at the data peaks at ~0.5 GB (importing torch and TRL).
     # RUSAGE_CHILDREN's maxrss is the largest of all children this process waited for: an upper bound of this one.
     start = time.monotonic()
     proc = run_cli_cases({"big": _argv(files["big_row"], tmp_path / "big")}, cli_env, tmp_path)["big"]
