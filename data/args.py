@@ -11,6 +11,13 @@ from typing import Optional
 
 from posttrain import UserError
 
+# Longest row (bytes of a JSONL/CSV line, or of a loaded row's text) a run accepts unless max_row_bytes is raised.
+# Tokenising costs about 1.3 s and 300 MB of memory per MB of text (a 60 MB row took 190 s and 19 GB), so 1 MiB
+# bounds a row at about 300 MB. Real rows are far shorter: a chat transcript filling a 128k-token context is
+# ~512 KB of English (about 4 bytes a token), and the trainer cuts each row to max_length tokens (a few thousand
+# in most recipes) after tokenising it, so text beyond that only costs time and memory.
+DEFAULT_MAX_ROW_BYTES = 1 << 20
+
 
 class DataError(UserError):
     """A problem with the data a recipe names: printed by the CLI as one line, exit code 2.
@@ -85,6 +92,15 @@ class DataArguments:
             "e.g. retain90 for locuslab/TOFU (forget: dataset_config forget10)."
         },
     )
+    max_row_bytes: int = field(
+        default=DEFAULT_MAX_ROW_BYTES,
+        metadata={
+            "help": "Longest row accepted, in bytes (default 1 MiB): a line of a .jsonl/.json/.csv file (checked "
+            "while reading it, before it is parsed) and the text of a loaded row from any source, parquet and hub "
+            "datasets included. A longer row stops the run with its line or row number: tokenising one costs about "
+            "300 bytes of memory per byte. Raise it for intentionally long rows."
+        },
+    )
     reward_funcs: list[str] = field(
         default_factory=lambda: ["numeric_match"],
         metadata={"help": "GRPO/RLOO reward functions by registry name (`posttrain list` shows them)."},
@@ -95,6 +111,7 @@ class DataArguments:
         # model is loaded. The recipe layer may check types too; these messages are specific to data keys.
         for name in ("num_samples", "data_seed"):
             _check_int(name, getattr(self, name), minimum=1 if name == "num_samples" else None)
+        _check_int("max_row_bytes", self.max_row_bytes, minimum=1)
         if self.max_samples is not None:
             _check_int("max_samples", self.max_samples, minimum=1)
         if self.difficulty is not None:

@@ -5,6 +5,10 @@ id). ``load_task_datasets`` is the one entry point of the train code: it loads w
 ``max_samples``, checks every row and returns datasets in the column layout the TRL trainer expects. Every
 problem raises ``DataError`` (one line: what, where, how to fix); rows are counted from 0.
 
+Local text files are scanned before ``datasets`` parses them (``files.py``: UTF-8, line length), and every
+row's text is bounded by ``max_row_bytes`` once loaded (``check_row_sizes``), because tokenising one huge
+row can take minutes and gigabytes before training starts.
+
 Checks run column by column over batches of plain Python values (``Dataset.iter``), not ``ds[i]`` per row,
 so 100k rows take about a second. Per-value checks rather than Arrow types are needed because
 ``datasets`` stores columns of mixed JSON types as ``Json`` (one row a string, the next a list).
@@ -12,15 +16,21 @@ so 100k rows take about a second. Per-value checks rather than Arrow types are n
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import logging
 import os
 from typing import Callable, NamedTuple, Optional, Union
 
 import datasets
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 from datasets import Dataset, DatasetDict, Value
 from trl.data_utils import extract_prompt, unpair_preference_dataset
 
-from .args import DataArguments, DataError
+from .args import DEFAULT_MAX_ROW_BYTES, DataArguments, DataError
+from .files import check_text_file, first_bad_json_line, is_json_array
 from .generators import GENERATORS
 
 TASKS: dict[str, str] = {
@@ -57,10 +67,12 @@ def load_source(
     num_samples: int = 256,
     seed: int = 0,
     difficulty: Optional[int] = None,
+    max_row_bytes: int = DEFAULT_MAX_ROW_BYTES,
 ) -> Dataset:
     """One split of ``builtin:<name>``, a local .jsonl/.json/.csv/.parquet file, or a Hugging Face Hub dataset.
 
-    ``num_samples``, ``seed`` and ``difficulty`` only apply to builtin generators; ``config`` only to hub ids.
+    ``num_samples``, ``seed`` and ``difficulty`` only apply to builtin generators; ``config`` only to hub ids;
+    ``max_row_bytes`` bounds the lines of local text files, checked before they are parsed.
     A local path is recognised by its extension or a leading ``/``, ``.`` or ``~``; anything else is a hub id
     (or a local folder, which ``datasets.load_dataset`` reads too).
     """
@@ -70,7 +82,7 @@ def load_source(
     extension = os.path.splitext(spec)[1].lower()
     looks_local = spec.startswith(("/", ".", "~")) and not os.path.isdir(spec)
     if extension in LOCAL_LOADERS or looks_local or os.path.isfile(spec):
-        return _load_local(spec, extension, split)
+        return _load_local(spec, extension, split, max_row_bytes)
     return _load_hub(spec, config, split)
 
 
@@ -106,8 +118,13 @@ def _pick_split(spec: str, result: Union[Dataset, DatasetDict], split: str) -> D
     return result
 
 
-def _load_local(path: str, extension: str, split: str) -> Dataset:
+def _load_local(path: str, extension: str, split: str, max_row_bytes: int) -> Dataset:
     resolved = os.path.abspath(os.path.expanduser(path))
+    if os.path.isdir(resolved):
+        raise DataError(
+            f"dataset '{path}' is a directory ({resolved}), not a file; point it at a "
+            f"{'/'.join(LOCAL_LOADERS)} file inside it"
+        )
     if not os.path.isfile(resolved):
         raise DataError(
             f"dataset '{path}': file not found (looked at {resolved}); check the path (relative paths start at "
@@ -119,15 +136,54 @@ def _load_local(path: str, extension: str, split: str) -> Dataset:
         )
     if os.path.getsize(resolved) == 0:
         raise DataError(f"dataset '{path}' split '{split}' has no rows (the file is empty); point it at data with rows")
+    if LOCAL_LOADERS[extension] != "parquet":
+        check_text_file(path, resolved, max_row_bytes)
     try:
-        return datasets.load_dataset(LOCAL_LOADERS[extension], data_files=resolved, split=split)
+        with _quiet_datasets():
+            return datasets.load_dataset(LOCAL_LOADERS[extension], data_files=resolved, split=split)
     except Exception as error:  # datasets raises many types here (ValueError, DatasetGenerationError, ArrowError)
         if "corresponds to no data" in str(error):  # what datasets says for a file with a header but no rows
             raise DataError(f"dataset '{path}' split '{split}' has no rows; point it at data with rows") from error
+        # pyarrow counts rows within a read block: find the line in a large file (JSON Lines only, a JSON
+        # array's error already says where)
+        json_lines = LOCAL_LOADERS[extension] == "json" and not is_json_array(resolved)
+        bad_line = first_bad_json_line(resolved) if json_lines else None
+        if bad_line is not None:
+            line, problem = bad_line
+            raise DataError(
+                f"dataset '{path}', line {line}: {problem}; a JSON Lines file needs one JSON object per line "
+                f"({{\"messages\": [...]}} or {{\"prompt\": ..., \"completion\": ...}}); fix or remove that line"
+            ) from error
         raise DataError(
             f"dataset '{path}' split '{split}': could not read the file: {_describe(error)}; check that it is valid "
             f"{LOCAL_LOADERS[extension]} (a local file has one split, 'train'; slices like 'train[:90%]' work)"
         ) from error
+
+
+class _DropErrors(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno < logging.ERROR
+
+
+@contextlib.contextmanager
+def _quiet_datasets():
+    """No progress bar and no error log lines from datasets while it reads a local file.
+
+    On a bad file both land on stderr before the exception that ``_load_local`` turns into one DataError
+    line carrying the same cause: the README promises a mistake is reported as one line. Warnings still show.
+    """
+    loggers = [logging.getLogger(f"datasets.packaged_modules.{name}.{name}") for name in ("json", "csv", "parquet")]
+    bars, drop = datasets.is_progress_bar_enabled(), _DropErrors()
+    datasets.disable_progress_bars()
+    for logger in loggers:
+        logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        for logger in loggers:
+            logger.removeFilter(drop)
+        if bars:
+            datasets.enable_progress_bars()
 
 
 def _load_hub(spec: str, config: Optional[str], split: str) -> Dataset:
@@ -269,6 +325,48 @@ def check_columns(dataset: Dataset, where: str, checks: dict[str, _Check]) -> No
         )
 
 
+def _text_bytes(array: Union[pa.Array, pa.ChunkedArray]) -> np.ndarray:
+    """Bytes of text in each value of ``array``: its strings, also those nested in lists and structs (a message
+    list); numbers and other types count 0. Vectorised: offsets are read, not the strings."""
+    if isinstance(array, pa.ChunkedArray):
+        parts = [_text_bytes(chunk) for chunk in array.chunks]
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+    kind = array.type
+    if pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_binary(kind) \
+            or pa.types.is_large_binary(kind):
+        return pc.binary_length(array).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
+    if pa.types.is_list(kind) or pa.types.is_large_list(kind):
+        # flatten() and list_parent_indices() both skip null lists and respect a slice's offset
+        sizes = np.bincount(pc.list_parent_indices(array).to_numpy(), weights=_text_bytes(array.flatten()),
+                            minlength=len(array))
+        return sizes.astype(np.int64)
+    if pa.types.is_struct(kind):
+        return sum((_text_bytes(field) for field in array.flatten()), np.zeros(len(array), dtype=np.int64))
+    return np.zeros(len(array), dtype=np.int64)
+
+
+def check_row_sizes(dataset: Dataset, where: str, columns, max_row_bytes: int) -> None:
+    """Raise DataError for the first row whose ``columns`` hold more than ``max_row_bytes`` bytes of text.
+
+    Tokenising costs about 300 bytes of memory per byte of text, so this bounds what one row costs the
+    trainer whatever the source (the line scan of text files runs before parsing; this also covers parquet
+    and hub datasets). Reads Arrow offsets batch by batch, so it costs little even for millions of rows.
+    """
+    offset = 0
+    for batch in dataset.select_columns(list(columns)).with_format("arrow").iter(batch_size=_BATCH_SIZE):
+        sizes = sum((_text_bytes(batch.column(c)) for c in columns), np.zeros(batch.num_rows, dtype=np.int64))
+        over = np.flatnonzero(sizes > max_row_bytes)
+        if len(over):
+            row = offset + int(over[0])
+            raise DataError(
+                f"{where}, row {row}: {int(sizes[over[0]])} bytes of text in column(s) {', '.join(columns)}, "
+                f"more than max_row_bytes={max_row_bytes} (tokenising a row costs about 300 bytes of memory per "
+                f"byte; rows count from 0); remove or split that row, or raise max_row_bytes (recipe key or "
+                "--max_row_bytes) if rows this long are intended"
+            )
+        offset += batch.num_rows
+
+
 # -------------------------------------------------------------------------------------------- task formatting
 
 
@@ -289,20 +387,24 @@ def _extract_prompts(batch: dict) -> dict:
     return {key: [row[key] for row in rows] for key in ("prompt", "chosen", "rejected")}
 
 
-def format_for_task(task: str, dataset: Dataset, where: str) -> Dataset:
-    """Check ``dataset`` for ``task`` and return it in the column layout the trainer expects."""
+def format_for_task(task: str, dataset: Dataset, where: str, max_row_bytes: int = DEFAULT_MAX_ROW_BYTES) -> Dataset:
+    """Check ``dataset`` for ``task`` and return it in the column layout the trainer expects.
+
+    Rows with more than ``max_row_bytes`` bytes of text in the task's columns are refused."""
     if len(dataset) == 0:
         raise DataError(f"{where} has no rows; point it at data with rows (builtin generators: raise num_samples)")
     columns = _pick_format(dataset, where, task)
     if task == "unlearn":  # keep every column (e.g. `entity` for per-entity evals); check every layout present
         for layout in TASK_FORMATS["unlearn"]:
             if set(layout) <= set(dataset.column_names):
+                check_row_sizes(dataset, where, layout, max_row_bytes)
                 check_columns(dataset, where, {c: COLUMN_CHECKS[c] for c in layout})
         if columns == ("question", "answer"):  # TOFU's layout: plain-string prompt/completion
             dataset = dataset.rename_columns({"question": "prompt", "answer": "completion"})
             if dataset.features["completion"] != Value("string"):
                 dataset = dataset.cast_column("completion", Value("string"))
         return dataset
+    check_row_sizes(dataset, where, columns, max_row_bytes)  # first: cheap, and it bounds what the next costs
     check_columns(dataset, where, {c: COLUMN_CHECKS[c] for c in columns})
     if task == "prompt":
         answer = dataset.features.get("answer")
@@ -350,10 +452,10 @@ def load_task_datasets(task: str, args: DataArguments) -> dict[str, Dataset]:
 
     def load(split: str, seed: int) -> Dataset:
         return load_source(args.dataset, config=args.dataset_config, split=split, num_samples=args.num_samples,
-                           seed=seed, difficulty=args.difficulty)
+                           seed=seed, difficulty=args.difficulty, max_row_bytes=args.max_row_bytes)
 
     train = _first(load(args.dataset_split, args.data_seed), args.max_samples)
-    result = {"train": format_for_task(task, train, _where(args.dataset, args.dataset_split))}
+    result = {"train": format_for_task(task, train, _where(args.dataset, args.dataset_split), args.max_row_bytes)}
     if args.eval_split is not None:
         if _generator_splits(args.dataset) == ("train",):  # single-split generator: eval = another seed
             evaluation = load("train", args.data_seed + EVAL_SEED_OFFSET)
@@ -361,7 +463,7 @@ def load_task_datasets(task: str, args: DataArguments) -> dict[str, Dataset]:
             evaluation = load(args.eval_split, args.data_seed + EVAL_SEED_OFFSET)
         else:
             evaluation = load(args.eval_split, args.data_seed)
-        result["eval"] = format_for_task(task, evaluation, _where(args.dataset, args.eval_split))
+        result["eval"] = format_for_task(task, evaluation, _where(args.dataset, args.eval_split), args.max_row_bytes)
     return result
 
 
@@ -401,11 +503,13 @@ def _load_unlearn(args: DataArguments) -> dict[str, Dataset]:
         same = args.retain_dataset == spec and args.retain_config is None
         retain_config = args.retain_config if args.retain_config is not None else args.dataset_config if same else None
         retain_split = "retain" if same or "retain" in _generator_splits(args.retain_dataset) else "train"
-        common = dict(num_samples=args.num_samples, seed=args.data_seed, difficulty=args.difficulty)
+        common = dict(num_samples=args.num_samples, seed=args.data_seed, difficulty=args.difficulty,
+                      max_row_bytes=args.max_row_bytes)
         forget = load_source(spec, config=args.dataset_config, split=args.dataset_split, **common)
         retain = load_source(args.retain_dataset, config=retain_config, split=retain_split, **common)
         sources = {"forget": (spec, forget, args.dataset_split), "retain": (args.retain_dataset, retain, retain_split)}
     return {
-        role: format_for_task("unlearn", _first(dataset, args.max_samples), _where(source, split, role))
+        role: format_for_task("unlearn", _first(dataset, args.max_samples), _where(source, split, role),
+                              args.max_row_bytes)
         for role, (source, dataset, split) in sources.items()
     }

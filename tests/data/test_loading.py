@@ -90,7 +90,7 @@ def test_missing_file_and_unsupported_type(tmp_path):
     (tmp_path / "notes.txt").write_text("hello")
     _raises("unsupported file type '.txt'", load_source, str(tmp_path / "notes.txt"))
     (tmp_path / "broken.jsonl").write_text('{"prompt": "a", \n')
-    _raises("could not read the file", load_source, str(tmp_path / "broken.jsonl"))
+    _raises("line 1: not valid JSON", load_source, str(tmp_path / "broken.jsonl"))
 
 
 def test_unreachable_hub_id_is_a_data_error(monkeypatch):
