@@ -264,6 +264,9 @@ VALUE_RULES: dict[str, tuple] = {
     "beta": _NOT_NEGATIVE,
     "temperature": _POSITIVE,
     "top_p": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "num_samples": _AT_LEAST_1,  # the data keys' own checks (data/args.py) cannot tell the recipe from the command line
+    "max_samples": _AT_LEAST_1,
+    "max_row_bytes": _AT_LEAST_1,
     "seed": _NOT_NEGATIVE,
     "data_seed": _NOT_NEGATIVE,
     "dataloader_num_workers": _NOT_NEGATIVE,

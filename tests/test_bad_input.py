@@ -83,6 +83,7 @@ TRAIN_CASES = {
     "learning rate -1": (lambda b: SFT + ["--learning_rate", "-1"], "command line: learning_rate"),
     "max_length 0": (lambda b: SFT + ["--max_length", "0"], "command line: max_length"),
     "max_steps -5": (lambda b: SFT + ["--max_steps", "-5"], "command line: max_steps"),
+    "max_row_bytes 0": (lambda b: SFT + ["--max_row_bytes", "0"], "command line: max_row_bytes must be at least 1"),
     "dpo beta -1": (lambda b: ["train", "dpo/tiny", "--beta", "-1"], "command line: beta"),
     "unknown report_to": (lambda b: SFT + ["--report_to", "wandbb"], "unknown report_to 'wandbb' (did you mean 'wandb'?)"),
     "reward_funcs on sft": (lambda b: SFT + ["--reward_funcs", "numeric_match"], "method 'sft' does not use reward_funcs"),
