@@ -93,8 +93,15 @@ def _eval(args) -> None:
     close_process_group()
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse prints its usage, then the error: two lines. One line, as for every other mistake (exit code 2)."""
+
+    def error(self, message):
+        self.exit(2, f"posttrain: error: {message}; see {self.prog} --help\n")
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="posttrain", description="LLM post-training methods as TRL trainers, run from YAML recipes.")
+    parser = _Parser(prog="posttrain", description="LLM post-training methods as TRL trainers, run from YAML recipes.")
     parser.add_argument("--version", action="version", version=f"posttrain {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     train_p = sub.add_parser("train", help="run a recipe: a .yaml path or <method>/<name>, then --key value overrides")

@@ -91,6 +91,10 @@ TRAIN_CASES = {
                                               "command line: invalid SFTConfig"),
     "library check names the command line": (lambda b: SFT + ["--save_strategy", "steps", "--load_best_model_at_end",
                                                               "true"], "command line: invalid SFTConfig"),
+    # --- the command line itself -------------------------------------------------------------------------------------
+    "argparse: option of the wrong type": (lambda b: ["eval", "--model", "tiny:qwen3", "--limit", "abc"],
+                                           "argument --limit: invalid int value: 'abc'; see posttrain eval --help"),
+    "argparse: no command": (lambda b: [], "the following arguments are required: command"),
     # --- recipe files ------------------------------------------------------------------------------------------------
     "recipe not UTF-8": (lambda b: ["train", str(b["latin1_recipe"])], "line 1: not UTF-8"),
     "recipe duplicate key": (lambda b: ["train", str(b["duplicate_recipe"])], "duplicate key 'learning_rate'"),
@@ -103,10 +107,12 @@ def train_results(bad, tmp_path_factory):
     cases = {}
     for i, (case, (argv, _)) in enumerate(TRAIN_CASES.items()):
         argv = argv(bad)  # the cases run in parallel: each its own output_dir (a run locks its folder)
-        cases[case] = argv if any(a.startswith("--output_dir") for a in argv) else argv + ["--output_dir", str(bad["root"] / f"out{i}")]
+        own = argv[:1] == ["train"] and not any(a.startswith("--output_dir") for a in argv)
+        cases[case] = argv + ["--output_dir", str(bad["root"] / f"out{i}")] if own else argv
     return run_cli_cases(cases, env, tmp_path_factory.mktemp("cwd"))
 
 
 @pytest.mark.parametrize("case", TRAIN_CASES)
 def test_train_bad_input_is_one_line_exit_2(case, train_results):
     assert_one_line_error(train_results[case], TRAIN_CASES[case][1])
+    assert "Loading weights" not in train_results[case].stderr  # transformers' bar: a model was loaded first
