@@ -100,7 +100,6 @@ def build_trainer(recipe: Recipe):
         if problem:
             raise UserError(f"resume_from_checkpoint: {problem}; use --resume to pick the newest complete one")
         _check_method_state(recipe, Path(config.resume_from_checkpoint))
-    model_path = resolve_model_path(model_args.model_name_or_path)  # a missing or damaged model folder: one line
     datasets = load_task_datasets(method.task, recipe.data_args)
     extra: dict[str, Any] = {}
     if method.task == "prompt":
@@ -110,6 +109,9 @@ def build_trainer(recipe: Recipe):
     if method.task == "unlearn":  # the trainer iterates the forget set; the retain set rides along
         datasets = {"train": datasets["forget"], "retain": datasets["retain"]}
         extra["retain_dataset"] = datasets["retain"]
+    # a missing or damaged model folder is one line here; a first use of tiny:<arch> builds it (with progress bars),
+    # so this comes after the data checks, whose errors must be the only output
+    model_path = resolve_model_path(model_args.model_name_or_path)
 
     moe_plan = prepare_moe(recipe, model_path)  # MoE checks on config.json, before the model loads (recipes/moe.py)
     # dtype, attention, trust_remote_code, QLoRA quantization (+ device map); recipe's model_init_kwargs win.
