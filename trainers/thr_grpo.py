@@ -41,6 +41,8 @@ the rule (``thr_mode``), the threshold scale (``thr_beta``) and the steering sca
 GSPO integration: ``importance_sampling_level="sequence_token"`` selects GSPO-token (token weight
 sg[s_i] pi(y_t)/sg[pi(y_t)], s_i the length-normalised sequence ratio), under which per-token advantages stay
 meaningful; TRL's own ``"sequence"`` level multiplies one (B, 1) ratio by the (B, T) advantages and mixes them.
+The shift lives in the importance ratio only (``gspo_token_old_logps`` replaces the old log-probs the ratio divides
+by): TRL's KL term (``beta > 0``) and its off-policy mask are evaluated at the current policy's log-probs.
 
 Implementation notes: the sliced probabilities are exp(logits[V*] - logsumexp(logits over the full vocabulary));
 only the normaliser needs the full vocabulary, computed in token chunks. The hidden states need one no-grad
@@ -93,7 +95,8 @@ class THRGRPOConfig(GRPOConfig):
         default="token",
         metadata={"help": "token (GRPO), sequence (TRL's GSPO: one ratio per sequence, which mixes per-token "
                   "advantages) or sequence_token (GSPO-token: sg[s_i] pi(y_t)/sg[pi(y_t)], recommended with THR "
-                  "when a sequence-level ratio is wanted)."},
+                  "when a sequence-level ratio is wanted; only the importance ratio changes: the KL term and the "
+                  "off-policy mask use the current log-probs)."},
     )
 
     def __post_init__(self):
@@ -242,6 +245,19 @@ def nthr_advantages(advantages, s, tau, correct, completion_mask):
     return torch.where(selected, eta * A, A) * completion_mask.to(dtype)
 
 
+def gspo_token_old_logps(logps, old_logps, mask):
+    """The old log-probs that make a token-level ratio GSPO-token's (Zheng et al., arXiv 2507.18071, eq. 13).
+
+    Returns sg[logps - seq] with seq = the masked mean of (logps - old_logps) per sequence, so that
+    logps - result has the value of the length-normalised sequence log-ratio and the gradient of logps (B, T).
+    Only the importance ratio is meant to use it: KL terms and off-policy masks keep the true log-probs.
+    """
+    logps = logps.detach()
+    mask = mask.to(logps.dtype)
+    seq = ((logps - old_logps) * mask).sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1)
+    return logps - seq
+
+
 # ------------------------------------------------------------------------------------------- trainer
 
 
@@ -249,7 +265,7 @@ class THRGRPOTrainer(GRPOTrainer):
     """GRPOTrainer with THR/NTHR per-token advantages: overrides ``_generate_and_score_completions`` (and, for
     GSPO-token, wraps ``_compute_loss``)."""
 
-    _gspo_token = None  # (old log-probs, mask) while a GSPO-token loss is computed
+    _gspo_token = None  # (the loss's copy of inputs, loss mask) while a GSPO-token loss is computed
 
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
@@ -370,11 +386,17 @@ class THRGRPOTrainer(GRPOTrainer):
     def _compute_loss(self, model, inputs):
         if self.args.importance_sampling_level != "sequence_token":
             return super()._compute_loss(model, inputs)
-        # GSPO-token: log w_t = sg[mean_t(log pi - log pi_old)] + log pi_t - sg[log pi_t]. TRL's token-level
-        # branch computes log pi - log pi_old, so hand it log pi + sg[seq - (log pi - log pi_old)]: the same
-        # gradient as log pi, the value of the sequence ratio (identical to log pi when on-policy).
-        mask = inputs["completion_mask"]
-        self._gspo_token, self.importance_sampling_level = (inputs.get("old_per_token_logps"), mask), "token"
+        # GSPO-token (Zheng et al., arXiv 2507.18071, eq. 13): log w_t = sg[mean_t(log pi - log pi_old)] + log pi_t
+        # - sg[log pi_t]. TRL 1.16's token-level branch forms log_ratio = per_token_logps - old_per_token_logps and
+        # reads ``inputs["old_per_token_logps"]`` only after the log-prob forward, so the hook below replaces the
+        # old log-probs of a copy of ``inputs`` by sg[log pi - seq]: only the importance ratio moves. The KL term,
+        # CISPO's log pi factor and the entropy still see the current log-probs, and the off-policy mask still
+        # compares them with the true old (or sampling) log-probs. On-policy (no old log-probs) the ratio is 1 in
+        # value either way and nothing changes.
+        tool_mask = inputs.get("tool_mask")
+        mask = inputs["completion_mask"] if tool_mask is None else inputs["completion_mask"] * tool_mask
+        inputs = dict(inputs)
+        self._gspo_token, self.importance_sampling_level = (inputs, mask), "token"
         try:
             return super()._compute_loss(model, inputs)
         finally:
@@ -382,8 +404,11 @@ class THRGRPOTrainer(GRPOTrainer):
 
     def _get_per_token_logps_and_entropies(self, *args, **kwargs):
         logps, entropies, aux = super()._get_per_token_logps_and_entropies(*args, **kwargs)
-        if self._gspo_token is not None and self._gspo_token[0] is not None and torch.is_grad_enabled():
-            old, mask = self._gspo_token
-            seq = ((logps - old) * mask).sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1)
-            logps = logps + (seq - (logps - old)).detach()
+        if self._gspo_token is not None:
+            inputs, mask = self._gspo_token
+            self._gspo_token = None  # one forward per loss
+            old = inputs.get("old_per_token_logps")
+            if old is not None:
+                inputs.setdefault("sampling_per_token_logps", old)  # TRL's off-policy mask default: the true old
+                inputs["old_per_token_logps"] = gspo_token_old_logps(logps, old, mask)
         return logps, entropies, aux

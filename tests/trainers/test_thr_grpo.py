@@ -348,14 +348,17 @@ def test_gspo_token_ratio_has_the_sequence_value_and_the_token_gradient(tmp_path
     mask = torch.tensor([[1] * 6 + [0] * 3, [1] * 4 + [0] * 5])
     plain, _, _ = trainer._get_per_token_logps_and_entropies(trainer.model, ids, torch.ones_like(ids), 6)
     old = plain.detach() + 0.1 * torch.randn(plain.shape)
-    trainer._gspo_token = (old, mask[:, 3:])
-    shifted, _, _ = trainer._get_per_token_logps_and_entropies(trainer.model, ids, torch.ones_like(ids), 6)
-    trainer._gspo_token = None
+    inputs = {"old_per_token_logps": old}
+    trainer._gspo_token = (inputs, mask[:, 3:])
+    again, _, _ = trainer._get_per_token_logps_and_entropies(trainer.model, ids, torch.ones_like(ids), 6)
+    assert trainer._gspo_token is None and torch.equal(again, plain)  # the log-probs themselves are untouched
+    assert inputs["sampling_per_token_logps"] is old  # the off-policy mask keeps the true old log-probs
+    ratio = again - inputs["old_per_token_logps"]  # what TRL's token-level branch forms
     m = mask[:, 3:].float()
     seq = ((plain - old) * m).sum(-1, keepdim=True) / m.sum(-1, keepdim=True)
-    torch.testing.assert_close((shifted - old)[m.bool()], seq.expand_as(shifted)[m.bool()])
+    torch.testing.assert_close(ratio[m.bool()], seq.expand_as(ratio)[m.bool()])
     g1 = torch.autograd.grad((plain * m).sum(), next(trainer.model.parameters()), retain_graph=True)[0]
-    g2 = torch.autograd.grad((shifted * m).sum(), next(trainer.model.parameters()))[0]
+    g2 = torch.autograd.grad((ratio * m).sum(), next(trainer.model.parameters()))[0]
     torch.testing.assert_close(g1, g2)
 
 
@@ -376,3 +379,56 @@ def test_a_group_split_across_two_processes_gets_the_same_advantages(tmp_path):
     assert results[1]["metrics"]["thr/mixed_groups"] == [2.0]
     torch.testing.assert_close(one, two, atol=1e-6, rtol=1e-5)
     assert not torch.allclose(one, one[:, :1].expand_as(one) * (one != 0))  # THR actually reweighted something
+
+
+# ----------------------------------------------------------------------------- issue 16: fidelity of the paths
+
+
+def _gspo_batch(trainer, seed=0, B=4, P=5, T=7):
+    g = torch.Generator().manual_seed(seed)
+    mask = (torch.arange(T)[None] < torch.randint(3, T + 1, (B,), generator=g)[:, None]).long()
+    return {"prompt_ids": torch.randint(4, 500, (B, P), generator=g), "prompt_mask": torch.ones(B, P, dtype=torch.long),
+            "completion_ids": torch.randint(4, 500, (B, T), generator=g), "completion_mask": mask,
+            "advantages": torch.zeros(B, T)}, g
+
+
+@pytest.mark.parametrize("bias_correction", [False, True])
+def test_gspo_token_kl_is_taken_at_the_current_policy(bias_correction, tmp_path):
+    # beta > 0 and num_iterations = 2 (old log-probs exist): the KL term's value and gradient must be those of the
+    # current policy's log-probs (TRL's k3 estimator), not of the GSPO-token-shifted ones. Advantages are 0, so the
+    # loss is the KL term alone. TRL's bias correction multiplies it by the objective's importance weight (for its
+    # "sequence" level the sequence ratio), here GSPO-token's weight sg[s_i] pi_t / sg[pi_t].
+    beta = 0.5
+    trainer = _build_trainer(_load_recipe("thr_grpo/tiny", {"output_dir": str(tmp_path), "importance_sampling_level":
+                                                           "sequence_token", "beta": beta, "num_iterations": 2,
+                                                           "loss_type": "grpo", "use_bias_correction_kl": bias_correction}))
+    trainer.current_gradient_accumulation_steps = 1
+    trainer.model.train()
+    inputs, g = _gspo_batch(trainer)
+    ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
+    att = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)
+    T = inputs["completion_ids"].size(1)
+    with torch.no_grad():
+        logps, _, _ = trainer._get_per_token_logps_and_entropies(trainer.model, ids, att, T)
+    inputs["old_per_token_logps"] = logps + 0.3 * torch.randn(logps.shape, generator=g)
+    inputs["ref_per_token_logps"] = logps + 0.2 * torch.randn(logps.shape, generator=g)
+    params = [p for p in trainer.model.parameters() if p.requires_grad]
+
+    loss = trainer._compute_loss(trainer.model, inputs)
+    got = torch.autograd.grad(loss, params, allow_unused=True)
+
+    logps, _, _ = trainer._get_per_token_logps_and_entropies(trainer.model, ids, att, T)
+    d = inputs["ref_per_token_logps"] - logps
+    m = inputs["completion_mask"].float()
+    per_token_kl = torch.exp(d) - d - 1
+    if bias_correction:
+        seq = ((logps.detach() - inputs["old_per_token_logps"]) * m).sum(-1, keepdim=True) / m.sum(-1, keepdim=True)
+        per_token_kl = per_token_kl * torch.exp(seq + logps - logps.detach())
+    direct = beta * ((per_token_kl * m).sum(-1) / m.sum(-1)).mean()
+    want = torch.autograd.grad(direct, params, allow_unused=True)
+    assert loss.item() == pytest.approx(direct.item(), rel=1e-5, abs=1e-7), "KL value at the shifted log-probs"
+    for a, b in zip(got, want):
+        if b is not None:
+            torch.testing.assert_close(a, b, atol=1e-7, rtol=1e-4, msg="KL gradient at the shifted log-probs")
+    logged = (per_token_kl.detach() * m).sum() / m.sum()  # TRL logs the token mean of the (corrected) KL
+    assert trainer._metrics["train"]["kl"][-1] == pytest.approx(logged.item(), rel=1e-5)
