@@ -142,9 +142,12 @@ def slice_to_generated_vocab(probs_full, token_ids, completion_mask):
 
 
 def prediction_errors(probs, token_pos, completion_mask):
-    """g = onehot(token_pos, K) - probs (G, T, K), zero on masked positions; float32 (float64 if given)."""
+    """g = onehot(token_pos, K) - probs (G, T, K), zero on masked positions; float32 (float64 if given).
+    K = 0 (every token masked: V* is empty) gives an empty (G, T, 0)."""
     dtype = _work_dtype(probs)
     mask = completion_mask.bool()
+    if probs.shape[-1] == 0:
+        return probs.to(dtype)
     pos = torch.where(mask, token_pos, torch.zeros_like(token_pos)).long()
     g = F.one_hot(pos, probs.shape[-1]).to(dtype) - probs.to(dtype)
     return g * mask.unsqueeze(-1).to(dtype)
@@ -168,7 +171,9 @@ def token_influence(hidden, probs, token_pos, completion_mask, correct, beta=1.0
     M+ = sum_{correct i, valid k} g h^T and s = g^T M+ h (0 on masked positions); tau = beta * min over the
     correct samples (with at least one valid token) of their mean s. ``beta = -inf`` gives tau = -inf.
 
-    Groups with no correct sample or only correct samples are skipped: s is all zeros and tau = +inf, which
+    Groups with no correct sample or only correct samples, or whose correct samples have no valid token (for
+    instance every completion masked as truncated, so V* may be empty: K = 0), are skipped: s is all zeros and
+    tau = +inf, which
     makes ``thr_advantages`` and ``nthr_advantages`` return the plain advantages. tau is a 0-d tensor (no host
     sync). Computed in float32, or float64 when hidden or probs are float64.
     """
@@ -286,7 +291,11 @@ class THRGRPOTrainer(GRPOTrainer):
         and its (B,) GRPO advantages. Hidden states are gathered so every group is complete wherever it is
         computed; every rank computes every group (identical results), then keeps its own rows."""
         cfg, acc = self.args, self.accelerator
-        completion_ids, completion_mask = out["completion_ids"], out["completion_mask"]
+        completion_ids = out["completion_ids"]
+        # TRL's loss mask: completion tokens that are the policy's own (tool results have tool_mask = 0; truncated
+        # completions are already zeroed under mask_truncated_completions). Only these tokens enter V*, M+, tau, s.
+        tool_mask = out.get("tool_mask")
+        completion_mask = out["completion_mask"] if tool_mask is None else out["completion_mask"] * tool_mask
         local_b, local_t = completion_ids.shape
         G = self.num_generations
         correct = (rewards >= cfg.correct_threshold).to(completion_ids.device)
@@ -311,9 +320,9 @@ class THRGRPOTrainer(GRPOTrainer):
             for start in range(0, ids.size(0), G):
                 rows = slice(start, start + G)
                 n_correct = int(correct[rows].sum())
-                if n_correct in (0, G):
-                    continue  # all-correct / all-wrong groups keep GRPO's advantages
                 m = mask[rows]
+                if n_correct in (0, G) or not (m & correct[rows, None]).any():
+                    continue  # all-correct / all-wrong groups, or no valid token to anchor M+: GRPO's advantages
                 vocab = torch.unique(ids[rows][m])
                 logits = F.linear(hidden[rows], head.weight[vocab].float(),
                                   None if head.bias is None else head.bias[vocab].float()) / self.temperature

@@ -432,3 +432,60 @@ def test_gspo_token_kl_is_taken_at_the_current_policy(bias_correction, tmp_path)
             torch.testing.assert_close(a, b, atol=1e-7, rtol=1e-4, msg="KL gradient at the shifted log-probs")
     logged = (per_token_kl.detach() * m).sum() / m.sum()  # TRL logs the token mean of the (corrected) KL
     assert trainer._metrics["train"]["kl"][-1] == pytest.approx(logged.item(), rel=1e-5)
+
+
+def _mixed_out(seed=0, G=8, T=7):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(4, 500, (G, T), generator=g)
+    mask = (torch.arange(T)[None] < torch.randint(4, T + 1, (G,), generator=g)[:, None]).long()
+    rewards = torch.tensor([1.0, 0, 0, 1, 0, 1, 0, 0])[:G]
+    out = {"prompt_ids": torch.randint(4, 500, (G, 5), generator=g), "prompt_mask": torch.ones(G, 5, dtype=torch.long),
+           "completion_ids": ids, "completion_mask": mask, "advantages": grpo_group_advantages(rewards)}
+    return out, rewards
+
+
+def _thr_trainer(tmp_path, **kw):
+    return _build_trainer(_load_recipe("thr_grpo/tiny", {"output_dir": str(tmp_path), "thr_p": 0.5, "num_generations": 8,
+                                                        "per_device_train_batch_size": 8, **kw}))
+
+
+def test_a_mixed_group_with_every_token_masked_keeps_grpo_advantages(tmp_path):
+    # mask_truncated_completions can zero every completion token of a mixed group: V* is empty.
+    trainer = _thr_trainer(tmp_path)
+    out, rewards = _mixed_out()
+    out["completion_mask"] = torch.zeros_like(out["completion_mask"])
+    adv = trainer.thr_token_advantages(out, rewards)
+    assert adv.shape == out["completion_ids"].shape and (adv == 0).all()
+    s, tau = token_influence(torch.randn(8, 7, 4), torch.zeros(8, 7, 0), torch.zeros(8, 7, dtype=torch.long),
+                             torch.zeros(8, 7), rewards >= 1)
+    assert (s == 0).all() and float(tau) == math.inf
+
+
+def test_tool_tokens_stay_out_of_the_influence(tmp_path):
+    # Tool-result tokens (tool_mask = 0) are not the policy's: they must not enter V*, M+, tau or s. Put them at the
+    # end of some completions so that (causal attention) dropping them from the completion mask instead changes no
+    # hidden state: both ways must give the same advantages.
+    trainer = _thr_trainer(tmp_path)
+    out, rewards = _mixed_out()
+    tool = torch.ones_like(out["completion_mask"])
+    tool[[0, 2, 3, 6], 2:] = 0  # includes tokens of correct samples (M+, tau) and of incorrect ones
+    with_tool = trainer.thr_token_advantages({**out, "tool_mask": tool}, rewards)
+    dropped = trainer.thr_token_advantages({**out, "completion_mask": out["completion_mask"] * tool}, rewards)
+    torch.testing.assert_close(with_tool, dropped, msg="tool tokens changed the THR advantages")
+    assert (with_tool[tool == 0] == 0).all()
+
+
+def test_gspo_token_mean_skips_tool_tokens(tmp_path, monkeypatch):
+    import posttrain.trainers.thr_grpo as thr
+
+    trainer = _build_trainer(_load_recipe("thr_grpo/tiny", {"output_dir": str(tmp_path), "importance_sampling_level":
+                                                           "sequence_token", "num_iterations": 2, "loss_type": "grpo"}))
+    trainer.current_gradient_accumulation_steps = 1
+    inputs, g = _gspo_batch(trainer)
+    inputs["tool_mask"] = torch.ones_like(inputs["completion_mask"])
+    inputs["tool_mask"][:, 1:3] = 0
+    inputs["old_per_token_logps"] = torch.randn(inputs["completion_ids"].shape, generator=g)
+    seen, orig = [], thr.gspo_token_old_logps
+    monkeypatch.setattr(thr, "gspo_token_old_logps", lambda lp, old, mask: seen.append(mask) or orig(lp, old, mask))
+    trainer._compute_loss(trainer.model, inputs)
+    assert torch.equal(seen[0], inputs["completion_mask"] * inputs["tool_mask"])
