@@ -47,7 +47,8 @@ by): TRL's KL term (``beta > 0``) and its off-policy mask are evaluated at the c
 Implementation notes: the sliced probabilities are exp(logits[V*] - logsumexp(logits over the full vocabulary));
 only the normaliser needs the full vocabulary, computed in token chunks. The hidden states need one no-grad
 forward of the old policy per generation batch: TRL's own old-log-prob forward (when it runs at all) goes through
-its fused LM head, which returns no hidden states. It is skipped when no group of the batch is mixed. Groups may
+its fused LM head, which returns no hidden states. It is skipped when no group of the batch is mixed, and with
+``thr_p = 0`` under ``reweight`` (the advantages are GRPO's whatever s is; the THR statistics are then not logged). Groups may
 span processes: the per-token inputs are gathered, every rank computes every group, then keeps its own rows.
 """
 
@@ -300,10 +301,12 @@ class THRGRPOTrainer(GRPOTrainer):
         G = self.num_generations
         correct = (rewards >= cfg.correct_threshold).to(completion_ids.device)
         n_correct = correct.view(-1, G).sum(1)
-        if not ((n_correct > 0) & (n_correct < G)).any():
-            # No mixed group anywhere (rewards are global, so every rank takes this branch): THR leaves every
-            # advantage as GRPO's, and the old-policy forward is not needed at all.
-            self._metrics["train"]["thr/mixed_groups"].append(0.0)
+        mixed = (n_correct > 0) & (n_correct < G)
+        if not mixed.any() or self._thr_is_neutral():
+            # No mixed group anywhere (rewards are global, so every rank takes this branch), or p = 0 with
+            # reweight: THR leaves every advantage as GRPO's, and the old-policy forward is not needed at all.
+            # (The thr/dominant, positive, negative, abs_s and tau statistics are then not logged.)
+            self._metrics["train"]["thr/mixed_groups"].append(float(mixed.sum()))
             return out["advantages"][:, None] * completion_mask
         hidden, lse = self._old_policy_hidden_and_lse(out)
         width = int(acc.gather(torch.tensor([local_t], device=completion_ids.device)).max())
@@ -347,6 +350,11 @@ class THRGRPOTrainer(GRPOTrainer):
         self._metrics["train"]["thr/mixed_groups"].append(float(len(stats["tau"])))
         rank = acc.process_index
         return result[rank * local_b:(rank + 1) * local_b, :local_t]
+
+    def _thr_is_neutral(self):
+        """True when THR cannot change any advantage: ``thr_mode=reweight`` with p = 0 gives A (1 + 0) = A on
+        dominant tokens and A elsewhere, so the influence scores (and the forward that feeds them) are not needed."""
+        return self.args.thr_mode == "reweight" and self.args.thr_p == 0
 
     @torch.no_grad()
     def _old_policy_hidden_and_lse(self, out):

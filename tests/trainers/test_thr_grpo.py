@@ -489,3 +489,17 @@ def test_gspo_token_mean_skips_tool_tokens(tmp_path, monkeypatch):
     monkeypatch.setattr(thr, "gspo_token_old_logps", lambda lp, old, mask: seen.append(mask) or orig(lp, old, mask))
     trainer._compute_loss(trainer.model, inputs)
     assert torch.equal(seen[0], inputs["completion_mask"] * inputs["tool_mask"])
+
+
+def test_p0_reweight_skips_the_old_policy_forward(tmp_path, monkeypatch):
+    trainer = _thr_trainer(tmp_path, thr_p=0.0, thr_mode="reweight")
+    out, rewards = _mixed_out()
+    calls, forward = [], trainer._old_policy_hidden_and_lse
+    monkeypatch.setattr(trainer, "_old_policy_hidden_and_lse", lambda o: calls.append(1) or forward(o))
+    skipped = trainer.thr_token_advantages(out, rewards)
+    assert calls == [], "the old-policy forward ran although p = 0 with reweight cannot change the advantages"
+    monkeypatch.setattr(trainer, "_thr_is_neutral", lambda: False)  # force the full computation
+    full = trainer.thr_token_advantages(out, rewards)
+    assert calls == [1]
+    assert torch.equal(skipped, full)
+    assert torch.equal(skipped, out["advantages"][:, None] * out["completion_mask"])
