@@ -45,7 +45,10 @@ The shift lives in the importance ratio only (``gspo_token_old_logps`` replaces 
 by): TRL's KL term (``beta > 0``) and its off-policy mask are evaluated at the current policy's log-probs.
 
 Implementation notes: the sliced probabilities are exp(logits[V*] - logsumexp(logits over the full vocabulary));
-only the normaliser needs the full vocabulary, computed in token chunks. The hidden states need one no-grad
+only the normaliser needs the full vocabulary, computed in token chunks. The logits are those TRL's fused log-prob
+head scores the loss with: the LM head, the model's logit scale and final softcapping (Cohere, Gemma-2, ...; see
+``lm_head_logit_transform``), then the sampling temperature; the backbone runs under ``accelerator.autocast()``.
+Vision-language inputs (pixel values, ...) are refused: the old-policy forward passes token ids only. The hidden states need one no-grad
 forward of the old policy per generation batch: TRL's own old-log-prob forward (when it runs at all) goes through
 its fused LM head, which returns no hidden states. It is skipped when no group of the batch is mixed, and with
 ``thr_p = 0`` under ``reweight`` (the advantages are GRPO's whatever s is; the THR statistics are then not logged). Groups may
@@ -65,6 +68,9 @@ from trl.trainer.utils import maybe_gather_lm_head_ctx
 
 THR_MODES = ("reweight", "dominant_only", "nthr")
 IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence", "sequence_token")
+# Inputs of TRL 1.16's _get_per_token_logps_and_entropies that only vision-language models carry.
+MULTIMODAL_KEYS = ("pixel_values", "image_grid_thw", "num_images", "pixel_attention_mask", "spatial_shapes",
+                   "num_tiles", "image_sizes", "mm_token_type_ids", "image_position_ids")
 
 
 @dataclass
@@ -264,6 +270,33 @@ def gspo_token_old_logps(logps, old_logps, mask):
     return logps - seq
 
 
+def lm_head_logit_transform(config):
+    """(logit_scale, final_logit_softcapping) of a model config, read the way TRL 1.16's ``add_fused_lm_head``
+    (trl/trainer/utils.py) reads them for the log-probs of the loss: ``logit_scale`` (Cohere), else
+    ``output_multiplier``, else ``lm_head_multiplier`` (Falcon-H1), else 1 / ``logits_scaling`` (Granite, MiniCPM3;
+    HyperCLOVA X multiplies); ``final_logit_softcapping`` (Gemma-2) or None."""
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    softcap = getattr(text_config, "final_logit_softcapping", None)
+    scale = getattr(text_config, "logit_scale", None)
+    if scale is None:
+        scale = getattr(text_config, "output_multiplier", None)
+    if scale is None:
+        scale = getattr(text_config, "lm_head_multiplier", None)
+    if scale is None and getattr(text_config, "logits_scaling", None) is not None:
+        scaling = text_config.logits_scaling
+        scale = scaling if getattr(text_config, "model_type", None) == "hyperclovax" else 1 / scaling
+    return (1.0 if scale is None else float(scale)), (None if softcap is None else float(softcap))
+
+
+def postprocess_logits(logits, logit_scale=1.0, softcap=None, temperature=1.0):
+    """The sampling logits from raw LM-head outputs, in TRL 1.16's order (trl/kernels/chunked_logprob.py
+    ``_torch_transform``): scale, then softcap * tanh(z / softcap), then divide by the temperature."""
+    z = logits * logit_scale
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    return z / temperature
+
+
 # ------------------------------------------------------------------------------------------- trainer
 
 
@@ -293,6 +326,11 @@ class THRGRPOTrainer(GRPOTrainer):
         computed; every rank computes every group (identical results), then keeps its own rows."""
         cfg, acc = self.args, self.accelerator
         completion_ids = out["completion_ids"]
+        present = [key for key in MULTIMODAL_KEYS if out.get(key) is not None]
+        if present:
+            raise ValueError(f"THR-GRPO does not support multimodal inputs ({', '.join(present)}): the old-policy "
+                             "forward that gives the hidden states feeds the language backbone token ids only; use "
+                             "method: grpo for vision-language models")
         # TRL's loss mask: completion tokens that are the policy's own (tool results have tool_mask = 0; truncated
         # completions are already zeroed under mask_truncated_completions). Only these tokens enter V*, M+, tau, s.
         tool_mask = out.get("tool_mask")
@@ -316,9 +354,9 @@ class THRGRPOTrainer(GRPOTrainer):
         hidden, lse = acc.gather(pad(hidden)), acc.gather(pad(lse))
         advantages = acc.gather(out["advantages"].float())
 
-        head = self._inner(self.model).get_output_embeddings()
         result = advantages[:, None] * mask
         stats = {"dominant": [], "positive": [], "negative": [], "abs_s": [], "tau": []}
+        head = self._inner(self.model).get_output_embeddings()
         with maybe_gather_lm_head_ctx(head.weight, head.bias):
             for start in range(0, ids.size(0), G):
                 rows = slice(start, start + G)
@@ -327,8 +365,7 @@ class THRGRPOTrainer(GRPOTrainer):
                 if n_correct in (0, G) or not (m & correct[rows, None]).any():
                     continue  # all-correct / all-wrong groups, or no valid token to anchor M+: GRPO's advantages
                 vocab = torch.unique(ids[rows][m])
-                logits = F.linear(hidden[rows], head.weight[vocab].float(),
-                                  None if head.bias is None else head.bias[vocab].float()) / self.temperature
+                logits = self._thr_head_logits(hidden[rows], vocab)
                 probs = (logits - lse[rows, :, None]).exp() * m[..., None]
                 token_pos = torch.searchsorted(vocab, ids[rows]).clamp(max=vocab.numel() - 1)
                 s, tau = token_influence(hidden[rows], probs, token_pos, m, correct[rows], beta=cfg.thr_beta)
@@ -360,13 +397,14 @@ class THRGRPOTrainer(GRPOTrainer):
     def _old_policy_hidden_and_lse(self, out):
         """Final hidden states feeding the LM head at the positions that predict each completion token (B, T, d),
         and the log-normaliser of the sampling distribution there (B, T), fp32. One no-grad forward of the
-        backbone in per-device batches; the head is applied in token chunks, never to the whole batch."""
+        backbone in per-device batches under ``accelerator.autocast()`` (as TRL's own log-prob forward); the head is
+        applied in token chunks, never to the whole batch, with the model's logit post-processing (see
+        ``_thr_head_logits``)."""
         prompt_ids, prompt_mask = out["prompt_ids"], out["prompt_mask"]
         completion_ids, completion_mask = out["completion_ids"], out["completion_mask"]
         input_ids = torch.cat([prompt_ids, completion_ids], 1)
         attention_mask = torch.cat([prompt_mask, completion_mask], 1)
         inner = self._inner(self.model)
-        head = inner.get_output_embeddings()
         captured = {}
         handle = inner.base_model.register_forward_hook(lambda m, i, o: captured.update(h=o.last_hidden_state))
         hiddens, lses = [], []
@@ -374,23 +412,36 @@ class THRGRPOTrainer(GRPOTrainer):
         try:
             with disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
                 for i in range(0, input_ids.size(0), batch):
-                    self.model(input_ids=input_ids[i:i + batch], attention_mask=attention_mask[i:i + batch],
-                               logits_to_keep=1, use_cache=False)
+                    with self.accelerator.autocast():
+                        self.model(input_ids=input_ids[i:i + batch], attention_mask=attention_mask[i:i + batch],
+                                   logits_to_keep=1, use_cache=False)
                     h = captured["h"][:, prompt_ids.size(1) - 1:-1].float()
                     hiddens.append(h)
-                    lses.append(self._chunked_lse(h, head))
+                    lses.append(self._chunked_lse(h))
         finally:
             handle.remove()
         return torch.cat(hiddens), torch.cat(lses)
 
-    def _chunked_lse(self, hidden, head, chunk=1024):
+    def _chunked_lse(self, hidden, chunk=1024):
         flat = hidden.reshape(-1, hidden.size(-1))
-        out = []
+        head = self._inner(self.model).get_output_embeddings()
         with maybe_gather_lm_head_ctx(head.weight, head.bias):
-            for s in range(0, flat.size(0), chunk):
-                logits = F.linear(flat[s:s + chunk], head.weight.float(), None if head.bias is None else head.bias.float())
-                out.append((logits / self.temperature).logsumexp(-1))
+            out = [self._thr_head_logits(flat[s:s + chunk]).logsumexp(-1) for s in range(0, flat.size(0), chunk)]
         return torch.cat(out).view(hidden.shape[:-1])
+
+    @torch.no_grad()
+    def _thr_head_logits(self, hidden, vocab=None):
+        """Sampling logits (..., |vocab|) of hidden states, over the full vocabulary when ``vocab`` is None: the LM
+        head in fp32, then the model's own post-processing as TRL's fused log-prob head applies it (logit scale,
+        final softcapping: ``lm_head_logit_transform``) and the sampling temperature. Under ZeRO-3 the caller holds
+        the head gathered (``maybe_gather_lm_head_ctx``)."""
+        inner = self._inner(self.model)
+        head = inner.get_output_embeddings()
+        scale, softcap = lm_head_logit_transform(inner.config)
+        weight = head.weight if vocab is None else head.weight[vocab]
+        bias = None if head.bias is None else (head.bias if vocab is None else head.bias[vocab])
+        logits = F.linear(hidden.float(), weight.float(), None if bias is None else bias.float())
+        return postprocess_logits(logits, scale, softcap, self.temperature)
 
     @staticmethod
     def _inner(model):

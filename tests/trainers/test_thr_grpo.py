@@ -503,3 +503,58 @@ def test_p0_reweight_skips_the_old_policy_forward(tmp_path, monkeypatch):
     assert calls == [1]
     assert torch.equal(skipped, full)
     assert torch.equal(skipped, out["advantages"][:, None] * out["completion_mask"])
+
+
+def _postprocessed_trainer(tmp_path, softcap=2.0, scale=0.5, temperature=0.7):
+    """The tiny Qwen3 with Gemma-2 style final softcapping and a Cohere style logit scale in its config: TRL's fused
+    log-prob head reads both (Qwen3's own forward ignores them, so the test can apply them to its raw logits)."""
+    import shutil
+
+    from posttrain.recipes.models import resolve_model_path
+
+    folder = tmp_path / "capped"
+    shutil.copytree(resolve_model_path("tiny:qwen3"), folder)
+    config = _json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(_json.dumps({**config, "final_logit_softcapping": softcap, "logit_scale": scale}))
+    return _thr_trainer(tmp_path, model_name_or_path=str(folder), temperature=temperature)
+
+
+def test_old_policy_q_follows_the_models_logit_postprocessing(tmp_path):
+    softcap, scale, temperature = 2.0, 0.5, 0.7
+    trainer = _postprocessed_trainer(tmp_path, softcap, scale, temperature)
+    out, rewards = _mixed_out()
+    hidden, lse = trainer._old_policy_hidden_and_lse(out)
+    ids = torch.cat([out["prompt_ids"], out["completion_ids"]], 1)
+    att = torch.cat([out["prompt_mask"], out["completion_mask"]], 1)
+    P, m = out["prompt_ids"].size(1), out["completion_mask"].bool()
+    with torch.no_grad():
+        raw = trainer.model(input_ids=ids, attention_mask=att).logits[:, P - 1:-1].float()
+        z = softcap * torch.tanh(raw * scale / softcap) / temperature
+        trl_logps, _, _ = trainer._get_per_token_logps_and_entropies(trainer.model, ids, att, out["completion_ids"].size(1))
+    torch.testing.assert_close(lse[m], z.logsumexp(-1)[m], atol=1e-4, rtol=1e-5,
+                               msg="log-normaliser without the model's softcapping / logit scale")
+    vocab = torch.unique(out["completion_ids"][m])
+    logits = trainer._thr_head_logits(hidden, vocab)
+    pos = torch.searchsorted(vocab, out["completion_ids"]).clamp(max=vocab.numel() - 1)
+    logq = logits.gather(-1, pos[..., None]).squeeze(-1) - lse
+    torch.testing.assert_close(logq[m], trl_logps[m], atol=1e-4, rtol=1e-4)  # q agrees with TRL's own log-probs
+
+
+def test_old_policy_forward_runs_under_autocast_and_refuses_multimodal_inputs(tmp_path, monkeypatch):
+    import contextlib
+
+    trainer = _thr_trainer(tmp_path)
+    out, rewards = _mixed_out()
+    entered, autocast = [], trainer.accelerator.autocast
+
+    @contextlib.contextmanager
+    def spy(*a, **k):
+        entered.append(1)
+        with autocast(*a, **k):
+            yield
+
+    monkeypatch.setattr(trainer.accelerator, "autocast", spy)
+    trainer._old_policy_hidden_and_lse(out)
+    assert entered, "the old-policy forward ran outside accelerator.autocast()"
+    with pytest.raises(ValueError, match="multimodal"):
+        trainer.thr_token_advantages({**out, "pixel_values": torch.zeros(8, 3, 4, 4)}, rewards)
