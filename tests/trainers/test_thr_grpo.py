@@ -558,3 +558,40 @@ def test_old_policy_forward_runs_under_autocast_and_refuses_multimodal_inputs(tm
     assert entered, "the old-policy forward ran outside accelerator.autocast()"
     with pytest.raises(ValueError, match="multimodal"):
         trainer.thr_token_advantages({**out, "pixel_values": torch.zeros(8, 3, 4, 4)}, rewards)
+
+
+# The NTHR paper's training setup (Deng et al., NeurIPS 2025; THR follows it), in verl's units: a rollout batch of
+# `batch` prompts x 8 rollouts, optimizer mini-batches of `mini` prompts (batch / mini optimizer steps per rollout
+# batch), `rollouts` rollout batches in all.
+PAPER_SETUPS = {
+    "thr_grpo/qwen2.5-0.5b-instruct_math": {"batch": 32, "mini": 16, "rollouts": 105, "max_completion_length": 2500},
+    "thr_grpo/qwen2.5-math-1.5b_math": {"batch": 256, "mini": 64, "rollouts": 40, "max_completion_length": 3072},
+}
+
+
+@pytest.mark.parametrize("name", sorted(PAPER_SETUPS))
+def test_gpu_recipes_reproduce_the_papers_batch_arithmetic(name):
+    import re
+
+    import yaml
+
+    from conftest import ROOT
+
+    text = (ROOT / "recipes" / f"{name}.yaml").read_text()
+    launch = re.search(r"--config_file (\S+)", text.splitlines()[0])
+    assert launch, "the recipe's first line names the accelerate config it is launched with"
+    processes = yaml.safe_load((ROOT / launch.group(1)).read_text())["num_processes"]
+    cfg = _load_recipe(name, {"output_dir": "unused"}).config
+    want = PAPER_SETUPS[name]
+    G, per_step = cfg.num_generations, cfg.per_device_train_batch_size * processes  # completions per micro-step
+    assert G == 8
+    opt_batch = per_step * cfg.gradient_accumulation_steps  # completions per optimizer step
+    rollout_batch = per_step * cfg.steps_per_generation  # completions per generation (rollout) batch
+    assert (rollout_batch / G, opt_batch / G) == (want["batch"], want["mini"]), \
+        f"{processes} processes: {rollout_batch / G} prompts per rollout batch, {opt_batch / G} per optimizer step"
+    assert cfg.steps_per_generation % cfg.gradient_accumulation_steps == 0
+    steps_per_rollout = cfg.steps_per_generation // cfg.gradient_accumulation_steps
+    assert steps_per_rollout == want["batch"] // want["mini"]
+    assert cfg.max_steps == want["rollouts"] * steps_per_rollout and cfg.num_iterations == 1
+    assert cfg.max_completion_length == want["max_completion_length"]
+    assert "spec" not in text and str(processes) in text.splitlines()[2]  # the comment states the process count
