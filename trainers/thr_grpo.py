@@ -4,7 +4,7 @@ Paper: Deng, Ren, Li, Gong, Sutherland, Li, Thrampoulidis, "Token Hidden Reward:
 Exploration-Exploitation in Group Relative Deep Reinforcement Learning", arXiv 2510.03669 (ICLR 2026).
 Precursor, whose full text was read and which is implemented *exactly* here: NTHR, Deng, Ren, Li, Sutherland,
 Li, Thrampoulidis, "On the Effect of Negative Gradient in Group Relative Deep Reinforcement Optimization"
-(NeurIPS 2025). No official code exists for either; this module is written from the spec (llm-methods.md §2).
+(NeurIPS 2025). No official code was found for either; NTHR follows that paper's text, THR the abstract and reviews.
 
 Delta from TRL's ``GRPOTrainer``: after generation and scoring, the per-sample advantages A_i are replaced by
 per-token advantages A'_{i,k} computed per prompt group from the *old* policy's final-layer hidden states and its
@@ -33,7 +33,7 @@ Equations, for one prompt group of G completions y_i with rewards r_i, correct s
 Groups with |P| = 0 or |P| = G are skipped: they keep the plain GRPO advantages (``token_influence`` signals
 this with tau = +inf).
 
-Caution: THR's functional form is a **reconstruction** ([unverified] in the spec): only the paper's abstract
+Caution: THR's functional form is a **reconstruction** (unverified against the paper's text): only its abstract
 and its reviews could be read. Whether THR carries extra positive scale factors, whether dominance compares
 |s| or |THR| with tau, and how p enters are guesses consistent with those sources and with NTHR. That is why
 the rule (``thr_mode``), the threshold scale (``thr_beta``) and the steering scalar (``thr_p``) are options.
@@ -215,7 +215,7 @@ def _as_tensor(x, like):
 
 @torch.no_grad()
 def thr_advantages(advantages, s, tau, p, completion_mask, mode="reweight"):
-    """THR per-token advantages (G, T) for one group (reconstruction, spec §2.4).
+    """THR per-token advantages (G, T) for one group (reconstruction, see the module docstring).
 
     advantages (G,): per-sample GRPO advantages; s (G, T), tau: from ``token_influence``; p: steering scalar.
     THR = A_i s_{i,k}; dominant tokens have |s| > tau. ``reweight``: dominant tokens get A_i (1 + p sgn THR), the
@@ -239,7 +239,7 @@ def thr_advantages(advantages, s, tau, p, completion_mask, mode="reweight"):
 
 @torch.no_grad()
 def nthr_advantages(advantages, s, tau, correct, completion_mask):
-    """NTHR per-token advantages (G, T) for one group (exact, spec §2.3).
+    """NTHR per-token advantages (G, T) for one group (exact, as in the NTHR paper).
 
     Tokens of incorrect samples with s > tau get eta A_j, eta = 2 |0.5 - rho|, rho = N+ / G; every other valid
     token keeps A_i; masked positions are 0. Groups with N+ = 0 or N+ = G keep the plain advantages.
