@@ -258,7 +258,7 @@ def nthr_advantages(advantages, s, tau, correct, completion_mask):
 
 
 def gspo_token_old_logps(logps, old_logps, mask):
-    """The old log-probs that make a token-level ratio GSPO-token's (Zheng et al., arXiv 2507.18071, GSPO-token).
+    """The old log-probs that make a token-level ratio GSPO-token's (Zheng et al., arXiv 2507.18071).
 
     Returns sg[logps - seq] with seq = the masked mean of (logps - old_logps) per sequence, so that
     logps - result has the value of the length-normalised sequence log-ratio and the gradient of logps (B, T).
@@ -454,7 +454,7 @@ class THRGRPOTrainer(GRPOTrainer):
     def _compute_loss(self, model, inputs):
         if self.args.importance_sampling_level != "sequence_token":
             return super()._compute_loss(model, inputs)
-        # GSPO-token (Zheng et al., arXiv 2507.18071, GSPO-token): log w_t = sg[mean_t(log pi - log pi_old)] + log pi_t
+        # GSPO-token (Zheng et al., arXiv 2507.18071): log w_t = sg[mean_t(log pi - log pi_old)] + log pi_t
         # - sg[log pi_t]. TRL 1.16's token-level branch forms log_ratio = per_token_logps - old_per_token_logps and
         # reads ``inputs["old_per_token_logps"]`` only after the log-prob forward, so the hook below replaces the
         # old log-probs of a copy of ``inputs`` by sg[log pi - seq]: only the importance ratio moves. The KL term,
