@@ -48,11 +48,12 @@ Implementation notes: the sliced probabilities are exp(logits[V*] - logsumexp(lo
 only the normaliser needs the full vocabulary, computed in token chunks. The logits are those TRL's fused log-prob
 head scores the loss with: the LM head, the model's logit scale and final softcapping (Cohere, Gemma-2, ...; see
 ``lm_head_logit_transform``), then the sampling temperature; the backbone runs under ``accelerator.autocast()``.
-Vision-language inputs (pixel values, ...) are refused: the old-policy forward passes token ids only. The hidden states need one no-grad
-forward of the old policy per generation batch: TRL's own old-log-prob forward (when it runs at all) goes through
-its fused LM head, which returns no hidden states. It is skipped when no group of the batch is mixed, and with
-``thr_p = 0`` under ``reweight`` (the advantages are GRPO's whatever s is; the THR statistics are then not logged). Groups may
-span processes: the per-token inputs are gathered, every rank computes every group, then keeps its own rows.
+Vision-language inputs (pixel values, ...) are refused: the old-policy forward passes token ids only. The hidden
+states need one no-grad forward of the old policy per generation batch: TRL's own old-log-prob forward (when it runs
+at all) goes through its fused LM head, which returns no hidden states. It is skipped when no group of the batch is
+mixed, and with ``thr_p = 0`` under ``reweight`` (the advantages are GRPO's whatever s is; the THR statistics are
+then not logged). Groups may span processes: the per-token inputs are gathered, every rank computes every group,
+then keeps its own rows.
 """
 
 from __future__ import annotations
