@@ -4,7 +4,7 @@ Paper: Deng, Ren, Li, Gong, Sutherland, Li, Thrampoulidis, "Token Hidden Reward:
 Exploration-Exploitation in Group Relative Deep Reinforcement Learning", arXiv 2510.03669 (ICLR 2026).
 Precursor, whose full text was read and which is implemented *exactly* here: NTHR, Deng, Ren, Li, Sutherland,
 Li, Thrampoulidis, "On the Effect of Negative Gradient in Group Relative Deep Reinforcement Optimization"
-(NeurIPS 2025). No official code exists for either; this module is written from the spec (llm-methods.md §2).
+(NeurIPS 2025). No official code was found for either; NTHR follows that paper's text, THR the abstract and reviews.
 
 Delta from TRL's ``GRPOTrainer``: after generation and scoring, the per-sample advantages A_i are replaced by
 per-token advantages A'_{i,k} computed per prompt group from the *old* policy's final-layer hidden states and its
@@ -33,7 +33,7 @@ Equations, for one prompt group of G completions y_i with rewards r_i, correct s
 Groups with |P| = 0 or |P| = G are skipped: they keep the plain GRPO advantages (``token_influence`` signals
 this with tau = +inf).
 
-Caution: THR's functional form is a **reconstruction** ([unverified] in the spec): only the paper's abstract
+Caution: THR's functional form is a **reconstruction** (unverified against the paper's text): only its abstract
 and its reviews could be read. Whether THR carries extra positive scale factors, whether dominance compares
 |s| or |THR| with tau, and how p enters are guesses consistent with those sources and with NTHR. That is why
 the rule (``thr_mode``), the threshold scale (``thr_beta``) and the steering scalar (``thr_p``) are options.
@@ -41,12 +41,19 @@ the rule (``thr_mode``), the threshold scale (``thr_beta``) and the steering sca
 GSPO integration: ``importance_sampling_level="sequence_token"`` selects GSPO-token (token weight
 sg[s_i] pi(y_t)/sg[pi(y_t)], s_i the length-normalised sequence ratio), under which per-token advantages stay
 meaningful; TRL's own ``"sequence"`` level multiplies one (B, 1) ratio by the (B, T) advantages and mixes them.
+The shift lives in the importance ratio only (``gspo_token_old_logps`` replaces the old log-probs the ratio divides
+by): TRL's KL term (``beta > 0``) and its off-policy mask are evaluated at the current policy's log-probs.
 
 Implementation notes: the sliced probabilities are exp(logits[V*] - logsumexp(logits over the full vocabulary));
-only the normaliser needs the full vocabulary, computed in token chunks. The hidden states need one no-grad
-forward of the old policy per generation batch: TRL's own old-log-prob forward (when it runs at all) goes through
-its fused LM head, which returns no hidden states. It is skipped when no group of the batch is mixed. Groups may
-span processes: the per-token inputs are gathered, every rank computes every group, then keeps its own rows.
+only the normaliser needs the full vocabulary, computed in token chunks. The logits are those TRL's fused log-prob
+head scores the loss with: the LM head, the model's logit scale and final softcapping (Cohere, Gemma-2, ...; see
+``lm_head_logit_transform``), then the sampling temperature; the backbone runs under ``accelerator.autocast()``.
+Vision-language inputs (pixel values, ...) are refused: the old-policy forward passes token ids only. The hidden
+states need one no-grad forward of the old policy per generation batch: TRL's own old-log-prob forward (when it runs
+at all) goes through its fused LM head, which returns no hidden states. It is skipped when no group of the batch is
+mixed, and with ``thr_p = 0`` under ``reweight`` (the advantages are GRPO's whatever s is; the THR statistics are
+then not logged). Groups may span processes: the per-token inputs are gathered, every rank computes every group,
+then keeps its own rows.
 """
 
 from __future__ import annotations
@@ -62,6 +69,9 @@ from trl.trainer.utils import maybe_gather_lm_head_ctx
 
 THR_MODES = ("reweight", "dominant_only", "nthr")
 IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence", "sequence_token")
+# Inputs of TRL 1.16's _get_per_token_logps_and_entropies that only vision-language models carry.
+MULTIMODAL_KEYS = ("pixel_values", "image_grid_thw", "num_images", "pixel_attention_mask", "spatial_shapes",
+                   "num_tiles", "image_sizes", "mm_token_type_ids", "image_position_ids")
 
 
 @dataclass
@@ -93,7 +103,8 @@ class THRGRPOConfig(GRPOConfig):
         default="token",
         metadata={"help": "token (GRPO), sequence (TRL's GSPO: one ratio per sequence, which mixes per-token "
                   "advantages) or sequence_token (GSPO-token: sg[s_i] pi(y_t)/sg[pi(y_t)], recommended with THR "
-                  "when a sequence-level ratio is wanted)."},
+                  "when a sequence-level ratio is wanted; only the importance ratio changes: the KL term and the "
+                  "off-policy mask use the current log-probs)."},
     )
 
     def __post_init__(self):
@@ -139,9 +150,12 @@ def slice_to_generated_vocab(probs_full, token_ids, completion_mask):
 
 
 def prediction_errors(probs, token_pos, completion_mask):
-    """g = onehot(token_pos, K) - probs (G, T, K), zero on masked positions; float32 (float64 if given)."""
+    """g = onehot(token_pos, K) - probs (G, T, K), zero on masked positions; float32 (float64 if given).
+    K = 0 (every token masked: V* is empty) gives an empty (G, T, 0)."""
     dtype = _work_dtype(probs)
     mask = completion_mask.bool()
+    if probs.shape[-1] == 0:
+        return probs.to(dtype)
     pos = torch.where(mask, token_pos, torch.zeros_like(token_pos)).long()
     g = F.one_hot(pos, probs.shape[-1]).to(dtype) - probs.to(dtype)
     return g * mask.unsqueeze(-1).to(dtype)
@@ -165,7 +179,9 @@ def token_influence(hidden, probs, token_pos, completion_mask, correct, beta=1.0
     M+ = sum_{correct i, valid k} g h^T and s = g^T M+ h (0 on masked positions); tau = beta * min over the
     correct samples (with at least one valid token) of their mean s. ``beta = -inf`` gives tau = -inf.
 
-    Groups with no correct sample or only correct samples are skipped: s is all zeros and tau = +inf, which
+    Groups with no correct sample or only correct samples, or whose correct samples have no valid token (for
+    instance every completion masked as truncated, so V* may be empty: K = 0), are skipped: s is all zeros and
+    tau = +inf, which
     makes ``thr_advantages`` and ``nthr_advantages`` return the plain advantages. tau is a 0-d tensor (no host
     sync). Computed in float32, or float64 when hidden or probs are float64.
     """
@@ -200,7 +216,7 @@ def _as_tensor(x, like):
 
 @torch.no_grad()
 def thr_advantages(advantages, s, tau, p, completion_mask, mode="reweight"):
-    """THR per-token advantages (G, T) for one group (reconstruction, spec §2.4).
+    """THR per-token advantages (G, T) for one group (reconstruction, see the module docstring).
 
     advantages (G,): per-sample GRPO advantages; s (G, T), tau: from ``token_influence``; p: steering scalar.
     THR = A_i s_{i,k}; dominant tokens have |s| > tau. ``reweight``: dominant tokens get A_i (1 + p sgn THR), the
@@ -224,7 +240,7 @@ def thr_advantages(advantages, s, tau, p, completion_mask, mode="reweight"):
 
 @torch.no_grad()
 def nthr_advantages(advantages, s, tau, correct, completion_mask):
-    """NTHR per-token advantages (G, T) for one group (exact, spec §2.3).
+    """NTHR per-token advantages (G, T) for one group (exact, as in the NTHR paper).
 
     Tokens of incorrect samples with s > tau get eta A_j, eta = 2 |0.5 - rho|, rho = N+ / G; every other valid
     token keeps A_i; masked positions are 0. Groups with N+ = 0 or N+ = G keep the plain advantages.
@@ -242,6 +258,46 @@ def nthr_advantages(advantages, s, tau, correct, completion_mask):
     return torch.where(selected, eta * A, A) * completion_mask.to(dtype)
 
 
+def gspo_token_old_logps(logps, old_logps, mask):
+    """The old log-probs that make a token-level ratio GSPO-token's (Zheng et al., arXiv 2507.18071).
+
+    Returns sg[logps - seq] with seq = the masked mean of (logps - old_logps) per sequence, so that
+    logps - result has the value of the length-normalised sequence log-ratio and the gradient of logps (B, T).
+    Only the importance ratio is meant to use it: KL terms and off-policy masks keep the true log-probs.
+    """
+    logps = logps.detach()
+    mask = mask.to(logps.dtype)
+    seq = ((logps - old_logps) * mask).sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1)
+    return logps - seq
+
+
+def lm_head_logit_transform(config):
+    """(logit_scale, final_logit_softcapping) of a model config, read the way TRL 1.16's ``add_fused_lm_head``
+    (trl/trainer/utils.py) reads them for the log-probs of the loss: ``logit_scale`` (Cohere), else
+    ``output_multiplier``, else ``lm_head_multiplier`` (Falcon-H1), else 1 / ``logits_scaling`` (Granite, MiniCPM3;
+    HyperCLOVA X multiplies); ``final_logit_softcapping`` (Gemma-2) or None."""
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    softcap = getattr(text_config, "final_logit_softcapping", None)
+    scale = getattr(text_config, "logit_scale", None)
+    if scale is None:
+        scale = getattr(text_config, "output_multiplier", None)
+    if scale is None:
+        scale = getattr(text_config, "lm_head_multiplier", None)
+    if scale is None and getattr(text_config, "logits_scaling", None) is not None:
+        scaling = text_config.logits_scaling
+        scale = scaling if getattr(text_config, "model_type", None) == "hyperclovax" else 1 / scaling
+    return (1.0 if scale is None else float(scale)), (None if softcap is None else float(softcap))
+
+
+def postprocess_logits(logits, logit_scale=1.0, softcap=None, temperature=1.0):
+    """The sampling logits from raw LM-head outputs, in TRL 1.16's order (trl/kernels/chunked_logprob.py
+    ``_torch_transform``): scale, then softcap * tanh(z / softcap), then divide by the temperature."""
+    z = logits * logit_scale
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    return z / temperature
+
+
 # ------------------------------------------------------------------------------------------- trainer
 
 
@@ -249,7 +305,7 @@ class THRGRPOTrainer(GRPOTrainer):
     """GRPOTrainer with THR/NTHR per-token advantages: overrides ``_generate_and_score_completions`` (and, for
     GSPO-token, wraps ``_compute_loss``)."""
 
-    _gspo_token = None  # (old log-probs, mask) while a GSPO-token loss is computed
+    _gspo_token = None  # (the loss's copy of inputs, loss mask) while a GSPO-token loss is computed
 
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
@@ -270,15 +326,26 @@ class THRGRPOTrainer(GRPOTrainer):
         and its (B,) GRPO advantages. Hidden states are gathered so every group is complete wherever it is
         computed; every rank computes every group (identical results), then keeps its own rows."""
         cfg, acc = self.args, self.accelerator
-        completion_ids, completion_mask = out["completion_ids"], out["completion_mask"]
+        completion_ids = out["completion_ids"]
+        present = [key for key in MULTIMODAL_KEYS if out.get(key) is not None]
+        if present:
+            raise ValueError(f"THR-GRPO does not support multimodal inputs ({', '.join(present)}): the old-policy "
+                             "forward that gives the hidden states feeds the language backbone token ids only; use "
+                             "method: grpo for vision-language models")
+        # TRL's loss mask: completion tokens that are the policy's own (tool results have tool_mask = 0; truncated
+        # completions are already zeroed under mask_truncated_completions). Only these tokens enter V*, M+, tau, s.
+        tool_mask = out.get("tool_mask")
+        completion_mask = out["completion_mask"] if tool_mask is None else out["completion_mask"] * tool_mask
         local_b, local_t = completion_ids.shape
         G = self.num_generations
         correct = (rewards >= cfg.correct_threshold).to(completion_ids.device)
         n_correct = correct.view(-1, G).sum(1)
-        if not ((n_correct > 0) & (n_correct < G)).any():
-            # No mixed group anywhere (rewards are global, so every rank takes this branch): THR leaves every
-            # advantage as GRPO's, and the old-policy forward is not needed at all.
-            self._metrics["train"]["thr/mixed_groups"].append(0.0)
+        mixed = (n_correct > 0) & (n_correct < G)
+        if not mixed.any() or self._thr_is_neutral():
+            # No mixed group anywhere (rewards are global, so every rank takes this branch), or p = 0 with
+            # reweight: THR leaves every advantage as GRPO's, and the old-policy forward is not needed at all.
+            # (The thr/dominant, positive, negative, abs_s and tau statistics are then not logged.)
+            self._metrics["train"]["thr/mixed_groups"].append(float(mixed.sum()))
             return out["advantages"][:, None] * completion_mask
         hidden, lse = self._old_policy_hidden_and_lse(out)
         width = int(acc.gather(torch.tensor([local_t], device=completion_ids.device)).max())
@@ -288,19 +355,18 @@ class THRGRPOTrainer(GRPOTrainer):
         hidden, lse = acc.gather(pad(hidden)), acc.gather(pad(lse))
         advantages = acc.gather(out["advantages"].float())
 
-        head = self._inner(self.model).get_output_embeddings()
         result = advantages[:, None] * mask
         stats = {"dominant": [], "positive": [], "negative": [], "abs_s": [], "tau": []}
+        head = self._inner(self.model).get_output_embeddings()
         with maybe_gather_lm_head_ctx(head.weight, head.bias):
             for start in range(0, ids.size(0), G):
                 rows = slice(start, start + G)
                 n_correct = int(correct[rows].sum())
-                if n_correct in (0, G):
-                    continue  # all-correct / all-wrong groups keep GRPO's advantages
                 m = mask[rows]
+                if n_correct in (0, G) or not (m & correct[rows, None]).any():
+                    continue  # all-correct / all-wrong groups, or no valid token to anchor M+: GRPO's advantages
                 vocab = torch.unique(ids[rows][m])
-                logits = F.linear(hidden[rows], head.weight[vocab].float(),
-                                  None if head.bias is None else head.bias[vocab].float()) / self.temperature
+                logits = self._thr_head_logits(hidden[rows], vocab)
                 probs = (logits - lse[rows, :, None]).exp() * m[..., None]
                 token_pos = torch.searchsorted(vocab, ids[rows]).clamp(max=vocab.numel() - 1)
                 s, tau = token_influence(hidden[rows], probs, token_pos, m, correct[rows], beta=cfg.thr_beta)
@@ -323,17 +389,23 @@ class THRGRPOTrainer(GRPOTrainer):
         rank = acc.process_index
         return result[rank * local_b:(rank + 1) * local_b, :local_t]
 
+    def _thr_is_neutral(self):
+        """True when THR cannot change any advantage: ``thr_mode=reweight`` with p = 0 gives A (1 + 0) = A on
+        dominant tokens and A elsewhere, so the influence scores (and the forward that feeds them) are not needed."""
+        return self.args.thr_mode == "reweight" and self.args.thr_p == 0
+
     @torch.no_grad()
     def _old_policy_hidden_and_lse(self, out):
         """Final hidden states feeding the LM head at the positions that predict each completion token (B, T, d),
         and the log-normaliser of the sampling distribution there (B, T), fp32. One no-grad forward of the
-        backbone in per-device batches; the head is applied in token chunks, never to the whole batch."""
+        backbone in per-device batches under ``accelerator.autocast()`` (as TRL's own log-prob forward); the head is
+        applied in token chunks, never to the whole batch, with the model's logit post-processing (see
+        ``_thr_head_logits``)."""
         prompt_ids, prompt_mask = out["prompt_ids"], out["prompt_mask"]
         completion_ids, completion_mask = out["completion_ids"], out["completion_mask"]
         input_ids = torch.cat([prompt_ids, completion_ids], 1)
         attention_mask = torch.cat([prompt_mask, completion_mask], 1)
         inner = self._inner(self.model)
-        head = inner.get_output_embeddings()
         captured = {}
         handle = inner.base_model.register_forward_hook(lambda m, i, o: captured.update(h=o.last_hidden_state))
         hiddens, lses = [], []
@@ -341,23 +413,36 @@ class THRGRPOTrainer(GRPOTrainer):
         try:
             with disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
                 for i in range(0, input_ids.size(0), batch):
-                    self.model(input_ids=input_ids[i:i + batch], attention_mask=attention_mask[i:i + batch],
-                               logits_to_keep=1, use_cache=False)
+                    with self.accelerator.autocast():
+                        self.model(input_ids=input_ids[i:i + batch], attention_mask=attention_mask[i:i + batch],
+                                   logits_to_keep=1, use_cache=False)
                     h = captured["h"][:, prompt_ids.size(1) - 1:-1].float()
                     hiddens.append(h)
-                    lses.append(self._chunked_lse(h, head))
+                    lses.append(self._chunked_lse(h))
         finally:
             handle.remove()
         return torch.cat(hiddens), torch.cat(lses)
 
-    def _chunked_lse(self, hidden, head, chunk=1024):
+    def _chunked_lse(self, hidden, chunk=1024):
         flat = hidden.reshape(-1, hidden.size(-1))
-        out = []
+        head = self._inner(self.model).get_output_embeddings()
         with maybe_gather_lm_head_ctx(head.weight, head.bias):
-            for s in range(0, flat.size(0), chunk):
-                logits = F.linear(flat[s:s + chunk], head.weight.float(), None if head.bias is None else head.bias.float())
-                out.append((logits / self.temperature).logsumexp(-1))
+            out = [self._thr_head_logits(flat[s:s + chunk]).logsumexp(-1) for s in range(0, flat.size(0), chunk)]
         return torch.cat(out).view(hidden.shape[:-1])
+
+    @torch.no_grad()
+    def _thr_head_logits(self, hidden, vocab=None):
+        """Sampling logits (..., |vocab|) of hidden states, over the full vocabulary when ``vocab`` is None: the LM
+        head in fp32, then the model's own post-processing as TRL's fused log-prob head applies it (logit scale,
+        final softcapping: ``lm_head_logit_transform``) and the sampling temperature. Under ZeRO-3 the caller holds
+        the head gathered (``maybe_gather_lm_head_ctx``)."""
+        inner = self._inner(self.model)
+        head = inner.get_output_embeddings()
+        scale, softcap = lm_head_logit_transform(inner.config)
+        weight = head.weight if vocab is None else head.weight[vocab]
+        bias = None if head.bias is None else (head.bias if vocab is None else head.bias[vocab])
+        logits = F.linear(hidden.float(), weight.float(), None if bias is None else bias.float())
+        return postprocess_logits(logits, scale, softcap, self.temperature)
 
     @staticmethod
     def _inner(model):
@@ -370,11 +455,17 @@ class THRGRPOTrainer(GRPOTrainer):
     def _compute_loss(self, model, inputs):
         if self.args.importance_sampling_level != "sequence_token":
             return super()._compute_loss(model, inputs)
-        # GSPO-token: log w_t = sg[mean_t(log pi - log pi_old)] + log pi_t - sg[log pi_t]. TRL's token-level
-        # branch computes log pi - log pi_old, so hand it log pi + sg[seq - (log pi - log pi_old)]: the same
-        # gradient as log pi, the value of the sequence ratio (identical to log pi when on-policy).
-        mask = inputs["completion_mask"]
-        self._gspo_token, self.importance_sampling_level = (inputs.get("old_per_token_logps"), mask), "token"
+        # GSPO-token (Zheng et al., arXiv 2507.18071): log w_t = sg[mean_t(log pi - log pi_old)] + log pi_t
+        # - sg[log pi_t]. TRL 1.16's token-level branch forms log_ratio = per_token_logps - old_per_token_logps and
+        # reads ``inputs["old_per_token_logps"]`` only after the log-prob forward, so the hook below replaces the
+        # old log-probs of a copy of ``inputs`` by sg[log pi - seq]: only the importance ratio moves. The KL term,
+        # CISPO's log pi factor and the entropy still see the current log-probs, and the off-policy mask still
+        # compares them with the true old (or sampling) log-probs. On-policy (no old log-probs) the ratio is 1 in
+        # value either way and nothing changes.
+        tool_mask = inputs.get("tool_mask")
+        mask = inputs["completion_mask"] if tool_mask is None else inputs["completion_mask"] * tool_mask
+        inputs = dict(inputs)
+        self._gspo_token, self.importance_sampling_level = (inputs, mask), "token"
         try:
             return super()._compute_loss(model, inputs)
         finally:
@@ -382,8 +473,11 @@ class THRGRPOTrainer(GRPOTrainer):
 
     def _get_per_token_logps_and_entropies(self, *args, **kwargs):
         logps, entropies, aux = super()._get_per_token_logps_and_entropies(*args, **kwargs)
-        if self._gspo_token is not None and self._gspo_token[0] is not None and torch.is_grad_enabled():
-            old, mask = self._gspo_token
-            seq = ((logps - old) * mask).sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1)
-            logps = logps + (seq - (logps - old)).detach()
+        if self._gspo_token is not None:
+            inputs, mask = self._gspo_token
+            self._gspo_token = None  # one forward per loss
+            old = inputs.get("old_per_token_logps")
+            if old is not None:
+                inputs.setdefault("sampling_per_token_logps", old)  # TRL's off-policy mask default: the true old
+                inputs["old_per_token_logps"] = gspo_token_old_logps(logps, old, mask)
         return logps, entropies, aux

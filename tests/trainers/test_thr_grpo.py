@@ -348,14 +348,17 @@ def test_gspo_token_ratio_has_the_sequence_value_and_the_token_gradient(tmp_path
     mask = torch.tensor([[1] * 6 + [0] * 3, [1] * 4 + [0] * 5])
     plain, _, _ = trainer._get_per_token_logps_and_entropies(trainer.model, ids, torch.ones_like(ids), 6)
     old = plain.detach() + 0.1 * torch.randn(plain.shape)
-    trainer._gspo_token = (old, mask[:, 3:])
-    shifted, _, _ = trainer._get_per_token_logps_and_entropies(trainer.model, ids, torch.ones_like(ids), 6)
-    trainer._gspo_token = None
+    inputs = {"old_per_token_logps": old}
+    trainer._gspo_token = (inputs, mask[:, 3:])
+    again, _, _ = trainer._get_per_token_logps_and_entropies(trainer.model, ids, torch.ones_like(ids), 6)
+    assert trainer._gspo_token is None and torch.equal(again, plain)  # the log-probs themselves are untouched
+    assert inputs["sampling_per_token_logps"] is old  # the off-policy mask keeps the true old log-probs
+    ratio = again - inputs["old_per_token_logps"]  # what TRL's token-level branch forms
     m = mask[:, 3:].float()
     seq = ((plain - old) * m).sum(-1, keepdim=True) / m.sum(-1, keepdim=True)
-    torch.testing.assert_close((shifted - old)[m.bool()], seq.expand_as(shifted)[m.bool()])
+    torch.testing.assert_close(ratio[m.bool()], seq.expand_as(ratio)[m.bool()])
     g1 = torch.autograd.grad((plain * m).sum(), next(trainer.model.parameters()), retain_graph=True)[0]
-    g2 = torch.autograd.grad((shifted * m).sum(), next(trainer.model.parameters()))[0]
+    g2 = torch.autograd.grad((ratio * m).sum(), next(trainer.model.parameters()))[0]
     torch.testing.assert_close(g1, g2)
 
 
@@ -376,3 +379,219 @@ def test_a_group_split_across_two_processes_gets_the_same_advantages(tmp_path):
     assert results[1]["metrics"]["thr/mixed_groups"] == [2.0]
     torch.testing.assert_close(one, two, atol=1e-6, rtol=1e-5)
     assert not torch.allclose(one, one[:, :1].expand_as(one) * (one != 0))  # THR actually reweighted something
+
+
+# ----------------------------------------------------------------------------- issue 16: fidelity of the paths
+
+
+def _gspo_batch(trainer, seed=0, B=4, P=5, T=7):
+    g = torch.Generator().manual_seed(seed)
+    mask = (torch.arange(T)[None] < torch.randint(3, T + 1, (B,), generator=g)[:, None]).long()
+    return {"prompt_ids": torch.randint(4, 500, (B, P), generator=g), "prompt_mask": torch.ones(B, P, dtype=torch.long),
+            "completion_ids": torch.randint(4, 500, (B, T), generator=g), "completion_mask": mask,
+            "advantages": torch.zeros(B, T)}, g
+
+
+@pytest.mark.parametrize("bias_correction", [False, True])
+def test_gspo_token_kl_is_taken_at_the_current_policy(bias_correction, tmp_path):
+    # beta > 0 and num_iterations = 2 (old log-probs exist): the KL term's value and gradient must be those of the
+    # current policy's log-probs (TRL's k3 estimator), not of the GSPO-token-shifted ones. Advantages are 0, so the
+    # loss is the KL term alone. TRL's bias correction multiplies it by the objective's importance weight (for its
+    # "sequence" level the sequence ratio), here GSPO-token's weight sg[s_i] pi_t / sg[pi_t].
+    beta = 0.5
+    trainer = _build_trainer(_load_recipe("thr_grpo/tiny", {"output_dir": str(tmp_path), "importance_sampling_level":
+                                                           "sequence_token", "beta": beta, "num_iterations": 2,
+                                                           "loss_type": "grpo", "use_bias_correction_kl": bias_correction}))
+    trainer.current_gradient_accumulation_steps = 1
+    trainer.model.train()
+    inputs, g = _gspo_batch(trainer)
+    ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
+    att = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)
+    T = inputs["completion_ids"].size(1)
+    with torch.no_grad():
+        logps, _, _ = trainer._get_per_token_logps_and_entropies(trainer.model, ids, att, T)
+    inputs["old_per_token_logps"] = logps + 0.3 * torch.randn(logps.shape, generator=g)
+    inputs["ref_per_token_logps"] = logps + 0.2 * torch.randn(logps.shape, generator=g)
+    params = [p for p in trainer.model.parameters() if p.requires_grad]
+
+    loss = trainer._compute_loss(trainer.model, inputs)
+    got = torch.autograd.grad(loss, params, allow_unused=True)
+
+    logps, _, _ = trainer._get_per_token_logps_and_entropies(trainer.model, ids, att, T)
+    d = inputs["ref_per_token_logps"] - logps
+    m = inputs["completion_mask"].float()
+    per_token_kl = torch.exp(d) - d - 1
+    if bias_correction:
+        seq = ((logps.detach() - inputs["old_per_token_logps"]) * m).sum(-1, keepdim=True) / m.sum(-1, keepdim=True)
+        per_token_kl = per_token_kl * torch.exp(seq + logps - logps.detach())
+    direct = beta * ((per_token_kl * m).sum(-1) / m.sum(-1)).mean()
+    want = torch.autograd.grad(direct, params, allow_unused=True)
+    assert loss.item() == pytest.approx(direct.item(), rel=1e-5, abs=1e-7), "KL value at the shifted log-probs"
+    for a, b in zip(got, want):
+        if b is not None:
+            torch.testing.assert_close(a, b, atol=1e-7, rtol=1e-4, msg="KL gradient at the shifted log-probs")
+    logged = (per_token_kl.detach() * m).sum() / m.sum()  # TRL logs the token mean of the (corrected) KL
+    assert trainer._metrics["train"]["kl"][-1] == pytest.approx(logged.item(), rel=1e-5)
+
+
+def _mixed_out(seed=0, G=8, T=7):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(4, 500, (G, T), generator=g)
+    mask = (torch.arange(T)[None] < torch.randint(4, T + 1, (G,), generator=g)[:, None]).long()
+    rewards = torch.tensor([1.0, 0, 0, 1, 0, 1, 0, 0])[:G]
+    out = {"prompt_ids": torch.randint(4, 500, (G, 5), generator=g), "prompt_mask": torch.ones(G, 5, dtype=torch.long),
+           "completion_ids": ids, "completion_mask": mask, "advantages": grpo_group_advantages(rewards)}
+    return out, rewards
+
+
+def _thr_trainer(tmp_path, **kw):
+    return _build_trainer(_load_recipe("thr_grpo/tiny", {"output_dir": str(tmp_path), "thr_p": 0.5, "num_generations": 8,
+                                                        "per_device_train_batch_size": 8, **kw}))
+
+
+def test_a_mixed_group_with_every_token_masked_keeps_grpo_advantages(tmp_path):
+    # mask_truncated_completions can zero every completion token of a mixed group: V* is empty.
+    trainer = _thr_trainer(tmp_path)
+    out, rewards = _mixed_out()
+    out["completion_mask"] = torch.zeros_like(out["completion_mask"])
+    adv = trainer.thr_token_advantages(out, rewards)
+    assert adv.shape == out["completion_ids"].shape and (adv == 0).all()
+    s, tau = token_influence(torch.randn(8, 7, 4), torch.zeros(8, 7, 0), torch.zeros(8, 7, dtype=torch.long),
+                             torch.zeros(8, 7), rewards >= 1)
+    assert (s == 0).all() and float(tau) == math.inf
+
+
+def test_tool_tokens_stay_out_of_the_influence(tmp_path):
+    # Tool-result tokens (tool_mask = 0) are not the policy's: they must not enter V*, M+, tau or s. Put them at the
+    # end of some completions so that (causal attention) dropping them from the completion mask instead changes no
+    # hidden state: both ways must give the same advantages.
+    trainer = _thr_trainer(tmp_path)
+    out, rewards = _mixed_out()
+    tool = torch.ones_like(out["completion_mask"])
+    tool[[0, 2, 3, 6], 2:] = 0  # includes tokens of correct samples (M+, tau) and of incorrect ones
+    with_tool = trainer.thr_token_advantages({**out, "tool_mask": tool}, rewards)
+    dropped = trainer.thr_token_advantages({**out, "completion_mask": out["completion_mask"] * tool}, rewards)
+    torch.testing.assert_close(with_tool, dropped, msg="tool tokens changed the THR advantages")
+    assert (with_tool[tool == 0] == 0).all()
+
+
+def test_gspo_token_mean_skips_tool_tokens(tmp_path, monkeypatch):
+    import posttrain.trainers.thr_grpo as thr
+
+    trainer = _build_trainer(_load_recipe("thr_grpo/tiny", {"output_dir": str(tmp_path), "importance_sampling_level":
+                                                           "sequence_token", "num_iterations": 2, "loss_type": "grpo"}))
+    trainer.current_gradient_accumulation_steps = 1
+    inputs, g = _gspo_batch(trainer)
+    inputs["tool_mask"] = torch.ones_like(inputs["completion_mask"])
+    inputs["tool_mask"][:, 1:3] = 0
+    inputs["old_per_token_logps"] = torch.randn(inputs["completion_ids"].shape, generator=g)
+    seen, orig = [], thr.gspo_token_old_logps
+    monkeypatch.setattr(thr, "gspo_token_old_logps", lambda lp, old, mask: seen.append(mask) or orig(lp, old, mask))
+    trainer._compute_loss(trainer.model, inputs)
+    assert torch.equal(seen[0], inputs["completion_mask"] * inputs["tool_mask"])
+
+
+def test_p0_reweight_skips_the_old_policy_forward(tmp_path, monkeypatch):
+    trainer = _thr_trainer(tmp_path, thr_p=0.0, thr_mode="reweight")
+    out, rewards = _mixed_out()
+    calls, forward = [], trainer._old_policy_hidden_and_lse
+    monkeypatch.setattr(trainer, "_old_policy_hidden_and_lse", lambda o: calls.append(1) or forward(o))
+    skipped = trainer.thr_token_advantages(out, rewards)
+    assert calls == [], "the old-policy forward ran although p = 0 with reweight cannot change the advantages"
+    monkeypatch.setattr(trainer, "_thr_is_neutral", lambda: False)  # force the full computation
+    full = trainer.thr_token_advantages(out, rewards)
+    assert calls == [1]
+    assert torch.equal(skipped, full)
+    assert torch.equal(skipped, out["advantages"][:, None] * out["completion_mask"])
+
+
+def _postprocessed_trainer(tmp_path, softcap=2.0, scale=0.5, temperature=0.7):
+    """The tiny Qwen3 with Gemma-2 style final softcapping and a Cohere style logit scale in its config: TRL's fused
+    log-prob head reads both (Qwen3's own forward ignores them, so the test can apply them to its raw logits)."""
+    import shutil
+
+    from posttrain.recipes.models import resolve_model_path
+
+    folder = tmp_path / "capped"
+    shutil.copytree(resolve_model_path("tiny:qwen3"), folder)
+    config = _json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(_json.dumps({**config, "final_logit_softcapping": softcap, "logit_scale": scale}))
+    return _thr_trainer(tmp_path, model_name_or_path=str(folder), temperature=temperature)
+
+
+def test_old_policy_q_follows_the_models_logit_postprocessing(tmp_path):
+    softcap, scale, temperature = 2.0, 0.5, 0.7
+    trainer = _postprocessed_trainer(tmp_path, softcap, scale, temperature)
+    out, rewards = _mixed_out()
+    hidden, lse = trainer._old_policy_hidden_and_lse(out)
+    ids = torch.cat([out["prompt_ids"], out["completion_ids"]], 1)
+    att = torch.cat([out["prompt_mask"], out["completion_mask"]], 1)
+    P, m = out["prompt_ids"].size(1), out["completion_mask"].bool()
+    with torch.no_grad():
+        raw = trainer.model(input_ids=ids, attention_mask=att).logits[:, P - 1:-1].float()
+        z = softcap * torch.tanh(raw * scale / softcap) / temperature
+        trl_logps, _, _ = trainer._get_per_token_logps_and_entropies(trainer.model, ids, att, out["completion_ids"].size(1))
+    torch.testing.assert_close(lse[m], z.logsumexp(-1)[m], atol=1e-4, rtol=1e-5,
+                               msg="log-normaliser without the model's softcapping / logit scale")
+    vocab = torch.unique(out["completion_ids"][m])
+    logits = trainer._thr_head_logits(hidden, vocab)
+    pos = torch.searchsorted(vocab, out["completion_ids"]).clamp(max=vocab.numel() - 1)
+    logq = logits.gather(-1, pos[..., None]).squeeze(-1) - lse
+    torch.testing.assert_close(logq[m], trl_logps[m], atol=1e-4, rtol=1e-4)  # q agrees with TRL's own log-probs
+
+
+def test_old_policy_forward_runs_under_autocast_and_refuses_multimodal_inputs(tmp_path, monkeypatch):
+    import contextlib
+
+    trainer = _thr_trainer(tmp_path)
+    out, rewards = _mixed_out()
+    entered, autocast = [], trainer.accelerator.autocast
+
+    @contextlib.contextmanager
+    def spy(*a, **k):
+        entered.append(1)
+        with autocast(*a, **k):
+            yield
+
+    monkeypatch.setattr(trainer.accelerator, "autocast", spy)
+    trainer._old_policy_hidden_and_lse(out)
+    assert entered, "the old-policy forward ran outside accelerator.autocast()"
+    with pytest.raises(ValueError, match="multimodal"):
+        trainer.thr_token_advantages({**out, "pixel_values": torch.zeros(8, 3, 4, 4)}, rewards)
+
+
+# The NTHR paper's training setup (Deng et al., NeurIPS 2025; THR follows it), in verl's units: a rollout batch of
+# `batch` prompts x 8 rollouts, optimizer mini-batches of `mini` prompts (batch / mini optimizer steps per rollout
+# batch), `rollouts` rollout batches in all.
+PAPER_SETUPS = {
+    "thr_grpo/qwen2.5-0.5b-instruct_math": {"batch": 32, "mini": 16, "rollouts": 105, "max_completion_length": 2500},
+    "thr_grpo/qwen2.5-math-1.5b_math": {"batch": 256, "mini": 64, "rollouts": 40, "max_completion_length": 3072},
+}
+
+
+@pytest.mark.parametrize("name", sorted(PAPER_SETUPS))
+def test_gpu_recipes_reproduce_the_papers_batch_arithmetic(name):
+    import re
+
+    import yaml
+
+    from conftest import ROOT
+
+    text = (ROOT / "recipes" / f"{name}.yaml").read_text()
+    launch = re.search(r"--config_file (\S+)", text.splitlines()[0])
+    assert launch, "the recipe's first line names the accelerate config it is launched with"
+    processes = yaml.safe_load((ROOT / launch.group(1)).read_text())["num_processes"]
+    cfg = _load_recipe(name, {"output_dir": "unused"}).config
+    want = PAPER_SETUPS[name]
+    G, per_step = cfg.num_generations, cfg.per_device_train_batch_size * processes  # completions per micro-step
+    assert G == 8
+    opt_batch = per_step * cfg.gradient_accumulation_steps  # completions per optimizer step
+    rollout_batch = per_step * cfg.steps_per_generation  # completions per generation (rollout) batch
+    assert (rollout_batch / G, opt_batch / G) == (want["batch"], want["mini"]), \
+        f"{processes} processes: {rollout_batch / G} prompts per rollout batch, {opt_batch / G} per optimizer step"
+    assert cfg.steps_per_generation % cfg.gradient_accumulation_steps == 0
+    steps_per_rollout = cfg.steps_per_generation // cfg.gradient_accumulation_steps
+    assert steps_per_rollout == want["batch"] // want["mini"]
+    assert cfg.max_steps == want["rollouts"] * steps_per_rollout and cfg.num_iterations == 1
+    assert cfg.max_completion_length == want["max_completion_length"]
+    assert "spec" not in text and str(processes) in text.splitlines()[2]  # the comment states the process count
