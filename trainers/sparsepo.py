@@ -17,7 +17,8 @@ Masks (``mask_type``):
   and outputs m_t >= 0 (ReLU makes masks exactly sparse). ``simple_all``: one shared LayerNorm, a linear
   unit per layer, a bias-free mixer over layers; ``simple_last``: one linear unit on the last hidden state;
   ``random``: uniform [0, 1) (an ablation). The network is a submodule of the policy (so DDP/DeepSpeed and
-  the optimizer see it), trained jointly, with ``mask_weight_decay``; kept out of ``model.safetensors`` and
+  the optimizer see it), trained jointly, with ``mask_weight_decay``; the ``resc`` / ``znorm`` activations
+  use their per-row min / max / std as constants in the gradient, as the official code does; kept out of ``model.safetensors`` and
   saved as the trainer's method state (``method_state.pt``) in every checkpoint and the final output folder.
 - ``activation`` (official "MaPO"): the feature mean of the reference model's activations at mlp / attn /
   resid / logits hook points, min-max rescaled per sequence over completion tokens, averaged per type then
@@ -111,12 +112,16 @@ def sparsepo_loss(logratio, neg_kl, reward_mask, kl_mask, completion_mask, beta,
     return loss + sum(penalty.chunk(2))
 
 
-def _masked_minmax(x, mask):
-    """Per-row min-max of ``x`` over ``mask`` to [0, 1], 0 outside; a constant row gives 1 on the mask."""
+def _masked_minmax(x, mask, constant_range=False):
+    """Per-row min-max of ``x`` over ``mask`` to [0, 1], 0 outside; a constant row gives 1 on the mask.
+    ``constant_range``: min and max enter as constants (no gradient through them), as the official
+    ``apply_masked_rescaling`` does (it rebuilds them with ``torch.Tensor(list)``)."""
     mask = mask.bool()
     big = torch.finfo(x.dtype).max
     lo = torch.where(mask, x, big).amin(-1, keepdim=True)
     hi = torch.where(mask, x, -big).amax(-1, keepdim=True)
+    if constant_range:
+        lo, hi = lo.detach(), hi.detach()
     span = hi - lo
     out = torch.where(span > 0, (x - lo) / span.clamp_min(torch.finfo(x.dtype).tiny), torch.ones_like(x))
     return out * mask
@@ -128,20 +133,24 @@ def activation_mask(features, completion_mask):
 
 
 def _znorm(x, mask):
+    """Masked z-score per row; the mean is differentiable, the std a constant (official ``apply_masked_z_norm``)."""
     mask = mask.to(x.dtype)
     n = mask.sum(-1, keepdim=True).clamp_min(1)
     mean = (x * mask).sum(-1, keepdim=True) / n
     var = (((x - mean) * mask) ** 2).sum(-1, keepdim=True) / (n - 1).clamp_min(1)
-    return (x - mean) / (var.sqrt() + 1e-12)
+    return (x - mean) / (var.sqrt().detach() + 1e-12)
 
 
 def _activate(x, name, mask):
+    """Mask-network activation. ``resc`` / ``znorm`` treat their per-row statistics (min, max, std) as
+    constants, as the official code does: same values, and the gradient of a token's mask value flows only
+    through that token (and, for znorm, the row mean)."""
     if name == "relu":
         return F.relu(x)
     if name == "resc":
-        return _masked_minmax(x, mask)
+        return _masked_minmax(x, mask, constant_range=True)
     if name == "znorm":
-        return _masked_minmax(_znorm(x, mask), mask)
+        return _masked_minmax(_znorm(x, mask), mask, constant_range=True)
     return x
 
 

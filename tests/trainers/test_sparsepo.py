@@ -268,3 +268,33 @@ def test_lora_reference_is_the_adapter_disabled_policy(mask_type, tmp_path):
     assert summary["metrics"]["kl/seq"]["first"] == pytest.approx(0.0, abs=1e-7)  # LoRA B = 0: policy == reference
     assert (tmp_path / "adapter_model.safetensors").is_file()
     assert (method_state(tmp_path)["trainer"] is not None) == (mask_type == "learned")  # the final folder has it too
+
+
+# --- issue 16: fidelity to the official code ------------------------------------------------------------
+
+
+def test_resc_and_znorm_statistics_are_constants_in_the_gradient():
+    # The official apply_masked_rescaling / apply_masked_z_norm rebuild min, max and std with torch.Tensor(list):
+    # constants for autograd (the z-norm mean stays differentiable). So d resc(x)_i / dx_j = delta_ij / (max - min).
+    from posttrain.trainers.sparsepo import _activate
+
+    torch.manual_seed(0)
+    mask = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 0, 0]], dtype=torch.float64)
+    x = torch.randn(2, 5, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(2, 5, dtype=torch.float64)
+    (_activate(x, "resc", mask) * w).sum().backward()
+    xm = x.detach().masked_fill(mask == 0, float("nan"))
+    span = (xm.nan_to_num(-1e9).amax(-1, keepdim=True) - xm.nan_to_num(1e9).amin(-1, keepdim=True))
+    torch.testing.assert_close(x.grad, w * mask / span)
+
+    x.grad = None
+    (_activate(x, "znorm", mask) * w).sum().backward()
+    n = mask.sum(-1, keepdim=True)
+    xd = x.detach()
+    mean = (xd * mask).sum(-1, keepdim=True) / n
+    std = (((xd - mean) * mask) ** 2).sum(-1, keepdim=True).div(n - 1).sqrt()
+    z = ((xd - mean) / std).masked_fill(mask == 0, float("nan"))
+    zspan = z.nan_to_num(-1e9).amax(-1, keepdim=True) - z.nan_to_num(1e9).amin(-1, keepdim=True)
+    gz = w * mask / zspan  # through the rescaling; then through (x - mean(x)) / std with std constant
+    expected = (gz - (gz * mask).sum(-1, keepdim=True) / n * mask) / std
+    torch.testing.assert_close(x.grad, expected)
