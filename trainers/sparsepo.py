@@ -25,8 +25,9 @@ Masks (``mask_type``):
   over types; no parameters.
 - ``uniform``: all ones, i.e. TDPO-1 (there is no plain-DPO mode: the KL term is always there).
 
-With ``rw_kl_independent=False`` (default, "common") one mask serves both terms and the trainer halves both
-L1 coefficients, as the official trainer does. Logged ``rewards/chosen`` is beta (sum m^u l + sum m^d d) of
+With ``rw_kl_independent=False`` (default, "common") one mask serves both terms; when it is applied to both
+(``mask_on_reward`` and ``mask_on_kl``) the trainer halves both L1 coefficients, as the official trainer does
+(only then). Logged ``rewards/chosen`` is beta (sum m^u l + sum m^d d) of
 the chosen rows, as the official trainer logs it: neither DPO's reward nor the loss logit beta (U - D).
 
 Memory: d_t needs full-vocabulary distributions of policy and reference. They are never held for the whole
@@ -66,8 +67,8 @@ class SparsePOConfig(DPOConfig):
     mask_on_reward: bool = field(default=True, metadata={"help": "mask the reward term (else m^u = 1)."})
     mask_on_kl: bool = field(default=True, metadata={"help": "mask the KL term (else m^d = 1; the KL term stays)."})
     rw_kl_independent: bool = field(default=False, metadata={"help": "two mask networks (reward, KL) instead of one common mask."})
-    l1_norm_param_u: float = field(default=0.0, metadata={"help": "L1 penalty on the reward mask (halved for a common mask)."})
-    l1_norm_param_d: float = field(default=0.0, metadata={"help": "L1 penalty on the KL mask (halved for a common mask)."})
+    l1_norm_param_u: float = field(default=0.0, metadata={"help": "L1 penalty on the reward mask (halved when one common mask is on both terms, as the official trainer)."})
+    l1_norm_param_d: float = field(default=0.0, metadata={"help": "L1 penalty on the KL mask (halved when one common mask is on both terms, as the official trainer)."})
     activation_hook: str = field(default="all", metadata={"help": "activation masks: all, mlp, attn, resid or logits."})
     kl_chunk_size: int = field(default=512, metadata={"help": "completion tokens projected through the LM heads at once (memory vs speed)."})
 
@@ -395,9 +396,10 @@ class SparsePOTrainer(MethodStateMixin, DPOTrainer):
         if not hasattr(policy, "_sparsepo_original_forward"):
             policy._sparsepo_original_forward = policy.forward
             policy.forward = types.MethodType(_sparsepo_forward, policy)
-        common = not cfg.rw_kl_independent
-        self.l1_reward = cfg.l1_norm_param_u / 2 if common else cfg.l1_norm_param_u  # official halving
-        self.l1_kl = cfg.l1_norm_param_d / 2 if common else cfg.l1_norm_param_d
+        # The official trainer halves both L1 coefficients only when one common mask serves both terms.
+        halve = cfg.mask_on_reward and cfg.mask_on_kl and not cfg.rw_kl_independent
+        self.l1_reward = cfg.l1_norm_param_u / 2 if halve else cfg.l1_norm_param_u
+        self.l1_kl = cfg.l1_norm_param_d / 2 if halve else cfg.l1_norm_param_d
         reference = policy if self.ref_model is None else self._inner_model(self.ref_model)
         self._capture = ActivationCapture(reference, cfg.activation_hook) if cfg.mask_type == "activation" else None
 

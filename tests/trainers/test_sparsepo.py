@@ -298,3 +298,16 @@ def test_resc_and_znorm_statistics_are_constants_in_the_gradient():
     gz = w * mask / zspan  # through the rescaling; then through (x - mean(x)) / std with std constant
     expected = (gz - (gz * mask).sum(-1, keepdim=True) / n * mask) / std
     torch.testing.assert_close(x.grad, expected)
+
+
+@pytest.mark.parametrize("on_reward, on_kl, independent, halved", [
+    (True, True, False, True),    # one common mask on both terms: the official trainer halves both coefficients
+    (True, False, False, False),  # a common mask on one term only: not halved
+    (False, True, False, False),
+    (True, True, True, False),    # two independent masks: not halved
+])
+def test_l1_is_halved_only_for_a_common_mask_on_both_terms(on_reward, on_kl, independent, halved, tmp_path):
+    trainer = make_trainer(tmp_path, mask_on_reward=on_reward, mask_on_kl=on_kl, rw_kl_independent=independent,
+                           l1_norm_param_u=0.004, l1_norm_param_d=0.002)
+    factor = 0.5 if halved else 1.0
+    assert (trainer.l1_reward, trainer.l1_kl) == pytest.approx((0.004 * factor, 0.002 * factor))
