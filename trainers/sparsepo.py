@@ -20,9 +20,12 @@ Masks (``mask_type``):
   the optimizer see it), trained jointly, with ``mask_weight_decay``; the ``resc`` / ``znorm`` activations
   use their per-row min / max / std as constants in the gradient, as the official code does; kept out of ``model.safetensors`` and
   saved as the trainer's method state (``method_state.pt``) in every checkpoint and the final output folder.
-- ``activation`` (official "MaPO"): the feature mean of the reference model's activations at mlp / attn /
-  resid / logits hook points, min-max rescaled per sequence over completion tokens, averaged per type then
-  over types; no parameters.
+- ``activation`` (official "MaPO"): the reference model's activations at the official mlp / attn / resid
+  (including the ``delta_attn`` / ``delta_mlp`` block outputs) / logits hook points (``hook_points``: Llama /
+  Qwen / Mistral-style decoders, GPT-2, GPT-NeoX, GPT-BigCode; a hook type that finds no point in a model is
+  an error naming its class), reduced per token by ``activation_mapping`` (default ``zn_rescale``: the
+  feature mean, min-max rescaled per sequence over completion tokens), averaged per type then over the
+  types of ``activation_hook`` (``all`` or a comma-separated list); no parameters.
 - ``uniform``: all ones, i.e. TDPO-1 (there is no plain-DPO mode: the KL term is always there).
 
 With ``rw_kl_independent=False`` (default, "common") one mask serves both terms; when it is applied to both
@@ -69,7 +72,8 @@ class SparsePOConfig(DPOConfig):
     rw_kl_independent: bool = field(default=False, metadata={"help": "two mask networks (reward, KL) instead of one common mask."})
     l1_norm_param_u: float = field(default=0.0, metadata={"help": "L1 penalty on the reward mask (halved when one common mask is on both terms, as the official trainer)."})
     l1_norm_param_d: float = field(default=0.0, metadata={"help": "L1 penalty on the KL mask (halved when one common mask is on both terms, as the official trainer)."})
-    activation_hook: str = field(default="all", metadata={"help": "activation masks: all, mlp, attn, resid or logits."})
+    activation_hook: str = field(default="all", metadata={"help": "activation masks: all, or a comma-separated list of mlp, attn, resid, logits (official MAPOConfig)."})
+    activation_mapping: str = field(default="zn_rescale", metadata={"help": "activation masks, per hook point (official apply_activation_mapping): zn_rescale (feature mean, z-normalised and min-max rescaled per sequence; the official default), none (feature mean), sigmoid (feature mean of sigmoid), layernorm (feature mean of layer_norm: ~0)."})
     kl_chunk_size: int = field(default=512, metadata={"help": "completion tokens projected through the LM heads at once (memory vs speed)."})
 
     def __post_init__(self):
@@ -78,8 +82,12 @@ class SparsePOConfig(DPOConfig):
             "mask_type": (self.mask_type, MASK_TYPES), "mask_model": (self.mask_model, MASK_MODELS),
             "mask_layer_activation": (self.mask_layer_activation, ACTIVATIONS),
             "mask_mixer_activation": (self.mask_mixer_activation, ACTIVATIONS),
-            "activation_hook": (self.activation_hook, HOOK_TYPES),
+            "activation_mapping": (self.activation_mapping, MAPPINGS),
         }
+        hooks = [k.strip() for k in self.activation_hook.split(",")]
+        if not hooks or any(k not in HOOK_TYPES for k in hooks):
+            raise ValueError(f"activation_hook={self.activation_hook!r}; valid: all, or a comma-separated list of "
+                             f"{', '.join(HOOK_TYPES[1:])}")
         for name, (value, valid) in checks.items():
             if value not in valid:
                 raise ValueError(f"{name}={value!r}; valid: {', '.join(valid)}")
@@ -96,6 +104,7 @@ MASK_TYPES = ("learned", "activation", "uniform")
 MASK_MODELS = ("simple_all", "simple_last", "random")
 ACTIVATIONS = ("relu", "resc", "znorm", "none")
 HOOK_TYPES = ("all", "mlp", "attn", "resid", "logits")
+MAPPINGS = ("zn_rescale", "none", "sigmoid", "layernorm")
 
 
 # ----------------------------------------------------------------------------------------------- pure math
@@ -244,7 +253,7 @@ class _TokenTerms(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, ref_hidden, labels, weight, bias, ref_weight, ref_bias, chunk):
+    def forward(ctx, hidden, ref_hidden, labels, weight, bias, ref_weight, ref_bias, chunk, logit_mapping="none"):
         from trl.trainer.utils import maybe_gather_lm_head_ctx
 
         outs = []
@@ -253,7 +262,7 @@ class _TokenTerms(torch.autograd.Function):
                 z, lse, rz, rlse = _chunk_logits(hidden[s:s + chunk], ref_hidden[s:s + chunk], weight, bias, ref_weight, ref_bias)
                 taken = labels[s:s + chunk].unsqueeze(-1)
                 logratio = (z.gather(-1, taken) - lse - rz.gather(-1, taken) + rlse).squeeze(-1)
-                ref_mean = rz.mean(-1)
+                ref_mean = map_activation(rz, logit_mapping)
                 # -KL(p_ref || p) = sum_v p_ref (z - rz) - lse + rlse
                 z.sub_(rz)
                 p_ref = rz.sub_(rlse).exp_()
@@ -290,17 +299,18 @@ class _TokenTerms(torch.autograd.Function):
                 if need_b:
                     d_bias += d_z.sum(0)
         cast = lambda g, like: None if g is None else g.to(like.dtype)  # noqa: E731
-        return d_hidden, None, None, cast(d_weight, weight), cast(d_bias, bias) if bias is not None else None, None, None, None
+        return d_hidden, None, None, cast(d_weight, weight), cast(d_bias, bias) if bias is not None else None, None, None, None, None
 
 
-def token_terms(hidden, ref_hidden, labels, mask, lm_head, ref_lm_head, chunk_size=None):
-    """Token log-ratio l_t, -KL(pi_ref || pi)_t and the reference's mean logit (for MaPO's 'logits' hook),
+def token_terms(hidden, ref_hidden, labels, mask, lm_head, ref_lm_head, chunk_size=None, logit_mapping="none"):
+    """Token log-ratio l_t, -KL(pi_ref || pi)_t and the reference's mapped logits (``map_activation``; the mean
+    logit by default, for MaPO's 'logits' hook),
     each shaped like ``mask`` and zero where it is False. Only masked positions are projected, through the
     heads' weights ``chunk_size`` tokens at a time (all at once when None); no (tokens, vocab) tensor
     outlives its chunk, in forward or backward."""
     h, rh, y = hidden[mask], ref_hidden[mask].to(hidden.dtype), labels[mask]
     chunk = chunk_size or max(1, h.shape[0])
-    flat = _TokenTerms.apply(h, rh, y, lm_head.weight, lm_head.bias, ref_lm_head.weight, ref_lm_head.bias, chunk)
+    flat = _TokenTerms.apply(h, rh, y, lm_head.weight, lm_head.bias, ref_lm_head.weight, ref_lm_head.bias, chunk, logit_mapping)
     return tuple(torch.zeros(mask.shape, dtype=f.dtype, device=f.device).masked_scatter(mask, f) for f in flat)
 
 
@@ -315,7 +325,8 @@ def _sparsepo_forward(self, *args, sparsepo=None, **kwargs):
         kwargs.pop(head_only, None)
     hidden = self.base_model(*args, **kwargs).last_hidden_state[:, :-1]
     logratio, neg_kl, ref_logit_mean = token_terms(hidden, sparsepo["ref_hidden"], sparsepo["labels"], sparsepo["mask"],
-                                                   self.get_output_embeddings(), sparsepo["ref_lm_head"], sparsepo["chunk_size"])
+                                                   self.get_output_embeddings(), sparsepo["ref_lm_head"], sparsepo["chunk_size"],
+                                                   sparsepo.get("logit_mapping", "none"))
     masks = {name: net(sparsepo["mask_inputs"], sparsepo["mask"]) for name, net in self.sparsepo_masks.items()}
     return {"logratio": logratio, "neg_kl": neg_kl, "ref_logit_mean": ref_logit_mean, "masks": masks}
 
@@ -323,53 +334,127 @@ def _sparsepo_forward(self, *args, sparsepo=None, **kwargs):
 # ------------------------------------------------------------------ activation capture (MaPO hook points)
 
 
-def hook_points(model) -> dict[str, list[tuple[nn.Module, str]]]:
-    """(module, 'output'|'input') per hook type for Llama/Qwen/Mistral-style decoders: mlp = MLP activation;
-    attn = q/k/v projections and the attention output (o_proj input); resid = layer-norm outputs, each layer's
-    output, the embeddings and the final norm. 'logits' is read from the chunked heads instead."""
+def _first_attr(module, names):
+    for name in names:
+        if module is not None and isinstance(getattr(module, name, None), nn.Module):
+            return getattr(module, name)
+    return None
+
+
+def _fused_qkv_split(attn, fused):
+    """Split a fused q/k/v projection output into (q, k, v) the way the model does: GPT-2 / GPT-BigCode (MHA)
+    concatenate them, GPT-NeoX interleaves them per head ([head, 3 * head_size])."""
+    if hasattr(attn, "head_size") and fused is getattr(attn, "query_key_value", None):  # GPT-NeoX
+        return lambda o: o.view(*o.shape[:-1], -1, 3 * attn.head_size).chunk(3, dim=-1)
+    split = getattr(attn, "split_size", None) or getattr(attn, "embed_dim", None)
+    kv_dim = getattr(attn, "kv_dim", split)
+    return lambda o: o.split([split, kv_dim, kv_dim], dim=-1)
+
+
+def hook_points(model) -> dict[str, list[tuple[str, nn.Module, str, object]]]:
+    """MaPO hook points per type, as the official hooks (``src/masks/hooks.py`` and the patched GPT-2 / GPT-NeoX /
+    GPT-BigCode models of huawei-noah/HEBO SparsePO): (name, module, 'output'|'input', split or None).
+
+    - mlp: ``post_act``, the MLP activation's output;
+    - attn: ``q``, ``k``, ``v`` (separate projections, or the fused GPT-2 / GPT-NeoX / GPT-BigCode projection
+      split as the model splits it) and ``v_out``, the attention output before its output projection. The
+      official ``post_rota_emb_q/k`` (after rotary) are functional, not modules, and are not hooked;
+    - resid: ``input_ln_attn`` / ``post_ln_attn`` (the two layer-norm outputs), ``delta_attn`` / ``delta_mlp``
+      (the attention and MLP blocks' outputs, what they add to the residual stream), ``post_mlp`` (the layer's
+      output), ``post_emb`` (the embeddings, with positions where the model adds them) and ``post_ln_f``.
+
+    Works for Llama / Qwen / Mistral-style decoders and GPT-2, GPT-NeoX (Pythia) and GPT-BigCode: the layers
+    are the backbone's ModuleList of ``num_hidden_layers`` blocks. 'logits' is read from the chunked heads."""
     backbone = model.base_model
-    layers = [m for m in backbone.modules() if type(m).__name__.endswith("DecoderLayer")]
+    n_layers = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    layers = next((list(m) for m in backbone.children() if isinstance(m, nn.ModuleList) and len(m) and
+                   (n_layers is None or len(m) == n_layers)), [])
     points = {"mlp": [], "attn": [], "resid": []}
     for layer in layers:
-        mlp, attn = getattr(layer, "mlp", None), getattr(layer, "self_attn", None)
-        if mlp is not None and hasattr(mlp, "act_fn"):
-            points["mlp"].append((mlp.act_fn, "output"))
-        for name in ("q_proj", "k_proj", "v_proj"):
-            if attn is not None and hasattr(attn, name):
-                points["attn"].append((getattr(attn, name), "output"))
-        if attn is not None and hasattr(attn, "o_proj"):
-            points["attn"].append((attn.o_proj, "input"))
-        for name in ("input_layernorm", "post_attention_layernorm"):
-            if hasattr(layer, name):
-                points["resid"].append((getattr(layer, name), "output"))
-        points["resid"].append((layer, "output"))
-    for name in ("embed_tokens", "norm"):
-        if hasattr(backbone, name):
-            points["resid"].append((getattr(backbone, name), "output"))
+        attn = _first_attr(layer, ("self_attn", "attn", "attention"))
+        mlp = _first_attr(layer, ("mlp",))
+        act = _first_attr(mlp, ("act_fn", "act", "activation_fn"))
+        if act is not None:
+            points["mlp"].append(("post_act", act, "output", None))
+        separate = [(n, _first_attr(attn, (f"{n}_proj",))) for n in ("q", "k", "v")]
+        fused = _first_attr(attn, ("c_attn", "query_key_value"))
+        if all(m is not None for _, m in separate):
+            points["attn"] += [(n, m, "output", None) for n, m in separate]
+        elif fused is not None:
+            points["attn"].append(("qkv", fused, "output", _fused_qkv_split(attn, fused)))
+        out_proj = _first_attr(attn, ("o_proj", "c_proj", "dense", "out_proj"))
+        if out_proj is not None:
+            points["attn"].append(("v_out", out_proj, "input", None))
+        for name, module, where in (
+            ("input_ln_attn", _first_attr(layer, ("input_layernorm", "ln_1")), "output"),
+            ("post_ln_attn", _first_attr(layer, ("post_attention_layernorm", "ln_2")), "output"),
+            ("delta_attn", attn, "output"),
+            ("delta_mlp", mlp, "output"),
+            ("post_mlp", layer, "output"),
+        ):
+            if module is not None:
+                points["resid"].append((name, module, where, None))
+    # post_emb: after the positional embeddings where the model adds them (GPT-2 / BigCode: the dropout after wte + wpe)
+    emb = _first_attr(backbone, ("drop", "emb_dropout", "embed_in", "embed_tokens"))
+    final = _first_attr(backbone, ("norm", "ln_f", "final_layer_norm"))
+    if emb is not None:
+        points["resid"].append(("post_emb", emb, "output", None))
+    if final is not None:
+        points["resid"].append(("post_ln_f", final, "output", None))
     return points
 
 
+def parse_hook_types(activation_hook: str) -> tuple[str, ...]:
+    """``all`` or a comma-separated list of mlp, attn, resid, logits (as the official MAPOConfig)."""
+    kinds = [k.strip() for k in activation_hook.split(",") if k.strip()]
+    if "all" in kinds:
+        return HOOK_TYPES[1:]
+    return tuple(dict.fromkeys(kinds))
+
+
+def map_activation(x, mapping):
+    """Per-token scalar of one hook point's activations x (..., d), by ``activation_mapping`` (official
+    ``apply_activation_mapping``): the feature mean of x (``zn_rescale``, ``none``), of sigmoid(x)
+    (``sigmoid``), or of layer_norm(x) without affine weights (``layernorm``: near 0 by construction, as in
+    the official code). ``zn_rescale`` is then z-normalised and min-max rescaled per sequence
+    (``activation_mask``); the other mappings are used as they are."""
+    x = x.float()
+    if mapping == "sigmoid":
+        x = torch.sigmoid(x)
+    elif mapping == "layernorm":
+        x = F.layer_norm(x, x.shape[-1:])
+    return x.mean(-1)
+
+
 class ActivationCapture:
-    """Feature means of the reference's activations, recorded only while ``active`` (the hooks stay on a
-    policy that doubles as the PEFT reference)."""
+    """Per-token mapped activations of the reference (``map_activation``), recorded only while ``active``
+    (the hooks stay on a policy that doubles as the PEFT reference). Keys: (type, point name, layer, part)."""
 
-    def __init__(self, model, hook_type):
-        self.active, self.features = False, {}
-        types_ = ("mlp", "attn", "resid") if hook_type == "all" else (() if hook_type == "logits" else (hook_type,))
-        for kind, entries in hook_points(model).items():
-            if kind not in types_:
-                continue
-            for index, (module, where) in enumerate(entries):
-                key = (kind, index)
+    def __init__(self, model, hook_type, mapping="zn_rescale"):
+        self.active, self.features, self.mapping = False, {}, mapping
+        kinds = [k for k in parse_hook_types(hook_type) if k != "logits"]
+        points = hook_points(model)
+        for kind in kinds:
+            if not points[kind]:
+                raise ValueError(f"SparsePO activation masks: no {kind!r} hook points found in "
+                                 f"{type(model).__name__}; supported: Llama/Qwen/Mistral-style decoders, GPT-2, "
+                                 f"GPT-NeoX, GPT-BigCode. Use another activation_hook (e.g. logits).")
+            for index, (name, module, where, split) in enumerate(points[kind]):
+                key = (kind, name, index)
                 if where == "output":
-                    module.register_forward_hook(lambda m, i, o, key=key: self._record(key, o))
+                    module.register_forward_hook(lambda m, i, o, key=key, split=split: self._record(key, o, split))
                 else:
-                    module.register_forward_pre_hook(lambda m, i, key=key: self._record(key, i))
+                    module.register_forward_pre_hook(lambda m, i, key=key, split=split: self._record(key, i, split))
 
-    def _record(self, key, value):
+    def _record(self, key, value, split):
         if self.active:
             value = value[0] if isinstance(value, (tuple, list)) else value
-            self.features[key] = value.detach().float().mean(-1)  # (N, S): the feature axis averaged at once
+            value = value.detach()
+            if split is None:
+                self.features[key] = map_activation(value, self.mapping)  # (N, S): the feature axis reduced at once
+            else:
+                for part, v in zip("qkv", split(value)):
+                    self.features[(key[0], part, *key[2:])] = map_activation(v.flatten(-2) if v.dim() > 3 else v, self.mapping)
 
 
 # ------------------------------------------------------------------------------------------- trainer
@@ -401,7 +486,7 @@ class SparsePOTrainer(MethodStateMixin, DPOTrainer):
         self.l1_reward = cfg.l1_norm_param_u / 2 if halve else cfg.l1_norm_param_u
         self.l1_kl = cfg.l1_norm_param_d / 2 if halve else cfg.l1_norm_param_d
         reference = policy if self.ref_model is None else self._inner_model(self.ref_model)
-        self._capture = ActivationCapture(reference, cfg.activation_hook) if cfg.mask_type == "activation" else None
+        self._capture = ActivationCapture(reference, cfg.activation_hook, cfg.activation_mapping) if cfg.mask_type == "activation" else None
 
     @staticmethod
     def _inner_model(model):
@@ -462,7 +547,7 @@ class SparsePOTrainer(MethodStateMixin, DPOTrainer):
         ref_hidden, ref_hidden_states, ref_lm_head = self._reference_pass(model_kwargs)
         out = model(**model_kwargs, sparsepo={
             "ref_hidden": ref_hidden, "labels": labels, "mask": mask, "ref_lm_head": ref_lm_head,
-            "chunk_size": cfg.kl_chunk_size, "mask_inputs": ref_hidden_states})
+            "chunk_size": cfg.kl_chunk_size, "mask_inputs": ref_hidden_states, "logit_mapping": cfg.activation_mapping})
         ones = torch.ones_like(out["logratio"])
         if cfg.mask_type == "learned":
             reward_mask = out["masks"].get("reward", out["masks"].get("common"))
@@ -498,11 +583,16 @@ class SparsePOTrainer(MethodStateMixin, DPOTrainer):
         return (loss, t) if return_outputs else loss
 
     def _activation_mask(self, ref_logit_mean, mask):
+        """Mean over hook types of the mean over each type's points. Every point weighs the same (the official
+        code concatenates the points' features before the mean, which for ``none`` / ``layernorm`` weighs a
+        point by its width and the logits by the vocabulary size; with its default ``zn_rescale`` it is the same)."""
+        rescale = self.args.activation_mapping == "zn_rescale"
+        normalise = (lambda f: activation_mask(f, mask)) if rescale else (lambda f: f.float() * mask)
         per_type: dict[str, list] = {}
-        for (kind, _), feature in self._capture.features.items():
-            per_type.setdefault(kind, []).append(activation_mask(feature[:, :-1], mask))
-        if self.args.activation_hook in ("all", "logits"):
-            per_type["logits"] = [activation_mask(ref_logit_mean, mask)]
+        for (kind, *_), feature in self._capture.features.items():
+            per_type.setdefault(kind, []).append(normalise(feature[:, :-1]))
+        if "logits" in parse_hook_types(self.args.activation_hook):
+            per_type["logits"] = [normalise(ref_logit_mean)]
         means = [torch.stack(v).mean(0) for v in per_type.values()]
         return torch.stack(means).mean(0)
 

@@ -219,8 +219,9 @@ def test_activation_masks_are_minmax_of_reference_activations(tmp_path):
     batch = first_batch(trainer)
     trainer.compute_loss(trainer.model, batch)
     features = trainer._capture.features
-    kinds = {kind for kind, _ in features}
+    kinds = {kind for kind, *_ in features}
     assert kinds == {"mlp", "attn", "resid"}
+    assert {"delta_attn", "delta_mlp"} <= {name for kind, name, *_ in features if kind == "resid"}  # official points
     mask = batch["completion_mask"][:, 1:].bool()
     m = trainer._activation_mask(torch.zeros(mask.shape), mask)
     assert ((m >= -1e-6) & (m <= 1 + 1e-6)).all() and (m[~mask] == 0).all()
@@ -311,3 +312,60 @@ def test_l1_is_halved_only_for_a_common_mask_on_both_terms(on_reward, on_kl, ind
                            l1_norm_param_u=0.004, l1_norm_param_d=0.002)
     factor = 0.5 if halved else 1.0
     assert (trainer.l1_reward, trainer.l1_kl) == pytest.approx((0.004 * factor, 0.002 * factor))
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "gpt_neox"])
+def test_mapo_hooks_on_gpt2_and_gpt_neox(arch, tmp_path):
+    # The paper's model families: every hook type finds its points (no silent fall-back to the logits alone).
+    trainer = make_trainer(tmp_path, model_name_or_path=f"tiny:{arch}", mask_type="activation")
+    batch = first_batch(trainer)
+    loss = trainer.compute_loss(trainer.model, batch)
+    assert torch.isfinite(loss)
+    names = {kind: sorted({name for k, name, *_ in trainer._capture.features if k == kind}) for kind in ("mlp", "attn", "resid")}
+    assert names["mlp"] == ["post_act"]
+    assert names["attn"] == ["k", "q", "v", "v_out"]
+    assert names["resid"] == ["delta_attn", "delta_mlp", "input_ln_attn", "post_emb", "post_ln_attn", "post_ln_f", "post_mlp"]
+    for hook in ("mlp", "attn", "resid", "mlp,logits"):
+        trainer = make_trainer(tmp_path, model_name_or_path=f"tiny:{arch}", mask_type="activation", activation_hook=hook)
+        m = trainer.token_masks(first_batch(trainer))["reward_mask"]
+        assert torch.isfinite(m).all() and m.abs().sum() > 0
+
+
+def test_mapo_hook_type_without_points_names_the_model_class(tmp_path):
+    from posttrain.trainers.sparsepo import ActivationCapture
+
+    class Opaque(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.base_model = nn.Linear(2, 2)
+
+    with pytest.raises(ValueError, match="'mlp'.*Opaque"):
+        ActivationCapture(Opaque(), "mlp")
+
+
+@pytest.mark.parametrize("mapping", ["none", "sigmoid", "layernorm"])
+def test_mapo_activation_mapping(mapping):
+    from posttrain.trainers.sparsepo import map_activation
+
+    x = torch.randn(2, 3, 8)
+    expected = {"none": x.mean(-1), "sigmoid": torch.sigmoid(x).mean(-1),
+                "layernorm": F.layer_norm(x, (8,)).mean(-1)}[mapping]
+    torch.testing.assert_close(map_activation(x, mapping), expected)
+
+
+def test_mapo_logits_hook_with_sigmoid_mapping_is_the_mean_sigmoid_of_reference_logits(tmp_path):
+    trainer = make_trainer(tmp_path, mask_type="activation", activation_hook="logits", activation_mapping="sigmoid")
+    batch = first_batch(trainer)
+    got = trainer.token_masks(batch)["reward_mask"]
+    mask = batch["completion_mask"][:, 1:].bool()
+    with torch.no_grad():
+        logits = trainer.ref_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    torch.testing.assert_close(got, torch.sigmoid(logits.float()).mean(-1) * mask, atol=1e-6, rtol=1e-5)
+
+
+def test_activation_hook_lists_are_checked():
+    from posttrain import UserError
+
+    load_recipe("sparsepo/tiny", {"mask_type": "activation", "activation_hook": "mlp,resid"})
+    with pytest.raises(UserError, match="activation_hook"):
+        load_recipe("sparsepo/tiny", {"mask_type": "activation", "activation_hook": "mlp,bogus"})
