@@ -30,7 +30,8 @@ Masks (``mask_type``):
 
 With ``rw_kl_independent=False`` (default, "common") one mask serves both terms; when it is applied to both
 (``mask_on_reward`` and ``mask_on_kl``) the trainer halves both L1 coefficients, as the official trainer does
-(only then). Logged ``rewards/chosen`` is beta (sum m^u l + sum m^d d) of
+(only then). With ``rw_kl_independent=True`` a network per masked term is built (none for a term whose
+``mask_on_*`` is false) and the KL mask is logged as ``kl_mask/*`` beside the reward mask's ``mask/*``. Logged ``rewards/chosen`` is beta (sum m^u l + sum m^d d) of
 the chosen rows, as the official trainer logs it: neither DPO's reward nor the loss logit beta (U - D).
 
 Memory: d_t needs full-vocabulary distributions of policy and reference. They are never held for the whole
@@ -69,7 +70,7 @@ class SparsePOConfig(DPOConfig):
     mask_weight_decay: float = field(default=0.01, metadata={"help": "weight decay of the mask network's weights (own optimizer group)."})
     mask_on_reward: bool = field(default=True, metadata={"help": "mask the reward term (else m^u = 1)."})
     mask_on_kl: bool = field(default=True, metadata={"help": "mask the KL term (else m^d = 1; the KL term stays)."})
-    rw_kl_independent: bool = field(default=False, metadata={"help": "two mask networks (reward, KL) instead of one common mask."})
+    rw_kl_independent: bool = field(default=False, metadata={"help": "two mask networks (reward, KL) instead of one common mask; only those whose mask_on_* is true are built; the KL mask is logged as kl_mask/*."})
     l1_norm_param_u: float = field(default=0.0, metadata={"help": "L1 penalty on the reward mask (halved when one common mask is on both terms, as the official trainer)."})
     l1_norm_param_d: float = field(default=0.0, metadata={"help": "L1 penalty on the KL mask (halved when one common mask is on both terms, as the official trainer)."})
     activation_hook: str = field(default="all", metadata={"help": "activation masks: all, or a comma-separated list of mlp, attn, resid, logits (official MAPOConfig)."})
@@ -471,7 +472,12 @@ class SparsePOTrainer(MethodStateMixin, DPOTrainer):
         if any(lm_head_name in name and "lora" in name.lower() for name, _ in self.model.named_parameters()):
             raise ValueError("SparsePO computes the reference distribution with the policy's LM head module: "
                              "keep lm_head out of lora_target_modules")
-        names = ["reward", "kl"] if cfg.rw_kl_independent else ["common"]
+        # Only the networks in use: one without gradients breaks DDP (find_unused_parameters off, or with
+        # gradient checkpointing) and would sit in the optimizer and the checkpoints for nothing.
+        if cfg.rw_kl_independent:
+            names = [n for n, on in (("reward", cfg.mask_on_reward), ("kl", cfg.mask_on_kl)) if on]
+        else:
+            names = ["common"] if cfg.mask_on_reward or cfg.mask_on_kl else []
         nets = {n: build_mask_network(cfg, policy.config) for n in names} if cfg.mask_type == "learned" else {}
         # A submodule of the policy: the optimizer, DDP and DeepSpeed see it; kept out of the exported
         # model.safetensors (saved beside it instead) so the checkpoint still loads as a plain HF model.
@@ -576,7 +582,8 @@ class SparsePOTrainer(MethodStateMixin, DPOTrainer):
         self._log_metrics(mode, t["logratio"], t["neg_kl"], t["reward_mask"], t["kl_mask"], t["mask"])
         if cfg.mask_type == "learned" and not getattr(self, "_checked_dead_mask", False):
             self._checked_dead_mask = True
-            if self.accelerator.gather(t["reward_mask"].detach().abs().sum()).sum() == 0:
+            learned = (t["reward_mask"] if cfg.mask_on_reward else 0) + (t["kl_mask"] if cfg.mask_on_kl else 0)
+            if (cfg.mask_on_reward or cfg.mask_on_kl) and self.accelerator.gather(learned.detach().abs().sum()).sum() == 0:
                 logger.warning("SparsePO: the learned mask is exactly 0 on every completion token of the first batch "
                                "(ReLU dead at initialisation): no gradient reaches the policy or the mask. Try another "
                                "seed, or mask_mixer_activation: resc.")
@@ -612,6 +619,12 @@ class SparsePOTrainer(MethodStateMixin, DPOTrainer):
             }
             mass = m.sum(-1) / tokens.clamp_min(1)
             stats["mask/chosen_mass"], stats["mask/rejected_mass"] = mass.chunk(2)
+            if self.args.rw_kl_independent and self.args.mask_on_kl:  # the KL mask is its own: report it too
+                md = kl_mask * cm
+                kl_mass = md.sum(-1) / tokens.clamp_min(1)
+                stats["kl_mask/mean"] = kl_mass
+                stats["kl_mask/sparsity"] = ((kl_mask == 0) & mask).sum(-1) / tokens.clamp_min(1)
+                stats["kl_mask/chosen_mass"], stats["kl_mask/rejected_mass"] = kl_mass.chunk(2)
             for key, value in stats.items():
                 self._metrics[mode][key].append(self.accelerator.gather(value.float()).mean().item())
 

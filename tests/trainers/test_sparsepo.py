@@ -369,3 +369,25 @@ def test_activation_hook_lists_are_checked():
     load_recipe("sparsepo/tiny", {"mask_type": "activation", "activation_hook": "mlp,resid"})
     with pytest.raises(UserError, match="activation_hook"):
         load_recipe("sparsepo/tiny", {"mask_type": "activation", "activation_hook": "mlp,bogus"})
+
+
+@pytest.mark.parametrize("on_reward, on_kl, independent, built", [
+    (True, False, True, ["reward"]), (False, True, True, ["kl"]), (True, True, True, ["reward", "kl"]),
+    (False, False, False, []), (True, False, False, ["common"]),
+])
+def test_only_the_mask_networks_in_use_are_built(on_reward, on_kl, independent, built, tmp_path):
+    # an unused network has parameters without gradients: DDP with gradient checkpointing fails on them
+    trainer = make_trainer(tmp_path, mask_on_reward=on_reward, mask_on_kl=on_kl, rw_kl_independent=independent)
+    assert list(trainer.model.sparsepo_masks) == built
+    trainer.compute_loss(trainer.model, first_batch(trainer)).backward()
+    assert all(p.grad is not None for p in trainer.model.sparsepo_masks.parameters())
+
+
+def test_independent_kl_mask_metrics_are_logged(tmp_path):
+    trainer = make_trainer(tmp_path, rw_kl_independent=True)
+    trainer.model.train()
+    trainer.compute_loss(trainer.model, first_batch(trainer))
+    logged = trainer._metrics["train"]
+    for key in ("kl_mask/mean", "kl_mask/sparsity", "kl_mask/chosen_mass", "kl_mask/rejected_mass"):
+        assert key in logged, key
+    assert 0.0 <= logged["kl_mask/sparsity"][-1] <= 1.0
