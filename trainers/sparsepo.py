@@ -461,6 +461,17 @@ class ActivationCapture:
 # ------------------------------------------------------------------------------------------- trainer
 
 
+class SparsePOOutputs(dict):
+    """``compute_loss(return_outputs=True)``: the token terms and masks, and ``logits`` (policy, full vocabulary),
+    as keys and as attributes (DPO's ``prediction_step`` reads ``outputs.logits``)."""
+
+    def __getattr__(self, name):
+        try:
+            return self[name]
+        except KeyError as error:
+            raise AttributeError(name) from error
+
+
 class SparsePOTrainer(MethodStateMixin, DPOTrainer):
     """DPOTrainer with the SparsePO loss: overrides ``_compute_loss``; the mask networks are its method state."""
 
@@ -587,7 +598,13 @@ class SparsePOTrainer(MethodStateMixin, DPOTrainer):
                 logger.warning("SparsePO: the learned mask is exactly 0 on every completion token of the first batch "
                                "(ReLU dead at initialisation): no gradient reaches the policy or the mask. Try another "
                                "seed, or mask_mixer_activation: resc.")
-        return (loss, t) if return_outputs else loss
+        if not return_outputs:
+            return loss
+        # As DPO: the policy's logits from a plain forward (the chunked path builds none), for DPO's
+        # prediction_step and compute_metrics; the SparsePO terms and masks ride along.
+        with torch.no_grad():
+            logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False).logits
+        return loss, SparsePOOutputs(logits=logits, **t)
 
     def _activation_mask(self, ref_logit_mean, mask):
         """Mean over hook types of the mean over each type's points. Every point weighs the same (the official

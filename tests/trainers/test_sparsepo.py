@@ -391,3 +391,15 @@ def test_independent_kl_mask_metrics_are_logged(tmp_path):
     for key in ("kl_mask/mean", "kl_mask/sparsity", "kl_mask/chosen_mass", "kl_mask/rejected_mass"):
         assert key in logged, key
     assert 0.0 <= logged["kl_mask/sparsity"][-1] <= 1.0
+
+
+def test_prediction_step_with_logits_for_compute_metrics(tmp_path):
+    # Trainer.evaluate with compute_metrics set calls prediction_step(prediction_loss_only=False), which reads
+    # outputs.logits from compute_loss(return_outputs=True), as for DPO
+    trainer = make_trainer(tmp_path)
+    trainer.model.eval()
+    batch = first_batch(trainer)
+    loss, logits, labels = trainer.prediction_step(trainer.model, batch, prediction_loss_only=False)
+    assert torch.isfinite(loss) and logits.shape == (*batch["input_ids"].shape, trainer.model.config.vocab_size)
+    assert torch.equal(labels, batch["input_ids"])
+    assert loss.item() == pytest.approx(trainer.prediction_step(trainer.model, batch, prediction_loss_only=True)[0].item(), abs=1e-6)
