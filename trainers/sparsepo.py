@@ -479,10 +479,13 @@ class SparsePOTrainer(MethodStateMixin, DPOTrainer):
         super().__init__(*args, **kwargs)
         cfg = self.args
         policy = self._inner_model(self.model)
-        lm_head_name = next((n for n, m in policy.named_modules() if m is policy.get_output_embeddings()), "lm_head")
-        if any(lm_head_name in name and "lora" in name.lower() for name, _ in self.model.named_parameters()):
-            raise ValueError("SparsePO computes the reference distribution with the policy's LM head module: "
-                             "keep lm_head out of lora_target_modules")
+        head = policy.get_output_embeddings()
+        # A PEFT tuner layer on the head (LoRA, trainable tokens) keeps its delta outside ``.weight``, which the
+        # chunked heads read. A full trained copy (modules_to_save) is fine: see _reference_pass.
+        if hasattr(head, "base_layer") or hasattr(head, "token_adapter"):
+            raise ValueError(f"SparsePO projects through the LM head's weight directly; a {type(head).__name__} on it "
+                             "(lora_target_modules / trainable_token_indices) is not supported: keep lm_head out of "
+                             "them (lora_modules_to_save: [lm_head] works)")
         # Only the networks in use: one without gradients breaks DDP (find_unused_parameters off, or with
         # gradient checkpointing) and would sit in the optimizer and the checkpoints for nothing.
         if cfg.rw_kl_independent:
@@ -527,6 +530,14 @@ class SparsePOTrainer(MethodStateMixin, DPOTrainer):
             self.optimizer = cls([g for g in groups if g["params"]], **kwargs)
         return self.optimizer
 
+    @staticmethod
+    def _head_tensors(model):
+        """The LM head's weight and bias as they are now. Read inside the adapter-disabled context: with PEFT
+        ``modules_to_save: [lm_head]`` the head is a ModulesToSaveWrapper whose ``.weight`` is the trained copy
+        while the adapter is on and the original head while it is off (the reference)."""
+        head = model.get_output_embeddings()
+        return types.SimpleNamespace(weight=head.weight, bias=getattr(head, "bias", None))
+
     def _reference_pass(self, model_kwargs):
         """Reference forward without its LM head (logits for the last position only): the last hidden
         state for the chunked KL, all hidden states for learned masks, hook activations for MaPO."""
@@ -544,14 +555,16 @@ class SparsePOTrainer(MethodStateMixin, DPOTrainer):
                     peft_model = self.accelerator.unwrap_model(self.model)
                     with use_adapter(peft_model, adapter_name="ref" if "ref" in peft_model.peft_config else None):
                         out = self.model(**model_kwargs, output_hidden_states=learned, logits_to_keep=1)
+                        ref_head = self._head_tensors(inner)
                 else:
                     out = self.ref_model(**model_kwargs, output_hidden_states=learned, logits_to_keep=1)
+                    ref_head = self._head_tensors(inner)
         finally:
             handle.remove()
             if self._capture is not None:
                 self._capture.active = False
         hidden_states = [h[:, :-1] for h in out.hidden_states[1:]] if learned else None
-        return captured["last"][:, :-1], hidden_states, inner.get_output_embeddings()
+        return captured["last"][:, :-1], hidden_states, ref_head
 
     def _terms_and_masks(self, model, inputs):
         """Token terms and masks of a batch: logratio, neg_kl, reward_mask, kl_mask, mask (all (2B, T-1))."""

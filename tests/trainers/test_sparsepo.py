@@ -403,3 +403,33 @@ def test_prediction_step_with_logits_for_compute_metrics(tmp_path):
     assert torch.isfinite(loss) and logits.shape == (*batch["input_ids"].shape, trainer.model.config.vocab_size)
     assert torch.equal(labels, batch["input_ids"])
     assert loss.item() == pytest.approx(trainer.prediction_step(trainer.model, batch, prediction_loss_only=True)[0].item(), abs=1e-6)
+
+
+def test_lora_reference_uses_the_original_head_with_lm_head_in_modules_to_save(tmp_path):
+    # modules_to_save: [lm_head] trains a copy of the head; the reference (adapter disabled) must use the original
+    values = {"output_dir": str(tmp_path), "max_steps": 2, "mask_type": "uniform", "use_peft": True, "lora_r": 4,
+              "lora_target_modules": ["q_proj", "v_proj"], "lora_modules_to_save": ["lm_head"]}
+    trainer = build_trainer(load_recipe("sparsepo/tiny", values))
+    model = trainer.model
+    trained = [p for n, p in model.named_parameters() if "lm_head" in n and "modules_to_save" in n]
+    assert trained
+    with torch.no_grad():
+        for p in trained:
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(0)))
+    batch = first_batch(trainer)
+    got = trainer.token_masks(batch)["neg_kl"]
+    ids, attn, mask = batch["input_ids"], batch["attention_mask"], batch["completion_mask"][:, 1:].bool()
+    with torch.no_grad():
+        logp = F.log_softmax(model(input_ids=ids, attention_mask=attn).logits[:, :-1].float(), -1)
+        with model.disable_adapter():
+            ref_logp = F.log_softmax(model(input_ids=ids, attention_mask=attn).logits[:, :-1].float(), -1)
+    expected = (ref_logp.exp() * (logp - ref_logp)).sum(-1) * mask
+    assert expected.abs().max() > 1e-4  # the trained head moved the policy
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-4)
+
+
+def test_lora_on_the_lm_head_is_refused(tmp_path):
+    values = {"output_dir": str(tmp_path), "max_steps": 2, "use_peft": True, "lora_r": 4,
+              "lora_target_modules": ["q_proj", "lm_head"]}
+    with pytest.raises(Exception, match="lm_head"):  # TRL refuses it first; SparsePO checks the head type too
+        build_trainer(load_recipe("sparsepo/tiny", values))
