@@ -282,9 +282,10 @@ class _TokenTerms(torch.autograd.Function):
         chunk = ctx.chunk
         need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[4]
         d_hidden = torch.zeros_like(hidden) if need_h else None
-        d_weight = _up(torch.zeros(weight.shape, dtype=weight.dtype, device=hidden.device)) if need_w else None
-        d_bias = _up(torch.zeros(bias.shape, dtype=bias.dtype, device=hidden.device)) if need_b else None
         with maybe_gather_lm_head_ctx(weight, bias, ref_weight, ref_bias):
+            # Inside the gather (as TRL's chunked_logprob): a ZeRO-3 partitioned head has numel 0 outside it.
+            d_weight = _up(torch.zeros(weight.shape, dtype=weight.dtype, device=hidden.device)) if need_w else None
+            d_bias = _up(torch.zeros(bias.shape, dtype=bias.dtype, device=hidden.device)) if need_b else None
             w = _up(weight)
             for s in range(0, hidden.shape[0], chunk):
                 h = hidden[s:s + chunk]

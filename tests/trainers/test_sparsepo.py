@@ -433,3 +433,39 @@ def test_lora_on_the_lm_head_is_refused(tmp_path):
               "lora_target_modules": ["q_proj", "lm_head"]}
     with pytest.raises(Exception, match="lm_head"):  # TRL refuses it first; SparsePO checks the head type too
         build_trainer(load_recipe("sparsepo/tiny", values))
+
+
+def test_token_terms_backward_allocates_head_gradients_inside_the_zero3_gather(monkeypatch):
+    # Under ZeRO-3 a partitioned head weight has numel 0 outside maybe_gather_lm_head_ctx: simulate that and
+    # call the backward directly; its weight/bias gradients must have the gathered shape and the right values.
+    from contextlib import contextmanager
+
+    import trl.trainer.utils as trl_utils
+    from posttrain.trainers.sparsepo import _TokenTerms
+
+    torch.manual_seed(0)
+    head, ref_head = nn.Linear(5, 11), nn.Linear(5, 11)
+    full_w, full_b = head.weight.detach().clone(), head.bias.detach().clone()
+    hidden, ref_hidden, labels = torch.randn(6, 5), torch.randn(6, 5), torch.randint(0, 11, (6,))
+    g_l, g_d = torch.randn(6), torch.randn(6)
+    w, b = nn.Parameter(torch.empty(0)), nn.Parameter(torch.empty(0))
+
+    @contextmanager
+    def gather(*params):
+        w.data, b.data = full_w, full_b
+        try:
+            yield
+        finally:
+            w.data, b.data = torch.empty(0), torch.empty(0)
+
+    monkeypatch.setattr(trl_utils, "maybe_gather_lm_head_ctx", gather)
+    ctx = SimpleNamespace(saved_tensors=(hidden, ref_hidden, labels, w, b, ref_head.weight.detach(), ref_head.bias.detach()),
+                          chunk=4, needs_input_grad=(True, False, False, True, True, False, False, False, False))
+    _, _, _, d_w, d_b, *_ = _TokenTerms.backward(ctx, g_l, g_d, None)
+
+    w0, b0 = full_w.clone().requires_grad_(), full_b.clone().requires_grad_()
+    lr, kl, _ = token_terms(hidden[None], ref_hidden[None], labels[None], torch.ones(1, 6, dtype=torch.bool),
+                            SimpleNamespace(weight=w0, bias=b0), ref_head)
+    (g_l * lr[0] + g_d * kl[0]).sum().backward()
+    torch.testing.assert_close(d_w, w0.grad)
+    torch.testing.assert_close(d_b, b0.grad)
