@@ -420,7 +420,7 @@ def map_activation(x, mapping):
     (``sigmoid``), or of layer_norm(x) without affine weights (``layernorm``: near 0 by construction, as in
     the official code). ``zn_rescale`` is then z-normalised and min-max rescaled per sequence
     (``activation_mask``); the other mappings are used as they are."""
-    x = x.float()
+    x = _up(x)
     if mapping == "sigmoid":
         x = torch.sigmoid(x)
     elif mapping == "layernorm":
