@@ -344,10 +344,12 @@ def _first_attr(module, names):
 
 
 def _fused_qkv_split(attn, fused):
-    """Split a fused q/k/v projection output into (q, k, v) the way the model does: GPT-2 / GPT-BigCode (MHA)
-    concatenate them, GPT-NeoX interleaves them per head ([head, 3 * head_size])."""
+    """Split a fused q/k/v projection output into (q, k, v) the way the model does: GPT-2 and multi-query
+    GPT-BigCode concatenate them, GPT-NeoX and multi-head GPT-BigCode interleave them per head ([head, 3 * head])."""
     if hasattr(attn, "head_size") and fused is getattr(attn, "query_key_value", None):  # GPT-NeoX
         return lambda o: o.view(*o.shape[:-1], -1, 3 * attn.head_size).chunk(3, dim=-1)
+    if getattr(attn, "multi_query", None) is False:  # GPT-BigCode, multi-head
+        return lambda o: o.view(*o.shape[:-1], -1, 3 * attn.head_dim).chunk(3, dim=-1)
     split = getattr(attn, "split_size", None) or getattr(attn, "embed_dim", None)
     kv_dim = getattr(attn, "kv_dim", split)
     return lambda o: o.split([split, kv_dim, kv_dim], dim=-1)
