@@ -24,7 +24,7 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-ARCHS = ("llama", "qwen3", "deepseek_v3", "qwen3_moe", "qwen2_moe", "mixtral")
+ARCHS = ("llama", "qwen3", "deepseek_v3", "qwen3_moe", "qwen2_moe", "mixtral", "gpt2", "gpt_neox")
 
 # Bump when the tokenizer, template or configs below change: cached builds with another stamp are rebuilt.
 BUILD_VERSION = 1
@@ -160,7 +160,8 @@ def build_tokenizer():
 
 
 def _config(arch: str):
-    from transformers import DeepseekV3Config, LlamaConfig, MixtralConfig, Qwen2MoeConfig, Qwen3Config, Qwen3MoeConfig
+    from transformers import (DeepseekV3Config, GPT2Config, GPTNeoXConfig, LlamaConfig, MixtralConfig, Qwen2MoeConfig,
+                              Qwen3Config, Qwen3MoeConfig)
 
     common = dict(
         vocab_size=VOCAB_SIZE,
@@ -176,6 +177,15 @@ def _config(arch: str):
     )
     if arch == "llama":
         return LlamaConfig(num_key_value_heads=2, **common)
+    if arch == "gpt2":
+        # GPT-2 (SparsePO's own family): Conv1D layers, fused q/k/v, learned positions (hence the short
+        # n_positions: 256 x 64 weights), ln_1 / ln_2 / ln_f. Dropout off, as the other tiny models.
+        return GPT2Config(vocab_size=VOCAB_SIZE, n_embd=64, n_inner=128, n_layer=2, n_head=4, n_positions=256,
+                          resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, pad_token_id=PAD_ID, eos_token_id=EOS_ID,
+                          bos_token_id=None, tie_word_embeddings=True)
+    if arch == "gpt_neox":
+        # GPT-NeoX / Pythia (SparsePO's own family): fused per-head q/k/v, parallel residual, untied head.
+        return GPTNeoXConfig(**{**common, "tie_word_embeddings": False})
     if arch == "qwen3":
         return Qwen3Config(num_key_value_heads=2, head_dim=16, **common)
     if arch == "qwen3_moe":

@@ -17,15 +17,21 @@ Masks (``mask_type``):
   and outputs m_t >= 0 (ReLU makes masks exactly sparse). ``simple_all``: one shared LayerNorm, a linear
   unit per layer, a bias-free mixer over layers; ``simple_last``: one linear unit on the last hidden state;
   ``random``: uniform [0, 1) (an ablation). The network is a submodule of the policy (so DDP/DeepSpeed and
-  the optimizer see it), trained jointly, with ``mask_weight_decay``; kept out of ``model.safetensors`` and
+  the optimizer see it), trained jointly, with ``mask_weight_decay``; the ``resc`` / ``znorm`` activations
+  use their per-row min / max / std as constants in the gradient, as the official code does; kept out of ``model.safetensors`` and
   saved as the trainer's method state (``method_state.pt``) in every checkpoint and the final output folder.
-- ``activation`` (official "MaPO"): the feature mean of the reference model's activations at mlp / attn /
-  resid / logits hook points, min-max rescaled per sequence over completion tokens, averaged per type then
-  over types; no parameters.
+- ``activation`` (official "MaPO"): the reference model's activations at the official mlp / attn / resid
+  (including the ``delta_attn`` / ``delta_mlp`` block outputs) / logits hook points (``hook_points``: Llama /
+  Qwen / Mistral-style decoders, GPT-2, GPT-NeoX, GPT-BigCode; a hook type that finds no point in a model is
+  an error naming its class), reduced per token by ``activation_mapping`` (default ``zn_rescale``: the
+  feature mean, min-max rescaled per sequence over completion tokens), averaged per type then over the
+  types of ``activation_hook`` (``all`` or a comma-separated list); no parameters.
 - ``uniform``: all ones, i.e. TDPO-1 (there is no plain-DPO mode: the KL term is always there).
 
-With ``rw_kl_independent=False`` (default, "common") one mask serves both terms and the trainer halves both
-L1 coefficients, as the official trainer does. Logged ``rewards/chosen`` is beta (sum m^u l + sum m^d d) of
+With ``rw_kl_independent=False`` (default, "common") one mask serves both terms; when it is applied to both
+(``mask_on_reward`` and ``mask_on_kl``) the trainer halves both L1 coefficients, as the official trainer does
+(only then). With ``rw_kl_independent=True`` a network per masked term is built (none for a term whose
+``mask_on_*`` is false) and the KL mask is logged as ``kl_mask/*`` beside the reward mask's ``mask/*``. Logged ``rewards/chosen`` is beta (sum m^u l + sum m^d d) of
 the chosen rows, as the official trainer logs it: neither DPO's reward nor the loss logit beta (U - D).
 
 Memory: d_t needs full-vocabulary distributions of policy and reference. They are never held for the whole
@@ -64,10 +70,11 @@ class SparsePOConfig(DPOConfig):
     mask_weight_decay: float = field(default=0.01, metadata={"help": "weight decay of the mask network's weights (own optimizer group)."})
     mask_on_reward: bool = field(default=True, metadata={"help": "mask the reward term (else m^u = 1)."})
     mask_on_kl: bool = field(default=True, metadata={"help": "mask the KL term (else m^d = 1; the KL term stays)."})
-    rw_kl_independent: bool = field(default=False, metadata={"help": "two mask networks (reward, KL) instead of one common mask."})
-    l1_norm_param_u: float = field(default=0.0, metadata={"help": "L1 penalty on the reward mask (halved for a common mask)."})
-    l1_norm_param_d: float = field(default=0.0, metadata={"help": "L1 penalty on the KL mask (halved for a common mask)."})
-    activation_hook: str = field(default="all", metadata={"help": "activation masks: all, mlp, attn, resid or logits."})
+    rw_kl_independent: bool = field(default=False, metadata={"help": "two mask networks (reward, KL) instead of one common mask; only those whose mask_on_* is true are built; the KL mask is logged as kl_mask/*."})
+    l1_norm_param_u: float = field(default=0.0, metadata={"help": "L1 penalty on the reward mask (halved when one common mask is on both terms, as the official trainer)."})
+    l1_norm_param_d: float = field(default=0.0, metadata={"help": "L1 penalty on the KL mask (halved when one common mask is on both terms, as the official trainer)."})
+    activation_hook: str = field(default="all", metadata={"help": "activation masks: all, or a comma-separated list of mlp, attn, resid, logits (official MAPOConfig)."})
+    activation_mapping: str = field(default="zn_rescale", metadata={"help": "activation masks, per hook point (official apply_activation_mapping): zn_rescale (feature mean, z-normalised and min-max rescaled per sequence; the official default), none (feature mean), sigmoid (feature mean of sigmoid), layernorm (feature mean of layer_norm: ~0)."})
     kl_chunk_size: int = field(default=512, metadata={"help": "completion tokens projected through the LM heads at once (memory vs speed)."})
 
     def __post_init__(self):
@@ -76,8 +83,12 @@ class SparsePOConfig(DPOConfig):
             "mask_type": (self.mask_type, MASK_TYPES), "mask_model": (self.mask_model, MASK_MODELS),
             "mask_layer_activation": (self.mask_layer_activation, ACTIVATIONS),
             "mask_mixer_activation": (self.mask_mixer_activation, ACTIVATIONS),
-            "activation_hook": (self.activation_hook, HOOK_TYPES),
+            "activation_mapping": (self.activation_mapping, MAPPINGS),
         }
+        hooks = [k.strip() for k in self.activation_hook.split(",")]
+        if not hooks or any(k not in HOOK_TYPES for k in hooks):
+            raise ValueError(f"activation_hook={self.activation_hook!r}; valid: all, or a comma-separated list of "
+                             f"{', '.join(HOOK_TYPES[1:])}")
         for name, (value, valid) in checks.items():
             if value not in valid:
                 raise ValueError(f"{name}={value!r}; valid: {', '.join(valid)}")
@@ -94,6 +105,7 @@ MASK_TYPES = ("learned", "activation", "uniform")
 MASK_MODELS = ("simple_all", "simple_last", "random")
 ACTIVATIONS = ("relu", "resc", "znorm", "none")
 HOOK_TYPES = ("all", "mlp", "attn", "resid", "logits")
+MAPPINGS = ("zn_rescale", "none", "sigmoid", "layernorm")
 
 
 # ----------------------------------------------------------------------------------------------- pure math
@@ -111,12 +123,16 @@ def sparsepo_loss(logratio, neg_kl, reward_mask, kl_mask, completion_mask, beta,
     return loss + sum(penalty.chunk(2))
 
 
-def _masked_minmax(x, mask):
-    """Per-row min-max of ``x`` over ``mask`` to [0, 1], 0 outside; a constant row gives 1 on the mask."""
+def _masked_minmax(x, mask, constant_range=False):
+    """Per-row min-max of ``x`` over ``mask`` to [0, 1], 0 outside; a constant row gives 1 on the mask.
+    ``constant_range``: min and max enter as constants (no gradient through them), as the official
+    ``apply_masked_rescaling`` does (it rebuilds them with ``torch.Tensor(list)``)."""
     mask = mask.bool()
     big = torch.finfo(x.dtype).max
     lo = torch.where(mask, x, big).amin(-1, keepdim=True)
     hi = torch.where(mask, x, -big).amax(-1, keepdim=True)
+    if constant_range:
+        lo, hi = lo.detach(), hi.detach()
     span = hi - lo
     out = torch.where(span > 0, (x - lo) / span.clamp_min(torch.finfo(x.dtype).tiny), torch.ones_like(x))
     return out * mask
@@ -128,20 +144,24 @@ def activation_mask(features, completion_mask):
 
 
 def _znorm(x, mask):
+    """Masked z-score per row; the mean is differentiable, the std a constant (official ``apply_masked_z_norm``)."""
     mask = mask.to(x.dtype)
     n = mask.sum(-1, keepdim=True).clamp_min(1)
     mean = (x * mask).sum(-1, keepdim=True) / n
     var = (((x - mean) * mask) ** 2).sum(-1, keepdim=True) / (n - 1).clamp_min(1)
-    return (x - mean) / (var.sqrt() + 1e-12)
+    return (x - mean) / (var.sqrt().detach() + 1e-12)
 
 
 def _activate(x, name, mask):
+    """Mask-network activation. ``resc`` / ``znorm`` treat their per-row statistics (min, max, std) as
+    constants, as the official code does: same values, and the gradient of a token's mask value flows only
+    through that token (and, for znorm, the row mean)."""
     if name == "relu":
         return F.relu(x)
     if name == "resc":
-        return _masked_minmax(x, mask)
+        return _masked_minmax(x, mask, constant_range=True)
     if name == "znorm":
-        return _masked_minmax(_znorm(x, mask), mask)
+        return _masked_minmax(_znorm(x, mask), mask, constant_range=True)
     return x
 
 
@@ -234,7 +254,7 @@ class _TokenTerms(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, ref_hidden, labels, weight, bias, ref_weight, ref_bias, chunk):
+    def forward(ctx, hidden, ref_hidden, labels, weight, bias, ref_weight, ref_bias, chunk, logit_mapping="none"):
         from trl.trainer.utils import maybe_gather_lm_head_ctx
 
         outs = []
@@ -243,7 +263,7 @@ class _TokenTerms(torch.autograd.Function):
                 z, lse, rz, rlse = _chunk_logits(hidden[s:s + chunk], ref_hidden[s:s + chunk], weight, bias, ref_weight, ref_bias)
                 taken = labels[s:s + chunk].unsqueeze(-1)
                 logratio = (z.gather(-1, taken) - lse - rz.gather(-1, taken) + rlse).squeeze(-1)
-                ref_mean = rz.mean(-1)
+                ref_mean = map_activation(rz, logit_mapping)
                 # -KL(p_ref || p) = sum_v p_ref (z - rz) - lse + rlse
                 z.sub_(rz)
                 p_ref = rz.sub_(rlse).exp_()
@@ -262,9 +282,10 @@ class _TokenTerms(torch.autograd.Function):
         chunk = ctx.chunk
         need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[4]
         d_hidden = torch.zeros_like(hidden) if need_h else None
-        d_weight = _up(torch.zeros(weight.shape, dtype=weight.dtype, device=hidden.device)) if need_w else None
-        d_bias = _up(torch.zeros(bias.shape, dtype=bias.dtype, device=hidden.device)) if need_b else None
         with maybe_gather_lm_head_ctx(weight, bias, ref_weight, ref_bias):
+            # Inside the gather (as TRL's chunked_logprob): a ZeRO-3 partitioned head has numel 0 outside it.
+            d_weight = _up(torch.zeros(weight.shape, dtype=weight.dtype, device=hidden.device)) if need_w else None
+            d_bias = _up(torch.zeros(bias.shape, dtype=bias.dtype, device=hidden.device)) if need_b else None
             w = _up(weight)
             for s in range(0, hidden.shape[0], chunk):
                 h = hidden[s:s + chunk]
@@ -280,17 +301,18 @@ class _TokenTerms(torch.autograd.Function):
                 if need_b:
                     d_bias += d_z.sum(0)
         cast = lambda g, like: None if g is None else g.to(like.dtype)  # noqa: E731
-        return d_hidden, None, None, cast(d_weight, weight), cast(d_bias, bias) if bias is not None else None, None, None, None
+        return d_hidden, None, None, cast(d_weight, weight), cast(d_bias, bias) if bias is not None else None, None, None, None, None
 
 
-def token_terms(hidden, ref_hidden, labels, mask, lm_head, ref_lm_head, chunk_size=None):
-    """Token log-ratio l_t, -KL(pi_ref || pi)_t and the reference's mean logit (for MaPO's 'logits' hook),
+def token_terms(hidden, ref_hidden, labels, mask, lm_head, ref_lm_head, chunk_size=None, logit_mapping="none"):
+    """Token log-ratio l_t, -KL(pi_ref || pi)_t and the reference's mapped logits (``map_activation``; the mean
+    logit by default, for MaPO's 'logits' hook),
     each shaped like ``mask`` and zero where it is False. Only masked positions are projected, through the
     heads' weights ``chunk_size`` tokens at a time (all at once when None); no (tokens, vocab) tensor
     outlives its chunk, in forward or backward."""
     h, rh, y = hidden[mask], ref_hidden[mask].to(hidden.dtype), labels[mask]
     chunk = chunk_size or max(1, h.shape[0])
-    flat = _TokenTerms.apply(h, rh, y, lm_head.weight, lm_head.bias, ref_lm_head.weight, ref_lm_head.bias, chunk)
+    flat = _TokenTerms.apply(h, rh, y, lm_head.weight, lm_head.bias, ref_lm_head.weight, ref_lm_head.bias, chunk, logit_mapping)
     return tuple(torch.zeros(mask.shape, dtype=f.dtype, device=f.device).masked_scatter(mask, f) for f in flat)
 
 
@@ -305,7 +327,8 @@ def _sparsepo_forward(self, *args, sparsepo=None, **kwargs):
         kwargs.pop(head_only, None)
     hidden = self.base_model(*args, **kwargs).last_hidden_state[:, :-1]
     logratio, neg_kl, ref_logit_mean = token_terms(hidden, sparsepo["ref_hidden"], sparsepo["labels"], sparsepo["mask"],
-                                                   self.get_output_embeddings(), sparsepo["ref_lm_head"], sparsepo["chunk_size"])
+                                                   self.get_output_embeddings(), sparsepo["ref_lm_head"], sparsepo["chunk_size"],
+                                                   sparsepo.get("logit_mapping", "none"))
     masks = {name: net(sparsepo["mask_inputs"], sparsepo["mask"]) for name, net in self.sparsepo_masks.items()}
     return {"logratio": logratio, "neg_kl": neg_kl, "ref_logit_mean": ref_logit_mean, "masks": masks}
 
@@ -313,56 +336,143 @@ def _sparsepo_forward(self, *args, sparsepo=None, **kwargs):
 # ------------------------------------------------------------------ activation capture (MaPO hook points)
 
 
-def hook_points(model) -> dict[str, list[tuple[nn.Module, str]]]:
-    """(module, 'output'|'input') per hook type for Llama/Qwen/Mistral-style decoders: mlp = MLP activation;
-    attn = q/k/v projections and the attention output (o_proj input); resid = layer-norm outputs, each layer's
-    output, the embeddings and the final norm. 'logits' is read from the chunked heads instead."""
+def _first_attr(module, names):
+    for name in names:
+        if module is not None and isinstance(getattr(module, name, None), nn.Module):
+            return getattr(module, name)
+    return None
+
+
+def _fused_qkv_split(attn, fused):
+    """Split a fused q/k/v projection output into (q, k, v) the way the model does: GPT-2 and multi-query
+    GPT-BigCode concatenate them, GPT-NeoX and multi-head GPT-BigCode interleave them per head ([head, 3 * head])."""
+    if hasattr(attn, "head_size") and fused is getattr(attn, "query_key_value", None):  # GPT-NeoX
+        return lambda o: o.view(*o.shape[:-1], -1, 3 * attn.head_size).chunk(3, dim=-1)
+    if getattr(attn, "multi_query", None) is False:  # GPT-BigCode, multi-head
+        return lambda o: o.view(*o.shape[:-1], -1, 3 * attn.head_dim).chunk(3, dim=-1)
+    split = getattr(attn, "split_size", None) or getattr(attn, "embed_dim", None)
+    kv_dim = getattr(attn, "kv_dim", split)
+    return lambda o: o.split([split, kv_dim, kv_dim], dim=-1)
+
+
+def hook_points(model) -> dict[str, list[tuple[str, nn.Module, str, object]]]:
+    """MaPO hook points per type, as the official hooks (``src/masks/hooks.py`` and the patched GPT-2 / GPT-NeoX /
+    GPT-BigCode models of huawei-noah/HEBO SparsePO): (name, module, 'output'|'input', split or None).
+
+    - mlp: ``post_act``, the MLP activation's output;
+    - attn: ``q``, ``k``, ``v`` (separate projections, or the fused GPT-2 / GPT-NeoX / GPT-BigCode projection
+      split as the model splits it) and ``v_out``, the attention output before its output projection. The
+      official ``post_rota_emb_q/k`` (after rotary) are functional, not modules, and are not hooked;
+    - resid: ``input_ln_attn`` / ``post_ln_attn`` (the two layer-norm outputs), ``delta_attn`` / ``delta_mlp``
+      (the attention and MLP blocks' outputs, what they add to the residual stream), ``post_mlp`` (the layer's
+      output), ``post_emb`` (the embeddings, with positions where the model adds them) and ``post_ln_f``.
+
+    Works for Llama / Qwen / Mistral-style decoders and GPT-2, GPT-NeoX (Pythia) and GPT-BigCode: the layers
+    are the backbone's ModuleList of ``num_hidden_layers`` blocks. 'logits' is read from the chunked heads."""
     backbone = model.base_model
-    layers = [m for m in backbone.modules() if type(m).__name__.endswith("DecoderLayer")]
+    n_layers = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    layers = next((list(m) for m in backbone.children() if isinstance(m, nn.ModuleList) and len(m) and
+                   (n_layers is None or len(m) == n_layers)), [])
     points = {"mlp": [], "attn": [], "resid": []}
     for layer in layers:
-        mlp, attn = getattr(layer, "mlp", None), getattr(layer, "self_attn", None)
-        if mlp is not None and hasattr(mlp, "act_fn"):
-            points["mlp"].append((mlp.act_fn, "output"))
-        for name in ("q_proj", "k_proj", "v_proj"):
-            if attn is not None and hasattr(attn, name):
-                points["attn"].append((getattr(attn, name), "output"))
-        if attn is not None and hasattr(attn, "o_proj"):
-            points["attn"].append((attn.o_proj, "input"))
-        for name in ("input_layernorm", "post_attention_layernorm"):
-            if hasattr(layer, name):
-                points["resid"].append((getattr(layer, name), "output"))
-        points["resid"].append((layer, "output"))
-    for name in ("embed_tokens", "norm"):
-        if hasattr(backbone, name):
-            points["resid"].append((getattr(backbone, name), "output"))
+        attn = _first_attr(layer, ("self_attn", "attn", "attention"))
+        mlp = _first_attr(layer, ("mlp",))
+        act = _first_attr(mlp, ("act_fn", "act", "activation_fn"))
+        if act is not None:
+            points["mlp"].append(("post_act", act, "output", None))
+        separate = [(n, _first_attr(attn, (f"{n}_proj",))) for n in ("q", "k", "v")]
+        fused = _first_attr(attn, ("c_attn", "query_key_value"))
+        if all(m is not None for _, m in separate):
+            points["attn"] += [(n, m, "output", None) for n, m in separate]
+        elif fused is not None:
+            points["attn"].append(("qkv", fused, "output", _fused_qkv_split(attn, fused)))
+        out_proj = _first_attr(attn, ("o_proj", "c_proj", "dense", "out_proj"))
+        if out_proj is not None:
+            points["attn"].append(("v_out", out_proj, "input", None))
+        for name, module, where in (
+            ("input_ln_attn", _first_attr(layer, ("input_layernorm", "ln_1")), "output"),
+            ("post_ln_attn", _first_attr(layer, ("post_attention_layernorm", "ln_2")), "output"),
+            ("delta_attn", attn, "output"),
+            ("delta_mlp", mlp, "output"),
+            ("post_mlp", layer, "output"),
+        ):
+            if module is not None:
+                points["resid"].append((name, module, where, None))
+    # post_emb: after the positional embeddings where the model adds them (GPT-2 / BigCode: the dropout after wte + wpe)
+    emb = _first_attr(backbone, ("drop", "emb_dropout", "embed_in", "embed_tokens"))
+    final = _first_attr(backbone, ("norm", "ln_f", "final_layer_norm"))
+    if emb is not None:
+        points["resid"].append(("post_emb", emb, "output", None))
+    if final is not None:
+        points["resid"].append(("post_ln_f", final, "output", None))
     return points
 
 
+def parse_hook_types(activation_hook: str) -> tuple[str, ...]:
+    """``all`` or a comma-separated list of mlp, attn, resid, logits (as the official MAPOConfig)."""
+    kinds = [k.strip() for k in activation_hook.split(",") if k.strip()]
+    if "all" in kinds:
+        return HOOK_TYPES[1:]
+    return tuple(dict.fromkeys(kinds))
+
+
+def map_activation(x, mapping):
+    """Per-token scalar of one hook point's activations x (..., d), by ``activation_mapping`` (official
+    ``apply_activation_mapping``): the feature mean of x (``zn_rescale``, ``none``), of sigmoid(x)
+    (``sigmoid``), or of layer_norm(x) without affine weights (``layernorm``: near 0 by construction, as in
+    the official code). ``zn_rescale`` is then z-normalised and min-max rescaled per sequence
+    (``activation_mask``); the other mappings are used as they are."""
+    x = _up(x)
+    if mapping == "sigmoid":
+        x = torch.sigmoid(x)
+    elif mapping == "layernorm":
+        x = F.layer_norm(x, x.shape[-1:])
+    return x.mean(-1)
+
+
 class ActivationCapture:
-    """Feature means of the reference's activations, recorded only while ``active`` (the hooks stay on a
-    policy that doubles as the PEFT reference)."""
+    """Per-token mapped activations of the reference (``map_activation``), recorded only while ``active``
+    (the hooks stay on a policy that doubles as the PEFT reference). Keys: (type, point name, layer, part)."""
 
-    def __init__(self, model, hook_type):
-        self.active, self.features = False, {}
-        types_ = ("mlp", "attn", "resid") if hook_type == "all" else (() if hook_type == "logits" else (hook_type,))
-        for kind, entries in hook_points(model).items():
-            if kind not in types_:
-                continue
-            for index, (module, where) in enumerate(entries):
-                key = (kind, index)
+    def __init__(self, model, hook_type, mapping="zn_rescale"):
+        self.active, self.features, self.mapping = False, {}, mapping
+        kinds = [k for k in parse_hook_types(hook_type) if k != "logits"]
+        points = hook_points(model)
+        for kind in kinds:
+            if not points[kind]:
+                raise ValueError(f"SparsePO activation masks: no {kind!r} hook points found in "
+                                 f"{type(model).__name__}; supported: Llama/Qwen/Mistral-style decoders, GPT-2, "
+                                 f"GPT-NeoX, GPT-BigCode. Use another activation_hook (e.g. logits).")
+            for index, (name, module, where, split) in enumerate(points[kind]):
+                key = (kind, name, index)
                 if where == "output":
-                    module.register_forward_hook(lambda m, i, o, key=key: self._record(key, o))
+                    module.register_forward_hook(lambda m, i, o, key=key, split=split: self._record(key, o, split))
                 else:
-                    module.register_forward_pre_hook(lambda m, i, key=key: self._record(key, i))
+                    module.register_forward_pre_hook(lambda m, i, key=key, split=split: self._record(key, i, split))
 
-    def _record(self, key, value):
+    def _record(self, key, value, split):
         if self.active:
             value = value[0] if isinstance(value, (tuple, list)) else value
-            self.features[key] = value.detach().float().mean(-1)  # (N, S): the feature axis averaged at once
+            value = value.detach()
+            if split is None:
+                self.features[key] = map_activation(value, self.mapping)  # (N, S): the feature axis reduced at once
+            else:
+                for part, v in zip("qkv", split(value)):
+                    self.features[(key[0], part, *key[2:])] = map_activation(v.flatten(-2) if v.dim() > 3 else v, self.mapping)
 
 
 # ------------------------------------------------------------------------------------------- trainer
+
+
+class SparsePOOutputs(dict):
+    """``compute_loss(return_outputs=True)``: the token terms and masks, and ``logits`` (policy, full vocabulary),
+    as keys and as attributes (DPO's ``prediction_step`` reads ``outputs.logits``)."""
+
+    def __getattr__(self, name):
+        try:
+            return self[name]
+        except KeyError as error:
+            raise AttributeError(name) from error
 
 
 class SparsePOTrainer(MethodStateMixin, DPOTrainer):
@@ -372,11 +482,19 @@ class SparsePOTrainer(MethodStateMixin, DPOTrainer):
         super().__init__(*args, **kwargs)
         cfg = self.args
         policy = self._inner_model(self.model)
-        lm_head_name = next((n for n, m in policy.named_modules() if m is policy.get_output_embeddings()), "lm_head")
-        if any(lm_head_name in name and "lora" in name.lower() for name, _ in self.model.named_parameters()):
-            raise ValueError("SparsePO computes the reference distribution with the policy's LM head module: "
-                             "keep lm_head out of lora_target_modules")
-        names = ["reward", "kl"] if cfg.rw_kl_independent else ["common"]
+        head = policy.get_output_embeddings()
+        # A PEFT tuner layer on the head (LoRA, trainable tokens) keeps its delta outside ``.weight``, which the
+        # chunked heads read. A full trained copy (modules_to_save) is fine: see _reference_pass.
+        if hasattr(head, "base_layer") or hasattr(head, "token_adapter"):
+            raise ValueError(f"SparsePO projects through the LM head's weight directly; a {type(head).__name__} on it "
+                             "(lora_target_modules / trainable_token_indices) is not supported: keep lm_head out of "
+                             "them (lora_modules_to_save: [lm_head] works)")
+        # Only the networks in use: one without gradients breaks DDP (find_unused_parameters off, or with
+        # gradient checkpointing) and would sit in the optimizer and the checkpoints for nothing.
+        if cfg.rw_kl_independent:
+            names = [n for n, on in (("reward", cfg.mask_on_reward), ("kl", cfg.mask_on_kl)) if on]
+        else:
+            names = ["common"] if cfg.mask_on_reward or cfg.mask_on_kl else []
         nets = {n: build_mask_network(cfg, policy.config) for n in names} if cfg.mask_type == "learned" else {}
         # A submodule of the policy: the optimizer, DDP and DeepSpeed see it; kept out of the exported
         # model.safetensors (saved beside it instead) so the checkpoint still loads as a plain HF model.
@@ -386,11 +504,12 @@ class SparsePOTrainer(MethodStateMixin, DPOTrainer):
         if not hasattr(policy, "_sparsepo_original_forward"):
             policy._sparsepo_original_forward = policy.forward
             policy.forward = types.MethodType(_sparsepo_forward, policy)
-        common = not cfg.rw_kl_independent
-        self.l1_reward = cfg.l1_norm_param_u / 2 if common else cfg.l1_norm_param_u  # official halving
-        self.l1_kl = cfg.l1_norm_param_d / 2 if common else cfg.l1_norm_param_d
+        # The official trainer halves both L1 coefficients only when one common mask serves both terms.
+        halve = cfg.mask_on_reward and cfg.mask_on_kl and not cfg.rw_kl_independent
+        self.l1_reward = cfg.l1_norm_param_u / 2 if halve else cfg.l1_norm_param_u
+        self.l1_kl = cfg.l1_norm_param_d / 2 if halve else cfg.l1_norm_param_d
         reference = policy if self.ref_model is None else self._inner_model(self.ref_model)
-        self._capture = ActivationCapture(reference, cfg.activation_hook) if cfg.mask_type == "activation" else None
+        self._capture = ActivationCapture(reference, cfg.activation_hook, cfg.activation_mapping) if cfg.mask_type == "activation" else None
 
     @staticmethod
     def _inner_model(model):
@@ -414,6 +533,14 @@ class SparsePOTrainer(MethodStateMixin, DPOTrainer):
             self.optimizer = cls([g for g in groups if g["params"]], **kwargs)
         return self.optimizer
 
+    @staticmethod
+    def _head_tensors(model):
+        """The LM head's weight and bias as they are now. Read inside the adapter-disabled context: with PEFT
+        ``modules_to_save: [lm_head]`` the head is a ModulesToSaveWrapper whose ``.weight`` is the trained copy
+        while the adapter is on and the original head while it is off (the reference)."""
+        head = model.get_output_embeddings()
+        return types.SimpleNamespace(weight=head.weight, bias=getattr(head, "bias", None))
+
     def _reference_pass(self, model_kwargs):
         """Reference forward without its LM head (logits for the last position only): the last hidden
         state for the chunked KL, all hidden states for learned masks, hook activations for MaPO."""
@@ -431,14 +558,16 @@ class SparsePOTrainer(MethodStateMixin, DPOTrainer):
                     peft_model = self.accelerator.unwrap_model(self.model)
                     with use_adapter(peft_model, adapter_name="ref" if "ref" in peft_model.peft_config else None):
                         out = self.model(**model_kwargs, output_hidden_states=learned, logits_to_keep=1)
+                        ref_head = self._head_tensors(inner)
                 else:
                     out = self.ref_model(**model_kwargs, output_hidden_states=learned, logits_to_keep=1)
+                    ref_head = self._head_tensors(inner)
         finally:
             handle.remove()
             if self._capture is not None:
                 self._capture.active = False
         hidden_states = [h[:, :-1] for h in out.hidden_states[1:]] if learned else None
-        return captured["last"][:, :-1], hidden_states, inner.get_output_embeddings()
+        return captured["last"][:, :-1], hidden_states, ref_head
 
     def _terms_and_masks(self, model, inputs):
         """Token terms and masks of a batch: logratio, neg_kl, reward_mask, kl_mask, mask (all (2B, T-1))."""
@@ -451,7 +580,7 @@ class SparsePOTrainer(MethodStateMixin, DPOTrainer):
         ref_hidden, ref_hidden_states, ref_lm_head = self._reference_pass(model_kwargs)
         out = model(**model_kwargs, sparsepo={
             "ref_hidden": ref_hidden, "labels": labels, "mask": mask, "ref_lm_head": ref_lm_head,
-            "chunk_size": cfg.kl_chunk_size, "mask_inputs": ref_hidden_states})
+            "chunk_size": cfg.kl_chunk_size, "mask_inputs": ref_hidden_states, "logit_mapping": cfg.activation_mapping})
         ones = torch.ones_like(out["logratio"])
         if cfg.mask_type == "learned":
             reward_mask = out["masks"].get("reward", out["masks"].get("common"))
@@ -480,18 +609,30 @@ class SparsePOTrainer(MethodStateMixin, DPOTrainer):
         self._log_metrics(mode, t["logratio"], t["neg_kl"], t["reward_mask"], t["kl_mask"], t["mask"])
         if cfg.mask_type == "learned" and not getattr(self, "_checked_dead_mask", False):
             self._checked_dead_mask = True
-            if self.accelerator.gather(t["reward_mask"].detach().abs().sum()).sum() == 0:
+            learned = (t["reward_mask"] if cfg.mask_on_reward else 0) + (t["kl_mask"] if cfg.mask_on_kl else 0)
+            if (cfg.mask_on_reward or cfg.mask_on_kl) and self.accelerator.gather(learned.detach().abs().sum()).sum() == 0:
                 logger.warning("SparsePO: the learned mask is exactly 0 on every completion token of the first batch "
                                "(ReLU dead at initialisation): no gradient reaches the policy or the mask. Try another "
                                "seed, or mask_mixer_activation: resc.")
-        return (loss, t) if return_outputs else loss
+        if not return_outputs:
+            return loss
+        # As DPO: the policy's logits from a plain forward (the chunked path builds none), for DPO's
+        # prediction_step and compute_metrics; the SparsePO terms and masks ride along.
+        with torch.no_grad():
+            logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False).logits
+        return loss, SparsePOOutputs(logits=logits, **t)
 
     def _activation_mask(self, ref_logit_mean, mask):
+        """Mean over hook types of the mean over each type's points. Every point weighs the same (the official
+        code concatenates the points' features before the mean, which for ``none`` / ``layernorm`` weighs a
+        point by its width and the logits by the vocabulary size; with its default ``zn_rescale`` it is the same)."""
+        rescale = self.args.activation_mapping == "zn_rescale"
+        normalise = (lambda f: activation_mask(f, mask)) if rescale else (lambda f: f.float() * mask)
         per_type: dict[str, list] = {}
-        for (kind, _), feature in self._capture.features.items():
-            per_type.setdefault(kind, []).append(activation_mask(feature[:, :-1], mask))
-        if self.args.activation_hook in ("all", "logits"):
-            per_type["logits"] = [activation_mask(ref_logit_mean, mask)]
+        for (kind, *_), feature in self._capture.features.items():
+            per_type.setdefault(kind, []).append(normalise(feature[:, :-1]))
+        if "logits" in parse_hook_types(self.args.activation_hook):
+            per_type["logits"] = [normalise(ref_logit_mean)]
         means = [torch.stack(v).mean(0) for v in per_type.values()]
         return torch.stack(means).mean(0)
 
@@ -511,6 +652,12 @@ class SparsePOTrainer(MethodStateMixin, DPOTrainer):
             }
             mass = m.sum(-1) / tokens.clamp_min(1)
             stats["mask/chosen_mass"], stats["mask/rejected_mass"] = mass.chunk(2)
+            if self.args.rw_kl_independent and self.args.mask_on_kl:  # the KL mask is its own: report it too
+                md = kl_mask * cm
+                kl_mass = md.sum(-1) / tokens.clamp_min(1)
+                stats["kl_mask/mean"] = kl_mass
+                stats["kl_mask/sparsity"] = ((kl_mask == 0) & mask).sum(-1) / tokens.clamp_min(1)
+                stats["kl_mask/chosen_mass"], stats["kl_mask/rejected_mass"] = kl_mass.chunk(2)
             for key, value in stats.items():
                 self._metrics[mode][key].append(self.accelerator.gather(value.float()).mean().item())
 

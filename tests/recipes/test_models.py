@@ -93,9 +93,9 @@ def test_tiny_build_leaves_global_rng_alone():
 
 def test_tiny_unknown_arch():
     with pytest.raises(ValueError, match="llama, qwen3, deepseek_v3"):
-        tiny_model_path("gpt2")
+        tiny_model_path("gptj")
     with pytest.raises(UserError, match="tiny:llama"):
-        resolve_model_path("tiny:gpt2")
+        resolve_model_path("tiny:gptj")
 
 
 def test_deepseek_v3_tiny_has_router_bias():

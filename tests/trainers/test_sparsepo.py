@@ -219,8 +219,9 @@ def test_activation_masks_are_minmax_of_reference_activations(tmp_path):
     batch = first_batch(trainer)
     trainer.compute_loss(trainer.model, batch)
     features = trainer._capture.features
-    kinds = {kind for kind, _ in features}
+    kinds = {kind for kind, *_ in features}
     assert kinds == {"mlp", "attn", "resid"}
+    assert {"delta_attn", "delta_mlp"} <= {name for kind, name, *_ in features if kind == "resid"}  # official points
     mask = batch["completion_mask"][:, 1:].bool()
     m = trainer._activation_mask(torch.zeros(mask.shape), mask)
     assert ((m >= -1e-6) & (m <= 1 + 1e-6)).all() and (m[~mask] == 0).all()
@@ -268,3 +269,203 @@ def test_lora_reference_is_the_adapter_disabled_policy(mask_type, tmp_path):
     assert summary["metrics"]["kl/seq"]["first"] == pytest.approx(0.0, abs=1e-7)  # LoRA B = 0: policy == reference
     assert (tmp_path / "adapter_model.safetensors").is_file()
     assert (method_state(tmp_path)["trainer"] is not None) == (mask_type == "learned")  # the final folder has it too
+
+
+# --- issue 16: fidelity to the official code ------------------------------------------------------------
+
+
+def test_resc_and_znorm_statistics_are_constants_in_the_gradient():
+    # The official apply_masked_rescaling / apply_masked_z_norm rebuild min, max and std with torch.Tensor(list):
+    # constants for autograd (the z-norm mean stays differentiable). So d resc(x)_i / dx_j = delta_ij / (max - min).
+    from posttrain.trainers.sparsepo import _activate
+
+    torch.manual_seed(0)
+    mask = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 0, 0]], dtype=torch.float64)
+    x = torch.randn(2, 5, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(2, 5, dtype=torch.float64)
+    (_activate(x, "resc", mask) * w).sum().backward()
+    xm = x.detach().masked_fill(mask == 0, float("nan"))
+    span = (xm.nan_to_num(-1e9).amax(-1, keepdim=True) - xm.nan_to_num(1e9).amin(-1, keepdim=True))
+    torch.testing.assert_close(x.grad, w * mask / span)
+
+    x.grad = None
+    (_activate(x, "znorm", mask) * w).sum().backward()
+    n = mask.sum(-1, keepdim=True)
+    xd = x.detach()
+    mean = (xd * mask).sum(-1, keepdim=True) / n
+    std = (((xd - mean) * mask) ** 2).sum(-1, keepdim=True).div(n - 1).sqrt()
+    z = ((xd - mean) / std).masked_fill(mask == 0, float("nan"))
+    zspan = z.nan_to_num(-1e9).amax(-1, keepdim=True) - z.nan_to_num(1e9).amin(-1, keepdim=True)
+    gz = w * mask / zspan  # through the rescaling; then through (x - mean(x)) / std with std constant
+    expected = (gz - (gz * mask).sum(-1, keepdim=True) / n * mask) / std
+    torch.testing.assert_close(x.grad, expected)
+
+
+@pytest.mark.parametrize("on_reward, on_kl, independent, halved", [
+    (True, True, False, True),    # one common mask on both terms: the official trainer halves both coefficients
+    (True, False, False, False),  # a common mask on one term only: not halved
+    (False, True, False, False),
+    (True, True, True, False),    # two independent masks: not halved
+])
+def test_l1_is_halved_only_for_a_common_mask_on_both_terms(on_reward, on_kl, independent, halved, tmp_path):
+    trainer = make_trainer(tmp_path, mask_on_reward=on_reward, mask_on_kl=on_kl, rw_kl_independent=independent,
+                           l1_norm_param_u=0.004, l1_norm_param_d=0.002)
+    factor = 0.5 if halved else 1.0
+    assert (trainer.l1_reward, trainer.l1_kl) == pytest.approx((0.004 * factor, 0.002 * factor))
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "gpt_neox"])
+def test_mapo_hooks_on_gpt2_and_gpt_neox(arch, tmp_path):
+    # The paper's model families: every hook type finds its points (no silent fall-back to the logits alone).
+    trainer = make_trainer(tmp_path, model_name_or_path=f"tiny:{arch}", mask_type="activation")
+    batch = first_batch(trainer)
+    loss = trainer.compute_loss(trainer.model, batch)
+    assert torch.isfinite(loss)
+    names = {kind: sorted({name for k, name, *_ in trainer._capture.features if k == kind}) for kind in ("mlp", "attn", "resid")}
+    assert names["mlp"] == ["post_act"]
+    assert names["attn"] == ["k", "q", "v", "v_out"]
+    assert names["resid"] == ["delta_attn", "delta_mlp", "input_ln_attn", "post_emb", "post_ln_attn", "post_ln_f", "post_mlp"]
+    for hook in ("mlp", "attn", "resid", "mlp,logits"):
+        trainer = make_trainer(tmp_path, model_name_or_path=f"tiny:{arch}", mask_type="activation", activation_hook=hook)
+        m = trainer.token_masks(first_batch(trainer))["reward_mask"]
+        assert torch.isfinite(m).all() and m.abs().sum() > 0
+
+
+def test_mapo_hook_type_without_points_names_the_model_class(tmp_path):
+    from posttrain.trainers.sparsepo import ActivationCapture
+
+    class Opaque(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.base_model = nn.Linear(2, 2)
+
+    with pytest.raises(ValueError, match="'mlp'.*Opaque"):
+        ActivationCapture(Opaque(), "mlp")
+
+
+@pytest.mark.parametrize("mapping", ["none", "sigmoid", "layernorm"])
+def test_mapo_activation_mapping(mapping):
+    from posttrain.trainers.sparsepo import map_activation
+
+    x = torch.randn(2, 3, 8)
+    expected = {"none": x.mean(-1), "sigmoid": torch.sigmoid(x).mean(-1),
+                "layernorm": F.layer_norm(x, (8,)).mean(-1)}[mapping]
+    torch.testing.assert_close(map_activation(x, mapping), expected)
+
+
+def test_mapo_logits_hook_with_sigmoid_mapping_is_the_mean_sigmoid_of_reference_logits(tmp_path):
+    trainer = make_trainer(tmp_path, mask_type="activation", activation_hook="logits", activation_mapping="sigmoid")
+    batch = first_batch(trainer)
+    got = trainer.token_masks(batch)["reward_mask"]
+    mask = batch["completion_mask"][:, 1:].bool()
+    with torch.no_grad():
+        logits = trainer.ref_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    torch.testing.assert_close(got, torch.sigmoid(logits.float()).mean(-1) * mask, atol=1e-6, rtol=1e-5)
+
+
+def test_activation_hook_lists_are_checked():
+    from posttrain import UserError
+
+    load_recipe("sparsepo/tiny", {"mask_type": "activation", "activation_hook": "mlp,resid"})
+    with pytest.raises(UserError, match="activation_hook"):
+        load_recipe("sparsepo/tiny", {"mask_type": "activation", "activation_hook": "mlp,bogus"})
+
+
+@pytest.mark.parametrize("on_reward, on_kl, independent, built", [
+    (True, False, True, ["reward"]), (False, True, True, ["kl"]), (True, True, True, ["reward", "kl"]),
+    (False, False, False, []), (True, False, False, ["common"]),
+])
+def test_only_the_mask_networks_in_use_are_built(on_reward, on_kl, independent, built, tmp_path):
+    # an unused network has parameters without gradients: DDP with gradient checkpointing fails on them
+    trainer = make_trainer(tmp_path, mask_on_reward=on_reward, mask_on_kl=on_kl, rw_kl_independent=independent)
+    assert list(trainer.model.sparsepo_masks) == built
+    trainer.compute_loss(trainer.model, first_batch(trainer)).backward()
+    assert all(p.grad is not None for p in trainer.model.sparsepo_masks.parameters())
+
+
+def test_independent_kl_mask_metrics_are_logged(tmp_path):
+    trainer = make_trainer(tmp_path, rw_kl_independent=True)
+    trainer.model.train()
+    trainer.compute_loss(trainer.model, first_batch(trainer))
+    logged = trainer._metrics["train"]
+    for key in ("kl_mask/mean", "kl_mask/sparsity", "kl_mask/chosen_mass", "kl_mask/rejected_mass"):
+        assert key in logged, key
+    assert 0.0 <= logged["kl_mask/sparsity"][-1] <= 1.0
+
+
+def test_prediction_step_with_logits_for_compute_metrics(tmp_path):
+    # Trainer.evaluate with compute_metrics set calls prediction_step(prediction_loss_only=False), which reads
+    # outputs.logits from compute_loss(return_outputs=True), as for DPO
+    trainer = make_trainer(tmp_path)
+    trainer.model.eval()
+    batch = first_batch(trainer)
+    loss, logits, labels = trainer.prediction_step(trainer.model, batch, prediction_loss_only=False)
+    assert torch.isfinite(loss) and logits.shape == (*batch["input_ids"].shape, trainer.model.config.vocab_size)
+    assert torch.equal(labels, batch["input_ids"])
+    assert loss.item() == pytest.approx(trainer.prediction_step(trainer.model, batch, prediction_loss_only=True)[0].item(), abs=1e-6)
+
+
+def test_lora_reference_uses_the_original_head_with_lm_head_in_modules_to_save(tmp_path):
+    # modules_to_save: [lm_head] trains a copy of the head; the reference (adapter disabled) must use the original
+    values = {"output_dir": str(tmp_path), "max_steps": 2, "mask_type": "uniform", "use_peft": True, "lora_r": 4,
+              "lora_target_modules": ["q_proj", "v_proj"], "lora_modules_to_save": ["lm_head"]}
+    trainer = build_trainer(load_recipe("sparsepo/tiny", values))
+    model = trainer.model
+    trained = [p for n, p in model.named_parameters() if "lm_head" in n and "modules_to_save" in n]
+    assert trained
+    with torch.no_grad():
+        for p in trained:
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(0)))
+    batch = first_batch(trainer)
+    got = trainer.token_masks(batch)["neg_kl"]
+    ids, attn, mask = batch["input_ids"], batch["attention_mask"], batch["completion_mask"][:, 1:].bool()
+    with torch.no_grad():
+        logp = F.log_softmax(model(input_ids=ids, attention_mask=attn).logits[:, :-1].float(), -1)
+        with model.disable_adapter():
+            ref_logp = F.log_softmax(model(input_ids=ids, attention_mask=attn).logits[:, :-1].float(), -1)
+    expected = (ref_logp.exp() * (logp - ref_logp)).sum(-1) * mask
+    assert expected.abs().max() > 1e-4  # the trained head moved the policy
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-4)
+
+
+def test_lora_on_the_lm_head_is_refused(tmp_path):
+    values = {"output_dir": str(tmp_path), "max_steps": 2, "use_peft": True, "lora_r": 4,
+              "lora_target_modules": ["q_proj", "lm_head"]}
+    with pytest.raises(Exception, match="lm_head"):  # TRL refuses it first; SparsePO checks the head type too
+        build_trainer(load_recipe("sparsepo/tiny", values))
+
+
+def test_token_terms_backward_allocates_head_gradients_inside_the_zero3_gather(monkeypatch):
+    # Under ZeRO-3 a partitioned head weight has numel 0 outside maybe_gather_lm_head_ctx: simulate that and
+    # call the backward directly; its weight/bias gradients must have the gathered shape and the right values.
+    from contextlib import contextmanager
+
+    import trl.trainer.utils as trl_utils
+    from posttrain.trainers.sparsepo import _TokenTerms
+
+    torch.manual_seed(0)
+    head, ref_head = nn.Linear(5, 11), nn.Linear(5, 11)
+    full_w, full_b = head.weight.detach().clone(), head.bias.detach().clone()
+    hidden, ref_hidden, labels = torch.randn(6, 5), torch.randn(6, 5), torch.randint(0, 11, (6,))
+    g_l, g_d = torch.randn(6), torch.randn(6)
+    w, b = nn.Parameter(torch.empty(0)), nn.Parameter(torch.empty(0))
+
+    @contextmanager
+    def gather(*params):
+        w.data, b.data = full_w, full_b
+        try:
+            yield
+        finally:
+            w.data, b.data = torch.empty(0), torch.empty(0)
+
+    monkeypatch.setattr(trl_utils, "maybe_gather_lm_head_ctx", gather)
+    ctx = SimpleNamespace(saved_tensors=(hidden, ref_hidden, labels, w, b, ref_head.weight.detach(), ref_head.bias.detach()),
+                          chunk=4, needs_input_grad=(True, False, False, True, True, False, False, False, False))
+    _, _, _, d_w, d_b, *_ = _TokenTerms.backward(ctx, g_l, g_d, None)
+
+    w0, b0 = full_w.clone().requires_grad_(), full_b.clone().requires_grad_()
+    lr, kl, _ = token_terms(hidden[None], ref_hidden[None], labels[None], torch.ones(1, 6, dtype=torch.bool),
+                            SimpleNamespace(weight=w0, bias=b0), ref_head)
+    (g_l * lr[0] + g_d * kl[0]).sum().backward()
+    torch.testing.assert_close(d_w, w0.grad)
+    torch.testing.assert_close(d_b, b0.grad)
