@@ -4,6 +4,7 @@ Any LLM recipe (sft, dpo, kto, reward, grpo, rloo, thr_grpo, constrained_rlhf, .
 
     moe_balance: aux_free        # none | aux_free | aux_loss; absent: off (no callback, stock training)
     moe_bias_rate: 1.0e-3        # u; 0 freezes the biases (the usual choice for RL/DPO of a pretrained MoE)
+    moe_bias_on_softmax: false   # allow a rate > 0 on softmax routers (Qwen2/3-MoE, Mixtral); use u ~ 4e-3 / E there
     moe_bias_rule: sign          # sign | proportional | decaying
     moe_bias_decay_power: 0.5    # decaying rule only
     moe_bias_decay_steps: 1.0    # decaying rule only
@@ -26,7 +27,10 @@ When each mistake is caught:
   next to ``moe_balance`` (two coefficients for one loss), reentrant gradient checkpointing (it hides the training
   forward from the load counter).
 * before the model loads (``build_trainer``, after the data; reads the checkpoint's ``config.json`` only): the model
-  has no experts; ``aux_free`` on a model type whose router has neither a selection-only bias nor a patch; TRL's
+  has no experts; ``aux_free`` on a model type whose router has neither a selection-only bias nor a patch;
+  ``aux_free`` with a rate > 0 on a softmax router (Qwen2-MoE, Qwen3-MoE, Mixtral) without ``moe_bias_on_softmax:
+  true`` (the bias and its rate 1e-3 are for sigmoid scores; Megatron-LM refuses a bias on softmax; see
+  ``softmax_bias_refusal`` in trainers/moe_balance.py); TRL's
   ``router_aux_loss_coef`` on a DeepSeek-V3-style config, which crashes inside TRL (stack-notes §1d) -- this one is
   checked for every recipe, with or without ``moe_*`` keys.
 * after the model loads (right after the trainer is built, before ``train()`` wraps it in DDP/DeepSpeed): the router
@@ -49,7 +53,7 @@ PATCHABLE_TYPES = ("qwen2_moe", "qwen3_moe", "mixtral")
 # e_score_correction_bias; ernie4_5_moe keeps it as a parameter of a separate module). Other unknown types are checked
 # after the model loads (a router with an e_score_correction_bias buffer is taken as DeepSeek-style).
 NO_BIAS_TYPES = ("deepseek_v2", "olmoe", "ernie4_5_moe")
-_ONLY_AUX_FREE = ("moe_bias_rate", "moe_bias_rule", "moe_bias_decay_power", "moe_bias_decay_steps")
+_ONLY_AUX_FREE = ("moe_bias_rate", "moe_bias_rule", "moe_bias_decay_power", "moe_bias_decay_steps", "moe_bias_on_softmax")
 _ONLY_AUX_LOSS = ("moe_aux_loss_coef",)
 _MOE_HINT = ("use tiny:deepseek_v3, a DeepSeek-V3 / GLM-4-MoE / Qwen2-MoE / Qwen3-MoE / Mixtral checkpoint, or turn a "
              "dense Llama-style model into one with `posttrain moe upcycle`")
@@ -171,6 +175,12 @@ def prepare_moe(recipe, model_path: str) -> MoEPlan | None:
         raise UserError(f"{recipe.source}: moe_balance: aux_free on {name} ({model_type}): its router has no "
                         "selection-only expert bias and posttrain has no patch for it; supported model types: "
                         f"{', '.join(NATIVE_BIAS_TYPES + PATCHABLE_TYPES)}; or use moe_balance: aux_loss / none")
+    if mode == "aux_free" and model_type in PATCHABLE_TYPES and moe.moe_bias_rate > 0 and not moe.moe_bias_on_softmax:
+        from posttrain.trainers.moe_balance import softmax_bias_refusal
+
+        experts = getattr(text, "num_experts", None) or getattr(text, "num_local_experts", None)
+        raise UserError(f"{recipe.source}: " + softmax_bias_refusal(f"{name} ({model_type})", experts,
+                                                                     moe.moe_bias_rate))
     native_aux = hasattr(text, "router_aux_loss_coef") and hasattr(text, "num_experts")
     has_field = hasattr(config, "router_aux_loss_coef")
     aux_hook = False

@@ -48,7 +48,10 @@ Models: DeepSeek-V3 in transformers 5.24 already routes this way: ``DeepseekV3To
 (L136-152, group-limited) and gathers the weights from the unbiased ``scores`` (L153-157); the buffer and
 ``gate.weight`` are in ``_keep_in_fp32_modules_strict`` (L551). Qwen2-MoE, Qwen3-MoE and Mixtral routers have no
 bias: ``install_expert_bias`` adds the same buffer to each router and swaps its ``forward`` for a selection-only
-biased one (documented at the function). Biases are buffers, hence in ``model.state_dict()`` and in
+biased one (documented at the function). Their affinities are softmax probabilities, not sigmoid scores: the bias
+and its rate were designed for sigmoid (Wang et al., DeepSeek-V3) and Megatron-LM refuses an expert bias on softmax,
+so ``MoEBalanceCallback`` and the recipe check refuse a non-zero rate there unless ``moe_bias_on_softmax`` is set
+(``softmax_bias_refusal``: why, and the rate to use, about 4e-3 / E). Biases are buffers, hence in ``model.state_dict()`` and in
 ``save_pretrained`` / Trainer checkpoints; they are also ``MoEBalanceCallback``'s method state
 (``method_state.MethodStateMixin``), which restores them on ``resume_from_checkpoint`` under every backend and for
 every router (tested); nothing else of the method carries state (loads are zeroed every step; the decaying step
@@ -91,6 +94,27 @@ BIAS_NAME = "e_score_correction_bias"  # DeepSeek-V3's buffer name; install_expe
 SOFTMAX_ROUTERS = ("Qwen2MoeTopKRouter", "Qwen3MoeTopKRouter", "MixtralTopKRouter")
 
 
+
+
+def softmax_bias_refusal(model_desc: str, num_experts: int | None, rate: float) -> str:
+    """The one-line refusal of aux-free balancing with a non-zero rate on a softmax router (Qwen2-MoE, Qwen3-MoE,
+    Mixtral) without ``moe_bias_on_softmax: true``.
+
+    Why refuse by default: the selection-only bias of Wang et al. (arXiv 2408.15664) and DeepSeek-V3 (arXiv
+    2412.19437) is added to sigmoid affinities, and its rate u = 1e-3 was tuned for them; Megatron-LM's
+    ``TransformerConfig.__post_init__`` (megatron/core/transformer/transformer_config.py) raises "Expert bias for
+    aux-loss-free routing only supports sigmoid score function" for ``moe_router_enable_expert_bias`` with softmax.
+    Softmax probabilities average 1/E instead of about 0.5, so a bias of 1e-3 per step is relatively E/4 times larger
+    (a bias u is a logit step of about u / 0.25 on a sigmoid score near 0.5 and u / p on a softmax probability p).
+    """
+    hint = (f"about 4e-3/E = {4e-3 / num_experts:.1e} for its {num_experts} experts" if num_experts
+            else "about 4e-3/E for E experts")
+    return (f"moe_balance: aux_free with moe_bias_rate={rate:g} on {model_desc}, a softmax router: the expert bias is "
+            "designed and its rate 1e-3 tuned for sigmoid scores (DeepSeek-V3; Megatron-LM refuses an expert bias on "
+            f"softmax scores); set `moe_bias_on_softmax: true` to allow it, with a rate scaled to softmax ({hint}), "
+            "or use moe_bias_rate: 0 (frozen zero bias: stock routing), moe_balance: aux_loss or none")
+
+
 @dataclass
 class MoEBalanceConfig:
     """Load-balancing settings of an MoE run. Plain dataclass: a trainer config mixes it in (fields ``moe_*``)."""
@@ -110,6 +134,15 @@ class MoEBalanceConfig:
         default="sign",
         metadata={"help": "sign: b += u sign(c_bar - c) (DeepSeek); proportional: b += u (c_bar - c) / c_bar; "
                   "decaying: proportional with step u (1 + n / n0)^-p (primal-dual subgradient step, Han & Zhong)."},
+    )
+    moe_bias_on_softmax: bool = field(
+        default=False,
+        metadata={"help": "allow aux_free (with moe_bias_rate > 0) on a softmax router (Qwen2-MoE, Qwen3-MoE, Mixtral). "
+                  "The selection-only bias was designed and its rate 1e-3 tuned for sigmoid affinities (Wang et al., "
+                  "DeepSeek-V3); Megatron-LM refuses an expert bias on softmax scores. Softmax probabilities average "
+                  "1/E, so scale the rate down: u of about 4e-3 / E (a bias u moves a sigmoid score near 0.5 by the "
+                  "same logit step as a softmax probability near 1/E when u_softmax = u_sigmoid * 4 / E; a heuristic, "
+                  "untuned) and watch moe/maxvio."},
     )
     moe_bias_decay_power: float = field(
         default=0.5,
@@ -774,7 +807,14 @@ class MoEBalanceCallback(TrainerCallback):
     def _setup(self, model):
         if self.counter is not None:
             return
-        if self.config.moe_balance == "aux_free":
+        cfg = self.config
+        if cfg.moe_balance == "aux_free":
+            if cfg.moe_bias_rate > 0 and not cfg.moe_bias_on_softmax:
+                softmax = [m for _, m in find_routers(model) if type(m).__name__ in SOFTMAX_ROUTERS
+                           and not isinstance(m._buffers.get(BIAS_NAME), torch.Tensor)]
+                if softmax:
+                    raise ValueError(softmax_bias_refusal(f"{type(model).__name__} ({type(softmax[0]).__name__})",
+                                                          _num_experts(softmax[0]), cfg.moe_bias_rate))
             install_expert_bias(model)  # no-op for DeepSeek-V3-style routers
         self.counter = RoutingCounter(model, ignore_padding=self.config.moe_ignore_padding,
                                       count_no_grad=self.count_no_grad)

@@ -584,6 +584,39 @@ def test_model_checks_run_before_the_model_loads(tmp_path, monkeypatch):
         train_mod.build_trainer(recipe_of(tmp_path, model_name_or_path="tiny:deepseek_v3", router_aux_loss_coef=0.01))
 
 
+@pytest.mark.parametrize("arch,experts", [("qwen2_moe", 8), ("qwen3_moe", 8), ("mixtral", 8)])
+def test_aux_free_on_a_softmax_router_is_refused_unless_allowed(arch, experts, tmp_path, monkeypatch):
+    """Issue 16: the expert bias (rate 1e-3) is for sigmoid scores (DeepSeek-V3; Megatron-LM refuses it on softmax):
+    a softmax router with a non-zero rate needs ``moe_bias_on_softmax: true``, one line, before the model loads."""
+    import posttrain.recipes.train as train_mod
+    from posttrain.recipes.tiny import tiny_model_path
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the MoE checks")
+
+    monkeypatch.setattr(train_mod, "guarded", no_model)
+    with pytest.raises(UserError) as err:
+        train_mod.build_trainer(recipe_of(tmp_path, model_name_or_path=f"tiny:{arch}", moe_balance="aux_free"))
+    msg = str(err.value)
+    assert "\n" not in msg and "softmax" in msg and "`moe_bias_on_softmax: true`" in msg, msg
+    assert "Megatron-LM" in msg and f"{4e-3 / experts:.1e} for its {experts} experts" in msg, msg
+    # allowed explicitly, or rate 0 (a frozen zero bias routes like the stock model): the checks pass, the model loads
+    for extra in ({"moe_bias_on_softmax": True}, {"moe_bias_rate": 0.0}):
+        with pytest.raises(AssertionError, match="the model was loaded"):
+            train_mod.build_trainer(recipe_of(tmp_path, model_name_or_path=f"tiny:{arch}", moe_balance="aux_free",
+                                              **extra))
+    # the API refuses too (MoEBalanceCallback on a model), and allows with the option
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_path(arch))
+    with pytest.raises(ValueError, match="moe_bias_on_softmax: true"):
+        MoEBalanceCallback(MoEBalanceConfig(), model=model)
+    MoEBalanceCallback(MoEBalanceConfig(moe_bias_on_softmax=True), model=model)
+    assert all(float(b.abs().sum()) == 0 for b in expert_biases(model))
+    # a sigmoid router needs no option
+    assert load_recipe("moe_balance/tiny_sft").moe.moe_bias_on_softmax is False
+
+
 def test_trl_aux_loss_crash_that_the_guard_prevents(tmp_path, monkeypatch):
     """Without the guard TRL 1.16 dies inside training (stack-notes §1d); when TRL fixes it, this fails: drop the guard."""
     import posttrain.recipes.moe as moe_mod
@@ -807,7 +840,7 @@ def test_resume_restores_biases_and_experts_exactly(arch, tmp_path):
     from posttrain.recipes.train import build_trainer
 
     values = dict(model_name_or_path=f"tiny:{arch}", moe_balance="aux_free", moe_bias_rate=1e-2, max_steps=4,
-                  save_strategy="steps", save_steps=2)
+                  save_strategy="steps", save_steps=2, moe_bias_on_softmax=arch == "qwen3_moe")
 
     def run(out, resume=None):
         trainer = build_trainer(recipe_of(out, **values))
@@ -841,7 +874,7 @@ def test_eval_harness_loads_patched_router_biases(tmp_path):
     from posttrain.recipes.train import build_trainer
 
     trainer = build_trainer(recipe_of(tmp_path, model_name_or_path="tiny:qwen3_moe", moe_balance="aux_free",
-                                      moe_bias_rate=1e-2, max_steps=2))
+                                      moe_bias_rate=1e-2, moe_bias_on_softmax=True, max_steps=2))
     trainer.train()
     trainer.save_model(str(tmp_path))
     trained = [b.clone() for b in expert_biases(trainer.model)]
