@@ -25,7 +25,8 @@ When each mistake is caught:
 * parsing the recipe (``load_recipe``; nothing loaded): types and values, keys the chosen mode ignores, ``moe_*``
   keys without ``moe_balance``, ``moe_*`` keys on an auxiliary (non-LLM) method, TRL's ``router_aux_loss_coef``
   next to ``moe_balance`` (two coefficients for one loss), reentrant gradient checkpointing (it hides the training
-  forward from the load counter).
+  forward from the load counter), ``use_vllm`` with ``aux_free`` (the biases are buffers; TRL's vLLM weight sync
+  sends ``named_parameters()`` only, so vLLM would route with stale biases).
 * before the model loads (``build_trainer``, after the data; reads the checkpoint's ``config.json`` only): the model
   has no experts; ``aux_free`` on a model type whose router has neither a selection-only bias nor a patch;
   ``aux_free`` with a rate > 0 on a softmax router (Qwen2-MoE, Qwen3-MoE, Mixtral) without ``moe_bias_on_softmax:
@@ -117,6 +118,11 @@ def check_moe_recipe(recipe_values: dict[str, Any], config, moe, sources: dict[s
             raise RecipeError(f"{where}: router_aux_loss_coef={recipe_values['router_aux_loss_coef']} with moe_balance: "
                             "aux_free: the Qwen/Mixtral aux loss recomputes an unbiased top-k and fights the bias; "
                             "remove router_aux_loss_coef (aux_free sets it to 0)")
+    if moe.moe_balance == "aux_free" and getattr(config, "use_vllm", False):
+        # TRL 1.16 VLLMGeneration.sync_weights streams _iter_named_params (named_parameters()): the biases never reach vLLM
+        raise RecipeError(f"{sources.get('use_vllm', source)}: use_vllm with moe_balance: aux_free: the expert biases "
+                        "are buffers and TRL's vLLM weight sync sends parameters only, so vLLM would route the rollouts "
+                        "with stale biases; set use_vllm: false, or moe_balance: none (loads logged, stock routing)")
     kwargs = getattr(config, "gradient_checkpointing_kwargs", None) or {}
     if getattr(config, "gradient_checkpointing", False) and kwargs.get("use_reentrant"):
         raise RecipeError(f"{sources.get('gradient_checkpointing_kwargs', source)}: moe_balance with reentrant gradient "

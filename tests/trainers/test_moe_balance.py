@@ -565,6 +565,18 @@ def test_recipe_moe_errors(overrides, message):
         load_recipe("sft/tiny", overrides)
 
 
+@pytest.mark.parametrize("recipe", ["grpo/tiny", "rloo/tiny"])
+def test_aux_free_with_vllm_is_refused(recipe):
+    """Issue 16: the biases are buffers and TRL's vLLM weight sync sends ``named_parameters()`` only, so vLLM would
+    route the rollouts with stale biases: refused when the recipe is read, one line naming both keys."""
+    with pytest.raises(UserError) as err:
+        load_recipe(recipe, {"moe_balance": "aux_free", "use_vllm": True})
+    msg = str(err.value)
+    assert "\n" not in msg and "use_vllm" in msg and "moe_balance: aux_free" in msg and "buffers" in msg, msg
+    for ok in ({"moe_balance": "none", "use_vllm": True}, {"moe_balance": "aux_free", "use_vllm": False}):
+        load_recipe(recipe, ok)  # loads only / no vLLM: fine
+
+
 def test_recipe_moe_keys_on_an_auxiliary_method():
     with pytest.raises(UserError, match="method 'fedau' has no model"):
         load_recipe("fedau/quadratic_fedau", {"moe_balance": "aux_free"})
