@@ -9,6 +9,7 @@ Any LLM recipe (sft, dpo, kto, reward, grpo, rloo, thr_grpo, constrained_rlhf, .
     moe_bias_decay_power: 0.5    # decaying rule only
     moe_bias_decay_steps: 1.0    # decaying rule only
     moe_aux_loss_coef: 1.0e-3    # aux_loss only
+    moe_aux_loss_scope: batch    # aux_loss only: batch (all tokens; Qwen/Mixtral's own loss) | sequence (DeepSeek-V3)
     moe_ignore_padding: true     # pads out of the loads
     moe_log_per_layer: true      # per-layer MaxVio / load entropy / bias norm in the logs
 
@@ -17,8 +18,9 @@ optimizer. ``none`` measures and logs the loads without changing anything; ``aux
 expert biases after every optimizer step (``MoEBalanceCallback``); ``aux_loss`` adds a balance loss with frozen
 biases: the model's own (``load_balancing_loss_func`` via TRL's ``router_aux_loss_coef``) for Qwen2-MoE, Qwen3-MoE,
 Mixtral and other configs that carry ``router_aux_loss_coef`` and ``num_experts``; posttrain's ``RouterAuxLoss``
-(a documented autograd hook, ``trainers/moe_balance.py``) for DeepSeek-V3 / GLM-4-MoE, which have none, and for
-trainers without the TRL field (reward).
+(a documented autograd hook, ``trainers/moe_balance.py``) for DeepSeek-V3 / GLM-4-MoE, which have none, for
+trainers without the TRL field (reward), and for ``moe_aux_loss_scope: sequence`` (DeepSeek-V3's sequence-wise
+loss; the models' own losses are batch-wise) on every model.
 
 When each mistake is caught:
 
@@ -55,7 +57,7 @@ PATCHABLE_TYPES = ("qwen2_moe", "qwen3_moe", "mixtral")
 # after the model loads (a router with an e_score_correction_bias buffer is taken as DeepSeek-style).
 NO_BIAS_TYPES = ("deepseek_v2", "olmoe", "ernie4_5_moe")
 _ONLY_AUX_FREE = ("moe_bias_rate", "moe_bias_rule", "moe_bias_decay_power", "moe_bias_decay_steps", "moe_bias_on_softmax")
-_ONLY_AUX_LOSS = ("moe_aux_loss_coef",)
+_ONLY_AUX_LOSS = ("moe_aux_loss_coef", "moe_aux_loss_scope")
 _MOE_HINT = ("use tiny:deepseek_v3, a DeepSeek-V3 / GLM-4-MoE / Qwen2-MoE / Qwen3-MoE / Mixtral checkpoint, or turn a "
              "dense Llama-style model into one with `posttrain moe upcycle`")
 
@@ -193,7 +195,7 @@ def prepare_moe(recipe, model_path: str) -> MoEPlan | None:
     if mode == "aux_free" and has_field:
         config.router_aux_loss_coef = 0.0
     elif mode == "aux_loss":
-        if native_aux and has_field:
+        if native_aux and has_field and moe.moe_aux_loss_scope == "batch":  # the model's own loss is batch-wise
             config.router_aux_loss_coef = moe.moe_aux_loss_coef
         else:
             aux_hook = True

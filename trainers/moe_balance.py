@@ -41,7 +41,9 @@ Doubts (flagged, from the spec's [2nd]/[unverified] tags):
     attention mask matching the router's tokens (``ignore_padding=True``); the papers pre-train without pads.
   * ``aux_balance_loss`` (the aux-loss baseline, alpha = 1e-3) uses the normalised affinities
     s_{t,i} / sum_j s_{t,j} in P_i, as DeepSeek-V3's sequence-wise loss; Wang et al.'s exact P_i for sigmoid
-    gates was not read.
+    gates was not read. It is batch-wise (f and P over all tokens of the micro-batch, as Qwen-MoE / Mixtral's own
+    loss); DeepSeek-V3's is sequence-wise (per sequence, then averaged): ``moe_aux_loss_scope`` picks one
+    (default batch), ``sequence_aux_balance_loss`` is the latter.
 
 Models: DeepSeek-V3 in transformers 5.24 already routes this way: ``DeepseekV3TopkRouter`` registers
 ``e_score_correction_bias`` as a buffer (modeling_deepseek_v3.py L131), chooses with ``scores + bias``
@@ -86,6 +88,7 @@ from transformers import TrainerCallback
 from posttrain.trainers.runtime import sum_over_ranks
 
 MOE_BALANCE_MODES = ("none", "aux_free", "aux_loss")
+AUX_LOSS_SCOPES = ("batch", "sequence")
 BIAS_RULES = ("sign", "proportional", "decaying")
 BIAS_NAME = "e_score_correction_bias"  # DeepSeek-V3's buffer name; install_expert_bias uses it too
 
@@ -157,6 +160,14 @@ class MoEBalanceConfig:
         default=1e-3,
         metadata={"help": "alpha of the auxiliary balance loss (moe_balance=aux_loss; Wang et al.'s baseline 1e-3)."},
     )
+    moe_aux_loss_scope: str = field(
+        default="batch",
+        metadata={"help": "over which tokens the aux loss counts f_i and averages P_i (moe_balance=aux_loss). batch "
+                  "(default, as before): all tokens of the micro-batch, the classic Switch/GShard form that Qwen-MoE's "
+                  "and Mixtral's own load_balancing_loss_func compute. sequence: per sequence (batch row), then "
+                  "averaged over the rows: DeepSeek-V3's complementary sequence-wise balance loss (arXiv 2412.19437 "
+                  "eqs. 17-20, alpha 1e-4 there); computed by posttrain's router hook for every model."},
+    )
     moe_ignore_padding: bool = field(
         default=True,
         metadata={"help": "leave pad tokens (attention_mask == 0) out of the expert loads."},
@@ -169,6 +180,8 @@ class MoEBalanceConfig:
     def __post_init__(self):
         if self.moe_balance not in MOE_BALANCE_MODES:
             raise ValueError(f"moe_balance={self.moe_balance!r}; valid: {', '.join(MOE_BALANCE_MODES)}")
+        if self.moe_aux_loss_scope not in AUX_LOSS_SCOPES:
+            raise ValueError(f"moe_aux_loss_scope={self.moe_aux_loss_scope!r}; valid: {', '.join(AUX_LOSS_SCOPES)}")
         if self.moe_bias_rule not in BIAS_RULES:
             raise ValueError(f"moe_bias_rule={self.moe_bias_rule!r}; valid: {', '.join(BIAS_RULES)}")
         if not (math.isfinite(self.moe_bias_rate) and self.moe_bias_rate >= 0):
@@ -294,11 +307,13 @@ def load_entropy(counts, normalized=False):
 
 
 def aux_balance_loss(scores, indices, num_experts, alpha=1e-3, mask=None):
-    """Auxiliary balance loss alpha * sum_i f_i P_i (the aux-loss baseline of Wang et al.; DeepSeek-V3's form).
+    """Batch-wise auxiliary balance loss alpha * sum_i f_i P_i over all N tokens (the aux-loss baseline of Wang et
+    al.; Switch Transformer / GShard form, as Qwen-MoE's and Mixtral's ``load_balancing_loss_func``).
 
     scores (N, E) affinities with gradient, indices (N, K) the selected experts, mask (N,) optional (pads out).
-    f_i = E / (K T) * #{t : i selected} (no gradient), P_i = mean_t s_{t,i} / sum_j s_{t,j}. Equals alpha at
-    perfect balance with uniform affinities.
+    f_i = E / (K T) * #{t : i selected} (no gradient), P_i = mean_t s_{t,i} / sum_j s_{t,j}, T = the unmasked
+    tokens. Equals alpha at perfect balance with uniform affinities. DeepSeek-V3's per-sequence form:
+    ``sequence_aux_balance_loss``.
     """
     s = scores.reshape(-1, num_experts)
     idx = indices.reshape(-1, indices.shape[-1])
@@ -311,6 +326,35 @@ def aux_balance_loss(scores, indices, num_experts, alpha=1e-3, mask=None):
     f = torch.bincount(idx.reshape(-1), minlength=num_experts).to(s.dtype) * (num_experts / (K * T))
     P = (s / (s.sum(dim=-1, keepdim=True) + 1e-20)).mean(dim=0)
     return alpha * (f.detach() * P).sum()
+
+
+def sequence_aux_balance_loss(scores, indices, num_experts, alpha=1e-3, mask=None):
+    """Sequence-wise balance loss of DeepSeek-V3 (arXiv 2412.19437, eqs. 17-20), averaged over the sequences.
+
+    scores (B, T, E) affinities with gradient, indices (B, T, K), mask (B, T) optional (pads out). For each sequence
+    b with T_b unmasked tokens: f_{b,i} = E / (K T_b) * #{t : i selected} (no gradient), P_{b,i} = mean_t s'_{t,i}
+    with s'_{t,i} = s_{t,i} / sum_j s_{t,j}, and L_b = sum_i f_{b,i} P_{b,i}; the loss is alpha * mean_b L_b over
+    the sequences with T_b > 0 (DeepSeek-V2's gate, ``seq_aux``, averages over the batch the same way). Unlike
+    ``aux_balance_loss`` (one f and P over the whole batch) it penalises imbalance inside each sequence.
+    """
+    if scores.dim() != 3 or indices.dim() != 3 or scores.shape[:2] != indices.shape[:2]:
+        raise ValueError(f"scores (B, T, E) and indices (B, T, K) expected, got {tuple(scores.shape)} and "
+                         f"{tuple(indices.shape)}")
+    B, T, K = indices.shape
+    keep = torch.ones(B, T, dtype=scores.dtype, device=scores.device) if mask is None else \
+        mask.reshape(B, T).to(scores.device, scores.dtype)
+    tokens = keep.sum(dim=1)  # (B,)
+    if not bool((tokens > 0).any()):
+        return scores.sum() * 0.0
+    per_token = keep.unsqueeze(-1).expand(B, T, K).reshape(B, T * K)
+    counts = torch.zeros(B, num_experts, dtype=scores.dtype, device=scores.device).scatter_add_(
+        1, indices.reshape(B, T * K).to(scores.device), per_token)
+    denom = tokens.clamp(min=1).unsqueeze(1)
+    f = counts * (num_experts / K) / denom
+    normed = scores / (scores.sum(dim=-1, keepdim=True) + 1e-20)
+    P = (normed * keep.unsqueeze(-1)).sum(dim=1) / denom
+    per_seq = (f.detach() * P).sum(dim=-1)
+    return alpha * per_seq[tokens > 0].mean()
 
 
 def moe_metrics(counts, biases=None, names=None, per_layer=True, prefix="moe/"):
@@ -653,11 +697,23 @@ class RouterAuxLoss:
     saved tensors match), with the padding mask of the original forward (kept per layer); each forward adds to the
     logged value once. ``mask_source``: a ``RoutingCounter`` whose ``_mask`` is the current forward's padding
     mask (pads are left out of f and P), or None.
+
+    ``scope``: "batch" (``aux_balance_loss`` over all tokens of the forward) or "sequence" (DeepSeek-V3's
+    ``sequence_aux_balance_loss``, per batch row). The routers see flattened tokens, so "sequence" needs ``model``:
+    a forward pre-hook on it records the number of rows of each forward (``input_ids`` / ``inputs_embeds`` /
+    ``attention_mask``); with packed rows (``padding_free``) a row holding several sequences counts as one.
     """
 
-    def __init__(self, routers, alpha=1e-3, scale_fn=None, mask_source=None):
+    def __init__(self, routers, alpha=1e-3, scale_fn=None, mask_source=None, scope="batch", model=None):
+        if scope not in AUX_LOSS_SCOPES:
+            raise ValueError(f"scope={scope!r}; valid: {', '.join(AUX_LOSS_SCOPES)}")
+        if scope == "sequence" and model is None:
+            raise ValueError("the sequence-wise aux loss needs the model (to see the batch rows of each forward)")
         self.routers = routers
         self.alpha = alpha
+        self.scope = scope
+        self._rows = None  # rows of the model's current forward (sequence scope)
+        self._layer_rows = [None] * len(routers)
         self.scale_fn = scale_fn or (lambda: 1.0)
         self.mask_source = mask_source
         self.num_experts = [_num_experts(m) for _, m in routers]
@@ -667,6 +723,16 @@ class RouterAuxLoss:
         self.total = 0.0  # sum over layers and forwards since reset()
         self.forwards = 0  # forwards of layer 0 since reset()
         self._handles = [m.register_forward_hook(self._make_hook(i)) for i, (_, m) in enumerate(routers)]
+        if scope == "sequence":
+            self._handles.append(model.register_forward_pre_hook(self._keep_rows, with_kwargs=True))
+
+    def _keep_rows(self, module, args, kwargs):
+        if _in_backward():  # a reentrant checkpoint does not rerun the model's forward; keep what the layers saw
+            return
+        first = next((kwargs[k] for k in ("input_ids", "inputs_embeds", "attention_mask")
+                      if isinstance(kwargs.get(k), torch.Tensor)), args[0] if args and isinstance(args[0], torch.Tensor)
+                     else None)
+        self._rows = int(first.shape[0]) if first is not None and first.dim() >= 2 else None
 
     def _make_hook(self, i):
         def hook(module, args, output):
@@ -674,6 +740,7 @@ class RouterAuxLoss:
             if not recompute:
                 src = self.mask_source._mask if self.mask_source is not None else None
                 self._masks[i] = src
+                self._layer_rows[i] = self._rows
                 self._logged[i] = False
             if not (torch.is_grad_enabled() and module.training):
                 return None
@@ -685,7 +752,16 @@ class RouterAuxLoss:
             mask = mask.reshape(-1).to(idx.device) if mask is not None and mask.numel() == idx.shape[0] else None
             logits = logits.reshape(-1, logits.shape[-1]).float()
             scores = logits.softmax(dim=-1) if self.softmax[i] else logits.sigmoid()
-            aux = aux_balance_loss(scores, idx, self.num_experts[i], alpha=self.alpha, mask=mask)
+            if self.scope == "sequence":
+                rows, n = self._layer_rows[i], idx.shape[0]
+                if not rows or n % rows:
+                    raise RuntimeError(f"sequence-wise aux loss: router {self.routers[i][0]} saw {n} tokens, which do "
+                                       f"not split into the forward's batch rows ({rows}); use moe_aux_loss_scope: batch")
+                aux = sequence_aux_balance_loss(scores.view(rows, n // rows, -1), idx.view(rows, n // rows, -1),
+                                                self.num_experts[i], alpha=self.alpha,
+                                                mask=None if mask is None else mask.view(rows, n // rows))
+            else:
+                aux = aux_balance_loss(scores, idx, self.num_experts[i], alpha=self.alpha, mask=mask)
             if not self._logged[i]:  # once per forward: the original one, or the recomputation of a reentrant
                 self._logged[i] = True  # checkpoint (whose original forward runs under no_grad)
                 self.total = self.total + aux.detach()  # a tensor: no host sync per layer
@@ -774,7 +850,8 @@ class MoEBalanceCallback(TrainerCallback):
     ``count_no_grad=False`` leaves forwards under no_grad out of the loads (generation, old/reference log-probs of
     RL and preference trainers; needs non-reentrant gradient checkpointing, see ``RoutingCounter``).
     ``aux_loss_hook=True`` with ``moe_balance="aux_loss"`` adds posttrain's ``RouterAuxLoss`` (for models without
-    an aux loss of their own); its value is logged as ``moe/aux_loss``.
+    an aux loss of their own, and for ``moe_aux_loss_scope: sequence`` on any model); its value is logged as
+    ``moe/aux_loss``.
     """
 
     def __init__(self, config: MoEBalanceConfig | None = None, model=None, trainer=None, count_no_grad=True,
@@ -822,7 +899,8 @@ class MoEBalanceCallback(TrainerCallback):
         if self.config.moe_balance == "aux_loss" and self.aux_loss_hook:
             self.aux = RouterAuxLoss(self.counter.routers, alpha=self.config.moe_aux_loss_coef,
                                      scale_fn=self._aux_scale,
-                                     mask_source=self.counter if self.config.moe_ignore_padding else None)
+                                     mask_source=self.counter if self.config.moe_ignore_padding else None,
+                                     scope=self.config.moe_aux_loss_scope, model=model)
 
     def _aux_scale(self):
         """Backward scale of the aux loss: 1 / gradient-accumulation steps, as the trainer scales its own loss."""
