@@ -4,10 +4,12 @@ Any LLM recipe (sft, dpo, kto, reward, grpo, rloo, thr_grpo, constrained_rlhf, .
 
     moe_balance: aux_free        # none | aux_free | aux_loss; absent: off (no callback, stock training)
     moe_bias_rate: 1.0e-3        # u; 0 freezes the biases (the usual choice for RL/DPO of a pretrained MoE)
+    moe_bias_on_softmax: false   # allow a rate > 0 on softmax routers (Qwen2/3-MoE, Mixtral); use u ~ 4e-3 / E there
     moe_bias_rule: sign          # sign | proportional | decaying
     moe_bias_decay_power: 0.5    # decaying rule only
     moe_bias_decay_steps: 1.0    # decaying rule only
     moe_aux_loss_coef: 1.0e-3    # aux_loss only
+    moe_aux_loss_scope: batch    # aux_loss only: batch (all tokens; Qwen/Mixtral's own loss) | sequence (DeepSeek-V3)
     moe_ignore_padding: true     # pads out of the loads
     moe_log_per_layer: true      # per-layer MaxVio / load entropy / bias norm in the logs
 
@@ -16,17 +18,22 @@ optimizer. ``none`` measures and logs the loads without changing anything; ``aux
 expert biases after every optimizer step (``MoEBalanceCallback``); ``aux_loss`` adds a balance loss with frozen
 biases: the model's own (``load_balancing_loss_func`` via TRL's ``router_aux_loss_coef``) for Qwen2-MoE, Qwen3-MoE,
 Mixtral and other configs that carry ``router_aux_loss_coef`` and ``num_experts``; posttrain's ``RouterAuxLoss``
-(a documented autograd hook, ``trainers/moe_balance.py``) for DeepSeek-V3 / GLM-4-MoE, which have none, and for
-trainers without the TRL field (reward).
+(a documented autograd hook, ``trainers/moe_balance.py``) for DeepSeek-V3 / GLM-4-MoE, which have none, for
+trainers without the TRL field (reward), and for ``moe_aux_loss_scope: sequence`` (DeepSeek-V3's sequence-wise
+loss; the models' own losses are batch-wise) on every model.
 
 When each mistake is caught:
 
 * parsing the recipe (``load_recipe``; nothing loaded): types and values, keys the chosen mode ignores, ``moe_*``
   keys without ``moe_balance``, ``moe_*`` keys on an auxiliary (non-LLM) method, TRL's ``router_aux_loss_coef``
   next to ``moe_balance`` (two coefficients for one loss), reentrant gradient checkpointing (it hides the training
-  forward from the load counter).
+  forward from the load counter), ``use_vllm`` with ``aux_free`` (the biases are buffers; TRL's vLLM weight sync
+  sends ``named_parameters()`` only, so vLLM would route with stale biases).
 * before the model loads (``build_trainer``, after the data; reads the checkpoint's ``config.json`` only): the model
-  has no experts; ``aux_free`` on a model type whose router has neither a selection-only bias nor a patch; TRL's
+  has no experts; ``aux_free`` on a model type whose router has neither a selection-only bias nor a patch;
+  ``aux_free`` with a rate > 0 on a softmax router (Qwen2-MoE, Qwen3-MoE, Mixtral) without ``moe_bias_on_softmax:
+  true`` (the bias and its rate 1e-3 are for sigmoid scores; Megatron-LM refuses a bias on softmax; see
+  ``softmax_bias_refusal`` in trainers/moe_balance.py); TRL's
   ``router_aux_loss_coef`` on a DeepSeek-V3-style config, which crashes inside TRL (stack-notes §1d) -- this one is
   checked for every recipe, with or without ``moe_*`` keys.
 * after the model loads (right after the trainer is built, before ``train()`` wraps it in DDP/DeepSpeed): the router
@@ -49,8 +56,8 @@ PATCHABLE_TYPES = ("qwen2_moe", "qwen3_moe", "mixtral")
 # e_score_correction_bias; ernie4_5_moe keeps it as a parameter of a separate module). Other unknown types are checked
 # after the model loads (a router with an e_score_correction_bias buffer is taken as DeepSeek-style).
 NO_BIAS_TYPES = ("deepseek_v2", "olmoe", "ernie4_5_moe")
-_ONLY_AUX_FREE = ("moe_bias_rate", "moe_bias_rule", "moe_bias_decay_power", "moe_bias_decay_steps")
-_ONLY_AUX_LOSS = ("moe_aux_loss_coef",)
+_ONLY_AUX_FREE = ("moe_bias_rate", "moe_bias_rule", "moe_bias_decay_power", "moe_bias_decay_steps", "moe_bias_on_softmax")
+_ONLY_AUX_LOSS = ("moe_aux_loss_coef", "moe_aux_loss_scope")
 _MOE_HINT = ("use tiny:deepseek_v3, a DeepSeek-V3 / GLM-4-MoE / Qwen2-MoE / Qwen3-MoE / Mixtral checkpoint, or turn a "
              "dense Llama-style model into one with `posttrain moe upcycle`")
 
@@ -113,6 +120,11 @@ def check_moe_recipe(recipe_values: dict[str, Any], config, moe, sources: dict[s
             raise RecipeError(f"{where}: router_aux_loss_coef={recipe_values['router_aux_loss_coef']} with moe_balance: "
                             "aux_free: the Qwen/Mixtral aux loss recomputes an unbiased top-k and fights the bias; "
                             "remove router_aux_loss_coef (aux_free sets it to 0)")
+    if moe.moe_balance == "aux_free" and getattr(config, "use_vllm", False):
+        # TRL 1.16 VLLMGeneration.sync_weights streams _iter_named_params (named_parameters()): the biases never reach vLLM
+        raise RecipeError(f"{sources.get('use_vllm', source)}: use_vllm with moe_balance: aux_free: the expert biases "
+                        "are buffers and TRL's vLLM weight sync sends parameters only, so vLLM would route the rollouts "
+                        "with stale biases; set use_vllm: false, or moe_balance: none (loads logged, stock routing)")
     kwargs = getattr(config, "gradient_checkpointing_kwargs", None) or {}
     if getattr(config, "gradient_checkpointing", False) and kwargs.get("use_reentrant"):
         raise RecipeError(f"{sources.get('gradient_checkpointing_kwargs', source)}: moe_balance with reentrant gradient "
@@ -171,13 +183,19 @@ def prepare_moe(recipe, model_path: str) -> MoEPlan | None:
         raise UserError(f"{recipe.source}: moe_balance: aux_free on {name} ({model_type}): its router has no "
                         "selection-only expert bias and posttrain has no patch for it; supported model types: "
                         f"{', '.join(NATIVE_BIAS_TYPES + PATCHABLE_TYPES)}; or use moe_balance: aux_loss / none")
+    if mode == "aux_free" and model_type in PATCHABLE_TYPES and moe.moe_bias_rate > 0 and not moe.moe_bias_on_softmax:
+        from posttrain.trainers.moe_balance import softmax_bias_refusal
+
+        experts = getattr(text, "num_experts", None) or getattr(text, "num_local_experts", None)
+        raise UserError(f"{recipe.source}: " + softmax_bias_refusal(f"{name} ({model_type})", experts,
+                                                                     moe.moe_bias_rate))
     native_aux = hasattr(text, "router_aux_loss_coef") and hasattr(text, "num_experts")
     has_field = hasattr(config, "router_aux_loss_coef")
     aux_hook = False
     if mode == "aux_free" and has_field:
         config.router_aux_loss_coef = 0.0
     elif mode == "aux_loss":
-        if native_aux and has_field:
+        if native_aux and has_field and moe.moe_aux_loss_scope == "batch":  # the model's own loss is batch-wise
             config.router_aux_loss_coef = moe.moe_aux_loss_coef
         else:
             aux_hook = True

@@ -39,7 +39,7 @@ def _by_layer(model):
 
 def _run_args(arch):
     return ["--model_name_or_path", f"tiny:{arch}", "--max_steps", "2", "--moe_bias_rule", "proportional",
-            "--moe_bias_rate", "0.05", "--save_strategy", "steps", "--save_steps", "1"]
+            "--moe_bias_rate", "0.05", "--moe_bias_on_softmax", "true", "--save_strategy", "steps", "--save_steps", "1"]
 
 
 @pytest.fixture(scope="module", params=ARCHS)

@@ -22,6 +22,7 @@ pytestmark = pytest.mark.slow
 BACKENDS = {"ddp": ("cpu_2proc.yaml", "MULTI_CPU", None), "zero2": ("zero2.yaml", "DEEPSPEED", 2),
             "zero3": ("zero3.yaml", "DEEPSPEED", 3)}
 MOE = {"moe_bias_rate": 1e-2, "learning_rate": 1e-2}
+SOFTMAX_MOE = {**MOE, "moe_bias_on_softmax": True}  # Qwen3-MoE / Mixtral route with softmax: allowed explicitly
 # case -> (recipe, overrides): every method with state, ALF-LB on three router families (DeepSeek-V3's own bias,
 # patched Qwen3-MoE and Mixtral, whose checkpoint renames its router)
 CASES = {
@@ -30,8 +31,8 @@ CASES = {
     "constrained_grpo": ("constrained_grpo/tiny", {}),
     "wagle": ("wagle/tiny", {"objective": "npo", "mask_ratio": 0.5}),  # NPO: its reference is a second engine
     "moe_deepseek_v3": ("moe_balance/tiny_sft", MOE),
-    "moe_qwen3_moe": ("moe_balance/tiny_sft", {**MOE, "model_name_or_path": "tiny:qwen3_moe"}),
-    "moe_mixtral": ("moe_balance/tiny_sft", {**MOE, "model_name_or_path": "tiny:mixtral"}),
+    "moe_qwen3_moe": ("moe_balance/tiny_sft", {**SOFTMAX_MOE, "model_name_or_path": "tiny:qwen3_moe"}),
+    "moe_mixtral": ("moe_balance/tiny_sft", {**SOFTMAX_MOE, "model_name_or_path": "tiny:mixtral"}),
 }
 
 

@@ -41,14 +41,19 @@ Doubts (flagged, from the spec's [2nd]/[unverified] tags):
     attention mask matching the router's tokens (``ignore_padding=True``); the papers pre-train without pads.
   * ``aux_balance_loss`` (the aux-loss baseline, alpha = 1e-3) uses the normalised affinities
     s_{t,i} / sum_j s_{t,j} in P_i, as DeepSeek-V3's sequence-wise loss; Wang et al.'s exact P_i for sigmoid
-    gates was not read.
+    gates was not read. It is batch-wise (f and P over all tokens of the micro-batch, as Qwen-MoE / Mixtral's own
+    loss); DeepSeek-V3's is sequence-wise (per sequence, then averaged): ``moe_aux_loss_scope`` picks one
+    (default batch), ``sequence_aux_balance_loss`` is the latter.
 
 Models: DeepSeek-V3 in transformers 5.24 already routes this way: ``DeepseekV3TopkRouter`` registers
 ``e_score_correction_bias`` as a buffer (modeling_deepseek_v3.py L131), chooses with ``scores + bias``
 (L136-152, group-limited) and gathers the weights from the unbiased ``scores`` (L153-157); the buffer and
 ``gate.weight`` are in ``_keep_in_fp32_modules_strict`` (L551). Qwen2-MoE, Qwen3-MoE and Mixtral routers have no
 bias: ``install_expert_bias`` adds the same buffer to each router and swaps its ``forward`` for a selection-only
-biased one (documented at the function). Biases are buffers, hence in ``model.state_dict()`` and in
+biased one (documented at the function). Their affinities are softmax probabilities, not sigmoid scores: the bias
+and its rate were designed for sigmoid (Wang et al., DeepSeek-V3) and Megatron-LM refuses an expert bias on softmax,
+so ``MoEBalanceCallback`` and the recipe check refuse a non-zero rate there unless ``moe_bias_on_softmax`` is set
+(``softmax_bias_refusal``: why, and the rate to use, about 4e-3 / E). Biases are buffers, hence in ``model.state_dict()`` and in
 ``save_pretrained`` / Trainer checkpoints; they are also ``MoEBalanceCallback``'s method state
 (``method_state.MethodStateMixin``), which restores them on ``resume_from_checkpoint`` under every backend and for
 every router (tested); nothing else of the method carries state (loads are zeroed every step; the decaying step
@@ -83,12 +88,34 @@ from transformers import TrainerCallback
 from posttrain.trainers.runtime import sum_over_ranks
 
 MOE_BALANCE_MODES = ("none", "aux_free", "aux_loss")
+AUX_LOSS_SCOPES = ("batch", "sequence")
 BIAS_RULES = ("sign", "proportional", "decaying")
 BIAS_NAME = "e_score_correction_bias"  # DeepSeek-V3's buffer name; install_expert_bias uses it too
 
 # Routers whose forward(hidden) returns (router_logits, topk_weights, topk_indices) with softmax affinities and
 # no bias (transformers 5.24): install_expert_bias patches these.
 SOFTMAX_ROUTERS = ("Qwen2MoeTopKRouter", "Qwen3MoeTopKRouter", "MixtralTopKRouter")
+
+
+
+
+def softmax_bias_refusal(model_desc: str, num_experts: int | None, rate: float) -> str:
+    """The one-line refusal of aux-free balancing with a non-zero rate on a softmax router (Qwen2-MoE, Qwen3-MoE,
+    Mixtral) without ``moe_bias_on_softmax: true``.
+
+    Why refuse by default: the selection-only bias of Wang et al. (arXiv 2408.15664) and DeepSeek-V3 (arXiv
+    2412.19437) is added to sigmoid affinities, and its rate u = 1e-3 was tuned for them; Megatron-LM's
+    ``TransformerConfig.__post_init__`` (megatron/core/transformer/transformer_config.py) raises "Expert bias for
+    aux-loss-free routing only supports sigmoid score function" for ``moe_router_enable_expert_bias`` with softmax.
+    Softmax probabilities average 1/E instead of about 0.5, so a bias of 1e-3 per step is relatively E/4 times larger
+    (a bias u is a logit step of about u / 0.25 on a sigmoid score near 0.5 and u / p on a softmax probability p).
+    """
+    hint = (f"about 4e-3/E = {4e-3 / num_experts:.1e} for its {num_experts} experts" if num_experts
+            else "about 4e-3/E for E experts")
+    return (f"moe_balance: aux_free with moe_bias_rate={rate:g} on {model_desc}, a softmax router: the expert bias is "
+            "designed and its rate 1e-3 tuned for sigmoid scores (DeepSeek-V3; Megatron-LM refuses an expert bias on "
+            f"softmax scores); set `moe_bias_on_softmax: true` to allow it, with a rate scaled to softmax ({hint}), "
+            "or use moe_bias_rate: 0 (frozen zero bias: stock routing), moe_balance: aux_loss or none")
 
 
 @dataclass
@@ -111,6 +138,15 @@ class MoEBalanceConfig:
         metadata={"help": "sign: b += u sign(c_bar - c) (DeepSeek); proportional: b += u (c_bar - c) / c_bar; "
                   "decaying: proportional with step u (1 + n / n0)^-p (primal-dual subgradient step, Han & Zhong)."},
     )
+    moe_bias_on_softmax: bool = field(
+        default=False,
+        metadata={"help": "allow aux_free (with moe_bias_rate > 0) on a softmax router (Qwen2-MoE, Qwen3-MoE, Mixtral). "
+                  "The selection-only bias was designed and its rate 1e-3 tuned for sigmoid affinities (Wang et al., "
+                  "DeepSeek-V3); Megatron-LM refuses an expert bias on softmax scores. Softmax probabilities average "
+                  "1/E, so scale the rate down: u of about 4e-3 / E (a bias u moves a sigmoid score near 0.5 by the "
+                  "same logit step as a softmax probability near 1/E when u_softmax = u_sigmoid * 4 / E; a heuristic, "
+                  "untuned) and watch moe/maxvio."},
+    )
     moe_bias_decay_power: float = field(
         default=0.5,
         metadata={"help": "p of the decaying rule's step u (1 + n / n0)^-p (0.5: subgradient default; 1: the "
@@ -124,6 +160,14 @@ class MoEBalanceConfig:
         default=1e-3,
         metadata={"help": "alpha of the auxiliary balance loss (moe_balance=aux_loss; Wang et al.'s baseline 1e-3)."},
     )
+    moe_aux_loss_scope: str = field(
+        default="batch",
+        metadata={"help": "over which tokens the aux loss counts f_i and averages P_i (moe_balance=aux_loss). batch "
+                  "(default, as before): all tokens of the micro-batch, the classic Switch/GShard form that Qwen-MoE's "
+                  "and Mixtral's own load_balancing_loss_func compute. sequence: per sequence (batch row), then "
+                  "averaged over the rows: DeepSeek-V3's complementary sequence-wise balance loss (arXiv 2412.19437 "
+                  "eqs. 17-20, alpha 1e-4 there); computed by posttrain's router hook for every model."},
+    )
     moe_ignore_padding: bool = field(
         default=True,
         metadata={"help": "leave pad tokens (attention_mask == 0) out of the expert loads."},
@@ -136,6 +180,8 @@ class MoEBalanceConfig:
     def __post_init__(self):
         if self.moe_balance not in MOE_BALANCE_MODES:
             raise ValueError(f"moe_balance={self.moe_balance!r}; valid: {', '.join(MOE_BALANCE_MODES)}")
+        if self.moe_aux_loss_scope not in AUX_LOSS_SCOPES:
+            raise ValueError(f"moe_aux_loss_scope={self.moe_aux_loss_scope!r}; valid: {', '.join(AUX_LOSS_SCOPES)}")
         if self.moe_bias_rule not in BIAS_RULES:
             raise ValueError(f"moe_bias_rule={self.moe_bias_rule!r}; valid: {', '.join(BIAS_RULES)}")
         if not (math.isfinite(self.moe_bias_rate) and self.moe_bias_rate >= 0):
@@ -261,11 +307,13 @@ def load_entropy(counts, normalized=False):
 
 
 def aux_balance_loss(scores, indices, num_experts, alpha=1e-3, mask=None):
-    """Auxiliary balance loss alpha * sum_i f_i P_i (the aux-loss baseline of Wang et al.; DeepSeek-V3's form).
+    """Batch-wise auxiliary balance loss alpha * sum_i f_i P_i over all N tokens (the aux-loss baseline of Wang et
+    al.; Switch Transformer / GShard form, as Qwen-MoE's and Mixtral's ``load_balancing_loss_func``).
 
     scores (N, E) affinities with gradient, indices (N, K) the selected experts, mask (N,) optional (pads out).
-    f_i = E / (K T) * #{t : i selected} (no gradient), P_i = mean_t s_{t,i} / sum_j s_{t,j}. Equals alpha at
-    perfect balance with uniform affinities.
+    f_i = E / (K T) * #{t : i selected} (no gradient), P_i = mean_t s_{t,i} / sum_j s_{t,j}, T = the unmasked
+    tokens. Equals alpha at perfect balance with uniform affinities. DeepSeek-V3's per-sequence form:
+    ``sequence_aux_balance_loss``.
     """
     s = scores.reshape(-1, num_experts)
     idx = indices.reshape(-1, indices.shape[-1])
@@ -278,6 +326,35 @@ def aux_balance_loss(scores, indices, num_experts, alpha=1e-3, mask=None):
     f = torch.bincount(idx.reshape(-1), minlength=num_experts).to(s.dtype) * (num_experts / (K * T))
     P = (s / (s.sum(dim=-1, keepdim=True) + 1e-20)).mean(dim=0)
     return alpha * (f.detach() * P).sum()
+
+
+def sequence_aux_balance_loss(scores, indices, num_experts, alpha=1e-3, mask=None):
+    """Sequence-wise balance loss of DeepSeek-V3 (arXiv 2412.19437, eqs. 17-20), averaged over the sequences.
+
+    scores (B, T, E) affinities with gradient, indices (B, T, K), mask (B, T) optional (pads out). For each sequence
+    b with T_b unmasked tokens: f_{b,i} = E / (K T_b) * #{t : i selected} (no gradient), P_{b,i} = mean_t s'_{t,i}
+    with s'_{t,i} = s_{t,i} / sum_j s_{t,j}, and L_b = sum_i f_{b,i} P_{b,i}; the loss is alpha * mean_b L_b over
+    the sequences with T_b > 0 (DeepSeek-V2's gate, ``seq_aux``, averages over the batch the same way). Unlike
+    ``aux_balance_loss`` (one f and P over the whole batch) it penalises imbalance inside each sequence.
+    """
+    if scores.dim() != 3 or indices.dim() != 3 or scores.shape[:2] != indices.shape[:2]:
+        raise ValueError(f"scores (B, T, E) and indices (B, T, K) expected, got {tuple(scores.shape)} and "
+                         f"{tuple(indices.shape)}")
+    B, T, K = indices.shape
+    keep = torch.ones(B, T, dtype=scores.dtype, device=scores.device) if mask is None else \
+        mask.reshape(B, T).to(scores.device, scores.dtype)
+    tokens = keep.sum(dim=1)  # (B,)
+    if not bool((tokens > 0).any()):
+        return scores.sum() * 0.0
+    per_token = keep.unsqueeze(-1).expand(B, T, K).reshape(B, T * K)
+    counts = torch.zeros(B, num_experts, dtype=scores.dtype, device=scores.device).scatter_add_(
+        1, indices.reshape(B, T * K).to(scores.device), per_token)
+    denom = tokens.clamp(min=1).unsqueeze(1)
+    f = counts * (num_experts / K) / denom
+    normed = scores / (scores.sum(dim=-1, keepdim=True) + 1e-20)
+    P = (normed * keep.unsqueeze(-1)).sum(dim=1) / denom
+    per_seq = (f.detach() * P).sum(dim=-1)
+    return alpha * per_seq[tokens > 0].mean()
 
 
 def moe_metrics(counts, biases=None, names=None, per_layer=True, prefix="moe/"):
@@ -620,11 +697,23 @@ class RouterAuxLoss:
     saved tensors match), with the padding mask of the original forward (kept per layer); each forward adds to the
     logged value once. ``mask_source``: a ``RoutingCounter`` whose ``_mask`` is the current forward's padding
     mask (pads are left out of f and P), or None.
+
+    ``scope``: "batch" (``aux_balance_loss`` over all tokens of the forward) or "sequence" (DeepSeek-V3's
+    ``sequence_aux_balance_loss``, per batch row). The routers see flattened tokens, so "sequence" needs ``model``:
+    a forward pre-hook on it records the number of rows of each forward (``input_ids`` / ``inputs_embeds`` /
+    ``attention_mask``); with packed rows (``padding_free``) a row holding several sequences counts as one.
     """
 
-    def __init__(self, routers, alpha=1e-3, scale_fn=None, mask_source=None):
+    def __init__(self, routers, alpha=1e-3, scale_fn=None, mask_source=None, scope="batch", model=None):
+        if scope not in AUX_LOSS_SCOPES:
+            raise ValueError(f"scope={scope!r}; valid: {', '.join(AUX_LOSS_SCOPES)}")
+        if scope == "sequence" and model is None:
+            raise ValueError("the sequence-wise aux loss needs the model (to see the batch rows of each forward)")
         self.routers = routers
         self.alpha = alpha
+        self.scope = scope
+        self._rows = None  # rows of the model's current forward (sequence scope)
+        self._layer_rows = [None] * len(routers)
         self.scale_fn = scale_fn or (lambda: 1.0)
         self.mask_source = mask_source
         self.num_experts = [_num_experts(m) for _, m in routers]
@@ -634,6 +723,16 @@ class RouterAuxLoss:
         self.total = 0.0  # sum over layers and forwards since reset()
         self.forwards = 0  # forwards of layer 0 since reset()
         self._handles = [m.register_forward_hook(self._make_hook(i)) for i, (_, m) in enumerate(routers)]
+        if scope == "sequence":
+            self._handles.append(model.register_forward_pre_hook(self._keep_rows, with_kwargs=True))
+
+    def _keep_rows(self, module, args, kwargs):
+        if _in_backward():  # a reentrant checkpoint does not rerun the model's forward; keep what the layers saw
+            return
+        first = next((kwargs[k] for k in ("input_ids", "inputs_embeds", "attention_mask")
+                      if isinstance(kwargs.get(k), torch.Tensor)), args[0] if args and isinstance(args[0], torch.Tensor)
+                     else None)
+        self._rows = int(first.shape[0]) if first is not None and first.dim() >= 2 else None
 
     def _make_hook(self, i):
         def hook(module, args, output):
@@ -641,6 +740,7 @@ class RouterAuxLoss:
             if not recompute:
                 src = self.mask_source._mask if self.mask_source is not None else None
                 self._masks[i] = src
+                self._layer_rows[i] = self._rows
                 self._logged[i] = False
             if not (torch.is_grad_enabled() and module.training):
                 return None
@@ -652,7 +752,16 @@ class RouterAuxLoss:
             mask = mask.reshape(-1).to(idx.device) if mask is not None and mask.numel() == idx.shape[0] else None
             logits = logits.reshape(-1, logits.shape[-1]).float()
             scores = logits.softmax(dim=-1) if self.softmax[i] else logits.sigmoid()
-            aux = aux_balance_loss(scores, idx, self.num_experts[i], alpha=self.alpha, mask=mask)
+            if self.scope == "sequence":
+                rows, n = self._layer_rows[i], idx.shape[0]
+                if not rows or n % rows:
+                    raise RuntimeError(f"sequence-wise aux loss: router {self.routers[i][0]} saw {n} tokens, which do "
+                                       f"not split into the forward's batch rows ({rows}); use moe_aux_loss_scope: batch")
+                aux = sequence_aux_balance_loss(scores.view(rows, n // rows, -1), idx.view(rows, n // rows, -1),
+                                                self.num_experts[i], alpha=self.alpha,
+                                                mask=None if mask is None else mask.view(rows, n // rows))
+            else:
+                aux = aux_balance_loss(scores, idx, self.num_experts[i], alpha=self.alpha, mask=mask)
             if not self._logged[i]:  # once per forward: the original one, or the recomputation of a reentrant
                 self._logged[i] = True  # checkpoint (whose original forward runs under no_grad)
                 self.total = self.total + aux.detach()  # a tensor: no host sync per layer
@@ -741,7 +850,8 @@ class MoEBalanceCallback(TrainerCallback):
     ``count_no_grad=False`` leaves forwards under no_grad out of the loads (generation, old/reference log-probs of
     RL and preference trainers; needs non-reentrant gradient checkpointing, see ``RoutingCounter``).
     ``aux_loss_hook=True`` with ``moe_balance="aux_loss"`` adds posttrain's ``RouterAuxLoss`` (for models without
-    an aux loss of their own); its value is logged as ``moe/aux_loss``.
+    an aux loss of their own, and for ``moe_aux_loss_scope: sequence`` on any model); its value is logged as
+    ``moe/aux_loss``.
     """
 
     def __init__(self, config: MoEBalanceConfig | None = None, model=None, trainer=None, count_no_grad=True,
@@ -774,7 +884,14 @@ class MoEBalanceCallback(TrainerCallback):
     def _setup(self, model):
         if self.counter is not None:
             return
-        if self.config.moe_balance == "aux_free":
+        cfg = self.config
+        if cfg.moe_balance == "aux_free":
+            if cfg.moe_bias_rate > 0 and not cfg.moe_bias_on_softmax:
+                softmax = [m for _, m in find_routers(model) if type(m).__name__ in SOFTMAX_ROUTERS
+                           and not isinstance(m._buffers.get(BIAS_NAME), torch.Tensor)]
+                if softmax:
+                    raise ValueError(softmax_bias_refusal(f"{type(model).__name__} ({type(softmax[0]).__name__})",
+                                                          _num_experts(softmax[0]), cfg.moe_bias_rate))
             install_expert_bias(model)  # no-op for DeepSeek-V3-style routers
         self.counter = RoutingCounter(model, ignore_padding=self.config.moe_ignore_padding,
                                       count_no_grad=self.count_no_grad)
@@ -782,7 +899,8 @@ class MoEBalanceCallback(TrainerCallback):
         if self.config.moe_balance == "aux_loss" and self.aux_loss_hook:
             self.aux = RouterAuxLoss(self.counter.routers, alpha=self.config.moe_aux_loss_coef,
                                      scale_fn=self._aux_scale,
-                                     mask_source=self.counter if self.config.moe_ignore_padding else None)
+                                     mask_source=self.counter if self.config.moe_ignore_padding else None,
+                                     scope=self.config.moe_aux_loss_scope, model=model)
 
     def _aux_scale(self):
         """Backward scale of the aux loss: 1 / gradient-accumulation steps, as the trainer scales its own loss."""

@@ -40,7 +40,9 @@ Doubts: (1) the official ranking uses an unstable ``torch.argsort``, so on exact
 (2) S is not scale-invariant: multiplying both gradient sums by c reweights theta against g_r / gamma, so data
 parallelism (DDP averages over ranks) or a backward that divides by the accumulation steps must be undone with
 ``grad_scale`` to match the official single-process sums; (3) with the shipped gamma = 1e-6 the theta term is
-negligible and |S| ~ |g_r g_f| / gamma; (4) official accumulates bf16 grads, we sum in float32; (5) AdamW's
+negligible and |S| ~ |g_r g_f| / gamma; (4) official accumulates bf16 grads in ``.grad``; we sum every model's
+batches in float32 (``accumulate_gradients``: a bf16 model's batch gradients are folded into float32 sums), so fewer
+ties in |S|; (5) AdamW's
 decoupled weight decay still shrinks masked weights (official behaviour, kept); (6) int(n * ratio) keeps the
 official float rounding (int(100 * 0.29) = 28); (7) the paper's form theta g_f - g_r g_f / gamma is the same S.
 """
@@ -314,7 +316,13 @@ def accumulate_gradients(model, loader, loss_fn=None, *, max_batches=None, to_cp
     world_size under DDP or DeepSpeed (ranks are averaged), the accumulation steps if ``backward`` divides by them.
     ZeRO-3: the engine's optimizer adds up the reduced gradient partitions over the batches (every rank must run
     the same number of batches), and each rank returns its own flat pieces of the sums (``_zero3_range``): no
-    parameter-sized gradient is ever gathered."""
+    parameter-sized gradient is ever gathered.
+
+    The sums are float32 whatever the model's dtype. A float32 parameter's batches add up in ``p.grad`` itself; a
+    bf16 / fp16 parameter's ``p.grad`` would add them up in bf16 / fp16 (8 / 11 mantissa bits: the official code's
+    behaviour, which rounds the sums and creates ties in |S|), so each batch's gradient is folded into a float32 sum
+    right after its backward and ``p.grad`` is released: one float32 copy of those parameters (the result itself)
+    plus one low-precision gradient. Each batch's gradient is still computed in the parameters' dtype."""
     was_training = model.training
     model.eval()
     params = trainable_parameters(model)
@@ -322,7 +330,7 @@ def accumulate_gradients(model, loader, loss_fn=None, *, max_batches=None, to_cp
     # Plain parameters: backward itself sums the batches' gradients into p.grad, which then becomes the result (no
     # second copy of the parameters). ZeRO-3: DeepSpeed sums into its partitions. CPU sums: copied batch by batch.
     direct = not to_cpu and not zero3
-    sums, batches = {}, 0
+    sums, folded, batches = {}, {}, 0
     try:
         _zero_grads(model)
         for step, batch in enumerate(loader):
@@ -333,6 +341,14 @@ def accumulate_gradients(model, loader, loss_fn=None, *, max_batches=None, to_cp
                 _zero_grads(model)
             loss = loss_fn(model, batch) if loss_fn is not None else model(**batch).loss
             (backward or torch.Tensor.backward)(loss)
+            if direct:
+                for name, p in params:  # low-precision grads: summed in float32, batch by batch (see above)
+                    if p.grad is not None and p.grad.dtype != torch.float32:
+                        if name in folded:
+                            folded[name].add_(p.grad)
+                        else:
+                            folded[name] = p.grad.detach().to(torch.float32, copy=True)
+                        p.grad = None
             if direct or zero3:
                 continue
             for name, p in params:
@@ -348,6 +364,8 @@ def accumulate_gradients(model, loader, loss_fn=None, *, max_batches=None, to_cp
                     from deepspeed.utils import safe_get_local_grad
 
                     grad = safe_get_local_grad(p).reshape(-1)[:_zero3_range(p)[1]]  # a view of DeepSpeed's buffer
+                elif name in folded:
+                    grad = folded.pop(name)
                 else:
                     grad = p.grad if p.grad is not None else torch.zeros(_full_shape(p), device=p.device)
                     p.grad = None  # the summed gradient is ours now

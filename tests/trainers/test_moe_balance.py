@@ -227,6 +227,49 @@ def test_aux_balance_loss():
     assert aux_balance_loss(torch.full((4, 4), 0.5), idx, 4, mask=mask).item() == pytest.approx(1e-3)
 
 
+def test_sequence_aux_balance_loss_worked_example():
+    """Issue 16: DeepSeek-V3's sequence-wise balance loss (arXiv 2412.19437 eqs. 17-20) beside the batch-wise one.
+
+    E = 2, K = 1, two sequences of T = 2 tokens, unnormalised (sigmoid-like) affinities:
+      seq 0: s = [[.6, .2], [.3, .3]] -> s' = [[.75, .25], [.5, .5]], P = [.625, .375]; picks [0, 1]
+             f = E / (K T) * [1, 1] = [1, 1]; L_0 = .625 + .375 = 1.0
+      seq 1: s = [[.9, .1], [.4, .4]] -> s' = [[.9, .1], [.5, .5]], P = [.7, .3]; picks [0, 0]
+             f = [2, 0]; L_1 = 1.4
+      sequence-wise: alpha (1.0 + 1.4) / 2 = 1.2 alpha
+      batch-wise (all 4 tokens): P = [2.65, 1.35] / 4, f = 2 / 4 * [3, 1] = [1.5, .5] -> 1.1625 alpha
+      with seq 1's second token a pad: L_1 = f [2, 0] . P [.9, .1] = 1.8 -> (1.0 + 1.8) / 2 = 1.4 alpha
+    """
+    from posttrain.trainers.moe_balance import sequence_aux_balance_loss
+
+    scores = torch.tensor([[[.6, .2], [.3, .3]], [[.9, .1], [.4, .4]]], dtype=torch.float64, requires_grad=True)
+    idx = torch.tensor([[[0], [1]], [[0], [0]]])
+    seq = sequence_aux_balance_loss(scores, idx, 2, alpha=0.5)
+    assert seq.item() == pytest.approx(0.5 * 1.2, abs=1e-12)
+    assert aux_balance_loss(scores.reshape(4, 2), idx.reshape(4, 1), 2, alpha=0.5).item() == pytest.approx(
+        0.5 * 1.1625, abs=1e-12)
+    mask = torch.tensor([[1, 1], [1, 0]])
+    assert sequence_aux_balance_loss(scores, idx, 2, alpha=0.5, mask=mask).item() == pytest.approx(0.5 * 1.4, abs=1e-12)
+    # gradient through P only (f is a count): d/ds of alpha/B * f_{b,i} * mean_t s'_{t,i}
+    seq.backward()
+    s = scores.detach()
+    f = torch.tensor([[1.0, 1.0], [2.0, 0.0]], dtype=torch.float64)
+    expect = torch.zeros_like(s)
+    for b in range(2):
+        for t in range(2):
+            tot = s[b, t].sum()
+            for j in range(2):  # d s'_{t,i} / d s_{t,j} = (delta_ij tot - s_{t,i}) / tot^2
+                expect[b, t, j] = sum(0.5 / 2 * f[b, i] / 2 * ((i == j) * tot - s[b, t, i]) / tot**2 for i in range(2))
+    torch.testing.assert_close(scores.grad, expect)
+    # a fully padded sequence is left out of the mean; all padded: 0
+    assert sequence_aux_balance_loss(scores.detach(), idx, 2, alpha=0.5, mask=torch.tensor([[1, 1], [0, 0]])).item() \
+        == pytest.approx(0.5 * 1.0, abs=1e-12)
+    assert sequence_aux_balance_loss(scores.detach(), idx, 2, mask=torch.zeros(2, 2)).item() == 0.0
+    # the option names which is which
+    assert MoEBalanceConfig().moe_aux_loss_scope == "batch"
+    with pytest.raises(ValueError, match="valid: batch, sequence"):
+        MoEBalanceConfig(moe_aux_loss_scope="token")
+
+
 def test_config_validation():
     MoEBalanceConfig()
     for bad in (dict(moe_balance="x"), dict(moe_bias_rule="x"), dict(moe_bias_rate=-1.0),
@@ -565,6 +608,18 @@ def test_recipe_moe_errors(overrides, message):
         load_recipe("sft/tiny", overrides)
 
 
+@pytest.mark.parametrize("recipe", ["grpo/tiny", "rloo/tiny"])
+def test_aux_free_with_vllm_is_refused(recipe):
+    """Issue 16: the biases are buffers and TRL's vLLM weight sync sends ``named_parameters()`` only, so vLLM would
+    route the rollouts with stale biases: refused when the recipe is read, one line naming both keys."""
+    with pytest.raises(UserError) as err:
+        load_recipe(recipe, {"moe_balance": "aux_free", "use_vllm": True})
+    msg = str(err.value)
+    assert "\n" not in msg and "use_vllm" in msg and "moe_balance: aux_free" in msg and "buffers" in msg, msg
+    for ok in ({"moe_balance": "none", "use_vllm": True}, {"moe_balance": "aux_free", "use_vllm": False}):
+        load_recipe(recipe, ok)  # loads only / no vLLM: fine
+
+
 def test_recipe_moe_keys_on_an_auxiliary_method():
     with pytest.raises(UserError, match="method 'fedau' has no model"):
         load_recipe("fedau/quadratic_fedau", {"moe_balance": "aux_free"})
@@ -582,6 +637,39 @@ def test_model_checks_run_before_the_model_loads(tmp_path, monkeypatch):
     # TRL's aux-loss path crashes on DeepSeek-V3 configs: caught for any recipe, moe_* keys or not
     with pytest.raises(UserError, match="DeepseekV3Config lacks"):
         train_mod.build_trainer(recipe_of(tmp_path, model_name_or_path="tiny:deepseek_v3", router_aux_loss_coef=0.01))
+
+
+@pytest.mark.parametrize("arch,experts", [("qwen2_moe", 8), ("qwen3_moe", 8), ("mixtral", 8)])
+def test_aux_free_on_a_softmax_router_is_refused_unless_allowed(arch, experts, tmp_path, monkeypatch):
+    """Issue 16: the expert bias (rate 1e-3) is for sigmoid scores (DeepSeek-V3; Megatron-LM refuses it on softmax):
+    a softmax router with a non-zero rate needs ``moe_bias_on_softmax: true``, one line, before the model loads."""
+    import posttrain.recipes.train as train_mod
+    from posttrain.recipes.tiny import tiny_model_path
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the MoE checks")
+
+    monkeypatch.setattr(train_mod, "guarded", no_model)
+    with pytest.raises(UserError) as err:
+        train_mod.build_trainer(recipe_of(tmp_path, model_name_or_path=f"tiny:{arch}", moe_balance="aux_free"))
+    msg = str(err.value)
+    assert "\n" not in msg and "softmax" in msg and "`moe_bias_on_softmax: true`" in msg, msg
+    assert "Megatron-LM" in msg and f"{4e-3 / experts:.1e} for its {experts} experts" in msg, msg
+    # allowed explicitly, or rate 0 (a frozen zero bias routes like the stock model): the checks pass, the model loads
+    for extra in ({"moe_bias_on_softmax": True}, {"moe_bias_rate": 0.0}):
+        with pytest.raises(AssertionError, match="the model was loaded"):
+            train_mod.build_trainer(recipe_of(tmp_path, model_name_or_path=f"tiny:{arch}", moe_balance="aux_free",
+                                              **extra))
+    # the API refuses too (MoEBalanceCallback on a model), and allows with the option
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_path(arch))
+    with pytest.raises(ValueError, match="moe_bias_on_softmax: true"):
+        MoEBalanceCallback(MoEBalanceConfig(), model=model)
+    MoEBalanceCallback(MoEBalanceConfig(moe_bias_on_softmax=True), model=model)
+    assert all(float(b.abs().sum()) == 0 for b in expert_biases(model))
+    # a sigmoid router needs no option
+    assert load_recipe("moe_balance/tiny_sft").moe.moe_bias_on_softmax is False
 
 
 def test_trl_aux_loss_crash_that_the_guard_prevents(tmp_path, monkeypatch):
@@ -635,8 +723,9 @@ def test_micro_batches_accumulate_like_one_batch(tmp_path):
         assert torch.equal(x, y) and float(x.abs().sum()) > 0
 
 
+@pytest.mark.parametrize("scope", ["batch", "sequence"])
 @pytest.mark.parametrize("checkpointing", [None, False, True])
-def test_aux_loss_hook_adds_exactly_the_balance_loss_gradient(deepseek, checkpointing):
+def test_aux_loss_hook_adds_exactly_the_balance_loss_gradient(deepseek, checkpointing, scope):
     torch.manual_seed(5)
     ids = torch.randint(4, 512, (3, 9))
     mask = torch.ones_like(ids)
@@ -654,8 +743,14 @@ def test_aux_loss_hook_adds_exactly_the_balance_loss_gradient(deepseek, checkpoi
     # explicit: LM loss + sum over layers of aux_balance_loss on the router's own logits and selection
     handles = [m.register_forward_hook(keep(i)) for i, (_, m) in enumerate(routers)]
     out = deepseek(input_ids=ids, attention_mask=mask, labels=ids)
-    aux = sum(aux_balance_loss(seen[i][0].sigmoid(), seen[i][1], 8, alpha=0.1, mask=mask.reshape(-1))
-              for i in range(len(routers)))
+    if scope == "batch":
+        aux = sum(aux_balance_loss(seen[i][0].sigmoid(), seen[i][1], 8, alpha=0.1, mask=mask.reshape(-1))
+                  for i in range(len(routers)))
+    else:  # DeepSeek-V3's sequence-wise loss: the 3 rows of 9 tokens
+        from posttrain.trainers.moe_balance import sequence_aux_balance_loss
+
+        aux = sum(sequence_aux_balance_loss(seen[i][0].sigmoid().view(3, 9, 8), seen[i][1].view(3, 9, -1), 8,
+                                            alpha=0.1, mask=mask) for i in range(len(routers)))
     (out.loss + 0.5 * aux).backward()
     for h in handles:
         h.remove()
@@ -665,7 +760,7 @@ def test_aux_loss_hook_adds_exactly_the_balance_loss_gradient(deepseek, checkpoi
     if checkpointing is not None:
         deepseek.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": checkpointing})
     counter = RoutingCounter(deepseek)
-    hook = RouterAuxLoss(routers, alpha=0.1, scale_fn=lambda: 0.5, mask_source=counter)
+    hook = RouterAuxLoss(routers, alpha=0.1, scale_fn=lambda: 0.5, mask_source=counter, scope=scope, model=deepseek)
     out2 = deepseek(input_ids=ids, attention_mask=mask, labels=ids)
     out2.loss.backward()
     assert hook.forwards == 1 and hook.mean() == pytest.approx(float(aux.detach()), rel=1e-6)
@@ -698,6 +793,11 @@ def test_aux_loss_mode_uses_the_models_own_loss_or_the_hook(tmp_path):
     # 2 layers x alpha x sum_i f_i P_i, which is 1 at perfect balance and grows with imbalance (<= E / K)
     assert all(0.02 * 0.9 < h["moe/aux_loss"] < 0.02 * 4 for h in ds_logs)
     assert all(float(b.abs().sum()) == 0 for b in expert_biases(ds.model))  # biases frozen in aux_loss mode
+    # DeepSeek-V3's sequence-wise loss (issue 16): Qwen's own loss is batch-wise, so posttrain's hook computes it
+    seq, seq_logs = _run(recipe_of(tmp_path / "s", model_name_or_path="tiny:qwen3_moe", moe_balance="aux_loss",
+                                   moe_aux_loss_coef=0.01, moe_aux_loss_scope="sequence", max_steps=2))
+    assert seq.args.router_aux_loss_coef == 0.0 and not seq.aux_loss_enabled
+    assert all(0.02 * 0.9 < h["moe/aux_loss"] < 0.02 * 8 for h in seq_logs)
 
 
 def test_glm4_moe_router_is_selection_only_like_deepseek(tmp_path):
@@ -807,7 +907,7 @@ def test_resume_restores_biases_and_experts_exactly(arch, tmp_path):
     from posttrain.recipes.train import build_trainer
 
     values = dict(model_name_or_path=f"tiny:{arch}", moe_balance="aux_free", moe_bias_rate=1e-2, max_steps=4,
-                  save_strategy="steps", save_steps=2)
+                  save_strategy="steps", save_steps=2, moe_bias_on_softmax=arch == "qwen3_moe")
 
     def run(out, resume=None):
         trainer = build_trainer(recipe_of(out, **values))
@@ -841,7 +941,7 @@ def test_eval_harness_loads_patched_router_biases(tmp_path):
     from posttrain.recipes.train import build_trainer
 
     trainer = build_trainer(recipe_of(tmp_path, model_name_or_path="tiny:qwen3_moe", moe_balance="aux_free",
-                                      moe_bias_rate=1e-2, max_steps=2))
+                                      moe_bias_rate=1e-2, moe_bias_on_softmax=True, max_steps=2))
     trainer.train()
     trainer.save_model(str(tmp_path))
     trained = [b.clone() for b in expert_biases(trainer.model)]

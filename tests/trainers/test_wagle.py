@@ -273,6 +273,31 @@ def test_accumulate_gradients_is_the_sum_of_per_batch_grads():
     torch.testing.assert_close(one["head.weight"], model.head.weight.grad)
 
 
+def test_bf16_model_gradient_sums_are_float32_sums():
+    """Issue 16: a bf16 model's phase-1 sums are float32 sums of its batch gradients, as documented, not bf16 sums
+    accumulated in ``.grad`` (the official code's rounding), with or without ``to_cpu``."""
+    torch.manual_seed(0)
+    model, data = Tiny().to(torch.bfloat16), batches(16, 5)
+    model.eval()
+    reference, in_bf16 = {}, {}
+    for b in data:  # float32 sum of the per-batch bf16 gradients, in batch order
+        model.zero_grad(set_to_none=True)
+        model(**b).loss.backward()
+        for n, p in model.named_parameters():
+            if p.requires_grad:
+                reference[n] = reference[n] + p.grad.float() if n in reference else p.grad.float()
+                in_bf16[n] = in_bf16[n] + p.grad if n in in_bf16 else p.grad.clone()
+    model.zero_grad(set_to_none=True)
+    # the test means something: summing 16 batches in bf16 rounds away what float32 keeps
+    assert any(not torch.equal(in_bf16[n].float(), reference[n]) for n in reference)
+    for to_cpu in (False, True):
+        got = accumulate_gradients(model, data, to_cpu=to_cpu, grad_scale=2.0)
+        assert list(got) == list(reference) and all(p.grad is None for p in model.parameters())
+        for n in reference:
+            assert got[n].dtype == torch.float32, (to_cpu, n, got[n].dtype)
+            assert torch.equal(got[n], 2.0 * reference[n]), (to_cpu, n, (got[n] - 2.0 * reference[n]).abs().max())
+
+
 def test_ddp_wrapper_gives_bare_names_and_the_same_sums(tmp_path):
     import torch.distributed as dist
 
