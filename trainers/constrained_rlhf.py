@@ -59,8 +59,9 @@ NM-PPO: Nelder-Mead (reflection 1, expansion 2, contraction 0.5, shrink 0.5) ove
 one continuing run; each function evaluation trains with the candidate thresholds, evaluates every
 ``nm_eval_every`` iterations and returns early once every constrained metric is within +-5% of its threshold;
 NM minimises -(evaluation score); evaluations are cached (a point within 5e-3 in every coordinate of a cached
-one reuses its value); it stops once the std of the simplex values is below ``nm_tol`` or the iteration budget
-``nm_iterations`` is spent. See ``NelderMead`` and ``evaluate_with_early_stop``.
+one reuses its value); it stops once the iteration budget ``nm_iterations`` is spent or, after a shrink, the std
+of the simplex values is below ``nm_tol`` (the official loop, ``nm_variant: official``; ``textbook`` is the other
+variant). The search itself is generic: ``trainers/nelder_mead.py``. See ``evaluate_with_early_stop`` here.
 """
 
 from __future__ import annotations
@@ -77,6 +78,8 @@ from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import use_adapter
 
 from posttrain.trainers.method_state import MethodStateMixin
+from posttrain.trainers.nelder_mead import VARIANTS as NM_VARIANTS
+from posttrain.trainers.nelder_mead import NelderMead  # noqa: F401  (re-exported: NM-PPO's search)
 
 FORMULATIONS = ("mu", "xi", "all", "sat", "fixed", "nm")
 # formulations that need ``constraint_thresholds``
@@ -131,7 +134,18 @@ class ConstrainedArguments:
         metadata={"help": "NM-PPO budget: the search stops once this many training iterations were spent on "
                   "function evaluations (or the simplex values' std < nm_tol)."},
     )
-    nm_tol: float = field(default=0.01, metadata={"help": "NM-PPO stops when the std of the simplex values < this."})
+    nm_tol: float = field(
+        default=0.01,
+        metadata={"help": "NM-PPO stops when the std of the simplex values < this (tested after a shrink in the "
+                  "official variant, before every iteration in the textbook one)."},
+    )
+    nm_variant: str = field(
+        default="official",
+        metadata={"help": "NM-PPO: official (the Nelder-Mead loop of the official code, ConstrainedRL4LMs "
+                  "NelderMeadTrainer: spread test only after a shrink, expansion accepted against the best point, "
+                  "inside contraction only) or textbook (spread test before every iteration, expansion accepted "
+                  "against the reflected point, outside and inside contractions). See trainers/nelder_mead.py."},
+    )
     nm_eval_every: int = field(
         default=5,
         metadata={"help": "NM-PPO: evaluate every this many training iterations within a function evaluation."},
@@ -192,6 +206,8 @@ class ConstrainedArguments:
             raise ValueError(f"nm_iterations must be >= 1 (got {self.nm_iterations})")
         if not self.nm_tol > 0:
             raise ValueError(f"nm_tol must be > 0 (got {self.nm_tol})")
+        if self.nm_variant not in NM_VARIANTS:
+            raise ValueError(f"nm_variant={self.nm_variant!r}; valid: {', '.join(NM_VARIANTS)}")
         if self.nm_eval_every < 1:
             raise ValueError(f"nm_eval_every must be >= 1 (got {self.nm_eval_every})")
         if self.nm_steps_per_eval is not None and self.nm_steps_per_eval < 1:
@@ -530,196 +546,6 @@ class LagrangeMultipliers:
 # ----------------------------------------------------------------------------------------------- NM-PPO
 
 
-class NelderMead:
-    """Nelder-Mead over the threshold vector, ask/tell style, so a trainer can drive it during one run.
-
-        nm = NelderMead(low, high, tol=0.01, max_iterations=100, seed=0)
-        while not nm.done:
-            theta = nm.ask()                        # next point that needs an evaluation
-            score, used = ...                       # train with theta, evaluate (higher is better)
-            nm.tell(score, cost=used)               # NM minimises -score
-
-    The initial simplex is n + 1 points drawn uniformly in the box [low, high] (seeded). Coefficients: reflection
-    alpha = 1, expansion gamma = 2, contraction rho = 0.5 (outside if the reflected point beats the worst, inside
-    otherwise), shrink sigma = 0.5 towards the best point. Before every iteration the search stops when the
-    (population) std of the simplex values is below ``tol``, or when the evaluations told so far cost
-    ``max_iterations`` in total (``cost`` = training iterations the evaluation used; 1 by default, i.e. the
-    budget counts function evaluations); an iteration already begun finishes. It also stops ("collapsed") once
-    every simplex point is within ``cache_radius`` of the best one, since every later point would be a cache hit.
-    Cache: a point equal to, or within ``cache_radius`` in every coordinate of, an evaluated point reuses that value
-    without being asked (cost 0). Points are not clipped to the box.
-
-    ``state_dict`` stores the told evaluations; ``load_state_dict`` replays them (the algorithm is deterministic
-    given the seed and the values), so a resumed search continues exactly.
-    """
-
-    MAX_STEPS = 10_000  # safety stop: NM iterations without a budget-consuming evaluation
-
-    def __init__(self, low, high, tol=0.01, max_iterations=100, seed=0, alpha=1.0, gamma=2.0, rho=0.5, sigma=0.5,
-                 cache_radius=5e-3):
-        self.low = np.asarray(low, dtype=np.float64).reshape(-1)
-        self.high = np.asarray(high, dtype=np.float64).reshape(-1)
-        if self.low.shape != self.high.shape or self.low.size == 0:
-            raise ValueError(f"low and high must be non-empty and the same length (got {self.low}, {self.high})")
-        if not np.all(self.low <= self.high):
-            raise ValueError(f"low must be <= high in every coordinate (got {self.low}, {self.high})")
-        if not tol >= 0 or max_iterations <= 0:
-            raise ValueError(f"need tol >= 0 and max_iterations > 0 (got {tol}, {max_iterations})")
-        self.n = self.low.size
-        self.tol, self.max_iterations, self.seed = float(tol), float(max_iterations), int(seed)
-        self.alpha, self.gamma, self.rho, self.sigma = float(alpha), float(gamma), float(rho), float(sigma)
-        self.cache_radius = float(cache_radius)
-        self._reset()
-
-    # ------------------------------------------------------------------------------------------- driving
-
-    def _reset(self):
-        self.history: list[tuple[list[float], float, float]] = []  # told evaluations: (x, score, cost)
-        self.cache: list[tuple[np.ndarray, float]] = []  # (x, f = -score)
-        self.iterations = 0.0  # total cost told
-        self.cache_hits = 0
-        self.nm_steps = 0
-        self.simplex: np.ndarray | None = None
-        self.values: np.ndarray | None = None  # f = -score at the simplex points
-        self.trace: list[dict] = []  # best point at the start of every iteration (and at the end)
-        self.done, self.stop_reason = False, None
-        self._pending: np.ndarray | None = None
-        self._gen = self._algorithm()
-        self._advance(None)
-
-    def _advance(self, value):
-        try:
-            self._pending = self._gen.send(value)
-        except StopIteration:
-            self._pending = None
-            self.done = True
-
-    def ask(self) -> np.ndarray | None:
-        """The next point to evaluate (a copy), or None when the search is done."""
-        return None if self._pending is None else self._pending.copy()
-
-    def tell(self, score: float, cost: float = 1.0) -> None:
-        """Report the score (higher is better) of the point ``ask`` returned; ``cost`` counts against the budget."""
-        if self._pending is None:
-            raise RuntimeError("tell() without a pending point: the search is done")
-        score, cost = float(score), float(cost)
-        if not math.isfinite(score):
-            raise ValueError(f"score must be finite (got {score})")
-        x = self._pending
-        self.history.append((x.tolist(), score, cost))
-        self.cache.append((x.copy(), -score))
-        self.iterations += cost
-        self._advance(-score)
-
-    def lookup(self, x) -> float | None:
-        """Cached score for x (exact, or within cache_radius in every coordinate), else None."""
-        x = np.asarray(x, dtype=np.float64)
-        for cx, f in self.cache:
-            if np.array_equal(cx, x):
-                return -f
-        for cx, f in self.cache:
-            if np.all(np.abs(cx - x) <= self.cache_radius):
-                return -f
-        return None
-
-    @property
-    def best_point(self) -> np.ndarray | None:
-        if self.values is None:
-            return None
-        return self.simplex[int(np.argmin(self.values))].copy()
-
-    @property
-    def best_score(self) -> float | None:
-        return None if self.values is None else float(-np.min(self.values))
-
-    # ------------------------------------------------------------------------------------------ algorithm
-
-    def _f(self, x):
-        """Sub-generator: the value f = -score at x, from the cache or by asking."""
-        cached = self.lookup(x)
-        if cached is not None:
-            self.cache_hits += 1
-            return -cached
-        return (yield np.asarray(x, dtype=np.float64))
-
-    def _record(self):
-        i = int(np.argmin(self.values))
-        self.trace.append({"iterations": self.iterations, "nm_step": self.nm_steps,
-                           "best": self.simplex[i].tolist(), "best_score": float(-self.values[i])})
-
-    def _algorithm(self):
-        rng = np.random.default_rng(self.seed)
-        points = self.low + rng.random((self.n + 1, self.n)) * (self.high - self.low)
-        values = np.empty(self.n + 1)
-        for i in range(self.n + 1):
-            values[i] = yield from self._f(points[i])
-        self.simplex, self.values = points, values
-        while True:
-            order = np.argsort(self.values, kind="stable")
-            self.simplex, self.values = self.simplex[order], self.values[order]
-            self._record()
-            if np.std(self.values) < self.tol:
-                self.stop_reason = "tol"
-                return
-            if self.iterations >= self.max_iterations:
-                self.stop_reason = "budget"
-                return
-            if self.cache_radius > 0 and np.all(np.abs(self.simplex - self.simplex[0]) <= self.cache_radius):
-                self.stop_reason = "collapsed"  # every further point would come from the cache
-                return
-            if self.nm_steps >= self.MAX_STEPS:
-                self.stop_reason = "max_steps"
-                return
-            self.nm_steps += 1
-            S, F = self.simplex, self.values
-            best, second_worst, worst = F[0], F[-2], F[-1]
-            centroid = S[:-1].mean(0)
-            xr = centroid + self.alpha * (centroid - S[-1])
-            fr = yield from self._f(xr)
-            if best <= fr < second_worst:
-                S[-1], F[-1] = xr, fr
-                continue
-            if fr < best:
-                xe = centroid + self.gamma * (xr - centroid)
-                fe = yield from self._f(xe)
-                S[-1], F[-1] = (xe, fe) if fe < fr else (xr, fr)
-                continue
-            if fr < worst:  # outside contraction
-                xc = centroid + self.rho * (xr - centroid)
-                fc = yield from self._f(xc)
-                if fc <= fr:
-                    S[-1], F[-1] = xc, fc
-                    continue
-            else:  # inside contraction
-                xc = centroid + self.rho * (S[-1] - centroid)
-                fc = yield from self._f(xc)
-                if fc < worst:
-                    S[-1], F[-1] = xc, fc
-                    continue
-            for i in range(1, self.n + 1):  # shrink towards the best point
-                S[i] = S[0] + self.sigma * (S[i] - S[0])
-                F[i] = yield from self._f(S[i])
-
-    # -------------------------------------------------------------------------------------------- state
-
-    def _settings(self):
-        return {"low": self.low.tolist(), "high": self.high.tolist(), "tol": self.tol,
-                "max_iterations": self.max_iterations, "seed": self.seed, "alpha": self.alpha, "gamma": self.gamma,
-                "rho": self.rho, "sigma": self.sigma, "cache_radius": self.cache_radius}
-
-    def state_dict(self) -> dict:
-        return {"settings": self._settings(), "history": [list(h) for h in self.history]}
-
-    def load_state_dict(self, state: dict) -> None:
-        if state["settings"] != self._settings():
-            raise ValueError(f"Nelder-Mead state {state['settings']} does not match this search {self._settings()}")
-        self._reset()
-        for x, score, cost in state["history"]:
-            if self._pending is None or not np.allclose(self._pending, x, rtol=0, atol=1e-12):
-                raise ValueError("Nelder-Mead replay diverged from the saved history")
-            self.tell(score, cost)
-
-
 class EarlyStopResult(NamedTuple):
     score: float  # the evaluation score returned (higher is better; NM minimises -score)
     iterations: int  # training iterations used
@@ -812,7 +638,7 @@ class _ConstrainedMixin(MethodStateMixin):
             self.nm_eval = REWARDS[args.nm_eval_function][1](args)
             low, high = args.nm_box()
             self.nm = NelderMead(low, high, tol=args.nm_tol, max_iterations=args.nm_iterations,
-                                 seed=args.seed if args.nm_seed is None else args.nm_seed)
+                                 seed=args.seed if args.nm_seed is None else args.nm_seed, variant=args.nm_variant)
             self._nm_next()
 
     # --------------------------------------------------------------------------------------- rewards

@@ -394,7 +394,8 @@ def test_nm_initial_simplex_is_seeded_and_in_the_box():
 
 
 def test_nm_coefficients_on_one_iteration():
-    nm = NelderMead([0, 0], [1, 1], tol=1e-12, seed=3)
+    # the textbook variant (the official one: tests/trainers/test_nelder_mead.py)
+    nm = NelderMead([0, 0], [1, 1], tol=1e-12, seed=3, variant="textbook")
     simplex = [nm.ask()]
     nm.tell(-1.0)  # f = 1 (best)
     simplex.append(nm.ask())
@@ -420,7 +421,7 @@ def test_nm_coefficients_on_one_iteration():
 
 
 def test_nm_outside_contraction():
-    nm = NelderMead([0, 0], [1, 1], tol=1e-12, seed=4)
+    nm = NelderMead([0, 0], [1, 1], tol=1e-12, seed=4, variant="textbook")
     pts = []
     for f in (1.0, 2.0, 3.0):
         pts.append(nm.ask())
@@ -445,18 +446,21 @@ def test_nm_cache():
     assert nm.cache_hits > 0
     for i, x in enumerate(asked):  # no point was asked twice (or within the radius of an earlier one)
         for y in asked[:i]:
-            assert np.abs(x - y).max() > 5e-3
+            assert np.abs(x - y).max() >= 5e-3
 
 
 def test_nm_stops_on_tol_and_budget():
-    nm = NelderMead([0, 0], [1, 1], tol=0.01, max_iterations=1000, seed=0)
-    asked = drive(nm, lambda x: 5.0)  # flat: std 0 after the initial simplex
+    nm = NelderMead([0, 0], [1, 1], tol=0.01, max_iterations=1000, seed=0, variant="textbook")
+    asked = drive(nm, lambda x: 5.0)  # flat: std 0 after the initial simplex (textbook: tested before every iteration)
     assert nm.done and nm.stop_reason == "tol" and len(asked) == 3 and nm.ask() is None
     with pytest.raises(RuntimeError):
         nm.tell(1.0)
-    nm = NelderMead([0, 0], [1, 1], tol=0.0, max_iterations=10**9, seed=0)
+    nm = NelderMead([0, 0], [1, 1], tol=0.0, max_iterations=10**9, seed=0, variant="textbook")
     drive(nm, lambda x: 5.0)  # tol 0 never fires; the simplex shrinks until it collapses into the cache radius
-    assert nm.stop_reason == "collapsed" and np.abs(nm.simplex - nm.simplex[0]).max() <= 5e-3
+    assert nm.stop_reason == "collapsed" and np.abs(nm.simplex - nm.simplex[0]).max() < 5e-3
+    nm = NelderMead([0, 0], [1, 1], tol=0.0, max_iterations=10**9, seed=0)
+    drive(nm, lambda x: 5.0)  # official: no collapse stop; the safety stop ends a search that only hits the cache
+    assert nm.stop_reason == "stalled" and nm.nm_steps < 2 * NelderMead.MAX_IDLE_STEPS
     nm = NelderMead([-1, -1], [1, 1], tol=1e-12, max_iterations=50, seed=0)
     while not nm.done:
         x = nm.ask()
