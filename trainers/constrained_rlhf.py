@@ -28,8 +28,9 @@ Formulations (``formulation``):
     all    maximise V_KL + sum_i V_i s.t. V_i <= theta_i (upper bounds; "All-PPO": this definition is inferred
            from reviews of the paper and is UNVERIFIED; no All-PPO config ships with the official code)
     sat    PPO-SAT: one reward stream -sum_i (r_i - theta_i)^2 + r_KL per completion; no multipliers
-    fixed  fixed weights (the baseline): one reward stream sum_i w_i r_i + r_KL, w = ``reward_weights``
-           (default 1), i.e. TRL's RLOO with beta = kl_coef (and normalised advantages)
+    fixed  fixed weights (the baseline): one reward stream clip(sum_i w_i r_i) + r_KL, w = ``reward_weights``
+           (default 1), clip = ``reward_clip_range`` (none by default), i.e. exactly TRL's RLOO with beta = kl_coef
+           and the same ``normalize_advantages`` / ``reward_clip_range`` (sat clips its reward the same way)
     nm     xi with the thresholds tuned online by Nelder-Mead on a hidden evaluation score (NM-PPO)
 
 Advantages (per stream s in {1..N, KL}: RLOO advantage, then normalised over the batch,
@@ -45,6 +46,12 @@ and for ``all`` with upper-bound multipliers mu_i = sigmoid(lambda_i) (or mu_i =
 The single-stream baselines (fixed, sat) sum their reward with r_KL first, then take one RLOO advantage and
 normalise it: there kl_coef sets how far the policy moves. In the mixed forms every stream is normalised, so
 kl_coef (any positive scale of a stream) cancels: how far the policy moves is set by the multipliers alone.
+``reward_clip_range`` applies only to the single-stream forms (the mixed ones refuse it).
+
+Logging: TRL's completions table gets the advantages actually trained on and a ``mixed_reward`` column, and TRL's
+``reward`` / ``reward_std`` metrics are those of the mixed reward (``mixed_rewards``: the single stream for fixed /
+sat, (N - sum_i w_i) r_KL + sum_i w_i r_i for mu / xi / nm, r_KL + sum_i (1 - mu_i) r_i for all), not RLOO's stock
+weighted sum.
 
 Multiplier loss (violation detached), one SGD(momentum 0.1) step with grad-norm clip 0.5 per generation batch:
 
@@ -102,7 +109,8 @@ class ConstrainedArguments:
         metadata={"help": "mu (maximise the KL reward s.t. V_i >= theta_i), xi (s.t. V_i = theta_i), all (composite "
                   "reward s.t. V_i <= theta_i; definition inferred from reviews, unverified), sat (PPO-SAT: reward = "
                   "-sum_i (r_i - theta_i)^2 - KL), fixed (the baseline: reward sum_i w_i r_i - KL with w = "
-                  "reward_weights, i.e. RLOO with beta = kl_coef), nm (xi with Nelder-Mead over the thresholds)."},
+                  "reward_weights, clipped to reward_clip_range, i.e. RLOO with beta = kl_coef), nm (xi with Nelder-Mead over "
+                  "the thresholds)."},
     )
     squash_multipliers: bool = field(
         default=True,
@@ -177,6 +185,10 @@ class ConstrainedArguments:
         super().__post_init__()
         if self.formulation not in FORMULATIONS:
             raise ValueError(f"formulation={self.formulation!r}; valid: {', '.join(FORMULATIONS)}")
+        if getattr(self, "reward_clip_range", None) and self.formulation not in ("fixed", "sat"):
+            raise ValueError(f"reward_clip_range={self.reward_clip_range}: it clips the one summed reward of the "
+                             f"single-stream formulations (fixed, sat, as RLOO does); formulation={self.formulation!r} "
+                             "mixes per-stream advantages")
         if self.beta != 0.0:
             raise ValueError(f"beta={self.beta}: constrained RLHF keeps RLOO's KL-in-reward coefficient at 0 (the KL "
                              "is its own stream, weighted by kl_coef); set kl_coef instead")
@@ -394,18 +406,62 @@ def group_mean_advantages(rewards, num_generations, scale="group"):
     raise ValueError(f"scale={scale!r}; valid: group, batch, none")
 
 
+def single_stream_rewards(formulation, component_rewards, kl_rewards, multipliers=None, thresholds=None,
+                          clip_range=None):
+    """The one reward stream (B,) of the single-stream baselines: fixed sum_i w_i r_i (w = multipliers, default
+    ones) or sat -sum_i (r_i - theta_i)^2, clipped to ``clip_range`` = (min, max) when given, then + r_KL: the
+    order of TRL 1.16's ``RLOOTrainer`` (weighted sum, ``reward_clip_range``, then the KL penalty)."""
+    if formulation == "sat":
+        if thresholds is None:
+            raise ValueError("formulation='sat' needs thresholds")
+        reward = sat_rewards(component_rewards, thresholds)
+    elif formulation == "fixed":
+        n = component_rewards.shape[1]
+        w = torch.ones(n) if multipliers is None else torch.as_tensor(multipliers).detach()
+        if w.shape != (n,):
+            raise ValueError(f"fixed weights must be (N,) = ({n},), got shape {tuple(w.shape)}")
+        reward = component_rewards @ w.to(component_rewards)
+    else:
+        raise ValueError(f"formulation={formulation!r} has no single reward stream (fixed and sat do)")
+    if clip_range:
+        reward = reward.clamp(min=clip_range[0], max=clip_range[1])
+    return reward + kl_rewards.to(reward)
+
+
+def mixed_rewards(formulation, component_rewards, kl_rewards, multipliers=None, thresholds=None, squash=True,
+                  clip_range=None):
+    """The per-completion reward (B,) each formulation optimises, with the multipliers in use (for logging).
+
+    fixed / sat: the single stream (``single_stream_rewards``). mu / xi / nm: the Lagrangian reward with the mixing
+    weights, (N - sum_i w_i) r_KL + sum_i w_i r_i (squashed) or r_KL + sum_i lambda_i r_i (unsquashed); all:
+    r_KL + sum_i (1 - mu_i) r_i. The mixed advantage is built from these streams after per-stream normalisation, so
+    it is not the RLOO advantage of this reward; the reward is what the weights make of the streams' raw values.
+    """
+    if formulation in ("fixed", "sat"):
+        return single_stream_rewards(formulation, component_rewards, kl_rewards, multipliers, thresholds, clip_range)
+    dtype = _work_dtype(component_rewards, kl_rewards)
+    r_c, r_kl = component_rewards.to(dtype), kl_rewards.to(dtype)
+    lam = torch.as_tensor(multipliers).detach().to(dtype=dtype, device=r_c.device)
+    if formulation == "all":
+        return r_kl + r_c @ (1 - squash_multipliers(lam, equality=False, squash=squash))
+    w = squash_multipliers(lam, formulation in ("xi", "nm"), squash)
+    return ((r_c.shape[1] - w.sum()) if squash else 1.0) * r_kl + r_c @ w
+
+
 def formulation_advantages(formulation, component_rewards, kl_rewards, num_generations, multipliers=None,
-                           thresholds=None, squash=True, *, baseline=None, normalise_single=NORM_EPS):
+                           thresholds=None, squash=True, *, baseline=None, normalise_single=NORM_EPS,
+                           clip_range=None):
     """Sequence advantages (B,) for any formulation, from per-completion rewards.
 
     component_rewards (B, N), kl_rewards (B,) (``kl_stream_rewards``), the num_generations completions of a prompt
     consecutive. ``baseline(rewards, num_generations)`` turns rewards ((B,) or (B, N)) into per-stream advantages:
     ``rloo_advantages`` by default, ``group_mean_advantages`` for the GRPO twin. mu / xi / nm / all: every stream
     gets its advantage, then ``mix_advantages`` (multipliers = the raw lambda; equality for xi and nm) or
-    ``mix_upper_bound_advantages`` (all) normalises and mixes them. fixed / sat: ONE stream, the reward
-    sum_i w_i r_i + r_KL (w = multipliers, default ones) or -sum_i (r_i - theta_i)^2 + r_KL; its advantage is
-    normalised over the batch as (A - mean) / (std_unbiased + normalise_single) (None: not normalised). With the
-    RLOO baseline and ``normalise_single=1e-4`` this is TRL's RLOO with beta = kl_coef, normalize_advantages=True.
+    ``mix_upper_bound_advantages`` (all) normalises and mixes them. fixed / sat: ONE stream,
+    ``single_stream_rewards`` (sum_i w_i r_i or -sum_i (r_i - theta_i)^2, clipped to ``clip_range``, + r_KL); its
+    advantage is normalised over the batch as (A - mean) / (std_unbiased + normalise_single) (None: not
+    normalised). With the RLOO baseline, ``normalise_single=1e-4`` (or None) and ``clip_range`` =
+    ``reward_clip_range`` this is TRL's RLOO with beta = kl_coef and the same normalize_advantages.
     """
     if formulation not in FORMULATIONS:
         raise ValueError(f"formulation={formulation!r}; valid: {', '.join(FORMULATIONS)}")
@@ -414,20 +470,14 @@ def formulation_advantages(formulation, component_rewards, kl_rewards, num_gener
                          f"and {tuple(kl_rewards.shape)}")
     baseline = rloo_advantages if baseline is None else baseline
     if formulation in ("fixed", "sat"):
-        if formulation == "sat":
-            if thresholds is None:
-                raise ValueError("formulation='sat' needs thresholds")
-            reward = sat_rewards(component_rewards, thresholds)
-        else:
-            n = component_rewards.shape[1]
-            w = torch.ones(n) if multipliers is None else torch.as_tensor(multipliers).detach()
-            if w.shape != (n,):
-                raise ValueError(f"fixed weights must be (N,) = ({n},), got shape {tuple(w.shape)}")
-            reward = component_rewards @ w.to(component_rewards)
-        adv = baseline(reward + kl_rewards.to(reward), num_generations)
+        reward = single_stream_rewards(formulation, component_rewards, kl_rewards, multipliers, thresholds, clip_range)
+        adv = baseline(reward, num_generations)
         if normalise_single is None or adv.shape[0] < 2:
             return adv
         return (adv - adv.mean()) / (adv.std(unbiased=True) + normalise_single)
+    if clip_range:
+        raise ValueError(f"reward_clip_range clips the one summed reward of the single-stream formulations (fixed, "
+                         f"sat); formulation={formulation!r} mixes per-stream advantages")
     if multipliers is None:
         raise ValueError(f"formulation={formulation!r} needs the multipliers")
     A_c = baseline(component_rewards, num_generations)
@@ -654,8 +704,9 @@ class _ConstrainedMixin(MethodStateMixin):
 
     def _generate_and_score_completions(self, inputs):
         out = super()._generate_and_score_completions(inputs)
-        if not self.model.training:
-            return out  # evaluation keeps the parent's advantages (they are only logged)
+        if not self.model.training:  # evaluation keeps the parent's advantages (they are only logged)
+            self._logs["extra"]["mixed_reward"].extend([None] * self._component_rewards.size(0))
+            return out
         args, rewards = self.args, self._component_rewards.double()
         if torch.isnan(rewards).any():
             bad = [n for n, col in zip(self.reward_func_names, rewards.isnan().any(0).tolist()) if col]
@@ -663,12 +714,16 @@ class _ConstrainedMixin(MethodStateMixin):
                              "RLHF needs every component reward of every completion")
         kl = self.accelerator.gather(self._sequence_kl(out)).double()  # (B,) sum_t log pi_old - log pi_ref
         lam = None if self.multipliers is None else self.multipliers.lam
+        clip = getattr(args, "reward_clip_range", None)  # RLOO's (fixed, sat); GRPOConfig has none
         advantages = formulation_advantages(
             args.formulation, rewards, -args.kl_coef * kl, self.num_generations, lam, self.thresholds,
             args.squash_multipliers, baseline=self._stream_baseline,
-            normalise_single=1e-4 if getattr(args, "normalize_advantages", False) else None)
+            normalise_single=1e-4 if getattr(args, "normalize_advantages", False) else None, clip_range=clip)
         rank, b = self.accelerator.process_index, out["completion_ids"].size(0)
         out["advantages"] = advantages[rank * b:(rank + 1) * b].to(out["advantages"].dtype)
+        mixed = mixed_rewards(args.formulation, rewards, -args.kl_coef * kl, lam, self.thresholds,
+                              args.squash_multipliers, clip_range=clip)
+        self._log_mixed(advantages, mixed)
 
         values = rewards.mean(0)  # the constraint values V_i: global batch means (identical on every rank)
         metrics = {"constrained/kl": kl.mean().item()}
@@ -684,6 +739,22 @@ class _ConstrainedMixin(MethodStateMixin):
         for key, value in metrics.items():
             self._metrics["train"][key].append(value)
         return out
+
+    def _log_mixed(self, advantages, mixed):
+        """Log what this batch trains on, not the parent's stock numbers: the completions table's ``advantage``
+        column gets the advantages actually used (replacing the parent's entries for this batch) and a
+        ``mixed_reward`` column (``mixed_rewards``); TRL's ``reward`` / ``reward_std`` metrics become the mixed
+        reward's mean and std (the weighted sum of the components without the KL that TRL logs stays available as
+        ``rewards/<name>/mean``)."""
+        logged = self._logs["advantages"]
+        for _ in range(min(len(advantages), len(logged))):
+            logged.pop()
+        logged.extend(advantages.tolist())
+        self._logs["extra"]["mixed_reward"].extend(mixed.tolist())
+        metrics = self._metrics["train"]
+        if metrics["reward"]:
+            metrics["reward"][-1] = mixed.mean().item()
+            metrics["reward_std"][-1] = mixed.std().item() if mixed.numel() > 1 else 0.0
 
     @torch.no_grad()
     def _sequence_kl(self, out) -> torch.Tensor:

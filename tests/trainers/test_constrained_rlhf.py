@@ -17,6 +17,7 @@ from posttrain.trainers.constrained_rlhf import (
     kl_stream_rewards,
     mix_advantages,
     mix_upper_bound_advantages,
+    mixed_rewards,
     multiplier_loss,
     normalise_stream,
     rloo_advantages,
@@ -551,6 +552,48 @@ def test_fixed_weights_equal_stock_rloo(tmp_path, normalize):
     assert grads.keys() == stock_grads.keys()
     for name in grads:
         torch.testing.assert_close(grads[name], stock_grads[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_fixed_weights_with_reward_clip_range_equal_stock_rloo(tmp_path):
+    # RLOO clips the weighted reward sum to reward_clip_range before the KL penalty: so must formulation=fixed
+    rewards = {"reward_funcs": ["offensiveness_cost", "length_fraction", "vader_sentiment"],
+               "reward_weights": [1.0, 3.0, 0.5], "normalize_advantages": True, "reward_clip_range": [2.95, 2.98]}
+    stock, stock_inputs, stock_loss, _ = _loss_and_grads("rloo/tiny", tmp_path, beta=0.05, **rewards)
+    ours, inputs, loss, _ = _loss_and_grads("constrained_rlhf/tiny", tmp_path, formulation="fixed", kl_coef=0.05,
+                                            constraint_thresholds=None, **rewards)
+    assert torch.equal(stock_inputs["completion_ids"], inputs["completion_ids"])
+    summed = ours._component_rewards.double() @ torch.tensor([1.0, 3.0, 0.5], dtype=D)
+    assert ((summed < 2.95) | (summed > 2.98)).any() and ((summed > 2.95) & (summed < 2.98)).any()  # the clip bites
+    torch.testing.assert_close(inputs["advantages"], stock_inputs["advantages"], atol=2e-6, rtol=1e-5)
+    assert loss == pytest.approx(stock_loss, abs=1e-6)
+    # what is logged is what was trained on: the clipped reward with the KL stream, and these advantages
+    kl = torch.tensor(ours._metrics["train"]["constrained/kl"][-1], dtype=D)
+    # (sorted: TRL shuffles the generation batch after logging it)
+    assert sorted(ours._logs["advantages"]) == pytest.approx(sorted(inputs["advantages"].tolist()), abs=1e-6)
+    mixed = torch.tensor(list(ours._logs["extra"]["mixed_reward"]), dtype=D)
+    assert mixed.shape == summed.shape and ours._metrics["train"]["reward"][-1] == pytest.approx(mixed.mean().item())
+    assert (mixed - summed.clamp(2.95, 2.98)).mean().item() == pytest.approx(-0.05 * kl.item(), abs=1e-6)
+    with pytest.raises(ValueError, match="reward_clip_range"):
+        _config(formulation="xi", constraint_thresholds=[0.1], reward_clip_range=(0.0, 1.0))
+
+
+def test_logged_reward_and_advantages_are_the_mixed_ones(tmp_path):
+    # the completions table and TRL's reward metric show the xi mix the policy trains on, not RLOO's stock numbers
+    trainer, inputs, _, _ = _loss_and_grads("constrained_rlhf/tiny", tmp_path)
+    cfg = trainer.args
+    lam0 = LagrangeMultipliers.from_config(cfg, 3, generator=torch.Generator().manual_seed(cfg.seed)).lam.detach()
+    rewards = trainer._component_rewards.double()
+    w = torch.tanh(lam0)
+    logged = torch.tensor(list(trainer._logs["extra"]["mixed_reward"]), dtype=D)
+    # mixed reward = (N - sum w) r_KL + sum_i w_i r_i with r_KL = -kl_coef * KL: the implied KL is the logged one
+    kl = (logged - rewards @ w) / ((3 - w.sum()) * -cfg.kl_coef)
+    assert kl.mean().item() == pytest.approx(trainer._metrics["train"]["constrained/kl"][-1], rel=1e-4)
+    torch.testing.assert_close(mixed_rewards("xi", rewards, -cfg.kl_coef * kl, lam0, cfg.constraint_thresholds), logged)
+    # (sorted: TRL shuffles the generation batch after logging it)
+    assert sorted(trainer._logs["advantages"]) == pytest.approx(sorted(inputs["advantages"].tolist()), abs=1e-6)
+    assert trainer._metrics["train"]["reward"][-1] == pytest.approx(logged.mean().item(), abs=1e-6)
+    assert trainer._metrics["train"]["reward_std"][-1] == pytest.approx(logged.std().item(), abs=1e-6)
+    assert len(trainer._logs["extra"]["mixed_reward"]) == len(trainer._logs["prompt"])  # the table's columns line up
 
 
 def test_xi_advantages_and_one_multiplier_step_in_the_trainer(tmp_path):
