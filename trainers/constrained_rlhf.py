@@ -4,16 +4,19 @@ Paper: Moskovitz, Singh, Strouse, Sandholm, Salakhutdinov, Dragan, McAleer, "Con
 Overoptimization with Constrained RLHF", arXiv 2310.04373 (ICLR 2024). Official code: the authors' fork of
 RL4LMs, ``tedmoskovitz/ConstrainedRL4LMs`` (PPO-based: ``ConstrainedPPO`` with an (N+1)-head critic, per-stream
 GAE, multipliers stepped after every PPO minibatch; no LICENSE file, so nothing is copied from it: this module is
-written from the equations in the spec, llm-methods.md §3).
+written from the paper's equations and a reading of that code).
 
-Delta from TRL's ``RLOOTrainer`` (the spec's "practical TRL variant", §3.5, a documented deviation from the
-official PPO loop): the N component rewards are kept un-summed, a KL stream r_KL = -kl_coef * sum_t (log pi_old -
-log pi_ref) is added, each stream gets its own RLOO advantage and is normalised over the batch, the streams are
-mixed with squashed Lagrange multipliers, and the multipliers take one step per *generation batch* (not per
-minibatch) on the batch mean of each component reward minus its threshold. RLOO's own ``beta`` is kept at 0 so
-the KL is not counted twice (it lives in the KL stream, weighted by ``kl_coef``). ``ConstrainedRLHFTrainer``
-overrides ``_generate_and_score_completions`` (advantages + multiplier step) and ``_calculate_rewards`` (keeps the
-(B, N) rewards); ``ConstrainedGRPOTrainer`` is the same on ``GRPOTrainer``, with GRPO's group-centred (and
+Delta from TRL's ``RLOOTrainer`` (a practical TRL variant, a documented deviation from the official PPO loop, which
+TRL 1.16 does not have): the N component rewards are kept un-summed, a KL stream r_KL = -kl_coef * sum_t (log pi_old
+- log pi_ref) is added, each stream gets its own RLOO advantage and is normalised over the generation batch, the
+streams are mixed with squashed Lagrange multipliers, and the multipliers step on the mean of each component reward
+minus its threshold. Cadence (``multiplier_step``): by default once per *optimizer step*, on that step's completions,
+with every micro-batch mixing its streams with the multipliers current at its step, as the official code steps them
+after every PPO minibatch; ``generation`` steps them once per generation batch (mixed once, at generation). RLOO's
+own ``beta`` is kept at 0 so the KL is not counted twice (it lives in the KL stream, weighted by ``kl_coef``).
+``ConstrainedRLHFTrainer`` overrides ``_generate_and_score_completions`` (streams, advantages, the per-generation
+multiplier step), ``_prepare_inputs`` / ``training_step`` (the per-optimizer-step mix and multiplier step) and
+``_calculate_rewards`` (keeps the (B, N) rewards); ``ConstrainedGRPOTrainer`` is the same on ``GRPOTrainer``, with GRPO's group-centred (and
 ``scale_rewards``-scaled) reward as each stream's advantage.
 
 Problem. Component reward models r_1..r_N, thresholds theta ("proxy points": the component values beyond which
@@ -53,7 +56,8 @@ Logging: TRL's completions table gets the advantages actually trained on and a `
 sat, (N - sum_i w_i) r_KL + sum_i w_i r_i for mu / xi / nm, r_KL + sum_i (1 - mu_i) r_i for all), not RLOO's stock
 weighted sum.
 
-Multiplier loss (violation detached), one SGD(momentum 0.1) step with grad-norm clip 0.5 per generation batch:
+Multiplier loss (violation detached), one SGD(momentum 0.1, lr 0.1) step with grad-norm clip 0.5 per optimizer step
+(``multiplier_step: optimizer_step``, the official cadence) or per generation batch (``generation``):
 
     loss(lambda) = sum_i w_i(lambda) (V_i - theta_i)           mu, xi       (all: sum_i w_i (theta_i - V_i))
 
@@ -92,6 +96,7 @@ FORMULATIONS = ("mu", "xi", "all", "sat", "fixed", "nm")
 # formulations that need ``constraint_thresholds``
 THRESHOLD_FORMULATIONS = ("mu", "xi", "all", "sat", "nm")
 NORM_EPS = 1e-8
+MULTIPLIER_STEPS = ("optimizer_step", "generation")
 
 
 @dataclass
@@ -118,6 +123,15 @@ class ConstrainedArguments:
                   "mixed weights then sum to N. False: raw multipliers (inequality ones clamped >= 0)."},
     )
     multiplier_lr: float = field(default=0.1, metadata={"help": "SGD learning rate of the multipliers."})
+    multiplier_step: str = field(
+        default="optimizer_step",
+        metadata={"help": "when the multipliers step: optimizer_step (the official code's cadence, a step after every "
+                  "policy minibatch: one multiplier step per optimizer step on the component means of that step's "
+                  "completions over all ranks, and every micro-batch mixes its streams with the current "
+                  "multipliers) or generation (one step per generation batch on its means; the streams are mixed "
+                  "once, at generation). They differ when a generation batch feeds several optimizer steps "
+                  "(steps_per_generation > gradient_accumulation_steps, or num_iterations > 1)."},
+    )
     multiplier_momentum: float = field(default=0.1, metadata={"help": "SGD momentum of the multipliers."})
     multiplier_grad_clip: float = field(
         default=0.5, metadata={"help": "gradient-norm clip of the multiplier step (over all multipliers)."}
@@ -206,6 +220,8 @@ class ConstrainedArguments:
                              "reward_weights: both need one value per reward function")
         if not (math.isfinite(self.kl_coef) and self.kl_coef >= 0):
             raise ValueError(f"kl_coef must be finite and >= 0 (got {self.kl_coef})")
+        if self.multiplier_step not in MULTIPLIER_STEPS:
+            raise ValueError(f"multiplier_step={self.multiplier_step!r}; valid: {', '.join(MULTIPLIER_STEPS)}")
         if not (self.multiplier_lr > 0 and math.isfinite(self.multiplier_lr)):
             raise ValueError(f"multiplier_lr must be > 0 (got {self.multiplier_lr})")
         if not 0 <= self.multiplier_momentum < 1:
@@ -265,7 +281,7 @@ class ConstrainedArguments:
 
 @dataclass
 class ConstrainedRLHFConfig(ConstrainedArguments, RLOOConfig):
-    """RLOOConfig plus the constrained-RLHF settings: the spec's practical TRL variant (RLOO advantages per stream)."""
+    """RLOOConfig plus the constrained-RLHF settings: the practical TRL variant (RLOO advantages per stream)."""
 
 
 @dataclass
@@ -322,7 +338,7 @@ def mix_advantages(component_adv, kl_adv, multipliers, equality, squash=True):
     mixed_components = A_c @ w
     if squash:
         return (A_c.shape[1] - w.sum()) * A_kl + mixed_components
-    # Official-code quirk (spec §3.2): its unsquashed branch mixes with ``lagrange[1:]``, dropping the first
+    # Official-code quirk (ConstrainedRL4LMs, constrained_ppo.py): its unsquashed branch mixes with ``lagrange[1:]``, dropping the first
     # multiplier (a leftover; with N multipliers it does not even line up with the N streams). Here every
     # multiplier weighs its own stream, the sensible reading of the Lagrangian.
     return A_kl + mixed_components
@@ -343,6 +359,19 @@ def mix_upper_bound_advantages(component_adv, kl_adv, multipliers, squash=True):
     A_kl = normalise_stream(kl_adv.to(dtype))
     mu = squash_multipliers(multipliers.detach().to(dtype), equality=False, squash=squash)
     return A_kl + A_c @ (1 - mu)
+
+
+def weigh_streams(formulation, component_adv_n, kl_adv_n, multipliers, squash=True):
+    """The mix of ALREADY normalised streams (B, N) and (B,) with the multipliers (detached): the last step of
+    ``mix_advantages`` (mu, xi, nm) or ``mix_upper_bound_advantages`` (all). The trainer re-mixes every micro-batch
+    with the current multipliers through this when they step per optimizer step."""
+    dtype = _work_dtype(component_adv_n, kl_adv_n)
+    A_c, A_kl = component_adv_n.to(dtype), kl_adv_n.to(dtype)
+    lam = torch.as_tensor(multipliers).detach().to(dtype=dtype, device=A_c.device)
+    if formulation == "all":
+        return A_kl + A_c @ (1 - squash_multipliers(lam, equality=False, squash=squash))
+    w = squash_multipliers(lam, formulation in ("xi", "nm"), squash)
+    return ((A_c.shape[1] - w.sum()) if squash else 1.0) * A_kl + A_c @ w
 
 
 def multiplier_loss(multipliers, component_values, thresholds, equality, squash=True, *, upper_bound=False):
@@ -724,6 +753,13 @@ class _ConstrainedMixin(MethodStateMixin):
         mixed = mixed_rewards(args.formulation, rewards, -args.kl_coef * kl, lam, self.thresholds,
                               args.squash_multipliers, clip_range=clip)
         self._log_mixed(advantages, mixed)
+        if self._per_step_multipliers:
+            # carried with the completions through TRL's shuffle and split: every micro-batch re-mixes its normalised
+            # streams with the multipliers current at its optimizer step, and the step uses its component rewards
+            streams = torch.cat([normalise_stream(self._stream_baseline(rewards, self.num_generations)),
+                                 normalise_stream(self._stream_baseline(-args.kl_coef * kl, self.num_generations))[:, None]], 1)
+            out["constrained_streams"] = streams[rank * b:(rank + 1) * b].float()
+            out["constrained_components"] = rewards[rank * b:(rank + 1) * b].float()
 
         values = rewards.mean(0)  # the constraint values V_i: global batch means (identical on every rank)
         metrics = {"constrained/kl": kl.mean().item()}
@@ -731,7 +767,7 @@ class _ConstrainedMixin(MethodStateMixin):
             metrics[f"constrained/value/{name}"] = v
             if args.formulation != "fixed":
                 metrics[f"constrained/threshold/{name}"] = t
-        if self.multipliers is not None:
+        if self.multipliers is not None and not self._per_step_multipliers:
             metrics.update(self.multipliers.log_dict(self.reward_func_names))  # the weights used for this batch
             metrics["constrained/multiplier_loss"] = self.multipliers.step(values, self.thresholds)["loss"]
         if self.nm is not None:
@@ -739,6 +775,47 @@ class _ConstrainedMixin(MethodStateMixin):
         for key, value in metrics.items():
             self._metrics["train"][key].append(value)
         return out
+
+    @property
+    def _per_step_multipliers(self) -> bool:
+        """True when learnable multipliers step once per optimizer step (``multiplier_step: optimizer_step``)."""
+        return (self.multipliers is not None and not self.multipliers.fixed
+                and self.args.multiplier_step == "optimizer_step")
+
+    def _prepare_inputs(self, generation_batch):
+        """Per-optimizer-step multipliers: mix this micro-batch's normalised streams with the current multipliers and
+        add its component rewards to the running sums of this optimizer step."""
+        inputs = super()._prepare_inputs(generation_batch)
+        streams = inputs.get("constrained_streams")
+        if streams is None:
+            return inputs
+        components = inputs["constrained_components"]
+        # a shallow copy without the carried tensors: TRL reuses the buffered dict for num_iterations > 1
+        inputs = {k: v for k, v in inputs.items() if k not in ("constrained_streams", "constrained_components")}
+        inputs["advantages"] = weigh_streams(self.args.formulation, streams[:, :-1], streams[:, -1], self.multipliers.lam,
+                                             self.args.squash_multipliers).to(inputs["advantages"].dtype)
+        acc = torch.cat([components.double().sum(0).cpu(), torch.tensor([float(components.size(0))], dtype=torch.float64)])
+        self._step_components = acc if getattr(self, "_step_components", None) is None else self._step_components + acc
+        return inputs
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        """After the last micro-batch of an optimizer step, one multiplier step (per-optimizer-step cadence) on the
+        component means of that step's completions, summed over its micro-batches and all ranks (so every rank takes
+        the same step)."""
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if (getattr(self, "_step_components", None) is not None
+                and self._step % self.current_gradient_accumulation_steps == 0):  # TRL's count of micro-batches
+            self._multiplier_step()
+        return loss
+
+    def _multiplier_step(self):
+        total = self.accelerator.reduce(self._step_components.to(self.accelerator.device), reduction="sum").cpu()
+        self._step_components = None
+        values = total[:-1] / total[-1]
+        metrics = self.multipliers.log_dict(self.reward_func_names)  # the weights this step trained with
+        metrics["constrained/multiplier_loss"] = self.multipliers.step(values, self.thresholds)["loss"]
+        for key, value in metrics.items():
+            self._metrics["train"][key].append(value)
 
     def _log_mixed(self, advantages, mixed):
         """Log what this batch trains on, not the parent's stock numbers: the completions table's ``advantage``
@@ -840,7 +917,7 @@ class _ConstrainedMixin(MethodStateMixin):
 
 
 class ConstrainedRLHFTrainer(_ConstrainedMixin, RLOOTrainer):
-    """RLOOTrainer with constrained-RLHF advantages and Lagrange multipliers (the spec's practical TRL variant)."""
+    """RLOOTrainer with constrained-RLHF advantages and Lagrange multipliers (the practical TRL variant)."""
 
     _stream_baseline = staticmethod(rloo_advantages)
 

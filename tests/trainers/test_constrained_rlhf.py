@@ -596,8 +596,44 @@ def test_logged_reward_and_advantages_are_the_mixed_ones(tmp_path):
     assert len(trainer._logs["extra"]["mixed_reward"]) == len(trainer._logs["prompt"])  # the table's columns line up
 
 
+def test_multipliers_step_once_per_optimizer_step_by_default(tmp_path):
+    # the official cadence: a multiplier step after every policy minibatch. A generation batch of 8 completions feeds
+    # two optimizer steps (steps_per_generation 2): two multiplier steps per generation, each on its own 4 completions
+    overrides = {**REVIEWS, "max_steps": 4, "steps_per_generation": 2, "output_dir": str(tmp_path / "cadence")}
+    trainer = build_trainer(load_recipe("constrained_rlhf/tiny", overrides))
+    steps, generations, lams = [], [], []
+    real_step, real_generate = trainer.multipliers.step, trainer._generate_and_score_completions
+
+    def step(values, thresholds):
+        steps.append(torch.as_tensor(values, dtype=D).clone())
+        lams.append(trainer.multipliers.lam.detach().clone())
+        return real_step(values, thresholds)
+
+    def generate(inputs):
+        out = real_generate(inputs)
+        if trainer.model.training:
+            generations.append(trainer._component_rewards.double().mean(0))
+        return out
+
+    trainer.multipliers.step, trainer._generate_and_score_completions = step, generate
+    trainer.train()
+    assert trainer.state.global_step == 4 and len(generations) == 2
+    assert len(steps) == trainer.state.global_step, f"{len(steps)} multiplier steps for 4 optimizer steps"
+    for g, (a, b) in zip(generations, (steps[0:2], steps[2:4])):
+        close((a + b) / 2, g)  # each step's means are over its half of the generation batch
+        assert not torch.allclose(a, b)
+    assert not torch.equal(lams[0], lams[1])  # the second minibatch of a generation mixes with the moved multipliers
+    lagged = build_trainer(load_recipe("constrained_rlhf/tiny", {**overrides, "multiplier_step": "generation",
+                                                                  "output_dir": str(tmp_path / "gen")}))
+    real = lagged.multipliers.step
+    count = []
+    lagged.multipliers.step = lambda v, t: count.append(1) or real(v, t)
+    lagged.train()
+    assert len(count) == 2  # the option: once per generation batch
+
+
 def test_xi_advantages_and_one_multiplier_step_in_the_trainer(tmp_path):
-    trainer, inputs, _, _ = _loss_and_grads("constrained_rlhf/tiny", tmp_path)
+    trainer, inputs, _, _ = _loss_and_grads("constrained_rlhf/tiny", tmp_path, multiplier_step="generation")
     cfg = trainer.args
     lam0 = LagrangeMultipliers.from_config(cfg, 3, generator=torch.Generator().manual_seed(cfg.seed)).lam.detach()
     rewards = trainer._component_rewards.double()
