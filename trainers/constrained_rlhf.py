@@ -68,7 +68,9 @@ means (all-reduced over data-parallel ranks): the step is deterministic, so ever
 
 NM-PPO: Nelder-Mead (reflection 1, expansion 2, contraction 0.5, shrink 0.5) over the threshold vector during
 one continuing run; each function evaluation trains with the candidate thresholds, evaluates every
-``nm_eval_every`` iterations and returns early once every constrained metric is within +-5% of its threshold;
+``nm_eval_every`` iterations and returns early once every constrained metric is within +-5% of its threshold; an
+evaluation generates on the eval_split prompts with the current policy and scores them (``nm_score_on: eval_split``,
+as the official code scores a held-out split; ``train`` scores the training rollouts since the last evaluation);
 NM minimises -(evaluation score); evaluations are cached (a point within 5e-3 in every coordinate of a cached
 one reuses its value); it stops once the iteration budget ``nm_iterations`` is spent or, after a shrink, the std
 of the simplex values is below ``nm_tol`` (the official loop, ``nm_variant: official``; ``textbook`` is the other
@@ -77,7 +79,9 @@ variant). The search itself is generic: ``trainers/nelder_mead.py``. See ``evalu
 
 from __future__ import annotations
 
+import copy
 import math
+from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -97,6 +101,7 @@ FORMULATIONS = ("mu", "xi", "all", "sat", "fixed", "nm")
 THRESHOLD_FORMULATIONS = ("mu", "xi", "all", "sat", "nm")
 NORM_EPS = 1e-8
 MULTIPLIER_STEPS = ("optimizer_step", "generation")
+NM_SCORE_ON = ("eval_split", "train")
 
 
 @dataclass
@@ -191,6 +196,19 @@ class ConstrainedArguments:
         metadata={"help": "NM-PPO: name of the evaluation (score, higher is better) the trainer resolves; NM "
                   "minimises -score. Required for formulation=nm."},
     )
+    nm_score_on: str = field(
+        default="eval_split",
+        metadata={"help": "NM-PPO: where an evaluation's score and constraint values come from. eval_split (as the "
+                  "official code, which scores a held-out split): at each evaluation point the policy generates on "
+                  "every eval_split prompt, scored by nm_eval_function and the reward functions; needs eval_split. "
+                  "train: the training completions generated since the last evaluation point (a lagging window of "
+                  "training rollouts, no extra generation)."},
+    )
+    nm_eval_samples: int | None = field(
+        default=None,
+        metadata={"help": "NM-PPO with nm_score_on: eval_split: score on the first this many eval_split prompts "
+                  "(default all of them)."},
+    )
     nm_seed: int | None = field(
         default=None, metadata={"help": "NM-PPO: seed of the initial simplex (default: the run's seed)."}
     )
@@ -234,6 +252,10 @@ class ConstrainedArguments:
             raise ValueError(f"nm_iterations must be >= 1 (got {self.nm_iterations})")
         if not self.nm_tol > 0:
             raise ValueError(f"nm_tol must be > 0 (got {self.nm_tol})")
+        if self.nm_score_on not in NM_SCORE_ON:
+            raise ValueError(f"nm_score_on={self.nm_score_on!r}; valid: {', '.join(NM_SCORE_ON)}")
+        if self.nm_eval_samples is not None and self.nm_eval_samples < 1:
+            raise ValueError(f"nm_eval_samples must be >= 1 (got {self.nm_eval_samples})")
         if self.nm_variant not in NM_VARIANTS:
             raise ValueError(f"nm_variant={self.nm_variant!r}; valid: {', '.join(NM_VARIANTS)}")
         if self.nm_eval_every < 1:
@@ -708,6 +730,7 @@ class _ConstrainedMixin(MethodStateMixin):
         self.multipliers = LagrangeMultipliers.from_config(args, n, generator=torch.Generator().manual_seed(args.seed))
         self.nm = self.nm_run = self.nm_eval = None
         self._nm_window: list[tuple[float, list[float]]] = []
+        self._nm_scoring = False  # True while the eval split is being scored for NM
         if args.formulation == "nm":
             from posttrain.trainers.rewards import REWARDS
 
@@ -715,6 +738,10 @@ class _ConstrainedMixin(MethodStateMixin):
                 raise ValueError(f"nm_eval_function={args.nm_eval_function!r} is not a reward function; valid: "
                                  f"{', '.join(sorted(REWARDS))}")
             self.nm_eval = REWARDS[args.nm_eval_function][1](args)
+            if args.nm_score_on == "eval_split" and self.eval_dataset is None:
+                raise ValueError("formulation='nm' scores each Nelder-Mead evaluation on the eval_split prompts (as the "
+                                 "official code scores a held-out split): set eval_split, or nm_score_on: train to "
+                                 "score the training rollouts instead")
             low, high = args.nm_box()
             self.nm = NelderMead(low, high, tol=args.nm_tol, max_iterations=args.nm_iterations,
                                  seed=args.seed if args.nm_seed is None else args.nm_seed, variant=args.nm_variant)
@@ -725,7 +752,7 @@ class _ConstrainedMixin(MethodStateMixin):
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         # TRL gathers the (B, N) component rewards of the whole generation batch over processes: keep them.
         self._component_rewards = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
-        if self.nm_eval is not None and self.model.training:
+        if self.nm_eval is not None and (self._nm_scoring or (self.model.training and self.args.nm_score_on == "train")):
             columns = {k: [x[k] for x in inputs] for k in inputs[0] if k not in ("prompt", "completion", "completion_ids")}
             score = self.nm_eval(prompts=prompts, completions=completions, completion_ids=completion_ids_list, **columns)
             self._nm_scores = self.accelerator.gather(torch.tensor(score, dtype=torch.float32, device=self.accelerator.device))
@@ -873,17 +900,21 @@ class _ConstrainedMixin(MethodStateMixin):
         self.nm_run = EarlyStopEvaluation(self.thresholds, self.args.nm_eval_steps, self.args.nm_eval_every)
 
     def _nm_tick(self, values, metrics):
-        """One training iteration of the current NM evaluation: the score is the evaluation function's mean over the
-        completions generated since the last check (fresh samples of the current policy), the component values the
-        batch means over the same batches."""
+        """One training iteration (generation batch) of the current NM evaluation. At an evaluation point the score
+        and the constraint values are, with ``nm_score_on: eval_split`` (default), the means over completions the
+        current policy generates on every eval_split prompt (``_nm_score_eval_split``); with ``train``, the means
+        over the training completions generated since the last evaluation point."""
         if self.nm_run is None:
             return
-        self._nm_window.append((self._nm_scores.mean().item(), values))
+        if self.args.nm_score_on == "eval_split":
+            evaluate = self._nm_score_eval_split
+        else:
+            self._nm_window.append((self._nm_scores.mean().item(), values))
 
-        def evaluate():
-            scores, comps = zip(*self._nm_window)
-            self._nm_window.clear()
-            return float(np.mean(scores)), np.mean(comps, 0).tolist()
+            def evaluate():
+                scores, comps = zip(*self._nm_window)
+                self._nm_window.clear()
+                return float(np.mean(scores)), np.mean(comps, 0).tolist()
 
         result = self.nm_run.tick(evaluate)
         if result is not None:
@@ -891,6 +922,32 @@ class _ConstrainedMixin(MethodStateMixin):
             metrics.update({"nm/score": result.score, "nm/evaluations": float(len(self.nm.history)),
                             "nm/early": float(result.early)})
             self._nm_next()
+
+    def _nm_score_eval_split(self) -> tuple[float, list[float]]:
+        """Generate on every eval_split prompt (the first ``nm_eval_samples``) with the current policy (TRL's eval dataloader and generation,
+        ``num_generations_eval`` completions per prompt) and return (mean nm_eval_function score, mean of each
+        component reward) over all of them and all ranks. TRL's eval metrics and completions-table entries of these
+        generations are discarded, so a later ``evaluate()`` and the table are unaffected."""
+        saved_metrics, saved_logs = self._metrics["eval"], copy.deepcopy(self._logs)
+        self._metrics["eval"] = defaultdict(list)
+        was_training = self.model.training
+        scores, components = [], []
+        self._nm_scoring = True
+        self.model.eval()
+        try:
+            dataset = self.eval_dataset
+            if self.args.nm_eval_samples is not None and len(dataset) > self.args.nm_eval_samples:
+                dataset = dataset.select(range(self.args.nm_eval_samples))
+            for batch in self.get_eval_dataloader(dataset):
+                with torch.no_grad():
+                    self._generate_and_score_completions(batch)
+                scores.append(self._nm_scores.double().cpu())
+                components.append(self._component_rewards.double().cpu())
+        finally:
+            self._nm_scoring = False
+            self.model.train(was_training)
+            self._metrics["eval"], self._logs = saved_metrics, saved_logs
+        return torch.cat(scores).nanmean().item(), torch.cat(components).nanmean(0).tolist()
 
     # ------------------------------------------------------------------------------------------- state
 

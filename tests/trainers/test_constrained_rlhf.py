@@ -677,7 +677,8 @@ def test_nm_runs_inside_the_trainer_and_resumes_its_search(tmp_path):
     # NM-PPO in one continuing run: every nm_steps_per_eval iterations the search gets a score and moves the
     # thresholds; the state file replays the search exactly
     overrides = {"formulation": "nm", "nm_eval_function": "vader_sentiment", "nm_steps_per_eval": 2, "nm_eval_every": 1,
-                 "nm_iterations": 50, "max_steps": 6, "output_dir": str(tmp_path / "nm"), "dataset": "builtin:review_prompts"}
+                 "nm_iterations": 50, "max_steps": 6, "output_dir": str(tmp_path / "nm"), "dataset": "builtin:review_prompts",
+                 "nm_score_on": "train"}
     trainer = build_trainer(load_recipe("constrained_rlhf/tiny", overrides))
     first = list(trainer.thresholds)
     low, high = trainer.args.nm_box()
@@ -693,6 +694,34 @@ def test_nm_runs_inside_the_trainer_and_resumes_its_search(tmp_path):
     assert torch.equal(again.multipliers.lam, trainer.multipliers.lam)
     logged = [e["nm/evaluations"] for e in trainer.state.log_history if "nm/evaluations" in e]
     assert logged and logged[-1] == len(trainer.nm.history)
+
+
+def test_nm_scores_the_eval_split_by_default(tmp_path):
+    # as the official code scores a held-out split: at each evaluation point the policy generates on every eval_split
+    # prompt (num_generations_eval each), and NM is told the mean nm_eval_function score of those completions
+    overrides = {"formulation": "nm", "nm_eval_function": "vader_sentiment", "nm_steps_per_eval": 2, "nm_eval_every": 2,
+                 "nm_iterations": 50, "max_steps": 4, "output_dir": str(tmp_path / "nm"), "dataset": "builtin:review_prompts",
+                 "eval_split": "test", "num_samples": 8, "num_generations_eval": 2}
+    trainer = build_trainer(load_recipe("constrained_rlhf/tiny", overrides))
+    calls, real = [], trainer.nm_eval
+
+    def spy(prompts, completions, **kwargs):
+        out = real(prompts=prompts, completions=completions, **kwargs)
+        calls.append((trainer.model.training, list(out)))
+        return out
+
+    trainer.nm_eval = spy
+    trainer.train()
+    assert len(trainer.nm.history) == 2  # 4 iterations, 2 per evaluation
+    assert calls and not any(training for training, _ in calls), "scored training rollouts"
+    scores = [v for _, out in calls for v in out]
+    per_evaluation = len(trainer.eval_dataset) * 2
+    assert len(scores) == per_evaluation * 2, f"{len(scores)} completions scored for 2 evaluations of {per_evaluation}"
+    for k, (_, score, _) in enumerate(trainer.nm.history):
+        assert score == pytest.approx(float(np.mean(scores[k * per_evaluation:(k + 1) * per_evaluation])), abs=1e-6)
+    assert not trainer._metrics["eval"]  # the NM generations leave TRL's eval metrics alone
+    with pytest.raises(ValueError, match="eval_split"):
+        build_trainer(load_recipe("constrained_rlhf/tiny", {**overrides, "eval_split": None}))
 
 
 def test_a_trained_reward_model_is_a_component(tmp_path):
