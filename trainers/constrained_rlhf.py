@@ -92,6 +92,7 @@ from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import use_adapter
 
+from posttrain import UserError
 from posttrain.trainers.method_state import MethodStateMixin
 from posttrain.trainers.nelder_mead import VARIANTS as NM_VARIANTS
 from posttrain.trainers.nelder_mead import NelderMead  # noqa: F401  (re-exported: NM-PPO's search)
@@ -706,6 +707,11 @@ def evaluate_with_early_stop(train_step: Callable[[], object], evaluate: Callabl
 
 # ------------------------------------------------------------------------------------------------- trainers
 
+
+class NMSetupError(UserError, ValueError):
+    """An NM-PPO run set up without what it needs (the CLI prints it as one line, exit code 2)."""
+
+
 class _ConstrainedMixin(MethodStateMixin):
     """The constrained-RLHF delta, shared by the RLOO and GRPO trainers: overrides ``_generate_and_score_completions``
     (the advantages and the multiplier step) and ``_calculate_rewards`` (to keep the component rewards un-summed);
@@ -739,7 +745,7 @@ class _ConstrainedMixin(MethodStateMixin):
                                  f"{', '.join(sorted(REWARDS))}")
             self.nm_eval = REWARDS[args.nm_eval_function][1](args)
             if args.nm_score_on == "eval_split" and self.eval_dataset is None:
-                raise ValueError("formulation='nm' scores each Nelder-Mead evaluation on the eval_split prompts (as the "
+                raise NMSetupError("formulation='nm' scores each Nelder-Mead evaluation on the eval_split prompts (as the "
                                  "official code scores a held-out split): set eval_split, or nm_score_on: train to "
                                  "score the training rollouts instead")
             low, high = args.nm_box()
