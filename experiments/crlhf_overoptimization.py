@@ -37,6 +37,11 @@ Claims checked (``check_claims``; the test runs seed 0, the full run reports how
 
     .venv/bin/python experiments/crlhf_overoptimization.py            # full: 8 seeds, table, JSON + PNG (~1.5 min)
     .venv/bin/python experiments/crlhf_overoptimization.py --quick    # seed 0 only, writes nothing
+    .venv/bin/python experiments/crlhf_overoptimization.py --cadence --seeds 4   # multiplier-step cadence table
+
+Cadence (``run_cadence``): xi with a generation batch of S groups of K samples feeding S updates, multipliers
+stepped per update (``optimizer_step``, the official cadence and the trainer's default) or once per generation batch
+(``generation``); reports the first update at which both components are within +-5% of theta.
 """
 
 from __future__ import annotations
@@ -59,6 +64,9 @@ from posttrain.trainers.constrained_rlhf import (
     evaluate_with_early_stop,
     formulation_advantages,
     kl_stream_rewards,
+    normalise_stream,
+    rloo_advantages,
+    weigh_streams,
 )
 
 VOCAB, LENGTH, K = 4, 10, 8
@@ -192,6 +200,59 @@ def run_nm(seed, **overrides):
         "path_steps": [t["iterations"] for t in search.trace],
         "history": evaluations,
     }
+
+
+def reached_at(curves, thresholds=THETA, rel_tol=0.05):
+    """First update after which both expected components are within +-rel_tol * theta (the official NM-PPO "reached"
+    rule), or None."""
+    for t, (r1, r2) in enumerate(zip(curves["r1"], curves["r2"])):
+        if abs(r1 - thresholds[0]) <= rel_tol * thresholds[0] and abs(r2 - thresholds[1]) <= rel_tol * thresholds[1]:
+            return t
+    return None
+
+
+def run_cadence(multiplier_step, seed, steps_per_generation=8, steps=STEPS, thresholds=THETA):
+    """xi with a generation batch of steps_per_generation groups of K samples that feeds steps_per_generation policy
+    updates (one group each, as TRL's steps_per_generation): streams are RLOO'd per group and normalised over the
+    generation batch; ``optimizer_step`` mixes each update's group with the current multipliers and steps them on
+    that group's means (the official cadence, the trainer's default), ``generation`` mixes once and steps them once
+    per generation batch on its means. Same policy lr, multiplier settings and seed; ``steps`` updates."""
+    toy = Toy("xi", seed)
+    curves = {"r1": [], "r2": [], "eval": [], "w1": [], "w2": []}
+
+    def record():
+        score, (r1, r2) = toy.evaluate()
+        w = toy.multipliers.weights().tolist()
+        for k, v in zip(curves, (r1, r2, score, w[0], w[1])):
+            curves[k].append(v)
+
+    S = steps_per_generation
+    for _ in range(steps // S):
+        with torch.no_grad():
+            probs = torch.softmax(toy.logits, -1)
+            seqs = torch.multinomial(probs, S * K, replacement=True, generator=toy.generator).T  # (S*K, LENGTH)
+            positions = torch.arange(LENGTH).expand(S * K, LENGTH)
+            old_logp = torch.log_softmax(toy.logits, -1)[positions, seqs]
+        components = torch.stack([(seqs == SYM_A).double().mean(1), (seqs == SYM_B).double().mean(1)], 1)
+        r_kl = kl_stream_rewards(old_logp, toy.ref_logp[seqs], torch.ones_like(old_logp), toy.kl_coef)
+        A_c = normalise_stream(rloo_advantages(components, K))
+        A_kl = normalise_stream(rloo_advantages(r_kl, K))
+        if multiplier_step == "generation":
+            adv_all = weigh_streams("xi", A_c, A_kl, toy.multipliers.lam)
+            toy.multipliers.step(components.mean(0), thresholds)
+        for i in range(S):
+            record()
+            g = slice(i * K, (i + 1) * K)
+            adv = adv_all[g] if multiplier_step == "generation" else weigh_streams("xi", A_c[g], A_kl[g], toy.multipliers.lam)
+            logp = torch.log_softmax(toy.logits, -1)[positions[g], seqs[g]]
+            loss = -(adv.detach() * logp.sum(1)).mean()
+            (grad,) = torch.autograd.grad(loss, toy.logits)
+            with torch.no_grad():
+                toy.logits -= POLICY_LR * grad
+            if multiplier_step == "optimizer_step":
+                toy.multipliers.step(components[g].mean(0), thresholds)
+    record()
+    return summarise(curves, thresholds) | {"reached_at": reached_at(curves, thresholds), "curves": curves}
 
 
 def check_claims(fixed, xi, nm):
@@ -344,8 +405,18 @@ def main(argv=None):
     parser.add_argument("--seeds", type=int, default=8)
     parser.add_argument("--nm-seeds", type=int, default=8)
     parser.add_argument("--name", default="crlhf_overoptimization")
+    parser.add_argument("--cadence", action="store_true",
+                        help="only the multiplier-step cadence comparison (run_cadence), printed; writes nothing")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
+    if args.cadence:
+        print("| multiplier_step | steps_per_generation | updates to reach theta (+-5%), per seed | final max dev |")
+        print("|---|---|---|---|")
+        for S in (1, 8):
+            for mode in ("optimizer_step", "generation"):
+                rs = [run_cadence(mode, s, S) for s in range(args.seeds if not args.quick else 1)]
+                print(f"| {mode} | {S} | {[r['reached_at'] for r in rs]} | {_ms(r['final_dev'] for r in rs)} |")
+        return None
     seeds, nm_seeds = (range(1), range(1)) if args.quick else (range(args.seeds), range(args.nm_seeds))
     out = run(seeds, nm_seeds)
     print(table(out))

@@ -27,7 +27,8 @@ SOFTMAX_MOE = {**MOE, "moe_bias_on_softmax": True}  # Qwen3-MoE / Mixtral route 
 # patched Qwen3-MoE and Mixtral, whose checkpoint renames its router)
 CASES = {
     "sparsepo": ("sparsepo/tiny", {"learning_rate": 1e-3}),
-    "constrained_rlhf": ("constrained_rlhf/tiny", {}),
+    # two optimizer steps per generation batch: the per-optimizer-step multipliers step mid-generation
+    "constrained_rlhf": ("constrained_rlhf/tiny", {"steps_per_generation": 2}),
     "constrained_grpo": ("constrained_grpo/tiny", {}),
     "wagle": ("wagle/tiny", {"objective": "npo", "mask_ratio": 0.5}),  # NPO: its reference is a second engine
     "moe_deepseek_v3": ("moe_balance/tiny_sft", MOE),

@@ -4,16 +4,19 @@ Paper: Moskovitz, Singh, Strouse, Sandholm, Salakhutdinov, Dragan, McAleer, "Con
 Overoptimization with Constrained RLHF", arXiv 2310.04373 (ICLR 2024). Official code: the authors' fork of
 RL4LMs, ``tedmoskovitz/ConstrainedRL4LMs`` (PPO-based: ``ConstrainedPPO`` with an (N+1)-head critic, per-stream
 GAE, multipliers stepped after every PPO minibatch; no LICENSE file, so nothing is copied from it: this module is
-written from the equations in the spec, llm-methods.md §3).
+written from the paper's equations and a reading of that code).
 
-Delta from TRL's ``RLOOTrainer`` (the spec's "practical TRL variant", §3.5, a documented deviation from the
-official PPO loop): the N component rewards are kept un-summed, a KL stream r_KL = -kl_coef * sum_t (log pi_old -
-log pi_ref) is added, each stream gets its own RLOO advantage and is normalised over the batch, the streams are
-mixed with squashed Lagrange multipliers, and the multipliers take one step per *generation batch* (not per
-minibatch) on the batch mean of each component reward minus its threshold. RLOO's own ``beta`` is kept at 0 so
-the KL is not counted twice (it lives in the KL stream, weighted by ``kl_coef``). ``ConstrainedRLHFTrainer``
-overrides ``_generate_and_score_completions`` (advantages + multiplier step) and ``_calculate_rewards`` (keeps the
-(B, N) rewards); ``ConstrainedGRPOTrainer`` is the same on ``GRPOTrainer``, with GRPO's group-centred (and
+Delta from TRL's ``RLOOTrainer`` (a practical TRL variant, a documented deviation from the official PPO loop, which
+TRL 1.16 does not have): the N component rewards are kept un-summed, a KL stream r_KL = -kl_coef * sum_t (log pi_old
+- log pi_ref) is added, each stream gets its own RLOO advantage and is normalised over the generation batch, the
+streams are mixed with squashed Lagrange multipliers, and the multipliers step on the mean of each component reward
+minus its threshold. Cadence (``multiplier_step``): by default once per *optimizer step*, on that step's completions,
+with every micro-batch mixing its streams with the multipliers current at its step, as the official code steps them
+after every PPO minibatch; ``generation`` steps them once per generation batch (mixed once, at generation). RLOO's
+own ``beta`` is kept at 0 so the KL is not counted twice (it lives in the KL stream, weighted by ``kl_coef``).
+``ConstrainedRLHFTrainer`` overrides ``_generate_and_score_completions`` (streams, advantages, the per-generation
+multiplier step), ``_prepare_inputs`` / ``training_step`` (the per-optimizer-step mix and multiplier step) and
+``_calculate_rewards`` (keeps the (B, N) rewards); ``ConstrainedGRPOTrainer`` is the same on ``GRPOTrainer``, with GRPO's group-centred (and
 ``scale_rewards``-scaled) reward as each stream's advantage.
 
 Problem. Component reward models r_1..r_N, thresholds theta ("proxy points": the component values beyond which
@@ -28,8 +31,9 @@ Formulations (``formulation``):
     all    maximise V_KL + sum_i V_i s.t. V_i <= theta_i (upper bounds; "All-PPO": this definition is inferred
            from reviews of the paper and is UNVERIFIED; no All-PPO config ships with the official code)
     sat    PPO-SAT: one reward stream -sum_i (r_i - theta_i)^2 + r_KL per completion; no multipliers
-    fixed  fixed weights (the baseline): one reward stream sum_i w_i r_i + r_KL, w = ``reward_weights``
-           (default 1), i.e. TRL's RLOO with beta = kl_coef (and normalised advantages)
+    fixed  fixed weights (the baseline): one reward stream clip(sum_i w_i r_i) + r_KL, w = ``reward_weights``
+           (default 1), clip = ``reward_clip_range`` (none by default), i.e. exactly TRL's RLOO with beta = kl_coef
+           and the same ``normalize_advantages`` / ``reward_clip_range`` (sat clips its reward the same way)
     nm     xi with the thresholds tuned online by Nelder-Mead on a hidden evaluation score (NM-PPO)
 
 Advantages (per stream s in {1..N, KL}: RLOO advantage, then normalised over the batch,
@@ -45,8 +49,15 @@ and for ``all`` with upper-bound multipliers mu_i = sigmoid(lambda_i) (or mu_i =
 The single-stream baselines (fixed, sat) sum their reward with r_KL first, then take one RLOO advantage and
 normalise it: there kl_coef sets how far the policy moves. In the mixed forms every stream is normalised, so
 kl_coef (any positive scale of a stream) cancels: how far the policy moves is set by the multipliers alone.
+``reward_clip_range`` applies only to the single-stream forms (the mixed ones refuse it).
 
-Multiplier loss (violation detached), one SGD(momentum 0.1) step with grad-norm clip 0.5 per generation batch:
+Logging: TRL's completions table gets the advantages actually trained on and a ``mixed_reward`` column, and TRL's
+``reward`` / ``reward_std`` metrics are those of the mixed reward (``mixed_rewards``: the single stream for fixed /
+sat, (N - sum_i w_i) r_KL + sum_i w_i r_i for mu / xi / nm, r_KL + sum_i (1 - mu_i) r_i for all), not RLOO's stock
+weighted sum.
+
+Multiplier loss (violation detached), one SGD(momentum 0.1, lr 0.1) step with grad-norm clip 0.5 per optimizer step
+(``multiplier_step: optimizer_step``, the official cadence) or per generation batch (``generation``):
 
     loss(lambda) = sum_i w_i(lambda) (V_i - theta_i)           mu, xi       (all: sum_i w_i (theta_i - V_i))
 
@@ -57,15 +68,20 @@ means (all-reduced over data-parallel ranks): the step is deterministic, so ever
 
 NM-PPO: Nelder-Mead (reflection 1, expansion 2, contraction 0.5, shrink 0.5) over the threshold vector during
 one continuing run; each function evaluation trains with the candidate thresholds, evaluates every
-``nm_eval_every`` iterations and returns early once every constrained metric is within +-5% of its threshold;
+``nm_eval_every`` iterations and returns early once every constrained metric is within +-5% of its threshold; an
+evaluation generates on the eval_split prompts with the current policy and scores them (``nm_score_on: eval_split``,
+as the official code scores a held-out split; ``train`` scores the training rollouts since the last evaluation);
 NM minimises -(evaluation score); evaluations are cached (a point within 5e-3 in every coordinate of a cached
-one reuses its value); it stops once the std of the simplex values is below ``nm_tol`` or the iteration budget
-``nm_iterations`` is spent. See ``NelderMead`` and ``evaluate_with_early_stop``.
+one reuses its value); it stops once the iteration budget ``nm_iterations`` is spent or, after a shrink, the std
+of the simplex values is below ``nm_tol`` (the official loop, ``nm_variant: official``; ``textbook`` is the other
+variant). The search itself is generic: ``trainers/nelder_mead.py``. See ``evaluate_with_early_stop`` here.
 """
 
 from __future__ import annotations
 
+import copy
 import math
+from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -76,12 +92,17 @@ from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import use_adapter
 
+from posttrain import UserError
 from posttrain.trainers.method_state import MethodStateMixin
+from posttrain.trainers.nelder_mead import VARIANTS as NM_VARIANTS
+from posttrain.trainers.nelder_mead import NelderMead  # noqa: F401  (re-exported: NM-PPO's search)
 
 FORMULATIONS = ("mu", "xi", "all", "sat", "fixed", "nm")
 # formulations that need ``constraint_thresholds``
 THRESHOLD_FORMULATIONS = ("mu", "xi", "all", "sat", "nm")
 NORM_EPS = 1e-8
+MULTIPLIER_STEPS = ("optimizer_step", "generation")
+NM_SCORE_ON = ("eval_split", "train")
 
 
 @dataclass
@@ -99,7 +120,8 @@ class ConstrainedArguments:
         metadata={"help": "mu (maximise the KL reward s.t. V_i >= theta_i), xi (s.t. V_i = theta_i), all (composite "
                   "reward s.t. V_i <= theta_i; definition inferred from reviews, unverified), sat (PPO-SAT: reward = "
                   "-sum_i (r_i - theta_i)^2 - KL), fixed (the baseline: reward sum_i w_i r_i - KL with w = "
-                  "reward_weights, i.e. RLOO with beta = kl_coef), nm (xi with Nelder-Mead over the thresholds)."},
+                  "reward_weights, clipped to reward_clip_range, i.e. RLOO with beta = kl_coef), nm (xi with Nelder-Mead over "
+                  "the thresholds)."},
     )
     squash_multipliers: bool = field(
         default=True,
@@ -107,6 +129,15 @@ class ConstrainedArguments:
                   "mixed weights then sum to N. False: raw multipliers (inequality ones clamped >= 0)."},
     )
     multiplier_lr: float = field(default=0.1, metadata={"help": "SGD learning rate of the multipliers."})
+    multiplier_step: str = field(
+        default="optimizer_step",
+        metadata={"help": "when the multipliers step: optimizer_step (the official code's cadence, a step after every "
+                  "policy minibatch: one multiplier step per optimizer step on the component means of that step's "
+                  "completions over all ranks, and every micro-batch mixes its streams with the current "
+                  "multipliers) or generation (one step per generation batch on its means; the streams are mixed "
+                  "once, at generation). They differ when a generation batch feeds several optimizer steps "
+                  "(steps_per_generation > gradient_accumulation_steps, or num_iterations > 1)."},
+    )
     multiplier_momentum: float = field(default=0.1, metadata={"help": "SGD momentum of the multipliers."})
     multiplier_grad_clip: float = field(
         default=0.5, metadata={"help": "gradient-norm clip of the multiplier step (over all multipliers)."}
@@ -131,7 +162,18 @@ class ConstrainedArguments:
         metadata={"help": "NM-PPO budget: the search stops once this many training iterations were spent on "
                   "function evaluations (or the simplex values' std < nm_tol)."},
     )
-    nm_tol: float = field(default=0.01, metadata={"help": "NM-PPO stops when the std of the simplex values < this."})
+    nm_tol: float = field(
+        default=0.01,
+        metadata={"help": "NM-PPO stops when the std of the simplex values < this (tested after a shrink in the "
+                  "official variant, before every iteration in the textbook one)."},
+    )
+    nm_variant: str = field(
+        default="official",
+        metadata={"help": "NM-PPO: official (the Nelder-Mead loop of the official code, ConstrainedRL4LMs "
+                  "NelderMeadTrainer: spread test only after a shrink, expansion accepted against the best point, "
+                  "inside contraction only) or textbook (spread test before every iteration, expansion accepted "
+                  "against the reflected point, outside and inside contractions). See trainers/nelder_mead.py."},
+    )
     nm_eval_every: int = field(
         default=5,
         metadata={"help": "NM-PPO: evaluate every this many training iterations within a function evaluation."},
@@ -155,6 +197,19 @@ class ConstrainedArguments:
         metadata={"help": "NM-PPO: name of the evaluation (score, higher is better) the trainer resolves; NM "
                   "minimises -score. Required for formulation=nm."},
     )
+    nm_score_on: str = field(
+        default="eval_split",
+        metadata={"help": "NM-PPO: where an evaluation's score and constraint values come from. eval_split (as the "
+                  "official code, which scores a held-out split): at each evaluation point the policy generates on "
+                  "every eval_split prompt, scored by nm_eval_function and the reward functions; needs eval_split. "
+                  "train: the training completions generated since the last evaluation point (a lagging window of "
+                  "training rollouts, no extra generation)."},
+    )
+    nm_eval_samples: int | None = field(
+        default=None,
+        metadata={"help": "NM-PPO with nm_score_on: eval_split: score on the first this many eval_split prompts "
+                  "(default all of them)."},
+    )
     nm_seed: int | None = field(
         default=None, metadata={"help": "NM-PPO: seed of the initial simplex (default: the run's seed)."}
     )
@@ -163,6 +218,10 @@ class ConstrainedArguments:
         super().__post_init__()
         if self.formulation not in FORMULATIONS:
             raise ValueError(f"formulation={self.formulation!r}; valid: {', '.join(FORMULATIONS)}")
+        if getattr(self, "reward_clip_range", None) and self.formulation not in ("fixed", "sat"):
+            raise ValueError(f"reward_clip_range={self.reward_clip_range}: it clips the one summed reward of the "
+                             f"single-stream formulations (fixed, sat, as RLOO does); formulation={self.formulation!r} "
+                             "mixes per-stream advantages")
         if self.beta != 0.0:
             raise ValueError(f"beta={self.beta}: constrained RLHF keeps RLOO's KL-in-reward coefficient at 0 (the KL "
                              "is its own stream, weighted by kl_coef); set kl_coef instead")
@@ -180,6 +239,8 @@ class ConstrainedArguments:
                              "reward_weights: both need one value per reward function")
         if not (math.isfinite(self.kl_coef) and self.kl_coef >= 0):
             raise ValueError(f"kl_coef must be finite and >= 0 (got {self.kl_coef})")
+        if self.multiplier_step not in MULTIPLIER_STEPS:
+            raise ValueError(f"multiplier_step={self.multiplier_step!r}; valid: {', '.join(MULTIPLIER_STEPS)}")
         if not (self.multiplier_lr > 0 and math.isfinite(self.multiplier_lr)):
             raise ValueError(f"multiplier_lr must be > 0 (got {self.multiplier_lr})")
         if not 0 <= self.multiplier_momentum < 1:
@@ -192,6 +253,12 @@ class ConstrainedArguments:
             raise ValueError(f"nm_iterations must be >= 1 (got {self.nm_iterations})")
         if not self.nm_tol > 0:
             raise ValueError(f"nm_tol must be > 0 (got {self.nm_tol})")
+        if self.nm_score_on not in NM_SCORE_ON:
+            raise ValueError(f"nm_score_on={self.nm_score_on!r}; valid: {', '.join(NM_SCORE_ON)}")
+        if self.nm_eval_samples is not None and self.nm_eval_samples < 1:
+            raise ValueError(f"nm_eval_samples must be >= 1 (got {self.nm_eval_samples})")
+        if self.nm_variant not in NM_VARIANTS:
+            raise ValueError(f"nm_variant={self.nm_variant!r}; valid: {', '.join(NM_VARIANTS)}")
         if self.nm_eval_every < 1:
             raise ValueError(f"nm_eval_every must be >= 1 (got {self.nm_eval_every})")
         if self.nm_steps_per_eval is not None and self.nm_steps_per_eval < 1:
@@ -237,7 +304,7 @@ class ConstrainedArguments:
 
 @dataclass
 class ConstrainedRLHFConfig(ConstrainedArguments, RLOOConfig):
-    """RLOOConfig plus the constrained-RLHF settings: the spec's practical TRL variant (RLOO advantages per stream)."""
+    """RLOOConfig plus the constrained-RLHF settings: the practical TRL variant (RLOO advantages per stream)."""
 
 
 @dataclass
@@ -294,7 +361,7 @@ def mix_advantages(component_adv, kl_adv, multipliers, equality, squash=True):
     mixed_components = A_c @ w
     if squash:
         return (A_c.shape[1] - w.sum()) * A_kl + mixed_components
-    # Official-code quirk (spec §3.2): its unsquashed branch mixes with ``lagrange[1:]``, dropping the first
+    # Official-code quirk (ConstrainedRL4LMs, constrained_ppo.py): its unsquashed branch mixes with ``lagrange[1:]``, dropping the first
     # multiplier (a leftover; with N multipliers it does not even line up with the N streams). Here every
     # multiplier weighs its own stream, the sensible reading of the Lagrangian.
     return A_kl + mixed_components
@@ -315,6 +382,19 @@ def mix_upper_bound_advantages(component_adv, kl_adv, multipliers, squash=True):
     A_kl = normalise_stream(kl_adv.to(dtype))
     mu = squash_multipliers(multipliers.detach().to(dtype), equality=False, squash=squash)
     return A_kl + A_c @ (1 - mu)
+
+
+def weigh_streams(formulation, component_adv_n, kl_adv_n, multipliers, squash=True):
+    """The mix of ALREADY normalised streams (B, N) and (B,) with the multipliers (detached): the last step of
+    ``mix_advantages`` (mu, xi, nm) or ``mix_upper_bound_advantages`` (all). The trainer re-mixes every micro-batch
+    with the current multipliers through this when they step per optimizer step."""
+    dtype = _work_dtype(component_adv_n, kl_adv_n)
+    A_c, A_kl = component_adv_n.to(dtype), kl_adv_n.to(dtype)
+    lam = torch.as_tensor(multipliers).detach().to(dtype=dtype, device=A_c.device)
+    if formulation == "all":
+        return A_kl + A_c @ (1 - squash_multipliers(lam, equality=False, squash=squash))
+    w = squash_multipliers(lam, formulation in ("xi", "nm"), squash)
+    return ((A_c.shape[1] - w.sum()) if squash else 1.0) * A_kl + A_c @ w
 
 
 def multiplier_loss(multipliers, component_values, thresholds, equality, squash=True, *, upper_bound=False):
@@ -378,18 +458,62 @@ def group_mean_advantages(rewards, num_generations, scale="group"):
     raise ValueError(f"scale={scale!r}; valid: group, batch, none")
 
 
+def single_stream_rewards(formulation, component_rewards, kl_rewards, multipliers=None, thresholds=None,
+                          clip_range=None):
+    """The one reward stream (B,) of the single-stream baselines: fixed sum_i w_i r_i (w = multipliers, default
+    ones) or sat -sum_i (r_i - theta_i)^2, clipped to ``clip_range`` = (min, max) when given, then + r_KL: the
+    order of TRL 1.16's ``RLOOTrainer`` (weighted sum, ``reward_clip_range``, then the KL penalty)."""
+    if formulation == "sat":
+        if thresholds is None:
+            raise ValueError("formulation='sat' needs thresholds")
+        reward = sat_rewards(component_rewards, thresholds)
+    elif formulation == "fixed":
+        n = component_rewards.shape[1]
+        w = torch.ones(n) if multipliers is None else torch.as_tensor(multipliers).detach()
+        if w.shape != (n,):
+            raise ValueError(f"fixed weights must be (N,) = ({n},), got shape {tuple(w.shape)}")
+        reward = component_rewards @ w.to(component_rewards)
+    else:
+        raise ValueError(f"formulation={formulation!r} has no single reward stream (fixed and sat do)")
+    if clip_range:
+        reward = reward.clamp(min=clip_range[0], max=clip_range[1])
+    return reward + kl_rewards.to(reward)
+
+
+def mixed_rewards(formulation, component_rewards, kl_rewards, multipliers=None, thresholds=None, squash=True,
+                  clip_range=None):
+    """The per-completion reward (B,) each formulation optimises, with the multipliers in use (for logging).
+
+    fixed / sat: the single stream (``single_stream_rewards``). mu / xi / nm: the Lagrangian reward with the mixing
+    weights, (N - sum_i w_i) r_KL + sum_i w_i r_i (squashed) or r_KL + sum_i lambda_i r_i (unsquashed); all:
+    r_KL + sum_i (1 - mu_i) r_i. The mixed advantage is built from these streams after per-stream normalisation, so
+    it is not the RLOO advantage of this reward; the reward is what the weights make of the streams' raw values.
+    """
+    if formulation in ("fixed", "sat"):
+        return single_stream_rewards(formulation, component_rewards, kl_rewards, multipliers, thresholds, clip_range)
+    dtype = _work_dtype(component_rewards, kl_rewards)
+    r_c, r_kl = component_rewards.to(dtype), kl_rewards.to(dtype)
+    lam = torch.as_tensor(multipliers).detach().to(dtype=dtype, device=r_c.device)
+    if formulation == "all":
+        return r_kl + r_c @ (1 - squash_multipliers(lam, equality=False, squash=squash))
+    w = squash_multipliers(lam, formulation in ("xi", "nm"), squash)
+    return ((r_c.shape[1] - w.sum()) if squash else 1.0) * r_kl + r_c @ w
+
+
 def formulation_advantages(formulation, component_rewards, kl_rewards, num_generations, multipliers=None,
-                           thresholds=None, squash=True, *, baseline=None, normalise_single=NORM_EPS):
+                           thresholds=None, squash=True, *, baseline=None, normalise_single=NORM_EPS,
+                           clip_range=None):
     """Sequence advantages (B,) for any formulation, from per-completion rewards.
 
     component_rewards (B, N), kl_rewards (B,) (``kl_stream_rewards``), the num_generations completions of a prompt
     consecutive. ``baseline(rewards, num_generations)`` turns rewards ((B,) or (B, N)) into per-stream advantages:
     ``rloo_advantages`` by default, ``group_mean_advantages`` for the GRPO twin. mu / xi / nm / all: every stream
     gets its advantage, then ``mix_advantages`` (multipliers = the raw lambda; equality for xi and nm) or
-    ``mix_upper_bound_advantages`` (all) normalises and mixes them. fixed / sat: ONE stream, the reward
-    sum_i w_i r_i + r_KL (w = multipliers, default ones) or -sum_i (r_i - theta_i)^2 + r_KL; its advantage is
-    normalised over the batch as (A - mean) / (std_unbiased + normalise_single) (None: not normalised). With the
-    RLOO baseline and ``normalise_single=1e-4`` this is TRL's RLOO with beta = kl_coef, normalize_advantages=True.
+    ``mix_upper_bound_advantages`` (all) normalises and mixes them. fixed / sat: ONE stream,
+    ``single_stream_rewards`` (sum_i w_i r_i or -sum_i (r_i - theta_i)^2, clipped to ``clip_range``, + r_KL); its
+    advantage is normalised over the batch as (A - mean) / (std_unbiased + normalise_single) (None: not
+    normalised). With the RLOO baseline, ``normalise_single=1e-4`` (or None) and ``clip_range`` =
+    ``reward_clip_range`` this is TRL's RLOO with beta = kl_coef and the same normalize_advantages.
     """
     if formulation not in FORMULATIONS:
         raise ValueError(f"formulation={formulation!r}; valid: {', '.join(FORMULATIONS)}")
@@ -398,20 +522,14 @@ def formulation_advantages(formulation, component_rewards, kl_rewards, num_gener
                          f"and {tuple(kl_rewards.shape)}")
     baseline = rloo_advantages if baseline is None else baseline
     if formulation in ("fixed", "sat"):
-        if formulation == "sat":
-            if thresholds is None:
-                raise ValueError("formulation='sat' needs thresholds")
-            reward = sat_rewards(component_rewards, thresholds)
-        else:
-            n = component_rewards.shape[1]
-            w = torch.ones(n) if multipliers is None else torch.as_tensor(multipliers).detach()
-            if w.shape != (n,):
-                raise ValueError(f"fixed weights must be (N,) = ({n},), got shape {tuple(w.shape)}")
-            reward = component_rewards @ w.to(component_rewards)
-        adv = baseline(reward + kl_rewards.to(reward), num_generations)
+        reward = single_stream_rewards(formulation, component_rewards, kl_rewards, multipliers, thresholds, clip_range)
+        adv = baseline(reward, num_generations)
         if normalise_single is None or adv.shape[0] < 2:
             return adv
         return (adv - adv.mean()) / (adv.std(unbiased=True) + normalise_single)
+    if clip_range:
+        raise ValueError(f"reward_clip_range clips the one summed reward of the single-stream formulations (fixed, "
+                         f"sat); formulation={formulation!r} mixes per-stream advantages")
     if multipliers is None:
         raise ValueError(f"formulation={formulation!r} needs the multipliers")
     A_c = baseline(component_rewards, num_generations)
@@ -530,196 +648,6 @@ class LagrangeMultipliers:
 # ----------------------------------------------------------------------------------------------- NM-PPO
 
 
-class NelderMead:
-    """Nelder-Mead over the threshold vector, ask/tell style, so a trainer can drive it during one run.
-
-        nm = NelderMead(low, high, tol=0.01, max_iterations=100, seed=0)
-        while not nm.done:
-            theta = nm.ask()                        # next point that needs an evaluation
-            score, used = ...                       # train with theta, evaluate (higher is better)
-            nm.tell(score, cost=used)               # NM minimises -score
-
-    The initial simplex is n + 1 points drawn uniformly in the box [low, high] (seeded). Coefficients: reflection
-    alpha = 1, expansion gamma = 2, contraction rho = 0.5 (outside if the reflected point beats the worst, inside
-    otherwise), shrink sigma = 0.5 towards the best point. Before every iteration the search stops when the
-    (population) std of the simplex values is below ``tol``, or when the evaluations told so far cost
-    ``max_iterations`` in total (``cost`` = training iterations the evaluation used; 1 by default, i.e. the
-    budget counts function evaluations); an iteration already begun finishes. It also stops ("collapsed") once
-    every simplex point is within ``cache_radius`` of the best one, since every later point would be a cache hit.
-    Cache: a point equal to, or within ``cache_radius`` in every coordinate of, an evaluated point reuses that value
-    without being asked (cost 0). Points are not clipped to the box.
-
-    ``state_dict`` stores the told evaluations; ``load_state_dict`` replays them (the algorithm is deterministic
-    given the seed and the values), so a resumed search continues exactly.
-    """
-
-    MAX_STEPS = 10_000  # safety stop: NM iterations without a budget-consuming evaluation
-
-    def __init__(self, low, high, tol=0.01, max_iterations=100, seed=0, alpha=1.0, gamma=2.0, rho=0.5, sigma=0.5,
-                 cache_radius=5e-3):
-        self.low = np.asarray(low, dtype=np.float64).reshape(-1)
-        self.high = np.asarray(high, dtype=np.float64).reshape(-1)
-        if self.low.shape != self.high.shape or self.low.size == 0:
-            raise ValueError(f"low and high must be non-empty and the same length (got {self.low}, {self.high})")
-        if not np.all(self.low <= self.high):
-            raise ValueError(f"low must be <= high in every coordinate (got {self.low}, {self.high})")
-        if not tol >= 0 or max_iterations <= 0:
-            raise ValueError(f"need tol >= 0 and max_iterations > 0 (got {tol}, {max_iterations})")
-        self.n = self.low.size
-        self.tol, self.max_iterations, self.seed = float(tol), float(max_iterations), int(seed)
-        self.alpha, self.gamma, self.rho, self.sigma = float(alpha), float(gamma), float(rho), float(sigma)
-        self.cache_radius = float(cache_radius)
-        self._reset()
-
-    # ------------------------------------------------------------------------------------------- driving
-
-    def _reset(self):
-        self.history: list[tuple[list[float], float, float]] = []  # told evaluations: (x, score, cost)
-        self.cache: list[tuple[np.ndarray, float]] = []  # (x, f = -score)
-        self.iterations = 0.0  # total cost told
-        self.cache_hits = 0
-        self.nm_steps = 0
-        self.simplex: np.ndarray | None = None
-        self.values: np.ndarray | None = None  # f = -score at the simplex points
-        self.trace: list[dict] = []  # best point at the start of every iteration (and at the end)
-        self.done, self.stop_reason = False, None
-        self._pending: np.ndarray | None = None
-        self._gen = self._algorithm()
-        self._advance(None)
-
-    def _advance(self, value):
-        try:
-            self._pending = self._gen.send(value)
-        except StopIteration:
-            self._pending = None
-            self.done = True
-
-    def ask(self) -> np.ndarray | None:
-        """The next point to evaluate (a copy), or None when the search is done."""
-        return None if self._pending is None else self._pending.copy()
-
-    def tell(self, score: float, cost: float = 1.0) -> None:
-        """Report the score (higher is better) of the point ``ask`` returned; ``cost`` counts against the budget."""
-        if self._pending is None:
-            raise RuntimeError("tell() without a pending point: the search is done")
-        score, cost = float(score), float(cost)
-        if not math.isfinite(score):
-            raise ValueError(f"score must be finite (got {score})")
-        x = self._pending
-        self.history.append((x.tolist(), score, cost))
-        self.cache.append((x.copy(), -score))
-        self.iterations += cost
-        self._advance(-score)
-
-    def lookup(self, x) -> float | None:
-        """Cached score for x (exact, or within cache_radius in every coordinate), else None."""
-        x = np.asarray(x, dtype=np.float64)
-        for cx, f in self.cache:
-            if np.array_equal(cx, x):
-                return -f
-        for cx, f in self.cache:
-            if np.all(np.abs(cx - x) <= self.cache_radius):
-                return -f
-        return None
-
-    @property
-    def best_point(self) -> np.ndarray | None:
-        if self.values is None:
-            return None
-        return self.simplex[int(np.argmin(self.values))].copy()
-
-    @property
-    def best_score(self) -> float | None:
-        return None if self.values is None else float(-np.min(self.values))
-
-    # ------------------------------------------------------------------------------------------ algorithm
-
-    def _f(self, x):
-        """Sub-generator: the value f = -score at x, from the cache or by asking."""
-        cached = self.lookup(x)
-        if cached is not None:
-            self.cache_hits += 1
-            return -cached
-        return (yield np.asarray(x, dtype=np.float64))
-
-    def _record(self):
-        i = int(np.argmin(self.values))
-        self.trace.append({"iterations": self.iterations, "nm_step": self.nm_steps,
-                           "best": self.simplex[i].tolist(), "best_score": float(-self.values[i])})
-
-    def _algorithm(self):
-        rng = np.random.default_rng(self.seed)
-        points = self.low + rng.random((self.n + 1, self.n)) * (self.high - self.low)
-        values = np.empty(self.n + 1)
-        for i in range(self.n + 1):
-            values[i] = yield from self._f(points[i])
-        self.simplex, self.values = points, values
-        while True:
-            order = np.argsort(self.values, kind="stable")
-            self.simplex, self.values = self.simplex[order], self.values[order]
-            self._record()
-            if np.std(self.values) < self.tol:
-                self.stop_reason = "tol"
-                return
-            if self.iterations >= self.max_iterations:
-                self.stop_reason = "budget"
-                return
-            if self.cache_radius > 0 and np.all(np.abs(self.simplex - self.simplex[0]) <= self.cache_radius):
-                self.stop_reason = "collapsed"  # every further point would come from the cache
-                return
-            if self.nm_steps >= self.MAX_STEPS:
-                self.stop_reason = "max_steps"
-                return
-            self.nm_steps += 1
-            S, F = self.simplex, self.values
-            best, second_worst, worst = F[0], F[-2], F[-1]
-            centroid = S[:-1].mean(0)
-            xr = centroid + self.alpha * (centroid - S[-1])
-            fr = yield from self._f(xr)
-            if best <= fr < second_worst:
-                S[-1], F[-1] = xr, fr
-                continue
-            if fr < best:
-                xe = centroid + self.gamma * (xr - centroid)
-                fe = yield from self._f(xe)
-                S[-1], F[-1] = (xe, fe) if fe < fr else (xr, fr)
-                continue
-            if fr < worst:  # outside contraction
-                xc = centroid + self.rho * (xr - centroid)
-                fc = yield from self._f(xc)
-                if fc <= fr:
-                    S[-1], F[-1] = xc, fc
-                    continue
-            else:  # inside contraction
-                xc = centroid + self.rho * (S[-1] - centroid)
-                fc = yield from self._f(xc)
-                if fc < worst:
-                    S[-1], F[-1] = xc, fc
-                    continue
-            for i in range(1, self.n + 1):  # shrink towards the best point
-                S[i] = S[0] + self.sigma * (S[i] - S[0])
-                F[i] = yield from self._f(S[i])
-
-    # -------------------------------------------------------------------------------------------- state
-
-    def _settings(self):
-        return {"low": self.low.tolist(), "high": self.high.tolist(), "tol": self.tol,
-                "max_iterations": self.max_iterations, "seed": self.seed, "alpha": self.alpha, "gamma": self.gamma,
-                "rho": self.rho, "sigma": self.sigma, "cache_radius": self.cache_radius}
-
-    def state_dict(self) -> dict:
-        return {"settings": self._settings(), "history": [list(h) for h in self.history]}
-
-    def load_state_dict(self, state: dict) -> None:
-        if state["settings"] != self._settings():
-            raise ValueError(f"Nelder-Mead state {state['settings']} does not match this search {self._settings()}")
-        self._reset()
-        for x, score, cost in state["history"]:
-            if self._pending is None or not np.allclose(self._pending, x, rtol=0, atol=1e-12):
-                raise ValueError("Nelder-Mead replay diverged from the saved history")
-            self.tell(score, cost)
-
-
 class EarlyStopResult(NamedTuple):
     score: float  # the evaluation score returned (higher is better; NM minimises -score)
     iterations: int  # training iterations used
@@ -779,6 +707,11 @@ def evaluate_with_early_stop(train_step: Callable[[], object], evaluate: Callabl
 
 # ------------------------------------------------------------------------------------------------- trainers
 
+
+class NMSetupError(UserError, ValueError):
+    """An NM-PPO run set up without what it needs (the CLI prints it as one line, exit code 2)."""
+
+
 class _ConstrainedMixin(MethodStateMixin):
     """The constrained-RLHF delta, shared by the RLOO and GRPO trainers: overrides ``_generate_and_score_completions``
     (the advantages and the multiplier step) and ``_calculate_rewards`` (to keep the component rewards un-summed);
@@ -803,6 +736,7 @@ class _ConstrainedMixin(MethodStateMixin):
         self.multipliers = LagrangeMultipliers.from_config(args, n, generator=torch.Generator().manual_seed(args.seed))
         self.nm = self.nm_run = self.nm_eval = None
         self._nm_window: list[tuple[float, list[float]]] = []
+        self._nm_scoring = False  # True while the eval split is being scored for NM
         if args.formulation == "nm":
             from posttrain.trainers.rewards import REWARDS
 
@@ -810,9 +744,13 @@ class _ConstrainedMixin(MethodStateMixin):
                 raise ValueError(f"nm_eval_function={args.nm_eval_function!r} is not a reward function; valid: "
                                  f"{', '.join(sorted(REWARDS))}")
             self.nm_eval = REWARDS[args.nm_eval_function][1](args)
+            if args.nm_score_on == "eval_split" and self.eval_dataset is None:
+                raise NMSetupError("formulation='nm' scores each Nelder-Mead evaluation on the eval_split prompts (as the "
+                                 "official code scores a held-out split): set eval_split, or nm_score_on: train to "
+                                 "score the training rollouts instead")
             low, high = args.nm_box()
             self.nm = NelderMead(low, high, tol=args.nm_tol, max_iterations=args.nm_iterations,
-                                 seed=args.seed if args.nm_seed is None else args.nm_seed)
+                                 seed=args.seed if args.nm_seed is None else args.nm_seed, variant=args.nm_variant)
             self._nm_next()
 
     # --------------------------------------------------------------------------------------- rewards
@@ -820,7 +758,7 @@ class _ConstrainedMixin(MethodStateMixin):
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         # TRL gathers the (B, N) component rewards of the whole generation batch over processes: keep them.
         self._component_rewards = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
-        if self.nm_eval is not None and self.model.training:
+        if self.nm_eval is not None and (self._nm_scoring or (self.model.training and self.args.nm_score_on == "train")):
             columns = {k: [x[k] for x in inputs] for k in inputs[0] if k not in ("prompt", "completion", "completion_ids")}
             score = self.nm_eval(prompts=prompts, completions=completions, completion_ids=completion_ids_list, **columns)
             self._nm_scores = self.accelerator.gather(torch.tensor(score, dtype=torch.float32, device=self.accelerator.device))
@@ -828,8 +766,9 @@ class _ConstrainedMixin(MethodStateMixin):
 
     def _generate_and_score_completions(self, inputs):
         out = super()._generate_and_score_completions(inputs)
-        if not self.model.training:
-            return out  # evaluation keeps the parent's advantages (they are only logged)
+        if not self.model.training:  # evaluation keeps the parent's advantages (they are only logged)
+            self._logs["extra"]["mixed_reward"].extend([None] * self._component_rewards.size(0))
+            return out
         args, rewards = self.args, self._component_rewards.double()
         if torch.isnan(rewards).any():
             bad = [n for n, col in zip(self.reward_func_names, rewards.isnan().any(0).tolist()) if col]
@@ -837,12 +776,23 @@ class _ConstrainedMixin(MethodStateMixin):
                              "RLHF needs every component reward of every completion")
         kl = self.accelerator.gather(self._sequence_kl(out)).double()  # (B,) sum_t log pi_old - log pi_ref
         lam = None if self.multipliers is None else self.multipliers.lam
+        clip = getattr(args, "reward_clip_range", None)  # RLOO's (fixed, sat); GRPOConfig has none
         advantages = formulation_advantages(
             args.formulation, rewards, -args.kl_coef * kl, self.num_generations, lam, self.thresholds,
             args.squash_multipliers, baseline=self._stream_baseline,
-            normalise_single=1e-4 if getattr(args, "normalize_advantages", False) else None)
+            normalise_single=1e-4 if getattr(args, "normalize_advantages", False) else None, clip_range=clip)
         rank, b = self.accelerator.process_index, out["completion_ids"].size(0)
         out["advantages"] = advantages[rank * b:(rank + 1) * b].to(out["advantages"].dtype)
+        mixed = mixed_rewards(args.formulation, rewards, -args.kl_coef * kl, lam, self.thresholds,
+                              args.squash_multipliers, clip_range=clip)
+        self._log_mixed(advantages, mixed)
+        if self._per_step_multipliers:
+            # carried with the completions through TRL's shuffle and split: every micro-batch re-mixes its normalised
+            # streams with the multipliers current at its optimizer step, and the step uses its component rewards
+            streams = torch.cat([normalise_stream(self._stream_baseline(rewards, self.num_generations)),
+                                 normalise_stream(self._stream_baseline(-args.kl_coef * kl, self.num_generations))[:, None]], 1)
+            out["constrained_streams"] = streams[rank * b:(rank + 1) * b].float()
+            out["constrained_components"] = rewards[rank * b:(rank + 1) * b].float()
 
         values = rewards.mean(0)  # the constraint values V_i: global batch means (identical on every rank)
         metrics = {"constrained/kl": kl.mean().item()}
@@ -850,7 +800,7 @@ class _ConstrainedMixin(MethodStateMixin):
             metrics[f"constrained/value/{name}"] = v
             if args.formulation != "fixed":
                 metrics[f"constrained/threshold/{name}"] = t
-        if self.multipliers is not None:
+        if self.multipliers is not None and not self._per_step_multipliers:
             metrics.update(self.multipliers.log_dict(self.reward_func_names))  # the weights used for this batch
             metrics["constrained/multiplier_loss"] = self.multipliers.step(values, self.thresholds)["loss"]
         if self.nm is not None:
@@ -858,6 +808,63 @@ class _ConstrainedMixin(MethodStateMixin):
         for key, value in metrics.items():
             self._metrics["train"][key].append(value)
         return out
+
+    @property
+    def _per_step_multipliers(self) -> bool:
+        """True when learnable multipliers step once per optimizer step (``multiplier_step: optimizer_step``)."""
+        return (self.multipliers is not None and not self.multipliers.fixed
+                and self.args.multiplier_step == "optimizer_step")
+
+    def _prepare_inputs(self, generation_batch):
+        """Per-optimizer-step multipliers: mix this micro-batch's normalised streams with the current multipliers and
+        add its component rewards to the running sums of this optimizer step."""
+        inputs = super()._prepare_inputs(generation_batch)
+        streams = inputs.get("constrained_streams")
+        if streams is None:
+            return inputs
+        components = inputs["constrained_components"]
+        # a shallow copy without the carried tensors: TRL reuses the buffered dict for num_iterations > 1
+        inputs = {k: v for k, v in inputs.items() if k not in ("constrained_streams", "constrained_components")}
+        inputs["advantages"] = weigh_streams(self.args.formulation, streams[:, :-1], streams[:, -1], self.multipliers.lam,
+                                             self.args.squash_multipliers).to(inputs["advantages"].dtype)
+        acc = torch.cat([components.double().sum(0).cpu(), torch.tensor([float(components.size(0))], dtype=torch.float64)])
+        self._step_components = acc if getattr(self, "_step_components", None) is None else self._step_components + acc
+        return inputs
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        """After the last micro-batch of an optimizer step, one multiplier step (per-optimizer-step cadence) on the
+        component means of that step's completions, summed over its micro-batches and all ranks (so every rank takes
+        the same step)."""
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if (getattr(self, "_step_components", None) is not None
+                and self._step % self.current_gradient_accumulation_steps == 0):  # TRL's count of micro-batches
+            self._multiplier_step()
+        return loss
+
+    def _multiplier_step(self):
+        total = self.accelerator.reduce(self._step_components.to(self.accelerator.device), reduction="sum").cpu()
+        self._step_components = None
+        values = total[:-1] / total[-1]
+        metrics = self.multipliers.log_dict(self.reward_func_names)  # the weights this step trained with
+        metrics["constrained/multiplier_loss"] = self.multipliers.step(values, self.thresholds)["loss"]
+        for key, value in metrics.items():
+            self._metrics["train"][key].append(value)
+
+    def _log_mixed(self, advantages, mixed):
+        """Log what this batch trains on, not the parent's stock numbers: the completions table's ``advantage``
+        column gets the advantages actually used (replacing the parent's entries for this batch) and a
+        ``mixed_reward`` column (``mixed_rewards``); TRL's ``reward`` / ``reward_std`` metrics become the mixed
+        reward's mean and std (the weighted sum of the components without the KL that TRL logs stays available as
+        ``rewards/<name>/mean``)."""
+        logged = self._logs["advantages"]
+        for _ in range(min(len(advantages), len(logged))):
+            logged.pop()
+        logged.extend(advantages.tolist())
+        self._logs["extra"]["mixed_reward"].extend(mixed.tolist())
+        metrics = self._metrics["train"]
+        if metrics["reward"]:
+            metrics["reward"][-1] = mixed.mean().item()
+            metrics["reward_std"][-1] = mixed.std().item() if mixed.numel() > 1 else 0.0
 
     @torch.no_grad()
     def _sequence_kl(self, out) -> torch.Tensor:
@@ -899,17 +906,21 @@ class _ConstrainedMixin(MethodStateMixin):
         self.nm_run = EarlyStopEvaluation(self.thresholds, self.args.nm_eval_steps, self.args.nm_eval_every)
 
     def _nm_tick(self, values, metrics):
-        """One training iteration of the current NM evaluation: the score is the evaluation function's mean over the
-        completions generated since the last check (fresh samples of the current policy), the component values the
-        batch means over the same batches."""
+        """One training iteration (generation batch) of the current NM evaluation. At an evaluation point the score
+        and the constraint values are, with ``nm_score_on: eval_split`` (default), the means over completions the
+        current policy generates on every eval_split prompt (``_nm_score_eval_split``); with ``train``, the means
+        over the training completions generated since the last evaluation point."""
         if self.nm_run is None:
             return
-        self._nm_window.append((self._nm_scores.mean().item(), values))
+        if self.args.nm_score_on == "eval_split":
+            evaluate = self._nm_score_eval_split
+        else:
+            self._nm_window.append((self._nm_scores.mean().item(), values))
 
-        def evaluate():
-            scores, comps = zip(*self._nm_window)
-            self._nm_window.clear()
-            return float(np.mean(scores)), np.mean(comps, 0).tolist()
+            def evaluate():
+                scores, comps = zip(*self._nm_window)
+                self._nm_window.clear()
+                return float(np.mean(scores)), np.mean(comps, 0).tolist()
 
         result = self.nm_run.tick(evaluate)
         if result is not None:
@@ -917,6 +928,32 @@ class _ConstrainedMixin(MethodStateMixin):
             metrics.update({"nm/score": result.score, "nm/evaluations": float(len(self.nm.history)),
                             "nm/early": float(result.early)})
             self._nm_next()
+
+    def _nm_score_eval_split(self) -> tuple[float, list[float]]:
+        """Generate on every eval_split prompt (the first ``nm_eval_samples``) with the current policy (TRL's eval dataloader and generation,
+        ``num_generations_eval`` completions per prompt) and return (mean nm_eval_function score, mean of each
+        component reward) over all of them and all ranks. TRL's eval metrics and completions-table entries of these
+        generations are discarded, so a later ``evaluate()`` and the table are unaffected."""
+        saved_metrics, saved_logs = self._metrics["eval"], copy.deepcopy(self._logs)
+        self._metrics["eval"] = defaultdict(list)
+        was_training = self.model.training
+        scores, components = [], []
+        self._nm_scoring = True
+        self.model.eval()
+        try:
+            dataset = self.eval_dataset
+            if self.args.nm_eval_samples is not None and len(dataset) > self.args.nm_eval_samples:
+                dataset = dataset.select(range(self.args.nm_eval_samples))
+            for batch in self.get_eval_dataloader(dataset):
+                with torch.no_grad():
+                    self._generate_and_score_completions(batch)
+                scores.append(self._nm_scores.double().cpu())
+                components.append(self._component_rewards.double().cpu())
+        finally:
+            self._nm_scoring = False
+            self.model.train(was_training)
+            self._metrics["eval"], self._logs = saved_metrics, saved_logs
+        return torch.cat(scores).nanmean().item(), torch.cat(components).nanmean(0).tolist()
 
     # ------------------------------------------------------------------------------------------- state
 
@@ -943,7 +980,7 @@ class _ConstrainedMixin(MethodStateMixin):
 
 
 class ConstrainedRLHFTrainer(_ConstrainedMixin, RLOOTrainer):
-    """RLOOTrainer with constrained-RLHF advantages and Lagrange multipliers (the spec's practical TRL variant)."""
+    """RLOOTrainer with constrained-RLHF advantages and Lagrange multipliers (the practical TRL variant)."""
 
     _stream_baseline = staticmethod(rloo_advantages)
 

@@ -61,3 +61,15 @@ def test_frozen_multipliers_do_not_hold_theta(toy, monkeypatch):
     monkeypatch.setattr(toy.LagrangeMultipliers, "step", lambda self, values, thresholds: {})
     frozen = toy.run_formulation("xi", 0, steps=200)
     assert frozen["final_r"][0] < 0.2 and frozen["final_dev"] > 0.1
+
+
+def test_multiplier_cadence(toy):
+    # 8 policy updates per generation batch: multipliers stepped per update (the official cadence, the default)
+    # bring xi to theta; stepped once per generation batch (8x fewer steps at the same lr 0.1) they do not in 500
+    per_step, per_generation = toy.run_cadence("optimizer_step", 0), toy.run_cadence("generation", 0)
+    assert per_step["reached_at"] is not None and per_step["reached_at"] < 300 and per_step["final_dev"] <= 0.06
+    assert per_generation["reached_at"] is None and per_generation["final_dev"] > 0.08
+    # one update per generation batch: the two cadences are the same run (the weights are recorded before or after
+    # their step, so only the policy's curves are compared)
+    a, b = toy.run_cadence("optimizer_step", 0, 1)["curves"], toy.run_cadence("generation", 0, 1)["curves"]
+    assert all(a[k] == b[k] for k in ("r1", "r2", "eval"))

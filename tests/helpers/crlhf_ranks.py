@@ -10,7 +10,8 @@ from posttrain.recipes.train import build_trainer
 from posttrain.trainers.runtime import close_process_group
 
 out_dir = Path(sys.argv[1])
-trainer = build_trainer(load_recipe("constrained_rlhf/tiny", {"output_dir": str(out_dir), "max_steps": 3,
+# two optimizer steps per generation batch: each rank holds other completions in a step; the step means are reduced
+trainer = build_trainer(load_recipe("constrained_rlhf/tiny", {"output_dir": str(out_dir), "max_steps": 4, "steps_per_generation": 2,
                                                               "learning_rate": 1e-2, "save_strategy": "no"}))
 trainer.train()
 m = trainer.multipliers

@@ -17,6 +17,7 @@ from posttrain.trainers.constrained_rlhf import (
     kl_stream_rewards,
     mix_advantages,
     mix_upper_bound_advantages,
+    mixed_rewards,
     multiplier_loss,
     normalise_stream,
     rloo_advantages,
@@ -394,7 +395,8 @@ def test_nm_initial_simplex_is_seeded_and_in_the_box():
 
 
 def test_nm_coefficients_on_one_iteration():
-    nm = NelderMead([0, 0], [1, 1], tol=1e-12, seed=3)
+    # the textbook variant (the official one: tests/trainers/test_nelder_mead.py)
+    nm = NelderMead([0, 0], [1, 1], tol=1e-12, seed=3, variant="textbook")
     simplex = [nm.ask()]
     nm.tell(-1.0)  # f = 1 (best)
     simplex.append(nm.ask())
@@ -420,7 +422,7 @@ def test_nm_coefficients_on_one_iteration():
 
 
 def test_nm_outside_contraction():
-    nm = NelderMead([0, 0], [1, 1], tol=1e-12, seed=4)
+    nm = NelderMead([0, 0], [1, 1], tol=1e-12, seed=4, variant="textbook")
     pts = []
     for f in (1.0, 2.0, 3.0):
         pts.append(nm.ask())
@@ -445,18 +447,21 @@ def test_nm_cache():
     assert nm.cache_hits > 0
     for i, x in enumerate(asked):  # no point was asked twice (or within the radius of an earlier one)
         for y in asked[:i]:
-            assert np.abs(x - y).max() > 5e-3
+            assert np.abs(x - y).max() >= 5e-3
 
 
 def test_nm_stops_on_tol_and_budget():
-    nm = NelderMead([0, 0], [1, 1], tol=0.01, max_iterations=1000, seed=0)
-    asked = drive(nm, lambda x: 5.0)  # flat: std 0 after the initial simplex
+    nm = NelderMead([0, 0], [1, 1], tol=0.01, max_iterations=1000, seed=0, variant="textbook")
+    asked = drive(nm, lambda x: 5.0)  # flat: std 0 after the initial simplex (textbook: tested before every iteration)
     assert nm.done and nm.stop_reason == "tol" and len(asked) == 3 and nm.ask() is None
     with pytest.raises(RuntimeError):
         nm.tell(1.0)
-    nm = NelderMead([0, 0], [1, 1], tol=0.0, max_iterations=10**9, seed=0)
+    nm = NelderMead([0, 0], [1, 1], tol=0.0, max_iterations=10**9, seed=0, variant="textbook")
     drive(nm, lambda x: 5.0)  # tol 0 never fires; the simplex shrinks until it collapses into the cache radius
-    assert nm.stop_reason == "collapsed" and np.abs(nm.simplex - nm.simplex[0]).max() <= 5e-3
+    assert nm.stop_reason == "collapsed" and np.abs(nm.simplex - nm.simplex[0]).max() < 5e-3
+    nm = NelderMead([0, 0], [1, 1], tol=0.0, max_iterations=10**9, seed=0)
+    drive(nm, lambda x: 5.0)  # official: no collapse stop; the safety stop ends a search that only hits the cache
+    assert nm.stop_reason == "stalled" and nm.nm_steps < 2 * NelderMead.MAX_IDLE_STEPS
     nm = NelderMead([-1, -1], [1, 1], tol=1e-12, max_iterations=50, seed=0)
     while not nm.done:
         x = nm.ask()
@@ -549,8 +554,86 @@ def test_fixed_weights_equal_stock_rloo(tmp_path, normalize):
         torch.testing.assert_close(grads[name], stock_grads[name], atol=1e-5, rtol=1e-4, msg=name)
 
 
-def test_xi_advantages_and_one_multiplier_step_in_the_trainer(tmp_path):
+def test_fixed_weights_with_reward_clip_range_equal_stock_rloo(tmp_path):
+    # RLOO clips the weighted reward sum to reward_clip_range before the KL penalty: so must formulation=fixed
+    rewards = {"reward_funcs": ["offensiveness_cost", "length_fraction", "vader_sentiment"],
+               "reward_weights": [1.0, 3.0, 0.5], "normalize_advantages": True, "reward_clip_range": [2.95, 2.98]}
+    stock, stock_inputs, stock_loss, _ = _loss_and_grads("rloo/tiny", tmp_path, beta=0.05, **rewards)
+    ours, inputs, loss, _ = _loss_and_grads("constrained_rlhf/tiny", tmp_path, formulation="fixed", kl_coef=0.05,
+                                            constraint_thresholds=None, **rewards)
+    assert torch.equal(stock_inputs["completion_ids"], inputs["completion_ids"])
+    summed = ours._component_rewards.double() @ torch.tensor([1.0, 3.0, 0.5], dtype=D)
+    assert ((summed < 2.95) | (summed > 2.98)).any() and ((summed > 2.95) & (summed < 2.98)).any()  # the clip bites
+    torch.testing.assert_close(inputs["advantages"], stock_inputs["advantages"], atol=2e-6, rtol=1e-5)
+    assert loss == pytest.approx(stock_loss, abs=1e-6)
+    # what is logged is what was trained on: the clipped reward with the KL stream, and these advantages
+    kl = torch.tensor(ours._metrics["train"]["constrained/kl"][-1], dtype=D)
+    # (sorted: TRL shuffles the generation batch after logging it)
+    assert sorted(ours._logs["advantages"]) == pytest.approx(sorted(inputs["advantages"].tolist()), abs=1e-6)
+    mixed = torch.tensor(list(ours._logs["extra"]["mixed_reward"]), dtype=D)
+    assert mixed.shape == summed.shape and ours._metrics["train"]["reward"][-1] == pytest.approx(mixed.mean().item())
+    assert (mixed - summed.clamp(2.95, 2.98)).mean().item() == pytest.approx(-0.05 * kl.item(), abs=1e-6)
+    with pytest.raises(ValueError, match="reward_clip_range"):
+        _config(formulation="xi", constraint_thresholds=[0.1], reward_clip_range=(0.0, 1.0))
+
+
+def test_logged_reward_and_advantages_are_the_mixed_ones(tmp_path):
+    # the completions table and TRL's reward metric show the xi mix the policy trains on, not RLOO's stock numbers
     trainer, inputs, _, _ = _loss_and_grads("constrained_rlhf/tiny", tmp_path)
+    cfg = trainer.args
+    lam0 = LagrangeMultipliers.from_config(cfg, 3, generator=torch.Generator().manual_seed(cfg.seed)).lam.detach()
+    rewards = trainer._component_rewards.double()
+    w = torch.tanh(lam0)
+    logged = torch.tensor(list(trainer._logs["extra"]["mixed_reward"]), dtype=D)
+    # mixed reward = (N - sum w) r_KL + sum_i w_i r_i with r_KL = -kl_coef * KL: the implied KL is the logged one
+    kl = (logged - rewards @ w) / ((3 - w.sum()) * -cfg.kl_coef)
+    assert kl.mean().item() == pytest.approx(trainer._metrics["train"]["constrained/kl"][-1], rel=1e-4)
+    torch.testing.assert_close(mixed_rewards("xi", rewards, -cfg.kl_coef * kl, lam0, cfg.constraint_thresholds), logged)
+    # (sorted: TRL shuffles the generation batch after logging it)
+    assert sorted(trainer._logs["advantages"]) == pytest.approx(sorted(inputs["advantages"].tolist()), abs=1e-6)
+    assert trainer._metrics["train"]["reward"][-1] == pytest.approx(logged.mean().item(), abs=1e-6)
+    assert trainer._metrics["train"]["reward_std"][-1] == pytest.approx(logged.std().item(), abs=1e-6)
+    assert len(trainer._logs["extra"]["mixed_reward"]) == len(trainer._logs["prompt"])  # the table's columns line up
+
+
+def test_multipliers_step_once_per_optimizer_step_by_default(tmp_path):
+    # the official cadence: a multiplier step after every policy minibatch. A generation batch of 8 completions feeds
+    # two optimizer steps (steps_per_generation 2): two multiplier steps per generation, each on its own 4 completions
+    overrides = {**REVIEWS, "max_steps": 4, "steps_per_generation": 2, "output_dir": str(tmp_path / "cadence")}
+    trainer = build_trainer(load_recipe("constrained_rlhf/tiny", overrides))
+    steps, generations, lams = [], [], []
+    real_step, real_generate = trainer.multipliers.step, trainer._generate_and_score_completions
+
+    def step(values, thresholds):
+        steps.append(torch.as_tensor(values, dtype=D).clone())
+        lams.append(trainer.multipliers.lam.detach().clone())
+        return real_step(values, thresholds)
+
+    def generate(inputs):
+        out = real_generate(inputs)
+        if trainer.model.training:
+            generations.append(trainer._component_rewards.double().mean(0))
+        return out
+
+    trainer.multipliers.step, trainer._generate_and_score_completions = step, generate
+    trainer.train()
+    assert trainer.state.global_step == 4 and len(generations) == 2
+    assert len(steps) == trainer.state.global_step, f"{len(steps)} multiplier steps for 4 optimizer steps"
+    for g, (a, b) in zip(generations, (steps[0:2], steps[2:4])):
+        close((a + b) / 2, g)  # each step's means are over its half of the generation batch
+        assert not torch.allclose(a, b)
+    assert not torch.equal(lams[0], lams[1])  # the second minibatch of a generation mixes with the moved multipliers
+    lagged = build_trainer(load_recipe("constrained_rlhf/tiny", {**overrides, "multiplier_step": "generation",
+                                                                  "output_dir": str(tmp_path / "gen")}))
+    real = lagged.multipliers.step
+    count = []
+    lagged.multipliers.step = lambda v, t: count.append(1) or real(v, t)
+    lagged.train()
+    assert len(count) == 2  # the option: once per generation batch
+
+
+def test_xi_advantages_and_one_multiplier_step_in_the_trainer(tmp_path):
+    trainer, inputs, _, _ = _loss_and_grads("constrained_rlhf/tiny", tmp_path, multiplier_step="generation")
     cfg = trainer.args
     lam0 = LagrangeMultipliers.from_config(cfg, 3, generator=torch.Generator().manual_seed(cfg.seed)).lam.detach()
     rewards = trainer._component_rewards.double()
@@ -594,7 +677,8 @@ def test_nm_runs_inside_the_trainer_and_resumes_its_search(tmp_path):
     # NM-PPO in one continuing run: every nm_steps_per_eval iterations the search gets a score and moves the
     # thresholds; the state file replays the search exactly
     overrides = {"formulation": "nm", "nm_eval_function": "vader_sentiment", "nm_steps_per_eval": 2, "nm_eval_every": 1,
-                 "nm_iterations": 50, "max_steps": 6, "output_dir": str(tmp_path / "nm"), "dataset": "builtin:review_prompts"}
+                 "nm_iterations": 50, "max_steps": 6, "output_dir": str(tmp_path / "nm"), "dataset": "builtin:review_prompts",
+                 "nm_score_on": "train"}
     trainer = build_trainer(load_recipe("constrained_rlhf/tiny", overrides))
     first = list(trainer.thresholds)
     low, high = trainer.args.nm_box()
@@ -610,6 +694,34 @@ def test_nm_runs_inside_the_trainer_and_resumes_its_search(tmp_path):
     assert torch.equal(again.multipliers.lam, trainer.multipliers.lam)
     logged = [e["nm/evaluations"] for e in trainer.state.log_history if "nm/evaluations" in e]
     assert logged and logged[-1] == len(trainer.nm.history)
+
+
+def test_nm_scores_the_eval_split_by_default(tmp_path):
+    # as the official code scores a held-out split: at each evaluation point the policy generates on every eval_split
+    # prompt (num_generations_eval each), and NM is told the mean nm_eval_function score of those completions
+    overrides = {"formulation": "nm", "nm_eval_function": "vader_sentiment", "nm_steps_per_eval": 2, "nm_eval_every": 2,
+                 "nm_iterations": 50, "max_steps": 4, "output_dir": str(tmp_path / "nm"), "dataset": "builtin:review_prompts",
+                 "eval_split": "test", "num_samples": 8, "num_generations_eval": 2}
+    trainer = build_trainer(load_recipe("constrained_rlhf/tiny", overrides))
+    calls, real = [], trainer.nm_eval
+
+    def spy(prompts, completions, **kwargs):
+        out = real(prompts=prompts, completions=completions, **kwargs)
+        calls.append((trainer.model.training, list(out)))
+        return out
+
+    trainer.nm_eval = spy
+    trainer.train()
+    assert len(trainer.nm.history) == 2  # 4 iterations, 2 per evaluation
+    assert calls and not any(training for training, _ in calls), "scored training rollouts"
+    scores = [v for _, out in calls for v in out]
+    per_evaluation = len(trainer.eval_dataset) * 2
+    assert len(scores) == per_evaluation * 2, f"{len(scores)} completions scored for 2 evaluations of {per_evaluation}"
+    for k, (_, score, _) in enumerate(trainer.nm.history):
+        assert score == pytest.approx(float(np.mean(scores[k * per_evaluation:(k + 1) * per_evaluation])), abs=1e-6)
+    assert not trainer._metrics["eval"]  # the NM generations leave TRL's eval metrics alone
+    with pytest.raises(ValueError, match="eval_split"):
+        build_trainer(load_recipe("constrained_rlhf/tiny", {**overrides, "eval_split": None}))
 
 
 def test_a_trained_reward_model_is_a_component(tmp_path):
