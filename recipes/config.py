@@ -223,11 +223,14 @@ def build_recipe(values: dict[str, Any], sources: dict[str, str], source: str) -
                 built[role] = cls(**kwargs[role])
         except (ValueError, TypeError) as err:
             message = " ".join(str(err).split())
-            # blame the keys the message names where they were set (a --key on the command line is not the file)
-            named = sorted({sources[k] for k, v in kwargs[role].items() if k in sources and (
-                re.search(rf"\b{re.escape(k)}\b", message) or (isinstance(v, str) and len(v) > 2 and v in message))})
-            where = " and ".join(named) if named else source + (" with command-line overrides" if "command line" in sources.values() else "")
-            raise RecipeError(f"{where}: invalid {cls.__name__} for method '{method}': {message}") from err
+            raise RecipeError(f"{_blame(message, kwargs[role], sources, source)}: invalid {cls.__name__} for method "
+                              f"'{method}': {message}") from err
+    if "data" in built and hasattr(built["config"], "check_data_args"):  # a method's checks across the two roles
+        try:
+            built["config"].check_data_args(built["data"])
+        except ValueError as err:
+            given = {k: v for role in kwargs.values() for k, v in role.items()}
+            raise RecipeError(f"{_blame(str(err), given, sources, source)}: {err}") from None
     if optimizer is not None:
         _check_optimizer_args(optimizer, built["config"], source)
     if moe is not None:
@@ -307,6 +310,16 @@ def _check_report_to(value, where: str) -> None:
         if name not in get_available_reporting_integrations():
             raise RecipeError(f"{where}: report_to {name!r}: its package is not installed; install it "
                               f"(pip install {name.replace('_', '-')}) or use report_to: none")
+
+
+def _blame(message: str, values: dict[str, Any], sources: dict[str, str], source: str) -> str:
+    """Where the values a library's message names were set (a --key on the command line is not the file): the keys
+    it names, or string values it quotes; else the file, saying whether the command line overrode any key."""
+    named = sorted({sources[k] for k, v in values.items() if k in sources and (
+        re.search(rf"\b{re.escape(k)}\b", message) or (isinstance(v, str) and len(v) > 2 and v in message))})
+    if named:
+        return " and ".join(named)
+    return source + (" with command-line overrides" if "command line" in sources.values() else "")
 
 
 def _moe_names() -> set[str]:

@@ -293,6 +293,11 @@ class ConstrainedArguments:
         """Training iterations per NM function evaluation (nm_steps_per_eval, default nm_iterations // 10)."""
         return self.nm_steps_per_eval if self.nm_steps_per_eval is not None else max(1, self.nm_iterations // 10)
 
+    def check_data_args(self, data_args) -> None:
+        """Checks against the recipe's data keys, when the recipe is read (before any model loads)."""
+        if self.formulation == "nm" and self.nm_score_on == "eval_split" and not data_args.eval_split:
+            raise ValueError(NM_NEEDS_EVAL_SPLIT)
+
     def validate_for(self, n_reward_funcs: int) -> None:
         """Check the per-reward-function lists against the number of reward functions (the trainer calls this)."""
         for name in ("constraint_thresholds", "reward_weights", "nm_init_low", "nm_init_high"):
@@ -300,6 +305,11 @@ class ConstrainedArguments:
             if value is not None and len(value) != n_reward_funcs:
                 raise ValueError(f"{name} has {len(value)} values but there are {n_reward_funcs} reward functions "
                                  "(one value per reward function, in reward_funcs order)")
+
+
+NM_NEEDS_EVAL_SPLIT = ("formulation='nm' scores each Nelder-Mead evaluation on the eval_split prompts (as the "
+                       "official code scores a held-out split): set eval_split, or nm_score_on: train to score the "
+                       "training rollouts instead")
 
 
 @dataclass
@@ -745,9 +755,7 @@ class _ConstrainedMixin(MethodStateMixin):
                                  f"{', '.join(sorted(REWARDS))}")
             self.nm_eval = REWARDS[args.nm_eval_function][1](args)
             if args.nm_score_on == "eval_split" and self.eval_dataset is None:
-                raise NMSetupError("formulation='nm' scores each Nelder-Mead evaluation on the eval_split prompts (as the "
-                                 "official code scores a held-out split): set eval_split, or nm_score_on: train to "
-                                 "score the training rollouts instead")
+                raise NMSetupError(NM_NEEDS_EVAL_SPLIT)
             low, high = args.nm_box()
             self.nm = NelderMead(low, high, tol=args.nm_tol, max_iterations=args.nm_iterations,
                                  seed=args.seed if args.nm_seed is None else args.nm_seed, variant=args.nm_variant)
