@@ -164,9 +164,11 @@ def _check_output(output: str, where: str) -> None:
     # the folder is written after every model has been evaluated: a bad one must fail now, not then
     if not output.strip():
         raise UserError(f"{where}: output is empty; name a folder for the results, or leave it out for runs/eval")
+    from posttrain.recipes.output_dir import file_in_the_way
+
     path = Path(output)
-    existing = next(p for p in (path, *path.parents) if p.exists())
-    if not existing.is_dir():
+    existing = file_in_the_way(path)
+    if existing is not None:
         under = "" if existing == path else f" is under {existing}, which"
         raise UserError(f"{where}: output {output}{under} is not a folder; name a new or existing folder")
 

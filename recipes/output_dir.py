@@ -54,10 +54,15 @@ def output_dir_lock(output_dir, main: bool):
         os.close(fd)  # releases the lock
 
 
+def file_in_the_way(folder: Path) -> Path | None:
+    """The file at ``folder`` or at one of its parents that keeps it from being a folder; None if there is none."""
+    return next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
+
+
 def _open_lock_file(folder: Path) -> int:
     """Create ``folder`` and open its lock file: the first write of a run, so an output_dir that cannot be written
     (a file, under a file, read-only, no permission) is reported here, before any model loads."""
-    blocking = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
+    blocking = file_in_the_way(folder)
     if blocking is not None:
         raise UserError(f"output_dir {folder}: {blocking} is a file, not a folder; choose another --output_dir")
     try:

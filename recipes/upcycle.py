@@ -153,13 +153,14 @@ def upcycle(src: str, dst, experts: int, top_k: int, shared_experts: int = 1, no
     from trl import ModelConfig
 
     from posttrain.recipes.models import load_tokenizer, resolve_model_path
+    from posttrain.recipes.output_dir import file_in_the_way
 
     if noise < 0:
         raise UserError(f"upcycle: noise must be >= 0 (got {noise})")
     dst = Path(dst)
     # checked before the source loads: the folder is only written at the end
-    existing = next(p for p in (dst, *dst.parents) if p.exists())
-    if not existing.is_dir():
+    existing = file_in_the_way(dst)
+    if existing is not None:
         where = "" if existing == dst else f" is under {existing}, which"
         raise UserError(f"upcycle: destination {dst}{where} is not a folder; pick a new folder")
     if dst.exists() and any(dst.iterdir()):
