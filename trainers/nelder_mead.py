@@ -88,7 +88,7 @@ class NelderMead:
         self.trace: list[dict] = []  # best point at the start of every iteration (and at the end)
         self.done, self.stop_reason = False, None
         self._pending: np.ndarray | None = None
-        self._gen = self._official() if self.variant == "official" else self._textbook()
+        self._gen = self._search()
         self._advance(None)
 
     def _advance(self, value):
@@ -179,55 +179,20 @@ class NelderMead:
             S[i] = S[0] + self.sigma * (S[i] - S[0])
             F[i] = yield from self._f(S[i])
 
-    def _official(self):
+    def _search(self):
+        """One loop for both variants; each ``official`` test marks where they differ (module docstring)."""
+        official = self.variant == "official"
         yield from self._initial_simplex()
         told, idle = -1, -1
         while True:
             self._sort()
-            if self.iterations >= self.max_iterations:
-                self.stop_reason = "budget"
-                return
-            stop, idle = self._safety_stop(told, idle)
-            if stop:
-                return
-            told = len(self.history)
-            self.nm_steps += 1
-            S, F = self.simplex, self.values
-            best, second_worst, worst = F[0], F[-2], F[-1]
-            centroid = S[:-1].mean(0)
-            xr = centroid + self.alpha * (centroid - S[-1])
-            fr = yield from self._f(xr)
-            if best <= fr < second_worst:
-                S[-1], F[-1] = xr, fr
-                continue
-            if fr < best:
-                xe = centroid + self.gamma * (xr - centroid)
-                fe = yield from self._f(xe)
-                S[-1], F[-1] = (xe, fe) if fe < best else (xr, fr)  # against the best point, as the official loop
-                continue
-            xc = centroid + self.rho * (S[-1] - centroid)  # inside contraction only
-            fc = yield from self._f(xc)
-            if fc < worst:
-                S[-1], F[-1] = xc, fc
-                continue
-            yield from self._shrink(S, F)
-            if np.std(F) < self.tol:  # the spread test, only after a shrink
-                self.stop_reason = "tol"
-                self._sort()
-                return
-
-    def _textbook(self):
-        yield from self._initial_simplex()
-        told, idle = -1, -1
-        while True:
-            self._sort()
-            if np.std(self.values) < self.tol:
+            if not official and np.std(self.values) < self.tol:  # textbook: the spread test before every iteration
                 self.stop_reason = "tol"
                 return
             if self.iterations >= self.max_iterations:
                 self.stop_reason = "budget"
                 return
-            if self.cache_radius > 0 and np.all(np.abs(self.simplex - self.simplex[0]) < self.cache_radius):
+            if not official and self.cache_radius > 0 and np.all(np.abs(self.simplex - self.simplex[0]) < self.cache_radius):
                 self.stop_reason = "collapsed"  # every further point would come from the cache
                 return
             stop, idle = self._safety_stop(told, idle)
@@ -246,9 +211,10 @@ class NelderMead:
             if fr < best:
                 xe = centroid + self.gamma * (xr - centroid)
                 fe = yield from self._f(xe)
-                S[-1], F[-1] = (xe, fe) if fe < fr else (xr, fr)
+                # official: expansion accepted against the best point; textbook: against the reflected one
+                S[-1], F[-1] = (xe, fe) if fe < (best if official else fr) else (xr, fr)
                 continue
-            if fr < worst:  # outside contraction
+            if not official and fr < worst:  # outside contraction (textbook only)
                 xc = centroid + self.rho * (xr - centroid)
                 fc = yield from self._f(xc)
                 if fc <= fr:
@@ -261,6 +227,10 @@ class NelderMead:
                     S[-1], F[-1] = xc, fc
                     continue
             yield from self._shrink(S, F)
+            if official and np.std(F) < self.tol:  # official: the spread test, only after a shrink
+                self.stop_reason = "tol"
+                self._sort()
+                return
 
     # -------------------------------------------------------------------------------------------- state
 
