@@ -95,13 +95,18 @@ def test_nm_spread_test_only_after_a_shrink():
     assert len(drive(textbook, lambda x: 5.0)) == 3 and textbook.stop_reason == "tol"
 
 
+def initial_simplex(nm) -> list:
+    """Score a 2-D search's first three points 1, 2, 3 (so they are best, middle, worst); returns them."""
+    points = []
+    for f in (1.0, 2.0, 3.0):
+        points.append(nm.ask())
+        nm.tell(-f)
+    return points
+
+
 def test_nm_expansion_is_accepted_against_the_best_point():
     nm = NelderMead([0, 0], [1, 1], tol=1e-12, seed=3)
-    simplex = []
-    for f in (1.0, 2.0, 3.0):
-        simplex.append(nm.ask())
-        nm.tell(-f)
-    best, mid, worst = simplex
+    best, mid, worst = initial_simplex(nm)
     c = (best + mid) / 2
     xr = nm.ask()
     nm.tell(-0.5)  # better than the best: expand
@@ -113,11 +118,7 @@ def test_nm_expansion_is_accepted_against_the_best_point():
 
 def test_nm_has_no_outside_contraction():
     nm = NelderMead([0, 0], [1, 1], tol=1e-12, seed=4)
-    pts = []
-    for f in (1.0, 2.0, 3.0):
-        pts.append(nm.ask())
-        nm.tell(-f)
-    best, mid, worst = pts
+    best, mid, worst = initial_simplex(nm)
     c = (best + mid) / 2
     nm.ask()
     nm.tell(-2.5)  # between the second worst and the worst: still the inside contraction
