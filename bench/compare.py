@@ -13,7 +13,13 @@ both models stay at their initial weights, so a generating method samples the sa
 Steps alternate between the two (A B, B A, ...) so that machine drift hits both alike; we report the
 median of N steps after a warm-up, and the peak memory of a step: the CUDA allocator's peak on a GPU, the
 growth of the process's resident set (sampled every millisecond, after returning freed memory to the OS
-with glibc's malloc_trim) on a CPU.
+with glibc's malloc_trim) on a CPU. For the preference methods (no generation) it also reports the model FLOP
+utilisation of the step: (6 N for the policy's forward and backward + 2 N for the reference forward) per real token,
+N the parameter count, against the card's dense bf16 peak (attention's own FLOPs are left out: about 4% at 512
+tokens for a 0.5B model).
+
+The results file is rewritten after every measured step, so a run stopped by a timeout still leaves its rows
+(``"complete": false``).
 """
 
 from __future__ import annotations
@@ -37,6 +43,44 @@ from posttrain.trainers import METHODS
 
 QWEN2_05B = dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
                  num_key_value_heads=2, vocab_size=151936, max_position_embeddings=4096, tie_word_embeddings=True)
+
+
+# A randomly initialised model writes token ids that no real reward can score (the tiny tokenizer decodes almost none
+# of Qwen2's 151,936 ids), so every group would get one reward and the methods would do nothing. These two rewards
+# read the ids themselves and vary from completion to completion: ``--reward_funcs "[bench_id_parity]"`` gives THR
+# mixed groups, two of them give constrained RLHF two live streams. Registered by this script only.
+def bench_id_parity(completion_ids, **kwargs) -> list[float]:
+    """1.0 when the sum of the completion's token ids is even, else 0.0: a fair coin per completion."""
+    return [float(sum(ids) % 2 == 0) for ids in completion_ids]
+
+
+def bench_even_id_fraction(completion_ids, **kwargs) -> list[float]:
+    """The fraction of the completion's token ids that are even, in [0, 1]."""
+    return [sum(i % 2 == 0 for i in ids) / max(len(ids), 1) for ids in completion_ids]
+
+
+BENCH_REWARDS = {
+    "bench_id_parity": ("bench only: 1 if the sum of the completion's token ids is even", lambda config: bench_id_parity),
+    "bench_even_id_fraction": ("bench only: fraction of even token ids", lambda config: bench_even_id_fraction),
+}
+
+# Dense bf16 peak of the cards we report MFU on (vendor data sheets, without sparsity), in FLOP/s.
+PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12}
+
+
+def peak_flops() -> float | None:
+    name = torch.cuda.get_device_name() if torch.cuda.is_available() else ""
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+
+
+def preference_step_flops(trainer, batch) -> float | None:
+    """Model FLOPs of one DPO-style training step on ``batch`` (None for methods that generate): 6 N per real token
+    for the policy's forward and backward, 2 N more when a reference model runs a forward."""
+    if "input_ids" not in batch or "completion_mask" not in batch:
+        return None
+    n = sum(p.numel() for p in trainer.model.parameters())
+    tokens = int(batch["attention_mask"].sum())
+    return (6 + (2 if getattr(trainer, "ref_model", None) is not None else 0)) * n * tokens
 
 
 def random_qwen2_05b() -> str:
@@ -157,6 +201,28 @@ def build_trainers(variants: dict, sources: dict, path, tag: str = "bench") -> d
     return trainers
 
 
+def summary(trainers: dict, order: list, times: dict, peaks: dict, flops: dict) -> dict:
+    """The results so far: one row per variant, the method's own metrics, and whether the method did any work."""
+    rows = [timing_row(label, times[label], peaks[label], times[order[0]]) for label in order]
+    for row in rows:
+        step_flops, peak = flops[row["variant"]], peak_flops()
+        row["tflops"] = step_flops / row["median_ms"] * 1e3 / 1e12 if step_flops else None
+        row["mfu"] = row["tflops"] * 1e12 / peak if step_flops and peak else None
+    # the metrics the method logs beyond its parent's (e.g. how many THR groups were mixed), plus the reward spread
+    parent_keys = set(trainers[order[0]]._metrics["train"]) if hasattr(trainers[order[0]], "_metrics") else set()
+    method_metrics = {label: {k: statistics.mean(v) for k, v in trainer._metrics["train"].items()
+                              if v and (k not in parent_keys or k in ("reward_std", "frac_reward_zero_std"))}
+                      for label, trainer in trainers.items() if hasattr(trainer, "_metrics")}
+    # a ratio is a measure of the method only where the method did its work
+    not_measured = None
+    method = method_metrics.get(order[-1], {})
+    if "thr/mixed_groups" in method and method["thr/mixed_groups"] == 0:
+        not_measured = "no THR group was mixed: THR did no work and the time ratio does not measure it"
+    elif method.get("reward_std") == 0:
+        not_measured = "every completion got the same reward: the method did no work and the time ratio does not measure it"
+    return {"rows": rows, "method_metrics": method_metrics, "not_measured": not_measured}
+
+
 def _known_keys(config_cls) -> set[str]:
     import dataclasses
 
@@ -191,6 +257,9 @@ def main(argv=None) -> int:
     if args.model:
         overrides["model_name_or_path"] = random_qwen2_05b() if args.model == "qwen2-0.5b-random" else args.model
     recipe_name = args.recipe or f"{args.method}/tiny"
+    from posttrain.trainers.rewards import REWARDS
+
+    REWARDS.update(BENCH_REWARDS)
 
     trainers = build_pair(args.method, recipe_name, overrides)
     first = next(iter(trainers.values()))
@@ -198,30 +267,35 @@ def main(argv=None) -> int:
     times = {label: [] for label in trainers}
     peaks = {label: [] for label in trainers}
     order = list(trainers)
+    out = Path(args.out or Path(__file__).parent / "results" / f"{args.method}.json")
+    result = {"method": args.method, "recipe": recipe_name, "overrides": {k: str(v) for k, v in overrides.items()},
+              "machine": machine(), "steps": args.steps, "warmup": args.warmup,
+              "memory": "CUDA allocator peak per step" if torch.cuda.is_available() else "peak RSS growth per step"}
+    flops = {label: preference_step_flops(trainer, batch) for label, trainer in trainers.items()}
     for i in range(args.warmup + args.steps):
         for label in order if i % 2 == 0 else order[::-1]:
             seconds, peak = timed_step(trainers[label], batch, seed=1000 + i)
             if i >= args.warmup:
                 times[label].append(seconds)
                 peaks[label].append(peak)
-
-    rows = [timing_row(label, times[label], peaks[label], times[order[0]]) for label in order]
-    # the method's own metrics over the measured steps (e.g. how many THR groups were mixed), for context
-    method_metrics = {label: {k: statistics.mean(v) for k, v in trainer._metrics["train"].items()
-                              if k.startswith(("thr/", "mask/")) and v}
-                      for label, trainer in trainers.items() if hasattr(trainer, "_metrics")}
-    result = {"method": args.method, "recipe": recipe_name, "method_metrics": method_metrics, "overrides": {k: str(v) for k, v in overrides.items()},
-              "machine": machine(), "steps": args.steps, "warmup": args.warmup, "rows": rows,
-              "memory": "CUDA allocator peak per step" if torch.cuda.is_available() else "peak RSS growth per step"}
+        if i >= args.warmup:  # a run stopped by a timeout still leaves the steps it measured
+            write_json_atomic(out, {**result, **summary(trainers, order, times, peaks, flops), "complete": i + 1 == args.warmup + args.steps})
+    result = {**result, **summary(trainers, order, times, peaks, flops), "complete": True}
+    rows = result["rows"]
     print(f"\n{args.method} vs its parent on {result['machine']}; recipe {recipe_name}; median of {args.steps} steps")
     print(f"| variant | median step (ms) | p10 | p90 | peak mem (MiB, {result['memory']}) | time ratio |")
     print("|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['variant']} | {r['median_ms']:.2f} | {r['p10_ms']:.2f} | {r['p90_ms']:.2f} | {r['peak_mib']:.1f} | {r['ratio']:.3f} |")
-    for label, values in method_metrics.items():
+    for r in rows:
+        if r.get("mfu") is not None:
+            print(f"{r['variant']}: {r['tflops']:.1f} TFLOP/s of model FLOPs, MFU {100 * r['mfu']:.1f}% of the {peak_flops() / 1e12:.0f} "
+                  "TFLOP/s bf16 peak")
+    for label, values in result["method_metrics"].items():
         if values:
             print(f"{label}: " + ", ".join(f"{k} {v:.4g}" for k, v in sorted(values.items())))
-    out = Path(args.out or Path(__file__).parent / "results" / f"{args.method}.json")
+    if result.get("not_measured"):
+        print(f"NOT MEASURED: {result['not_measured']}")
     write_json_atomic(out, result)
     print(f"written to {out}")
     return 0

@@ -53,19 +53,23 @@ def timed_step(trainer, batch, seed: int) -> tuple[float, float, int]:
     torch.manual_seed(seed)
     trainer.model.train()
 
+    def now() -> float:
+        # CUDA runs asynchronously: without the wait, the backward still running at t2 would count as balancing
+        if cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
     def step():
-        t0 = time.perf_counter()
+        t0 = now()
         if cb is not None:
             cb.on_step_begin(trainer.args, trainer.state, trainer.control)
-        t1 = time.perf_counter()
+        t1 = now()
         trainer.training_step(trainer.model, batch)
-        t2 = time.perf_counter()
+        t2 = now()
         if cb is not None:
             trainer.state.global_step += 1
             cb.on_step_end(trainer.args, trainer.state, trainer.control)
-        if cuda:
-            torch.cuda.synchronize()
-        t3 = time.perf_counter()
+        t3 = now()
         return t3 - t0, (t1 - t0) + (t3 - t2)
 
     if cuda:

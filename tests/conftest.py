@@ -17,6 +17,9 @@ def pytest_collection_modifyitems(config, items):
     import torch
 
     if not torch.cuda.is_available():
+        if os.environ.get("POSTTRAIN_REQUIRE_CUDA") == "1":  # the GPU machine: a CUDA that fails to start is a failure
+            raise pytest.UsageError("POSTTRAIN_REQUIRE_CUDA=1 but torch.cuda.is_available() is False: CUDA did not start "
+                                    f"(torch {torch.__version__}, CUDA build {torch.version.cuda}); see nvidia-smi")
         skip = pytest.mark.skip(reason="needs CUDA (run by scripts/gpu_check.sh on a GPU machine)")
         for item in items:
             if "gpu" in item.keywords:
