@@ -286,7 +286,12 @@ class _TokenTerms(torch.autograd.Function):
             # Inside the gather (as TRL's chunked_logprob): a ZeRO-3 partitioned head has numel 0 outside it.
             d_weight = _up(torch.zeros(weight.shape, dtype=weight.dtype, device=hidden.device)) if need_w else None
             d_bias = _up(torch.zeros(bias.shape, dtype=bias.dtype, device=hidden.device)) if need_b else None
-            w = _up(weight)
+            # The two gradient products run in the activations' dtype when that is bf16/fp16, as stock autograd runs
+            # the backward of a bf16 LM head (cuBLAS accumulates in fp32; d_weight still sums the chunks in fp32).
+            # In fp32 a (chunk, V) x (V, H) product misses the tensor cores: on an H200 that made SparsePO's step
+            # twice DPO's on a 0.5B model (BENCHMARKS.md). fp32 and fp64 activations keep fp32/fp64 products.
+            gemm_dtype = hidden.dtype if hidden.dtype in (torch.bfloat16, torch.float16) else _up(hidden).dtype
+            w = weight.to(gemm_dtype)
             for s in range(0, hidden.shape[0], chunk):
                 h = hidden[s:s + chunk]
                 z, lse, rz, rlse = _chunk_logits(h, ref_hidden[s:s + chunk], weight, bias, ref_weight, ref_bias)
@@ -294,10 +299,11 @@ class _TokenTerms(torch.autograd.Function):
                 d_z = z.sub_(lse).exp_().mul_(-(g_l + g_d))            # -(g_l + g_d) p
                 d_z.add_(rz.sub_(rlse).exp_().mul_(g_d))                # + g_d p_ref
                 d_z.scatter_add_(-1, labels[s:s + chunk, None], g_l)    # + g_l onehot(y)
+                d_z = d_z.to(gemm_dtype)
                 if need_h:
                     d_hidden[s:s + chunk] = (d_z @ w).to(hidden.dtype)
                 if need_w:
-                    d_weight += d_z.T @ _up(h)
+                    d_weight += d_z.T @ h.to(gemm_dtype)
                 if need_b:
                     d_bias += d_z.sum(0)
         cast = lambda g, like: None if g is None else g.to(like.dtype)  # noqa: E731

@@ -124,6 +124,33 @@ def test_chunked_token_terms_equal_unchunked_values_and_gradients():
     assert (results[0][0][~mask] == 0).all() and (results[0][1] <= 1e-6).all()  # -KL <= 0
 
 
+def test_bf16_token_terms_gradients_match_float64_autograd_within_bf16_precision():
+    # bf16 activations take bf16 gradient products (the tensor-core path on a GPU): the gradients must still be
+    # those of plain float64 autograd through log-softmaxes on the same (bf16-representable) numbers
+    torch.manual_seed(torch.seed() % 2**31)
+    head, ref_head = nn.Linear(16, 300).bfloat16(), nn.Linear(16, 300).bfloat16()
+    hidden, ref_hidden = torch.randn(3, 9, 16).bfloat16(), torch.randn(3, 9, 16).bfloat16()
+    labels, mask = torch.randint(0, 300, (3, 9)), torch.rand(3, 9) > 0.2
+
+    def leaves(dtype):
+        return [t.detach().to(dtype).requires_grad_() for t in (hidden, head.weight, head.bias)]
+
+    h, w, b = leaves(torch.bfloat16)
+    lr, kl, _ = token_terms(h, ref_hidden, labels, mask, SimpleNamespace(weight=w, bias=b), ref_head, chunk_size=5)
+    (lr.sum() + 0.7 * kl.sum()).backward()
+
+    h64, w64, b64 = leaves(torch.float64)
+    logp = F.log_softmax(h64[mask] @ w64.T + b64, -1)
+    ref_logp = F.log_softmax(ref_hidden[mask].double() @ ref_head.weight.double().T + ref_head.bias.double(), -1).detach()
+    y = labels[mask, None]
+    exact_lr = (logp.gather(-1, y) - ref_logp.gather(-1, y)).squeeze(-1)
+    exact_neg_kl = (ref_logp.exp() * (logp - ref_logp)).sum(-1)
+    (exact_lr.sum() + 0.7 * exact_neg_kl.sum()).backward()
+    for low, exact in ((h.grad, h64.grad), (w.grad, w64.grad), (b.grad, b64.grad)):
+        assert low.dtype == torch.bfloat16
+        torch.testing.assert_close(low.double(), exact, atol=0.02 * exact.abs().max().item(), rtol=0.02)
+
+
 # --- the trainer on real batches ----------------------------------------------------------------------
 
 
