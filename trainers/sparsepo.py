@@ -234,9 +234,8 @@ def _up(x):
 
 
 def _chunk_logits(hidden, ref_hidden, weight, bias, ref_weight, ref_bias):
-    """Policy and reference logits of one chunk with their log-normalisers, (M, V) each, upcast."""
-    z, rz = _up(F.linear(hidden, weight, bias)), _up(F.linear(ref_hidden, ref_weight, ref_bias))
-    return z, z.logsumexp(-1, keepdim=True), rz, rz.logsumexp(-1, keepdim=True)
+    """Policy and reference logits of one chunk, (M, V) each, upcast."""
+    return _up(F.linear(hidden, weight, bias)), _up(F.linear(ref_hidden, ref_weight, ref_bias))
 
 
 def _rowdot(a, b):
@@ -260,7 +259,8 @@ class _TokenTerms(torch.autograd.Function):
         outs = []
         with maybe_gather_lm_head_ctx(weight, bias, ref_weight, ref_bias):
             for s in range(0, hidden.shape[0], chunk):
-                z, lse, rz, rlse = _chunk_logits(hidden[s:s + chunk], ref_hidden[s:s + chunk], weight, bias, ref_weight, ref_bias)
+                z, rz = _chunk_logits(hidden[s:s + chunk], ref_hidden[s:s + chunk], weight, bias, ref_weight, ref_bias)
+                lse, rlse = z.logsumexp(-1, keepdim=True), rz.logsumexp(-1, keepdim=True)
                 taken = labels[s:s + chunk].unsqueeze(-1)
                 logratio = (z.gather(-1, taken) - lse - rz.gather(-1, taken) + rlse).squeeze(-1)
                 ref_mean = map_activation(rz, logit_mapping)
@@ -268,17 +268,20 @@ class _TokenTerms(torch.autograd.Function):
                 z.sub_(rz)
                 p_ref = rz.sub_(rlse).exp_()
                 neg_kl = _rowdot(p_ref, z) - lse.squeeze(-1) + rlse.squeeze(-1)
-                outs.append((logratio, neg_kl, ref_mean))
-        ctx.save_for_backward(hidden, ref_hidden, labels, weight, bias, ref_weight, ref_bias)
-        ctx.chunk = chunk
+                outs.append((logratio, neg_kl, ref_mean, lse, rlse))
         empty = _up(hidden.new_zeros(0))
+        lse, rlse = (torch.cat([o[i] for o in outs]) if outs else empty for i in (3, 4))
+        # the log-normalisers are two floats per token: kept, so backward recomputes only the logits (a logsumexp
+        # over the vocabulary costs as much as the softmax itself)
+        ctx.save_for_backward(hidden, ref_hidden, labels, weight, bias, ref_weight, ref_bias, lse, rlse)
+        ctx.chunk = chunk
         return tuple(torch.cat([o[i] for o in outs]) if outs else empty for i in range(3))
 
     @staticmethod
     def backward(ctx, grad_logratio, grad_neg_kl, _):
         from trl.trainer.utils import maybe_gather_lm_head_ctx
 
-        hidden, ref_hidden, labels, weight, bias, ref_weight, ref_bias = ctx.saved_tensors
+        hidden, ref_hidden, labels, weight, bias, ref_weight, ref_bias, all_lse, all_rlse = ctx.saved_tensors
         chunk = ctx.chunk
         need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[4]
         d_hidden = torch.zeros_like(hidden) if need_h else None
@@ -294,7 +297,8 @@ class _TokenTerms(torch.autograd.Function):
             w = weight.to(gemm_dtype)
             for s in range(0, hidden.shape[0], chunk):
                 h = hidden[s:s + chunk]
-                z, lse, rz, rlse = _chunk_logits(h, ref_hidden[s:s + chunk], weight, bias, ref_weight, ref_bias)
+                z, rz = _chunk_logits(h, ref_hidden[s:s + chunk], weight, bias, ref_weight, ref_bias)
+                lse, rlse = all_lse[s:s + chunk], all_rlse[s:s + chunk]
                 g_l, g_d = _up(grad_logratio[s:s + chunk, None]), _up(grad_neg_kl[s:s + chunk, None])
                 d_z = z.sub_(lse).exp_().mul_(-(g_l + g_d))            # -(g_l + g_d) p
                 d_z.add_(rz.sub_(rlse).exp_().mul_(g_d))                # + g_d p_ref

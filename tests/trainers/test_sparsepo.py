@@ -486,7 +486,10 @@ def test_token_terms_backward_allocates_head_gradients_inside_the_zero3_gather(m
             w.data, b.data = torch.empty(0), torch.empty(0)
 
     monkeypatch.setattr(trl_utils, "maybe_gather_lm_head_ctx", gather)
-    ctx = SimpleNamespace(saved_tensors=(hidden, ref_hidden, labels, w, b, ref_head.weight.detach(), ref_head.bias.detach()),
+    # the forward's saved log-normalisers of policy and reference, (M, 1) each
+    lse = F.linear(hidden, full_w, full_b).logsumexp(-1, keepdim=True)
+    rlse = ref_head(ref_hidden).detach().logsumexp(-1, keepdim=True)
+    ctx = SimpleNamespace(saved_tensors=(hidden, ref_hidden, labels, w, b, ref_head.weight.detach(), ref_head.bias.detach(), lse, rlse),
                           chunk=4, needs_input_grad=(True, False, False, True, True, False, False, False, False))
     _, _, _, d_w, d_b, *_ = _TokenTerms.backward(ctx, g_l, g_d, None)
 
