@@ -122,6 +122,12 @@ class CascadeFilterConfig:
         if self.data_filter == "strong" and self.data_filter_judge:
             raise ValueError("data_filter_judge is a stage of the weak filter (the strong filter is the blocklist "
                              "alone); set data_filter: weak or remove data_filter_judge")
+        if self.data_filter_blocklist is not None:
+            import os
+
+            if not os.path.isfile(os.path.expanduser(self.data_filter_blocklist)):
+                raise ValueError(f"data_filter_blocklist: file not found: {self.data_filter_blocklist}; give a CSV "
+                                 "with columns keyword, pos_ratio (and optionally is_relevant)")
         if self.data_filter_judge is not None:
             self.judge_callable()  # an import error or a non-callable is a recipe error, before any model loads
 
@@ -508,7 +514,8 @@ def parse_filter_keys(values: dict[str, Any], sources: dict[str, str], source: s
     try:
         return CascadeFilterConfig(**kwargs)
     except ValueError as err:
-        named = sorted({sources.get(k, source) for k in given if k in str(err)}) or [sources.get("data_filter", source)]
+        named = sorted({sources.get(k, source) for k in given if re.search(rf"\b{k}\b", str(err))}) or \
+            [sources.get("data_filter", source)]
         raise RecipeError(f"{' and '.join(named)}: invalid data filter settings: {err}") from None
 
 
