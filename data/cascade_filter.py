@@ -254,7 +254,8 @@ class ClassifierStage:
     """TF-IDF + logistic regression (the stand-in for the official fine-tuned ModernBERT-large)."""
 
     filter_id = "bert_filter"
-    default_metadata = {"highest_score": 0.0, "lowest_score": 0.0, "mean_score": 0.0}
+    # the official metadata, plus "error" (the official stage prints its errors; here they stay in the row)
+    default_metadata = {"highest_score": 0.0, "lowest_score": 0.0, "mean_score": 0.0, "error": ""}
 
     def __init__(self, model, threshold: float = 0.5, context_length: int = 8192):
         self.model, self.threshold, self.context_length = model, threshold, context_length
@@ -285,7 +286,7 @@ class ClassifierStage:
             s = scores[start:start + len(doc)]
             start += len(doc)
             out.append((any(v > self.threshold for v in s),
-                        {"highest_score": max(s), "lowest_score": min(s), "mean_score": sum(s) / len(s)}))
+                        {"highest_score": max(s), "lowest_score": min(s), "mean_score": sum(s) / len(s), "error": ""}))
         return out
 
 

@@ -80,12 +80,13 @@ def test_parse_judgment_without_a_digit_raises_and_the_judge_then_filters():
 
 def test_classification_report_worked_example():
     y_true = [True, True, True, False, False, False, False, False]
-    y_pred = [True, True, False, True, False, False, False, False]
+    y_pred = [True, True, False, True, True, False, False, False]
     r = classification_report(y_true, y_pred)
-    assert (r["tn"], r["fp"], r["fn"], r["tp"]) == (4, 1, 1, 2)
-    assert r["precision"] == pytest.approx(2 / 3) and r["recall"] == pytest.approx(2 / 3)
-    assert r["fpr"] == pytest.approx(1 / 5) and r["accuracy"] == pytest.approx(6 / 8)
-    assert r["filtered_documents"] == 3 and r["percent_filtered"] == pytest.approx(37.5)
+    assert (r["tn"], r["fp"], r["fn"], r["tp"]) == (3, 2, 1, 2)
+    assert r["precision"] == pytest.approx(2 / 4) and r["recall"] == pytest.approx(2 / 3)
+    assert r["f1"] == pytest.approx(2 * 0.5 * (2 / 3) / (0.5 + 2 / 3))
+    assert r["fpr"] == pytest.approx(2 / 5) and r["accuracy"] == pytest.approx(5 / 8)
+    assert r["filtered_documents"] == 4 and r["percent_filtered"] == pytest.approx(50.0)
     assert set(classification_report(None, y_pred)) == {"documents", "filtered_documents", "percent_filtered"}
 
 
@@ -115,6 +116,16 @@ def test_replacement_rows_draw_as_many_approved_rows_as_were_filtered():
         assert len(set(rows)) == len(rows) and set(rows) <= set(approved)
         assert len(rows) == min(len(filtered), len(approved))
     assert replacement_rows([5, 6], [1, 2, 3, 4], seed=0) == replacement_rows([5, 6], [1, 2, 3, 4], seed=0)
+
+
+def test_the_classifier_stage_fails_closed():
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+
+    unfitted = ClassifierStage(make_pipeline(TfidfVectorizer(), LogisticRegression()))  # scoring raises
+    verdicts = unfitted.judge(["a document", "another"])
+    assert [v for v, _ in verdicts] == [True, True] and "error" in verdicts[0][1]
 
 
 # ----------------------------------------------------------------------------------------------------- cascade
@@ -155,7 +166,7 @@ def test_each_stage_judges_only_what_the_previous_stage_flagged_and_writes_the_o
     assert a["bert_filter"] == [True, False, False, False, True]
     assert a["lm_filter"] == [True, False, False, False, False]
     assert a["combined_filter"] == a["lm_filter"] and a["id"] == [0, 1, 2, 3, 4]
-    assert a["bert_filter_metadata"][2] == {"highest_score": 0.0, "lowest_score": 0.0, "mean_score": 0.0}
+    assert a["bert_filter_metadata"][2] == {"highest_score": 0.0, "lowest_score": 0.0, "mean_score": 0.0, "error": ""}
     assert a["bert_filter_metadata"][0]["highest_score"] == pytest.approx(0.9)
     assert a["word_filter_metadata"][0] == {"keywords": "lava, magma"}
     stages = out.report["stages"]
