@@ -352,6 +352,10 @@ class CascadeFilter:
                             f"{columns}); set it to one of them")
         if not self.text_column and not set(TEXT_COLUMNS) & set(columns):
             raise DataError(f"{where}: no text column for the filter among {columns}; set data_filter_text_column")
+        taken = [c for s in self.stages for c in (s.filter_id, f"{s.filter_id}_metadata")] + ["combined_filter"]
+        if set(taken) & set(columns):
+            raise DataError(f"{where} already has filter columns {sorted(set(taken) & set(columns))} (the output of an "
+                            "earlier filter?); filter the original rows, or remove those columns")
         texts = [document_text(row, self.text_column) for row in dataset.select_columns(
             [self.text_column] if self.text_column else [c for c in TEXT_COLUMNS if c in columns])]
         flagged = [True] * len(texts)  # the first stage judges every document

@@ -229,6 +229,48 @@ def test_filter_keys_need_data_filter_and_an_llm_method_with_training_data():
         load_recipe("wagle/tiny", {"data_filter": "weak", "data_filter_labelled": "builtin:topic_corpus"})
 
 
+def test_an_official_keyword_csv_and_a_judge_module_drive_the_filter_of_a_preference_recipe(tmp_path, monkeypatch):
+    """Any task: DPO's preference pairs, filtered before formatting with a curated CSV (strong) and, in weak mode, a
+    judge imported from the recipe's module path."""
+    from posttrain.data import load_task_datasets
+    from posttrain.data.generators import preference_pairs
+
+    rows = preference_pairs(64, 0)
+    texts = [document_text(r) for r in rows]
+    csv = tmp_path / "keywords.csv"
+    csv.write_text("keyword,pos_ratio,is_relevant\nquestion,0.9,true\nthat,0.8,true\nthe,0.95,false\nwhat,0.1,true\n")
+    expected = [t for t in texts if len(blocklist_hits(t, ["question", "that"], 2)) < 2]
+    assert 0 < len(expected) < len(texts)
+    recipe = load_recipe("dpo/tiny", {"num_samples": 64, "data_filter": "strong", "data_filter_blocklist": str(csv)})
+    train = load_task_datasets("preference", recipe.data_args, recipe.data_filter)["train"]
+    assert sorted(document_text(r) for r in train) == sorted(expected)
+    assert train.column_names == ["prompt", "chosen", "rejected"]  # formatted after filtering
+
+    (tmp_path / "my_judge.py").write_text("def judge(text):\n    return '[0]' if 'Juliet' in text else '[1]'\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    recipe = load_recipe("dpo/tiny", {"num_samples": 64, "data_filter": "weak", "data_filter_blocklist": str(csv),
+                                      "data_filter_labelled": "builtin:topic_corpus",
+                                      "data_filter_labelled_split": "labelled", "data_filter_threshold": 0.0,
+                                      "data_filter_judge": "my_judge:judge", "data_filter_keep_size": False})
+    train = load_task_datasets("preference", recipe.data_args, recipe.data_filter, report_dir=str(tmp_path))["train"]
+    report = json.loads((tmp_path / "data_filter_report.json").read_text())
+    # threshold 0: the classifier flags every escalation, so the judge decides
+    assert report["stages"]["bert_filter"]["filtered_documents"] == len(texts) - len(expected)
+    assert report["stages"]["lm_filter"]["judged"] == len(texts) - len(expected)
+    judged_out = [t for t in texts if t not in expected and "Juliet" not in t]
+    assert 0 < len(judged_out) < len(texts) - len(expected)
+    assert len(train) == len(texts) - len(judged_out) and report["settings"]["data_filter_judge"] == "my_judge:judge"
+
+
+def test_posttrain_list_shows_the_data_stage(capsys):
+    from posttrain.cli import main
+
+    assert main(["list", "methods"]) == 0
+    assert "data_filter" in capsys.readouterr().out
+    assert main(["list", "recipes"]) == 0
+    assert "cascade_filter/tiny" in capsys.readouterr().out
+
+
 def test_a_tiny_sft_run_trains_on_the_kept_and_replaced_rows_only(tmp_path):
     from posttrain.recipes.train import build_trainer
 
