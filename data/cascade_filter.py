@@ -54,7 +54,6 @@ from datasets import Dataset
 
 from .args import DataError
 
-ROW_ID = "__cascade_row__"  # a temporary column: each row's position in the input
 TEXT_COLUMNS = ("text", "prompt", "completion", "chosen", "rejected", "messages", "question", "answer")
 MODES = ("strong", "weak")
 
@@ -359,7 +358,8 @@ class CascadeFilter:
         texts = [document_text(row, self.text_column) for row in dataset.select_columns(
             [self.text_column] if self.text_column else [c for c in TEXT_COLUMNS if c in columns])]
         flagged = [True] * len(texts)  # the first stage judges every document
-        annotated = dataset.add_column(ROW_ID, list(range(len(texts))))
+        # the official results carry an ``id`` per document (filter.py adds 0, 1, ... when the data has none)
+        annotated = dataset if "id" in columns else dataset.add_column("id", list(range(len(texts))))
         report: dict[str, Any] = {"mode": self.mode, "documents": len(texts), "stages": {}}
         labels = [bool(v) for v in dataset[self.label_column]] if self.label_column in columns else None
         for stage in self.stages:
@@ -384,8 +384,7 @@ class CascadeFilter:
                       replaced=len(added), shortfall=len(filtered) - len(added) if self.keep_size else None,
                       output_documents=len(kept) + len(added), keep_size=self.keep_size, labels=labels is not None)
         output = dataset.select(kept + added)
-        return FilterOutput(annotated.remove_columns(ROW_ID).add_column("id", list(range(len(texts))))
-                            if "id" not in columns else annotated.remove_columns(ROW_ID), output, report)
+        return FilterOutput(annotated, output, report)
 
 
 # ------------------------------------------------------------------------------------------------- from a recipe

@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     eval_p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     filter_p = sub.add_parser("filter", help="run a recipe's data_filter on its training set alone and write the "
                               "filtered rows and the per-stage report to a folder; then --key value overrides")
-    filter_p.add_argument("recipe")
+    filter_p.add_argument("recipe", help="a recipe (.yaml path or <method>/<name>) with data_filter keys")
     filter_p.add_argument("--output", help="a new folder (default: the recipe's output_dir + '-filtered')")
     filter_p.add_argument("--overwrite", action="store_true", help="replace the output folder if it exists")
     filter_p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
