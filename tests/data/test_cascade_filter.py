@@ -179,6 +179,30 @@ def test_each_stage_judges_only_what_the_previous_stage_flagged_and_writes_the_o
     assert list(strong.report["stages"]) == ["word_filter", "combined_filter"]
 
 
+def test_the_classifier_scores_every_chunk_and_flags_when_any_chunk_is_above_the_threshold():
+    model = _CountingModel()
+    stage = ClassifierStage(model, threshold=0.5, context_length=3)
+    verdicts = stage.judge(["calm quiet day then an eruption", "calm quiet day"])
+    assert model.seen == ["calm quiet day", "then an eruption", "calm quiet day"]  # 3-word chunks
+    assert verdicts[0][0] is True and verdicts[1][0] is False
+    assert verdicts[0][1]["highest_score"] == pytest.approx(0.9) and verdicts[0][1]["lowest_score"] == pytest.approx(0.1)
+    assert verdicts[0][1]["mean_score"] == pytest.approx(0.5) and stage.calls == 2
+    assert ClassifierStage(_CountingModel(), threshold=0.9).judge(["eruption"])[0][0] is False  # strictly above
+
+
+def test_without_enough_approved_documents_all_are_added_and_the_shortfall_is_reported():
+    texts = ["lava magma eruption", "magma lava eruption again", "lava magma cake", "plain"]
+    data = Dataset.from_dict({"text": texts})
+    out = CascadeFilter([BlocklistStage(["lava", "magma"]), ClassifierStage(_CountingModel())], "weak").apply(data)
+    assert out.report["filtered"] == 2 and out.report["approved_escalations"] == 1
+    assert out.report["replaced"] == 1 and out.report["shortfall"] == 1 and len(out.dataset) == 3
+    assert out.dataset["text"] == ["lava magma cake", "plain", "lava magma cake"]
+    assert out.report["labels"] is False and "recall" not in out.report["stages"]["combined_filter"]
+    off = CascadeFilter([BlocklistStage(["lava", "magma"]), ClassifierStage(_CountingModel())], "weak",
+                        keep_size=False).apply(data)
+    assert off.dataset["text"] == ["lava magma cake", "plain"] and off.report["shortfall"] is None
+
+
 def test_the_paper_experiment_weak_filter_keeps_recall_and_halves_the_false_positives():
     """The Deep Ignorance strong/weak comparison on a generated benign corpus (volcanology as the stand-in target,
     near misses sharing its words, unrelated documents). Pass criteria: FPR(weak) <= 0.5 FPR(strong); recall(weak)
