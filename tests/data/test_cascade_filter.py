@@ -334,9 +334,16 @@ def test_posttrain_filter_writes_the_rows_and_the_report_and_never_overwrites_si
 
     (out / "marker").write_text("mine")
     assert main(args) == 2  # exists: refused, untouched
-    assert "exists; pass --overwrite" in capsys.readouterr().err and (out / "marker").exists()
+    err = capsys.readouterr().err
+    assert "exists; pass --overwrite" in err and len(err.strip().splitlines()) == 1 and (out / "marker").exists()
     assert main(args + ["--overwrite", "--data_filter", "weak"]) == 0
     assert not (out / "marker").exists() and json.loads((out / "report.json").read_text())["mode"] == "weak"
     assert [p.name for p in tmp_path.iterdir()] == ["filtered"]  # no temporary folder left behind
     assert main(["filter", "sft/tiny", "--output", str(tmp_path / "x")]) == 2
     assert "no data_filter key" in capsys.readouterr().err and not (tmp_path / "x").exists()
+    # a bad key stops `train` and `filter` alike with one line, before any data or model loads
+    for command in ("train", "filter"):
+        assert main([command, "cascade_filter/tiny", "--data_filter_min_hits", "0", "--output_dir", str(tmp_path / "y")]) == 2
+        err = capsys.readouterr().err
+        assert "data_filter_min_hits must be at least 1" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "y").exists()
