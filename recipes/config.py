@@ -245,7 +245,8 @@ def build_recipe(values: dict[str, Any], sources: dict[str, str], source: str) -
         from posttrain.recipes.moe import check_moe_recipe
 
         check_moe_recipe(values, built["config"], moe, sources, source)
-    return Recipe(method, source, built["config"], built.get("model"), built.get("data"), optimizer, moe, data_filter)
+    return Recipe(method, source, built["config"], built.get("model"), built.get("data"), optimizer, moe,
+                  data_filter=data_filter)
 
 
 # recipe key -> (test, what it must be) for values whose wrong sign or zero the libraries accept and reinterpret
