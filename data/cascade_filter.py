@@ -71,7 +71,8 @@ class CascadeFilterConfig:
     data_filter_labelled: Optional[str] = field(default=None, metadata={
         "help": "Labelled documents (builtin:<name>, a local .jsonl/.json/.csv/.parquet file or a hub id) with a "
         "text column and data_filter_label_column: the classifier is trained on them, and the blocklist is mined "
-        "from them unless data_filter_blocklist is given. Needed by the weak filter."})
+        "from them unless data_filter_blocklist is given. Needed by the weak filter. A builtin generator makes "
+        "num_samples rows with data_seed, as for `dataset`."})
     data_filter_labelled_split: str = field(default="train", metadata={
         "help": "Split of data_filter_labelled (builtin:topic_corpus: 'labelled')."})
     data_filter_label_column: str = field(default="is_filter_target", metadata={
