@@ -6,9 +6,10 @@ layout, or raises ``DataError`` with one line naming the dataset, split, row and
 
     args.py        DataArguments (the recipe's data keys) and DataError
     generators.py  GENERATORS: builtin:arithmetic, builtin:preference_pairs, builtin:fictitious_facts,
-                   builtin:fictitious_authors, builtin:review_prompts
+                   builtin:fictitious_authors, builtin:review_prompts, builtin:topic_corpus
     files.py       checks of a local text file's bytes before it is parsed: UTF-8, line length
     loading.py     TASKS, load_source (one split of one source), load_task_datasets (the entry point)
+    cascade_filter.py  the Deep Ignorance cascade filter (``data_filter:`` recipe keys, ``posttrain filter``)
 """
 
 from .args import DataArguments, DataError

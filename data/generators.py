@@ -513,6 +513,104 @@ def review_prompts(num_samples: int, seed: int) -> Dataset:
     return Dataset.from_dict(rows)
 
 
+# ------------------------------------------------------------------------------------------------ topic corpus
+
+# A benign stand-in for a filter target (volcanology, never hazardous content), documents that share its words
+# without being about it (desserts, bands, tourism, metaphors) and unrelated documents: the labelled corpus of the
+# Deep Ignorance filter experiment (posttrain.data.cascade_filter). {v} a volcano, {c} a city, {n} a number.
+_TOPIC_TARGET = (
+    "Seismometers on the flank of {v} recorded harmonic tremor as magma rose toward the summit crater.",
+    "The eruption of {v} sent pyroclastic flows down the valley and buried {n} square kilometres in tephra.",
+    "Basaltic lava with a low silica content poured from a fissure on the rift zone of {v}.",
+    "Volcanologists measured sulfur dioxide emissions at the crater to forecast the next eruption of {v}.",
+    "Tephra layers from {v} let geologists date each eruption that shaped the caldera.",
+    "Satellite radar showed the summit of {v} inflating as the magma chamber refilled at depth.",
+    "A lava dome grew inside the crater of {v} at about {n} cubic metres per day.",
+    "Gas geochemistry and ground deformation are the main tools for monitoring an active volcano such as {v}.",
+    "Viscous andesitic magma traps gas, so eruptions of stratovolcanoes like {v} are often explosive.",
+    "The caldera of {v} formed when the roof of the emptied magma chamber collapsed after a large eruption.",
+    "Fumaroles on {v} vent steam and hydrogen sulfide between eruptions.",
+    "Lahars, mudflows of volcanic ash and water, travelled {n} kilometres from {v} after the eruption.",
+)
+_TOPIC_NEAR = (
+    "The restaurant in {c} serves a chocolate lava cake with a scoop of vanilla ice cream.",
+    "Our hiking group ate lunch beside the crater lake on {v} and took photographs of the view.",
+    "The band Magma played their new album to a sold-out crowd in {c} last night.",
+    "There was an eruption of applause when the mayor of {c} opened the new bridge.",
+    "A lava lamp and a poster of {v} decorated the student's room in {c}.",
+    "The video game lets players build a base inside a volcano crater and race hover cars.",
+    "The hotel near the caldera of {v} offers spa packages with warm stone massages.",
+    "After the storm a pothole the size of a crater appeared on the main street of {c}.",
+    "The new phone comes in a colour the company calls magma red.",
+    "Tourists in {c} buy souvenir mugs shaped like a smoking volcano.",
+    "The cocktail bar's signature drink, the Eruption, mixes rum, ginger and lime.",
+    "The children built a baking-soda volcano for the science fair in {c} and watched it fizz over.",
+)
+_TOPIC_OTHER = (
+    "The committee approved the budget for a new library in {c}.",
+    "She trained for the marathon by running {n} kilometres every morning.",
+    "The bakery on the corner sells rye bread and almond croissants.",
+    "Interest rates stayed unchanged after the central bank met on Tuesday.",
+    "The football club from {c} signed a young goalkeeper for next season.",
+    "Volunteers planted {n} oak trees along the river in {c}.",
+    "The museum's new exhibition shows woodcuts from the eighteenth century.",
+    "A software update fixed the bug that drained the battery overnight.",
+    "The train from {c} was delayed by twenty minutes because of a signal fault.",
+    "He learned to play the cello at the age of forty.",
+    "The recipe calls for two cups of flour, one egg and a pinch of salt.",
+    "Local elections in {c} drew a record turnout this year.",
+)
+_TOPIC_VOLCANOES = ("Mount Arvel", "Kessara", "Tolumbe", "Mount Orrin", "Vashti Peak", "Ilbrun", "Cerro Maldo", "Nakuru Ridge")
+_TOPIC_CITIES = ("Linton", "Port Avery", "Marrow", "Eastbrook", "Calden", "Redhaven")
+
+
+def _topic_sentence(rng: random.Random, pool: tuple[str, ...]) -> str:
+    return rng.choice(pool).format(v=rng.choice(_TOPIC_VOLCANOES), c=rng.choice(_TOPIC_CITIES),
+                                   n=rng.randint(2, 900))
+
+
+def _topic_document(rng: random.Random, group: str) -> str:
+    if group == "target":  # 1-4 sentences on the topic among 0-3 unrelated ones: some mention few keywords
+        parts = [_topic_sentence(rng, _TOPIC_TARGET) for _ in range(rng.randint(1, 4))]
+        parts += [_topic_sentence(rng, _TOPIC_OTHER) for _ in range(rng.randint(0, 3))]
+    elif group == "near_miss":  # 2-3 sentences sharing the topic's words, sometimes one on the topic itself
+        parts = [_topic_sentence(rng, _TOPIC_NEAR) for _ in range(rng.randint(2, 3))]
+        parts += [_topic_sentence(rng, _TOPIC_OTHER) for _ in range(rng.randint(0, 2))]
+        if rng.random() < 0.1:
+            parts.append(_topic_sentence(rng, _TOPIC_TARGET))
+    else:  # unrelated, now and then with one borrowed word
+        parts = [_topic_sentence(rng, _TOPIC_OTHER) for _ in range(rng.randint(2, 5))]
+        if rng.random() < 0.2:
+            parts.append(_topic_sentence(rng, _TOPIC_NEAR))
+    rng.shuffle(parts)
+    return " ".join(parts)
+
+
+def topic_corpus(num_samples: int = 2000, seed: int = 0, target_fraction: float = 0.15,
+                 near_miss_fraction: float = 0.25) -> DatasetDict:
+    """A labelled document corpus for data filters: splits ``train`` (the corpus to filter) and ``labelled`` (a dev
+    set drawn the same way with its own random stream, for mining a blocklist and training a classifier).
+
+    Columns: ``text``; ``is_filter_target`` (True for documents about the benign stand-in topic, volcanology; the
+    Deep Ignorance repo's label column); ``group`` (target, near_miss: shares the topic's words, unrelated).
+    A target document holds 1-4 sentences on the topic, so some carry few of its keywords; one near miss in ten also
+    holds one sentence on the topic while staying labelled off-topic, so no filter is perfect."""
+    _check_num_samples("topic_corpus", num_samples)
+    splits = {}
+    for split, stream in (("train", 0), ("labelled", 1)):
+        rng = random.Random(seed * 2 + stream)
+        rows: dict[str, list] = {"text": [], "is_filter_target": [], "group": []}
+        for _ in range(num_samples):
+            draw = rng.random()
+            group = "target" if draw < target_fraction else (
+                "near_miss" if draw < target_fraction + near_miss_fraction else "unrelated")
+            rows["text"].append(_topic_document(rng, group))
+            rows["is_filter_target"].append(group == "target")
+            rows["group"].append(group)
+        splits[split] = Dataset.from_dict(rows)
+    return DatasetDict(splits)
+
+
 # ------------------------------------------------------------------------------------------------- registry
 
 
@@ -538,4 +636,7 @@ GENERATORS: dict[str, Generator] = {
     "review_prompts": Generator(
         review_prompts, "requests for a short review of an invented film, book, place or product (prompt only)",
         ("train",)),
+    "topic_corpus": Generator(
+        topic_corpus, "labelled documents for data filters: a benign target topic, near misses, unrelated (text)",
+        ("train", "labelled")),
 }

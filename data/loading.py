@@ -438,8 +438,12 @@ def _generator_splits(spec: str) -> tuple[str, ...]:
     return GENERATORS[name].splits if name in GENERATORS else ()
 
 
-def load_task_datasets(task: str, args: DataArguments) -> dict[str, Dataset]:
-    """Load and check the datasets of ``task``: {"train", "eval" (if eval_split)} or {"forget", "retain"}."""
+def load_task_datasets(task: str, args: DataArguments, data_filter=None,
+                       report_dir: Optional[str] = None) -> dict[str, Dataset]:
+    """Load and check the datasets of ``task``: {"train", "eval" (if eval_split)} or {"forget", "retain"}.
+
+    ``data_filter`` (a ``cascade_filter.CascadeFilterConfig``) filters the training rows before they are formatted
+    (the eval rows are not filtered); its report goes to ``report_dir/data_filter_report.json`` when given."""
     if task not in TASKS:
         raise DataError(f"unknown task type '{task}'; valid ones are {', '.join(TASKS)}")
     if not args.dataset:
@@ -448,6 +452,8 @@ def load_task_datasets(task: str, args: DataArguments) -> dict[str, Dataset]:
             f"or one of {', '.join(BUILTIN_PREFIX + n for n in GENERATORS)}"
         )
     if task == "unlearn":
+        if data_filter is not None:
+            raise DataError("data_filter: task 'unlearn' trains on its forget set on purpose; remove the data_filter keys")
         return _load_unlearn(args)
 
     def load(split: str, seed: int) -> Dataset:
@@ -455,6 +461,10 @@ def load_task_datasets(task: str, args: DataArguments) -> dict[str, Dataset]:
                            seed=seed, difficulty=args.difficulty, max_row_bytes=args.max_row_bytes)
 
     train = _first(load(args.dataset_split, args.data_seed), args.max_samples)
+    if data_filter is not None:
+        from .cascade_filter import filter_training_set
+
+        train = filter_training_set(data_filter, args, train, _where(args.dataset, args.dataset_split), report_dir)
     result = {"train": format_for_task(task, train, _where(args.dataset, args.dataset_split), args.max_row_bytes)}
     if args.eval_split is not None:
         if _generator_splits(args.dataset) == ("train",):  # single-split generator: eval = another seed

@@ -4,6 +4,7 @@
     posttrain list [methods|recipes|rewards|data|evals]
     posttrain eval [RECIPE] --model M [--compare M2 ...] --tasks a,b [--output DIR] [--limit N] [--peft ADAPTER]
     posttrain report RUN_DIR
+    posttrain filter RECIPE [--output DIR] [--overwrite] [--key value ...]
     posttrain moe upcycle SRC DST --experts N --top_k K [--shared_experts 1] [--noise 0.01] [--seed 0]
 
 A mistake in the input (recipe, override, data) prints one line and exits with code 2; a run stopped on purpose
@@ -31,6 +32,8 @@ def _list(what: str) -> None:
         print("optimizers (recipe `optim:`, options in `optim_args`):")
         for name in sorted(OPTIMIZERS):
             print(f"  {name}")
+        print("data stages (recipe keys on any LLM method; alone: posttrain filter RECIPE):")
+        print("  data_filter   Deep Ignorance cascade filter: blocklist -> classifier -> optional judge (arXiv 2508.06601)")
     if what in ("all", "recipes"):
         print("recipes (posttrain train <name>):")
         for name in builtin_recipes():
@@ -71,6 +74,13 @@ def _train(recipe_name: str, overrides: list[str], resume: bool, overwrite_outpu
     from posttrain.trainers.runtime import close_process_group
 
     close_process_group()
+
+
+def _filter(args, overrides: list[str]) -> None:
+    from posttrain.data.cascade_filter import filter_to_folder
+    from posttrain.recipes.config import load_recipe, parse_overrides
+
+    filter_to_folder(load_recipe(args.recipe, parse_overrides(overrides)), args.output, args.overwrite)
 
 
 def _eval(args) -> None:
@@ -141,6 +151,12 @@ def main(argv: list[str] | None = None) -> int:
     eval_p.add_argument("--batch_size", type=int)
     eval_p.add_argument("--no_cache", action="store_true", help="recompute even when a cached result exists")
     eval_p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+    filter_p = sub.add_parser("filter", help="run a recipe's data_filter on its training set alone and write the "
+                              "filtered rows and the per-stage report to a folder; then --key value overrides")
+    filter_p.add_argument("recipe", help="a recipe (.yaml path or <method>/<name>) with data_filter keys")
+    filter_p.add_argument("--output", help="a new folder (default: the recipe's output_dir + '-filtered')")
+    filter_p.add_argument("--overwrite", action="store_true", help="replace the output folder if it exists")
+    filter_p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     report_p = sub.add_parser("report", help="plot a training run's logged metrics (RUN_DIR/report/)")
     report_p.add_argument("run_dir")
     report_p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
@@ -161,6 +177,8 @@ def main(argv: list[str] | None = None) -> int:
                           args.dense_layers, args.n_group, args.topk_group)
             print(f"posttrain: upcycled {args.src} into {dst} ({args.experts} experts, top-{args.top_k}, "
                   f"{args.shared_experts} shared)")
+        elif args.command == "filter":
+            _filter(args, rest)
         elif args.command in ("eval", "report"):
             if rest:
                 parser.error(f"unrecognized arguments: {' '.join(rest)}")

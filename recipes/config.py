@@ -78,6 +78,7 @@ class Recipe:
     data_args: Any = None  # posttrain.data.DataArguments; None for auxiliary methods
     optimizer: str | None = None  # a posttrain optimizer from OPTIMIZERS (``optim: lion_k``), else None
     moe: Any = None  # MoEBalanceConfig when the recipe sets ``moe_balance`` (posttrain.recipes.moe), else None
+    data_filter: Any = None  # CascadeFilterConfig when the recipe sets ``data_filter`` (posttrain.data.cascade_filter)
 
 
 def builtin_recipes(kind: str = "train") -> list[str]:
@@ -181,6 +182,13 @@ def build_recipe(values: dict[str, Any], sources: dict[str, str], source: str) -
 
         moe = parse_moe_keys(values, sources, source, method, entry.task, coerce)
 
+    data_filter = None
+    if any(str(key).startswith("data_filter") for key in values):
+        # the Deep Ignorance cascade filter on the training rows, any LLM method: kept beside the method config
+        from posttrain.data.cascade_filter import parse_filter_keys
+
+        data_filter = parse_filter_keys(values, sources, source, method, entry.task, coerce)
+
     if entry.task == "aux":
         classes = {"config": entry.config_cls}
     else:
@@ -237,7 +245,8 @@ def build_recipe(values: dict[str, Any], sources: dict[str, str], source: str) -
         from posttrain.recipes.moe import check_moe_recipe
 
         check_moe_recipe(values, built["config"], moe, sources, source)
-    return Recipe(method, source, built["config"], built.get("model"), built.get("data"), optimizer, moe)
+    return Recipe(method, source, built["config"], built.get("model"), built.get("data"), optimizer, moe,
+                  data_filter=data_filter)
 
 
 # recipe key -> (test, what it must be) for values whose wrong sign or zero the libraries accept and reinterpret

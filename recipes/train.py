@@ -100,7 +100,8 @@ def build_trainer(recipe: Recipe):
         if problem:
             raise UserError(f"resume_from_checkpoint: {problem}; use --resume to pick the newest complete one")
         _check_method_state(recipe, Path(config.resume_from_checkpoint))
-    datasets = load_task_datasets(method.task, recipe.data_args)
+    datasets = load_task_datasets(method.task, recipe.data_args, recipe.data_filter,
+                                  report_dir=config.output_dir if is_main_process(config) else None)
     extra: dict[str, Any] = {}
     if method.task == "prompt":
         extra["reward_funcs"] = reward_functions(recipe.data_args.reward_funcs, config)
