@@ -108,7 +108,7 @@ def file_fingerprint(path: Path) -> list:
                 digest.update(chunk)
             return [Path(path).name, st.st_size, digest.hexdigest()]
         digest.update(f.read(_EDGE))
-        f.seek(st.st_size - _EDGE)
+        f.seek(max(st.st_size - _EDGE, 0))
         digest.update(f.read(_EDGE))
     return [Path(path).name, st.st_size, digest.hexdigest(), st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
 
