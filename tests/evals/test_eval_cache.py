@@ -93,7 +93,7 @@ def test_the_evaluated_checkpoint_is_in_the_key(tmp_path, monkeypatch, whole_fil
     # small files are hashed whole; large ones (real weights) by size, mtime, ctime, inode and their first and last
     # MiB: both see weights replaced under the same size and mtime
     if not whole_file:
-        monkeypatch.setattr(common, "HASH_WHOLE_FILE_BELOW", 0)
+        monkeypatch.setattr(common, "HASH_WHOLE_FILE_BELOW", 0, raising=False)
     model = _copy_of_tiny(tmp_path / "model")
     spec = make_spec({"model": str(model), "tasks": "perplexity", "limit": 4})
     key = _key(spec, "perplexity", {})

@@ -40,7 +40,7 @@ def _completion_tokens(tokenizer, prompt, answer) -> int:
 def test_without_a_reference_the_length_bias_shows_in_the_normalised_accuracy(monkeypatch):
     # the issue: two random tiny models both read 0.875 on the built-in pairs (its run: 8 of them), because the
     # chosen answer is the shorter one in most pairs; per token, a random model has no preference
-    monkeypatch.setattr(eval_tasks, "_warned_no_reference", False)
+    monkeypatch.setattr(eval_tasks, "_warned_no_reference", False, raising=False)  # absent before the fix
     results, first8 = {}, {}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
