@@ -8,6 +8,7 @@ name, and the library versions. Weights are replaced by others of the same size 
 import importlib.metadata
 import os
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -101,6 +102,17 @@ def test_the_evaluated_checkpoint_is_in_the_key(tmp_path, monkeypatch, whole_fil
     assert _key(spec, "perplexity", {}) == key
     _replace_weights(model, seed=4)
     assert _key(spec, "perplexity", {}) != key
+    if not whole_file:  # a large file rewritten in its middle only, same size and mtime: its ctime tells
+        big = model / "extra.bin"
+        big.write_bytes(bytes(3 << 20))
+        key = _key(spec, "perplexity", {})
+        before = big.stat()
+        time.sleep(0.05)  # more than the file system's timestamp granularity
+        with open(big, "r+b") as f:
+            f.seek(3 << 19)
+            f.write(b"\x01")
+        os.utime(big, ns=(before.st_atime_ns, before.st_mtime_ns))
+        assert _key(spec, "perplexity", {}) != key
     # the log files a run writes beside its weights are not in it: report/, trainer_state.json
     key = _key(spec, "perplexity", {})
     (model / "trainer_state.json").write_text("{}")

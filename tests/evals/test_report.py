@@ -7,6 +7,7 @@ import json
 import torch
 
 from posttrain.cli import main
+from posttrain.evals.report import series
 
 torch.set_num_threads(1)
 
@@ -42,6 +43,7 @@ def test_report_on_an_auxiliary_run_and_on_an_eval_output(tmp_path, capsys):
     table = (run / "report" / "report.md").read_text()
     excess = [e["excess_loss"] for e in history]
     assert len(excess) == 4 and f"| excess_loss | {excess[0]:.4g} | {excess[-1]:.4g} |" in table
+    assert series(history)["excess_loss"] == ([10, 20, 30, 40], excess)  # plotted against the round
     assert (run / "report" / "excess_loss.png").stat().st_size > 1000
     evals = tmp_path / "ev"
     evals.mkdir()
