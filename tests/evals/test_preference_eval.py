@@ -1,6 +1,7 @@
 """The preference task without a reference (raw and length-normalised log-likelihood accuracy, which one is DPO's
 implicit reward, a warning) and with a reward model (scored on its own tokenizer and chat template)."""
 
+import json
 import warnings
 
 import pytest
@@ -135,3 +136,17 @@ def test_the_reward_model_scores_with_its_own_tokenizer_and_template(tmp_path):
     assert out["rejected_reward"] == pytest.approx(sum(scores["rejected"]) / 6, abs=1e-5)
     assert out["margin"] == pytest.approx(sum(margins) / 6, abs=1e-5)
     assert out["accuracy"] == pytest.approx(sum(m > 0 for m in margins) / 6)
+
+
+def test_plain_text_pairs_reach_the_reward_model_as_its_trainer_saw_them(tmp_path):
+    # TRL's RewardTrainer on plain text: prompt + answer + EOS, through the reward model's tokenizer
+    rm, rm_tok = _reward_model(tmp_path / "rm")
+    pairs = [("The cat sat on", " the mat", " a question"), ("What is the answer?", " the answer", " no")]
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps({"prompt": p, "chosen": c, "rejected": r}) + "\n" for p, c, r in pairs))
+    out = eval_tasks.preference(_context("llama"), dataset=str(data), reward_model=str(tmp_path / "rm"))["metrics"]
+    with torch.no_grad():
+        score = lambda text: float(rm(input_ids=torch.tensor([rm_tok(text)["input_ids"]])).logits[0, 0])  # noqa: E731
+        chosen, rejected = [score(p + c + "</s>") for p, c, _ in pairs], [score(p + r + "</s>") for p, _, r in pairs]
+    assert out["chosen_reward"] == pytest.approx(sum(chosen) / 2, abs=1e-5)
+    assert out["rejected_reward"] == pytest.approx(sum(rejected) / 2, abs=1e-5)
