@@ -79,14 +79,81 @@ def load_checkpoint(name: str, peft: str | None = None, dtype: str = "float32", 
     return model.to(device).eval(), tokenizer, path
 
 
+# Result-cache fingerprints. A file under this size is identified by a sha256 of its bytes. A larger one (the weights
+# of a real model: SmolLM2-135M is 270 MB, a 7B model 15 GB) by its size, mtime, ctime and inode plus a sha256 of
+# its first and last MiB: hashing every byte would cost ~1 s per 135M model and ~1 min per 7B model on *every*
+# run, cached or not, while any rewrite, copy or rename of a file sets a new ctime (which, unlike mtime, no tool
+# sets back: ``cp -p`` and ``rsync -a`` restore mtimes), and the first MiB holds a safetensors file's header
+# (every tensor's name, dtype, shape and offset). A file in the Hugging Face cache is a link to a blob named by
+# the sha256 of its content: that name is used as is.
+HASH_WHOLE_FILE_BELOW = 64 << 20
+_EDGE = 1 << 20
+# the files a training run writes beside its weights that no eval reads
+NOT_MODEL_FILES = frozenset({"trainer_state.json", "run_summary.json", "training_args.bin", "README.md",
+                             "results.json"})
+
+
+def file_fingerprint(path: Path) -> list:
+    """[name, size, hash] of one file (see ``HASH_WHOLE_FILE_BELOW``)."""
+    import hashlib
+
+    real = Path(path).resolve()
+    st = real.stat()
+    if real.parent.name == "blobs" and len(real.name) == 64:  # the HF cache names LFS blobs by their sha256
+        return [Path(path).name, st.st_size, real.name]
+    digest = hashlib.sha256()
+    with open(real, "rb") as f:
+        if st.st_size < HASH_WHOLE_FILE_BELOW:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+            return [Path(path).name, st.st_size, digest.hexdigest()]
+        digest.update(f.read(_EDGE))
+        f.seek(max(st.st_size - _EDGE, 0))
+        digest.update(f.read(_EDGE))
+    return [Path(path).name, st.st_size, digest.hexdigest(), st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+
+
+def path_fingerprint(path, skip=frozenset()) -> dict:
+    """A file's fingerprint, or a folder's: every file under it (names relative to it), but hidden ones and ``skip``."""
+    p = Path(path).expanduser()
+    if p.is_file():
+        return {"file": str(p.resolve()), "content": file_fingerprint(p)}
+    files = sorted(f for f in p.rglob("*") if f.is_file() and f.name not in skip
+                   and not any(part.startswith(".") for part in f.relative_to(p).parts))
+    return {"dir": str(p.resolve()),
+            "files": [[str(f.relative_to(p)), *file_fingerprint(f)[1:]] for f in files]}
+
+
 def checkpoint_fingerprint(path: str) -> dict:
-    """What identifies a checkpoint's weights for the result cache: the folder and its weight files' sizes and
-    modification times (a hub id that is not a folder is its own fingerprint)."""
+    """What identifies a checkpoint for the result cache: every file of its folder but a run's logs (weights,
+    config, tokenizer, chat template), not its subfolders (checkpoint-N, report/). A hub id is read from the local
+    Hugging Face cache (its snapshot folder is named by the commit); one not there is its own fingerprint."""
     p = Path(path)
     if not p.is_dir():
-        return {"id": path}
-    files = sorted(f for f in p.iterdir() if f.suffix in (".safetensors", ".bin", ".pt", ".gguf") or f.name == "config.json")
-    return {"dir": str(p.resolve()), "files": [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]}
+        try:
+            from huggingface_hub import snapshot_download
+
+            p = Path(snapshot_download(path, local_files_only=True))
+        except Exception:  # not a hub id in the local cache: transformers will fail or fetch it
+            return {"id": path}
+    files = sorted(f for f in p.iterdir() if f.is_file() and f.name not in NOT_MODEL_FILES and not f.name.startswith("."))
+    return {"dir": str(p.resolve()), "files": [file_fingerprint(f) for f in files]}
+
+
+def model_fingerprint(name: str, peft: str | None = None) -> dict:
+    """The fingerprint of everything ``load_checkpoint(name, peft)`` reads: the checkpoint and, for a LoRA adapter,
+    the adapter and its base model."""
+    from posttrain.recipes.models import resolve_model_path
+
+    path = resolve_model_path(name)
+    out = {"model": checkpoint_fingerprint(path)}
+    adapter = peft or (path if (Path(path) / "adapter_config.json").is_file() else None)
+    if adapter is not None:
+        out["adapter"] = checkpoint_fingerprint(adapter)
+        if adapter == path:
+            base = json.loads((Path(path) / "adapter_config.json").read_text())["base_model_name_or_path"]
+            out["base"] = checkpoint_fingerprint(resolve_model_path(base))
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ text

@@ -4,14 +4,17 @@
     posttrain eval recipes/eval/tiny.yaml                       # an eval recipe: the same keys in YAML
     accelerate launch --num_processes 2 -m posttrain eval ...  # data-parallel; the same numbers as 1 process
 
-Each (checkpoint, task, task config, limit, seed) result is cached under ``$POSTTRAIN_CACHE/evals`` keyed by the
-checkpoint's weight files (size and mtime), so a re-run only loads models whose results are missing. The output
+Each (checkpoint, task, task config, limit, seed) result is cached under ``$POSTTRAIN_CACHE/evals``, keyed by
+everything that determines its numbers (``cache_key``): the files of the evaluated checkpoint and of every other
+model the task loads (``reference``, ``retain_model``, ``reward_model``), the dataset and lm-eval task files, the
+eval and data code, and the library versions; so a re-run only loads models whose results are missing or stale. The output
 folder gets ``results.json`` (numbers, configs, versions), ``results.md`` (one column per checkpoint) and PNG
 plots: one bar chart per task, pass@k curves, MaxVio per layer.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -184,23 +187,111 @@ def _check_model(name: str) -> None:
 
 
 def _versions() -> dict:
+    import importlib.metadata
+
     import torch
     import transformers
     import trl
 
     from posttrain import __version__
 
+    def version(dist):
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            return None
+
     return {"posttrain": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-            "trl": trl.__version__, "python": platform.python_version()}
+            "trl": trl.__version__, "lm_eval": version("lm_eval"), "datasets": version("datasets"),
+            "peft": version("peft"), "python": platform.python_version()}
+
+
+def is_model_option(name: str) -> bool:
+    """A task option that names a checkpoint the task loads (``reference``, ``retain_model``, ``reward_model``, any
+    ``*_model``): the cache key holds its weights' fingerprint, not just its name."""
+    return name == "reference" or name.endswith("_model")
+
+
+@functools.lru_cache(maxsize=1)
+def _code_fingerprint() -> str:
+    """sha256 over the source of the eval tasks and the data code (builtin generators, loading, formatting): a
+    posttrain version string does not move when that code is edited, and either edit can change a number."""
+    import posttrain.data
+    import posttrain.evals
+
+    digest = hashlib.sha256()
+    for package in (posttrain.evals, posttrain.data):
+        for file in sorted(Path(package.__file__).parent.glob("*.py")):
+            digest.update(file.name.encode() + b"\0" + file.read_bytes())
+    return digest.hexdigest()
+
+
+def _referenced_files(folder: Path) -> list[Path]:
+    """Files named in the YAML task files under ``folder`` that lie outside it (lm-eval ``data_files`` and the like),
+    read as a path from the current folder or the YAML's own."""
+    import re
+
+    found = set()
+    for yaml_file in sorted(folder.rglob("*.y*ml")):
+        for token in re.findall(r"[^\s'\"\[\]{},:]*[/.][^\s'\"\[\]{},]*", yaml_file.read_text(errors="replace")):
+            for candidate in (Path(token).expanduser(), yaml_file.parent / token):
+                try:
+                    if candidate.is_file() and folder.resolve() not in candidate.resolve().parents:
+                        found.add(candidate.resolve())
+                except OSError:  # a token too long or odd to be a path
+                    pass
+    return sorted(found)
+
+
+def input_fingerprint(name: str, value):
+    """What a task option's value stands for: a checkpoint's weights (``is_model_option``), a local file or folder's
+    content (dataset files, lm-eval ``include_path`` with the files its YAMLs name), else the value itself (builtin
+    generators are their arguments plus ``_code_fingerprint``; hub datasets their id)."""
+    from posttrain.evals.common import model_fingerprint, path_fingerprint
+
+    if isinstance(value, (list, tuple)):
+        return [input_fingerprint(name, v) for v in value]
+    if not isinstance(value, str) or not value:
+        return value
+    if is_model_option(name):
+        return model_fingerprint(value)
+    if name not in ("dataset", "include_path") and not ("/" in value or value.startswith(("~", ".")) or Path(value).suffix):
+        return value  # a split, column or reward name: not read as a path even if the current folder has one so named
+    local = Path(value).expanduser()
+    try:
+        exists = local.exists()
+    except OSError:
+        exists = False
+    if not exists:
+        return value
+    out = path_fingerprint(local)
+    if local.is_dir():
+        out["referenced"] = [path_fingerprint(f) for f in _referenced_files(local)]
+    return out
+
+
+def cache_key(path: str, peft, task: str, config: dict, spec: EvalSpec) -> dict:
+    """Everything that determines a task's numbers: the evaluated checkpoint (and adapter), each input the task
+    reads (its options with their defaults filled in, see ``input_fingerprint``), limit / seed / batch size, the
+    code of the tasks and data, and the versions of posttrain and the libraries that compute them."""
+    import inspect
+
+    from posttrain.evals.common import model_fingerprint
+    from posttrain.evals.tasks import TASKS
+
+    params = inspect.signature(TASKS[task][0]).parameters
+    options = {k: p.default for k, p in params.items() if k != "ctx" and p.default is not inspect.Parameter.empty}
+    options.update(config)
+    return {"model": model_fingerprint(path, peft), "task": task, "config": config,
+            "inputs": {k: input_fingerprint(k, v) for k, v in sorted(options.items())},
+            "limit": spec.limit, "seed": spec.seed, "batch_size": spec.batch_size, "version": RESULTS_VERSION,
+            "code": _code_fingerprint(), "versions": _versions()}
 
 
 def _cache_path(model: str, path: str, peft, task: str, config: dict, spec: EvalSpec) -> Path:
-    from posttrain.evals.common import checkpoint_fingerprint
     from posttrain.recipes.tiny import cache_dir
 
-    key = {"model": checkpoint_fingerprint(path), "peft": peft and checkpoint_fingerprint(peft), "task": task,
-           "config": config, "limit": spec.limit, "seed": spec.seed, "batch_size": spec.batch_size,
-           "version": RESULTS_VERSION, "versions": _versions()}
+    key = cache_key(path, peft, task, config, spec)
     digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:24]
     return cache_dir() / "evals" / f"{task}-{digest}.json"
 
@@ -290,7 +381,13 @@ def markdown_table(report: dict) -> str:
         for metric in metrics:
             cells = [_fmt(report["results"][m][task]["metrics"].get(metric, "")) for m in models]
             lines.append(f"| {task} | {metric} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    notes = []  # what a task says about how to read its metrics (e.g. preference without a reference)
+    for task in report["tasks"]:
+        for m in models:
+            note = report["results"][m][task].get("note")
+            if note and f"{task}: {note}" not in notes:
+                notes.append(f"{task}: {note}")
+    return "\n".join(lines) + "\n" + "".join(f"\n{note}\n" for note in notes)
 
 
 def write_plots(report: dict, out_dir: Path) -> list[Path]:

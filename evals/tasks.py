@@ -11,6 +11,7 @@ numbers of one (see ``evals/common.py``).
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Callable
 
 from posttrain.evals.arithmetic import pass_at_k
@@ -27,46 +28,104 @@ def _reference_logps(ctx: EvalContext, reference: str, pairs):
         del ref
 
 
+_warned_no_reference = False
+
+
 def preference(ctx: EvalContext, dataset: str = "builtin:preference_pairs", num_samples: int = 256,
                reference: str | None = None, reward_model: str | None = None, beta: float = 0.1, split: str | None = None):
     """Held-out preference accuracy and mean margin. With ``reference`` (a checkpoint): DPO's implicit reward
-    r = beta (log pi(y|x) - log pi_ref(y|x)); with ``reward_model`` (a reward recipe's output): its score;
-    with neither: the policy's own log-likelihood, r = beta log pi(y|x). accuracy = mean [r_chosen > r_rejected], ties 1/2."""
+    r = beta (log pi(y|x) - log pi_ref(y|x)) (Rafailov et al. 2023, eq. 5); with ``reward_model`` (a reward recipe's
+    output): its score, on the reward model's own tokens (``reward_model_scores``); with neither: the policy's own
+    log-likelihood, reported twice: ``accuracy``/``margin`` with r = beta log pi(y|x) (DPO's implicit reward with its
+    reference term left out, which favours the shorter answer) and ``accuracy_length_normalised`` with
+    r = log pi(y|x) / |y|, the mean log-prob per completion token (SimPO's reward without its beta, Meng et al.
+    2024, arXiv 2405.14734). accuracy = mean [r_chosen > r_rejected], ties 1/2."""
+    global _warned_no_reference
+
     rows = eval_rows(dataset, "preference", split=split, num_samples=num_samples, seed=ctx.seed, limit=ctx.limit)
     prompts = rows["prompt"] if "prompt" in rows.column_names else [None] * len(rows)
-    pairs = [render(ctx.tokenizer, p, c) for p, c in zip(prompts, rows["chosen"])]
-    pairs += [render(ctx.tokenizer, p, r) for p, r in zip(prompts, rows["rejected"])]
     n = len(rows)
     if reward_model is not None:
-        scores = _reward_model_scores(ctx, reward_model, pairs)
-    else:
-        logps = [lp for lp, _ in ctx.map_batches(pairs, lambda batch, _: completion_logps(ctx.model, ctx.tokenizer, batch))]
-        if reference is not None:
-            ref = [lp for lp, _ in _reference_logps(ctx, reference, pairs)]
-            logps = [a - b for a, b in zip(logps, ref)]
-        scores = [beta * lp for lp in logps]
-    chosen, rejected = scores[:n], scores[n:]
+        scores = reward_model_scores(ctx, reward_model, [*zip(prompts, rows["chosen"]), *zip(prompts, rows["rejected"])])
+        return {"metrics": preference_metrics(scores[:n], scores[n:])}
+    pairs = [render(ctx.tokenizer, p, c) for p, c in zip(prompts, rows["chosen"])]
+    pairs += [render(ctx.tokenizer, p, r) for p, r in zip(prompts, rows["rejected"])]
+    scored = ctx.map_batches(pairs, lambda batch, _: completion_logps(ctx.model, ctx.tokenizer, batch))
+    logps = [lp for lp, _ in scored]
+    if reference is not None:
+        ref = [lp for lp, _ in _reference_logps(ctx, reference, pairs)]
+        scores = [beta * (a - b) for a, b in zip(logps, ref)]
+        return {"metrics": preference_metrics(scores[:n], scores[n:])}
+    if not _warned_no_reference:
+        _warned_no_reference = True
+        warnings.warn("eval task 'preference' without a reference: its accuracy ranks answers by the policy's own "
+                      "log-likelihood, which favours the shorter answer whatever the model learned; give the model "
+                      "the policy was trained from as `reference` for DPO's implicit reward", stacklevel=2)
+    metrics = preference_metrics([beta * lp for lp in logps[:n]], [beta * lp for lp in logps[n:]])
+    per_token = [lp / max(tokens, 1) for lp, tokens in scored]
+    normalised = preference_metrics(per_token[:n], per_token[n:])
+    metrics.update({"accuracy_length_normalised": normalised["accuracy"], "margin_length_normalised": normalised["margin"],
+                    "chosen_tokens": mean(t for _, t in scored[:n]), "rejected_tokens": mean(t for _, t in scored[n:])})
+    note = ("no `reference`: `accuracy` and `margin` are DPO's implicit reward beta log pi(y|x) with its reference term "
+            "left out (it favours the shorter answer: compare `chosen_tokens` and `rejected_tokens`); "
+            "`accuracy_length_normalised` ranks by the mean log-prob per token (SimPO's reward). DPO's implicit reward "
+            "proper needs the reference model: set `reference`.")
+    return {"metrics": metrics, "note": note}
+
+
+def preference_metrics(chosen: list[float], rejected: list[float]) -> dict[str, float]:
+    """accuracy (a tie counts half: the reference itself, whose implicit rewards are all 0, reads 0.5), mean margin and
+    mean rewards of paired chosen / rejected scores."""
     margins = [c - r for c, r in zip(chosen, rejected)]
-    # a tie (e.g. the reference itself: every implicit reward is 0) counts half, so chance reads 0.5
-    return {"metrics": {"accuracy": mean(1.0 if m > 0 else 0.5 if m == 0 else 0.0 for m in margins), "margin": mean(margins),
-                        "chosen_reward": mean(chosen), "rejected_reward": mean(rejected), "pairs": float(n)}}
+    return {"accuracy": mean(1.0 if m > 0 else 0.5 if m == 0 else 0.0 for m in margins), "margin": mean(margins),
+            "chosen_reward": mean(chosen), "rejected_reward": mean(rejected), "pairs": float(len(margins))}
 
 
-def _reward_model_scores(ctx: EvalContext, path: str, pairs):
+def reward_model_ids(tokenizer, prompt, completion) -> list[int]:
+    """The token ids of one (prompt, completion) row as TRL's RewardTrainer gives them to the reward model it trains,
+    with the reward model's own tokenizer: a conversation through its chat template (contents joined by blank lines
+    when it has none), plain text as prompt + completion + EOS with its special tokens."""
+    conversational = isinstance(completion, list)
+    if conversational and getattr(tokenizer, "chat_template", None):
+        return list(tokenizer.apply_chat_template((prompt or []) + completion, tokenize=True, return_dict=True)["input_ids"])
+    if conversational:
+        text = "\n\n".join(m.get("content") or "" for m in (prompt or []) + completion)
+    else:
+        text = (prompt or "") + completion
+    eos = tokenizer.eos_token
+    if eos and not text.endswith(eos):
+        text += eos
+    return list(tokenizer(text)["input_ids"])
+
+
+def reward_model_scores(ctx: EvalContext, path: str, rows: list[tuple]) -> list[float]:
+    """The reward model's score of each (prompt, completion) row, tokenized by its own tokenizer (and chat template):
+    a reward model reads the tokens it was trained on, not the policy's."""
     import torch
     from transformers import AutoModelForSequenceClassification
+    from trl import ModelConfig
 
-    from posttrain.recipes.models import resolve_model_path
+    from posttrain.recipes.models import load_tokenizer, resolve_model_path
 
-    rm = AutoModelForSequenceClassification.from_pretrained(resolve_model_path(path), num_labels=1).to(ctx.device).eval()
+    folder = resolve_model_path(path)
+    tokenizer = load_tokenizer(ModelConfig(model_name_or_path=folder))
+    rm = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=1).to(ctx.device).eval()
+    if rm.config.pad_token_id is None:  # the classifier scores the last token before the padding
+        rm.config.pad_token_id = tokenizer.pad_token_id
+    pad = rm.config.pad_token_id if rm.config.pad_token_id is not None else 0
+    ids = [reward_model_ids(tokenizer, p, c) for p, c in rows]
 
     @torch.no_grad()
     def score(batch, _):
-        ctx.tokenizer.padding_side = "right"
-        enc = ctx.tokenizer([p + c for p, c in batch], return_tensors="pt", padding=True, add_special_tokens=False)
-        return rm(**enc.to(ctx.device)).logits[:, 0].float().tolist()
+        width = max(len(r) for r in batch)
+        input_ids = torch.tensor([r + [pad] * (width - len(r)) for r in batch], device=ctx.device)
+        attention = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in batch], device=ctx.device)
+        return rm(input_ids=input_ids, attention_mask=attention).logits[:, 0].float().tolist()
 
-    return ctx.map_batches(pairs, score)
+    try:
+        return ctx.map_batches(ids, score)
+    finally:
+        del rm
 
 
 def perplexity(ctx: EvalContext, dataset: str = "builtin:fictitious_facts", split: str = "retain", column: str = "text",

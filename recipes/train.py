@@ -166,6 +166,9 @@ def train(recipe: Recipe, resume: bool = False, overwrite_output_dir: bool = Fal
         except KeyboardInterrupt:
             raise Interrupted(where_interrupted(trainer, config.output_dir)) from None
         trainer.save_model(config.output_dir)
+        # the whole log history beside the weights (rank 0 writes it), so `posttrain report` draws every run's curves,
+        # save_strategy: "no" runs included (without it, only checkpoint-N folders hold a trainer_state.json)
+        trainer.save_state()
         summary = run_summary(recipe, trainer, result)
         if trainer.accelerator.is_main_process:
             write_json_atomic(Path(config.output_dir) / "run_summary.json", summary)
