@@ -149,6 +149,24 @@ def test_oracle_model_scores_100_percent_in_both_extraction_modes():
         assert all(r["status"] == "ok" for r in records)
 
 
+def test_the_second_turn_shows_the_program_and_its_output_and_its_answer_decides():
+    seen = []
+
+    def wrong_reader(items):
+        seen.extend(items)
+        return [" \\boxed{-1.00000}"] * len(items)
+
+    metrics, records = run_optibench(PROBLEMS[:2], oracle, wrong_reader)
+    assert metrics["code_pass_rate"] == 1.0 and metrics["accuracy"] == 0.0
+    assert [key for _, key in seen] == [*PROBLEMS[0]["results"], *PROBLEMS[1]["results"]]
+    dialog = seen[0][0]
+    assert [m["role"] for m in dialog] == ["system", "user", "assistant", "user"]
+    assert "pulp" in dialog[0]["content"] and dialog[1]["content"].startswith(PROBLEMS[0]["question"])
+    assert dialog[2]["content"] == oracle([dialog[:2]])[0]
+    assert "Number of chairs: 24.0" in dialog[3]["content"] and "\\boxed{}" in dialog[3]["content"]
+    assert records[0]["predicted"] == {k: -1.0 for k in PROBLEMS[0]["results"]}
+
+
 def test_syntax_error_model_scores_0_percent():
     metrics, records = run_optibench(PROBLEMS, lambda ds: ["```python\ndef solve(:\n    return\n```"] * len(ds), reader)
     assert metrics["accuracy"] == 0.0 and metrics["code_pass_rate"] == 0.0
