@@ -21,7 +21,8 @@ them with one binary variable per candidate value), every answer checked against
    could not be solved to optimality" is wrong. ``code_pass_rate`` counts the programs that ran.
 3. For each key of ``results``, the dialog continues with the code output and the request for the value as
    ``\\boxed{}`` rounded to 5 decimals, and the model's answer is started with "* <key>:".
-4. The number inside the first ``\\boxed{}`` is read (its last number; the whole reply when there is none). A
+4. The answer ends at the first "* " (the official stop string); the number inside its first ``\\boxed{}`` is
+   read (its last number; the whole answer's last number when there is no box). A
    problem is correct iff every key has ``|pred - gt| < tol`` (1e-4, absolute).
 
 **Deviations, all options.** ``solver: pulp`` (default: PuLP's wheel ships CBC, so it runs offline; the official
@@ -112,6 +113,12 @@ def boxed_value(text: str) -> float | None:
     span = (match.group(1) if match else text).replace("$", "").replace(",", "")
     numbers = re.findall(_NUMBER, span)
     return _number(numbers[-1]) if numbers else None
+
+
+def first_answer(reply: str) -> str:
+    """The second-turn reply up to the first "* ": the official generation stops there (``stop=["* ", ...]``), before
+    the model starts on the next "* <key>:" line; cutting afterwards gives the same text for greedy decoding."""
+    return reply.split("* ", 1)[0]
 
 
 def stdout_values(output: str, keys) -> dict[str, float | None]:
@@ -283,6 +290,7 @@ def run_optibench(problems: list[dict], write_code: Callable[[list], list[str]],
             for start in range(0, len(pending), batch_size):
                 answers += read_values([item for _, _, item in pending[start:start + batch_size]])
             for (record, key, _), text in zip(pending, answers):
+                text = first_answer(text)
                 record["predicted"][key] = boxed_value(text)
                 record.setdefault("answers", {})[key] = text[:200]
         for p, record in zip(batch, records):

@@ -13,8 +13,8 @@ import pytest
 from scipy.optimize import linprog
 
 from posttrain import UserError
-from posttrain.evals.optibench import (TYPES, boxed_value, extract_code, is_correct, load_problems, run_optibench,
-                                       score, stdout_values)
+from posttrain.evals.optibench import (TYPES, boxed_value, extract_code, first_answer, is_correct, load_problems,
+                                       run_optibench, score, stdout_values)
 
 PROBLEMS = load_problems()
 
@@ -29,6 +29,9 @@ def test_boxed_value_reads_the_last_number_of_the_first_box():
     assert boxed_value("\\boxed{3/4}") == 0.75
     assert boxed_value("no box: 3 then 4.5") == 4.5
     assert boxed_value("nothing here") is None and boxed_value("\\boxed{}") is None
+    # the answer ends where the official generation stops, at the first "* " (the start of the next key's line)
+    assert boxed_value(first_answer(" 27.00000\n* Amount in bonds: 3.20000\n")) == 27.0
+    assert first_answer(" 2*2*3 = 12") == " 2*2*3 = 12"
 
 
 def test_extract_code_takes_the_first_python_block_or_the_whole_reply():
@@ -154,7 +157,7 @@ def test_the_second_turn_shows_the_program_and_its_output_and_its_answer_decides
 
     def wrong_reader(items):
         seen.extend(items)
-        return [" \\boxed{-1.00000}"] * len(items)
+        return [" -1.00000\n* Next: 7"] * len(items)  # no box: the last number before the stop string
 
     metrics, records = run_optibench(PROBLEMS[:2], oracle, wrong_reader)
     assert metrics["code_pass_rate"] == 1.0 and metrics["accuracy"] == 0.0
