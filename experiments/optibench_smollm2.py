@@ -40,9 +40,9 @@ def main() -> None:
         report = run_eval(load_eval_recipe(RECIPE, overrides))
         model = report["models"][0]
         out = report["results"][model]["optibench"]
+        keep = ("index", "type", "status", "error", "predicted", "correct", "code_passed", "seconds")
         summary[name] = {"model": model, "config": out["config"], "metrics": out["metrics"], "statuses": out["statuses"],
-                         "problems": [{k: p.get(k) for k in ("index", "type", "status", "error", "predicted", "correct",
-                                                             "seconds")} for p in out["problems"]]}
+                         "problems": [{k: p.get(k) for k in keep} for p in out["problems"]]}
     OUT.mkdir(exist_ok=True)
     (OUT / "optibench_smollm2.json").write_text(json.dumps(summary, indent=2) + "\n")
     plot(summary, OUT / "optibench_smollm2.png")
