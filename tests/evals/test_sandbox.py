@@ -63,9 +63,9 @@ def test_sleep_is_a_timeout_within_the_wall_clock_budget():
 
 
 def test_a_busy_loop_hits_the_cpu_limit():
-    out = run_python("while True:\n    pass", timeout=8, cpu_seconds=1)
+    # a wall clock far beyond the CPU limit: on a loaded machine one CPU second can take several seconds
+    out = run_python("while True:\n    pass", timeout=30, cpu_seconds=1)
     assert out.status == "cpu_limit" and "CPU" in out.error, out
-    assert out.seconds < 6
 
 
 def test_unbounded_allocation_hits_the_memory_limit():
