@@ -1,5 +1,5 @@
 """OptiBench (``posttrain.evals.optibench``): the pure pieces on worked examples and random inputs, the shipped
-problems against an independent solve, the mock-model experiment of the OptiBench spec (oracle 100 % / 100 %,
+problems against an independent solve, the mock-model experiment planned for this task (oracle 100 % / 100 %,
 syntax errors 0 % / 0 %, a wrong constraint passes the code but scores 0 %, a 5 s sleep is a timeout within
 3.5 s), hostile programs as per-problem statuses, and the task end to end through ``posttrain eval``."""
 
