@@ -16,6 +16,7 @@ from typing import Callable
 
 from posttrain.evals.arithmetic import pass_at_k
 from posttrain.evals.common import EvalContext, completion_logps, eval_rows, generate, mean, render
+from posttrain.evals.optibench import check_optibench, optibench
 
 
 def _reference_logps(ctx: EvalContext, reference: str, pairs):
@@ -287,8 +288,9 @@ TASKS: dict[str, tuple] = {
     "unlearning": (unlearning, "forget/retain loss and accuracy, truth ratio, forget quality, membership-inference AUC", False),
     "moe_balance": (moe_balance, "MaxVio_global and per-layer expert loads of an MoE model", False),
     "lm_eval": (lm_eval, "EleutherAI lm-evaluation-harness tasks (local task YAMLs work offline)", False),
+    "optibench": (optibench, "OptiBench (E-OPT): solver code from word problems, run sandboxed; accuracy per type, code pass rate", True),
 }
 
 # name -> check(**config with the defaults filled in), raising ValueError: run on every task config when the eval
 # spec is made, before any model loads (the tasks call them too, for direct callers)
-CHECKS: dict[str, Callable[..., None]] = {"math": check_math, "lm_eval": check_lm_eval}
+CHECKS: dict[str, Callable[..., None]] = {"math": check_math, "lm_eval": check_lm_eval, "optibench": check_optibench}
