@@ -128,9 +128,15 @@ def build_trainer(recipe: Recipe):
     if recipe.optimizer is not None:
         # Trainer.create_optimizer reads this attribute (only SFT/Reward take it as an argument); it adds
         # the weight-decay groups but not the learning rate, so that goes in the kwargs.
+        import torch
+
         cls_path, kwargs_path = OPTIMIZERS[recipe.optimizer]
+        cls = import_object(cls_path)
         kwargs = {"lr": config.learning_rate, **import_object(kwargs_path)(config.optim_args)}
-        trainer.optimizer_cls_and_kwargs = (import_object(cls_path), kwargs)
+        if not isinstance(cls, type) or not issubclass(cls, torch.optim.Optimizer):
+            # a factory (optim: muon) is called with the model and makes its own groups, weight decay included
+            kwargs["weight_decay"] = config.weight_decay
+        trainer.optimizer_cls_and_kwargs = (cls, kwargs)
     if moe_plan is not None:  # before train() wraps the model: the bias buffers exist at DDP/DeepSpeed wrap time
         attach_moe(trainer, recipe, moe_plan)
     return trainer
