@@ -105,3 +105,21 @@ def test_config_errors():
                       (dict(loss="hinge"), "loss"), (dict(max_steps=0), "max_steps")):
         with pytest.raises(ValueError, match=word):
             Li2GrokkingConfig(**bad)
+
+
+def test_recipe_runs_from_the_cli_and_bad_values_are_one_line(tmp_path, capsys):
+    import json
+
+    from posttrain.cli import main
+
+    out = tmp_path / "run"
+    assert main(["train", "li2_grokking/z23_muon", "--max_steps", "20", "--eval_every", "10", "--hidden_size", "32",
+                 "--output_dir", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["method"] == "li2_grokking" and [h["step"] for h in results["history"]] == [10, 20]
+    assert (out / "curves.png").exists() and (out / "aux_state.pt").exists()
+    capsys.readouterr()
+    assert main(["train", "li2_grokking/z23_adam", "--optimizer", "lion", "--output_dir", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "unknown optimizer 'lion'" in err and "valid: adam, sgd, muon" in err and "\n" not in err
+    assert not (tmp_path / "x").exists()  # refused before anything ran

@@ -28,6 +28,15 @@ def test_split_puts_hidden_matrices_on_muon_and_the_rest_on_adamw():
     assert "lm_head.weight" not in dict(split_for_muon(model)[1])
 
 
+def test_split_finds_embeddings_by_type_not_only_by_name():
+    model = AutoModelForCausalLM.from_pretrained(resolve_model_path("tiny:gpt2"), dtype=torch.float32)
+    muon, adamw = (dict(part) for part in split_for_muon(model))
+    embeddings = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Embedding)}
+    assert embeddings == {"transformer.wte", "transformer.wpe"}
+    assert {"transformer.wte.weight", "transformer.wpe.weight"} <= set(adamw)
+    assert muon and all(".h." in n and p.ndim == 2 for n, p in muon.items())
+
+
 def _problem(seed=0):
     g = torch.Generator().manual_seed(seed)
     params = [torch.randn(8, 5, generator=g), torch.randn(3, 8, generator=g), torch.randn(8, generator=g)]
