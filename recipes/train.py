@@ -195,8 +195,12 @@ def train_aux(recipe: Recipe, resume: bool = False, overwrite_output_dir: bool =
             for path in previous:
                 path.unlink()
             print(f"posttrain: --overwrite_output_dir: deleted {', '.join(p.name for p in previous)} in {folder}")
+        has_state = (folder / STATE_FILE).is_file()
+        if resume and previous and not has_state:  # results of a run that left no state: nothing to continue
+            raise UserError(f"--resume: {folder} holds {previous[0].name} but no {STATE_FILE} to continue from; "
+                            "choose another --output_dir, or pass --overwrite_output_dir to start over")
         trainer = METHODS[recipe.method].trainer_cls(config)
-        if resume and (folder / STATE_FILE).is_file():
+        if resume and has_state:
             try:
                 trainer.load()
             except ValueError as err:  # the saved run had another config

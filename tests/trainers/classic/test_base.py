@@ -151,4 +151,8 @@ def test_cli_resume_and_output_dir_rules(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert "seed (saved 0, now 3)" in err and "\n" not in err
     assert main(["train", "fedau/quadratic_fedau", *small, "--output_dir", b, "--overwrite_output_dir"]) == 0
+    (tmp_path / "b" / STATE_FILE).unlink()  # results without a state: --resume has nothing to continue
+    capsys.readouterr()
+    assert main(["train", "fedau/quadratic_fedau", *small, "--output_dir", b, "--resume"]) == 2
+    assert "holds results.json but no aux_state.pt" in capsys.readouterr().err
     assert json.loads((tmp_path / "b" / RESULTS_FILE).read_text())["final"]["excess_loss"] == expected["excess_loss"]
