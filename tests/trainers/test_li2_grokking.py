@@ -78,17 +78,23 @@ def test_first_step_reaching():
     assert first_step_reaching(history, "test_acc", 0.9) == 200 and first_step_reaching(history, "test_acc", 1.0) is None
 
 
+class KilledAt27(Li2GrokkingTrainer):
+    def training_step(self):
+        if self.global_step == 27:
+            raise KeyboardInterrupt
+        return super().training_step()
+
+
 @pytest.mark.parametrize("optimizer", ["adam", "muon"])
 def test_resume_continues_exactly(optimizer, tmp_path):
-    cfg = dict(moduli=[7], hidden_size=16, train_fraction=0.6, max_steps=40, eval_every=10, optimizer=optimizer,
-               lr=1e-2, weight_decay=1e-2)
+    cfg = dict(moduli=[7], hidden_size=16, train_fraction=0.6, max_steps=40, eval_every=10, save_every=10,
+               optimizer=optimizer)
     full = Li2GrokkingTrainer(Li2GrokkingConfig(**cfg, output_dir=str(tmp_path / "full")))
     expected = full.train(verbose=False)
-    cut = Li2GrokkingTrainer(Li2GrokkingConfig(**cfg, output_dir=str(tmp_path / "cut")))
-    for _ in range(17):
-        cut.step()
-    cut.history = list(full.history[:1])  # what train() would have logged by step 17
-    cut.save()
+    cut = KilledAt27(Li2GrokkingConfig(**cfg, output_dir=str(tmp_path / "cut")))
+    with pytest.raises(KeyboardInterrupt):
+        cut.train(verbose=False)
+    assert cut.last_saved_step == 20
     resumed = Li2GrokkingTrainer(Li2GrokkingConfig(**cfg, output_dir=str(tmp_path / "cut")))
     final = resumed.train(verbose=False, resume=True)
     assert final["test_loss"] == expected["test_loss"] and torch.equal(resumed.W, full.W)

@@ -6,13 +6,13 @@ A method subclasses two things:
   ``max_seconds``, ``output_dir``). The method's config extends it with its own fields, each with a ``help``
   metadata string and the paper's default; it may redeclare a base field to change its default, and its
   ``__post_init__`` calls ``super().__post_init__()`` after its own checks (a ValueError names the field).
-- ``AuxTrainer``: ``__init__(args)`` seeds Python, NumPy and torch, sets ``self.rng`` (a NumPy Generator
-  seeded with ``args.seed``), ``self.global_step = 0`` and ``self.history = []``, then calls ``setup()``.
-  The method implements ``setup()`` (build the problem, model, optimizer), ``training_step() -> dict`` (ONE
-  unit of work: a round, an epoch, an optimizer step; ``step()`` calls it and advances ``global_step``),
-  ``evaluate() -> dict`` and optionally ``done() -> bool`` (a
-  method's own stop criterion). A method with state beyond its RNGs extends ``state_dict()`` (``{**super()
-  .state_dict(), ...}``) and ``load_state_dict(state)`` (call ``super().load_state_dict(state)`` first).
+- ``AuxTrainer``: ``__init__(args)`` seeds Python, NumPy and torch, sets ``self.rng`` (a NumPy Generator seeded
+  with ``args.seed``), ``self.global_step = 0`` and ``self.history = []``, then calls ``setup()``. The method sets
+  ``method`` (its registry name) and implements ``setup()`` (build the problem, model, optimizer),
+  ``training_step() -> dict`` (ONE unit of work: a round, an epoch, an optimizer step; ``step()`` calls it and
+  advances ``global_step``), ``evaluate() -> dict``, optionally ``done() -> bool`` (its own stop criterion) and
+  ``description()`` (the progress bar's label). A method with state beyond its RNGs extends ``state_dict()``
+  (``{**super().state_dict(), ...}``) and ``load_state_dict(state)`` (``super().load_state_dict(state)`` first).
 
 ``train()`` runs ``step()`` until ``max_steps``, ``done()`` or ``max_seconds`` (wall clock of this call), with a
 tqdm bar. Every ``eval_every`` steps it appends ``{"step", **step info, **evaluate()}`` to the history; every
@@ -21,7 +21,9 @@ writes ``results.json`` ({method, config, final, history}) and ``curves.png`` (o
 Every file is written to a temporary name and renamed, so a killed run never leaves a half-written one.
 ``train(resume=True)`` (``posttrain train <recipe> --resume``) loads ``aux_state.pt`` and continues: the state
 holds the step, the history and every RNG, so the resumed run ends at the same numbers as an uninterrupted one.
-A resume refuses a config that differs from the saved one, except in ``RESUME_FREE`` fields.
+A resume refuses a config that differs from the saved one, except in ``RESUME_FREE`` fields. ``save()`` / ``load()``
+write / read that file (``last_saved_step`` records the step saved); ``recipes/train.py`` adds the output_dir lock
+and refuses a fresh run into a folder that holds one, as for the LLM trainers.
 """
 
 from __future__ import annotations
