@@ -177,7 +177,7 @@ class AuxTrainer:
         if verbose:
             print(f"\n{self.description()}: seed {a.seed}, {self.global_step} steps, stopped by {stopped_by}")
             for k, v in final.items():
-                print(f"  {k:<18} {v:.6g}" if isinstance(v, float) else f"  {k:<18} {v}")
+                print(f"  {k:<22} {v:.6g}" if isinstance(v, float) else f"  {k:<22} {v}")
         return final
 
     def write_results(self, final: dict) -> None:
