@@ -65,8 +65,17 @@ def main() -> None:
               f"{final['seconds']:.0f} s", flush=True)
         os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
         with open(out + ".json", "w") as f:
-            json.dump({"critical_fraction": critical_fraction(23), "runs": runs}, f, indent=1)
+            json.dump(rounded({"critical_fraction": critical_fraction(23), "runs": runs}), f, separators=(",", ":"))
         plot(runs, out + ".png", args.part if args.part == "fractions" else f"train fraction {args.fraction}")
+
+
+def rounded(x):
+    """5 significant digits for every float: the histories are long, and the tables quote 3."""
+    if isinstance(x, float):
+        return float(f"{x:.5g}")
+    if isinstance(x, dict):
+        return {k: rounded(v) for k, v in x.items()}
+    return [rounded(v) for v in x] if isinstance(x, list) else x
 
 
 def plot(runs: dict, path: str, part: str) -> None:
