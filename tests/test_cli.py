@@ -12,7 +12,7 @@ from posttrain.cli import main
 def test_list_shows_methods_recipes_rewards_and_data(capsys):
     assert main(["list"]) == 0
     out = capsys.readouterr().out
-    for word in ("dpo", "grpo", "fedau", "lion_k", "dpo/tiny", "numeric_match", "length_penalty", "arithmetic", "preference"):
+    for word in ("dpo", "grpo", "fedau", "lion_k", "li2_grokking", "muon", "dpo/tiny", "numeric_match", "length_penalty", "arithmetic", "preference"):
         assert word in out
 
 

@@ -88,10 +88,18 @@ METHODS: dict[str, Method] = {
         "aux",
         "FedAU federated averaging under unknown participation (arXiv 2306.03401)",
     ),
+    "li2_grokking": Method(
+        "posttrain.trainers.classic.li2_grokking:Li2GrokkingTrainer",
+        "posttrain.trainers.classic.li2_grokking:Li2GrokkingConfig",
+        "aux",
+        "Li2 grokking: group arithmetic with feature-emergence stats, Adam or Muon (arXiv 2509.21519)",
+    ),
 }
 
 # Optimizers selectable in any LLM recipe with ``optim: <name>`` (``optim_args`` carries their options);
 # each entry is (optimizer class, parser of the optim_args string into its keyword arguments).
 OPTIMIZERS: dict[str, tuple[str, str]] = {
     "lion_k": ("posttrain.trainers.classic.lion_k:LionK", "posttrain.trainers.classic.lion_k:lion_k_kwargs"),
+    # a factory (called with the model): hidden matrices on torch.optim.Muon, the rest on AdamW
+    "muon": ("posttrain.trainers.muon:MuonFactory", "posttrain.trainers.muon:muon_kwargs"),
 }
