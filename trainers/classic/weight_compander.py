@@ -406,7 +406,7 @@ class WeightCompanderTrainer:
                **weight_stats(self.effective_weights())}
         for name, m in companded_layers(self.model).items():
             comp = m.parametrizations.weight[0]
-            out[f"bound/{name}"], out[f"slope/{name}"] = float(comp.bound), float(comp.slope)
+            out[f"bound/{name}"], out[f"slope/{name}"] = comp.bound.item(), comp.slope.item()
         return out
 
     def train(self, verbose: bool = True) -> dict:
