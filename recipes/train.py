@@ -154,7 +154,7 @@ def train(recipe: Recipe, resume: bool = False, overwrite_output_dir: bool = Fal
     refuses them). The main process holds ``output_dir``'s lock for the whole run (``recipes/output_dir.py``).
     """
     if METHODS[recipe.method].task == "aux":
-        return METHODS[recipe.method].trainer_cls(recipe.config).train()
+        return train_aux(recipe, resume, overwrite_output_dir)
 
     config = recipe.config
     main = is_main_process(config)
@@ -180,6 +180,42 @@ def train(recipe: Recipe, resume: bool = False, overwrite_output_dir: bool = Fal
             write_json_atomic(Path(config.output_dir) / "run_summary.json", summary)
             print(format_summary(summary))
     return summary
+
+
+def train_aux(recipe: Recipe, resume: bool = False, overwrite_output_dir: bool = False) -> dict[str, Any]:
+    """An auxiliary method (``trainers/classic/base.py``) under the same output_dir rules as an LLM run: the lock,
+    ``--resume`` from the saved state, and no fresh run over a folder that holds another run's state."""
+    from posttrain.trainers.classic.base import PLOT_FILE, RESULTS_FILE, STATE_FILE
+
+    config = recipe.config
+    folder = Path(config.output_dir)
+    with output_dir_lock(folder, True):
+        previous = [folder / name for name in (STATE_FILE, RESULTS_FILE, PLOT_FILE) if (folder / name).exists()]
+        if previous and not resume:
+            if not overwrite_output_dir:
+                raise UserError(f"output_dir {folder} already holds a {recipe.method} run ({previous[0].name}); "
+                                "continue it with --resume, choose another --output_dir, or pass "
+                                "--overwrite_output_dir to delete it and start over")
+            for path in previous:
+                path.unlink()
+            print(f"posttrain: --overwrite_output_dir: deleted {', '.join(p.name for p in previous)} in {folder}")
+        trainer = METHODS[recipe.method].trainer_cls(config)
+        if resume and (folder / STATE_FILE).is_file():
+            try:
+                trainer.load()
+            except ValueError as err:  # the saved run had another config
+                raise UserError(f"--resume: {folder / STATE_FILE}: {err}; rerun with the saved settings, or start "
+                                "over with --overwrite_output_dir") from None
+            print(f"posttrain: resuming {recipe.method} from step {trainer.global_step} ({folder / STATE_FILE})")
+        elif resume:
+            print(f"posttrain: no {STATE_FILE} in {folder}; starting from scratch")
+        try:
+            return trainer.train()
+        except KeyboardInterrupt:
+            saved = (f"rerun the same command with --resume to continue from step {trainer.last_saved_step}"
+                     if trainer.last_saved_step is not None else
+                     "no state was saved yet, so a rerun starts over (save_every sets how often it is saved)")
+            raise Interrupted(f"interrupted at step {trainer.global_step} of {config.max_steps}; {saved}") from None
 
 
 def where_interrupted(trainer, output_dir) -> str:

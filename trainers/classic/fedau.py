@@ -23,21 +23,19 @@ clients that show up often are systematically different from the rest.
 from __future__ import annotations
 
 import copy
-import json
 import os
-import tempfile
-import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import numpy as np
-from tqdm.auto import tqdm
+
+from posttrain.trainers.classic.base import AuxConfig, AuxTrainer
 
 AGGREGATORS = ("fedau", "fedavg", "average_all", "known_prob")
 PARTICIPATION = ("bernoulli",)
 
 
 @dataclass
-class FedAUConfig:
+class FedAUConfig(AuxConfig):
     num_clients: int = field(default=100, metadata={"help": "Number of clients N."})
     dim: int = field(default=10, metadata={"help": "Model dimension d."})
     local_steps: int = field(default=5, metadata={"help": "Local SGD steps I per participating client."})
@@ -49,26 +47,25 @@ class FedAUConfig:
     cutoff: int = field(default=50, metadata={"help": "FedAU cutoff K on the interval length."})
     aggregator: str = field(default="fedau", metadata={"help": f"One of {', '.join(AGGREGATORS)}."})
     participation: str = field(default="bernoulli", metadata={"help": f"One of {', '.join(PARTICIPATION)}."})
-    seed: int = field(default=0, metadata={"help": "Seeds the problem, the participation and the noise."})
-    output_dir: str = field(default="runs/fedau", metadata={"help": "Where results.json is written."})
-    max_seconds: float = field(default=60.0, metadata={"help": "Hard wall-clock guard for train()."})
-    logging_steps: int = field(default=500, metadata={"help": "Evaluate and log every this many rounds."})
+    output_dir: str = field(default="runs/fedau", metadata={"help": "Where results.json and the state are written."})
+    eval_every: int = field(default=500, metadata={"help": "Evaluate and log every this many rounds."})
 
     def __post_init__(self):
         if self.aggregator not in AGGREGATORS:
             raise ValueError(f"unknown aggregator {self.aggregator!r}; valid: {', '.join(AGGREGATORS)}")
         if self.participation not in PARTICIPATION:
             raise ValueError(f"unknown participation {self.participation!r}; valid: {', '.join(PARTICIPATION)}")
-        for name in ("num_clients", "dim", "local_steps", "max_steps", "cutoff", "logging_steps"):
+        for name in ("num_clients", "dim", "local_steps", "cutoff"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
-        for name in ("local_lr", "global_lr", "max_seconds"):
+        for name in ("local_lr", "global_lr"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
         if not 0.0 <= self.lr_decay_at <= 1.0:
             raise ValueError(f"lr_decay_at must be in [0, 1], got {self.lr_decay_at!r}")
         if not self.grad_noise >= 0:
             raise ValueError(f"grad_noise must be >= 0, got {self.grad_noise!r}")
+        super().__post_init__()
 
 
 class ParticipationTracker:
@@ -115,12 +112,13 @@ def aggregate(deltas: np.ndarray, participating: np.ndarray, weights: np.ndarray
     return (weights[idx, None] * deltas).sum(axis=0) / num_clients
 
 
-class FedAUTrainer:
+class FedAUTrainer(AuxTrainer):
     """Simulated federated training on quadratic clients; one step() is one communication round."""
 
-    def __init__(self, args: FedAUConfig):
-        self.args = args
-        self.rng = np.random.default_rng(args.seed)
+    method = "fedau"
+
+    def setup(self) -> None:
+        args = self.args
         n, d = args.num_clients, args.dim
         # The problem is drawn first, so a seed gives the same clients whatever the aggregator.
         z = self.rng.standard_normal(n)
@@ -130,7 +128,13 @@ class FedAUTrainer:
         self.x_star = self.c.mean(axis=0)
         self.x = np.zeros(d)
         self.tracker = ParticipationTracker(n, args.cutoff)
-        self.round = 0
+
+    @property
+    def round(self) -> int:
+        return self.global_step
+
+    def description(self) -> str:
+        return f"fedau[{self.args.aggregator}]"
 
     def _weights_and_denominator(self, num_participants: int) -> tuple[np.ndarray, float]:
         a, n = self.args.aggregator, self.args.num_clients
@@ -142,7 +146,7 @@ class FedAUTrainer:
             return np.ones(n), n
         return np.ones(n), max(num_participants, 1)  # fedavg
 
-    def step(self) -> dict:
+    def training_step(self) -> dict:
         a = self.args
         lr = a.local_lr * (0.1 if self.round >= a.lr_decay_at * a.max_steps else 1.0)
         participating = self.rng.random(a.num_clients) < self.p
@@ -157,8 +161,7 @@ class FedAUTrainer:
         self.tracker.update(participating)
         update = aggregate(local - self.x, participating, weights, denom)
         self.x = self.x + a.global_lr * update
-        self.round += 1
-        return {"round": self.round, "participants": int(idx.size), "local_lr": lr,
+        return {"round": self.round + 1, "participants": int(idx.size), "local_lr": lr,
                 "update_norm": float(np.linalg.norm(update))}
 
     def evaluate(self) -> dict:
@@ -172,53 +175,13 @@ class FedAUTrainer:
             "omega_rel_err": float(np.abs(omega * self.p - 1.0).mean()),
         }
 
-    def train(self, verbose: bool = True) -> dict:
-        a, start, history = self.args, time.monotonic(), []
-        stopped_by = "max_steps"
-        with tqdm(total=a.max_steps, initial=self.round, desc=f"fedau[{a.aggregator}]",
-                  disable=None if verbose else True) as bar:
-            while self.round < a.max_steps:
-                if time.monotonic() - start > a.max_seconds:
-                    stopped_by = "max_seconds"
-                    break
-                info = self.step()
-                bar.update(1)
-                if self.round % a.logging_steps == 0:
-                    history.append({**info, **self.evaluate()})
-                    bar.set_postfix(excess=f"{history[-1]['excess_loss']:.4g}")
-        final = {**self.evaluate(), "seconds": time.monotonic() - start, "stopped_by": stopped_by}
-        self._write_results({"config": asdict(a), "final": final, "history": history})
-        if verbose:
-            print(f"\nFedAU simulation ({a.aggregator}, seed {a.seed}, {final['round']} rounds)")
-            for k, v in final.items():
-                print(f"  {k:<14} {v:.6g}" if isinstance(v, float) else f"  {k:<14} {v}")
-        return final
-
-    def _write_results(self, results: dict) -> None:
-        # Temp file + os.replace: a reader never sees a half-written results.json.
-        os.makedirs(self.args.output_dir, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.args.output_dir, prefix=".results.", suffix=".json")
-        with os.fdopen(fd, "w") as f:
-            json.dump(results, f, indent=2)
-        os.replace(tmp, os.path.join(self.args.output_dir, "results.json"))
-
-    # Fields that change the trajectory; a resumed run must agree on all of them.
-    _RESUME_FIELDS = ("num_clients", "dim", "local_steps", "local_lr", "lr_decay_at", "global_lr",
-                      "grad_noise", "max_steps", "cutoff", "aggregator", "participation", "seed")
-
     def state_dict(self) -> dict:
-        return {"round": self.round, "x": self.x.copy(), "tracker": self.tracker.state_dict(),
-                "rng": copy.deepcopy(self.rng.bit_generator.state),
-                "config": {k: getattr(self.args, k) for k in self._RESUME_FIELDS}}
+        return {**super().state_dict(), "x": self.x.copy(), "tracker": self.tracker.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
-        diff = [k for k in self._RESUME_FIELDS if state["config"][k] != getattr(self.args, k)]
-        if diff:
-            raise ValueError(f"cannot resume: config differs in {', '.join(diff)}")
-        self.round = int(state["round"])
+        super().load_state_dict(state)
         self.x = np.array(state["x"], dtype=float)
-        self.tracker.load_state_dict(state["tracker"])
-        self.rng.bit_generator.state = copy.deepcopy(state["rng"])
+        self.tracker.load_state_dict(copy.deepcopy(state["tracker"]))
 
 
 def compare_aggregators(aggregators=("fedau", "fedavg", "known_prob"), seeds=(0, 1, 2), **config_overrides) -> dict:

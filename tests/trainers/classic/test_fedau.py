@@ -145,7 +145,7 @@ def test_config_validation():
 
 
 def test_resume_gives_identical_final_model(tmp_path):
-    cfg = dict(max_steps=300, logging_steps=100, output_dir=str(tmp_path / "a"))
+    cfg = dict(max_steps=300, eval_every=100, output_dir=str(tmp_path / "a"))
     full = FedAUTrainer(FedAUConfig(**cfg))
     full.train(verbose=False)
 

@@ -1,0 +1,210 @@
+"""The auxiliary-trainer base: what every small non-LLM training loop in ``trainers/classic/`` shares.
+
+A method subclasses two things:
+
+- ``AuxConfig``: a dataclass of run controls (``seed``, ``max_steps``, ``eval_every``, ``save_every``,
+  ``max_seconds``, ``output_dir``). The method's config extends it with its own fields, each with a ``help``
+  metadata string and the paper's default; it may redeclare a base field to change its default, and its
+  ``__post_init__`` calls ``super().__post_init__()`` after its own checks (a ValueError names the field).
+- ``AuxTrainer``: ``__init__(args)`` seeds Python, NumPy and torch, sets ``self.rng`` (a NumPy Generator
+  seeded with ``args.seed``), ``self.global_step = 0`` and ``self.history = []``, then calls ``setup()``.
+  The method implements ``setup()`` (build the problem, model, optimizer), ``training_step() -> dict`` (ONE
+  unit of work: a round, an epoch, an optimizer step; ``step()`` calls it and advances ``global_step``),
+  ``evaluate() -> dict`` and optionally ``done() -> bool`` (a
+  method's own stop criterion). A method with state beyond its RNGs extends ``state_dict()`` (``{**super()
+  .state_dict(), ...}``) and ``load_state_dict(state)`` (call ``super().load_state_dict(state)`` first).
+
+``train()`` runs ``step()`` until ``max_steps``, ``done()`` or ``max_seconds`` (wall clock of this call), with a
+tqdm bar. Every ``eval_every`` steps it appends ``{"step", **step info, **evaluate()}`` to the history; every
+``save_every`` steps and at the end it saves ``state_dict()`` to ``output_dir/aux_state.pt``. At the end it
+writes ``results.json`` ({method, config, final, history}) and ``curves.png`` (one panel per logged number).
+Every file is written to a temporary name and renamed, so a killed run never leaves a half-written one.
+``train(resume=True)`` (``posttrain train <recipe> --resume``) loads ``aux_state.pt`` and continues: the state
+holds the step, the history and every RNG, so the resumed run ends at the same numbers as an uninterrupted one.
+A resume refuses a config that differs from the saved one, except in ``RESUME_FREE`` fields.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+STATE_FILE = "aux_state.pt"
+RESULTS_FILE = "results.json"
+PLOT_FILE = "curves.png"
+RESUME_FREE = ("output_dir", "max_seconds", "save_every", "eval_every")  # may change on --resume
+
+
+@dataclass
+class AuxConfig:
+    seed: int = field(default=0, metadata={"help": "Seeds Python, NumPy (self.rng) and torch."})
+    max_steps: int = field(default=1000, metadata={"help": "Units of work (step() calls) to run."})
+    eval_every: int = field(default=100, metadata={"help": "Evaluate and log every this many steps."})
+    save_every: int = field(default=0, metadata={"help": "Save the resumable state every this many steps "
+                                                          "(0: only at the end)."})
+    max_seconds: float = field(default=60.0, metadata={"help": "Wall-clock guard for one train() call."})
+    output_dir: str = field(default="runs/aux", metadata={"help": "Where results.json, curves.png and "
+                                                                   "aux_state.pt are written."})
+
+    def __post_init__(self):
+        for name, low in (("max_steps", 1), ("eval_every", 1), ("seed", 0), ("save_every", 0)):
+            if int(getattr(self, name)) < low:
+                raise ValueError(f"{name} must be >= {low}, got {getattr(self, name)!r}")
+        if not self.max_seconds > 0:
+            raise ValueError(f"max_seconds must be > 0, got {self.max_seconds!r}")
+
+
+def _atomic_write(path: Path, write) -> None:
+    """``write(tmp_path)`` then rename onto ``path``: readers see the old file or the new one, never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+class AuxTrainer:
+    """Base of the auxiliary trainers; see the module docstring for what a method implements."""
+
+    method = "aux"  # the registry name, used in results.json and the progress bar
+
+    def __init__(self, args: AuxConfig):
+        self.args, self.global_step, self.history, self.last_saved_step = args, 0, [], None
+        random.seed(args.seed)
+        np.random.seed(args.seed % 2**32)
+        torch.manual_seed(args.seed)
+        self.rng = np.random.default_rng(args.seed)
+        self.setup()
+
+    def setup(self) -> None:  # build the problem, model, optimizer
+        pass
+
+    def training_step(self) -> dict:  # ONE unit of work; returns its numbers
+        raise NotImplementedError
+
+    def step(self) -> dict:
+        """One unit of work: ``training_step()``, then ``global_step`` advances. Returns the step's numbers."""
+        info = self.training_step()
+        self.global_step += 1
+        return info
+
+    def evaluate(self) -> dict:
+        return {}
+
+    def done(self) -> bool:  # a method's own stop criterion
+        return False
+
+    def description(self) -> str:  # the progress bar's label
+        return self.method
+
+    def state_dict(self) -> dict:
+        rngs = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+                "generator": self.rng.bit_generator.state}
+        if torch.cuda.is_available():
+            rngs["cuda"] = torch.cuda.get_rng_state_all()
+        config = {k: v for k, v in dataclasses.asdict(self.args).items() if k not in RESUME_FREE}
+        return {"step": self.global_step, "history": list(self.history), "rng": rngs, "config": config}
+
+    def load_state_dict(self, state: dict) -> None:
+        mine = {k: v for k, v in dataclasses.asdict(self.args).items() if k not in RESUME_FREE}
+        diff = sorted(k for k in mine.keys() | state["config"].keys() if mine.get(k) != state["config"].get(k))
+        if diff:
+            raise ValueError("cannot resume: the config differs from the saved run in " + ", ".join(
+                f"{k} (saved {state['config'].get(k)!r}, now {mine.get(k)!r})" for k in diff))
+        self.global_step, self.history = int(state["step"]), list(state["history"])
+        rngs = state["rng"]
+        random.setstate(rngs["python"])
+        np.random.set_state(rngs["numpy"])
+        torch.set_rng_state(rngs["torch"])
+        self.rng.bit_generator.state = rngs["generator"]
+        if "cuda" in rngs and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rngs["cuda"])
+
+    def save(self) -> None:
+        state = self.state_dict()
+        _atomic_write(Path(self.args.output_dir) / STATE_FILE, lambda tmp: torch.save(state, tmp))
+        self.last_saved_step = self.global_step
+
+    def load(self) -> bool:
+        """Load ``output_dir/aux_state.pt`` if there is one; True if it was loaded."""
+        path = Path(self.args.output_dir) / STATE_FILE
+        if not path.is_file():
+            return False
+        # weights_only=False: the state holds NumPy arrays and RNG tuples; the file is this run's own.
+        self.load_state_dict(torch.load(path, weights_only=False))
+        self.last_saved_step = self.global_step
+        return True
+
+    def train(self, verbose: bool = True, resume: bool = False) -> dict:
+        a, start, stopped_by = self.args, time.monotonic(), "max_steps"
+        if resume and not self.load() and verbose:
+            print(f"posttrain: no {STATE_FILE} in {a.output_dir}; starting from scratch")
+        with tqdm(total=a.max_steps, initial=self.global_step, desc=self.description(),
+                  disable=None if verbose else True) as bar:
+            while self.global_step < a.max_steps:
+                if self.done():
+                    stopped_by = "criterion"
+                    break
+                if time.monotonic() - start > a.max_seconds:
+                    stopped_by = "max_seconds"
+                    break
+                info = self.step()
+                bar.update(1)
+                if self.global_step % a.eval_every == 0:
+                    self.history.append({"step": self.global_step, **info, **self.evaluate()})
+                if a.save_every and self.global_step % a.save_every == 0:
+                    self.save()
+        self.save()
+        final = {"step": self.global_step, **self.evaluate(), "seconds": time.monotonic() - start,
+                 "stopped_by": stopped_by}
+        self.write_results(final)
+        if verbose:
+            print(f"\n{self.description()}: seed {a.seed}, {self.global_step} steps, stopped by {stopped_by}")
+            for k, v in final.items():
+                print(f"  {k:<18} {v:.6g}" if isinstance(v, float) else f"  {k:<18} {v}")
+        return final
+
+    def write_results(self, final: dict) -> None:
+        out = Path(self.args.output_dir)
+        results = {"method": self.method, "config": dataclasses.asdict(self.args), "final": final,
+                   "history": self.history}
+        _atomic_write(out / RESULTS_FILE, lambda tmp: Path(tmp).write_text(json.dumps(results, indent=2) + "\n"))
+        _atomic_write(out / PLOT_FILE, lambda tmp: plot_history(self.history, tmp, self.description()))
+
+
+def plot_history(history: list[dict], path: str, title: str) -> None:
+    """One panel per numeric key of the history, against ``step`` (matplotlib, Agg backend)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [k for k in (history[0] if history else {}) if k != "step" and all(
+        isinstance(h.get(k), (int, float)) and not isinstance(h.get(k), bool) for h in history)]
+    cols = min(3, max(len(keys), 1))
+    rows = max(1, -(-len(keys) // cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3 * rows), squeeze=False)
+    for ax, key in zip(axes.flat, keys):
+        ax.plot([h["step"] for h in history], [h[key] for h in history])
+        ax.set_title(key, fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+    for ax in list(axes.flat)[len(keys):]:
+        ax.axis("off")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, format="png", dpi=80)
+    plt.close(fig)
