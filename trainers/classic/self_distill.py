@@ -42,12 +42,13 @@ a held-out reference and a re-trained student per candidate alpha, which one SFT
 from __future__ import annotations
 
 import math
-import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from posttrain.trainers.classic.base import AuxConfig, AuxTrainer
 
 # The targets of Mobahi, Farajtabar, Bartlett (2020) as the official notebook lists them, at x = 0, 0.1, ..., 1.
 MOBAHI_Y = np.array([0.38476636465198066, 1.2333967683416893, 1.33232242218057, 0.69201594888895180,
@@ -57,18 +58,17 @@ ALPHA_AUTO = "auto"
 
 
 @dataclass
-class SelfDistillConfig:
+class SelfDistillConfig(AuxConfig):
     alpha: str = field(default="0.35", metadata={"help": "Weight of the ground truth in every student's target, "
                                                   "a number in [0, 1], or 'auto' for the closed-form alpha* of each "
                                                   "step against the noise-free function (clipped to [0, 1])."})
     rbf_gamma: float = field(default=80.0, metadata={"help": "RBF kernel width gamma, k(x, x') = exp(-gamma |x - x'|^2)."})
     lambd: float = field(default=0.2, metadata={"help": "Ridge regularisation lambda."})
-    max_steps: int = field(default=6, metadata={"help": "Distillation steps (step 1 is the teacher, plain KRR)."})
     grid_points: int = field(default=101, metadata={"help": "Points of the evaluation grid on [0, 1]."})
-    seed: int = field(default=0, metadata={"help": "Unused by the fixed toy data; kept for the shared recipe keys."})
-    output_dir: str = field(default="runs/self_distill", metadata={"help": "Where results.json and the plot go."})
-    max_seconds: float = field(default=60.0, metadata={"help": "Hard wall-clock guard for train()."})
-    logging_steps: int = field(default=1, metadata={"help": "Evaluate and log every this many steps."})
+    max_steps: int = field(default=6, metadata={"help": "Distillation steps (step 1 is the teacher, plain KRR)."})
+    eval_every: int = field(default=1, metadata={"help": "Evaluate and log every this many steps."})
+    output_dir: str = field(default="runs/self_distill", metadata={"help": "Where results.json, curves.png and "
+                                                                          "aux_state.pt are written."})
 
     def __post_init__(self):
         self.alpha = str(self.alpha)
@@ -79,12 +79,12 @@ class SelfDistillConfig:
                 raise ValueError(f"alpha must be a number in [0, 1] or 'auto', got {self.alpha!r}") from None
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"alpha must be in [0, 1] (the ground-truth weight), got {value!r}")
-        for name in ("max_steps", "grid_points", "logging_steps"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
-        for name in ("rbf_gamma", "lambd", "max_seconds"):
+        if int(self.grid_points) < 2:
+            raise ValueError(f"grid_points must be >= 2, got {self.grid_points!r}")
+        for name in ("rbf_gamma", "lambd"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        super().__post_init__()
 
 
 # --- pure math: kernel ridge regression -----------------------------------------------------------------------
@@ -127,11 +127,13 @@ def optimal_alpha(A: np.ndarray, y: np.ndarray, y_prev: np.ndarray, t: np.ndarra
     return float(direction @ (t - A @ y_prev)) / denom if denom > 0 else math.nan
 
 
-class KRRSelfDistillTrainer:
-    """Self-distillation of kernel ridge regression on the official toy; one step() is one distillation step."""
+class KRRSelfDistillTrainer(AuxTrainer):
+    """Self-distillation of kernel ridge regression on the official toy; one step is one distillation step."""
 
-    def __init__(self, args: SelfDistillConfig):
-        self.args = args
+    method = "self_distill"
+
+    def setup(self) -> None:
+        args = self.args
         self.x = np.round(np.arange(11) * 0.1, 10)
         self.y = MOBAHI_Y.copy()
         self.truth = np.sin(2 * np.pi * self.x)  # the reference of alpha: auto (the paper's analysis)
@@ -140,11 +142,13 @@ class KRRSelfDistillTrainer:
         self.K_grid = rbf_kernel(self.grid[:, None], self.x[:, None], args.rbf_gamma)
         self.A = self.K @ np.linalg.inv(self.K + args.lambd * np.eye(len(self.x)))
         self.eig, self.V = np.linalg.eigh(self.K)
-        self.fit = None  # y_tau: the current teacher's predictions at the training points
+        self.fit = None  # y_tau: the current model's predictions at the training points
         self.target = None  # the last student's target
         self.alphas: list[float] = []
         self.alphas_raw: list[float] = []
-        self.round = 0
+
+    def description(self) -> str:
+        return f"self_distill[alpha={self.args.alpha}]"
 
     def _alpha(self) -> tuple[float, float]:
         if self.args.alpha != ALPHA_AUTO:
@@ -153,7 +157,7 @@ class KRRSelfDistillTrainer:
         raw = optimal_alpha(self.A, self.y, self.fit, self.truth)
         return float(np.clip(raw, 0.0, 1.0)) if math.isfinite(raw) else 1.0, raw
 
-    def step(self) -> dict:
+    def training_step(self) -> dict:
         if self.fit is None:  # step 1: the teacher is plain KRR on y
             alpha, raw = 1.0, math.nan
             self.target = self.y.copy()
@@ -163,8 +167,7 @@ class KRRSelfDistillTrainer:
         self.fit = self.A @ self.target
         self.alphas.append(alpha)
         self.alphas_raw.append(raw)
-        self.round += 1
-        return {"step": self.round, "alpha": alpha, "alpha_raw": raw}
+        return {"alpha": alpha, "alpha_raw": raw}
 
     def predict_grid(self) -> np.ndarray:
         return self.K_grid @ ridge_solve(self.K, self.args.lambd, self.target)
@@ -176,72 +179,32 @@ class KRRSelfDistillTrainer:
         return alpha * self.K_grid @ ridge_solve(alpha * self.K, self.args.lambd, self.y)
 
     def evaluate(self) -> dict:
+        if self.fit is None:
+            return {}
         truth_grid = np.sin(2 * np.pi * self.grid)
         alpha_inf = self.alphas[-1] if self.args.alpha == ALPHA_AUTO else float(self.args.alpha)
-        # B_tau from the recursion (alpha history), in the eigenbasis of K
-        b = self.eig / (self.eig + self.args.lambd)
-        b_tau = b.copy()
+        # B_tau from the recursion over the alphas used, in the eigenbasis of K (largest eigenvalue first)
+        b = b_tau = self.eig / (self.eig + self.args.lambd)
         for a in self.alphas[1:]:
             b_tau = b * ((1 - a) * b_tau + a)
         return {
-            "step": self.round,
             "loss_to_truth": float(np.mean((self.predict_grid() - truth_grid) ** 2)),
             "loss_limit": float(np.mean((self.limit_grid(alpha_inf) - truth_grid) ** 2)),
             "mse_to_y": float(np.mean((self.fit - self.y) ** 2)),
-            "alpha": self.alphas[-1],
-            "alpha_raw": self.alphas_raw[-1],
             "b_min": float(b_tau.min()), "b_max": float(b_tau.max()),
-            "b_spectrum": b_tau[::-1].tolist(),  # largest eigenvalue first
+            "b_spectrum": b_tau[::-1].tolist(),
         }
 
-    def train(self, verbose: bool = True) -> dict:
-        a, start, history = self.args, time.monotonic(), []
-        stopped_by = "max_steps"
-        while self.round < a.max_steps:
-            if time.monotonic() - start > a.max_seconds:
-                stopped_by = "max_seconds"
-                break
-            self.step()
-            if self.round % a.logging_steps == 0:
-                history.append(self.evaluate())
-        final = {**self.evaluate(), "seconds": time.monotonic() - start, "stopped_by": stopped_by}
-        write_results_json(a.output_dir, {"config": asdict(a), "final": final, "history": history})
-        if verbose:
-            print(f"\nKRR self-distillation (alpha {a.alpha}, {self.round} steps)")
-            for row in history:
-                print(f"  step {row['step']:>3}  loss {row['loss_to_truth']:.5f}  alpha {row['alpha']:.4g}")
-            print(f"  limit     loss {final['loss_limit']:.5f}")
-        return final
-
-    _RESUME_FIELDS = ("alpha", "rbf_gamma", "lambd", "grid_points")
-
     def state_dict(self) -> dict:
-        return {"round": self.round, "fit": None if self.fit is None else self.fit.copy(),
+        return {**super().state_dict(), "fit": None if self.fit is None else self.fit.copy(),
                 "target": None if self.target is None else self.target.copy(),
-                "alphas": list(self.alphas), "alphas_raw": list(self.alphas_raw),
-                "config": {k: getattr(self.args, k) for k in self._RESUME_FIELDS}}
+                "alphas": list(self.alphas), "alphas_raw": list(self.alphas_raw)}
 
     def load_state_dict(self, state: dict) -> None:
-        diff = [k for k in self._RESUME_FIELDS if state["config"][k] != getattr(self.args, k)]
-        if diff:
-            raise ValueError(f"cannot resume: config differs in {', '.join(diff)}")
-        self.round = int(state["round"])
+        super().load_state_dict(state)
         self.fit = None if state["fit"] is None else np.array(state["fit"], dtype=float)
         self.target = None if state["target"] is None else np.array(state["target"], dtype=float)
         self.alphas, self.alphas_raw = list(state["alphas"]), list(state["alphas_raw"])
-
-
-def write_results_json(output_dir: str, results: dict) -> None:
-    """Temp file + os.replace: a reader never sees a half-written results.json."""
-    import json
-    import os
-    import tempfile
-
-    os.makedirs(output_dir, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=output_dir, prefix=".results.", suffix=".json")
-    with os.fdopen(fd, "w") as f:
-        json.dump(results, f, indent=2)
-    os.replace(tmp, os.path.join(output_dir, "results.json"))
 
 
 # --- pure math: the LLM loss ----------------------------------------------------------------------------------
@@ -322,6 +285,35 @@ def parse_self_distill_keys(values: dict, sources: dict, source: str, method: st
         raise ValueError(f"{sources.get('self_distill_teacher', source)}: self_distill_teacher expects a model path, "
                          f"got {teacher!r}")
     return SelfDistillArgs(alpha, teacher or "")
+
+
+def check_teacher(args: SelfDistillArgs, student_path: str) -> None:
+    """Before any model loads: the teacher resolves to a model and has the student's vocabulary (config.json only)."""
+    import json
+    from pathlib import Path
+
+    from posttrain import UserError
+    from posttrain.recipes.models import resolve_model_path
+
+    if args.alpha >= 1.0:
+        return
+    try:
+        teacher_path = resolve_model_path(args.teacher)
+    except UserError as err:
+        raise UserError(f"self_distill_teacher: {err}") from None
+
+    def vocab(path):
+        config = Path(path) / "config.json"
+        if not config.is_file():
+            return None  # a hub id: checked on the loaded models
+        data = json.loads(config.read_text())
+        return data.get("vocab_size", data.get("text_config", {}).get("vocab_size"))
+
+    s_vocab, t_vocab = vocab(student_path), vocab(teacher_path)
+    if s_vocab is not None and t_vocab is not None and s_vocab != t_vocab:
+        raise UserError(f"self_distill_teacher {args.teacher!r} has vocab_size {t_vocab}, the student "
+                        f"{s_vocab}: the teacher's distribution must be over the student's tokens; use a "
+                        "checkpoint of the same model family (e.g. an earlier SFT run of this model)")
 
 
 def self_distill_sft_trainer(sft_cls):

@@ -32,7 +32,7 @@ It is a ``torch.nn.utils.parametrize`` parametrisation (``Compander``), so it wo
 
 The digits experiment (``WeightCompanderTrainer``, ``posttrain train weight_compander/digits_wc``): scikit-learn's
 bundled digits with 300 training images, an MLP 64-256-256-10, AdamW 1e-3, weight decay 1e-4, 150 epochs of
-minibatches of 100; baseline against WC-like with learnable bound and slope (initial bound 0.25, slope 2). A step is
+minibatches of 100 (450 steps); baseline against WC-like with learnable bound and slope (initial bound 0.25, slope 2). A step is
 one minibatch. Weight decay is AdamW's decoupled decay: with torch's ``Adam(weight_decay=...)`` (an L2 term in the
 gradient) Adam's normalisation turns the decay of the weights of the always-blank digit pixels, which get no
 data gradient, into lr-sized steps to zero in both arms, and that dominates the near-zero-weight statistic
@@ -42,8 +42,7 @@ data gradient, into lr-sized steps to zero in both arms, and that dominates the 
 from __future__ import annotations
 
 import math
-import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -51,9 +50,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
+from posttrain.trainers.classic.base import AuxConfig, AuxTrainer
+
 
 @dataclass
-class WeightCompanderConfig:
+class WeightCompanderConfig(AuxConfig):
     compander: bool = field(default=True, metadata={"help": "Reparameterise every Linear weight as bound*tanh(slope*v/bound) "
                                                     "(the WC-like arm); false: the plain baseline."})
     bound: float = field(default=0.25, metadata={"help": "Initial bound of |w| (per layer, learnable)."})
@@ -65,29 +66,25 @@ class WeightCompanderConfig:
     weight_decay: float = field(default=1e-4, metadata={"help": "AdamW (decoupled) weight decay on the weights v, both "
                                                         "arms; none on bound and slope."})
     batch_size: int = field(default=100, metadata={"help": "Minibatch size."})
-    epochs: int = field(default=150, metadata={"help": "Epochs; max_steps = epochs * ceil(train_size / batch_size)."})
-    seed: int = field(default=0, metadata={"help": "Seeds the split, the initialisation and the batches."})
-    output_dir: str = field(default="runs/weight_compander", metadata={"help": "Where results.json and the plot go."})
-    max_seconds: float = field(default=60.0, metadata={"help": "Hard wall-clock guard for train()."})
-    logging_steps: int = field(default=250, metadata={"help": "Evaluate and log every this many steps."})
+    max_steps: int = field(default=450, metadata={"help": "Minibatch steps (450 = 150 epochs of 300 images in "
+                                                          "minibatches of 100)."})
+    eval_every: int = field(default=50, metadata={"help": "Evaluate and log every this many steps."})
+    output_dir: str = field(default="runs/weight_compander", metadata={"help": "Where results.json, curves.png and "
+                                                                              "aux_state.pt are written."})
 
     def __post_init__(self):
-        for name in ("train_size", "hidden", "batch_size", "epochs", "logging_steps"):
+        for name in ("hidden", "batch_size"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
         if not 10 <= self.train_size <= 1500:
             raise ValueError(f"train_size must be in [10, 1500] (digits has 1797 images; the rest is the test set), "
                              f"got {self.train_size!r}")
         check_bound_slope(self.bound, self.slope)
-        for name in ("learning_rate", "max_seconds"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        if not self.learning_rate > 0:
+            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate!r}")
         if not self.weight_decay >= 0:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
-
-    @property
-    def max_steps(self) -> int:
-        return self.epochs * math.ceil(self.train_size / self.batch_size)
+        super().__post_init__()
 
 
 def check_bound_slope(bound, slope) -> None:
@@ -356,13 +353,14 @@ def digits_split(train_size: int, seed: int):
     return x[tr], y[tr], x[te], y[te]
 
 
-class WeightCompanderTrainer:
-    """Digits MLP, baseline or WC-like; one step() is one Adam minibatch step."""
+class WeightCompanderTrainer(AuxTrainer):
+    """Digits MLP, baseline or WC-like; one step is one AdamW minibatch step."""
 
-    def __init__(self, args: WeightCompanderConfig):
-        self.args = args
+    method = "weight_compander"
+
+    def setup(self) -> None:
+        args = self.args
         self.x, self.y, self.x_test, self.y_test = digits_split(args.train_size, args.seed)
-        torch.manual_seed(args.seed)
         h = args.hidden
         self.model = nn.Sequential(nn.Linear(64, h), nn.ReLU(), nn.Linear(h, h), nn.ReLU(), nn.Linear(h, 10))
         if args.compander:
@@ -376,7 +374,9 @@ class WeightCompanderTrainer:
         self.optimizer = torch.optim.AdamW(groups, lr=args.learning_rate)
         self.generator = torch.Generator().manual_seed(args.seed)
         self.order = torch.empty(0, dtype=torch.long)
-        self.round = 0
+
+    def description(self) -> str:
+        return f"weight_compander[{'wc' if self.args.compander else 'baseline'}]"
 
     def _batch(self):
         bs = self.args.batch_size
@@ -385,15 +385,14 @@ class WeightCompanderTrainer:
         idx, self.order = self.order[:bs], self.order[bs:]
         return self.x[idx], self.y[idx]
 
-    def step(self) -> dict:
+    def training_step(self) -> dict:
         x, y = self._batch()
         self.model.train()
         loss = F.cross_entropy(self.model(x), y)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
-        self.round += 1
-        return {"step": self.round, "loss": float(loss.detach())}
+        return {"loss": float(loss.detach())}
 
     def effective_weights(self) -> list[torch.Tensor]:
         return [m.weight.detach() for m in self.model if isinstance(m, nn.Linear)]
@@ -402,46 +401,20 @@ class WeightCompanderTrainer:
     def evaluate(self) -> dict:
         self.model.eval()
         acc = lambda x, y: float((self.model(x).argmax(-1) == y).float().mean())  # noqa: E731
-        out = {"step": self.round, "train_acc": acc(self.x, self.y), "test_acc": acc(self.x_test, self.y_test),
+        out = {"train_acc": acc(self.x, self.y), "test_acc": acc(self.x_test, self.y_test),
                **weight_stats(self.effective_weights())}
         for name, m in companded_layers(self.model).items():
             comp = m.parametrizations.weight[0]
             out[f"bound/{name}"], out[f"slope/{name}"] = comp.bound.item(), comp.slope.item()
         return out
 
-    def train(self, verbose: bool = True) -> dict:
-        a, start, history = self.args, time.monotonic(), []
-        stopped_by = "max_steps"
-        while self.round < a.max_steps:
-            if time.monotonic() - start > a.max_seconds:
-                stopped_by = "max_seconds"
-                break
-            info = self.step()
-            if self.round % a.logging_steps == 0:
-                history.append({**info, **self.evaluate()})
-        final = {**self.evaluate(), "seconds": time.monotonic() - start, "stopped_by": stopped_by}
-        from posttrain.trainers.classic.self_distill import write_results_json
-
-        write_results_json(a.output_dir, {"config": asdict(a), "final": final, "history": history})
-        if verbose:
-            print(f"\nWeight Compander (WC-like) on digits: {'WC-like' if a.compander else 'baseline'}, seed {a.seed}")
-            for k, v in final.items():
-                print(f"  {k:<16} {v:.6g}" if isinstance(v, float) else f"  {k:<16} {v}")
-        return final
-
-    _RESUME_FIELDS = ("compander", "bound", "slope", "learnable", "train_size", "hidden", "learning_rate",
-                      "weight_decay", "batch_size", "epochs", "seed")
-
     def state_dict(self) -> dict:
-        return {"round": self.round, "model": {k: v.clone() for k, v in self.model.state_dict().items()},
+        return {**super().state_dict(), "model": {k: v.clone() for k, v in self.model.state_dict().items()},
                 "optimizer": self.optimizer.state_dict(), "generator": self.generator.get_state(),
-                "order": self.order.clone(), "config": {k: getattr(self.args, k) for k in self._RESUME_FIELDS}}
+                "order": self.order.clone()}
 
     def load_state_dict(self, state: dict) -> None:
-        diff = [k for k in self._RESUME_FIELDS if state["config"][k] != getattr(self.args, k)]
-        if diff:
-            raise ValueError(f"cannot resume: config differs in {', '.join(diff)}")
-        self.round = int(state["round"])
+        super().load_state_dict(state)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.generator.set_state(state["generator"])
@@ -460,6 +433,6 @@ def compare_arms(seeds=(0, 1, 2, 3, 4), **overrides) -> dict:
                                         output_dir=os.path.join(base, f"{arm}-seed{seed}"), **overrides)
             final = WeightCompanderTrainer(cfg).train(verbose=False)
             if final["stopped_by"] != "max_steps":
-                raise RuntimeError(f"{arm} seed {seed} hit max_seconds after {final['step']} steps")
+                raise RuntimeError(f"{arm} seed {seed} stopped by {final['stopped_by']} after {final['step']} steps")
             out.setdefault(arm, []).append(final)
     return out

@@ -1,6 +1,7 @@
 """Self-distillation with ground-truth mixing: the official toy's table, the B recursion, the closed-form alpha*,
 and the LLM loss (hand computation; alpha = 1 is stock SFT)."""
 
+import json
 import math
 
 import numpy as np
@@ -83,21 +84,27 @@ def test_closed_form_alpha_on_random_problems():
 def test_auto_alpha_is_clipped_and_the_raw_value_logged(tmp_path):
     t = KRRSelfDistillTrainer(SelfDistillConfig(alpha="auto", max_steps=3, output_dir=str(tmp_path)))
     final = t.train(verbose=False)
+    assert [h["alpha_raw"] for h in t.history][1] == pytest.approx(-0.7835, abs=1e-4)
     assert math.isnan(t.alphas_raw[0]) and t.alphas_raw[1] == pytest.approx(-0.7835, abs=1e-4)
     assert t.alphas[1] == 0.0 and all(0.0 <= a <= 1.0 for a in t.alphas)
-    assert (tmp_path / "results.json").is_file() and final["step"] == 3
+    assert (tmp_path / "results.json").is_file() and (tmp_path / "curves.png").is_file() and final["step"] == 3
 
 
-def test_resume_continues_the_same_trajectory(tmp_path):
-    cfg = dict(alpha="0.35", max_steps=6, output_dir=str(tmp_path))
-    full = KRRSelfDistillTrainer(SelfDistillConfig(**cfg))
-    full.train(verbose=False)
-    half = KRRSelfDistillTrainer(SelfDistillConfig(**{**cfg, "max_steps": 3}))
-    half.train(verbose=False)
-    resumed = KRRSelfDistillTrainer(SelfDistillConfig(**cfg))
-    resumed.load_state_dict(half.state_dict())
-    resumed.train(verbose=False)
-    np.testing.assert_array_equal(resumed.fit, full.fit)
+def test_resume_through_the_cli_continues_the_same_run(tmp_path):
+    from posttrain.cli import main
+
+    full, part = tmp_path / "full", tmp_path / "part"
+    assert main(["train", "self_distill/krr_toy", "--output_dir", str(full)]) == 0
+    # a run stopped after 3 of its 6 steps (max_steps is part of the saved config, so it is stopped by hand)
+    half = KRRSelfDistillTrainer(SelfDistillConfig(alpha="0.35", max_steps=6, output_dir=str(part)))
+    for _ in range(3):
+        half.step()
+    half.save()
+    assert main(["train", "self_distill/krr_toy", "--output_dir", str(part), "--resume"]) == 0
+    a = json.loads((full / "results.json").read_text())
+    b = json.loads((part / "results.json").read_text())
+    assert a["final"]["loss_to_truth"] == b["final"]["loss_to_truth"] and b["final"]["step"] == 6
+    assert [h["loss_to_truth"] for h in a["history"][3:]] == [h["loss_to_truth"] for h in b["history"]]
     with pytest.raises(ValueError, match="lambd"):
         KRRSelfDistillTrainer(SelfDistillConfig(alpha="0.35", lambd=0.3)).load_state_dict(half.state_dict())
 

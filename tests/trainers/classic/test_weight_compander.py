@@ -75,7 +75,7 @@ def test_digits_mechanism_criteria(tmp_path):
 def test_digits_resume_continues_the_same_trajectory(tmp_path):
     from posttrain.trainers.classic.weight_compander import WeightCompanderConfig, WeightCompanderTrainer
 
-    cfg = dict(epochs=4, output_dir=str(tmp_path))
+    cfg = dict(max_steps=12, output_dir=str(tmp_path))
     full = WeightCompanderTrainer(WeightCompanderConfig(**cfg))
     for _ in range(12):
         full.step()
