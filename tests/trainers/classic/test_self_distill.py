@@ -153,3 +153,101 @@ def test_mixed_loss_matches_a_hand_computation():
     assert gt_mixed_distill_loss(logits, teacher, labels, 1.0)[0].item() == pytest.approx(ce.item(), abs=1e-6)
     with pytest.raises(ValueError, match="vocabulary"):
         gt_mixed_distill_loss(logits, teacher[..., :6], labels, 0.5)
+
+
+# --- the loss inside TRL's SFT on the tiny model ------------------------------------------------------------------
+
+def _sft(overrides):
+    from posttrain.recipes.config import load_recipe
+    from posttrain.recipes.train import build_trainer
+
+    return build_trainer(load_recipe("sft/tiny", {"max_steps": 1, "per_device_train_batch_size": 2, **overrides}))
+
+
+def _loss_and_grads(trainer, batch):
+    trainer.model.train()
+    trainer.model.zero_grad()
+    loss = trainer.compute_loss(trainer.model, dict(batch))
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory):
+    """A real teacher: the tiny Qwen3 with perturbed weights (so its distribution differs from the student's)."""
+    from transformers import AutoModelForCausalLM
+
+    from posttrain.recipes.models import resolve_model_path
+
+    model = AutoModelForCausalLM.from_pretrained(resolve_model_path("tiny:qwen3"), dtype=torch.float32)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.5 * p.std() * torch.randn(p.shape, generator=g) if p.numel() > 1 else 0)
+    out = tmp_path_factory.mktemp("teacher")
+    model.save_pretrained(out)
+    return out
+
+
+def test_alpha_one_is_stock_sft(tmp_path):
+    stock = _sft({"output_dir": str(tmp_path / "a")})
+    mixed = _sft({"output_dir": str(tmp_path / "b"), "self_distill_alpha": 1.0, "self_distill_teacher": "tiny:qwen3"})
+    assert type(mixed).__name__ == "SelfDistillSFTTrainer" and mixed.teacher is None
+    batch = next(iter(stock.get_train_dataloader()))
+    loss_a, grads_a = _loss_and_grads(stock, batch)
+    loss_b, grads_b = _loss_and_grads(mixed, batch)
+    assert torch.equal(loss_a, loss_b) and grads_a.keys() == grads_b.keys()
+    for name in grads_a:
+        assert torch.equal(grads_a[name], grads_b[name]), name
+    # and the mixed loss itself at alpha = 1 is TRL's SFT loss (same tokens, same normalisation)
+    logits = stock.model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+    own, _ = gt_mixed_distill_loss(logits, logits, batch["labels"], 1.0)
+    assert own.item() == pytest.approx(loss_a.item(), abs=1e-5)
+
+
+def test_a_real_teacher_changes_the_loss_as_the_formula_says(tmp_path, teacher_dir):
+    from transformers import AutoModelForCausalLM
+
+    trainer = _sft({"output_dir": str(tmp_path), "self_distill_alpha": 0.3, "self_distill_teacher": str(teacher_dir)})
+    batch = next(iter(trainer.get_train_dataloader()))
+    trainer.model.eval()
+    with torch.no_grad():
+        loss = trainer.compute_loss(trainer.model, dict(batch)).item()
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        student = trainer.model(**inputs).logits
+        teacher = AutoModelForCausalLM.from_pretrained(str(teacher_dir), dtype=torch.float32).eval()(**inputs).logits
+    assert not torch.allclose(student, teacher, atol=1e-2)  # a teacher that differs
+    assert loss == pytest.approx(_hand_loss(student, teacher, batch["labels"], 0.3), abs=1e-4)
+    stock = _hand_loss(student, teacher, batch["labels"], 1.0)
+    assert abs(loss - stock) > 1e-3  # the teacher term moved it
+    logged = trainer._metrics["eval"]
+    assert logged["self_distill/ce_ground_truth"][-1] == pytest.approx(stock, abs=1e-4)
+
+
+@pytest.mark.parametrize("over, message", [
+    ({"self_distill_alpha": "auto", "self_distill_teacher": "tiny:qwen3"}, "no sound meaning for an LLM"),
+    ({"self_distill_alpha": 1.5, "self_distill_teacher": "tiny:qwen3"}, r"must be in \[0, 1\]"),
+    ({"self_distill_alpha": 0.5}, "needs self_distill_teacher"),
+    ({"self_distill_teacher": "tiny:qwen3"}, "needs self_distill_alpha"),
+])
+def test_bad_self_distill_keys_are_one_clear_error(over, message):
+    from posttrain.recipes.config import RecipeError, load_recipe
+
+    with pytest.raises(RecipeError, match=message):
+        load_recipe("sft/tiny", over)
+    with pytest.raises(RecipeError, match="'sft' recipes only"):
+        load_recipe("dpo/tiny", {"self_distill_alpha": 0.5, "self_distill_teacher": "tiny:qwen3"})
+
+
+def test_a_teacher_with_another_vocabulary_is_refused_before_the_student_loads(tmp_path, teacher_dir):
+    import shutil
+
+    from posttrain import UserError
+
+    other = tmp_path / "other"
+    shutil.copytree(teacher_dir, other)
+    config = json.loads((other / "config.json").read_text())
+    config["vocab_size"] += 7
+    (other / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UserError, match="vocab_size"):
+        _sft({"output_dir": str(tmp_path / "run"), "self_distill_alpha": 0.5, "self_distill_teacher": str(other)})
