@@ -65,6 +65,8 @@ class WeightCompanderConfig(AuxConfig):
     learning_rate: float = field(default=1e-3, metadata={"help": "AdamW learning rate."})
     weight_decay: float = field(default=1e-4, metadata={"help": "AdamW (decoupled) weight decay on the weights v, both "
                                                         "arms; none on bound and slope."})
+    decoupled_weight_decay: bool = field(default=True, metadata={"help": "AdamW's decoupled decay; false: torch "
+                                                                 "Adam's L2 weight_decay (see the module docstring)."})
     batch_size: int = field(default=100, metadata={"help": "Minibatch size."})
     max_steps: int = field(default=450, metadata={"help": "Minibatch steps (450 = 150 epochs of 300 images in "
                                                           "minibatches of 100)."})
@@ -371,7 +373,8 @@ class WeightCompanderTrainer(AuxTrainer):
         groups = [{"params": weights, "weight_decay": args.weight_decay}]
         if theta:
             groups.append({"params": theta, "weight_decay": 0.0})
-        self.optimizer = torch.optim.AdamW(groups, lr=args.learning_rate)
+        optimizer = torch.optim.AdamW if args.decoupled_weight_decay else torch.optim.Adam
+        self.optimizer = optimizer(groups, lr=args.learning_rate)
         self.generator = torch.Generator().manual_seed(args.seed)
         self.order = torch.empty(0, dtype=torch.long)
 
