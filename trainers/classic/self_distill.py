@@ -37,6 +37,8 @@ cross-entropy, so the mixing is applied to the cross-entropy target here. ``alph
 the closed form needs a student that is a linear smoother of its target (y_tau affine in alpha and a squared-error
 reference); a network trained by SGD on cross-entropy is neither, and the paper's deep-learning estimate needs
 a held-out reference and a re-trained student per candidate alpha, which one SFT run does not have.
+The teacher is a frozen full copy on every process (plain, DDP); it is not sharded under DeepSpeed ZeRO-3 or FSDP,
+and for alpha < 1 TRL's own SFT metrics (entropy, token accuracy) are replaced by the two loss terms.
 """
 
 from __future__ import annotations
@@ -93,7 +95,7 @@ def rbf_kernel(a: np.ndarray, b: np.ndarray, gamma: float) -> np.ndarray:
     """exp(-gamma ||a_i - b_j||^2) (scikit-learn's, which the official notebook uses too)."""
     from sklearn.metrics.pairwise import rbf_kernel as sk_rbf
 
-    return sk_rbf(np.atleast_2d(a.T).T, np.atleast_2d(b.T).T, gamma=gamma)
+    return sk_rbf(a, b, gamma=gamma)
 
 
 def ridge_solve(K: np.ndarray, lambd: float, target: np.ndarray) -> np.ndarray:

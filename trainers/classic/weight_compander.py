@@ -167,19 +167,20 @@ def apply_weight_compander(model: nn.Module, modules="all-linear", bound: float 
     The bound is ``bound`` when given, else ``bound_scale`` x the layer's initial max |w| (1/sqrt(in_features) for an
     all-zero weight such as LoRA's B).
     """
+    is_lora = lambda m: isinstance(getattr(m, "lora_A", None), nn.ModuleDict)  # noqa: E731 - a peft LoRA layer
+    lora = any(is_lora(m) for m in model.modules())
     names = []
     targets = []
     for name, module in model.named_modules():
         short = name.rsplit(".", 1)[-1]
         if short in exclude or not _matches(name, modules):
             continue
-        lora_a, lora_b = getattr(module, "lora_A", None), getattr(module, "lora_B", None)
-        if isinstance(lora_a, nn.ModuleDict) and isinstance(lora_b, nn.ModuleDict):  # a peft LoRA layer
-            for adapter in lora_a:
-                targets += [(f"{name}.lora_A.{adapter}", lora_a[adapter]), (f"{name}.lora_B.{adapter}", lora_b[adapter])]
-        elif type(module) is nn.Linear or (isinstance(module, nn.Linear) and not hasattr(module, "base_layer")):
-            if ".lora_A." in f".{name}." or ".lora_B." in f".{name}.":
-                continue  # reached through its LoRA layer above
+        if lora:  # a LoRA model: the adapters of the matching LoRA layers, never a frozen Linear
+            if is_lora(module):
+                for adapter in module.lora_A:
+                    targets += [(f"{name}.lora_A.{adapter}", module.lora_A[adapter]),
+                                (f"{name}.lora_B.{adapter}", module.lora_B[adapter])]
+        elif isinstance(module, nn.Linear):
             targets.append((name, module))
     for name, module in targets:
         if parametrize.is_parametrized(module, "weight"):

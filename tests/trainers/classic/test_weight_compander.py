@@ -141,11 +141,12 @@ def test_llm_lora_compands_the_adapters(tmp_path):
     from posttrain.recipes.train import build_trainer
 
     over = {"max_steps": 2, "output_dir": str(tmp_path), "use_peft": True, "lora_r": 4, "lora_alpha": 8,
-            "lora_target_modules": ["q_proj", "v_proj"], "weight_compander_modules": ["q_proj", "v_proj"],
-            "weight_compander_bound": 0.05, "weight_compander_slope": 3.0, "learning_rate": 1e-2}
+            "lora_target_modules": ["q_proj", "v_proj"], "weight_compander_modules": "all-linear",
+            "weight_compander_bound": 0.05, "weight_compander_slope": 3.0, "learning_rate": 1e-2,
+            "save_strategy": "steps", "save_steps": 1}
     trainer = build_trainer(load_recipe("sft/tiny", over))
     layers = companded_layers(trainer.model)
-    assert len(layers) == 8 and all(".lora_A." in n or ".lora_B." in n for n in layers)  # 2 layers x 2 x (A, B)
+    assert len(layers) == 8 and all(".lora_A." in n or ".lora_B." in n for n in layers)  # 2 layers x 2 x (A, B): all-linear means every adapter, no frozen Linear
     base_weight = trainer.model.get_submodule(next(iter(layers)).split(".lora_")[0]).base_layer
     assert not hasattr(base_weight, "parametrizations")  # the frozen base weight is left as it is
     trainer.train()
@@ -156,8 +157,15 @@ def test_llm_lora_compands_the_adapters(tmp_path):
     base = AutoModelForCausalLM.from_pretrained(trainer.model.base_model.model.config._name_or_path, dtype=torch.float32)
     reloaded = PeftModel.from_pretrained(base, str(tmp_path))
     torch.testing.assert_close(_logits(reloaded, batch), _logits(trainer.model, batch), atol=1e-6, rtol=1e-5)
-    lora_b = [m.weight for n, m in layers.items() if ".lora_B." in n]
+    lora_b = [m.weight.detach() for n, m in layers.items() if ".lora_B." in n]
     assert max(float(w.abs().max()) for w in lora_b) > 0  # B moved off zero through the compander
+    # --resume of a LoRA run restores the adapters' v, bound and slope and continues the same trajectory
+    resumed = build_trainer(load_recipe("sft/tiny", {**over, "output_dir": str(tmp_path / "resumed")}))
+    resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-1"))
+    trainer.model.train(), resumed.model.train()
+    for (n, a), (m, b) in zip(trainer.model.named_parameters(), resumed.model.named_parameters()):
+        assert n == m
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0, msg=n)
 
 
 @pytest.mark.parametrize("over, message", [
