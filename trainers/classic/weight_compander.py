@@ -29,6 +29,8 @@ It is a ``torch.nn.utils.parametrize`` parametrisation (``Compander``), so it wo
   ``weight`` tensors, so ``AutoModelForCausalLM.from_pretrained`` (or peft's adapter loading) reads it as any
   other model; the stored v and each layer's rho and sigma go in ``method_state.pt``, from which ``--resume``
   restores them exactly.
+- Tested on one process (CPU). Under DeepSpeed ZeRO-3 or FSDP the sharded weights are not gathered for the
+  parametrisation; that combination is untested.
 
 The digits experiment (``WeightCompanderTrainer``, ``posttrain train weight_compander/digits_wc``): scikit-learn's
 bundled digits with 300 training images, an MLP 64-256-256-10, AdamW 1e-3, weight decay 1e-4, 150 epochs of
