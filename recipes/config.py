@@ -79,6 +79,8 @@ class Recipe:
     optimizer: str | None = None  # a posttrain optimizer from OPTIMIZERS (``optim: lion_k``), else None
     moe: Any = None  # MoEBalanceConfig when the recipe sets ``moe_balance`` (posttrain.recipes.moe), else None
     data_filter: Any = None  # CascadeFilterConfig when the recipe sets ``data_filter`` (posttrain.data.cascade_filter)
+    self_distill: Any = None  # SelfDistillArgs when the recipe sets ``self_distill_*`` (trainers/classic/self_distill.py)
+    weight_compander: Any = None  # CompanderArgs when the recipe sets ``weight_compander*`` (trainers/classic/weight_compander.py)
 
 
 def builtin_recipes(kind: str = "train") -> list[str]:
@@ -189,6 +191,18 @@ def build_recipe(values: dict[str, Any], sources: dict[str, str], source: str) -
 
         data_filter = parse_filter_keys(values, sources, source, method, entry.task, coerce)
 
+    self_distill = weight_compander = None
+    if any(str(key).startswith(("self_distill_", "weight_compander")) for key in values):
+        # kept beside the method config, like ``optim``; each module checks its own keys (nothing loads)
+        from posttrain.trainers.classic.self_distill import parse_self_distill_keys
+        from posttrain.trainers.classic.weight_compander import parse_weight_compander_keys
+
+        try:
+            self_distill = parse_self_distill_keys(values, sources, source, method, entry.task)
+            weight_compander = parse_weight_compander_keys(values, sources, source, method, entry.task)
+        except ValueError as err:
+            raise RecipeError(str(err)) from None
+
     if entry.task == "aux":
         classes = {"config": entry.config_cls}
     else:
@@ -246,7 +260,7 @@ def build_recipe(values: dict[str, Any], sources: dict[str, str], source: str) -
 
         check_moe_recipe(values, built["config"], moe, sources, source)
     return Recipe(method, source, built["config"], built.get("model"), built.get("data"), optimizer, moe,
-                  data_filter=data_filter)
+                  self_distill, weight_compander, data_filter=data_filter)
 
 
 # recipe key -> (test, what it must be) for values whose wrong sign or zero the libraries accept and reinterpret

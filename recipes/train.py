@@ -117,7 +117,13 @@ def build_trainer(recipe: Recipe):
     moe_plan = prepare_moe(recipe, model_path)  # MoE checks on config.json, before the model loads (recipes/moe.py)
     # dtype, attention, trust_remote_code, QLoRA quantization (+ device map); recipe's model_init_kwargs win.
     config.model_init_kwargs = model_init_kwargs(model_args, config)
-    trainer = guarded(method.trainer_cls)(
+    trainer_cls = guarded(method.trainer_cls)
+    if recipe.self_distill is not None:  # SFT with a ground-truth-mixed target (trainers/classic/self_distill.py)
+        from posttrain.trainers.classic.self_distill import check_teacher, self_distill_sft_trainer
+
+        check_teacher(recipe.self_distill, model_path)
+        trainer_cls, extra["self_distill"] = self_distill_sft_trainer(trainer_cls), recipe.self_distill
+    trainer = trainer_cls(
         model=model_path,
         args=config,
         train_dataset=datasets["train"],
@@ -138,6 +144,10 @@ def build_trainer(recipe: Recipe):
             # a factory (optim: muon) is called with the model and makes its own groups, weight decay included
             kwargs["weight_decay"] = config.weight_decay
         trainer.optimizer_cls_and_kwargs = (cls, kwargs)
+    if recipe.weight_compander is not None:  # before train() wraps the model and builds the optimizer
+        from posttrain.trainers.classic.weight_compander import attach_weight_compander
+
+        attach_weight_compander(trainer, recipe.weight_compander)
     if moe_plan is not None:  # before train() wraps the model: the bias buffers exist at DDP/DeepSpeed wrap time
         attach_moe(trainer, recipe, moe_plan)
     return trainer

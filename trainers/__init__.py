@@ -94,6 +94,19 @@ METHODS: dict[str, Method] = {
         "aux",
         "Li2 grokking: group arithmetic with feature-emergence stats, Adam or Muon (arXiv 2509.21519)",
     ),
+    "self_distill": Method(
+        "posttrain.trainers.classic.self_distill:KRRSelfDistillTrainer",
+        "posttrain.trainers.classic.self_distill:SelfDistillConfig",
+        "aux",
+        "self-distillation with ground-truth mixing, kernel ridge regression toy (arXiv 2102.13088); "
+        "for LLMs: self_distill_alpha on sft",
+    ),
+    "weight_compander": Method(
+        "posttrain.trainers.classic.weight_compander:WeightCompanderTrainer",
+        "posttrain.trainers.classic.weight_compander:WeightCompanderConfig",
+        "aux",
+        "WC-like Weight Compander on a digits MLP (arXiv 2306.16993, reconstructed); for LLMs: weight_compander_* keys",
+    ),
 }
 
 # Optimizers selectable in any LLM recipe with ``optim: <name>`` (``optim_args`` carries their options);
