@@ -260,7 +260,7 @@ def build_recipe(values: dict[str, Any], sources: dict[str, str], source: str) -
 
         check_moe_recipe(values, built["config"], moe, sources, source)
     return Recipe(method, source, built["config"], built.get("model"), built.get("data"), optimizer, moe,
-                  self_distill, weight_compander, data_filter=data_filter)
+                  data_filter=data_filter, self_distill=self_distill, weight_compander=weight_compander)
 
 
 # recipe key -> (test, what it must be) for values whose wrong sign or zero the libraries accept and reinterpret
