@@ -1,0 +1,160 @@
+"""The ``lm_eval`` task gives what ``lm_eval.simple_evaluate`` gives: a local YAML task with two filters and a group
+of two tasks, every ``metric,filter`` key and standard error kept, groups apart, lm-eval's seeds by default, samples
+written beside results.json."""
+
+import json
+
+import pytest
+import torch
+
+from posttrain.evals import tasks as eval_tasks
+from posttrain.evals.common import EvalContext, load_checkpoint
+
+torch.set_num_threads(1)
+
+CHOICE = """task: {name}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+fewshot_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{question}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: label
+metric_list:
+  - metric: acc
+"""
+
+# two filters on one generation: "strict" keeps "#### <number>" (else "[invalid]"), "loose" the first word
+GEN = """task: tiny_gen
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: generate_until
+doc_to_text: "{{{{question}}}}"
+doc_to_target: "{{{{target}}}}"
+generation_kwargs:
+  until: ["\\n"]
+  max_gen_toks: 6
+  do_sample: false
+metric_list:
+  - metric: exact_match
+filter_list:
+  - name: strict
+    filter:
+      - function: regex
+        regex_pattern: "#### (\\\\-?[0-9]+)"
+      - function: take_first
+  - name: loose
+    filter:
+      - function: regex
+        regex_pattern: "(\\\\S+)"
+      - function: take_first
+"""
+
+GROUP = """group: tiny_group
+task: [tiny_choice_a, tiny_choice_b]
+aggregate_metric_list:
+  - metric: acc
+    weight_by_size: true
+"""
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model, tokenizer, path = load_checkpoint("tiny:llama")
+    return EvalContext(model, tokenizer, "tiny:llama", path, limit=None, batch_size=4)
+
+
+@pytest.fixture(scope="module")
+def task_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("lm_eval_tasks")
+    for name, offset in (("tiny_choice_a", 0), ("tiny_choice_b", 3)):
+        docs = [{"question": f"{a} plus {b} is", "choices": [str(a + b), str(a + b + 1), str(a * b + 7)],
+                 "label": (a + offset) % 3} for a, b in [(1, 2), (3, 4), (2, 2), (5, 1), (7, 3), (4, 4)]]
+        (d / f"{name}.jsonl").write_text("".join(json.dumps(x) + "\n" for x in docs))
+        (d / f"{name}.yaml").write_text(CHOICE.format(name=name, data=d / f"{name}.jsonl"))
+    # the strict filter finds no "#### n" in a tiny model's text: "[invalid]", right where that is the target
+    docs = [{"question": f"Q{i}: what is {i} times 2?", "target": "[invalid]" if i % 2 else str(2 * i)} for i in range(5)]
+    (d / "gen.jsonl").write_text("".join(json.dumps(x) + "\n" for x in docs))
+    (d / "tiny_gen.yaml").write_text(GEN.format(data=d / "gen.jsonl"))
+    (d / "tiny_group.yaml").write_text(GROUP)
+    return d
+
+
+def test_numbers_equal_a_direct_simple_evaluate(tiny, task_dir):
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    names = ("tiny_group", "tiny_gen")
+    out = eval_tasks.lm_eval(tiny, tasks=names, include_path=str(task_dir), num_fewshot=1, batch_size=4)
+    # lm-eval itself, its default seeds, on the same in-memory model
+    direct = simple_evaluate(model=HFLM(pretrained=tiny.model, tokenizer=tiny.tokenizer, batch_size=4, device="cpu"),
+                             tasks=list(names), num_fewshot=1, task_manager=TaskManager(include_path=str(task_dir)),
+                             log_samples=False)
+    metrics = out["metrics"]
+    expected = {}
+    for prefix, table in (("", direct["results"]), ("group:", direct["groups"])):
+        for task, values in table.items():
+            if prefix == "" and task in direct["groups"]:
+                continue
+            for key, value in values.items():
+                if "," in key and isinstance(value, float):
+                    expected[f"{prefix}{task}/{key}"] = value
+    assert metrics == pytest.approx(expected)
+    # both filters kept apart, with their standard errors; the strict one is right on the odd docs only
+    assert metrics["tiny_gen/exact_match,strict"] == pytest.approx(0.4)
+    assert metrics["tiny_gen/exact_match,loose"] != metrics["tiny_gen/exact_match,strict"]
+    assert {"tiny_gen/exact_match_stderr,strict", "tiny_gen/exact_match_stderr,loose",
+            "tiny_choice_a/acc_stderr,none"} <= set(metrics)
+    assert not any("sample_len" in k or "alias" in k for k in metrics)
+    # the group is a group: its aggregate under group:, its subtasks listed, not mixed into the task results
+    a, b = metrics["tiny_choice_a/acc,none"], metrics["tiny_choice_b/acc,none"]
+    assert metrics["group:tiny_group/acc,none"] == pytest.approx((a + b) / 2)
+    assert "tiny_group/acc,none" not in metrics and set(out["group_subtasks"]["tiny_group"]) == {"tiny_choice_a",
+                                                                                                  "tiny_choice_b"}
+    assert out["n-shot"]["tiny_choice_a"] == 1
+
+
+def test_seed_defaults_are_lm_evals_own():
+    import inspect
+
+    from lm_eval.defaults import DEFAULT_OTHER_SEED, DEFAULT_RANDOM_SEED
+
+    params = inspect.signature(eval_tasks.lm_eval).parameters
+    assert params["random_seed"].default == DEFAULT_RANDOM_SEED
+    for name in ("numpy_random_seed", "torch_random_seed", "fewshot_random_seed"):
+        assert params[name].default == DEFAULT_OTHER_SEED
+
+
+def test_options_pass_through_and_samples_land_beside_results(task_dir, tmp_path):
+    from posttrain.evals.harness import make_spec, run_eval
+
+    config = {"tasks": ["tiny_gen"], "include_path": str(task_dir), "log_samples": True,
+              "gen_kwargs": {"max_gen_toks": 2}, "system_instruction": "Answer briefly."}
+    spec = make_spec({"model": "tiny:llama", "tasks": {"lm_eval": config}, "cache": False,
+                      "output": str(tmp_path / "out")})
+    report = run_eval(spec, log=lambda *a: None)
+    result = report["results"]["tiny:llama"]["lm_eval"]
+    samples = json.loads((tmp_path / "out" / result["samples_file"]).read_text())
+    assert result["samples_file"] == "samples/tiny_llama__lm_eval.json"
+    docs = samples["tiny_gen"]
+    assert len(docs) == 5 and all("filtered_resps" in d for d in docs)
+    assert all(d["arguments"][0][0].startswith("Answer briefly.") for d in docs)  # the system instruction is used
+    gen_args = docs[0]["arguments"][0][1]
+    assert gen_args["max_gen_toks"] == 2  # gen_kwargs override the YAML's
+    saved = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert "samples" not in saved["results"]["tiny:llama"]["lm_eval"]
+
+
+def test_multiturn_fewshot_without_a_chat_template_is_refused_before_loading():
+    from posttrain import UserError
+    from posttrain.evals.harness import parse_tasks
+
+    with pytest.raises(UserError, match="apply_chat_template"):
+        parse_tasks({"lm_eval": {"tasks": ["x"], "fewshot_as_multiturn": True}})
