@@ -73,9 +73,9 @@ def tiny():
 @pytest.fixture(scope="module")
 def task_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("lm_eval_tasks")
-    for name, offset in (("tiny_choice_a", 0), ("tiny_choice_b", 3)):
+    for name, offset in (("tiny_choice_a", 0), ("tiny_choice_b", 1)):
         docs = [{"question": f"{a} plus {b} is", "choices": [str(a + b), str(a + b + 1), str(a * b + 7)],
-                 "label": (a + offset) % 3} for a, b in [(1, 2), (3, 4), (2, 2), (5, 1), (7, 3), (4, 4)]]
+                 "label": (a + offset) % 3} for a, b in [(1, 2), (3, 4), (2, 2), (5, 1), (7, 3), (4, 4), (6, 2), (8, 1)]]
         (d / f"{name}.jsonl").write_text("".join(json.dumps(x) + "\n" for x in docs))
         (d / f"{name}.yaml").write_text(CHOICE.format(name=name, data=d / f"{name}.jsonl"))
     # the strict filter finds no "#### n" in a tiny model's text: "[invalid]", right where that is the target
@@ -92,10 +92,12 @@ def test_numbers_equal_a_direct_simple_evaluate(tiny, task_dir):
     from lm_eval.tasks import TaskManager
 
     names = ("tiny_group", "tiny_gen")
-    out = eval_tasks.lm_eval(tiny, tasks=names, include_path=str(task_dir), num_fewshot=1, batch_size=4)
+    out = eval_tasks.lm_eval(tiny, tasks=names, include_path=str(task_dir), num_fewshot=3, batch_size=4,
+                             include_defaults=False)
     # lm-eval itself, its default seeds, on the same in-memory model
     direct = simple_evaluate(model=HFLM(pretrained=tiny.model, tokenizer=tiny.tokenizer, batch_size=4, device="cpu"),
-                             tasks=list(names), num_fewshot=1, task_manager=TaskManager(include_path=str(task_dir)),
+                             tasks=list(names), num_fewshot=3,
+                             task_manager=TaskManager(include_path=str(task_dir), include_defaults=False),
                              log_samples=False)
     metrics = out["metrics"]
     expected = {}
@@ -118,7 +120,7 @@ def test_numbers_equal_a_direct_simple_evaluate(tiny, task_dir):
     assert metrics["group:tiny_group/acc,none"] == pytest.approx((a + b) / 2)
     assert "tiny_group/acc,none" not in metrics and set(out["group_subtasks"]["tiny_group"]) == {"tiny_choice_a",
                                                                                                   "tiny_choice_b"}
-    assert out["n-shot"]["tiny_choice_a"] == 1
+    assert out["n-shot"]["tiny_choice_a"] == 3
 
 
 def test_seed_defaults_are_lm_evals_own():
@@ -135,7 +137,7 @@ def test_seed_defaults_are_lm_evals_own():
 def test_options_pass_through_and_samples_land_beside_results(task_dir, tmp_path):
     from posttrain.evals.harness import make_spec, run_eval
 
-    config = {"tasks": ["tiny_gen"], "include_path": str(task_dir), "log_samples": True,
+    config = {"tasks": ["tiny_gen"], "include_path": str(task_dir), "include_defaults": False, "log_samples": True,
               "gen_kwargs": {"max_gen_toks": 2}, "system_instruction": "Answer briefly."}
     spec = make_spec({"model": "tiny:llama", "tasks": {"lm_eval": config}, "cache": False,
                       "output": str(tmp_path / "out")})
@@ -143,8 +145,8 @@ def test_options_pass_through_and_samples_land_beside_results(task_dir, tmp_path
     result = report["results"]["tiny:llama"]["lm_eval"]
     samples = json.loads((tmp_path / "out" / result["samples_file"]).read_text())
     assert result["samples_file"] == "samples/tiny_llama__lm_eval.json"
-    docs = samples["tiny_gen"]
-    assert len(docs) == 5 and all("filtered_resps" in d for d in docs)
+    docs = samples["tiny_gen"]  # one record per document and filter
+    assert sorted((d["doc_id"], d["filter"]) for d in docs) == sorted((i, f) for i in range(5) for f in ("strict", "loose"))
     assert all(d["arguments"][0][0].startswith("Answer briefly.") for d in docs)  # the system instruction is used
     gen_args = docs[0]["arguments"][0][1]
     assert gen_args["max_gen_toks"] == 2  # gen_kwargs override the YAML's
