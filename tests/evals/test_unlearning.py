@@ -11,9 +11,7 @@ from transformers import AutoModelForCausalLM
 from trl import ModelConfig
 
 from posttrain.data.generators import fictitious_authors
-from posttrain.evals.unlearning import (answer_stats, closer_to_1_better, harmonic_mean, mia_auc, min_k_plus_plus_score,
-                                        min_k_score, privleak, rouge_l_recall, true_better, truth_ratio, truth_ratios,
-                                        unlearning_metrics, zlib_score)
+from posttrain.evals.unlearning import answer_stats, truth_ratios, unlearning_metrics
 from posttrain.recipes.models import load_tokenizer
 from posttrain.recipes.tiny import tiny_model_path
 from posttrain.trainers.wagle import collate, encode_row
@@ -33,6 +31,9 @@ def data():
 
 
 def test_pure_math_on_worked_examples():
+    from posttrain.evals.unlearning import (closer_to_1_better, harmonic_mean, mia_auc, min_k_plus_plus_score,
+                                            min_k_score, privleak, rouge_l_recall, true_better, truth_ratio, zlib_score)
+
     # truth ratio, geometric: exp(-mean wrong loss) / exp(-true loss); losses 1 and 3 -> mean 2 -> e^(1-2)
     assert truth_ratio(1.0, [1.0, 3.0]) == pytest.approx(math.exp(-1))
     assert truth_ratio(1.0, [1.0, 3.0]) != pytest.approx((math.exp(0) + math.exp(-2)) / 2)  # not the arithmetic mean
@@ -158,6 +159,31 @@ def test_every_metric_equals_a_direct_computation(half_trained, data):
     from scipy.stats import ks_2samp
 
     assert out["forget_quality"] == pytest.approx(ks_2samp(ratios["forget"], ratios["holdout"]).pvalue, rel=1e-6)
+
+
+@torch.no_grad()
+def test_truth_ratio_is_the_geometric_form(half_trained, data):
+    # TOFU / open-unlearning: exp(-mean_j L(wrong_j)) / exp(-L(true)), not the mean of the per-answer ratios
+    model, tok = half_trained
+    rows = list(data["forget10"])[:4]
+    true = [_direct(model, tok, r, r["paraphrased"])[0] for r in rows]
+    wrong = [[_direct(model, tok, r, p)[0] for p in r["perturbed"]] for r in rows]
+    geometric = [math.exp(t - sum(w) / len(w)) for t, w in zip(true, wrong)]
+    arithmetic = [sum(math.exp(t - x) for x in w) / len(w) for t, w in zip(true, wrong)]
+    assert min(a / g for a, g in zip(arithmetic, geometric)) > 1.005  # 1.4% apart here, the check 1e-5
+    assert truth_ratios(model, tok, rows) == pytest.approx(geometric, rel=1e-5)
+
+
+@torch.no_grad()
+def test_token_accuracy_is_a_per_row_mean(half_trained, data):
+    model, tok = half_trained
+    rows = list(data["forget10"])[:4] + list(data["world_facts"])[:3]  # answers of different lengths
+    direct = [_direct(model, tok, r) for r in rows]
+    stats = answer_stats(model, tok, rows)
+    pooled = sum(c for _, c, _ in stats) / sum(n for _, _, n in stats)
+    per_row = sum(d[1] for d in direct) / len(rows)
+    assert abs(per_row - pooled) > 0.002  # 0.68 vs 0.676 here; the check is to 1e-6
+    assert unlearning_metrics(model, tok, rows, None, None)["forget_acc"] == pytest.approx(per_row)
 
 
 def test_row_loss_is_hf_loss_and_truth_ratio_of_the_answer_itself_is_one(tiny, data):
