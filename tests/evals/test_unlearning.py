@@ -77,11 +77,12 @@ def _direct(model, tok, row, answer=None):
 
 @pytest.fixture(scope="module")
 def half_trained(tiny, data):
-    """The tiny model after a few steps on the forget / retain / world rows the next test scores: some answer
-    tokens right, some not, greedy answers that overlap the true ones (a random model's are empty)."""
+    """The tiny model after a few steps on the retain / world rows the next test scores and on half its forget
+    rows: some answer tokens right, some not, greedy answers that overlap the true ones (a random model's are
+    empty), forget rows not all told apart from the holdout."""
     tok = tiny[1]
     model = AutoModelForCausalLM.from_pretrained(tiny_model_path("llama"))
-    rows = list(data["forget10"])[:4] + list(data["retain"])[:3] + list(data["world_facts"])[:3]
+    rows = list(data["forget10"])[:2] + list(data["retain"])[:3] + list(data["world_facts"])[:3]
     batch = collate([encode_row(tok, r) for r in rows], tok.pad_token_id)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     for _ in range(STEPS):
@@ -152,9 +153,16 @@ def test_every_metric_equals_a_direct_computation(half_trained, data):
         z = [sorted((lp - m) / math.sqrt(max(s, 1e-6)) for lp, m, s in zip(d[2], d[3], d[4])) for d in rows]
         return [-sum(v[:max(1, int(0.4 * len(v)))]) / max(1, int(0.4 * len(v))) for v in z]
 
+    from posttrain.evals.unlearning import attack_scores, row_stats
+
+    per_row = {name: attack_scores(row_stats(model, tok, rows, batch_size=2))
+               for name, rows in (("forget", forget), ("holdout", holdout))}
     for attack in ("loss", "zlib", "min_k", "min_k_plus_plus"):
         f, h = scores(direct["forget"], attack), scores(direct["holdout"], attack)
+        assert per_row["forget"][f"mia_{attack}"] == pytest.approx(f, rel=1e-4), attack
+        assert per_row["holdout"][f"mia_{attack}"] == pytest.approx(h, rel=1e-4), attack
         assert out[f"mia_{attack}"] == pytest.approx(pairwise(f, h)), attack
+    assert 0 < out["mia_min_k"] < 1  # not a trivial split
     assert out["privleak"] == pytest.approx((1 - out["mia_min_k"] - 0.5) / 0.5 * 100, abs=1e-6)
     from scipy.stats import ks_2samp
 
