@@ -107,6 +107,15 @@ def mia_auc(forget_scores, holdout_scores) -> float:
                                list(forget_scores) + list(holdout_scores)))
 
 
+def auc(positive, negative) -> float:
+    """ROC AUC of scores where positives should score higher: P(pos > neg) + P(pos == neg) / 2."""
+    from sklearn.metrics import roc_auc_score
+
+    if not positive or not negative:
+        raise ValueError("auc needs at least one score on each side")
+    return float(roc_auc_score([1] * len(positive) + [0] * len(negative), list(positive) + list(negative)))
+
+
 def privleak(auc: float, reference_auc: float = 0.5) -> float:
     """100 ((1 - auc) - (1 - ref)) / (1 - ref): the relative gap to a model that never saw the forget set."""
     score, ref = 1 - auc, 1 - reference_auc

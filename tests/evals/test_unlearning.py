@@ -31,7 +31,7 @@ def data():
 
 
 def test_pure_math_on_worked_examples():
-    from posttrain.evals.unlearning import (closer_to_1_better, harmonic_mean, mia_auc, min_k_plus_plus_score,
+    from posttrain.evals.unlearning import (auc, closer_to_1_better, harmonic_mean, mia_auc, min_k_plus_plus_score,
                                             min_k_score, privleak, rouge_l_recall, true_better, truth_ratio, zlib_score)
 
     # truth ratio, geometric: exp(-mean wrong loss) / exp(-true loss); losses 1 and 3 -> mean 2 -> e^(1-2)
@@ -50,6 +50,7 @@ def test_pure_math_on_worked_examples():
     assert mia_auc([1.0, 3.0], [2.0]) == 0.5 and mia_auc([1.0], [1.0]) == 0.5
     with pytest.raises(ValueError):
         mia_auc([], [1.0])
+    assert auc([3.0, 2.0], [1.0]) == 1.0 and auc([1.0], [3.0, 2.0]) == 0.0 and auc([1.0, 3.0], [2.0]) == 0.5
     assert privleak(0.5) == pytest.approx(0.0, abs=1e-6) and privleak(1.0) == pytest.approx(-100.0)
     assert privleak(0.9, reference_auc=0.6) == pytest.approx((0.1 - 0.4) / 0.4 * 100)
     assert harmonic_mean([1.0, 0.5, 0.25]) == pytest.approx(3 / (1 + 2 + 4))
