@@ -160,6 +160,7 @@ def unlearning(ctx: EvalContext, dataset: str = "builtin:fictitious_authors", fo
     ``holdout`` forget quality, the loss / zlib / min-k / min-k++ membership attacks and privleak), plus forget and
     retain loss and token accuracy. ``retain_model``: a checkpoint trained on the retain set alone, for TOFU's own
     forget quality (``forget_quality_vs_retain_model``) and privleak's reference AUC. Computed on rank 0."""
+    check_unlearning(max_new_tokens=max_new_tokens)
     from posttrain.evals.common import load_checkpoint
     from posttrain.evals.unlearning import reference_mia_min_k, truth_ratios, unlearning_metrics
 
@@ -186,6 +187,12 @@ def unlearning(ctx: EvalContext, dataset: str = "builtin:fictitious_authors", fo
     return {"metrics": metrics}
 
 
+def check_unlearning(max_new_tokens: int, **_) -> None:
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1 (got {max_new_tokens}): ROUGE scores the greedy answers; "
+                         "open-unlearning generates up to 200 tokens")
+
+
 def moe_balance(ctx: EvalContext, dataset: str = "builtin:fictitious_facts", split: str = "retain",
                 column: str = "text", num_samples: int = 256, max_length: int = 512):
     """MaxVio_global (Wang et al. 2024) and per-layer expert loads of an MoE model on a text set."""
@@ -210,4 +217,4 @@ TASKS: dict[str, tuple] = {
 
 # name -> check(**config with the defaults filled in), raising ValueError: run on every task config when the eval
 # spec is made, before any model loads (the tasks call them too, for direct callers)
-CHECKS: dict[str, Callable[..., None]] = {"math": check_math, "lm_eval": check_lm_eval}
+CHECKS: dict[str, Callable[..., None]] = {"math": check_math, "lm_eval": check_lm_eval, "unlearning": check_unlearning}

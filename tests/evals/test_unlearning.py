@@ -235,3 +235,11 @@ def test_a_model_that_memorised_the_forget_set_is_caught(tiny, data):
     assert after["forget_Q_A_Prob"] > 0.5 > before["forget_Q_A_Prob"]
     assert after["forget_quality"] < 0.01 < before["forget_quality"]  # truth ratios of forget and holdout now differ
     assert after["forget_quality_vs_retain_model"] < 0.01 and "forget_quality_vs_retain_model" not in before
+
+
+def test_a_bad_generation_length_is_refused_before_any_model_loads():
+    from posttrain import UserError
+    from posttrain.evals.harness import parse_tasks
+
+    with pytest.raises(UserError, match="max_new_tokens must be >= 1"):
+        parse_tasks({"unlearning": {"max_new_tokens": 0}})
