@@ -16,8 +16,9 @@ name them, its numbers kept as it reports them.
   ``results.json`` (``samples/<model>__lm_eval.json``);
 - ``n-shot``, ``versions`` and ``n-samples`` are returned as lm-eval gives them.
 
-Runs on rank 0 only: lm-eval's own data parallelism (``accelerate launch -m lm_eval``) needs it to build the model
-itself; with an already-loaded model ``HFLM`` runs on one device.
+Data-parallel under ``accelerate launch`` as lm-eval itself is (``accelerate launch -m lm_eval``): every process
+wraps its copy of the model, lm-eval splits the documents by rank, gathers the per-document metrics on rank 0 and
+aggregates them there; the result is then shared with the other processes.
 """
 
 from __future__ import annotations
@@ -47,6 +48,10 @@ def lm_eval(ctx: EvalContext, tasks: tuple = (), include_path: str | None = None
     from lm_eval.models.huggingface import HFLM
 
     lm = HFLM(pretrained=ctx.model, tokenizer=ctx.tokenizer, batch_size=batch_size, device=str(ctx.device))
+    if ctx.world > 1:  # lm-eval's own data parallelism, set up as HFLM does it under `accelerate launch`
+        from accelerate import Accelerator
+
+        lm.accelerator, lm._rank, lm._world_size = Accelerator(), ctx.rank, ctx.world
     out = simple_evaluate(model=lm, tasks=list(tasks), num_fewshot=num_fewshot, limit=ctx.limit,
                           task_manager=task_manager(include_path, include_defaults),
                           apply_chat_template=apply_chat_template,
@@ -55,7 +60,8 @@ def lm_eval(ctx: EvalContext, tasks: tuple = (), include_path: str | None = None
                           system_instruction=system_instruction, gen_kwargs=gen_kwargs, log_samples=log_samples,
                           random_seed=random_seed, numpy_random_seed=numpy_random_seed,
                           torch_random_seed=torch_random_seed, fewshot_random_seed=fewshot_random_seed)
-    return lm_eval_result(out)
+    result = lm_eval_result(out) if ctx.rank == 0 else None  # lm-eval returns the results on rank 0 only
+    return ctx._gather([result])[0] if ctx.world > 1 else result
 
 
 @functools.lru_cache(maxsize=4)

@@ -212,7 +212,7 @@ TASKS: dict[str, tuple] = {
     "reward": (reward, "mean score of completions under named reward functions (sentiment, offensiveness, ...)", True),
     "unlearning": (unlearning, "open-unlearning's TOFU metrics: truth ratio, probability, ROUGE, model utility, forget quality, MIA, privleak", False),
     "moe_balance": (moe_balance, "MaxVio_global and per-layer expert loads of an MoE model", False),
-    "lm_eval": (lm_eval, "EleutherAI lm-evaluation-harness tasks (local task YAMLs work offline)", False),
+    "lm_eval": (lm_eval, "EleutherAI lm-evaluation-harness tasks (local task YAMLs work offline)", True),
 }
 
 # name -> check(**config with the defaults filled in), raising ValueError: run on every task config when the eval

@@ -3,6 +3,9 @@ of two tasks, every ``metric,filter`` key and standard error kept, groups apart,
 written beside results.json."""
 
 import json
+import re
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -160,3 +163,30 @@ def test_multiturn_fewshot_without_a_chat_template_is_refused_before_loading():
 
     with pytest.raises(UserError, match="apply_chat_template"):
         parse_tasks({"lm_eval": {"tasks": ["x"], "fewshot_as_multiturn": True}})
+
+
+@pytest.mark.slow
+def test_two_processes_give_the_numbers_of_one(task_dir, tmp_path, run_env):
+    root = Path(__file__).resolve().parents[2]
+    bin_dir = root / ".venv" / "bin"
+    config = json.dumps({"lm_eval": {"tasks": ["tiny_group", "tiny_gen"], "include_path": str(task_dir),
+                                     "include_defaults": False, "num_fewshot": 3, "batch_size": 2}})
+    args = ["eval", "--model", "tiny:llama", "--task_config", config, "--no_cache"]
+    one = subprocess.run([str(bin_dir / "posttrain"), *args, "--output", str(tmp_path / "one")], capture_output=True,
+                         text=True, env=run_env, cwd=root, timeout=600)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run([str(bin_dir / "accelerate"), "launch", "--config_file",
+                          str(root / "accelerate_configs" / "cpu_2proc.yaml"), "--num_processes", "2",
+                          "--main_process_port", "29538", "-m", "posttrain", *args, "--output", str(tmp_path / "two")],
+                         capture_output=True, text=True, env=run_env, cwd=root, timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    # the work is split: lm-eval's progress bar (rank 0) counts half the requests (5 generations -> 3 with padding)
+    counts = [dict(re.findall(r"Running (\w+) requests: 100%\|[^|]*\| (\d+)/", p.stderr)) for p in (one, two)]
+    assert counts[0] == {"loglikelihood": "48", "generate_until": "5"}
+    assert counts[1] == {"loglikelihood": "24", "generate_until": "3"}
+    a, b = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("one", "two"))
+    assert b["processes"] == 2 and a["processes"] == 1
+    x, y = a["results"]["tiny:llama"]["lm_eval"]["metrics"], b["results"]["tiny:llama"]["lm_eval"]["metrics"]
+    assert x.keys() == y.keys() and len(x) == 10
+    for key in x:
+        assert y[key] == pytest.approx(x[key], rel=1e-5, abs=1e-6), key
