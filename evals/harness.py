@@ -350,6 +350,7 @@ def run_eval(spec: EvalSpec, log=print) -> dict:
     if state.is_main_process:
         out_dir = Path(spec.output)
         out_dir.mkdir(parents=True, exist_ok=True)
+        write_samples(report, out_dir)
         write_json_atomic(out_dir / "results.json", report)
         table = markdown_table(report)
         (out_dir / "results.md").write_text(table)
@@ -361,6 +362,21 @@ def run_eval(spec: EvalSpec, log=print) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ output
+
+
+def write_samples(report: dict, out_dir: Path) -> None:
+    """Per-document records a task returned under ``samples`` (lm-eval's ``log_samples``) go to
+    ``samples/<model>__<task>.json`` beside results.json, which keeps the file's name in their place."""
+    from posttrain.recipes.train import write_json_atomic
+
+    for model_name, tasks in report["results"].items():
+        for task, out in tasks.items():
+            if "samples" in out:
+                safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in model_name)
+                path = out_dir / "samples" / f"{safe}__{task}.json"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                write_json_atomic(path, out.pop("samples"))
+                out["samples_file"] = str(path.relative_to(out_dir))
 
 
 def _fmt(value) -> str:

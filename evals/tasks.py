@@ -17,6 +17,7 @@ from typing import Callable
 from posttrain.evals.arithmetic import pass_at_k
 from posttrain.evals.common import EvalContext, completion_logps, eval_rows, generate, mean, render
 from posttrain.evals.optibench import check_optibench, optibench
+from posttrain.evals.lm_harness import check_lm_eval, lm_eval
 
 
 def _reference_logps(ctx: EvalContext, reference: str, pairs):
@@ -213,13 +214,15 @@ def reward(ctx: EvalContext, reward_funcs: tuple = ("vader_sentiment", "offensiv
 
 def unlearning(ctx: EvalContext, dataset: str = "builtin:fictitious_authors", forget: str = "forget05",
                retain: str = "retain", world: str = "world_facts", holdout: str | None = None, num_samples: int = 400,
-               data_seed: int = 0, retain_model: str | None = None):
-    """The WAGLE / TOFU-style metrics of ``posttrain.evals.unlearning`` (forget and retain loss and accuracy,
-    truth ratios, forget quality and membership-inference AUC against ``holdout``). ``retain_model``: a checkpoint
-    trained on the retain set alone, for TOFU's own forget quality (``forget_quality_vs_retain_model``). Computed on
-    rank 0."""
+               data_seed: int = 0, retain_model: str | None = None, max_new_tokens: int = 200):
+    """The TOFU metrics as open-unlearning computes them (``posttrain.evals.unlearning``: truth ratios, answer
+    probability, ROUGE-L recall of greedy answers of ``max_new_tokens`` at most, Model Utility, and against
+    ``holdout`` forget quality, the loss / zlib / min-k / min-k++ membership attacks and privleak), plus forget and
+    retain loss and token accuracy. ``retain_model``: a checkpoint trained on the retain set alone, for TOFU's own
+    forget quality (``forget_quality_vs_retain_model``) and privleak's reference AUC. Computed on rank 0."""
+    check_unlearning(max_new_tokens=max_new_tokens)
     from posttrain.evals.common import load_checkpoint
-    from posttrain.evals.unlearning import truth_ratios, unlearning_metrics
+    from posttrain.evals.unlearning import reference_mia_min_k, truth_ratios, unlearning_metrics
 
     # the unlearning sets are the *training* splits (the run's data seed, 0 by default), not held-out ones:
     # forgetting is measured on what the model was trained, then made to forget
@@ -231,14 +234,23 @@ def unlearning(ctx: EvalContext, dataset: str = "builtin:fictitious_authors", fo
         rows = load_source(dataset, split=name, num_samples=num_samples, seed=data_seed)
         return rows.select(range(min(ctx.limit, len(rows)))) if ctx.limit else rows
 
-    forget_rows, reference = split(forget), None
+    forget_rows, holdout_rows, reference, reference_auc = split(forget), split(holdout), None, None
     if retain_model is not None:
         model, tokenizer, _ = load_checkpoint(retain_model, device=str(ctx.model.device))
         reference = truth_ratios(model, tokenizer, list(forget_rows), batch_size=ctx.batch_size)
+        if holdout_rows is not None:
+            reference_auc = reference_mia_min_k(model, tokenizer, forget_rows, holdout_rows, batch_size=ctx.batch_size)
         del model
-    metrics = unlearning_metrics(ctx.model, ctx.tokenizer, forget_rows, split(retain), split(world), split(holdout),
-                                 batch_size=ctx.batch_size, reference_forget_ratios=reference)
+    metrics = unlearning_metrics(ctx.model, ctx.tokenizer, forget_rows, split(retain), split(world), holdout_rows,
+                                 batch_size=ctx.batch_size, reference_forget_ratios=reference,
+                                 reference_mia_min_k=reference_auc, max_new_tokens=max_new_tokens)
     return {"metrics": metrics}
+
+
+def check_unlearning(max_new_tokens: int, **_) -> None:
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1 (got {max_new_tokens}): ROUGE scores the greedy answers; "
+                         "open-unlearning generates up to 200 tokens")
 
 
 def moe_balance(ctx: EvalContext, dataset: str = "builtin:fictitious_facts", split: str = "retain",
@@ -252,45 +264,19 @@ def moe_balance(ctx: EvalContext, dataset: str = "builtin:fictitious_facts", spl
     return {"metrics": metrics, "per_layer": result["per_layer"], "loads": result["loads"]}
 
 
-def lm_eval(ctx: EvalContext, tasks: tuple = (), include_path: str | None = None, num_fewshot: int | None = None,
-            batch_size: int = 8):
-    """EleutherAI lm-evaluation-harness tasks on the in-memory model (offline with local task YAMLs under
-    ``include_path``, e.g. ``dataset_path: json`` on a local JSONL). Runs on rank 0."""
-    check_lm_eval(tasks=tasks)
-    from lm_eval import simple_evaluate
-    from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager
-
-    lm = HFLM(pretrained=ctx.model, tokenizer=ctx.tokenizer, batch_size=batch_size, device=str(ctx.device))
-    out = simple_evaluate(model=lm, tasks=list(tasks), num_fewshot=num_fewshot, limit=ctx.limit,
-                          task_manager=TaskManager(include_path=include_path), random_seed=ctx.seed,
-                          numpy_random_seed=ctx.seed, torch_random_seed=ctx.seed, fewshot_random_seed=ctx.seed,
-                          log_samples=False)
-    metrics = {}
-    for task, values in out["results"].items():
-        for key, value in values.items():
-            if isinstance(value, (int, float)) and "stderr" not in key:
-                metrics[f"{task}/{key.split(',')[0]}"] = float(value)
-    return {"metrics": metrics}
-
-
-def check_lm_eval(tasks, **_) -> None:
-    if not tasks:
-        raise ValueError("name the lm-evaluation-harness tasks in its config, e.g. tasks: [my_task]")
-
-
 # name -> (function, description, runs on every process (data-parallel) or on rank 0 only)
 TASKS: dict[str, tuple] = {
     "preference": (preference, "held-out preference accuracy and margin (implicit DPO reward vs a reference, or a reward model)", True),
     "perplexity": (perplexity, "perplexity of a text set", True),
     "math": (math_task, "greedy accuracy and pass@k (unbiased, k up to n) on prompt/answer data", True),
     "reward": (reward, "mean score of completions under named reward functions (sentiment, offensiveness, ...)", True),
-    "unlearning": (unlearning, "forget/retain loss and accuracy, truth ratio, forget quality, membership-inference AUC", False),
+    "unlearning": (unlearning, "open-unlearning's TOFU metrics: truth ratio, probability, ROUGE, model utility, forget quality, MIA, privleak", False),
     "moe_balance": (moe_balance, "MaxVio_global and per-layer expert loads of an MoE model", False),
-    "lm_eval": (lm_eval, "EleutherAI lm-evaluation-harness tasks (local task YAMLs work offline)", False),
+    "lm_eval": (lm_eval, "EleutherAI lm-evaluation-harness tasks (local task YAMLs work offline)", True),
     "optibench": (optibench, "OptiBench (E-OPT): solver code from word problems, run sandboxed; accuracy per type, code pass rate", True),
 }
 
 # name -> check(**config with the defaults filled in), raising ValueError: run on every task config when the eval
 # spec is made, before any model loads (the tasks call them too, for direct callers)
-CHECKS: dict[str, Callable[..., None]] = {"math": check_math, "lm_eval": check_lm_eval, "optibench": check_optibench}
+CHECKS: dict[str, Callable[..., None]] = {"math": check_math, "lm_eval": check_lm_eval, "unlearning": check_unlearning,
+                                          "optibench": check_optibench}
