@@ -36,7 +36,8 @@ Doubts (what rests on secondary sources or is a choice made here, not read in th
     ablation variant "b_i += u e_i" (as secondary sources report it) may use raw counts or fractions; raw counts
     would make u depend on batch size.
   * The decaying schedule (power p = 0.5 default, n0 = 1) is illustrative: the paper's O(log N) regret needs
-    "certain step-size choices", 1/(mu n) being standard for strongly convex objectives (p = 1; not checked against the paper).
+    "certain step-size choices", 1/(mu n) being standard for strongly convex objectives (p = 1; not checked against
+    the paper).
   * Group score: the sum of the top-2 *biased* scores in each group, as transformers 5.24 and DeepSeek-V3's
     code with a bias; DeepSeek's code without a bias uses the group max instead (``Gate.forward``).
   * Pad tokens: the router sees them. ``RoutingCounter`` drops them from the loads when the forward has a 2-D
