@@ -6,7 +6,8 @@ official code's rules (tedmoskovitz/ConstrainedRL4LMs at 11ac8fe01be13e3d795d48c
 ``rl4lms/algorithms/constrained_ppo/constrained_ppo.py``: per-stream normalisation with the unbiased std + 1e-8, the
 squashed mix (N - sum_i w_i) A_KL + sum_i w_i A_i, the multiplier loss sum_i w_i (R2G_i - theta_i) stepped by
 SGD(lr 0.1, momentum 0.1)); the thresholds theta = (0.44, 0.238) are those of its
-``scripts/training/task_configs/dialog/gpt2_constrained_ppo.yml``. The paper (arXiv 2310.04373) gives no such case.
+``scripts/training/task_configs/dialog/gpt2_constrained_ppo.yml``. They are not values from the paper (arXiv
+2310.04373).
 """
 
 import io

@@ -802,7 +802,8 @@ def test_aux_loss_mode_uses_the_models_own_loss_or_the_hook(tmp_path):
     # 2 layers x alpha x sum_i f_i P_i, which is 1 at perfect balance and grows with imbalance (<= E / K)
     assert all(0.02 * 0.9 < h["moe/aux_loss"] < 0.02 * 4 for h in ds_logs)
     assert all(float(b.abs().sum()) == 0 for b in expert_biases(ds.model))  # biases frozen in aux_loss mode
-    # DeepSeek-V3's sequence-wise loss (arXiv 2412.19437 eqs. 17-20): Qwen's own loss is batch-wise, so posttrain's hook computes it
+    # DeepSeek-V3's sequence-wise loss (arXiv 2412.19437 eqs. 17-20): Qwen's own loss is batch-wise, so posttrain's
+    # hook computes it
     seq, seq_logs = _run(recipe_of(tmp_path / "s", model_name_or_path="tiny:qwen3_moe", moe_balance="aux_loss",
                                    moe_aux_loss_coef=0.01, moe_aux_loss_scope="sequence", max_steps=2))
     assert seq.args.router_aux_loss_coef == 0.0 and not seq.aux_loss_enabled

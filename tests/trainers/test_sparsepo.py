@@ -1,9 +1,10 @@
 """SparsePO: worked examples, property tests, and the trainer on real batches.
 
 The worked examples (beta 0.1, V = 3, two completion tokens per row) were computed with numpy from the loss as the
-official code implements it (huawei-noah/HEBO at 04f4ece8c7ac95d1466763880def692fc2215f6f,
-``SparsePO/src/trainers/sparse_trainer.py`` and ``src/masks/mask_models.py``; the equations are in the docstring of
-``posttrain/trainers/sparsepo.py``). They are not values from the paper (arXiv 2410.05102), which gives none.
+official code implements it (huawei-noah/HEBO at 04f4ece8c7ac95d1466763880def692fc2215f6f: the loss in
+``SparsePO/src/trainers/sparse_trainer.py``, the mask network in ``SparsePO/src/masks/mask_models.py``
+``SimpleMaskAllLayers``, the activation mask in ``SparsePO/src/trainers/mapo_trainer.py``; the equations are in the
+docstring of ``posttrain/trainers/sparsepo.py``). They are not values from the paper (arXiv 2410.05102).
 """
 
 import json

@@ -6,7 +6,7 @@ The worked examples (six parameter entries, ratio 0.5, gamma 1e-3 and 1e-6; the 
 beta 0.1) were computed with numpy from the official code's rules (OPTML-Group/WAGLE at
 31275e87c03e0f23bb01413eb3f19eada4a404d0: ``src/unlearn/generate_mask.py``, score type ``snip_advanced``,
 S = (theta - g_r / gamma) * g_f ranked globally by |S|; ``src/unlearn/GA.py`` ``NPO_FT``); the equations are in the
-docstring of ``posttrain/trainers/wagle.py``. The paper (arXiv 2410.17509) gives no such case.
+docstring of ``posttrain/trainers/wagle.py``. They are not values from the paper (arXiv 2410.17509).
 """
 
 import json
