@@ -1,4 +1,4 @@
-"""Time aux-loss-free MoE balancing against stock training, in one process, on identical batches (issue 8).
+"""Time aux-loss-free MoE balancing against stock training, in one process, on identical batches (budget: 1.03x).
 
     python bench/moe_bench.py                                   # SFT on tiny:deepseek_v3, aux_free vs none
     python bench/moe_bench.py --model runs/smollm2-moe --steps 10 --per_device_train_batch_size 4

@@ -6,8 +6,8 @@
 Builds the ``wagle/smollm2-135m_graddiff`` trainer on the base SmolLM2-135M-Instruct (the cost does not depend on the
 weights) and times ``WAGLETrainer.setup_mask``: forget and retain gradient sums over the paired batches, the scores
 and the global top-ratio threshold. Memory: what attribution adds on top of the loaded model (growth of the resident
-set, sampled every ms, on a CPU; the CUDA allocator's peak on a GPU), plus the model's own size, against the issue's
-budget of the model plus three fp32 copies of its parameters. Phase 1 keeps two: the forget sum, then the retain sum
+set, sampled every ms, on a CPU; the CUDA allocator's peak on a GPU), plus the model's own size, against the
+budget set for the method: the model plus three fp32 copies of its parameters. Phase 1 keeps two: the forget sum, then the retain sum
 accumulating in the parameters' .grad; the scores replace the sums as they are made. Activations come on top.
 The model is paged in before the measure starts (on a CPU its safetensors weights are memory-mapped, and the first
 forward would otherwise count them a second time); the process's absolute peak resident set is printed as well.

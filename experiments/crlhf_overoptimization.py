@@ -1,4 +1,4 @@
-"""Constrained-RLHF toy on overoptimisation (spec llm-methods.md §3.7), CPU, about a minute.
+"""Constrained-RLHF toy on overoptimisation (Moskovitz et al., arXiv 2310.04373, in miniature), CPU, about a minute.
 
 Question: with two proxy rewards whose hidden "true" evaluation peaks at interior proxy points, does a fixed-weight
 objective overshoot them (overoptimisation), does xi-PPO's equality constraint hold the components at the proxy

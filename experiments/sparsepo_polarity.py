@@ -1,4 +1,4 @@
-"""SparsePO sanity experiment on polarity pairs (spec llm-methods.md §1.9), small enough for a 2-core CPU.
+"""SparsePO sanity experiment on polarity pairs (arXiv 2410.05102 in miniature), small enough for a 2-core CPU.
 
 Question: when the chosen and rejected answers differ only in one or two "polarity" tokens ("The cat was
 good." vs "The cat was bad."), do SparsePO's token masks concentrate on those tokens, and does SparsePO
@@ -304,7 +304,7 @@ def evaluate(trainer, batches, keep_strips: int = 4, with_masks: bool = True) ->
         # Margin with DPO's implicit reward beta * sum_t l_t, unmasked, so it means the same for every variant.
         r_c, r_r = (BETA * logratio.sum(-1)).chunk(2)
         margins.append(r_c - r_r)
-        # The variant's own loss logit beta * (U - D) (spec §1.2), masked; for DPO the same as above.
+        # The variant's own loss logit beta * (U - D) (``sparsepo_loss``), masked; for DPO the same as above.
         u_c, u_r = (m * logratio).sum(-1).chunk(2)
         d_c, d_r = (md * neg_kl).sum(-1).chunk(2) if sparsepo else (torch.zeros_like(u_c),) * 2
         objective.append(BETA * ((u_c - u_r) - (d_c - d_r)))

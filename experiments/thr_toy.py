@@ -1,18 +1,18 @@
-"""THR sanity experiment on a tabular "unconstrained features" policy (spec llm-methods.md §2.7), CPU, seconds.
+"""THR sanity experiment on a tabular "unconstrained features" policy (the NTHR/THR papers' model), CPU, seconds.
 
 Question: does THR's steering scalar p move GRPO towards exploitation (p > 0: greedy decoding becomes correct
 sooner, entropy falls faster) or exploration (p < 0: the policy keeps more entropy)?
 
-Setting (the toy the spec reports as run): sequences of 3 tokens from a vocabulary of 6; the correct set is
-{(0, 1, 2), (3, 4, 5)} (reward 1, else 0). The policy is "unconstrained features": one learnable hidden vector
+Setting (that of a prototype run before this implementation, not in the repository): sequences of 3 tokens from a
+vocabulary of 6; the correct set is {(0, 1, 2), (3, 4, 5)} (reward 1, else 0). The policy is "unconstrained features": one learnable hidden vector
 (d = 8) per prefix (1 + 6 + 36 prefixes) and a shared unembedding W (6 x d), pi(. | prefix) = softmax(W h).
 One prompt, G = 16 samples per step, on-policy (old policy = current one, so the clipped ratio is 1), Adam
 lr 0.02, 200 steps, 8 seeds, loss -mean_{i,k}(A'_{i,k} log pi(y_{i,k})) where A' comes from the package's own
 pure functions (``grpo_group_advantages``, ``slice_to_generated_vocab``, ``token_influence``,
 ``thr_advantages`` in ``reweight`` mode) with p in {+0.5, 0, -0.5}; p = 0 is GRPO.
 
-Initialisation (not given by the spec): h ~ N(0, 0.3^2 I) and W ~ N(0, 0.3^2 / d), chosen so that the GRPO run
-sits in the regime the spec reports for its prototype (first-60-step sequence entropy ~4.4 nats out of
+Initialisation (not given in the prototype's description): h ~ N(0, 0.3^2 I) and W ~ N(0, 0.3^2 / d), chosen so
+that the GRPO run sits in the regime reported for that prototype (first-60-step sequence entropy ~4.4 nats out of
 log 216 = 5.38, P(correct) ~0.2). With scale 1 the policy starts far from uniform (entropy ~2.9) and, over 8
 seeds, the three values of p differ by no more than noise.
 

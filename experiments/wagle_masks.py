@@ -1,4 +1,4 @@
-"""WAGLE mask sanity experiment (spec llm-methods.md §4.7): which weights should unlearning touch? CPU, minutes.
+"""WAGLE mask sanity experiment (arXiv 2410.17509 in miniature): which weights should unlearning touch? CPU, minutes.
 
 Question: at the same mask ratio, does the WAGLE attribution mask give a better forget/retain trade-off than a random
 or a magnitude mask, i.e. a lower forget accuracy at the same retain accuracy?

@@ -156,7 +156,8 @@ def load_tokenizer(model_args: ModelConfig, trust_remote_code: bool | None = Non
     A local folder that saved a generic fast tokenizer (``tokenizer_class`` TokenizersBackend or
     PreTrainedTokenizerFast, as the tiny builds do) is loaded with that class and not ``AutoTokenizer``: for
     some model types (qwen2, phi3, ...) ``AutoTokenizer`` substitutes the architecture's own tokenizer class,
-    which rebuilds the pre-tokenizer and silently changes the token ids (stack-notes 1b).
+    which rebuilds the pre-tokenizer and silently changes the token ids (transformers 5.24: ``Qwen2Tokenizer``
+    swaps in Qwen2's regex pre-tokenizer; decoding still round-trips, so nothing fails).
     """
     path = resolve_model_path(model_args.model_name_or_path)
     if trust_remote_code is None:

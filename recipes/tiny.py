@@ -1,7 +1,7 @@
 """Tiny models built locally, for tests and the `tiny` recipes.
 
 ``build_tiny(arch, out_dir)`` trains a 512-token byte-level BPE tokenizer on generated text and builds a
-randomly initialised ~0.1M-parameter causal LM around it (stack-notes 1a, and 1d for the DeepSeek-V3 MoE),
+randomly initialised ~0.1M-parameter causal LM around it (a DeepSeek-V3 MoE among them),
 then writes both with ``save_pretrained``. Everything is seeded, so every build is byte-for-byte the same
 model and tokenizer, and nothing is downloaded.
 
@@ -203,7 +203,7 @@ def _config(arch: str):
         # ``block_sparse_moe`` while transformers 5.24 builds it as ``mlp`` (renamed on save and load).
         return MixtralConfig(num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2, **{**common, "intermediate_size": 32})
     # DeepSeek-V3: the one small MoE whose router keeps a selection-only bias (e_score_correction_bias),
-    # which the aux-loss-free balancing method updates (stack-notes 1d).
+    # which the aux-loss-free balancing method updates (transformers 5.24 ``DeepseekV3TopkRouter``).
     return DeepseekV3Config(
         num_key_value_heads=4,
         moe_intermediate_size=32,

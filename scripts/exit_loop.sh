@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # scripts/exit_loop.sh [--runs N] [--load] [--only REGEX] [--logs DIR] [--port P]
 #
-# Exit-code soak test for 2-process CPU launches (issue 14: a launch that trained correctly could still die with
+# Exit-code soak test for 2-process CPU launches (a launch that trained correctly could still die with
 # SIGABRT, "terminate called without an active exception", at interpreter exit). Runs every 2-process helper of
 # tests/helpers/ and a 2-process `posttrain train --max_steps 2` of every tiny train recipe, N times each (default
 # 30), round-robin so that an interrupted soak still has balanced counts, with the accelerate config the tests use
@@ -16,7 +16,7 @@
 #   --port P      first rendezvous port; run i uses P + i % 100 (default 29800, away from the tests' 295xx)
 #
 # Prints a table (target, runs, non-zero exits, signals seen) and exits 1 if any run failed. One full round is
-# 18 launches; see the report of issue 14 for how long that takes on 2 cores.
+# 18 launches.
 set -u
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)

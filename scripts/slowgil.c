@@ -1,11 +1,12 @@
 /* gcc -shared -fPIC -O2 -o /tmp/slowgil.so scripts/slowgil.c -ldl
  *   then: LD_PRELOAD=/tmp/slowgil.so [SLOWGIL_MS=300] accelerate launch ... (or torchrun ...)
  *
- * Amplifier for issue 14 (a rank SIGABRTs at exit with "terminate called without an active exception"): a gloo
- * worker thread (pt_gloo_runloop) that asks for the GIL is held back SLOWGIL_MS ms (default 300) first, as a
- * worker starved on a busy machine would be, so it reaches take_gil after the main thread has begun the
- * interpreter's finalization. See close_process_group in trainers/runtime.py for the chain. Interposes the two
- * CPython entry points through which torch (pybind11::gil_scoped_acquire) and others take the GIL.
+ * Amplifier for the exit crash that close_process_group prevents (a rank SIGABRTs at exit with "terminate called
+ * without an active exception"): a gloo worker thread (pt_gloo_runloop) that asks for the GIL is held back
+ * SLOWGIL_MS ms (default 300) first, as a worker starved on a busy machine would be, so it reaches take_gil after
+ * the main thread has begun the interpreter's finalization. See close_process_group in trainers/runtime.py for the
+ * chain. Interposes the two CPython entry points through which torch (pybind11::gil_scoped_acquire) and others
+ * take the GIL.
  */
 #define _GNU_SOURCE
 #include <dlfcn.h>

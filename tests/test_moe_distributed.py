@@ -1,4 +1,5 @@
-"""Aux-loss-free MoE balancing on two real processes over gloo (DDP, DeepSpeed ZeRO-2, ZeRO-3; spec §5.4, issue 8).
+"""Aux-loss-free MoE balancing on two real processes over gloo (DDP, DeepSpeed ZeRO-2, ZeRO-3): the loads are counted
+over the whole step (Wang et al., arXiv 2408.15664), so they are all-reduced and every rank applies the same update.
 
 Design of the comparison with one process: 16 texts of exactly 15 tokens (no padding anywhere), per-device batch 2
 on 2 ranks against batch 4 on 1 rank. accelerate shards the seeded sampler's batches round-robin (rank r takes batch

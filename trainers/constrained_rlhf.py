@@ -2,9 +2,11 @@
 
 Paper: Moskovitz, Singh, Strouse, Sandholm, Salakhutdinov, Dragan, McAleer, "Confronting Reward Model
 Overoptimization with Constrained RLHF", arXiv 2310.04373 (ICLR 2024). Official code: the authors' fork of
-RL4LMs, ``tedmoskovitz/ConstrainedRL4LMs`` (PPO-based: ``ConstrainedPPO`` with an (N+1)-head critic, per-stream
-GAE, multipliers stepped after every PPO minibatch; no LICENSE file, so nothing is copied from it: this module is
-written from the paper's equations and a reading of that code).
+RL4LMs, ``tedmoskovitz/ConstrainedRL4LMs`` at commit 11ac8fe01be13e3d795d48c034976e08caa61a67
+(``rl4lms/algorithms/constrained_ppo/constrained_ppo.py``: ``ConstrainedPPO``, PPO with an (N+1)-head critic,
+per-stream GAE, multipliers stepped after every PPO minibatch; ``rl4lms/envs/text_generation/training_utils.py``:
+``NelderMeadTrainer``; no LICENSE file, so nothing is copied from it: this module is written from a reading of that
+code and the paper's abstract and reviews, which is all of the paper that was read).
 
 Delta from TRL's ``RLOOTrainer`` (a practical TRL variant, a documented deviation from the official PPO loop, which
 TRL 1.16 does not have): the N component rewards are kept un-summed, a KL stream r_KL = -kl_coef * sum_t (log pi_old

@@ -3,8 +3,9 @@
 Papers: Wang, Gao, Zhao, Sun, Dai, "Auxiliary-Loss-Free Load Balancing Strategy for Mixture-of-Experts",
 arXiv 2408.15664 (the method, as used by DeepSeek-V3, arXiv 2412.19437); Han & Zhong, "A Theoretical Framework
 for Auxiliary-Loss-Free Load Balancing of Sparse Mixture-of-Experts in Large-Scale AI Models", arXiv 2512.03915
-(the primal-dual view and the decaying step size). Spec: llm-methods.md §5. No official code exists for
-either paper; DeepSeek-V3's ``inference/model.py`` ``Gate.forward`` (spec §5.1) is the reference for routing.
+(the primal-dual view and the decaying step size). Only the abstracts and secondary descriptions of the two papers
+were read, not their text. No official training code exists for either paper; DeepSeek-V3's ``inference/model.py``
+``Gate.forward`` (deepseek-ai/DeepSeek-V3 at 1ea5a1a7ed7429e25ba2fa2c76fe74fa5968d348) is the reference for routing.
 
 Delta from the parent trainer: not a loss. Every MoE router keeps a per-expert bias b (fp32 buffer, no grad,
 in the state dict) that is added to the affinities for top-k *selection only*; after each optimizer step a
@@ -20,7 +21,7 @@ data-parallel ranks):
     gate:       g_{t,i} = s_{t,i} / sum_{j selected} s_{t,j} * scaling    if i selected, else 0   (unbiased s)
     loads:      c_i = #{t : i selected for t},   c_bar = K T / E,   e_i = c_bar - c_i
     sign        b_i <- b_i + u sign(e_i)                              DeepSeek, u = 1e-3
-    proportional b_i <- b_i + u e_i / c_bar                           spec §5.6 (load fraction, dimensionless)
+    proportional b_i <- b_i + u e_i / c_bar                           load fraction, dimensionless (see Doubts)
     decaying    b_i <- b_i + u (1 + n / n0)^(-p) e_i / c_bar          primal-dual subgradient step, n = 0, 1, ...
     MaxVio      = (max_i c_i - c_bar) / c_bar
     load entropy = -sum_i (c_i / KT) log(c_i / KT)                    (max log E at perfect balance)
@@ -30,13 +31,15 @@ sum_t x_{t,i} = c_bar): selection is the primal step, and the update p_i <- p_i 
 subgradient step; DeepSeek's sign rule is eps_{n,i} = u / |c_bar - A_i|. The "decaying" rule is the plain
 subgradient step with eps_n = u (1 + n/n0)^(-p) on the load fraction.
 
-Doubts (flagged, from the spec's [2nd]/[unverified] tags):
-  * proportional/decaying normalise e_i by c_bar (spec §5.6's simulation, u (L - A) / L). The paper's variant
-    "b_i += u e_i" (spec §5.2) may use raw counts or fractions; raw counts would make u depend on batch size.
+Doubts (what rests on secondary sources or is a choice made here, not read in the papers):
+  * proportional/decaying normalise e_i by c_bar (a choice made here: u (L - A) / L, dimensionless). Wang et al.'s
+    ablation variant "b_i += u e_i" (as secondary sources report it) may use raw counts or fractions; raw counts
+    would make u depend on batch size.
   * The decaying schedule (power p = 0.5 default, n0 = 1) is illustrative: the paper's O(log N) regret needs
-    "certain step-size choices", 1/(mu n) being standard for strongly convex objectives (p = 1) [unverified].
+    "certain step-size choices", 1/(mu n) being standard for strongly convex objectives (p = 1; not checked against
+    the paper).
   * Group score: the sum of the top-2 *biased* scores in each group, as transformers 5.24 and DeepSeek-V3's
-    code with a bias; DeepSeek's code without a bias uses the group max instead (spec §5.1).
+    code with a bias; DeepSeek's code without a bias uses the group max instead (``Gate.forward``).
   * Pad tokens: the router sees them. ``RoutingCounter`` drops them from the loads when the forward has a 2-D
     attention mask matching the router's tokens (``ignore_padding=True``); the papers pre-train without pads.
   * ``aux_balance_loss`` (the aux-loss baseline, alpha = 1e-3) uses the normalised affinities
@@ -61,7 +64,8 @@ reads ``state.global_step``).
 
 Gradient checkpointing re-runs each layer's forward during backward; ``RoutingCounter`` counts a router call only
 outside the autograd engine (``torch._C._current_graph_task_id() == -1``), so each token is counted once
-(stack-notes §1d; tested with reentrant and non-reentrant checkpointing).
+(a forward hook alone counted every token twice under checkpointing; tested with reentrant and non-reentrant
+checkpointing).
 
 Wiring: any LLM recipe takes ``moe_balance: none|aux_free|aux_loss`` and the other ``MoEBalanceConfig`` fields
 (``posttrain.recipes.moe``: parsing, the checks before the model loads, ``attach_moe`` after the trainer is built and
@@ -688,7 +692,8 @@ class RouterAuxLoss:
     """posttrain's own auxiliary balance loss (``moe_balance: aux_loss``) for routers whose model has none.
 
     DeepSeek-V3 and GLM-4-MoE in transformers 5.24 have no load-balancing loss (no ``router_aux_loss_coef``), and TRL's
-    aux-loss path crashes on their configs (stack-notes §1d). This adds ``aux_balance_loss`` (alpha * sum_i f_i P_i,
+    aux-loss path crashes on their configs (the forward that TRL 1.16's ``add_fused_lm_head`` installs reads
+    ``num_experts``, which ``DeepseekV3Config`` lacks). This adds ``aux_balance_loss`` (alpha * sum_i f_i P_i,
     per layer, the selection being the router's own) to the gradients of any trainer, through a forward hook on each
     router: the loss is computed from the router logits (sigmoid affinities for DeepSeek-style routers, softmax for
     Qwen/Mixtral ones) and ``_InjectAuxLoss`` ties it to the gate weights with backward scale ``scale_fn()`` (1 / the
@@ -989,7 +994,7 @@ class MoEBalanceCallback(TrainerCallback):
 
 @torch.no_grad()
 def maxvio_global(model, tokenizer, texts, batch_size=8, max_length=512, device=None):
-    """MaxVio_global of ``model`` on ``texts`` (Wang et al. 2024, spec §5.2): the loads over the whole set.
+    """MaxVio_global of ``model`` on ``texts`` (Wang et al., arXiv 2408.15664): the loads over the whole set.
 
     Every text is tokenised (padded per batch of ``batch_size``, truncated to ``max_length``; pads are left out of
     the loads), run through the model in eval mode, and each MoE layer's token-expert assignments are summed over all

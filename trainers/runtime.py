@@ -294,7 +294,7 @@ def close_process_group() -> None:
     running, leave it together and end the process here, with exit code 0, without the interpreter's
     finalization; otherwise do nothing (a single-process run exits normally).
 
-    Why the process ends here (issue 14: a rank SIGABRTed with 'terminate called without an active exception'
+    Why the process ends here (a rank SIGABRTed with 'terminate called without an active exception'
     after a good run). ``destroy_process_group`` only drops torch.distributed's own references: the DDP
     reducer, DeepSpeed and accelerate still hold the group, so its gloo worker threads (``pt_gloo_runloop``)
     live on to the end of the process. A worker drops its references to a finished collective *after* waking

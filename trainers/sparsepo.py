@@ -1,7 +1,9 @@
 """SparsePO: token-level preference optimisation with sparse token masks (arXiv 2410.05102).
 
-Official code: huawei-noah/HEBO, folder SparsePO (Apache-2.0), read at commit 04f4ece8; this module follows it
-(spec: llm-methods.md §1), written anew for TRL 1.16.
+Official code: huawei-noah/HEBO, folder SparsePO (Apache-2.0), read at commit 04f4ece8c7ac95d1466763880def692fc2215f6f
+(``src/trainers/sparse_trainer.py``: learned masks; ``src/trainers/mapo_trainer.py``: activation masks;
+``src/masks/mask_models.py``: the mask networks); this module follows that code, written anew for TRL 1.16. Only
+the paper's abstract was read, so the equations below are those of the code.
 
 Delta from TRL's ``DPOTrainer``: ``_compute_loss`` is replaced by the TDPO-1 objective with a token mask on
 the reward term and one on the KL term. For a pair (y_w, y_l), over completion tokens t:

@@ -1,7 +1,10 @@
 """WAGLE: weight attribution-guided LLM unlearning (arXiv 2410.17509).
 
-Official code: OPTML-Group/WAGLE (MIT), read through the spec (llm-methods.md §4): ``generate_mask.py`` score type
-``snip_advanced`` is WAGLE, ``GA.py`` GradDiff/NPO, ``CL.py`` PO, ``base.py`` the masked step. Written anew.
+Official code: OPTML-Group/WAGLE (MIT) at commit 31275e87c03e0f23bb01413eb3f19eada4a404d0:
+``src/unlearn/generate_mask.py`` score type ``snip_advanced`` is WAGLE, ``src/unlearn/GA.py`` GradDiff (``GA_FT``)
+and NPO (``NPO_FT``), ``src/unlearn/CL.py`` PO (``CL_FT``), ``src/unlearn/base.py`` the masked step,
+``configs/unlearn/Tofu/*.json`` the shipped hyper-parameters. Written anew from a description of that code (nothing
+copied); only the paper's abstract was read, so the equations below are the code's.
 
 Delta from ``transformers.Trainer``: an unlearning loss on paired (forget, retain) batches, and the gradients are
 multiplied by a fixed 0/1 weight mask after gradient clipping and before ``optimizer.step()``.
@@ -44,7 +47,8 @@ negligible and |S| ~ |g_r g_f| / gamma; (4) official accumulates bf16 grads in `
 batches in float32 (``accumulate_gradients``: a bf16 model's batch gradients are folded into float32 sums), so fewer
 ties in |S|; (5) AdamW's
 decoupled weight decay still shrinks masked weights (official behaviour, kept); (6) int(n * ratio) keeps the
-official float rounding (int(100 * 0.29) = 28); (7) the paper's form theta g_f - g_r g_f / gamma is the same S.
+official float rounding (int(100 * 0.29) = 28); (7) the paper's form as secondary sources give it,
+theta g_f - g_r g_f / gamma, is the same S (not checked in the paper).
 """
 
 from __future__ import annotations
@@ -526,8 +530,8 @@ def check_mask(mask, reference, source):
 
 # ----------------------------------------------------------------------------------------------- data side
 
-# PO targets. The official code reads a file of polite refusals (not reproduced in the spec); this fixed list stands
-# in for it: forget row i is answered with REFUSALS[i % len(REFUSALS)], so the targets are the same on every run.
+# PO targets. The official code reads a file of polite refusals (``files/data/polite_refusal_responses``, not copied
+# here); this fixed list stands in for it: forget row i is answered with REFUSALS[i % len(REFUSALS)], so the targets are the same on every run.
 REFUSALS = (
     "I'm sorry, but I don't have any information about that.",
     "I'm not able to answer that question.",

@@ -1,4 +1,4 @@
-"""The constrained-RLHF overoptimisation toy (experiments/crlhf_overoptimization.py, spec llm-methods.md §3.7): on
+"""The constrained-RLHF overoptimisation toy (experiments/crlhf_overoptimization.py; EXPERIMENTS.md): on
 seed 0, with the full run's settings, fixed weights overoptimise, xi-PPO holds the proxy points, and NM-PPO finds
 them from a random simplex; the multipliers are what holds xi at theta."""
 

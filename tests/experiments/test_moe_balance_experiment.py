@@ -1,4 +1,4 @@
-"""The ALF-LB experiment (experiments/moe_balance.py, spec llm-methods.md §5.6) in its --quick mode: 25 steps of a
+"""The ALF-LB experiment (experiments/moe_balance.py; EXPERIMENTS.md) in its --quick mode: 25 steps of a
 tiny DeepSeek-V3-style MoE LM on stdlib docstrings, no balancing vs aux loss vs aux-free (u = 1e-4, 1e-3, 1e-2), run
 through the package's callback. Over 25 steps only the fast rate has had time to act; what must already hold:
 the bias moves by sign steps only where aux-free is on, the fast rate balances the loads (batch and held-out) well

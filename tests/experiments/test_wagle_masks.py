@@ -1,4 +1,4 @@
-"""The WAGLE mask experiment (experiments/wagle_masks.py, spec llm-methods.md §4.7): it runs the package's WAGLE
+"""The WAGLE mask experiment (experiments/wagle_masks.py; EXPERIMENTS.md): it runs the package's WAGLE
 functions on a tiny model that learned the fictitious authors, masks have the asked ratio, every run starts from the
 same model, GradDiff forgets, and the table reads the curves where retain accuracy has dropped by the given amount."""
 

@@ -36,7 +36,7 @@ values = dict(
     save_strategy="steps" if args.save_steps else "no", save_steps=args.save_steps or 500,
     moe_balance="aux_free", moe_bias_rate=1e-2, moe_bias_rule="sign",
 )
-if "qwen3_moe" in args.model:  # a softmax router: the bias must be allowed explicitly (issue 16)
+if "qwen3_moe" in args.model:  # a softmax router: the bias must be allowed explicitly (moe_bias_on_softmax)
     values["moe_bias_on_softmax"] = True
 trainer = build_trainer(build_recipe(values, {}, "moe_ranks"))
 

@@ -1,5 +1,14 @@
-"""Constrained RLHF pure math: the spec's worked examples (llm-methods.md §3.8), property tests of the mixing and the
-multiplier state, and the Nelder-Mead search of NM-PPO."""
+"""Constrained RLHF pure math: worked examples, property tests of the mixing and the multiplier state, and the
+Nelder-Mead search of NM-PPO.
+
+The worked examples (a minibatch of 4 token-steps, N = 2 streams: intent, METEOR) were computed with numpy from the
+official code's rules (tedmoskovitz/ConstrainedRL4LMs at 11ac8fe01be13e3d795d48c034976e08caa61a67,
+``rl4lms/algorithms/constrained_ppo/constrained_ppo.py``: per-stream normalisation with the unbiased std + 1e-8, the
+squashed mix (N - sum_i w_i) A_KL + sum_i w_i A_i, the multiplier loss sum_i w_i (R2G_i - theta_i) stepped by
+SGD(lr 0.1, momentum 0.1)); the thresholds theta = (0.44, 0.238) are those of its
+``scripts/training/task_configs/dialog/gpt2_constrained_ppo.yml``. They are not values from the paper (arXiv
+2310.04373).
+"""
 
 import io
 import math
@@ -27,7 +36,7 @@ from posttrain.trainers.constrained_rlhf import (
 
 D = torch.float64
 
-# --- spec §3.8: a minibatch of 4, N = 2 (intent, METEOR) ------------------------------------------------
+# --- worked example: a minibatch of 4, N = 2 (intent, METEOR) --------------------------------------------
 A_C = torch.tensor([[1.0, 0.2], [0.0, -0.4], [-1.0, 0.8], [2.0, 0.0]], dtype=D)
 A_KL = torch.tensor([0.1, -0.3, 0.2, 0.0], dtype=D)
 THETA = [0.44, 0.238]
@@ -38,12 +47,12 @@ def close(actual, expected, atol=1e-6):
     torch.testing.assert_close(torch.as_tensor(actual, dtype=D), torch.as_tensor(expected, dtype=D), rtol=0, atol=atol)
 
 
-def test_spec_normalised_streams():
+def test_worked_normalised_streams():
     close(normalise_stream(A_C), [[0.387298, 0.1], [-0.387298, -1.1], [-1.161895, 1.3], [1.161895, -0.3]])
     close(normalise_stream(A_KL), [0.46291, -1.38873, 0.92582, 0.0], atol=5e-6)
 
 
-def test_spec_xi_mix():
+def test_worked_xi_mix():
     lam = torch.tensor([0.2, -0.1], dtype=D)
     w = squash_multipliers(lam, equality=True)
     close(w, [0.197375, -0.099668])
@@ -51,19 +60,19 @@ def test_spec_xi_mix():
     close(mix_advantages(A_C, A_KL, lam, equality=True), [0.947067, -2.608579, 1.402283, 0.259230])
 
 
-def test_spec_mu_mix():
+def test_worked_mu_mix():
     lam = torch.zeros(2, dtype=D)
     close(squash_multipliers(lam, equality=False), [0.5, 0.5])
     close(mix_advantages(A_C, A_KL, lam, equality=False), [0.706559, -2.132379, 0.994873, 0.430948])
 
 
-def test_spec_float32_inputs_give_the_same_numbers():
+def test_worked_float32_inputs_give_the_same_numbers():
     out = mix_advantages(A_C.float(), A_KL.float(), torch.tensor([0.2, -0.1]), equality=True)
     assert out.dtype == torch.float32
     close(out.double(), [0.947067, -2.608579, 1.402283, 0.259230], atol=2e-6)
 
 
-def test_spec_multiplier_gradient_and_two_steps():
+def test_worked_multiplier_gradient_and_two_steps():
     lam = torch.tensor([0.2, -0.1], dtype=D, requires_grad=True)
     multiplier_loss(lam, R2G, THETA, equality=True).backward()
     close(lam.grad, [0.048052, -0.029702])  # sech^2(lambda) * violation, violation = [0.05, -0.03]
@@ -639,7 +648,7 @@ def test_xi_advantages_and_one_multiplier_step_in_the_trainer(tmp_path):
     rewards = trainer._component_rewards.double()
     metrics = {k: v[-1] for k, v in trainer._metrics["train"].items()}
     kl = torch.tensor(metrics["constrained/kl"])
-    # the advantages are the spec's mix of the per-stream RLOO advantages with the multipliers before the step
+    # the advantages mix the per-stream RLOO advantages (``mix_advantages``) with the multipliers before the step
     names = trainer.reward_func_names
     assert [metrics[f"constrained/lambda/{n}"] for n in names] == pytest.approx(lam0.tolist())
     assert inputs["advantages"].std() > 0.1

@@ -1,7 +1,14 @@
-"""ALF-LB (aux-loss-free MoE balancing): spec §5.7 worked example, property tests of the pure math, agreement
+"""ALF-LB (aux-loss-free MoE balancing): a worked example, property tests of the pure math, agreement
 with transformers' DeepSeek-V3 router, token counting under gradient checkpointing, the callback, the Qwen3-MoE
 patch and the 2-rank all-reduce; the moe_* recipe keys with real trainers (rate 0 = stock, micro-batch accumulation,
-the aux-loss hook, resume), posttrain moe upcycle and MaxVio_global."""
+the aux-loss hook, resume), posttrain moe upcycle and MaxVio_global.
+
+The worked example (E = 4, K = 2, T = 4, sigmoid scores, u = 1e-3) was computed with numpy from the rules in the
+docstring of ``posttrain/trainers/moe_balance.py``: top-K selection on s + b with the gates gathered from the unbiased
+s and renormalised (deepseek-ai/DeepSeek-V3 at 1ea5a1a7ed7429e25ba2fa2c76fe74fa5968d348, ``inference/model.py``
+``Gate.forward``), and the update b_i <- b_i + u sign(c_bar - c_i) of Wang et al. (arXiv 2408.15664; taken from
+secondary descriptions of the paper, whose text was not read).
+"""
 
 import json
 import math
@@ -37,7 +44,7 @@ from posttrain.trainers.moe_balance import (
 
 torch.set_num_threads(1)
 
-# --- spec §5.7: E = 4, K = 2, T = 4, sigmoid scores, u = 1e-3 ------------------------------------------------
+# --- worked example: E = 4, K = 2, T = 4, sigmoid scores, u = 1e-3 --------------------------------------------
 S = torch.tensor([[.90, .80, .10, .20], [.85, .70, .30, .60], [.60, .20, .10, .95], [.95, .40, .50, .30]])
 
 
@@ -47,7 +54,7 @@ def sorted_pairs(indices, weights):
     return indices.gather(-1, order), weights.gather(-1, order)
 
 
-def test_spec_example_zero_bias():
+def test_worked_example_zero_bias():
     idx, w = biased_topk(S, torch.zeros(4), 2)
     assert idx.tolist() == [[0, 1], [0, 1], [3, 0], [0, 2]]
     torch.testing.assert_close(w, torch.tensor([[0.5294, 0.4706], [0.5484, 0.4516], [0.6129, 0.3871],
@@ -59,7 +66,7 @@ def test_spec_example_zero_bias():
     assert new[1] == 0  # sign(0) = 0: a balanced expert keeps its bias
 
 
-def test_spec_example_shifted_bias():
+def test_worked_example_shifted_bias():
     bias = torch.tensor([-0.5, 0.0, 0.0, 0.0])
     idx, w = biased_topk(S, bias, 2)
     assert idx.tolist() == [[1, 0], [1, 3], [3, 1], [2, 0]]
@@ -71,7 +78,7 @@ def test_spec_example_shifted_bias():
     torch.testing.assert_close(new - bias, torch.tensor([0.0, -0.001, 0.001, 0.0]), atol=1e-7, rtol=0)
 
 
-def test_spec_example_metrics():
+def test_worked_example_metrics():
     counts = torch.tensor([4, 2, 1, 1])
     assert max_violation(counts) == pytest.approx(1.0)  # (4 - 2) / 2
     assert load_entropy(counts) == pytest.approx(-(0.5 * math.log(0.5) + 0.25 * math.log(0.25)
@@ -228,7 +235,7 @@ def test_aux_balance_loss():
 
 
 def test_sequence_aux_balance_loss_worked_example():
-    """Issue 16: DeepSeek-V3's sequence-wise balance loss (arXiv 2412.19437 eqs. 17-20) beside the batch-wise one.
+    """DeepSeek-V3's sequence-wise balance loss (arXiv 2412.19437 eqs. 17-20) beside the batch-wise one.
 
     E = 2, K = 1, two sequences of T = 2 tokens, unnormalised (sigmoid-like) affinities:
       seq 0: s = [[.6, .2], [.3, .3]] -> s' = [[.75, .25], [.5, .5]], P = [.625, .375]; picks [0, 1]
@@ -556,7 +563,7 @@ def test_all_reduce_two_ranks(tmp_path):
     assert r0["aux"] == r1["aux"] == pytest.approx(5.0 / 4)  # moe/aux_loss: per forward over both ranks
 
 
-# --- recipes: moe_* keys with any trainer (issue 8) ------------------------------------------------------------
+# --- recipes: moe_* keys with any trainer --------------------------------------------------------------------
 
 SFT = dict(method="sft", dataset="builtin:arithmetic", num_samples=32, per_device_train_batch_size=2,
            gradient_accumulation_steps=2, max_length=64, learning_rate=1e-2, max_steps=3, logging_steps=1,
@@ -610,7 +617,7 @@ def test_recipe_moe_errors(overrides, message):
 
 @pytest.mark.parametrize("recipe", ["grpo/tiny", "rloo/tiny"])
 def test_aux_free_with_vllm_is_refused(recipe):
-    """Issue 16: the biases are buffers and TRL's vLLM weight sync sends ``named_parameters()`` only, so vLLM would
+    """The biases are buffers and TRL's vLLM weight sync sends ``named_parameters()`` only, so vLLM would
     route the rollouts with stale biases: refused when the recipe is read, one line naming both keys."""
     with pytest.raises(UserError) as err:
         load_recipe(recipe, {"moe_balance": "aux_free", "use_vllm": True})
@@ -641,7 +648,7 @@ def test_model_checks_run_before_the_model_loads(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("arch,experts", [("qwen2_moe", 8), ("qwen3_moe", 8), ("mixtral", 8)])
 def test_aux_free_on_a_softmax_router_is_refused_unless_allowed(arch, experts, tmp_path, monkeypatch):
-    """Issue 16: the expert bias (rate 1e-3) is for sigmoid scores (DeepSeek-V3; Megatron-LM refuses it on softmax):
+    """The expert bias (rate 1e-3) is for sigmoid scores (DeepSeek-V3; Megatron-LM refuses it on softmax):
     a softmax router with a non-zero rate needs ``moe_bias_on_softmax: true``, one line, before the model loads."""
     import posttrain.recipes.train as train_mod
     from posttrain.recipes.tiny import tiny_model_path
@@ -673,7 +680,9 @@ def test_aux_free_on_a_softmax_router_is_refused_unless_allowed(arch, experts, t
 
 
 def test_trl_aux_loss_crash_that_the_guard_prevents(tmp_path, monkeypatch):
-    """Without the guard TRL 1.16 dies inside training (stack-notes §1d); when TRL fixes it, this fails: drop the guard."""
+    """Without the guard TRL 1.16 dies inside training (the forward that ``trl/trainer/utils.py``
+    ``add_fused_lm_head`` installs reads ``num_experts``, which ``DeepseekV3Config`` lacks); when TRL fixes it, this
+    fails: drop the guard."""
     import posttrain.recipes.moe as moe_mod
     from posttrain.recipes.train import build_trainer
 
@@ -793,7 +802,8 @@ def test_aux_loss_mode_uses_the_models_own_loss_or_the_hook(tmp_path):
     # 2 layers x alpha x sum_i f_i P_i, which is 1 at perfect balance and grows with imbalance (<= E / K)
     assert all(0.02 * 0.9 < h["moe/aux_loss"] < 0.02 * 4 for h in ds_logs)
     assert all(float(b.abs().sum()) == 0 for b in expert_biases(ds.model))  # biases frozen in aux_loss mode
-    # DeepSeek-V3's sequence-wise loss (issue 16): Qwen's own loss is batch-wise, so posttrain's hook computes it
+    # DeepSeek-V3's sequence-wise loss (arXiv 2412.19437 eqs. 17-20): Qwen's own loss is batch-wise, so posttrain's
+    # hook computes it
     seq, seq_logs = _run(recipe_of(tmp_path / "s", model_name_or_path="tiny:qwen3_moe", moe_balance="aux_loss",
                                    moe_aux_loss_coef=0.01, moe_aux_loss_scope="sequence", max_steps=2))
     assert seq.args.router_aux_loss_coef == 0.0 and not seq.aux_loss_enabled

@@ -1,4 +1,11 @@
-"""SparsePO: the spec's worked examples (§1.10), property tests, and the trainer on real batches."""
+"""SparsePO: worked examples, property tests, and the trainer on real batches.
+
+The worked examples (beta 0.1, V = 3, two completion tokens per row) were computed with numpy from the loss as the
+official code implements it (huawei-noah/HEBO at 04f4ece8c7ac95d1466763880def692fc2215f6f: the loss in
+``SparsePO/src/trainers/sparse_trainer.py``, the mask network in ``SparsePO/src/masks/mask_models.py``
+``SimpleMaskAllLayers``, the activation mask in ``SparsePO/src/trainers/mapo_trainer.py``; the equations are in the
+docstring of ``posttrain/trainers/sparsepo.py``). They are not values from the paper (arXiv 2410.05102).
+"""
 
 import json
 from types import SimpleNamespace
@@ -18,7 +25,7 @@ from posttrain.trainers.sparsepo import (
     token_terms,
 )
 
-# --- spec §1.10: beta 0.1, V = 3, two completion tokens per row; rows [chosen; rejected] -----------------
+# --- worked example: beta 0.1, V = 3, two completion tokens per row; rows [chosen; rejected] -------------
 POLICY = torch.tensor([[[1.0, 0.0, -1.0], [0.5, 0.5, 0.0]], [[0.0, 1.0, 0.0], [0.2, 0.0, 0.3]]])
 REF = torch.tensor([[[0.0, 0.0, 0.0], [0.0, 1.0, 0.0]], [[0.0, 0.5, 0.0], [0.0, 0.0, 0.0]]])
 LABELS = torch.tensor([[0, 1], [1, 2]])
@@ -32,13 +39,13 @@ def identity_head(size=3):
     return head
 
 
-def spec_terms(chunk_size=None):
+def worked_terms(chunk_size=None):
     # logits are the "hidden states" here, read out by identity heads
     return token_terms(POLICY, REF, LABELS, ALL, identity_head(), identity_head(), chunk_size)
 
 
-def test_token_terms_match_the_spec():
-    logratio, neg_kl, _ = spec_terms()
+def test_token_terms_match_the_worked_example():
+    logratio, neg_kl, _ = worked_terms()
     torch.testing.assert_close(logratio, torch.tensor([[0.691006, -0.406575], [0.242932, 0.125693]]), atol=1e-6, rtol=0)
     torch.testing.assert_close(neg_kl, torch.tensor([[-0.308994, -0.088663], [-0.031137, -0.007640]]), atol=1e-6, rtol=0)
 
@@ -53,7 +60,7 @@ def test_token_terms_match_the_spec():
     ],
 )
 def test_sparsepo_loss_worked_examples(reward_mask, kl_mask, l1, expected):
-    logratio, neg_kl, _ = spec_terms()
+    logratio, neg_kl, _ = worked_terms()
     loss = sparsepo_loss(logratio, neg_kl, reward_mask, kl_mask, ALL, beta=0.1, l1_reward=l1, l1_kl=l1)
     assert loss.shape == (1,)
     assert loss.item() == pytest.approx(expected, abs=1e-6)
@@ -298,7 +305,7 @@ def test_lora_reference_is_the_adapter_disabled_policy(mask_type, tmp_path):
     assert (method_state(tmp_path)["trainer"] is not None) == (mask_type == "learned")  # the final folder has it too
 
 
-# --- issue 16: fidelity to the official code ------------------------------------------------------------
+# --- fidelity to the official code (huawei-noah/HEBO SparsePO at 04f4ece8) --------------------------------
 
 
 def test_resc_and_znorm_statistics_are_constants_in_the_gradient():

@@ -1,4 +1,12 @@
-"""THR / NTHR pure math: the spec's worked example (llm-methods.md §2.8) and property tests."""
+"""THR / NTHR pure math: a worked example and property tests.
+
+The worked example (G = 4, two tokens per sample, V* = {0, 1, 2}, d = 2) was computed with numpy from the
+equations in the docstring of ``posttrain/trainers/thr_grpo.py``: NTHR's (anchor matrix, influence score, threshold,
+eta = 2|0.5 - rho|) as given in the NTHR paper (Deng et al., "On the Effect of Negative Gradient in Group Relative
+Deep Reinforcement Optimization", NeurIPS 2025), TRL 1.16's group advantages, and THR's reweighting, which is a
+reconstruction (THR, arXiv 2510.03669: only the abstract and the reviews were read), so those expected values check
+this module's rule, not the paper's.
+"""
 
 import math
 
@@ -16,7 +24,7 @@ from posttrain.trainers.thr_grpo import (
     token_influence,
 )
 
-# --- spec §2.8: G = 4, two tokens per sample, V* = {0, 1, 2}, d = 2 -------------------------------------
+# --- worked example: G = 4, two tokens per sample, V* = {0, 1, 2}, d = 2 ---------------------------------
 REWARDS = torch.tensor([1.0, 1.0, 0.0, 0.0])
 TOKENS = torch.tensor([[0, 1], [0, 2], [0, 1], [2, 2]])
 Q = torch.tensor([
@@ -35,7 +43,7 @@ MASK = torch.ones(4, 2, dtype=torch.bool)
 CORRECT = REWARDS >= 1.0
 
 
-def spec_influence():
+def worked_influence():
     return token_influence(H, Q, TOKENS, MASK, CORRECT, beta=1.0)
 
 
@@ -43,12 +51,12 @@ def close(actual, expected, places=4):
     torch.testing.assert_close(actual.float(), torch.tensor(expected, dtype=torch.float32), atol=0.6 * 10**-places, rtol=0)
 
 
-def test_anchor_matrix_matches_the_spec():
+def test_anchor_matrix_matches_the_worked_example():
     close(anchor_matrix(H, Q, TOKENS, MASK, CORRECT), [[0.8, -0.1], [-0.45, -0.11], [-0.35, 0.21]])
 
 
-def test_influence_and_threshold_match_the_spec():
-    s, tau = spec_influence()
+def test_influence_and_threshold_match_the_worked_example():
+    s, tau = worked_influence()
     close(s, [[0.4900, -0.1470], [0.5932, 0.0950], [0.4260, -0.2214], [0.4095, -0.1260]])
     close(s[:2].mean(-1), [0.1715, 0.3441])
     assert abs(float(tau) - 0.1715) < 0.6e-4
@@ -56,15 +64,15 @@ def test_influence_and_threshold_match_the_spec():
     assert abs(float(tau_half) - 0.5 * 0.17155) < 1e-4
 
 
-def test_grpo_advantages_match_the_spec_and_trl():
+def test_grpo_advantages_match_the_worked_example_and_trl():
     A = grpo_group_advantages(REWARDS)
     close(A, [0.8659, 0.8659, -0.8659, -0.8659])
     r = torch.tensor([0.3, 1.2, -0.5, 2.0, 0.0])
     torch.testing.assert_close(grpo_group_advantages(r), (r - r.mean()) / (r.std() + 1e-4))
 
 
-def test_nthr_matches_the_spec():
-    s, tau = spec_influence()
+def test_nthr_matches_the_worked_example():
+    s, tau = worked_influence()
     out = nthr_advantages(grpo_group_advantages(REWARDS), s, tau, CORRECT, MASK)
     close(out, [[0.8659, 0.8659], [0.8659, 0.8659], [-0.0, -0.8659], [-0.0, -0.8659]])
 
@@ -85,13 +93,13 @@ def test_nthr_eta_for_an_unbalanced_group():
     (0.2, [[1.0391, 0.8659], [1.0391, 0.8659], [-0.6927, -1.0391], [-0.6927, -0.8659]]),
     (-0.2, [[0.6927, 0.8659], [0.6927, 0.8659], [-1.0391, -0.6927], [-1.0391, -0.8659]]),
 ])
-def test_thr_reweight_matches_the_spec(p, expected):
-    s, tau = spec_influence()
+def test_thr_reweight_matches_the_worked_example(p, expected):
+    s, tau = worked_influence()
     close(thr_advantages(grpo_group_advantages(REWARDS), s, tau, p, MASK, mode="reweight"), expected)
 
 
-def test_thr_dominant_only_on_the_spec_case():
-    s, tau = spec_influence()
+def test_thr_dominant_only_on_the_worked_example():
+    s, tau = worked_influence()
     A = grpo_group_advantages(REWARDS)
     out = thr_advantages(A, s, tau, 0.2, MASK, mode="dominant_only")
     # dominant: all token-0s and s2's token 1; the rest are zeroed
@@ -99,7 +107,7 @@ def test_thr_dominant_only_on_the_spec_case():
 
 
 def test_unknown_mode_is_refused():
-    s, tau = spec_influence()
+    s, tau = worked_influence()
     with pytest.raises(ValueError, match="reweight, dominant_only"):
         thr_advantages(grpo_group_advantages(REWARDS), s, tau, 0.2, MASK, mode="nthr")
 
@@ -381,7 +389,7 @@ def test_a_group_split_across_two_processes_gets_the_same_advantages(tmp_path):
     assert not torch.allclose(one, one[:, :1].expand_as(one) * (one != 0))  # THR actually reweighted something
 
 
-# ----------------------------------------------------------------------------- issue 16: fidelity of the paths
+# --------------------------------------- fidelity of the trainer's paths: GSPO-token, masks, old-policy forward
 
 
 def _gspo_batch(trainer, seed=0, B=4, P=5, T=7):

@@ -1,6 +1,13 @@
-"""WAGLE: the spec's worked examples (§4.8), the exact chunked global top-k, the model-side helpers, and the trainer
+"""WAGLE: worked examples, the exact chunked global top-k, the model-side helpers, and the trainer
 (reduces to plain GradDiff/NPO/PO at an all-ones mask, clip -> mask -> step, exact resume, 2-process DDP and
-DeepSpeed ZeRO-2/3 runs, the phase-1 memory budget)."""
+DeepSpeed ZeRO-2/3 runs, the phase-1 memory budget).
+
+The worked examples (six parameter entries, ratio 0.5, gamma 1e-3 and 1e-6; the NPO forget term at CE 2.0 vs 1.5,
+beta 0.1) were computed with numpy from the official code's rules (OPTML-Group/WAGLE at
+31275e87c03e0f23bb01413eb3f19eada4a404d0: ``src/unlearn/generate_mask.py``, score type ``snip_advanced``,
+S = (theta - g_r / gamma) * g_f ranked globally by |S|; ``src/unlearn/GA.py`` ``NPO_FT``); the equations are in the
+docstring of ``posttrain/trainers/wagle.py``. They are not values from the paper (arXiv 2410.17509).
+"""
 
 import json
 import os
@@ -46,7 +53,7 @@ from posttrain.trainers.wagle import (
 
 torch.set_num_threads(1)
 
-# --- spec §4.8 ------------------------------------------------------------------------------------------
+# --- worked example: six entries, ratio 0.5 (k = 3) -------------------------------------------------------
 THETA = torch.tensor([0.5, -0.2, 0.01, 1.0, -0.3, 0.05])
 G_R = torch.tensor([1e-3, -2e-3, 0.0, 5e-4, 1e-6, -1e-3])
 G_F = torch.tensor([0.1, 0.05, 0.3, -0.02, 0.2, -0.4])
@@ -274,7 +281,7 @@ def test_accumulate_gradients_is_the_sum_of_per_batch_grads():
 
 
 def test_bf16_model_gradient_sums_are_float32_sums():
-    """Issue 16: a bf16 model's phase-1 sums are float32 sums of its batch gradients, as documented, not bf16 sums
+    """A bf16 model's phase-1 sums are float32 sums of its batch gradients, as documented, not bf16 sums
     accumulated in ``.grad`` (the official code's rounding), with or without ``to_cpu``."""
     torch.manual_seed(0)
     model, data = Tiny().to(torch.bfloat16), batches(16, 5)
@@ -383,7 +390,7 @@ print((peak[0] - start) / sum(p.numel() * 4 for p in model.parameters()))
 
 @pytest.mark.skipif(sys.platform != "linux", reason="needs glibc's mallopt, so the resident set follows live memory")
 def test_phase_one_stays_within_three_parameter_copies():
-    # the issue's budget: model + 3 fp32 copies. Live by design: the forget sum and the retain sum in .grad (2
+    # the budget set for phase 1: model + 3 fp32 copies. Live by design: the forget sum and the retain sum in .grad (2
     # copies), plus one weight's gradient and the top-k chunk keys. Scores made beside the sums would cost a 4th copy.
     def copies(mode):
         out = subprocess.run([sys.executable, "-c", PHASE_ONE_MEMORY, mode], capture_output=True, text=True, timeout=300,
@@ -440,8 +447,9 @@ def wagle_trainer(tmp_path, **overrides):
 
 
 def reference_run(trainer, steps, mask=None, mask_before_clip=False):
-    """A hand-written loop: the objective of the spec (§4.3) on the trainer's batches, HF's AdamW and linear
-    warmup schedule, clip_grad_norm_, then the mask, then the step. Returns the final parameters."""
+    """A hand-written loop: the objective of the docstring of ``posttrain/trainers/wagle.py`` (GradDiff / NPO / PO)
+    on the trainer's batches, HF's AdamW and linear warmup schedule, clip_grad_norm_, then the mask, then the step.
+    Returns the final parameters."""
     args = trainer.args
     model = AutoModelForCausalLM.from_pretrained(tiny_model_path("llama"))
     model.train()
