@@ -14,7 +14,7 @@ online from the gaps between participations and weights each update with it:
 - Aggregation: x <- x + eta_g * (1/N) * sum_{n participating} omega_n * Delta_n, divided by ALL N
   clients, not by the participants. Delta_n = (client model after I local SGD steps) - x.
 
-The simulation is the spec's quadratic benchmark: F_n(x) = 1/2 ||x - c_n||^2, F = mean_n F_n, so
+The simulation is this project's quadratic benchmark (not the paper's experiment): F_n(x) = 1/2 ||x - c_n||^2, F = mean_n F_n, so
 F(x) - F(x*) = 1/2 ||x - x*||^2 with x* = mean_n c_n. A latent client type z_n ~ N(0, 1) drives both
 the data (c_n = z_n a + noise) and the participation (p_n = 0.02 + 0.48 sigmoid(3 z_n)), so the
 clients that show up often are systematically different from the rest.
