@@ -27,8 +27,9 @@ def _list(what: str) -> None:
 
     if what in ("all", "methods"):
         print("methods (recipe `method:`):")
+        width = max(map(len, METHODS))
         for name, method in sorted(METHODS.items()):
-            print(f"  {name:<10} task={method.task:<11} {method.description}")
+            print(f"  {name:<{width}} task={method.task:<11} {method.description}")
         print("optimizers (recipe `optim:`, options in `optim_args`):")
         for name in sorted(OPTIMIZERS):
             print(f"  {name}")
