@@ -209,6 +209,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"posttrain: {err if isinstance(err, Interrupted) else 'interrupted before training started'}",
                   file=sys.stderr)
         return _error_exit(130)
+    except BrokenPipeError:
+        # the reader went away (`posttrain list | head`): stop quietly, as `ls | head` does; stdout goes to
+        # /dev/null so that the interpreter's own flush at exit does not raise again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     return 0
 
 

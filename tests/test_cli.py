@@ -44,3 +44,14 @@ def test_console_script_and_module_give_the_same_clean_error(run_env):
         assert len(proc.stderr.strip().splitlines()) == 1
     debug = subprocess.run([*cmd, "train", "dpo/tiny", "--bta", "1", "--debug"], capture_output=True, text=True, env=run_env, cwd=ROOT)
     assert debug.returncode != 0 and "Traceback" in debug.stderr
+
+
+def test_a_reader_that_stops_early_gets_no_traceback(run_env):
+    # `posttrain list | head -1`: the pipe closes while posttrain still prints
+    proc = subprocess.Popen([sys.executable, "-m", "posttrain", "list"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=run_env, bufsize=0)
+    proc.stdout.readline()
+    proc.stdout.close()
+    stderr = proc.communicate(timeout=120)[1].decode()
+    assert "Traceback" not in stderr and "BrokenPipeError" not in stderr, stderr
+    assert proc.returncode in (0, 141)
