@@ -491,9 +491,9 @@ def parse_filter_keys(values: dict[str, Any], sources: dict[str, str], source: s
     Only the keys are checked here (nothing is loaded); the labelled set and the keyword file are read with the
     data, which ``build_trainer`` loads before the model.
     """
-    import difflib
     import typing
 
+    from posttrain import did_you_mean
     from posttrain.recipes.config import RecipeError
 
     names = filter_keys()
@@ -502,8 +502,7 @@ def parse_filter_keys(values: dict[str, Any], sources: dict[str, str], source: s
         return None
     for key in given:
         if key not in names:
-            close = difflib.get_close_matches(key, names, n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            hint = did_you_mean(key, names)
             raise RecipeError(f"{sources.get(key, source)}: unknown key '{key}'{hint}; the data filter keys are "
                               f"{', '.join(names)}")
     where = sources.get(next(iter(given)), source)

@@ -19,6 +19,15 @@ class UserError(Exception):
     """A mistake in what the user gave (recipe, override, dataset): printed as one line, exit code 2."""
 
 
+def did_you_mean(word, choices) -> str:
+    """`` (did you mean 'x'?)`` for the closest of ``choices`` to a mistyped ``word``, or ``""``: the hint every
+    unknown-name error carries."""
+    import difflib
+
+    close = difflib.get_close_matches(str(word), list(choices), n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
 class TrainingError(Exception):
     """A run that stopped on purpose mid-training (e.g. a non-finite loss): one line, exit code 1."""
 

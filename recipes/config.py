@@ -13,7 +13,6 @@ Nothing here loads a model.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import enum
 import json
 import re
@@ -26,7 +25,7 @@ from typing import Any
 
 import yaml
 
-from posttrain import UserError
+from posttrain import UserError, did_you_mean
 from posttrain.trainers import METHODS, OPTIMIZERS
 
 RECIPES_DIR = Path(__file__).resolve().parent
@@ -97,8 +96,7 @@ def find_recipe(name: str) -> Path:
     shipped = RECIPES_DIR / (name if name.endswith(".yaml") else f"{name}.yaml")
     if shipped.is_file():
         return shipped
-    close = difflib.get_close_matches(name.removesuffix(".yaml"), builtin_recipes(), n=1)
-    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    hint = did_you_mean(name.removesuffix(".yaml"), builtin_recipes())
     raise RecipeError(
         f"recipe '{name}' not found: no such file and no built-in recipe '{name}'{hint}; "
         "'posttrain list' shows the built-in recipes"
@@ -166,8 +164,7 @@ def build_recipe(values: dict[str, Any], sources: dict[str, str], source: str) -
     if method is None:
         raise RecipeError(f"{source}: missing 'method:' key; valid methods: {', '.join(sorted(METHODS))}")
     if method not in METHODS:
-        close = difflib.get_close_matches(str(method), METHODS, n=1)
-        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        hint = did_you_mean(str(method), METHODS)
         raise RecipeError(f"{sources['method']}: unknown method '{method}'{hint}; valid methods: {', '.join(sorted(METHODS))}")
     entry = METHODS[method]
 
@@ -226,8 +223,7 @@ def build_recipe(values: dict[str, Any], sources: dict[str, str], source: str) -
         roles = [role for role in classes if key in hints[role]]
         if not roles:
             valid = sorted(set().union(*hints.values()) | {"method"} | (_moe_names() if entry.task != "aux" else set()))
-            close = difflib.get_close_matches(key, valid, n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            hint = did_you_mean(key, valid)
             where = sources.get(key, source)
             raise RecipeError(f"{where}: unknown key '{key}' for method '{method}'{hint}")
         for role in roles:
@@ -326,8 +322,7 @@ def _check_report_to(value, where: str) -> None:
         if name in ("all", "none"):
             continue
         if name not in INTEGRATION_TO_CALLBACK:
-            close = difflib.get_close_matches(str(name), INTEGRATION_TO_CALLBACK, n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            hint = did_you_mean(str(name), INTEGRATION_TO_CALLBACK)
             raise RecipeError(f"{where}: unknown report_to {name!r}{hint}; valid: none, all, "
                               f"{', '.join(sorted(INTEGRATION_TO_CALLBACK))}")
         if name not in get_available_reporting_integrations():

@@ -227,15 +227,14 @@ class CompanderArgs:
 def parse_weight_compander_keys(values: dict, sources: dict, source: str, method: str, task: str) -> CompanderArgs | None:
     """Pop the ``weight_compander_*`` keys from a recipe's values and check them (nothing loads); ValueError names
     the key and where it was set."""
-    import difflib
+    from posttrain import did_you_mean
 
     keys = [k for k in values if str(k).startswith("weight_compander")]
     if not keys:
         return None
     for key in keys:
         if key not in WC_KEYS:
-            close = difflib.get_close_matches(key, WC_KEYS, n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            hint = did_you_mean(key, WC_KEYS)
             raise ValueError(f"{sources.get(key, source)}: unknown key '{key}'{hint}; the Weight Compander keys are "
                              f"{', '.join(WC_KEYS)}")
     given = {k.removeprefix("weight_compander_"): values.pop(k) for k in keys}
