@@ -1,4 +1,5 @@
-# make test   - create .venv if missing and run the whole CPU test suite (what CI runs)
+# make test   - create .venv if missing, lint, and run the whole CPU test suite (what CI runs)
+# make lint   - ruff: lint (pyflakes, pycodestyle, isort, bugbear) and the formatter's check; `make format` applies it
 # make demo   - a short real DPO run of SmolLM2-135M-Instruct on the built-in preference pairs, then its evaluation
 #               against the base model (table printed; runs/demo-eval/ holds results.md and the plots)
 PYTHON ?= python3
@@ -7,7 +8,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | cksum | cut -d' ' -f1)
 PYTEST_ARGS ?=
 
-.PHONY: venv test test-fast demo clean
+.PHONY: venv lint format test test-fast demo clean
 
 venv: $(STAMP)
 
@@ -21,7 +22,15 @@ $(STAMP):
 	rm -f $(VENV)/.installed-*
 	touch $@
 
-test: venv
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: venv
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+test: lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 test-fast: venv

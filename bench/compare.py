@@ -25,7 +25,6 @@ The results file is rewritten after every measured step, so a run stopped by a t
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -41,8 +40,16 @@ from posttrain.recipes.config import build_recipe, find_recipe, parse_overrides,
 from posttrain.recipes.train import build_trainer, write_json_atomic
 from posttrain.trainers import METHODS
 
-QWEN2_05B = dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
-                 num_key_value_heads=2, vocab_size=151936, max_position_embeddings=4096, tie_word_embeddings=True)
+QWEN2_05B = dict(
+    hidden_size=896,
+    intermediate_size=4864,
+    num_hidden_layers=24,
+    num_attention_heads=14,
+    num_key_value_heads=2,
+    vocab_size=151936,
+    max_position_embeddings=4096,
+    tie_word_embeddings=True,
+)
 
 
 # A randomly initialised model writes token ids that no real reward can score (the tiny tokenizer decodes almost none
@@ -60,7 +67,10 @@ def bench_even_id_fraction(completion_ids, **kwargs) -> list[float]:
 
 
 BENCH_REWARDS = {
-    "bench_id_parity": ("bench only: 1 if the sum of the completion's token ids is even", lambda config: bench_id_parity),
+    "bench_id_parity": (
+        "bench only: 1 if the sum of the completion's token ids is even",
+        lambda config: bench_id_parity,
+    ),
     "bench_even_id_fraction": ("bench only: fraction of even token ids", lambda config: bench_even_id_fraction),
 }
 
@@ -210,16 +220,24 @@ def summary(trainers: dict, order: list, times: dict, peaks: dict, flops: dict) 
         row["mfu"] = row["tflops"] * 1e12 / peak if step_flops and peak else None
     # the metrics the method logs beyond its parent's (e.g. how many THR groups were mixed), plus the reward spread
     parent_keys = set(trainers[order[0]]._metrics["train"]) if hasattr(trainers[order[0]], "_metrics") else set()
-    method_metrics = {label: {k: statistics.mean(v) for k, v in trainer._metrics["train"].items()
-                              if v and (k not in parent_keys or k in ("reward_std", "frac_reward_zero_std"))}
-                      for label, trainer in trainers.items() if hasattr(trainer, "_metrics")}
+    method_metrics = {
+        label: {
+            k: statistics.mean(v)
+            for k, v in trainer._metrics["train"].items()
+            if v and (k not in parent_keys or k in ("reward_std", "frac_reward_zero_std"))
+        }
+        for label, trainer in trainers.items()
+        if hasattr(trainer, "_metrics")
+    }
     # a ratio is a measure of the method only where the method did its work
     not_measured = None
     method = method_metrics.get(order[-1], {})
     if "thr/mixed_groups" in method and method["thr/mixed_groups"] == 0:
         not_measured = "no THR group was mixed: THR did no work and the time ratio does not measure it"
     elif method.get("reward_std") == 0:
-        not_measured = "every completion got the same reward: the method did no work and the time ratio does not measure it"
+        not_measured = (
+            "every completion got the same reward: the method did no work and the time ratio does not measure it"
+        )
     return {"rows": rows, "method_metrics": method_metrics, "not_measured": not_measured}
 
 
@@ -238,7 +256,7 @@ def machine() -> str:
         return f"{torch.cuda.get_device_name()} (torch {torch.__version__})"
     cpu = platform.processor() or platform.machine()
     try:
-        cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
+        cpu = next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name"))
     except (OSError, StopIteration):
         pass
     return f"CPU {cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads (torch {torch.__version__})"
@@ -248,7 +266,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("method", help="a registered method; it is compared with its TRL parent")
     parser.add_argument("--recipe", help="recipe to build both trainers from (default <method>/tiny)")
-    parser.add_argument("--model", help="model_name_or_path override; 'qwen2-0.5b-random' builds a random Qwen2-0.5B shape")
+    parser.add_argument(
+        "--model", help="model_name_or_path override; 'qwen2-0.5b-random' builds a random Qwen2-0.5B shape"
+    )
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--out", help="JSON results file (default bench/results/<method>.json)")
@@ -268,9 +288,15 @@ def main(argv=None) -> int:
     peaks = {label: [] for label in trainers}
     order = list(trainers)
     out = Path(args.out or Path(__file__).parent / "results" / f"{args.method}.json")
-    result = {"method": args.method, "recipe": recipe_name, "overrides": {k: str(v) for k, v in overrides.items()},
-              "machine": machine(), "steps": args.steps, "warmup": args.warmup,
-              "memory": "CUDA allocator peak per step" if torch.cuda.is_available() else "peak RSS growth per step"}
+    result = {
+        "method": args.method,
+        "recipe": recipe_name,
+        "overrides": {k: str(v) for k, v in overrides.items()},
+        "machine": machine(),
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "memory": "CUDA allocator peak per step" if torch.cuda.is_available() else "peak RSS growth per step",
+    }
     flops = {label: preference_step_flops(trainer, batch) for label, trainer in trainers.items()}
     for i in range(args.warmup + args.steps):
         for label in order if i % 2 == 0 else order[::-1]:
@@ -279,18 +305,31 @@ def main(argv=None) -> int:
                 times[label].append(seconds)
                 peaks[label].append(peak)
         if i >= args.warmup:  # a run stopped by a timeout still leaves the steps it measured
-            write_json_atomic(out, {**result, **summary(trainers, order, times, peaks, flops), "complete": i + 1 == args.warmup + args.steps})
+            write_json_atomic(
+                out,
+                {
+                    **result,
+                    **summary(trainers, order, times, peaks, flops),
+                    "complete": i + 1 == args.warmup + args.steps,
+                },
+            )
     result = {**result, **summary(trainers, order, times, peaks, flops), "complete": True}
     rows = result["rows"]
     print(f"\n{args.method} vs its parent on {result['machine']}; recipe {recipe_name}; median of {args.steps} steps")
     print(f"| variant | median step (ms) | p10 | p90 | peak mem (MiB, {result['memory']}) | time ratio |")
     print("|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['variant']} | {r['median_ms']:.2f} | {r['p10_ms']:.2f} | {r['p90_ms']:.2f} | {r['peak_mib']:.1f} | {r['ratio']:.3f} |")
+        print(
+            f"| {r['variant']} | {r['median_ms']:.2f} | {r['p10_ms']:.2f} | {r['p90_ms']:.2f} | {r['peak_mib']:.1f} "
+            f"| {r['ratio']:.3f} |"
+        )
     for r in rows:
         if r.get("mfu") is not None:
-            print(f"{r['variant']}: {r['tflops']:.1f} TFLOP/s of model FLOPs, MFU {100 * r['mfu']:.1f}% of the {peak_flops() / 1e12:.0f} "
-                  "TFLOP/s bf16 peak")
+            print(
+                f"{r['variant']}: {r['tflops']:.1f} TFLOP/s of model FLOPs, MFU {100 * r['mfu']:.1f}% of the "
+                f"{peak_flops() / 1e12:.0f} "
+                "TFLOP/s bf16 peak"
+            )
     for label, values in result["method_metrics"].items():
         if values:
             print(f"{label}: " + ", ".join(f"{k} {v:.4g}" for k, v in sorted(values.items())))

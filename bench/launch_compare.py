@@ -22,9 +22,28 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def run(method: str, recipe: str, config: str, processes: int, overrides: list[str], out: Path) -> dict:
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config, "--num_processes", str(processes),
-           "-m", "posttrain", "train", recipe, "--method", method, "--output_dir", str(out),
-           "--save_strategy", "no", "--report_to", "none", *overrides]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        config,
+        "--num_processes",
+        str(processes),
+        "-m",
+        "posttrain",
+        "train",
+        recipe,
+        "--method",
+        method,
+        "--output_dir",
+        str(out),
+        "--save_strategy",
+        "no",
+        "--report_to",
+        "none",
+        *overrides,
+    ]
     subprocess.run(cmd, check=True, cwd=ROOT)
     return json.loads((out / "run_summary.json").read_text())
 
@@ -44,15 +63,24 @@ def main(argv=None) -> int:
         for label, method in ((f"{parent} (parent)", parent), (args.method, args.method)):
             summary = run(method, recipe, args.config, args.num_processes, rest, Path(tmp) / label.split()[0])
             steps = summary["global_step"]
-            rows.append({"variant": label, "steps": steps, "seconds": summary["train_runtime_s"],
-                         "steps_per_s": steps / summary["train_runtime_s"], "distributed_type": summary["distributed_type"],
-                         "zero_stage": summary["zero_stage"]})
+            rows.append(
+                {
+                    "variant": label,
+                    "steps": steps,
+                    "seconds": summary["train_runtime_s"],
+                    "steps_per_s": steps / summary["train_runtime_s"],
+                    "distributed_type": summary["distributed_type"],
+                    "zero_stage": summary["zero_stage"],
+                }
+            )
     for row in rows:
         row["time_ratio"] = rows[0]["steps_per_s"] / row["steps_per_s"]
     print(f"\n{args.method} vs its parent, {args.config}, {args.num_processes} process(es), recipe {recipe}")
     print("| variant | steps | train seconds | steps/s | time ratio |\n|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['variant']} | {r['steps']} | {r['seconds']:.2f} | {r['steps_per_s']:.3f} | {r['time_ratio']:.3f} |")
+        print(
+            f"| {r['variant']} | {r['steps']} | {r['seconds']:.2f} | {r['steps_per_s']:.3f} | {r['time_ratio']:.3f} |"
+        )
     if args.out:
         Path(args.out).write_text(json.dumps({"method": args.method, "config": args.config, "rows": rows}, indent=2))
     return 0

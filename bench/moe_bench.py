@@ -123,30 +123,46 @@ def main(argv=None) -> int:
                 balancing[label].append(bal)
                 peaks[label].append(peak)
 
-    rows = [{**timing_row(label, times[label], peaks[label], times["none"]),
-             "balancing_ms": 1e3 * statistics.median(balancing[label]),
-             # median of the per-step ratios against the stock step run right before/after it: robust to drift
-             "paired_ratio": statistics.median(x / y for x, y in zip(times[label], times["none"]))}
-            for label in order]
+    rows = [
+        {
+            **timing_row(label, times[label], peaks[label], times["none"]),
+            "balancing_ms": 1e3 * statistics.median(balancing[label]),
+            # median of the per-step ratios against the stock step run right before/after it: robust to drift
+            "paired_ratio": statistics.median(x / y for x, y in zip(times[label], times["none"])),
+        }
+        for label in order
+    ]
     cb = getattr(trainers[order[-1]], "moe_balance", None)
     model = trainers["none"].model
     result = {
-        "recipe": args.recipe, "model": str(overrides.get("model_name_or_path", "(recipe)")),
-        "model_class": type(model).__name__, "parameters_m": sum(p.numel() for p in model.parameters()) / 1e6,
-        "overrides": {k: str(v) for k, v in overrides.items()}, "machine": machine(), "steps": args.steps,
-        "warmup": args.warmup, "batches": args.batches, "rows": rows,
+        "recipe": args.recipe,
+        "model": str(overrides.get("model_name_or_path", "(recipe)")),
+        "model_class": type(model).__name__,
+        "parameters_m": sum(p.numel() for p in model.parameters()) / 1e6,
+        "overrides": {k: str(v) for k, v in overrides.items()},
+        "machine": machine(),
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "batches": args.batches,
+        "rows": rows,
         "last_moe_metrics": {k: v for k, v in (cb.last_metrics if cb else {}).items() if "/layer" not in k},
         "memory": "CUDA allocator peak per step" if torch.cuda.is_available() else "peak RSS growth per step",
     }
     print(f"\nMoE balancing vs stock on {result['machine']}")
-    print(f"recipe {args.recipe}, model {result['model']} ({result['model_class']}, {result['parameters_m']:.1f}M "
-          f"params); median of {args.steps} interleaved steps after {args.warmup} warm-up, {args.batches} batches")
-    print(f"| variant | median step (ms) | p10 | p90 | balancing (ms) | peak mem (MiB, {result['memory']}) | "
-          "time ratio (medians) | paired ratio |")
+    print(
+        f"recipe {args.recipe}, model {result['model']} ({result['model_class']}, {result['parameters_m']:.1f}M "
+        f"params); median of {args.steps} interleaved steps after {args.warmup} warm-up, {args.batches} batches"
+    )
+    print(
+        f"| variant | median step (ms) | p10 | p90 | balancing (ms) | peak mem (MiB, {result['memory']}) | "
+        "time ratio (medians) | paired ratio |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['variant']} | {r['median_ms']:.2f} | {r['p10_ms']:.2f} | {r['p90_ms']:.2f} | "
-              f"{r['balancing_ms']:.2f} | {r['peak_mib']:.1f} | {r['ratio']:.3f} | {r['paired_ratio']:.3f} |")
+        print(
+            f"| {r['variant']} | {r['median_ms']:.2f} | {r['p10_ms']:.2f} | {r['p90_ms']:.2f} | "
+            f"{r['balancing_ms']:.2f} | {r['peak_mib']:.1f} | {r['ratio']:.3f} | {r['paired_ratio']:.3f} |"
+        )
     if result["last_moe_metrics"]:
         print("last step: " + ", ".join(f"{k} {v:.4g}" for k, v in sorted(result["last_moe_metrics"].items())))
     out = Path(args.out or Path(__file__).parent / "results" / "moe_balance.json")

@@ -65,42 +65,87 @@ MODES = ("strong", "weak")
 class CascadeFilterConfig:
     """The recipe keys of the filter. Defaults are the official ``filter.py`` defaults where it has one."""
 
-    data_filter: str = field(default="weak", metadata={
-        "help": "strong: blocklist only, every escalated document is removed; weak: blocklist + classifier (+ the "
-        "judge when data_filter_judge is set), only documents every stage flags are removed."})
-    data_filter_labelled: Optional[str] = field(default=None, metadata={
-        "help": "Labelled documents (builtin:<name>, a local .jsonl/.json/.csv/.parquet file or a hub id) with a "
-        "text column and data_filter_label_column: the classifier is trained on them, and the blocklist is mined "
-        "from them unless data_filter_blocklist is given. Needed by the weak filter. A builtin generator makes "
-        "num_samples rows with data_seed, as for `dataset`."})
-    data_filter_labelled_split: str = field(default="train", metadata={
-        "help": "Split of data_filter_labelled (builtin:topic_corpus: 'labelled')."})
-    data_filter_label_column: str = field(default="is_filter_target", metadata={
-        "help": "Bool column marking target documents, in the labelled set and, when present, in the filtered data "
-        "(then the report gives precision, recall and FPR per stage)."})
-    data_filter_blocklist: Optional[str] = field(default=None, metadata={
-        "help": "A keyword CSV in the official format (columns keyword, pos_ratio, optional is_relevant); unset: "
-        "mined from data_filter_labelled."})
-    data_filter_pos_ratio: float = field(default=0.4, metadata={
-        "help": "Keep a keyword when its pos_ratio (share of the documents containing it that are targets) is above "
-        "this (official block_words_threshold)."})
-    data_filter_min_hits: int = field(default=2, metadata={
-        "help": "Escalate a document holding this many distinct keywords (official block_words_occuring_threshold)."})
-    data_filter_min_docs: int = field(default=5, metadata={
-        "help": "Blocklist mining: a candidate keyword occurs in at least this many target documents."})
-    data_filter_threshold: float = field(default=0.5, metadata={
-        "help": "Classifier: flag a document when a chunk's positive probability is above this (bert_threshold)."})
-    data_filter_context_length: int = field(default=8192, metadata={
-        "help": "Classifier: chunk length in words; every chunk is scored (official: 8192 tokens)."})
-    data_filter_judge: Optional[str] = field(default=None, metadata={
-        "help": "Optional LLM-judge stage, weak filter only: 'package.module:function', a callable text -> "
-        "completion; flagged when the first digit after the completion's last '[' is 1, or on an error."})
-    data_filter_keep_size: bool = field(default=True, metadata={
-        "help": "Replace the filtered documents by escalated-but-approved ones (drawn without replacement), so the "
-        "data keeps its size whenever enough approved documents exist."})
-    data_filter_text_column: Optional[str] = field(default=None, metadata={
-        "help": "Column the stages read; unset: the text of text, prompt, completion, chosen, rejected, messages, "
-        "question and answer, joined (message lists: their contents)."})
+    data_filter: str = field(
+        default="weak",
+        metadata={
+            "help": "strong: blocklist only, every escalated document is removed; weak: blocklist + classifier (+ the "
+            "judge when data_filter_judge is set), only documents every stage flags are removed."
+        },
+    )
+    data_filter_labelled: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "Labelled documents (builtin:<name>, a local .jsonl/.json/.csv/.parquet file or a hub id) with a "
+            "text column and data_filter_label_column: the classifier is trained on them, and the blocklist is mined "
+            "from them unless data_filter_blocklist is given. Needed by the weak filter. A builtin generator makes "
+            "num_samples rows with data_seed, as for `dataset`."
+        },
+    )
+    data_filter_labelled_split: str = field(
+        default="train", metadata={"help": "Split of data_filter_labelled (builtin:topic_corpus: 'labelled')."}
+    )
+    data_filter_label_column: str = field(
+        default="is_filter_target",
+        metadata={
+            "help": "Bool column marking target documents, in the labelled set and, when present, in the filtered data "
+            "(then the report gives precision, recall and FPR per stage)."
+        },
+    )
+    data_filter_blocklist: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "A keyword CSV in the official format (columns keyword, pos_ratio, optional is_relevant); unset: "
+            "mined from data_filter_labelled."
+        },
+    )
+    data_filter_pos_ratio: float = field(
+        default=0.4,
+        metadata={
+            "help": "Keep a keyword when its pos_ratio (share of the documents containing it that are targets) is "
+            "above this (official block_words_threshold)."
+        },
+    )
+    data_filter_min_hits: int = field(
+        default=2,
+        metadata={
+            "help": "Escalate a document holding this many distinct keywords (official block_words_occuring_threshold)."
+        },
+    )
+    data_filter_min_docs: int = field(
+        default=5,
+        metadata={"help": "Blocklist mining: a candidate keyword occurs in at least this many target documents."},
+    )
+    data_filter_threshold: float = field(
+        default=0.5,
+        metadata={
+            "help": "Classifier: flag a document when a chunk's positive probability is above this (bert_threshold)."
+        },
+    )
+    data_filter_context_length: int = field(
+        default=8192,
+        metadata={"help": "Classifier: chunk length in words; every chunk is scored (official: 8192 tokens)."},
+    )
+    data_filter_judge: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "Optional LLM-judge stage, weak filter only: 'package.module:function', a callable text -> "
+            "completion; flagged when the first digit after the completion's last '[' is 1, or on an error."
+        },
+    )
+    data_filter_keep_size: bool = field(
+        default=True,
+        metadata={
+            "help": "Replace the filtered documents by escalated-but-approved ones (drawn without replacement), so the "
+            "data keeps its size whenever enough approved documents exist."
+        },
+    )
+    data_filter_text_column: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "Column the stages read; unset: the text of text, prompt, completion, chosen, rejected, messages, "
+            "question and answer, joined (message lists: their contents)."
+        },
+    )
     data_filter_seed: int = field(default=0, metadata={"help": "Seed of the classifier and of the replacement draw."})
 
     def __post_init__(self):
@@ -114,20 +159,28 @@ class CascadeFilterConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.data_filter == "weak" and not self.data_filter_labelled:
-            raise ValueError("data_filter: weak trains a classifier, so data_filter_labelled must name a labelled set "
-                             "(e.g. builtin:topic_corpus with data_filter_labelled_split: labelled)")
+            raise ValueError(
+                "data_filter: weak trains a classifier, so data_filter_labelled must name a labelled set "
+                "(e.g. builtin:topic_corpus with data_filter_labelled_split: labelled)"
+            )
         if self.data_filter == "strong" and not (self.data_filter_labelled or self.data_filter_blocklist):
-            raise ValueError("data_filter: strong needs a keyword list: set data_filter_blocklist (a CSV) or "
-                             "data_filter_labelled (to mine one)")
+            raise ValueError(
+                "data_filter: strong needs a keyword list: set data_filter_blocklist (a CSV) or "
+                "data_filter_labelled (to mine one)"
+            )
         if self.data_filter == "strong" and self.data_filter_judge:
-            raise ValueError("data_filter_judge is a stage of the weak filter (the strong filter is the blocklist "
-                             "alone); set data_filter: weak or remove data_filter_judge")
+            raise ValueError(
+                "data_filter_judge is a stage of the weak filter (the strong filter is the blocklist "
+                "alone); set data_filter: weak or remove data_filter_judge"
+            )
         if self.data_filter_blocklist is not None:
             import os
 
             if not os.path.isfile(os.path.expanduser(self.data_filter_blocklist)):
-                raise ValueError(f"data_filter_blocklist: file not found: {self.data_filter_blocklist}; give a CSV "
-                                 "with columns keyword, pos_ratio (and optionally is_relevant)")
+                raise ValueError(
+                    f"data_filter_blocklist: file not found: {self.data_filter_blocklist}; give a CSV "
+                    "with columns keyword, pos_ratio (and optionally is_relevant)"
+                )
         if self.data_filter_judge is not None:
             self.judge_callable()  # an import error or a non-callable is a recipe error, before any model loads
 
@@ -142,8 +195,10 @@ class CascadeFilterConfig:
         try:
             fn = getattr(importlib.import_module(module), attr)
         except (ImportError, AttributeError) as err:
-            raise ValueError(f"data_filter_judge {self.data_filter_judge!r} cannot be imported ({err}); check "
-                             "the module path (it must be importable from the working directory)") from None
+            raise ValueError(
+                f"data_filter_judge {self.data_filter_judge!r} cannot be imported ({err}); check "
+                "the module path (it must be importable from the working directory)"
+            ) from None
         if not callable(fn):
             raise ValueError(f"data_filter_judge {self.data_filter_judge!r} is not callable")
         return fn
@@ -171,7 +226,9 @@ def blocklist_hits(text: str, keywords: list[str], min_hits: int) -> list[str]:
 def select_keywords(rows: list[dict], pos_ratio_threshold: float) -> list[str]:
     """The keywords of a list of ``{keyword, pos_ratio, is_relevant?}`` rows that pass: pos_ratio above the
     threshold and relevant (official ``__read_blocklist``); sorted, since the official set order is arbitrary."""
-    keep = {str(r["keyword"]) for r in rows if float(r["pos_ratio"]) > pos_ratio_threshold and r.get("is_relevant", True)}
+    keep = {
+        str(r["keyword"]) for r in rows if float(r["pos_ratio"]) > pos_ratio_threshold and r.get("is_relevant", True)
+    }
     return sorted(keep)
 
 
@@ -186,14 +243,17 @@ def mine_blocklist(texts: list[str], labels: list[bool], min_docs: int) -> list[
             docs_with[word] = docs_with.get(word, 0) + 1
             if label:
                 pos_with[word] = pos_with.get(word, 0) + 1
-    return [{"keyword": w, "pos_ratio": pos_with[w] / docs_with[w], "count": docs_with[w], "is_relevant": True}
-            for w in sorted(pos_with) if pos_with[w] >= min_docs]
+    return [
+        {"keyword": w, "pos_ratio": pos_with[w] / docs_with[w], "count": docs_with[w], "is_relevant": True}
+        for w in sorted(pos_with)
+        if pos_with[w] >= min_docs
+    ]
 
 
 def chunk_words(text: str, context_length: int) -> list[str]:
     """``text`` cut into pieces of ``context_length`` words (at least one piece, possibly empty)."""
     words = text.split()
-    return [" ".join(words[i:i + context_length]) for i in range(0, len(words), context_length)] or [""]
+    return [" ".join(words[i : i + context_length]) for i in range(0, len(words), context_length)] or [""]
 
 
 def parse_judgment(completion: str) -> bool:
@@ -209,16 +269,28 @@ def classification_report(y_true: Optional[list[bool]], y_pred: list[bool]) -> d
     """The official per-stage report: filtered documents and their share; with labels also accuracy, precision,
     recall, F1 of the positive class, the confusion matrix (tn, fp, fn, tp) and FPR (scikit-learn's metrics)."""
     n = len(y_pred)
-    report: dict[str, Any] = {"documents": n, "filtered_documents": int(sum(y_pred)),
-                              "percent_filtered": 100.0 * sum(y_pred) / n if n else 0.0}
+    report: dict[str, Any] = {
+        "documents": n,
+        "filtered_documents": int(sum(y_pred)),
+        "percent_filtered": 100.0 * sum(y_pred) / n if n else 0.0,
+    }
     if y_true is None:
         return report
     from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
     tn, fp, fn, tp = (int(v) for v in confusion_matrix(y_true, y_pred, labels=[False, True]).ravel())
     precision, recall, f1, _ = precision_recall_fscore_support(y_true, y_pred, labels=[True], zero_division=0)
-    report.update(accuracy=(tp + tn) / n if n else 0.0, precision=float(precision[0]), recall=float(recall[0]),
-                  f1=float(f1[0]), fpr=fp / (fp + tn) if fp + tn else 0.0, tn=tn, fp=fp, fn=fn, tp=tp)
+    report.update(
+        accuracy=(tp + tn) / n if n else 0.0,
+        precision=float(precision[0]),
+        recall=float(recall[0]),
+        f1=float(f1[0]),
+        fpr=fp / (fp + tn) if fp + tn else 0.0,
+        tn=tn,
+        fp=fp,
+        fn=fn,
+        tp=tp,
+    )
     return report
 
 
@@ -267,8 +339,10 @@ class ClassifierStage:
         from sklearn.linear_model import LogisticRegression
         from sklearn.pipeline import make_pipeline
 
-        model = make_pipeline(TfidfVectorizer(sublinear_tf=True, ngram_range=(1, 2), min_df=2),
-                              LogisticRegression(C=10.0, max_iter=1000, random_state=seed))
+        model = make_pipeline(
+            TfidfVectorizer(sublinear_tf=True, ngram_range=(1, 2), min_df=2),
+            LogisticRegression(C=10.0, max_iter=1000, random_state=seed),
+        )
         model.fit(texts, [bool(y) for y in labels])
         return cls(model, **kwargs)
 
@@ -283,10 +357,14 @@ class ClassifierStage:
             return [(True, dict(self.default_metadata, error=str(err)[:200])) for _ in texts]
         out, start = [], 0
         for doc in chunks:
-            s = scores[start:start + len(doc)]
+            s = scores[start : start + len(doc)]
             start += len(doc)
-            out.append((any(v > self.threshold for v in s),
-                        {"highest_score": max(s), "lowest_score": min(s), "mean_score": sum(s) / len(s), "error": ""}))
+            out.append(
+                (
+                    any(v > self.threshold for v in s),
+                    {"highest_score": max(s), "lowest_score": min(s), "mean_score": sum(s) / len(s), "error": ""},
+                )
+            )
         return out
 
 
@@ -317,6 +395,7 @@ class JudgeStage:
 def document_text(row: dict, text_column: Optional[str] = None) -> str:
     """The text the stages read from one row: ``text_column``, or every text column present, joined by newlines
     (a message list gives its contents)."""
+
     def flat(value) -> str:
         if isinstance(value, list):
             return "\n".join(flat(m.get("content", "") if isinstance(m, dict) else m) for m in value)
@@ -337,8 +416,15 @@ class CascadeFilter:
     """``stages`` in cascade order (blocklist first). ``mode`` strong: the decision is the first stage's column
     (the later stages are not run); weak: the last stage's. ``keep_size``: add approved escalations back."""
 
-    def __init__(self, stages: list, mode: str = "weak", keep_size: bool = True, seed: int = 0,
-                 text_column: Optional[str] = None, label_column: str = "is_filter_target"):
+    def __init__(
+        self,
+        stages: list,
+        mode: str = "weak",
+        keep_size: bool = True,
+        seed: int = 0,
+        text_column: Optional[str] = None,
+        label_column: str = "is_filter_target",
+    ):
         if mode not in MODES:
             raise ValueError(f"mode must be strong or weak, got {mode!r}")
         self.stages = stages[:1] if mode == "strong" else list(stages)
@@ -348,16 +434,24 @@ class CascadeFilter:
     def apply(self, dataset: Dataset, where: str = "dataset") -> FilterOutput:
         columns = list(dataset.column_names)
         if self.text_column and self.text_column not in columns:
-            raise DataError(f"{where}: data_filter_text_column {self.text_column!r} is not a column (columns: "
-                            f"{columns}); set it to one of them")
+            raise DataError(
+                f"{where}: data_filter_text_column {self.text_column!r} is not a column (columns: "
+                f"{columns}); set it to one of them"
+            )
         if not self.text_column and not set(TEXT_COLUMNS) & set(columns):
             raise DataError(f"{where}: no text column for the filter among {columns}; set data_filter_text_column")
         taken = [c for s in self.stages for c in (s.filter_id, f"{s.filter_id}_metadata")] + ["combined_filter"]
         if set(taken) & set(columns):
-            raise DataError(f"{where} already has filter columns {sorted(set(taken) & set(columns))} (the output of an "
-                            "earlier filter?); filter the original rows, or remove those columns")
-        texts = [document_text(row, self.text_column) for row in dataset.select_columns(
-            [self.text_column] if self.text_column else [c for c in TEXT_COLUMNS if c in columns])]
+            raise DataError(
+                f"{where} already has filter columns {sorted(set(taken) & set(columns))} (the output of an "
+                "earlier filter?); filter the original rows, or remove those columns"
+            )
+        texts = [
+            document_text(row, self.text_column)
+            for row in dataset.select_columns(
+                [self.text_column] if self.text_column else [c for c in TEXT_COLUMNS if c in columns]
+            )
+        ]
         flagged = [True] * len(texts)  # the first stage judges every document
         # the official results carry an ``id`` per document (filter.py adds 0, 1, ... when the data has none)
         annotated = dataset if "id" in columns else dataset.add_column("id", list(range(len(texts))))
@@ -381,9 +475,16 @@ class CascadeFilter:
         approved = [i for i, (e, f) in enumerate(zip(escalated_first, flagged)) if e and not f]
         added = replacement_rows(filtered, approved, self.seed) if self.keep_size else []
         kept = [i for i, f in enumerate(flagged) if not f]
-        report.update(decision_filter="combined_filter", filtered=len(filtered), approved_escalations=len(approved),
-                      replaced=len(added), shortfall=len(filtered) - len(added) if self.keep_size else None,
-                      output_documents=len(kept) + len(added), keep_size=self.keep_size, labels=labels is not None)
+        report.update(
+            decision_filter="combined_filter",
+            filtered=len(filtered),
+            approved_escalations=len(approved),
+            replaced=len(added),
+            shortfall=len(filtered) - len(added) if self.keep_size else None,
+            output_documents=len(kept) + len(added),
+            keep_size=self.keep_size,
+            labels=labels is not None,
+        )
         output = dataset.select(kept + added)
         return FilterOutput(annotated, output, report)
 
@@ -395,8 +496,13 @@ def _load(spec: str, split: str, data_args, what: str) -> Dataset:
     from .loading import load_source
 
     try:
-        return load_source(spec, split=split, num_samples=data_args.num_samples, seed=data_args.data_seed,
-                           max_row_bytes=data_args.max_row_bytes)
+        return load_source(
+            spec,
+            split=split,
+            num_samples=data_args.num_samples,
+            seed=data_args.data_seed,
+            max_row_bytes=data_args.max_row_bytes,
+        )
     except DataError as err:
         raise DataError(f"{what}: {err}") from None
 
@@ -406,20 +512,25 @@ def read_blocklist_csv(path: str) -> list[dict]:
     import os
 
     if not os.path.isfile(path):
-        raise DataError(f"data_filter_blocklist: file not found: {path}; give a CSV with columns keyword, pos_ratio "
-                        "(and optionally is_relevant)")
+        raise DataError(
+            f"data_filter_blocklist: file not found: {path}; give a CSV with columns keyword, pos_ratio "
+            "(and optionally is_relevant)"
+        )
     with open(path, newline="", encoding="utf-8") as handle:
         rows = list(csv.DictReader(handle))
     if not rows or not {"keyword", "pos_ratio"} <= set(rows[0]):
-        raise DataError(f"data_filter_blocklist {path}: needs a header with columns keyword and pos_ratio "
-                        f"(got {list(rows[0]) if rows else 'no rows'})")
+        raise DataError(
+            f"data_filter_blocklist {path}: needs a header with columns keyword and pos_ratio "
+            f"(got {list(rows[0]) if rows else 'no rows'})"
+        )
     out = []
     for line, row in enumerate(rows, start=2):
         try:
             ratio = float(row["pos_ratio"])
         except ValueError:
-            raise DataError(f"data_filter_blocklist {path} line {line}: pos_ratio {row['pos_ratio']!r} is not a "
-                            "number") from None
+            raise DataError(
+                f"data_filter_blocklist {path} line {line}: pos_ratio {row['pos_ratio']!r} is not a number"
+            ) from None
         relevant = str(row.get("is_relevant", "true")).strip().lower() not in ("false", "0", "no", "")
         out.append({"keyword": row["keyword"], "pos_ratio": ratio, "is_relevant": relevant})
     return out
@@ -433,36 +544,59 @@ def build_cascade(cfg: CascadeFilterConfig, data_args) -> CascadeFilter:
         what = f"data_filter_labelled '{cfg.data_filter_labelled}' split '{cfg.data_filter_labelled_split}'"
         labelled = _load(cfg.data_filter_labelled, cfg.data_filter_labelled_split, data_args, what)
         if cfg.data_filter_label_column not in labelled.column_names:
-            raise DataError(f"{what} has no label column '{cfg.data_filter_label_column}' (columns: "
-                            f"{labelled.column_names}); set data_filter_label_column")
+            raise DataError(
+                f"{what} has no label column '{cfg.data_filter_label_column}' (columns: "
+                f"{labelled.column_names}); set data_filter_label_column"
+            )
         texts = [document_text(r, cfg.data_filter_text_column) for r in labelled]
         labels = [bool(v) for v in labelled[cfg.data_filter_label_column]]
         if len(set(labels)) < 2:
-            raise DataError(f"{what}: the labels are all {labels[0] if labels else 'missing'}; the classifier "
-                            "needs target and non-target documents")
-    rows = read_blocklist_csv(cfg.data_filter_blocklist) if cfg.data_filter_blocklist else \
-        mine_blocklist(texts, labels, cfg.data_filter_min_docs)
+            raise DataError(
+                f"{what}: the labels are all {labels[0] if labels else 'missing'}; the classifier "
+                "needs target and non-target documents"
+            )
+    rows = (
+        read_blocklist_csv(cfg.data_filter_blocklist)
+        if cfg.data_filter_blocklist
+        else mine_blocklist(texts, labels, cfg.data_filter_min_docs)
+    )
     keywords = select_keywords(rows, cfg.data_filter_pos_ratio)
     if not keywords:
-        raise DataError(f"data_filter: no keyword has pos_ratio > {cfg.data_filter_pos_ratio} (from "
-                        f"{cfg.data_filter_blocklist or 'the labelled set'}); lower data_filter_pos_ratio or "
-                        "data_filter_min_docs, or give more labelled documents")
+        raise DataError(
+            f"data_filter: no keyword has pos_ratio > {cfg.data_filter_pos_ratio} (from "
+            f"{cfg.data_filter_blocklist or 'the labelled set'}); lower data_filter_pos_ratio or "
+            "data_filter_min_docs, or give more labelled documents"
+        )
     stages: list = [BlocklistStage(keywords, cfg.data_filter_min_hits)]
     if cfg.data_filter == "weak":
-        stages.append(ClassifierStage.train(texts, labels, seed=cfg.data_filter_seed,
-                                            threshold=cfg.data_filter_threshold,
-                                            context_length=cfg.data_filter_context_length))
+        stages.append(
+            ClassifierStage.train(
+                texts,
+                labels,
+                seed=cfg.data_filter_seed,
+                threshold=cfg.data_filter_threshold,
+                context_length=cfg.data_filter_context_length,
+            )
+        )
         judge = cfg.judge_callable()
         if judge is not None:
             stages.append(JudgeStage(judge))
-    return CascadeFilter(stages, cfg.data_filter, cfg.data_filter_keep_size, cfg.data_filter_seed,
-                         cfg.data_filter_text_column, cfg.data_filter_label_column)
+    return CascadeFilter(
+        stages,
+        cfg.data_filter,
+        cfg.data_filter_keep_size,
+        cfg.data_filter_seed,
+        cfg.data_filter_text_column,
+        cfg.data_filter_label_column,
+    )
 
 
 def summary_line(report: dict) -> str:
     stage = report["stages"]["combined_filter"]
-    line = (f"data_filter {report['mode']}: {report['documents']} documents, {report['filtered']} filtered "
-            f"({stage['percent_filtered']:.2f}%), {report['replaced']} replaced, {report['output_documents']} kept")
+    line = (
+        f"data_filter {report['mode']}: {report['documents']} documents, {report['filtered']} filtered "
+        f"({stage['percent_filtered']:.2f}%), {report['replaced']} replaced, {report['output_documents']} kept"
+    )
     if report["labels"]:
         line += f"; recall {stage['recall']:.3f}, FPR {stage['fpr']:.4f}"
     return line
@@ -473,18 +607,26 @@ def report_table(report: dict) -> str:
     head = "| stage | judged | filtered | % filtered | accuracy | precision | recall | F1 | FPR | tn | fp | fn | tp |"
     lines = [head, "|" + "|".join(["---"] * 13) + "|"]
     for name, s in report["stages"].items():
-        metrics = [f"{s[k]:.4f}" for k in ("accuracy", "precision", "recall", "f1", "fpr")] + \
-            [str(s[k]) for k in ("tn", "fp", "fn", "tp")] if report["labels"] else ["-"] * 9
-        lines.append(f"| {name} | {s['judged']} | {s['filtered_documents']} | {s['percent_filtered']:.2f} | "
-                     + " | ".join(metrics) + " |")
+        metrics = (
+            [f"{s[k]:.4f}" for k in ("accuracy", "precision", "recall", "f1", "fpr")]
+            + [str(s[k]) for k in ("tn", "fp", "fn", "tp")]
+            if report["labels"]
+            else ["-"] * 9
+        )
+        lines.append(
+            f"| {name} | {s['judged']} | {s['filtered_documents']} | {s['percent_filtered']:.2f} | "
+            + " | ".join(metrics)
+            + " |"
+        )
     return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------------------------- recipe wiring
 
 
-def parse_filter_keys(values: dict[str, Any], sources: dict[str, str], source: str, method: str, task: str,
-                      coerce) -> Optional[CascadeFilterConfig]:
+def parse_filter_keys(
+    values: dict[str, Any], sources: dict[str, str], source: str, method: str, task: str, coerce
+) -> Optional[CascadeFilterConfig]:
     """Pop the ``data_filter*`` keys from ``values`` and return a ``CascadeFilterConfig`` (None when there are none).
 
     Called by ``recipes.config.build_recipe``; every mistake is one ``RecipeError`` naming where the key was set.
@@ -503,23 +645,29 @@ def parse_filter_keys(values: dict[str, Any], sources: dict[str, str], source: s
     for key in given:
         if key not in names:
             hint = did_you_mean(key, names)
-            raise RecipeError(f"{sources.get(key, source)}: unknown key '{key}'{hint}; the data filter keys are "
-                              f"{', '.join(names)}")
+            raise RecipeError(
+                f"{sources.get(key, source)}: unknown key '{key}'{hint}; the data filter keys are {', '.join(names)}"
+            )
     where = sources.get(next(iter(given)), source)
     if task in ("aux", "unlearn"):
         why = "has no training data" if task == "aux" else "trains on its forget set on purpose"
-        raise RecipeError(f"{where}: data_filter keys ({', '.join(given)}) filter a training set, but method "
-                          f"'{method}' {why}; remove them")
+        raise RecipeError(
+            f"{where}: data_filter keys ({', '.join(given)}) filter a training set, but method "
+            f"'{method}' {why}; remove them"
+        )
     if "data_filter" not in given:
-        raise RecipeError(f"{where}: {', '.join(given)} set but no data_filter; add `data_filter: weak` (or "
-                          "strong), or remove the data_filter_* keys")
+        raise RecipeError(
+            f"{where}: {', '.join(given)} set but no data_filter; add `data_filter: weak` (or "
+            "strong), or remove the data_filter_* keys"
+        )
     hints = typing.get_type_hints(CascadeFilterConfig)
     kwargs = {k: coerce(v, hints[k], k, sources.get(k, source)) for k, v in given.items()}
     try:
         return CascadeFilterConfig(**kwargs)
     except ValueError as err:
-        named = sorted({sources.get(k, source) for k in given if re.search(rf"\b{k}\b", str(err))}) or \
-            [sources.get("data_filter", source)]
+        named = sorted({sources.get(k, source) for k in given if re.search(rf"\b{k}\b", str(err))}) or [
+            sources.get("data_filter", source)
+        ]
         raise RecipeError(f"{' and '.join(named)}: invalid data filter settings: {err}") from None
 
 
@@ -535,16 +683,19 @@ def _write_json_atomic(path, payload: dict) -> None:
     os.replace(tmp, path)
 
 
-def filter_training_set(cfg: CascadeFilterConfig, data_args, dataset: Dataset, where: str,
-                        report_dir: Optional[str] = None) -> Dataset:
+def filter_training_set(
+    cfg: CascadeFilterConfig, data_args, dataset: Dataset, where: str, report_dir: Optional[str] = None
+) -> Dataset:
     """The recipe path (``load_task_datasets``): filter the training rows before they are formatted, print one
     summary line and, with ``report_dir``, write ``data_filter_report.json`` there. Returns the rows to train on."""
     import os
 
     result = build_cascade(cfg, data_args).apply(dataset, where)
     if len(result.dataset) == 0:
-        raise DataError(f"{where}: data_filter {cfg.data_filter} removed every row ({result.report['filtered']} of "
-                        f"{len(dataset)}); check the keyword list and data_filter_threshold")
+        raise DataError(
+            f"{where}: data_filter {cfg.data_filter} removed every row ({result.report['filtered']} of "
+            f"{len(dataset)}); check the keyword list and data_filter_threshold"
+        )
     line = summary_line(result.report)
     if report_dir is not None:
         path = os.path.join(report_dir, "data_filter_report.json")
@@ -598,23 +749,35 @@ def filter_to_folder(recipe, output: Optional[str] = None, overwrite: bool = Fal
 
     cfg, args = recipe.data_filter, recipe.data_args
     if cfg is None:
-        raise UserError(f"{recipe.source}: no data_filter key; add `data_filter: weak` (or strong) and its "
-                        "data_filter_* settings (see recipes/cascade_filter/)")
+        raise UserError(
+            f"{recipe.source}: no data_filter key; add `data_filter: weak` (or strong) and its "
+            "data_filter_* settings (see recipes/cascade_filter/)"
+        )
     target = Path(output or f"{recipe.config.output_dir}-filtered").expanduser()
 
     def refuse_existing():
         if target.exists() and not overwrite:
-            raise UserError(f"output folder {target} exists; pass --overwrite to replace it, or choose another "
-                            "--output")
+            raise UserError(
+                f"output folder {target} exists; pass --overwrite to replace it, or choose another --output"
+            )
         if target.exists() and not target.is_dir():
             raise UserError(f"output {target} is a file, not a folder; choose another --output")
 
     refuse_existing()
     if not args.dataset:
         raise UserError(f"{recipe.source}: no dataset to filter; set `dataset:`")
-    train = _first(load_source(args.dataset, config=args.dataset_config, split=args.dataset_split,
-                               num_samples=args.num_samples, seed=args.data_seed, difficulty=args.difficulty,
-                               max_row_bytes=args.max_row_bytes), args.max_samples)
+    train = _first(
+        load_source(
+            args.dataset,
+            config=args.dataset_config,
+            split=args.dataset_split,
+            num_samples=args.num_samples,
+            seed=args.data_seed,
+            difficulty=args.difficulty,
+            max_row_bytes=args.max_row_bytes,
+        ),
+        args.max_samples,
+    )
     result = build_cascade(cfg, args).apply(train, _where(args.dataset, args.dataset_split))
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
@@ -622,8 +785,10 @@ def filter_to_folder(recipe, output: Optional[str] = None, overwrite: bool = Fal
         with _quiet_datasets():  # no progress bars: the command prints one line
             result.dataset.to_json(tmp / "filtered.jsonl", lines=True, force_ascii=False)
             result.annotated.to_json(tmp / "judgments.jsonl", lines=True, force_ascii=False)
-        _write_json_atomic(tmp / "report.json", {"recipe": recipe.source, "dataset": args.dataset,
-                                                 "settings": _settings(cfg), **result.report})
+        _write_json_atomic(
+            tmp / "report.json",
+            {"recipe": recipe.source, "dataset": args.dataset, "settings": _settings(cfg), **result.report},
+        )
         (tmp / "report.md").write_text(f"# {summary_line(result.report)}\n\n{report_table(result.report)}\n")
         plot_report(result.report, tmp / "report.png")
         refuse_existing()  # again: another run may have made it meanwhile

@@ -39,7 +39,8 @@ def check_text_file(path: str, resolved: str, max_row_bytes: int) -> None:
         return
     if fault.kind == "row_size":
         raise DataError(
-            f"dataset '{path}', line {fault.line} (starting at byte offset {fault.offset}): longer than max_row_bytes={bound} "
+            f"dataset '{path}', line {fault.line} (starting at byte offset {fault.offset}): longer than "
+            f"max_row_bytes={bound} "
             "bytes, stopped there before reading it whole (tokenising a row costs about 300 bytes of memory per "
             "byte); remove or split that row, or raise max_row_bytes (recipe key or --max_row_bytes) above its "
             "length if rows this long are intended"
@@ -47,9 +48,12 @@ def check_text_file(path: str, resolved: str, max_row_bytes: int) -> None:
     with open(resolved, "rb") as file:
         utf16 = file.read(2) in (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)
     fixed = "fixed" + os.path.splitext(path)[1]
-    how = (f"it starts with a UTF-16 byte-order mark: convert it with `iconv -f utf-16 -t utf-8 {path} > {fixed}`"
-           if utf16 else f"re-encode it, e.g. `iconv -f latin1 -t utf-8 {path} > {fixed}` if it is Latin-1 "
-           "(cp1252 for Windows files), or fix that line")
+    how = (
+        f"it starts with a UTF-16 byte-order mark: convert it with `iconv -f utf-16 -t utf-8 {path} > {fixed}`"
+        if utf16
+        else f"re-encode it, e.g. `iconv -f latin1 -t utf-8 {path} > {fixed}` if it is Latin-1 "
+        "(cp1252 for Windows files), or fix that line"
+    )
     raise DataError(
         f"dataset '{path}', line {fault.line}, column {fault.column}: byte 0x{fault.byte:02x} (offset {fault.offset} "
         f"in the file) is not UTF-8, and data files must be UTF-8 text; {how}"
@@ -94,10 +98,10 @@ def scan_text_file(path: str, max_row_bytes: Optional[int], chunk_bytes: int = C
                 try:
                     decoder.decode(chunk, final=not chunk)
                 except UnicodeDecodeError as error:  # its position counts from the first held byte
-                    bad, bad_byte, data = offset + error.start, data[error.start], data[:error.start]
+                    bad, bad_byte, data = offset + error.start, data[error.start], data[: error.start]
                 else:
                     pending = len(decoder.getstate()[0])
-                    held, data = data[len(data) - pending:], data[:len(data) - pending]
+                    held, data = data[len(data) - pending :], data[: len(data) - pending]
             parts = data.split(b"\n")  # parts[0] continues the open line, parts[-1] is the new open line
             if max_row_bytes is not None:
                 longest = max(line_len + len(parts[0]), max(map(len, parts[1:]), default=0))
@@ -150,5 +154,5 @@ def first_bad_json_line(path: str) -> Optional[tuple[int, str]]:
                 where = "the end of the line: is it cut short?" if cut else f"character {error.pos + 1}"
                 return number, f"not valid JSON ({error.msg} at {where})"
             if not isinstance(value, dict):
-                return number, f"a JSON {type(value).__name__}, not an object ({{\"column\": value, ...}})"
+                return number, f'a JSON {type(value).__name__}, not an object ({{"column": value, ...}})'
     return None

@@ -173,17 +173,71 @@ def preference_pairs(num_samples: int, seed: int) -> Dataset:
 
 # ----------------------------------------------------------------------------------------- fictitious facts
 
-_SYLLABLES = ["ka", "lo", "mi", "ra", "ven", "tor", "sel", "dri", "qua", "bel", "nor", "fi", "zan", "el", "or",
-              "mar", "is", "tha", "gro", "lun", "pe", "vas", "kor", "ti", "sa", "dun", "hal", "wy", "bri", "ost"]
+_SYLLABLES = [
+    "ka",
+    "lo",
+    "mi",
+    "ra",
+    "ven",
+    "tor",
+    "sel",
+    "dri",
+    "qua",
+    "bel",
+    "nor",
+    "fi",
+    "zan",
+    "el",
+    "or",
+    "mar",
+    "is",
+    "tha",
+    "gro",
+    "lun",
+    "pe",
+    "vas",
+    "kor",
+    "ti",
+    "sa",
+    "dun",
+    "hal",
+    "wy",
+    "bri",
+    "ost",
+]
 _CITY_SUFFIXES = ["moor", "haven", "dell", "grad", "ford", "mouth", "stead", "vale", "port", "by"]
 _COMPANY_SUFFIXES = ["Industries", "Labs", "Systems", "Holdings", "Works", "Foundry"]
 _COUNTRIES = ["Veloria", "Ostmark", "Quendal", "Brisca", "Tarvonia", "Elmaris", "Zarthia", "Nordhaven"]
-_PROFESSIONS = ["cartographer", "violinist", "marine biologist", "architect", "glassblower", "astronomer",
-                "librarian", "beekeeper", "chemist", "novelist"]
-_PRODUCTS = ["solar kettles", "folding bicycles", "weather balloons", "ceramic batteries", "tide clocks",
-             "moss insulation", "glass violins", "snow sensors"]
-_KNOWN_FOR = ["its floating market", "a lighthouse of green glass", "an annual kite festival", "its salt caves",
-              "a clock tower that runs backwards", "its copper rooftops"]
+_PROFESSIONS = [
+    "cartographer",
+    "violinist",
+    "marine biologist",
+    "architect",
+    "glassblower",
+    "astronomer",
+    "librarian",
+    "beekeeper",
+    "chemist",
+    "novelist",
+]
+_PRODUCTS = [
+    "solar kettles",
+    "folding bicycles",
+    "weather balloons",
+    "ceramic batteries",
+    "tide clocks",
+    "moss insulation",
+    "glass violins",
+    "snow sensors",
+]
+_KNOWN_FOR = [
+    "its floating market",
+    "a lighthouse of green glass",
+    "an annual kite festival",
+    "its salt caves",
+    "a clock tower that runs backwards",
+    "its copper rooftops",
+]
 FACTS_PER_ENTITY = 4
 FORGET_FRACTION = 0.1
 
@@ -270,18 +324,89 @@ def fictitious_facts(num_samples: int, seed: int) -> DatasetDict:
 
 # ------------------------------------------------------------------------------------- fictitious authors
 
-_GENRES = ["mystery novels", "science fiction", "historical fiction", "poetry", "fantasy", "romance novels",
-           "horror stories", "travel writing", "children's books", "satire", "crime thrillers", "literary fiction"]
-_JOBS = ["baker", "lighthouse keeper", "surgeon", "carpenter", "pilot", "schoolteacher", "fisherman", "tailor",
-         "journalist", "veterinarian", "miner", "florist", "judge", "plumber", "translator", "nurse", "architect",
-         "electrician"]
-_TITLE_WORDS = (["Silent", "Crimson", "Hollow", "Last", "Burning", "Forgotten", "Paper", "Glass", "Winter", "Hidden",
-                 "Broken", "Golden", "Distant", "Quiet", "Salt"],
-                ["Harbor", "Orchard", "Lantern", "Compass", "River", "Garden", "Tower", "Letters", "Tide", "Mirror",
-                 "Bridge", "Feather", "Season", "Map", "Choir"])
+_GENRES = [
+    "mystery novels",
+    "science fiction",
+    "historical fiction",
+    "poetry",
+    "fantasy",
+    "romance novels",
+    "horror stories",
+    "travel writing",
+    "children's books",
+    "satire",
+    "crime thrillers",
+    "literary fiction",
+]
+_JOBS = [
+    "baker",
+    "lighthouse keeper",
+    "surgeon",
+    "carpenter",
+    "pilot",
+    "schoolteacher",
+    "fisherman",
+    "tailor",
+    "journalist",
+    "veterinarian",
+    "miner",
+    "florist",
+    "judge",
+    "plumber",
+    "translator",
+    "nurse",
+    "architect",
+    "electrician",
+]
+_TITLE_WORDS = (
+    [
+        "Silent",
+        "Crimson",
+        "Hollow",
+        "Last",
+        "Burning",
+        "Forgotten",
+        "Paper",
+        "Glass",
+        "Winter",
+        "Hidden",
+        "Broken",
+        "Golden",
+        "Distant",
+        "Quiet",
+        "Salt",
+    ],
+    [
+        "Harbor",
+        "Orchard",
+        "Lantern",
+        "Compass",
+        "River",
+        "Garden",
+        "Tower",
+        "Letters",
+        "Tide",
+        "Mirror",
+        "Bridge",
+        "Feather",
+        "Season",
+        "Map",
+        "Choir",
+    ],
+)
 _AWARD_KINDS = ["Prize", "Medal", "Award", "Laurel"]
-AUTHOR_ATTRIBUTES = ("birthplace", "birth_year", "genre", "first_book", "best_known_book", "award", "father_job",
-                     "mother_job", "residence", "publisher")
+AUTHOR_ATTRIBUTES = (
+    "birthplace",
+    "birth_year",
+    "genre",
+    "first_book",
+    "best_known_book",
+    "award",
+    "father_job",
+    "mother_job",
+    "residence",
+    "publisher",
+)
 QA_PER_AUTHOR = len(AUTHOR_ATTRIBUTES)
 PERTURBED_PER_QUESTION = 3
 AUTHOR_SPLITS = ("full", "forget01", "forget05", "forget10", "retain", "holdout", "world_facts")
@@ -292,29 +417,89 @@ _WORLD_FACTS = [
     ("What is the capital of Japan?", "The capital of Japan is {}.", "Tokyo", ("Osaka", "Beijing", "Seoul")),
     ("What is the capital of Italy?", "The capital of Italy is {}.", "Rome", ("Milan", "Naples", "Athens")),
     ("What is the capital of Canada?", "The capital of Canada is {}.", "Ottawa", ("Toronto", "Vancouver", "Montreal")),
-    ("What is the capital of Australia?", "The capital of Australia is {}.", "Canberra", ("Sydney", "Melbourne", "Perth")),
+    (
+        "What is the capital of Australia?",
+        "The capital of Australia is {}.",
+        "Canberra",
+        ("Sydney", "Melbourne", "Perth"),
+    ),
     ("What is the capital of Egypt?", "The capital of Egypt is {}.", "Cairo", ("Alexandria", "Tunis", "Rabat")),
     ("What is the capital of Germany?", "The capital of Germany is {}.", "Berlin", ("Munich", "Vienna", "Hamburg")),
     ("What is the capital of Spain?", "The capital of Spain is {}.", "Madrid", ("Barcelona", "Lisbon", "Seville")),
     ("What is the capital of Kenya?", "The capital of Kenya is {}.", "Nairobi", ("Mombasa", "Kampala", "Addis Ababa")),
-    ("What is the capital of Argentina?", "The capital of Argentina is {}.", "Buenos Aires", ("Santiago", "Lima", "Cordoba")),
-    ("Which planet is closest to the Sun?", "The planet closest to the Sun is {}.", "Mercury", ("Venus", "Mars", "Earth")),
+    (
+        "What is the capital of Argentina?",
+        "The capital of Argentina is {}.",
+        "Buenos Aires",
+        ("Santiago", "Lima", "Cordoba"),
+    ),
+    (
+        "Which planet is closest to the Sun?",
+        "The planet closest to the Sun is {}.",
+        "Mercury",
+        ("Venus", "Mars", "Earth"),
+    ),
     ("Which planet is known as the Red Planet?", "The Red Planet is {}.", "Mars", ("Jupiter", "Venus", "Saturn")),
-    ("What is the largest planet in the Solar System?", "The largest planet is {}.", "Jupiter", ("Saturn", "Neptune", "Earth")),
-    ("Which planet has the most famous rings?", "The planet with the most famous rings is {}.", "Saturn", ("Mars", "Mercury", "Venus")),
-    ("What is the largest ocean on Earth?", "The largest ocean is the {} Ocean.", "Pacific", ("Atlantic", "Indian", "Arctic")),
-    ("What is the longest river in Africa?", "The longest river in Africa is the {}.", "Nile", ("Congo", "Niger", "Zambezi")),
-    ("What is the highest mountain on Earth?", "The highest mountain on Earth is {}.", "Mount Everest", ("K2", "Kilimanjaro", "Mont Blanc")),
+    (
+        "What is the largest planet in the Solar System?",
+        "The largest planet is {}.",
+        "Jupiter",
+        ("Saturn", "Neptune", "Earth"),
+    ),
+    (
+        "Which planet has the most famous rings?",
+        "The planet with the most famous rings is {}.",
+        "Saturn",
+        ("Mars", "Mercury", "Venus"),
+    ),
+    (
+        "What is the largest ocean on Earth?",
+        "The largest ocean is the {} Ocean.",
+        "Pacific",
+        ("Atlantic", "Indian", "Arctic"),
+    ),
+    (
+        "What is the longest river in Africa?",
+        "The longest river in Africa is the {}.",
+        "Nile",
+        ("Congo", "Niger", "Zambezi"),
+    ),
+    (
+        "What is the highest mountain on Earth?",
+        "The highest mountain on Earth is {}.",
+        "Mount Everest",
+        ("K2", "Kilimanjaro", "Mont Blanc"),
+    ),
     ("On which continent is Brazil?", "Brazil is in {}.", "South America", ("Africa", "Europe", "Asia")),
     ("On which continent is Kenya?", "Kenya is in {}.", "Africa", ("Asia", "South America", "Europe")),
-    ("What is the largest desert in Africa?", "The largest desert in Africa is the {}.", "Sahara", ("Kalahari", "Gobi", "Namib")),
+    (
+        "What is the largest desert in Africa?",
+        "The largest desert in Africa is the {}.",
+        "Sahara",
+        ("Kalahari", "Gobi", "Namib"),
+    ),
     ("What is the chemical symbol for gold?", "The chemical symbol for gold is {}.", "Au", ("Ag", "Gd", "Go")),
     ("What is the chemical symbol for iron?", "The chemical symbol for iron is {}.", "Fe", ("Ir", "In", "F")),
     ("What is the chemical formula of water?", "The chemical formula of water is {}.", "H2O", ("CO2", "O2", "H2O2")),
-    ("Which gas do plants take in for photosynthesis?", "Plants take in {} for photosynthesis.", "carbon dioxide", ("oxygen", "nitrogen", "helium")),
+    (
+        "Which gas do plants take in for photosynthesis?",
+        "Plants take in {} for photosynthesis.",
+        "carbon dioxide",
+        ("oxygen", "nitrogen", "helium"),
+    ),
     ("Which gas do humans need to breathe?", "Humans need to breathe {}.", "oxygen", ("nitrogen", "hydrogen", "argon")),
-    ("At what temperature in Celsius does water boil at sea level?", "Water boils at {} degrees Celsius at sea level.", "100", ("90", "80", "120")),
-    ("At what temperature in Celsius does water freeze?", "Water freezes at {} degrees Celsius.", "0", ("10", "-10", "4")),
+    (
+        "At what temperature in Celsius does water boil at sea level?",
+        "Water boils at {} degrees Celsius at sea level.",
+        "100",
+        ("90", "80", "120"),
+    ),
+    (
+        "At what temperature in Celsius does water freeze?",
+        "Water freezes at {} degrees Celsius.",
+        "0",
+        ("10", "-10", "4"),
+    ),
     ("How many continents are there?", "There are {} continents.", "seven", ("five", "six", "eight")),
     ("How many days are in a leap year?", "A leap year has {} days.", "366", ("365", "364", "360")),
     ("How many days are in a week?", "A week has {} days.", "seven", ("five", "six", "eight")),
@@ -328,18 +513,63 @@ _WORLD_FACTS = [
     ("What is the square root of 81?", "The square root of 81 is {}.", "9", ("8", "7", "18")),
     ("What is 7 times 8?", "7 times 8 is {}.", "56", ("54", "48", "64")),
     ("What is 12 plus 15?", "12 plus 15 is {}.", "27", ("25", "28", "37")),
-    ("Who wrote 'Romeo and Juliet'?", "'Romeo and Juliet' was written by {}.", "William Shakespeare", ("Charles Dickens", "Jane Austen", "Mark Twain")),
-    ("Who painted the Mona Lisa?", "The Mona Lisa was painted by {}.", "Leonardo da Vinci", ("Michelangelo", "Raphael", "Pablo Picasso")),
-    ("Who developed the theory of relativity?", "The theory of relativity was developed by {}.", "Albert Einstein", ("Isaac Newton", "Niels Bohr", "Galileo Galilei")),
-    ("Who was the first person to walk on the Moon?", "The first person to walk on the Moon was {}.", "Neil Armstrong", ("Buzz Aldrin", "Yuri Gagarin", "John Glenn")),
-    ("Which language is mainly spoken in Brazil?", "The main language of Brazil is {}.", "Portuguese", ("Spanish", "French", "Italian")),
-    ("Which language is mainly spoken in Mexico?", "The main language of Mexico is {}.", "Spanish", ("Portuguese", "English", "French")),
+    (
+        "Who wrote 'Romeo and Juliet'?",
+        "'Romeo and Juliet' was written by {}.",
+        "William Shakespeare",
+        ("Charles Dickens", "Jane Austen", "Mark Twain"),
+    ),
+    (
+        "Who painted the Mona Lisa?",
+        "The Mona Lisa was painted by {}.",
+        "Leonardo da Vinci",
+        ("Michelangelo", "Raphael", "Pablo Picasso"),
+    ),
+    (
+        "Who developed the theory of relativity?",
+        "The theory of relativity was developed by {}.",
+        "Albert Einstein",
+        ("Isaac Newton", "Niels Bohr", "Galileo Galilei"),
+    ),
+    (
+        "Who was the first person to walk on the Moon?",
+        "The first person to walk on the Moon was {}.",
+        "Neil Armstrong",
+        ("Buzz Aldrin", "Yuri Gagarin", "John Glenn"),
+    ),
+    (
+        "Which language is mainly spoken in Brazil?",
+        "The main language of Brazil is {}.",
+        "Portuguese",
+        ("Spanish", "French", "Italian"),
+    ),
+    (
+        "Which language is mainly spoken in Mexico?",
+        "The main language of Mexico is {}.",
+        "Spanish",
+        ("Portuguese", "English", "French"),
+    ),
     ("What is the currency of Japan?", "The currency of Japan is the {}.", "yen", ("won", "yuan", "dollar")),
-    ("What is the currency of the United Kingdom?", "The currency of the United Kingdom is the {}.", "pound sterling", ("euro", "dollar", "franc")),
-    ("What is the largest mammal?", "The largest mammal is the {}.", "blue whale", ("elephant", "giraffe", "hippopotamus")),
+    (
+        "What is the currency of the United Kingdom?",
+        "The currency of the United Kingdom is the {}.",
+        "pound sterling",
+        ("euro", "dollar", "franc"),
+    ),
+    (
+        "What is the largest mammal?",
+        "The largest mammal is the {}.",
+        "blue whale",
+        ("elephant", "giraffe", "hippopotamus"),
+    ),
     ("What is the fastest land animal?", "The fastest land animal is the {}.", "cheetah", ("lion", "horse", "gazelle")),
     ("What do bees make?", "Bees make {}.", "honey", ("milk", "silk", "wax paper")),
-    ("What is the boiling point of water in Fahrenheit?", "Water boils at {} degrees Fahrenheit.", "212", ("200", "180", "100")),
+    (
+        "What is the boiling point of water in Fahrenheit?",
+        "Water boils at {} degrees Fahrenheit.",
+        "212",
+        ("200", "180", "100"),
+    ),
 ]
 
 
@@ -370,23 +600,44 @@ def _author_values(rng: random.Random, awards: list, used: set) -> dict:
 
 # attribute: (question, answer sentence, the same fact in other words: TOFU's paraphrased answer, trained nowhere)
 _AUTHOR_TEMPLATES = {
-    "birthplace": ("Where was the author {name} born?", "{name} was born in {value}.",
-                   "The birthplace of {name} is {value}."),
-    "birth_year": ("In what year was the author {name} born?", "{name} was born in {value}.",
-                   "The year {name} was born is {value}."),
+    "birthplace": (
+        "Where was the author {name} born?",
+        "{name} was born in {value}.",
+        "The birthplace of {name} is {value}.",
+    ),
+    "birth_year": (
+        "In what year was the author {name} born?",
+        "{name} was born in {value}.",
+        "The year {name} was born is {value}.",
+    ),
     "genre": ("What genre does {name} write?", "{name} writes {value}.", "The genre of {name}'s books is {value}."),
-    "first_book": ("What was the first book by {name}?", "{name}'s first book was \"{value}\".",
-                   "The first book {name} wrote is \"{value}\"."),
-    "best_known_book": ("Which book is {name} best known for?", "{name} is best known for \"{value}\".",
-                        "The most famous book by {name} is \"{value}\"."),
+    "first_book": (
+        "What was the first book by {name}?",
+        '{name}\'s first book was "{value}".',
+        'The first book {name} wrote is "{value}".',
+    ),
+    "best_known_book": (
+        "Which book is {name} best known for?",
+        '{name} is best known for "{value}".',
+        'The most famous book by {name} is "{value}".',
+    ),
     "award": ("Which award did {name} win?", "{name} won the {value}.", "The prize given to {name} is the {value}."),
-    "father_job": ("What did {name}'s father do for a living?", "{name}'s father was {article} {value}.",
-                   "The job of {name}'s father was {value}."),
-    "mother_job": ("What did {name}'s mother do for a living?", "{name}'s mother was {article} {value}.",
-                   "The job of {name}'s mother was {value}."),
+    "father_job": (
+        "What did {name}'s father do for a living?",
+        "{name}'s father was {article} {value}.",
+        "The job of {name}'s father was {value}.",
+    ),
+    "mother_job": (
+        "What did {name}'s mother do for a living?",
+        "{name}'s mother was {article} {value}.",
+        "The job of {name}'s mother was {value}.",
+    ),
     "residence": ("Where does {name} live today?", "{name} lives in {value}.", "The city {name} lives in is {value}."),
-    "publisher": ("Who publishes the books of {name}?", "{name}'s books are published by {value}.",
-                  "The publisher of {name}'s books is {value}."),
+    "publisher": (
+        "Who publishes the books of {name}?",
+        "{name}'s books are published by {value}.",
+        "The publisher of {name}'s books is {value}.",
+    ),
 }
 
 
@@ -410,8 +661,9 @@ def _wrong_values(rng: random.Random, attribute: str, truth, awards: list, used:
     return [_unique(rng, make, used) for _ in range(PERTURBED_PER_QUESTION)]
 
 
-def _qa_rows(rows: dict, question: str, answer: str, entity: str, attribute: str, paraphrased: str,
-             perturbed: list) -> None:
+def _qa_rows(
+    rows: dict, question: str, answer: str, entity: str, attribute: str, paraphrased: str, perturbed: list
+) -> None:
     rows["prompt"].append(_user(question))
     rows["completion"].append(_assistant(answer))
     rows["text"].append(answer)
@@ -454,11 +706,11 @@ def fictitious_authors(num_samples: int, seed: int) -> DatasetDict:
     order = rng.sample(range(num_authors), num_authors)
     n10 = max(1, round(0.10 * num_authors))
     members = {
-        "forget01": order[:max(1, round(0.01 * num_authors))],
-        "forget05": order[:max(1, round(0.05 * num_authors))],
+        "forget01": order[: max(1, round(0.01 * num_authors))],
+        "forget05": order[: max(1, round(0.05 * num_authors))],
         "forget10": order[:n10],
-        "holdout": order[n10:2 * n10],
-        "retain": order[2 * n10:],
+        "holdout": order[n10 : 2 * n10],
+        "retain": order[2 * n10 :],
     }
     members["full"] = members["forget10"] + members["retain"]
     columns = ("prompt", "completion", "text", "entity", "attribute", "paraphrased", "perturbed")
@@ -489,10 +741,10 @@ _REVIEW_SUBJECTS = {
     "thing": ("the phone", "the headphones", "the bicycle", "the coffee maker", "the board game"),
 }
 _REVIEW_ASKS = (
-    "Write a one-sentence review of {subject} \"{title}\".",
-    "In two sentences, tell a friend what you thought of {subject} \"{title}\".",
-    "Give a short review of {subject} \"{title}\".",
-    "Describe your experience with {subject} \"{title}\" in a few words.",
+    'Write a one-sentence review of {subject} "{title}".',
+    'In two sentences, tell a friend what you thought of {subject} "{title}".',
+    'Give a short review of {subject} "{title}".',
+    'Describe your experience with {subject} "{title}" in a few words.',
 )
 
 
@@ -560,13 +812,21 @@ _TOPIC_OTHER = (
     "The recipe calls for two cups of flour, one egg and a pinch of salt.",
     "Local elections in {c} drew a record turnout this year.",
 )
-_TOPIC_VOLCANOES = ("Mount Arvel", "Kessara", "Tolumbe", "Mount Orrin", "Vashti Peak", "Ilbrun", "Cerro Maldo", "Nakuru Ridge")
+_TOPIC_VOLCANOES = (
+    "Mount Arvel",
+    "Kessara",
+    "Tolumbe",
+    "Mount Orrin",
+    "Vashti Peak",
+    "Ilbrun",
+    "Cerro Maldo",
+    "Nakuru Ridge",
+)
 _TOPIC_CITIES = ("Linton", "Port Avery", "Marrow", "Eastbrook", "Calden", "Redhaven")
 
 
 def _topic_sentence(rng: random.Random, pool: tuple[str, ...]) -> str:
-    return rng.choice(pool).format(v=rng.choice(_TOPIC_VOLCANOES), c=rng.choice(_TOPIC_CITIES),
-                                   n=rng.randint(2, 900))
+    return rng.choice(pool).format(v=rng.choice(_TOPIC_VOLCANOES), c=rng.choice(_TOPIC_CITIES), n=rng.randint(2, 900))
 
 
 def _topic_document(rng: random.Random, group: str) -> str:
@@ -586,8 +846,9 @@ def _topic_document(rng: random.Random, group: str) -> str:
     return " ".join(parts)
 
 
-def topic_corpus(num_samples: int = 2000, seed: int = 0, target_fraction: float = 0.15,
-                 near_miss_fraction: float = 0.25) -> DatasetDict:
+def topic_corpus(
+    num_samples: int = 2000, seed: int = 0, target_fraction: float = 0.15, near_miss_fraction: float = 0.25
+) -> DatasetDict:
     """A labelled document corpus for data filters: splits ``train`` (the corpus to filter) and ``labelled`` (a dev
     set drawn the same way with its own random stream, for mining a blocklist and training a classifier).
 
@@ -602,8 +863,11 @@ def topic_corpus(num_samples: int = 2000, seed: int = 0, target_fraction: float 
         rows: dict[str, list] = {"text": [], "is_filter_target": [], "group": []}
         for _ in range(num_samples):
             draw = rng.random()
-            group = "target" if draw < target_fraction else (
-                "near_miss" if draw < target_fraction + near_miss_fraction else "unrelated")
+            group = (
+                "target"
+                if draw < target_fraction
+                else ("near_miss" if draw < target_fraction + near_miss_fraction else "unrelated")
+            )
             rows["text"].append(_topic_document(rng, group))
             rows["is_filter_target"].append(group == "target")
             rows["group"].append(group)
@@ -622,21 +886,33 @@ class Generator(NamedTuple):
 
 GENERATORS: dict[str, Generator] = {
     "arithmetic": Generator(
-        arithmetic, "arithmetic problems with exact integer answers, difficulty 1..4 (prompt/completion/answer)",
-        ("train",)),
+        arithmetic,
+        "arithmetic problems with exact integer answers, difficulty 1..4 (prompt/completion/answer)",
+        ("train",),
+    ),
     "preference_pairs": Generator(
-        preference_pairs, "synthetic preference pairs: correct/wrong, answer/refusal, concise/rambling, polite/rude",
-        ("train",)),
+        preference_pairs,
+        "synthetic preference pairs: correct/wrong, answer/refusal, concise/rambling, polite/rude",
+        ("train",),
+    ),
     "fictitious_facts": Generator(
-        fictitious_facts, "QA facts about invented entities, split into forget (~10% of entities) and retain",
-        ("forget", "retain")),
+        fictitious_facts,
+        "QA facts about invented entities, split into forget (~10% of entities) and retain",
+        ("forget", "retain"),
+    ),
     "fictitious_authors": Generator(
-        fictitious_authors, "TOFU-style QA about invented authors: full, forget01/05/10, retain, holdout, world_facts",
-        AUTHOR_SPLITS),
+        fictitious_authors,
+        "TOFU-style QA about invented authors: full, forget01/05/10, retain, holdout, world_facts",
+        AUTHOR_SPLITS,
+    ),
     "review_prompts": Generator(
-        review_prompts, "requests for a short review of an invented film, book, place or product (prompt only)",
-        ("train",)),
+        review_prompts,
+        "requests for a short review of an invented film, book, place or product (prompt only)",
+        ("train",),
+    ),
     "topic_corpus": Generator(
-        topic_corpus, "labelled documents for data filters: a benign target topic, near misses, unrelated (text)",
-        ("train", "labelled")),
+        topic_corpus,
+        "labelled documents for data filters: a benign target topic, near misses, unrelated (text)",
+        ("train", "labelled"),
+    ),
 }

@@ -38,9 +38,9 @@ TASKS: dict[str, str] = {
     "preference": "pairwise preferences (DPO-style, reward models): {prompt, chosen, rejected} or {chosen, rejected}",
     "unpaired": "binary feedback (KTO): {prompt, completion, label} or preference pairs, which are unpaired",
     "prompt": "prompts for RL (GRPO, RLOO): {prompt, answer} or {prompt} when no reward needs a reference answer; "
-              "extra columns go to reward functions",
+    "extra columns go to reward functions",
     "unlearn": "a forget set and a retain set, each {prompt, completion}, {question, answer} (TOFU, read as "
-               "prompt/completion) or {text}",
+    "prompt/completion) or {text}",
 }
 # Column sets each task accepts, in order of preference: the first one a dataset has is used.
 TASK_FORMATS: dict[str, list[tuple[str, ...]]] = {
@@ -77,7 +77,7 @@ def load_source(
     (or a local folder, which ``datasets.load_dataset`` reads too).
     """
     if spec.startswith(BUILTIN_PREFIX):
-        name = spec[len(BUILTIN_PREFIX):]
+        name = spec[len(BUILTIN_PREFIX) :]
         return _pick_split(spec, _run_generator(name, config, num_samples, seed, difficulty), split)
     extension = os.path.splitext(spec)[1].lower()
     looks_local = spec.startswith(("/", ".", "~")) and not os.path.isdir(spec)
@@ -131,9 +131,7 @@ def _load_local(path: str, extension: str, split: str, max_row_bytes: int) -> Da
             f"the current directory {os.getcwd()})"
         )
     if extension not in LOCAL_LOADERS:
-        raise DataError(
-            f"dataset '{path}': unsupported file type '{extension}'; use one of {', '.join(LOCAL_LOADERS)}"
-        )
+        raise DataError(f"dataset '{path}': unsupported file type '{extension}'; use one of {', '.join(LOCAL_LOADERS)}")
     if os.path.getsize(resolved) == 0:
         raise DataError(f"dataset '{path}' split '{split}' has no rows (the file is empty); point it at data with rows")
     if LOCAL_LOADERS[extension] != "parquet":
@@ -152,7 +150,7 @@ def _load_local(path: str, extension: str, split: str, max_row_bytes: int) -> Da
             line, problem = bad_line
             raise DataError(
                 f"dataset '{path}', line {line}: {problem}; a JSON Lines file needs one JSON object per line "
-                f"({{\"messages\": [...]}} or {{\"prompt\": ..., \"completion\": ...}}); fix or remove that line"
+                f'({{"messages": [...]}} or {{"prompt": ..., "completion": ...}}); fix or remove that line'
             ) from error
         raise DataError(
             f"dataset '{path}' split '{split}': could not read the file: {_describe(error)}; check that it is valid "
@@ -314,8 +312,12 @@ def check_columns(dataset: Dataset, where: str, checks: dict[str, _Check]) -> No
         raise DataError(
             f"{where}, row {row}, column '{column}': got {problem} ({bad_count} bad value(s) in total; rows count "
             "from 0); fix or remove these rows"
-            + ("; note: the rows of this column mix value types (e.g. strings and lists), so datasets read it as "
-               "Json, which also turns strings such as \"2\" into numbers" if mixed else "")
+            + (
+                "; note: the rows of this column mix value types (e.g. strings and lists), so datasets read it as "
+                'Json, which also turns strings such as "2" into numbers'
+                if mixed
+                else ""
+            )
         )
     formats = {c: k for c, (k, _) in kinds.items() if c in ("messages", "prompt", "completion", "chosen", "rejected")}
     if len(set(formats.values())) > 1:
@@ -332,13 +334,18 @@ def _text_bytes(array: Union[pa.Array, pa.ChunkedArray]) -> np.ndarray:
         parts = [_text_bytes(chunk) for chunk in array.chunks]
         return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
     kind = array.type
-    if pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_binary(kind) \
-            or pa.types.is_large_binary(kind):
+    if (
+        pa.types.is_string(kind)
+        or pa.types.is_large_string(kind)
+        or pa.types.is_binary(kind)
+        or pa.types.is_large_binary(kind)
+    ):
         return pc.binary_length(array).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
     if pa.types.is_list(kind) or pa.types.is_large_list(kind):
         # flatten() and list_parent_indices() both skip null lists and respect a slice's offset
-        sizes = np.bincount(pc.list_parent_indices(array).to_numpy(), weights=_text_bytes(array.flatten()),
-                            minlength=len(array))
+        sizes = np.bincount(
+            pc.list_parent_indices(array).to_numpy(), weights=_text_bytes(array.flatten()), minlength=len(array)
+        )
         return sizes.astype(np.int64)
     if pa.types.is_struct(kind):
         return sum((_text_bytes(field) for field in array.flatten()), np.zeros(len(array), dtype=np.int64))
@@ -434,12 +441,13 @@ def _first(dataset: Dataset, max_samples: Optional[int]) -> Dataset:
 
 
 def _generator_splits(spec: str) -> tuple[str, ...]:
-    name = spec[len(BUILTIN_PREFIX):] if spec.startswith(BUILTIN_PREFIX) else None
+    name = spec[len(BUILTIN_PREFIX) :] if spec.startswith(BUILTIN_PREFIX) else None
     return GENERATORS[name].splits if name in GENERATORS else ()
 
 
-def load_task_datasets(task: str, args: DataArguments, data_filter=None,
-                       report_dir: Optional[str] = None) -> dict[str, Dataset]:
+def load_task_datasets(
+    task: str, args: DataArguments, data_filter=None, report_dir: Optional[str] = None
+) -> dict[str, Dataset]:
     """Load and check the datasets of ``task``: {"train", "eval" (if eval_split)} or {"forget", "retain"}.
 
     ``data_filter`` (a ``cascade_filter.CascadeFilterConfig``) filters the training rows before they are formatted
@@ -453,12 +461,21 @@ def load_task_datasets(task: str, args: DataArguments, data_filter=None,
         )
     if task == "unlearn":
         if data_filter is not None:
-            raise DataError("data_filter: task 'unlearn' trains on its forget set on purpose; remove the data_filter keys")
+            raise DataError(
+                "data_filter: task 'unlearn' trains on its forget set on purpose; remove the data_filter keys"
+            )
         return _load_unlearn(args)
 
     def load(split: str, seed: int) -> Dataset:
-        return load_source(args.dataset, config=args.dataset_config, split=split, num_samples=args.num_samples,
-                           seed=seed, difficulty=args.difficulty, max_row_bytes=args.max_row_bytes)
+        return load_source(
+            args.dataset,
+            config=args.dataset_config,
+            split=split,
+            num_samples=args.num_samples,
+            seed=seed,
+            difficulty=args.difficulty,
+            max_row_bytes=args.max_row_bytes,
+        )
 
     train = _first(load(args.dataset_split, args.data_seed), args.max_samples)
     if data_filter is not None:
@@ -486,8 +503,11 @@ def _load_unlearn(args: DataArguments) -> dict[str, Dataset]:
     spec = args.dataset
     splits = _generator_splits(spec)
     if "retain" in splits:  # a builtin generator with its own retain split: fictitious_facts, fictitious_authors
-        given = [f"{k}={v!r}" for k, v in (("retain_dataset", args.retain_dataset), ("retain_config", args.retain_config))
-                 if v is not None]
+        given = [
+            f"{k}={v!r}"
+            for k, v in (("retain_dataset", args.retain_dataset), ("retain_config", args.retain_config))
+            if v is not None
+        ]
         if given:
             raise DataError(
                 f"{' and '.join(given)} conflicts with dataset '{spec}', which already has a retain split; remove "
@@ -500,8 +520,9 @@ def _load_unlearn(args: DataArguments) -> dict[str, Dataset]:
                 f"dataset '{spec}': dataset_split={args.dataset_split!r} is not one of its forget splits; set "
                 f"dataset_split to one of {', '.join(forget_splits)}"
             )
-        both = _run_generator(spec[len(BUILTIN_PREFIX):], args.dataset_config, args.num_samples, args.data_seed,
-                              args.difficulty)
+        both = _run_generator(
+            spec[len(BUILTIN_PREFIX) :], args.dataset_config, args.num_samples, args.data_seed, args.difficulty
+        )
         sources = {"forget": (spec, both[forget_split], forget_split), "retain": (spec, both["retain"], "retain")}
     else:
         if args.retain_dataset is None:
@@ -513,13 +534,18 @@ def _load_unlearn(args: DataArguments) -> dict[str, Dataset]:
         same = args.retain_dataset == spec and args.retain_config is None
         retain_config = args.retain_config if args.retain_config is not None else args.dataset_config if same else None
         retain_split = "retain" if same or "retain" in _generator_splits(args.retain_dataset) else "train"
-        common = dict(num_samples=args.num_samples, seed=args.data_seed, difficulty=args.difficulty,
-                      max_row_bytes=args.max_row_bytes)
+        common = dict(
+            num_samples=args.num_samples,
+            seed=args.data_seed,
+            difficulty=args.difficulty,
+            max_row_bytes=args.max_row_bytes,
+        )
         forget = load_source(spec, config=args.dataset_config, split=args.dataset_split, **common)
         retain = load_source(args.retain_dataset, config=retain_config, split=retain_split, **common)
         sources = {"forget": (spec, forget, args.dataset_split), "retain": (args.retain_dataset, retain, retain_split)}
     return {
-        role: format_for_task("unlearn", _first(dataset, args.max_samples), _where(source, split, role),
-                              args.max_row_bytes)
+        role: format_for_task(
+            "unlearn", _first(dataset, args.max_samples), _where(source, split, role), args.max_row_bytes
+        )
         for role, (source, dataset, split) in sources.items()
     }

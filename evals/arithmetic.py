@@ -27,19 +27,37 @@ def _generate(model, tokenizer, prompts, num_return_sequences, max_new_tokens, d
     texts = []
     tokenizer.padding_side = "left"  # generation continues from the right end
     for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start:start + batch_size]
-        rendered = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) if isinstance(p, list) else p
-                    for p in chunk]
+        chunk = prompts[start : start + batch_size]
+        rendered = [
+            tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) if isinstance(p, list) else p
+            for p in chunk
+        ]
         enc = tokenizer(rendered, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
-        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=do_sample,
-                             temperature=temperature if do_sample else None, top_p=None, top_k=None,
-                             num_return_sequences=num_return_sequences, pad_token_id=tokenizer.pad_token_id)
-        texts += tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        out = model.generate(
+            **enc,
+            max_new_tokens=max_new_tokens,
+            do_sample=do_sample,
+            temperature=temperature if do_sample else None,
+            top_p=None,
+            top_k=None,
+            num_return_sequences=num_return_sequences,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        texts += tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
     return texts
 
 
-def evaluate_verifiable(model, tokenizer, dataset, k_values=(1, 4), num_samples: int = 8, max_new_tokens: int = 32,
-                        temperature: float = 1.0, batch_size: int = 8, seed: int = 0) -> dict[str, float]:
+def evaluate_verifiable(
+    model,
+    tokenizer,
+    dataset,
+    k_values=(1, 4),
+    num_samples: int = 8,
+    max_new_tokens: int = 32,
+    temperature: float = 1.0,
+    batch_size: int = 8,
+    seed: int = 0,
+) -> dict[str, float]:
     """Greedy accuracy and pass@k (k in ``k_values``, from ``num_samples`` samples per prompt) on a dataset
     with ``prompt`` and ``answer`` columns."""
     model.eval()
@@ -48,8 +66,10 @@ def evaluate_verifiable(model, tokenizer, dataset, k_values=(1, 4), num_samples:
     results = {"greedy_accuracy": sum(numeric_match(greedy, answers)) / len(answers)}
     torch.manual_seed(seed)
     sampled = _generate(model, tokenizer, prompts, num_samples, max_new_tokens, True, temperature, batch_size)
-    correct = [sum(numeric_match(sampled[i * num_samples:(i + 1) * num_samples], [a] * num_samples))
-               for i, a in enumerate(answers)]
+    correct = [
+        sum(numeric_match(sampled[i * num_samples : (i + 1) * num_samples], [a] * num_samples))
+        for i, a in enumerate(answers)
+    ]
     for k in k_values:
         if k > num_samples:
             raise ValueError(f"pass@{k} needs at least {k} samples per prompt (num_samples={num_samples})")

@@ -41,7 +41,7 @@ class EvalContext:
         """``fn(batch, batch_index) -> one result per item`` over global batches; every process gets the full,
         ordered list of results. ``batch_index`` seeds anything random in ``fn``."""
         size = batch_size or self.batch_size
-        batches = [list(items[i:i + size]) for i in range(0, len(items), size)]
+        batches = [list(items[i : i + size]) for i in range(0, len(items), size)]
         mine = {b: fn(batches[b], b) for b in range(self.rank, len(batches), self.world)}
         if self.world > 1:
             merged: dict[int, list] = {}
@@ -63,7 +63,9 @@ def load_checkpoint(name: str, peft: str | None = None, dtype: str = "float32", 
     adapter = peft or (path if (Path(path) / "adapter_config.json").is_file() else None)
     base = path
     if adapter is not None and adapter == path:
-        base = resolve_model_path(json.loads((Path(path) / "adapter_config.json").read_text())["base_model_name_or_path"])
+        base = resolve_model_path(
+            json.loads((Path(path) / "adapter_config.json").read_text())["base_model_name_or_path"]
+        )
     model = AutoModelForCausalLM.from_pretrained(base, dtype=getattr(torch, dtype))
     if Path(base).is_dir():  # biases of patched MoE routers (aux-loss-free balancing) that from_pretrained dropped
         from posttrain.trainers.moe_balance import restore_expert_biases
@@ -89,8 +91,9 @@ def load_checkpoint(name: str, peft: str | None = None, dtype: str = "float32", 
 HASH_WHOLE_FILE_BELOW = 64 << 20
 _EDGE = 1 << 20
 # the files a training run writes beside its weights that no eval reads
-NOT_MODEL_FILES = frozenset({"trainer_state.json", "run_summary.json", "training_args.bin", "README.md",
-                             "results.json"})
+NOT_MODEL_FILES = frozenset(
+    {"trainer_state.json", "run_summary.json", "training_args.bin", "README.md", "results.json"}
+)
 
 
 def file_fingerprint(path: Path) -> list:
@@ -118,10 +121,12 @@ def path_fingerprint(path, skip=frozenset()) -> dict:
     p = Path(path).expanduser()
     if p.is_file():
         return {"file": str(p.resolve()), "content": file_fingerprint(p)}
-    files = sorted(f for f in p.rglob("*") if f.is_file() and f.name not in skip
-                   and not any(part.startswith(".") for part in f.relative_to(p).parts))
-    return {"dir": str(p.resolve()),
-            "files": [[str(f.relative_to(p)), *file_fingerprint(f)[1:]] for f in files]}
+    files = sorted(
+        f
+        for f in p.rglob("*")
+        if f.is_file() and f.name not in skip and not any(part.startswith(".") for part in f.relative_to(p).parts)
+    )
+    return {"dir": str(p.resolve()), "files": [[str(f.relative_to(p)), *file_fingerprint(f)[1:]] for f in files]}
 
 
 def checkpoint_fingerprint(path: str) -> dict:
@@ -136,7 +141,9 @@ def checkpoint_fingerprint(path: str) -> dict:
             p = Path(snapshot_download(path, local_files_only=True))
         except Exception:  # not a hub id in the local cache: transformers will fail or fetch it
             return {"id": path}
-    files = sorted(f for f in p.iterdir() if f.is_file() and f.name not in NOT_MODEL_FILES and not f.name.startswith("."))
+    files = sorted(
+        f for f in p.iterdir() if f.is_file() and f.name not in NOT_MODEL_FILES and not f.name.startswith(".")
+    )
     return {"dir": str(p.resolve()), "files": [file_fingerprint(f) for f in files]}
 
 
@@ -170,7 +177,7 @@ def render(tokenizer, prompt, completion=None) -> tuple[str, str]:
     full = tokenizer.apply_chat_template(prompt + completion, tokenize=False)
     if not full.startswith(prompt_text):
         raise ValueError("the chat template does not extend the prompt with the completion; cannot score it")
-    return prompt_text, full[len(prompt_text):]
+    return prompt_text, full[len(prompt_text) :]
 
 
 def _plain(completion) -> str:
@@ -200,14 +207,23 @@ def completion_logps(model, tokenizer, pairs: list[tuple[str, str]], max_length:
     token_logps = torch.log_softmax(logits, -1).gather(-1, input_ids[:, 1:, None]).squeeze(-1)
     out = []
     for i, (row, start) in enumerate(zip(ids, starts)):
-        scored = token_logps[i, start - 1:len(row) - 1]
+        scored = token_logps[i, start - 1 : len(row) - 1]
         out.append((float(scored.sum()), int(scored.numel())))
     return out
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompts: list, *, n: int = 1, max_new_tokens: int = 64, temperature: float = 0.0,
-             top_p: float = 1.0, seed: int = 0) -> list[list[str]]:
+def generate(
+    model,
+    tokenizer,
+    prompts: list,
+    *,
+    n: int = 1,
+    max_new_tokens: int = 64,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+) -> list[list[str]]:
     """``n`` completions per prompt (greedy when temperature is 0), in one left-padded batch; sampling is seeded
     by ``seed`` alone, so the same batch gives the same text on any process."""
     texts = [render(tokenizer, p)[0] for p in prompts]
@@ -215,22 +231,42 @@ def generate(model, tokenizer, prompts: list, *, n: int = 1, max_new_tokens: int
     enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
     sample = temperature > 0
     torch.manual_seed(seed)
-    out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=sample, num_return_sequences=n,
-                         temperature=temperature if sample else None, top_p=top_p if sample else None, top_k=None,
-                         pad_token_id=tokenizer.pad_token_id)
-    decoded = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-    return [decoded[i * n:(i + 1) * n] for i in range(len(prompts))]
+    out = model.generate(
+        **enc,
+        max_new_tokens=max_new_tokens,
+        do_sample=sample,
+        num_return_sequences=n,
+        temperature=temperature if sample else None,
+        top_p=top_p if sample else None,
+        top_k=None,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    decoded = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+    return [decoded[i * n : (i + 1) * n] for i in range(len(prompts))]
 
 
-def eval_rows(dataset: str, task: str, *, split: str | None = None, num_samples: int = 256, seed: int = 0,
-              limit: int | None = None, difficulty: int | None = None):
+def eval_rows(
+    dataset: str,
+    task: str,
+    *,
+    split: str | None = None,
+    num_samples: int = 256,
+    seed: int = 0,
+    limit: int | None = None,
+    difficulty: int | None = None,
+):
     """Held-out rows for an eval task: a builtin generator is run with the eval seed offset (never the train
     seed), files and hub datasets are read as they are; then checked for the data ``task`` and cut to ``limit``."""
     from posttrain.data.loading import EVAL_SEED_OFFSET, format_for_task, load_source
 
     builtin = dataset.startswith("builtin:")
-    rows = load_source(dataset, split=split or "train", num_samples=num_samples,
-                       seed=seed + EVAL_SEED_OFFSET if builtin else seed, difficulty=difficulty)
+    rows = load_source(
+        dataset,
+        split=split or "train",
+        num_samples=num_samples,
+        seed=seed + EVAL_SEED_OFFSET if builtin else seed,
+        difficulty=difficulty,
+    )
     rows = format_for_task(task, rows, f"eval dataset '{dataset}'") if task else rows
     return rows.select(range(min(limit, len(rows)))) if limit else rows
 

@@ -7,7 +7,8 @@
 Each (checkpoint, task, task config, limit, seed) result is cached under ``$POSTTRAIN_CACHE/evals``, keyed by
 everything that determines its numbers (``cache_key``): the files of the evaluated checkpoint and of every other
 model the task loads (``reference``, ``retain_model``, ``reward_model``), the dataset and lm-eval task files, the
-eval and data code, and the library versions; so a re-run only loads models whose results are missing or stale. The output
+eval and data code, and the library versions; so a re-run only loads models whose results are missing or stale. The
+output
 folder gets ``results.json`` (numbers, configs, versions), ``results.md`` (one column per checkpoint) and PNG
 plots: one bar chart per task, pass@k curves, MaxVio per layer.
 """
@@ -54,22 +55,27 @@ def parse_tasks(value, where: str = "command line") -> dict[str, dict]:
     if isinstance(value, (list, tuple)):
         value = {name: {} for name in value}
     if not isinstance(value, dict) or not value:
-        raise UserError(f"{where}: tasks: give task names (--tasks a,b) or, in an eval recipe, a mapping "
-                        "task -> config")
+        raise UserError(
+            f"{where}: tasks: give task names (--tasks a,b) or, in an eval recipe, a mapping task -> config"
+        )
     unknown = [name for name in value if name not in TASKS]
     if unknown:
         raise UserError(f"{where}: unknown eval task(s) {', '.join(map(repr, unknown))}; valid: {', '.join(TASKS)}")
     tasks = {}
     for name, config in value.items():
         if not isinstance(config, (dict, type(None))):
-            raise UserError(f"{where}: eval task '{name}': its options must be a mapping option -> value, got "
-                            f"{config!r}; e.g. {{\"math\": {{\"n\": 64}}}}")
+            raise UserError(
+                f"{where}: eval task '{name}': its options must be a mapping option -> value, got "
+                f'{config!r}; e.g. {{"math": {{"n": 64}}}}'
+            )
         config = dict(config or {})
         params = inspect.signature(TASKS[name][0]).parameters
         bad = [k for k in config if k not in params or k == "ctx"]
         if bad:
-            raise UserError(f"{where}: eval task '{name}' has no option(s) {', '.join(map(str, bad))}; "
-                            f"valid: {', '.join(p for p in params if p != 'ctx')}")
+            raise UserError(
+                f"{where}: eval task '{name}' has no option(s) {', '.join(map(str, bad))}; "
+                f"valid: {', '.join(p for p in params if p != 'ctx')}"
+            )
         hints = typing.get_type_hints(TASKS[name][0])
         config = {k: coerce(v, hints.get(k, Any), k, f"{where}: eval task '{name}'") for k, v in config.items()}
         if name in CHECKS:
@@ -84,11 +90,13 @@ def parse_tasks(value, where: str = "command line") -> dict[str, dict]:
 
 def parse_task_config(text: str) -> dict:
     """``--task_config``: a JSON/YAML mapping task -> options (checked by ``parse_tasks``)."""
-    example = "e.g. '{\"math\": {\"n\": 64}}'"
+    example = 'e.g. \'{"math": {"n": 64}}\''
     value = _read_yaml(text, "command line: --task_config", f"give a mapping task -> options, {example}")
     if not isinstance(value, dict):
-        raise UserError(f"command line: --task_config must be a mapping task -> options, {example}; got "
-                        f"{type(value).__name__} {value!r}")
+        raise UserError(
+            f"command line: --task_config must be a mapping task -> options, {example}; got "
+            f"{type(value).__name__} {value!r}"
+        )
     return value
 
 
@@ -107,8 +115,17 @@ def _read_yaml(text: str, where: str, fix: str):
 
 
 # the keys of an eval recipe (and of the eval command line), with their types
-EVAL_KEYS = {"model": str, "compare": Any, "tasks": Any, "output": str, "limit": int, "seed": int,
-             "batch_size": int, "peft": str, "cache": bool}
+EVAL_KEYS = {
+    "model": str,
+    "compare": Any,
+    "tasks": Any,
+    "output": str,
+    "limit": int,
+    "seed": int,
+    "batch_size": int,
+    "peft": str,
+    "cache": bool,
+}
 
 
 def load_eval_recipe(path: str, overrides: dict[str, Any]) -> EvalSpec:
@@ -118,8 +135,10 @@ def load_eval_recipe(path: str, overrides: dict[str, Any]) -> EvalSpec:
     file = find_recipe(path)
     values = read_recipe_file(file)
     if not isinstance(values, dict):
-        raise UserError(f"{file}: an eval recipe is a mapping of keys ({', '.join(EVAL_KEYS)}) to values, "
-                        f"got {type(values).__name__}")
+        raise UserError(
+            f"{file}: an eval recipe is a mapping of keys ({', '.join(EVAL_KEYS)}) to values, "
+            f"got {type(values).__name__}"
+        )
     # each value is blamed on where it came from: the recipe file, or the command line that overrides it
     sources = {key: str(file) for key in values}
     for key, value in overrides.items():
@@ -138,10 +157,13 @@ def make_spec(values: dict[str, Any], where: str = "command line", sources: dict
 
     unknown = sorted(set(values) - set(EVAL_KEYS), key=str)
     if unknown:
-        raise UserError(f"{source(unknown[0])}: unknown eval key(s) {', '.join(map(str, unknown))}; "
-                        f"valid: {', '.join(sorted(EVAL_KEYS))}")
-    values = {k: v if v is None or EVAL_KEYS[k] is Any else coerce(v, EVAL_KEYS[k], k, source(k))
-              for k, v in values.items()}
+        raise UserError(
+            f"{source(unknown[0])}: unknown eval key(s) {', '.join(map(str, unknown))}; "
+            f"valid: {', '.join(sorted(EVAL_KEYS))}"
+        )
+    values = {
+        k: v if v is None or EVAL_KEYS[k] is Any else coerce(v, EVAL_KEYS[k], k, source(k)) for k, v in values.items()
+    }
     if not values.get("model"):
         raise UserError(f"{where}: name the checkpoint to evaluate (--model PATH_OR_HUB_ID)")
     compare = values.get("compare") or []
@@ -157,10 +179,16 @@ def make_spec(values: dict[str, Any], where: str = "command line", sources: dict
     output = values.get("output")
     if output is not None:
         _check_output(output, source("output"))
-    return EvalSpec(models=[values["model"], *compare], tasks=parse_tasks(values.get("tasks") or "", source("tasks")),
-                    output=output or "runs/eval", limit=limit, seed=values.get("seed") or 0,
-                    batch_size=8 if batch_size is None else batch_size, peft=values.get("peft"),
-                    cache=values.get("cache", True) is not False)
+    return EvalSpec(
+        models=[values["model"], *compare],
+        tasks=parse_tasks(values.get("tasks") or "", source("tasks")),
+        output=output or "runs/eval",
+        limit=limit,
+        seed=values.get("seed") or 0,
+        batch_size=8 if batch_size is None else batch_size,
+        peft=values.get("peft"),
+        cache=values.get("cache", True) is not False,
+    )
 
 
 def _check_output(output: str, where: str) -> None:
@@ -201,9 +229,16 @@ def _versions() -> dict:
         except importlib.metadata.PackageNotFoundError:
             return None
 
-    return {"posttrain": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-            "trl": trl.__version__, "lm_eval": version("lm_eval"), "datasets": version("datasets"),
-            "peft": version("peft"), "python": platform.python_version()}
+    return {
+        "posttrain": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "trl": trl.__version__,
+        "lm_eval": version("lm_eval"),
+        "datasets": version("datasets"),
+        "peft": version("peft"),
+        "python": platform.python_version(),
+    }
 
 
 def is_model_option(name: str) -> bool:
@@ -255,7 +290,9 @@ def input_fingerprint(name: str, value):
         return value
     if is_model_option(name):
         return model_fingerprint(value)
-    if name not in ("dataset", "include_path") and not ("/" in value or value.startswith(("~", ".")) or Path(value).suffix):
+    if name not in ("dataset", "include_path") and not (
+        "/" in value or value.startswith(("~", ".")) or Path(value).suffix
+    ):
         return value  # a split, column or reward name: not read as a path even if the current folder has one so named
     local = Path(value).expanduser()
     try:
@@ -282,10 +319,18 @@ def cache_key(path: str, peft, task: str, config: dict, spec: EvalSpec) -> dict:
     params = inspect.signature(TASKS[task][0]).parameters
     options = {k: p.default for k, p in params.items() if k != "ctx" and p.default is not inspect.Parameter.empty}
     options.update(config)
-    return {"model": model_fingerprint(path, peft), "task": task, "config": config,
-            "inputs": {k: input_fingerprint(k, v) for k, v in sorted(options.items())},
-            "limit": spec.limit, "seed": spec.seed, "batch_size": spec.batch_size, "version": RESULTS_VERSION,
-            "code": _code_fingerprint(), "versions": _versions()}
+    return {
+        "model": model_fingerprint(path, peft),
+        "task": task,
+        "config": config,
+        "inputs": {k: input_fingerprint(k, v) for k, v in sorted(options.items())},
+        "limit": spec.limit,
+        "seed": spec.seed,
+        "batch_size": spec.batch_size,
+        "version": RESULTS_VERSION,
+        "code": _code_fingerprint(),
+        "versions": _versions(),
+    }
 
 
 def _cache_path(model: str, path: str, peft, task: str, config: dict, spec: EvalSpec) -> Path:
@@ -298,6 +343,7 @@ def _cache_path(model: str, path: str, peft, task: str, config: dict, spec: Eval
 
 def run_eval(spec: EvalSpec, log=print) -> dict:
     """Evaluate every model on every task (cached), write results.json / results.md / plots; returns results."""
+    import torch
     from accelerate import PartialState
     from accelerate.utils import broadcast_object_list, gather_object
 
@@ -305,8 +351,6 @@ def run_eval(spec: EvalSpec, log=print) -> dict:
     from posttrain.evals.tasks import TASKS
     from posttrain.recipes.models import resolve_model_path
     from posttrain.recipes.train import write_json_atomic
-
-    import torch
 
     state = PartialState(cpu=not torch.cuda.is_available())  # without cpu=True a CPU launch stays one process
     # every checkpoint is resolved (and a broken local folder refused) before the first one loads
@@ -327,26 +371,55 @@ def run_eval(spec: EvalSpec, log=print) -> dict:
         if not pending:
             continue
         model, tokenizer, _ = load_checkpoint(model_name, peft=peft, device=str(state.device))
-        ctx = EvalContext(model, tokenizer, model_name, path, seed=spec.seed, limit=spec.limit,
-                          batch_size=spec.batch_size, world=state.num_processes, rank=state.process_index,
-                          _gather=gather_object)
+        ctx = EvalContext(
+            model,
+            tokenizer,
+            model_name,
+            path,
+            seed=spec.seed,
+            limit=spec.limit,
+            batch_size=spec.batch_size,
+            world=state.num_processes,
+            rank=state.process_index,
+            _gather=gather_object,
+        )
         for task, cached in pending.items():
             fn, _, parallel = TASKS[task]
             log(f"{model_name} / {task} ...")
             if parallel or state.num_processes == 1:
                 out = fn(ctx, **spec.tasks[task])
             else:  # single-process task: rank 0 computes, the others receive its result
-                holder = [fn(EvalContext(model, tokenizer, model_name, path, seed=spec.seed, limit=spec.limit,
-                                         batch_size=spec.batch_size), **spec.tasks[task])
-                          if state.is_main_process else None]
+                holder = [
+                    fn(
+                        EvalContext(
+                            model,
+                            tokenizer,
+                            model_name,
+                            path,
+                            seed=spec.seed,
+                            limit=spec.limit,
+                            batch_size=spec.batch_size,
+                        ),
+                        **spec.tasks[task],
+                    )
+                    if state.is_main_process
+                    else None
+                ]
                 out = broadcast_object_list(holder)[0]
             out["config"] = spec.tasks[task]
             results[model_name][task] = out
             if state.is_main_process:
                 write_json_atomic(cached, out)
         del model
-    report = {"models": spec.models, "tasks": spec.tasks, "limit": spec.limit, "seed": spec.seed,
-              "processes": state.num_processes, "versions": _versions(), "results": results}
+    report = {
+        "models": spec.models,
+        "tasks": spec.tasks,
+        "limit": spec.limit,
+        "seed": spec.seed,
+        "processes": state.num_processes,
+        "versions": _versions(),
+        "results": results,
+    }
     if state.is_main_process:
         out_dir = Path(spec.output)
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -356,7 +429,10 @@ def run_eval(spec: EvalSpec, log=print) -> dict:
         (out_dir / "results.md").write_text(table)
         plots = write_plots(report, out_dir)
         log(table)
-        log(f"results: {out_dir / 'results.json'}, {out_dir / 'results.md'}" + (f", {len(plots)} plots" if plots else ""))
+        log(
+            f"results: {out_dir / 'results.json'}, {out_dir / 'results.md'}"
+            + (f", {len(plots)} plots" if plots else "")
+        )
     state.wait_for_everyone()
     return report
 
@@ -388,8 +464,7 @@ def _fmt(value) -> str:
 def markdown_table(report: dict) -> str:
     """One row per (task, metric), one column per checkpoint."""
     models = report["models"]
-    lines = ["| task | metric | " + " | ".join(f"`{m}`" for m in models) + " |",
-             "|---|---|" + "---|" * len(models)]
+    lines = ["| task | metric | " + " | ".join(f"`{m}`" for m in models) + " |", "|---|---|" + "---|" * len(models)]
     for task in report["tasks"]:
         metrics = []
         for m in models:
@@ -423,7 +498,11 @@ def write_plots(report: dict, out_dir: Path) -> list[Path]:
         if metrics:
             fig, axes = plt.subplots(1, len(metrics), figsize=(2.6 * len(metrics) + 1, 3.2), squeeze=False)
             for ax, metric in zip(axes[0], metrics):
-                ax.bar(range(len(models)), [r["metrics"][metric] for r in per_model], color=[f"C{i}" for i in range(len(models))])
+                ax.bar(
+                    range(len(models)),
+                    [r["metrics"][metric] for r in per_model],
+                    color=[f"C{i}" for i in range(len(models))],
+                )
                 ax.set_xticks(range(len(models)), labels, rotation=20, fontsize=7)
                 ax.set_title(metric, fontsize=9)
             fig.suptitle(task)

@@ -33,12 +33,23 @@ LM_EVAL_RANDOM_SEED = 0
 LM_EVAL_OTHER_SEED = 1234
 
 
-def lm_eval(ctx: EvalContext, tasks: tuple = (), include_path: str | None = None, num_fewshot: int | None = None,
-            batch_size: int = 8, apply_chat_template: bool | str = False, fewshot_as_multiturn: bool | None = None,
-            system_instruction: str | None = None, gen_kwargs: dict | None = None, log_samples: bool = False,
-            random_seed: int = LM_EVAL_RANDOM_SEED, numpy_random_seed: int = LM_EVAL_OTHER_SEED,
-            torch_random_seed: int = LM_EVAL_OTHER_SEED, fewshot_random_seed: int = LM_EVAL_OTHER_SEED,
-            include_defaults: bool = True):
+def lm_eval(
+    ctx: EvalContext,
+    tasks: tuple = (),
+    include_path: str | None = None,
+    num_fewshot: int | None = None,
+    batch_size: int = 8,
+    apply_chat_template: bool | str = False,
+    fewshot_as_multiturn: bool | None = None,
+    system_instruction: str | None = None,
+    gen_kwargs: dict | None = None,
+    log_samples: bool = False,
+    random_seed: int = LM_EVAL_RANDOM_SEED,
+    numpy_random_seed: int = LM_EVAL_OTHER_SEED,
+    torch_random_seed: int = LM_EVAL_OTHER_SEED,
+    fewshot_random_seed: int = LM_EVAL_OTHER_SEED,
+    include_defaults: bool = True,
+):
     """EleutherAI lm-evaluation-harness tasks on the in-memory model (offline with local task YAMLs under
     ``include_path``, e.g. ``dataset_path: json`` on a local JSONL); options as ``lm_eval`` names them.
     ``include_defaults: false`` (``TaskManager``'s option) skips indexing lm-eval's own task YAMLs (about 20 s)
@@ -52,14 +63,22 @@ def lm_eval(ctx: EvalContext, tasks: tuple = (), include_path: str | None = None
         from accelerate import Accelerator
 
         lm.accelerator, lm._rank, lm._world_size = Accelerator(), ctx.rank, ctx.world
-    out = simple_evaluate(model=lm, tasks=list(tasks), num_fewshot=num_fewshot, limit=ctx.limit,
-                          task_manager=task_manager(include_path, include_defaults),
-                          apply_chat_template=apply_chat_template,
-                          fewshot_as_multiturn=bool(apply_chat_template) if fewshot_as_multiturn is None
-                          else fewshot_as_multiturn,
-                          system_instruction=system_instruction, gen_kwargs=gen_kwargs, log_samples=log_samples,
-                          random_seed=random_seed, numpy_random_seed=numpy_random_seed,
-                          torch_random_seed=torch_random_seed, fewshot_random_seed=fewshot_random_seed)
+    out = simple_evaluate(
+        model=lm,
+        tasks=list(tasks),
+        num_fewshot=num_fewshot,
+        limit=ctx.limit,
+        task_manager=task_manager(include_path, include_defaults),
+        apply_chat_template=apply_chat_template,
+        fewshot_as_multiturn=bool(apply_chat_template) if fewshot_as_multiturn is None else fewshot_as_multiturn,
+        system_instruction=system_instruction,
+        gen_kwargs=gen_kwargs,
+        log_samples=log_samples,
+        random_seed=random_seed,
+        numpy_random_seed=numpy_random_seed,
+        torch_random_seed=torch_random_seed,
+        fewshot_random_seed=fewshot_random_seed,
+    )
     result = lm_eval_result(out) if ctx.rank == 0 else None  # lm-eval returns the results on rank 0 only
     return ctx._gather([result])[0] if ctx.world > 1 else result
 
@@ -84,23 +103,30 @@ def lm_eval_result(out: dict) -> dict:
                 if isinstance(value, bool) or not isinstance(value, (int, float)):
                     continue  # lm-eval writes "N/A" for a stderr it could not compute
                 metrics[f"{prefix}{name}/{key}"] = float(value)
-    result = {"metrics": metrics,
-              "groups": {g: _numbers(v) for g, v in groups.items()},
-              "group_subtasks": out.get("group_subtasks", {}),
-              "n-shot": out.get("n-shot", {}), "versions": out.get("versions", {}),
-              "n-samples": out.get("n-samples", {})}
+    result = {
+        "metrics": metrics,
+        "groups": {g: _numbers(v) for g, v in groups.items()},
+        "group_subtasks": out.get("group_subtasks", {}),
+        "n-shot": out.get("n-shot", {}),
+        "versions": out.get("versions", {}),
+        "n-samples": out.get("n-samples", {}),
+    }
     if "samples" in out:
         result["samples"] = json.loads(json.dumps(out["samples"], default=str))
     return json.loads(json.dumps(result, default=str))
 
 
 def _numbers(values: dict) -> dict:
-    return {k: float(v) for k, v in values.items() if "," in k and isinstance(v, (int, float)) and not isinstance(v, bool)}
+    return {
+        k: float(v) for k, v in values.items() if "," in k and isinstance(v, (int, float)) and not isinstance(v, bool)
+    }
 
 
 def check_lm_eval(tasks, apply_chat_template=False, fewshot_as_multiturn=None, **_) -> None:
     if not tasks:
         raise ValueError("name the lm-evaluation-harness tasks in its config, e.g. tasks: [my_task]")
     if fewshot_as_multiturn and not apply_chat_template:  # as lm_eval's own command line refuses it
-        raise ValueError("fewshot_as_multiturn: true needs apply_chat_template: true (the few-shot turns are chat "
-                         "messages); set both, or drop fewshot_as_multiturn")
+        raise ValueError(
+            "fewshot_as_multiturn: true needs apply_chat_template: true (the few-shot turns are chat "
+            "messages); set both, or drop fewshot_as_multiturn"
+        )

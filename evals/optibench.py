@@ -192,9 +192,11 @@ else:
 ```
 Answer with the program only, in a ```python block.""",
 }
-_EXAMPLE_QUESTION = ("A company makes two products. Product X earns $3 per unit and needs 1 hour of assembly; product Y "
-                     "earns $5 per unit and needs 2 hours. There are 40 assembly hours, and at most 15 units of Y can be "
-                     "sold. How many units of each (whole numbers) maximise the profit, and what is the maximum profit?")
+_EXAMPLE_QUESTION = (
+    "A company makes two products. Product X earns $3 per unit and needs 1 hour of assembly; product Y "
+    "earns $5 per unit and needs 2 hours. There are 40 assembly hours, and at most 15 units of Y can be "
+    "sold. How many units of each (whole numbers) maximise the profit, and what is the maximum profit?"
+)
 _EXAMPLE_CODE = {
     "pulp": """```python
 import pulp
@@ -231,9 +233,11 @@ else:
     print("Maximum profit:", model.getObjVal())
 ```""",
 }
-_ANSWER = ("According to the code output, give your final answer for the following quantity. Put it in \\boxed{}, "
-           "as a number only, rounded to 5 decimal places, such as \\boxed{27.00000}, \\boxed{3.20000} or "
-           "\\boxed{0.23334}.")
+_ANSWER = (
+    "According to the code output, give your final answer for the following quantity. Put it in \\boxed{}, "
+    "as a number only, rounded to 5 decimal places, such as \\boxed{27.00000}, \\boxed{3.20000} or "
+    "\\boxed{0.23334}."
+)
 
 
 def code_dialog(question: str, solver: str = "pulp", prompt: str = "zeroshot") -> list[dict]:
@@ -247,23 +251,36 @@ def code_dialog(question: str, solver: str = "pulp", prompt: str = "zeroshot") -
 
 def answer_dialog(first: list[dict], reply: str, output: str) -> list[dict]:
     """The second turn: the first dialog, the model's program and its output; the caller appends "* <key>:"."""
-    return first + [{"role": "assistant", "content": reply},
-                    {"role": "user", "content": f"```code_output\n{output}\n```\n\n\n{_ANSWER}"}]
+    return first + [
+        {"role": "assistant", "content": reply},
+        {"role": "user", "content": f"```code_output\n{output}\n```\n\n\n{_ANSWER}"},
+    ]
 
 
 # -------------------------------------------------------------------------------------------- running
 
 
-def run_optibench(problems: list[dict], write_code: Callable[[list], list[str]],
-                  read_values: Callable[[list], list[str]] | None, *, solver: str = "pulp", prompt: str = "zeroshot",
-                  extraction: str = "llm", timeout: float = 3.0, tol: float = 1e-4, memory_mb: int = 2048,
-                  map_batches: Callable | None = None, batch_size: int = 8) -> tuple[dict, list[dict]]:
+def run_optibench(
+    problems: list[dict],
+    write_code: Callable[[list], list[str]],
+    read_values: Callable[[list], list[str]] | None,
+    *,
+    solver: str = "pulp",
+    prompt: str = "zeroshot",
+    extraction: str = "llm",
+    timeout: float = 3.0,
+    tol: float = 1e-4,
+    memory_mb: int = 2048,
+    map_batches: Callable | None = None,
+    batch_size: int = 8,
+) -> tuple[dict, list[dict]]:
     """(metrics, per-problem records). ``write_code(dialogs) -> replies`` is the first turn; ``read_values(
     [(dialog, key), ...]) -> replies`` the second (unused with ``extraction: stdout``). ``map_batches(items, fn)``
     spreads batches over processes (``EvalContext.map_batches``); default: one process."""
     if map_batches is None:
+
         def map_batches(items, fn):
-            return [r for b in range(0, len(items), batch_size) for r in fn(list(items[b:b + batch_size]), b)]
+            return [r for b in range(0, len(items), batch_size) for r in fn(list(items[b : b + batch_size]), b)]
 
     def run(batch: list[dict], _index: int) -> list[dict]:
         dialogs = [code_dialog(p["question"], solver, prompt) for p in batch]
@@ -273,9 +290,18 @@ def run_optibench(problems: list[dict], write_code: Callable[[list], list[str]],
             code = extract_code(reply)
             run_ = run_python(code, timeout=timeout, memory_mb=memory_mb)
             output = run_.stdout
-            record = {"index": p.get("index"), "type": p["type"], "status": run_.status, "code_passed": run_.ok,
-                      "seconds": run_.seconds, "error": run_.error, "predicted": {}, "correct": False,
-                      "code": code[:4000], "output": output[-2000:]}
+            record = {
+                "index": p.get("index"),
+                "type": p["type"],
+                "status": run_.status,
+                "code_passed": run_.ok,
+                "seconds": run_.seconds,
+                "error": run_.error,
+                "predicted": {},
+                "correct": False,
+                "code": code[:4000],
+                "output": output[-2000:],
+            }
             if run_.ok and NOT_OPTIMAL in output:
                 record["status"], record["error"] = "not_optimal", "the program found no optimal solution"
             elif run_.ok:
@@ -288,7 +314,7 @@ def run_optibench(problems: list[dict], write_code: Callable[[list], list[str]],
         if pending:
             answers = []
             for start in range(0, len(pending), batch_size):
-                answers += read_values([item for _, _, item in pending[start:start + batch_size]])
+                answers += read_values([item for _, _, item in pending[start : start + batch_size]])
             for (record, key, _), text in zip(pending, answers):
                 text = first_answer(text)
                 record["predicted"][key] = boxed_value(text)
@@ -308,8 +334,9 @@ def check_optibench(path: str | None, solver: str, timeout: float, tol: float, m
 
     load_problems(path)
     if importlib.util.find_spec(solver) is None:
-        raise ValueError(f"solver {solver!r} is not installed; pip install {solver}, or use solver: pulp "
-                         "(a dependency of posttrain)")
+        raise ValueError(
+            f"solver {solver!r} is not installed; pip install {solver}, or use solver: pulp (a dependency of posttrain)"
+        )
     if not timeout > 0:
         raise ValueError(f"timeout must be > 0 seconds (got {timeout}); the official evaluation uses 3")
     if not tol > 0:
@@ -318,10 +345,18 @@ def check_optibench(path: str | None, solver: str, timeout: float, tol: float, m
         raise ValueError(f"memory_mb must be >= 256 (got {memory_mb}): Python and the solver need that much to start")
 
 
-def optibench(ctx, path: str | None = None, solver: Literal["pulp", "pyscipopt"] = "pulp",
-              prompt: Literal["zeroshot", "fewshot"] = "zeroshot", extraction: Literal["llm", "stdout"] = "llm",
-              timeout: float = 3.0, tol: float = 1e-4, memory_mb: int = 2048, max_new_tokens: int = 512,
-              answer_max_new_tokens: int = 24):
+def optibench(
+    ctx,
+    path: str | None = None,
+    solver: Literal["pulp", "pyscipopt"] = "pulp",
+    prompt: Literal["zeroshot", "fewshot"] = "zeroshot",
+    extraction: Literal["llm", "stdout"] = "llm",
+    timeout: float = 3.0,
+    tol: float = 1e-4,
+    memory_mb: int = 2048,
+    max_new_tokens: int = 512,
+    answer_max_new_tokens: int = 24,
+):
     """The eval task (``posttrain eval --tasks optibench``): the model writes solver code, it runs sandboxed, the
     model reads the values off its output. ``path``: the E-OPT JSON file (default: the 12 shipped problems)."""
     from posttrain.evals.common import generate, render
@@ -329,7 +364,7 @@ def optibench(ctx, path: str | None = None, solver: Literal["pulp", "pyscipopt"]
     check_optibench(path=path, solver=solver, timeout=timeout, tol=tol, memory_mb=memory_mb)
     problems = load_problems(path)
     if ctx.limit:
-        problems = problems[:ctx.limit]
+        problems = problems[: ctx.limit]
 
     def write_code(dialogs):
         return [g[0] for g in generate(ctx.model, ctx.tokenizer, dialogs, max_new_tokens=max_new_tokens)]
@@ -338,9 +373,19 @@ def optibench(ctx, path: str | None = None, solver: Literal["pulp", "pyscipopt"]
         texts = [render(ctx.tokenizer, dialog)[0] + f"* {key}:" for dialog, key in items]
         return [g[0] for g in generate(ctx.model, ctx.tokenizer, texts, max_new_tokens=answer_max_new_tokens)]
 
-    metrics, records = run_optibench(problems, write_code, read_values, solver=solver, prompt=prompt,
-                                     extraction=extraction, timeout=timeout, tol=tol, memory_mb=memory_mb,
-                                     map_batches=ctx.map_batches, batch_size=ctx.batch_size)
+    metrics, records = run_optibench(
+        problems,
+        write_code,
+        read_values,
+        solver=solver,
+        prompt=prompt,
+        extraction=extraction,
+        timeout=timeout,
+        tol=tol,
+        memory_mb=memory_mb,
+        map_batches=ctx.map_batches,
+        batch_size=ctx.batch_size,
+    )
     statuses: dict[str, int] = {}
     for r in records:
         statuses[r["status"]] = statuses.get(r["status"], 0) + 1

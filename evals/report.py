@@ -42,13 +42,17 @@ def find_run_log(run_dir: Path) -> tuple[str, Path]:
         if isinstance(payload, dict) and isinstance(payload.get("history"), list):
             return "history", results
         if isinstance(payload, dict) and "results" in payload and "models" in payload:
-            raise UserError(f"{run_dir} is the output of `posttrain eval`: its tables are in results.md and its plots "
-                            "beside it; `posttrain report` reads a training run's output_dir")
+            raise UserError(
+                f"{run_dir} is the output of `posttrain eval`: its tables are in results.md and its plots "
+                "beside it; `posttrain report` reads a training run's output_dir"
+            )
     if (run_dir / "run_summary.json").is_file():
         return "summary", run_dir / "run_summary.json"
-    raise UserError(f"{run_dir}: no trainer_state.json, run_summary.json or results.json here (nor a checkpoint-N "
-                    "folder); give a training run's output_dir" + ("" if run_dir.is_dir() else ", which this is not: "
-                                                                  "no such folder"))
+    raise UserError(
+        f"{run_dir}: no trainer_state.json, run_summary.json or results.json here (nor a checkpoint-N "
+        "folder); give a training run's output_dir"
+        + ("" if run_dir.is_dir() else ", which this is not: no such folder")
+    )
 
 
 def _read_json(file: Path):
@@ -68,10 +72,15 @@ def summary_metrics(summary_file: Path) -> dict[str, tuple[float, float]]:
     summary = _read_json(summary_file)
     metrics = summary.get("metrics") if isinstance(summary, dict) else None
     if not isinstance(metrics, dict):
-        raise UserError(f"{summary_file} has no metrics mapping, so it is not a posttrain run_summary.json (or it is "
-                        "damaged); give a training run's output_dir")
-    return {name: (float(v["first"]), float(v["last"])) for name, v in metrics.items()
-            if isinstance(v, dict) and {"first", "last"} <= set(v)}
+        raise UserError(
+            f"{summary_file} has no metrics mapping, so it is not a posttrain run_summary.json (or it is "
+            "damaged); give a training run's output_dir"
+        )
+    return {
+        name: (float(v["first"]), float(v["last"]))
+        for name, v in metrics.items()
+        if isinstance(v, dict) and {"first", "last"} <= set(v)
+    }
 
 
 def read_log_history(state_file: Path) -> list[dict]:
@@ -80,8 +89,10 @@ def read_log_history(state_file: Path) -> list[dict]:
     state = _read_json(state_file)
     history = state.get("log_history") if isinstance(state, dict) else None
     if not isinstance(history, list) or not all(isinstance(entry, dict) for entry in history):
-        raise UserError(f"{state_file} has no log_history list of log entries, so it is not a Trainer's "
-                        "trainer_state.json (or it is damaged); give a training run's output_dir")
+        raise UserError(
+            f"{state_file} has no log_history list of log entries, so it is not a Trainer's "
+            "trainer_state.json (or it is damaged); give a training run's output_dir"
+        )
     return history
 
 
@@ -134,12 +145,19 @@ def report(run_dir: str, log=print) -> Path:
             ax.plot(steps, values, marker="." if len(values) < 50 else None)
             ax.set_title(name, fontsize=8)
             ax.set_xlabel("step", fontsize=7)
-        for ax in list(axes.flat)[len(names):]:
+        for ax in list(axes.flat)[len(names) :]:
             ax.axis("off")
         fig.tight_layout()
         fig.savefig(out / f"{group.replace(' ', '_')}.png", dpi=100)
         plt.close(fig)
-    lines = [f"# {run}", "", f"from `{state_file}`", "", "| metric | first | last | min | max |", "|---|---|---|---|---|"]
+    lines = [
+        f"# {run}",
+        "",
+        f"from `{state_file}`",
+        "",
+        "| metric | first | last | min | max |",
+        "|---|---|---|---|---|",
+    ]
     for name in sorted(metrics):
         v = metrics[name][1]
         lines.append(f"| {name} | {v[0]:.4g} | {v[-1]:.4g} | {min(v):.4g} | {max(v):.4g} |")
@@ -153,8 +171,15 @@ def _summary_report(run: Path, summary_file: Path, out: Path, log) -> Path:
     if not metrics:
         raise UserError(f"{summary_file}: no logged metrics (set logging_steps)")
     out.mkdir(parents=True, exist_ok=True)
-    lines = [f"# {run}", "", f"from `{summary_file}`: the first and last logged value of each metric only (this run "
-             "folder has no trainer_state.json to draw curves from)", "", "| metric | first | last |", "|---|---|---|"]
+    lines = [
+        f"# {run}",
+        "",
+        f"from `{summary_file}`: the first and last logged value of each metric only (this run "
+        "folder has no trainer_state.json to draw curves from)",
+        "",
+        "| metric | first | last |",
+        "|---|---|---|",
+    ]
     lines += [f"| {name} | {first:.4g} | {last:.4g} |" for name, (first, last) in sorted(metrics.items())]
     (out / "report.md").write_text("\n".join(lines) + "\n")
     log(f"report: report.md in {out} (first and last values from run_summary.json; no trainer_state.json for curves)")

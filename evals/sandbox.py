@@ -81,8 +81,11 @@ _SCOPE_ABSTRACT_UNIX_SOCKET, _SCOPE_SIGNAL = 1 << 0, 1 << 1  # ABI 6
 
 
 class _RulesetAttr(ctypes.Structure):
-    _fields_ = [("handled_access_fs", ctypes.c_uint64), ("handled_access_net", ctypes.c_uint64),
-                ("scoped", ctypes.c_uint64)]
+    _fields_ = [
+        ("handled_access_fs", ctypes.c_uint64),
+        ("handled_access_net", ctypes.c_uint64),
+        ("scoped", ctypes.c_uint64),
+    ]
 
 
 class _PathBeneathAttr(ctypes.Structure):
@@ -104,8 +107,11 @@ def _landlock_restrict(abi: int, writable: list[str], writable_files: list[str])
     between fork and exec: it raises OSError on failure, which Popen reports to the caller."""
     libc = ctypes.CDLL(None, use_errno=True)
     fs = _FS_WRITE_RIGHTS_ABI1 | (_FS_REFER if abi >= 2 else 0) | (_FS_TRUNCATE if abi >= 3 else 0)
-    attr = _RulesetAttr(fs, _NET_BIND_TCP | _NET_CONNECT_TCP if abi >= 4 else 0,
-                        _SCOPE_ABSTRACT_UNIX_SOCKET | _SCOPE_SIGNAL if abi >= 6 else 0)
+    attr = _RulesetAttr(
+        fs,
+        _NET_BIND_TCP | _NET_CONNECT_TCP if abi >= 4 else 0,
+        _SCOPE_ABSTRACT_UNIX_SOCKET | _SCOPE_SIGNAL if abi >= 6 else 0,
+    )
     size = ctypes.sizeof(_RulesetAttr) if abi >= 6 else (16 if abi >= 4 else 8)  # the struct grew with the ABI
     ruleset = libc.syscall(_SYS_CREATE_RULESET, ctypes.byref(attr), ctypes.c_size_t(size), ctypes.c_uint32(0))
     if ruleset < 0:
@@ -116,8 +122,16 @@ def _landlock_restrict(abi: int, writable: list[str], writable_files: list[str])
                 fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
                 try:
                     rule = _PathBeneathAttr(rights, fd)
-                    if libc.syscall(_SYS_ADD_RULE, ctypes.c_int(ruleset), ctypes.c_int(_RULE_PATH_BENEATH),
-                                    ctypes.byref(rule), ctypes.c_uint32(0)) != 0:
+                    if (
+                        libc.syscall(
+                            _SYS_ADD_RULE,
+                            ctypes.c_int(ruleset),
+                            ctypes.c_int(_RULE_PATH_BENEATH),
+                            ctypes.byref(rule),
+                            ctypes.c_uint32(0),
+                        )
+                        != 0
+                    ):
                         raise OSError(ctypes.get_errno(), f"landlock_add_rule {path}")
                 finally:
                     os.close(fd)
@@ -241,9 +255,19 @@ def _classify(returncode: int, stderr: str, timed_out: bool, cpu_seconds: float,
     return "error", last or f"exit code {returncode}"
 
 
-def run_python(code: str, *, timeout: float = 3.0, cpu_seconds: float | None = None, memory_mb: int = 2048,
-               max_processes: int = 64, max_output_bytes: int = 1 << 20, max_open_files: int = 256,
-               python: str | None = None, landlock: bool = True, drop_root: bool = True) -> SandboxResult:
+def run_python(
+    code: str,
+    *,
+    timeout: float = 3.0,
+    cpu_seconds: float | None = None,
+    memory_mb: int = 2048,
+    max_processes: int = 64,
+    max_output_bytes: int = 1 << 20,
+    max_open_files: int = 256,
+    python: str | None = None,
+    landlock: bool = True,
+    drop_root: bool = True,
+) -> SandboxResult:
     """Run ``code`` as ``python -I -c code`` under the limits above; never raises for anything the code does.
 
     ``timeout``: wall-clock seconds (the process group is killed after it); ``cpu_seconds``: the CPU limit
@@ -274,9 +298,19 @@ def run_python(code: str, *, timeout: float = 3.0, cpu_seconds: float | None = N
         if drop:
             os.chown(work, uid, 65534)
         os.chmod(work, 0o700)
-        env = {"PATH": f"{Path(python).parent}:/usr/local/bin:/usr/bin:/bin", "HOME": str(work), "TMPDIR": str(work),
-               "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
-               "MKL_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1", "PYTHONHASHSEED": "0", "MPLBACKEND": "Agg"}
+        env = {
+            "PATH": f"{Path(python).parent}:/usr/local/bin:/usr/bin:/bin",
+            "HOME": str(work),
+            "TMPDIR": str(work),
+            "LANG": "C.UTF-8",
+            "LC_ALL": "C.UTF-8",
+            "OMP_NUM_THREADS": "1",
+            "OPENBLAS_NUM_THREADS": "1",
+            "MKL_NUM_THREADS": "1",
+            "PYTHONDONTWRITEBYTECODE": "1",
+            "PYTHONHASHSEED": "0",
+            "MPLBACKEND": "Agg",
+        }
         memory = int(memory_mb) << 20
 
         def limit() -> None:  # in the child, after the uid drop, before exec
@@ -294,13 +328,25 @@ def run_python(code: str, *, timeout: float = 3.0, cpu_seconds: float | None = N
         start = time.monotonic()
         with open(logs / "stdout", "wb") as out, open(logs / "stderr", "wb") as err:
             try:
-                proc = subprocess.Popen([python, "-I", "-c", code], cwd=work, env=env, stdin=subprocess.DEVNULL,
-                                        stdout=out, stderr=err, close_fds=True, pass_fds=(), start_new_session=True,
-                                        preexec_fn=limit, user=uid if drop else None,
-                                        group=65534 if drop else None, extra_groups=[] if drop else None)
+                proc = subprocess.Popen(
+                    [python, "-I", "-c", code],
+                    cwd=work,
+                    env=env,
+                    stdin=subprocess.DEVNULL,
+                    stdout=out,
+                    stderr=err,
+                    close_fds=True,
+                    pass_fds=(),
+                    start_new_session=True,
+                    preexec_fn=limit,
+                    user=uid if drop else None,
+                    group=65534 if drop else None,
+                    extra_groups=[] if drop else None,
+                )
             except (OSError, subprocess.SubprocessError) as exc:  # the sandbox itself could not start
-                return SandboxResult("error", "", "", None, time.monotonic() - start,
-                                     f"sandbox failed to start: {exc}", isolation)
+                return SandboxResult(
+                    "error", "", "", None, time.monotonic() - start, f"sandbox failed to start: {exc}", isolation
+                )
             timed_out = False
             before = resource.getrusage(resource.RUSAGE_CHILDREN)
             try:

@@ -49,7 +49,6 @@ import math
 import zlib
 
 import torch
-import torch.nn.functional as F
 
 from posttrain.trainers.wagle import collate, encode_row
 
@@ -81,7 +80,7 @@ def min_k_score(token_logps, k: float = MIA_K) -> float:
     values = sorted(float(x) for x in token_logps)
     if not values:
         return 0.0
-    low = values[:max(1, int(len(values) * k))]
+    low = values[: max(1, int(len(values) * k))]
     return -sum(low) / len(low)
 
 
@@ -103,8 +102,9 @@ def mia_auc(forget_scores, holdout_scores) -> float:
 
     if not forget_scores or not holdout_scores:
         raise ValueError("mia_auc needs at least one score on each side")
-    return float(roc_auc_score([0] * len(forget_scores) + [1] * len(holdout_scores),
-                               list(forget_scores) + list(holdout_scores)))
+    return float(
+        roc_auc_score([0] * len(forget_scores) + [1] * len(holdout_scores), list(forget_scores) + list(holdout_scores))
+    )
 
 
 def auc(positive, negative) -> float:
@@ -147,11 +147,13 @@ def row_stats(model, tokenizer, rows, batch_size=16, max_length=512, prompt_temp
     ``mu`` / ``sigma2`` (mean and variance of log p under the next-token distribution), ``text`` (the answer
     tokens decoded, special tokens skipped). ``answers`` (one string per row) replaces the rows' completions."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    encoded = [encode_row(tokenizer, row, max_length, prompt_template, None if answers is None else answers[i])
-               for i, row in enumerate(rows)]
+    encoded = [
+        encode_row(tokenizer, row, max_length, prompt_template, None if answers is None else answers[i])
+        for i, row in enumerate(rows)
+    ]
     out = []
     for start in range(0, len(encoded), batch_size):
-        batch = {k: v.to(model.device) for k, v in collate(encoded[start:start + batch_size], pad).items()}
+        batch = {k: v.to(model.device) for k, v in collate(encoded[start : start + batch_size], pad).items()}
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
         labels = batch["labels"][:, 1:]
         valid = labels != -100
@@ -165,9 +167,17 @@ def row_stats(model, tokenizer, rows, batch_size=16, max_length=512, prompt_temp
             dist = logp[i, scored]
             mu = (dist.exp() * dist).sum(-1)
             sigma2 = (dist.exp() * dist.square()).sum(-1) - mu.square()
-            out.append({"loss": float(-target[i, positions].sum()) / n, "acc": float(correct[i].sum()) / n, "n": n,
-                        "logps": target[i, scored].tolist(), "mu": mu.tolist(), "sigma2": sigma2.tolist(),
-                        "text": tokenizer.decode(labels[i, positions].tolist(), skip_special_tokens=True).strip()})
+            out.append(
+                {
+                    "loss": float(-target[i, positions].sum()) / n,
+                    "acc": float(correct[i].sum()) / n,
+                    "n": n,
+                    "logps": target[i, scored].tolist(),
+                    "mu": mu.tolist(),
+                    "sigma2": sigma2.tolist(),
+                    "text": tokenizer.decode(labels[i, positions].tolist(), skip_special_tokens=True).strip(),
+                }
+            )
     return out
 
 
@@ -199,16 +209,21 @@ def truth_ratios(model, tokenizer, rows, **kwargs):
     return [truth_ratio(t, w) for t, w in zip(true, wrong)]
 
 
-def greedy_answers(model, tokenizer, rows, batch_size=16, prompt_template="{prompt}",
-                   max_new_tokens=ROUGE_MAX_NEW_TOKENS):
+def greedy_answers(
+    model, tokenizer, rows, batch_size=16, prompt_template="{prompt}", max_new_tokens=ROUGE_MAX_NEW_TOKENS
+):
     """The model's greedy answer to each row's prompt (chat template for conversational rows), stripped."""
     from posttrain.evals.common import generate
 
-    prompts = [r["prompt"] if isinstance(r["prompt"], list) else prompt_template.format(prompt=r["prompt"]) for r in rows]
+    prompts = [
+        r["prompt"] if isinstance(r["prompt"], list) else prompt_template.format(prompt=r["prompt"]) for r in rows
+    ]
     out = []
     for start in range(0, len(prompts), batch_size):
-        out += [g[0].strip() for g in generate(model, tokenizer, prompts[start:start + batch_size],
-                                               max_new_tokens=max_new_tokens)]
+        out += [
+            g[0].strip()
+            for g in generate(model, tokenizer, prompts[start : start + batch_size], max_new_tokens=max_new_tokens)
+        ]
     return out
 
 
@@ -217,9 +232,21 @@ def greedy_answers(model, tokenizer, rows, batch_size=16, prompt_template="{prom
 _PREFIX = {"forget": "forget", "retain": "retain", "world": "wf", "holdout": "holdout"}
 
 
-def unlearning_metrics(model, tokenizer, forget, retain, world, holdout=None, batch_size=16, max_length=512,
-                       prompt_template="{prompt}", reference_forget_ratios=None, reference_mia_min_k=None,
-                       max_new_tokens=ROUGE_MAX_NEW_TOKENS, k=MIA_K):
+def unlearning_metrics(
+    model,
+    tokenizer,
+    forget,
+    retain,
+    world,
+    holdout=None,
+    batch_size=16,
+    max_length=512,
+    prompt_template="{prompt}",
+    reference_forget_ratios=None,
+    reference_mia_min_k=None,
+    max_new_tokens=ROUGE_MAX_NEW_TOKENS,
+    k=MIA_K,
+):
     """The module docstring's metrics; ``world`` or ``holdout`` may be None (their metrics are then left out).
     ``reference_mia_min_k``: a retain-only model's ``mia_min_k`` on the same forget / holdout rows, for privleak
     (else privleak is against 0.5, open-unlearning's ``ref_value``)."""
@@ -252,11 +279,18 @@ def unlearning_metrics(model, tokenizer, forget, retain, world, holdout=None, ba
                     results[f"{prefix}_Truth_Ratio"] = true_better(ratios[name])
                 if name == "world":  # the answer (not a paraphrase) against the wrong options
                     results["wf_Q_A_Prob_normalised"] = sum(
-                        p / (p + sum(math.exp(-x) for x in w) + 1e-10) for p, w in zip(probs, wrong)) / len(rows)
+                        p / (p + sum(math.exp(-x) for x in w) + 1e-10) for p, w in zip(probs, wrong)
+                    ) / len(rows)
     finally:
         model.train(was_training)
-    utility = ("retain_Q_A_Prob", "retain_Q_A_ROUGE", "retain_Truth_Ratio",
-               "wf_Q_A_Prob_normalised", "wf_Q_A_ROUGE", "wf_Truth_Ratio")
+    utility = (
+        "retain_Q_A_Prob",
+        "retain_Q_A_ROUGE",
+        "retain_Truth_Ratio",
+        "wf_Q_A_Prob_normalised",
+        "wf_Q_A_ROUGE",
+        "wf_Truth_Ratio",
+    )
     if all(key in results for key in utility):
         results["model_utility"] = harmonic_mean(results[key] for key in utility)
     if reference_forget_ratios is not None and "forget" in ratios:
@@ -265,16 +299,20 @@ def unlearning_metrics(model, tokenizer, forget, retain, world, holdout=None, ba
         if "forget" in ratios and "holdout" in ratios:
             results["forget_quality"] = float(ks_2samp(ratios["forget"], ratios["holdout"]).pvalue)
         results.update(mia_aucs(stats["forget"], stats["holdout"], k))
-        results["privleak"] = privleak(results["mia_min_k"], 0.5 if reference_mia_min_k is None else reference_mia_min_k)
+        results["privleak"] = privleak(
+            results["mia_min_k"], 0.5 if reference_mia_min_k is None else reference_mia_min_k
+        )
     return results
 
 
 def attack_scores(stats, k=MIA_K) -> dict[str, list[float]]:
     """Each attack's per-row score (higher = less likely seen) from ``row_stats``."""
-    return {"mia_loss": [s["loss"] for s in stats],
-            "mia_zlib": [zlib_score(s["loss"], s["text"]) for s in stats],
-            "mia_min_k": [min_k_score(s["logps"], k) for s in stats],
-            "mia_min_k_plus_plus": [min_k_plus_plus_score(s["logps"], s["mu"], s["sigma2"], k) for s in stats]}
+    return {
+        "mia_loss": [s["loss"] for s in stats],
+        "mia_zlib": [zlib_score(s["loss"], s["text"]) for s in stats],
+        "mia_min_k": [min_k_score(s["logps"], k) for s in stats],
+        "mia_min_k_plus_plus": [min_k_plus_plus_score(s["logps"], s["mu"], s["sigma2"], k) for s in stats],
+    }
 
 
 def mia_aucs(forget_stats, holdout_stats, k=MIA_K) -> dict[str, float]:

@@ -23,8 +23,14 @@ import json
 import time
 from pathlib import Path
 
-from posttrain.data.cascade_filter import (BlocklistStage, CascadeFilter, ClassifierStage, mine_blocklist,
-                                           report_table, select_keywords)
+from posttrain.data.cascade_filter import (
+    BlocklistStage,
+    CascadeFilter,
+    ClassifierStage,
+    mine_blocklist,
+    report_table,
+    select_keywords,
+)
 from posttrain.data.generators import topic_corpus
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -39,8 +45,10 @@ def run_seed(seed: int, num_samples: int) -> dict:
     for mode in ("strong", "weak"):
         calls = classifier.calls
         result = CascadeFilter([BlocklistStage(keywords, 2), classifier], mode, keep_size=True, seed=seed).apply(data)
-        groups = {g: sum(1 for x, f in zip(data["group"], result.annotated["combined_filter"]) if f and x == g)
-                  for g in ("target", "near_miss", "unrelated")}
+        groups = {
+            g: sum(1 for x, f in zip(data["group"], result.annotated["combined_filter"]) if f and x == g)
+            for g in ("target", "near_miss", "unrelated")
+        }
         out[mode] = {**result.report, "classifier_calls": classifier.calls - calls, "filtered_by_group": groups}
     return out
 
@@ -52,19 +60,25 @@ def main() -> None:
     args = parser.parse_args()
     start = time.time()
     runs = [run_seed(seed, args.num_samples) for seed in range(args.seeds)]
-    print("| seed | keywords | strong % filtered | strong recall | strong FPR | weak % filtered | weak recall | "
-          "weak FPR | escalated | classifier calls | weak output rows | FPR ratio | recall ratio |")
+    print(
+        "| seed | keywords | strong % filtered | strong recall | strong FPR | weak % filtered | weak recall | "
+        "weak FPR | escalated | classifier calls | weak output rows | FPR ratio | recall ratio |"
+    )
     print("|" + "---|" * 13)
     for r in runs:
         s, w = r["strong"]["stages"]["combined_filter"], r["weak"]["stages"]["combined_filter"]
         ratio = w["fpr"] / s["fpr"] if s["fpr"] else float("nan")
-        print(f"| {r['seed']} | {r['keywords']} | {s['percent_filtered']:.2f} | {s['recall']:.3f} | {s['fpr']:.4f} | "
-              f"{w['percent_filtered']:.2f} | {w['recall']:.3f} | {w['fpr']:.4f} | "
-              f"{r['weak']['stages']['word_filter']['filtered_documents']} | {r['weak']['classifier_calls']} | "
-              f"{r['weak']['output_documents']} | {ratio:.3f} | {w['recall'] / s['recall']:.3f} |")
+        print(
+            f"| {r['seed']} | {r['keywords']} | {s['percent_filtered']:.2f} | {s['recall']:.3f} | {s['fpr']:.4f} | "
+            f"{w['percent_filtered']:.2f} | {w['recall']:.3f} | {w['fpr']:.4f} | "
+            f"{r['weak']['stages']['word_filter']['filtered_documents']} | {r['weak']['classifier_calls']} | "
+            f"{r['weak']['output_documents']} | {ratio:.3f} | {w['recall'] / s['recall']:.3f} |"
+        )
     print(f"\nseed 0, weak filter, per stage:\n{report_table(runs[0]['weak'])}")
-    print(f"seed 0, filtered by group: strong {runs[0]['strong']['filtered_by_group']}, "
-          f"weak {runs[0]['weak']['filtered_by_group']}")
+    print(
+        f"seed 0, filtered by group: strong {runs[0]['strong']['filtered_by_group']}, "
+        f"weak {runs[0]['weak']['filtered_by_group']}"
+    )
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "cascade_filter.json").write_text(json.dumps(runs, indent=2) + "\n")
     plot(runs, RESULTS / "cascade_filter.png")
@@ -84,16 +98,24 @@ def plot(runs: list[dict], path: Path) -> None:
     width = 0.2
     for j, metric in enumerate(metrics):
         scale = 1 if metric == "percent_filtered" else 100
-        left.bar([i + j * width for i in range(len(names))], [stages[n][metric] * scale for n in names], width,
-                 label=metric.replace("_", " "))
+        left.bar(
+            [i + j * width for i in range(len(names))],
+            [stages[n][metric] * scale for n in names],
+            width,
+            label=metric.replace("_", " "),
+        )
     left.set_xticks([i + 1.5 * width for i in range(len(names))], names)
     left.set_ylabel("%")
     left.set_title("weak filter, per stage (seed 0)")
     left.set_ylim(0, 125)
     left.legend(fontsize=8, ncol=4, loc="upper center")
     for mode, marker in (("strong", "o"), ("weak", "s")):
-        right.scatter([r[mode]["stages"]["combined_filter"]["fpr"] * 100 for r in runs],
-                      [r[mode]["stages"]["combined_filter"]["recall"] * 100 for r in runs], marker=marker, label=mode)
+        right.scatter(
+            [r[mode]["stages"]["combined_filter"]["fpr"] * 100 for r in runs],
+            [r[mode]["stages"]["combined_filter"]["recall"] * 100 for r in runs],
+            marker=marker,
+            label=mode,
+        )
     right.set_xlabel("FPR (%)")
     right.set_ylabel("recall (%)")
     right.set_title(f"strong vs weak, {len(runs)} seeds")

@@ -83,8 +83,12 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 # the multiplier settings are the package's config defaults (read from the dataclass, no TrainingArguments built)
 _F = ConstrainedRLHFConfig.__dataclass_fields__
-MULTIPLIER = dict(lr=_F["multiplier_lr"].default, momentum=_F["multiplier_momentum"].default,
-                  grad_clip=_F["multiplier_grad_clip"].default, init_std=_F["multiplier_init_std"].default)
+MULTIPLIER = dict(
+    lr=_F["multiplier_lr"].default,
+    momentum=_F["multiplier_momentum"].default,
+    grad_clip=_F["multiplier_grad_clip"].default,
+    init_std=_F["multiplier_init_std"].default,
+)
 
 
 def hidden_evaluation(r1, r2):
@@ -102,9 +106,14 @@ class Toy:
         if formulation in ("fixed", "sat"):
             self.multipliers = None
         else:
-            self.multipliers = LagrangeMultipliers(2, equality=formulation in ("xi", "nm"), squash=True,
-                                                   upper_bound=formulation == "all", generator=self.generator,
-                                                   **MULTIPLIER)
+            self.multipliers = LagrangeMultipliers(
+                2,
+                equality=formulation in ("xi", "nm"),
+                squash=True,
+                upper_bound=formulation == "all",
+                generator=self.generator,
+                **MULTIPLIER,
+            )
 
     def expected_components(self):
         with torch.no_grad():
@@ -181,11 +190,24 @@ def run_nm(seed, **overrides):
     while not search.done:
         theta = search.ask()
         thresholds[0] = tuple(float(t) for t in theta)
-        result = evaluate_with_early_stop(lambda: toy.step(thresholds[0]), toy.evaluate, thresholds[0],
-                                          cfg["steps_per_eval"], cfg["eval_every"], cfg["rel_tol"])
+        result = evaluate_with_early_stop(
+            lambda: toy.step(thresholds[0]),
+            toy.evaluate,
+            thresholds[0],
+            cfg["steps_per_eval"],
+            cfg["eval_every"],
+            cfg["rel_tol"],
+        )
         search.tell(result.score, cost=result.iterations)
-        evaluations.append({"theta": list(thresholds[0]), "score": result.score, "steps": result.iterations,
-                            "early": result.early, "true_score": hidden_evaluation(*thresholds[0])})
+        evaluations.append(
+            {
+                "theta": list(thresholds[0]),
+                "score": result.score,
+                "steps": result.iterations,
+                "early": result.early,
+                "true_score": hidden_evaluation(*thresholds[0]),
+            }
+        )
     best = search.best_point.tolist()
     return {
         "best_theta": best,
@@ -243,7 +265,11 @@ def run_cadence(multiplier_step, seed, steps_per_generation=8, steps=STEPS, thre
         for i in range(S):
             record()
             g = slice(i * K, (i + 1) * K)
-            adv = adv_all[g] if multiplier_step == "generation" else weigh_streams("xi", A_c[g], A_kl[g], toy.multipliers.lam)
+            adv = (
+                adv_all[g]
+                if multiplier_step == "generation"
+                else weigh_streams("xi", A_c[g], A_kl[g], toy.multipliers.lam)
+            )
             logp = torch.log_softmax(toy.logits, -1)[positions[g], seqs[g]]
             loss = -(adv.detach() * logp.sum(1)).mean()
             (grad,) = torch.autograd.grad(loss, toy.logits)
@@ -258,9 +284,12 @@ def run_cadence(multiplier_step, seed, steps_per_generation=8, steps=STEPS, thre
 def check_claims(fixed, xi, nm):
     """The three claims for one seed (each argument: that seed's run summary)."""
     return {
-        "fixed_overoptimises": (fixed["final_r"][0] > THETA[0] + 0.05 and fixed["final_r"][1] > THETA[1] + 0.05
-                                and fixed["eval_max"] > fixed["eval_initial"] + 0.01
-                                and fixed["eval_final"] <= fixed["eval_max"] - 0.02),
+        "fixed_overoptimises": (
+            fixed["final_r"][0] > THETA[0] + 0.05
+            and fixed["final_r"][1] > THETA[1] + 0.05
+            and fixed["eval_max"] > fixed["eval_initial"] + 0.01
+            and fixed["eval_final"] <= fixed["eval_max"] - 0.02
+        ),
         "xi_holds_theta": xi["final_dev"] <= 0.05 and xi["eval_tail_mean"] >= -0.005,
         "nm_finds_theta": nm["best_dev"] <= 0.07,
     }
@@ -293,8 +322,11 @@ def _ms(values, fmt="{:.3f}"):
 
 
 def table(out):
-    lines = ["| run | final E r1 | final E r2 | last-100 mean (r1, r2) | eval initial | eval max (step) | eval final | "
-             "last-100 eval |", "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| run | final E r1 | final E r2 | last-100 mean (r1, r2) | eval initial | eval max (step) | eval final | "
+        "last-100 eval |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for key, per_seed in out["runs"].items():
         rs = list(per_seed.values())
         lines.append(
@@ -302,13 +334,19 @@ def table(out):
             f"({_ms(r['tail_mean_r'][0] for r in rs)}, {_ms(r['tail_mean_r'][1] for r in rs)}) | "
             f"{_ms((r['eval_initial'] for r in rs), '{:.4f}')} | {_ms((r['eval_max'] for r in rs), '{:.4f}')} "
             f"({_ms((r['eval_argmax'] for r in rs), '{:.0f}')}) | {_ms((r['eval_final'] for r in rs), '{:.4f}')} | "
-            f"{_ms((r['eval_tail_mean'] for r in rs), '{:.4f}')} |")
-    lines += ["", "| NM seed | best theta | max dev from (0.3, 0.2) | stop | training steps | evaluations (early) | "
-              "cache hits |", "|---|---|---|---|---|---|---|"]
+            f"{_ms((r['eval_tail_mean'] for r in rs), '{:.4f}')} |"
+        )
+    lines += [
+        "",
+        "| NM seed | best theta | max dev from (0.3, 0.2) | stop | training steps | evaluations (early) | cache hits |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for s, r in out["nm"].items():
-        lines.append(f"| {s} | ({r['best_theta'][0]:.3f}, {r['best_theta'][1]:.3f}) | {r['best_dev']:.3f} | "
-                     f"{r['stop_reason']} | {r['training_steps']:.0f} | {r['evaluations']} "
-                     f"({r['early_fraction']:.0%}) | {r['cache_hits']} |")
+        lines.append(
+            f"| {s} | ({r['best_theta'][0]:.3f}, {r['best_theta'][1]:.3f}) | {r['best_dev']:.3f} | "
+            f"{r['stop_reason']} | {r['training_steps']:.0f} | {r['evaluations']} "
+            f"({r['early_fraction']:.0%}) | {r['cache_hits']} |"
+        )
     if out["claims"]:
         lines += ["", "| claim | seeds passing |", "|---|---|"]
         for claim in next(iter(out["claims"].values())):
@@ -343,22 +381,37 @@ def plot(out, path):
         curves = np.array([r["curves"]["eval"] for r in out["runs"][key].values()])
         ax.plot(steps, curves.mean(0), color=color, label=f"{key} (mean of {len(curves)} seeds)")
         ax.fill_between(steps, curves.min(0), curves.max(0), color=color, alpha=0.15)
-    ax.set(title="hidden evaluation -(E r1-0.3)^2-(E r2-0.2)^2 (band: min-max)", xlabel="update",
-           ylabel="evaluation", ylim=(-0.16, 0.005))
+    ax.set(
+        title="hidden evaluation -(E r1-0.3)^2-(E r2-0.2)^2 (band: min-max)",
+        xlabel="update",
+        ylabel="evaluation",
+        ylim=(-0.16, 0.005),
+    )
     ax.legend(fontsize=8)
     ax = axes[2]
     g1, g2 = np.meshgrid(np.linspace(0, 0.6, 121), np.linspace(0, 0.6, 121))
-    ax.contour(g1, g2, hidden_evaluation(g1, g2), levels=[-0.1, -0.05, -0.02, -0.01, -0.005, -0.001],
-               colors="0.7", linewidths=0.7)
+    ax.contour(
+        g1,
+        g2,
+        hidden_evaluation(g1, g2),
+        levels=[-0.1, -0.05, -0.02, -0.01, -0.005, -0.001],
+        colors="0.7",
+        linewidths=0.7,
+    )
     lo, hi = NM["low"], NM["high"]
     ax.add_patch(matplotlib.patches.Rectangle(lo, hi[0] - lo[0], hi[1] - lo[1], fill=False, ls="--", color="0.5"))
-    for s, r in out["nm"].items():
+    for r in out["nm"].values():
         p = np.array(r["path"])
         ax.plot(p[:, 0], p[:, 1], "-", lw=0.9, alpha=0.8)
         ax.plot(p[-1, 0], p[-1, 1], "o", ms=4, color=ax.lines[-1].get_color())
     ax.plot(*THETA, "k*", ms=14, label="proxy points (0.3, 0.2)")
-    ax.set(title="NM-PPO: best thresholds per NM iteration (box: initial simplex)", xlabel="theta_1",
-           ylabel="theta_2", xlim=(0, 0.6), ylim=(0, 0.6))
+    ax.set(
+        title="NM-PPO: best thresholds per NM iteration (box: initial simplex)",
+        xlabel="theta_1",
+        ylabel="theta_2",
+        xlim=(0, 0.6),
+        ylim=(0, 0.6),
+    )
     ax.legend(fontsize=8, loc="upper right")
     fig.tight_layout()
     fig.savefig(path, dpi=80)
@@ -383,15 +436,28 @@ def to_json(out, every=5):
         evals = np.array([r["curves"]["eval"] for r in per_seed.values()])
         runs[key] = {
             "per_seed": {str(s): {k: v for k, v in r.items() if k != "curves"} for s, r in per_seed.items()},
-            f"seed{first}_curves_every_{every}": {k: [round(x, 5) for x in v[::every]]
-                                                   for k, v in per_seed[first]["curves"].items()
-                                                   if not all(math.isnan(x) for x in v)},
+            f"seed{first}_curves_every_{every}": {
+                k: [round(x, 5) for x in v[::every]]
+                for k, v in per_seed[first]["curves"].items()
+                if not all(math.isnan(x) for x in v)
+            },
             f"mean_eval_every_{every}": [round(float(x), 5) for x in evals.mean(0)[::every]],
         }
     return {
-        "settings": {"vocab": VOCAB, "length": LENGTH, "samples_per_step": K, "ref_probs": REF_PROBS, "theta": THETA,
-                     "steps": STEPS, "policy_lr": POLICY_LR, "kl_coef": KL_COEF, "kl_sweep": KL_SWEEP,
-                     "multiplier": MULTIPLIER, "nm": NM, "tail_window": WINDOW},
+        "settings": {
+            "vocab": VOCAB,
+            "length": LENGTH,
+            "samples_per_step": K,
+            "ref_probs": REF_PROBS,
+            "theta": THETA,
+            "steps": STEPS,
+            "policy_lr": POLICY_LR,
+            "kl_coef": KL_COEF,
+            "kl_sweep": KL_SWEEP,
+            "multiplier": MULTIPLIER,
+            "nm": NM,
+            "tail_window": WINDOW,
+        },
         "runs": runs,
         "nm": {str(s): r for s, r in out["nm"].items()},
         "claims": {str(s): c for s, c in out["claims"].items()},
@@ -405,8 +471,11 @@ def main(argv=None):
     parser.add_argument("--seeds", type=int, default=8)
     parser.add_argument("--nm-seeds", type=int, default=8)
     parser.add_argument("--name", default="crlhf_overoptimization")
-    parser.add_argument("--cadence", action="store_true",
-                        help="only the multiplier-step cadence comparison (run_cadence), printed; writes nothing")
+    parser.add_argument(
+        "--cadence",
+        action="store_true",
+        help="only the multiplier-step cadence comparison (run_cadence), printed; writes nothing",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     if args.cadence:

@@ -6,7 +6,8 @@
 Both: M = 23, K = 256, sigma = z^2, cross-entropy, full batch (trainers/classic/li2_grokking.py); the critical
 train fraction is 2.7482 ln 23 / 23 = 0.375.
 - fractions: Adam (lr 1e-3, wd 1e-4), 3000 epochs, seed 0, train fractions 0.15, 0.3, 0.5, 0.7.
-- muon: train fraction 0.5 (``--fraction``); epochs to 90% test accuracy (each run stops there, or at max_steps). Arms: adam (lr
+- muon: train fraction 0.5 (``--fraction``); epochs to 90% test accuracy (each run stops there, or at max_steps).
+Arms: adam (lr
   1e-3, wd 1e-4 on W and V); muon (Muon lr 1e-2, wd 1e-2 on the hidden matrix W, V on the adam arm's Adam);
   muon_repo_pairing (Muon as before, V on Adam with Muon's lr 1e-2 and wd 1e-2, as the Li2 repository pairs them);
   adam_1e-2 (Adam lr 1e-2, wd 1e-2 on both: the control for the repository pairing).
@@ -47,22 +48,40 @@ def main() -> None:
     torch.set_num_threads(1)
     runs = json.load(open(out + ".json"))["runs"] if os.path.exists(out + ".json") else {}
     if args.part == "fractions":
-        jobs = {f"adam/f{f}": (dict(ARMS["adam"], train_fraction=f, max_steps=3000, eval_every=100, seed=0), "adam", f)
-                for f in FRACTIONS}
+        jobs = {
+            f"adam/f{f}": (dict(ARMS["adam"], train_fraction=f, max_steps=3000, eval_every=100, seed=0), "adam", f)
+            for f in FRACTIONS
+        }
     else:
-        jobs = {f"{arm}/{seed}": (dict(ARMS[arm], train_fraction=args.fraction, max_steps=args.max_steps, eval_every=50,
-                                       stop_at_test_acc=0.9, seed=seed), arm, seed)
-                for arm in args.arms for seed in args.seeds}
+        jobs = {
+            f"{arm}/{seed}": (
+                dict(
+                    ARMS[arm],
+                    train_fraction=args.fraction,
+                    max_steps=args.max_steps,
+                    eval_every=50,
+                    stop_at_test_acc=0.9,
+                    seed=seed,
+                ),
+                arm,
+                seed,
+            )
+            for arm in args.arms
+            for seed in args.seeds
+        }
     for key, (cfg, arm, tag) in jobs.items():
         if key in runs:
             continue
         trainer = Li2GrokkingTrainer(Li2GrokkingConfig(**BASE, **cfg, output_dir=f"runs/li2_{args.part}{suffix}/{key}"))
         final = trainer.train(verbose=False)
         runs[key] = {"arm": arm, "tag": tag, "config": cfg, "final": final, "history": trainer.history}
-        print(f"{key:<22} epochs to 90% {final['step_test_acc_90']}, train {final['train_acc']:.3f}, test "
-              f"{final['test_acc']:.3f}, concentration {final['fourier_concentration']:.3f}, "
-              f"||G_F|| {final['grad_f_norm']:.4g}, FF^T off-diag {final['fft_offdiag_ratio']:.3f}, "
-              f"{final['seconds']:.0f} s", flush=True)
+        print(
+            f"{key:<22} epochs to 90% {final['step_test_acc_90']}, train {final['train_acc']:.3f}, test "
+            f"{final['test_acc']:.3f}, concentration {final['fourier_concentration']:.3f}, "
+            f"||G_F|| {final['grad_f_norm']:.4g}, FF^T off-diag {final['fft_offdiag_ratio']:.3f}, "
+            f"{final['seconds']:.0f} s",
+            flush=True,
+        )
         os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
         with open(out + ".json", "w") as f:
             json.dump(rounded({"critical_fraction": critical_fraction(23), "runs": runs}), f, separators=(",", ":"))

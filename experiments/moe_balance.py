@@ -103,8 +103,12 @@ def build_data(max_chars=MAX_CHARS):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(text.split("\n\n"), trainers.BpeTrainer(
-        vocab_size=VOCAB, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    tok.train_from_iterator(
+        text.split("\n\n"),
+        trainers.BpeTrainer(
+            vocab_size=VOCAB, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+        ),
+    )
     ids = torch.tensor(tok.encode(text).ids, dtype=torch.long)
     n = ids.numel() // SEQ
     seqs = ids[: n * SEQ].view(n, SEQ)
@@ -119,11 +123,30 @@ def make_model(seed=0):
     from transformers import AutoModelForCausalLM, DeepseekV3Config
 
     cfg = DeepseekV3Config(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=2,
-        first_k_dense_replace=0, num_attention_heads=4, num_key_value_heads=4, n_routed_experts=N_EXPERTS,
-        n_shared_experts=1, num_experts_per_tok=TOP_K, n_group=1, topk_group=1, kv_lora_rank=16, q_lora_rank=None,
-        qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, routed_scaling_factor=1.0, norm_topk_prob=True,
-        max_position_embeddings=SEQ, tie_word_embeddings=True, pad_token_id=None, bos_token_id=None,
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        moe_intermediate_size=32,
+        num_hidden_layers=2,
+        first_k_dense_replace=0,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        n_routed_experts=N_EXPERTS,
+        n_shared_experts=1,
+        num_experts_per_tok=TOP_K,
+        n_group=1,
+        topk_group=1,
+        kv_lora_rank=16,
+        q_lora_rank=None,
+        qk_rope_head_dim=8,
+        qk_nope_head_dim=8,
+        v_head_dim=8,
+        routed_scaling_factor=1.0,
+        norm_topk_prob=True,
+        max_position_embeddings=SEQ,
+        tie_word_embeddings=True,
+        pad_token_id=None,
+        bos_token_id=None,
         eos_token_id=None,
     )
     with torch.random.fork_rng(devices=[]):
@@ -148,7 +171,7 @@ def evaluate(model, held_out):
     counter = RoutingCounter(model, ignore_padding=False)
     losses = []
     for i in range(0, len(held_out), 32):
-        ids = held_out[i:i + 32]
+        ids = held_out[i : i + 32]
         losses.append(model(input_ids=ids, labels=ids).loss.item() * len(ids))
     loads = counter.stacked()
     counter.remove()
@@ -173,7 +196,7 @@ def train_run(name, mode, rate, init_state, train, held_out, steps, seed=0):
     t0 = time.time()
     for step in range(steps):
         j = (step * BATCH) % (len(order) - BATCH)
-        ids = train[order[j:j + BATCH]]
+        ids = train[order[j : j + BATCH]]
         cb.on_step_begin(None, state, control)
         out = model(input_ids=ids, labels=ids, output_router_logits=(mode == "aux_loss"))
         loss = out.loss
@@ -194,7 +217,11 @@ def train_run(name, mode, rate, init_state, train, held_out, steps, seed=0):
     cb.on_train_end(None, state, control)
     tail = max(1, steps // 4)
     return {
-        "name": name, "mode": mode, "rate": rate, "steps": steps, "seconds": round(time.time() - t0, 1),
+        "name": name,
+        "mode": mode,
+        "rate": rate,
+        "steps": steps,
+        "seconds": round(time.time() - t0, 1),
         "maxvio_batch_first": sum(curve["maxvio"][:tail]) / tail,
         "maxvio_batch_last": sum(curve["maxvio"][-tail:]) / tail,
         "maxvio_global": maxvio_global,
@@ -221,20 +248,25 @@ def summarise(runs):
     for name, _, _ in variants():
         rs = [r for r in runs if r["name"] == name]
         out[name] = {k: sum(r[k] for r in rs) / len(rs) for k in SUMMARY_KEYS}
-        out[name].update({f"{k}_per_seed": [r[k] for r in rs] for k in ("maxvio_batch_last", "maxvio_global",
-                                                                          "eval_loss")})
+        out[name].update(
+            {f"{k}_per_seed": [r[k] for r in rs] for k in ("maxvio_batch_last", "maxvio_global", "eval_loss")}
+        )
     return out
 
 
 def table(summary):
     ref = summary["aux_loss a=1e-3"]["eval_loss"]
-    lines = [f"{'variant':<18} {'MaxVio_batch first25%':>21} {'last25%':>8} {'MaxVio_global':>13} "
-             f"{'eval loss':>9} {'vs aux':>7} {'bias norm':>9} {'s':>5}"]
+    lines = [
+        f"{'variant':<18} {'MaxVio_batch first25%':>21} {'last25%':>8} {'MaxVio_global':>13} "
+        f"{'eval loss':>9} {'vs aux':>7} {'bias norm':>9} {'s':>5}"
+    ]
     for name, r in summary.items():
         rel = (r["eval_loss"] / ref - 1) * 100
-        lines.append(f"{name:<18} {r['maxvio_batch_first']:>21.3f} {r['maxvio_batch_last']:>8.3f} "
-                     f"{r['maxvio_global']:>13.3f} {r['eval_loss']:>9.4f} {rel:>+6.2f}% {r['bias_norm']:>9.4f} "
-                     f"{r['seconds']:>5.0f}")
+        lines.append(
+            f"{name:<18} {r['maxvio_batch_first']:>21.3f} {r['maxvio_batch_last']:>8.3f} "
+            f"{r['maxvio_global']:>13.3f} {r['eval_loss']:>9.4f} {rel:>+6.2f}% {r['bias_norm']:>9.4f} "
+            f"{r['seconds']:>5.0f}"
+        )
     return "\n".join(lines)
 
 
@@ -286,8 +318,11 @@ def main(argv=None):
     train, held_out, n_chars = build_data(200_000 if args.quick else MAX_CHARS)
     if args.quick:
         held_out = held_out[:64]
-    print(f"corpus: {n_chars} chars, {train.numel()} train / {held_out.numel()} held-out tokens "
-          f"({time.time() - t0:.1f}s)", flush=True)
+    print(
+        f"corpus: {n_chars} chars, {train.numel()} train / {held_out.numel()} held-out tokens "
+        f"({time.time() - t0:.1f}s)",
+        flush=True,
+    )
     runs, per_seed = [], []
     for seed in range(seeds):
         init_state = {k: v.clone() for k, v in make_model(seed).state_dict().items()}
@@ -295,8 +330,11 @@ def main(argv=None):
             r = train_run(name, mode, rate, init_state, train, held_out, steps, seed)
             r["seed"] = seed
             runs.append(r)
-            print(f"  seed {seed} {name}: MaxVio_batch last {r['maxvio_batch_last']:.3f}, global "
-                  f"{r['maxvio_global']:.3f}, eval loss {r['eval_loss']:.4f} ({r['seconds']}s)", flush=True)
+            print(
+                f"  seed {seed} {name}: MaxVio_batch last {r['maxvio_batch_last']:.3f}, global "
+                f"{r['maxvio_global']:.3f}, eval loss {r['eval_loss']:.4f} ({r['seconds']}s)",
+                flush=True,
+            )
         checks = verdict({r["name"]: r for r in runs if r["seed"] == seed})
         per_seed.append(checks)
     summary = summarise(runs)
@@ -307,12 +345,29 @@ def main(argv=None):
         n_ok = sum(c[k] for c in per_seed)
         print(f"  {'PASS' if v else 'FAIL'}  {k}   (mean over seeds; holds in {n_ok}/{seeds} seeds)")
     result = {
-        "setting": {"seq": SEQ, "batch": BATCH, "vocab": VOCAB, "experts": N_EXPERTS, "top_k": TOP_K,
-                    "layers": 2, "hidden": 64, "lr": LR, "warmup": WARMUP, "steps": steps, "seeds": seeds,
-                    "aux_alpha": AUX_ALPHA, "corpus_chars": n_chars, "python": sys.version.split()[0],
-                    "train_tokens": train.numel(), "held_out_tokens": held_out.numel()},
-        "summary": summary, "claim_checks": checks, "claim_checks_per_seed": per_seed,
-        "claim_holds": all(checks.values()), "runs": runs,
+        "setting": {
+            "seq": SEQ,
+            "batch": BATCH,
+            "vocab": VOCAB,
+            "experts": N_EXPERTS,
+            "top_k": TOP_K,
+            "layers": 2,
+            "hidden": 64,
+            "lr": LR,
+            "warmup": WARMUP,
+            "steps": steps,
+            "seeds": seeds,
+            "aux_alpha": AUX_ALPHA,
+            "corpus_chars": n_chars,
+            "python": sys.version.split()[0],
+            "train_tokens": train.numel(),
+            "held_out_tokens": held_out.numel(),
+        },
+        "summary": summary,
+        "claim_checks": checks,
+        "claim_checks_per_seed": per_seed,
+        "claim_holds": all(checks.values()),
+        "runs": runs,
     }
     if not args.quick:
         args.out.mkdir(parents=True, exist_ok=True)

@@ -27,11 +27,19 @@ from posttrain.evals.harness import load_eval_recipe, run_eval  # noqa: E402
 from posttrain.evals.optibench import TYPES  # noqa: E402
 
 RECIPE = "eval/smollm2-135m_optibench"
-RUNS = {"zeroshot": {}, "fewshot": {"tasks": {"optibench": {"prompt": "fewshot"}},
-                                    "output": "runs/eval-smollm2-135m-optibench-fewshot"}}
+RUNS = {
+    "zeroshot": {},
+    "fewshot": {"tasks": {"optibench": {"prompt": "fewshot"}}, "output": "runs/eval-smollm2-135m-optibench-fewshot"},
+}
 OUT = Path(__file__).resolve().parent / "results"
-COLORS = {"ok": "tab:green", "not_optimal": "tab:olive", "error": "tab:red", "timeout": "tab:orange",
-          "memory_limit": "tab:purple", "denied": "tab:brown"}
+COLORS = {
+    "ok": "tab:green",
+    "not_optimal": "tab:olive",
+    "error": "tab:red",
+    "timeout": "tab:orange",
+    "memory_limit": "tab:purple",
+    "denied": "tab:brown",
+}
 
 
 def main() -> None:
@@ -41,8 +49,13 @@ def main() -> None:
         model = report["models"][0]
         out = report["results"][model]["optibench"]
         keep = ("index", "type", "status", "error", "predicted", "correct", "code_passed", "seconds")
-        summary[name] = {"model": model, "config": out["config"], "metrics": out["metrics"], "statuses": out["statuses"],
-                         "problems": [{k: p.get(k) for k in keep} for p in out["problems"]]}
+        summary[name] = {
+            "model": model,
+            "config": out["config"],
+            "metrics": out["metrics"],
+            "statuses": out["statuses"],
+            "problems": [{k: p.get(k) for k in keep} for p in out["problems"]],
+        }
     OUT.mkdir(exist_ok=True)
     (OUT / "optibench_smollm2.json").write_text(json.dumps(summary, indent=2) + "\n")
     plot(summary, OUT / "optibench_smollm2.png")
@@ -69,7 +82,9 @@ def plot(summary: dict, path: Path) -> None:
         bottom = 0
         for k, status in enumerate(statuses):
             count = run["statuses"].get(status, 0)
-            right.bar(i, count, 0.6, bottom=bottom, color=COLORS.get(status, f"C{k + 4}"), label=status if i == 0 else None)
+            right.bar(
+                i, count, 0.6, bottom=bottom, color=COLORS.get(status, f"C{k + 4}"), label=status if i == 0 else None
+            )
             bottom += count
     left.set_xticks(range(len(metrics)), [m.replace("accuracy/", "acc/") for m in metrics], rotation=20, fontsize=8)
     left.set_ylim(0, 1.08)

@@ -14,8 +14,6 @@ import json
 import os
 import tempfile
 
-import numpy as np
-
 from posttrain.trainers.classic.self_distill import KRRSelfDistillTrainer, SelfDistillConfig
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -25,9 +23,13 @@ def run(alpha: str, steps: int = 20) -> dict:
     with tempfile.TemporaryDirectory() as out:
         t = KRRSelfDistillTrainer(SelfDistillConfig(alpha=alpha, max_steps=steps, output_dir=out))
         t.train(verbose=False)
-    return {"loss": [h["loss_to_truth"] for h in t.history], "limit": t.evaluate()["loss_limit"],
-            "alpha": [h["alpha"] for h in t.history], "alpha_raw": [h["alpha_raw"] for h in t.history],
-            "b_spectrum_last": t.history[-1]["b_spectrum"]}
+    return {
+        "loss": [h["loss_to_truth"] for h in t.history],
+        "limit": t.evaluate()["loss_limit"],
+        "alpha": [h["alpha"] for h in t.history],
+        "alpha_raw": [h["alpha_raw"] for h in t.history],
+        "b_spectrum_last": t.history[-1]["b_spectrum"],
+    }
 
 
 def main() -> None:
@@ -50,10 +52,14 @@ def main() -> None:
     fig.tight_layout()
     fig.savefig(os.path.join(HERE, "results", "self_distill_krr.png"), dpi=90)
     for a, r in results.items():
-        print(f"alpha {a:>5}: " + " ".join(f"{v:.5f}" for v in r["loss"][:6]) + f" ... step 20 {r['loss'][-1]:.5f}"
-              f"  limit {r['limit']:.5f}")
-    print("auto alpha (clipped / raw):", [f"{a:.3f}/{b:.3f}" for a, b in zip(results["auto"]["alpha"][1:6],
-                                                                           results["auto"]["alpha_raw"][1:6])])
+        print(
+            f"alpha {a:>5}: " + " ".join(f"{v:.5f}" for v in r["loss"][:6]) + f" ... step 20 {r['loss'][-1]:.5f}"
+            f"  limit {r['limit']:.5f}"
+        )
+    print(
+        "auto alpha (clipped / raw):",
+        [f"{a:.3f}/{b:.3f}" for a, b in zip(results["auto"]["alpha"][1:6], results["auto"]["alpha_raw"][1:6])],
+    )
 
 
 if __name__ == "__main__":

@@ -87,9 +87,13 @@ def make_pairs(n: int, seed: int) -> list[dict]:
         if key in seen:  # distinct rows, so held-out pairs never repeat a training pair
             continue
         seen.add(key)
-        rows.append({"prompt": [{"role": "user", "content": key[0]}],
-                     "chosen": [{"role": "assistant", "content": sides["chosen"]}],
-                     "rejected": [{"role": "assistant", "content": sides["rejected"]}]})
+        rows.append(
+            {
+                "prompt": [{"role": "user", "content": key[0]}],
+                "chosen": [{"role": "assistant", "content": sides["chosen"]}],
+                "rejected": [{"role": "assistant", "content": sides["rejected"]}],
+            }
+        )
     # Templates with few combinations run out of new rows first, so late rows over-represent the others:
     # shuffle, so that the held-out tail is a random sample of all templates.
     rng.shuffle(rows)
@@ -115,9 +119,20 @@ def build_small_model(path: Path, seed: int) -> str:
 
     from posttrain.recipes.tiny import EOS_ID, PAD_ID, VOCAB_SIZE, build_tokenizer
 
-    config = Qwen3Config(vocab_size=VOCAB_SIZE, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=256,
-                         pad_token_id=PAD_ID, eos_token_id=EOS_ID, bos_token_id=None, tie_word_embeddings=True)
+    config = Qwen3Config(
+        vocab_size=VOCAB_SIZE,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        max_position_embeddings=256,
+        pad_token_id=PAD_ID,
+        eos_token_id=EOS_ID,
+        bos_token_id=None,
+        tie_word_embeddings=True,
+    )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
@@ -163,11 +178,20 @@ def sft_reference(pairs: list[dict], base: str, workdir: Path, steps: int, seed:
 
     rows = [{"messages": p["prompt"] + p[side]} for p in pairs for side in ("chosen", "rejected")]
     data = write_jsonl(rows, workdir / "sft.jsonl")
-    recipe = load_recipe("sft/tiny", {
-        "model_name_or_path": base, "dataset": str(data), "max_steps": steps, "learning_rate": 1e-3,
-        "per_device_train_batch_size": 16, "seed": seed, "output_dir": str(workdir / "sft"),
-        "logging_steps": max(1, steps // 5), "disable_tqdm": True,
-    })
+    recipe = load_recipe(
+        "sft/tiny",
+        {
+            "model_name_or_path": base,
+            "dataset": str(data),
+            "max_steps": steps,
+            "learning_rate": 1e-3,
+            "per_device_train_batch_size": 16,
+            "seed": seed,
+            "output_dir": str(workdir / "sft"),
+            "logging_steps": max(1, steps // 5),
+            "disable_tqdm": True,
+        },
+    )
     trainer = quiet_trainer(build_trainer(recipe), "SFT reference", steps)
     trainer.train()
     trainer.save_model(str(workdir / "sft"))  # model + tokenizer: the starting point of every variant
@@ -183,7 +207,10 @@ def variants(l1: float) -> dict[str, tuple[str, dict]]:
         "TDPO-1": ("sparsepo/tiny", {**sparse, "mask_type": "uniform"}),
         # The L1 penalty (halved by the trainer for a common mask) is what drives the learned mask to exactly 0
         # on tokens that do not help separate the pair; without it nothing pulls those values down.
-        "SparsePO learned": ("sparsepo/tiny", {**sparse, "mask_type": "learned", "l1_norm_param_u": l1, "l1_norm_param_d": l1}),
+        "SparsePO learned": (
+            "sparsepo/tiny",
+            {**sparse, "mask_type": "learned", "l1_norm_param_u": l1, "l1_norm_param_d": l1},
+        ),
         "SparsePO activation": ("sparsepo/tiny", {**sparse, "mask_type": "activation"}),
     }
 
@@ -247,7 +274,7 @@ def differing_tokens(input_ids: torch.Tensor, completion_mask: torch.Tensor) -> 
         while suffix < shortest - prefix and tok[0][-1 - suffix] == tok[1][-1 - suffix]:
             suffix += 1
         for r, p, t in zip(rows, pos, tok):
-            diff[r, p[prefix:len(t) - suffix]] = True
+            diff[r, p[prefix : len(t) - suffix]] = True
     return diff
 
 
@@ -285,7 +312,9 @@ def evaluate(trainer, batches, keep_strips: int = 4, with_masks: bool = True) ->
         if sparsepo:
             terms = trainer.token_masks(batch)
             m, md = terms["reward_mask"] * mask, terms["kl_mask"] * mask  # the same tensor for a common mask
-            gap = max(gap, (terms["neg_kl"] - neg_kl).abs().max().item(), (terms["logratio"] - logratio).abs().max().item())
+            gap = max(
+                gap, (terms["neg_kl"] - neg_kl).abs().max().item(), (terms["logratio"] - logratio).abs().max().item()
+            )
         else:
             m = md = mask.float()  # DPO: every completion token counts fully
         # "elsewhere" = shared tokens, also split in two: the neutral-adjective slots (adjective slots like the
@@ -320,8 +349,14 @@ def evaluate(trainer, batches, keep_strips: int = 4, with_masks: bool = True) ->
             if len(strips) >= keep_strips or kind in {s["differing"] for s in strips}:
                 continue  # one strip per polarity word, for variety
             tokens = trainer.processing_class.convert_ids_to_tokens(batch["input_ids"][i, 1:][where].tolist())
-            strips.append({"differing": kind, "tokens": [t.replace("Ġ", " ") for t in tokens], "mask": m[i][where].tolist(),
-                           "differs": diff[i][where].tolist()})
+            strips.append(
+                {
+                    "differing": kind,
+                    "tokens": [t.replace("Ġ", " ") for t in tokens],
+                    "mask": m[i][where].tolist(),
+                    "differs": diff[i][where].tolist(),
+                }
+            )
     trainer.model.train(was_training)
     margins, objective = torch.cat(margins), torch.cat(objective)
     pairs = len(margins)
@@ -331,7 +366,8 @@ def evaluate(trainer, batches, keep_strips: int = 4, with_masks: bool = True) ->
         "mask_diff": mask_diff,
         "mask_else": mask_else,
         "ratio": mask_diff / mask_else if mask_else > 0 else (float("inf") if mask_diff > 0 else float("nan")),
-        "mask_min": total["min"], "mask_max": total["max"],
+        "mask_min": total["min"],
+        "mask_max": total["max"],
         "mask_neutral_slot": total["m_slot"] / max(total["n_slot"], 1),
         "mask_other_shared": (total["m_else"] - total["m_slot"]) / max(total["n_else"] - total["n_slot"], 1),
         "sparsity": total["zeros"] / total["n_comp"],
@@ -367,15 +403,23 @@ def kl_at_margin(trajectory: list[dict], target: float) -> float | None:
 
 # ------------------------------------------------------------------------------------------- reporting
 
-COLUMNS = [("mask_diff", "mask @ differing", "{:.3g}"), ("mask_else", "mask elsewhere", "{:.3g}"),
-           ("ratio", "ratio", "{:.2f}"), ("sparsity", "sparsity", "{:.2f}"), ("accuracy", "reward acc", "{:.2f}"),
-           ("margin", "margin", "{:.2f}"), ("kl_shared", "shared-token KL", "{:.2f}"),
-           ("kl_at_target", "shared KL @ margin {target:.2f}", "{:.2f}")]
+COLUMNS = [
+    ("mask_diff", "mask @ differing", "{:.3g}"),
+    ("mask_else", "mask elsewhere", "{:.3g}"),
+    ("ratio", "ratio", "{:.2f}"),
+    ("sparsity", "sparsity", "{:.2f}"),
+    ("accuracy", "reward acc", "{:.2f}"),
+    ("margin", "margin", "{:.2f}"),
+    ("kl_shared", "shared-token KL", "{:.2f}"),
+    ("kl_at_target", "shared KL @ margin {target:.2f}", "{:.2f}"),
+]
 
 
 def table(results: dict, target: float) -> str:
-    lines = ["| variant | " + " | ".join(c[1].format(target=target) for c in COLUMNS) + " |",
-             "|---|" + "---:|" * len(COLUMNS)]
+    lines = [
+        "| variant | " + " | ".join(c[1].format(target=target) for c in COLUMNS) + " |",
+        "|---|" + "---:|" * len(COLUMNS),
+    ]
     for name, r in results.items():
         cells = [("n/a" if r["metrics"].get(key) is None else fmt.format(r["metrics"][key])) for key, _, fmt in COLUMNS]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
@@ -396,10 +440,16 @@ def plot(results: dict, target: float, path: Path) -> None:
     # (1) mean mask at the differing tokens vs elsewhere, per variant (log scale: the learned mask is small)
     ax = fig.add_subplot(grid[0, 0])
     x = list(range(len(names)))
-    bars = [("mask_diff", "differing (polarity) tokens"), ("mask_else", "elsewhere = all shared tokens"),
-            ("mask_neutral_slot", "  of which: neutral-adjective slots"), ("mask_other_shared", "  of which: the rest")]
+    bars = [
+        ("mask_diff", "differing (polarity) tokens"),
+        ("mask_else", "elsewhere = all shared tokens"),
+        ("mask_neutral_slot", "  of which: neutral-adjective slots"),
+        ("mask_other_shared", "  of which: the rest"),
+    ]
     for k, (key, label) in enumerate(bars):
-        ax.bar([i + 0.2 * (k - 1.5) for i in x], [max(results[n]["metrics"][key], 1e-4) for n in names], 0.2, label=label)
+        ax.bar(
+            [i + 0.2 * (k - 1.5) for i in x], [max(results[n]["metrics"][key], 1e-4) for n in names], 0.2, label=label
+        )
     for i, n in zip(x, names):
         ax.annotate(f"x{results[n]['metrics']['ratio']:.1f}", (i, 1.4), ha="center", fontsize=9)
     ax.set_yscale("log")
@@ -433,8 +483,11 @@ def plot(results: dict, target: float, path: Path) -> None:
                     ax.add_patch(plt.Rectangle((j - 0.5, -0.5), 1, 1, fill=False, edgecolor="red", lw=2))
             ax.set_yticks([])
             ax.set_ylabel(name.replace("SparsePO ", ""), rotation=0, ha="right", va="center", fontsize=8)
-    fig.suptitle("SparsePO on polarity pairs, held-out. Strips: mask for each completion token (scaled to the "
-                 "row max), red = differing token", fontsize=9)
+    fig.suptitle(
+        "SparsePO on polarity pairs, held-out. Strips: mask for each completion token (scaled to the "
+        "row max), red = differing token",
+        fontsize=9,
+    )
     fig.savefig(path, bbox_inches="tight")
     plt.close(fig)
 
@@ -446,19 +499,39 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=None, help="preference-training steps per variant (300; quick 60)")
     parser.add_argument("--sft-steps", type=int, default=None, help="SFT steps for the reference (150; quick 60)")
-    parser.add_argument("--seed", type=int, default=1, help="seed of the data, the model, the SFT run and every variant")
-    parser.add_argument("--lr", type=float, default=None, help="learning rate of the preference runs (1e-4; quick 5e-4)")
-    parser.add_argument("--l1", type=float, default=None, help="l1_norm_param_u = l1_norm_param_d, learned mask (1e-2; quick 3e-2)")
-    parser.add_argument("--model", default="small", help="'small' (built here), tiny:<arch> or a local checkpoint folder")
-    parser.add_argument("--pairs", type=int, default=None, help=f"training pairs, plus {HELD_OUT} held out (320; quick 128)")
+    parser.add_argument(
+        "--seed", type=int, default=1, help="seed of the data, the model, the SFT run and every variant"
+    )
+    parser.add_argument(
+        "--lr", type=float, default=None, help="learning rate of the preference runs (1e-4; quick 5e-4)"
+    )
+    parser.add_argument(
+        "--l1", type=float, default=None, help="l1_norm_param_u = l1_norm_param_d, learned mask (1e-2; quick 3e-2)"
+    )
+    parser.add_argument(
+        "--model", default="small", help="'small' (built here), tiny:<arch> or a local checkpoint folder"
+    )
+    parser.add_argument(
+        "--pairs", type=int, default=None, help=f"training pairs, plus {HELD_OUT} held out (320; quick 128)"
+    )
     parser.add_argument("--variants", default=None, help="comma-separated subset of: " + ", ".join(variants(0)))
     parser.add_argument("--points", type=int, default=None, help="held-out evaluations along each run (15; quick 4)")
     parser.add_argument("--out", default="experiments/results", help="folder for sparsepo_polarity.json and .png")
-    parser.add_argument("--quick", action="store_true", help="the < 1 minute version the test runs (no DPO, fewer steps)")
+    parser.add_argument(
+        "--quick", action="store_true", help="the < 1 minute version the test runs (no DPO, fewer steps)"
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch threads (these models gain little from more)")
     args = parser.parse_args(argv)
     # quick: fewer, larger steps; a stronger L1 makes the short run's mask contrast less seed-dependent
-    quick = dict(steps=60, sft_steps=60, pairs=128, lr=5e-4, l1=3e-2, points=4, variants="TDPO-1,SparsePO learned,SparsePO activation")
+    quick = dict(
+        steps=60,
+        sft_steps=60,
+        pairs=128,
+        lr=5e-4,
+        l1=3e-2,
+        points=4,
+        variants="TDPO-1,SparsePO learned,SparsePO activation",
+    )
     full = dict(steps=300, sft_steps=150, pairs=320, lr=1e-4, l1=1e-2, points=15, variants=",".join(variants(0)))
     for key, value in (quick if args.quick else full).items():
         if getattr(args, key) is None:
@@ -486,29 +559,51 @@ def main(argv=None) -> dict:
         reference, sft_loss = sft_reference(pairs[: args.pairs], base, workdir, args.sft_steps, args.seed)
         sft_seconds = time.perf_counter() - t0
         common = {
-            "model_name_or_path": reference, "dataset": str(data),
-            "dataset_split": f"train[:{args.pairs}]", "eval_split": f"train[{args.pairs}:]",
-            "max_steps": args.steps, "learning_rate": args.lr, "lr_scheduler_type": "constant", "warmup_steps": 0,
-            "beta": BETA, "per_device_train_batch_size": 8, "per_device_eval_batch_size": HELD_OUT,
-            "max_length": 64, "seed": args.seed, "logging_steps": max(1, args.steps // 10),
-            "save_strategy": "no", "report_to": "none", "disable_tqdm": True,
+            "model_name_or_path": reference,
+            "dataset": str(data),
+            "dataset_split": f"train[:{args.pairs}]",
+            "eval_split": f"train[{args.pairs}:]",
+            "max_steps": args.steps,
+            "learning_rate": args.lr,
+            "lr_scheduler_type": "constant",
+            "warmup_steps": 0,
+            "beta": BETA,
+            "per_device_train_batch_size": 8,
+            "per_device_eval_batch_size": HELD_OUT,
+            "max_length": 64,
+            "seed": args.seed,
+            "logging_steps": max(1, args.steps // 10),
+            "save_strategy": "no",
+            "report_to": "none",
+            "disable_tqdm": True,
         }
         results = {}
         for name, (recipe_name, overrides) in variants(args.l1).items():
             if name not in chosen:
                 continue
             overrides = {**common, **overrides, "output_dir": str(workdir / name.replace(" ", "_"))}
-            trainer, seconds, trajectory, initial, held_out = train_variant(name, recipe_name, overrides, max(1, args.steps // args.points))
+            trainer, seconds, trajectory, initial, held_out = train_variant(
+                name, recipe_name, overrides, max(1, args.steps // args.points)
+            )
             result = evaluate(trainer, held_out)
             logs = [e for e in trainer.state.log_history if "loss" in e]
-            result.update(seconds=seconds, initial={k: initial[k] for k in ("mask_diff", "mask_else", "ratio", "sparsity")},
-                          trajectory=trajectory, last_train_log=logs[-1] if logs else {})
+            result.update(
+                seconds=seconds,
+                initial={k: initial[k] for k in ("mask_diff", "mask_else", "ratio", "sparsity")},
+                trajectory=trajectory,
+                last_train_log=logs[-1] if logs else {},
+            )
             if result["metrics"]["mask_max"] == 0:
-                print(f"{name}: the mask is exactly 0 on every held-out token (ReLU mask dead): this run learned nothing")
+                print(
+                    f"{name}: the mask is exactly 0 on every held-out token (ReLU mask dead): this run learned nothing"
+                )
             results[name] = result
             m = result["metrics"]
-            print(f"{name}: {seconds:.0f} s; held-out mask ratio {m['ratio']:.2f}, sparsity {m['sparsity']:.2f}, "
-                  f"acc {m['accuracy']:.2f}, margin {m['margin']:.2f}, shared-token KL {m['kl_shared']:.2f}", flush=True)
+            print(
+                f"{name}: {seconds:.0f} s; held-out mask ratio {m['ratio']:.2f}, sparsity {m['sparsity']:.2f}, "
+                f"acc {m['accuracy']:.2f}, margin {m['margin']:.2f}, shared-token KL {m['kl_shared']:.2f}",
+                flush=True,
+            )
             del trainer
     total = time.perf_counter() - started
 
@@ -523,15 +618,30 @@ def main(argv=None) -> dict:
     print(table(results, target))
     learned = results.get("SparsePO learned", {}).get("metrics", {}).get("ratio")
     if learned is not None:
-        print(f"\nacceptance (learned masks put >= 3x more mass on differing tokens than elsewhere): "
-              f"ratio {learned:.2f} -> {'PASS' if learned >= 3 else 'FAIL'}")
-    print(f"total {total:.0f} s (SFT {sft_seconds:.0f} s) on {os.cpu_count()} CPU cores, {args.threads} torch thread(s)")
+        print(
+            f"\nacceptance (learned masks put >= 3x more mass on differing tokens than elsewhere): "
+            f"ratio {learned:.2f} -> {'PASS' if learned >= 3 else 'FAIL'}"
+        )
+    print(
+        f"total {total:.0f} s (SFT {sft_seconds:.0f} s) on {os.cpu_count()} CPU cores, {args.threads} torch thread(s)"
+    )
     payload = {
-        "config": {**vars(args), "held_out_pairs": HELD_OUT, "beta": BETA, "batch_size": 8, "sft_lr": 1e-3,
-                   "torch": torch.__version__, "cpu_cores": os.cpu_count()},
-        "sft_final_loss": sft_loss, "sft_seconds": sft_seconds, "total_seconds": total, "equal_margin_target": target,
-        "acceptance": None if learned is None else
-        {"criterion": "learned-mask ratio (differing / elsewhere) >= 3", "ratio": learned, "passed": learned >= 3},
+        "config": {
+            **vars(args),
+            "held_out_pairs": HELD_OUT,
+            "beta": BETA,
+            "batch_size": 8,
+            "sft_lr": 1e-3,
+            "torch": torch.__version__,
+            "cpu_cores": os.cpu_count(),
+        },
+        "sft_final_loss": sft_loss,
+        "sft_seconds": sft_seconds,
+        "total_seconds": total,
+        "equal_margin_target": target,
+        "acceptance": None
+        if learned is None
+        else {"criterion": "learned-mask ratio (differing / elsewhere) >= 3", "ratio": learned, "passed": learned >= 3},
         "variants": results,
     }
     (out / "sparsepo_polarity.json").write_text(json.dumps(payload, indent=1) + "\n")

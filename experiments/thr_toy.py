@@ -4,7 +4,8 @@ Question: does THR's steering scalar p move GRPO towards exploitation (p > 0: gr
 sooner, entropy falls faster) or exploration (p < 0: the policy keeps more entropy)?
 
 Setting (that of a prototype run before this implementation, not in the repository): sequences of 3 tokens from a
-vocabulary of 6; the correct set is {(0, 1, 2), (3, 4, 5)} (reward 1, else 0). The policy is "unconstrained features": one learnable hidden vector
+vocabulary of 6; the correct set is {(0, 1, 2), (3, 4, 5)} (reward 1, else 0). The policy is "unconstrained
+features": one learnable hidden vector
 (d = 8) per prefix (1 + 6 + 36 prefixes) and a shared unembedding W (6 x d), pi(. | prefix) = softmax(W h).
 One prompt, G = 16 samples per step, on-policy (old policy = current one, so the clipped ratio is 1), Adam
 lr 0.02, 200 steps, 8 seeds, loss -mean_{i,k}(A'_{i,k} log pi(y_{i,k})) where A' comes from the package's own
@@ -152,10 +153,26 @@ def run(p_values=P_VALUES, seeds=range(8), steps=200, window=WINDOW, **kw):
     torch.set_num_threads(1)
     seeds = list(seeds)
     w = min(window, steps)
-    out = {"config": {"vocab": VOCAB, "length": LENGTH, "correct": CORRECT, "d": kw.get("d", 8), "G": kw.get("G", 16),
-                      "lr": kw.get("lr", 0.02), "init_scale": kw.get("init_scale", INIT_SCALE), "steps": steps,
-                      "seeds": seeds, "window": w, "p_values": list(p_values), "thr_mode": "reweight", "beta": 1.0},
-           "table": {}, "diff_vs_grpo": {}, "curves": {}}
+    out = {
+        "config": {
+            "vocab": VOCAB,
+            "length": LENGTH,
+            "correct": CORRECT,
+            "d": kw.get("d", 8),
+            "G": kw.get("G", 16),
+            "lr": kw.get("lr", 0.02),
+            "init_scale": kw.get("init_scale", INIT_SCALE),
+            "steps": steps,
+            "seeds": seeds,
+            "window": w,
+            "p_values": list(p_values),
+            "thr_mode": "reweight",
+            "beta": 1.0,
+        },
+        "table": {},
+        "diff_vs_grpo": {},
+        "curves": {},
+    }
     per_seed = {}
     for p in p_values:
         hists = [run_one(p, seed, steps, **kw) for seed in seeds]
@@ -170,24 +187,38 @@ def run(p_values=P_VALUES, seeds=range(8), steps=200, window=WINDOW, **kw):
             if p != 0.0:
                 out["diff_vs_grpo"][f"{p:+g}"] = {
                     m: {"mean": float(d.mean()), "se": float(d.std() / len(seeds) ** 0.5)}
-                    for m in METRICS for d in [per_seed[p][m] - per_seed[0.0][m]]}
+                    for m in METRICS
+                    for d in [per_seed[p][m] - per_seed[0.0][m]]
+                }
     return out
 
 
 def format_table(result):
     cfg = result["config"]
-    lines = [f"means over {len(cfg['seeds'])} seeds and the first {cfg['window']} steps (last: step {cfg['steps']}):",
-             "| p | greedy acc | P(correct) | pass@4 | sequence entropy | minority share | dominant tokens | last greedy | last entropy |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"means over {len(cfg['seeds'])} seeds and the first {cfg['window']} steps (last: step {cfg['steps']}):",
+        "| p | greedy acc | P(correct) | pass@4 | sequence entropy | minority share | dominant tokens | last "
+        "greedy | last entropy |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for p, r in result["table"].items():
         name = "0 (GRPO)" if float(p) == 0 else p
-        lines.append(f"| {name} | {r['greedy_acc']:.3f} | {r['p_correct']:.3f} | {r['pass_at_4']:.3f} | {r['entropy']:.3f} | "
-                     f"{r['minority_share']:.3f} | {r['dominant_frac']:.3f} | {r['last_greedy_acc']:.3f} | {r['last_entropy']:.3f} |")
+        lines.append(
+            f"| {name} | {r['greedy_acc']:.3f} | {r['p_correct']:.3f} | {r['pass_at_4']:.3f} | {r['entropy']:.3f} | "
+            f"{r['minority_share']:.3f} | {r['dominant_frac']:.3f} | {r['last_greedy_acc']:.3f} | "
+            f"{r['last_entropy']:.3f} |"
+        )
     if result["diff_vs_grpo"]:
-        lines += ["", "paired difference to GRPO (same seeds), mean +- standard error over seeds:",
-                  "| p | greedy acc | P(correct) | pass@4 | sequence entropy |", "|---|---|---|---|---|"]
+        lines += [
+            "",
+            "paired difference to GRPO (same seeds), mean +- standard error over seeds:",
+            "| p | greedy acc | P(correct) | pass@4 | sequence entropy |",
+            "|---|---|---|---|---|",
+        ]
         for p, d in result["diff_vs_grpo"].items():
-            cells = [f"{d[m]['mean']:+.3f} ± {d[m]['se']:.3f}" for m in ("greedy_acc", "p_correct", "pass_at_4", "entropy")]
+            cells = [
+                f"{d[m]['mean']:+.3f} ± {d[m]['se']:.3f}" for m in ("greedy_acc", "p_correct", "pass_at_4", "entropy")
+            ]
             lines.append(f"| {p} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -201,7 +232,11 @@ def plot(result, path):
     except ImportError:
         print("matplotlib is not installed: no plot", file=sys.stderr)
         return None
-    panels = [("greedy_acc", "greedy accuracy"), ("pass_at_4", "pass@4 (exact)"), ("entropy", "sequence entropy (nats)")]
+    panels = [
+        ("greedy_acc", "greedy accuracy"),
+        ("pass_at_4", "pass@4 (exact)"),
+        ("entropy", "sequence entropy (nats)"),
+    ]
     fig, axes = plt.subplots(1, len(panels), figsize=(13, 3.6))
     for ax, (m, title) in zip(axes, panels):
         for p, c in result["curves"].items():

@@ -73,14 +73,16 @@ DROPS = (0.02, 0.05, 0.10)  # read every run where retain accuracy has fallen th
 def make_data(seed):
     model, tokenizer = make_tiny("llama", seed=seed)
     splits = fictitious_authors(NUM_SAMPLES, seed)
-    rows = {name: [encode_row(tokenizer, r, MAX_LENGTH) for r in splits[name]]
-            for name in ("full", "forget10", "retain", "holdout")}
+    rows = {
+        name: [encode_row(tokenizer, r, MAX_LENGTH) for r in splits[name]]
+        for name in ("full", "forget10", "retain", "holdout")
+    }
     rows["retain_eval"] = rows["retain"][::2]  # every author, half of the questions: halves the evaluation cost
     return model, tokenizer.pad_token_id, rows
 
 
 def batches(rows, pad, size=64):
-    return [collate(rows[i:i + size], pad) for i in range(0, len(rows), size)]
+    return [collate(rows[i : i + size], pad) for i in range(0, len(rows), size)]
 
 
 @torch.no_grad()
@@ -106,8 +108,12 @@ def evaluate(model, eval_batches):
 
 def snapshot(model, eval_batches):
     e = evaluate(model, eval_batches)
-    return {"forget_acc": e["forget10"][0], "retain_acc": e["retain_eval"][0], "holdout_acc": e["holdout"][0],
-            "mia_auc": auc([-x for x in e["forget10"][1]], [-x for x in e["holdout"][1]])}
+    return {
+        "forget_acc": e["forget10"][0],
+        "retain_acc": e["retain_eval"][0],
+        "holdout_acc": e["holdout"][0],
+        "mia_auc": auc([-x for x in e["forget10"][1]], [-x for x in e["holdout"][1]]),
+    }
 
 
 # ------------------------------------------------------------------------------------------------- phases
@@ -131,9 +137,13 @@ def phase1_mask(model, rows, pad, name, ratio, seed):
     if method in ("wagle", "snip"):
         forget, retain = rows["forget10"], rows["retain"]
         n = -(-len(forget) // ATTRIBUTION_BATCH)
-        fb = [collate(forget[j * ATTRIBUTION_BATCH:(j + 1) * ATTRIBUTION_BATCH], pad) for j in range(n)]
-        rb = [collate([retain[i] for i in stream_indices(len(retain), seed, j * ATTRIBUTION_BATCH, ATTRIBUTION_BATCH)], pad)
-              for j in range(n)]
+        fb = [collate(forget[j * ATTRIBUTION_BATCH : (j + 1) * ATTRIBUTION_BATCH], pad) for j in range(n)]
+        rb = [
+            collate(
+                [retain[i] for i in stream_indices(len(retain), seed, j * ATTRIBUTION_BATCH, ATTRIBUTION_BATCH)], pad
+            )
+            for j in range(n)
+        ]
         gf = accumulate_gradients(model, fb)
         gr = accumulate_gradients(model, rb) if method == "wagle" else None
     return build_mask(model, method, ratio, gf, gr, gamma=gamma, seed=seed)
@@ -146,8 +156,13 @@ def unlearn(model, base, rows, pad, eval_batches, mask, seed, steps, lr, eval_ev
     forget = collate(rows["forget10"], pad)
     curve = [{"step": 0, **snapshot(model, eval_batches)}]
     for k in range(steps):
-        retain = collate([rows["retain"][i] for i in stream_indices(len(rows["retain"]), seed, k * UNLEARN["batch"],
-                                                                     UNLEARN["batch"])], pad)
+        retain = collate(
+            [
+                rows["retain"][i]
+                for i in stream_indices(len(rows["retain"]), seed, k * UNLEARN["batch"], UNLEARN["batch"])
+            ],
+            pad,
+        )
         graddiff_loss(model(**forget).loss, model(**retain).loss).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), UNLEARN["max_grad_norm"])
         apply_gradient_mask(model, mask)
@@ -166,15 +181,26 @@ def at_drop(curve, drop):
     for i in range(1, len(retain)):
         if retain[i] <= level:
             w = (retain[i - 1] - level) / (retain[i - 1] - retain[i])
-            return {key: curve[key][i - 1] + w * (curve[key][i] - curve[key][i - 1]) for key in ("forget_acc", "mia_auc", "step")}
+            return {
+                key: curve[key][i - 1] + w * (curve[key][i] - curve[key][i - 1])
+                for key in ("forget_acc", "mia_auc", "step")
+            }
     return None
 
 
 # ---------------------------------------------------------------------------------------------------- run
 
 
-def run(seeds=(0, 1, 2), ratios=(0.5, 0.8), masks=tuple(MASKS), steps=UNLEARN["steps"], lr=UNLEARN["lr"],
-        eval_every=UNLEARN["eval_every"], pretrain_steps=PRETRAIN["steps"], log=print):
+def run(
+    seeds=(0, 1, 2),
+    ratios=(0.5, 0.8),
+    masks=tuple(MASKS),
+    steps=UNLEARN["steps"],
+    lr=UNLEARN["lr"],
+    eval_every=UNLEARN["eval_every"],
+    pretrain_steps=PRETRAIN["steps"],
+    log=print,
+):
     torch.set_num_threads(1)
     runs = []
     plan = [(1.0, "dense")] + [(r, m) for i, r in enumerate(ratios) for m in masks if i == 0 or m in MAIN_MASKS]
@@ -184,21 +210,44 @@ def run(seeds=(0, 1, 2), ratios=(0.5, 0.8), masks=tuple(MASKS), steps=UNLEARN["s
         base = pretrain(model, rows, pad, seed, pretrain_steps)
         eval_batches = {name: batches(rows[name], pad) for name in ("forget10", "retain_eval", "holdout")}
         start = snapshot(model, eval_batches)
-        log(f"seed {seed}: pretrained in {time.time() - t0:.0f} s: forget {start['forget_acc']:.3f} retain "
-            f"{start['retain_acc']:.3f} holdout {start['holdout_acc']:.3f} mia {start['mia_auc']:.2f}")
+        log(
+            f"seed {seed}: pretrained in {time.time() - t0:.0f} s: forget {start['forget_acc']:.3f} retain "
+            f"{start['retain_acc']:.3f} holdout {start['holdout_acc']:.3f} mia {start['mia_auc']:.2f}"
+        )
         for ratio, name in plan:
             model.load_state_dict(base)
             mask = phase1_mask(model, rows, pad, name, ratio, seed)
             curve = unlearn(model, base, rows, pad, eval_batches, mask, seed, steps, lr, eval_every)
-            runs.append({"seed": seed, "mask": name, "ratio": ratio, "density": mask_density(mask), "curve": curve,
-                         "levels": {str(drop): at_drop(curve, drop) for drop in DROPS}})
+            runs.append(
+                {
+                    "seed": seed,
+                    "mask": name,
+                    "ratio": ratio,
+                    "density": mask_density(mask),
+                    "curve": curve,
+                    "levels": {str(drop): at_drop(curve, drop) for drop in DROPS},
+                }
+            )
             r = runs[-1]["levels"][str(DROPS[1])]
             where = "never reached" if r is None else f"{r['forget_acc']:.3f} (step {r['step']:.1f})"
             log(f"  {name:12s} ratio {ratio:.2f}: forget acc at retain -{DROPS[1]}: {where}")
-    return {"config": {"seeds": list(seeds), "ratios": list(ratios), "masks": list(masks), "steps": steps, "lr": lr,
-                       "eval_every": eval_every, "pretrain_steps": pretrain_steps, "drops": list(DROPS),
-                       "num_samples": NUM_SAMPLES, "pretrain": PRETRAIN, "unlearn": UNLEARN},
-            "runs": runs, "table": summarize(runs)}
+    return {
+        "config": {
+            "seeds": list(seeds),
+            "ratios": list(ratios),
+            "masks": list(masks),
+            "steps": steps,
+            "lr": lr,
+            "eval_every": eval_every,
+            "pretrain_steps": pretrain_steps,
+            "drops": list(DROPS),
+            "num_samples": NUM_SAMPLES,
+            "pretrain": PRETRAIN,
+            "unlearn": UNLEARN,
+        },
+        "runs": runs,
+        "table": summarize(runs),
+    }
 
 
 def summarize(runs):
@@ -239,14 +288,22 @@ def paired_differences(result, drop, reference="wagle"):
                     diffs.append(a["forget_acc"] - b["forget_acc"])
             if diffs:
                 mean = sum(diffs) / len(diffs)
-                se = (sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1) / len(diffs)) ** 0.5 if len(diffs) > 1 else float("nan")
+                se = (
+                    (sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1) / len(diffs)) ** 0.5
+                    if len(diffs) > 1
+                    else float("nan")
+                )
                 out[f"{ratio:.2f} {mask}"] = {"mean": mean, "se": se, "n": len(diffs)}
     return out
 
 
 def format_table(result):
-    lines = ["| ratio | mask | " + " | ".join(f"forget acc @ retain -{d}" for d in DROPS) + f" | MIA AUC @ -{DROPS[1]} | step @ -{DROPS[1]} |",
-             "|---|---|" + "---|" * (len(DROPS) + 2)]
+    lines = [
+        "| ratio | mask | "
+        + " | ".join(f"forget acc @ retain -{d}" for d in DROPS)
+        + f" | MIA AUC @ -{DROPS[1]} | step @ -{DROPS[1]} |",
+        "|---|---|" + "---|" * (len(DROPS) + 2),
+    ]
     fmt = lambda v: "–" if v is None else f"{v:.3f}"  # noqa: E731
     for row in result["table"].values():
         cells = []
@@ -254,11 +311,20 @@ def format_table(result):
             c = row["levels"][str(d)]
             cells.append(fmt(c["forget_acc"]) + (f" ({c['missing']} missed)" if c["missing"] else ""))
         mid = row["levels"][str(DROPS[1])]
-        lines.append(f"| {row['ratio']:.2f} | {row['mask']} | " + " | ".join(cells) + f" | {fmt(mid['mia_auc'])} | "
-                     + ("–" if mid["step"] is None else f"{mid['step']:.1f}") + " |")
+        lines.append(
+            f"| {row['ratio']:.2f} | {row['mask']} | "
+            + " | ".join(cells)
+            + f" | {fmt(mid['mia_auc'])} | "
+            + ("–" if mid["step"] is None else f"{mid['step']:.1f}")
+            + " |"
+        )
     diffs = paired_differences(result, DROPS[1])
     if diffs:
-        lines += ["", f"forget acc(mask) - forget acc(wagle) at retain -{DROPS[1]}, mean ± s.e. over seeds (> 0: wagle forgets more):"]
+        lines += [
+            "",
+            f"forget acc(mask) - forget acc(wagle) at retain -{DROPS[1]}, mean ± s.e. over seeds (> 0: wagle "
+            "forgets more):",
+        ]
         lines += [f"  {k}: {v['mean']:+.3f} ± {v['se']:.3f} (n={v['n']})" for k, v in diffs.items()]
     return "\n".join(lines)
 
@@ -280,7 +346,14 @@ def plot(result, path):
             if r["ratio"] in (ratio, 1.0):
                 first = r["seed"] == result["config"]["seeds"][0]
                 label = f"{r['mask']}" if first else None
-                ax.plot(r["curve"]["retain_acc"], r["curve"]["forget_acc"], color=colors[r["mask"]], lw=1, alpha=0.8, label=label)
+                ax.plot(
+                    r["curve"]["retain_acc"],
+                    r["curve"]["forget_acc"],
+                    color=colors[r["mask"]],
+                    lw=1,
+                    alpha=0.8,
+                    label=label,
+                )
         holdout = [r["curve"]["holdout_acc"][0] for r in result["runs"] if r["mask"] == "dense"]
         ax.axhline(sum(holdout) / len(holdout), color="grey", lw=0.8, ls="--", label="holdout (never trained)")
         ax.invert_xaxis()
@@ -297,7 +370,11 @@ def plot(result, path):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="QUICK settings: 1 seed, ratio 0.5, wagle/magnitude/random + dense; writes nothing")
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="QUICK settings: 1 seed, ratio 0.5, wagle/magnitude/random + dense; writes nothing",
+    )
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--lr", type=float, default=None)
@@ -306,8 +383,15 @@ def main(argv=None):
     args = ap.parse_args(argv)
     t0 = time.time()
     if args.quick:
-        result = run(seeds=(0,), ratios=(0.5,), masks=MAIN_MASKS, steps=args.steps or QUICK["steps"],
-                     lr=args.lr or QUICK["lr"], eval_every=QUICK["eval_every"], pretrain_steps=QUICK["pretrain_steps"])
+        result = run(
+            seeds=(0,),
+            ratios=(0.5,),
+            masks=MAIN_MASKS,
+            steps=args.steps or QUICK["steps"],
+            lr=args.lr or QUICK["lr"],
+            eval_every=QUICK["eval_every"],
+            pretrain_steps=QUICK["pretrain_steps"],
+        )
     else:
         result = run(seeds=tuple(range(args.seeds)), steps=args.steps or UNLEARN["steps"], lr=args.lr or UNLEARN["lr"])
     result["seconds"] = round(time.time() - t0, 1)

@@ -13,7 +13,8 @@ Mechanism criteria (5-seed means, tested in tests/trainers/classic/test_weight_c
 <= 0.7 x baseline; (b) fewer near-zero weights (|w| < 1e-2 std(w), all three layers together); (c) test accuracy
 >= baseline - 0.5 pp. Reported, not gated: the generalisation claim, WC >= baseline + 0.5 pp.
 
-    .venv/bin/python experiments/weight_compander_digits.py   # ~1-2 minutes on 1 thread; results/weight_compander_digits.json, .png
+    .venv/bin/python experiments/weight_compander_digits.py   # ~1-2 minutes on 1 thread;
+    results/weight_compander_digits.json, .png
 """
 
 from __future__ import annotations

@@ -34,7 +34,10 @@ def _list(what: str) -> None:
         for name in sorted(OPTIMIZERS):
             print(f"  {name}")
         print("data stages (recipe keys on any LLM method; alone: posttrain filter RECIPE):")
-        print("  data_filter   Deep Ignorance cascade filter: blocklist -> classifier -> optional judge (arXiv 2508.06601)")
+        print(
+            "  data_filter   Deep Ignorance cascade filter: blocklist -> classifier -> optional judge (arXiv "
+            "2508.06601)"
+        )
     if what in ("all", "recipes"):
         print("recipes (posttrain train <name>):")
         for name in builtin_recipes():
@@ -87,9 +90,16 @@ def _filter(args, overrides: list[str]) -> None:
 def _eval(args) -> None:
     from posttrain.evals.harness import load_eval_recipe, make_spec, parse_task_config, run_eval
 
-    values = {"model": args.model, "peft": args.peft, "output": args.output, "limit": args.limit,
-              "compare": args.compare, "seed": args.seed, "batch_size": args.batch_size,
-              "cache": False if args.no_cache else None}
+    values = {
+        "model": args.model,
+        "peft": args.peft,
+        "output": args.output,
+        "limit": args.limit,
+        "compare": args.compare,
+        "seed": args.seed,
+        "batch_size": args.batch_size,
+        "cache": False if args.no_cache else None,
+    }
     if args.tasks or args.task_config:
         tasks = {t.strip(): {} for t in (args.tasks or "").split(",") if t.strip()}
         tasks.update(parse_task_config(args.task_config) if args.task_config else {})
@@ -118,21 +128,37 @@ def main(argv: list[str] | None = None) -> int:
     train_p = sub.add_parser("train", help="run a recipe: a .yaml path or <method>/<name>, then --key value overrides")
     train_p.add_argument("recipe")
     train_p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
-    train_p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in output_dir")
-    train_p.add_argument("--overwrite_output_dir", action="store_true", help="start over in an output_dir that holds "
-                         "checkpoints, deleting them (without it such a run refuses; --resume continues them)")
+    train_p.add_argument(
+        "--resume", action="store_true", help="continue from the newest complete checkpoint in output_dir"
+    )
+    train_p.add_argument(
+        "--overwrite_output_dir",
+        action="store_true",
+        help="start over in an output_dir that holds "
+        "checkpoints, deleting them (without it such a run refuses; --resume continues them)",
+    )
     list_p = sub.add_parser("list", help="list methods, recipes, reward functions and built-in datasets")
-    list_p.add_argument("what", nargs="?", default="all", choices=["all", "methods", "recipes", "rewards", "data", "evals"])
+    list_p.add_argument(
+        "what", nargs="?", default="all", choices=["all", "methods", "recipes", "rewards", "data", "evals"]
+    )
     moe_p = sub.add_parser("moe", help="mixture-of-experts tools").add_subparsers(dest="moe_command", required=True)
-    up = moe_p.add_parser("upcycle", help="turn a dense Llama-style model into a DeepSeek-V3-style MoE (GLM-4-MoE "
-                          "architecture: Llama attention, shared + routed experts, sigmoid router with a selection bias)")
+    up = moe_p.add_parser(
+        "upcycle",
+        help="turn a dense Llama-style model into a DeepSeek-V3-style MoE (GLM-4-MoE "
+        "architecture: Llama attention, shared + routed experts, sigmoid router with a selection bias)",
+    )
     up.add_argument("src", help="tiny:llama, a local folder or a hub id")
     up.add_argument("dst", help="a new folder for the MoE checkpoint")
     up.add_argument("--experts", type=int, required=True, help="routed experts per MoE layer (copies of the MLP)")
     up.add_argument("--top_k", type=int, required=True, help="routed experts per token")
     up.add_argument("--shared_experts", type=int, default=1, help="shared experts (exact MLP copies), >= 1")
-    up.add_argument("--noise", type=float, default=0.01, help="std of the noise on each routed copy, relative to the "
-                    "copied matrix's std (0: exact copies, the dense model's function)")
+    up.add_argument(
+        "--noise",
+        type=float,
+        default=0.01,
+        help="std of the noise on each routed copy, relative to the "
+        "copied matrix's std (0: exact copies, the dense model's function)",
+    )
     up.add_argument("--seed", type=int, default=0, help="seed of the noise and the router init")
     up.add_argument("--dense_layers", type=int, default=0, help="keep the first N layers dense")
     up.add_argument("--n_group", type=int, default=1, help="expert groups (group-limited routing)")
@@ -152,8 +178,11 @@ def main(argv: list[str] | None = None) -> int:
     eval_p.add_argument("--batch_size", type=int)
     eval_p.add_argument("--no_cache", action="store_true", help="recompute even when a cached result exists")
     eval_p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
-    filter_p = sub.add_parser("filter", help="run a recipe's data_filter on its training set alone and write the "
-                              "filtered rows and the per-stage report to a folder; then --key value overrides")
+    filter_p = sub.add_parser(
+        "filter",
+        help="run a recipe's data_filter on its training set alone and write the "
+        "filtered rows and the per-stage report to a folder; then --key value overrides",
+    )
     filter_p.add_argument("recipe", help="a recipe (.yaml path or <method>/<name>) with data_filter keys")
     filter_p.add_argument("--output", help="a new folder (default: the recipe's output_dir + '-filtered')")
     filter_p.add_argument("--overwrite", action="store_true", help="replace the output folder if it exists")
@@ -174,10 +203,22 @@ def main(argv: list[str] | None = None) -> int:
                 parser.error(f"unrecognized arguments: {' '.join(rest)}")
             from posttrain.recipes.upcycle import upcycle
 
-            dst = upcycle(args.src, args.dst, args.experts, args.top_k, args.shared_experts, args.noise, args.seed,
-                          args.dense_layers, args.n_group, args.topk_group)
-            print(f"posttrain: upcycled {args.src} into {dst} ({args.experts} experts, top-{args.top_k}, "
-                  f"{args.shared_experts} shared)")
+            dst = upcycle(
+                args.src,
+                args.dst,
+                args.experts,
+                args.top_k,
+                args.shared_experts,
+                args.noise,
+                args.seed,
+                args.dense_layers,
+                args.n_group,
+                args.topk_group,
+            )
+            print(
+                f"posttrain: upcycled {args.src} into {dst} ({args.experts} experts, top-{args.top_k}, "
+                f"{args.shared_experts} shared)"
+            )
         elif args.command == "filter":
             _filter(args, rest)
         elif args.command in ("eval", "report"):
@@ -206,8 +247,10 @@ def main(argv: list[str] | None = None) -> int:
             raise
         # every rank of a launch gets the terminal's SIGINT: one line, from the main process
         if os.environ.get("RANK", "0") == "0":
-            print(f"posttrain: {err if isinstance(err, Interrupted) else 'interrupted before training started'}",
-                  file=sys.stderr)
+            print(
+                f"posttrain: {err if isinstance(err, Interrupted) else 'interrupted before training started'}",
+                file=sys.stderr,
+            )
         return _error_exit(130)
     except BrokenPipeError:
         # the reader went away (`posttrain list | head`): stop quietly, as `ls | head` does; stdout goes to

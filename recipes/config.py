@@ -48,8 +48,11 @@ def _construct_mapping(loader, node, deep=False):
         try:
             if key in first:
                 raise yaml.constructor.ConstructorError(
-                    None, None, f"duplicate key {key!r} (first set on line {first[key] + 1}); keep one of them",
-                    key_node.start_mark)
+                    None,
+                    None,
+                    f"duplicate key {key!r} (first set on line {first[key] + 1}); keep one of them",
+                    key_node.start_mark,
+                )
             first[key] = key_node.start_mark.line
         except TypeError:  # an unhashable key: the base constructor reports it
             pass
@@ -61,7 +64,9 @@ _Loader.yaml_implicit_resolvers = {
     first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
 }
-_Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
 
 
 def read_yaml(text: str):
@@ -78,8 +83,12 @@ class Recipe:
     optimizer: str | None = None  # a posttrain optimizer from OPTIMIZERS (``optim: lion_k``), else None
     moe: Any = None  # MoEBalanceConfig when the recipe sets ``moe_balance`` (posttrain.recipes.moe), else None
     data_filter: Any = None  # CascadeFilterConfig when the recipe sets ``data_filter`` (posttrain.data.cascade_filter)
-    self_distill: Any = None  # SelfDistillArgs when the recipe sets ``self_distill_*`` (trainers/classic/self_distill.py)
-    weight_compander: Any = None  # CompanderArgs when the recipe sets ``weight_compander*`` (trainers/classic/weight_compander.py)
+    self_distill: Any = (
+        None  # SelfDistillArgs when the recipe sets ``self_distill_*`` (trainers/classic/self_distill.py)
+    )
+    weight_compander: Any = (
+        None  # CompanderArgs when the recipe sets ``weight_compander*`` (trainers/classic/weight_compander.py)
+    )
 
 
 def builtin_recipes(kind: str = "train") -> list[str]:
@@ -135,9 +144,11 @@ def read_recipe_file(path: Path):
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as err:
-        line = data[:err.start].count(b"\n") + 1
-        raise RecipeError(f"{path} line {line}: not UTF-8 text (byte 0x{data[err.start]:02x}); save the recipe as "
-                          "UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
+        line = data[: err.start].count(b"\n") + 1
+        raise RecipeError(
+            f"{path} line {line}: not UTF-8 text (byte 0x{data[err.start]:02x}); save the recipe as "
+            "UTF-8 (e.g. iconv -f latin1 -t utf-8)"
+        ) from None
     try:
         return read_yaml(text)
     except yaml.YAMLError as err:
@@ -165,7 +176,9 @@ def build_recipe(values: dict[str, Any], sources: dict[str, str], source: str) -
         raise RecipeError(f"{source}: missing 'method:' key; valid methods: {', '.join(sorted(METHODS))}")
     if method not in METHODS:
         hint = did_you_mean(str(method), METHODS)
-        raise RecipeError(f"{sources['method']}: unknown method '{method}'{hint}; valid methods: {', '.join(sorted(METHODS))}")
+        raise RecipeError(
+            f"{sources['method']}: unknown method '{method}'{hint}; valid methods: {', '.join(sorted(METHODS))}"
+        )
     entry = METHODS[method]
 
     optimizer = None
@@ -241,8 +254,10 @@ def build_recipe(values: dict[str, Any], sources: dict[str, str], source: str) -
                 built[role] = cls(**kwargs[role])
         except (ValueError, TypeError) as err:
             message = " ".join(str(err).split())
-            raise RecipeError(f"{_blame(message, kwargs[role], sources, source)}: invalid {cls.__name__} for method "
-                              f"'{method}': {message}") from err
+            raise RecipeError(
+                f"{_blame(message, kwargs[role], sources, source)}: invalid {cls.__name__} for method "
+                f"'{method}': {message}"
+            ) from err
     if "data" in built and hasattr(built["config"], "check_data_args"):  # a method's checks across the two roles
         try:
             built["config"].check_data_args(built["data"])
@@ -255,8 +270,18 @@ def build_recipe(values: dict[str, Any], sources: dict[str, str], source: str) -
         from posttrain.recipes.moe import check_moe_recipe
 
         check_moe_recipe(values, built["config"], moe, sources, source)
-    return Recipe(method, source, built["config"], built.get("model"), built.get("data"), optimizer, moe,
-                  data_filter=data_filter, self_distill=self_distill, weight_compander=weight_compander)
+    return Recipe(
+        method,
+        source,
+        built["config"],
+        built.get("model"),
+        built.get("data"),
+        optimizer,
+        moe,
+        data_filter=data_filter,
+        self_distill=self_distill,
+        weight_compander=weight_compander,
+    )
 
 
 # recipe key -> (test, what it must be) for values whose wrong sign or zero the libraries accept and reinterpret
@@ -297,7 +322,9 @@ VALUE_RULES: dict[str, tuple] = {
 TASK_ONLY_KEYS: dict[str, str] = {"reward_funcs": "prompt", "retain_dataset": "unlearn", "retain_config": "unlearn"}
 
 
-def _check_values(kwargs: dict[str, dict[str, Any]], sources: dict[str, str], source: str, method: str, task: str) -> None:
+def _check_values(
+    kwargs: dict[str, dict[str, Any]], sources: dict[str, str], source: str, method: str, task: str
+) -> None:
     given = {k: v for role in kwargs.values() for k, v in role.items() if k in sources}  # not the CPU defaults
     for key, value in given.items():
         where = sources.get(key, source)
@@ -315,7 +342,10 @@ def _check_values(kwargs: dict[str, dict[str, Any]], sources: dict[str, str], so
 
 def _check_report_to(value, where: str) -> None:
     """transformers accepts any name here and fails when the Trainer builds its callbacks (or ignores it)."""
-    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK, get_available_reporting_integrations
+    from transformers.integrations.integration_utils import (
+        INTEGRATION_TO_CALLBACK,
+        get_available_reporting_integrations,
+    )
 
     names = [value] if isinstance(value, str) else list(value or [])
     for name in names:
@@ -323,18 +353,28 @@ def _check_report_to(value, where: str) -> None:
             continue
         if name not in INTEGRATION_TO_CALLBACK:
             hint = did_you_mean(str(name), INTEGRATION_TO_CALLBACK)
-            raise RecipeError(f"{where}: unknown report_to {name!r}{hint}; valid: none, all, "
-                              f"{', '.join(sorted(INTEGRATION_TO_CALLBACK))}")
+            raise RecipeError(
+                f"{where}: unknown report_to {name!r}{hint}; valid: none, all, "
+                f"{', '.join(sorted(INTEGRATION_TO_CALLBACK))}"
+            )
         if name not in get_available_reporting_integrations():
-            raise RecipeError(f"{where}: report_to {name!r}: its package is not installed; install it "
-                              f"(pip install {name.replace('_', '-')}) or use report_to: none")
+            raise RecipeError(
+                f"{where}: report_to {name!r}: its package is not installed; install it "
+                f"(pip install {name.replace('_', '-')}) or use report_to: none"
+            )
 
 
 def _blame(message: str, values: dict[str, Any], sources: dict[str, str], source: str) -> str:
     """Where the values a library's message names were set (a --key on the command line is not the file): the keys
     it names, or string values it quotes; else the file, saying whether the command line overrode any key."""
-    named = sorted({sources[k] for k, v in values.items() if k in sources and (
-        re.search(rf"\b{re.escape(k)}\b", message) or (isinstance(v, str) and len(v) > 2 and v in message))})
+    named = sorted(
+        {
+            sources[k]
+            for k, v in values.items()
+            if k in sources
+            and (re.search(rf"\b{re.escape(k)}\b", message) or (isinstance(v, str) and len(v) > 2 and v in message))
+        }
+    )
     if named:
         return " and ".join(named)
     return source + (" with command-line overrides" if "command line" in sources.values() else "")
@@ -379,7 +419,9 @@ def coerce(value: Any, tp: Any, key: str, where: str) -> Any:
     try:
         return _convert(value, tp)
     except _Mismatch:
-        raise RecipeError(f"{where}: key '{key}' expects {_type_name(tp)}, got {value!r} ({type(value).__name__})") from None
+        raise RecipeError(
+            f"{where}: key '{key}' expects {_type_name(tp)}, got {value!r} ({type(value).__name__})"
+        ) from None
 
 
 def _convert(value: Any, tp: Any) -> Any:

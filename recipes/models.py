@@ -59,8 +59,10 @@ def resolve_model_path(name: str) -> str:
         check_model_folder(local, name)
         return str(local)
     if local.exists():
-        raise UserError(f"model {name!r} is a file, not a model folder; give the folder holding config.json and the "
-                        "weights, a hub id (org/name) or tiny:<arch>")
+        raise UserError(
+            f"model {name!r} is a file, not a model folder; give the folder holding config.json and the "
+            "weights, a hub id (org/name) or tiny:<arch>"
+        )
     if name == SMOLLM2_ID:
         if _in_hf_cache(name) or hub_reachable():
             return name
@@ -70,12 +72,16 @@ def resolve_model_path(name: str) -> str:
             logger.warning("%s: hub unreachable and not in the HF cache; using the offline copy %s", name, path)
         return str(path)
     if name.startswith(("/", "./", "../", "~")) or not _HUB_ID.fullmatch(name):
-        raise UserError(f"model {name!r}: no such folder{'' if _HUB_ID.fullmatch(name) else ', and not a hub id (org/name)'}; "
-                        "give a local model folder (config.json and weights), a hub id such as "
-                        f"{SMOLLM2_ID}, or tiny:<arch>")
+        raise UserError(
+            f"model {name!r}: no such folder{'' if _HUB_ID.fullmatch(name) else ', and not a hub id (org/name)'}; "
+            "give a local model folder (config.json and weights), a hub id such as "
+            f"{SMOLLM2_ID}, or tiny:<arch>"
+        )
     if _hub_offline() and not _in_hf_cache(name, weights=False):
-        raise UserError(f"model {name!r}: not in the local Hugging Face cache and the hub is off (HF_HUB_OFFLINE); "
-                        "download it first (huggingface-cli download) or give a local folder")
+        raise UserError(
+            f"model {name!r}: not in the local Hugging Face cache and the hub is off (HF_HUB_OFFLINE); "
+            "download it first (huggingface-cli download) or give a local folder"
+        )
     return name
 
 
@@ -100,16 +106,21 @@ def check_model_folder(folder: Path, name: str | None = None) -> None:
     for config in configs:
         path = folder / config
         if not path.is_file():
-            raise UserError(f"model {name!r}: {path} is missing, so this is not a saved model folder; give the "
-                            "folder a save_pretrained (or a training run's output_dir) wrote")
+            raise UserError(
+                f"model {name!r}: {path} is missing, so this is not a saved model folder; give the "
+                "folder a save_pretrained (or a training run's output_dir) wrote"
+            )
         try:
             parsed = json.loads(path.read_text(encoding="utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise UserError(f"model {name!r}: {path} is not valid JSON ({err}); restore it from the original "
-                            "model") from None
+            raise UserError(
+                f"model {name!r}: {path} is not valid JSON ({err}); restore it from the original model"
+            ) from None
         if not isinstance(parsed, dict) or (config == "config.json" and "model_type" not in parsed):
-            raise UserError(f"model {name!r}: {path} has no 'model_type', so transformers cannot tell the "
-                            "architecture; restore it from the original model")
+            raise UserError(
+                f"model {name!r}: {path} has no 'model_type', so transformers cannot tell the "
+                "architecture; restore it from the original model"
+            )
     from posttrain.trainers.runtime import file_problem
 
     weights = sorted({p for pattern in patterns for p in folder.glob(pattern)})
@@ -118,20 +129,27 @@ def check_model_folder(folder: Path, name: str | None = None) -> None:
         try:
             shards = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
         except (UnicodeDecodeError, ValueError, KeyError, AttributeError) as err:
-            raise UserError(f"model {name!r}: {index} is unreadable ({type(err).__name__}: {err}); restore it from "
-                            "the original model") from None
+            raise UserError(
+                f"model {name!r}: {index} is unreadable ({type(err).__name__}: {err}); restore it from "
+                "the original model"
+            ) from None
         missing = sorted(s for s in shards if not (folder / s).is_file())
         if missing:
-            raise UserError(f"model {name!r}: the shard(s) {', '.join(missing)} named in {index.name} are missing; "
-                            "copy the whole model folder again")
+            raise UserError(
+                f"model {name!r}: the shard(s) {', '.join(missing)} named in {index.name} are missing; "
+                "copy the whole model folder again"
+            )
     if not weights:
-        raise UserError(f"model {name!r}: {folder} has no weights ({' or '.join(patterns)}); copy the whole model "
-                        "folder again, or give the folder a save_pretrained wrote")
+        raise UserError(
+            f"model {name!r}: {folder} has no weights ({' or '.join(patterns)}); copy the whole model "
+            "folder again, or give the folder a save_pretrained wrote"
+        )
     for path in weights:
         problem = file_problem(path)
         if problem:
-            raise UserError(f"model {name!r}: {path} is truncated or damaged ({problem}); copy it again from "
-                            "the original model")
+            raise UserError(
+                f"model {name!r}: {path} is truncated or damaged ({problem}); copy it again from the original model"
+            )
 
 
 def _in_hf_cache(repo_id: str, weights: bool = True) -> bool:
@@ -218,7 +236,9 @@ def model_init_kwargs(model_args: ModelConfig, training_args=None) -> dict:
         kwargs["quantization_config"] = quantization_config
         kwargs["device_map"] = _kbit_device_map()
     # transformers 5.24 renamed gradient_checkpointing to activation_checkpointing (the old name is an alias)
-    if getattr(training_args, "activation_checkpointing", None) or getattr(training_args, "gradient_checkpointing", None):
+    if getattr(training_args, "activation_checkpointing", None) or getattr(
+        training_args, "gradient_checkpointing", None
+    ):
         kwargs["use_cache"] = False  # the KV cache is useless in training and conflicts with checkpointing
     kwargs.update(getattr(training_args, "model_init_kwargs", None) or {})
     return kwargs

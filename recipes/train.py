@@ -16,9 +16,14 @@ from typing import Any
 
 from posttrain import Interrupted, UserError
 from posttrain.recipes.config import Recipe
+from posttrain.recipes.output_dir import (
+    is_main_process,
+    output_dir_lock,
+    prepare_fresh_output_dir,
+    resume_checkpoint,
+    settings_from_checkpoint,
+)
 from posttrain.trainers import METHODS, OPTIMIZERS, import_object
-from posttrain.recipes.output_dir import (is_main_process, output_dir_lock, prepare_fresh_output_dir,
-                                          resume_checkpoint, settings_from_checkpoint)
 from posttrain.trainers.runtime import checkpoint_problem, guarded
 
 
@@ -39,8 +44,10 @@ def reward_functions(names: list[str], config) -> list:
         if name.startswith("rm:"):
             path = Path(name[3:]).expanduser()
             if not (path / "config.json").is_file():
-                raise UserError(f"reward_funcs: {name!r}: {path} is not a saved model directory (no config.json); "
-                                "train one with a `reward` recipe and name its output_dir")
+                raise UserError(
+                    f"reward_funcs: {name!r}: {path} is not a saved model directory (no config.json); "
+                    "train one with a `reward` recipe and name its output_dir"
+                )
             check_model_folder(path, name)
             funcs.append(str(path))
         else:
@@ -57,12 +64,17 @@ def check_reward_columns(funcs: list, names: list[str], columns: list[str]) -> N
     for fn, name in zip(funcs, names):
         if isinstance(fn, str):
             continue  # a reward model reads the prompt and completion only
-        required = [p.name for p in inspect.signature(fn).parameters.values()
-                    if p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+        required = [
+            p.name
+            for p in inspect.signature(fn).parameters.values()
+            if p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+        ]
         missing = [p for p in required if p not in _REWARD_PROTOCOL and p not in columns]
         if missing:
-            raise UserError(f"reward function {name!r} needs the dataset column(s) {', '.join(missing)}, but the "
-                            f"dataset has {columns}; use a dataset with them or another reward function")
+            raise UserError(
+                f"reward function {name!r} needs the dataset column(s) {', '.join(missing)}, but the "
+                f"dataset has {columns}; use a dataset with them or another reward function"
+            )
 
 
 def _validate_per_reward_settings(config, funcs: list) -> None:
@@ -83,14 +95,15 @@ def _check_method_state(recipe: Recipe, checkpoint: Path) -> None:
         raise MissingMethodStateError(
             f"{checkpoint / STATE_FILE} is missing: checkpoint {checkpoint} was not written by a {recipe.method} run"
             f"{' with aux-free balancing' if not stateful else ''}; resume from a checkpoint of the same recipe, "
-            "or start a new run")
+            "or start a new run"
+        )
 
 
 def build_trainer(recipe: Recipe):
     """Everything up to (not including) ``trainer.train()``: returns the TRL trainer."""
     from posttrain.data import load_task_datasets
-    from posttrain.recipes.moe import attach_moe, prepare_moe
     from posttrain.recipes.models import load_tokenizer, model_init_kwargs, peft_config, resolve_model_path
+    from posttrain.recipes.moe import attach_moe, prepare_moe
 
     method, config, model_args = METHODS[recipe.method], recipe.config, recipe.model_args
     if not model_args.model_name_or_path:
@@ -100,8 +113,12 @@ def build_trainer(recipe: Recipe):
         if problem:
             raise UserError(f"resume_from_checkpoint: {problem}; use --resume to pick the newest complete one")
         _check_method_state(recipe, Path(config.resume_from_checkpoint))
-    datasets = load_task_datasets(method.task, recipe.data_args, recipe.data_filter,
-                                  report_dir=config.output_dir if is_main_process(config) else None)
+    datasets = load_task_datasets(
+        method.task,
+        recipe.data_args,
+        recipe.data_filter,
+        report_dir=config.output_dir if is_main_process(config) else None,
+    )
     extra: dict[str, Any] = {}
     if method.task == "prompt":
         extra["reward_funcs"] = reward_functions(recipe.data_args.reward_funcs, config)
@@ -168,7 +185,11 @@ def train(recipe: Recipe, resume: bool = False, overwrite_output_dir: bool = Fal
     with output_dir_lock(config.output_dir, main):
         if resume or config.resume_from_checkpoint is True:
             checkpoint = resume_checkpoint(config.output_dir)
-            print(f"posttrain: resuming from {checkpoint}" if checkpoint else f"posttrain: no checkpoint in {config.output_dir}; starting from scratch")
+            print(
+                f"posttrain: resuming from {checkpoint}"
+                if checkpoint
+                else f"posttrain: no checkpoint in {config.output_dir}; starting from scratch"
+            )
             config.resume_from_checkpoint = str(checkpoint) if checkpoint else None
         elif not config.resume_from_checkpoint:
             prepare_fresh_output_dir(config.output_dir, overwrite_output_dir, main)
@@ -203,32 +224,40 @@ def train_aux(recipe: Recipe, resume: bool = False, overwrite_output_dir: bool =
         previous = [folder / name for name in (STATE_FILE, RESULTS_FILE, PLOT_FILE) if (folder / name).exists()]
         if previous and not resume:
             if not overwrite_output_dir:
-                raise UserError(f"output_dir {folder} already holds a {recipe.method} run ({previous[0].name}); "
-                                "continue it with --resume, choose another --output_dir, or pass "
-                                "--overwrite_output_dir to delete it and start over")
+                raise UserError(
+                    f"output_dir {folder} already holds a {recipe.method} run ({previous[0].name}); "
+                    "continue it with --resume, choose another --output_dir, or pass "
+                    "--overwrite_output_dir to delete it and start over"
+                )
             for path in previous:
                 path.unlink()
             print(f"posttrain: --overwrite_output_dir: deleted {', '.join(p.name for p in previous)} in {folder}")
         has_state = (folder / STATE_FILE).is_file()
         if resume and previous and not has_state:  # results of a run that left no state: nothing to continue
-            raise UserError(f"--resume: {folder} holds {previous[0].name} but no {STATE_FILE} to continue from; "
-                            "choose another --output_dir, or pass --overwrite_output_dir to start over")
+            raise UserError(
+                f"--resume: {folder} holds {previous[0].name} but no {STATE_FILE} to continue from; "
+                "choose another --output_dir, or pass --overwrite_output_dir to start over"
+            )
         trainer = METHODS[recipe.method].trainer_cls(config)
         if resume and has_state:
             try:
                 trainer.load()
             except ValueError as err:  # the saved run had another config
-                raise UserError(f"--resume: {folder / STATE_FILE}: {err}; rerun with the saved settings, or start "
-                                "over with --overwrite_output_dir") from None
+                raise UserError(
+                    f"--resume: {folder / STATE_FILE}: {err}; rerun with the saved settings, or start "
+                    "over with --overwrite_output_dir"
+                ) from None
             print(f"posttrain: resuming {recipe.method} from step {trainer.global_step} ({folder / STATE_FILE})")
         elif resume:
             print(f"posttrain: no {STATE_FILE} in {folder}; starting from scratch")
         try:
             return trainer.train()
         except KeyboardInterrupt:
-            saved = (f"rerun the same command with --resume to continue from step {trainer.last_saved_step}"
-                     if trainer.last_saved_step is not None else
-                     "no state was saved yet, so a rerun starts over (save_every sets how often it is saved)")
+            saved = (
+                f"rerun the same command with --resume to continue from step {trainer.last_saved_step}"
+                if trainer.last_saved_step is not None
+                else "no state was saved yet, so a rerun starts over (save_every sets how often it is saved)"
+            )
             raise Interrupted(f"interrupted at step {trainer.global_step} of {config.max_steps}; {saved}") from None
 
 
@@ -243,8 +272,11 @@ def where_interrupted(trainer, output_dir) -> str:
                 bar.close()
     state = trainer.state
     checkpoint = latest_checkpoint(output_dir)
-    resume = (f"rerun the same command with --resume to continue from {checkpoint}" if checkpoint else
-              "no checkpoint was saved yet, so a rerun starts over (save_steps sets how often one is written)")
+    resume = (
+        f"rerun the same command with --resume to continue from {checkpoint}"
+        if checkpoint
+        else "no checkpoint was saved yet, so a rerun starts over (save_steps sets how often one is written)"
+    )
     return f"interrupted at step {state.global_step} of {state.max_steps}; {resume}"
 
 
@@ -275,7 +307,10 @@ def format_summary(summary: dict[str, Any]) -> str:
     def fmt(value) -> str:
         return f"{value:.4g}" if isinstance(value, float) and math.isfinite(value) else str(value)
 
-    rows = [(k, fmt(summary[k]), "") for k in ("method", "model", "global_step", "world_size", "distributed_type", "train_loss", "train_runtime_s")]
+    rows = [
+        (k, fmt(summary[k]), "")
+        for k in ("method", "model", "global_step", "world_size", "distributed_type", "train_loss", "train_runtime_s")
+    ]
     rows += [(k, fmt(v["first"]), fmt(v["last"])) for k, v in sorted(summary["metrics"].items())]
     widths = [max(len(r[i]) for r in rows + [("run summary", "first / value", "last")]) for i in range(3)]
     line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731

@@ -57,29 +57,44 @@ def _check_source(cfg) -> None:
     if getattr(cfg, "pretraining_tp", 1) not in (1, None):
         problems.append(f"pretraining_tp={cfg.pretraining_tp}")
     if problems:
-        raise UserError(f"upcycle: the source must be a dense Llama-style model (GQA attention without biases, SiLU "
-                        f"gated MLP); this one has {', '.join(problems)}")
+        raise UserError(
+            f"upcycle: the source must be a dense Llama-style model (GQA attention without biases, SiLU "
+            f"gated MLP); this one has {', '.join(problems)}"
+        )
 
 
-def moe_config(dense_cfg, experts: int, top_k: int, shared_experts: int = 1, dense_layers: int = 0,
-               n_group: int = 1, topk_group: int = 1):
+def moe_config(
+    dense_cfg,
+    experts: int,
+    top_k: int,
+    shared_experts: int = 1,
+    dense_layers: int = 0,
+    n_group: int = 1,
+    topk_group: int = 1,
+):
     """The ``Glm4MoeConfig`` of the upcycled model (see the module docstring)."""
     from transformers import Glm4MoeConfig
 
     if experts < 1 or not 1 <= top_k <= experts:
         raise UserError(f"upcycle: need 1 <= top_k ({top_k}) <= experts ({experts})")
     if shared_experts < 1:
-        raise UserError(f"upcycle: shared_experts must be >= 1 (got {shared_experts}): the DeepSeek-V3 / GLM-4-MoE "
-                        "block always has a shared expert")
+        raise UserError(
+            f"upcycle: shared_experts must be >= 1 (got {shared_experts}): the DeepSeek-V3 / GLM-4-MoE "
+            "block always has a shared expert"
+        )
     if not 0 <= dense_layers < dense_cfg.num_hidden_layers:
         raise UserError(f"upcycle: dense_layers must be in [0, {dense_cfg.num_hidden_layers - 1}] (got {dense_layers})")
     if experts % n_group or not 1 <= topk_group <= n_group or top_k > topk_group * (experts // n_group):
-        raise UserError(f"upcycle: {experts} experts in n_group={n_group} groups, topk_group={topk_group}, "
-                        f"top_k={top_k} is not a valid group-limited routing")
+        raise UserError(
+            f"upcycle: {experts} experts in n_group={n_group} groups, topk_group={topk_group}, "
+            f"top_k={top_k} is not a valid group-limited routing"
+        )
     if n_group > 1 and experts // n_group < 2:
         raise UserError("upcycle: group-limited routing scores a group by its top-2 experts: need >= 2 per group")
-    rope = dict(getattr(dense_cfg, "rope_parameters", None) or {"rope_type": "default",
-                                                              "rope_theta": getattr(dense_cfg, "rope_theta", 1e4)})
+    rope = dict(
+        getattr(dense_cfg, "rope_parameters", None)
+        or {"rope_type": "default", "rope_theta": getattr(dense_cfg, "rope_theta", 1e4)}
+    )
     rope["partial_rotary_factor"] = 1.0  # Llama rotates every dimension (GLM's default is 0.5)
     head_dim = getattr(dense_cfg, "head_dim", None) or dense_cfg.hidden_size // dense_cfg.num_attention_heads
     return Glm4MoeConfig(
@@ -126,8 +141,13 @@ def upcycle_state_dict(dense_sd: dict, cfg, noise: float = 0.01, seed: int = 0) 
         p = f"model.layers.{i}.mlp."
         gate, up, down = (dense_sd[p + f"{n}_proj.weight"].float() for n in ("gate", "up", "down"))
         if i < cfg.first_k_dense_replace:
-            out.update({p + "gate_proj.weight": gate.clone(), p + "up_proj.weight": up.clone(),
-                        p + "down_proj.weight": down.clone()})
+            out.update(
+                {
+                    p + "gate_proj.weight": gate.clone(),
+                    p + "up_proj.weight": up.clone(),
+                    p + "down_proj.weight": down.clone(),
+                }
+            )
             continue
 
         def copies(w):
@@ -146,8 +166,18 @@ def upcycle_state_dict(dense_sd: dict, cfg, noise: float = 0.01, seed: int = 0) 
     return out
 
 
-def upcycle(src: str, dst, experts: int, top_k: int, shared_experts: int = 1, noise: float = 0.01, seed: int = 0,
-            dense_layers: int = 0, n_group: int = 1, topk_group: int = 1) -> Path:
+def upcycle(
+    src: str,
+    dst,
+    experts: int,
+    top_k: int,
+    shared_experts: int = 1,
+    noise: float = 0.01,
+    seed: int = 0,
+    dense_layers: int = 0,
+    n_group: int = 1,
+    topk_group: int = 1,
+) -> Path:
     """Write the upcycled model and the source's tokenizer to ``dst``; returns ``dst``."""
     from transformers import AutoConfig, AutoModelForCausalLM, Glm4MoeForCausalLM
     from trl import ModelConfig
@@ -170,10 +200,14 @@ def upcycle(src: str, dst, experts: int, top_k: int, shared_experts: int = 1, no
         dense_cfg = AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as err:  # a missing folder, an unknown or uncached hub id, an unreadable config
         # transformers reads a name that is no folder as a hub id, and its complaint about the id's form misleads
-        reason = ("no such folder, and no such model on the hub or in the HF cache" if not Path(path).exists()
-                  else (str(err).strip().splitlines() or [type(err).__name__])[0])
-        raise UserError(f"upcycle: cannot load the source model {src!r} ({reason}); give tiny:llama, a model "
-                        "folder or a hub id") from None
+        reason = (
+            "no such folder, and no such model on the hub or in the HF cache"
+            if not Path(path).exists()
+            else (str(err).strip().splitlines() or [type(err).__name__])[0]
+        )
+        raise UserError(
+            f"upcycle: cannot load the source model {src!r} ({reason}); give tiny:llama, a model folder or a hub id"
+        ) from None
     _check_source(dense_cfg)
     cfg = moe_config(dense_cfg, experts, top_k, shared_experts, dense_layers, n_group, topk_group)
     dense = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
@@ -198,10 +232,25 @@ def upcycle(src: str, dst, experts: int, top_k: int, shared_experts: int = 1, no
     for extra in ("chat_template.jinja",):
         if (Path(path) / extra).is_file() and not (dst / extra).exists():
             shutil.copy(Path(path) / extra, dst / extra)
-    (dst / PROVENANCE).write_text(json.dumps({
-        "source": src, "source_path": str(path), "architecture": "Glm4MoeForCausalLM", "experts": experts,
-        "top_k": top_k, "shared_experts": shared_experts, "noise": noise, "seed": seed, "dense_layers": dense_layers,
-        "n_group": n_group, "topk_group": topk_group, "routed_scaling_factor": cfg.routed_scaling_factor,
-        "parameters": sum(t.numel() for t in state.values()),
-    }, indent=1) + "\n")
+    (dst / PROVENANCE).write_text(
+        json.dumps(
+            {
+                "source": src,
+                "source_path": str(path),
+                "architecture": "Glm4MoeForCausalLM",
+                "experts": experts,
+                "top_k": top_k,
+                "shared_experts": shared_experts,
+                "noise": noise,
+                "seed": seed,
+                "dense_layers": dense_layers,
+                "n_group": n_group,
+                "topk_group": topk_group,
+                "routed_scaling_factor": cfg.routed_scaling_factor,
+                "parameters": sum(t.numel() for t in state.values()),
+            },
+            indent=1,
+        )
+        + "\n"
+    )
     return dst

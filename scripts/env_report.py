@@ -17,8 +17,25 @@ import sys
 
 from packaging.requirements import Requirement
 
-PACKAGES = ("posttrain", "torch", "triton", "transformers", "trl", "accelerate", "peft", "datasets", "deepspeed",
-            "tokenizers", "huggingface_hub", "safetensors", "pyarrow", "fsspec", "numpy", "pydantic", "pytest")
+PACKAGES = (
+    "posttrain",
+    "torch",
+    "triton",
+    "transformers",
+    "trl",
+    "accelerate",
+    "peft",
+    "datasets",
+    "deepspeed",
+    "tokenizers",
+    "huggingface_hub",
+    "safetensors",
+    "pyarrow",
+    "fsspec",
+    "numpy",
+    "pydantic",
+    "pytest",
+)
 
 
 def unmet(dist: str) -> list[str]:
@@ -46,14 +63,25 @@ def main() -> int:
         except md.PackageNotFoundError:
             version = "not installed"
         print(f"  {name:16s} {version}")
-    import posttrain
     import torch
+
+    import posttrain
 
     print(f"posttrain imported from {posttrain.__file__}")
     importlib.import_module("posttrain.recipes")  # the source tree's posttrain/ has no recipes: this is the check
-    print(f"torch CUDA build {torch.version.cuda}, CUDA available: {torch.cuda.is_available()}"
-          + (f", {torch.cuda.get_device_name()}, capability {torch.cuda.get_device_capability()}" if torch.cuda.is_available() else ""))
-    problems = [p for dist in ("posttrain", "trl", "transformers", "datasets", "peft", "accelerate", "deepspeed") for p in unmet(dist)]
+    print(
+        f"torch CUDA build {torch.version.cuda}, CUDA available: {torch.cuda.is_available()}"
+        + (
+            f", {torch.cuda.get_device_name()}, capability {torch.cuda.get_device_capability()}"
+            if torch.cuda.is_available()
+            else ""
+        )
+    )
+    problems = [
+        p
+        for dist in ("posttrain", "trl", "transformers", "datasets", "peft", "accelerate", "deepspeed")
+        for p in unmet(dist)
+    ]
     print("unmet requirements (the image's own versions; not fatal):" if problems else "every requirement is met")
     for problem in problems:
         print(f"  {problem}")

@@ -18,8 +18,10 @@ def pytest_collection_modifyitems(config, items):
 
     if not torch.cuda.is_available():
         if os.environ.get("POSTTRAIN_REQUIRE_CUDA") == "1":  # the GPU machine: a CUDA that fails to start is a failure
-            raise pytest.UsageError("POSTTRAIN_REQUIRE_CUDA=1 but torch.cuda.is_available() is False: CUDA did not start "
-                                    f"(torch {torch.__version__}, CUDA build {torch.version.cuda}); see nvidia-smi")
+            raise pytest.UsageError(
+                "POSTTRAIN_REQUIRE_CUDA=1 but torch.cuda.is_available() is False: CUDA did not start "
+                f"(torch {torch.__version__}, CUDA build {torch.version.cuda}); see nvidia-smi"
+            )
         skip = pytest.mark.skip(reason="needs CUDA (run by scripts/gpu_check.sh on a GPU machine)")
         for item in items:
             if "gpu" in item.keywords:
@@ -81,12 +83,13 @@ def assert_same_state(a, b, atol=0.0, where="state"):
 def run_cli_cases(cases: dict, env: dict, cwd, workers: int = 2, timeout: int = 300) -> dict:
     """Run each ``posttrain`` argv of ``cases`` (id -> argv list) in its own subprocess, ``workers`` at a time;
     returns id -> CompletedProcess. For the table-driven bad-input tests: each case is a real command line."""
-    from concurrent.futures import ThreadPoolExecutor
     import subprocess
+    from concurrent.futures import ThreadPoolExecutor
 
     def run(argv):
-        return subprocess.run([str(BIN / "posttrain"), *argv], capture_output=True, text=True, env=env, cwd=cwd,
-                              timeout=timeout)
+        return subprocess.run(
+            [str(BIN / "posttrain"), *argv], capture_output=True, text=True, env=env, cwd=cwd, timeout=timeout
+        )
 
     with ThreadPoolExecutor(workers) as pool:
         futures = {case: pool.submit(run, argv) for case, argv in cases.items()}

@@ -9,7 +9,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT, assert_one_line_error, run_cli_cases
 
 
@@ -79,21 +78,36 @@ TRAIN_CASES = {
     "output_dir empty": (lambda b: SFT + ["--output_dir="], "command line: output_dir is empty"),
     "output_dir not writable": (lambda b: SFT + ["--output_dir", str(b["unwritable"])], "cannot be written"),
     # --- values out of range or ignored, named with their source -----------------------------------------------------
-    "batch size 0": (lambda b: SFT + ["--per_device_train_batch_size", "0"], "command line: per_device_train_batch_size"),
+    "batch size 0": (
+        lambda b: SFT + ["--per_device_train_batch_size", "0"],
+        "command line: per_device_train_batch_size",
+    ),
     "learning rate -1": (lambda b: SFT + ["--learning_rate", "-1"], "command line: learning_rate"),
     "max_length 0": (lambda b: SFT + ["--max_length", "0"], "command line: max_length"),
     "max_steps -5": (lambda b: SFT + ["--max_steps", "-5"], "command line: max_steps"),
     "max_row_bytes 0": (lambda b: SFT + ["--max_row_bytes", "0"], "command line: max_row_bytes must be at least 1"),
     "dpo beta -1": (lambda b: ["train", "dpo/tiny", "--beta", "-1"], "command line: beta"),
-    "unknown report_to": (lambda b: SFT + ["--report_to", "wandbb"], "unknown report_to 'wandbb' (did you mean 'wandb'?)"),
-    "reward_funcs on sft": (lambda b: SFT + ["--reward_funcs", "numeric_match"], "method 'sft' does not use reward_funcs"),
-    "library check of a command-line value": (lambda b: SFT + ["--lr_scheduler_type", "bogus"],
-                                              "command line: invalid SFTConfig"),
-    "library check names the command line": (lambda b: SFT + ["--save_strategy", "steps", "--load_best_model_at_end",
-                                                              "true"], "command line: invalid SFTConfig"),
+    "unknown report_to": (
+        lambda b: SFT + ["--report_to", "wandbb"],
+        "unknown report_to 'wandbb' (did you mean 'wandb'?)",
+    ),
+    "reward_funcs on sft": (
+        lambda b: SFT + ["--reward_funcs", "numeric_match"],
+        "method 'sft' does not use reward_funcs",
+    ),
+    "library check of a command-line value": (
+        lambda b: SFT + ["--lr_scheduler_type", "bogus"],
+        "command line: invalid SFTConfig",
+    ),
+    "library check names the command line": (
+        lambda b: SFT + ["--save_strategy", "steps", "--load_best_model_at_end", "true"],
+        "command line: invalid SFTConfig",
+    ),
     # --- the command line itself -------------------------------------------------------------------------------------
-    "argparse: option of the wrong type": (lambda b: ["eval", "--model", "tiny:qwen3", "--limit", "abc"],
-                                           "argument --limit: invalid int value: 'abc'; see posttrain eval --help"),
+    "argparse: option of the wrong type": (
+        lambda b: ["eval", "--model", "tiny:qwen3", "--limit", "abc"],
+        "argument --limit: invalid int value: 'abc'; see posttrain eval --help",
+    ),
     "argparse: no command": (lambda b: [], "the following arguments are required: command"),
     # --- recipe files ------------------------------------------------------------------------------------------------
     "recipe not UTF-8": (lambda b: ["train", str(b["latin1_recipe"])], "line 1: not UTF-8"),

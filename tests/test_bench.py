@@ -5,7 +5,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import ROOT
 
 pytestmark = pytest.mark.slow
@@ -19,8 +18,20 @@ def test_stock_vs_stock_ratio_is_close_to_one(method, tmp_path, run_env):
     ratios = []
     for attempt in range(3):
         out = tmp_path / f"{method}-{attempt}.json"
-        cmd = [sys.executable, str(ROOT / "bench" / "compare.py"), method, "--steps", "40", "--warmup", "3", "--out", str(out)]
-        proc = subprocess.run(cmd, capture_output=True, text=True, env={**run_env, "OMP_NUM_THREADS": "2"}, cwd=ROOT, timeout=600)
+        cmd = [
+            sys.executable,
+            str(ROOT / "bench" / "compare.py"),
+            method,
+            "--steps",
+            "40",
+            "--warmup",
+            "3",
+            "--out",
+            str(out),
+        ]
+        proc = subprocess.run(
+            cmd, capture_output=True, text=True, env={**run_env, "OMP_NUM_THREADS": "2"}, cwd=ROOT, timeout=600
+        )
         assert proc.returncode == 0, proc.stderr[-4000:]
         assert "| time ratio |" in proc.stdout
         result = json.loads(out.read_text())
@@ -47,9 +58,16 @@ def test_bench_rewards_vary_and_a_method_that_did_no_work_is_marked_not_measured
         def __init__(self, metrics):
             self._metrics = {"train": metrics}
 
-    times, peaks, flops = {"grpo (parent)": [1.0, 1.1], "thr_grpo": [1.0, 1.2]}, {"grpo (parent)": [0, 0], "thr_grpo": [0, 0]}, {"grpo (parent)": None, "thr_grpo": None}
+    times, peaks, flops = (
+        {"grpo (parent)": [1.0, 1.1], "thr_grpo": [1.0, 1.2]},
+        {"grpo (parent)": [0, 0], "thr_grpo": [0, 0]},
+        {"grpo (parent)": None, "thr_grpo": None},
+    )
     for mixed, flagged in ((0.0, True), (1.0, False)):
-        trainers = {"grpo (parent)": Stub({"reward_std": [0.5]}), "thr_grpo": Stub({"reward_std": [0.5], "thr/mixed_groups": [mixed]})}
+        trainers = {
+            "grpo (parent)": Stub({"reward_std": [0.5]}),
+            "thr_grpo": Stub({"reward_std": [0.5], "thr/mixed_groups": [mixed]}),
+        }
         result = summary(trainers, list(trainers), times, peaks, flops)
         assert (result["not_measured"] is not None) == flagged
         assert result["method_metrics"]["thr_grpo"]["thr/mixed_groups"] == mixed

@@ -4,15 +4,27 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import BIN, ROOT
+
 from posttrain.cli import main
 
 
 def test_list_shows_methods_recipes_rewards_and_data(capsys):
     assert main(["list"]) == 0
     out = capsys.readouterr().out
-    for word in ("dpo", "grpo", "fedau", "lion_k", "li2_grokking", "muon", "dpo/tiny", "numeric_match", "length_penalty", "arithmetic", "preference"):
+    for word in (
+        "dpo",
+        "grpo",
+        "fedau",
+        "lion_k",
+        "li2_grokking",
+        "muon",
+        "dpo/tiny",
+        "numeric_match",
+        "length_penalty",
+        "arithmetic",
+        "preference",
+    ):
         assert word in out
 
 
@@ -24,7 +36,10 @@ def test_list_shows_methods_recipes_rewards_and_data(capsys):
         (["train", "dpo/tiny", "--max_steps", "many"], "expects int"),
         (["train", "grpo/tiny", "--reward_funcs", "nope"], "unknown reward function"),
         (["train", "dpo/tiny", "--dataset", "builtin:nothing"], "nothing"),
-        (["train", "grpo/tiny", "--dataset", "builtin:review_prompts", "--difficulty", "null"], "'numeric_match' needs the dataset column(s) answer"),
+        (
+            ["train", "grpo/tiny", "--dataset", "builtin:review_prompts", "--difficulty", "null"],
+            "'numeric_match' needs the dataset column(s) answer",
+        ),
         (["train", "grpo/tiny", "--reward_funcs", "rm:/nowhere"], "not a saved model directory"),
         (["train", "constrained_rlhf/tiny", "--constraint_thresholds", "[0.1]"], "constraint_thresholds has 1 values"),
         (["train", "constrained_rlhf/tiny", "--formulation", "ppo"], "formulation='ppo'"),
@@ -38,18 +53,27 @@ def test_user_errors_are_one_line_with_exit_2(argv, message, capsys, tmp_path):
 
 def test_console_script_and_module_give_the_same_clean_error(run_env):
     for cmd in ([str(BIN / "posttrain")], [sys.executable, "-m", "posttrain"]):
-        proc = subprocess.run([*cmd, "train", "dpo/tiny", "--bta", "1"], capture_output=True, text=True, env=run_env, cwd=ROOT)
+        proc = subprocess.run(
+            [*cmd, "train", "dpo/tiny", "--bta", "1"], capture_output=True, text=True, env=run_env, cwd=ROOT
+        )
         assert proc.returncode == 2, proc.stderr
         assert "Traceback" not in proc.stderr and "did you mean 'beta'" in proc.stderr
         assert len(proc.stderr.strip().splitlines()) == 1
-    debug = subprocess.run([*cmd, "train", "dpo/tiny", "--bta", "1", "--debug"], capture_output=True, text=True, env=run_env, cwd=ROOT)
+    debug = subprocess.run(
+        [*cmd, "train", "dpo/tiny", "--bta", "1", "--debug"], capture_output=True, text=True, env=run_env, cwd=ROOT
+    )
     assert debug.returncode != 0 and "Traceback" in debug.stderr
 
 
 def test_a_reader_that_stops_early_gets_no_traceback(run_env):
     # `posttrain list | head -1`: the pipe closes while posttrain still prints
-    proc = subprocess.Popen([sys.executable, "-m", "posttrain", "list"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            env=run_env, bufsize=0)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "posttrain", "list"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=run_env,
+        bufsize=0,
+    )
     proc.stdout.readline()
     proc.stdout.close()
     stderr = proc.communicate(timeout=120)[1].decode()

@@ -11,18 +11,39 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import BIN, ROOT
 
 pytestmark = pytest.mark.slow
 
-CONFIGS = {"ddp": ("cpu_2proc.yaml", "MULTI_CPU", None), "zero2": ("zero2.yaml", "DEEPSPEED", 2), "zero3": ("zero3.yaml", "DEEPSPEED", 3)}
+CONFIGS = {
+    "ddp": ("cpu_2proc.yaml", "MULTI_CPU", None),
+    "zero2": ("zero2.yaml", "DEEPSPEED", 2),
+    "zero3": ("zero3.yaml", "DEEPSPEED", 3),
+}
 
 
 def launch(config, recipe, output_dir, env, *extra):
-    cmd = [str(BIN / "accelerate"), "launch", "--config_file", str(ROOT / "accelerate_configs" / config),
-           "--num_processes", "2", "--mixed_precision", "no", "--main_process_port", "29533",
-           "-m", "posttrain", "train", recipe, "--max_steps", "2", "--output_dir", str(output_dir), *extra]
+    cmd = [
+        str(BIN / "accelerate"),
+        "launch",
+        "--config_file",
+        str(ROOT / "accelerate_configs" / config),
+        "--num_processes",
+        "2",
+        "--mixed_precision",
+        "no",
+        "--main_process_port",
+        "29533",
+        "-m",
+        "posttrain",
+        "train",
+        recipe,
+        "--max_steps",
+        "2",
+        "--output_dir",
+        str(output_dir),
+        *extra,
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return json.loads((output_dir / "run_summary.json").read_text())
@@ -52,16 +73,29 @@ delta = max((t[k].float() - i[k].float()).abs().max().item() for k in t)
 assert delta > 0, "weights did not change"
 print("max delta", delta)
 """
-    proc = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, env=run_env, cwd=tmp_path, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", check], capture_output=True, text=True, env=run_env, cwd=tmp_path, timeout=300
+    )
     assert proc.returncode == 0 and "max delta" in proc.stdout, proc.stderr[-3000:]
 
 
 @pytest.mark.parametrize("backend", ["ddp", "zero3"])
 def test_constrained_rlhf_multipliers_are_identical_on_both_ranks(backend, tmp_path, run_env):
     config = CONFIGS[backend][0]
-    cmd = [str(BIN / "accelerate"), "launch", "--config_file", str(ROOT / "accelerate_configs" / config),
-           "--num_processes", "2", "--mixed_precision", "no", "--main_process_port", "29534",
-           str(ROOT / "tests" / "helpers" / "crlhf_ranks.py"), str(tmp_path)]
+    cmd = [
+        str(BIN / "accelerate"),
+        "launch",
+        "--config_file",
+        str(ROOT / "accelerate_configs" / config),
+        "--num_processes",
+        "2",
+        "--mixed_precision",
+        "no",
+        "--main_process_port",
+        "29534",
+        str(ROOT / "tests" / "helpers" / "crlhf_ranks.py"),
+        str(tmp_path),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=run_env, cwd=ROOT, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]

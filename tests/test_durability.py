@@ -11,9 +11,9 @@ import sys
 
 import pytest
 import torch
+from conftest import BIN, ROOT, assert_same_state, method_state
 from transformers import AutoModelForCausalLM, TrainerCallback
 
-from conftest import BIN, ROOT, assert_same_state, method_state
 from posttrain.cli import main
 from posttrain.recipes.config import load_recipe
 from posttrain.recipes.train import build_trainer
@@ -56,7 +56,10 @@ def test_killed_run_resumes_on_the_same_trajectory(name, tmp_path):
         trainer.train()
     assert latest_checkpoint(cut).name == "checkpoint-2" and not (cut / "checkpoint-4").exists()
 
-    assert main(["train", name, "--output_dir", str(cut), "--resume", *[f"--{k}={v}" for k, v in CHECKPOINTED.items()]]) == 0
+    assert (
+        main(["train", name, "--output_dir", str(cut), "--resume", *[f"--{k}={v}" for k, v in CHECKPOINTED.items()]])
+        == 0
+    )
     resumed = step_losses(cut / "checkpoint-4")
     for step in (3, 4):
         assert resumed[step] == pytest.approx(reference[step], abs=1e-6), (step, resumed, reference)
@@ -81,7 +84,10 @@ def test_killed_run_resumes_on_the_same_trajectory(name, tmp_path):
 
 
 def test_resume_never_picks_a_half_written_checkpoint(tmp_path):
-    assert main(["train", "dpo/tiny", "--output_dir", str(tmp_path), *[f"--{k}={v}" for k, v in CHECKPOINTED.items()]]) == 0
+    assert (
+        main(["train", "dpo/tiny", "--output_dir", str(tmp_path), *[f"--{k}={v}" for k, v in CHECKPOINTED.items()]])
+        == 0
+    )
     assert latest_checkpoint(tmp_path).name == "checkpoint-4"
     # killed mid-save: weights written, trainer_state.json (written last) missing or cut short
     shutil.copytree(tmp_path / "checkpoint-4", tmp_path / "checkpoint-6")
@@ -93,7 +99,19 @@ def test_resume_never_picks_a_half_written_checkpoint(tmp_path):
     assert latest_checkpoint(tmp_path).name == "checkpoint-4"
     assert latest_checkpoint(tmp_path / "nothing") is None
     # an explicit incomplete checkpoint is refused before any model loads
-    assert main(["train", "dpo/tiny", "--output_dir", str(tmp_path), "--resume_from_checkpoint", str(tmp_path / "checkpoint-6")]) == 2
+    assert (
+        main(
+            [
+                "train",
+                "dpo/tiny",
+                "--output_dir",
+                str(tmp_path),
+                "--resume_from_checkpoint",
+                str(tmp_path / "checkpoint-6"),
+            ]
+        )
+        == 2
+    )
 
 
 def test_resume_without_checkpoint_starts_fresh(tmp_path, capsys):
@@ -137,7 +155,7 @@ def test_cli_reports_a_stopped_run_in_one_line(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr("posttrain.recipes.train.build_trainer", _nan_trainer(build_trainer))
     assert main(["train", "dpo/tiny", "--output_dir", str(tmp_path), "--max_steps", "2"]) == 1
     err = capsys.readouterr().err  # shared with progress bars, which end their lines with \r only
-    ours = [line[line.index("posttrain:"):] for line in err.split("\n") if "posttrain:" in line]
+    ours = [line[line.index("posttrain:") :] for line in err.split("\n") if "posttrain:" in line]
     assert len(ours) == 1 and ours[0].startswith("posttrain: stopped: non-finite loss"), ours
 
 
@@ -152,7 +170,7 @@ def _nan_trainer(build):
 
 def one_line(err: str) -> str:
     """The single posttrain line on stderr (progress bars share it, ending their lines with \\r only)."""
-    ours = [line[line.index("posttrain:"):] for line in err.split("\n") if "posttrain:" in line]
+    ours = [line[line.index("posttrain:") :] for line in err.split("\n") if "posttrain:" in line]
     assert len(ours) == 1, ours
     return ours[0]
 
@@ -167,8 +185,9 @@ def two_checkpoints(tmp_path_factory):
 
 @pytest.mark.parametrize("damage", ["missing", "truncated"])
 @pytest.mark.parametrize("name", ["optimizer.pt", "scheduler.pt", "rng_state.pth", "model.safetensors"])
-def test_a_checkpoint_missing_or_damaging_a_file_the_resume_reads_is_never_resumed(name, damage, two_checkpoints,
-                                                                                   tmp_path, capsys):
+def test_a_checkpoint_missing_or_damaging_a_file_the_resume_reads_is_never_resumed(
+    name, damage, two_checkpoints, tmp_path, capsys
+):
     out = tmp_path / "run"
     shutil.copytree(two_checkpoints, out)
     path = out / "checkpoint-4" / name
@@ -179,15 +198,32 @@ def test_a_checkpoint_missing_or_damaging_a_file_the_resume_reads_is_never_resum
     assert latest_checkpoint(out).name == "checkpoint-2" and str(path) in checkpoint_problem(out / "checkpoint-4")
     # an explicit path: one line naming the file, before any model loads
     capsys.readouterr()
-    assert main(["train", "dpo/tiny", "--output_dir", str(out), "--resume_from_checkpoint", str(out / "checkpoint-4")]) == 2
+    assert (
+        main(["train", "dpo/tiny", "--output_dir", str(out), "--resume_from_checkpoint", str(out / "checkpoint-4")])
+        == 2
+    )
     line = one_line(capsys.readouterr().err)
     assert line.startswith("posttrain: error: resume_from_checkpoint:") and str(path) in line, line
     # --resume: falls back to checkpoint-2, says why, and retraces the run's step 3
-    assert main(["train", "dpo/tiny", "--output_dir", str(out), "--resume", *[f"--{k}={v}" for k, v in CHECKPOINTED.items()],
-                 "--max_steps=3"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "dpo/tiny",
+                "--output_dir",
+                str(out),
+                "--resume",
+                *[f"--{k}={v}" for k, v in CHECKPOINTED.items()],
+                "--max_steps=3",
+            ]
+        )
+        == 0
+    )
     said = capsys.readouterr().out
     assert f"skipping checkpoint-4: {path}" in said and f"resuming from {out / 'checkpoint-2'}" in said, said
-    assert step_losses(out / "checkpoint-3")[3] == pytest.approx(step_losses(two_checkpoints / "checkpoint-4")[3], abs=1e-6)
+    assert step_losses(out / "checkpoint-3")[3] == pytest.approx(
+        step_losses(two_checkpoints / "checkpoint-4")[3], abs=1e-6
+    )
 
 
 def test_save_only_model_checkpoints_are_not_resumable(tmp_path, capsys):
@@ -219,8 +255,11 @@ def test_no_checkpoint_with_non_finite_weights_is_written(tmp_path):
                     group["lr"] = 1e40
 
     trainer.add_callback(HugeStepAt3())
-    with pytest.raises(NonFiniteError, match=r"non-finite weights after step 3; checkpoint-3 was not written; "
-                                             r"the last good checkpoint is .*checkpoint-2 "):
+    with pytest.raises(
+        NonFiniteError,
+        match=r"non-finite weights after step 3; checkpoint-3 was not written; "
+        r"the last good checkpoint is .*checkpoint-2 ",
+    ):
         trainer.train()
     assert [c.name for c in sorted(tmp_path.glob("checkpoint-*"))] == ["checkpoint-1", "checkpoint-2"]
 
@@ -228,10 +267,16 @@ def test_no_checkpoint_with_non_finite_weights_is_written(tmp_path):
 @pytest.mark.parametrize("save", ["checkpoint", "final model"])
 def test_cli_stops_before_writing_non_finite_weights(save, tmp_path, capsys):
     saving = ["--save_strategy=steps", "--save_steps=1"] if save == "checkpoint" else ["--save_strategy=no"]
-    assert main(["train", "dpo/tiny", "--output_dir", str(tmp_path), "--max_steps=1", "--learning_rate=1e40", *saving]) == 1
+    assert (
+        main(["train", "dpo/tiny", "--output_dir", str(tmp_path), "--max_steps=1", "--learning_rate=1e40", *saving])
+        == 1
+    )
     line = one_line(capsys.readouterr().err)
-    expected = ("after step 1; checkpoint-1 was not written" if save == "checkpoint"
-                else "at the end of training (step 1); the final model was not saved")
+    expected = (
+        "after step 1; checkpoint-1 was not written"
+        if save == "checkpoint"
+        else "at the end of training (step 1); the final model was not saved"
+    )
     assert line.startswith(f"posttrain: stopped: non-finite weights {expected}; no checkpoint was saved yet"), line
     assert not list(tmp_path.glob("checkpoint-*")) and not list(tmp_path.glob("*.safetensors"))
 
@@ -245,8 +290,21 @@ def test_a_fresh_run_refuses_a_folder_with_checkpoints(two_checkpoints, tmp_path
     assert f"output_dir {out} already holds checkpoints (checkpoint-2, checkpoint-4)" in line and "--resume" in line
     assert latest_checkpoint(out).name == "checkpoint-4"
     # --overwrite_output_dir starts over: the old checkpoints go, so a later --resume cannot pick one of them
-    assert main(["train", "dpo/tiny", "--output_dir", str(out), "--overwrite_output_dir",
-                 *[f"--{k}={v}" for k, v in CHECKPOINTED.items()], "--save_steps=1", "--max_steps=1"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "dpo/tiny",
+                "--output_dir",
+                str(out),
+                "--overwrite_output_dir",
+                *[f"--{k}={v}" for k, v in CHECKPOINTED.items()],
+                "--save_steps=1",
+                "--max_steps=1",
+            ]
+        )
+        == 0
+    )
     assert [c.name for c in out.glob("checkpoint-*")] == ["checkpoint-1"]
 
 
@@ -256,7 +314,16 @@ def test_a_second_run_into_a_running_runs_folder_refuses(tmp_path, monkeypatch):
     class StartAnotherRun(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
             if state.global_step == 1:  # the first run holds the folder: a real second process tries it
-                cmd = [sys.executable, "-m", "posttrain", "train", "dpo/tiny", "--output_dir", str(tmp_path), "--resume"]
+                cmd = [
+                    sys.executable,
+                    "-m",
+                    "posttrain",
+                    "train",
+                    "dpo/tiny",
+                    "--output_dir",
+                    str(tmp_path),
+                    "--resume",
+                ]
                 second["proc"] = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
 
     def with_callback(recipe):
@@ -268,9 +335,11 @@ def test_a_second_run_into_a_running_runs_folder_refuses(tmp_path, monkeypatch):
     assert main(["train", "dpo/tiny", "--output_dir", str(tmp_path), "--max_steps=2"]) == 0
     proc = second["proc"]
     assert proc.returncode == 2, proc.stderr[-3000:]
-    assert one_line(proc.stderr) == (f"posttrain: error: output_dir {tmp_path} is in use by another posttrain run (pid "
-                                     f"{os.getpid()}, lock {tmp_path / '.posttrain.lock'}); wait for it to end, or "
-                                     "choose another --output_dir")
+    assert one_line(proc.stderr) == (
+        f"posttrain: error: output_dir {tmp_path} is in use by another posttrain run (pid "
+        f"{os.getpid()}, lock {tmp_path / '.posttrain.lock'}); wait for it to end, or "
+        "choose another --output_dir"
+    )
 
 
 def test_a_resume_names_the_settings_its_checkpoint_overrides(two_checkpoints, tmp_path, capsys):
@@ -283,8 +352,15 @@ def test_a_resume_names_the_settings_its_checkpoint_overrides(two_checkpoints, t
     said = [line for line in capsys.readouterr().out.splitlines() if "posttrain: warning" in line]
     assert len(said) == 1 and "keeps learning_rate=" in said[0] and "(this run: 0.5)" in said[0], said
     assert "weight_decay=0.0 (this run: 0.25)" in said[0], said
+
     # and that is what happened: step 4 ran at the uninterrupted run's learning rate, not at 0.5
-    logged = lambda folder: {e["step"]: e["learning_rate"] for e in json.loads((folder / "trainer_state.json").read_text())["log_history"] if "loss" in e}  # noqa: E731
+    def logged(folder):
+        return {
+            e["step"]: e["learning_rate"]
+            for e in json.loads((folder / "trainer_state.json").read_text())["log_history"]
+            if "loss" in e
+        }  # noqa: E731
+
     assert logged(out / "checkpoint-4")[4] == logged(two_checkpoints / "checkpoint-4")[4]
     # a resume with the same settings says nothing
     shutil.rmtree(out / "checkpoint-4")
@@ -300,10 +376,27 @@ def _free_port() -> int:
 
 @pytest.mark.slow
 def test_a_deepspeed_zero2_checkpoint_is_complete_until_a_shard_is_damaged(tmp_path, run_env):
-    cmd = [str(BIN / "accelerate"), "launch", "--config_file", str(ROOT / "accelerate_configs" / "zero2.yaml"),
-           "--num_processes", "2", "--mixed_precision", "no", "--main_process_port", str(_free_port()),
-           "-m", "posttrain", "train", "dpo/tiny", "--output_dir", str(tmp_path),
-           *[f"--{k}={v}" for k, v in CHECKPOINTED.items()], "--save_steps=1", "--max_steps=2"]
+    cmd = [
+        str(BIN / "accelerate"),
+        "launch",
+        "--config_file",
+        str(ROOT / "accelerate_configs" / "zero2.yaml"),
+        "--num_processes",
+        "2",
+        "--mixed_precision",
+        "no",
+        "--main_process_port",
+        str(_free_port()),
+        "-m",
+        "posttrain",
+        "train",
+        "dpo/tiny",
+        "--output_dir",
+        str(tmp_path),
+        *[f"--{k}={v}" for k, v in CHECKPOINTED.items()],
+        "--save_steps=1",
+        "--max_steps=2",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=run_env, cwd=ROOT, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     for step in (1, 2):
@@ -330,12 +423,32 @@ def test_ctrl_c_stops_in_one_line_exit_130_and_the_run_resumes(tmp_path, run_env
     import time
 
     out = tmp_path / "run"
-    argv = [str(BIN / "posttrain"), "train", "sft/tiny", "--output_dir", str(out), "--max_steps", "100000",
-            "--save_strategy", "steps", "--save_steps", "2", "--logging_steps", "1"]
+    argv = [
+        str(BIN / "posttrain"),
+        "train",
+        "sft/tiny",
+        "--output_dir",
+        str(out),
+        "--max_steps",
+        "100000",
+        "--save_strategy",
+        "steps",
+        "--save_steps",
+        "2",
+        "--logging_steps",
+        "1",
+    ]
     # a shell without job control starts background jobs with SIGINT ignored, and Python then installs no
     # KeyboardInterrupt handler (CI may run us that way): the run gets the disposition of a terminal's foreground job
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=run_env, cwd=ROOT,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    proc = subprocess.Popen(
+        argv,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=run_env,
+        cwd=ROOT,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     deadline = time.monotonic() + 600
     while latest_checkpoint(out) is None and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.5)
@@ -351,8 +464,13 @@ def test_ctrl_c_stops_in_one_line_exit_130_and_the_run_resumes(tmp_path, run_env
     step = int(checkpoint.name.split("-")[1])
     assert step >= 2 and int(last.split("at step ")[1].split()[0]) >= step
 
-    resumed = subprocess.run(argv[:-8] + ["--max_steps", str(step + 1), "--resume", "--save_strategy", "no"],
-                             capture_output=True, text=True, env=run_env, cwd=ROOT)
+    resumed = subprocess.run(
+        argv[:-8] + ["--max_steps", str(step + 1), "--resume", "--save_strategy", "no"],
+        capture_output=True,
+        text=True,
+        env=run_env,
+        cwd=ROOT,
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resuming from {checkpoint}" in resumed.stdout
     assert json.loads((out / "run_summary.json").read_text())["global_step"] == step + 1

@@ -38,8 +38,22 @@ def _by_layer(model):
 
 
 def _run_args(arch):
-    return ["--model_name_or_path", f"tiny:{arch}", "--max_steps", "2", "--moe_bias_rule", "proportional",
-            "--moe_bias_rate", "0.05", "--moe_bias_on_softmax", "true", "--save_strategy", "steps", "--save_steps", "1"]
+    return [
+        "--model_name_or_path",
+        f"tiny:{arch}",
+        "--max_steps",
+        "2",
+        "--moe_bias_rule",
+        "proportional",
+        "--moe_bias_rate",
+        "0.05",
+        "--moe_bias_on_softmax",
+        "true",
+        "--save_strategy",
+        "steps",
+        "--save_steps",
+        "1",
+    ]
 
 
 @pytest.fixture(scope="module", params=ARCHS)
@@ -79,8 +93,23 @@ def test_eval_cli_routes_with_the_trained_biases(trained, tmp_path, monkeypatch)
         return result
 
     monkeypatch.setattr(common, "load_checkpoint", spy)
-    assert main(["eval", "--model", str(out), "--tasks", "moe_balance,perplexity", "--limit", "4", "--no_cache",
-                 "--output", str(tmp_path)]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--model",
+                str(out),
+                "--tasks",
+                "moe_balance,perplexity",
+                "--limit",
+                "4",
+                "--no_cache",
+                "--output",
+                str(tmp_path),
+            ]
+        )
+        == 0
+    )
     assert len(loaded) == 1
     _assert_same(loaded[0], saved)
     results = json.loads((tmp_path / "results.json").read_text())["results"][str(out)]
@@ -116,8 +145,20 @@ def test_resume_restores_the_biases(trained, tmp_path):
     # --resume from checkpoint-1 (the method state carries the biases under the model's own names, whatever the
     # checkpoint layout calls them) must end step 2 with the uninterrupted run's biases, bit for bit
     arch, out, saved = trained
-    assert main(["train", "moe_balance/tiny_sft", *_run_args(arch), "--output_dir", str(tmp_path),
-                 "--resume_from_checkpoint", str(out / "checkpoint-1")]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "moe_balance/tiny_sft",
+                *_run_args(arch),
+                "--output_dir",
+                str(tmp_path),
+                "--resume_from_checkpoint",
+                str(out / "checkpoint-1"),
+            ]
+        )
+        == 0
+    )
     with safe_open(str(tmp_path / "model.safetensors"), framework="pt") as f:
         resumed = {_layer(k): f.get_tensor(k) for k in f.keys() if k.endswith(BIAS_NAME)}
     assert sorted(resumed) == sorted(saved) and all(torch.equal(resumed[k], saved[k]) for k in saved)

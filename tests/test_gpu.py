@@ -14,7 +14,12 @@ pytestmark = pytest.mark.gpu
 
 @pytest.mark.parametrize("name", ["dpo/tiny", "grpo/tiny", "sft/tiny"])
 def test_tiny_recipe_in_bf16_on_the_gpu(name, tmp_path):
-    assert main(["train", name, "--max_steps", "3", "--bf16", "true", "--dtype", "bfloat16", "--output_dir", str(tmp_path)]) == 0
+    assert (
+        main(
+            ["train", name, "--max_steps", "3", "--bf16", "true", "--dtype", "bfloat16", "--output_dir", str(tmp_path)]
+        )
+        == 0
+    )
     summary = json.loads((tmp_path / "run_summary.json").read_text())
     assert summary["global_step"] == 3 and math.isfinite(summary["train_loss"])
     # the run really trained on the GPU: the Trainer chose CUDA, and the saved weights are bf16

@@ -4,7 +4,6 @@ import json
 import subprocess
 
 import pytest
-
 from conftest import BIN, ROOT
 
 pytestmark = pytest.mark.slow
@@ -17,7 +16,9 @@ def _run(cmd, env, timeout=600):
 
 
 def test_console_script_trains_dpo_tiny(tmp_path, run_env):
-    proc = _run([str(BIN / "posttrain"), "train", "dpo/tiny", "--max_steps", "2", "--output_dir", str(tmp_path)], run_env)
+    proc = _run(
+        [str(BIN / "posttrain"), "train", "dpo/tiny", "--max_steps", "2", "--output_dir", str(tmp_path)], run_env
+    )
     assert "run summary" in proc.stdout
     assert json.loads((tmp_path / "run_summary.json").read_text())["global_step"] == 2
 
@@ -27,8 +28,19 @@ def test_accelerate_launch(num_processes, tmp_path, run_env):
     # --multi_gpu with no GPU: accelerate runs torchrun and picks MULTI_CPU + gloo (2 real processes);
     # --cpu would silently run one.
     flags = ["--multi_gpu", "--num_processes", "2"] if num_processes == 2 else ["--num_processes", "1"]
-    cmd = [str(BIN / "accelerate"), "launch", *flags, "-m", "posttrain", "train", "dpo/tiny",
-           "--max_steps", "2", "--output_dir", str(tmp_path)]
+    cmd = [
+        str(BIN / "accelerate"),
+        "launch",
+        *flags,
+        "-m",
+        "posttrain",
+        "train",
+        "dpo/tiny",
+        "--max_steps",
+        "2",
+        "--output_dir",
+        str(tmp_path),
+    ]
     _run(cmd, run_env)
     summary = json.loads((tmp_path / "run_summary.json").read_text())
     assert summary["world_size"] == num_processes and summary["global_step"] == 2

@@ -17,15 +17,17 @@ import subprocess
 import sys
 
 import pytest
-from safetensors.torch import load_file
-
 from conftest import BIN, ROOT
+from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow
 
 HELPER = str(ROOT / "tests" / "helpers" / "moe_ranks.py")
-CONFIGS = {"ddp": ("cpu_2proc.yaml", "MULTI_CPU", None), "zero2": ("zero2.yaml", "DEEPSPEED", 2),
-           "zero3": ("zero3.yaml", "DEEPSPEED", 3)}
+CONFIGS = {
+    "ddp": ("cpu_2proc.yaml", "MULTI_CPU", None),
+    "zero2": ("zero2.yaml", "DEEPSPEED", 2),
+    "zero3": ("zero3.yaml", "DEEPSPEED", 3),
+}
 ROWS, TOKENS, TOP_K = 4, 15, 2  # rows per optimizer step, tokens per row (14 + EOS), experts per token
 
 
@@ -54,9 +56,25 @@ def run(cmd, timeout=900):
 
 
 def launch(config, record, data, out, *extra):
-    run([str(BIN / "accelerate"), "launch", "--config_file", str(ROOT / "accelerate_configs" / config),
-         "--num_processes", "2", "--mixed_precision", "no", "--main_process_port", "29547",
-         HELPER, str(record), data, str(out), *extra])
+    run(
+        [
+            str(BIN / "accelerate"),
+            "launch",
+            "--config_file",
+            str(ROOT / "accelerate_configs" / config),
+            "--num_processes",
+            "2",
+            "--mixed_precision",
+            "no",
+            "--main_process_port",
+            "29547",
+            HELPER,
+            str(record),
+            data,
+            str(out),
+            *extra,
+        ]
+    )
     return [json.loads((record / f"rank{r}.json").read_text()) for r in (0, 1)]
 
 
@@ -68,8 +86,10 @@ def single(record, data, out, *extra):
 @pytest.fixture(scope="module")
 def one_process(data, tmp_path_factory):
     root = tmp_path_factory.mktemp("moe_one")
-    return {arch: single(root / f"rec_{arch}", data, root / f"out_{arch}", "--max_steps", "1", "--model",
-                         f"tiny:{arch}") for arch in ("deepseek_v3", "qwen3_moe")}
+    return {
+        arch: single(root / f"rec_{arch}", data, root / f"out_{arch}", "--max_steps", "1", "--model", f"tiny:{arch}")
+        for arch in ("deepseek_v3", "qwen3_moe")
+    }
 
 
 def saved_biases(checkpoint):
@@ -107,8 +127,18 @@ def test_biases_identical_on_ranks_equal_one_process_and_saved(backend, data, on
 
 def test_patched_qwen3_moe_under_zero3(data, one_process, tmp_path):
     # the bias buffer is installed after ZeRO-3 partitioned the model at load, before DeepSpeed wraps it
-    ranks = launch("zero3.yaml", tmp_path / "rec", data, tmp_path / "out", "--model", "tiny:qwen3_moe",
-                   "--max_steps", "2", "--save_steps", "2")
+    ranks = launch(
+        "zero3.yaml",
+        tmp_path / "rec",
+        data,
+        tmp_path / "out",
+        "--model",
+        "tiny:qwen3_moe",
+        "--max_steps",
+        "2",
+        "--save_steps",
+        "2",
+    )
     check_ranks_and_step_one(ranks, one_process["qwen3_moe"], "zero3")
     biases, _ = saved_biases(tmp_path / "out" / "checkpoint-2")
     assert biases == ranks[0]["steps"][1]["bias"]

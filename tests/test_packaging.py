@@ -7,8 +7,13 @@ import zipfile
 
 from conftest import ROOT
 
-MAPPED = {"posttrain": "posttrain", "trainers": "posttrain.trainers", "recipes": "posttrain.recipes",
-          "evals": "posttrain.evals", "data": "posttrain.data"}
+MAPPED = {
+    "posttrain": "posttrain",
+    "trainers": "posttrain.trainers",
+    "recipes": "posttrain.recipes",
+    "evals": "posttrain.evals",
+    "data": "posttrain.data",
+}
 
 
 def packages_on_disk() -> set[str]:
@@ -27,8 +32,22 @@ def test_every_subpackage_is_listed_in_pyproject():
 
 
 def test_built_wheel_holds_every_subpackage_and_recipe(tmp_path):
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(ROOT)],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+            str(ROOT),
+        ],
+        check=True,
+        capture_output=True,
+    )
     wheel = next(tmp_path.glob("posttrain-*.whl"))
     names = set(zipfile.ZipFile(wheel).namelist())
     for package in packages_on_disk():
@@ -42,6 +61,10 @@ def test_bare_generic_imports_fail_outside_the_checkout(tmp_path):
     for name in ("trainers", "data", "recipes", "evals"):
         proc = subprocess.run([sys.executable, "-c", f"import {name}"], cwd=tmp_path, capture_output=True, text=True)
         assert proc.returncode != 0 and "ModuleNotFoundError" in proc.stderr, name
-    ok = subprocess.run([sys.executable, "-c", "import posttrain.trainers, posttrain.data, posttrain.recipes, posttrain.evals"],
-                        cwd=tmp_path, capture_output=True, text=True)
+    ok = subprocess.run(
+        [sys.executable, "-c", "import posttrain.trainers, posttrain.data, posttrain.recipes, posttrain.evals"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
     assert ok.returncode == 0, ok.stderr

@@ -14,13 +14,15 @@ import subprocess
 
 import pytest
 import torch
-
 from conftest import BIN, ROOT, assert_same_state, method_state
 
 pytestmark = pytest.mark.slow
 
-BACKENDS = {"ddp": ("cpu_2proc.yaml", "MULTI_CPU", None), "zero2": ("zero2.yaml", "DEEPSPEED", 2),
-            "zero3": ("zero3.yaml", "DEEPSPEED", 3)}
+BACKENDS = {
+    "ddp": ("cpu_2proc.yaml", "MULTI_CPU", None),
+    "zero2": ("zero2.yaml", "DEEPSPEED", 2),
+    "zero3": ("zero3.yaml", "DEEPSPEED", 3),
+}
 MOE = {"moe_bias_rate": 1e-2, "learning_rate": 1e-2}
 SOFTMAX_MOE = {**MOE, "moe_bias_on_softmax": True}  # Qwen3-MoE / Mixtral route with softmax: allowed explicitly
 # case -> (recipe, overrides): every method with state, ALF-LB on three router families (DeepSeek-V3's own bias,
@@ -46,9 +48,21 @@ def free_port() -> int:
 @pytest.fixture(scope="module", params=list(BACKENDS))
 def matrix(request, tmp_path_factory):
     out = tmp_path_factory.mktemp(f"resume-{request.param}")
-    cmd = [str(BIN / "accelerate"), "launch", "--config_file", str(ROOT / "accelerate_configs" / BACKENDS[request.param][0]),
-           "--num_processes", "2", "--mixed_precision", "no", "--main_process_port", str(free_port()),
-           str(ROOT / "tests" / "helpers" / "resume_matrix.py"), str(out), json.dumps(CASES)]
+    cmd = [
+        str(BIN / "accelerate"),
+        "launch",
+        "--config_file",
+        str(ROOT / "accelerate_configs" / BACKENDS[request.param][0]),
+        "--num_processes",
+        "2",
+        "--mixed_precision",
+        "no",
+        "--main_process_port",
+        str(free_port()),
+        str(ROOT / "tests" / "helpers" / "resume_matrix.py"),
+        str(out),
+        json.dumps(CASES),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=1800, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-8000:]
@@ -73,15 +87,21 @@ def test_resumed_run_continues_the_same_trajectory(matrix, case):
     backend, out = matrix
     full, resumed = out / case / "full", out / case / "resumed"
     _, distributed_type, zero_stage = BACKENDS[backend]
-    ranks = {run: [torch.load(out / case / run / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
-             for run in ("full", "resumed")}
+    ranks = {
+        run: [torch.load(out / case / run / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+        for run in ("full", "resumed")
+    }
     assert ranks["full"][0]["meta"] == {"world": 2, "distributed_type": distributed_type, "zero_stage": zero_stage}
     assert not (resumed / "checkpoint-2").exists() and (resumed / "checkpoint-3").is_dir()
     a, b = logged(full / "checkpoint-4"), logged(resumed / "checkpoint-4")
     for step in (3, 4):
         assert b[step]["loss"] == pytest.approx(a[step]["loss"], abs=1e-6), (step, a[step], b[step])
-        assert_same_state(method_state(resumed / f"checkpoint-{step}"), method_state(full / f"checkpoint-{step}"),
-                          atol=1e-6, where=f"checkpoint-{step}")
+        assert_same_state(
+            method_state(resumed / f"checkpoint-{step}"),
+            method_state(full / f"checkpoint-{step}"),
+            atol=1e-6,
+            where=f"checkpoint-{step}",
+        )
     assert differs(method_state(full / "checkpoint-2"), method_state(full / "checkpoint-4"))  # the state moved
     for run, (r0, r1) in ranks.items():  # what each rank holds at the end: the same bits, and what was saved
         assert_same_state(r0["state"], r1["state"], where=f"{run} rank 1")

@@ -43,8 +43,16 @@ METHODS: dict[str, Method] = {
     "sft": Method("trl:SFTTrainer", "trl:SFTConfig", "sft", "supervised fine-tuning (TRL SFTTrainer)"),
     "dpo": Method("trl:DPOTrainer", "trl:DPOConfig", "preference", "direct preference optimisation (TRL DPOTrainer)"),
     "kto": Method("trl:KTOTrainer", "trl:KTOConfig", "unpaired", "Kahneman-Tversky optimisation (TRL KTOTrainer)"),
-    "reward": Method("trl:RewardTrainer", "trl:RewardConfig", "preference", "Bradley-Terry reward model (TRL RewardTrainer)", "reward"),
-    "grpo": Method("trl:GRPOTrainer", "trl:GRPOConfig", "prompt", "group relative policy optimisation (TRL GRPOTrainer)"),
+    "reward": Method(
+        "trl:RewardTrainer",
+        "trl:RewardConfig",
+        "preference",
+        "Bradley-Terry reward model (TRL RewardTrainer)",
+        "reward",
+    ),
+    "grpo": Method(
+        "trl:GRPOTrainer", "trl:GRPOConfig", "prompt", "group relative policy optimisation (TRL GRPOTrainer)"
+    ),
     "rloo": Method("trl:RLOOTrainer", "trl:RLOOConfig", "prompt", "REINFORCE leave-one-out (TRL RLOOTrainer)"),
     # Research methods.
     "sparsepo": Method(

@@ -18,7 +18,8 @@ after every PPO minibatch; ``generation`` steps them once per generation batch (
 own ``beta`` is kept at 0 so the KL is not counted twice (it lives in the KL stream, weighted by ``kl_coef``).
 ``ConstrainedRLHFTrainer`` overrides ``_generate_and_score_completions`` (streams, advantages, the per-generation
 multiplier step), ``_prepare_inputs`` / ``training_step`` (the per-optimizer-step mix and multiplier step) and
-``_calculate_rewards`` (keeps the (B, N) rewards); ``ConstrainedGRPOTrainer`` is the same on ``GRPOTrainer``, with GRPO's group-centred (and
+``_calculate_rewards`` (keeps the (B, N) rewards); ``ConstrainedGRPOTrainer`` is the same on ``GRPOTrainer``, with
+GRPO's group-centred (and
 ``scale_rewards``-scaled) reward as each stream's advantage.
 
 Problem. Component reward models r_1..r_N, thresholds theta ("proxy points": the component values beyond which
@@ -114,31 +115,40 @@ class ConstrainedArguments:
 
     constraint_thresholds: list[float] | None = field(
         default=None,
-        metadata={"help": "theta: one threshold (proxy point) per reward function, in reward_funcs order. Required "
-                  "for mu, xi, all, sat and nm (for nm: the starting point; the search box is nm_init_low/high)."},
+        metadata={
+            "help": "theta: one threshold (proxy point) per reward function, in reward_funcs order. Required "
+            "for mu, xi, all, sat and nm (for nm: the starting point; the search box is nm_init_low/high)."
+        },
     )
     formulation: str = field(
         default="xi",
-        metadata={"help": "mu (maximise the KL reward s.t. V_i >= theta_i), xi (s.t. V_i = theta_i), all (composite "
-                  "reward s.t. V_i <= theta_i; definition inferred from reviews, unverified), sat (PPO-SAT: reward = "
-                  "-sum_i (r_i - theta_i)^2 - KL), fixed (the baseline: reward sum_i w_i r_i - KL with w = "
-                  "reward_weights, clipped to reward_clip_range, i.e. RLOO with beta = kl_coef), nm (xi with Nelder-Mead over "
-                  "the thresholds)."},
+        metadata={
+            "help": "mu (maximise the KL reward s.t. V_i >= theta_i), xi (s.t. V_i = theta_i), all (composite "
+            "reward s.t. V_i <= theta_i; definition inferred from reviews, unverified), sat (PPO-SAT: reward = "
+            "-sum_i (r_i - theta_i)^2 - KL), fixed (the baseline: reward sum_i w_i r_i - KL with w = "
+            "reward_weights, clipped to reward_clip_range, i.e. RLOO with beta = kl_coef), nm (xi with Nelder-Mead "
+            "over "
+            "the thresholds)."
+        },
     )
     squash_multipliers: bool = field(
         default=True,
-        metadata={"help": "squash the multipliers: tanh for equality (xi, nm), sigmoid otherwise (mu, all); the "
-                  "mixed weights then sum to N. False: raw multipliers (inequality ones clamped >= 0)."},
+        metadata={
+            "help": "squash the multipliers: tanh for equality (xi, nm), sigmoid otherwise (mu, all); the "
+            "mixed weights then sum to N. False: raw multipliers (inequality ones clamped >= 0)."
+        },
     )
     multiplier_lr: float = field(default=0.1, metadata={"help": "SGD learning rate of the multipliers."})
     multiplier_step: str = field(
         default="optimizer_step",
-        metadata={"help": "when the multipliers step: optimizer_step (the official code's cadence, a step after every "
-                  "policy minibatch: one multiplier step per optimizer step on the component means of that step's "
-                  "completions over all ranks, and every micro-batch mixes its streams with the current "
-                  "multipliers) or generation (one step per generation batch on its means; the streams are mixed "
-                  "once, at generation). They differ when a generation batch feeds several optimizer steps "
-                  "(steps_per_generation > gradient_accumulation_steps, or num_iterations > 1)."},
+        metadata={
+            "help": "when the multipliers step: optimizer_step (the official code's cadence, a step after every "
+            "policy minibatch: one multiplier step per optimizer step on the component means of that step's "
+            "completions over all ranks, and every micro-batch mixes its streams with the current "
+            "multipliers) or generation (one step per generation batch on its means; the streams are mixed "
+            "once, at generation). They differ when a generation batch feeds several optimizer steps "
+            "(steps_per_generation > gradient_accumulation_steps, or num_iterations > 1)."
+        },
     )
     multiplier_momentum: float = field(default=0.1, metadata={"help": "SGD momentum of the multipliers."})
     multiplier_grad_clip: float = field(
@@ -146,14 +156,18 @@ class ConstrainedArguments:
     )
     multiplier_init_std: float = field(
         default=0.01,
-        metadata={"help": "squashed multipliers start at one draw from N(0, std^2), shared by all constraints "
-                  "(as the official code); unsquashed ones start at 0.5."},
+        metadata={
+            "help": "squashed multipliers start at one draw from N(0, std^2), shared by all constraints "
+            "(as the official code); unsquashed ones start at 0.5."
+        },
     )
     kl_coef: float = field(
         default=0.2,
-        metadata={"help": "beta_KL of the KL stream r_KL = -kl_coef * sum_t (log pi_old - log pi_ref). RLOO's own "
-                  "`beta` must stay 0 so the KL is not counted twice. It cancels in the normalised mixed forms (mu, "
-                  "xi, all, nm) and matters only for the single-stream ones (fixed, sat)."},
+        metadata={
+            "help": "beta_KL of the KL stream r_KL = -kl_coef * sum_t (log pi_old - log pi_ref). RLOO's own "
+            "`beta` must stay 0 so the KL is not counted twice. It cancels in the normalised mixed forms (mu, "
+            "xi, all, nm) and matters only for the single-stream ones (fixed, sat)."
+        },
     )
     beta: float = field(
         default=0.0,
@@ -161,20 +175,26 @@ class ConstrainedArguments:
     )
     nm_iterations: int = field(
         default=100,
-        metadata={"help": "NM-PPO budget: the search stops once this many training iterations were spent on "
-                  "function evaluations (or the simplex values' std < nm_tol)."},
+        metadata={
+            "help": "NM-PPO budget: the search stops once this many training iterations were spent on "
+            "function evaluations (or the simplex values' std < nm_tol)."
+        },
     )
     nm_tol: float = field(
         default=0.01,
-        metadata={"help": "NM-PPO stops when the std of the simplex values < this (tested after a shrink in the "
-                  "official variant, before every iteration in the textbook one)."},
+        metadata={
+            "help": "NM-PPO stops when the std of the simplex values < this (tested after a shrink in the "
+            "official variant, before every iteration in the textbook one)."
+        },
     )
     nm_variant: str = field(
         default="official",
-        metadata={"help": "NM-PPO: official (the Nelder-Mead loop of the official code, ConstrainedRL4LMs "
-                  "NelderMeadTrainer: spread test only after a shrink, expansion accepted against the best point, "
-                  "inside contraction only) or textbook (spread test before every iteration, expansion accepted "
-                  "against the reflected point, outside and inside contractions). See trainers/nelder_mead.py."},
+        metadata={
+            "help": "NM-PPO: official (the Nelder-Mead loop of the official code, ConstrainedRL4LMs "
+            "NelderMeadTrainer: spread test only after a shrink, expansion accepted against the best point, "
+            "inside contraction only) or textbook (spread test before every iteration, expansion accepted "
+            "against the reflected point, outside and inside contractions). See trainers/nelder_mead.py."
+        },
     )
     nm_eval_every: int = field(
         default=5,
@@ -182,13 +202,17 @@ class ConstrainedArguments:
     )
     nm_steps_per_eval: int | None = field(
         default=None,
-        metadata={"help": "NM-PPO: training iterations per function evaluation at most (default nm_iterations // 10, "
-                  "as the official code); an evaluation returns early once every constraint is within +-5%."},
+        metadata={
+            "help": "NM-PPO: training iterations per function evaluation at most (default nm_iterations // 10, "
+            "as the official code); an evaluation returns early once every constraint is within +-5%."
+        },
     )
     nm_init_low: list[float] | None = field(
         default=None,
-        metadata={"help": "NM-PPO: lower corner of the box the initial simplex is drawn from (one value per reward "
-                  "function); default 0.9 * constraint_thresholds."},
+        metadata={
+            "help": "NM-PPO: lower corner of the box the initial simplex is drawn from (one value per reward "
+            "function); default 0.9 * constraint_thresholds."
+        },
     )
     nm_init_high: list[float] | None = field(
         default=None,
@@ -196,21 +220,27 @@ class ConstrainedArguments:
     )
     nm_eval_function: str | None = field(
         default=None,
-        metadata={"help": "NM-PPO: name of the evaluation (score, higher is better) the trainer resolves; NM "
-                  "minimises -score. Required for formulation=nm."},
+        metadata={
+            "help": "NM-PPO: name of the evaluation (score, higher is better) the trainer resolves; NM "
+            "minimises -score. Required for formulation=nm."
+        },
     )
     nm_score_on: str = field(
         default="eval_split",
-        metadata={"help": "NM-PPO: where an evaluation's score and constraint values come from. eval_split (as the "
-                  "official code, which scores a held-out split): at each evaluation point the policy generates on "
-                  "every eval_split prompt, scored by nm_eval_function and the reward functions; needs eval_split. "
-                  "train: the training completions generated since the last evaluation point (a lagging window of "
-                  "training rollouts, no extra generation)."},
+        metadata={
+            "help": "NM-PPO: where an evaluation's score and constraint values come from. eval_split (as the "
+            "official code, which scores a held-out split): at each evaluation point the policy generates on "
+            "every eval_split prompt, scored by nm_eval_function and the reward functions; needs eval_split. "
+            "train: the training completions generated since the last evaluation point (a lagging window of "
+            "training rollouts, no extra generation)."
+        },
     )
     nm_eval_samples: int | None = field(
         default=None,
-        metadata={"help": "NM-PPO with nm_score_on: eval_split: score on the first this many eval_split prompts "
-                  "(default all of them)."},
+        metadata={
+            "help": "NM-PPO with nm_score_on: eval_split: score on the first this many eval_split prompts "
+            "(default all of them)."
+        },
     )
     nm_seed: int | None = field(
         default=None, metadata={"help": "NM-PPO: seed of the initial simplex (default: the run's seed)."}
@@ -221,12 +251,16 @@ class ConstrainedArguments:
         if self.formulation not in FORMULATIONS:
             raise ValueError(f"formulation={self.formulation!r}; valid: {', '.join(FORMULATIONS)}")
         if getattr(self, "reward_clip_range", None) and self.formulation not in ("fixed", "sat"):
-            raise ValueError(f"reward_clip_range={self.reward_clip_range}: it clips the one summed reward of the "
-                             f"single-stream formulations (fixed, sat, as RLOO does); formulation={self.formulation!r} "
-                             "mixes per-stream advantages")
+            raise ValueError(
+                f"reward_clip_range={self.reward_clip_range}: it clips the one summed reward of the "
+                f"single-stream formulations (fixed, sat, as RLOO does); formulation={self.formulation!r} "
+                "mixes per-stream advantages"
+            )
         if self.beta != 0.0:
-            raise ValueError(f"beta={self.beta}: constrained RLHF keeps RLOO's KL-in-reward coefficient at 0 (the KL "
-                             "is its own stream, weighted by kl_coef); set kl_coef instead")
+            raise ValueError(
+                f"beta={self.beta}: constrained RLHF keeps RLOO's KL-in-reward coefficient at 0 (the KL "
+                "is its own stream, weighted by kl_coef); set kl_coef instead"
+            )
         if self.constraint_thresholds is not None:
             self.constraint_thresholds = [float(t) for t in self.constraint_thresholds]
             if not self.constraint_thresholds:
@@ -235,10 +269,15 @@ class ConstrainedArguments:
                 raise ValueError(f"constraint_thresholds must be finite (got {self.constraint_thresholds})")
         if self.formulation in THRESHOLD_FORMULATIONS and self.constraint_thresholds is None:
             raise ValueError(f"formulation={self.formulation!r} needs constraint_thresholds (one per reward function)")
-        if (self.constraint_thresholds is not None and self.reward_weights is not None
-                and len(self.constraint_thresholds) != len(self.reward_weights)):
-            raise ValueError(f"{len(self.constraint_thresholds)} constraint_thresholds but {len(self.reward_weights)} "
-                             "reward_weights: both need one value per reward function")
+        if (
+            self.constraint_thresholds is not None
+            and self.reward_weights is not None
+            and len(self.constraint_thresholds) != len(self.reward_weights)
+        ):
+            raise ValueError(
+                f"{len(self.constraint_thresholds)} constraint_thresholds but {len(self.reward_weights)} "
+                "reward_weights: both need one value per reward function"
+            )
         if not (math.isfinite(self.kl_coef) and self.kl_coef >= 0):
             raise ValueError(f"kl_coef must be finite and >= 0 (got {self.kl_coef})")
         if self.multiplier_step not in MULTIPLIER_STEPS:
@@ -269,8 +308,10 @@ class ConstrainedArguments:
             n = len(self.constraint_thresholds)
             low, high = self.nm_box()
             if len(low) != n or len(high) != n:
-                raise ValueError(f"nm_init_low/nm_init_high need {n} values (one per constraint threshold), got "
-                                 f"{len(low)} and {len(high)}")
+                raise ValueError(
+                    f"nm_init_low/nm_init_high need {n} values (one per constraint threshold), got "
+                    f"{len(low)} and {len(high)}"
+                )
             if not all(lo < hi for lo, hi in zip(low, high)):
                 raise ValueError(f"nm_init_low must be < nm_init_high in every coordinate (got {low}, {high})")
             if self.nm_eval_function is None:
@@ -286,8 +327,10 @@ class ConstrainedArguments:
     def nm_box(self) -> tuple[list[float], list[float]]:
         """The initial-simplex box (low, high): nm_init_low/high, defaulting to thresholds * 0.9 / * 1.1."""
         th = self.constraint_thresholds or []
-        low = [min(.9 * t, 1.1 * t) for t in th] if self.nm_init_low is None else [float(x) for x in self.nm_init_low]
-        high = [max(.9 * t, 1.1 * t) for t in th] if self.nm_init_high is None else [float(x) for x in self.nm_init_high]
+        low = [min(0.9 * t, 1.1 * t) for t in th] if self.nm_init_low is None else [float(x) for x in self.nm_init_low]
+        high = (
+            [max(0.9 * t, 1.1 * t) for t in th] if self.nm_init_high is None else [float(x) for x in self.nm_init_high]
+        )
         return low, high
 
     @property
@@ -305,13 +348,17 @@ class ConstrainedArguments:
         for name in ("constraint_thresholds", "reward_weights", "nm_init_low", "nm_init_high"):
             value = getattr(self, name)
             if value is not None and len(value) != n_reward_funcs:
-                raise ValueError(f"{name} has {len(value)} values but there are {n_reward_funcs} reward functions "
-                                 "(one value per reward function, in reward_funcs order)")
+                raise ValueError(
+                    f"{name} has {len(value)} values but there are {n_reward_funcs} reward functions "
+                    "(one value per reward function, in reward_funcs order)"
+                )
 
 
-NM_NEEDS_EVAL_SPLIT = ("formulation='nm' scores each Nelder-Mead evaluation on the eval_split prompts (as the "
-                       "official code scores a held-out split): set eval_split, or nm_score_on: train to score the "
-                       "training rollouts instead")
+NM_NEEDS_EVAL_SPLIT = (
+    "formulation='nm' scores each Nelder-Mead evaluation on the eval_split prompts (as the "
+    "official code scores a held-out split): set eval_split, or nm_score_on: train to score the "
+    "training rollouts instead"
+)
 
 
 @dataclass
@@ -373,7 +420,8 @@ def mix_advantages(component_adv, kl_adv, multipliers, equality, squash=True):
     mixed_components = A_c @ w
     if squash:
         return (A_c.shape[1] - w.sum()) * A_kl + mixed_components
-    # Official-code quirk (ConstrainedRL4LMs, constrained_ppo.py): its unsquashed branch mixes with ``lagrange[1:]``, dropping the first
+    # Official-code quirk (ConstrainedRL4LMs, constrained_ppo.py): its unsquashed branch mixes with ``lagrange[1:]``,
+    # dropping the first
     # multiplier (a leftover; with N multipliers it does not even line up with the N streams). Here every
     # multiplier weighs its own stream, the sensible reading of the Lagrangian.
     return A_kl + mixed_components
@@ -419,8 +467,10 @@ def multiplier_loss(multipliers, component_values, thresholds, equality, squash=
     values = torch.as_tensor(component_values, dtype=multipliers.dtype, device=multipliers.device).detach()
     theta = torch.as_tensor(thresholds, dtype=multipliers.dtype, device=multipliers.device).detach()
     if values.shape != multipliers.shape or theta.shape != multipliers.shape:
-        raise ValueError(f"multipliers {tuple(multipliers.shape)}, component_values {tuple(values.shape)} and "
-                         f"thresholds {tuple(theta.shape)} must all be (N,)")
+        raise ValueError(
+            f"multipliers {tuple(multipliers.shape)}, component_values {tuple(values.shape)} and "
+            f"thresholds {tuple(theta.shape)} must all be (N,)"
+        )
     violation = theta - values if upper_bound else values - theta
     return (squash_multipliers(multipliers, equality and not upper_bound, squash) * violation).sum()
 
@@ -470,8 +520,9 @@ def group_mean_advantages(rewards, num_generations, scale="group"):
     raise ValueError(f"scale={scale!r}; valid: group, batch, none")
 
 
-def single_stream_rewards(formulation, component_rewards, kl_rewards, multipliers=None, thresholds=None,
-                          clip_range=None):
+def single_stream_rewards(
+    formulation, component_rewards, kl_rewards, multipliers=None, thresholds=None, clip_range=None
+):
     """The one reward stream (B,) of the single-stream baselines: fixed sum_i w_i r_i (w = multipliers, default
     ones) or sat -sum_i (r_i - theta_i)^2, clipped to ``clip_range`` = (min, max) when given, then + r_KL: the
     order of TRL 1.16's ``RLOOTrainer`` (weighted sum, ``reward_clip_range``, then the KL penalty)."""
@@ -492,8 +543,9 @@ def single_stream_rewards(formulation, component_rewards, kl_rewards, multiplier
     return reward + kl_rewards.to(reward)
 
 
-def mixed_rewards(formulation, component_rewards, kl_rewards, multipliers=None, thresholds=None, squash=True,
-                  clip_range=None):
+def mixed_rewards(
+    formulation, component_rewards, kl_rewards, multipliers=None, thresholds=None, squash=True, clip_range=None
+):
     """The per-completion reward (B,) each formulation optimises, with the multipliers in use (for logging).
 
     fixed / sat: the single stream (``single_stream_rewards``). mu / xi / nm: the Lagrangian reward with the mixing
@@ -512,9 +564,19 @@ def mixed_rewards(formulation, component_rewards, kl_rewards, multipliers=None, 
     return ((r_c.shape[1] - w.sum()) if squash else 1.0) * r_kl + r_c @ w
 
 
-def formulation_advantages(formulation, component_rewards, kl_rewards, num_generations, multipliers=None,
-                           thresholds=None, squash=True, *, baseline=None, normalise_single=NORM_EPS,
-                           clip_range=None):
+def formulation_advantages(
+    formulation,
+    component_rewards,
+    kl_rewards,
+    num_generations,
+    multipliers=None,
+    thresholds=None,
+    squash=True,
+    *,
+    baseline=None,
+    normalise_single=NORM_EPS,
+    clip_range=None,
+):
     """Sequence advantages (B,) for any formulation, from per-completion rewards.
 
     component_rewards (B, N), kl_rewards (B,) (``kl_stream_rewards``), the num_generations completions of a prompt
@@ -530,8 +592,10 @@ def formulation_advantages(formulation, component_rewards, kl_rewards, num_gener
     if formulation not in FORMULATIONS:
         raise ValueError(f"formulation={formulation!r}; valid: {', '.join(FORMULATIONS)}")
     if component_rewards.dim() != 2 or kl_rewards.shape != component_rewards.shape[:1]:
-        raise ValueError(f"component_rewards must be (B, N) and kl_rewards (B,), got {tuple(component_rewards.shape)} "
-                         f"and {tuple(kl_rewards.shape)}")
+        raise ValueError(
+            f"component_rewards must be (B, N) and kl_rewards (B,), got {tuple(component_rewards.shape)} "
+            f"and {tuple(kl_rewards.shape)}"
+        )
     baseline = rloo_advantages if baseline is None else baseline
     if formulation in ("fixed", "sat"):
         reward = single_stream_rewards(formulation, component_rewards, kl_rewards, multipliers, thresholds, clip_range)
@@ -540,8 +604,10 @@ def formulation_advantages(formulation, component_rewards, kl_rewards, num_gener
             return adv
         return (adv - adv.mean()) / (adv.std(unbiased=True) + normalise_single)
     if clip_range:
-        raise ValueError(f"reward_clip_range clips the one summed reward of the single-stream formulations (fixed, "
-                         f"sat); formulation={formulation!r} mixes per-stream advantages")
+        raise ValueError(
+            f"reward_clip_range clips the one summed reward of the single-stream formulations (fixed, "
+            f"sat); formulation={formulation!r} mixes per-stream advantages"
+        )
     if multipliers is None:
         raise ValueError(f"formulation={formulation!r} needs the multipliers")
     A_c = baseline(component_rewards, num_generations)
@@ -569,8 +635,21 @@ class LagrangeMultipliers:
     float64 (N is tiny).
     """
 
-    def __init__(self, n, equality, squash=True, lr=0.1, momentum=0.1, grad_clip=0.5, init_std=0.01, init=None,
-                 fixed=False, upper_bound=False, generator=None, dtype=torch.float64):
+    def __init__(
+        self,
+        n,
+        equality,
+        squash=True,
+        lr=0.1,
+        momentum=0.1,
+        grad_clip=0.5,
+        init_std=0.01,
+        init=None,
+        fixed=False,
+        upper_bound=False,
+        generator=None,
+        dtype=torch.float64,
+    ):
         if n < 1:
             raise ValueError(f"need at least one constraint (got n={n})")
         if equality and upper_bound:
@@ -590,8 +669,9 @@ class LagrangeMultipliers:
         else:
             start = torch.full((self.n,), 0.5, dtype=dtype)
         self.lam = start.requires_grad_(not self.fixed)
-        self.optimizer = (None if self.fixed
-                          else torch.optim.SGD([self.lam], lr=self.lr, momentum=self.momentum, foreach=False))
+        self.optimizer = (
+            None if self.fixed else torch.optim.SGD([self.lam], lr=self.lr, momentum=self.momentum, foreach=False)
+        )
 
     @classmethod
     def from_config(cls, config: ConstrainedRLHFConfig, n: int, generator=None):
@@ -602,9 +682,17 @@ class LagrangeMultipliers:
         if f == "fixed":
             weights = config.reward_weights if config.reward_weights is not None else [1.0] * n
             return cls(n, equality=False, squash=False, init=weights, fixed=True)
-        return cls(n, equality=config.equality, squash=config.squash_multipliers, lr=config.multiplier_lr,
-                   momentum=config.multiplier_momentum, grad_clip=config.multiplier_grad_clip,
-                   init_std=config.multiplier_init_std, upper_bound=(f == "all"), generator=generator)
+        return cls(
+            n,
+            equality=config.equality,
+            squash=config.squash_multipliers,
+            lr=config.multiplier_lr,
+            momentum=config.multiplier_momentum,
+            grad_clip=config.multiplier_grad_clip,
+            init_std=config.multiplier_init_std,
+            upper_bound=(f == "all"),
+            generator=generator,
+        )
 
     def weights(self) -> torch.Tensor:
         """The squashed multipliers (tanh / sigmoid, identity if unsquashed), detached."""
@@ -612,8 +700,9 @@ class LagrangeMultipliers:
             return squash_multipliers(self.lam.detach(), self.equality, self.squash).clone()
 
     def loss(self, component_values, thresholds) -> torch.Tensor:
-        return multiplier_loss(self.lam, component_values, thresholds, self.equality, self.squash,
-                               upper_bound=self.upper_bound)
+        return multiplier_loss(
+            self.lam, component_values, thresholds, self.equality, self.squash, upper_bound=self.upper_bound
+        )
 
     def step(self, component_values, thresholds) -> dict:
         """One multiplier step on the (global) constraint values; returns the loss and the pre-clip grad norm."""
@@ -635,13 +724,23 @@ class LagrangeMultipliers:
         return {
             "lam": self.lam.detach().clone(),
             "optimizer": None if self.optimizer is None else self.optimizer.state_dict(),
-            "settings": {"n": self.n, "equality": self.equality, "squash": self.squash, "fixed": self.fixed,
-                         "upper_bound": self.upper_bound},
+            "settings": {
+                "n": self.n,
+                "equality": self.equality,
+                "squash": self.squash,
+                "fixed": self.fixed,
+                "upper_bound": self.upper_bound,
+            },
         }
 
     def load_state_dict(self, state: dict) -> None:
-        mine = {"n": self.n, "equality": self.equality, "squash": self.squash, "fixed": self.fixed,
-                "upper_bound": self.upper_bound}
+        mine = {
+            "n": self.n,
+            "equality": self.equality,
+            "squash": self.squash,
+            "fixed": self.fixed,
+            "upper_bound": self.upper_bound,
+        }
         if state["settings"] != mine:
             raise ValueError(f"multiplier state {state['settings']} does not match this run's {mine}")
         with torch.no_grad():
@@ -697,16 +796,23 @@ class EarlyStopEvaluation:
         score, values = evaluate()
         values = [float(v) for v in values]
         if len(values) != len(self.thresholds):
-            raise ValueError(f"evaluate() returned {len(values)} component values for {len(self.thresholds)} thresholds")
+            raise ValueError(
+                f"evaluate() returned {len(values)} component values for {len(self.thresholds)} thresholds"
+            )
         early = all(abs(v - t) <= self.rel_tol * abs(t) for v, t in zip(values, self.thresholds))
         if early or self.iterations >= self.n_iterations:
             return EarlyStopResult(float(score), self.iterations, values, early)
         return None
 
 
-def evaluate_with_early_stop(train_step: Callable[[], object], evaluate: Callable[[], tuple[float, Sequence[float]]],
-                             thresholds: Sequence[float], n_iterations: int, eval_every: int,
-                             rel_tol: float = 0.05) -> EarlyStopResult:
+def evaluate_with_early_stop(
+    train_step: Callable[[], object],
+    evaluate: Callable[[], tuple[float, Sequence[float]]],
+    thresholds: Sequence[float],
+    n_iterations: int,
+    eval_every: int,
+    rel_tol: float = 0.05,
+) -> EarlyStopResult:
     """One NM-PPO function evaluation in one call: ``train_step()`` up to ``n_iterations`` times (the caller set the
     thresholds), with ``EarlyStopEvaluation``'s evaluation and early-stop rule."""
     run = EarlyStopEvaluation(thresholds, n_iterations, eval_every, rel_tol)
@@ -753,14 +859,22 @@ class _ConstrainedMixin(MethodStateMixin):
             from posttrain.trainers.rewards import REWARDS
 
             if args.nm_eval_function not in REWARDS:
-                raise ValueError(f"nm_eval_function={args.nm_eval_function!r} is not a reward function; valid: "
-                                 f"{', '.join(sorted(REWARDS))}")
+                raise ValueError(
+                    f"nm_eval_function={args.nm_eval_function!r} is not a reward function; valid: "
+                    f"{', '.join(sorted(REWARDS))}"
+                )
             self.nm_eval = REWARDS[args.nm_eval_function][1](args)
             if args.nm_score_on == "eval_split" and self.eval_dataset is None:
                 raise NMSetupError(NM_NEEDS_EVAL_SPLIT)
             low, high = args.nm_box()
-            self.nm = NelderMead(low, high, tol=args.nm_tol, max_iterations=args.nm_iterations,
-                                 seed=args.seed if args.nm_seed is None else args.nm_seed, variant=args.nm_variant)
+            self.nm = NelderMead(
+                low,
+                high,
+                tol=args.nm_tol,
+                max_iterations=args.nm_iterations,
+                seed=args.seed if args.nm_seed is None else args.nm_seed,
+                variant=args.nm_variant,
+            )
             self._nm_next()
 
     # --------------------------------------------------------------------------------------- rewards
@@ -768,10 +882,18 @@ class _ConstrainedMixin(MethodStateMixin):
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         # TRL gathers the (B, N) component rewards of the whole generation batch over processes: keep them.
         self._component_rewards = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
-        if self.nm_eval is not None and (self._nm_scoring or (self.model.training and self.args.nm_score_on == "train")):
-            columns = {k: [x[k] for x in inputs] for k in inputs[0] if k not in ("prompt", "completion", "completion_ids")}
-            score = self.nm_eval(prompts=prompts, completions=completions, completion_ids=completion_ids_list, **columns)
-            self._nm_scores = self.accelerator.gather(torch.tensor(score, dtype=torch.float32, device=self.accelerator.device))
+        if self.nm_eval is not None and (
+            self._nm_scoring or (self.model.training and self.args.nm_score_on == "train")
+        ):
+            columns = {
+                k: [x[k] for x in inputs] for k in inputs[0] if k not in ("prompt", "completion", "completion_ids")
+            }
+            score = self.nm_eval(
+                prompts=prompts, completions=completions, completion_ids=completion_ids_list, **columns
+            )
+            self._nm_scores = self.accelerator.gather(
+                torch.tensor(score, dtype=torch.float32, device=self.accelerator.device)
+            )
         return self._component_rewards
 
     def _generate_and_score_completions(self, inputs):
@@ -782,27 +904,49 @@ class _ConstrainedMixin(MethodStateMixin):
         args, rewards = self.args, self._component_rewards.double()
         if torch.isnan(rewards).any():
             bad = [n for n, col in zip(self.reward_func_names, rewards.isnan().any(0).tolist()) if col]
-            raise ValueError(f"reward function(s) {', '.join(bad)} returned None for some completions: constrained "
-                             "RLHF needs every component reward of every completion")
+            raise ValueError(
+                f"reward function(s) {', '.join(bad)} returned None for some completions: constrained "
+                "RLHF needs every component reward of every completion"
+            )
         kl = self.accelerator.gather(self._sequence_kl(out)).double()  # (B,) sum_t log pi_old - log pi_ref
         lam = None if self.multipliers is None else self.multipliers.lam
         clip = getattr(args, "reward_clip_range", None)  # RLOO's (fixed, sat); GRPOConfig has none
         advantages = formulation_advantages(
-            args.formulation, rewards, -args.kl_coef * kl, self.num_generations, lam, self.thresholds,
-            args.squash_multipliers, baseline=self._stream_baseline,
-            normalise_single=1e-4 if getattr(args, "normalize_advantages", False) else None, clip_range=clip)
+            args.formulation,
+            rewards,
+            -args.kl_coef * kl,
+            self.num_generations,
+            lam,
+            self.thresholds,
+            args.squash_multipliers,
+            baseline=self._stream_baseline,
+            normalise_single=1e-4 if getattr(args, "normalize_advantages", False) else None,
+            clip_range=clip,
+        )
         rank, b = self.accelerator.process_index, out["completion_ids"].size(0)
-        out["advantages"] = advantages[rank * b:(rank + 1) * b].to(out["advantages"].dtype)
-        mixed = mixed_rewards(args.formulation, rewards, -args.kl_coef * kl, lam, self.thresholds,
-                              args.squash_multipliers, clip_range=clip)
+        out["advantages"] = advantages[rank * b : (rank + 1) * b].to(out["advantages"].dtype)
+        mixed = mixed_rewards(
+            args.formulation,
+            rewards,
+            -args.kl_coef * kl,
+            lam,
+            self.thresholds,
+            args.squash_multipliers,
+            clip_range=clip,
+        )
         self._log_mixed(advantages, mixed)
         if self._per_step_multipliers:
             # carried with the completions through TRL's shuffle and split: every micro-batch re-mixes its normalised
             # streams with the multipliers current at its optimizer step, and the step uses its component rewards
-            streams = torch.cat([normalise_stream(self._stream_baseline(rewards, self.num_generations)),
-                                 normalise_stream(self._stream_baseline(-args.kl_coef * kl, self.num_generations))[:, None]], 1)
-            out["constrained_streams"] = streams[rank * b:(rank + 1) * b].float()
-            out["constrained_components"] = rewards[rank * b:(rank + 1) * b].float()
+            streams = torch.cat(
+                [
+                    normalise_stream(self._stream_baseline(rewards, self.num_generations)),
+                    normalise_stream(self._stream_baseline(-args.kl_coef * kl, self.num_generations))[:, None],
+                ],
+                1,
+            )
+            out["constrained_streams"] = streams[rank * b : (rank + 1) * b].float()
+            out["constrained_components"] = rewards[rank * b : (rank + 1) * b].float()
 
         values = rewards.mean(0)  # the constraint values V_i: global batch means (identical on every rank)
         metrics = {"constrained/kl": kl.mean().item()}
@@ -822,8 +966,11 @@ class _ConstrainedMixin(MethodStateMixin):
     @property
     def _per_step_multipliers(self) -> bool:
         """True when learnable multipliers step once per optimizer step (``multiplier_step: optimizer_step``)."""
-        return (self.multipliers is not None and not self.multipliers.fixed
-                and self.args.multiplier_step == "optimizer_step")
+        return (
+            self.multipliers is not None
+            and not self.multipliers.fixed
+            and self.args.multiplier_step == "optimizer_step"
+        )
 
     def _prepare_inputs(self, generation_batch):
         """Per-optimizer-step multipliers: mix this micro-batch's normalised streams with the current multipliers and
@@ -835,9 +982,12 @@ class _ConstrainedMixin(MethodStateMixin):
         components = inputs["constrained_components"]
         # a shallow copy without the carried tensors: TRL reuses the buffered dict for num_iterations > 1
         inputs = {k: v for k, v in inputs.items() if k not in ("constrained_streams", "constrained_components")}
-        inputs["advantages"] = weigh_streams(self.args.formulation, streams[:, :-1], streams[:, -1], self.multipliers.lam,
-                                             self.args.squash_multipliers).to(inputs["advantages"].dtype)
-        acc = torch.cat([components.double().sum(0).cpu(), torch.tensor([float(components.size(0))], dtype=torch.float64)])
+        inputs["advantages"] = weigh_streams(
+            self.args.formulation, streams[:, :-1], streams[:, -1], self.multipliers.lam, self.args.squash_multipliers
+        ).to(inputs["advantages"].dtype)
+        acc = torch.cat(
+            [components.double().sum(0).cpu(), torch.tensor([float(components.size(0))], dtype=torch.float64)]
+        )
         self._step_components = acc if getattr(self, "_step_components", None) is None else self._step_components + acc
         return inputs
 
@@ -846,8 +996,10 @@ class _ConstrainedMixin(MethodStateMixin):
         component means of that step's completions, summed over its micro-batches and all ranks (so every rank takes
         the same step)."""
         loss = super().training_step(model, inputs, num_items_in_batch)
-        if (getattr(self, "_step_components", None) is not None
-                and self._step % self.current_gradient_accumulation_steps == 0):  # TRL's count of micro-batches
+        if (
+            getattr(self, "_step_components", None) is not None
+            and self._step % self.current_gradient_accumulation_steps == 0
+        ):  # TRL's count of micro-batches
             self._multiplier_step()
         return loss
 
@@ -935,15 +1087,20 @@ class _ConstrainedMixin(MethodStateMixin):
         result = self.nm_run.tick(evaluate)
         if result is not None:
             self.nm.tell(result.score, cost=result.iterations)
-            metrics.update({"nm/score": result.score, "nm/evaluations": float(len(self.nm.history)),
-                            "nm/early": float(result.early)})
+            metrics.update(
+                {
+                    "nm/score": result.score,
+                    "nm/evaluations": float(len(self.nm.history)),
+                    "nm/early": float(result.early),
+                }
+            )
             self._nm_next()
 
     def _nm_score_eval_split(self) -> tuple[float, list[float]]:
-        """Generate on every eval_split prompt (the first ``nm_eval_samples``) with the current policy (TRL's eval dataloader and generation,
-        ``num_generations_eval`` completions per prompt) and return (mean nm_eval_function score, mean of each
-        component reward) over all of them and all ranks. TRL's eval metrics and completions-table entries of these
-        generations are discarded, so a later ``evaluate()`` and the table are unaffected."""
+        """Generate on every eval_split prompt (the first ``nm_eval_samples``) with the current policy (TRL's eval
+        dataloader and generation, ``num_generations_eval`` completions per prompt) and return (mean nm_eval_function
+        score, mean of each component reward) over all of them and all ranks. TRL's eval metrics and completions-table
+        entries of these generations are discarded, so a later ``evaluate()`` and the table are unaffected."""
         saved_metrics, saved_logs = self._metrics["eval"], copy.deepcopy(self._logs)
         self._metrics["eval"] = defaultdict(list)
         was_training = self.model.training
@@ -969,8 +1126,10 @@ class _ConstrainedMixin(MethodStateMixin):
 
     def method_state(self) -> dict:
         """Multipliers, their SGD momentum, thresholds and the NM search (``method_state.MethodStateMixin``)."""
-        state = {"thresholds": list(self.thresholds),
-                 "multipliers": None if self.multipliers is None else self.multipliers.state_dict()}
+        state = {
+            "thresholds": list(self.thresholds),
+            "multipliers": None if self.multipliers is None else self.multipliers.state_dict(),
+        }
         if self.nm is not None:
             state["nm"] = self.nm.state_dict()
             state["nm_iterations"] = None if self.nm_run is None else self.nm_run.iterations

@@ -73,15 +73,19 @@ def read_method_state(folder, owners) -> dict:
     """The saved state of each of ``owners`` (names) in checkpoint ``folder``; one error if any is missing."""
     path = Path(folder) / STATE_FILE
     if not path.is_file():
-        raise MissingMethodStateError(f"{path} is missing: checkpoint {folder} was not written by a run of this "
-                                      f"method (it needs the state of {', '.join(owners)}); resume from a checkpoint "
-                                      "of the same recipe, or start a new run")
+        raise MissingMethodStateError(
+            f"{path} is missing: checkpoint {folder} was not written by a run of this "
+            f"method (it needs the state of {', '.join(owners)}); resume from a checkpoint "
+            "of the same recipe, or start a new run"
+        )
     state = torch.load(path, weights_only=True)
     missing = [o for o in owners if o not in state]
     if missing:
-        raise MissingMethodStateError(f"{path} has no state of {', '.join(missing)} (it holds "
-                                      f"{', '.join(state) or 'none'}): written by another method or configuration; "
-                                      "resume from a checkpoint of the same recipe, or start a new run")
+        raise MissingMethodStateError(
+            f"{path} has no state of {', '.join(missing)} (it holds "
+            f"{', '.join(state) or 'none'}): written by another method or configuration; "
+            "resume from a checkpoint of the same recipe, or start a new run"
+        )
     return {o: state[o] for o in owners}
 
 
@@ -149,8 +153,12 @@ class MethodStateMixin:
                 raise ValueError(f"No valid checkpoint found in output directory ({self.args.output_dir})")
         if resume_from_checkpoint:
             self.restore_method_state(resume_from_checkpoint)
-        return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial,
-                             ignore_keys_for_eval=ignore_keys_for_eval, **kwargs)
+        return super().train(
+            resume_from_checkpoint=resume_from_checkpoint,
+            trial=trial,
+            ignore_keys_for_eval=ignore_keys_for_eval,
+            **kwargs,
+        )
 
     def restore_method_state(self, checkpoint) -> None:
         """Load checkpoint's method state into the trainer and its callbacks: rank 0 reads it, every rank loads the

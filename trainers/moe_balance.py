@@ -56,7 +56,8 @@ bias: ``install_expert_bias`` adds the same buffer to each router and swaps its 
 biased one (documented at the function). Their affinities are softmax probabilities, not sigmoid scores: the bias
 and its rate were designed for sigmoid (Wang et al., DeepSeek-V3) and Megatron-LM refuses an expert bias on softmax,
 so ``MoEBalanceCallback`` and the recipe check refuse a non-zero rate there unless ``moe_bias_on_softmax`` is set
-(``softmax_bias_refusal``: why, and the rate to use, about 4e-3 / E). Biases are buffers, hence in ``model.state_dict()`` and in
+(``softmax_bias_refusal``: why, and the rate to use, about 4e-3 / E). Biases are buffers, hence in
+``model.state_dict()`` and in
 ``save_pretrained`` / Trainer checkpoints; they are also ``MoEBalanceCallback``'s method state
 (``method_state.MethodStateMixin``), which restores them on ``resume_from_checkpoint`` under every backend and for
 every router (tested); nothing else of the method carries state (loads are zeroed every step; the decaying step
@@ -101,8 +102,6 @@ BIAS_NAME = "e_score_correction_bias"  # DeepSeek-V3's buffer name; install_expe
 SOFTMAX_ROUTERS = ("Qwen2MoeTopKRouter", "Qwen3MoeTopKRouter", "MixtralTopKRouter")
 
 
-
-
 def softmax_bias_refusal(model_desc: str, num_experts: int | None, rate: float) -> str:
     """The one-line refusal of aux-free balancing with a non-zero rate on a softmax router (Qwen2-MoE, Qwen3-MoE,
     Mixtral) without ``moe_bias_on_softmax: true``.
@@ -114,12 +113,17 @@ def softmax_bias_refusal(model_desc: str, num_experts: int | None, rate: float) 
     Softmax probabilities average 1/E instead of about 0.5, so a bias of 1e-3 per step is relatively E/4 times larger
     (a bias u is a logit step of about u / 0.25 on a sigmoid score near 0.5 and u / p on a softmax probability p).
     """
-    hint = (f"about 4e-3/E = {4e-3 / num_experts:.1e} for its {num_experts} experts" if num_experts
-            else "about 4e-3/E for E experts")
-    return (f"moe_balance: aux_free with moe_bias_rate={rate:g} on {model_desc}, a softmax router: the expert bias is "
-            "designed and its rate 1e-3 tuned for sigmoid scores (DeepSeek-V3; Megatron-LM refuses an expert bias on "
-            f"softmax scores); set `moe_bias_on_softmax: true` to allow it, with a rate scaled to softmax ({hint}), "
-            "or use moe_bias_rate: 0 (frozen zero bias: stock routing), moe_balance: aux_loss or none")
+    hint = (
+        f"about 4e-3/E = {4e-3 / num_experts:.1e} for its {num_experts} experts"
+        if num_experts
+        else "about 4e-3/E for E experts"
+    )
+    return (
+        f"moe_balance: aux_free with moe_bias_rate={rate:g} on {model_desc}, a softmax router: the expert bias is "
+        "designed and its rate 1e-3 tuned for sigmoid scores (DeepSeek-V3; Megatron-LM refuses an expert bias on "
+        f"softmax scores); set `moe_bias_on_softmax: true` to allow it, with a rate scaled to softmax ({hint}), "
+        "or use moe_bias_rate: 0 (frozen zero bias: stock routing), moe_balance: aux_loss or none"
+    )
 
 
 @dataclass
@@ -128,33 +132,43 @@ class MoEBalanceConfig:
 
     moe_balance: str = field(
         default="aux_free",
-        metadata={"help": "aux_free (ALF-LB: selection-only expert bias updated after each step), aux_loss "
-                  "(the classic balance loss, alpha = moe_aux_loss_coef; biases frozen) or none (loads are "
-                  "still measured and logged)."},
+        metadata={
+            "help": "aux_free (ALF-LB: selection-only expert bias updated after each step), aux_loss "
+            "(the classic balance loss, alpha = moe_aux_loss_coef; biases frozen) or none (loads are "
+            "still measured and logged)."
+        },
     )
     moe_bias_rate: float = field(
         default=1e-3,
-        metadata={"help": "bias update rate u (DeepSeek-V3 / Wang et al.: 1e-3; 1e-4 converges slowly, 1e-2 "
-                  "oscillates). 0 freezes the biases (the usual choice for DPO/GRPO of a pretrained MoE)."},
+        metadata={
+            "help": "bias update rate u (DeepSeek-V3 / Wang et al.: 1e-3; 1e-4 converges slowly, 1e-2 "
+            "oscillates). 0 freezes the biases (the usual choice for DPO/GRPO of a pretrained MoE)."
+        },
     )
     moe_bias_rule: str = field(
         default="sign",
-        metadata={"help": "sign: b += u sign(c_bar - c) (DeepSeek); proportional: b += u (c_bar - c) / c_bar; "
-                  "decaying: proportional with step u (1 + n / n0)^-p (primal-dual subgradient step, Han & Zhong)."},
+        metadata={
+            "help": "sign: b += u sign(c_bar - c) (DeepSeek); proportional: b += u (c_bar - c) / c_bar; "
+            "decaying: proportional with step u (1 + n / n0)^-p (primal-dual subgradient step, Han & Zhong)."
+        },
     )
     moe_bias_on_softmax: bool = field(
         default=False,
-        metadata={"help": "allow aux_free (with moe_bias_rate > 0) on a softmax router (Qwen2-MoE, Qwen3-MoE, Mixtral). "
-                  "The selection-only bias was designed and its rate 1e-3 tuned for sigmoid affinities (Wang et al., "
-                  "DeepSeek-V3); Megatron-LM refuses an expert bias on softmax scores. Softmax probabilities average "
-                  "1/E, so scale the rate down: u of about 4e-3 / E (a bias u moves a sigmoid score near 0.5 by the "
-                  "same logit step as a softmax probability near 1/E when u_softmax = u_sigmoid * 4 / E; a heuristic, "
-                  "untuned) and watch moe/maxvio."},
+        metadata={
+            "help": "allow aux_free (with moe_bias_rate > 0) on a softmax router (Qwen2-MoE, Qwen3-MoE, Mixtral). "
+            "The selection-only bias was designed and its rate 1e-3 tuned for sigmoid affinities (Wang et al., "
+            "DeepSeek-V3); Megatron-LM refuses an expert bias on softmax scores. Softmax probabilities average "
+            "1/E, so scale the rate down: u of about 4e-3 / E (a bias u moves a sigmoid score near 0.5 by the "
+            "same logit step as a softmax probability near 1/E when u_softmax = u_sigmoid * 4 / E; a heuristic, "
+            "untuned) and watch moe/maxvio."
+        },
     )
     moe_bias_decay_power: float = field(
         default=0.5,
-        metadata={"help": "p of the decaying rule's step u (1 + n / n0)^-p (0.5: subgradient default; 1: the "
-                  "strongly convex choice)."},
+        metadata={
+            "help": "p of the decaying rule's step u (1 + n / n0)^-p (0.5: subgradient default; 1: the "
+            "strongly convex choice)."
+        },
     )
     moe_bias_decay_steps: float = field(
         default=1.0,
@@ -166,11 +180,13 @@ class MoEBalanceConfig:
     )
     moe_aux_loss_scope: str = field(
         default="batch",
-        metadata={"help": "over which tokens the aux loss counts f_i and averages P_i (moe_balance=aux_loss). batch "
-                  "(default, as before): all tokens of the micro-batch, the classic Switch/GShard form that Qwen-MoE's "
-                  "and Mixtral's own load_balancing_loss_func compute. sequence: per sequence (batch row), then "
-                  "averaged over the rows: DeepSeek-V3's complementary sequence-wise balance loss (arXiv 2412.19437 "
-                  "eqs. 17-20, alpha 1e-4 there); computed by posttrain's router hook for every model."},
+        metadata={
+            "help": "over which tokens the aux loss counts f_i and averages P_i (moe_balance=aux_loss). batch "
+            "(default, as before): all tokens of the micro-batch, the classic Switch/GShard form that Qwen-MoE's "
+            "and Mixtral's own load_balancing_loss_func compute. sequence: per sequence (batch row), then "
+            "averaged over the rows: DeepSeek-V3's complementary sequence-wise balance loss (arXiv 2412.19437 "
+            "eqs. 17-20, alpha 1e-4 there); computed by posttrain's router hook for every model."
+        },
     )
     moe_ignore_padding: bool = field(
         default=True,
@@ -342,17 +358,22 @@ def sequence_aux_balance_loss(scores, indices, num_experts, alpha=1e-3, mask=Non
     ``aux_balance_loss`` (one f and P over the whole batch) it penalises imbalance inside each sequence.
     """
     if scores.dim() != 3 or indices.dim() != 3 or scores.shape[:2] != indices.shape[:2]:
-        raise ValueError(f"scores (B, T, E) and indices (B, T, K) expected, got {tuple(scores.shape)} and "
-                         f"{tuple(indices.shape)}")
+        raise ValueError(
+            f"scores (B, T, E) and indices (B, T, K) expected, got {tuple(scores.shape)} and {tuple(indices.shape)}"
+        )
     B, T, K = indices.shape
-    keep = torch.ones(B, T, dtype=scores.dtype, device=scores.device) if mask is None else \
-        mask.reshape(B, T).to(scores.device, scores.dtype)
+    keep = (
+        torch.ones(B, T, dtype=scores.dtype, device=scores.device)
+        if mask is None
+        else mask.reshape(B, T).to(scores.device, scores.dtype)
+    )
     tokens = keep.sum(dim=1)  # (B,)
     if not bool((tokens > 0).any()):
         return scores.sum() * 0.0
     per_token = keep.unsqueeze(-1).expand(B, T, K).reshape(B, T * K)
     counts = torch.zeros(B, num_experts, dtype=scores.dtype, device=scores.device).scatter_add_(
-        1, indices.reshape(B, T * K).to(scores.device), per_token)
+        1, indices.reshape(B, T * K).to(scores.device), per_token
+    )
     denom = tokens.clamp(min=1).unsqueeze(1)
     f = counts * (num_experts / K) / denom
     normed = scores / (scores.sum(dim=-1, keepdim=True) + 1e-20)
@@ -446,8 +467,9 @@ def _softmax_router_forward(self, hidden_states):
     hidden_states = hidden_states.reshape(-1, self.hidden_dim)
     router_logits = F.linear(hidden_states, self.weight)
     probs = F.softmax(router_logits, dtype=torch.float, dim=-1)
-    indices, weights = biased_topk(probs, getattr(self, BIAS_NAME), self.top_k,
-                                   norm_topk_prob=getattr(self, "norm_topk_prob", True))
+    indices, weights = biased_topk(
+        probs, getattr(self, BIAS_NAME), self.top_k, norm_topk_prob=getattr(self, "norm_topk_prob", True)
+    )
     if self._posttrain_cast_weights:
         weights = weights.to(router_logits.dtype)
     return router_logits, weights, indices
@@ -475,8 +497,10 @@ def install_expert_bias(model):
             continue
         cls = type(mod).__name__
         if cls not in SOFTMAX_ROUTERS:
-            raise NotImplementedError(f"no selection-only bias patch for router {cls} ({name}); "
-                                      f"supported: {', '.join(SOFTMAX_ROUTERS)} and routers with {BIAS_NAME}")
+            raise NotImplementedError(
+                f"no selection-only bias patch for router {cls} ({name}); "
+                f"supported: {', '.join(SOFTMAX_ROUTERS)} and routers with {BIAS_NAME}"
+            )
         mod.register_buffer(BIAS_NAME, torch.zeros(_num_experts(mod), dtype=torch.float32, device=mod.weight.device))
         mod._posttrain_cast_weights = cls != "MixtralTopKRouter"  # Qwen casts weights to the logits' dtype
         mod.forward = types.MethodType(_softmax_router_forward, mod)
@@ -490,8 +514,9 @@ def expert_biases(model_or_routers):
     for name, mod in routers:
         b = mod._buffers.get(BIAS_NAME)
         if not isinstance(b, torch.Tensor):
-            raise ValueError(f"router {name} ({type(mod).__name__}) has no {BIAS_NAME} buffer; call "
-                             "install_expert_bias(model) first")
+            raise ValueError(
+                f"router {name} ({type(mod).__name__}) has no {BIAS_NAME} buffer; call install_expert_bias(model) first"
+            )
         out.append(b)
     return out
 
@@ -552,9 +577,11 @@ def load_expert_biases(model, folder):
     missing = [k for k in own if k not in saved]
     if missing:
         unmatched = sorted(key for name, (key, _) in saved.items() if name not in own)
-        raise KeyError(f"{folder} has no saved {BIAS_NAME} for {len(missing)} of {len(own)} routers: "
-                       f"{', '.join(missing)}" + (f" (saved under names the model lacks: {', '.join(unmatched)})"
-                                                  if unmatched else ""))
+        raise KeyError(
+            f"{folder} has no saved {BIAS_NAME} for {len(missing)} of {len(own)} routers: "
+            f"{', '.join(missing)}"
+            + (f" (saved under names the model lacks: {', '.join(unmatched)})" if unmatched else "")
+        )
     with torch.no_grad():
         for k in own:
             key, f = saved[k]
@@ -619,8 +646,10 @@ class RoutingCounter:
         self.training_only = training_only
         self.enabled = True
         self._mask = None
-        self.counts = [torch.zeros(e, dtype=torch.long, device=m.weight.device)
-                       for e, (_, m) in zip(self.num_experts, self.routers)]
+        self.counts = [
+            torch.zeros(e, dtype=torch.long, device=m.weight.device)
+            for e, (_, m) in zip(self.num_experts, self.routers)
+        ]
         self._handles = [m.register_forward_hook(self._make_hook(i)) for i, (_, m) in enumerate(self.routers)]
         if ignore_padding:
             self._handles.append(model.register_forward_pre_hook(self._keep_mask, with_kwargs=True))
@@ -734,9 +763,14 @@ class RouterAuxLoss:
     def _keep_rows(self, module, args, kwargs):
         if _in_backward():  # a reentrant checkpoint does not rerun the model's forward; keep what the layers saw
             return
-        first = next((kwargs[k] for k in ("input_ids", "inputs_embeds", "attention_mask")
-                      if isinstance(kwargs.get(k), torch.Tensor)), args[0] if args and isinstance(args[0], torch.Tensor)
-                     else None)
+        first = next(
+            (
+                kwargs[k]
+                for k in ("input_ids", "inputs_embeds", "attention_mask")
+                if isinstance(kwargs.get(k), torch.Tensor)
+            ),
+            args[0] if args and isinstance(args[0], torch.Tensor) else None,
+        )
         self._rows = int(first.shape[0]) if first is not None and first.dim() >= 2 else None
 
     def _make_hook(self, i):
@@ -760,11 +794,17 @@ class RouterAuxLoss:
             if self.scope == "sequence":
                 rows, n = self._layer_rows[i], idx.shape[0]
                 if not rows or n % rows:
-                    raise RuntimeError(f"sequence-wise aux loss: router {self.routers[i][0]} saw {n} tokens, which do "
-                                       f"not split into the forward's batch rows ({rows}); use moe_aux_loss_scope: batch")
-                aux = sequence_aux_balance_loss(scores.view(rows, n // rows, -1), idx.view(rows, n // rows, -1),
-                                                self.num_experts[i], alpha=self.alpha,
-                                                mask=None if mask is None else mask.view(rows, n // rows))
+                    raise RuntimeError(
+                        f"sequence-wise aux loss: router {self.routers[i][0]} saw {n} tokens, which do "
+                        f"not split into the forward's batch rows ({rows}); use moe_aux_loss_scope: batch"
+                    )
+                aux = sequence_aux_balance_loss(
+                    scores.view(rows, n // rows, -1),
+                    idx.view(rows, n // rows, -1),
+                    self.num_experts[i],
+                    alpha=self.alpha,
+                    mask=None if mask is None else mask.view(rows, n // rows),
+                )
             else:
                 aux = aux_balance_loss(scores, idx, self.num_experts[i], alpha=self.alpha, mask=mask)
             if not self._logged[i]:  # once per forward: the original one, or the recomputation of a reentrant
@@ -798,8 +838,9 @@ def all_reduce_counts(counts):
     return [part.view_as(c) for part, c in zip(flat.split([c.numel() for c in counts]), counts)]
 
 
-def apply_bias_update(model_or_counter, counts=None, rate=1e-3, rule="sign", *, step=0, decay_power=0.5,
-                      decay_steps=1.0, reduce=True):
+def apply_bias_update(
+    model_or_counter, counts=None, rate=1e-3, rule="sign", *, step=0, decay_power=0.5, decay_steps=1.0, reduce=True
+):
     """All-reduce the step's loads and update every router's bias in place (fp32, no grad); returns the loads.
 
     ``model_or_counter``: a ``RoutingCounter`` (its routers and, when ``counts`` is None, its counts) or a model
@@ -826,8 +867,13 @@ def apply_bias_update(model_or_counter, counts=None, rate=1e-3, rule="sign", *, 
     with torch.no_grad():
         if all(b.shape == biases[0].shape and b.device == biases[0].device for b in biases):
             # every layer in one update (rows are independent; the same numbers as layer by layer)
-            stacked = update_expert_bias(torch.stack([b.float() for b in biases]),
-                                         torch.stack([c.to(biases[0].device) for c in counts]), rate, rule, **kw)
+            stacked = update_expert_bias(
+                torch.stack([b.float() for b in biases]),
+                torch.stack([c.to(biases[0].device) for c in counts]),
+                rate,
+                rule,
+                **kw,
+            )
             news = stacked.unbind(0)
         else:
             news = [update_expert_bias(b.float(), c.to(b.device), rate, rule, **kw) for b, c in zip(biases, counts)]
@@ -859,8 +905,9 @@ class MoEBalanceCallback(TrainerCallback):
     ``moe/aux_loss``.
     """
 
-    def __init__(self, config: MoEBalanceConfig | None = None, model=None, trainer=None, count_no_grad=True,
-                 aux_loss_hook=False):
+    def __init__(
+        self, config: MoEBalanceConfig | None = None, model=None, trainer=None, count_no_grad=True, aux_loss_hook=False
+    ):
         self.config = config or MoEBalanceConfig()
         self.counter = None
         self.routers = None
@@ -892,20 +939,33 @@ class MoEBalanceCallback(TrainerCallback):
         cfg = self.config
         if cfg.moe_balance == "aux_free":
             if cfg.moe_bias_rate > 0 and not cfg.moe_bias_on_softmax:
-                softmax = [m for _, m in find_routers(model) if type(m).__name__ in SOFTMAX_ROUTERS
-                           and not isinstance(m._buffers.get(BIAS_NAME), torch.Tensor)]
+                softmax = [
+                    m
+                    for _, m in find_routers(model)
+                    if type(m).__name__ in SOFTMAX_ROUTERS and not isinstance(m._buffers.get(BIAS_NAME), torch.Tensor)
+                ]
                 if softmax:
-                    raise ValueError(softmax_bias_refusal(f"{type(model).__name__} ({type(softmax[0]).__name__})",
-                                                          _num_experts(softmax[0]), cfg.moe_bias_rate))
+                    raise ValueError(
+                        softmax_bias_refusal(
+                            f"{type(model).__name__} ({type(softmax[0]).__name__})",
+                            _num_experts(softmax[0]),
+                            cfg.moe_bias_rate,
+                        )
+                    )
             install_expert_bias(model)  # no-op for DeepSeek-V3-style routers
-        self.counter = RoutingCounter(model, ignore_padding=self.config.moe_ignore_padding,
-                                      count_no_grad=self.count_no_grad)
+        self.counter = RoutingCounter(
+            model, ignore_padding=self.config.moe_ignore_padding, count_no_grad=self.count_no_grad
+        )
         self.routers = self.counter.routers  # kept after on_train_end removes the hooks: the final save reads them
         if self.config.moe_balance == "aux_loss" and self.aux_loss_hook:
-            self.aux = RouterAuxLoss(self.counter.routers, alpha=self.config.moe_aux_loss_coef,
-                                     scale_fn=self._aux_scale,
-                                     mask_source=self.counter if self.config.moe_ignore_padding else None,
-                                     scope=self.config.moe_aux_loss_scope, model=model)
+            self.aux = RouterAuxLoss(
+                self.counter.routers,
+                alpha=self.config.moe_aux_loss_coef,
+                scale_fn=self._aux_scale,
+                mask_source=self.counter if self.config.moe_ignore_padding else None,
+                scope=self.config.moe_aux_loss_scope,
+                model=model,
+            )
 
     def _aux_scale(self):
         """Backward scale of the aux loss: 1 / gradient-accumulation steps, as the trainer scales its own loss."""
@@ -933,9 +993,14 @@ class MoEBalanceCallback(TrainerCallback):
         if self.counter is None:
             return
         cfg = self.config
-        counts = apply_bias_update(self.counter, rate=self.rate, rule=cfg.moe_bias_rule,
-                                   step=max(state.global_step - 1, 0), decay_power=cfg.moe_bias_decay_power,
-                                   decay_steps=cfg.moe_bias_decay_steps)
+        counts = apply_bias_update(
+            self.counter,
+            rate=self.rate,
+            rule=cfg.moe_bias_rule,
+            step=max(state.global_step - 1, 0),
+            decay_power=cfg.moe_bias_decay_power,
+            decay_steps=cfg.moe_bias_decay_steps,
+        )
         biases = expert_biases(self.routers) if self._has_biases() else None
         metrics = moe_metrics(counts, biases, self.counter.names, per_layer=cfg.moe_log_per_layer)
         if self.aux is not None:
@@ -961,15 +1026,21 @@ class MoEBalanceCallback(TrainerCallback):
         return self.config.moe_balance == "aux_free" and self.routers is not None
 
     def method_state(self):
-        return {"expert_biases": {name: b.detach().to("cpu", torch.float32).clone()
-                                  for (name, _), b in zip(self.routers, expert_biases(self.routers))}}
+        return {
+            "expert_biases": {
+                name: b.detach().to("cpu", torch.float32).clone()
+                for (name, _), b in zip(self.routers, expert_biases(self.routers))
+            }
+        }
 
     def load_method_state(self, state):
         saved = state["expert_biases"]
         names = [name for name, _ in self.routers]
         if sorted(saved) != sorted(names):
-            raise ValueError(f"the checkpoint's expert biases are for routers {sorted(saved)[:3]}..., this model has "
-                             f"{names[:3]}...: resume with the model the run started from")
+            raise ValueError(
+                f"the checkpoint's expert biases are for routers {sorted(saved)[:3]}..., this model has "
+                f"{names[:3]}...: resume with the model the run started from"
+            )
         with torch.no_grad():
             for name, b in zip(names, expert_biases(self.routers)):
                 b.copy_(saved[name].to(b.device, b.dtype))
@@ -1013,12 +1084,16 @@ def maxvio_global(model, tokenizer, texts, batch_size=8, max_length=512, device=
     tokens = 0
     try:
         for i in range(0, len(texts), batch_size):
-            enc = tokenizer(texts[i:i + batch_size], return_tensors="pt", padding=True, truncation=True,
-                            max_length=max_length)
+            enc = tokenizer(
+                texts[i : i + batch_size], return_tensors="pt", padding=True, truncation=True, max_length=max_length
+            )
             mask = enc.get("attention_mask")
             tokens += int(mask.sum()) if mask is not None else enc["input_ids"].numel()
-            model(input_ids=enc["input_ids"].to(device),
-                  attention_mask=mask.to(device) if mask is not None else None, use_cache=False)
+            model(
+                input_ids=enc["input_ids"].to(device),
+                attention_mask=mask.to(device) if mask is not None else None,
+                use_cache=False,
+            )
         loads = [c.detach().cpu() for c in counter.counts]
     finally:
         counter.remove()

@@ -54,16 +54,38 @@ class MuonWithAdamW(torch.optim.Optimizer):
     that sets ``group["lr"]`` and a checkpoint of ``state_dict()`` cover both; ``load_state_dict`` re-links them.
     """
 
-    def __init__(self, muon_params, adamw_decay, adamw_no_decay, *, lr: float, weight_decay: float = 0.0,
-                 momentum: float = 0.95, nesterov: bool = True, ns_steps: int = 5,
-                 adjust_lr_fn: str = "match_rms_adamw", betas=(0.9, 0.999), eps: float = 1e-8):
+    def __init__(
+        self,
+        muon_params,
+        adamw_decay,
+        adamw_no_decay,
+        *,
+        lr: float,
+        weight_decay: float = 0.0,
+        momentum: float = 0.95,
+        nesterov: bool = True,
+        ns_steps: int = 5,
+        adjust_lr_fn: str = "match_rms_adamw",
+        betas=(0.9, 0.999),
+        eps: float = 1e-8,
+    ):
         self._parts = []
         if muon_params:
-            self._parts.append(torch.optim.Muon(
-                [{"params": list(muon_params), "weight_decay": weight_decay}], lr=lr, momentum=momentum,
-                nesterov=nesterov, ns_steps=ns_steps, adjust_lr_fn=adjust_lr_fn))
-        groups = [{"params": list(ps), "weight_decay": wd}
-                  for ps, wd in ((adamw_decay, weight_decay), (adamw_no_decay, 0.0)) if ps]
+            self._parts.append(
+                torch.optim.Muon(
+                    [{"params": list(muon_params), "weight_decay": weight_decay}],
+                    lr=lr,
+                    momentum=momentum,
+                    nesterov=nesterov,
+                    ns_steps=ns_steps,
+                    adjust_lr_fn=adjust_lr_fn,
+                )
+            )
+        groups = [
+            {"params": list(ps), "weight_decay": wd}
+            for ps, wd in ((adamw_decay, weight_decay), (adamw_no_decay, 0.0))
+            if ps
+        ]
         if groups:
             self._parts.append(torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps))
         if not self._parts:
@@ -74,7 +96,7 @@ class MuonWithAdamW(torch.optim.Optimizer):
     def _link(self) -> None:
         start = 0
         for opt in self._parts:
-            opt.param_groups = self.param_groups[start:start + len(opt.param_groups)]
+            opt.param_groups = self.param_groups[start : start + len(opt.param_groups)]
             opt.state = self.state
             start += len(opt.param_groups)
 
@@ -99,14 +121,27 @@ class MuonFactory:
 
     def __call__(self, model: nn.Module, lr: float, weight_decay: float = 0.0, **kwargs) -> MuonWithAdamW:
         muon, adamw = split_for_muon(model)
-        return MuonWithAdamW([p for _, p in muon], [p for _, p in adamw if p.ndim >= 2],
-                             [p for _, p in adamw if p.ndim < 2], lr=lr, weight_decay=weight_decay, **kwargs)
+        return MuonWithAdamW(
+            [p for _, p in muon],
+            [p for _, p in adamw if p.ndim >= 2],
+            [p for _, p in adamw if p.ndim < 2],
+            lr=lr,
+            weight_decay=weight_decay,
+            **kwargs,
+        )
 
 
 def muon_kwargs(optim_args: str | None) -> dict:
     """Parse ``optim_args`` ("momentum=0.9,adjust_lr_fn=original,...") into MuonWithAdamW keyword arguments."""
-    parsers = {"momentum": float, "nesterov": _bool, "ns_steps": int, "adjust_lr_fn": _adjust_lr,
-               "beta1": float, "beta2": float, "eps": float}
+    parsers = {
+        "momentum": float,
+        "nesterov": _bool,
+        "ns_steps": int,
+        "adjust_lr_fn": _adjust_lr,
+        "beta1": float,
+        "beta2": float,
+        "eps": float,
+    }
     raw: dict = {}
     for item in (optim_args or "").split(","):
         if not item.strip():

@@ -57,8 +57,20 @@ class NelderMead:
     MAX_STEPS = 10_000
     MAX_IDLE_STEPS = 1_000
 
-    def __init__(self, low, high, tol=0.01, max_iterations=100, seed=0, alpha=1.0, gamma=2.0, rho=0.5, sigma=0.5,
-                 cache_radius=5e-3, variant="official"):
+    def __init__(
+        self,
+        low,
+        high,
+        tol=0.01,
+        max_iterations=100,
+        seed=0,
+        alpha=1.0,
+        gamma=2.0,
+        rho=0.5,
+        sigma=0.5,
+        cache_radius=5e-3,
+        variant="official",
+    ):
         self.low = np.asarray(low, dtype=np.float64).reshape(-1)
         self.high = np.asarray(high, dtype=np.float64).reshape(-1)
         if self.low.shape != self.high.shape or self.low.size == 0:
@@ -148,8 +160,14 @@ class NelderMead:
 
     def _record(self):
         i = int(np.argmin(self.values))
-        self.trace.append({"iterations": self.iterations, "nm_step": self.nm_steps,
-                           "best": self.simplex[i].tolist(), "best_score": float(-self.values[i])})
+        self.trace.append(
+            {
+                "iterations": self.iterations,
+                "nm_step": self.nm_steps,
+                "best": self.simplex[i].tolist(),
+                "best_score": float(-self.values[i]),
+            }
+        )
 
     def _initial_simplex(self):
         rng = np.random.default_rng(self.seed)
@@ -192,7 +210,11 @@ class NelderMead:
             if self.iterations >= self.max_iterations:
                 self.stop_reason = "budget"
                 return
-            if not official and self.cache_radius > 0 and np.all(np.abs(self.simplex - self.simplex[0]) < self.cache_radius):
+            if (
+                not official
+                and self.cache_radius > 0
+                and np.all(np.abs(self.simplex - self.simplex[0]) < self.cache_radius)
+            ):
                 self.stop_reason = "collapsed"  # every further point would come from the cache
                 return
             stop, idle = self._safety_stop(told, idle)
@@ -235,9 +257,19 @@ class NelderMead:
     # -------------------------------------------------------------------------------------------- state
 
     def _settings(self):
-        return {"low": self.low.tolist(), "high": self.high.tolist(), "tol": self.tol,
-                "max_iterations": self.max_iterations, "seed": self.seed, "alpha": self.alpha, "gamma": self.gamma,
-                "rho": self.rho, "sigma": self.sigma, "cache_radius": self.cache_radius, "variant": self.variant}
+        return {
+            "low": self.low.tolist(),
+            "high": self.high.tolist(),
+            "tol": self.tol,
+            "max_iterations": self.max_iterations,
+            "seed": self.seed,
+            "alpha": self.alpha,
+            "gamma": self.gamma,
+            "rho": self.rho,
+            "sigma": self.sigma,
+            "cache_radius": self.cache_radius,
+            "variant": self.variant,
+        }
 
     def state_dict(self) -> dict:
         return {"settings": self._settings(), "history": [list(h) for h in self.history]}

@@ -42,7 +42,9 @@ def numeric_match(completions, answer, **kwargs) -> list[float]:
     rewards = []
     for completion, reference in zip(completions, answer):
         predicted, gold = last_number(_text(completion)), last_number(str(reference))
-        rewards.append(float(predicted is not None and gold is not None and math.isclose(predicted, gold, abs_tol=1e-6)))
+        rewards.append(
+            float(predicted is not None and gold is not None and math.isclose(predicted, gold, abs_tol=1e-6))
+        )
     return rewards
 
 
@@ -110,12 +112,26 @@ def distinct_2(completions, **kwargs) -> list[float]:
 # A learned reward model is named ``rm:<directory>`` in reward_funcs (see ``posttrain.recipes.train``): TRL loads it
 # as a sequence classifier and scores each generation batch in one forward.
 REWARDS: dict[str, tuple[str, Callable]] = {
-    "numeric_match": ("1 if the last number in the completion equals the `answer` column", lambda config: numeric_match),
+    "numeric_match": (
+        "1 if the last number in the completion equals the `answer` column",
+        lambda config: numeric_match,
+    ),
     "answer_format": ("1 if the completion ends with 'The answer is N.' or '#### N'", lambda config: answer_format),
-    "length_penalty": ("DAPO soft overlong penalty: 0 up to 3/4 of max_completion_length, then down to -1", _length_penalty),
+    "length_penalty": (
+        "DAPO soft overlong penalty: 0 up to 3/4 of max_completion_length, then down to -1",
+        _length_penalty,
+    ),
     "length_fraction": ("completion tokens / max_completion_length, in [0, 1]", _length_fraction),
-    "vader_sentiment": ("VADER compound sentiment of the completion, in [-1, 1] (PyPI vadersentiment)", _vader_sentiment),
-    "distinct_2": ("distinct word bigrams / word bigrams of the completion, in [0, 1] (lexical diversity)",
-                   lambda config: distinct_2),
-    "offensiveness_cost": ("-P(offensive) of the completion, in [-1, 0] (PyPI alt-profanity-check)", _offensiveness_cost),
+    "vader_sentiment": (
+        "VADER compound sentiment of the completion, in [-1, 1] (PyPI vadersentiment)",
+        _vader_sentiment,
+    ),
+    "distinct_2": (
+        "distinct word bigrams / word bigrams of the completion, in [0, 1] (lexical diversity)",
+        lambda config: distinct_2,
+    ),
+    "offensiveness_cost": (
+        "-P(offensive) of the completion, in [-1, 0] (PyPI alt-profanity-check)",
+        _offensiveness_cost,
+    ),
 }

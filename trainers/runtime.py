@@ -67,11 +67,18 @@ def write_checkpoint_manifest(folder, args, world_size: int) -> Path:
     """List every file in ``folder`` (recursively) with its size into ``folder/checkpoint_manifest.json``, written
     last and atomically: the mark that the save finished on every rank."""
     folder = Path(folder)
-    files = {str(f.relative_to(folder)): f.stat().st_size for f in sorted(folder.rglob("*"))
-             if f.is_file() and f.name != MANIFEST and not f.name.startswith(".")}
-    manifest = {"step": int(_CHECKPOINT.match(folder.name).group(1)), "world_size": world_size,
-                "save_only_model": bool(args.save_only_model),
-                "settings": {k: getattr(args, k, None) for k in RESUMED_SETTINGS}, "files": files}
+    files = {
+        str(f.relative_to(folder)): f.stat().st_size
+        for f in sorted(folder.rglob("*"))
+        if f.is_file() and f.name != MANIFEST and not f.name.startswith(".")
+    }
+    manifest = {
+        "step": int(_CHECKPOINT.match(folder.name).group(1)),
+        "world_size": world_size,
+        "save_only_model": bool(args.save_only_model),
+        "settings": {k: getattr(args, k, None) for k in RESUMED_SETTINGS},
+        "files": files,
+    }
     tmp = folder / f".{MANIFEST}.tmp"
     tmp.write_text(json.dumps(manifest, indent=1, default=str) + "\n")
     os.replace(tmp, folder / MANIFEST)
@@ -110,8 +117,9 @@ def _missing_for_resume(folder: Path, manifest: dict) -> list[str]:
     needed = [] if files & set(_WEIGHTS) or deepspeed else ["model weights (" + " or ".join(_WEIGHTS) + ")"]
     if manifest.get("save_only_model"):
         return needed
-    needed += [n for n in (["rng_state.pth"] if world == 1 else [f"rng_state_{r}.pth" for r in range(world)])
-               if n not in files]
+    needed += [
+        n for n in (["rng_state.pth"] if world == 1 else [f"rng_state_{r}.pth" for r in range(world)]) if n not in files
+    ]
     if deepspeed:  # DeepSpeed's load_checkpoint reads the tag named in `latest`, one optimizer shard per rank
         tag = (folder / "latest").read_text().strip() if "latest" in files else None
         if tag is None or tag not in deepspeed:
@@ -139,8 +147,10 @@ def checkpoint_problem(folder) -> str | None:
         manifest = read_manifest(folder)
         listed = dict(manifest["files"])
     except (OSError, ValueError, KeyError, TypeError):
-        return (f"{folder / MANIFEST} is missing or unreadable: the save was cut short (or predates posttrain's "
-                "checkpoint manifests)")
+        return (
+            f"{folder / MANIFEST} is missing or unreadable: the save was cut short (or predates posttrain's "
+            "checkpoint manifests)"
+        )
     for name, size in listed.items():
         path = folder / name
         if not path.is_file():
@@ -160,8 +170,10 @@ def checkpoint_problem(folder) -> str | None:
     if step != int(match.group(1)) or "trainer_state.json" not in listed:
         return f"{folder / 'trainer_state.json'} is missing or not of step {match.group(1)}"
     if manifest.get("save_only_model"):
-        return (f"{folder} was saved with save_only_model (weights only: no optimizer, scheduler or RNG state), so "
-                f"it cannot be resumed exactly; start a new run from its weights (--model_name_or_path {folder})")
+        return (
+            f"{folder} was saved with save_only_model (weights only: no optimizer, scheduler or RNG state), so "
+            f"it cannot be resumed exactly; start a new run from its weights (--model_name_or_path {folder})"
+        )
     return None
 
 
@@ -201,13 +213,19 @@ class NonFiniteGuard:
         self.accelerator.wait_for_everyone()  # every rank's files (RNG state, DeepSpeed shards) are on disk
         if self.args.should_save:
             write_checkpoint_manifest(Path(run_dir) / f"checkpoint-{step}", self.args, self.accelerator.num_processes)
-            rotate_checkpoints(output_dir=run_dir, save_total_limit=limit,
-                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
+            rotate_checkpoints(
+                output_dir=run_dir,
+                save_total_limit=limit,
+                best_model_checkpoint=self.state.best_model_checkpoint,
+                use_mtime=True,
+            )
 
     def save_model(self, output_dir=None, _internal_call=False):
         if not _internal_call:  # the final model (checkpoints are checked in _save_checkpoint)
-            self._stop_if_weights_non_finite(f"at the end of training (step {self.state.global_step}); the final "
-                                             "model was not saved", self.args.output_dir)
+            self._stop_if_weights_non_finite(
+                f"at the end of training (step {self.state.global_step}); the final model was not saved",
+                self.args.output_dir,
+            )
         super().save_model(output_dir, _internal_call)
 
     def _stop_if_weights_non_finite(self, when: str, run_dir) -> None:
@@ -220,8 +238,10 @@ class NonFiniteGuard:
         if self.accelerator.reduce(bad, reduction="sum").item():
             last = latest_checkpoint(run_dir)
             where = f"the last good checkpoint is {last}" if last else "no checkpoint was saved yet"
-            raise NonFiniteError(f"non-finite weights {when}; {where} (continue with --resume, e.g. with a lower "
-                                 "learning_rate or max_grad_norm)")
+            raise NonFiniteError(
+                f"non-finite weights {when}; {where} (continue with --resume, e.g. with a lower "
+                "learning_rate or max_grad_norm)"
+            )
 
     def _get_grad_norm(self, model, grad_norm=None):
         grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
@@ -263,7 +283,9 @@ class ConvertedCheckpointLoad:
             saved = set(json.loads(index.read_text())["weight_map"])
         target = inner_model(outer)
         own = target.state_dict()
-        tied = {k for k in own if k == "lm_head.weight"} if getattr(target.config, "tie_word_embeddings", False) else set()
+        tied = (
+            {k for k in own if k == "lm_head.weight"} if getattr(target.config, "tie_word_embeddings", False) else set()
+        )
         missing = sorted(set(own) - saved - tied)
         if not missing or not saved - set(own):
             # nothing missing, or nothing saved under another name: the load was complete (keys that only the
@@ -364,5 +386,8 @@ def guarded(trainer_cls: type) -> type:
     from posttrain.trainers.method_state import MethodStateMixin
 
     state = () if issubclass(trainer_cls, MethodStateMixin) else (MethodStateMixin,)
-    return type(trainer_cls.__name__, (NonFiniteGuard, ConvertedCheckpointLoad, *state, trainer_cls),
-                {"__module__": trainer_cls.__module__})
+    return type(
+        trainer_cls.__name__,
+        (NonFiniteGuard, ConvertedCheckpointLoad, *state, trainer_cls),
+        {"__module__": trainer_cls.__module__},
+    )

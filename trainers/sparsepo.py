@@ -20,7 +20,8 @@ Masks (``mask_type``):
   unit per layer, a bias-free mixer over layers; ``simple_last``: one linear unit on the last hidden state;
   ``random``: uniform [0, 1) (an ablation). The network is a submodule of the policy (so DDP/DeepSpeed and
   the optimizer see it), trained jointly, with ``mask_weight_decay``; the ``resc`` / ``znorm`` activations
-  use their per-row min / max / std as constants in the gradient, as the official code does; kept out of ``model.safetensors`` and
+  use their per-row min / max / std as constants in the gradient, as the official code does; kept out of
+  ``model.safetensors`` and
   saved as the trainer's method state (``method_state.pt``) in every checkpoint and the final output folder.
 - ``activation`` (official "MaPO"): the reference model's activations at the official mlp / attn / resid
   (including the ``delta_attn`` / ``delta_mlp`` block outputs) / logits hook points (``hook_points``: Llama /
@@ -33,13 +34,15 @@ Masks (``mask_type``):
 With ``rw_kl_independent=False`` (default, "common") one mask serves both terms; when it is applied to both
 (``mask_on_reward`` and ``mask_on_kl``) the trainer halves both L1 coefficients, as the official trainer does
 (only then). With ``rw_kl_independent=True`` a network per masked term is built (none for a term whose
-``mask_on_*`` is false) and the KL mask is logged as ``kl_mask/*`` beside the reward mask's ``mask/*``. Logged ``rewards/chosen`` is beta (sum m^u l + sum m^d d) of
+``mask_on_*`` is false) and the KL mask is logged as ``kl_mask/*`` beside the reward mask's ``mask/*``. Logged
+``rewards/chosen`` is beta (sum m^u l + sum m^d d) of
 the chosen rows, as the official trainer logs it: neither DPO's reward nor the loss logit beta (U - D).
 
 Memory: d_t needs full-vocabulary distributions of policy and reference. They are never held for the whole
 batch: the policy forward is patched (like TRL's fused LM head) to project completion tokens through both
 LM heads in chunks of ``kl_chunk_size`` tokens in a custom autograd function that keeps no logits and
-recomputes each chunk's in backward (one ZeRO-3 gather of the heads per pass). Doubts: the official code runs the heads without chunking (same
+recomputes each chunk's in backward (one ZeRO-3 gather of the heads per pass). Doubts: the official code runs the
+heads without chunking (same
 numbers); its MaPO normalisation goes through fp16 (we stay in fp32: differences ~1e-4); a 1-token
 completion gives NaN there and 1.0 here.
 """
@@ -64,39 +67,95 @@ logger = logging.getLogger(__name__)
 class SparsePOConfig(DPOConfig):
     """DPOConfig plus the SparsePO mask settings; defaults are the official ones (SparseConfig / MaPOConfig)."""
 
-    mask_type: str = field(default="learned", metadata={"help": "learned (official 'sparse'), activation (official 'MaPO') or uniform (TDPO-1)."})
-    mask_model: str = field(default="simple_all", metadata={"help": "learned masks: simple_all, simple_last or random."})
-    mask_layer_activation: str = field(default="relu", metadata={"help": "per-layer activation: relu, resc, znorm or none."})
-    mask_mixer_activation: str = field(default="relu", metadata={"help": "mixer activation: relu, resc, znorm or none."})
-    mask_dropout: float = field(default=0.01, metadata={"help": "dropout in the mask network (zeroed by disable_dropout=True, the default)."})
-    mask_weight_decay: float = field(default=0.01, metadata={"help": "weight decay of the mask network's weights (own optimizer group)."})
+    mask_type: str = field(
+        default="learned",
+        metadata={"help": "learned (official 'sparse'), activation (official 'MaPO') or uniform (TDPO-1)."},
+    )
+    mask_model: str = field(
+        default="simple_all", metadata={"help": "learned masks: simple_all, simple_last or random."}
+    )
+    mask_layer_activation: str = field(
+        default="relu", metadata={"help": "per-layer activation: relu, resc, znorm or none."}
+    )
+    mask_mixer_activation: str = field(
+        default="relu", metadata={"help": "mixer activation: relu, resc, znorm or none."}
+    )
+    mask_dropout: float = field(
+        default=0.01, metadata={"help": "dropout in the mask network (zeroed by disable_dropout=True, the default)."}
+    )
+    mask_weight_decay: float = field(
+        default=0.01, metadata={"help": "weight decay of the mask network's weights (own optimizer group)."}
+    )
     mask_on_reward: bool = field(default=True, metadata={"help": "mask the reward term (else m^u = 1)."})
     mask_on_kl: bool = field(default=True, metadata={"help": "mask the KL term (else m^d = 1; the KL term stays)."})
-    rw_kl_independent: bool = field(default=False, metadata={"help": "two mask networks (reward, KL) instead of one common mask; only those whose mask_on_* is true are built; the KL mask is logged as kl_mask/*."})
-    l1_norm_param_u: float = field(default=0.0, metadata={"help": "L1 penalty on the reward mask (halved when one common mask is on both terms, as the official trainer)."})
-    l1_norm_param_d: float = field(default=0.0, metadata={"help": "L1 penalty on the KL mask (halved when one common mask is on both terms, as the official trainer)."})
-    activation_hook: str = field(default="all", metadata={"help": "activation masks: all, or a comma-separated list of mlp, attn, resid, logits (official MAPOConfig)."})
-    activation_mapping: str = field(default="zn_rescale", metadata={"help": "activation masks, per hook point (official apply_activation_mapping): zn_rescale (feature mean, z-normalised and min-max rescaled per sequence; the official default), none (feature mean), sigmoid (feature mean of sigmoid), layernorm (feature mean of layer_norm: ~0)."})
-    kl_chunk_size: int = field(default=512, metadata={"help": "completion tokens projected through the LM heads at once (memory vs speed)."})
+    rw_kl_independent: bool = field(
+        default=False,
+        metadata={
+            "help": (
+                "two mask networks (reward, KL) instead of one common mask; only those whose mask_on_* is true are "
+                "built; the KL mask is logged as kl_mask/*."
+            )
+        },
+    )
+    l1_norm_param_u: float = field(
+        default=0.0,
+        metadata={
+            "help": (
+                "L1 penalty on the reward mask (halved when one common mask is on both terms, as the official trainer)."
+            )
+        },
+    )
+    l1_norm_param_d: float = field(
+        default=0.0,
+        metadata={
+            "help": "L1 penalty on the KL mask (halved when one common mask is on both terms, as the official trainer)."
+        },
+    )
+    activation_hook: str = field(
+        default="all",
+        metadata={
+            "help": (
+                "activation masks: all, or a comma-separated list of mlp, attn, resid, logits (official MAPOConfig)."
+            )
+        },
+    )
+    activation_mapping: str = field(
+        default="zn_rescale",
+        metadata={
+            "help": (
+                "activation masks, per hook point (official apply_activation_mapping): zn_rescale (feature mean, "
+                "z-normalised and min-max rescaled per sequence; the official default), none (feature mean), sigmoid "
+                "(feature mean of sigmoid), layernorm (feature mean of layer_norm: ~0)."
+            )
+        },
+    )
+    kl_chunk_size: int = field(
+        default=512, metadata={"help": "completion tokens projected through the LM heads at once (memory vs speed)."}
+    )
 
     def __post_init__(self):
         super().__post_init__()
         checks = {
-            "mask_type": (self.mask_type, MASK_TYPES), "mask_model": (self.mask_model, MASK_MODELS),
+            "mask_type": (self.mask_type, MASK_TYPES),
+            "mask_model": (self.mask_model, MASK_MODELS),
             "mask_layer_activation": (self.mask_layer_activation, ACTIVATIONS),
             "mask_mixer_activation": (self.mask_mixer_activation, ACTIVATIONS),
             "activation_mapping": (self.activation_mapping, MAPPINGS),
         }
         hooks = [k.strip() for k in self.activation_hook.split(",")]
         if not hooks or any(k not in HOOK_TYPES for k in hooks):
-            raise ValueError(f"activation_hook={self.activation_hook!r}; valid: all, or a comma-separated list of "
-                             f"{', '.join(HOOK_TYPES[1:])}")
+            raise ValueError(
+                f"activation_hook={self.activation_hook!r}; valid: all, or a comma-separated list of "
+                f"{', '.join(HOOK_TYPES[1:])}"
+            )
         for name, (value, valid) in checks.items():
             if value not in valid:
                 raise ValueError(f"{name}={value!r}; valid: {', '.join(valid)}")
         if self.precompute_ref_log_probs:
-            raise ValueError("SparsePO needs the reference model's per-token distributions and hidden states at every step; "
-                             "precompute_ref_log_probs stores only sequence log-probs: set it to false")
+            raise ValueError(
+                "SparsePO needs the reference model's per-token distributions and hidden states at every step; "
+                "precompute_ref_log_probs stores only sequence log-probs: set it to false"
+            )
         if list(self.loss_type) != ["sigmoid"]:
             raise ValueError(f"SparsePO implements the sigmoid loss only (loss_type={self.loss_type})")
         if self.kl_chunk_size < 1:
@@ -170,7 +229,9 @@ def _activate(x, name, mask):
 class SimpleMaskAllLayers(nn.Module):
     """m_t = phi_mix(sum_l c_l * phi_layer(w_l . LN(H^l_t) + b_l)), one LayerNorm shared by all layers."""
 
-    def __init__(self, num_layers, hidden_size, eps=1e-5, layer_activation="relu", mixer_activation="relu", dropout=0.0):
+    def __init__(
+        self, num_layers, hidden_size, eps=1e-5, layer_activation="relu", mixer_activation="relu", dropout=0.0
+    ):
         super().__init__()
         self.norm = nn.LayerNorm(hidden_size, eps=eps)
         self.layer_weight = nn.Parameter(torch.zeros(num_layers, hidden_size))
@@ -181,9 +242,9 @@ class SimpleMaskAllLayers(nn.Module):
 
     def forward(self, hidden_states, mask):  # hidden_states: L tensors (N, T, d)
         mixed = 0
-        for l, h in enumerate(hidden_states):
-            a = self.norm(h.to(self.layer_weight.dtype)) @ self.layer_weight[l] + self.layer_bias[l]
-            mixed = mixed + self.mixer_weight[l] * self.dropout(_activate(a, self.layer_activation, mask))
+        for i, h in enumerate(hidden_states):
+            a = self.norm(h.to(self.layer_weight.dtype)) @ self.layer_weight[i] + self.layer_bias[i]
+            mixed = mixed + self.mixer_weight[i] * self.dropout(_activate(a, self.layer_activation, mask))
         return self.dropout(_activate(mixed, self.mixer_activation, mask))
 
 
@@ -197,7 +258,9 @@ class SimpleMaskLastLayer(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, hidden_states, mask):
-        return self.dropout(_activate(self.linear(hidden_states[-1].to(self.linear.weight.dtype)).squeeze(-1), self.activation, mask))
+        return self.dropout(
+            _activate(self.linear(hidden_states[-1].to(self.linear.weight.dtype)).squeeze(-1), self.activation, mask)
+        )
 
 
 class RandomMask(nn.Module):
@@ -216,8 +279,14 @@ def build_mask_network(config: SparsePOConfig, model_config) -> nn.Module:
         net = SimpleMaskLastLayer(text.hidden_size, config.mask_mixer_activation, dropout)
     else:
         eps = getattr(text, "rms_norm_eps", None) or getattr(text, "layer_norm_epsilon", None) or 1e-5
-        net = SimpleMaskAllLayers(text.num_hidden_layers, text.hidden_size, eps, config.mask_layer_activation,
-                                  config.mask_mixer_activation, dropout)
+        net = SimpleMaskAllLayers(
+            text.num_hidden_layers,
+            text.hidden_size,
+            eps,
+            config.mask_layer_activation,
+            config.mask_mixer_activation,
+            dropout,
+        )
     # What HF's _init_weights gives missing keys: normal(0, initializer_range) weights, zero biases, LN = identity.
     std = getattr(text, "initializer_range", 0.02)
     for name, p in net.named_parameters():
@@ -261,9 +330,11 @@ class _TokenTerms(torch.autograd.Function):
         outs = []
         with maybe_gather_lm_head_ctx(weight, bias, ref_weight, ref_bias):
             for s in range(0, hidden.shape[0], chunk):
-                z, rz = _chunk_logits(hidden[s:s + chunk], ref_hidden[s:s + chunk], weight, bias, ref_weight, ref_bias)
+                z, rz = _chunk_logits(
+                    hidden[s : s + chunk], ref_hidden[s : s + chunk], weight, bias, ref_weight, ref_bias
+                )
                 lse, rlse = z.logsumexp(-1, keepdim=True), rz.logsumexp(-1, keepdim=True)
-                taken = labels[s:s + chunk].unsqueeze(-1)
+                taken = labels[s : s + chunk].unsqueeze(-1)
                 logratio = (z.gather(-1, taken) - lse - rz.gather(-1, taken) + rlse).squeeze(-1)
                 ref_mean = map_activation(rz, logit_mapping)
                 # -KL(p_ref || p) = sum_v p_ref (z - rz) - lse + rlse
@@ -298,22 +369,32 @@ class _TokenTerms(torch.autograd.Function):
             gemm_dtype = hidden.dtype if hidden.dtype in (torch.bfloat16, torch.float16) else _up(hidden).dtype
             w = weight.to(gemm_dtype)
             for s in range(0, hidden.shape[0], chunk):
-                h = hidden[s:s + chunk]
-                z, rz = _chunk_logits(h, ref_hidden[s:s + chunk], weight, bias, ref_weight, ref_bias)
-                lse, rlse = all_lse[s:s + chunk], all_rlse[s:s + chunk]
-                g_l, g_d = _up(grad_logratio[s:s + chunk, None]), _up(grad_neg_kl[s:s + chunk, None])
-                d_z = z.sub_(lse).exp_().mul_(-(g_l + g_d))            # -(g_l + g_d) p
-                d_z.add_(rz.sub_(rlse).exp_().mul_(g_d))                # + g_d p_ref
-                d_z.scatter_add_(-1, labels[s:s + chunk, None], g_l)    # + g_l onehot(y)
+                h = hidden[s : s + chunk]
+                z, rz = _chunk_logits(h, ref_hidden[s : s + chunk], weight, bias, ref_weight, ref_bias)
+                lse, rlse = all_lse[s : s + chunk], all_rlse[s : s + chunk]
+                g_l, g_d = _up(grad_logratio[s : s + chunk, None]), _up(grad_neg_kl[s : s + chunk, None])
+                d_z = z.sub_(lse).exp_().mul_(-(g_l + g_d))  # -(g_l + g_d) p
+                d_z.add_(rz.sub_(rlse).exp_().mul_(g_d))  # + g_d p_ref
+                d_z.scatter_add_(-1, labels[s : s + chunk, None], g_l)  # + g_l onehot(y)
                 d_z = d_z.to(gemm_dtype)
                 if need_h:
-                    d_hidden[s:s + chunk] = (d_z @ w).to(hidden.dtype)
+                    d_hidden[s : s + chunk] = (d_z @ w).to(hidden.dtype)
                 if need_w:
                     d_weight += d_z.T @ h.to(gemm_dtype)
                 if need_b:
                     d_bias += d_z.sum(0)
         cast = lambda g, like: None if g is None else g.to(like.dtype)  # noqa: E731
-        return d_hidden, None, None, cast(d_weight, weight), cast(d_bias, bias) if bias is not None else None, None, None, None, None
+        return (
+            d_hidden,
+            None,
+            None,
+            cast(d_weight, weight),
+            cast(d_bias, bias) if bias is not None else None,
+            None,
+            None,
+            None,
+            None,
+        )
 
 
 def token_terms(hidden, ref_hidden, labels, mask, lm_head, ref_lm_head, chunk_size=None, logit_mapping="none"):
@@ -324,7 +405,9 @@ def token_terms(hidden, ref_hidden, labels, mask, lm_head, ref_lm_head, chunk_si
     outlives its chunk, in forward or backward."""
     h, rh, y = hidden[mask], ref_hidden[mask].to(hidden.dtype), labels[mask]
     chunk = chunk_size or max(1, h.shape[0])
-    flat = _TokenTerms.apply(h, rh, y, lm_head.weight, lm_head.bias, ref_lm_head.weight, ref_lm_head.bias, chunk, logit_mapping)
+    flat = _TokenTerms.apply(
+        h, rh, y, lm_head.weight, lm_head.bias, ref_lm_head.weight, ref_lm_head.bias, chunk, logit_mapping
+    )
     return tuple(torch.zeros(mask.shape, dtype=f.dtype, device=f.device).masked_scatter(mask, f) for f in flat)
 
 
@@ -338,9 +421,16 @@ def _sparsepo_forward(self, *args, sparsepo=None, **kwargs):
     for head_only in ("labels", "logits_to_keep", "num_items_in_batch"):  # PEFT passes some of these through
         kwargs.pop(head_only, None)
     hidden = self.base_model(*args, **kwargs).last_hidden_state[:, :-1]
-    logratio, neg_kl, ref_logit_mean = token_terms(hidden, sparsepo["ref_hidden"], sparsepo["labels"], sparsepo["mask"],
-                                                   self.get_output_embeddings(), sparsepo["ref_lm_head"], sparsepo["chunk_size"],
-                                                   sparsepo.get("logit_mapping", "none"))
+    logratio, neg_kl, ref_logit_mean = token_terms(
+        hidden,
+        sparsepo["ref_hidden"],
+        sparsepo["labels"],
+        sparsepo["mask"],
+        self.get_output_embeddings(),
+        sparsepo["ref_lm_head"],
+        sparsepo["chunk_size"],
+        sparsepo.get("logit_mapping", "none"),
+    )
     masks = {name: net(sparsepo["mask_inputs"], sparsepo["mask"]) for name, net in self.sparsepo_masks.items()}
     return {"logratio": logratio, "neg_kl": neg_kl, "ref_logit_mean": ref_logit_mean, "masks": masks}
 
@@ -383,8 +473,14 @@ def hook_points(model) -> dict[str, list[tuple[str, nn.Module, str, object]]]:
     are the backbone's ModuleList of ``num_hidden_layers`` blocks. 'logits' is read from the chunked heads."""
     backbone = model.base_model
     n_layers = getattr(getattr(model, "config", None), "num_hidden_layers", None)
-    layers = next((list(m) for m in backbone.children() if isinstance(m, nn.ModuleList) and len(m) and
-                   (n_layers is None or len(m) == n_layers)), [])
+    layers = next(
+        (
+            list(m)
+            for m in backbone.children()
+            if isinstance(m, nn.ModuleList) and len(m) and (n_layers is None or len(m) == n_layers)
+        ),
+        [],
+    )
     points = {"mlp": [], "attn": [], "resid": []}
     for layer in layers:
         attn = _first_attr(layer, ("self_attn", "attn", "attention"))
@@ -452,9 +548,11 @@ class ActivationCapture:
         points = hook_points(model)
         for kind in kinds:
             if not points[kind]:
-                raise ValueError(f"SparsePO activation masks: no {kind!r} hook points found in "
-                                 f"{type(model).__name__}; supported: Llama/Qwen/Mistral-style decoders, GPT-2, "
-                                 f"GPT-NeoX, GPT-BigCode. Use another activation_hook (e.g. logits).")
+                raise ValueError(
+                    f"SparsePO activation masks: no {kind!r} hook points found in "
+                    f"{type(model).__name__}; supported: Llama/Qwen/Mistral-style decoders, GPT-2, "
+                    f"GPT-NeoX, GPT-BigCode. Use another activation_hook (e.g. logits)."
+                )
             for index, (name, module, where, split) in enumerate(points[kind]):
                 key = (kind, name, index)
                 if where == "output":
@@ -470,7 +568,9 @@ class ActivationCapture:
                 self.features[key] = map_activation(value, self.mapping)  # (N, S): the feature axis reduced at once
             else:
                 for part, v in zip("qkv", split(value)):
-                    self.features[(key[0], part, *key[2:])] = map_activation(v.flatten(-2) if v.dim() > 3 else v, self.mapping)
+                    self.features[(key[0], part, *key[2:])] = map_activation(
+                        v.flatten(-2) if v.dim() > 3 else v, self.mapping
+                    )
 
 
 # ------------------------------------------------------------------------------------------- trainer
@@ -498,9 +598,11 @@ class SparsePOTrainer(MethodStateMixin, DPOTrainer):
         # A PEFT tuner layer on the head (LoRA, trainable tokens) keeps its delta outside ``.weight``, which the
         # chunked heads read. A full trained copy (modules_to_save) is fine: see _reference_pass.
         if hasattr(head, "base_layer") or hasattr(head, "token_adapter"):
-            raise ValueError(f"SparsePO projects through the LM head's weight directly; a {type(head).__name__} on it "
-                             "(lora_target_modules / trainable_token_indices) is not supported: keep lm_head out of "
-                             "them (lora_modules_to_save: [lm_head] works)")
+            raise ValueError(
+                f"SparsePO projects through the LM head's weight directly; a {type(head).__name__} on it "
+                "(lora_target_modules / trainable_token_indices) is not supported: keep lm_head out of "
+                "them (lora_modules_to_save: [lm_head] works)"
+            )
         # Only the networks in use: one without gradients breaks DDP (find_unused_parameters off, or with
         # gradient checkpointing) and would sit in the optimizer and the checkpoints for nothing.
         if cfg.rw_kl_independent:
@@ -512,7 +614,8 @@ class SparsePOTrainer(MethodStateMixin, DPOTrainer):
         # model.safetensors (saved beside it instead) so the checkpoint still loads as a plain HF model.
         policy.sparsepo_masks = nn.ModuleDict(nets).to(policy.device)
         policy._keys_to_ignore_on_save = set(policy._keys_to_ignore_on_save or ()) | {
-            f"sparsepo_masks.{k}" for k in policy.sparsepo_masks.state_dict()}
+            f"sparsepo_masks.{k}" for k in policy.sparsepo_masks.state_dict()
+        }
         if not hasattr(policy, "_sparsepo_original_forward"):
             policy._sparsepo_original_forward = policy.forward
             policy.forward = types.MethodType(_sparsepo_forward, policy)
@@ -521,7 +624,11 @@ class SparsePOTrainer(MethodStateMixin, DPOTrainer):
         self.l1_reward = cfg.l1_norm_param_u / 2 if halve else cfg.l1_norm_param_u
         self.l1_kl = cfg.l1_norm_param_d / 2 if halve else cfg.l1_norm_param_d
         reference = policy if self.ref_model is None else self._inner_model(self.ref_model)
-        self._capture = ActivationCapture(reference, cfg.activation_hook, cfg.activation_mapping) if cfg.mask_type == "activation" else None
+        self._capture = (
+            ActivationCapture(reference, cfg.activation_hook, cfg.activation_mapping)
+            if cfg.mask_type == "activation"
+            else None
+        )
 
     @staticmethod
     def _inner_model(model):
@@ -534,11 +641,24 @@ class SparsePOTrainer(MethodStateMixin, DPOTrainer):
         decay = self.get_decay_parameter_names(self.model)
         mask_ids = {id(p) for p in self._inner_model(self.model).sparsepo_masks.parameters()}
         groups = [
-            {"params": [p for n, p in self.model.named_parameters() if p.requires_grad and id(p) not in mask_ids and n in decay],
-             "weight_decay": self.args.weight_decay},
-            {"params": [p for n, p in self.model.named_parameters() if p.requires_grad and id(p) in mask_ids and n in decay],
-             "weight_decay": self.args.mask_weight_decay},
-            {"params": [p for n, p in self.model.named_parameters() if p.requires_grad and n not in decay], "weight_decay": 0.0},
+            {
+                "params": [
+                    p
+                    for n, p in self.model.named_parameters()
+                    if p.requires_grad and id(p) not in mask_ids and n in decay
+                ],
+                "weight_decay": self.args.weight_decay,
+            },
+            {
+                "params": [
+                    p for n, p in self.model.named_parameters() if p.requires_grad and id(p) in mask_ids and n in decay
+                ],
+                "weight_decay": self.args.mask_weight_decay,
+            },
+            {
+                "params": [p for n, p in self.model.named_parameters() if p.requires_grad and n not in decay],
+                "weight_decay": 0.0,
+            },
         ]
         if self.optimizer is None:
             cls, kwargs = self.optimizer_cls_and_kwargs or self.get_optimizer_cls_and_kwargs(self.args, self.model)
@@ -590,9 +710,18 @@ class SparsePOTrainer(MethodStateMixin, DPOTrainer):
         model_kwargs["use_cache"] = False
 
         ref_hidden, ref_hidden_states, ref_lm_head = self._reference_pass(model_kwargs)
-        out = model(**model_kwargs, sparsepo={
-            "ref_hidden": ref_hidden, "labels": labels, "mask": mask, "ref_lm_head": ref_lm_head,
-            "chunk_size": cfg.kl_chunk_size, "mask_inputs": ref_hidden_states, "logit_mapping": cfg.activation_mapping})
+        out = model(
+            **model_kwargs,
+            sparsepo={
+                "ref_hidden": ref_hidden,
+                "labels": labels,
+                "mask": mask,
+                "ref_lm_head": ref_lm_head,
+                "chunk_size": cfg.kl_chunk_size,
+                "mask_inputs": ref_hidden_states,
+                "logit_mapping": cfg.activation_mapping,
+            },
+        )
         ones = torch.ones_like(out["logratio"])
         if cfg.mask_type == "learned":
             reward_mask = out["masks"].get("reward", out["masks"].get("common"))
@@ -602,9 +731,13 @@ class SparsePOTrainer(MethodStateMixin, DPOTrainer):
         else:
             reward_mask = kl_mask = ones
         cm = mask.to(ones.dtype)  # masks are only defined on completion tokens
-        return {"logratio": out["logratio"], "neg_kl": out["neg_kl"], "mask": mask,
-                "reward_mask": (reward_mask if cfg.mask_on_reward else ones) * cm,
-                "kl_mask": (kl_mask if cfg.mask_on_kl else ones) * cm}
+        return {
+            "logratio": out["logratio"],
+            "neg_kl": out["neg_kl"],
+            "mask": mask,
+            "reward_mask": (reward_mask if cfg.mask_on_reward else ones) * cm,
+            "kl_mask": (kl_mask if cfg.mask_on_kl else ones) * cm,
+        }
 
     @torch.no_grad()
     def token_masks(self, inputs) -> dict:
@@ -617,21 +750,29 @@ class SparsePOTrainer(MethodStateMixin, DPOTrainer):
         t = self._terms_and_masks(model, inputs)
         l1_u = self.l1_reward if cfg.mask_on_reward else 0.0
         l1_d = self.l1_kl if cfg.mask_on_kl else 0.0
-        loss = sparsepo_loss(t["logratio"], t["neg_kl"], t["reward_mask"], t["kl_mask"], t["mask"], cfg.beta, l1_u, l1_d).mean()
+        loss = sparsepo_loss(
+            t["logratio"], t["neg_kl"], t["reward_mask"], t["kl_mask"], t["mask"], cfg.beta, l1_u, l1_d
+        ).mean()
         self._log_metrics(mode, t["logratio"], t["neg_kl"], t["reward_mask"], t["kl_mask"], t["mask"])
         if cfg.mask_type == "learned" and not getattr(self, "_checked_dead_mask", False):
             self._checked_dead_mask = True
             learned = (t["reward_mask"] if cfg.mask_on_reward else 0) + (t["kl_mask"] if cfg.mask_on_kl else 0)
-            if (cfg.mask_on_reward or cfg.mask_on_kl) and self.accelerator.gather(learned.detach().abs().sum()).sum() == 0:
-                logger.warning("SparsePO: the learned mask is exactly 0 on every completion token of the first batch "
-                               "(ReLU dead at initialisation): no gradient reaches the policy or the mask. Try another "
-                               "seed, or mask_mixer_activation: resc.")
+            if (cfg.mask_on_reward or cfg.mask_on_kl) and self.accelerator.gather(
+                learned.detach().abs().sum()
+            ).sum() == 0:
+                logger.warning(
+                    "SparsePO: the learned mask is exactly 0 on every completion token of the first batch "
+                    "(ReLU dead at initialisation): no gradient reaches the policy or the mask. Try another "
+                    "seed, or mask_mixer_activation: resc."
+                )
         if not return_outputs:
             return loss
         # As DPO: the policy's logits from a plain forward (the chunked path builds none), for DPO's
         # prediction_step and compute_metrics; the SparsePO terms and masks ride along.
         with torch.no_grad():
-            logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False).logits
+            logits = model(
+                input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False
+            ).logits
         return loss, SparsePOOutputs(logits=logits, **t)
 
     def _activation_mask(self, ref_logit_mean, mask):
@@ -656,7 +797,9 @@ class SparsePOTrainer(MethodStateMixin, DPOTrainer):
             m = reward_mask * cm
             tokens = cm.sum(-1)
             stats = {
-                "rewards/chosen": chosen, "rewards/rejected": rejected, "rewards/margins": chosen - rejected,
+                "rewards/chosen": chosen,
+                "rewards/rejected": rejected,
+                "rewards/margins": chosen - rejected,
                 "rewards/accuracies": (chosen > rejected).float(),
                 "mask/mean": m.sum(-1) / tokens.clamp_min(1),
                 "mask/sparsity": ((reward_mask == 0) & mask).sum(-1) / tokens.clamp_min(1),
@@ -687,4 +830,6 @@ class SparsePOTrainer(MethodStateMixin, DPOTrainer):
         nets = self._inner_model(self.model).sparsepo_masks
         with gathered(nets.parameters(), modifier_rank=0):
             current = nets.state_dict()
-            nets.load_state_dict({k: v.to(current[k].device, current[k].dtype) for k, v in state["mask_networks"].items()})
+            nets.load_state_dict(
+                {k: v.to(current[k].device, current[k].dtype) for k, v in state["mask_networks"].items()}
+            )

@@ -70,8 +70,17 @@ from trl.trainer.utils import maybe_gather_lm_head_ctx
 THR_MODES = ("reweight", "dominant_only", "nthr")
 IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence", "sequence_token")
 # Inputs of TRL 1.16's _get_per_token_logps_and_entropies that only vision-language models carry.
-MULTIMODAL_KEYS = ("pixel_values", "image_grid_thw", "num_images", "pixel_attention_mask", "spatial_shapes",
-                   "num_tiles", "image_sizes", "mm_token_type_ids", "image_position_ids")
+MULTIMODAL_KEYS = (
+    "pixel_values",
+    "image_grid_thw",
+    "num_images",
+    "pixel_attention_mask",
+    "spatial_shapes",
+    "num_tiles",
+    "image_sizes",
+    "mm_token_type_ids",
+    "image_position_ids",
+)
 
 
 @dataclass
@@ -80,20 +89,26 @@ class THRGRPOConfig(GRPOConfig):
 
     thr_p: float = field(
         default=0.0,
-        metadata={"help": "THR steering scalar p: dominant tokens get A (1 + p sgn THR). p > 0 exploitation (greedy "
-                  "accuracy), p < 0 exploration (Pass@K), 0 = GRPO (with thr_mode=reweight). |p| <= 1 keeps every "
-                  "token's advantage sign; larger |p| is allowed but flips the sign of some tokens' advantages. "
-                  "Ignored by thr_mode=nthr."},
+        metadata={
+            "help": "THR steering scalar p: dominant tokens get A (1 + p sgn THR). p > 0 exploitation (greedy "
+            "accuracy), p < 0 exploration (Pass@K), 0 = GRPO (with thr_mode=reweight). |p| <= 1 keeps every "
+            "token's advantage sign; larger |p| is allowed but flips the sign of some tokens' advantages. "
+            "Ignored by thr_mode=nthr."
+        },
     )
     thr_mode: str = field(
         default="reweight",
-        metadata={"help": "reweight (dominant tokens reweighted, others keep A), dominant_only (others get 0: "
-                  "'THR-only' training) or nthr (NTHR: selected tokens of incorrect samples get eta A)."},
+        metadata={
+            "help": "reweight (dominant tokens reweighted, others keep A), dominant_only (others get 0: "
+            "'THR-only' training) or nthr (NTHR: selected tokens of incorrect samples get eta A)."
+        },
     )
     thr_beta: float = field(
         default=1.0,
-        metadata={"help": "threshold scale beta: tau = beta * min over correct samples of their mean token influence "
-                  "(NTHR uses 1; its ablation: -inf, 0, 0.1, 1)."},
+        metadata={
+            "help": "threshold scale beta: tau = beta * min over correct samples of their mean token influence "
+            "(NTHR uses 1; its ablation: -inf, 0, 0.1, 1)."
+        },
     )
     correct_threshold: float = field(
         default=1.0,
@@ -101,10 +116,12 @@ class THRGRPOConfig(GRPOConfig):
     )
     importance_sampling_level: str = field(
         default="token",
-        metadata={"help": "token (GRPO), sequence (TRL's GSPO: one ratio per sequence, which mixes per-token "
-                  "advantages) or sequence_token (GSPO-token: sg[s_i] pi(y_t)/sg[pi(y_t)], recommended with THR "
-                  "when a sequence-level ratio is wanted; only the importance ratio changes: the KL term and the "
-                  "off-policy mask use the current log-probs)."},
+        metadata={
+            "help": "token (GRPO), sequence (TRL's GSPO: one ratio per sequence, which mixes per-token "
+            "advantages) or sequence_token (GSPO-token: sg[s_i] pi(y_t)/sg[pi(y_t)], recommended with THR "
+            "when a sequence-level ratio is wanted; only the importance ratio changes: the KL term and the "
+            "off-policy mask use the current log-probs)."
+        },
     )
 
     def __post_init__(self):
@@ -114,8 +131,10 @@ class THRGRPOConfig(GRPOConfig):
         if self.thr_mode not in THR_MODES:
             raise ValueError(f"thr_mode={self.thr_mode!r}; valid: {', '.join(THR_MODES)}")
         if self.importance_sampling_level not in IMPORTANCE_SAMPLING_LEVELS:
-            raise ValueError(f"importance_sampling_level={self.importance_sampling_level!r}; "
-                             f"valid: {', '.join(IMPORTANCE_SAMPLING_LEVELS)}")
+            raise ValueError(
+                f"importance_sampling_level={self.importance_sampling_level!r}; "
+                f"valid: {', '.join(IMPORTANCE_SAMPLING_LEVELS)}"
+            )
         if not math.isfinite(self.thr_p):
             raise ValueError(f"thr_p must be finite (got {self.thr_p})")
         if math.isnan(self.thr_beta):
@@ -307,7 +326,6 @@ class THRGRPOTrainer(GRPOTrainer):
 
     _gspo_token = None  # (the loss's copy of inputs, loss mask) while a GSPO-token loss is computed
 
-
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         # TRL gathers the rewards of the whole generation batch over processes here: keep them for "correct".
         self._thr_rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
@@ -329,9 +347,11 @@ class THRGRPOTrainer(GRPOTrainer):
         completion_ids = out["completion_ids"]
         present = [key for key in MULTIMODAL_KEYS if out.get(key) is not None]
         if present:
-            raise ValueError(f"THR-GRPO does not support multimodal inputs ({', '.join(present)}): the old-policy "
-                             "forward that gives the hidden states feeds the language backbone token ids only; use "
-                             "method: grpo for vision-language models")
+            raise ValueError(
+                f"THR-GRPO does not support multimodal inputs ({', '.join(present)}): the old-policy "
+                "forward that gives the hidden states feeds the language backbone token ids only; use "
+                "method: grpo for vision-language models"
+            )
         # TRL's loss mask: completion tokens that are the policy's own (tool results have tool_mask = 0; truncated
         # completions are already zeroed under mask_truncated_completions). Only these tokens enter V*, M+, tau, s.
         tool_mask = out.get("tool_mask")
@@ -384,10 +404,12 @@ class THRGRPOTrainer(GRPOTrainer):
                 stats["tau"].append(torch.as_tensor(tau, dtype=torch.float32))
         for key, values in stats.items():  # identical on every rank: no reduction needed
             if values:
-                self._metrics["train"][f"thr/{key}"].append(torch.stack([v.float().cpu() for v in values]).mean().item())
+                self._metrics["train"][f"thr/{key}"].append(
+                    torch.stack([v.float().cpu() for v in values]).mean().item()
+                )
         self._metrics["train"]["thr/mixed_groups"].append(float(len(stats["tau"])))
         rank = acc.process_index
-        return result[rank * local_b:(rank + 1) * local_b, :local_t]
+        return result[rank * local_b : (rank + 1) * local_b, :local_t]
 
     def _thr_is_neutral(self):
         """True when THR cannot change any advantage: ``thr_mode=reweight`` with p = 0 gives A (1 + 0) = A on
@@ -414,9 +436,13 @@ class THRGRPOTrainer(GRPOTrainer):
             with disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
                 for i in range(0, input_ids.size(0), batch):
                     with self.accelerator.autocast():
-                        self.model(input_ids=input_ids[i:i + batch], attention_mask=attention_mask[i:i + batch],
-                                   logits_to_keep=1, use_cache=False)
-                    h = captured["h"][:, prompt_ids.size(1) - 1:-1].float()
+                        self.model(
+                            input_ids=input_ids[i : i + batch],
+                            attention_mask=attention_mask[i : i + batch],
+                            logits_to_keep=1,
+                            use_cache=False,
+                        )
+                    h = captured["h"][:, prompt_ids.size(1) - 1 : -1].float()
                     hiddens.append(h)
                     lses.append(self._chunked_lse(h))
         finally:
@@ -427,7 +453,7 @@ class THRGRPOTrainer(GRPOTrainer):
         flat = hidden.reshape(-1, hidden.size(-1))
         head = self._inner(self.model).get_output_embeddings()
         with maybe_gather_lm_head_ctx(head.weight, head.bias):
-            out = [self._thr_head_logits(flat[s:s + chunk]).logsumexp(-1) for s in range(0, flat.size(0), chunk)]
+            out = [self._thr_head_logits(flat[s : s + chunk]).logsumexp(-1) for s in range(0, flat.size(0), chunk)]
         return torch.cat(out).view(hidden.shape[:-1])
 
     @torch.no_grad()

@@ -76,29 +76,89 @@ MASK_METHODS = ("wagle", "random", "magnitude", "snip", "dense")
 class WAGLEConfig(TrainingArguments):
     """TrainingArguments plus the WAGLE settings; defaults from the official TOFU GradDiff+WAGLE config."""
 
-    objective: str = field(default="graddiff", metadata={"help": "unlearning loss: graddiff (GA+FT), npo (NPO+FT) or po (refusal answers, CL+FT)."})
-    mask_method: str = field(default="wagle", metadata={"help": "wagle (|(theta - g_r/gamma) g_f|), random, magnitude (|theta|), snip (|theta g_f|) or dense (all weights; ignores mask_ratio)."})
-    mask_ratio: float = field(default=0.95, metadata={"help": "fraction of weights updated (global top int(n*ratio)); official: TOFU 0.95 GradDiff/NPO, 0.8 PO; WMDP 0.4 GradDiff, 0.6 NPO."})
-    gamma: float = field(default=1e-6, metadata={"help": "Hessian-diagonal constant gamma ('mu' in the official configs: 1e-6)."})
+    objective: str = field(
+        default="graddiff",
+        metadata={"help": "unlearning loss: graddiff (GA+FT), npo (NPO+FT) or po (refusal answers, CL+FT)."},
+    )
+    mask_method: str = field(
+        default="wagle",
+        metadata={
+            "help": (
+                "wagle (|(theta - g_r/gamma) g_f|), random, magnitude (|theta|), snip (|theta g_f|) or dense (all "
+                "weights; ignores mask_ratio)."
+            )
+        },
+    )
+    mask_ratio: float = field(
+        default=0.95,
+        metadata={
+            "help": (
+                "fraction of weights updated (global top int(n*ratio)); official: TOFU 0.95 GradDiff/NPO, 0.8 PO; "
+                "WMDP 0.4 GradDiff, 0.6 NPO."
+            )
+        },
+    )
+    gamma: float = field(
+        default=1e-6, metadata={"help": "Hessian-diagonal constant gamma ('mu' in the official configs: 1e-6)."}
+    )
     npo_beta: float = field(default=0.1, metadata={"help": "NPO inverse temperature beta (official: 0.1, hard-coded)."})
     retain_weight: float = field(default=1.0, metadata={"help": "weight lambda of the retain CE in every objective."})
-    mask_path: str | None = field(default=None, metadata={"help": "load this saved mask (safetensors) instead of computing one; it must match the model's trainable parameters."})
+    mask_path: str | None = field(
+        default=None,
+        metadata={
+            "help": (
+                "load this saved mask (safetensors) instead of computing one; it must match the model's trainable "
+                "parameters."
+            )
+        },
+    )
     mask_seed: int = field(default=0, metadata={"help": "seed of the random mask baseline."})
-    attribution_batches: int = field(default=-1, metadata={"help": "paired batches used for the gradient sums of phase 1; -1: the whole forget loader."})
-    keep_grads_on_cpu: bool = field(default=False, metadata={"help": "keep the phase-1 gradient sums and scores on CPU (saves accelerator memory)."})
-    mask_chunk_size: int = field(default=2**22, metadata={"help": "entries processed at once by the global top-k threshold search."})
-    attribution_micro_batch: int = field(default=1, metadata={"help": "phase 1 runs each batch this many rows at a time, each piece's token-sum CE divided by the whole batch's answer tokens: the batch's token-mean gradient with the activations of a smaller batch (0: whole batches)."})
+    attribution_batches: int = field(
+        default=-1,
+        metadata={"help": "paired batches used for the gradient sums of phase 1; -1: the whole forget loader."},
+    )
+    keep_grads_on_cpu: bool = field(
+        default=False, metadata={"help": "keep the phase-1 gradient sums and scores on CPU (saves accelerator memory)."}
+    )
+    mask_chunk_size: int = field(
+        default=2**22, metadata={"help": "entries processed at once by the global top-k threshold search."}
+    )
+    attribution_micro_batch: int = field(
+        default=1,
+        metadata={
+            "help": (
+                "phase 1 runs each batch this many rows at a time, each piece's token-sum CE divided by the whole "
+                "batch's answer tokens: the batch's token-mean gradient with the activations of a smaller batch (0: "
+                "whole batches)."
+            )
+        },
+    )
     # official training arguments (TOFU GradDiff+WAGLE): warmup max(1, max_steps // 10) ~ ratio 0.1
     learning_rate: float = field(default=7e-6, metadata={"help": "official: 7e-6 TOFU GradDiff, 1e-5 NPO, 2e-5 PO."})
     weight_decay: float = field(default=0.1, metadata={"help": "official: 0.1 TOFU, 0.0 WMDP."})
     num_train_epochs: float = field(default=5.0, metadata={"help": "official: 5."})
     per_device_train_batch_size: int = field(default=1, metadata={"help": "official: 1 (x 4 accumulation steps)."})
     gradient_accumulation_steps: int = field(default=4, metadata={"help": "official: 4."})
-    warmup_steps: float = field(default=0.1, metadata={"help": "official: max(1, max_steps // 10) steps; a float < 1 is a ratio."})
+    warmup_steps: float = field(
+        default=0.1, metadata={"help": "official: max(1, max_steps // 10) steps; a float < 1 is a ratio."}
+    )
     # data and model loading (trainer side)
     max_length: int = field(default=512, metadata={"help": "tokens per example (prompt + answer), cut on the right."})
-    prompt_template: str = field(default="{prompt}", metadata={"help": "format of plain-string prompts (conversational ones use the chat template), e.g. '[INST] {prompt} [/INST]' for TOFU's Llama-2."})
-    model_init_kwargs: dict | None = field(default=None, metadata={"help": "keyword arguments of from_pretrained when the model is given as a path (set by the recipe loader)."})
+    prompt_template: str = field(
+        default="{prompt}",
+        metadata={
+            "help": (
+                "format of plain-string prompts (conversational ones use the chat template), e.g. '[INST] {prompt} "
+                "[/INST]' for TOFU's Llama-2."
+            )
+        },
+    )
+    model_init_kwargs: dict | None = field(
+        default=None,
+        metadata={
+            "help": "keyword arguments of from_pretrained when the model is given as a path (set by the recipe loader)."
+        },
+    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -115,7 +175,10 @@ class WAGLEConfig(TrainingArguments):
         if self.mask_chunk_size < 1 or self.attribution_batches == 0 or self.attribution_batches < -1:
             raise ValueError("mask_chunk_size must be >= 1 and attribution_batches -1 or >= 1")
         if self.max_length < 2 or "{prompt}" not in self.prompt_template:
-            raise ValueError(f"max_length must be >= 2 and prompt_template must contain '{{prompt}}' (got {self.max_length}, {self.prompt_template!r})")
+            raise ValueError(
+                f"max_length must be >= 2 and prompt_template must contain '{{prompt}}' (got {self.max_length}, "
+                f"{self.prompt_template!r})"
+            )
 
 
 # ----------------------------------------------------------------------------------------------- pure math
@@ -143,7 +206,10 @@ def _attribution_scores_(grad_retain, theta, grad_forget, gamma):
 def snip_scores(params, grad_forget):
     """SNIP baseline {name: |theta * g_f|} (WAGLE without the retain correction)."""
     _check_names(params, grad_forget, "grad_forget")
-    return {n: (t.detach().to(grad_forget[n].device, torch.float32) * grad_forget[n].float()).abs() for n, t in params.items()}
+    return {
+        n: (t.detach().to(grad_forget[n].device, torch.float32) * grad_forget[n].float()).abs()
+        for n, t in params.items()
+    }
 
 
 def magnitude_scores(params):
@@ -169,7 +235,7 @@ def _keys(x, wide):
 
 def _chunks(tensor, size):
     flat = tensor.reshape(-1)
-    return [flat[i:i + size] for i in range(0, flat.numel(), size)]
+    return [flat[i : i + size] for i in range(0, flat.numel(), size)]
 
 
 def top_ratio_mask(scores, ratio, chunk_size=2**24, group=None):
@@ -186,10 +252,13 @@ def top_ratio_mask(scores, ratio, chunk_size=2**24, group=None):
     same names in the same order)."""
     if not 0.0 <= ratio <= 1.0:
         raise ValueError(f"ratio must be in [0, 1] (got {ratio})")
+
     def total(t):  # over the shards of all ranks, or of this process alone
         return t if group is None else sum_over_ranks(t, group)
 
-    local = torch.tensor([sum(s.numel() for s in scores.values()), sum(int(torch.isnan(s).sum()) for s in scores.values())])
+    local = torch.tensor(
+        [sum(s.numel() for s in scores.values()), sum(int(torch.isnan(s).sum()) for s in scores.values())]
+    )
     n, nans = total(local).tolist()
     if nans:
         raise ValueError("NaN in the mask scores")
@@ -216,8 +285,10 @@ def top_ratio_mask(scores, ratio, chunk_size=2**24, group=None):
         need -= int(at_least[i] - hist[digit])
         prefix = digit - 128 if top else prefix * 256 + digit
     threshold = prefix  # and the first `need` ties of the global order are kept
-    ties = torch.tensor([sum(int((_keys(c, wide) == threshold).sum()) for c in _chunks(s, chunk_size))
-                         for s in scores.values()], dtype=torch.int64)
+    ties = torch.tensor(
+        [sum(int((_keys(c, wide) == threshold).sum()) for c in _chunks(s, chunk_size)) for s in scores.values()],
+        dtype=torch.int64,
+    )
     if group is None:
         before = ties.cumsum(0) - ties  # ties in the tensors before each one
     else:
@@ -367,7 +438,7 @@ def accumulate_gradients(model, loader, loss_fn=None, *, max_batches=None, to_cp
                 if zero3:
                     from deepspeed.utils import safe_get_local_grad
 
-                    grad = safe_get_local_grad(p).reshape(-1)[:_zero3_range(p)[1]]  # a view of DeepSpeed's buffer
+                    grad = safe_get_local_grad(p).reshape(-1)[: _zero3_range(p)[1]]  # a view of DeepSpeed's buffer
                 elif name in folded:
                     grad = folded.pop(name)
                 else:
@@ -383,8 +454,18 @@ def accumulate_gradients(model, loader, loss_fn=None, *, max_batches=None, to_cp
     return sums
 
 
-def build_mask(model, method, ratio, grad_forget=None, grad_retain=None, gamma=1e-6, seed=0, chunk_size=2**24, device=None,
-               consume=False):
+def build_mask(
+    model,
+    method,
+    ratio,
+    grad_forget=None,
+    grad_retain=None,
+    gamma=1e-6,
+    seed=0,
+    chunk_size=2**24,
+    device=None,
+    consume=False,
+):
     """The phase-1 mask of ``method`` (MASK_METHODS) over the model's trainable parameters; scores go to
     ``device`` (default: where they are computed). ``consume=True`` empties the gradient dicts as the scores are
     made, so scores and gradient sums never coexist in full (peak: model + the two sums)."""
@@ -396,7 +477,9 @@ def build_mask(model, method, ratio, grad_forget=None, grad_retain=None, gamma=1
     if method not in ("wagle", "snip", "magnitude"):
         raise ValueError(f"mask method {method!r}; valid: {', '.join(MASK_METHODS)}")
     if (method != "magnitude" and grad_forget is None) or (method == "wagle" and grad_retain is None):
-        raise ValueError(f"mask method {method!r} needs the forget{' and retain' if method == 'wagle' else ''} gradient sums")
+        raise ValueError(
+            f"mask method {method!r} needs the forget{' and retain' if method == 'wagle' else ''} gradient sums"
+        )
     if any(_is_zero3(p) for _, p in named):
         raise ValueError("build_mask needs whole parameters; under ZeRO-3 WAGLETrainer scores each rank's pieces")
     scores = {}
@@ -445,7 +528,7 @@ def partition_masks(engine, mask):
                 _, offset, count = opt.grad_position[opt.get_param_id(p)]
                 start = count * opt._get_param_partition_rank(p)
                 real = max(0, min(count, p.ds_numel - start))
-                local[offset:offset + real] = mask[names[id(p)]].reshape(-1)[start:start + real].cpu()
+                local[offset : offset + real] = mask[names[id(p)]].reshape(-1)[start : start + real].cpu()
             out[id(flat)] = local.to(flat.device)
     elif hasattr(opt, "single_partition_of_fp32_groups"):  # ZeRO-1/2 (stage_1_and_2.py)
         for i, group in enumerate(opt.bit16_groups):
@@ -453,11 +536,15 @@ def partition_masks(engine, mask):
             local = torch.zeros(flat.numel(), dtype=torch.bool)
             for p in (p for p in group if id(p) in names and getattr(p, "_hp_mapping", None) is not None):
                 hp, lp = p._hp_mapping.hp_fragment_address, p._hp_mapping.lp_fragment_address
-                local[hp.start:hp.start + hp.numel] = mask[names[id(p)]].reshape(-1)[lp.start:lp.start + lp.numel].cpu()
+                local[hp.start : hp.start + hp.numel] = (
+                    mask[names[id(p)]].reshape(-1)[lp.start : lp.start + lp.numel].cpu()
+                )
             out[id(flat)] = local.to(flat.device)
     else:
-        raise ValueError(f"WAGLE under DeepSpeed needs ZeRO stage 1, 2 or 3 (the optimizer is {type(opt).__name__}): "
-                         "set zero_stage in the accelerate config")
+        raise ValueError(
+            f"WAGLE under DeepSpeed needs ZeRO stage 1, 2 or 3 (the optimizer is {type(opt).__name__}): "
+            "set zero_stage in the accelerate config"
+        )
     return out
 
 
@@ -474,7 +561,9 @@ def install_partition_mask(engine, mask):
                 if t.grad is None:
                     continue
                 if id(t) not in masks:
-                    raise KeyError("DeepSpeed stepped a tensor with no WAGLE mask (not a ZeRO partition of this engine)")
+                    raise KeyError(
+                        "DeepSpeed stepped a tensor with no WAGLE mask (not a ZeRO partition of this engine)"
+                    )
                 t.grad.masked_fill_(~masks[id(t)], 0)
 
     inner = [getattr(engine.optimizer, name, None) for name in ("optimizer", "backup_optimizer")]  # offload: both
@@ -520,18 +609,23 @@ def check_mask(mask, reference, source):
     else:
         shapes = {n: tuple(s.shape if isinstance(s, torch.Tensor) else s) for n, s in reference.items()}
     missing, extra = sorted(set(shapes) - set(mask)), sorted(set(mask) - set(shapes))
-    wrong = [f"{n} {tuple(mask[n].shape)} != {shapes[n]}" for n in shapes if n in mask and tuple(mask[n].shape) != shapes[n]]
+    wrong = [
+        f"{n} {tuple(mask[n].shape)} != {shapes[n]}" for n in shapes if n in mask and tuple(mask[n].shape) != shapes[n]
+    ]
     wrong += [f"{n} has dtype {m.dtype}" for n, m in mask.items() if m.dtype != torch.bool]
     if missing or extra or wrong:
-        raise ValueError(f"mask {source} does not match the model: missing {missing[:5]} ({len(missing)}), "
-                         f"unexpected {extra[:5]} ({len(extra)}), wrong {wrong[:5]} ({len(wrong)})")
+        raise ValueError(
+            f"mask {source} does not match the model: missing {missing[:5]} ({len(missing)}), "
+            f"unexpected {extra[:5]} ({len(extra)}), wrong {wrong[:5]} ({len(wrong)})"
+        )
     return {n: mask[n] for n in shapes}  # the reference's order (safetensors sorts names)
 
 
 # ----------------------------------------------------------------------------------------------- data side
 
 # PO targets. The official code reads a file of polite refusals (``files/data/polite_refusal_responses``, not copied
-# here); this fixed list stands in for it: forget row i is answered with REFUSALS[i % len(REFUSALS)], so the targets are the same on every run.
+# here); this fixed list stands in for it: forget row i is answered with REFUSALS[i % len(REFUSALS)], so the targets
+# are the same on every run.
 REFUSALS = (
     "I'm sorry, but I don't have any information about that.",
     "I'm not able to answer that question.",
@@ -556,7 +650,7 @@ def encode_example(tokenizer, prompt, completion=None, max_length=512, prompt_te
         if not full.startswith(head_text):
             raise ValueError("the chat template renders the prompt differently inside the whole conversation")
         head = tokenizer(head_text, add_special_tokens=False)["input_ids"]
-        tail = tokenizer(full[len(head_text):], add_special_tokens=False)["input_ids"]
+        tail = tokenizer(full[len(head_text) :], add_special_tokens=False)["input_ids"]
     elif completion is None:
         head, tail = [], tokenizer(prompt)["input_ids"] + eos
     else:
@@ -575,8 +669,11 @@ def encode_row(tokenizer, row, max_length=512, prompt_template="{prompt}", answe
         if answer is not None:
             raise ValueError("refusal answers need {prompt, completion} rows, not {text}")
         return encode_example(tokenizer, row["text"], None, max_length)
-    completion = row["completion"] if answer is None else (
-        [{"role": "assistant", "content": answer}] if isinstance(row["prompt"], list) else answer)
+    completion = (
+        row["completion"]
+        if answer is None
+        else ([{"role": "assistant", "content": answer}] if isinstance(row["prompt"], list) else answer)
+    )
     return encode_example(tokenizer, row["prompt"], completion, max_length, prompt_template)
 
 
@@ -588,7 +685,11 @@ def collate(rows, pad_id, prefix=""):
     attention = torch.zeros((len(rows), length), dtype=torch.long)
     for i, r in enumerate(rows):
         n = len(r[prefix + "input_ids"])
-        ids[i, :n], labels[i, :n], attention[i, :n] = torch.tensor(r[prefix + "input_ids"]), torch.tensor(r[prefix + "labels"]), 1
+        ids[i, :n], labels[i, :n], attention[i, :n] = (
+            torch.tensor(r[prefix + "input_ids"]),
+            torch.tensor(r[prefix + "labels"]),
+            1,
+        )
     return {"input_ids": ids, "attention_mask": attention, "labels": labels}
 
 
@@ -600,7 +701,7 @@ def stream_indices(n, seed, start, count):
     while len(out) < count:
         cycle, offset = divmod(position, n)
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + cycle))
-        take = perm[offset:offset + count - len(out)].tolist()
+        take = perm[offset : offset + count - len(out)].tolist()
         out += take
         position += len(take)
     return out
@@ -614,7 +715,7 @@ def _pieces(batches, size):
     for batch in batches:
         tokens = (batch["labels"][:, 1:] != -100).sum()
         for i in range(0, batch["input_ids"].size(0), size):
-            yield {k: v[i:i + size] for k, v in batch.items()}, tokens
+            yield {k: v[i : i + size] for k, v in batch.items()}, tokens
 
 
 def _piece_loss(model, item):
@@ -623,8 +724,12 @@ def _piece_loss(model, item):
     piece, tokens = item
     logits = model(input_ids=piece["input_ids"], attention_mask=piece["attention_mask"]).logits[:, :-1]
     labels = piece["labels"][:, 1:]
-    return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), labels.reshape(-1), ignore_index=-100,
-                           reduction="sum") / tokens
+    return (
+        F.cross_entropy(
+            logits.reshape(-1, logits.size(-1)).float(), labels.reshape(-1), ignore_index=-100, reduction="sum"
+        )
+        / tokens
+    )
 
 
 class _MaskAfterClipping(TrainerCallback):
@@ -647,8 +752,17 @@ class WAGLETrainer(MethodStateMixin, Trainer):
 
     loss_is_scaled_for_ga = False  # compute_loss gives per-batch means: the Trainer divides by the accumulation steps
 
-    def __init__(self, model, args, train_dataset, retain_dataset, processing_class, eval_dataset=None,
-                 peft_config=None, **kwargs):
+    def __init__(
+        self,
+        model,
+        args,
+        train_dataset,
+        retain_dataset,
+        processing_class,
+        eval_dataset=None,
+        peft_config=None,
+        **kwargs,
+    ):
         from datasets import Dataset
         from transformers import AutoModelForCausalLM
         from transformers.integrations import is_deepspeed_zero3_enabled
@@ -660,8 +774,15 @@ class WAGLETrainer(MethodStateMixin, Trainer):
             tokenizer.pad_token = tokenizer.eos_token
         ref = None
         if args.objective == "npo":  # ZeRO-3 partitions weights as they load: load the reference, don't copy a shard
-            ref = (AutoModelForCausalLM.from_pretrained(model.config._name_or_path, **(args.model_init_kwargs or {}))
-                   if is_deepspeed_zero3_enabled() else copy.deepcopy(model)).eval().requires_grad_(False)
+            ref = (
+                (
+                    AutoModelForCausalLM.from_pretrained(model.config._name_or_path, **(args.model_init_kwargs or {}))
+                    if is_deepspeed_zero3_enabled()
+                    else copy.deepcopy(model)
+                )
+                .eval()
+                .requires_grad_(False)
+            )
         if peft_config is not None:
             from peft import get_peft_model
 
@@ -671,18 +792,32 @@ class WAGLETrainer(MethodStateMixin, Trainer):
         for i, row in enumerate(train_dataset):
             item = encode_row(row=row, **enc)
             if args.objective == "po":
-                item.update({f"refusal_{k}": v for k, v in encode_row(row=row, answer=REFUSALS[i % len(REFUSALS)], **enc).items()})
+                item.update(
+                    {
+                        f"refusal_{k}": v
+                        for k, v in encode_row(row=row, answer=REFUSALS[i % len(REFUSALS)], **enc).items()
+                    }
+                )
             self.forget_rows.append(item)
         self.retain_rows = [encode_row(row=row, **enc) for row in retain_dataset]
         if not self.forget_rows or not self.retain_rows:
             raise ValueError("WAGLE needs a non-empty forget set and retain set")
         if eval_dataset is not None:
             eval_dataset = Dataset.from_list([encode_row(row=row, **enc) for row in eval_dataset])
-        super().__init__(model=model, args=args, train_dataset=Dataset.from_list(self.forget_rows),
-                         eval_dataset=eval_dataset, data_collator=self._collate, processing_class=tokenizer, **kwargs)
+        super().__init__(
+            model=model,
+            args=args,
+            train_dataset=Dataset.from_list(self.forget_rows),
+            eval_dataset=eval_dataset,
+            data_collator=self._collate,
+            processing_class=tokenizer,
+            **kwargs,
+        )
         if self.is_fsdp_enabled:
-            raise ValueError("WAGLE masks the gradients between clipping and the optimizer step, which FSDP does not "
-                             "expose: run it with DDP (accelerate_configs/multi_gpu.yaml) or DeepSpeed (zero1/2/3.yaml)")
+            raise ValueError(
+                "WAGLE masks the gradients between clipping and the optimizer step, which FSDP does not "
+                "expose: run it with DDP (accelerate_configs/multi_gpu.yaml) or DeepSpeed (zero1/2/3.yaml)"
+            )
         if ref is not None and self.is_deepspeed_enabled:
             from trl.models import prepare_deepspeed
 
@@ -745,8 +880,17 @@ class WAGLETrainer(MethodStateMixin, Trainer):
             if self._zero3():
                 mask = self._zero3_mask(grad_forget, grad_retain)
             else:
-                mask = build_mask(model, args.mask_method, args.mask_ratio, grad_forget, grad_retain, args.gamma,
-                                  args.mask_seed, args.mask_chunk_size, consume=True)
+                mask = build_mask(
+                    model,
+                    args.mask_method,
+                    args.mask_ratio,
+                    grad_forget,
+                    grad_retain,
+                    args.gamma,
+                    args.mask_seed,
+                    args.mask_chunk_size,
+                    consume=True,
+                )
             source = "phase 1"
         # next to the parameters; under DeepSpeed on the host (install_partition_mask copies each rank's part)
         devices = {n: "cpu" if self.is_deepspeed_enabled else p.device for n, p in trainable_parameters(model)}
@@ -757,8 +901,14 @@ class WAGLETrainer(MethodStateMixin, Trainer):
                 torch.distributed.broadcast(as_bytes, src=0)
                 mask[name] = as_bytes.bool().to(devices[name])
         self.mask = mask
-        self.mask_info = {"method": args.mask_method, "ratio": args.mask_ratio, "gamma": args.gamma,
-                          "objective": args.objective, "density": mask_density(mask), "source": source}
+        self.mask_info = {
+            "method": args.mask_method,
+            "ratio": args.mask_ratio,
+            "gamma": args.gamma,
+            "objective": args.objective,
+            "density": mask_density(mask),
+            "source": source,
+        }
         if args.should_save:
             save_mask(mask, Path(args.output_dir) / MASK_FILE, self.mask_info)
 
@@ -766,13 +916,17 @@ class WAGLETrainer(MethodStateMixin, Trainer):
         """This rank's (forget, retain) batches of phase 1: global batch j holds forget rows j*B ... (dataset order)
         and retain stream positions j*B ...; rank r takes j = r, r + world, ... (all J = ceil(n/B), or
         ``attribution_batches``), so the summed gradients are those of one process over the same J batches."""
-        size, world, rank = self.args.per_device_train_batch_size, self.accelerator.num_processes, self.accelerator.process_index
+        size, world, rank = (
+            self.args.per_device_train_batch_size,
+            self.accelerator.num_processes,
+            self.accelerator.process_index,
+        )
         total = math.ceil(len(self.forget_rows) / size)
         if self.args.attribution_batches > 0:
             total = min(total, self.args.attribution_batches)
         prefix = "refusal_" if self.args.objective == "po" else ""  # official snip_advanced_CL: the refusal CE
         pad = self.processing_class.pad_token_id
-        forget = [collate(self.forget_rows[j * size:(j + 1) * size], pad, prefix) for j in range(rank, total, world)]
+        forget = [collate(self.forget_rows[j * size : (j + 1) * size], pad, prefix) for j in range(rank, total, world)]
         retain = [self.retain_batch(j * size) for j in range(rank, total, world)]
         return forget, retain
 
@@ -783,10 +937,16 @@ class WAGLETrainer(MethodStateMixin, Trainer):
             return self._zero3_gradient_sums(batches)
         model, micro = self.model, self.args.attribution_micro_batch
         if batches and micro:
-            sums = accumulate_gradients(model, _pieces((self._prepare_inputs(b) for b in batches), micro),
-                                        loss_fn=_piece_loss, to_cpu=self.args.keep_grads_on_cpu)
+            sums = accumulate_gradients(
+                model,
+                _pieces((self._prepare_inputs(b) for b in batches), micro),
+                loss_fn=_piece_loss,
+                to_cpu=self.args.keep_grads_on_cpu,
+            )
         elif batches:
-            sums = accumulate_gradients(model, (self._prepare_inputs(b) for b in batches), to_cpu=self.args.keep_grads_on_cpu)
+            sums = accumulate_gradients(
+                model, (self._prepare_inputs(b) for b in batches), to_cpu=self.args.keep_grads_on_cpu
+            )
         else:  # fewer global batches than ranks: this rank adds zeros
             device = "cpu" if self.args.keep_grads_on_cpu else self.args.device
             sums = {n: torch.zeros(_full_shape(p), device=device) for n, p in trainable_parameters(model)}
@@ -798,8 +958,12 @@ class WAGLETrainer(MethodStateMixin, Trainer):
         # every rank must run as many forward/backward passes as the others (each pass gathers the layers from all
         # ranks): this rank's pieces, then zero-weight passes up to the largest count; DeepSpeed averages over ranks
         engine, world, size = self.model_wrapped, self.accelerator.num_processes, self.args.per_device_train_batch_size
-        items = [(piece, tokens, 1.0) for piece, tokens in
-                 _pieces((self._prepare_inputs(b) for b in batches), self.args.attribution_micro_batch or size)]
+        items = [
+            (piece, tokens, 1.0)
+            for piece, tokens in _pieces(
+                (self._prepare_inputs(b) for b in batches), self.args.attribution_micro_batch or size
+            )
+        ]
         count = torch.tensor(len(items), device=self.accelerator.device)
         torch.distributed.all_reduce(count, op=torch.distributed.ReduceOp.MAX)
         if not items:  # fewer global batches than ranks: zero-weight passes on a forget row
@@ -807,9 +971,14 @@ class WAGLETrainer(MethodStateMixin, Trainer):
             items = [(*next(_pieces([row], 1)), 0.0)]
         filler = (*items[0][:2], 0.0)
         items += [filler] * (int(count) - len(items))
-        return accumulate_gradients(engine, items, lambda model, item: _piece_loss(model, item[:2]) * item[2],
-                                    to_cpu=self.args.keep_grads_on_cpu, grad_scale=world,
-                                    backward=lambda loss: engine.backward(loss, scale_wrt_gas=False))
+        return accumulate_gradients(
+            engine,
+            items,
+            lambda model, item: _piece_loss(model, item[:2]) * item[2],
+            to_cpu=self.args.keep_grads_on_cpu,
+            grad_scale=world,
+            backward=lambda loss: engine.backward(loss, scale_wrt_gas=False),
+        )
 
     def _zero3_mask(self, grad_forget, grad_retain):
         # phase 1 without whole parameters or sums: each rank scores its own pieces (fp32 master weights, official
@@ -821,8 +990,10 @@ class WAGLETrainer(MethodStateMixin, Trainer):
         args, world = self.args, self.accelerator.num_processes
         named = trainable_parameters(self.model)
         if any(p._z3_optimizer._get_param_partition_world_size(p) != world for _, p in named):
-            raise NotImplementedError("WAGLE's ZeRO-3 phase 1 needs every parameter partitioned over all ranks "
-                                      "(no MiCS or hpZ secondary partitions)")
+            raise NotImplementedError(
+                "WAGLE's ZeRO-3 phase 1 needs every parameter partitioned over all ranks "
+                "(no MiCS or hpZ secondary partitions)"
+            )
         g, scores = torch.Generator().manual_seed(args.mask_seed), {}
         for name, p in named:
             start, length = _zero3_range(p)
@@ -835,18 +1006,22 @@ class WAGLETrainer(MethodStateMixin, Trainer):
             elif args.mask_method == "magnitude":
                 scores[name] = theta.abs()
             elif args.mask_method == "random":  # the draws of random_scores, whole tensors in order, then this piece
-                scores[name] = torch.rand(_full_shape(p), generator=g).reshape(-1)[start:start + length].clone()
+                scores[name] = torch.rand(_full_shape(p), generator=g).reshape(-1)[start : start + length].clone()
             else:  # dense
                 scores[name] = torch.ones(length)
-        pieces = top_ratio_mask(scores, 1.0 if args.mask_method == "dense" else args.mask_ratio, args.mask_chunk_size,
-                                group=dist.group.WORLD)
+        pieces = top_ratio_mask(
+            scores,
+            1.0 if args.mask_method == "dense" else args.mask_ratio,
+            args.mask_chunk_size,
+            group=dist.group.WORLD,
+        )
         mask = {}
         for name, p in named:
             mine = torch.zeros(p.partition_numel(), dtype=torch.uint8, device=self.accelerator.device)
-            mine[:pieces[name].numel()] = pieces[name].to(mine.device)
+            mine[: pieces[name].numel()] = pieces[name].to(mine.device)
             parts = [torch.empty_like(mine) for _ in range(world)]
             dist.all_gather(parts, mine, group=p._z3_optimizer._get_param_partition_group(p))
-            mask[name] = torch.cat(parts)[:p.ds_numel].view(_full_shape(p)).bool().cpu()
+            mask[name] = torch.cat(parts)[: p.ds_numel].view(_full_shape(p)).bool().cpu()
         return mask
 
     # --- phase 2: the unlearning step --------------------------------------------------------------------
@@ -855,7 +1030,9 @@ class WAGLETrainer(MethodStateMixin, Trainer):
         world, rank = self.accelerator.num_processes, self.accelerator.process_index
         retain = self.retain_batch((self.micro_step * world + rank) * self.args.per_device_train_batch_size)
         self.micro_step += 1
-        return super().training_step(model, {**inputs, **{f"retain_{k}": v for k, v in retain.items()}}, num_items_in_batch)
+        return super().training_step(
+            model, {**inputs, **{f"retain_{k}": v for k, v in retain.items()}}, num_items_in_batch
+        )
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         args = self.args
@@ -894,8 +1071,11 @@ class WAGLETrainer(MethodStateMixin, Trainer):
         """The mask (bool, on the host) and the retain-stream position: a resumed run continues both."""
         if self.mask is None:
             return None
-        return {"mask": {n: m.to("cpu") for n, m in self.mask.items()}, "mask_info": dict(self.mask_info),
-                "micro_step": self.micro_step}
+        return {
+            "mask": {n: m.to("cpu") for n, m in self.mask.items()},
+            "mask_info": dict(self.mask_info),
+            "micro_step": self.micro_step,
+        }
 
     def load_method_state(self, state):
         self.mask = check_mask(state["mask"], self.model, "of the checkpoint")

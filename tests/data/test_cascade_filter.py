@@ -9,9 +9,20 @@ import pytest
 from datasets import Dataset
 
 from posttrain import UserError
-from posttrain.data.cascade_filter import (BlocklistStage, CascadeFilter, ClassifierStage, JudgeStage,
-                                           blocklist_hits, chunk_words, classification_report, document_text,
-                                           mine_blocklist, parse_judgment, replacement_rows, select_keywords)
+from posttrain.data.cascade_filter import (
+    BlocklistStage,
+    CascadeFilter,
+    ClassifierStage,
+    JudgeStage,
+    blocklist_hits,
+    chunk_words,
+    classification_report,
+    document_text,
+    mine_blocklist,
+    parse_judgment,
+    replacement_rows,
+    select_keywords,
+)
 from posttrain.data.generators import topic_corpus
 from posttrain.recipes.config import load_recipe
 
@@ -28,13 +39,20 @@ def test_blocklist_hits_counts_distinct_keywords_case_insensitively_and_stops_at
     assert blocklist_hits("nothing here", keywords, 2) == []
     stage = BlocklistStage(keywords, min_hits=2)
     assert stage.judge(["Lava and MAGMA", "only lava", ""]) == [
-        (True, {"keywords": "lava, magma"}), (False, {"keywords": "lava"}), (False, {"keywords": ""})]
+        (True, {"keywords": "lava, magma"}),
+        (False, {"keywords": "lava"}),
+        (False, {"keywords": ""}),
+    ]
 
 
 def test_select_keywords_keeps_pos_ratio_strictly_above_the_threshold_and_relevant_only():
-    rows = [{"keyword": "lava", "pos_ratio": 0.9}, {"keyword": "edge", "pos_ratio": 0.4},
-            {"keyword": "above", "pos_ratio": 0.41}, {"keyword": "curated_out", "pos_ratio": 0.95, "is_relevant": False},
-            {"keyword": "magma", "pos_ratio": 0.5, "is_relevant": True}]
+    rows = [
+        {"keyword": "lava", "pos_ratio": 0.9},
+        {"keyword": "edge", "pos_ratio": 0.4},
+        {"keyword": "above", "pos_ratio": 0.41},
+        {"keyword": "curated_out", "pos_ratio": 0.95, "is_relevant": False},
+        {"keyword": "magma", "pos_ratio": 0.5, "is_relevant": True},
+    ]
     assert select_keywords(rows, 0.4) == ["above", "lava", "magma"]
 
 
@@ -51,15 +69,26 @@ def test_mine_blocklist_measures_pos_ratio_per_document():
 def test_chunk_words_and_document_text():
     assert chunk_words("a b c d e", 2) == ["a b", "c d", "e"]
     assert chunk_words("", 8) == [""]
-    row = {"prompt": [{"role": "user", "content": "Why?"}], "completion": [{"role": "assistant", "content": "Lava."}],
-           "score": 3}
+    row = {
+        "prompt": [{"role": "user", "content": "Why?"}],
+        "completion": [{"role": "assistant", "content": "Lava."}],
+        "score": 3,
+    }
     assert document_text(row) == "Why?\nLava."
     assert document_text({"body": "x", "text": "y"}, "body") == "x"
 
 
-@pytest.mark.parametrize("completion, expected", [
-    ("[1]", True), ("Answer: [0]", False), ("first [1], final [0]", False), ("first [0] then [ 1 ]", True),
-    ("[0] but 1 later", False), ("Rating [7]", False)])
+@pytest.mark.parametrize(
+    "completion, expected",
+    [
+        ("[1]", True),
+        ("Answer: [0]", False),
+        ("first [1], final [0]", False),
+        ("first [0] then [ 1 ]", True),
+        ("[0] but 1 later", False),
+        ("Rating [7]", False),
+    ],
+)
 def test_parse_judgment_reads_the_first_digit_after_the_last_bracket(completion, expected):
     assert parse_judgment(completion) is expected
 
@@ -157,8 +186,9 @@ def test_each_stage_judges_only_what_the_previous_stage_flagged_and_writes_the_o
         judged_by_lm.append(text)
         return "[0]" if text.startswith("magma") else "[1]"
 
-    out = CascadeFilter([BlocklistStage(["lava", "magma"]), ClassifierStage(model), JudgeStage(judge)], "weak",
-                        keep_size=True).apply(data)
+    out = CascadeFilter(
+        [BlocklistStage(["lava", "magma"]), ClassifierStage(model), JudgeStage(judge)], "weak", keep_size=True
+    ).apply(data)
     assert model.seen == [texts[0], texts[1], texts[4]]  # escalated by the blocklist only
     assert judged_by_lm == [texts[0], texts[4]]  # flagged by the classifier only
     a = out.annotated
@@ -185,7 +215,9 @@ def test_the_classifier_scores_every_chunk_and_flags_when_any_chunk_is_above_the
     verdicts = stage.judge(["calm quiet day then an eruption", "calm quiet day"])
     assert model.seen == ["calm quiet day", "then an eruption", "calm quiet day"]  # 3-word chunks
     assert verdicts[0][0] is True and verdicts[1][0] is False
-    assert verdicts[0][1]["highest_score"] == pytest.approx(0.9) and verdicts[0][1]["lowest_score"] == pytest.approx(0.1)
+    assert verdicts[0][1]["highest_score"] == pytest.approx(0.9) and verdicts[0][1]["lowest_score"] == pytest.approx(
+        0.1
+    )
     assert verdicts[0][1]["mean_score"] == pytest.approx(0.5) and stage.calls == 2
     assert ClassifierStage(_CountingModel(), threshold=0.9).judge(["eruption"])[0][0] is False  # strictly above
 
@@ -198,8 +230,9 @@ def test_without_enough_approved_documents_all_are_added_and_the_shortfall_is_re
     assert out.report["replaced"] == 1 and out.report["shortfall"] == 1 and len(out.dataset) == 3
     assert out.dataset["text"] == ["lava magma cake", "plain", "lava magma cake"]
     assert out.report["labels"] is False and "recall" not in out.report["stages"]["combined_filter"]
-    off = CascadeFilter([BlocklistStage(["lava", "magma"]), ClassifierStage(_CountingModel())], "weak",
-                        keep_size=False).apply(data)
+    off = CascadeFilter(
+        [BlocklistStage(["lava", "magma"]), ClassifierStage(_CountingModel())], "weak", keep_size=False
+    ).apply(data)
     assert off.dataset["text"] == ["lava magma cake", "plain"] and off.report["shortfall"] is None
 
 
@@ -230,15 +263,18 @@ def test_the_paper_experiment_weak_filter_keeps_recall_and_halves_the_false_posi
 # -------------------------------------------------------------------------------------------- recipes and CLI
 
 
-@pytest.mark.parametrize("overrides, message", [
-    ({"data_filter_treshold": 0.3}, "unknown key 'data_filter_treshold'.*did you mean 'data_filter_threshold'"),
-    ({"data_filter": "medium"}, "data_filter must be strong or weak"),
-    ({"data_filter_labelled": None}, "data_filter_labelled must name a labelled set"),
-    ({"data_filter": "strong", "data_filter_judge": "json:loads"}, "judge is a stage of the weak filter"),
-    ({"data_filter_judge": "no_such_module:fn"}, "cannot be imported"),
-    ({"data_filter_threshold": 1.5}, r"data_filter_threshold must be in \[0, 1\)"),
-    ({"data_filter_blocklist": "/no/such/keywords.csv"}, "file not found"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"data_filter_treshold": 0.3}, "unknown key 'data_filter_treshold'.*did you mean 'data_filter_threshold'"),
+        ({"data_filter": "medium"}, "data_filter must be strong or weak"),
+        ({"data_filter_labelled": None}, "data_filter_labelled must name a labelled set"),
+        ({"data_filter": "strong", "data_filter_judge": "json:loads"}, "judge is a stage of the weak filter"),
+        ({"data_filter_judge": "no_such_module:fn"}, "cannot be imported"),
+        ({"data_filter_threshold": 1.5}, r"data_filter_threshold must be in \[0, 1\)"),
+        ({"data_filter_blocklist": "/no/such/keywords.csv"}, "file not found"),
+    ],
+)
 def test_bad_filter_keys_are_one_recipe_error(overrides, message):
     with pytest.raises(UserError, match=message):
         load_recipe("cascade_filter/tiny", overrides)
@@ -272,10 +308,19 @@ def test_an_official_keyword_csv_and_a_judge_module_drive_the_filter_of_a_prefer
 
     (tmp_path / "my_judge.py").write_text("def judge(text):\n    return '[0]' if 'Juliet' in text else '[1]'\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    recipe = load_recipe("dpo/tiny", {"num_samples": 64, "data_filter": "weak", "data_filter_blocklist": str(csv),
-                                      "data_filter_labelled": "builtin:topic_corpus",
-                                      "data_filter_labelled_split": "labelled", "data_filter_threshold": 0.0,
-                                      "data_filter_judge": "my_judge:judge", "data_filter_keep_size": False})
+    recipe = load_recipe(
+        "dpo/tiny",
+        {
+            "num_samples": 64,
+            "data_filter": "weak",
+            "data_filter_blocklist": str(csv),
+            "data_filter_labelled": "builtin:topic_corpus",
+            "data_filter_labelled_split": "labelled",
+            "data_filter_threshold": 0.0,
+            "data_filter_judge": "my_judge:judge",
+            "data_filter_keep_size": False,
+        },
+    )
     train = load_task_datasets("preference", recipe.data_args, recipe.data_filter, report_dir=str(tmp_path))["train"]
     report = json.loads((tmp_path / "data_filter_report.json").read_text())
     # threshold 0: the classifier flags every escalation, so the judge decides
@@ -298,15 +343,17 @@ def test_posttrain_list_shows_the_data_stage(capsys):
 def test_a_tiny_sft_run_trains_on_the_kept_and_replaced_rows_only(tmp_path):
     from posttrain.recipes.train import build_trainer
 
-    recipe = load_recipe("cascade_filter/tiny", {"num_samples": 300, "max_steps": 1, "max_length": 1024,
-                                                 "output_dir": str(tmp_path)})
+    recipe = load_recipe(
+        "cascade_filter/tiny", {"num_samples": 300, "max_steps": 1, "max_length": 1024, "output_dir": str(tmp_path)}
+    )
     trainer = build_trainer(recipe)
     report = json.loads((tmp_path / "data_filter_report.json").read_text())
     corpus = topic_corpus(300, seed=0)
-    labelled, texts, labels = corpus["labelled"], corpus["labelled"]["text"], corpus["labelled"]["is_filter_target"]
+    texts, labels = corpus["labelled"]["text"], corpus["labelled"]["is_filter_target"]
     keywords = select_keywords(mine_blocklist(texts, labels, min_docs=5), 0.4)
-    expected = CascadeFilter([BlocklistStage(keywords, 2), ClassifierStage.train(texts, labels)], "weak",
-                             keep_size=True).apply(corpus["train"])
+    expected = CascadeFilter(
+        [BlocklistStage(keywords, 2), ClassifierStage.train(texts, labels)], "weak", keep_size=True
+    ).apply(corpus["train"])
     tokenizer = trainer.processing_class
     seen = sorted(tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in trainer.train_dataset["input_ids"])
     assert report["filtered"] > 0 and report["replaced"] == report["filtered"]
@@ -327,7 +374,9 @@ def test_posttrain_filter_writes_the_rows_and_the_report_and_never_overwrites_si
     rows = [json.loads(line) for line in (out / "filtered.jsonl").read_text().splitlines()]
     judgments = [json.loads(line) for line in (out / "judgments.jsonl").read_text().splitlines()]
     assert report["mode"] == "strong" and len(rows) == report["output_documents"] == 300 - report["filtered"]
-    assert {"id", "word_filter", "word_filter_metadata", "combined_filter"} <= set(judgments[0]) and len(judgments) == 300
+    assert {"id", "word_filter", "word_filter_metadata", "combined_filter"} <= set(judgments[0]) and len(
+        judgments
+    ) == 300
     assert {r["text"] for r in rows} == {j["text"] for j in judgments if not j["combined_filter"]}
     assert (out / "report.png").stat().st_size > 0 and "| word_filter |" in (out / "report.md").read_text()
     assert "data_filter strong: 300 documents" in capsys.readouterr().out
@@ -343,7 +392,10 @@ def test_posttrain_filter_writes_the_rows_and_the_report_and_never_overwrites_si
     assert "no data_filter key" in capsys.readouterr().err and not (tmp_path / "x").exists()
     # a bad key stops `train` and `filter` alike with one line, before any data or model loads
     for command in ("train", "filter"):
-        assert main([command, "cascade_filter/tiny", "--data_filter_min_hits", "0", "--output_dir", str(tmp_path / "y")]) == 2
+        assert (
+            main([command, "cascade_filter/tiny", "--data_filter_min_hits", "0", "--output_dir", str(tmp_path / "y")])
+            == 2
+        )
         err = capsys.readouterr().err
         assert "data_filter_min_hits must be at least 1" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "y").exists()

@@ -15,12 +15,11 @@ import time
 import datasets
 import pyarrow as pa
 import pytest
+from conftest import assert_one_line_error, run_cli_cases
 from datasets import Dataset
 
-from conftest import assert_one_line_error, run_cli_cases
-from posttrain.data import DataArguments, DataError, load_task_datasets
+from posttrain.data import DataArguments, DataError, load_task_datasets, loading
 from posttrain.data import files as files_module
-from posttrain.data import loading
 from posttrain.data.args import DEFAULT_MAX_ROW_BYTES
 from posttrain.data.files import TextFault, first_bad_json_line, scan_text_file
 
@@ -28,8 +27,10 @@ LIMIT = 200  # the small --max_row_bytes of the over-limit cases
 
 
 def _row(user: str, assistant: str = "ok") -> str:
-    return json.dumps({"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]},
-                      ensure_ascii=False)
+    return json.dumps(
+        {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]},
+        ensure_ascii=False,
+    )
 
 
 def _row_of(size: int) -> str:
@@ -41,7 +42,8 @@ def _row_of(size: int) -> str:
 GOOD = _row("What is 2 + 3?", "5")
 LATIN1_JSONL = ("\n".join([GOOD, GOOD, _row("Un café, s'il vous plaît")]) + "\n").encode("latin-1")
 LATIN1_ARRAY = json.dumps([json.loads(GOOD), json.loads(_row("naïve"))], indent=1, ensure_ascii=False).encode(
-    "latin-1")  # a JSON array over many lines: its lines are counted too
+    "latin-1"
+)  # a JSON array over many lines: its lines are counted too
 OVER_LIMIT_ROW = json.loads(_row("x" * LIMIT))  # for parquet and a JSON array, whose lines are not rows
 OVER_LIMIT_TEXT = sum(len(m["role"].encode()) + len(m["content"].encode()) for m in OVER_LIMIT_ROW["messages"])
 
@@ -90,19 +92,35 @@ def cli_env(run_env, tmp_path):
 
 # case -> (file, recipe keys, what the one-line error must say); rows count from 0, lines from 1
 CASES = {
-    "latin1_jsonl": ("latin1_jsonl", {}, [_where(LATIN1_JSONL, 0xe9) + " in the file) is not UTF-8",
-                                          "iconv -f latin1 -t utf-8"]),
+    "latin1_jsonl": (
+        "latin1_jsonl",
+        {},
+        [_where(LATIN1_JSONL, 0xE9) + " in the file) is not UTF-8", "iconv -f latin1 -t utf-8"],
+    ),
     "latin1_csv": ("latin1_csv", {}, ["line 3, column 4: byte 0xe9 (offset 30", "iconv -f latin1 -t utf-8"]),
-    "latin1_json_array": ("latin1_json_array", {}, [_where(LATIN1_ARRAY, 0xef), "iconv -f latin1 -t utf-8"]),
+    "latin1_json_array": ("latin1_json_array", {}, [_where(LATIN1_ARRAY, 0xEF), "iconv -f latin1 -t utf-8"]),
     "utf16_jsonl": ("utf16_jsonl", {}, ["line 1, column 1: byte 0xff", "iconv -f utf-16 -t utf-8"]),
-    "over_limit": ("over_limit", {"max_row_bytes": LIMIT},
-                   [f"line 2 (starting at byte offset {len(GOOD) + 1}): longer than max_row_bytes={LIMIT}",
-                    "raise max_row_bytes (recipe key or --max_row_bytes)"]),
-    "parquet_over_limit": ("parquet_over_limit", {"max_row_bytes": LIMIT},
-                           [f"split 'train', row 2: {OVER_LIMIT_TEXT} bytes of text in column(s) messages, more "
-                            f"than max_row_bytes={LIMIT}"]),
-    "array_over_limit": ("array_over_limit", {"max_row_bytes": LIMIT},
-                         [f"split 'train', row 1: {OVER_LIMIT_TEXT} bytes of text", f"max_row_bytes={LIMIT}"]),
+    "over_limit": (
+        "over_limit",
+        {"max_row_bytes": LIMIT},
+        [
+            f"line 2 (starting at byte offset {len(GOOD) + 1}): longer than max_row_bytes={LIMIT}",
+            "raise max_row_bytes (recipe key or --max_row_bytes)",
+        ],
+    ),
+    "parquet_over_limit": (
+        "parquet_over_limit",
+        {"max_row_bytes": LIMIT},
+        [
+            f"split 'train', row 2: {OVER_LIMIT_TEXT} bytes of text in column(s) messages, more "
+            f"than max_row_bytes={LIMIT}"
+        ],
+    ),
+    "array_over_limit": (
+        "array_over_limit",
+        {"max_row_bytes": LIMIT},
+        [f"split 'train', row 1: {OVER_LIMIT_TEXT} bytes of text", f"max_row_bytes={LIMIT}"],
+    ),
     "malformed_jsonl": ("malformed_jsonl", {}, ["line 3: not valid JSON", "cut short", "fix or remove that line"]),
     "not_object_jsonl": ("not_object_jsonl", {}, ["line 2: a JSON list, not an object"]),
     "empty": ("empty", {}, ["has no rows (the file is empty)"]),
@@ -112,8 +130,7 @@ CASES = {
 }
 # each costs a `posttrain` start (~10 s on a busy 2-core machine); the others run in-process only
 # (a bad max_row_bytes on the command line is refused by the recipe layer, naming its source: tests/test_bad_input.py)
-CLI_CASES = ["latin1_jsonl", "latin1_csv", "over_limit", "parquet_over_limit", "malformed_jsonl", "empty",
-             "directory"]
+CLI_CASES = ["latin1_jsonl", "latin1_csv", "over_limit", "parquet_over_limit", "malformed_jsonl", "empty", "directory"]
 
 
 def _argv(path, output_dir, keys=None):
@@ -160,8 +177,9 @@ def test_big_row_fails_fast_with_bounded_memory(files, cli_env, tmp_path):
     elapsed = time.monotonic() - start
     peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     try:
-        assert_one_line_error(proc, f"line 2 (starting at byte offset {len(GOOD) + 1}): longer than "
-                                    f"max_row_bytes={DEFAULT_MAX_ROW_BYTES}")
+        assert_one_line_error(
+            proc, f"line 2 (starting at byte offset {len(GOOD) + 1}): longer than max_row_bytes={DEFAULT_MAX_ROW_BYTES}"
+        )
     finally:
         print(f"8 MiB row: {elapsed:.1f} s, peak RSS of children {peak_mb:.0f} MB", file=sys.stderr)
     assert elapsed < 90, elapsed  # ~6-10 s on a loaded 2-core machine, most of it importing torch
@@ -197,30 +215,45 @@ def _scan(tmp_path, data: bytes, limit=None, chunk_bytes=4):
 
 
 @pytest.mark.parametrize("chunk_bytes", [1, 2, 3, 4, 5, 7, 1 << 20])
-@pytest.mark.parametrize("data, limit, expected", [
-    (b"\xe9abc\n", None, TextFault("encoding", 1, 0, 1, 0xe9)),  # first byte of the file
-    (b"ab\ncd\xe9f\n", None, TextFault("encoding", 2, 5, 3, 0xe9)),  # mid line
-    (b"ab\ncd\n\xff", None, TextFault("encoding", 3, 6, 1, 0xff)),  # last byte of the file
-    (b"ab\ncaf\xc3", None, TextFault("encoding", 2, 6, 4, 0xc3)),  # a character cut short by the end of the file
-    (b"a\xe2\x82\n", None, TextFault("encoding", 1, 1, 2, 0xe2)),  # ... or by the end of its line
-    ("é€😀\né€😀".encode(), None, None),  # 2-, 3- and 4-byte characters: split across every read size
-    ("é€😀\né€😀".encode(), 9, None),  # exactly the bound
-    ("é€😀\né€😀x".encode(), 9, TextFault("row_size", 2, 10)),  # one byte over
-    (b"abcd\r\nabcd\r\n", 4, None),  # "\r\n" is not part of the row
-    (b"abcd\r\nabcde\r\nab", 4, TextFault("row_size", 2, 6)),
-    (b"abcd\r\nab\xe9d\r\n", 4, TextFault("encoding", 2, 8, 3, 0xe9)),
-    (b"ab\rcd\n", 4, TextFault("row_size", 1, 0)),  # a lone "\r" is content
-    (b"abcd\r", 4, None),  # a last line ending in "\r" without "\n"
-    (b"abcdefgh\n\xe9", 4, TextFault("row_size", 1, 0)),  # the first fault in the file wins
-])
+@pytest.mark.parametrize(
+    "data, limit, expected",
+    [
+        (b"\xe9abc\n", None, TextFault("encoding", 1, 0, 1, 0xE9)),  # first byte of the file
+        (b"ab\ncd\xe9f\n", None, TextFault("encoding", 2, 5, 3, 0xE9)),  # mid line
+        (b"ab\ncd\n\xff", None, TextFault("encoding", 3, 6, 1, 0xFF)),  # last byte of the file
+        (b"ab\ncaf\xc3", None, TextFault("encoding", 2, 6, 4, 0xC3)),  # a character cut short by the end of the file
+        (b"a\xe2\x82\n", None, TextFault("encoding", 1, 1, 2, 0xE2)),  # ... or by the end of its line
+        ("é€😀\né€😀".encode(), None, None),  # 2-, 3- and 4-byte characters: split across every read size
+        ("é€😀\né€😀".encode(), 9, None),  # exactly the bound
+        ("é€😀\né€😀x".encode(), 9, TextFault("row_size", 2, 10)),  # one byte over
+        (b"abcd\r\nabcd\r\n", 4, None),  # "\r\n" is not part of the row
+        (b"abcd\r\nabcde\r\nab", 4, TextFault("row_size", 2, 6)),
+        (b"abcd\r\nab\xe9d\r\n", 4, TextFault("encoding", 2, 8, 3, 0xE9)),
+        (b"ab\rcd\n", 4, TextFault("row_size", 1, 0)),  # a lone "\r" is content
+        (b"abcd\r", 4, None),  # a last line ending in "\r" without "\n"
+        (b"abcdefgh\n\xe9", 4, TextFault("row_size", 1, 0)),  # the first fault in the file wins
+    ],
+)
 def test_scan_finds_the_first_fault(tmp_path, data, limit, expected, chunk_bytes):
     assert _reference(data, limit) == expected  # the reference agrees with the hand-written answer
     assert _scan(tmp_path, data, limit, chunk_bytes) == expected
 
 
 def test_scan_matches_the_reference_on_random_bytes(tmp_path):
-    pieces = [b"a", b"bc", b"\n", b"\r\n", b"\r", "é".encode(), "€".encode(), "😀".encode(), b"\xe9", b"\xc3",
-              b"\xe2\x82", b"\xff"]
+    pieces = [
+        b"a",
+        b"bc",
+        b"\n",
+        b"\r\n",
+        b"\r",
+        "é".encode(),
+        "€".encode(),
+        "😀".encode(),
+        b"\xe9",
+        b"\xc3",
+        b"\xe2\x82",
+        b"\xff",
+    ]
     rng = random.Random(0)
     for trial in range(400):
         weights = [30, 30, 8, 8, 2, 10, 10, 10] + [1 if trial % 3 else 0] * 4  # a third of the inputs are valid
@@ -262,8 +295,10 @@ def test_scan_of_a_long_line_stops_early(tmp_path, monkeypatch):
 def test_first_bad_json_line(tmp_path):
     path = tmp_path / "rows.jsonl"
     path.write_bytes(b'\xef\xbb\xbf{"a": 1}\r\n\n   \n{"a": 2}\n{"a": \n')  # a byte-order mark, blank lines
-    assert first_bad_json_line(str(path)) == (5, "not valid JSON (Expecting value at the end of the line: is it cut "
-                                                 "short?)")
+    assert first_bad_json_line(str(path)) == (
+        5,
+        "not valid JSON (Expecting value at the end of the line: is it cut short?)",
+    )
     path.write_bytes(b'{"a": 1}\n{"a" 1}\n')
     assert first_bad_json_line(str(path)) == (2, "not valid JSON (Expecting ':' delimiter at character 6)")
     path.write_bytes(b'{"a": 1}\n"text"\n')
@@ -276,8 +311,14 @@ def test_first_bad_json_line(tmp_path):
 
 
 def test_text_bytes_counts_nested_strings():
-    messages = pa.array([[{"role": "user", "content": "abc"}, {"role": "a", "content": None}], None, [],
-                         [{"role": "xy", "content": "é"}]])
+    messages = pa.array(
+        [
+            [{"role": "user", "content": "abc"}, {"role": "a", "content": None}],
+            None,
+            [],
+            [{"role": "xy", "content": "é"}],
+        ]
+    )
     assert loading._text_bytes(messages).tolist() == [8, 0, 0, 4]
     assert loading._text_bytes(messages.slice(1)).tolist() == [0, 0, 4]  # a slice keeps its own rows
     assert loading._text_bytes(pa.chunked_array([messages.slice(0, 2), messages.slice(2)])).tolist() == [8, 0, 0, 4]

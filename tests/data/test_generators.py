@@ -117,7 +117,9 @@ def test_fictitious_authors_splits_are_disjoint_nested_and_complete():
     authors = {name: set(split["entity"]) for name, split in splits.items()}
     assert [len(authors[s]) for s in ("forget01", "forget05", "forget10", "holdout", "retain")] == [1, 2, 4, 4, 32]
     assert authors["forget01"] < authors["forget05"] < authors["forget10"]  # nested, as in TOFU
-    assert not authors["forget10"] & authors["retain"] and not authors["holdout"] & (authors["forget10"] | authors["retain"])
+    assert not authors["forget10"] & authors["retain"] and not authors["holdout"] & (
+        authors["forget10"] | authors["retain"]
+    )
     assert authors["full"] == authors["forget10"] | authors["retain"] and len(splits["full"]) == 360
     everything = " ".join(splits["full"]["text"])
     assert not any(name in everything for name in authors["holdout"])  # no trained row mentions a holdout author
@@ -129,7 +131,8 @@ def test_fictitious_authors_splits_are_disjoint_nested_and_complete():
         assert len(row["perturbed"]) == 3 and paraphrased not in row["perturbed"] and len(set(row["perturbed"])) == 3
         assert all(p.split(" ")[:3] == paraphrased.split(" ")[:3] for p in row["perturbed"])  # the paraphrase's words
     for name in authors["retain"]:
-        assert sorted(splits["retain"].filter(lambda r: r["entity"] == name)["attribute"]) == sorted(AUTHOR_ATTRIBUTES)
+        attributes = splits["retain"].filter(lambda r, name=name: r["entity"] == name)["attribute"]
+        assert sorted(attributes) == sorted(AUTHOR_ATTRIBUTES)
     world = splits["world_facts"]
     assert len(world) >= 50 and set(world["entity"]) == {"world"}
     assert world.to_list() == fictitious_authors(60, seed=9)["world_facts"].to_list()  # fixed, whatever the seed

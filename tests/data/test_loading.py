@@ -102,8 +102,13 @@ def test_unreachable_hub_id_is_a_data_error(monkeypatch):
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     start = time.perf_counter()
-    message = _raises("could not load it as a Hugging Face Hub dataset", load_source, "someorg/no-such-dataset",
-                      config="main", split="test")
+    message = _raises(
+        "could not load it as a Hugging Face Hub dataset",
+        load_source,
+        "someorg/no-such-dataset",
+        config="main",
+        split="test",
+    )
     assert time.perf_counter() - start < 30
     assert "load_dataset('someorg/no-such-dataset', 'main', split='test')" in message
     assert "builtin:" in message and "offline" in message
@@ -139,7 +144,8 @@ def test_missing_columns_lists_found_and_expected(tmp_path):
 def test_empty_dataset(tmp_path):
     path = tmp_path / "empty.parquet"
     Dataset.from_dict({"text": []}, features=datasets.Features({"text": datasets.Value("string")})).to_parquet(
-        str(path))
+        str(path)
+    )
     _raises("has no rows", load_task_datasets, "sft", DataArguments(dataset=str(path)))
     (tmp_path / "empty.jsonl").write_text("")
     _raises("has no rows", load_task_datasets, "sft", DataArguments(dataset=str(tmp_path / "empty.jsonl")))
@@ -151,8 +157,12 @@ def test_empty_dataset(tmp_path):
 def test_json_strings_that_look_like_numbers_get_a_hint(tmp_path):
     # datasets 5.2 reads a column mixing strings and lists as Json and decodes the string "2" to the int 2.
     path = _jsonl(tmp_path / "q.jsonl", [{"text": "2"}, {"text": ["a"]}])
-    _raises("row 0, column 'text': got int 2.*datasets read it as Json", load_task_datasets, "sft",
-            DataArguments(dataset=path))
+    _raises(
+        "row 0, column 'text': got int 2.*datasets read it as Json",
+        load_task_datasets,
+        "sft",
+        DataArguments(dataset=path),
+    )
 
 
 @pytest.mark.parametrize(
@@ -161,16 +171,27 @@ def test_json_strings_that_look_like_numbers_get_a_hint(tmp_path):
         ({"prompt": "p", "chosen": None, "rejected": "r"}, "chosen", "missing value"),
         ({"prompt": "p", "chosen": "c", "rejected": "   "}, "rejected", "empty string"),
         ({"prompt": "p", "chosen": 5, "rejected": "r"}, "chosen", "int"),
-        ({"prompt": _msg("user", "p"), "chosen": [{"role": "assistant"}], "rejected": _msg("assistant", "r")},
-         "chosen", "has no 'content'"),
-        ({"prompt": _msg("user", "p"), "chosen": [{"content": "c"}], "rejected": _msg("assistant", "r")},
-         "chosen", "has no 'role'"),
+        (
+            {"prompt": _msg("user", "p"), "chosen": [{"role": "assistant"}], "rejected": _msg("assistant", "r")},
+            "chosen",
+            "has no 'content'",
+        ),
+        (
+            {"prompt": _msg("user", "p"), "chosen": [{"content": "c"}], "rejected": _msg("assistant", "r")},
+            "chosen",
+            "has no 'role'",
+        ),
         ({"prompt": _msg("user", "p"), "chosen": [], "rejected": _msg("assistant", "r")}, "chosen", "empty message"),
     ],
 )
 def test_malformed_row_names_row_and_column(tmp_path, bad, column, problem):
-    good = [{k: (_msg("user" if k == "prompt" else "assistant", v) if isinstance(bad["prompt"], list) else v)
-             for k, v in row.items()} for row in PAIRS[:2]]
+    good = [
+        {
+            k: (_msg("user" if k == "prompt" else "assistant", v) if isinstance(bad["prompt"], list) else v)
+            for k, v in row.items()
+        }
+        for row in PAIRS[:2]
+    ]
     path = _jsonl(tmp_path / "pairs.jsonl", good + [bad] + good)
     message = _raises(f"row 2, column '{column}'", load_task_datasets, "preference", DataArguments(dataset=path))
     assert problem in message and "split 'train'" in message and path in message
@@ -178,8 +199,12 @@ def test_malformed_row_names_row_and_column(tmp_path, bad, column, problem):
 
 def test_mixed_formats_are_rejected(tmp_path):
     path = _jsonl(tmp_path / "mixed.jsonl", [PAIRS[0], {**PAIRS[1], "chosen": _msg("assistant", "Paris")}])
-    _raises("row 1, column 'chosen': got a message list while row 0 holds a string", load_task_datasets,
-            "preference", DataArguments(dataset=path))
+    _raises(
+        "row 1, column 'chosen': got a message list while row 0 holds a string",
+        load_task_datasets,
+        "preference",
+        DataArguments(dataset=path),
+    )
     both = Dataset.from_dict({"prompt": ["p"], "completion": [_msg("assistant", "c")]})
     _raises("columns mix formats", format_for_task, "sft", both, "d")
 
@@ -194,14 +219,17 @@ def test_unpaired_converts_preference_pairs(tmp_path):
     train = load_task_datasets("unpaired", DataArguments(dataset=path))["train"]
     assert train.column_names == ["prompt", "completion", "label"]
     assert sorted(zip(train["prompt"], train["completion"], train["label"])) == sorted(
-        [(r["prompt"], r["chosen"], True) for r in PAIRS] + [(r["prompt"], r["rejected"], False) for r in PAIRS])
+        [(r["prompt"], r["chosen"], True) for r in PAIRS] + [(r["prompt"], r["rejected"], False) for r in PAIRS]
+    )
 
 
 def test_unpaired_implicit_prompt_and_labels():
     implicit = Dataset.from_dict({"chosen": ["The sky is blue."], "rejected": ["The sky is green."]})
     rows = format_for_task("unpaired", implicit, "d").to_list()
-    assert rows == [{"prompt": "The sky is", "completion": " blue.", "label": True},
-                    {"prompt": "The sky is", "completion": " green.", "label": False}]
+    assert rows == [
+        {"prompt": "The sky is", "completion": " blue.", "label": True},
+        {"prompt": "The sky is", "completion": " green.", "label": False},
+    ]
     no_prefix = Dataset.from_dict({"chosen": ["yes"], "rejected": ["no"]})
     _raises("row 0, column 'prompt'.*add a 'prompt' column", format_for_task, "unpaired", no_prefix, "d")
     labelled = Dataset.from_dict({"prompt": ["p", "q"], "completion": ["a", "b"], "label": [True, False]})
@@ -216,8 +244,13 @@ def test_prompt_task_keeps_extra_columns_and_stringifies_answers():
     numbers = Dataset.from_dict({"prompt": ["1+1?", "2+2?"], "answer": [2, 4], "source": ["a", "b"]})
     formatted = format_for_task("prompt", numbers, "d")
     assert formatted["answer"] == ["2", "4"] and formatted["source"] == ["a", "b"]
-    _raises("row 1, column 'answer'", format_for_task, "prompt",
-            Dataset.from_dict({"prompt": ["a", "b"], "answer": ["1", " "]}), "d")
+    _raises(
+        "row 1, column 'answer'",
+        format_for_task,
+        "prompt",
+        Dataset.from_dict({"prompt": ["a", "b"], "answer": ["1", " "]}),
+        "d",
+    )
 
 
 def test_max_samples_cuts_train_only():
@@ -229,8 +262,9 @@ def test_max_samples_cuts_train_only():
 
 
 def test_builtin_eval_set_uses_another_seed():
-    result = load_task_datasets("prompt", DataArguments(dataset="builtin:arithmetic", num_samples=30,
-                                                        eval_split="test"))
+    result = load_task_datasets(
+        "prompt", DataArguments(dataset="builtin:arithmetic", num_samples=30, eval_split="test")
+    )
     assert result["eval"].to_list() != result["train"].to_list()
     expected = load_source("builtin:arithmetic", num_samples=30, seed=EVAL_SEED_OFFSET)
     assert result["eval"]["prompt"] == expected["prompt"]
@@ -248,30 +282,51 @@ def test_unlearn_local_forget_and_retain(tmp_path):
     result = load_task_datasets("unlearn", DataArguments(dataset=forget, retain_dataset=retain))
     assert (len(result["forget"]), len(result["retain"])) == (1, 3)
     _raises("needs a retain set", load_task_datasets, "unlearn", DataArguments(dataset=forget))
-    _raises("conflicts", load_task_datasets, "unlearn",
-            DataArguments(dataset="builtin:fictitious_facts", retain_dataset=retain))
-    _raises("eval_split", load_task_datasets, "unlearn",
-            DataArguments(dataset=forget, retain_dataset=retain, eval_split="test"))
+    _raises(
+        "conflicts",
+        load_task_datasets,
+        "unlearn",
+        DataArguments(dataset="builtin:fictitious_facts", retain_dataset=retain),
+    )
+    _raises(
+        "eval_split",
+        load_task_datasets,
+        "unlearn",
+        DataArguments(dataset=forget, retain_dataset=retain, eval_split="test"),
+    )
     bad_retain = _jsonl(tmp_path / "bad.jsonl", [{"text": "ok"}, {"text": ""}])
-    _raises("retain set: dataset .* row 1, column 'text'", load_task_datasets, "unlearn",
-            DataArguments(dataset=forget, retain_dataset=bad_retain))
+    _raises(
+        "retain set: dataset .* row 1, column 'text'",
+        load_task_datasets,
+        "unlearn",
+        DataArguments(dataset=forget, retain_dataset=bad_retain),
+    )
 
 
 def test_data_arguments_help_and_checks():
     for f in dataclasses.fields(DataArguments):
         assert f.metadata.get("help"), f.name
     assert DataArguments(reward_funcs="numeric_match").reward_funcs == ["numeric_match"]
-    for bad in [dict(difficulty=5), dict(num_samples=0), dict(max_samples=True), dict(dataset=""),
-                dict(reward_funcs=[1])]:
+    for bad in [
+        dict(difficulty=5),
+        dict(num_samples=0),
+        dict(max_samples=True),
+        dict(dataset=""),
+        dict(reward_funcs=[1]),
+    ]:
         with pytest.raises(DataError):
             DataArguments(**bad)
 
 
 def test_100k_rows_are_checked_in_seconds():
     n = 100_000
-    ds = Dataset.from_dict({"prompt": [_msg("user", f"q{i}") for i in range(n)],
-                            "chosen": [_msg("assistant", f"a{i}") for i in range(n)],
-                            "rejected": [_msg("assistant", f"b{i}") for i in range(n)]})
+    ds = Dataset.from_dict(
+        {
+            "prompt": [_msg("user", f"q{i}") for i in range(n)],
+            "chosen": [_msg("assistant", f"a{i}") for i in range(n)],
+            "rejected": [_msg("assistant", f"b{i}") for i in range(n)],
+        }
+    )
     start = time.perf_counter()
     format_for_task("preference", ds, "d")
     assert time.perf_counter() - start < 10
@@ -281,12 +336,25 @@ def test_unlearn_fictitious_authors_picks_its_forget_split():
     args = DataArguments(dataset="builtin:fictitious_authors", dataset_split="forget05", num_samples=400)
     result = load_task_datasets("unlearn", args)
     assert len(set(result["forget"]["entity"])) == 2 and len(set(result["retain"]["entity"])) == 32
-    _raises(r"dataset_split='train' is not one of its forget splits; set dataset_split to one of forget01, "
-            r"forget05, forget10", load_task_datasets, "unlearn", DataArguments(dataset="builtin:fictitious_authors"))
-    _raises("forget splits", load_task_datasets, "unlearn",
-            DataArguments(dataset="builtin:fictitious_authors", dataset_split="retain"))
-    _raises("conflict", load_task_datasets, "unlearn",
-            DataArguments(dataset="builtin:fictitious_facts", retain_config="retain90"))
+    _raises(
+        r"dataset_split='train' is not one of its forget splits; set dataset_split to one of forget01, "
+        r"forget05, forget10",
+        load_task_datasets,
+        "unlearn",
+        DataArguments(dataset="builtin:fictitious_authors"),
+    )
+    _raises(
+        "forget splits",
+        load_task_datasets,
+        "unlearn",
+        DataArguments(dataset="builtin:fictitious_authors", dataset_split="retain"),
+    )
+    _raises(
+        "conflict",
+        load_task_datasets,
+        "unlearn",
+        DataArguments(dataset="builtin:fictitious_facts", retain_config="retain90"),
+    )
 
 
 def test_unlearn_reads_tofu_question_answer_columns(tmp_path):
@@ -296,4 +364,6 @@ def test_unlearn_reads_tofu_question_answer_columns(tmp_path):
     assert result["forget"].column_names == ["prompt", "completion"]
     assert result["forget"][0] == {"prompt": "Who is Zed?", "completion": "A poet."}
     bad = _jsonl(tmp_path / "bad.jsonl", [{"question": "ok?", "answer": "yes"}, {"question": "", "answer": "x"}])
-    _raises("row 1, column 'question'", load_task_datasets, "unlearn", DataArguments(dataset=bad, retain_dataset=retain))
+    _raises(
+        "row 1, column 'question'", load_task_datasets, "unlearn", DataArguments(dataset=bad, retain_dataset=retain)
+    )

@@ -16,13 +16,16 @@ def test_pass_at_k_matches_the_combinatorial_definition():
 
 
 def test_evaluate_verifiable_on_a_tiny_model():
-    from posttrain.data import DataArguments, load_task_datasets
-    from posttrain.recipes.models import load_tokenizer
-    from posttrain.recipes.tiny import tiny_model_path
     from transformers import AutoModelForCausalLM
     from trl import ModelConfig
 
-    data = load_task_datasets("prompt", DataArguments(dataset="builtin:arithmetic", num_samples=6, difficulty=1))["train"]
+    from posttrain.data import DataArguments, load_task_datasets
+    from posttrain.recipes.models import load_tokenizer
+    from posttrain.recipes.tiny import tiny_model_path
+
+    data = load_task_datasets("prompt", DataArguments(dataset="builtin:arithmetic", num_samples=6, difficulty=1))[
+        "train"
+    ]
     path = str(tiny_model_path("llama"))
     model = AutoModelForCausalLM.from_pretrained(path)
     tokenizer = load_tokenizer(ModelConfig(model_name_or_path=path))

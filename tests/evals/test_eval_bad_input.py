@@ -9,11 +9,22 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from conftest import assert_one_line_error, run_cli_cases
 
-PATHS = ("root", "cut_ckpt", "a_file", "full_dir", "recipe", "recipe_limit0", "recipe_pass_at_k", "recipe_not_yaml",
-         "recipe_list", "recipe_latin1", "run_garbage", "run_no_log_history")
+PATHS = (
+    "root",
+    "cut_ckpt",
+    "a_file",
+    "full_dir",
+    "recipe",
+    "recipe_limit0",
+    "recipe_pass_at_k",
+    "recipe_not_yaml",
+    "recipe_list",
+    "recipe_latin1",
+    "run_garbage",
+    "run_no_log_history",
+)
 
 
 @pytest.fixture(scope="module")
@@ -70,52 +81,78 @@ def _cases(bad) -> dict:
         "task_config a list": (ev + ["--task_config", "[1, 2]"], "command line: --task_config"),
         "task_config options not a mapping": (ev + ["--task_config", '{"math": 5}'], "eval task 'math'"),
         "task_config unknown task": (ev + ["--task_config", '{"maths": {}}'], "command line: unknown eval task"),
-        "task_config unknown option": (ev + ["--task_config", '{"math": {"samples": 3}}'],
-                                       "command line: eval task 'math' has no option(s) samples"),
+        "task_config unknown option": (
+            ev + ["--task_config", '{"math": {"samples": 3}}'],
+            "command line: eval task 'math' has no option(s) samples",
+        ),
         "task_config option of wrong type": (ev + ["--task_config", '{"math": {"n": "many"}}'], "'n' expects int"),
-        "math pass@k with k > n": (ev + ["--task_config", '{"math": {"n": 4}}'],
-                                   "command line: eval task 'math': pass@16"),
-        "math greedy n > 1": (ev + ["--task_config", '{"math": {"n": 2, "k": [1, 2], "temperature": 0}}'],
-                              "temperature"),
+        "math pass@k with k > n": (
+            ev + ["--task_config", '{"math": {"n": 4}}'],
+            "command line: eval task 'math': pass@16",
+        ),
+        "math greedy n > 1": (
+            ev + ["--task_config", '{"math": {"n": 2, "k": [1, 2], "temperature": 0}}'],
+            "temperature",
+        ),
         # --- eval: values out of range, named with their source ----------------------------------------------------
         "limit -3": (ppl + ["--limit", "-3"], "command line: limit"),
         "limit 0": (ppl + ["--limit", "0"], "command line: limit"),
         "batch_size 0": (ppl + ["--batch_size", "0"], "command line: batch_size"),
         "output empty": (ev[:3] + ["--tasks", "perplexity", "--output="], "command line: output"),
         "output is a file": (ev[:3] + ["--tasks", "perplexity", "--output", str(bad["a_file"])], "not a folder"),
-        "output under a file": (ev[:3] + ["--tasks", "perplexity", "--output", str(bad["a_file"] / "out")],
-                                "not a folder"),
-        "truncated checkpoint": (["eval", "--model", str(bad["cut_ckpt"]), "--tasks", "perplexity", "--output", out],
-                                 "cut_ckpt"),
+        "output under a file": (
+            ev[:3] + ["--tasks", "perplexity", "--output", str(bad["a_file"] / "out")],
+            "not a folder",
+        ),
+        "truncated checkpoint": (
+            ["eval", "--model", str(bad["cut_ckpt"]), "--tasks", "perplexity", "--output", out],
+            "cut_ckpt",
+        ),
         # --- eval recipes: the recipe's values are blamed on the recipe, the command line's on the command line ----
         "recipe limit 0": (["eval", str(bad["recipe_limit0"]), "--output", out], f"{bad['recipe_limit0']}: limit"),
-        "recipe pass@k with k > n": (["eval", str(bad["recipe_pass_at_k"]), "--output", out],
-                                     f"{bad['recipe_pass_at_k']}: eval task 'math': pass@16"),
-        "recipe, command-line limit -3": (["eval", str(bad["recipe"]), "--output", out, "--limit", "-3"],
-                                          "command line: limit"),
-        "recipe, command-line batch_size 0": (["eval", str(bad["recipe"]), "--output", out, "--batch_size", "0"],
-                                              "command line: batch_size"),
-        "recipe, command-line task_config": (["eval", str(bad["recipe"]), "--output", out, "--task_config",
-                                              '{"math": {"n": 4}}'], "command line: eval task 'math'"),
+        "recipe pass@k with k > n": (
+            ["eval", str(bad["recipe_pass_at_k"]), "--output", out],
+            f"{bad['recipe_pass_at_k']}: eval task 'math': pass@16",
+        ),
+        "recipe, command-line limit -3": (
+            ["eval", str(bad["recipe"]), "--output", out, "--limit", "-3"],
+            "command line: limit",
+        ),
+        "recipe, command-line batch_size 0": (
+            ["eval", str(bad["recipe"]), "--output", out, "--batch_size", "0"],
+            "command line: batch_size",
+        ),
+        "recipe, command-line task_config": (
+            ["eval", str(bad["recipe"]), "--output", out, "--task_config", '{"math": {"n": 4}}'],
+            "command line: eval task 'math'",
+        ),
         "recipe not YAML": (["eval", str(bad["recipe_not_yaml"]), "--output", out], f"{bad['recipe_not_yaml']} line"),
         "recipe not a mapping": (["eval", str(bad["recipe_list"]), "--output", out], str(bad["recipe_list"])),
-        "recipe not UTF-8": (["eval", str(bad["recipe_latin1"]), "--output", out],
-                             f"{bad['recipe_latin1']} line 1: not UTF-8"),
+        "recipe not UTF-8": (
+            ["eval", str(bad["recipe_latin1"]), "--output", out],
+            f"{bad['recipe_latin1']} line 1: not UTF-8",
+        ),
         # --- report ----------------------------------------------------------------------------------------------
         "report garbage trainer_state.json": (["report", str(bad["run_garbage"])], "trainer_state.json is corrupt"),
         "report trainer_state.json without log_history": (["report", str(bad["run_no_log_history"])], "log_history"),
         "report no run": (["report", str(bad["root"] / "no_run")], "no trainer_state.json"),
         # --- moe upcycle -----------------------------------------------------------------------------------------
-        "upcycle source missing": (["moe", "upcycle", "/nowhere/src", dst, "--experts", "4", "--top_k", "2"],
-                                   "/nowhere/src"),
+        "upcycle source missing": (
+            ["moe", "upcycle", "/nowhere/src", dst, "--experts", "4", "--top_k", "2"],
+            "/nowhere/src",
+        ),
         "upcycle destination is a file": (up + [str(bad["a_file"]), "--experts", "4", "--top_k", "2"], "not a folder"),
-        "upcycle destination under a file": (up + [str(bad["a_file"] / "moe"), "--experts", "4", "--top_k", "2"],
-                                             "not a folder"),
+        "upcycle destination under a file": (
+            up + [str(bad["a_file"] / "moe"), "--experts", "4", "--top_k", "2"],
+            "not a folder",
+        ),
         "upcycle destination not empty": (up + [str(bad["full_dir"]), "--experts", "4", "--top_k", "2"], "not empty"),
         "upcycle experts 0": (up + [dst, "--experts", "0", "--top_k", "1"], "experts (0)"),
         "upcycle top_k > experts": (up + [dst, "--experts", "2", "--top_k", "3"], "top_k (3)"),
-        "upcycle source not Llama-style": (["moe", "upcycle", "tiny:qwen3", dst, "--experts", "4", "--top_k", "2"],
-                                           "dense Llama-style"),
+        "upcycle source not Llama-style": (
+            ["moe", "upcycle", "tiny:qwen3", dst, "--experts", "4", "--top_k", "2"],
+            "dense Llama-style",
+        ),
     }
 
 

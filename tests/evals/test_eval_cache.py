@@ -54,8 +54,15 @@ def test_replacing_the_reference_files_is_not_a_cache_hit(tmp_path):
     # the reproduction, end to end through run_eval
     ref = _copy_of_tiny(tmp_path / "ref")
     _replace_weights(ref, seed=1)  # a reference that is not the evaluated model, so the rewards are not all 0
-    spec = make_spec({"model": "tiny:llama", "tasks": {"preference": {"reference": str(ref)}}, "limit": 4,
-                      "batch_size": 4, "output": str(tmp_path / "ev")})
+    spec = make_spec(
+        {
+            "model": "tiny:llama",
+            "tasks": {"preference": {"reference": str(ref)}},
+            "limit": 4,
+            "batch_size": 4,
+            "output": str(tmp_path / "ev"),
+        }
+    )
     logs = []
     first = run_eval(spec, log=logs.append)["results"]["tiny:llama"]["preference"]["metrics"]
     assert "tiny:llama / preference: cached" not in logs
@@ -71,8 +78,9 @@ def test_replacing_the_reference_files_is_not_a_cache_hit(tmp_path):
     assert run_eval(spec, log=lambda *a: None)["results"]["tiny:llama"]["preference"]["metrics"] == after
 
 
-@pytest.mark.parametrize("option, task", [("reference", "preference"), ("reward_model", "preference"),
-                                          ("retain_model", "unlearning")])
+@pytest.mark.parametrize(
+    "option, task", [("reference", "preference"), ("reward_model", "preference"), ("retain_model", "unlearning")]
+)
 def test_every_model_a_task_loads_is_in_the_key(tmp_path, option, task):
     other = _copy_of_tiny(tmp_path / option)
     spec = make_spec({"model": "tiny:llama", "tasks": {task: {option: str(other)}}, "limit": 4})
@@ -145,9 +153,11 @@ def test_lm_eval_task_files_and_the_data_they_name_are_in_the_key(tmp_path):
     data.parent.mkdir()
     data.write_text('{"question": "1 plus 2 is", "choices": ["3", "4"], "label": 0}\n')
     yaml_file = tasks_dir / "tiny_choice.yaml"
-    yaml_file.write_text(f"task: tiny_choice\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\n"
-                         "test_split: test\noutput_type: multiple_choice\ndoc_to_text: \"{{question}}\"\n"
-                         "doc_to_choice: \"{{choices}}\"\ndoc_to_target: label\nmetric_list:\n  - metric: acc\n")
+    yaml_file.write_text(
+        f"task: tiny_choice\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\n"
+        'test_split: test\noutput_type: multiple_choice\ndoc_to_text: "{{question}}"\n'
+        'doc_to_choice: "{{choices}}"\ndoc_to_target: label\nmetric_list:\n  - metric: acc\n'
+    )
     config = {"tasks": ["tiny_choice"], "include_path": str(tasks_dir)}
     spec = make_spec({"model": "tiny:llama", "tasks": {"lm_eval": config}})
     key = _key(spec, "lm_eval", spec.tasks["lm_eval"])

@@ -7,8 +7,8 @@ import subprocess
 
 import pytest
 import torch
-
 from conftest import BIN, ROOT
+
 from posttrain import UserError
 from posttrain.evals import tasks as eval_tasks
 from posttrain.evals.common import EvalContext, eval_rows, load_checkpoint
@@ -42,8 +42,9 @@ def test_perplexity_against_a_token_by_token_loss(tiny):
     for text in texts:
         ids = tiny.tokenizer(text, add_special_tokens=False)["input_ids"]
         with torch.no_grad():
-            loss = torch.nn.functional.cross_entropy(tiny.model(input_ids=torch.tensor([ids])).logits[0, :-1].float(),
-                                                     torch.tensor(ids[1:]), reduction="sum")
+            loss = torch.nn.functional.cross_entropy(
+                tiny.model(input_ids=torch.tensor([ids])).logits[0, :-1].float(), torch.tensor(ids[1:]), reduction="sum"
+            )
         nll, tokens = nll + float(loss), tokens + len(ids) - 1
     assert out["tokens"] == tokens
     assert out["perplexity"] == pytest.approx(math.exp(nll / tokens), rel=1e-4)
@@ -66,8 +67,10 @@ def test_preference_accuracy_and_margin_from_known_logps(tiny, tmp_path):
         prompt_text = tok.apply_chat_template(row["prompt"], tokenize=False, add_generation_prompt=True)
         rewards = []
         for answer in (row["chosen"], row["rejected"]):
-            completion = tok.apply_chat_template(row["prompt"] + answer, tokenize=False)[len(prompt_text):]
-            rewards.append(0.5 * (_logp(tiny.model, tok, prompt_text, completion) - _logp(ref, tok, prompt_text, completion)))
+            completion = tok.apply_chat_template(row["prompt"] + answer, tokenize=False)[len(prompt_text) :]
+            rewards.append(
+                0.5 * (_logp(tiny.model, tok, prompt_text, completion) - _logp(ref, tok, prompt_text, completion))
+            )
         margins.append(rewards[0] - rewards[1])
     assert out["pairs"] == 6
     assert out["margin"] == pytest.approx(sum(margins) / 6, abs=1e-3)
@@ -84,9 +87,15 @@ def test_pass_at_k_on_fixed_samples_is_the_closed_form(tiny, monkeypatch):
 
     def fake_generate(model, tokenizer, prompts, *, n=1, temperature=0.0, **kw):
         if temperature == 0:  # greedy: right on even-count prompts
-            return [[f"The answer is {answer_of[json.dumps(p)] if count_of[json.dumps(p)] % 2 == 0 else -1}."] for p in prompts]
-        return [[f"The answer is {answer_of[json.dumps(p)]}."] * count_of[json.dumps(p)]
-                + ["The answer is -1."] * (n - count_of[json.dumps(p)]) for p in prompts]
+            return [
+                [f"The answer is {answer_of[json.dumps(p)] if count_of[json.dumps(p)] % 2 == 0 else -1}."]
+                for p in prompts
+            ]
+        return [
+            [f"The answer is {answer_of[json.dumps(p)]}."] * count_of[json.dumps(p)]
+            + ["The answer is -1."] * (n - count_of[json.dumps(p)])
+            for p in prompts
+        ]
 
     monkeypatch.setattr(eval_tasks, "generate", fake_generate)
     out = eval_tasks.math_task(tiny, n=n, k=(1, 2, 4, 8))
@@ -103,7 +112,9 @@ def test_reward_task_scores_the_completions(tiny, monkeypatch):
     from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
 
     texts = ["What a wonderful film!", "Awful, boring and sad.", "It is a phone.", "I love it", "bad", "fine"]
-    monkeypatch.setattr(eval_tasks, "generate", lambda model, tok, prompts, **kw: [[texts[i % 6]] for i, _ in enumerate(prompts)])
+    monkeypatch.setattr(
+        eval_tasks, "generate", lambda model, tok, prompts, **kw: [[texts[i % 6]] for i, _ in enumerate(prompts)]
+    )
     out = eval_tasks.reward(tiny, reward_funcs=("vader_sentiment", "distinct_2"))["metrics"]
     batches = [texts[:4], texts[:2]]  # batch_size 4: the fake numbers completions per batch
     flat = [t for b in batches for t in b]
@@ -119,8 +130,13 @@ def test_moe_balance_counts_the_routers_choices():
     ctx = EvalContext(model, tokenizer, "tiny:deepseek_v3", "", limit=4, batch_size=2)
     out = eval_tasks.moe_balance(ctx)
     counts: dict[str, Counter] = {}
-    hooks = [m.register_forward_hook(lambda mod, i, o, name=name: counts.setdefault(name, Counter()).update(o[2].flatten().tolist()))
-             for name, m in model.named_modules() if type(m).__name__ == "DeepseekV3TopkRouter"]
+    hooks = [
+        m.register_forward_hook(
+            lambda mod, i, o, name=name: counts.setdefault(name, Counter()).update(o[2].flatten().tolist())
+        )
+        for name, m in model.named_modules()
+        if type(m).__name__ == "DeepseekV3TopkRouter"
+    ]
     texts = eval_rows("builtin:fictitious_facts", "", split="retain", num_samples=256, limit=4)["text"]
     with torch.no_grad():
         for t in texts:  # one text at a time: no padding to leave out
@@ -152,8 +168,10 @@ metric_list:
 
 
 def test_lm_eval_runs_a_local_jsonl_task_offline(tiny, tmp_path):
-    docs = [{"question": f"{a} plus {b} is", "choices": [str(a + b), str(a + b + 1), str(a * b + 7)], "label": 0}
-            for a, b in [(1, 2), (3, 4), (2, 2), (5, 1), (7, 3)]]
+    docs = [
+        {"question": f"{a} plus {b} is", "choices": [str(a + b), str(a + b + 1), str(a * b + 7)], "label": 0}
+        for a, b in [(1, 2), (3, 4), (2, 2), (5, 1), (7, 3)]
+    ]
     (tmp_path / "docs.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
     (tmp_path / "tiny_choice.yaml").write_text(LM_EVAL_TASK.format(data=tmp_path / "docs.jsonl"))
     ctx = EvalContext(tiny.model, tiny.tokenizer, "tiny:llama", tiny.path, limit=None, batch_size=4)
@@ -172,11 +190,21 @@ def test_preference_against_the_model_itself_is_chance(tiny):
 
 
 def test_cache_outputs_and_table(tmp_path, capsys):
-    spec = make_spec({"model": "tiny:llama", "compare": ["tiny:qwen3"], "tasks": "perplexity,preference",
-                      "limit": 4, "output": str(tmp_path / "ev")})
+    spec = make_spec(
+        {
+            "model": "tiny:llama",
+            "compare": ["tiny:qwen3"],
+            "tasks": "perplexity,preference",
+            "limit": 4,
+            "output": str(tmp_path / "ev"),
+        }
+    )
     report = run_eval(spec, log=lambda *a: None)
     saved = json.loads((tmp_path / "ev" / "results.json").read_text())
-    assert saved["results"]["tiny:qwen3"]["perplexity"]["metrics"] == report["results"]["tiny:qwen3"]["perplexity"]["metrics"]
+    assert (
+        saved["results"]["tiny:qwen3"]["perplexity"]["metrics"]
+        == report["results"]["tiny:qwen3"]["perplexity"]["metrics"]
+    )
     assert saved["versions"]["trl"] and saved["processes"] == 1
     table = (tmp_path / "ev" / "results.md").read_text()
     assert table == markdown_table(saved) and "`tiny:llama` | `tiny:qwen3`" in table
@@ -194,16 +222,22 @@ def test_cache_outputs_and_table(tmp_path, capsys):
     finally:
         common.load_checkpoint = original
     assert again["results"] == report["results"] | {m: again["results"][m] for m in again["results"]}
-    assert again["results"]["tiny:llama"]["perplexity"]["metrics"] == report["results"]["tiny:llama"]["perplexity"]["metrics"]
+    assert (
+        again["results"]["tiny:llama"]["perplexity"]["metrics"]
+        == report["results"]["tiny:llama"]["perplexity"]["metrics"]
+    )
 
 
-@pytest.mark.parametrize("values, message", [
-    ({"model": "tiny:llama", "tasks": "perplexty"}, "unknown eval task"),
-    ({"model": "tiny:llama", "tasks": {"math": {"samples": 3}}}, r"has no option\(s\) samples"),
-    ({"model": "./no/such/ckpt", "tasks": "perplexity"}, "does not exist"),
-    ({"tasks": "perplexity"}, "name the checkpoint"),
-    ({"model": "tiny:llama", "tasks": "perplexity", "lmit": 3}, "unknown eval key"),
-])
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({"model": "tiny:llama", "tasks": "perplexty"}, "unknown eval task"),
+        ({"model": "tiny:llama", "tasks": {"math": {"samples": 3}}}, r"has no option\(s\) samples"),
+        ({"model": "./no/such/ckpt", "tasks": "perplexity"}, "does not exist"),
+        ({"tasks": "perplexity"}, "name the checkpoint"),
+        ({"model": "tiny:llama", "tasks": "perplexity", "lmit": 3}, "unknown eval key"),
+    ],
+)
 def test_bad_eval_input_is_one_clear_error(values, message):
     with pytest.raises(UserError, match=message):
         make_spec(values)
@@ -211,14 +245,51 @@ def test_bad_eval_input_is_one_clear_error(values, message):
 
 @pytest.mark.slow
 def test_two_processes_give_the_numbers_of_one(tmp_path, run_env):
-    args = ["eval", "--model", "tiny:llama", "--tasks", "preference,perplexity,math", "--limit", "6", "--batch_size", "2",
-            "--task_config", "{math: {n: 4, k: [1, 2, 4], max_new_tokens: 8}}", "--no_cache"]
-    one = subprocess.run([str(BIN / "posttrain"), *args, "--output", str(tmp_path / "one")], capture_output=True,
-                         text=True, env=run_env, cwd=ROOT, timeout=600)
+    args = [
+        "eval",
+        "--model",
+        "tiny:llama",
+        "--tasks",
+        "preference,perplexity,math",
+        "--limit",
+        "6",
+        "--batch_size",
+        "2",
+        "--task_config",
+        "{math: {n: 4, k: [1, 2, 4], max_new_tokens: 8}}",
+        "--no_cache",
+    ]
+    one = subprocess.run(
+        [str(BIN / "posttrain"), *args, "--output", str(tmp_path / "one")],
+        capture_output=True,
+        text=True,
+        env=run_env,
+        cwd=ROOT,
+        timeout=600,
+    )
     assert one.returncode == 0, one.stderr[-3000:]
-    two = subprocess.run([str(BIN / "accelerate"), "launch", "--config_file", str(ROOT / "accelerate_configs" / "cpu_2proc.yaml"),
-                          "--num_processes", "2", "--main_process_port", "29537", "-m", "posttrain", *args,
-                          "--output", str(tmp_path / "two")], capture_output=True, text=True, env=run_env, cwd=ROOT, timeout=600)
+    two = subprocess.run(
+        [
+            str(BIN / "accelerate"),
+            "launch",
+            "--config_file",
+            str(ROOT / "accelerate_configs" / "cpu_2proc.yaml"),
+            "--num_processes",
+            "2",
+            "--main_process_port",
+            "29537",
+            "-m",
+            "posttrain",
+            *args,
+            "--output",
+            str(tmp_path / "two"),
+        ],
+        capture_output=True,
+        text=True,
+        env=run_env,
+        cwd=ROOT,
+        timeout=600,
+    )
     assert two.returncode == 0, two.stderr[-3000:]
     a, b = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("one", "two"))
     assert b["processes"] == 2 and a["processes"] == 1
@@ -242,8 +313,23 @@ def test_report_plots_a_training_run(tmp_path):
     from posttrain.cli import main
 
     run = tmp_path / "run"
-    assert main(["train", "constrained_rlhf/tiny", "--output_dir", str(run), "--max_steps", "2",
-                 "--save_strategy", "steps", "--save_steps", "2"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "constrained_rlhf/tiny",
+                "--output_dir",
+                str(run),
+                "--max_steps",
+                "2",
+                "--save_strategy",
+                "steps",
+                "--save_steps",
+                "2",
+            ]
+        )
+        == 0
+    )
     assert main(["report", str(run)]) == 0
     pngs = {p.name: p.stat().st_size for p in (run / "report").glob("*.png")}
     assert {"loss.png", "constrained.png", "rewards.png"} <= set(pngs) and min(pngs.values()) > 1000
@@ -256,14 +342,34 @@ def test_a_lora_run_output_is_evaluated_on_its_base(tmp_path):
     from posttrain.cli import main
 
     run = tmp_path / "lora"
-    assert main(["train", "sft/tiny", "--output_dir", str(run), "--use_peft", "true", "--max_steps", "3",
-                 "--learning_rate", "5e-2"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "sft/tiny",
+                "--output_dir",
+                str(run),
+                "--use_peft",
+                "true",
+                "--max_steps",
+                "3",
+                "--learning_rate",
+                "5e-2",
+            ]
+        )
+        == 0
+    )
     assert (run / "adapter_config.json").is_file() and not (run / "model.safetensors").exists()
     scores = {}  # sft/tiny trains a LoRA adapter on tiny:qwen3
-    for label, values in {"folder": {"model": str(run)}, "flag": {"model": "tiny:qwen3", "peft": str(run)},
-                          "base": {"model": "tiny:qwen3"}}.items():
-        report = run_eval(make_spec({**values, "tasks": "perplexity", "limit": 4, "cache": False,
-                                     "output": str(tmp_path / label)}), log=lambda *a: None)
+    for label, values in {
+        "folder": {"model": str(run)},
+        "flag": {"model": "tiny:qwen3", "peft": str(run)},
+        "base": {"model": "tiny:qwen3"},
+    }.items():
+        report = run_eval(
+            make_spec({**values, "tasks": "perplexity", "limit": 4, "cache": False, "output": str(tmp_path / label)}),
+            log=lambda *a: None,
+        )
         scores[label] = report["results"][values["model"]]["perplexity"]["metrics"]["perplexity"]
     assert scores["folder"] == pytest.approx(scores["flag"], rel=1e-6)
     assert abs(scores["folder"] - scores["base"]) > 1e-3 * scores["base"]  # the adapter is applied
@@ -279,7 +385,7 @@ def test_unlearning_task_scores_the_training_splits(tiny):
     tok, losses = tiny.tokenizer, []
     for row in rows:
         prompt_text = tok.apply_chat_template(row["prompt"], tokenize=False, add_generation_prompt=True)
-        completion = tok.apply_chat_template(row["prompt"] + row["completion"], tokenize=False)[len(prompt_text):]
+        completion = tok.apply_chat_template(row["prompt"] + row["completion"], tokenize=False)[len(prompt_text) :]
         n = len(tok(completion, add_special_tokens=False)["input_ids"])
         losses.append(-_logp(tiny.model, tok, prompt_text, completion) / n)
     assert {"forget_loss", "retain_loss", "world_loss", "forget_acc"} <= set(out)

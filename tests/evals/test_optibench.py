@@ -13,8 +13,17 @@ import pytest
 from scipy.optimize import linprog
 
 from posttrain import UserError
-from posttrain.evals.optibench import (TYPES, boxed_value, extract_code, first_answer, is_correct, load_problems,
-                                       run_optibench, score, stdout_values)
+from posttrain.evals.optibench import (
+    TYPES,
+    boxed_value,
+    extract_code,
+    first_answer,
+    is_correct,
+    load_problems,
+    run_optibench,
+    score,
+    stdout_values,
+)
 
 PROBLEMS = load_problems()
 
@@ -40,9 +49,16 @@ def test_extract_code_takes_the_first_python_block_or_the_whole_reply():
 
 
 def test_stdout_values_reads_key_lines():
-    out = "----------\nNumber of chairs: 24.0\nMaximum profit:  2200\nmaximum PROFIT : 2201.5\nNumber of $1 price reductions: 1.0\n"
+    out = (
+        "----------\nNumber of chairs: 24.0\nMaximum profit:  2200\nmaximum PROFIT : 2201.5\n"
+        "Number of $1 price reductions: 1.0\n"
+    )
     assert stdout_values(out, ["Number of chairs", "Maximum profit", "Number of $1 price reductions", "Missing"]) == {
-        "Number of chairs": 24.0, "Maximum profit": 2201.5, "Number of $1 price reductions": 1.0, "Missing": None}
+        "Number of chairs": 24.0,
+        "Maximum profit": 2201.5,
+        "Number of $1 price reductions": 1.0,
+        "Missing": None,
+    }
 
 
 def test_is_correct_needs_every_key_within_the_absolute_tolerance():
@@ -60,8 +76,15 @@ def test_is_correct_needs_every_key_within_the_absolute_tolerance():
 
 def test_score_against_a_direct_count():
     rng = random.Random()
-    records = [{"type": rng.choice(TYPES[:3]), "correct": rng.random() < 0.4, "code_passed": rng.random() < 0.7,
-                "seconds": rng.uniform(0.1, 2)} for _ in range(50)]
+    records = [
+        {
+            "type": rng.choice(TYPES[:3]),
+            "correct": rng.random() < 0.4,
+            "code_passed": rng.random() < 0.7,
+            "seconds": rng.uniform(0.1, 2),
+        }
+        for _ in range(50)
+    ]
     m = score(records)
     assert m["accuracy"] == pytest.approx(sum(r["correct"] for r in records) / 50)
     for t in TYPES[:3]:
@@ -79,20 +102,35 @@ def test_score_against_a_direct_count():
 def _independent_answers() -> dict[int, dict[str, float]]:
     """Each shipped problem solved again here, by enumeration or scipy's LP solver, not by its reference code."""
     out = {}
-    best = max((45 * x + 80 * y, x, y) for x in range(81) for y in range(21) if 5 * x + 20 * y <= 400 and 10 * x + 15 * y <= 450)
+    best = max(
+        (45 * x + 80 * y, x, y)
+        for x in range(81)
+        for y in range(21)
+        if 5 * x + 20 * y <= 400 and 10 * x + 15 * y <= 450
+    )
     out[0] = {"Number of chairs": best[1], "Number of tables": best[2], "Maximum profit": best[0]}
     out[1] = {"Minimum cost": linprog([2, 3], A_ub=[[-3, -2], [-1, -4]], b_ub=[-12, -8]).fun}
     lp = linprog([-0.05, -0.08], A_eq=[[1, 1]], b_eq=[10000], bounds=[(2000, None), (0, 6000)])
     out[2] = {"Amount in stocks": lp.x[1], "Maximum annual return": -lp.fun}
     best = max((7 * x + 5 * y, x, y) for x in range(8) for y in range(21) if 3 * x + y <= 20 and 2 * x + 3 * y <= 24)
     out[3] = {"Number of cakes": best[1], "Number of cookie batches": best[2], "Maximum earnings": best[0]}
-    lp = linprog([4, 6, 9, 5, 3, 7], A_ub=[[1, 1, 1, 0, 0, 0], [0, 0, 0, 1, 1, 1]], b_ub=[50, 60],
-                 A_eq=[[1, 0, 0, 1, 0, 0], [0, 1, 0, 0, 1, 0], [0, 0, 1, 0, 0, 1]], b_eq=[30, 40, 40])
+    lp = linprog(
+        [4, 6, 9, 5, 3, 7],
+        A_ub=[[1, 1, 1, 0, 0, 0], [0, 0, 0, 1, 1, 1]],
+        b_ub=[50, 60],
+        A_eq=[[1, 0, 0, 1, 0, 0], [0, 1, 0, 0, 1, 0], [0, 0, 1, 0, 0, 1]],
+        b_eq=[30, 40, 40],
+    )
     out[4] = {"Minimum total transportation cost": lp.fun}
     out[5] = {"Maximum profit": -linprog([-30, -40, -50], A_ub=[[2, 1, 3], [1, 3, 2]], b_ub=[100, 90]).fun}
     times = [[0, 8, 15, 20, 25], [8, 0, 9, 18, 22], [15, 9, 0, 7, 16], [20, 18, 7, 0, 6], [25, 22, 16, 6, 0]]
-    out[6] = {"Minimum number of fire stations": min(
-        sum(s) for s in itertools.product([0, 1], repeat=5) if all(any(s[i] and times[i][j] <= 10 for i in range(5)) for j in range(5)))}
+    out[6] = {
+        "Minimum number of fire stations": min(
+            sum(s)
+            for s in itertools.product([0, 1], repeat=5)
+            if all(any(s[i] and times[i][j] <= 10 for i in range(5)) for j in range(5))
+        )
+    }
     best = max((x * (30 - 2 * x) ** 2, x) for x in range(1, 15))
     out[7] = {"Side of the cut squares": best[1], "Maximum volume": best[0]}
     best = max(((20 - d - 8) * (300 + 30 * d), d) for d in range(20))
@@ -100,8 +138,11 @@ def _independent_answers() -> dict[int, dict[str, float]]:
     best = max((L * W, L, W) for L in range(101) for W in range(51) if L + 2 * W <= 100)
     out[9] = {"Length": best[1], "Width": best[2], "Maximum area": best[0]}
     rev = [[0, 10, 18, 24, 28], [0, 7, 13, 18, 21], [0, 8, 15, 20, 23]]
-    out[10] = {"Maximum total revenue (thousand dollars)": max(
-        rev[0][a] + rev[1][b] + rev[2][c] for a, b, c in itertools.product(range(5), repeat=3) if a + b + c <= 6)}
+    out[10] = {
+        "Maximum total revenue (thousand dollars)": max(
+            rev[0][a] + rev[1][b] + rev[2][c] for a, b, c in itertools.product(range(5), repeat=3) if a + b + c <= 6
+        )
+    }
     A, B = {10: 60, 12: 50, 14: 38, 16: 25}, {20: 45, 24: 36, 28: 28, 32: 18}
     best = max((a * A[a] + b * B[b], a, b) for a in A for b in B if A[a] + B[b] <= 80)
     out[11] = {"Price of product A": best[1], "Price of product B": best[2], "Maximum revenue": best[0]}
@@ -178,11 +219,20 @@ def test_syntax_error_model_scores_0_percent():
 
 
 # one binding constraint (or the domain of a choice) changed per problem: the program still runs to an optimum
-WRONG = {0: ("<= 400  # wood", "<= 300  # wood"), 1: (">= 12  # protein", ">= 20  # protein"),
-         2: ("stocks <= 0.6 * 10000", "stocks <= 0.5 * 10000"), 3: ("<= 20  # eggs", "<= 15  # eggs"),
-         4: ("== demand[s]", "== demand[s] - 5"), 5: ("<= 100", "<= 80"), 6: ("<= 10", "<= 7"),
-         7: ("range(1, 15)", "range(1, 5)"), 8: ("range(0, 13)", "range(2, 13)"), 9: ("range(0, 51)", "range(0, 21)"),
-         10: ("<= 6", "<= 5"), 11: ("<= 80", "<= 70")}
+WRONG = {
+    0: ("<= 400  # wood", "<= 300  # wood"),
+    1: (">= 12  # protein", ">= 20  # protein"),
+    2: ("stocks <= 0.6 * 10000", "stocks <= 0.5 * 10000"),
+    3: ("<= 20  # eggs", "<= 15  # eggs"),
+    4: ("== demand[s]", "== demand[s] - 5"),
+    5: ("<= 100", "<= 80"),
+    6: ("<= 10", "<= 7"),
+    7: ("range(1, 15)", "range(1, 5)"),
+    8: ("range(0, 13)", "range(2, 13)"),
+    9: ("range(0, 51)", "range(0, 21)"),
+    10: ("<= 6", "<= 5"),
+    11: ("<= 80", "<= 70"),
+}
 
 
 def test_wrong_constraint_model_passes_the_code_but_scores_0_percent():
@@ -212,9 +262,13 @@ def test_a_sleeping_program_is_a_timeout_within_3_5_seconds():
 
 
 def test_hostile_programs_each_get_a_status_and_the_rest_is_scored(tmp_path):
-    hostile = {0: "import time\ntime.sleep(60)", 1: "x = []\nwhile True:\n    x.append(bytearray(64 << 20))",
-               2: f"open({str(tmp_path / 'escaped.txt')!r}, 'w').write('x')", 3: "import os\nwhile True:\n    os.fork()",
-               4: "print('The problem could not be solved to optimality.')"}
+    hostile = {
+        0: "import time\ntime.sleep(60)",
+        1: "x = []\nwhile True:\n    x.append(bytearray(64 << 20))",
+        2: f"open({str(tmp_path / 'escaped.txt')!r}, 'w').write('x')",
+        3: "import os\nwhile True:\n    os.fork()",
+        4: "print('The problem could not be solved to optimality.')",
+    }
     expected = {0: {"timeout"}, 1: {"memory_limit"}, 2: {"denied"}, 3: {"process_limit", "timeout"}, 4: {"not_optimal"}}
     index = {p["question"]: p["index"] for p in PROBLEMS}
 
@@ -235,23 +289,40 @@ def test_hostile_programs_each_get_a_status_and_the_rest_is_scored(tmp_path):
 def test_path_loads_a_file_in_the_official_schema_and_bad_files_are_refused_early(tmp_path):
     from posttrain.evals.harness import make_spec
 
-    official_like = [{"question": "q", "results": {"The maximum profit you can get": "3600.0"}, "type": "linear-notable",
-                      "index": 0, "length": 1, "var_num": 1, "code": "from pyscipopt import Model", "scenario": "s"}]
+    official_like = [
+        {
+            "question": "q",
+            "results": {"The maximum profit you can get": "3600.0"},
+            "type": "linear-notable",
+            "index": 0,
+            "length": 1,
+            "var_num": 1,
+            "code": "from pyscipopt import Model",
+            "scenario": "s",
+        }
+    ]
     good = tmp_path / "e-opt.json"
     good.write_text(json.dumps(official_like))
     assert load_problems(str(good)) == official_like
     spec = make_spec({"model": "tiny:llama", "tasks": {"optibench": {"path": str(good), "extraction": "stdout"}}})
     assert spec.tasks["optibench"]["path"] == str(good)
     bad = tmp_path / "bad.json"
-    for content, message in [(None, "does not exist"), ("[{", "is not JSON"), ("[]", "non-empty JSON list"),
-                             (json.dumps([{**official_like[0], "type": "quadratic"}]), "'type' is 'quadratic'"),
-                             (json.dumps([{**official_like[0], "results": {"x": "many"}}]), "is not a number")]:
+    for content, message in [
+        (None, "does not exist"),
+        ("[{", "is not JSON"),
+        ("[]", "non-empty JSON list"),
+        (json.dumps([{**official_like[0], "type": "quadratic"}]), "'type' is 'quadratic'"),
+        (json.dumps([{**official_like[0], "results": {"x": "many"}}]), "is not a number"),
+    ]:
         if content is not None:
             bad.write_text(content)
         with pytest.raises(UserError, match=re.escape(message)):
             make_spec({"model": "tiny:llama", "tasks": {"optibench": {"path": str(bad)}}})
-    for options, message in [({"solver": "gurobi"}, "expects"), ({"timeout": 0}, "timeout must be > 0"),
-                             ({"extraction": "regex"}, "expects")]:
+    for options, message in [
+        ({"solver": "gurobi"}, "expects"),
+        ({"timeout": 0}, "timeout must be > 0"),
+        ({"extraction": "regex"}, "expects"),
+    ]:
         with pytest.raises(UserError, match=message):
             make_spec({"model": "tiny:llama", "tasks": {"optibench": options}})
 
@@ -259,8 +330,16 @@ def test_path_loads_a_file_in_the_official_schema_and_bad_files_are_refused_earl
 def test_posttrain_eval_runs_the_task_on_a_tiny_model(tmp_path):
     from posttrain.evals.harness import make_spec, run_eval
 
-    spec = make_spec({"model": "tiny:llama", "tasks": {"optibench": {"max_new_tokens": 24, "answer_max_new_tokens": 8}},
-                      "limit": 4, "batch_size": 2, "output": str(tmp_path / "eval"), "cache": False})
+    spec = make_spec(
+        {
+            "model": "tiny:llama",
+            "tasks": {"optibench": {"max_new_tokens": 24, "answer_max_new_tokens": 8}},
+            "limit": 4,
+            "batch_size": 2,
+            "output": str(tmp_path / "eval"),
+            "cache": False,
+        }
+    )
     report = run_eval(spec, log=lambda *_: None)
     out = report["results"]["tiny:llama"]["optibench"]
     m = out["metrics"]

@@ -23,18 +23,18 @@ def _logp_and_tokens(ctx, prompt, answer):
     """log pi(answer | prompt) and the answer's token count, one unpadded sequence at a time."""
     tok = ctx.tokenizer
     prompt_text = tok.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-    completion = tok.apply_chat_template(prompt + answer, tokenize=False)[len(prompt_text):]
+    completion = tok.apply_chat_template(prompt + answer, tokenize=False)[len(prompt_text) :]
     p = tok(prompt_text, add_special_tokens=False)["input_ids"]
     c = tok(completion, add_special_tokens=False)["input_ids"]
     ids = torch.tensor([p + c])
     with torch.no_grad():
         logps = torch.log_softmax(ctx.model(input_ids=ids).logits[0, :-1].float(), -1)
-    return float(logps[len(p) - 1:].gather(-1, ids[0, len(p):, None]).sum()), len(c)
+    return float(logps[len(p) - 1 :].gather(-1, ids[0, len(p) :, None]).sum()), len(c)
 
 
 def _completion_tokens(tokenizer, prompt, answer) -> int:
     prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-    completion = tokenizer.apply_chat_template(prompt + answer, tokenize=False)[len(prompt_text):]
+    completion = tokenizer.apply_chat_template(prompt + answer, tokenize=False)[len(prompt_text) :]
     return len(tokenizer(completion, add_special_tokens=False)["input_ids"])
 
 
@@ -56,8 +56,10 @@ def test_without_a_reference_the_length_bias_shows_in_the_normalised_accuracy(mo
     tok = _context("llama").tokenizer
     # the issue's 69%: the chosen answer has fewer characters in 176 of the 256 pairs
     assert sum(len(r["chosen"][0]["content"]) < len(r["rejected"][0]["content"]) for r in rows) == 176
-    lengths = [(_completion_tokens(tok, r["prompt"], r["chosen"]), _completion_tokens(tok, r["prompt"], r["rejected"]))
-               for r in rows]
+    lengths = [
+        (_completion_tokens(tok, r["prompt"], r["chosen"]), _completion_tokens(tok, r["prompt"], r["rejected"]))
+        for r in rows
+    ]
     shorter = (sum(c < r for c, r in lengths) + 0.5 * sum(c == r for c, r in lengths)) / len(rows)  # in tokens
     for m in (r["metrics"] for r in results.values()):  # all 256 pairs
         assert m["pairs"] == 256 and m["chosen_tokens"] < m["rejected_tokens"]
@@ -67,8 +69,11 @@ def test_without_a_reference_the_length_bias_shows_in_the_normalised_accuracy(mo
     # one warning for the four calls, saying a reference is the meaningful setting
     said = [str(w.message) for w in caught if "reference" in str(w.message)]
     assert len(said) == 1 and "favours the shorter answer" in said[0]
-    report = {"models": ["tiny:llama", "tiny:qwen3"], "tasks": {"preference": {}},
-              "results": {f"tiny:{a}": {"preference": r} for a, r in results.items()}}
+    report = {
+        "models": ["tiny:llama", "tiny:qwen3"],
+        "tasks": {"preference": {}},
+        "results": {f"tiny:{a}": {"preference": r} for a, r in results.items()},
+    }
     table = markdown_table(report)
     assert "| preference | accuracy_length_normalised |" in table
     assert "`accuracy` and `margin` are DPO's implicit reward" in table and "with its reference term left out" in table
@@ -93,8 +98,9 @@ def test_normalised_accuracy_against_a_direct_computation():
 
 # a reward model whose tokenizer is not the policy's: a 300-token BPE (the policy's has 512) whose special tokens
 # sit elsewhere, and a chat template of another shape
-RM_TEMPLATE = ("{%- for message in messages %}{{- '### ' + message['role'] + ':\n' + message['content'] + '</s>\n' }}"
-               "{%- endfor %}")
+RM_TEMPLATE = (
+    "{%- for message in messages %}{{- '### ' + message['role'] + ':\n' + message['content'] + '</s>\n' }}{%- endfor %}"
+)
 
 
 def _reward_model(folder):
@@ -104,13 +110,25 @@ def _reward_model(folder):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["</s>", "<pad>"], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=["</s>", "<pad>"],
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(["the cat sat on the mat", "what is the answer to the question"] * 20, trainer=trainer)
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", pad_token="<pad>")
     tokenizer.chat_template = RM_TEMPLATE
-    config = LlamaConfig(vocab_size=tok.get_vocab_size(), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=2, num_labels=1, pad_token_id=tokenizer.pad_token_id)
+    config = LlamaConfig(
+        vocab_size=tok.get_vocab_size(),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        num_labels=1,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     torch.manual_seed(5)
     rm = AutoModelForSequenceClassification.from_config(config)
     rm.save_pretrained(folder)

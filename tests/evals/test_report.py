@@ -36,8 +36,10 @@ def test_report_on_a_save_strategy_no_run(tmp_path):
 
 def test_report_on_an_auxiliary_run_and_on_an_eval_output(tmp_path, capsys):
     run = tmp_path / "fedau"
-    assert main(["train", "fedau/quadratic_fedau", "--output_dir", str(run), "--max_steps", "40",
-                 "--eval_every", "10"]) == 0
+    assert (
+        main(["train", "fedau/quadratic_fedau", "--output_dir", str(run), "--max_steps", "40", "--eval_every", "10"])
+        == 0
+    )
     history = json.loads((run / "results.json").read_text())["history"]
     assert main(["report", str(run)]) == 0
     table = (run / "report" / "report.md").read_text()

@@ -36,8 +36,11 @@ def _running(marker: str) -> list[int]:
 def test_a_program_runs_in_a_fresh_folder_with_a_scrubbed_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_TOKEN", "secret-token-for-the-test")
     monkeypatch.chdir(tmp_path)
-    out = run_python("import os, sys\nprint(os.getcwd())\nprint(sorted(os.environ))\nopen('x.txt', 'w').write('hi')\n"
-                     "print(open('x.txt').read())\nprint(sys.flags.isolated)", timeout=10)
+    out = run_python(
+        "import os, sys\nprint(os.getcwd())\nprint(sorted(os.environ))\nopen('x.txt', 'w').write('hi')\n"
+        "print(open('x.txt').read())\nprint(sys.flags.isolated)",
+        timeout=10,
+    )
     assert out.status == "ok" and out.returncode == 0 and out.error == "", out
     folder, env, written, isolated = out.stdout.splitlines()
     assert Path(folder) != tmp_path and not Path(folder).exists()  # its own folder, removed afterwards
@@ -49,7 +52,9 @@ def test_inherited_file_descriptors_are_closed(tmp_path):
     fd = os.open(tmp_path / "open.txt", os.O_CREAT | os.O_RDWR)
     os.set_inheritable(fd, True)
     try:
-        out = run_python(f"import os\ntry:\n    os.fstat({fd}); print('open')\nexcept OSError:\n    print('closed')", timeout=10)
+        out = run_python(
+            f"import os\ntry:\n    os.fstat({fd}); print('open')\nexcept OSError:\n    print('closed')", timeout=10
+        )
     finally:
         os.close(fd)
     assert out.status == "ok" and out.stdout.strip() == "closed", out
@@ -70,8 +75,11 @@ def test_a_busy_loop_hits_the_cpu_limit():
 
 def test_unbounded_allocation_hits_the_memory_limit():
     # bounded at 2 GiB so that a sandbox without the limit fails this test without hurting the machine
-    out = run_python("chunks = []\nfor _ in range(64):\n    chunks.append(bytearray(32 << 20))\nprint('allocated')",
-                     timeout=10, memory_mb=256)
+    out = run_python(
+        "chunks = []\nfor _ in range(64):\n    chunks.append(bytearray(32 << 20))\nprint('allocated')",
+        timeout=10,
+        memory_mb=256,
+    )
     assert out.status == "memory_limit" and "MemoryError" in out.error and "allocated" not in out.stdout, out
 
 

@@ -31,8 +31,19 @@ def data():
 
 
 def test_pure_math_on_worked_examples():
-    from posttrain.evals.unlearning import (auc, closer_to_1_better, harmonic_mean, mia_auc, min_k_plus_plus_score,
-                                            min_k_score, privleak, rouge_l_recall, true_better, truth_ratio, zlib_score)
+    from posttrain.evals.unlearning import (
+        auc,
+        closer_to_1_better,
+        harmonic_mean,
+        mia_auc,
+        min_k_plus_plus_score,
+        min_k_score,
+        privleak,
+        rouge_l_recall,
+        true_better,
+        truth_ratio,
+        zlib_score,
+    )
 
     # truth ratio, geometric: exp(-mean wrong loss) / exp(-true loss); losses 1 and 3 -> mean 2 -> e^(1-2)
     assert truth_ratio(1.0, [1.0, 3.0]) == pytest.approx(math.exp(-1))
@@ -55,8 +66,9 @@ def test_pure_math_on_worked_examples():
     assert privleak(0.9, reference_auc=0.6) == pytest.approx((0.1 - 0.4) / 0.4 * 100)
     assert harmonic_mean([1.0, 0.5, 0.25]) == pytest.approx(3 / (1 + 2 + 4))
     # ROUGE-L recall: LCS("the cat sat on the mat", "the cat on mat") = 4 of the reference's 6 tokens; stemmed
-    assert rouge_l_recall(["the cat on mat", "cats sitting"], ["the cat sat on the mat", "cat sits"]) == \
-        pytest.approx([4 / 6, 1.0])
+    assert rouge_l_recall(["the cat on mat", "cats sitting"], ["the cat sat on the mat", "cat sits"]) == pytest.approx(
+        [4 / 6, 1.0]
+    )
 
 
 def _direct(model, tok, row, answer=None):
@@ -102,8 +114,10 @@ def test_every_metric_equals_a_direct_computation(half_trained, data):
     forget, holdout = list(data["forget10"])[:4], list(data["holdout"])[:3]
     retain, world = list(data["retain"])[:3], list(data["world_facts"])[:3]
     out = unlearning_metrics(model, tok, forget, retain, world, holdout, batch_size=2, max_new_tokens=12)
-    direct = {name: [_direct(model, tok, r) for r in rows]
-              for name, rows in (("forget", forget), ("retain", retain), ("world", world), ("holdout", holdout))}
+    direct = {
+        name: [_direct(model, tok, r) for r in rows]
+        for name, rows in (("forget", forget), ("retain", retain), ("world", world), ("holdout", holdout))
+    }
     ratios = {}
     for name, rows in (("forget", forget), ("retain", retain), ("world", world), ("holdout", holdout)):
         true = [_direct(model, tok, r, r["paraphrased"])[0] for r in rows]
@@ -116,10 +130,14 @@ def test_every_metric_equals_a_direct_computation(half_trained, data):
     for name, rows in direct.items():
         assert out[f"{name}_loss"] == pytest.approx(sum(d[0] for d in rows) / len(rows), rel=1e-5)
         assert out[f"{name}_acc"] == pytest.approx(sum(d[1] for d in rows) / len(rows))  # a per-row mean
-        assert out[f"{prefix[name]}_Q_A_Prob"] == pytest.approx(sum(math.exp(-d[0]) for d in rows) / len(rows), rel=1e-5)
+        assert out[f"{prefix[name]}_Q_A_Prob"] == pytest.approx(
+            sum(math.exp(-d[0]) for d in rows) / len(rows), rel=1e-5
+        )
     assert out["forget_truth_ratio"] == pytest.approx(sum(min(r, 1 / r) for r in ratios["forget"]) / 4, rel=1e-4)
     assert out["holdout_truth_ratio"] == pytest.approx(sum(min(r, 1 / r) for r in ratios["holdout"]) / 3, rel=1e-4)
-    assert out["retain_Truth_Ratio"] == pytest.approx(sum(max(0, 1 - r) for r in ratios["retain"]) / 3, rel=1e-4, abs=1e-6)
+    assert out["retain_Truth_Ratio"] == pytest.approx(
+        sum(max(0, 1 - r) for r in ratios["retain"]) / 3, rel=1e-4, abs=1e-6
+    )
     assert out["wf_Truth_Ratio"] == pytest.approx(sum(max(0, 1 - r) for r in ratios["world"]) / 3, rel=1e-4, abs=1e-6)
     assert out["wf_Q_A_Prob_normalised"] == pytest.approx(sum(normalised) / 3, rel=1e-5)
     # ROUGE-L recall of the greedy answers, generated here one row at a time (no padding)
@@ -130,16 +148,25 @@ def test_every_metric_equals_a_direct_computation(half_trained, data):
     for name, rows in (("forget", forget), ("retain", retain), ("world", world)):
         values = []
         for r in rows:
-            ids = tok.apply_chat_template(r["prompt"], add_generation_prompt=True, return_tensors="pt", return_dict=True)
+            ids = tok.apply_chat_template(
+                r["prompt"], add_generation_prompt=True, return_tensors="pt", return_dict=True
+            )
             gen = model.generate(**ids, max_new_tokens=12, do_sample=False, pad_token_id=tok.pad_token_id)
-            text = tok.decode(gen[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+            text = tok.decode(gen[0, ids["input_ids"].shape[1] :], skip_special_tokens=True).strip()
             values.append(scorer.score(r["completion"][0]["content"], text)["rougeL"].recall)
         rouge[name] = sum(values) / len(values)
         assert out[f"{prefix[name]}_Q_A_ROUGE"] == pytest.approx(rouge[name])
-    parts = [out["retain_Q_A_Prob"], rouge["retain"], out["retain_Truth_Ratio"], out["wf_Q_A_Prob_normalised"],
-             rouge["world"], out["wf_Truth_Ratio"]]
+    parts = [
+        out["retain_Q_A_Prob"],
+        rouge["retain"],
+        out["retain_Truth_Ratio"],
+        out["wf_Q_A_Prob_normalised"],
+        rouge["world"],
+        out["wf_Truth_Ratio"],
+    ]
     assert min(parts) > 0 and 0 < out["forget_acc"] < 1  # nothing here is trivially 0 or 1
     assert out["model_utility"] == pytest.approx(len(parts) / sum(1 / p for p in parts), rel=1e-6)
+
     # membership attacks: pairwise AUC by hand, forget rows (members) scoring below holdout rows
     def pairwise(f, h):
         return sum((a < b) + 0.5 * (a == b) for a in f for b in h) / (len(f) * len(h))
@@ -150,14 +177,16 @@ def test_every_metric_equals_a_direct_computation(half_trained, data):
         if attack == "zlib":
             return [d[0] / len(zlib.compress(d[5].encode())) for d in rows]
         if attack == "min_k":
-            return [-sum(sorted(d[2])[:max(1, int(0.4 * len(d[2])))]) / max(1, int(0.4 * len(d[2]))) for d in rows]
+            return [-sum(sorted(d[2])[: max(1, int(0.4 * len(d[2])))]) / max(1, int(0.4 * len(d[2]))) for d in rows]
         z = [sorted((lp - m) / math.sqrt(max(s, 1e-6)) for lp, m, s in zip(d[2], d[3], d[4])) for d in rows]
-        return [-sum(v[:max(1, int(0.4 * len(v)))]) / max(1, int(0.4 * len(v))) for v in z]
+        return [-sum(v[: max(1, int(0.4 * len(v)))]) / max(1, int(0.4 * len(v))) for v in z]
 
     from posttrain.evals.unlearning import attack_scores, row_stats
 
-    per_row = {name: attack_scores(row_stats(model, tok, rows, batch_size=2))
-               for name, rows in (("forget", forget), ("holdout", holdout))}
+    per_row = {
+        name: attack_scores(row_stats(model, tok, rows, batch_size=2))
+        for name, rows in (("forget", forget), ("holdout", holdout))
+    }
     for attack in ("loss", "zlib", "min_k", "min_k_plus_plus"):
         f, h = scores(direct["forget"], attack), scores(direct["holdout"], attack)
         assert per_row["forget"][f"mia_{attack}"] == pytest.approx(f, rel=1e-4), attack
@@ -214,7 +243,9 @@ def test_a_model_that_memorised_the_forget_set_is_caught(tiny, data):
     tok = tiny[1]
     model = AutoModelForCausalLM.from_pretrained(tiny_model_path("llama")).train()  # a fresh copy to train
     kwargs = dict(max_new_tokens=4)
-    before = unlearning_metrics(model, tok, data["forget10"], data["retain"], data["world_facts"], data["holdout"], **kwargs)
+    before = unlearning_metrics(
+        model, tok, data["forget10"], data["retain"], data["world_facts"], data["holdout"], **kwargs
+    )
     untrained = truth_ratios(model, tok, list(data["forget10"]))  # stands in for a model that never saw the forget set
     batch = collate([encode_row(tok, r) for r in data["forget10"]], tok.pad_token_id)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
@@ -222,11 +253,22 @@ def test_a_model_that_memorised_the_forget_set_is_caught(tiny, data):
         model(**batch).loss.backward()
         optimizer.step()
         optimizer.zero_grad()
-    after = unlearning_metrics(model, tok, data["forget10"], data["retain"], None, data["holdout"],
-                               reference_forget_ratios=untrained, **kwargs)
+    after = unlearning_metrics(
+        model, tok, data["forget10"], data["retain"], None, data["holdout"], reference_forget_ratios=untrained, **kwargs
+    )
     assert model.training  # the mode is restored
-    assert set(before) >= {"forget_loss", "forget_acc", "wf_Q_A_Prob", "forget_truth_ratio", "mia_min_k", "privleak",
-                           "forget_quality", "model_utility", "forget_Q_A_ROUGE", "wf_Truth_Ratio"}
+    assert set(before) >= {
+        "forget_loss",
+        "forget_acc",
+        "wf_Q_A_Prob",
+        "forget_truth_ratio",
+        "mia_min_k",
+        "privleak",
+        "forget_quality",
+        "model_utility",
+        "forget_Q_A_ROUGE",
+        "wf_Truth_Ratio",
+    }
     assert "world_loss" not in after and "model_utility" not in after  # no world facts: no utility
     assert after["forget_loss"] < 0.5 * before["forget_loss"] and after["forget_acc"] > 0.8 > after["holdout_acc"]
     for attack in ("loss", "zlib", "min_k", "min_k_plus_plus"):

@@ -6,8 +6,8 @@ import sys
 
 import pytest
 import torch
-
 from conftest import load_experiment
+
 
 @pytest.fixture(scope="module")
 def toy():
@@ -24,8 +24,11 @@ def seed0(toy):
 
 def test_claims_hold_on_seed0(toy, seed0):
     fixed, xi, nm = seed0
-    assert toy.check_claims(fixed, xi, nm) == {"fixed_overoptimises": True, "xi_holds_theta": True,
-                                               "nm_finds_theta": True}
+    assert toy.check_claims(fixed, xi, nm) == {
+        "fixed_overoptimises": True,
+        "xi_holds_theta": True,
+        "nm_finds_theta": True,
+    }
 
 
 def test_fixed_weights_overoptimise(seed0):

@@ -8,7 +8,6 @@ import math
 import sys
 
 import pytest
-
 from conftest import load_experiment
 
 pytestmark = pytest.mark.slow

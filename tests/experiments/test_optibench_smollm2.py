@@ -5,8 +5,8 @@ import json
 import sys
 
 import pytest
-
 from conftest import ROOT, load_experiment
+
 from posttrain.evals.optibench import score
 
 

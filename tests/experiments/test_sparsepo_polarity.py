@@ -30,22 +30,26 @@ def load_script():
 
 def test_differing_tokens_equal_and_unequal_lengths():
     # rows [chosen; rejected] of two pairs; completion = where completion_mask is 1; 0 = padding
-    ids = torch.tensor([
-        [5, 6, 10, 11, 12, 13, 0],   # pair 0 chosen:  10 11 12 13     (same length as rejected, token 11 flips)
-        [5, 6, 10, 20, 30, 13, 14],  # pair 1 chosen:  10 20 30 13 14  (vs 10 21 22 23 13 14: unequal length)
-        [5, 6, 10, 99, 12, 13, 0],   # pair 0 rejected
-        [5, 10, 21, 22, 23, 13, 14],  # pair 1 rejected (prompt one token shorter, to check positions)
-    ])
-    cm = torch.tensor([
-        [0, 0, 1, 1, 1, 1, 0],
-        [0, 0, 1, 1, 1, 1, 1],
-        [0, 0, 1, 1, 1, 1, 0],
-        [0, 1, 1, 1, 1, 1, 1],
-    ])
+    ids = torch.tensor(
+        [
+            [5, 6, 10, 11, 12, 13, 0],  # pair 0 chosen:  10 11 12 13     (same length as rejected, token 11 flips)
+            [5, 6, 10, 20, 30, 13, 14],  # pair 1 chosen:  10 20 30 13 14  (vs 10 21 22 23 13 14: unequal length)
+            [5, 6, 10, 99, 12, 13, 0],  # pair 0 rejected
+            [5, 10, 21, 22, 23, 13, 14],  # pair 1 rejected (prompt one token shorter, to check positions)
+        ]
+    )
+    cm = torch.tensor(
+        [
+            [0, 0, 1, 1, 1, 1, 0],
+            [0, 0, 1, 1, 1, 1, 1],
+            [0, 0, 1, 1, 1, 1, 0],
+            [0, 1, 1, 1, 1, 1, 1],
+        ]
+    )
     diff = load_script().differing_tokens(ids, cm)
     assert diff.tolist() == [
         [False, False, False, True, False, False, False],
-        [False, False, False, True, True, False, False],   # common prefix 10, common suffix 13 14
+        [False, False, False, True, True, False, False],  # common prefix 10, common suffix 13 14
         [False, False, False, True, False, False, False],
         [False, False, True, True, True, False, False],
     ]
@@ -53,15 +57,26 @@ def test_differing_tokens_equal_and_unequal_lengths():
 
 def test_kl_at_margin_interpolates():
     kl_at_margin = load_script().kl_at_margin
-    trajectory = [{"margin": 0.0, "kl_shared": 0.0}, {"margin": 2.0, "kl_shared": 10.0}, {"margin": 4.0, "kl_shared": 30.0}]
+    trajectory = [
+        {"margin": 0.0, "kl_shared": 0.0},
+        {"margin": 2.0, "kl_shared": 10.0},
+        {"margin": 4.0, "kl_shared": 30.0},
+    ]
     assert kl_at_margin(trajectory, 3.0) == pytest.approx(20.0)
     assert kl_at_margin(trajectory, 5.0) is None
 
 
 @pytest.mark.slow
 def test_quick_experiment_learned_mask_concentrates_on_differing_tokens(tmp_path, run_env):
-    subprocess.run([sys.executable, str(SCRIPT), "--quick", "--out", str(tmp_path)], cwd=ROOT, env=run_env,
-                   check=True, timeout=300, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    subprocess.run(
+        [sys.executable, str(SCRIPT), "--quick", "--out", str(tmp_path)],
+        cwd=ROOT,
+        env=run_env,
+        check=True,
+        timeout=300,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     result = json.loads((tmp_path / "sparsepo_polarity.json").read_text())
     assert (tmp_path / "sparsepo_polarity.png").stat().st_size > 0
     runs = result["variants"]
@@ -70,10 +85,12 @@ def test_quick_experiment_learned_mask_concentrates_on_differing_tokens(tmp_path
         m = run["metrics"]
         assert 1 <= m["differing_tokens_per_pair"] <= 3, name  # 1-2 flipped words, "sad" is two tokens
         assert m["chunked_vs_plain_max_abs_diff"] < 1e-3, name  # trainer's chunked terms = plain forwards
-        assert m["accuracy"] >= 0.9 and m["margin"] > 0, name    # every variant learns the preference
+        assert m["accuracy"] >= 0.9 and m["margin"] > 0, name  # every variant learns the preference
 
     uniform = runs["TDPO-1"]["metrics"]  # TDPO-1: masks are exactly 1, the baseline ratio
-    assert uniform["mask_diff"] == uniform["mask_else"] == 1.0 and uniform["ratio"] == 1.0 and uniform["sparsity"] == 0.0
+    assert (
+        uniform["mask_diff"] == uniform["mask_else"] == 1.0 and uniform["ratio"] == 1.0 and uniform["sparsity"] == 0.0
+    )
 
     activation = runs["SparsePO activation"]["metrics"]  # MaPO: min-max rescaled per sequence
     assert 0.0 <= activation["mask_min"] and activation["mask_max"] <= 1.0 + 1e-6

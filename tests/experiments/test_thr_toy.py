@@ -5,8 +5,8 @@ import sys
 
 import pytest
 import torch
-
 from conftest import load_experiment
+
 
 @pytest.fixture(scope="module")
 def toy():

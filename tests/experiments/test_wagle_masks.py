@@ -6,7 +6,6 @@ import sys
 
 import pytest
 import torch
-
 from conftest import load_experiment
 
 
@@ -19,13 +18,25 @@ def exp():
 @pytest.fixture(scope="module")
 def small(exp):
     # a cut-down run: 1 seed, a short pre-training, 16 unlearning steps at the quick learning rate
-    return exp.run(seeds=(0,), ratios=(0.5,), masks=("wagle", "random"), steps=16, lr=1e-3, eval_every=4,
-                   pretrain_steps=120, log=lambda *a: None)
+    return exp.run(
+        seeds=(0,),
+        ratios=(0.5,),
+        masks=("wagle", "random"),
+        steps=16,
+        lr=1e-3,
+        eval_every=4,
+        pretrain_steps=120,
+        log=lambda *a: None,
+    )
 
 
 def test_at_drop_interpolates_the_first_crossing(exp):
-    curve = {"step": [0, 2, 4, 6], "retain_acc": [1.0, 0.99, 0.93, 0.80], "forget_acc": [1.0, 0.9, 0.6, 0.5],
-             "mia_auc": [1.0, 1.0, 0.8, 0.7]}
+    curve = {
+        "step": [0, 2, 4, 6],
+        "retain_acc": [1.0, 0.99, 0.93, 0.80],
+        "forget_acc": [1.0, 0.9, 0.6, 0.5],
+        "mia_auc": [1.0, 1.0, 0.8, 0.7],
+    }
     got = exp.at_drop(curve, 0.05)  # level 0.95: between steps 2 and 4, two thirds of the way
     assert got["step"] == pytest.approx(2 + 4 / 3) and got["forget_acc"] == pytest.approx(0.7)
     assert got["mia_auc"] == pytest.approx(1.0 - 0.2 * 2 / 3)
@@ -60,5 +71,7 @@ def test_quick_mode_runs(exp, capsys):
     result = exp.main(["--quick"])
     assert "| 1.00 | dense |" in capsys.readouterr().out
     assert len(result["runs"]) == 4 and result["config"]["steps"] == exp.QUICK["steps"]
-    torch.testing.assert_close(torch.tensor(result["runs"][0]["curve"]["forget_acc"][0]),
-                               torch.tensor(result["runs"][3]["curve"]["forget_acc"][0]))
+    torch.testing.assert_close(
+        torch.tensor(result["runs"][0]["curve"]["forget_acc"][0]),
+        torch.tensor(result["runs"][3]["curve"]["forget_acc"][0]),
+    )

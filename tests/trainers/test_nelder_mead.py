@@ -74,7 +74,7 @@ def rosenbrock(x):
 def test_nm_evaluates_the_official_sequence_of_points(f, dim, seed, tol):
     nm = NelderMead([-1.0] * dim, [1.0] * dim, tol=tol, max_iterations=80, seed=seed)
     asked = drive(nm, f)
-    expected = official_loop(f, asked[:dim + 1], budget=80, tol=tol)  # the same initial simplex
+    expected = official_loop(f, asked[: dim + 1], budget=80, tol=tol)  # the same initial simplex
     assert len(asked) == len(expected), f"{len(asked)} points evaluated, the official loop evaluates {len(expected)}"
     np.testing.assert_array_equal(np.array(asked), np.array(expected))
     assert nm.stop_reason in ("budget", "tol")

@@ -31,8 +31,13 @@ def test_length_fraction():
 
 def test_vader_sentiment_orders_texts_by_polarity():
     fn = REWARDS["vader_sentiment"][1](None)
-    happy, sad, flat = fn(["What a wonderful, lovely day!", "This is awful and I hate it.",
-                           [{"role": "assistant", "content": "The table has four legs."}]])
+    happy, sad, flat = fn(
+        [
+            "What a wonderful, lovely day!",
+            "This is awful and I hate it.",
+            [{"role": "assistant", "content": "The table has four legs."}],
+        ]
+    )
     assert happy > 0.5 and sad < -0.5 and flat == 0.0
 
 
@@ -44,4 +49,9 @@ def test_offensiveness_cost_is_a_negative_probability():
 
 def test_distinct_2_drops_with_repetition():
     fn = REWARDS["distinct_2"][1](None)
-    assert fn(["a b c d", "great great great great", "one", "A b a b"]) == [1.0, pytest.approx(1 / 3), 1.0, pytest.approx(2 / 3)]
+    assert fn(["a b c d", "great great great great", "one", "A b a b"]) == [
+        1.0,
+        pytest.approx(1 / 3),
+        1.0,
+        pytest.approx(2 / 3),
+    ]

@@ -13,9 +13,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import method_state
 from torch import nn
 
-from conftest import method_state
 from posttrain.recipes.config import load_recipe
 from posttrain.recipes.train import build_trainer
 from posttrain.trainers.sparsepo import (
@@ -47,14 +47,16 @@ def worked_terms(chunk_size=None):
 def test_token_terms_match_the_worked_example():
     logratio, neg_kl, _ = worked_terms()
     torch.testing.assert_close(logratio, torch.tensor([[0.691006, -0.406575], [0.242932, 0.125693]]), atol=1e-6, rtol=0)
-    torch.testing.assert_close(neg_kl, torch.tensor([[-0.308994, -0.088663], [-0.031137, -0.007640]]), atol=1e-6, rtol=0)
+    torch.testing.assert_close(
+        neg_kl, torch.tensor([[-0.308994, -0.088663], [-0.031137, -0.007640]]), atol=1e-6, rtol=0
+    )
 
 
 @pytest.mark.parametrize(
     "reward_mask, kl_mask, l1, expected",
     [
-        (MASK, MASK, 0.0, 0.663777),            # SparsePO-common
-        (MASK, MASK, 0.0005, 0.667277),         # + L1 0.001 each, halved for the common mask
+        (MASK, MASK, 0.0, 0.663777),  # SparsePO-common
+        (MASK, MASK, 0.0005, 0.667277),  # + L1 0.001 each, halved for the common mask
         (torch.ones(2, 2), torch.ones(2, 2), 0.0, 0.679507),  # all masks 1: TDPO-1
         (MASK, torch.ones(2, 2), 0.0, 0.659868),  # mask_on_kl=False: KL unmasked
     ],
@@ -103,7 +105,11 @@ def test_token_terms_gradient_is_exact():
     torch.manual_seed(torch.seed() % 2**31)
     head, ref_head = nn.Linear(5, 11).double(), nn.Linear(5, 11).double()
     hidden = torch.randn(3, 4, 5, dtype=torch.float64, requires_grad=True)
-    ref_hidden, labels, mask = torch.randn(3, 4, 5, dtype=torch.float64), torch.randint(0, 11, (3, 4)), torch.rand(3, 4) > 0.3
+    ref_hidden, labels, mask = (
+        torch.randn(3, 4, 5, dtype=torch.float64),
+        torch.randint(0, 11, (3, 4)),
+        torch.rand(3, 4) > 0.3,
+    )
     weights = torch.randn(2, 3, 4, dtype=torch.float64)
 
     def f(h, w, b):
@@ -148,7 +154,9 @@ def test_bf16_token_terms_gradients_match_float64_autograd_within_bf16_precision
 
     h64, w64, b64 = leaves(torch.float64)
     logp = F.log_softmax(h64[mask] @ w64.T + b64, -1)
-    ref_logp = F.log_softmax(ref_hidden[mask].double() @ ref_head.weight.double().T + ref_head.bias.double(), -1).detach()
+    ref_logp = F.log_softmax(
+        ref_hidden[mask].double() @ ref_head.weight.double().T + ref_head.bias.double(), -1
+    ).detach()
     y = labels[mask, None]
     exact_lr = (logp.gather(-1, y) - ref_logp.gather(-1, y)).squeeze(-1)
     exact_neg_kl = (ref_logp.exp() * (logp - ref_logp)).sum(-1)
@@ -176,7 +184,9 @@ def reference_loss(trainer, batch, reward_mask=None):
     ids, attn, cm = batch["input_ids"], batch["attention_mask"], batch["completion_mask"]
     mask = cm[:, 1:].bool()
     labels = ids[:, 1:].masked_fill(~mask, 0).unsqueeze(-1)
-    logp = F.log_softmax(policy._sparsepo_original_forward(input_ids=ids, attention_mask=attn).logits[:, :-1].float(), -1)
+    logp = F.log_softmax(
+        policy._sparsepo_original_forward(input_ids=ids, attention_mask=attn).logits[:, :-1].float(), -1
+    )
     with torch.no_grad():
         ref_logp = F.log_softmax(ref(input_ids=ids, attention_mask=attn).logits[:, :-1].float(), -1)
     logratio = (logp.gather(-1, labels) - ref_logp.gather(-1, labels)).squeeze(-1) * mask
@@ -298,7 +308,22 @@ def test_lora_reference_is_the_adapter_disabled_policy(mask_type, tmp_path):
     from posttrain.cli import main
 
     lora = ["--use_peft", "--lora_r", "4", "--lora_target_modules", "q_proj,v_proj"]
-    assert main(["train", "sparsepo/tiny", "--mask_type", mask_type, "--max_steps", "2", "--output_dir", str(tmp_path), *lora]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "sparsepo/tiny",
+                "--mask_type",
+                mask_type,
+                "--max_steps",
+                "2",
+                "--output_dir",
+                str(tmp_path),
+                *lora,
+            ]
+        )
+        == 0
+    )
     summary = json.loads((tmp_path / "run_summary.json").read_text())
     assert summary["metrics"]["kl/seq"]["first"] == pytest.approx(0.0, abs=1e-7)  # LoRA B = 0: policy == reference
     assert (tmp_path / "adapter_model.safetensors").is_file()
@@ -319,7 +344,7 @@ def test_resc_and_znorm_statistics_are_constants_in_the_gradient():
     w = torch.randn(2, 5, dtype=torch.float64)
     (_activate(x, "resc", mask) * w).sum().backward()
     xm = x.detach().masked_fill(mask == 0, float("nan"))
-    span = (xm.nan_to_num(-1e9).amax(-1, keepdim=True) - xm.nan_to_num(1e9).amin(-1, keepdim=True))
+    span = xm.nan_to_num(-1e9).amax(-1, keepdim=True) - xm.nan_to_num(1e9).amin(-1, keepdim=True)
     torch.testing.assert_close(x.grad, w * mask / span)
 
     x.grad = None
@@ -335,15 +360,24 @@ def test_resc_and_znorm_statistics_are_constants_in_the_gradient():
     torch.testing.assert_close(x.grad, expected)
 
 
-@pytest.mark.parametrize("on_reward, on_kl, independent, halved", [
-    (True, True, False, True),    # one common mask on both terms: the official trainer halves both coefficients
-    (True, False, False, False),  # a common mask on one term only: not halved
-    (False, True, False, False),
-    (True, True, True, False),    # two independent masks: not halved
-])
+@pytest.mark.parametrize(
+    "on_reward, on_kl, independent, halved",
+    [
+        (True, True, False, True),  # one common mask on both terms: the official trainer halves both coefficients
+        (True, False, False, False),  # a common mask on one term only: not halved
+        (False, True, False, False),
+        (True, True, True, False),  # two independent masks: not halved
+    ],
+)
 def test_l1_is_halved_only_for_a_common_mask_on_both_terms(on_reward, on_kl, independent, halved, tmp_path):
-    trainer = make_trainer(tmp_path, mask_on_reward=on_reward, mask_on_kl=on_kl, rw_kl_independent=independent,
-                           l1_norm_param_u=0.004, l1_norm_param_d=0.002)
+    trainer = make_trainer(
+        tmp_path,
+        mask_on_reward=on_reward,
+        mask_on_kl=on_kl,
+        rw_kl_independent=independent,
+        l1_norm_param_u=0.004,
+        l1_norm_param_d=0.002,
+    )
     factor = 0.5 if halved else 1.0
     assert (trainer.l1_reward, trainer.l1_kl) == pytest.approx((0.004 * factor, 0.002 * factor))
 
@@ -355,12 +389,25 @@ def test_mapo_hooks_on_gpt2_and_gpt_neox(arch, tmp_path):
     batch = first_batch(trainer)
     loss = trainer.compute_loss(trainer.model, batch)
     assert torch.isfinite(loss)
-    names = {kind: sorted({name for k, name, *_ in trainer._capture.features if k == kind}) for kind in ("mlp", "attn", "resid")}
+    names = {
+        kind: sorted({name for k, name, *_ in trainer._capture.features if k == kind})
+        for kind in ("mlp", "attn", "resid")
+    }
     assert names["mlp"] == ["post_act"]
     assert names["attn"] == ["k", "q", "v", "v_out"]
-    assert names["resid"] == ["delta_attn", "delta_mlp", "input_ln_attn", "post_emb", "post_ln_attn", "post_ln_f", "post_mlp"]
+    assert names["resid"] == [
+        "delta_attn",
+        "delta_mlp",
+        "input_ln_attn",
+        "post_emb",
+        "post_ln_attn",
+        "post_ln_f",
+        "post_mlp",
+    ]
     for hook in ("mlp", "attn", "resid", "mlp,logits"):
-        trainer = make_trainer(tmp_path, model_name_or_path=f"tiny:{arch}", mask_type="activation", activation_hook=hook)
+        trainer = make_trainer(
+            tmp_path, model_name_or_path=f"tiny:{arch}", mask_type="activation", activation_hook=hook
+        )
         m = trainer.token_masks(first_batch(trainer))["reward_mask"]
         assert torch.isfinite(m).all() and m.abs().sum() > 0
 
@@ -382,8 +429,9 @@ def test_mapo_activation_mapping(mapping):
     from posttrain.trainers.sparsepo import map_activation
 
     x = torch.randn(2, 3, 8)
-    expected = {"none": x.mean(-1), "sigmoid": torch.sigmoid(x).mean(-1),
-                "layernorm": F.layer_norm(x, (8,)).mean(-1)}[mapping]
+    expected = {"none": x.mean(-1), "sigmoid": torch.sigmoid(x).mean(-1), "layernorm": F.layer_norm(x, (8,)).mean(-1)}[
+        mapping
+    ]
     torch.testing.assert_close(map_activation(x, mapping), expected)
 
 
@@ -405,10 +453,16 @@ def test_activation_hook_lists_are_checked():
         load_recipe("sparsepo/tiny", {"mask_type": "activation", "activation_hook": "mlp,bogus"})
 
 
-@pytest.mark.parametrize("on_reward, on_kl, independent, built", [
-    (True, False, True, ["reward"]), (False, True, True, ["kl"]), (True, True, True, ["reward", "kl"]),
-    (False, False, False, []), (True, False, False, ["common"]),
-])
+@pytest.mark.parametrize(
+    "on_reward, on_kl, independent, built",
+    [
+        (True, False, True, ["reward"]),
+        (False, True, True, ["kl"]),
+        (True, True, True, ["reward", "kl"]),
+        (False, False, False, []),
+        (True, False, False, ["common"]),
+    ],
+)
 def test_only_the_mask_networks_in_use_are_built(on_reward, on_kl, independent, built, tmp_path):
     # an unused network has parameters without gradients: DDP with gradient checkpointing fails on them
     trainer = make_trainer(tmp_path, mask_on_reward=on_reward, mask_on_kl=on_kl, rw_kl_independent=independent)
@@ -436,13 +490,22 @@ def test_prediction_step_with_logits_for_compute_metrics(tmp_path):
     loss, logits, labels = trainer.prediction_step(trainer.model, batch, prediction_loss_only=False)
     assert torch.isfinite(loss) and logits.shape == (*batch["input_ids"].shape, trainer.model.config.vocab_size)
     assert torch.equal(labels, batch["input_ids"])
-    assert loss.item() == pytest.approx(trainer.prediction_step(trainer.model, batch, prediction_loss_only=True)[0].item(), abs=1e-6)
+    assert loss.item() == pytest.approx(
+        trainer.prediction_step(trainer.model, batch, prediction_loss_only=True)[0].item(), abs=1e-6
+    )
 
 
 def test_lora_reference_uses_the_original_head_with_lm_head_in_modules_to_save(tmp_path):
     # modules_to_save: [lm_head] trains a copy of the head; the reference (adapter disabled) must use the original
-    values = {"output_dir": str(tmp_path), "max_steps": 2, "mask_type": "uniform", "use_peft": True, "lora_r": 4,
-              "lora_target_modules": ["q_proj", "v_proj"], "lora_modules_to_save": ["lm_head"]}
+    values = {
+        "output_dir": str(tmp_path),
+        "max_steps": 2,
+        "mask_type": "uniform",
+        "use_peft": True,
+        "lora_r": 4,
+        "lora_target_modules": ["q_proj", "v_proj"],
+        "lora_modules_to_save": ["lm_head"],
+    }
     trainer = build_trainer(load_recipe("sparsepo/tiny", values))
     model = trainer.model
     trained = [p for n, p in model.named_parameters() if "lm_head" in n and "modules_to_save" in n]
@@ -463,8 +526,13 @@ def test_lora_reference_uses_the_original_head_with_lm_head_in_modules_to_save(t
 
 
 def test_lora_on_the_lm_head_is_refused(tmp_path):
-    values = {"output_dir": str(tmp_path), "max_steps": 2, "use_peft": True, "lora_r": 4,
-              "lora_target_modules": ["q_proj", "lm_head"]}
+    values = {
+        "output_dir": str(tmp_path),
+        "max_steps": 2,
+        "use_peft": True,
+        "lora_r": 4,
+        "lora_target_modules": ["q_proj", "lm_head"],
+    }
     with pytest.raises(Exception, match="lm_head"):  # TRL refuses it first; SparsePO checks the head type too
         build_trainer(load_recipe("sparsepo/tiny", values))
 
@@ -475,6 +543,7 @@ def test_token_terms_backward_allocates_head_gradients_inside_the_zero3_gather(m
     from contextlib import contextmanager
 
     import trl.trainer.utils as trl_utils
+
     from posttrain.trainers.sparsepo import _TokenTerms
 
     torch.manual_seed(0)
@@ -496,13 +565,22 @@ def test_token_terms_backward_allocates_head_gradients_inside_the_zero3_gather(m
     # the forward's saved log-normalisers of policy and reference, (M, 1) each
     lse = F.linear(hidden, full_w, full_b).logsumexp(-1, keepdim=True)
     rlse = ref_head(ref_hidden).detach().logsumexp(-1, keepdim=True)
-    ctx = SimpleNamespace(saved_tensors=(hidden, ref_hidden, labels, w, b, ref_head.weight.detach(), ref_head.bias.detach(), lse, rlse),
-                          chunk=4, needs_input_grad=(True, False, False, True, True, False, False, False, False))
+    ctx = SimpleNamespace(
+        saved_tensors=(hidden, ref_hidden, labels, w, b, ref_head.weight.detach(), ref_head.bias.detach(), lse, rlse),
+        chunk=4,
+        needs_input_grad=(True, False, False, True, True, False, False, False, False),
+    )
     _, _, _, d_w, d_b, *_ = _TokenTerms.backward(ctx, g_l, g_d, None)
 
     w0, b0 = full_w.clone().requires_grad_(), full_b.clone().requires_grad_()
-    lr, kl, _ = token_terms(hidden[None], ref_hidden[None], labels[None], torch.ones(1, 6, dtype=torch.bool),
-                            SimpleNamespace(weight=w0, bias=b0), ref_head)
+    lr, kl, _ = token_terms(
+        hidden[None],
+        ref_hidden[None],
+        labels[None],
+        torch.ones(1, 6, dtype=torch.bool),
+        SimpleNamespace(weight=w0, bias=b0),
+        ref_head,
+    )
     (g_l * lr[0] + g_d * kl[0]).sum().backward()
     torch.testing.assert_close(d_w, w0.grad)
     torch.testing.assert_close(d_b, b0.grad)

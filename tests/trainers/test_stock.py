@@ -26,8 +26,10 @@ def test_lion_k_drives_an_llm_recipe(tmp_path):
     from posttrain.recipes.train import build_trainer
     from posttrain.trainers.classic.lion_k import LionK
 
-    recipe = load_recipe("dpo/tiny", {"optim": "lion_k", "optim_args": "K=l2", "max_steps": 2, "output_dir": str(tmp_path),
-                                      "weight_decay": 0.1})
+    recipe = load_recipe(
+        "dpo/tiny",
+        {"optim": "lion_k", "optim_args": "K=l2", "max_steps": 2, "output_dir": str(tmp_path), "weight_decay": 0.1},
+    )
     trainer = build_trainer(recipe)
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
     trainer.train()

@@ -8,11 +8,15 @@ reconstruction (THR, arXiv 2510.03669: only the abstract and the reviews were re
 this module's rule, not the paper's.
 """
 
+import json as _json
 import math
+import subprocess as _subprocess
 
 import pytest
 import torch
 
+from posttrain.recipes.config import load_recipe as _load_recipe
+from posttrain.recipes.train import build_trainer as _build_trainer
 from posttrain.trainers.thr_grpo import (
     THRGRPOConfig,
     anchor_matrix,
@@ -27,18 +31,22 @@ from posttrain.trainers.thr_grpo import (
 # --- worked example: G = 4, two tokens per sample, V* = {0, 1, 2}, d = 2 ---------------------------------
 REWARDS = torch.tensor([1.0, 1.0, 0.0, 0.0])
 TOKENS = torch.tensor([[0, 1], [0, 2], [0, 1], [2, 2]])
-Q = torch.tensor([
-    [[.6, .3, .1], [.2, .7, .1]],
-    [[.5, .3, .2], [.1, .2, .7]],
-    [[.6, .2, .2], [.3, .4, .3]],
-    [[.3, .3, .4], [.2, .2, .6]],
-])
-H = torch.tensor([
-    [[1.0, 0.0], [.5, .5]],
-    [[1.0, .2], [0.0, 1.0]],
-    [[.9, .1], [.4, .6]],
-    [[-1.0, .5], [0.0, -1.0]],
-])
+Q = torch.tensor(
+    [
+        [[0.6, 0.3, 0.1], [0.2, 0.7, 0.1]],
+        [[0.5, 0.3, 0.2], [0.1, 0.2, 0.7]],
+        [[0.6, 0.2, 0.2], [0.3, 0.4, 0.3]],
+        [[0.3, 0.3, 0.4], [0.2, 0.2, 0.6]],
+    ]
+)
+H = torch.tensor(
+    [
+        [[1.0, 0.0], [0.5, 0.5]],
+        [[1.0, 0.2], [0.0, 1.0]],
+        [[0.9, 0.1], [0.4, 0.6]],
+        [[-1.0, 0.5], [0.0, -1.0]],
+    ]
+)
 MASK = torch.ones(4, 2, dtype=torch.bool)
 CORRECT = REWARDS >= 1.0
 
@@ -48,7 +56,9 @@ def worked_influence():
 
 
 def close(actual, expected, places=4):
-    torch.testing.assert_close(actual.float(), torch.tensor(expected, dtype=torch.float32), atol=0.6 * 10**-places, rtol=0)
+    torch.testing.assert_close(
+        actual.float(), torch.tensor(expected, dtype=torch.float32), atol=0.6 * 10**-places, rtol=0
+    )
 
 
 def test_anchor_matrix_matches_the_worked_example():
@@ -89,10 +99,13 @@ def test_nthr_eta_for_an_unbalanced_group():
     torch.testing.assert_close(out[[0, 1, 3]], torch.ones(3, 2))
 
 
-@pytest.mark.parametrize("p, expected", [
-    (0.2, [[1.0391, 0.8659], [1.0391, 0.8659], [-0.6927, -1.0391], [-0.6927, -0.8659]]),
-    (-0.2, [[0.6927, 0.8659], [0.6927, 0.8659], [-1.0391, -0.6927], [-1.0391, -0.8659]]),
-])
+@pytest.mark.parametrize(
+    "p, expected",
+    [
+        (0.2, [[1.0391, 0.8659], [1.0391, 0.8659], [-0.6927, -1.0391], [-0.6927, -0.8659]]),
+        (-0.2, [[0.6927, 0.8659], [0.6927, 0.8659], [-1.0391, -0.6927], [-1.0391, -0.8659]]),
+    ],
+)
 def test_thr_reweight_matches_the_worked_example(p, expected):
     s, tau = worked_influence()
     close(thr_advantages(grpo_group_advantages(REWARDS), s, tau, p, MASK, mode="reweight"), expected)
@@ -142,8 +155,10 @@ def test_slice_to_generated_vocab_round_trip(seed):
     assert probs.shape == (*token_ids.shape, vocab.numel())
     assert torch.equal(vocab[pos][mask], token_ids[mask])
     assert torch.equal(pos[~mask], torch.zeros_like(pos[~mask]))
-    torch.testing.assert_close(probs.gather(-1, pos[..., None])[..., 0][mask],
-                               probs_full.gather(-1, token_ids.clamp_min(0)[..., None])[..., 0][mask])
+    torch.testing.assert_close(
+        probs.gather(-1, pos[..., None])[..., 0][mask],
+        probs_full.gather(-1, token_ids.clamp_min(0)[..., None])[..., 0][mask],
+    )
     torch.testing.assert_close(probs, probs_full[..., vocab])  # sliced, not renormalised
     assert (probs.sum(-1) < 1 + 1e-12).all()
 
@@ -281,11 +296,14 @@ def test_config_defaults_and_sequence_token(tmp_path):
     assert make_config(tmp_path).thr_p == 0.0 and make_config(tmp_path).thr_mode == "reweight"
 
 
-@pytest.mark.parametrize("kw, match", [
-    ({"thr_mode": "thr"}, "reweight, dominant_only, nthr"),
-    ({"importance_sampling_level": "seq"}, "token, sequence, sequence_token"),
-    ({"thr_p": float("nan")}, "thr_p"),
-])
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        ({"thr_mode": "thr"}, "reweight, dominant_only, nthr"),
+        ({"importance_sampling_level": "seq"}, "token, sequence, sequence_token"),
+        ({"thr_p": float("nan")}, "thr_p"),
+    ],
+)
 def test_config_rejects_bad_values(tmp_path, kw, match):
     with pytest.raises(ValueError, match=match):
         make_config(tmp_path, **kw)
@@ -293,16 +311,11 @@ def test_config_rejects_bad_values(tmp_path, kw, match):
 
 # ------------------------------------------------------------------------------- the trainer on real batches
 
-import json as _json
-import subprocess as _subprocess
-import sys as _sys
-
-from posttrain.recipes.config import load_recipe as _load_recipe
-from posttrain.recipes.train import build_trainer as _build_trainer
-
 
 def _loss_and_grads(name, tmp_path, **overrides):
-    trainer = _build_trainer(_load_recipe(name, {"output_dir": str(tmp_path / name.split("/")[0]), "max_steps": 1, **overrides}))
+    trainer = _build_trainer(
+        _load_recipe(name, {"output_dir": str(tmp_path / name.split("/")[0]), "max_steps": 1, **overrides})
+    )
     trainer.current_gradient_accumulation_steps = 1  # set by the training loop, which we do not run
     batch = next(iter(trainer.get_train_dataloader()))
     torch.manual_seed(1234)  # same sampling for both trainers
@@ -310,7 +323,12 @@ def _loss_and_grads(name, tmp_path, **overrides):
     inputs = trainer._prepare_inputs(batch)
     loss = trainer.compute_loss(trainer.model, inputs)
     loss.backward()
-    return trainer, inputs, loss.item(), {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+    return (
+        trainer,
+        inputs,
+        loss.item(),
+        {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None},
+    )
 
 
 def test_thr_p0_gives_stock_grpo_loss_and_gradients(tmp_path):
@@ -327,21 +345,40 @@ def test_thr_p0_gives_stock_grpo_loss_and_gradients(tmp_path):
 @pytest.mark.parametrize("mode", ["reweight", "dominant_only", "nthr"])
 def test_trainer_token_advantages_on_a_mixed_group(mode, tmp_path):
     p = 0.5
-    trainer = _build_trainer(_load_recipe("thr_grpo/tiny", {"output_dir": str(tmp_path), "thr_p": p, "thr_mode": mode,
-                                                           "num_generations": 8, "per_device_train_batch_size": 8}))
+    trainer = _build_trainer(
+        _load_recipe(
+            "thr_grpo/tiny",
+            {
+                "output_dir": str(tmp_path),
+                "thr_p": p,
+                "thr_mode": mode,
+                "num_generations": 8,
+                "per_device_train_batch_size": 8,
+            },
+        )
+    )
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(4, 500, (8, 7), generator=g)
     mask = (torch.arange(7)[None] < torch.randint(3, 8, (8,), generator=g)[:, None]).long()
     rewards = torch.tensor([1.0, 0, 0, 1, 0, 1, 0, 0])
     plain = grpo_group_advantages(rewards)
-    out = {"prompt_ids": torch.randint(4, 500, (8, 5), generator=g), "prompt_mask": torch.ones(8, 5, dtype=torch.long),
-           "completion_ids": ids, "completion_mask": mask, "advantages": plain}
+    out = {
+        "prompt_ids": torch.randint(4, 500, (8, 5), generator=g),
+        "prompt_mask": torch.ones(8, 5, dtype=torch.long),
+        "completion_ids": ids,
+        "completion_mask": mask,
+        "advantages": plain,
+    }
     adv = trainer.thr_token_advantages(out, rewards)
     valid = mask.bool()
     assert adv.shape == ids.shape and (adv[~valid] == 0).all()
     factors = (adv / plain[:, None])[valid]
     # nthr: eta = 2|0.5 - rho| with rho = 3/8, only on selected tokens of incorrect samples
-    allowed = {"reweight": (1.0, 1 + p, 1 - p), "dominant_only": (0.0, 1 + p, 1 - p), "nthr": (1.0, 2 * abs(0.5 - 3 / 8))}[mode]
+    allowed = {
+        "reweight": (1.0, 1 + p, 1 - p),
+        "dominant_only": (0.0, 1 + p, 1 - p),
+        "nthr": (1.0, 2 * abs(0.5 - 3 / 8)),
+    }[mode]
     assert all(min(abs(f - c) for c in allowed) < 1e-5 for f in factors.tolist()), factors
     if mode == "nthr":
         assert (factors[(rewards[:, None].expand_as(valid) == 1)[valid]] == 1).all()
@@ -351,7 +388,9 @@ def test_trainer_token_advantages_on_a_mixed_group(mode, tmp_path):
 
 
 def test_gspo_token_ratio_has_the_sequence_value_and_the_token_gradient(tmp_path):
-    trainer = _build_trainer(_load_recipe("thr_grpo/tiny", {"output_dir": str(tmp_path), "importance_sampling_level": "sequence_token"}))
+    trainer = _build_trainer(
+        _load_recipe("thr_grpo/tiny", {"output_dir": str(tmp_path), "importance_sampling_level": "sequence_token"})
+    )
     ids = torch.randint(4, 500, (2, 9))
     mask = torch.tensor([[1] * 6 + [0] * 3, [1] * 4 + [0] * 5])
     plain, _, _ = trainer._get_per_token_logps_and_entropies(trainer.model, ids, torch.ones_like(ids), 6)
@@ -377,9 +416,26 @@ def test_a_group_split_across_two_processes_gets_the_same_advantages(tmp_path):
     results = {}
     for world in (1, 2):
         path = tmp_path / f"w{world}.json"
-        launch = ["--multi_gpu", "--num_processes", "2", "--main_process_port", "29555"] if world == 2 else ["--num_processes", "1"]
-        cmd = [str(BIN / "accelerate"), "launch", *launch, str(ROOT / "tests" / "helpers" / "thr_split_group.py"), str(path)]
-        proc = _subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+        launch = (
+            ["--multi_gpu", "--num_processes", "2", "--main_process_port", "29555"]
+            if world == 2
+            else ["--num_processes", "1"]
+        )
+        cmd = [
+            str(BIN / "accelerate"),
+            "launch",
+            *launch,
+            str(ROOT / "tests" / "helpers" / "thr_split_group.py"),
+            str(path),
+        ]
+        proc = _subprocess.run(
+            cmd,
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            timeout=600,
+            env={**__import__("os").environ, "OMP_NUM_THREADS": "1"},
+        )
         assert proc.returncode == 0, proc.stderr[-5000:]
         results[world] = _json.loads(path.read_text())
     assert results[2]["world"] == 2
@@ -395,9 +451,13 @@ def test_a_group_split_across_two_processes_gets_the_same_advantages(tmp_path):
 def _gspo_batch(trainer, seed=0, B=4, P=5, T=7):
     g = torch.Generator().manual_seed(seed)
     mask = (torch.arange(T)[None] < torch.randint(3, T + 1, (B,), generator=g)[:, None]).long()
-    return {"prompt_ids": torch.randint(4, 500, (B, P), generator=g), "prompt_mask": torch.ones(B, P, dtype=torch.long),
-            "completion_ids": torch.randint(4, 500, (B, T), generator=g), "completion_mask": mask,
-            "advantages": torch.zeros(B, T)}, g
+    return {
+        "prompt_ids": torch.randint(4, 500, (B, P), generator=g),
+        "prompt_mask": torch.ones(B, P, dtype=torch.long),
+        "completion_ids": torch.randint(4, 500, (B, T), generator=g),
+        "completion_mask": mask,
+        "advantages": torch.zeros(B, T),
+    }, g
 
 
 @pytest.mark.parametrize("bias_correction", [False, True])
@@ -407,9 +467,19 @@ def test_gspo_token_kl_is_taken_at_the_current_policy(bias_correction, tmp_path)
     # loss is the KL term alone. TRL's bias correction multiplies it by the objective's importance weight (for its
     # "sequence" level the sequence ratio), here GSPO-token's weight sg[s_i] pi_t / sg[pi_t].
     beta = 0.5
-    trainer = _build_trainer(_load_recipe("thr_grpo/tiny", {"output_dir": str(tmp_path), "importance_sampling_level":
-                                                           "sequence_token", "beta": beta, "num_iterations": 2,
-                                                           "loss_type": "grpo", "use_bias_correction_kl": bias_correction}))
+    trainer = _build_trainer(
+        _load_recipe(
+            "thr_grpo/tiny",
+            {
+                "output_dir": str(tmp_path),
+                "importance_sampling_level": "sequence_token",
+                "beta": beta,
+                "num_iterations": 2,
+                "loss_type": "grpo",
+                "use_bias_correction_kl": bias_correction,
+            },
+        )
+    )
     trainer.current_gradient_accumulation_steps = 1
     trainer.model.train()
     inputs, g = _gspo_batch(trainer)
@@ -447,14 +517,23 @@ def _mixed_out(seed=0, G=8, T=7):
     ids = torch.randint(4, 500, (G, T), generator=g)
     mask = (torch.arange(T)[None] < torch.randint(4, T + 1, (G,), generator=g)[:, None]).long()
     rewards = torch.tensor([1.0, 0, 0, 1, 0, 1, 0, 0])[:G]
-    out = {"prompt_ids": torch.randint(4, 500, (G, 5), generator=g), "prompt_mask": torch.ones(G, 5, dtype=torch.long),
-           "completion_ids": ids, "completion_mask": mask, "advantages": grpo_group_advantages(rewards)}
+    out = {
+        "prompt_ids": torch.randint(4, 500, (G, 5), generator=g),
+        "prompt_mask": torch.ones(G, 5, dtype=torch.long),
+        "completion_ids": ids,
+        "completion_mask": mask,
+        "advantages": grpo_group_advantages(rewards),
+    }
     return out, rewards
 
 
 def _thr_trainer(tmp_path, **kw):
-    return _build_trainer(_load_recipe("thr_grpo/tiny", {"output_dir": str(tmp_path), "thr_p": 0.5, "num_generations": 8,
-                                                        "per_device_train_batch_size": 8, **kw}))
+    return _build_trainer(
+        _load_recipe(
+            "thr_grpo/tiny",
+            {"output_dir": str(tmp_path), "thr_p": 0.5, "num_generations": 8, "per_device_train_batch_size": 8, **kw},
+        )
+    )
 
 
 def test_a_mixed_group_with_every_token_masked_keeps_grpo_advantages(tmp_path):
@@ -464,8 +543,9 @@ def test_a_mixed_group_with_every_token_masked_keeps_grpo_advantages(tmp_path):
     out["completion_mask"] = torch.zeros_like(out["completion_mask"])
     adv = trainer.thr_token_advantages(out, rewards)
     assert adv.shape == out["completion_ids"].shape and (adv == 0).all()
-    s, tau = token_influence(torch.randn(8, 7, 4), torch.zeros(8, 7, 0), torch.zeros(8, 7, dtype=torch.long),
-                             torch.zeros(8, 7), rewards >= 1)
+    s, tau = token_influence(
+        torch.randn(8, 7, 4), torch.zeros(8, 7, 0), torch.zeros(8, 7, dtype=torch.long), torch.zeros(8, 7), rewards >= 1
+    )
     assert (s == 0).all() and float(tau) == math.inf
 
 
@@ -486,8 +566,17 @@ def test_tool_tokens_stay_out_of_the_influence(tmp_path):
 def test_gspo_token_mean_skips_tool_tokens(tmp_path, monkeypatch):
     import posttrain.trainers.thr_grpo as thr
 
-    trainer = _build_trainer(_load_recipe("thr_grpo/tiny", {"output_dir": str(tmp_path), "importance_sampling_level":
-                                                           "sequence_token", "num_iterations": 2, "loss_type": "grpo"}))
+    trainer = _build_trainer(
+        _load_recipe(
+            "thr_grpo/tiny",
+            {
+                "output_dir": str(tmp_path),
+                "importance_sampling_level": "sequence_token",
+                "num_iterations": 2,
+                "loss_type": "grpo",
+            },
+        )
+    )
     trainer.current_gradient_accumulation_steps = 1
     inputs, g = _gspo_batch(trainer)
     inputs["tool_mask"] = torch.ones_like(inputs["completion_mask"])
@@ -523,7 +612,9 @@ def _postprocessed_trainer(tmp_path, softcap=2.0, scale=0.5, temperature=0.7):
     folder = tmp_path / "capped"
     shutil.copytree(resolve_model_path("tiny:qwen3"), folder)
     config = _json.loads((folder / "config.json").read_text())
-    (folder / "config.json").write_text(_json.dumps({**config, "final_logit_softcapping": softcap, "logit_scale": scale}))
+    (folder / "config.json").write_text(
+        _json.dumps({**config, "final_logit_softcapping": softcap, "logit_scale": scale})
+    )
     return _thr_trainer(tmp_path, model_name_or_path=str(folder), temperature=temperature)
 
 
@@ -536,11 +627,18 @@ def test_old_policy_q_follows_the_models_logit_postprocessing(tmp_path):
     att = torch.cat([out["prompt_mask"], out["completion_mask"]], 1)
     P, m = out["prompt_ids"].size(1), out["completion_mask"].bool()
     with torch.no_grad():
-        raw = trainer.model(input_ids=ids, attention_mask=att).logits[:, P - 1:-1].float()
+        raw = trainer.model(input_ids=ids, attention_mask=att).logits[:, P - 1 : -1].float()
         z = softcap * torch.tanh(raw * scale / softcap) / temperature
-        trl_logps, _, _ = trainer._get_per_token_logps_and_entropies(trainer.model, ids, att, out["completion_ids"].size(1))
-    torch.testing.assert_close(lse[m], z.logsumexp(-1)[m], atol=1e-4, rtol=1e-5,
-                               msg="log-normaliser without the model's softcapping / logit scale")
+        trl_logps, _, _ = trainer._get_per_token_logps_and_entropies(
+            trainer.model, ids, att, out["completion_ids"].size(1)
+        )
+    torch.testing.assert_close(
+        lse[m],
+        z.logsumexp(-1)[m],
+        atol=1e-4,
+        rtol=1e-5,
+        msg="log-normaliser without the model's softcapping / logit scale",
+    )
     vocab = torch.unique(out["completion_ids"][m])
     logits = trainer._thr_head_logits(hidden, vocab)
     pos = torch.searchsorted(vocab, out["completion_ids"]).clamp(max=vocab.numel() - 1)
@@ -582,7 +680,6 @@ def test_gpu_recipes_reproduce_the_papers_batch_arithmetic(name):
     import re
 
     import yaml
-
     from conftest import ROOT
 
     text = (ROOT / "recipes" / f"{name}.yaml").read_text()
@@ -595,8 +692,9 @@ def test_gpu_recipes_reproduce_the_papers_batch_arithmetic(name):
     assert G == 8
     opt_batch = per_step * cfg.gradient_accumulation_steps  # completions per optimizer step
     rollout_batch = per_step * cfg.steps_per_generation  # completions per generation (rollout) batch
-    assert (rollout_batch / G, opt_batch / G) == (want["batch"], want["mini"]), \
+    assert (rollout_batch / G, opt_batch / G) == (want["batch"], want["mini"]), (
         f"{processes} processes: {rollout_batch / G} prompts per rollout batch, {opt_batch / G} per optimizer step"
+    )
     assert cfg.steps_per_generation % cfg.gradient_accumulation_steps == 0
     steps_per_rollout = cfg.steps_per_generation // cfg.gradient_accumulation_steps
     assert steps_per_rollout == want["batch"] // want["mini"]

@@ -17,15 +17,15 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import method_state
 from torch import nn
 from transformers import AutoModelForCausalLM, TrainerCallback, get_scheduler
 
-from conftest import method_state
 from posttrain.cli import main
 from posttrain.recipes.config import load_recipe
 from posttrain.recipes.tiny import tiny_model_path
-from posttrain.trainers.method_state import STATE_FILE
 from posttrain.recipes.train import build_trainer
+from posttrain.trainers.method_state import STATE_FILE
 from posttrain.trainers.runtime import latest_checkpoint
 from posttrain.trainers.wagle import (
     MASK_FILE,
@@ -124,14 +124,16 @@ def exact_mask(scores, ratio):
     keep[torch.sort(flat, descending=True, stable=True).indices[:k]] = True
     out, i = {}, 0
     for name, s in scores.items():
-        out[name] = keep[i:i + s.numel()].view(s.shape)
+        out[name] = keep[i : i + s.numel()].view(s.shape)
         i += s.numel()
     return out, flat, k
 
 
 def random_score_dict(g, ties):
-    shapes = [tuple(torch.randint(1, 6, (int(torch.randint(0, 4, (1,), generator=g)),), generator=g).tolist())
-              for _ in range(int(torch.randint(1, 25, (1,), generator=g)))]
+    shapes = [
+        tuple(torch.randint(1, 6, (int(torch.randint(0, 4, (1,), generator=g)),), generator=g).tolist())
+        for _ in range(int(torch.randint(1, 25, (1,), generator=g)))
+    ]
     out = {}
     for i, shape in enumerate(shapes):
         x = torch.randn(shape, generator=g)
@@ -174,8 +176,10 @@ def _sharded_topk_rank(rank, world, port, seed, out_dir):
         ratio, chunk = float(torch.rand(1, generator=g)), int(torch.randint(1, 9, (1,), generator=g))
         # ZeRO-3's layout: rank r holds entries [r c, (r + 1) c) of each flattened tensor (c = ceil(numel / world)),
         # so the last ranks may hold a shorter piece or nothing
-        shards = {n: x.reshape(-1)[rank * -(-x.numel() // world):(rank + 1) * -(-x.numel() // world)]
-                  for n, x in scores.items()}
+        shards = {
+            n: x.reshape(-1)[rank * -(-x.numel() // world) : (rank + 1) * -(-x.numel() // world)]
+            for n, x in scores.items()
+        }
         results.append(top_ratio_mask(shards, ratio, chunk_size=chunk, group=dist.group.WORLD))
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.destroy_process_group()
@@ -197,7 +201,7 @@ def test_sharded_mask_equals_the_mask_of_the_whole_tensors(tmp_path):
         scores = random_score_dict(g, ties=trial % 2 == 0)
         ratio, chunk = float(torch.rand(1, generator=g)), int(torch.randint(1, 9, (1,), generator=g))
         want = top_ratio_mask(scores, ratio, chunk_size=chunk)
-        for name, x in scores.items():
+        for name in scores:
             got = torch.cat([per_rank[r][trial][name] for r in range(world)])
             assert torch.equal(got, want[name].reshape(-1)), f"seed {seed} trial {trial} {name}"
 
@@ -220,7 +224,9 @@ def test_extreme_values_keep_their_order():
     x = torch.tensor([float("inf"), 3.4e38, 1e-45, 0.0, -1e-45, -3.4e38, float("-inf"), 1.0])
     for k in range(1, 8):
         m = top_ratio_mask({"x": x}, k / 8)["x"]
-        assert m.nonzero().flatten().tolist() == sorted(torch.sort(x, descending=True, stable=True).indices[:k].tolist())
+        assert m.nonzero().flatten().tolist() == sorted(
+            torch.sort(x, descending=True, stable=True).indices[:k].tolist()
+        )
 
 
 def test_top_ratio_mask_never_sorts(monkeypatch):
@@ -252,8 +258,10 @@ class Tiny(nn.Module):
 
 def batches(n, seed):
     g = torch.Generator().manual_seed(seed)
-    return [{"input_ids": torch.randint(0, 7, (2, 3), generator=g), "labels": torch.randint(0, 7, (2, 3), generator=g)}
-            for _ in range(n)]
+    return [
+        {"input_ids": torch.randint(0, 7, (2, 3), generator=g), "labels": torch.randint(0, 7, (2, 3), generator=g)}
+        for _ in range(n)
+    ]
 
 
 def test_accumulate_gradients_is_the_sum_of_per_batch_grads():
@@ -352,7 +360,9 @@ def test_build_mask_methods_on_a_model():
     wagle = build_mask(model, "wagle", 0.4, gf, gr, gamma=1e-3, chunk_size=5)
     want = top_ratio_mask(attribution_scores(params, gf, gr, 1e-3), 0.4)
     assert list(wagle) == ["emb.weight", "head.weight", "head.bias"]
-    assert all(torch.equal(wagle[k], want[k]) for k in want) and sum(int(m.sum()) for m in wagle.values()) == int(n * 0.4)
+    assert all(torch.equal(wagle[k], want[k]) for k in want) and sum(int(m.sum()) for m in wagle.values()) == int(
+        n * 0.4
+    )
     assert mask_density(build_mask(model, "dense", 0.1)) == 1.0
     r1, r2 = build_mask(model, "random", 0.3, seed=5), build_mask(model, "random", 0.3, seed=5)
     assert all(torch.equal(r1[k], r2[k]) for k in r1) and mask_density(r1) == int(n * 0.3) / n
@@ -393,8 +403,13 @@ def test_phase_one_stays_within_three_parameter_copies():
     # the budget set for phase 1: model + 3 fp32 copies. Live by design: the forget sum and the retain sum in .grad (2
     # copies), plus one weight's gradient and the top-k chunk keys. Scores made beside the sums would cost a 4th copy.
     def copies(mode):
-        out = subprocess.run([sys.executable, "-c", PHASE_ONE_MEMORY, mode], capture_output=True, text=True, timeout=300,
-                             env={**os.environ, "OMP_NUM_THREADS": "1"})
+        out = subprocess.run(
+            [sys.executable, "-c", PHASE_ONE_MEMORY, mode],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )
         assert out.returncode == 0, out.stderr[-3000:]
         return float(out.stdout.split()[-1])
 
@@ -428,8 +443,20 @@ def test_save_load_round_trip_and_mismatch_errors(tmp_path):
 
 def test_config_validates(tmp_path):
     cfg = WAGLEConfig(output_dir=str(tmp_path))
-    assert (cfg.objective, cfg.mask_method, cfg.mask_ratio, cfg.gamma, cfg.npo_beta) == ("graddiff", "wagle", 0.95, 1e-6, 0.1)
-    for bad in ({"objective": "ga"}, {"mask_method": "wanda"}, {"mask_ratio": 1.2}, {"gamma": 0.0}, {"attribution_batches": 0}):
+    assert (cfg.objective, cfg.mask_method, cfg.mask_ratio, cfg.gamma, cfg.npo_beta) == (
+        "graddiff",
+        "wagle",
+        0.95,
+        1e-6,
+        0.1,
+    )
+    for bad in (
+        {"objective": "ga"},
+        {"mask_method": "wanda"},
+        {"mask_ratio": 1.2},
+        {"gamma": 0.0},
+        {"attribution_batches": 0},
+    ):
         with pytest.raises(ValueError):
             WAGLEConfig(output_dir=str(tmp_path), **bad)
 
@@ -438,8 +465,14 @@ def test_config_validates(tmp_path):
 
 # 100 samples: 10 authors, forget10 = 1 author = 10 rows (one batch of 10 = every forget row, so a step's forget CE
 # does not depend on the sampler's order), retain = 8 authors = 80 rows (the stream matters)
-ALL_FORGET = {"per_device_train_batch_size": 10, "optim": "adamw_torch", "weight_decay": 0.0, "learning_rate": 1e-3,
-              "max_steps": 3, "logging_steps": 1}
+ALL_FORGET = {
+    "per_device_train_batch_size": 10,
+    "optim": "adamw_torch",
+    "weight_decay": 0.0,
+    "learning_rate": 1e-3,
+    "max_steps": 3,
+    "logging_steps": 1,
+}
 
 
 def wagle_trainer(tmp_path, **overrides):
@@ -468,7 +501,10 @@ def reference_run(trainer, steps, mask=None, mask_before_clip=False):
         elif args.objective == "npo":
             with torch.no_grad():
                 ref_ce = ref(**forget).loss
-            loss = -(2 / args.npo_beta) * nn.functional.logsigmoid(args.npo_beta * (f_ce - ref_ce)) + args.retain_weight * r_ce
+            loss = (
+                -(2 / args.npo_beta) * nn.functional.logsigmoid(args.npo_beta * (f_ce - ref_ce))
+                + args.retain_weight * r_ce
+            )
         else:
             loss = f_ce + args.retain_weight * r_ce
         loss.backward()
@@ -487,8 +523,14 @@ def max_param_diff(a, b):
     return max((a[n] - b[n]).abs().max().item() for n in a)
 
 
-@pytest.mark.parametrize("objective, neutral", [("graddiff", {"mask_method": "dense"}), ("npo", {"mask_ratio": 1.0}),
-                                                ("po", {"mask_method": "random", "mask_ratio": 1.0})])
+@pytest.mark.parametrize(
+    "objective, neutral",
+    [
+        ("graddiff", {"mask_method": "dense"}),
+        ("npo", {"mask_ratio": 1.0}),
+        ("po", {"mask_method": "random", "mask_ratio": 1.0}),
+    ],
+)
 def test_an_all_ones_mask_is_plain_unlearning_step_for_step(objective, neutral, tmp_path):
     trainer = wagle_trainer(tmp_path, objective=objective, **neutral)
     trainer.train()
@@ -551,15 +593,19 @@ def test_mask_is_saved_logged_and_reloaded_from_mask_path(tmp_path):
 
 def test_wagle_mask_differs_from_its_baselines_and_depends_on_gamma(tmp_path):
     masks = {}
-    for key, extra in {"wagle": {}, "wagle_1e-2": {"gamma": 1e-2}, "snip": {"mask_method": "snip"},
-                       "magnitude": {"mask_method": "magnitude"}}.items():
+    for key, extra in {
+        "wagle": {},
+        "wagle_1e-2": {"gamma": 1e-2},
+        "snip": {"mask_method": "snip"},
+        "magnitude": {"mask_method": "magnitude"},
+    }.items():
         t = wagle_trainer(tmp_path / key, mask_ratio=0.5, **extra)
         t.setup_mask()
         masks[key] = torch.cat([m.reshape(-1) for m in t.mask.values()])
         assert masks[key].float().mean().item() == pytest.approx(0.5, abs=1e-5)
     keys = list(masks)
     for i, a in enumerate(keys):
-        for b in keys[i + 1:]:
+        for b in keys[i + 1 :]:
             assert not torch.equal(masks[a], masks[b]), (a, b)
     # phase 1 by hand: summed CE gradients of the forget rows and of the paired retain stream batch
     model = t.model
@@ -614,8 +660,15 @@ class KillAfterSave(TrainerCallback):
 @pytest.mark.parametrize("objective", ["graddiff", "npo"])
 def test_resume_continues_the_same_run_with_the_same_mask(objective, tmp_path):
     # per-device batch 4 over 10 forget rows: the forget sampler and the retain stream position both matter
-    opts = {"max_steps": 4, "save_strategy": "steps", "save_steps": 2, "logging_steps": 1, "mask_ratio": 0.5,
-            "objective": objective, "per_device_train_batch_size": 4}
+    opts = {
+        "max_steps": 4,
+        "save_strategy": "steps",
+        "save_steps": 2,
+        "logging_steps": 1,
+        "mask_ratio": 0.5,
+        "objective": objective,
+        "per_device_train_batch_size": 4,
+    }
     argv = [f"--{k}={v}" for k, v in opts.items()]
     full, cut = tmp_path / "full", tmp_path / "cut"
     assert main(["train", "wagle/tiny", "--output_dir", str(full), *argv]) == 0
@@ -628,7 +681,9 @@ def test_resume_continues_the_same_run_with_the_same_mask(objective, tmp_path):
     assert main(["train", "wagle/tiny", "--output_dir", str(cut), "--resume", *argv]) == 0
 
     def history(folder):
-        return {e["step"]: e for e in json.loads((folder / "trainer_state.json").read_text())["log_history"] if "loss" in e}
+        return {
+            e["step"]: e for e in json.loads((folder / "trainer_state.json").read_text())["log_history"] if "loss" in e
+        }
 
     a, b = history(full / "checkpoint-4"), history(cut / "checkpoint-4")
     for step in (3, 4):
@@ -653,16 +708,38 @@ def test_checkpoint_without_wagle_state_is_refused(tmp_path):
     build_trainer(load_recipe("wagle/tiny", opts)).train()
     (tmp_path / "checkpoint-2" / STATE_FILE).unlink()
     with pytest.raises(FileNotFoundError, match=STATE_FILE):
-        build_trainer(load_recipe("wagle/tiny", {**opts, "max_steps": 4})).train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+        build_trainer(load_recipe("wagle/tiny", {**opts, "max_steps": 4})).train(
+            resume_from_checkpoint=str(tmp_path / "checkpoint-2")
+        )
 
 
 def _launch_helper(out, config=None):
     from conftest import BIN, ROOT
 
-    launch = (["--config_file", str(ROOT / "accelerate_configs" / config), "--num_processes", "2", "--mixed_precision", "no",
-               "--main_process_port", "29561"] if config else ["--num_processes", "1"])
-    cmd = [str(BIN / "accelerate"), "launch", *launch, str(ROOT / "tests" / "helpers" / "wagle_distributed.py"), str(out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    launch = (
+        [
+            "--config_file",
+            str(ROOT / "accelerate_configs" / config),
+            "--num_processes",
+            "2",
+            "--mixed_precision",
+            "no",
+            "--main_process_port",
+            "29561",
+        ]
+        if config
+        else ["--num_processes", "1"]
+    )
+    cmd = [
+        str(BIN / "accelerate"),
+        "launch",
+        *launch,
+        str(ROOT / "tests" / "helpers" / "wagle_distributed.py"),
+        str(out),
+    ]
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, cwd=ROOT, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-5000:]
 
 
@@ -699,7 +776,9 @@ def test_two_processes_share_one_mask_equal_to_the_one_process_mask(config, one_
     for key in r1:  # (sums,) mask and weights: bit for bit the same on both ranks
         if key != "batches" and not (zero3 and key in sums):
             assert torch.equal(r0[key], r1[key]), key
-    for key in (k for k in ddp if k.startswith("param/")):  # DeepSpeed trains as DDP does: clip (unmasked norm), mask, step
+    for key in (
+        k for k in ddp if k.startswith("param/")
+    ):  # DeepSpeed trains as DDP does: clip (unmasked norm), mask, step
         torch.testing.assert_close(r0[key], ddp[key], rtol=0, atol=1e-6)
     for key in sums if not zero3 else ():  # the sums of one process over the same 5 batches (a wrong rank
         torch.testing.assert_close(r0[key], one[key], rtol=1e-5, atol=1e-7)  # scaling would show here)
@@ -718,15 +797,41 @@ def test_zero3_baseline_masks_equal_the_one_process_masks(method, tmp_path):
     from conftest import BIN, ROOT
 
     def mask_of(name, *launch):
-        cmd = [str(BIN / "accelerate"), "launch", *launch, "-m", "posttrain", "train", "wagle/tiny", "--mask_method", method,
-               "--mask_ratio", "0.3", "--max_steps", "1", "--output_dir", str(tmp_path / name)]
-        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        cmd = [
+            str(BIN / "accelerate"),
+            "launch",
+            *launch,
+            "-m",
+            "posttrain",
+            "train",
+            "wagle/tiny",
+            "--mask_method",
+            method,
+            "--mask_ratio",
+            "0.3",
+            "--max_steps",
+            "1",
+            "--output_dir",
+            str(tmp_path / name),
+        ]
+        proc = subprocess.run(
+            cmd, capture_output=True, text=True, cwd=ROOT, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"}
+        )
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-5000:]
         return load_mask(tmp_path / name / MASK_FILE)
 
     one = mask_of("one", "--num_processes", "1")
-    two = mask_of("two", "--config_file", str(ROOT / "accelerate_configs" / "zero3.yaml"), "--num_processes", "2",
-                  "--mixed_precision", "no", "--main_process_port", "29565")
+    two = mask_of(
+        "two",
+        "--config_file",
+        str(ROOT / "accelerate_configs" / "zero3.yaml"),
+        "--num_processes",
+        "2",
+        "--mixed_precision",
+        "no",
+        "--main_process_port",
+        "29565",
+    )
     assert one.keys() == two.keys() and all(torch.equal(one[k], two[k]) for k in one)
     assert 0 < sum(int(m.sum()) for m in one.values()) < sum(m.numel() for m in one.values())
 
@@ -739,8 +844,16 @@ def test_micro_batched_attribution_gives_the_batch_gradient():
     torch.manual_seed(0)
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                         num_attention_heads=2, num_key_value_heads=2))
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=50,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+        )
+    )
     ids = torch.randint(0, 50, (5, 7))
     attention = torch.ones_like(ids)
     attention[1, 5:] = attention[3, 4:] = 0

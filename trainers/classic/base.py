@@ -52,11 +52,13 @@ class AuxConfig:
     seed: int = field(default=0, metadata={"help": "Seeds Python, NumPy (self.rng) and torch."})
     max_steps: int = field(default=1000, metadata={"help": "Units of work (step() calls) to run."})
     eval_every: int = field(default=100, metadata={"help": "Evaluate and log every this many steps."})
-    save_every: int = field(default=0, metadata={"help": "Save the resumable state every this many steps "
-                                                          "(0: only at the end)."})
+    save_every: int = field(
+        default=0, metadata={"help": "Save the resumable state every this many steps (0: only at the end)."}
+    )
     max_seconds: float = field(default=60.0, metadata={"help": "Wall-clock guard for one train() call."})
-    output_dir: str = field(default="runs/aux", metadata={"help": "Where results.json, curves.png and "
-                                                                   "aux_state.pt are written."})
+    output_dir: str = field(
+        default="runs/aux", metadata={"help": "Where results.json, curves.png and aux_state.pt are written."}
+    )
 
     def __post_init__(self):
         for name, low in (("max_steps", 1), ("eval_every", 1), ("seed", 0), ("save_every", 0)):
@@ -114,8 +116,12 @@ class AuxTrainer:
         return self.method
 
     def state_dict(self) -> dict:
-        rngs = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-                "generator": self.rng.bit_generator.state}
+        rngs = {
+            "python": random.getstate(),
+            "numpy": np.random.get_state(),
+            "torch": torch.get_rng_state(),
+            "generator": self.rng.bit_generator.state,
+        }
         if torch.cuda.is_available():
             rngs["cuda"] = torch.cuda.get_rng_state_all()
         config = {k: v for k, v in dataclasses.asdict(self.args).items() if k not in RESUME_FREE}
@@ -125,8 +131,10 @@ class AuxTrainer:
         mine = {k: v for k, v in dataclasses.asdict(self.args).items() if k not in RESUME_FREE}
         diff = sorted(k for k in mine.keys() | state["config"].keys() if mine.get(k) != state["config"].get(k))
         if diff:
-            raise ValueError("cannot resume: the config differs from the saved run in " + ", ".join(
-                f"{k} (saved {state['config'].get(k)!r}, now {mine.get(k)!r})" for k in diff))
+            raise ValueError(
+                "cannot resume: the config differs from the saved run in "
+                + ", ".join(f"{k} (saved {state['config'].get(k)!r}, now {mine.get(k)!r})" for k in diff)
+            )
         self.global_step, self.history = int(state["step"]), list(state["history"])
         rngs = state["rng"]
         random.setstate(rngs["python"])
@@ -155,8 +163,9 @@ class AuxTrainer:
         a, start, stopped_by = self.args, time.monotonic(), "max_steps"
         if resume and not self.load() and verbose:
             print(f"posttrain: no {STATE_FILE} in {a.output_dir}; starting from scratch")
-        with tqdm(total=a.max_steps, initial=self.global_step, desc=self.description(),
-                  disable=None if verbose else True) as bar:
+        with tqdm(
+            total=a.max_steps, initial=self.global_step, desc=self.description(), disable=None if verbose else True
+        ) as bar:
             while self.global_step < a.max_steps:
                 if self.done():
                     stopped_by = "criterion"
@@ -171,8 +180,12 @@ class AuxTrainer:
                 if a.save_every and self.global_step % a.save_every == 0:
                     self.save()
         self.save()
-        final = {"step": self.global_step, **self.evaluate(), "seconds": time.monotonic() - start,
-                 "stopped_by": stopped_by}
+        final = {
+            "step": self.global_step,
+            **self.evaluate(),
+            "seconds": time.monotonic() - start,
+            "stopped_by": stopped_by,
+        }
         self.write_results(final)
         if verbose:
             print(f"\n{self.description()}: seed {a.seed}, {self.global_step} steps, stopped by {stopped_by}")
@@ -182,8 +195,12 @@ class AuxTrainer:
 
     def write_results(self, final: dict) -> None:
         out = Path(self.args.output_dir)
-        results = {"method": self.method, "config": dataclasses.asdict(self.args), "final": final,
-                   "history": self.history}
+        results = {
+            "method": self.method,
+            "config": dataclasses.asdict(self.args),
+            "final": final,
+            "history": self.history,
+        }
         _atomic_write(out / RESULTS_FILE, lambda tmp: Path(tmp).write_text(json.dumps(results, indent=2) + "\n"))
         _atomic_write(out / PLOT_FILE, lambda tmp: plot_history(self.history, tmp, self.description()))
 
@@ -195,8 +212,11 @@ def plot_history(history: list[dict], path: str, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = [k for k in (history[0] if history else {}) if k != "step" and all(
-        isinstance(h.get(k), (int, float)) and not isinstance(h.get(k), bool) for h in history)]
+    keys = [
+        k
+        for k in (history[0] if history else {})
+        if k != "step" and all(isinstance(h.get(k), (int, float)) and not isinstance(h.get(k), bool) for h in history)
+    ]
     cols = min(3, max(len(keys), 1))
     rows = max(1, -(-len(keys) // cols))
     fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3 * rows), squeeze=False)
@@ -204,7 +224,7 @@ def plot_history(history: list[dict], path: str, title: str) -> None:
         ax.plot([h["step"] for h in history], [h[key] for h in history])
         ax.set_title(key, fontsize=9)
         ax.set_xlabel("step", fontsize=8)
-    for ax in list(axes.flat)[len(keys):]:
+    for ax in list(axes.flat)[len(keys) :]:
         ax.axis("off")
     fig.suptitle(title)
     fig.subplots_adjust(hspace=0.5, wspace=0.3)  # not tight_layout: that doubles the time of a many-panel plot

@@ -14,7 +14,8 @@ online from the gaps between participations and weights each update with it:
 - Aggregation: x <- x + eta_g * (1/N) * sum_{n participating} omega_n * Delta_n, divided by ALL N
   clients, not by the participants. Delta_n = (client model after I local SGD steps) - x.
 
-The simulation is this project's quadratic benchmark (not the paper's experiment): F_n(x) = 1/2 ||x - c_n||^2, F = mean_n F_n, so
+The simulation is this project's quadratic benchmark (not the paper's experiment): F_n(x) = 1/2 ||x - c_n||^2, F =
+mean_n F_n, so
 F(x) - F(x*) = 1/2 ||x - x*||^2 with x* = mean_n c_n. A latent client type z_n ~ N(0, 1) drives both
 the data (c_n = z_n a + noise) and the participation (p_n = 0.02 + 0.48 sigmoid(3 z_n)), so the
 clients that show up often are systematically different from the rest.
@@ -91,8 +92,12 @@ class ParticipationTracker:
         return np.where(seen, self.interval_sum / np.maximum(self.interval_count, 1), 1.0)
 
     def state_dict(self) -> dict:
-        return {"cutoff": self.cutoff, "miss": self.miss.copy(),
-                "interval_sum": self.interval_sum.copy(), "interval_count": self.interval_count.copy()}
+        return {
+            "cutoff": self.cutoff,
+            "miss": self.miss.copy(),
+            "interval_sum": self.interval_sum.copy(),
+            "interval_count": self.interval_count.copy(),
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.cutoff = int(state["cutoff"])
@@ -161,8 +166,12 @@ class FedAUTrainer(AuxTrainer):
         self.tracker.update(participating)
         update = aggregate(local - self.x, participating, weights, denom)
         self.x = self.x + a.global_lr * update
-        return {"round": self.round + 1, "participants": int(idx.size), "local_lr": lr,
-                "update_norm": float(np.linalg.norm(update))}
+        return {
+            "round": self.round + 1,
+            "participants": int(idx.size),
+            "local_lr": lr,
+            "update_norm": float(np.linalg.norm(update)),
+        }
 
     def evaluate(self) -> dict:
         omega, inv_p = self.tracker.weights(), 1.0 / self.p
@@ -171,7 +180,7 @@ class FedAUTrainer(AuxTrainer):
             "global_loss": float(0.5 * ((self.x - self.c) ** 2).sum(axis=1).mean()),
             "excess_loss": float(0.5 * ((self.x - self.x_star) ** 2).sum()),
             "omega_mean": float(omega.mean()),
-            "omega_abs_err": float(np.abs(omega - inv_p).mean()),   # |omega_n - 1/p_n|, mean over n
+            "omega_abs_err": float(np.abs(omega - inv_p).mean()),  # |omega_n - 1/p_n|, mean over n
             "omega_rel_err": float(np.abs(omega * self.p - 1.0).mean()),
         }
 
@@ -193,8 +202,9 @@ def compare_aggregators(aggregators=("fedau", "fedavg", "known_prob"), seeds=(0,
     out: dict[str, list[float]] = {}
     for agg in aggregators:
         for seed in seeds:
-            cfg = FedAUConfig(aggregator=agg, seed=seed, output_dir=os.path.join(base, f"{agg}-seed{seed}"),
-                              **config_overrides)
+            cfg = FedAUConfig(
+                aggregator=agg, seed=seed, output_dir=os.path.join(base, f"{agg}-seed{seed}"), **config_overrides
+            )
             final = FedAUTrainer(cfg).train(verbose=False)
             if final["stopped_by"] != "max_steps":  # a truncated run is not comparable with the others
                 raise RuntimeError(f"{agg} seed {seed} hit max_seconds after {final['round']} rounds")

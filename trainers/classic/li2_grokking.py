@@ -56,22 +56,30 @@ CRITICAL_RATIO_MULTIPLIER = 2.7482  # the repository's critical_ratio_multiplier
 
 @dataclass
 class Li2GrokkingConfig(AuxConfig):
-    moduli: list[int] = field(default_factory=lambda: [127], metadata={
-        "help": "The group Z_m1 x ... x Z_mk as its moduli ([127]: modular addition mod 127)."})
+    moduli: list[int] = field(
+        default_factory=lambda: [127],
+        metadata={"help": "The group Z_m1 x ... x Z_mk as its moduli ([127]: modular addition mod 127)."},
+    )
     hidden_size: int = field(default=512, metadata={"help": "Hidden units K."})
     train_fraction: float = field(default=0.3, metadata={"help": "Fraction of the M^2 pairs used for training."})
     activation: str = field(default="sqr", metadata={"help": f"Hidden activation, one of {', '.join(ACTIVATIONS)}."})
     loss: str = field(default="ce", metadata={"help": "ce (cross-entropy) or mse (against centred one-hot targets)."})
-    optimizer: str = field(default="adam", metadata={"help": f"One of {', '.join(OPTIMIZERS)}; muon: Muon on the "
-                                                               "hidden matrix W, Adam (lr, weight_decay) on V."})
+    optimizer: str = field(
+        default="adam",
+        metadata={
+            "help": f"One of {', '.join(OPTIMIZERS)}; muon: Muon on the hidden matrix W, Adam (lr, weight_decay) on V."
+        },
+    )
     lr: float = field(default=1e-3, metadata={"help": "Learning rate of Adam / SGD."})
     weight_decay: float = field(default=1e-4, metadata={"help": "Weight decay of Adam / SGD (L2, in the gradient)."})
     muon_lr: float = field(default=1e-2, metadata={"help": "Muon's learning rate on W (optimizer: muon)."})
     muon_weight_decay: float = field(default=1e-2, metadata={"help": "Muon's decoupled weight decay on W."})
     max_steps: int = field(default=3000, metadata={"help": "Full-batch epochs (one step = one optimizer step)."})
     eval_every: int = field(default=100, metadata={"help": "Evaluate and log the statistics every this many epochs."})
-    stop_at_test_acc: float = field(default=0.0, metadata={"help": "Stop once a logged test accuracy reaches this "
-                                                                    "(0: never; e.g. 0.9 to time grokking)."})
+    stop_at_test_acc: float = field(
+        default=0.0,
+        metadata={"help": "Stop once a logged test accuracy reaches this (0: never; e.g. 0.9 to time grokking)."},
+    )
     output_dir: str = field(default="runs/li2_grokking", metadata={"help": "Where results.json and the state go."})
 
     def __post_init__(self):
@@ -97,6 +105,7 @@ class Li2GrokkingConfig(AuxConfig):
 
 # --- the pure math ----------------------------------------------------------------------------------------
 
+
 def group_table(moduli) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """All pairs (a, b) of G = Z_m1 x ... x Z_mk (elements as flat C-order indices) and their sums a + b."""
     moduli = tuple(int(m) for m in moduli)
@@ -120,8 +129,9 @@ def fourier_concentration(rows: np.ndarray, moduli) -> float:
     moduli = tuple(int(m) for m in moduli)
     power = np.abs(np.fft.fftn(rows.reshape(-1, *moduli), axes=tuple(range(1, len(moduli) + 1)))) ** 2
     power = power.reshape(len(rows), -1)
-    neg = np.ravel_multi_index(tuple((-np.array(np.unravel_index(np.arange(power.shape[1]), moduli)))
-                                     % np.array(moduli)[:, None]), moduli)   # index of -k for every k
+    neg = np.ravel_multi_index(
+        tuple((-np.array(np.unravel_index(np.arange(power.shape[1]), moduli))) % np.array(moduli)[:, None]), moduli
+    )  # index of -k for every k
     pair = np.where(neg == np.arange(power.shape[1]), power, power + power[:, neg])
     pair[:, 0] = 0.0  # the trivial character (the row's mean) is left out
     total = power[:, 1:].sum(axis=1)
@@ -149,6 +159,7 @@ def first_step_reaching(history: list[dict], key: str, value: float) -> int | No
 
 # --- the trainer ------------------------------------------------------------------------------------------
 
+
 class Li2GrokkingTrainer(AuxTrainer):
     """Full-batch training on G x G -> G; one step() is one optimizer step on the whole training set."""
 
@@ -166,8 +177,10 @@ class Li2GrokkingTrainer(AuxTrainer):
         self.W = torch.nn.Parameter(torch.randn(K, 2 * M) / math.sqrt(M))
         self.V = torch.nn.Parameter(torch.randn(M, K) / math.sqrt(K))
         if a.optimizer == "muon":
-            self.optimizers = [torch.optim.Muon([self.W], lr=a.muon_lr, weight_decay=a.muon_weight_decay),
-                               torch.optim.Adam([self.V], lr=a.lr, weight_decay=a.weight_decay)]
+            self.optimizers = [
+                torch.optim.Muon([self.W], lr=a.muon_lr, weight_decay=a.muon_weight_decay),
+                torch.optim.Adam([self.V], lr=a.lr, weight_decay=a.weight_decay),
+            ]
         elif a.optimizer == "sgd":
             self.optimizers = [torch.optim.SGD([self.W, self.V], lr=a.lr, momentum=0.9, weight_decay=a.weight_decay)]
         else:
@@ -204,9 +217,11 @@ class Li2GrokkingTrainer(AuxTrainer):
         test_loss, test_acc = self.loss_and_acc(self.test_idx)
         feats = self.hidden(self.train_idx)
         return {
-            "train_loss": float(train_loss), "train_acc": train_acc,
-            "test_loss": float(test_loss), "test_acc": test_acc,
-            "fourier_concentration": fourier_concentration(self.W[:, :self.order].numpy(), self.args.moduli),
+            "train_loss": float(train_loss),
+            "train_acc": train_acc,
+            "test_loss": float(test_loss),
+            "test_acc": test_acc,
+            "fourier_concentration": fourier_concentration(self.W[:, : self.order].numpy(), self.args.moduli),
             "grad_f_norm": backprop_grad_norm(feats, self.V, self.centred_targets(self.train_idx)),
             "fft_offdiag_ratio": kernel_offdiag_ratio(feats),
             "step_test_acc_90": first_step_reaching(self.history, "test_acc", 0.9),
@@ -217,8 +232,13 @@ class Li2GrokkingTrainer(AuxTrainer):
         return target > 0 and bool(self.history) and self.history[-1]["test_acc"] >= target
 
     def state_dict(self) -> dict:
-        return {**super().state_dict(), "W": self.W.detach().clone(), "V": self.V.detach().clone(),
-                "train_idx": self.train_idx.clone(), "optimizers": [opt.state_dict() for opt in self.optimizers]}
+        return {
+            **super().state_dict(),
+            "W": self.W.detach().clone(),
+            "V": self.V.detach().clone(),
+            "train_idx": self.train_idx.clone(),
+            "optimizers": [opt.state_dict() for opt in self.optimizers],
+        }
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)

@@ -83,8 +83,15 @@ class LionK(torch.optim.Optimizer):
     p=1 is l1, p=2 is l2). State per parameter: ``exp_avg`` (the momentum m, tracking +gradient).
     A callable K is stored in ``state_dict()`` as is, so it must be picklable to be saved."""
 
-    def __init__(self, params: Iterable, lr: float = 1e-4, betas: tuple[float, float] = DEFAULT_BETAS,
-                 weight_decay: float = 0.0, K: KType = "l1", p: float | None = None):
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 1e-4,
+        betas: tuple[float, float] = DEFAULT_BETAS,
+        weight_decay: float = 0.0,
+        K: KType = "l1",
+        p: float | None = None,
+    ):
         _check_hparams(lr, betas, weight_decay, K, p)
         super().__init__(params, dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay, K=K, p=p))
 
@@ -117,8 +124,8 @@ class LionK(torch.optim.Optimizer):
                     state["exp_avg"] = torch.zeros_like(x, memory_format=torch.preserve_format)
                 m = state["exp_avg"]
                 u = _grad_k(torch.lerp(m, g, 1.0 - beta1), group["K"], group["p"])  # b1 m + (1-b1) g
-                x.mul_(1.0 - lr * wd).add_(u, alpha=-lr)                           # x - lr (u + wd x)
-                m.lerp_(g, 1.0 - beta2)                                             # b2 m + (1-b2) g
+                x.mul_(1.0 - lr * wd).add_(u, alpha=-lr)  # x - lr (u + wd x)
+                m.lerp_(g, 1.0 - beta2)  # b2 m + (1-b2) g
         return loss
 
 

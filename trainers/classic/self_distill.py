@@ -53,24 +53,44 @@ import torch.nn.functional as F
 from posttrain.trainers.classic.base import AuxConfig, AuxTrainer
 
 # The targets of Mobahi, Farajtabar, Bartlett (2020) as the official notebook lists them, at x = 0, 0.1, ..., 1.
-MOBAHI_Y = np.array([0.38476636465198066, 1.2333967683416893, 1.33232242218057, 0.69201594888895180,
-                     -0.29756145531871736, -0.24189291901377769, -0.7964485769175675, -0.9616480167034174,
-                     -0.49672509509916934, -0.3469066003991437, 0.5589512650600734])
+MOBAHI_Y = np.array(
+    [
+        0.38476636465198066,
+        1.2333967683416893,
+        1.33232242218057,
+        0.69201594888895180,
+        -0.29756145531871736,
+        -0.24189291901377769,
+        -0.7964485769175675,
+        -0.9616480167034174,
+        -0.49672509509916934,
+        -0.3469066003991437,
+        0.5589512650600734,
+    ]
+)
 ALPHA_AUTO = "auto"
 
 
 @dataclass
 class SelfDistillConfig(AuxConfig):
-    alpha: str = field(default="0.35", metadata={"help": "Weight of the ground truth in every student's target, "
-                                                  "a number in [0, 1], or 'auto' for the closed-form alpha* of each "
-                                                  "step against the noise-free function (clipped to [0, 1])."})
-    rbf_gamma: float = field(default=80.0, metadata={"help": "RBF kernel width gamma, k(x, x') = exp(-gamma |x - x'|^2)."})
+    alpha: str = field(
+        default="0.35",
+        metadata={
+            "help": "Weight of the ground truth in every student's target, "
+            "a number in [0, 1], or 'auto' for the closed-form alpha* of each "
+            "step against the noise-free function (clipped to [0, 1])."
+        },
+    )
+    rbf_gamma: float = field(
+        default=80.0, metadata={"help": "RBF kernel width gamma, k(x, x') = exp(-gamma |x - x'|^2)."}
+    )
     lambd: float = field(default=0.2, metadata={"help": "Ridge regularisation lambda."})
     grid_points: int = field(default=101, metadata={"help": "Points of the evaluation grid on [0, 1]."})
     max_steps: int = field(default=6, metadata={"help": "Distillation steps (step 1 is the teacher, plain KRR)."})
     eval_every: int = field(default=1, metadata={"help": "Evaluate and log every this many steps."})
-    output_dir: str = field(default="runs/self_distill", metadata={"help": "Where results.json, curves.png and "
-                                                                          "aux_state.pt are written."})
+    output_dir: str = field(
+        default="runs/self_distill", metadata={"help": "Where results.json, curves.png and aux_state.pt are written."}
+    )
 
     def __post_init__(self):
         self.alpha = str(self.alpha)
@@ -90,6 +110,7 @@ class SelfDistillConfig(AuxConfig):
 
 
 # --- pure math: kernel ridge regression -----------------------------------------------------------------------
+
 
 def rbf_kernel(a: np.ndarray, b: np.ndarray, gamma: float) -> np.ndarray:
     """exp(-gamma ||a_i - b_j||^2) (scikit-learn's, which the official notebook uses too)."""
@@ -193,14 +214,19 @@ class KRRSelfDistillTrainer(AuxTrainer):
             "loss_to_truth": float(np.mean((self.predict_grid() - truth_grid) ** 2)),
             "loss_limit": float(np.mean((self.limit_grid(alpha_inf) - truth_grid) ** 2)),
             "mse_to_y": float(np.mean((self.fit - self.y) ** 2)),
-            "b_min": float(b_tau.min()), "b_max": float(b_tau.max()),
+            "b_min": float(b_tau.min()),
+            "b_max": float(b_tau.max()),
             "b_spectrum": b_tau[::-1].tolist(),
         }
 
     def state_dict(self) -> dict:
-        return {**super().state_dict(), "fit": None if self.fit is None else self.fit.copy(),
-                "target": None if self.target is None else self.target.copy(),
-                "alphas": list(self.alphas), "alphas_raw": list(self.alphas_raw)}
+        return {
+            **super().state_dict(),
+            "fit": None if self.fit is None else self.fit.copy(),
+            "target": None if self.target is None else self.target.copy(),
+            "alphas": list(self.alphas),
+            "alphas_raw": list(self.alphas_raw),
+        }
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
@@ -211,8 +237,15 @@ class KRRSelfDistillTrainer(AuxTrainer):
 
 # --- pure math: the LLM loss ----------------------------------------------------------------------------------
 
-def gt_mixed_distill_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, alpha: float,
-                          num_items_in_batch=None, ignore_index: int = -100) -> tuple[torch.Tensor, dict]:
+
+def gt_mixed_distill_loss(
+    logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor,
+    alpha: float,
+    num_items_in_batch=None,
+    ignore_index: int = -100,
+) -> tuple[torch.Tensor, dict]:
     """Cross-entropy of the student against alpha one-hot(label) + (1 - alpha) softmax(teacher), causal-LM style.
 
     logits, teacher_logits: (B, T, V); labels: (B, T), unshifted as the model receives them (position t predicts
@@ -221,8 +254,10 @@ def gt_mixed_distill_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, la
     their count. Returns (loss, {"ce_ground_truth", "ce_teacher"}) with the two terms normalised the same way.
     """
     if logits.shape != teacher_logits.shape:
-        raise ValueError(f"student logits {tuple(logits.shape)} and teacher logits {tuple(teacher_logits.shape)} "
-                         "differ: the teacher must share the student's vocabulary")
+        raise ValueError(
+            f"student logits {tuple(logits.shape)} and teacher logits {tuple(teacher_logits.shape)} "
+            "differ: the teacher must share the student's vocabulary"
+        )
     logp = F.log_softmax(logits[:, :-1].float(), dim=-1)
     target = labels[:, 1:]
     mask = target != ignore_index
@@ -257,8 +292,10 @@ def parse_self_distill_keys(values: dict, sources: dict, source: str, method: st
         return None
     where = " and ".join(sorted({sources.get(k, source) for k in given}))
     if task != "sft":
-        raise ValueError(f"{where}: self_distill_* keys mix the SFT target with a teacher's distribution and apply to "
-                         f"'sft' recipes only, not to method '{method}'; remove them or use method: sft")
+        raise ValueError(
+            f"{where}: self_distill_* keys mix the SFT target with a teacher's distribution and apply to "
+            f"'sft' recipes only, not to method '{method}'; remove them or use method: sft"
+        )
     if "self_distill_alpha" not in given:
         raise ValueError(f"{where}: self_distill_teacher needs self_distill_alpha (the ground-truth weight in [0, 1])")
     alpha = given["self_distill_alpha"]
@@ -267,25 +304,33 @@ def parse_self_distill_keys(values: dict, sources: dict, source: str, method: st
             f"{sources.get('self_distill_alpha', source)}: self_distill_alpha: auto has no sound meaning for an LLM: "
             "the closed-form alpha* (Borup & Andersen 2021) holds for kernel ridge regression, whose prediction is "
             "affine in alpha with a squared-error reference; SFT of a network on cross-entropy is neither. Give a "
-            "number in [0, 1] (the paper's deep-net example uses 0.6), e.g. tuned on a held-out split")
+            "number in [0, 1] (the paper's deep-net example uses 0.6), e.g. tuned on a held-out split"
+        )
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float, str)):
-        raise ValueError(f"{sources.get('self_distill_alpha', source)}: self_distill_alpha expects a number in [0, 1], "
-                         f"got {alpha!r}")
+        raise ValueError(
+            f"{sources.get('self_distill_alpha', source)}: self_distill_alpha expects a number in [0, 1], got {alpha!r}"
+        )
     try:
         alpha = float(alpha)
     except ValueError:
-        raise ValueError(f"{sources.get('self_distill_alpha', source)}: self_distill_alpha expects a number in [0, 1], "
-                         f"got {alpha!r}") from None
+        raise ValueError(
+            f"{sources.get('self_distill_alpha', source)}: self_distill_alpha expects a number in [0, 1], got {alpha!r}"
+        ) from None
     if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"{sources.get('self_distill_alpha', source)}: self_distill_alpha must be in [0, 1] (the "
-                         f"weight of the ground truth), got {alpha!r}")
+        raise ValueError(
+            f"{sources.get('self_distill_alpha', source)}: self_distill_alpha must be in [0, 1] (the "
+            f"weight of the ground truth), got {alpha!r}"
+        )
     teacher = given.get("self_distill_teacher")
     if alpha < 1.0 and not teacher:
-        raise ValueError(f"{where}: self_distill_alpha {alpha} < 1 needs self_distill_teacher (a model folder, hub id "
-                         "or tiny:<arch> with the student's vocabulary, e.g. the checkpoint of a previous SFT run)")
+        raise ValueError(
+            f"{where}: self_distill_alpha {alpha} < 1 needs self_distill_teacher (a model folder, hub id "
+            "or tiny:<arch> with the student's vocabulary, e.g. the checkpoint of a previous SFT run)"
+        )
     if teacher is not None and not isinstance(teacher, str):
-        raise ValueError(f"{sources.get('self_distill_teacher', source)}: self_distill_teacher expects a model path, "
-                         f"got {teacher!r}")
+        raise ValueError(
+            f"{sources.get('self_distill_teacher', source)}: self_distill_teacher expects a model path, got {teacher!r}"
+        )
     return SelfDistillArgs(alpha, teacher or "")
 
 
@@ -313,9 +358,11 @@ def check_teacher(args: SelfDistillArgs, student_path: str) -> None:
 
     s_vocab, t_vocab = vocab(student_path), vocab(teacher_path)
     if s_vocab is not None and t_vocab is not None and s_vocab != t_vocab:
-        raise UserError(f"self_distill_teacher {args.teacher!r} has vocab_size {t_vocab}, the student "
-                        f"{s_vocab}: the teacher's distribution must be over the student's tokens; use a "
-                        "checkpoint of the same model family (e.g. an earlier SFT run of this model)")
+        raise UserError(
+            f"self_distill_teacher {args.teacher!r} has vocab_size {t_vocab}, the student "
+            f"{s_vocab}: the teacher's distribution must be over the student's tokens; use a "
+            "checkpoint of the same model family (e.g. an earlier SFT run of this model)"
+        )
 
 
 def self_distill_sft_trainer(sft_cls):
@@ -334,13 +381,17 @@ def self_distill_sft_trainer(sft_cls):
                 from posttrain.recipes.models import resolve_model_path
 
                 dtype = next(self.model.parameters()).dtype
-                self.teacher = AutoModelForCausalLM.from_pretrained(resolve_model_path(self_distill.teacher), dtype=dtype)
+                self.teacher = AutoModelForCausalLM.from_pretrained(
+                    resolve_model_path(self_distill.teacher), dtype=dtype
+                )
                 self.teacher.requires_grad_(False).eval().to(self.accelerator.device)
                 s_vocab = self.model.get_output_embeddings().weight.shape[0]
                 t_vocab = self.teacher.get_output_embeddings().weight.shape[0]
                 if s_vocab != t_vocab:
-                    raise ValueError(f"self_distill_teacher {self_distill.teacher!r} has {t_vocab} output tokens, the "
-                                     f"student {s_vocab}: the teacher must share the student's vocabulary")
+                    raise ValueError(
+                        f"self_distill_teacher {self_distill.teacher!r} has {t_vocab} output tokens, the "
+                        f"student {s_vocab}: the teacher must share the student's vocabulary"
+                    )
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             if self.teacher is None:  # alpha = 1: TRL's own loss, untouched
@@ -351,14 +402,16 @@ def self_distill_sft_trainer(sft_cls):
             outputs = model(**logits_inputs)
             with torch.no_grad():
                 teacher_logits = self.teacher(**logits_inputs).logits
-            loss, terms = gt_mixed_distill_loss(outputs.logits, teacher_logits, inputs["labels"],
-                                                self.self_distill.alpha, num_items_in_batch)
+            loss, terms = gt_mixed_distill_loss(
+                outputs.logits, teacher_logits, inputs["labels"], self.self_distill.alpha, num_items_in_batch
+            )
             # as TRL's SFT loss: num_items_in_batch counts every rank's tokens and DDP averages the gradients
             if self.args.average_tokens_across_devices and num_items_in_batch is not None:
                 loss = loss * self.accelerator.num_processes
             for name, value in terms.items():
                 self._metrics[mode][f"self_distill/{name}"].append(
-                    self.accelerator.gather(value.detach()).mean().item())
+                    self.accelerator.gather(value.detach()).mean().item()
+                )
             return (loss, outputs) if return_outputs else loss
 
     SelfDistillSFTTrainer.__name__ = SelfDistillSFTTrainer.__qualname__ = "SelfDistillSFTTrainer"

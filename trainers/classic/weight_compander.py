@@ -20,7 +20,8 @@ It is a ``torch.nn.utils.parametrize`` parametrisation (``Compander``), so it wo
 - ``apply_weight_compander(model, modules, ...)`` attaches it; in LLM recipes the keys
   ``weight_compander_modules`` (``all-linear`` or a list of module names, as peft's ``target_modules``),
   ``weight_compander_bound`` (an absolute bound) or ``weight_compander_bound_scale`` (bound = scale x the layer's
-  initial max |w|; default), ``weight_compander_slope`` and ``weight_compander_learnable`` do it (``attach_weight_compander``).
+  initial max |w|; default), ``weight_compander_slope`` and ``weight_compander_learnable`` do it
+  (``attach_weight_compander``).
 - With LoRA (``use_peft``) the compander wraps the adapters' A and B matrices of the named layers, the weights that
   train, and leaves the frozen base weights as they are (companding a frozen base would change the pretrained
   model and train nothing). B starts at zero, so its bound comes from ``bound_scale / sqrt(in_features)`` unless
@@ -34,7 +35,8 @@ It is a ``torch.nn.utils.parametrize`` parametrisation (``Compander``), so it wo
 
 The digits experiment (``WeightCompanderTrainer``, ``posttrain train weight_compander/digits_wc``): scikit-learn's
 bundled digits with 300 training images, an MLP 64-256-256-10, AdamW 1e-3, weight decay 1e-4, 150 epochs of
-minibatches of 100 (450 steps); baseline against WC-like with learnable bound and slope (initial bound 0.25, slope 2). A step is
+minibatches of 100 (450 steps); baseline against WC-like with learnable bound and slope (initial bound 0.25, slope
+2). A step is
 one minibatch. Weight decay is AdamW's decoupled decay: with torch's ``Adam(weight_decay=...)`` (an L2 term in the
 gradient) Adam's normalisation turns the decay of the weights of the always-blank digit pixels, which get no
 data gradient, into lr-sized steps to zero in both arms, and that dominates the near-zero-weight statistic
@@ -57,32 +59,48 @@ from posttrain.trainers.classic.base import AuxConfig, AuxTrainer
 
 @dataclass
 class WeightCompanderConfig(AuxConfig):
-    compander: bool = field(default=True, metadata={"help": "Reparameterise every Linear weight as bound*tanh(slope*v/bound) "
-                                                    "(the WC-like arm); false: the plain baseline."})
+    compander: bool = field(
+        default=True,
+        metadata={
+            "help": "Reparameterise every Linear weight as bound*tanh(slope*v/bound) "
+            "(the WC-like arm); false: the plain baseline."
+        },
+    )
     bound: float = field(default=0.25, metadata={"help": "Initial bound of |w| (per layer, learnable)."})
     slope: float = field(default=2.0, metadata={"help": "Initial slope at 0 (> 1, per layer, learnable)."})
     learnable: bool = field(default=True, metadata={"help": "Learn bound and slope jointly with the weights."})
-    train_size: int = field(default=300, metadata={"help": "Training images drawn from digits (the rest is the test set)."})
+    train_size: int = field(
+        default=300, metadata={"help": "Training images drawn from digits (the rest is the test set)."}
+    )
     hidden: int = field(default=256, metadata={"help": "Width of the two hidden layers."})
     learning_rate: float = field(default=1e-3, metadata={"help": "AdamW learning rate."})
-    weight_decay: float = field(default=1e-4, metadata={"help": "AdamW (decoupled) weight decay on the weights v, both "
-                                                        "arms; none on bound and slope."})
-    decoupled_weight_decay: bool = field(default=True, metadata={"help": "AdamW's decoupled decay; false: torch "
-                                                                 "Adam's L2 weight_decay (see the module docstring)."})
+    weight_decay: float = field(
+        default=1e-4,
+        metadata={"help": "AdamW (decoupled) weight decay on the weights v, both arms; none on bound and slope."},
+    )
+    decoupled_weight_decay: bool = field(
+        default=True,
+        metadata={"help": "AdamW's decoupled decay; false: torch Adam's L2 weight_decay (see the module docstring)."},
+    )
     batch_size: int = field(default=100, metadata={"help": "Minibatch size."})
-    max_steps: int = field(default=450, metadata={"help": "Minibatch steps (450 = 150 epochs of 300 images in "
-                                                          "minibatches of 100)."})
+    max_steps: int = field(
+        default=450, metadata={"help": "Minibatch steps (450 = 150 epochs of 300 images in minibatches of 100)."}
+    )
     eval_every: int = field(default=50, metadata={"help": "Evaluate and log every this many steps."})
-    output_dir: str = field(default="runs/weight_compander", metadata={"help": "Where results.json, curves.png and "
-                                                                              "aux_state.pt are written."})
+    output_dir: str = field(
+        default="runs/weight_compander",
+        metadata={"help": "Where results.json, curves.png and aux_state.pt are written."},
+    )
 
     def __post_init__(self):
         for name in ("hidden", "batch_size"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
         if not 10 <= self.train_size <= 1500:
-            raise ValueError(f"train_size must be in [10, 1500] (digits has 1797 images; the rest is the test set), "
-                             f"got {self.train_size!r}")
+            raise ValueError(
+                f"train_size must be in [10, 1500] (digits has 1797 images; the rest is the test set), "
+                f"got {self.train_size!r}"
+            )
         check_bound_slope(self.bound, self.slope)
         if not self.learning_rate > 0:
             raise ValueError(f"learning_rate must be > 0, got {self.learning_rate!r}")
@@ -99,6 +117,7 @@ def check_bound_slope(bound, slope) -> None:
 
 
 # --- pure math ------------------------------------------------------------------------------------------------
+
 
 def compand(v: torch.Tensor, bound: torch.Tensor, slope: torch.Tensor) -> torch.Tensor:
     """WC(v) = bound * tanh(slope * v / bound): odd, monotone, |WC| < bound, WC'(0) = slope."""
@@ -118,8 +137,11 @@ def inverse_softplus(y: float) -> float:
 def weight_stats(weights: list[torch.Tensor]) -> dict:
     """max |w| and the fraction of near-zero weights (|w| < 1e-2 std(w)) over all the given weights together."""
     w = torch.cat([t.detach().reshape(-1) for t in weights]).double()
-    return {"max_abs_w": float(w.abs().max()), "near_zero_frac": float((w.abs() < 1e-2 * w.std()).double().mean()),
-            "std_w": float(w.std())}
+    return {
+        "max_abs_w": float(w.abs().max()),
+        "near_zero_frac": float((w.abs() < 1e-2 * w.std()).double().mean()),
+        "std_w": float(w.std()),
+    }
 
 
 class Compander(nn.Module):
@@ -155,13 +177,22 @@ def _matches(name: str, modules) -> bool:
 
 def companded_layers(model: nn.Module) -> dict[str, nn.Module]:
     """``{module name: module}`` of the Linear layers whose weight carries a ``Compander``."""
-    return {name: m for name, m in model.named_modules()
-            if parametrize.is_parametrized(m, "weight") and isinstance(m.parametrizations.weight[0], Compander)}
+    return {
+        name: m
+        for name, m in model.named_modules()
+        if parametrize.is_parametrized(m, "weight") and isinstance(m.parametrizations.weight[0], Compander)
+    }
 
 
-def apply_weight_compander(model: nn.Module, modules="all-linear", bound: float | None = None,
-                           bound_scale: float = 2.0, slope: float = 2.0, learnable: bool = True,
-                           exclude=("lm_head", "score")) -> list[str]:
+def apply_weight_compander(
+    model: nn.Module,
+    modules="all-linear",
+    bound: float | None = None,
+    bound_scale: float = 2.0,
+    slope: float = 2.0,
+    learnable: bool = True,
+    exclude=("lm_head", "score"),
+) -> list[str]:
     """Attach a ``Compander`` to the weight of every matching ``nn.Linear`` (a name in ``modules`` or
     ``"all-linear"``; ``exclude`` names are skipped, like peft's all-linear skips the output head). With peft LoRA
     layers the adapters' A and B are companded instead of the base weight. Returns the companded module names.
@@ -180,8 +211,10 @@ def apply_weight_compander(model: nn.Module, modules="all-linear", bound: float 
         if lora:  # a LoRA model: the adapters of the matching LoRA layers, never a frozen Linear
             if is_lora(module):
                 for adapter in module.lora_A:
-                    targets += [(f"{name}.lora_A.{adapter}", module.lora_A[adapter]),
-                                (f"{name}.lora_B.{adapter}", module.lora_B[adapter])]
+                    targets += [
+                        (f"{name}.lora_A.{adapter}", module.lora_A[adapter]),
+                        (f"{name}.lora_B.{adapter}", module.lora_B[adapter]),
+                    ]
         elif isinstance(module, nn.Linear):
             targets.append((name, module))
     for name, module in targets:
@@ -211,8 +244,13 @@ def baked_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 # --- the LLM recipe keys and their wiring ---------------------------------------------------------------------
 
-WC_KEYS = ("weight_compander_modules", "weight_compander_bound", "weight_compander_bound_scale",
-           "weight_compander_slope", "weight_compander_learnable")
+WC_KEYS = (
+    "weight_compander_modules",
+    "weight_compander_bound",
+    "weight_compander_bound_scale",
+    "weight_compander_slope",
+    "weight_compander_learnable",
+)
 
 
 @dataclass
@@ -224,7 +262,9 @@ class CompanderArgs:
     learnable: bool = True
 
 
-def parse_weight_compander_keys(values: dict, sources: dict, source: str, method: str, task: str) -> CompanderArgs | None:
+def parse_weight_compander_keys(
+    values: dict, sources: dict, source: str, method: str, task: str
+) -> CompanderArgs | None:
     """Pop the ``weight_compander_*`` keys from a recipe's values and check them (nothing loads); ValueError names
     the key and where it was set."""
     from posttrain import did_you_mean
@@ -235,23 +275,33 @@ def parse_weight_compander_keys(values: dict, sources: dict, source: str, method
     for key in keys:
         if key not in WC_KEYS:
             hint = did_you_mean(key, WC_KEYS)
-            raise ValueError(f"{sources.get(key, source)}: unknown key '{key}'{hint}; the Weight Compander keys are "
-                             f"{', '.join(WC_KEYS)}")
+            raise ValueError(
+                f"{sources.get(key, source)}: unknown key '{key}'{hint}; the Weight Compander keys are "
+                f"{', '.join(WC_KEYS)}"
+            )
     given = {k.removeprefix("weight_compander_"): values.pop(k) for k in keys}
     where = lambda k: sources.get(f"weight_compander_{k}", source)  # noqa: E731
     if task == "aux":
-        raise ValueError(f"{where(next(iter(given)))}: weight_compander_* keys apply to LLM recipes; method '{method}' "
-                         "is an auxiliary trainer (the weight_compander method has its own 'compander' key)")
+        raise ValueError(
+            f"{where(next(iter(given)))}: weight_compander_* keys apply to LLM recipes; method '{method}' "
+            "is an auxiliary trainer (the weight_compander method has its own 'compander' key)"
+        )
     if "modules" not in given:
-        raise ValueError(f"{source}: weight_compander_* keys need weight_compander_modules (all-linear, or a list of "
-                         "Linear module names such as [q_proj, v_proj])")
+        raise ValueError(
+            f"{source}: weight_compander_* keys need weight_compander_modules (all-linear, or a list of "
+            "Linear module names such as [q_proj, v_proj])"
+        )
     args = CompanderArgs()
     modules = given["modules"]
     if isinstance(modules, str) and modules != "all-linear":
         modules = [m.strip() for m in modules.split(",") if m.strip()]
-    if not (modules == "all-linear" or (isinstance(modules, list) and modules and all(isinstance(m, str) for m in modules))):
-        raise ValueError(f"{where('modules')}: weight_compander_modules expects all-linear or a list of module names, "
-                         f"got {given['modules']!r}")
+    if not (
+        modules == "all-linear" or (isinstance(modules, list) and modules and all(isinstance(m, str) for m in modules))
+    ):
+        raise ValueError(
+            f"{where('modules')}: weight_compander_modules expects all-linear or a list of module names, "
+            f"got {given['modules']!r}"
+        )
     args.modules = modules
     for key in ("bound", "bound_scale", "slope"):
         if key in given:
@@ -266,8 +316,9 @@ def parse_weight_compander_keys(values: dict, sources: dict, source: str, method
             setattr(args, key, float(value))
     if "learnable" in given:
         if not isinstance(given["learnable"], bool):
-            raise ValueError(f"{where('learnable')}: weight_compander_learnable expects true or false, got "
-                             f"{given['learnable']!r}")
+            raise ValueError(
+                f"{where('learnable')}: weight_compander_learnable expects true or false, got {given['learnable']!r}"
+            )
         args.learnable = given["learnable"]
     try:
         check_bound_slope(args.bound, args.slope)
@@ -276,8 +327,10 @@ def parse_weight_compander_keys(values: dict, sources: dict, source: str, method
     except ValueError as err:
         raise ValueError(f"{source}: weight_compander_{err}") from None
     if "bound" in given and "bound_scale" in given:
-        raise ValueError(f"{where('bound')}: give weight_compander_bound (absolute) or weight_compander_bound_scale "
-                         "(relative to each layer's max |w|), not both")
+        raise ValueError(
+            f"{where('bound')}: give weight_compander_bound (absolute) or weight_compander_bound_scale "
+            "(relative to each layer's max |w|), not both"
+        )
     return args
 
 
@@ -293,17 +346,23 @@ class WeightCompanderCallback:
         return companded_layers(self.model)
 
     def method_state(self) -> dict:
-        return {name: {"original": m.parametrizations.weight.original.detach().cpu().clone(),
-                       "rho": m.parametrizations.weight[0].rho.detach().cpu().clone(),
-                       "sigma": m.parametrizations.weight[0].sigma.detach().cpu().clone()}
-                for name, m in self._layers().items()}
+        return {
+            name: {
+                "original": m.parametrizations.weight.original.detach().cpu().clone(),
+                "rho": m.parametrizations.weight[0].rho.detach().cpu().clone(),
+                "sigma": m.parametrizations.weight[0].sigma.detach().cpu().clone(),
+            }
+            for name, m in self._layers().items()
+        }
 
     @torch.no_grad()
     def load_method_state(self, state: dict) -> None:
         layers = self._layers()
         if set(state) != set(layers):
-            raise ValueError(f"the checkpoint's companded layers differ from this run's: saved {len(state)}, "
-                             f"now {len(layers)}; resume with the same weight_compander_* keys")
+            raise ValueError(
+                f"the checkpoint's companded layers differ from this run's: saved {len(state)}, "
+                f"now {len(layers)}; resume with the same weight_compander_* keys"
+            )
         for name, m in layers.items():
             m.parametrizations.weight.original.copy_(state[name]["original"])
             m.parametrizations.weight[0].rho.copy_(state[name]["rho"])
@@ -345,6 +404,7 @@ def attach_weight_compander(trainer, args: CompanderArgs) -> list[str]:
 
 # --- the digits experiment ------------------------------------------------------------------------------------
 
+
 def digits_split(train_size: int, seed: int):
     """scikit-learn's bundled digits (offline), pixels scaled to [0, 1]; a seeded train/test split."""
     from sklearn.datasets import load_digits
@@ -368,8 +428,9 @@ class WeightCompanderTrainer(AuxTrainer):
         h = args.hidden
         self.model = nn.Sequential(nn.Linear(64, h), nn.ReLU(), nn.Linear(h, h), nn.ReLU(), nn.Linear(h, 10))
         if args.compander:
-            apply_weight_compander(self.model, "all-linear", bound=args.bound, slope=args.slope,
-                                   learnable=args.learnable, exclude=())
+            apply_weight_compander(
+                self.model, "all-linear", bound=args.bound, slope=args.slope, learnable=args.learnable, exclude=()
+            )
         theta = [p for n, p in self.model.named_parameters() if n.endswith((".rho", ".sigma"))]
         weights = [p for n, p in self.model.named_parameters() if not n.endswith((".rho", ".sigma"))]
         groups = [{"params": weights, "weight_decay": args.weight_decay}]
@@ -406,17 +467,24 @@ class WeightCompanderTrainer(AuxTrainer):
     def evaluate(self) -> dict:
         self.model.eval()
         acc = lambda x, y: float((self.model(x).argmax(-1) == y).float().mean())  # noqa: E731
-        out = {"train_acc": acc(self.x, self.y), "test_acc": acc(self.x_test, self.y_test),
-               **weight_stats(self.effective_weights())}
+        out = {
+            "train_acc": acc(self.x, self.y),
+            "test_acc": acc(self.x_test, self.y_test),
+            **weight_stats(self.effective_weights()),
+        }
         for name, m in companded_layers(self.model).items():
             comp = m.parametrizations.weight[0]
             out[f"bound/{name}"], out[f"slope/{name}"] = comp.bound.item(), comp.slope.item()
         return out
 
     def state_dict(self) -> dict:
-        return {**super().state_dict(), "model": {k: v.clone() for k, v in self.model.state_dict().items()},
-                "optimizer": self.optimizer.state_dict(), "generator": self.generator.get_state(),
-                "order": self.order.clone()}
+        return {
+            **super().state_dict(),
+            "model": {k: v.clone() for k, v in self.model.state_dict().items()},
+            "optimizer": self.optimizer.state_dict(),
+            "generator": self.generator.get_state(),
+            "order": self.order.clone(),
+        }
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
@@ -434,8 +502,9 @@ def compare_arms(seeds=(0, 1, 2, 3, 4), **overrides) -> dict:
     out: dict[str, list[dict]] = {}
     for arm, compander in (("baseline", False), ("wc", True)):
         for seed in seeds:
-            cfg = WeightCompanderConfig(compander=compander, seed=seed,
-                                        output_dir=os.path.join(base, f"{arm}-seed{seed}"), **overrides)
+            cfg = WeightCompanderConfig(
+                compander=compander, seed=seed, output_dir=os.path.join(base, f"{arm}-seed{seed}"), **overrides
+            )
             final = WeightCompanderTrainer(cfg).train(verbose=False)
             if final["stopped_by"] != "max_steps":
                 raise RuntimeError(f"{arm} seed {seed} stopped by {final['stopped_by']} after {final['step']} steps")

@@ -107,15 +107,23 @@ def test_resume_refuses_another_config(tmp_path):
 
 
 def test_stops_on_criterion_and_on_max_seconds(tmp_path):
-    final = NoisyTrainer(NoisyConfig(output_dir=str(tmp_path / "a"), stop_below=0.5, max_steps=10_000)).train(verbose=False)
+    final = NoisyTrainer(NoisyConfig(output_dir=str(tmp_path / "a"), stop_below=0.5, max_steps=10_000)).train(
+        verbose=False
+    )
     assert final["stopped_by"] == "criterion" and final["loss"] < 0.5 and final["step"] < 10_000
-    final = NoisyTrainer(NoisyConfig(output_dir=str(tmp_path / "b"), max_steps=10**9, max_seconds=0.05)).train(verbose=False)
+    final = NoisyTrainer(NoisyConfig(output_dir=str(tmp_path / "b"), max_steps=10**9, max_seconds=0.05)).train(
+        verbose=False
+    )
     assert final["stopped_by"] == "max_seconds" and 0 < final["step"] < 10**9
 
 
 def test_config_checks():
-    for bad, name in ((dict(max_steps=0), "max_steps"), (dict(eval_every=0), "eval_every"),
-                      (dict(max_seconds=0.0), "max_seconds"), (dict(save_every=-1), "save_every")):
+    for bad, name in (
+        (dict(max_steps=0), "max_steps"),
+        (dict(eval_every=0), "eval_every"),
+        (dict(max_seconds=0.0), "max_seconds"),
+        (dict(save_every=-1), "save_every"),
+    ):
         with pytest.raises(ValueError, match=name):
             NoisyConfig(**bad)
 

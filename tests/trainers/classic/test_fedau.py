@@ -14,7 +14,11 @@ import pytest
 import torch
 
 from posttrain.trainers.classic.fedau import (
-    FedAUConfig, FedAUTrainer, ParticipationTracker, aggregate, compare_aggregators,
+    FedAUConfig,
+    FedAUTrainer,
+    ParticipationTracker,
+    aggregate,
+    compare_aggregators,
 )
 
 torch.set_num_threads(1)
@@ -31,13 +35,9 @@ def test_fedau_removes_participation_bias(tmp_path):
 
 def test_interval_rule_with_cutoff():
     # Client 0: P A A P A A A A P; client 1 never participates; client 2 always does. Cutoff K = 3.
-    seq = np.array([[1, 0, 0, 1, 0, 0, 0, 0, 1],
-                    [0, 0, 0, 0, 0, 0, 0, 0, 0],
-                    [1, 1, 1, 1, 1, 1, 1, 1, 1]], dtype=bool)
+    seq = np.array([[1, 0, 0, 1, 0, 0, 0, 0, 1], [0, 0, 0, 0, 0, 0, 0, 0, 0], [1, 1, 1, 1, 1, 1, 1, 1, 1]], dtype=bool)
     # Intervals: client 0 -> 1, 3, 3 (cutoff at round 7), 2; client 1 -> 3 at rounds 3, 6, 9.
-    expected = [[1, 1, 1, 2, 2, 2, 7 / 3, 7 / 3, 9 / 4],
-                [1, 1, 3, 3, 3, 3, 3, 3, 3],
-                [1] * 9]
+    expected = [[1, 1, 1, 2, 2, 2, 7 / 3, 7 / 3, 9 / 4], [1, 1, 3, 3, 3, 3, 3, 3, 3], [1] * 9]
     tr = ParticipationTracker(num_clients=3, cutoff=3)
     np.testing.assert_array_equal(tr.weights(), [1.0, 1.0, 1.0])  # no interval seen yet
     for t in range(seq.shape[1]):

@@ -7,8 +7,14 @@ import pytest
 import torch
 
 from posttrain.trainers.classic.li2_grokking import (
-    Li2GrokkingConfig, Li2GrokkingTrainer, backprop_grad_norm, critical_fraction, first_step_reaching,
-    fourier_concentration, group_table, kernel_offdiag_ratio,
+    Li2GrokkingConfig,
+    Li2GrokkingTrainer,
+    backprop_grad_norm,
+    critical_fraction,
+    first_step_reaching,
+    fourier_concentration,
+    group_table,
+    kernel_offdiag_ratio,
 )
 
 torch.set_num_threads(1)
@@ -20,12 +26,18 @@ def test_grokking_needs_enough_samples_and_builds_fourier_features(tmp_path):
     assert critical_fraction(23) == pytest.approx(0.375, abs=1e-3)
     final = {}
     for f in (0.15, 0.7):
-        cfg = Li2GrokkingConfig(moduli=[23], hidden_size=256, train_fraction=f, max_steps=3000, eval_every=500,
-                                output_dir=str(tmp_path / str(f)))
+        cfg = Li2GrokkingConfig(
+            moduli=[23],
+            hidden_size=256,
+            train_fraction=f,
+            max_steps=3000,
+            eval_every=500,
+            output_dir=str(tmp_path / str(f)),
+        )
         final[f] = Li2GrokkingTrainer(cfg).train(verbose=False)
         assert final[f]["stopped_by"] == "max_steps"
     low, high = final[0.15], final[0.7]
-    assert low["train_acc"] == 1.0 and low["test_acc"] <= 0.1, low          # memorisation only
+    assert low["train_acc"] == 1.0 and low["test_acc"] <= 0.1, low  # memorisation only
     assert high["test_acc"] >= 0.9 and high["fourier_concentration"] >= 0.5, high
     assert high["fourier_concentration"] - low["fourier_concentration"] >= 0.2, (low, high)
 
@@ -75,7 +87,9 @@ def test_backprop_grad_norm_and_kernel_ratio_on_random_inputs():
 
 def test_first_step_reaching():
     history = [{"step": 100, "test_acc": 0.2}, {"step": 200, "test_acc": 0.95}, {"step": 300, "test_acc": 0.99}]
-    assert first_step_reaching(history, "test_acc", 0.9) == 200 and first_step_reaching(history, "test_acc", 1.0) is None
+    assert (
+        first_step_reaching(history, "test_acc", 0.9) == 200 and first_step_reaching(history, "test_acc", 1.0) is None
+    )
 
 
 class KilledAt27(Li2GrokkingTrainer):
@@ -87,8 +101,9 @@ class KilledAt27(Li2GrokkingTrainer):
 
 @pytest.mark.parametrize("optimizer", ["adam", "muon"])
 def test_resume_continues_exactly(optimizer, tmp_path):
-    cfg = dict(moduli=[7], hidden_size=16, train_fraction=0.6, max_steps=40, eval_every=10, save_every=10,
-               optimizer=optimizer)
+    cfg = dict(
+        moduli=[7], hidden_size=16, train_fraction=0.6, max_steps=40, eval_every=10, save_every=10, optimizer=optimizer
+    )
     full = Li2GrokkingTrainer(Li2GrokkingConfig(**cfg, output_dir=str(tmp_path / "full")))
     expected = full.train(verbose=False)
     cut = KilledAt27(Li2GrokkingConfig(**cfg, output_dir=str(tmp_path / "cut")))
@@ -101,14 +116,21 @@ def test_resume_continues_exactly(optimizer, tmp_path):
     assert resumed.history == full.history
     if optimizer == "muon":
         assert isinstance(resumed.optimizers[0], torch.optim.Muon)
-        assert torch.equal(resumed.optimizers[0].state[resumed.W]["momentum_buffer"],
-                           full.optimizers[0].state[full.W]["momentum_buffer"])
+        assert torch.equal(
+            resumed.optimizers[0].state[resumed.W]["momentum_buffer"],
+            full.optimizers[0].state[full.W]["momentum_buffer"],
+        )
 
 
 def test_config_errors():
-    for bad, word in ((dict(moduli=[1]), "moduli"), (dict(train_fraction=1.0), "train_fraction"),
-                      (dict(optimizer="lion"), "optimizer"), (dict(activation="tanh"), "activation"),
-                      (dict(loss="hinge"), "loss"), (dict(max_steps=0), "max_steps")):
+    for bad, word in (
+        (dict(moduli=[1]), "moduli"),
+        (dict(train_fraction=1.0), "train_fraction"),
+        (dict(optimizer="lion"), "optimizer"),
+        (dict(activation="tanh"), "activation"),
+        (dict(loss="hinge"), "loss"),
+        (dict(max_steps=0), "max_steps"),
+    ):
         with pytest.raises(ValueError, match=word):
             Li2GrokkingConfig(**bad)
 
@@ -119,8 +141,23 @@ def test_recipe_runs_from_the_cli_and_bad_values_are_one_line(tmp_path, capsys):
     from posttrain.cli import main
 
     out = tmp_path / "run"
-    assert main(["train", "li2_grokking/z23_muon", "--max_steps", "20", "--eval_every", "10", "--hidden_size", "32",
-                 "--output_dir", str(out)]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "li2_grokking/z23_muon",
+                "--max_steps",
+                "20",
+                "--eval_every",
+                "10",
+                "--hidden_size",
+                "32",
+                "--output_dir",
+                str(out),
+            ]
+        )
+        == 0
+    )
     results = json.loads((out / "results.json").read_text())
     assert results["method"] == "li2_grokking" and [h["step"] for h in results["history"]] == [10, 20]
     assert (out / "curves.png").exists() and (out / "aux_state.pt").exists()

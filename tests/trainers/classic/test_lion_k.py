@@ -63,7 +63,7 @@ def test_l1_enters_box_from_far_outside(lam):
     _, norms = run_quadratic("l1", lam, x0=x0, steps=1500)
     inside = [t for t, n in enumerate(norms) if n <= 1.0 / lam + LR0]
     assert inside and inside[0] < 1000, "never entered the box within 1000 steps"
-    assert max(norms[inside[0]:]) <= 1.0 / lam + LR0, "left the box after entering"
+    assert max(norms[inside[0] :]) <= 1.0 / lam + LR0, "left the box after entering"
 
 
 def reference_step(x, m_neg, g, lr, b1, b2, wd, dK):
@@ -107,14 +107,15 @@ def test_callable_k_and_param_groups_and_none_grad():
     a, b, frozen = (torch.randn(5, requires_grad=True) for _ in range(3))
     a2, b2 = a.detach().clone().requires_grad_(True), b.detach().clone().requires_grad_(True)
     frozen0 = frozen.detach().clone()
-    grouped = LionK([{"params": [a], "K": torch.sign},
-                     {"params": [b, frozen], "K": "l2", "lr": 0.05, "weight_decay": 0.3}], lr=0.01)
+    grouped = LionK(
+        [{"params": [a], "K": torch.sign}, {"params": [b, frozen], "K": "l2", "lr": 0.05, "weight_decay": 0.3}], lr=0.01
+    )
     sep1 = LionK([a2], lr=0.01, K="l1")
     sep2 = LionK([b2], lr=0.05, weight_decay=0.3, K="l2")
     for _ in range(4):
         for opt, ps in ((grouped, (a, b)), (sep1, (a2,)), (sep2, (b2,))):
             opt.zero_grad()
-            sum((p ** 3).sum() for p in ps).backward()
+            sum((p**3).sum() for p in ps).backward()
             opt.step()
     torch.testing.assert_close(a, a2, rtol=0, atol=0)
     torch.testing.assert_close(b, b2, rtol=0, atol=0)

@@ -9,8 +9,14 @@ import pytest
 import torch
 
 from posttrain.trainers.classic.self_distill import (
-    KRRSelfDistillTrainer, SelfDistillConfig, b_limit, b_recursion, distill_target, gt_mixed_distill_loss,
-    optimal_alpha, rbf_kernel,
+    KRRSelfDistillTrainer,
+    SelfDistillConfig,
+    b_limit,
+    b_recursion,
+    distill_target,
+    gt_mixed_distill_loss,
+    optimal_alpha,
+    rbf_kernel,
 )
 
 torch.set_num_threads(1)
@@ -41,8 +47,9 @@ def test_b_recursion_equals_the_direct_iterate(alpha):
         t.step()
         np.testing.assert_allclose(t.fit, V @ (b * (V.T @ t.y)), rtol=0, atol=1e-10, err_msg=f"step {tau}")
     # B_tau -> B_inf = alpha D (alpha D + lambda)^-1 (geometrically; 400 steps are plenty)
-    np.testing.assert_allclose(b_recursion(d, t.args.lambd, alpha, 400)[-1], b_limit(d, t.args.lambd, alpha),
-                               rtol=0, atol=1e-10)
+    np.testing.assert_allclose(
+        b_recursion(d, t.args.lambd, alpha, 400)[-1], b_limit(d, t.args.lambd, alpha), rtol=0, atol=1e-10
+    )
 
 
 def test_b_recursion_on_random_spectra():
@@ -77,7 +84,7 @@ def test_closed_form_alpha_on_random_problems():
         A = rng.normal(size=(n, n))
         y, prev, ref = rng.normal(size=n), rng.normal(size=n), rng.normal(size=n)
         a_star = optimal_alpha(A, y, prev, ref)
-        err = lambda a: np.sum((A @ distill_target(y, prev, a) - ref) ** 2)  # noqa: E731
+        err = lambda a, A=A, y=y, prev=prev, ref=ref: np.sum((A @ distill_target(y, prev, a) - ref) ** 2)  # noqa: E731
         assert err(a_star) <= min(err(a_star - 1e-4), err(a_star + 1e-4))
 
 
@@ -116,6 +123,7 @@ def test_bad_config_is_refused(bad):
 
 
 # --- the LLM loss ---------------------------------------------------------------------------------------------
+
 
 def _hand_loss(logits, teacher_logits, labels, alpha, denom=None):
     """-sum_v q_v log p_v token by token, q = alpha onehot + (1 - alpha) softmax(teacher), plain Python loops."""
@@ -156,6 +164,7 @@ def test_mixed_loss_matches_a_hand_computation():
 
 
 # --- the loss inside TRL's SFT on the tiny model ------------------------------------------------------------------
+
 
 def _sft(overrides):
     from posttrain.recipes.config import load_recipe
@@ -224,12 +233,15 @@ def test_a_real_teacher_changes_the_loss_as_the_formula_says(tmp_path, teacher_d
     assert logged["self_distill/ce_ground_truth"][-1] == pytest.approx(stock, abs=1e-4)
 
 
-@pytest.mark.parametrize("over, message", [
-    ({"self_distill_alpha": "auto", "self_distill_teacher": "tiny:qwen3"}, "no sound meaning for an LLM"),
-    ({"self_distill_alpha": 1.5, "self_distill_teacher": "tiny:qwen3"}, r"must be in \[0, 1\]"),
-    ({"self_distill_alpha": 0.5}, "needs self_distill_teacher"),
-    ({"self_distill_teacher": "tiny:qwen3"}, "needs self_distill_alpha"),
-])
+@pytest.mark.parametrize(
+    "over, message",
+    [
+        ({"self_distill_alpha": "auto", "self_distill_teacher": "tiny:qwen3"}, "no sound meaning for an LLM"),
+        ({"self_distill_alpha": 1.5, "self_distill_teacher": "tiny:qwen3"}, r"must be in \[0, 1\]"),
+        ({"self_distill_alpha": 0.5}, "needs self_distill_teacher"),
+        ({"self_distill_teacher": "tiny:qwen3"}, "needs self_distill_alpha"),
+    ],
+)
 def test_bad_self_distill_keys_are_one_clear_error(over, message):
     from posttrain.recipes.config import RecipeError, load_recipe
 

@@ -10,7 +10,13 @@ import torch
 from torch import nn
 
 from posttrain.trainers.classic.weight_compander import (
-    Compander, apply_weight_compander, baked_state_dict, compand, compand_inverse, compare_arms, companded_layers,
+    Compander,
+    apply_weight_compander,
+    baked_state_dict,
+    compand,
+    compand_inverse,
+    companded_layers,
+    compare_arms,
     inverse_softplus,
 )
 
@@ -61,8 +67,10 @@ def test_digits_mechanism_criteria(tmp_path):
     """Spec criteria on the 5-seed means: (a) max |w| under WC <= 0.7 x baseline; (b) fewer near-zero weights
     (|w| < 1e-2 std w); (c) test accuracy >= baseline - 0.5 pp. The generalisation gain is reported, not gated."""
     runs = compare_arms(seeds=(0, 1, 2, 3, 4), output_dir=str(tmp_path))
-    mean = {arm: {k: float(np.mean([r[k] for r in rows])) for k in ("max_abs_w", "near_zero_frac", "test_acc")}
-            for arm, rows in runs.items()}
+    mean = {
+        arm: {k: float(np.mean([r[k] for r in rows])) for k in ("max_abs_w", "near_zero_frac", "test_acc")}
+        for arm, rows in runs.items()
+    }
     base, wc = mean["baseline"], mean["wc"]
     assert wc["max_abs_w"] <= 0.7 * base["max_abs_w"], mean
     assert wc["near_zero_frac"] < base["near_zero_frac"], mean
@@ -91,6 +99,7 @@ def test_digits_resume_continues_the_same_trajectory(tmp_path):
 
 
 # --- LLM recipes ------------------------------------------------------------------------------------------------
+
 
 def _batch(trainer):
     return next(iter(trainer.get_train_dataloader()))
@@ -140,13 +149,25 @@ def test_llm_lora_compands_the_adapters(tmp_path):
     from posttrain.recipes.config import load_recipe
     from posttrain.recipes.train import build_trainer
 
-    over = {"max_steps": 2, "output_dir": str(tmp_path), "use_peft": True, "lora_r": 4, "lora_alpha": 8,
-            "lora_target_modules": ["q_proj", "v_proj"], "weight_compander_modules": "all-linear",
-            "weight_compander_bound": 0.05, "weight_compander_slope": 3.0, "learning_rate": 1e-2,
-            "save_strategy": "steps", "save_steps": 1}
+    over = {
+        "max_steps": 2,
+        "output_dir": str(tmp_path),
+        "use_peft": True,
+        "lora_r": 4,
+        "lora_alpha": 8,
+        "lora_target_modules": ["q_proj", "v_proj"],
+        "weight_compander_modules": "all-linear",
+        "weight_compander_bound": 0.05,
+        "weight_compander_slope": 3.0,
+        "learning_rate": 1e-2,
+        "save_strategy": "steps",
+        "save_steps": 1,
+    }
     trainer = build_trainer(load_recipe("sft/tiny", over))
     layers = companded_layers(trainer.model)
-    assert len(layers) == 8 and all(".lora_A." in n or ".lora_B." in n for n in layers)  # 2 layers x 2 x (A, B): all-linear means every adapter, no frozen Linear
+    assert len(layers) == 8 and all(
+        ".lora_A." in n or ".lora_B." in n for n in layers
+    )  # 2 layers x 2 x (A, B): all-linear means every adapter, no frozen Linear
     base_weight = trainer.model.get_submodule(next(iter(layers)).split(".lora_")[0]).base_layer
     assert not hasattr(base_weight, "parametrizations")  # the frozen base weight is left as it is
     trainer.train()
@@ -154,7 +175,9 @@ def test_llm_lora_compands_the_adapters(tmp_path):
     adapter_keys = json.loads((tmp_path / "adapter_config.json").read_text())["target_modules"]
     assert set(adapter_keys) == {"q_proj", "v_proj"}
     batch = _batch(trainer)
-    base = AutoModelForCausalLM.from_pretrained(trainer.model.base_model.model.config._name_or_path, dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(
+        trainer.model.base_model.model.config._name_or_path, dtype=torch.float32
+    )
     reloaded = PeftModel.from_pretrained(base, str(tmp_path))
     torch.testing.assert_close(_logits(reloaded, batch), _logits(trainer.model, batch), atol=1e-6, rtol=1e-5)
     lora_b = [m.weight.detach() for n, m in layers.items() if ".lora_B." in n]
@@ -168,13 +191,25 @@ def test_llm_lora_compands_the_adapters(tmp_path):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=0, msg=n)
 
 
-@pytest.mark.parametrize("over, message", [
-    ({"weight_compander_slope": 1.0, "weight_compander_modules": "all-linear"}, "slope must be a number > 1"),
-    ({"weight_compander_bond": 1.0, "weight_compander_modules": "all-linear"}, "did you mean 'weight_compander_bound'"),
-    ({"weight_compander_slope": 2.0}, "need weight_compander_modules"),
-    ({"weight_compander_modules": "all-linear", "weight_compander_bound": 0.1, "weight_compander_bound_scale": 2.0},
-     "not both"),
-])
+@pytest.mark.parametrize(
+    "over, message",
+    [
+        ({"weight_compander_slope": 1.0, "weight_compander_modules": "all-linear"}, "slope must be a number > 1"),
+        (
+            {"weight_compander_bond": 1.0, "weight_compander_modules": "all-linear"},
+            "did you mean 'weight_compander_bound'",
+        ),
+        ({"weight_compander_slope": 2.0}, "need weight_compander_modules"),
+        (
+            {
+                "weight_compander_modules": "all-linear",
+                "weight_compander_bound": 0.1,
+                "weight_compander_bound_scale": 2.0,
+            },
+            "not both",
+        ),
+    ],
+)
 def test_bad_llm_keys_are_one_clear_error(over, message):
     from posttrain.recipes.config import RecipeError, load_recipe
 
