@@ -9,7 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, assert_one_line_error, run_cli_cases
+from support import ROOT, assert_one_line_error, run_cli_cases
 
 
 @pytest.fixture(scope="module")

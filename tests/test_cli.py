@@ -4,7 +4,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import BIN, ROOT
+from support import BIN, ROOT
 
 from posttrain.cli import main
 

@@ -11,7 +11,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import BIN, ROOT
+from support import BIN, ROOT
 
 pytestmark = pytest.mark.slow
 

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 import torch
-from conftest import BIN, ROOT, assert_same_state, method_state
+from support import BIN, ROOT, assert_same_state, method_state
 from transformers import AutoModelForCausalLM, TrainerCallback
 
 from posttrain.cli import main

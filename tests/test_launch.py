@@ -4,7 +4,7 @@ import json
 import subprocess
 
 import pytest
-from conftest import BIN, ROOT
+from support import BIN, ROOT
 
 pytestmark = pytest.mark.slow
 

@@ -17,8 +17,8 @@ import subprocess
 import sys
 
 import pytest
-from conftest import BIN, ROOT
 from safetensors.torch import load_file
+from support import BIN, ROOT
 
 pytestmark = pytest.mark.slow
 

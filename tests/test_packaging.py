@@ -5,7 +5,7 @@ import sys
 import tomllib
 import zipfile
 
-from conftest import ROOT
+from support import ROOT
 
 MAPPED = {
     "posttrain": "posttrain",

@@ -14,7 +14,7 @@ import subprocess
 
 import pytest
 import torch
-from conftest import BIN, ROOT, assert_same_state, method_state
+from support import BIN, ROOT, assert_same_state, method_state
 
 pytestmark = pytest.mark.slow
 

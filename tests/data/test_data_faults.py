@@ -15,8 +15,8 @@ import time
 import datasets
 import pyarrow as pa
 import pytest
-from conftest import assert_one_line_error, run_cli_cases
 from datasets import Dataset
+from support import assert_one_line_error, run_cli_cases
 
 from posttrain.data import DataArguments, DataError, load_task_datasets, loading
 from posttrain.data import files as files_module

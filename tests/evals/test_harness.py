@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 import torch
-from conftest import BIN, ROOT
+from support import BIN, ROOT
 
 from posttrain import UserError
 from posttrain.evals import tasks as eval_tasks

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 import torch
-from conftest import load_experiment
+from support import load_experiment
 
 
 @pytest.fixture(scope="module")

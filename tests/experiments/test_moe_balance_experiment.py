@@ -8,7 +8,7 @@ import math
 import sys
 
 import pytest
-from conftest import load_experiment
+from support import load_experiment
 
 pytestmark = pytest.mark.slow
 

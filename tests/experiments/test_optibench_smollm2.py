@@ -5,7 +5,7 @@ import json
 import sys
 
 import pytest
-from conftest import ROOT, load_experiment
+from support import ROOT, load_experiment
 
 from posttrain.evals.optibench import score
 

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 import torch
-from conftest import load_experiment
+from support import load_experiment
 
 
 @pytest.fixture(scope="module")

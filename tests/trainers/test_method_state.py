@@ -9,7 +9,7 @@ import subprocess
 
 import pytest
 import torch
-from conftest import BIN, ROOT, method_state
+from support import BIN, ROOT, method_state
 
 from posttrain.cli import main
 from posttrain.recipes.config import load_recipe

@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import method_state
+from support import method_state
 from torch import nn
 
 from posttrain.recipes.config import load_recipe

@@ -411,7 +411,7 @@ def test_gspo_token_ratio_has_the_sequence_value_and_the_token_gradient(tmp_path
 
 @pytest.mark.slow
 def test_a_group_split_across_two_processes_gets_the_same_advantages(tmp_path):
-    from conftest import BIN, ROOT
+    from support import BIN, ROOT
 
     results = {}
     for world in (1, 2):
@@ -680,7 +680,7 @@ def test_gpu_recipes_reproduce_the_papers_batch_arithmetic(name):
     import re
 
     import yaml
-    from conftest import ROOT
+    from support import ROOT
 
     text = (ROOT / "recipes" / f"{name}.yaml").read_text()
     launch = re.search(r"--config_file (\S+)", text.splitlines()[0])

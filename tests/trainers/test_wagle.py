@@ -17,7 +17,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import method_state
+from support import method_state
 from torch import nn
 from transformers import AutoModelForCausalLM, TrainerCallback, get_scheduler
 
@@ -714,7 +714,7 @@ def test_checkpoint_without_wagle_state_is_refused(tmp_path):
 
 
 def _launch_helper(out, config=None):
-    from conftest import BIN, ROOT
+    from support import BIN, ROOT
 
     launch = (
         [
@@ -794,7 +794,7 @@ def test_two_processes_share_one_mask_equal_to_the_one_process_mask(config, one_
 @pytest.mark.parametrize("method", ["snip", "magnitude", "random"])
 def test_zero3_baseline_masks_equal_the_one_process_masks(method, tmp_path):
     # the baselines on ZeRO-3 pieces too: fp32 master weights, the forget pieces, random_scores' draws sliced
-    from conftest import BIN, ROOT
+    from support import BIN, ROOT
 
     def mask_of(name, *launch):
         cmd = [
