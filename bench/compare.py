@@ -36,8 +36,9 @@ from pathlib import Path
 import psutil
 import torch
 
+from posttrain.atomic import write_json_atomic
 from posttrain.recipes.config import build_recipe, find_recipe, parse_overrides, read_yaml
-from posttrain.recipes.train import build_trainer, write_json_atomic
+from posttrain.recipes.train import build_trainer
 from posttrain.trainers import METHODS
 
 QWEN2_05B = dict(

@@ -32,8 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from compare import PeakRSS, _release_freed_memory, build_trainers, timing_row  # noqa: E402  (as compare.py)
 from compare import machine as compare_machine  # noqa: E402
 
+from posttrain.atomic import write_json_atomic
 from posttrain.recipes.config import find_recipe, parse_overrides, read_yaml
-from posttrain.recipes.train import write_json_atomic
 
 
 def build(recipe_name: str, overrides: dict) -> dict:

@@ -52,6 +52,8 @@ from typing import Any, Callable, Optional
 
 from datasets import Dataset
 
+from posttrain.atomic import write_json_atomic
+
 from .args import DataError
 
 TEXT_COLUMNS = ("text", "prompt", "completion", "chosen", "rejected", "messages", "question", "answer")
@@ -671,18 +673,6 @@ def parse_filter_keys(
         raise RecipeError(f"{' and '.join(named)}: invalid data filter settings: {err}") from None
 
 
-def _write_json_atomic(path, payload: dict) -> None:
-    import json
-    import os
-    from pathlib import Path
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
 def filter_training_set(
     cfg: CascadeFilterConfig, data_args, dataset: Dataset, where: str, report_dir: Optional[str] = None
 ) -> Dataset:
@@ -699,7 +689,7 @@ def filter_training_set(
     line = summary_line(result.report)
     if report_dir is not None:
         path = os.path.join(report_dir, "data_filter_report.json")
-        _write_json_atomic(path, {"settings": _settings(cfg), **result.report})
+        write_json_atomic(path, {"settings": _settings(cfg), **result.report})
         line += f" (report: {path})"
     print(f"posttrain: {line}")
     return result.dataset
@@ -785,7 +775,7 @@ def filter_to_folder(recipe, output: Optional[str] = None, overwrite: bool = Fal
         with _quiet_datasets():  # no progress bars: the command prints one line
             result.dataset.to_json(tmp / "filtered.jsonl", lines=True, force_ascii=False)
             result.annotated.to_json(tmp / "judgments.jsonl", lines=True, force_ascii=False)
-        _write_json_atomic(
+        write_json_atomic(
             tmp / "report.json",
             {"recipe": recipe.source, "dataset": args.dataset, "settings": _settings(cfg), **result.report},
         )

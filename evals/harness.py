@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from posttrain import UserError
+from posttrain.atomic import write_json_atomic
 
 RESULTS_VERSION = 1
 
@@ -350,7 +351,6 @@ def run_eval(spec: EvalSpec, log=print) -> dict:
     from posttrain.evals.common import EvalContext, load_checkpoint
     from posttrain.evals.tasks import TASKS
     from posttrain.recipes.models import resolve_model_path
-    from posttrain.recipes.train import write_json_atomic
 
     state = PartialState(cpu=not torch.cuda.is_available())  # without cpu=True a CPU launch stays one process
     # every checkpoint is resolved (and a broken local folder refused) before the first one loads
@@ -443,7 +443,6 @@ def run_eval(spec: EvalSpec, log=print) -> dict:
 def write_samples(report: dict, out_dir: Path) -> None:
     """Per-document records a task returned under ``samples`` (lm-eval's ``log_samples``) go to
     ``samples/<model>__<task>.json`` beside results.json, which keeps the file's name in their place."""
-    from posttrain.recipes.train import write_json_atomic
 
     for model_name, tasks in report["results"].items():
         for task, out in tasks.items():

@@ -8,13 +8,12 @@ policy, the reference model and any ZeRO-3 partitioning itself, exactly as its o
 from __future__ import annotations
 
 import inspect
-import json
 import math
-import os
 from pathlib import Path
 from typing import Any
 
 from posttrain import Interrupted, UserError
+from posttrain.atomic import write_json_atomic
 from posttrain.recipes.config import Recipe
 from posttrain.recipes.output_dir import (
     is_main_process,
@@ -318,11 +317,3 @@ def format_summary(summary: dict[str, Any]) -> str:
     out += [line(r) for r in rows]
     out.append(f"saved to {summary['output_dir']}")
     return "\n".join(out)
-
-
-def write_json_atomic(path: Path, payload: dict) -> None:
-    """Write-then-rename, so a killed run never leaves a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n")
-    os.replace(tmp, path)

@@ -29,13 +29,12 @@ A trainer, or a ``TrainerCallback`` registered with it, declares its state with 
 from __future__ import annotations
 
 import contextlib
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 
 from posttrain import UserError
+from posttrain.atomic import write_atomic
 
 STATE_FILE = "method_state.pt"
 TRAINER = "trainer"  # the owner name of the trainer's own state
@@ -56,17 +55,7 @@ def method_state_owners(trainer) -> dict:
 
 def save_method_state(state: dict, folder) -> Path:
     """Write ``state`` to ``folder/method_state.pt`` atomically (temporary file in the folder, then rename)."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{STATE_FILE}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, folder / STATE_FILE)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return folder / STATE_FILE
+    return write_atomic(Path(folder) / STATE_FILE, lambda tmp: torch.save(state, tmp))
 
 
 def read_method_state(folder, owners) -> dict:

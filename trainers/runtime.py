@@ -42,6 +42,7 @@ from pathlib import Path
 import torch
 
 from posttrain import TrainingError
+from posttrain.atomic import write_json_atomic
 
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 _WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors", "pytorch_model.bin")
@@ -79,10 +80,7 @@ def write_checkpoint_manifest(folder, args, world_size: int) -> Path:
         "settings": {k: getattr(args, k, None) for k in RESUMED_SETTINGS},
         "files": files,
     }
-    tmp = folder / f".{MANIFEST}.tmp"
-    tmp.write_text(json.dumps(manifest, indent=1, default=str) + "\n")
-    os.replace(tmp, folder / MANIFEST)
-    return folder / MANIFEST
+    return write_json_atomic(folder / MANIFEST, manifest, indent=1, default=str)
 
 
 def read_manifest(folder) -> dict:
@@ -357,7 +355,6 @@ def _exit_without_finalizing(code: int) -> None:
     """What ``sys.exit(code)`` does before the interpreter's finalization (threading._shutdown, then the atexit
     handlers: logging, tempfile and datasets cleanup, ...), then ``os._exit(code)``: see close_process_group."""
     import atexit
-    import os
     import sys
     import threading
 

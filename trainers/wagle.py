@@ -55,8 +55,6 @@ from __future__ import annotations
 
 import copy
 import math
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -64,6 +62,7 @@ import torch
 import torch.nn.functional as F
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
+from posttrain.atomic import write_atomic
 from posttrain.trainers.method_state import MethodStateMixin
 from posttrain.trainers.runtime import sum_over_ranks
 
@@ -580,17 +579,10 @@ def save_mask(mask, path, metadata=None):
     """Write the mask as bool safetensors, atomically (temporary file in the same folder, then ``os.replace``)."""
     from safetensors.torch import save_file
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {n: m.detach().to("cpu", torch.bool).contiguous() for n, m in mask.items()}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={str(k): str(v) for k, v in (metadata or {}).items()})
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(
+        path, lambda tmp: save_file(tensors, tmp, metadata={str(k): str(v) for k, v in (metadata or {}).items()})
+    )
 
 
 def load_mask(path, reference=None, device="cpu"):

@@ -29,10 +29,7 @@ and refuses a fresh run into a folder that holds one, as for the LLM trainers.
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 import random
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +37,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from tqdm.auto import tqdm
+
+from posttrain.atomic import write_atomic, write_json_atomic
 
 STATE_FILE = "aux_state.pt"
 RESULTS_FILE = "results.json"
@@ -66,19 +65,6 @@ class AuxConfig:
                 raise ValueError(f"{name} must be >= {low}, got {getattr(self, name)!r}")
         if not self.max_seconds > 0:
             raise ValueError(f"max_seconds must be > 0, got {self.max_seconds!r}")
-
-
-def _atomic_write(path: Path, write) -> None:
-    """``write(tmp_path)`` then rename onto ``path``: readers see the old file or the new one, never half of one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 class AuxTrainer:
@@ -146,7 +132,7 @@ class AuxTrainer:
 
     def save(self) -> None:
         state = self.state_dict()
-        _atomic_write(Path(self.args.output_dir) / STATE_FILE, lambda tmp: torch.save(state, tmp))
+        write_atomic(Path(self.args.output_dir) / STATE_FILE, lambda tmp: torch.save(state, tmp))
         self.last_saved_step = self.global_step
 
     def load(self) -> bool:
@@ -201,8 +187,8 @@ class AuxTrainer:
             "final": final,
             "history": self.history,
         }
-        _atomic_write(out / RESULTS_FILE, lambda tmp: Path(tmp).write_text(json.dumps(results, indent=2) + "\n"))
-        _atomic_write(out / PLOT_FILE, lambda tmp: plot_history(self.history, tmp, self.description()))
+        write_json_atomic(out / RESULTS_FILE, results)
+        write_atomic(out / PLOT_FILE, lambda tmp: plot_history(self.history, tmp, self.description()))
 
 
 def plot_history(history: list[dict], path: str, title: str) -> None:
