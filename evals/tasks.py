@@ -358,7 +358,7 @@ def moe_balance(
     max_length: int = 512,
 ):
     """MaxVio_global (Wang et al. 2024) and per-layer expert loads of an MoE model on a text set."""
-    from posttrain.trainers.moe_balance import maxvio_global
+    from posttrain.evals.moe_load import maxvio_global
 
     rows = eval_rows(dataset, "", split=split, num_samples=num_samples, seed=ctx.seed, limit=ctx.limit)
     result = maxvio_global(ctx.model, ctx.tokenizer, rows[column], batch_size=ctx.batch_size, max_length=max_length)

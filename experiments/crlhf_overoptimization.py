@@ -57,17 +57,22 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from posttrain.trainers.advantages import rloo_advantages
 from posttrain.trainers.constrained_rlhf import (
     ConstrainedRLHFConfig,
     LagrangeMultipliers,
-    NelderMead,
-    evaluate_with_early_stop,
     formulation_advantages,
-    kl_stream_rewards,
     normalise_stream,
-    rloo_advantages,
     weigh_streams,
 )
+from posttrain.trainers.nelder_mead import EarlyStopEvaluation, NelderMead
+
+
+def kl_stream_rewards(logps, ref_logps, completion_mask, kl_coef):
+    """The toy's KL stream's per-completion reward (B,): -kl_coef * sum_t mask * (log pi_old - log pi_ref)."""
+    mask = completion_mask.to(logps.dtype)
+    return -kl_coef * ((logps - ref_logps) * mask).sum(-1)
+
 
 VOCAB, LENGTH, K = 4, 10, 8
 SYM_A, SYM_B = 0, 1
@@ -190,14 +195,11 @@ def run_nm(seed, **overrides):
     while not search.done:
         theta = search.ask()
         thresholds[0] = tuple(float(t) for t in theta)
-        result = evaluate_with_early_stop(
-            lambda: toy.step(thresholds[0]),
-            toy.evaluate,
-            thresholds[0],
-            cfg["steps_per_eval"],
-            cfg["eval_every"],
-            cfg["rel_tol"],
-        )
+        run = EarlyStopEvaluation(thresholds[0], cfg["steps_per_eval"], cfg["eval_every"], cfg["rel_tol"])
+        result = None
+        while result is None:  # one NM function evaluation, as the trainer runs it: train, then maybe evaluate
+            toy.step(thresholds[0])
+            result = run.tick(toy.evaluate)
         search.tell(result.score, cost=result.iterations)
         evaluations.append(
             {

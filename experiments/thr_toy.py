@@ -39,8 +39,8 @@ from pathlib import Path
 
 import torch
 
+from posttrain.trainers.advantages import grpo_group_advantages
 from posttrain.trainers.thr_grpo import (
-    grpo_group_advantages,
     slice_to_generated_vocab,
     thr_advantages,
     token_influence,

@@ -77,7 +77,7 @@ as the official code scores a held-out split; ``train`` scores the training roll
 NM minimises -(evaluation score); evaluations are cached (a point within 5e-3 in every coordinate of a cached
 one reuses its value); it stops once the iteration budget ``nm_iterations`` is spent or, after a shrink, the std
 of the simplex values is below ``nm_tol`` (the official loop, ``nm_variant: official``; ``textbook`` is the other
-variant). The search itself is generic: ``trainers/nelder_mead.py``. See ``evaluate_with_early_stop`` here.
+variant). The search and its early-stopping evaluation are generic: ``trainers/nelder_mead.py``.
 """
 
 from __future__ import annotations
@@ -85,9 +85,8 @@ from __future__ import annotations
 import copy
 import math
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -96,9 +95,10 @@ from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import use_adapter
 
 from posttrain import UserError
+from posttrain.trainers.advantages import group_mean_advantages, rloo_advantages, work_dtype
 from posttrain.trainers.method_state import MethodStateMixin
 from posttrain.trainers.nelder_mead import VARIANTS as NM_VARIANTS
-from posttrain.trainers.nelder_mead import NelderMead  # noqa: F401  (re-exported: NM-PPO's search)
+from posttrain.trainers.nelder_mead import EarlyStopEvaluation, NelderMead
 
 FORMULATIONS = ("mu", "xi", "all", "sat", "fixed", "nm")
 # formulations that need ``constraint_thresholds``
@@ -374,10 +374,6 @@ class ConstrainedGRPOConfig(ConstrainedArguments, GRPOConfig):
 # ----------------------------------------------------------------------------------------------- pure math
 
 
-def _work_dtype(*tensors):
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
-
-
 def normalise_stream(x: torch.Tensor) -> torch.Tensor:
     """(x - mean) / (std_unbiased + 1e-8) over dim 0 (per column for a 2-D input). A batch of one gives zeros."""
     if x.shape[0] < 2:
@@ -411,7 +407,7 @@ def mix_advantages(component_adv, kl_adv, multipliers, equality, squash=True):
     ``equality`` else sigmoid(lambda)): A = (N - sum w) A_KL_n + sum_i w_i A_i_n, the weights sum to N.
     Unsquashed: A = A_KL_n + sum_i lambda_i A_i_n (``fixed`` weights use this branch).
     """
-    dtype = _work_dtype(component_adv, kl_adv)
+    dtype = work_dtype(component_adv, kl_adv)
     multipliers = torch.as_tensor(multipliers, device=component_adv.device)
     _check_streams(component_adv, kl_adv, multipliers)
     A_c = normalise_stream(component_adv.to(dtype))
@@ -435,7 +431,7 @@ def mix_upper_bound_advantages(component_adv, kl_adv, multipliers, squash=True):
     step otherwise): A = A_KL_n + sum_i (1 - mu_i) A_i_n. This form is our choice; the paper's All-PPO could
     not be read (its definition here is inferred from reviews, unverified).
     """
-    dtype = _work_dtype(component_adv, kl_adv)
+    dtype = work_dtype(component_adv, kl_adv)
     multipliers = torch.as_tensor(multipliers, device=component_adv.device)
     _check_streams(component_adv, kl_adv, multipliers)
     A_c = normalise_stream(component_adv.to(dtype))
@@ -448,7 +444,7 @@ def weigh_streams(formulation, component_adv_n, kl_adv_n, multipliers, squash=Tr
     """The mix of ALREADY normalised streams (B, N) and (B,) with the multipliers (detached): the last step of
     ``mix_advantages`` (mu, xi, nm) or ``mix_upper_bound_advantages`` (all). The trainer re-mixes every micro-batch
     with the current multipliers through this when they step per optimizer step."""
-    dtype = _work_dtype(component_adv_n, kl_adv_n)
+    dtype = work_dtype(component_adv_n, kl_adv_n)
     A_c, A_kl = component_adv_n.to(dtype), kl_adv_n.to(dtype)
     lam = torch.as_tensor(multipliers).detach().to(dtype=dtype, device=A_c.device)
     if formulation == "all":
@@ -475,49 +471,10 @@ def multiplier_loss(multipliers, component_values, thresholds, equality, squash=
     return (squash_multipliers(multipliers, equality and not upper_bound, squash) * violation).sum()
 
 
-def rloo_advantages(rewards, num_generations):
-    """RLOO advantages: r - mean of the other completions of the same prompt, over dim 0.
-
-    rewards (B,) or (B, N) with the num_generations completions of each prompt consecutive (TRL's layout).
-    """
-    k = int(num_generations)
-    if k < 2:
-        raise ValueError(f"RLOO needs num_generations >= 2 (got {k})")
-    if rewards.shape[0] % k:
-        raise ValueError(f"batch of {rewards.shape[0]} is not a multiple of num_generations={k}")
-    grouped = rewards.reshape(-1, k, *rewards.shape[1:])
-    baseline = (grouped.sum(1, keepdim=True) - grouped) / (k - 1)
-    return (grouped - baseline).reshape(rewards.shape)
-
-
-def kl_stream_rewards(logps, ref_logps, completion_mask, kl_coef):
-    """The KL stream's per-completion reward (B,): -kl_coef * sum_t mask * (log pi_old - log pi_ref)."""
-    mask = completion_mask.to(logps.dtype)
-    return -kl_coef * ((logps - ref_logps) * mask).sum(-1)
-
-
 def sat_rewards(component_rewards, thresholds):
     """PPO-SAT reward per completion (B,): -sum_i (r_i - theta_i)^2, from component rewards (B, N)."""
     theta = torch.as_tensor(thresholds, dtype=component_rewards.dtype, device=component_rewards.device)
     return -((component_rewards - theta) ** 2).sum(-1)
-
-
-def group_mean_advantages(rewards, num_generations, scale="group"):
-    """GRPO advantages over dim 0 (TRL 1.16): r - mean of its group, divided by the group's unbiased std + 1e-4
-    (``scale="group"``), by the batch std + 1e-4 (``"batch"``) or not at all (``"none"``). (B,) or (B, N)."""
-    k = int(num_generations)
-    if rewards.shape[0] % k:
-        raise ValueError(f"batch of {rewards.shape[0]} is not a multiple of num_generations={k}")
-    grouped = rewards.reshape(-1, k, *rewards.shape[1:])
-    centred = (grouped - grouped.mean(1, keepdim=True)).reshape(rewards.shape)
-    if scale == "group":
-        std = grouped.std(1, unbiased=True, keepdim=True).expand_as(grouped).reshape(rewards.shape)
-        return centred / (std + 1e-4)
-    if scale == "batch":
-        return centred / (rewards.std(0, unbiased=True) + 1e-4)
-    if scale == "none":
-        return centred
-    raise ValueError(f"scale={scale!r}; valid: group, batch, none")
 
 
 def single_stream_rewards(
@@ -555,7 +512,7 @@ def mixed_rewards(
     """
     if formulation in ("fixed", "sat"):
         return single_stream_rewards(formulation, component_rewards, kl_rewards, multipliers, thresholds, clip_range)
-    dtype = _work_dtype(component_rewards, kl_rewards)
+    dtype = work_dtype(component_rewards, kl_rewards)
     r_c, r_kl = component_rewards.to(dtype), kl_rewards.to(dtype)
     lam = torch.as_tensor(multipliers).detach().to(dtype=dtype, device=r_c.device)
     if formulation == "all":
@@ -579,15 +536,15 @@ def formulation_advantages(
 ):
     """Sequence advantages (B,) for any formulation, from per-completion rewards.
 
-    component_rewards (B, N), kl_rewards (B,) (``kl_stream_rewards``), the num_generations completions of a prompt
-    consecutive. ``baseline(rewards, num_generations)`` turns rewards ((B,) or (B, N)) into per-stream advantages:
-    ``rloo_advantages`` by default, ``group_mean_advantages`` for the GRPO twin. mu / xi / nm / all: every stream
-    gets its advantage, then ``mix_advantages`` (multipliers = the raw lambda; equality for xi and nm) or
-    ``mix_upper_bound_advantages`` (all) normalises and mixes them. fixed / sat: ONE stream,
+    component_rewards (B, N), kl_rewards (B,) (-kl_coef * sum_t (log pi_old - log pi_ref)), the num_generations
+    completions of a prompt consecutive. ``baseline(rewards, num_generations)`` turns rewards ((B,) or (B, N)) into
+    per-stream advantages: ``rloo_advantages`` by default, ``group_mean_advantages`` for the GRPO twin. mu / xi / nm
+    / all: every stream gets its advantage, then ``mix_advantages`` (multipliers = the raw lambda; equality for xi
+    and nm) or ``mix_upper_bound_advantages`` (all) normalises and mixes them. fixed / sat: ONE stream,
     ``single_stream_rewards`` (sum_i w_i r_i or -sum_i (r_i - theta_i)^2, clipped to ``clip_range``, + r_KL); its
-    advantage is normalised over the batch as (A - mean) / (std_unbiased + normalise_single) (None: not
-    normalised). With the RLOO baseline, ``normalise_single=1e-4`` (or None) and ``clip_range`` =
-    ``reward_clip_range`` this is TRL's RLOO with beta = kl_coef and the same normalize_advantages.
+    advantage is normalised over the batch as (A - mean) / (std_unbiased + normalise_single) (None: not normalised).
+    With the RLOO baseline, ``normalise_single=1e-4`` (or None) and ``clip_range`` = ``reward_clip_range`` this is
+    TRL's RLOO with beta = kl_coef and the same normalize_advantages.
     """
     if formulation not in FORMULATIONS:
         raise ValueError(f"formulation={formulation!r}; valid: {', '.join(FORMULATIONS)}")
@@ -757,70 +714,6 @@ class LagrangeMultipliers:
 
 
 # ----------------------------------------------------------------------------------------------- NM-PPO
-
-
-class EarlyStopResult(NamedTuple):
-    score: float  # the evaluation score returned (higher is better; NM minimises -score)
-    iterations: int  # training iterations used
-    component_values: list[float]  # the constrained metrics at that evaluation
-    early: bool  # True if every constraint was within the tolerance
-
-
-class EarlyStopEvaluation:
-    """One NM-PPO function evaluation, fed one training iteration at a time (the official rule).
-
-    ``tick(evaluate)`` is called after every training iteration run with the candidate ``thresholds``; after every
-    ``eval_every``-th iteration and after the ``n_iterations``-th it calls ``evaluate() -> (score,
-    component_values)`` and returns an ``EarlyStopResult`` once every component value is within
-    +-rel_tol * |theta_i| of its threshold (early) or the iterations are spent (the last evaluation); else None.
-    """
-
-    def __init__(self, thresholds, n_iterations: int, eval_every: int, rel_tol: float = 0.05, iterations: int = 0):
-        if n_iterations < 1 or eval_every < 1:
-            raise ValueError(f"need n_iterations >= 1 and eval_every >= 1 (got {n_iterations}, {eval_every})")
-        self.thresholds = [float(t) for t in thresholds]
-        self.n_iterations, self.eval_every, self.rel_tol = int(n_iterations), int(eval_every), float(rel_tol)
-        self.iterations = int(iterations)  # done so far (restored on resume)
-
-    @property
-    def due(self) -> bool:
-        """True when the next ``tick`` evaluates."""
-        nxt = self.iterations + 1
-        return nxt % self.eval_every == 0 or nxt >= self.n_iterations
-
-    def tick(self, evaluate: Callable[[], tuple[float, Sequence[float]]]) -> EarlyStopResult | None:
-        due = self.due
-        self.iterations += 1
-        if not due:
-            return None
-        score, values = evaluate()
-        values = [float(v) for v in values]
-        if len(values) != len(self.thresholds):
-            raise ValueError(
-                f"evaluate() returned {len(values)} component values for {len(self.thresholds)} thresholds"
-            )
-        early = all(abs(v - t) <= self.rel_tol * abs(t) for v, t in zip(values, self.thresholds))
-        if early or self.iterations >= self.n_iterations:
-            return EarlyStopResult(float(score), self.iterations, values, early)
-        return None
-
-
-def evaluate_with_early_stop(
-    train_step: Callable[[], object],
-    evaluate: Callable[[], tuple[float, Sequence[float]]],
-    thresholds: Sequence[float],
-    n_iterations: int,
-    eval_every: int,
-    rel_tol: float = 0.05,
-) -> EarlyStopResult:
-    """One NM-PPO function evaluation in one call: ``train_step()`` up to ``n_iterations`` times (the caller set the
-    thresholds), with ``EarlyStopEvaluation``'s evaluation and early-stop rule."""
-    run = EarlyStopEvaluation(thresholds, n_iterations, eval_every, rel_tol)
-    while True:
-        train_step()
-        result = run.tick(evaluate)
-        if result is not None:
-            return result
 
 
 # ------------------------------------------------------------------------------------------------- trainers

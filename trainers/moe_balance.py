@@ -76,7 +76,7 @@ where it has none (DeepSeek-V3, GLM-4-MoE). Distributed: the loads of every micr
 over the data-parallel ranks and applied after ``optimizer.step()``; every rank holds bit-identical biases under
 DDP, ZeRO-2 and ZeRO-3 (buffers are not partitioned; DeepSpeed 0.19.8 keeps fp32 buffers fp32 under bf16), they
 land in every checkpoint's ``model.safetensors`` and resume bit for bit (tests/test_moe_distributed.py).
-``maxvio_global(model, tokenizer, texts)`` measures MaxVio_global on an evaluation set (for the eval harness).
+``posttrain.evals.moe_load.maxvio_global`` measures MaxVio_global on an evaluation set (the eval harness's task).
 """
 
 from __future__ import annotations
@@ -673,13 +673,14 @@ class RoutingCounter:
             indices = output[-1]
             if not (isinstance(indices, torch.Tensor) and not indices.is_floating_point()):
                 raise TypeError(f"router {self.routers[i][0]} did not return integer top-k indices last")
-            idx = indices.reshape(-1, indices.shape[-1])
             mask = self._mask
-            if mask is not None and mask.numel() == idx.shape[0]:
-                idx = idx[mask.reshape(-1).to(idx.device).bool()]
-            if self.counts[i].device != idx.device:  # built before DeepSpeed/accelerate moved the model
-                self.counts[i] = self.counts[i].to(idx.device)
-            self.counts[i] += torch.bincount(idx.reshape(-1), minlength=self.num_experts[i])
+            if mask is not None and mask.numel() != indices.numel() // indices.shape[-1]:
+                mask = None  # not this forward's tokens (e.g. a generation step): count every token
+            if self.counts[i].device != indices.device:  # built before DeepSpeed/accelerate moved the model
+                self.counts[i] = self.counts[i].to(indices.device)
+            self.counts[i] += expert_counts(
+                indices, self.num_experts[i], None if mask is None else mask.to(indices.device)
+            )
 
         return hook
 
@@ -1061,49 +1062,3 @@ class MoEBalanceCallback(TrainerCallback):
         if self.aux is not None:
             self.aux.remove()
             self.aux = None
-
-
-@torch.no_grad()
-def maxvio_global(model, tokenizer, texts, batch_size=8, max_length=512, device=None):
-    """MaxVio_global of ``model`` on ``texts`` (Wang et al., arXiv 2408.15664): the loads over the whole set.
-
-    Every text is tokenised (padded per batch of ``batch_size``, truncated to ``max_length``; pads are left out of
-    the loads), run through the model in eval mode, and each MoE layer's token-expert assignments are summed over all
-    batches. Returns ``{"maxvio_global": mean over layers of (max_i c_i - c_bar) / c_bar, "maxvio_global_max": worst
-    layer, "load_entropy": mean over layers (nats), "per_layer": {layer: maxvio}, "loads": {layer: [c_i]},
-    "tokens": tokens counted}``. The model's own routing is measured, biases included. ``device`` defaults to the
-    device of the model's first parameter.
-    """
-    texts = list(texts)
-    if not texts:
-        raise ValueError("maxvio_global needs at least one text")
-    device = device or next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    counter = RoutingCounter(model, ignore_padding=True)
-    tokens = 0
-    try:
-        for i in range(0, len(texts), batch_size):
-            enc = tokenizer(
-                texts[i : i + batch_size], return_tensors="pt", padding=True, truncation=True, max_length=max_length
-            )
-            mask = enc.get("attention_mask")
-            tokens += int(mask.sum()) if mask is not None else enc["input_ids"].numel()
-            model(
-                input_ids=enc["input_ids"].to(device),
-                attention_mask=mask.to(device) if mask is not None else None,
-                use_cache=False,
-            )
-        loads = [c.detach().cpu() for c in counter.counts]
-    finally:
-        counter.remove()
-        model.train(was_training)
-    per_layer = {name: max_violation(c) for name, c in zip(counter.names, loads)}
-    return {
-        "maxvio_global": sum(per_layer.values()) / len(per_layer),
-        "maxvio_global_max": max(per_layer.values()),
-        "load_entropy": sum(load_entropy(c) for c in loads) / len(loads),
-        "per_layer": per_layer,
-        "loads": {name: c.tolist() for name, c in zip(counter.names, loads)},
-        "tokens": tokens,
-    }

@@ -1,7 +1,8 @@
 """Nelder-Mead search, ask/tell style, so a training loop can drive it one function evaluation at a time.
 
 Generic machinery (no torch, no trainer): NM-PPO (``constrained_rlhf``) searches the constraint thresholds with it,
-the CPU overoptimisation toy (``experiments/crlhf_overoptimization.py``) too.
+the CPU overoptimisation toy (``experiments/crlhf_overoptimization.py``) too. ``EarlyStopEvaluation`` is one NM-PPO
+function evaluation fed one training iteration at a time, with the official early-stopping rule.
 
 Two variants (``variant``):
 
@@ -27,6 +28,8 @@ without being asked and costs nothing. Points are not clipped to the box.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import numpy as np
 
@@ -283,3 +286,49 @@ class NelderMead:
             if self._pending is None or not np.allclose(self._pending, x, rtol=0, atol=1e-12):
                 raise ValueError("Nelder-Mead replay diverged from the saved history")
             self.tell(score, cost)
+
+
+class EarlyStopResult(NamedTuple):
+    score: float  # the evaluation score returned (higher is better; NM minimises -score)
+    iterations: int  # training iterations used
+    component_values: list[float]  # the constrained metrics at that evaluation
+    early: bool  # True if every constraint was within the tolerance
+
+
+class EarlyStopEvaluation:
+    """One NM-PPO function evaluation, fed one training iteration at a time (the official rule).
+
+    ``tick(evaluate)`` is called after every training iteration run with the candidate ``thresholds``; after every
+    ``eval_every``-th iteration and after the ``n_iterations``-th it calls ``evaluate() -> (score,
+    component_values)`` and returns an ``EarlyStopResult`` once every component value is within
+    +-rel_tol * |theta_i| of its threshold (early) or the iterations are spent (the last evaluation); else None.
+    """
+
+    def __init__(self, thresholds, n_iterations: int, eval_every: int, rel_tol: float = 0.05, iterations: int = 0):
+        if n_iterations < 1 or eval_every < 1:
+            raise ValueError(f"need n_iterations >= 1 and eval_every >= 1 (got {n_iterations}, {eval_every})")
+        self.thresholds = [float(t) for t in thresholds]
+        self.n_iterations, self.eval_every, self.rel_tol = int(n_iterations), int(eval_every), float(rel_tol)
+        self.iterations = int(iterations)  # done so far (restored on resume)
+
+    @property
+    def due(self) -> bool:
+        """True when the next ``tick`` evaluates."""
+        nxt = self.iterations + 1
+        return nxt % self.eval_every == 0 or nxt >= self.n_iterations
+
+    def tick(self, evaluate: Callable[[], tuple[float, Sequence[float]]]) -> EarlyStopResult | None:
+        due = self.due
+        self.iterations += 1
+        if not due:
+            return None
+        score, values = evaluate()
+        values = [float(v) for v in values]
+        if len(values) != len(self.thresholds):
+            raise ValueError(
+                f"evaluate() returned {len(values)} component values for {len(self.thresholds)} thresholds"
+            )
+        early = all(abs(v - t) <= self.rel_tol * abs(t) for v, t in zip(values, self.thresholds))
+        if early or self.iterations >= self.n_iterations:
+            return EarlyStopResult(float(score), self.iterations, values, early)
+        return None

@@ -63,9 +63,12 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 from trl import GRPOConfig, GRPOTrainer
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import maybe_gather_lm_head_ctx
+
+from posttrain.trainers.advantages import work_dtype
 
 THR_MODES = ("reweight", "dominant_only", "nthr")
 IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence", "sequence_token")
@@ -144,34 +147,30 @@ class THRGRPOConfig(GRPOConfig):
 # ----------------------------------------------------------------------------------------------- pure math
 
 
-def _work_dtype(*tensors):
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+def generated_vocab(token_ids: Tensor, completion_mask: Tensor) -> tuple[Tensor, Tensor]:
+    """The group's generated-token set V* and each token's index in it.
 
-
-def grpo_group_advantages(rewards):
-    """GRPO advantages of one group (G,): (r - mean) / (unbiased std + 1e-4), as TRL 1.16 with scale_rewards="group"."""
-    r = rewards.to(_work_dtype(rewards))
-    return (r - r.mean()) / (r.std(unbiased=True) + 1e-4)
-
-
-def slice_to_generated_vocab(probs_full, token_ids, completion_mask):
-    """Restrict next-token probabilities to the group's generated-token set V*.
-
-    probs_full (G, T, V), token_ids (G, T), completion_mask (G, T). V* = sorted unique ids among the valid
-    completion tokens. Returns probs (G, T, K) = probs_full[..., V*] (not renormalised), token_pos (G, T) the
-    index of each sampled token in V* (0 on masked positions) and vocab (K,) = V*.
+    token_ids (G, T), completion_mask (G, T). Returns vocab (K,) = V*, the sorted unique ids among the valid
+    completion tokens, and token_pos (G, T), the index of each sampled token in V* (0 on masked positions).
     """
     mask = completion_mask.bool()
     vocab = torch.unique(token_ids[mask])  # sorted
     pos = torch.searchsorted(vocab, token_ids.contiguous()).clamp_max(max(vocab.numel() - 1, 0))
-    token_pos = torch.where(mask, pos, torch.zeros_like(pos))
+    return vocab, torch.where(mask, pos, torch.zeros_like(pos))
+
+
+def slice_to_generated_vocab(probs_full: Tensor, token_ids: Tensor, completion_mask: Tensor):
+    """Restrict next-token probabilities (G, T, V) to V* (``generated_vocab``): returns probs (G, T, K) =
+    probs_full[..., V*] (not renormalised), token_pos (G, T) and vocab (K,). The trainer never forms the full
+    distribution: it computes the head's logits on V* only (``THRGRPOTrainer._thr_head_logits``)."""
+    vocab, token_pos = generated_vocab(token_ids, completion_mask)
     return probs_full.index_select(-1, vocab), token_pos, vocab
 
 
 def prediction_errors(probs, token_pos, completion_mask):
     """g = onehot(token_pos, K) - probs (G, T, K), zero on masked positions; float32 (float64 if given).
     K = 0 (every token masked: V* is empty) gives an empty (G, T, 0)."""
-    dtype = _work_dtype(probs)
+    dtype = work_dtype(probs)
     mask = completion_mask.bool()
     if probs.shape[-1] == 0:
         return probs.to(dtype)
@@ -180,13 +179,15 @@ def prediction_errors(probs, token_pos, completion_mask):
     return g * mask.unsqueeze(-1).to(dtype)
 
 
-def anchor_matrix(hidden, probs, token_pos, completion_mask, correct):
+def anchor_matrix(hidden: Tensor, probs: Tensor, token_pos: Tensor, completion_mask: Tensor, correct: Tensor) -> Tensor:
     """M+ = sum over the valid tokens of the correct samples of g h^T, shape (K, d)."""
-    dtype = _work_dtype(hidden, probs)
+    dtype = work_dtype(hidden, probs)
     g = prediction_errors(probs.to(dtype), token_pos, completion_mask)
-    h = hidden.to(dtype)
-    w = correct.to(dtype)[:, None, None]
-    return torch.einsum("gtk,gtd->kd", g * w, h)
+    return _anchor_from_errors(g, hidden.to(dtype), correct)
+
+
+def _anchor_from_errors(g: Tensor, h: Tensor, correct: Tensor) -> Tensor:
+    return torch.einsum("gtk,gtd->kd", g * correct.to(g.dtype)[:, None, None], h)
 
 
 @torch.no_grad()
@@ -204,13 +205,13 @@ def token_influence(hidden, probs, token_pos, completion_mask, correct, beta=1.0
     makes ``thr_advantages`` and ``nthr_advantages`` return the plain advantages. tau is a 0-d tensor (no host
     sync). Computed in float32, or float64 when hidden or probs are float64.
     """
-    dtype = _work_dtype(hidden, probs)
+    dtype = work_dtype(hidden, probs)
     mask = completion_mask.bool()
     maskf = mask.to(dtype)
     correct = correct.bool()
     h = hidden.to(dtype)
     g = prediction_errors(probs.to(dtype), token_pos, mask)
-    M = torch.einsum("gtk,gtd->kd", g * correct.to(dtype)[:, None, None], h)
+    M = _anchor_from_errors(g, h, correct)  # anchor_matrix
     s = ((g @ M) * h).sum(-1) * maskf
 
     n_tok = maskf.sum(-1)
@@ -244,7 +245,7 @@ def thr_advantages(advantages, s, tau, p, completion_mask, mode="reweight"):
     """
     if mode not in ("reweight", "dominant_only"):
         raise ValueError(f"mode={mode!r}; valid: reweight, dominant_only (NTHR: use nthr_advantages)")
-    dtype = _work_dtype(advantages, s)
+    dtype = work_dtype(advantages, s)
     s = s.to(dtype)
     A = advantages.to(dtype)[:, None].expand_as(s)
     tau = _as_tensor(tau, s)
@@ -264,7 +265,7 @@ def nthr_advantages(advantages, s, tau, correct, completion_mask):
     Tokens of incorrect samples with s > tau get eta A_j, eta = 2 |0.5 - rho|, rho = N+ / G; every other valid
     token keeps A_i; masked positions are 0. Groups with N+ = 0 or N+ = G keep the plain advantages.
     """
-    dtype = _work_dtype(advantages, s)
+    dtype = work_dtype(advantages, s)
     s = s.to(dtype)
     A = advantages.to(dtype)[:, None].expand_as(s)
     correct = correct.bool()
@@ -385,10 +386,9 @@ class THRGRPOTrainer(GRPOTrainer):
                 m = mask[rows]
                 if n_correct in (0, G) or not (m & correct[rows, None]).any():
                     continue  # all-correct / all-wrong groups, or no valid token to anchor M+: GRPO's advantages
-                vocab = torch.unique(ids[rows][m])
-                logits = self._thr_head_logits(hidden[rows], vocab)
+                vocab, token_pos = generated_vocab(ids[rows], m)
+                logits = self._thr_head_logits(hidden[rows], vocab)  # the head on V* only
                 probs = (logits - lse[rows, :, None]).exp() * m[..., None]
-                token_pos = torch.searchsorted(vocab, ids[rows]).clamp(max=vocab.numel() - 1)
                 s, tau = token_influence(hidden[rows], probs, token_pos, m, correct[rows], beta=cfg.thr_beta)
                 if cfg.thr_mode == "nthr":
                     group = nthr_advantages(advantages[rows], s, tau, correct[rows], m)

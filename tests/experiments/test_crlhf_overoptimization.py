@@ -22,6 +22,13 @@ def seed0(toy):
     return toy.run_formulation("fixed", 0), toy.run_formulation("xi", 0), toy.run_nm(0)
 
 
+def test_kl_stream_rewards(toy):
+    logp = torch.tensor([[-1.0, -2.0, -3.0]], dtype=torch.float64)
+    ref = torch.tensor([[-1.5, -1.0, -0.0]], dtype=torch.float64)
+    got = toy.kl_stream_rewards(logp, ref, torch.tensor([[1, 1, 0]]), 0.2)
+    torch.testing.assert_close(got, torch.tensor([-0.2 * (0.5 - 1.0)], dtype=torch.float64))
+
+
 def test_claims_hold_on_seed0(toy, seed0):
     fixed, xi, nm = seed0
     assert toy.check_claims(fixed, xi, nm) == {

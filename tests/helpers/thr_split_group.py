@@ -12,8 +12,8 @@ import torch.nn.functional as F
 
 from posttrain.recipes.config import load_recipe
 from posttrain.recipes.train import build_trainer
+from posttrain.trainers.advantages import grpo_group_advantages
 from posttrain.trainers.runtime import close_process_group
-from posttrain.trainers.thr_grpo import grpo_group_advantages
 
 out_path = sys.argv[1]
 trainer = build_trainer(

@@ -17,22 +17,20 @@ import numpy as np
 import pytest
 import torch
 
+from posttrain.trainers.advantages import group_mean_advantages, rloo_advantages
 from posttrain.trainers.constrained_rlhf import (
     ConstrainedRLHFConfig,
     LagrangeMultipliers,
-    NelderMead,
-    evaluate_with_early_stop,
     formulation_advantages,
-    kl_stream_rewards,
     mix_advantages,
     mix_upper_bound_advantages,
     mixed_rewards,
     multiplier_loss,
     normalise_stream,
-    rloo_advantages,
     sat_rewards,
     squash_multipliers,
 )
+from posttrain.trainers.nelder_mead import EarlyStopEvaluation, NelderMead
 
 D = torch.float64
 
@@ -308,15 +306,12 @@ def test_from_config():
 # --- rewards, RLOO, formulations ---------------------------------------------------------------------------
 
 
-def test_rloo_and_kl_stream():
+def test_rloo():
     r = torch.tensor([1.0, 2.0, 6.0, 0.0, 0.0, 3.0], dtype=D)
     close(rloo_advantages(r, 3), [1 - 4, 2 - 3.5, 6 - 1.5, 0 - 1.5, 0 - 1.5, 3 - 0])
     close(rloo_advantages(torch.stack([r, 2 * r], 1), 3)[:, 1], 2 * rloo_advantages(r, 3))
     with pytest.raises(ValueError):
         rloo_advantages(r, 4)
-    logp = torch.tensor([[-1.0, -2.0, -3.0]], dtype=D)
-    ref = torch.tensor([[-1.5, -1.0, -0.0]], dtype=D)
-    close(kl_stream_rewards(logp, ref, torch.tensor([[1, 1, 0]]), 0.2), [-0.2 * (0.5 - 1.0)])
 
 
 def test_formulation_advantages():
@@ -543,7 +538,17 @@ def test_nm_state_dict_replays():
         NelderMead([-1, -1], [1, 1], seed=6).load_state_dict(state)
 
 
-def test_evaluate_with_early_stop():
+def evaluate_with_early_stop(train_step, evaluate, thresholds, n_iterations, eval_every):
+    """One NM-PPO function evaluation as the trainer runs it: a training iteration, then ``tick``."""
+    run = EarlyStopEvaluation(thresholds, n_iterations, eval_every)
+    while True:
+        train_step()
+        result = run.tick(evaluate)
+        if result is not None:
+            return result
+
+
+def test_early_stop_evaluation():
     trace = iter([(0.5, 0.5), (0.30, 0.15), (0.31, 0.205), (0.3, 0.2)])
     calls = {"train": 0, "eval": 0}
 
@@ -568,7 +573,6 @@ def test_evaluate_with_early_stop():
 
 from posttrain.recipes.config import load_recipe  # noqa: E402
 from posttrain.recipes.train import build_trainer  # noqa: E402
-from posttrain.trainers.constrained_rlhf import group_mean_advantages  # noqa: E402
 
 REVIEWS = {"dataset": "builtin:review_prompts", "difficulty": None, "max_steps": 1}
 

@@ -1139,8 +1139,8 @@ def test_eval_harness_loads_patched_router_biases(tmp_path):
 
 
 def test_maxvio_global(deepseek):
+    from posttrain.evals.moe_load import maxvio_global
     from posttrain.recipes.tiny import build_tokenizer
-    from posttrain.trainers.moe_balance import maxvio_global
 
     tok = build_tokenizer()
     texts = ["What is 2 + 3? The answer is 5.", "The cat and the dog", "red blue green", "hello world " * 5]

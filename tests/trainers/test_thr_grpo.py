@@ -17,10 +17,10 @@ import torch
 
 from posttrain.recipes.config import load_recipe as _load_recipe
 from posttrain.recipes.train import build_trainer as _build_trainer
+from posttrain.trainers.advantages import grpo_group_advantages
 from posttrain.trainers.thr_grpo import (
     THRGRPOConfig,
     anchor_matrix,
-    grpo_group_advantages,
     nthr_advantages,
     prediction_errors,
     slice_to_generated_vocab,
