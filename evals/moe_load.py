@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from posttrain.trainers.moe_balance import RoutingCounter, load_entropy, max_violation
+from posttrain.trainers.moe_balance import load_entropy, max_violation
+from posttrain.trainers.moe_routers import RoutingCounter
 
 
 @torch.no_grad()

@@ -50,7 +50,7 @@ import zlib
 
 import torch
 
-from posttrain.trainers.wagle import collate, encode_row
+from posttrain.data.unlearning import collate, encode_row
 
 MIA_K = 0.4  # configs/eval/tofu_metrics/mia_min_k.yaml and mia_min_k_plus_plus.yaml
 ROUGE_MAX_NEW_TOKENS = 200  # configs/generation/default.yaml

@@ -48,15 +48,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
-from posttrain.trainers.moe_balance import (  # noqa: E402
+from posttrain.trainers.moe_balance import (
     MoEBalanceCallback,
     MoEBalanceConfig,
-    RoutingCounter,
     aux_balance_loss,
     biased_topk,
-    find_routers,
     max_violation,
 )
+from posttrain.trainers.moe_routers import RoutingCounter, find_routers
 
 SEQ = 64
 BATCH = 16

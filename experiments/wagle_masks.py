@@ -38,18 +38,11 @@ from pathlib import Path
 import torch
 
 from posttrain.data.generators import fictitious_authors
+from posttrain.data.unlearning import collate, encode_row, stream_indices
 from posttrain.evals.unlearning import auc
 from posttrain.recipes.tiny import make_tiny
-from posttrain.trainers.wagle import (
-    accumulate_gradients,
-    apply_gradient_mask,
-    build_mask,
-    collate,
-    encode_row,
-    graddiff_loss,
-    mask_density,
-    stream_indices,
-)
+from posttrain.trainers.gradient_masks import accumulate_gradients, apply_gradient_mask, mask_density
+from posttrain.trainers.wagle import build_mask, graddiff_loss
 
 NUM_SAMPLES = 200
 MAX_LENGTH = 128

@@ -246,7 +246,8 @@ def attach_moe(trainer, recipe, plan: MoEPlan):
     """Hook the routers of ``trainer.model`` (install the Qwen/Mixtral bias patch for aux_free) and register the
     callback; run right after the trainer is built, i.e. before ``train()`` wraps the model (DDP registers the bias
     buffers present at wrap time; DeepSpeed keeps them fp32 and does not partition them). Returns the callback."""
-    from posttrain.trainers.moe_balance import MoEBalanceCallback, find_routers
+    from posttrain.trainers.moe_balance import MoEBalanceCallback
+    from posttrain.trainers.moe_routers import find_routers
 
     model = trainer.model
     if not find_routers(model):

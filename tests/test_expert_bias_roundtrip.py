@@ -16,14 +16,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from posttrain.cli import main
-from posttrain.trainers.moe_balance import (
-    BIAS_NAME,
-    expert_biases,
-    find_routers,
-    install_expert_bias,
-    load_expert_biases,
-    restore_expert_biases,
-)
+from posttrain.trainers.moe_balance import install_expert_bias, restore_expert_biases
+from posttrain.trainers.moe_routers import BIAS_NAME, expert_biases, find_routers, load_expert_biases
 
 ARCHS = ["qwen2_moe", "qwen3_moe", "mixtral"]
 

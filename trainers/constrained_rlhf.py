@@ -91,14 +91,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
-from trl.models.utils import disable_gradient_checkpointing
-from trl.trainer.utils import use_adapter
 
 from posttrain import UserError
 from posttrain.trainers.advantages import group_mean_advantages, rloo_advantages, work_dtype
 from posttrain.trainers.method_state import MethodStateMixin
 from posttrain.trainers.nelder_mead import VARIANTS as NM_VARIANTS
 from posttrain.trainers.nelder_mead import EarlyStopEvaluation, NelderMead
+from posttrain.trainers.trl_seam import disable_gradient_checkpointing, reference_model
 
 FORMULATIONS = ("mu", "xi", "all", "sat", "fixed", "nm")
 # formulations that need ``constraint_thresholds``
@@ -941,12 +940,8 @@ class _ConstrainedMixin(MethodStateMixin):
                 old = out.get("old_per_token_logps")
                 policy = ((logps(self.model) if old is None else old) * mask).sum(1)
             # the reference branch of TRL 1.16's RLOOTrainer._generate_and_score_completions
-            if self.ref_model is not None:
-                ref = logps(self.ref_model)
-            else:  # PEFT: the adapter disabled (or the initial copy named "ref") is the reference
-                unwrapped = self.accelerator.unwrap_model(self.model)
-                with use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None):
-                    ref = logps(self.model)
+            with reference_model(self) as reference:
+                ref = logps(reference)
         return policy - (ref * mask).sum(1)
 
     # ------------------------------------------------------------------------------------------ NM-PPO

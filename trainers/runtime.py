@@ -279,6 +279,8 @@ class ConvertedCheckpointLoad:
                 saved = set(f.keys())
         else:
             saved = set(json.loads(index.read_text())["weight_map"])
+        from posttrain.trainers.trl_seam import inner_model  # TRL: imported when a checkpoint loads
+
         target = inner_model(outer)
         own = target.state_dict()
         tied = (
@@ -368,12 +370,6 @@ def _exit_without_finalizing(code: int) -> None:
         except (AttributeError, ValueError, OSError):  # closed or replaced by a caller
             pass
     os._exit(code)
-
-
-def inner_model(model):
-    """The plain transformers model inside DDP/DeepSpeed wrappers and a PEFT model (the base model)."""
-    model = getattr(model, "module", model)
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def guarded(trainer_cls: type) -> type:

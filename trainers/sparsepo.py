@@ -58,7 +58,14 @@ import torch.nn.functional as F
 from torch import nn
 from trl import DPOConfig, DPOTrainer
 
+from posttrain.trainers.activation_hooks import hook_points
 from posttrain.trainers.method_state import MethodStateMixin, gathered
+from posttrain.trainers.trl_seam import (
+    capture_last_hidden_state,
+    inner_model,
+    maybe_gather_lm_head_ctx,
+    reference_model,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -325,8 +332,6 @@ class _TokenTerms(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, ref_hidden, labels, weight, bias, ref_weight, ref_bias, chunk, logit_mapping="none"):
-        from trl.trainer.utils import maybe_gather_lm_head_ctx
-
         outs = []
         with maybe_gather_lm_head_ctx(weight, bias, ref_weight, ref_bias):
             for s in range(0, hidden.shape[0], chunk):
@@ -352,8 +357,6 @@ class _TokenTerms(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_logratio, grad_neg_kl, _):
-        from trl.trainer.utils import maybe_gather_lm_head_ctx
-
         hidden, ref_hidden, labels, weight, bias, ref_weight, ref_bias, all_lse, all_rlse = ctx.saved_tensors
         chunk = ctx.chunk
         need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[4]
@@ -438,84 +441,6 @@ def _sparsepo_forward(self, *args, sparsepo=None, **kwargs):
 # ------------------------------------------------------------------ activation capture (MaPO hook points)
 
 
-def _first_attr(module, names):
-    for name in names:
-        if module is not None and isinstance(getattr(module, name, None), nn.Module):
-            return getattr(module, name)
-    return None
-
-
-def _fused_qkv_split(attn, fused):
-    """Split a fused q/k/v projection output into (q, k, v) the way the model does: GPT-2 and multi-query
-    GPT-BigCode concatenate them, GPT-NeoX and multi-head GPT-BigCode interleave them per head ([head, 3 * head])."""
-    if hasattr(attn, "head_size") and fused is getattr(attn, "query_key_value", None):  # GPT-NeoX
-        return lambda o: o.view(*o.shape[:-1], -1, 3 * attn.head_size).chunk(3, dim=-1)
-    if getattr(attn, "multi_query", None) is False:  # GPT-BigCode, multi-head
-        return lambda o: o.view(*o.shape[:-1], -1, 3 * attn.head_dim).chunk(3, dim=-1)
-    split = getattr(attn, "split_size", None) or getattr(attn, "embed_dim", None)
-    kv_dim = getattr(attn, "kv_dim", split)
-    return lambda o: o.split([split, kv_dim, kv_dim], dim=-1)
-
-
-def hook_points(model) -> dict[str, list[tuple[str, nn.Module, str, object]]]:
-    """MaPO hook points per type, as the official hooks (``src/masks/hooks.py`` and the patched GPT-2 / GPT-NeoX /
-    GPT-BigCode models of huawei-noah/HEBO SparsePO): (name, module, 'output'|'input', split or None).
-
-    - mlp: ``post_act``, the MLP activation's output;
-    - attn: ``q``, ``k``, ``v`` (separate projections, or the fused GPT-2 / GPT-NeoX / GPT-BigCode projection
-      split as the model splits it) and ``v_out``, the attention output before its output projection. The
-      official ``post_rota_emb_q/k`` (after rotary) are functional, not modules, and are not hooked;
-    - resid: ``input_ln_attn`` / ``post_ln_attn`` (the two layer-norm outputs), ``delta_attn`` / ``delta_mlp``
-      (the attention and MLP blocks' outputs, what they add to the residual stream), ``post_mlp`` (the layer's
-      output), ``post_emb`` (the embeddings, with positions where the model adds them) and ``post_ln_f``.
-
-    Works for Llama / Qwen / Mistral-style decoders and GPT-2, GPT-NeoX (Pythia) and GPT-BigCode: the layers
-    are the backbone's ModuleList of ``num_hidden_layers`` blocks. 'logits' is read from the chunked heads."""
-    backbone = model.base_model
-    n_layers = getattr(getattr(model, "config", None), "num_hidden_layers", None)
-    layers = next(
-        (
-            list(m)
-            for m in backbone.children()
-            if isinstance(m, nn.ModuleList) and len(m) and (n_layers is None or len(m) == n_layers)
-        ),
-        [],
-    )
-    points = {"mlp": [], "attn": [], "resid": []}
-    for layer in layers:
-        attn = _first_attr(layer, ("self_attn", "attn", "attention"))
-        mlp = _first_attr(layer, ("mlp",))
-        act = _first_attr(mlp, ("act_fn", "act", "activation_fn"))
-        if act is not None:
-            points["mlp"].append(("post_act", act, "output", None))
-        separate = [(n, _first_attr(attn, (f"{n}_proj",))) for n in ("q", "k", "v")]
-        fused = _first_attr(attn, ("c_attn", "query_key_value"))
-        if all(m is not None for _, m in separate):
-            points["attn"] += [(n, m, "output", None) for n, m in separate]
-        elif fused is not None:
-            points["attn"].append(("qkv", fused, "output", _fused_qkv_split(attn, fused)))
-        out_proj = _first_attr(attn, ("o_proj", "c_proj", "dense", "out_proj"))
-        if out_proj is not None:
-            points["attn"].append(("v_out", out_proj, "input", None))
-        for name, module, where in (
-            ("input_ln_attn", _first_attr(layer, ("input_layernorm", "ln_1")), "output"),
-            ("post_ln_attn", _first_attr(layer, ("post_attention_layernorm", "ln_2")), "output"),
-            ("delta_attn", attn, "output"),
-            ("delta_mlp", mlp, "output"),
-            ("post_mlp", layer, "output"),
-        ):
-            if module is not None:
-                points["resid"].append((name, module, where, None))
-    # post_emb: after the positional embeddings where the model adds them (GPT-2 / BigCode: the dropout after wte + wpe)
-    emb = _first_attr(backbone, ("drop", "emb_dropout", "embed_in", "embed_tokens"))
-    final = _first_attr(backbone, ("norm", "ln_f", "final_layer_norm"))
-    if emb is not None:
-        points["resid"].append(("post_emb", emb, "output", None))
-    if final is not None:
-        points["resid"].append(("post_ln_f", final, "output", None))
-    return points
-
-
 def parse_hook_types(activation_hook: str) -> tuple[str, ...]:
     """``all`` or a comma-separated list of mlp, attn, resid, logits (as the official MAPOConfig)."""
     kinds = [k.strip() for k in activation_hook.split(",") if k.strip()]
@@ -593,7 +518,7 @@ class SparsePOTrainer(MethodStateMixin, DPOTrainer):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         cfg = self.args
-        policy = self._inner_model(self.model)
+        policy = inner_model(self.model)
         head = policy.get_output_embeddings()
         # A PEFT tuner layer on the head (LoRA, trainable tokens) keeps its delta outside ``.weight``, which the
         # chunked heads read. A full trained copy (modules_to_save) is fine: see _reference_pass.
@@ -623,23 +548,17 @@ class SparsePOTrainer(MethodStateMixin, DPOTrainer):
         halve = cfg.mask_on_reward and cfg.mask_on_kl and not cfg.rw_kl_independent
         self.l1_reward = cfg.l1_norm_param_u / 2 if halve else cfg.l1_norm_param_u
         self.l1_kl = cfg.l1_norm_param_d / 2 if halve else cfg.l1_norm_param_d
-        reference = policy if self.ref_model is None else self._inner_model(self.ref_model)
+        reference = policy if self.ref_model is None else inner_model(self.ref_model)
         self._capture = (
             ActivationCapture(reference, cfg.activation_hook, cfg.activation_mapping)
             if cfg.mask_type == "activation"
             else None
         )
 
-    @staticmethod
-    def _inner_model(model):
-        from posttrain.trainers.runtime import inner_model
-
-        return inner_model(model)
-
     def create_optimizer(self, model=None):
         # Official grouping: the mask network's weights decay with mask_weight_decay, everything else as usual.
         decay = self.get_decay_parameter_names(self.model)
-        mask_ids = {id(p) for p in self._inner_model(self.model).sparsepo_masks.parameters()}
+        mask_ids = {id(p) for p in inner_model(self.model).sparsepo_masks.parameters()}
         groups = [
             {
                 "params": [
@@ -677,29 +596,18 @@ class SparsePOTrainer(MethodStateMixin, DPOTrainer):
         """Reference forward without its LM head (logits for the last position only): the last hidden
         state for the chunked KL, all hidden states for learned masks, hook activations for MaPO."""
         learned = self.args.mask_type == "learned"
-        captured = {}
-        inner = self._inner_model(self.model if self.ref_model is None else self.ref_model)
-        handle = inner.base_model.register_forward_hook(lambda m, i, o: captured.update(last=o.last_hidden_state))
         if self._capture is not None:
             self._capture.active, self._capture.features = True, {}
         try:
-            with torch.no_grad():
-                if self.ref_model is None:  # PEFT: the reference is the policy with its adapter off
-                    from trl.trainer.utils import use_adapter
-
-                    peft_model = self.accelerator.unwrap_model(self.model)
-                    with use_adapter(peft_model, adapter_name="ref" if "ref" in peft_model.peft_config else None):
-                        out = self.model(**model_kwargs, output_hidden_states=learned, logits_to_keep=1)
-                        ref_head = self._head_tensors(inner)
-                else:
-                    out = self.ref_model(**model_kwargs, output_hidden_states=learned, logits_to_keep=1)
-                    ref_head = self._head_tensors(inner)
+            # PEFT without a ref_model: the reference is the policy with its adapter off (``reference_model``)
+            with torch.no_grad(), reference_model(self) as ref, capture_last_hidden_state(ref) as captured:
+                out = ref(**model_kwargs, output_hidden_states=learned, logits_to_keep=1)
+                ref_head = self._head_tensors(inner_model(ref))  # inside the context: the adapter is off
         finally:
-            handle.remove()
             if self._capture is not None:
                 self._capture.active = False
         hidden_states = [h[:, :-1] for h in out.hidden_states[1:]] if learned else None
-        return captured["last"][:, :-1], hidden_states, ref_head
+        return captured["h"][:, :-1], hidden_states, ref_head
 
     def _terms_and_masks(self, model, inputs):
         """Token terms and masks of a batch: logratio, neg_kl, reward_mask, kl_mask, mask (all (2B, T-1))."""
@@ -820,14 +728,14 @@ class SparsePOTrainer(MethodStateMixin, DPOTrainer):
 
     def method_state(self):
         """The mask networks' weights (``method_state.MethodStateMixin``; ZeRO-3: gathered); None without them."""
-        nets = self._inner_model(self.model).sparsepo_masks
+        nets = inner_model(self.model).sparsepo_masks
         if not len(nets.state_dict()):
             return None
         with gathered(nets.parameters()):
             return {"mask_networks": {k: v.detach().cpu().clone() for k, v in nets.state_dict().items()}}
 
     def load_method_state(self, state):
-        nets = self._inner_model(self.model).sparsepo_masks
+        nets = inner_model(self.model).sparsepo_masks
         with gathered(nets.parameters(), modifier_rank=0):
             current = nets.state_dict()
             nets.load_state_dict(

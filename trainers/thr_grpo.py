@@ -65,10 +65,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from trl import GRPOConfig, GRPOTrainer
-from trl.models.utils import disable_gradient_checkpointing
-from trl.trainer.utils import maybe_gather_lm_head_ctx
 
 from posttrain.trainers.advantages import work_dtype
+from posttrain.trainers.trl_seam import (
+    capture_last_hidden_state,
+    disable_gradient_checkpointing,
+    gather_padded,
+    inner_model,
+    maybe_gather_lm_head_ctx,
+)
 
 THR_MODES = ("reweight", "dominant_only", "nthr")
 IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence", "sequence_token")
@@ -369,16 +374,13 @@ class THRGRPOTrainer(GRPOTrainer):
             self._metrics["train"]["thr/mixed_groups"].append(float(mixed.sum()))
             return out["advantages"][:, None] * completion_mask
         hidden, lse = self._old_policy_hidden_and_lse(out)
-        width = int(acc.gather(torch.tensor([local_t], device=completion_ids.device)).max())
-        pad = lambda x, v=0: F.pad(x, (0, 0) * (x.dim() - 2) + (0, width - local_t), value=v)  # noqa: E731
-        ids = acc.gather(pad(completion_ids))
-        mask = acc.gather(pad(completion_mask)).bool()
-        hidden, lse = acc.gather(pad(hidden)), acc.gather(pad(lse))
+        ids, mask, hidden, lse = gather_padded(acc, completion_ids, completion_mask, hidden, lse)
+        mask = mask.bool()
         advantages = acc.gather(out["advantages"].float())
 
         result = advantages[:, None] * mask
         stats = {"dominant": [], "positive": [], "negative": [], "abs_s": [], "tau": []}
-        head = self._inner(self.model).get_output_embeddings()
+        head = inner_model(self.model).get_output_embeddings()
         with maybe_gather_lm_head_ctx(head.weight, head.bias):
             for start in range(0, ids.size(0), G):
                 rows = slice(start, start + G)
@@ -427,12 +429,9 @@ class THRGRPOTrainer(GRPOTrainer):
         completion_ids, completion_mask = out["completion_ids"], out["completion_mask"]
         input_ids = torch.cat([prompt_ids, completion_ids], 1)
         attention_mask = torch.cat([prompt_mask, completion_mask], 1)
-        inner = self._inner(self.model)
-        captured = {}
-        handle = inner.base_model.register_forward_hook(lambda m, i, o: captured.update(h=o.last_hidden_state))
         hiddens, lses = [], []
         batch = self.args.per_device_train_batch_size
-        try:
+        with capture_last_hidden_state(self.model) as captured:
             with disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
                 for i in range(0, input_ids.size(0), batch):
                     with self.accelerator.autocast():
@@ -445,13 +444,11 @@ class THRGRPOTrainer(GRPOTrainer):
                     h = captured["h"][:, prompt_ids.size(1) - 1 : -1].float()
                     hiddens.append(h)
                     lses.append(self._chunked_lse(h))
-        finally:
-            handle.remove()
         return torch.cat(hiddens), torch.cat(lses)
 
     def _chunked_lse(self, hidden, chunk=1024):
         flat = hidden.reshape(-1, hidden.size(-1))
-        head = self._inner(self.model).get_output_embeddings()
+        head = inner_model(self.model).get_output_embeddings()
         with maybe_gather_lm_head_ctx(head.weight, head.bias):
             out = [self._thr_head_logits(flat[s : s + chunk]).logsumexp(-1) for s in range(0, flat.size(0), chunk)]
         return torch.cat(out).view(hidden.shape[:-1])
@@ -462,19 +459,13 @@ class THRGRPOTrainer(GRPOTrainer):
         head in fp32, then the model's own post-processing as TRL's fused log-prob head applies it (logit scale,
         final softcapping: ``lm_head_logit_transform``) and the sampling temperature. Under ZeRO-3 the caller holds
         the head gathered (``maybe_gather_lm_head_ctx``)."""
-        inner = self._inner(self.model)
+        inner = inner_model(self.model)
         head = inner.get_output_embeddings()
         scale, softcap = lm_head_logit_transform(inner.config)
         weight = head.weight if vocab is None else head.weight[vocab]
         bias = None if head.bias is None else (head.bias if vocab is None else head.bias[vocab])
         logits = F.linear(hidden.float(), weight.float(), None if bias is None else bias.float())
         return postprocess_logits(logits, scale, softcap, self.temperature)
-
-    @staticmethod
-    def _inner(model):
-        from posttrain.trainers.runtime import inner_model
-
-        return inner_model(model)
 
     # --------------------------------------------------------------------------------------- GSPO-token
 

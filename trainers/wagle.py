@@ -35,9 +35,10 @@ State: the mask and the retain-stream position are the trainer's method state (`
 in every checkpoint, restored on resume under every backend, so a resumed run skips phase 1). The mask is also
 written to ``output_dir/wagle_mask.safetensors``, for another run's ``mask_path``.
 
-Scale: the top-k threshold is found by a radix select over 8-bit histograms of order-preserving integer keys,
-chunk by chunk (4 passes for float32 scores, 8 for float64), never by sorting or concatenating all entries; ties at
-the threshold go to the earliest entries in (dict order, row-major) order, i.e. exactly a *stable* descending sort.
+Scale: the global top-k is an exact radix select that never sorts or concatenates all entries; ties at the threshold
+go to the earliest entries in (dict order, row-major) order, i.e. exactly a *stable* descending sort
+(``trainers/radix_topk.py``). Gradient sums, the masked step under DDP / ZeRO and the mask files are generic
+machinery: ``trainers/gradient_masks.py``; the forget / retain encoding and the retain stream: ``data/unlearning.py``.
 
 Doubts: (1) the official ranking uses an unstable ``torch.argsort``, so on exact ties the masks may differ;
 (2) S is not scale-invariant: multiplying both gradient sums by c reweights theta against g_r / gamma, so data
@@ -62,9 +63,25 @@ import torch
 import torch.nn.functional as F
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from posttrain.atomic import write_atomic
+from posttrain.data.unlearning import ENCODED_FIELDS, REFUSALS, collate, encode_row, stream_indices
+from posttrain.trainers.gradient_masks import (
+    accumulate_gradients,
+    apply_gradient_mask,
+    check_mask,
+    check_names,
+    full_shape,
+    install_partition_mask,
+    is_zero3,
+    load_mask,
+    mask_density,
+    save_mask,
+    trainable_parameters,
+    zero3_range,
+)
 from posttrain.trainers.method_state import MethodStateMixin
+from posttrain.trainers.radix_topk import top_ratio_mask
 from posttrain.trainers.runtime import sum_over_ranks
+from posttrain.trainers.trl_seam import prepare_deepspeed
 
 MASK_FILE = "wagle_mask.safetensors"
 OBJECTIVES = ("graddiff", "npo", "po")
@@ -185,8 +202,8 @@ class WAGLEConfig(TrainingArguments):
 
 def attribution_scores(params, grad_forget, grad_retain, gamma):
     """WAGLE scores {name: |(theta - g_r / gamma) * g_f|} in float32, on the device of the forget gradients."""
-    _check_names(params, grad_forget, "grad_forget")
-    _check_names(params, grad_retain, "grad_retain")
+    check_names(params, grad_forget, "grad_forget")
+    check_names(params, grad_retain, "grad_retain")
     out = {}
     for name, theta in params.items():
         gf = grad_forget[name].float()
@@ -204,7 +221,7 @@ def _attribution_scores_(grad_retain, theta, grad_forget, gamma):
 
 def snip_scores(params, grad_forget):
     """SNIP baseline {name: |theta * g_f|} (WAGLE without the retain correction)."""
-    _check_names(params, grad_forget, "grad_forget")
+    check_names(params, grad_forget, "grad_forget")
     return {
         n: (t.detach().to(grad_forget[n].device, torch.float32) * grad_forget[n].float()).abs()
         for n, t in params.items()
@@ -221,97 +238,6 @@ def random_scores(shapes, seed=0):
     ``shapes`` maps names to shapes or tensors (only their shapes are used), so every rank draws the same."""
     g = torch.Generator().manual_seed(seed)
     return {n: torch.rand(tuple(s.shape if isinstance(s, torch.Tensor) else s), generator=g) for n, s in shapes.items()}
-
-
-def _keys(x, wide):
-    """Order-preserving integer keys of floats: a < b iff key(a) < key(b); -0.0 is mapped to +0.0 first."""
-    x = x.to(torch.float64 if wide else torch.float32)
-    if torch.isnan(x).any():
-        raise ValueError("NaN in the mask scores")
-    bits = torch.where(x == 0, torch.zeros_like(x), x).view(torch.int64 if wide else torch.int32)
-    return bits ^ ((bits >> (63 if wide else 31)) & (2**63 - 1 if wide else 2**31 - 1))
-
-
-def _chunks(tensor, size):
-    flat = tensor.reshape(-1)
-    return [flat[i : i + size] for i in range(0, flat.numel(), size)]
-
-
-def top_ratio_mask(scores, ratio, chunk_size=2**24, group=None):
-    """{name: bool mask}, True for the global top int(n * ratio) scores over all tensors together, exactly.
-
-    The k-th largest score is found by radix select: one 256-bin histogram of the next 8 key bits per pass, over
-    chunks of ``chunk_size`` entries, restricted to the entries that share the high bits found so far. Entries
-    above it are all kept; entries equal to it are kept in (dict order, row-major) order until k are taken.
-
-    ``group`` (a torch.distributed process group, e.g. ``torch.distributed.group.WORLD``): ``scores`` are this
-    rank's shards, each a contiguous piece of its flattened tensor, rank r's piece before rank r + 1's (ZeRO-3's
-    partitioning). Counts and histograms are summed over the ranks, and ties are taken in the order (name, rank,
-    entry): every rank gets its part of the mask of the whole tensors, entry for entry (a collective: all ranks,
-    same names in the same order)."""
-    if not 0.0 <= ratio <= 1.0:
-        raise ValueError(f"ratio must be in [0, 1] (got {ratio})")
-
-    def total(t):  # over the shards of all ranks, or of this process alone
-        return t if group is None else sum_over_ranks(t, group)
-
-    local = torch.tensor(
-        [sum(s.numel() for s in scores.values()), sum(int(torch.isnan(s).sum()) for s in scores.values())]
-    )
-    n, nans = total(local).tolist()
-    if nans:
-        raise ValueError("NaN in the mask scores")
-    k = int(n * ratio)
-    if k == 0 or k == n:
-        return {name: torch.full(s.shape, k > 0, dtype=torch.bool, device=s.device) for name, s in scores.items()}
-    wide = any(s.dtype == torch.float64 for s in scores.values())
-    width = 64 if wide else 32
-    prefix, need = 0, k  # need: rank of the k-th largest key among the keys that share the prefix
-    for shift in range(width - 8, -1, -8):
-        top = shift == width - 8
-        hist = torch.zeros(256, dtype=torch.int64)
-        for s in scores.values():
-            for chunk in _chunks(s, chunk_size):
-                key = _keys(chunk, wide)
-                if not top:
-                    key = key[(key >> (shift + 8)) == prefix]
-                digit = ((key >> shift) & 255) ^ (128 if top else 0)  # top byte: sign flipped, so unsigned order
-                hist += torch.bincount(digit.long(), minlength=256).cpu()
-        hist = total(hist)
-        at_least = hist.flip(0).cumsum(0)  # at_least[i]: entries whose digit >= 255 - i
-        i = int(torch.searchsorted(at_least, need))
-        digit = 255 - i
-        need -= int(at_least[i] - hist[digit])
-        prefix = digit - 128 if top else prefix * 256 + digit
-    threshold = prefix  # and the first `need` ties of the global order are kept
-    ties = torch.tensor(
-        [sum(int((_keys(c, wide) == threshold).sum()) for c in _chunks(s, chunk_size)) for s in scores.values()],
-        dtype=torch.int64,
-    )
-    if group is None:
-        before = ties.cumsum(0) - ties  # ties in the tensors before each one
-    else:
-        import torch.distributed as dist
-
-        world, rank = dist.get_world_size(group), dist.get_rank(group)
-        table = torch.zeros(world, len(ties), dtype=torch.int64)
-        table[rank] = ties
-        table = total(table)  # [rank, tensor]: every rank's tie counts
-        before = table.sum(0).cumsum(0) - table.sum(0) + table[:rank].sum(0)  # earlier tensors, then earlier ranks
-    quota = (need - before).clamp(min=0).minimum(ties).tolist()  # ties this rank keeps in each tensor
-    masks = {}
-    for (name, s), left in zip(scores.items(), quota):
-        parts = []
-        for chunk in _chunks(s, chunk_size):
-            key = _keys(chunk, wide)
-            keep, tie = key > threshold, key == threshold
-            if left > 0:
-                take = tie & (tie.cumsum(0) <= left)
-                left -= int(take.sum())
-                keep |= take
-            parts.append(keep)
-        masks[name] = (torch.cat(parts) if parts else torch.zeros(0, dtype=torch.bool, device=s.device)).view(s.shape)
-    return masks
 
 
 def graddiff_loss(forget_ce, retain_ce, retain_weight=1.0):
@@ -334,125 +260,6 @@ def po_loss(refusal_ce, retain_ce, retain_weight=1.0):
     return refusal_ce + retain_weight * retain_ce
 
 
-def _check_names(reference, other, what):
-    if set(reference) != set(other):
-        missing, extra = sorted(set(reference) - set(other)), sorted(set(other) - set(reference))
-        raise KeyError(f"{what} does not match the parameters: missing {missing[:5]}, unexpected {extra[:5]}")
-
-
-# ----------------------------------------------------------------------------------------------- model side
-
-
-def _is_zero3(p):
-    return hasattr(p, "ds_id")
-
-
-def _full_shape(p):
-    return tuple(p.ds_shape) if _is_zero3(p) else tuple(p.shape)
-
-
-def trainable_parameters(model):
-    """(name, parameter) of the parameters the mask covers: every trainable one (tied weights once), named as
-    in the bare model (a DDP / DeepSpeed / compiled wrapper is looked through, so no ``module.`` prefix)."""
-    from accelerate.utils import extract_model_from_parallel
-
-    return [(n, p) for n, p in extract_model_from_parallel(model).named_parameters() if p.requires_grad]
-
-
-def _zero3_range(p):
-    """(start, length) of this rank's real entries of a ZeRO-3 parameter: rank k of its partition group holds
-    entries [k c, (k + 1) c) of the flattened parameter (c = ``partition_numel()``; the last ranks' pieces may be
-    short or empty: padding)."""
-    count = p.partition_numel()
-    start = count * p._z3_optimizer._get_param_partition_rank(p)
-    return start, max(0, min(count, p.ds_numel - start))
-
-
-def _is_deepspeed_engine(model):
-    return hasattr(model, "zero_optimization") and hasattr(model, "optimizer")
-
-
-def _zero_grads(model):
-    if _is_deepspeed_engine(model):
-        model.zero_grad()  # p.grad
-        if model.optimizer is not None:  # the reduced partitions: the next backward overwrites them, not adds to them
-            model.optimizer.zero_grad()
-    else:
-        model.zero_grad(set_to_none=True)
-
-
-def accumulate_gradients(model, loader, loss_fn=None, *, max_batches=None, to_cpu=False, grad_scale=1.0, backward=None):
-    """{name: float32 sum over batches of grad_scale * grad loss_fn(model, batch)}; loss_fn defaults to the
-    model's own token-mean CE ``model(**batch).loss``. Runs in eval mode (official), restores the mode.
-
-    ``model`` may be the DDP / DeepSpeed wrapper (forward, backward and zero_grad go through it). ``backward``:
-    the caller's (e.g. ``accelerator.backward``). ``grad_scale`` undoes what the stack does to the plain sum:
-    world_size under DDP or DeepSpeed (ranks are averaged), the accumulation steps if ``backward`` divides by them.
-    ZeRO-3: the engine's optimizer adds up the reduced gradient partitions over the batches (every rank must run
-    the same number of batches), and each rank returns its own flat pieces of the sums (``_zero3_range``): no
-    parameter-sized gradient is ever gathered.
-
-    The sums are float32 whatever the model's dtype. A float32 parameter's batches add up in ``p.grad`` itself; a
-    bf16 / fp16 parameter's ``p.grad`` would add them up in bf16 / fp16 (8 / 11 mantissa bits: the official code's
-    behaviour, which rounds the sums and creates ties in |S|), so each batch's gradient is folded into a float32 sum
-    right after its backward and ``p.grad`` is released: one float32 copy of those parameters (the result itself)
-    plus one low-precision gradient. Each batch's gradient is still computed in the parameters' dtype."""
-    was_training = model.training
-    model.eval()
-    params = trainable_parameters(model)
-    zero3 = any(_is_zero3(p) for _, p in params)
-    # Plain parameters: backward itself sums the batches' gradients into p.grad, which then becomes the result (no
-    # second copy of the parameters). ZeRO-3: DeepSpeed sums into its partitions. CPU sums: copied batch by batch.
-    direct = not to_cpu and not zero3
-    sums, folded, batches = {}, {}, 0
-    try:
-        _zero_grads(model)
-        for step, batch in enumerate(loader):
-            if max_batches is not None and step >= max_batches:
-                break
-            batches += 1
-            if not direct and not zero3:
-                _zero_grads(model)
-            loss = loss_fn(model, batch) if loss_fn is not None else model(**batch).loss
-            (backward or torch.Tensor.backward)(loss)
-            if direct:
-                for name, p in params:  # low-precision grads: summed in float32, batch by batch (see above)
-                    if p.grad is not None and p.grad.dtype != torch.float32:
-                        if name in folded:
-                            folded[name].add_(p.grad)
-                        else:
-                            folded[name] = p.grad.detach().to(torch.float32, copy=True)
-                        p.grad = None
-            if direct or zero3:
-                continue
-            for name, p in params:
-                grad = p.grad if p.grad is not None else torch.zeros(_full_shape(p), device=p.device)
-                grad = grad.detach().to("cpu", torch.float32) * grad_scale  # a new tensor
-                if name in sums:
-                    sums[name] += grad
-                else:
-                    sums[name] = grad
-        if batches and (direct or zero3):
-            for name, p in params:
-                if zero3:
-                    from deepspeed.utils import safe_get_local_grad
-
-                    grad = safe_get_local_grad(p).reshape(-1)[: _zero3_range(p)[1]]  # a view of DeepSpeed's buffer
-                elif name in folded:
-                    grad = folded.pop(name)
-                else:
-                    grad = p.grad if p.grad is not None else torch.zeros(_full_shape(p), device=p.device)
-                    p.grad = None  # the summed gradient is ours now
-                grad = grad.detach().to("cpu" if to_cpu else grad.device, torch.float32, copy=zero3)
-                sums[name] = grad.mul_(grad_scale) if grad_scale != 1 else grad
-    finally:
-        _zero_grads(model)
-        model.train(was_training)
-    if not batches:
-        raise ValueError("accumulate_gradients: the loader gave no batch")
-    return sums
-
-
 def build_mask(
     model,
     method,
@@ -470,16 +277,16 @@ def build_mask(
     made, so scores and gradient sums never coexist in full (peak: model + the two sums)."""
     named = trainable_parameters(model)
     if method == "dense":
-        return {n: torch.ones(_full_shape(p), dtype=torch.bool, device=device) for n, p in named}
+        return {n: torch.ones(full_shape(p), dtype=torch.bool, device=device) for n, p in named}
     if method == "random":
-        return top_ratio_mask(random_scores({n: _full_shape(p) for n, p in named}, seed), ratio, chunk_size)
+        return top_ratio_mask(random_scores({n: full_shape(p) for n, p in named}, seed), ratio, chunk_size)
     if method not in ("wagle", "snip", "magnitude"):
         raise ValueError(f"mask method {method!r}; valid: {', '.join(MASK_METHODS)}")
     if (method != "magnitude" and grad_forget is None) or (method == "wagle" and grad_retain is None):
         raise ValueError(
             f"mask method {method!r} needs the forget{' and retain' if method == 'wagle' else ''} gradient sums"
         )
-    if any(_is_zero3(p) for _, p in named):
+    if any(is_zero3(p) for _, p in named):
         raise ValueError("build_mask needs whole parameters; under ZeRO-3 WAGLETrainer scores each rank's pieces")
     scores = {}
     for name, p in named:
@@ -499,204 +306,6 @@ def build_mask(
                 if sums is not None:
                     sums.pop(name, None)
     return top_ratio_mask(scores, ratio, chunk_size)
-
-
-def apply_gradient_mask(model, mask):
-    """Zero the gradients of masked-out entries (``p.grad`` of plain, DDP models). Call after clipping, before
-    ``optimizer.step()``; a trainable parameter with a gradient but no mask entry is an error."""
-    for name, p in trainable_parameters(model):
-        if p.grad is None:
-            continue
-        if name not in mask:
-            raise KeyError(f"no mask for parameter {name!r}")
-        p.grad.masked_fill_(~mask[name].to(p.grad.device), 0)
-
-
-def partition_masks(engine, mask):
-    """{id(tensor): bool mask} for the flat fp32 tensors a DeepSpeed ZeRO optimizer steps on this rank: the ZeRO-1/2
-    partition of each group (a parameter's piece is its ``_hp_mapping`` fragment) or the ZeRO-3 partition of each
-    sub-group (``grad_position``; rank k holds entries [k c, (k + 1) c) of the flattened parameter, c its partition
-    size). Padding entries are masked (their gradients are zero anyway)."""
-    opt, names = engine.optimizer, {id(p): n for n, p in trainable_parameters(engine)}
-    out = {}
-    if hasattr(opt, "fp32_partitioned_groups_flat"):  # ZeRO-3 (deepspeed 0.19.8 stage3.py)
-        for i, group in enumerate(opt.fp16_groups):
-            flat = opt.fp32_partitioned_groups_flat[i]
-            local = torch.zeros(flat.numel(), dtype=torch.bool)
-            for p in (p for p in group if id(p) in names):
-                _, offset, count = opt.grad_position[opt.get_param_id(p)]
-                start = count * opt._get_param_partition_rank(p)
-                real = max(0, min(count, p.ds_numel - start))
-                local[offset : offset + real] = mask[names[id(p)]].reshape(-1)[start : start + real].cpu()
-            out[id(flat)] = local.to(flat.device)
-    elif hasattr(opt, "single_partition_of_fp32_groups"):  # ZeRO-1/2 (stage_1_and_2.py)
-        for i, group in enumerate(opt.bit16_groups):
-            flat = opt.single_partition_of_fp32_groups[i]
-            local = torch.zeros(flat.numel(), dtype=torch.bool)
-            for p in (p for p in group if id(p) in names and getattr(p, "_hp_mapping", None) is not None):
-                hp, lp = p._hp_mapping.hp_fragment_address, p._hp_mapping.lp_fragment_address
-                local[hp.start : hp.start + hp.numel] = (
-                    mask[names[id(p)]].reshape(-1)[lp.start : lp.start + lp.numel].cpu()
-                )
-            out[id(flat)] = local.to(flat.device)
-    else:
-        raise ValueError(
-            f"WAGLE under DeepSpeed needs ZeRO stage 1, 2 or 3 (the optimizer is {type(opt).__name__}): "
-            "set zero_stage in the accelerate config"
-        )
-    return out
-
-
-def install_partition_mask(engine, mask):
-    """Mask a DeepSpeed engine's gradients after its clipping and before its optimizer step: ZeRO optimizers clip
-    the flat fp32 partition gradients inside ``step()`` and then call the inner torch optimizer's ``step()``, so a
-    step pre-hook on that optimizer sees the clipped gradients (the order of ``apply_gradient_mask``). Returns the
-    hook handles."""
-    masks = partition_masks(engine, mask)
-
-    def hook(optimizer, args, kwargs):
-        for group in optimizer.param_groups:
-            for t in group["params"]:
-                if t.grad is None:
-                    continue
-                if id(t) not in masks:
-                    raise KeyError(
-                        "DeepSpeed stepped a tensor with no WAGLE mask (not a ZeRO partition of this engine)"
-                    )
-                t.grad.masked_fill_(~masks[id(t)], 0)
-
-    inner = [getattr(engine.optimizer, name, None) for name in ("optimizer", "backup_optimizer")]  # offload: both
-    return [o.register_step_pre_hook(hook) for o in inner if isinstance(o, torch.optim.Optimizer)]
-
-
-def mask_density(mask):
-    """Fraction of entries updated (True), for logging."""
-    total = sum(m.numel() for m in mask.values())
-    return sum(int(m.sum()) for m in mask.values()) / max(total, 1)
-
-
-def save_mask(mask, path, metadata=None):
-    """Write the mask as bool safetensors, atomically (temporary file in the same folder, then ``os.replace``)."""
-    from safetensors.torch import save_file
-
-    tensors = {n: m.detach().to("cpu", torch.bool).contiguous() for n, m in mask.items()}
-    write_atomic(
-        path, lambda tmp: save_file(tensors, tmp, metadata={str(k): str(v) for k, v in (metadata or {}).items()})
-    )
-
-
-def load_mask(path, reference=None, device="cpu"):
-    """Read a saved mask (names sorted); with ``reference`` checked by ``check_mask``."""
-    from safetensors.torch import load_file
-
-    mask = load_file(str(path), device=str(device))
-    return mask if reference is None else check_mask(mask, reference, path)
-
-
-def check_mask(mask, reference, source):
-    """``mask`` in the order of ``reference`` (a model, or {name: tensor or shape}) after checking that it has exactly
-    the reference's (trainable) parameter names and shapes and bool entries, else one ValueError naming them."""
-    if isinstance(reference, torch.nn.Module):
-        shapes = {n: _full_shape(p) for n, p in trainable_parameters(reference)}
-    else:
-        shapes = {n: tuple(s.shape if isinstance(s, torch.Tensor) else s) for n, s in reference.items()}
-    missing, extra = sorted(set(shapes) - set(mask)), sorted(set(mask) - set(shapes))
-    wrong = [
-        f"{n} {tuple(mask[n].shape)} != {shapes[n]}" for n in shapes if n in mask and tuple(mask[n].shape) != shapes[n]
-    ]
-    wrong += [f"{n} has dtype {m.dtype}" for n, m in mask.items() if m.dtype != torch.bool]
-    if missing or extra or wrong:
-        raise ValueError(
-            f"mask {source} does not match the model: missing {missing[:5]} ({len(missing)}), "
-            f"unexpected {extra[:5]} ({len(extra)}), wrong {wrong[:5]} ({len(wrong)})"
-        )
-    return {n: mask[n] for n in shapes}  # the reference's order (safetensors sorts names)
-
-
-# ----------------------------------------------------------------------------------------------- data side
-
-# PO targets. The official code reads a file of polite refusals (``files/data/polite_refusal_responses``, not copied
-# here); this fixed list stands in for it: forget row i is answered with REFUSALS[i % len(REFUSALS)], so the targets
-# are the same on every run.
-REFUSALS = (
-    "I'm sorry, but I don't have any information about that.",
-    "I'm not able to answer that question.",
-    "I don't know anything about that.",
-    "That is not something I can help with.",
-    "I'm afraid I can't say.",
-    "I have no knowledge of that.",
-    "Sorry, I cannot provide that information.",
-    "I'd rather not answer that.",
-)
-_FIELDS = ("input_ids", "attention_mask", "labels")
-
-
-def encode_example(tokenizer, prompt, completion=None, max_length=512, prompt_template="{prompt}"):
-    """{"input_ids", "labels"} of one example, labels -100 on the prompt. Conversational rows go through the chat
-    template (prompt and answer tokenized apart, as TRL does); plain strings are ``prompt_template`` + completion +
-    EOS; a text row (``completion`` None) is all target. Cut to ``max_length`` tokens."""
-    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    if isinstance(prompt, list):
-        head_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-        full = tokenizer.apply_chat_template(prompt + completion, tokenize=False)
-        if not full.startswith(head_text):
-            raise ValueError("the chat template renders the prompt differently inside the whole conversation")
-        head = tokenizer(head_text, add_special_tokens=False)["input_ids"]
-        tail = tokenizer(full[len(head_text) :], add_special_tokens=False)["input_ids"]
-    elif completion is None:
-        head, tail = [], tokenizer(prompt)["input_ids"] + eos
-    else:
-        head = tokenizer(prompt_template.format(prompt=prompt))["input_ids"]
-        tail = tokenizer(completion, add_special_tokens=False)["input_ids"] + eos
-    ids, labels = (head + tail)[:max_length], ([-100] * len(head) + tail)[:max_length]
-    if all(label == -100 for label in labels[1:]):
-        raise ValueError(f"an example has no answer token within max_length={max_length}; raise max_length")
-    return {"input_ids": ids, "labels": labels}
-
-
-def encode_row(tokenizer, row, max_length=512, prompt_template="{prompt}", answer=None):
-    """``encode_example`` of a dataset row ({prompt, completion} or {text}); ``answer`` replaces the completion
-    (a plain string, wrapped as an assistant message for conversational rows)."""
-    if "prompt" not in row or "completion" not in row:
-        if answer is not None:
-            raise ValueError("refusal answers need {prompt, completion} rows, not {text}")
-        return encode_example(tokenizer, row["text"], None, max_length)
-    completion = (
-        row["completion"]
-        if answer is None
-        else ([{"role": "assistant", "content": answer}] if isinstance(row["prompt"], list) else answer)
-    )
-    return encode_example(tokenizer, row["prompt"], completion, max_length, prompt_template)
-
-
-def collate(rows, pad_id, prefix=""):
-    """Right-padded {"input_ids", "attention_mask", "labels"} from the rows' ``prefix``-ed token lists."""
-    length = max(len(r[prefix + "input_ids"]) for r in rows)
-    ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
-    labels = torch.full((len(rows), length), -100, dtype=torch.long)
-    attention = torch.zeros((len(rows), length), dtype=torch.long)
-    for i, r in enumerate(rows):
-        n = len(r[prefix + "input_ids"])
-        ids[i, :n], labels[i, :n], attention[i, :n] = (
-            torch.tensor(r[prefix + "input_ids"]),
-            torch.tensor(r[prefix + "labels"]),
-            1,
-        )
-    return {"input_ids": ids, "attention_mask": attention, "labels": labels}
-
-
-def stream_indices(n, seed, start, count):
-    """Positions start .. start+count-1 of the endless retain order perm_0 + perm_1 + ..., where perm_c is
-    ``torch.randperm(n)`` seeded with seed + c: a pure function of the position, so a resumed run (or another rank)
-    finds its retain rows from a counter alone."""
-    out, position = [], start
-    while len(out) < count:
-        cycle, offset = divmod(position, n)
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + cycle))
-        take = perm[offset : offset + count - len(out)].tolist()
-        out += take
-        position += len(take)
-    return out
 
 
 # ----------------------------------------------------------------------------------------------- trainer
@@ -811,8 +420,6 @@ class WAGLETrainer(MethodStateMixin, Trainer):
                 "expose: run it with DDP (accelerate_configs/multi_gpu.yaml) or DeepSpeed (zero1/2/3.yaml)"
             )
         if ref is not None and self.is_deepspeed_enabled:
-            from trl.models import prepare_deepspeed
-
             ref = prepare_deepspeed(ref, self.accelerator)  # an inference engine (ZeRO-3: partitioned like the policy)
         self.ref_model = ref.to(self.args.device) if ref is not None and not self.is_deepspeed_enabled else ref
         self.mask, self.mask_info, self.micro_step = None, {}, 0
@@ -924,7 +531,7 @@ class WAGLETrainer(MethodStateMixin, Trainer):
 
     def gradient_sums(self, batches):
         """accumulate_gradients over this rank's batches, all-reduced (summed) over the ranks. ZeRO-3: summed by
-        DeepSpeed, and each rank gets its own flat pieces of the sums (``_zero3_range``)."""
+        DeepSpeed, and each rank gets its own flat pieces of the sums (``zero3_range``)."""
         if self._zero3():
             return self._zero3_gradient_sums(batches)
         model, micro = self.model, self.args.attribution_micro_batch
@@ -941,7 +548,7 @@ class WAGLETrainer(MethodStateMixin, Trainer):
             )
         else:  # fewer global batches than ranks: this rank adds zeros
             device = "cpu" if self.args.keep_grads_on_cpu else self.args.device
-            sums = {n: torch.zeros(_full_shape(p), device=device) for n, p in trainable_parameters(model)}
+            sums = {n: torch.zeros(full_shape(p), device=device) for n, p in trainable_parameters(model)}
         for t in sums.values():
             t.copy_(sum_over_ranks(t))
         return sums
@@ -988,7 +595,7 @@ class WAGLETrainer(MethodStateMixin, Trainer):
             )
         g, scores = torch.Generator().manual_seed(args.mask_seed), {}
         for name, p in named:
-            start, length = _zero3_range(p)
+            start, length = zero3_range(p)
             theta = safe_get_local_fp32_param(p).reshape(-1)[:length]
             if args.mask_method == "wagle":
                 scores[name] = _attribution_scores_(grad_retain.pop(name), theta, grad_forget.pop(name), args.gamma)
@@ -998,7 +605,7 @@ class WAGLETrainer(MethodStateMixin, Trainer):
             elif args.mask_method == "magnitude":
                 scores[name] = theta.abs()
             elif args.mask_method == "random":  # the draws of random_scores, whole tensors in order, then this piece
-                scores[name] = torch.rand(_full_shape(p), generator=g).reshape(-1)[start : start + length].clone()
+                scores[name] = torch.rand(full_shape(p), generator=g).reshape(-1)[start : start + length].clone()
             else:  # dense
                 scores[name] = torch.ones(length)
         pieces = top_ratio_mask(
@@ -1013,7 +620,7 @@ class WAGLETrainer(MethodStateMixin, Trainer):
             mine[: pieces[name].numel()] = pieces[name].to(mine.device)
             parts = [torch.empty_like(mine) for _ in range(world)]
             dist.all_gather(parts, mine, group=p._z3_optimizer._get_param_partition_group(p))
-            mask[name] = torch.cat(parts)[: p.ds_numel].view(_full_shape(p)).bool().cpu()
+            mask[name] = torch.cat(parts)[: p.ds_numel].view(full_shape(p)).bool().cpu()
         return mask
 
     # --- phase 2: the unlearning step --------------------------------------------------------------------
@@ -1030,7 +637,7 @@ class WAGLETrainer(MethodStateMixin, Trainer):
         args = self.args
 
         def part(prefix):
-            return {k: inputs[prefix + k] for k in _FIELDS}
+            return {k: inputs[prefix + k] for k in ENCODED_FIELDS}
 
         if "retain_input_ids" not in inputs:  # evaluation batches: the plain CE
             outputs = model(**part(""))

@@ -11,10 +11,10 @@ from transformers import AutoModelForCausalLM
 from trl import ModelConfig
 
 from posttrain.data.generators import fictitious_authors
+from posttrain.data.unlearning import collate, encode_row
 from posttrain.evals.unlearning import answer_stats, truth_ratios, unlearning_metrics
 from posttrain.recipes.models import load_tokenizer
 from posttrain.recipes.tiny import tiny_model_path
-from posttrain.trainers.wagle import collate, encode_row
 
 torch.set_num_threads(1)
 

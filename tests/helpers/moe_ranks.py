@@ -14,8 +14,9 @@ from transformers import TrainerCallback
 
 from posttrain.recipes.config import build_recipe
 from posttrain.recipes.train import build_trainer
-from posttrain.trainers.moe_balance import expert_biases, find_routers
-from posttrain.trainers.runtime import close_process_group, inner_model
+from posttrain.trainers.moe_routers import expert_biases, find_routers
+from posttrain.trainers.runtime import close_process_group
+from posttrain.trainers.trl_seam import inner_model
 
 ap = argparse.ArgumentParser()
 ap.add_argument("record", type=Path)

@@ -23,24 +23,20 @@ import torch
 from posttrain import UserError
 from posttrain.recipes.config import build_recipe, load_recipe
 from posttrain.trainers.moe_balance import (
-    BIAS_NAME,
     MoEBalanceCallback,
     MoEBalanceConfig,
     RouterAuxLoss,
-    RoutingCounter,
     apply_bias_update,
     aux_balance_loss,
     bias_step_size,
     biased_topk,
-    expert_biases,
-    expert_counts,
-    find_routers,
     install_expert_bias,
     load_entropy,
     max_violation,
     moe_metrics,
     update_expert_bias,
 )
+from posttrain.trainers.moe_routers import BIAS_NAME, RoutingCounter, expert_biases, expert_counts, find_routers
 
 torch.set_num_threads(1)
 

@@ -22,33 +22,32 @@ from torch import nn
 from transformers import AutoModelForCausalLM, TrainerCallback, get_scheduler
 
 from posttrain.cli import main
+from posttrain.data.unlearning import REFUSALS, collate, encode_example, stream_indices
 from posttrain.recipes.config import load_recipe
 from posttrain.recipes.tiny import tiny_model_path
 from posttrain.recipes.train import build_trainer
+from posttrain.trainers.gradient_masks import (
+    accumulate_gradients,
+    apply_gradient_mask,
+    load_mask,
+    mask_density,
+    save_mask,
+)
 from posttrain.trainers.method_state import STATE_FILE
+from posttrain.trainers.radix_topk import top_ratio_mask
 from posttrain.trainers.runtime import latest_checkpoint
 from posttrain.trainers.wagle import (
     MASK_FILE,
-    REFUSALS,
     WAGLEConfig,
-    accumulate_gradients,
-    apply_gradient_mask,
     attribution_scores,
     build_mask,
-    collate,
-    encode_example,
     graddiff_loss,
-    load_mask,
     magnitude_scores,
-    mask_density,
     npo_forget_term,
     npo_loss,
     po_loss,
     random_scores,
-    save_mask,
     snip_scores,
-    stream_indices,
-    top_ratio_mask,
 )
 
 torch.set_num_threads(1)
@@ -377,7 +376,8 @@ import ctypes, sys, threading, time
 ctypes.CDLL("libc.so.6").mallopt(-3, 65536)  # M_MMAP_THRESHOLD: big blocks come from mmap and go back on free,
 ctypes.CDLL("libc.so.6").mallopt(-1, 0)      # M_TRIM_THRESHOLD: so the resident set follows the live tensors
 import psutil, torch
-from posttrain.trainers.wagle import accumulate_gradients, build_mask
+from posttrain.trainers.gradient_masks import accumulate_gradients
+from posttrain.trainers.wagle import build_mask
 torch.manual_seed(0)
 model = torch.nn.Sequential(*[torch.nn.Linear(2048, 2048, bias=False) for _ in range(4)])  # 64 MiB, resident
 batches = [torch.randn(8, 2048) for _ in range(8)]
