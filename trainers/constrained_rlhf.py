@@ -85,11 +85,12 @@ from __future__ import annotations
 import copy
 import math
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from torch import Tensor
 from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 
 from posttrain import UserError
@@ -397,7 +398,9 @@ def _check_streams(component_adv, kl_adv, multipliers):
         raise ValueError(f"multipliers must be (N,) = ({N},), got shape {tuple(multipliers.shape)}")
 
 
-def mix_advantages(component_adv, kl_adv, multipliers, equality, squash=True):
+def mix_advantages(
+    component_adv: Tensor, kl_adv: Tensor, multipliers: Tensor, equality: bool, squash: bool = True
+) -> Tensor:
     """The mixed advantage (B,) of xi-/mu-PPO from per-stream advantages.
 
     component_adv (B, N): one advantage stream per component reward; kl_adv (B,): the KL stream; multipliers
@@ -422,7 +425,9 @@ def mix_advantages(component_adv, kl_adv, multipliers, equality, squash=True):
     return A_kl + mixed_components
 
 
-def mix_upper_bound_advantages(component_adv, kl_adv, multipliers, squash=True):
+def mix_upper_bound_advantages(
+    component_adv: Tensor, kl_adv: Tensor, multipliers: Tensor, squash: bool = True
+) -> Tensor:
     """The ``all`` formulation (composite objective V_KL + sum_i V_i s.t. V_i <= theta_i), shape (B,).
 
     Lagrangian V_KL + sum_i V_i - sum_i mu_i (V_i - theta_i) with mu_i >= 0: component i is weighed by
@@ -439,7 +444,9 @@ def mix_upper_bound_advantages(component_adv, kl_adv, multipliers, squash=True):
     return A_kl + A_c @ (1 - mu)
 
 
-def weigh_streams(formulation, component_adv_n, kl_adv_n, multipliers, squash=True):
+def weigh_streams(
+    formulation: str, component_adv_n: Tensor, kl_adv_n: Tensor, multipliers: Tensor, squash: bool = True
+) -> Tensor:
     """The mix of ALREADY normalised streams (B, N) and (B,) with the multipliers (detached): the last step of
     ``mix_advantages`` (mu, xi, nm) or ``mix_upper_bound_advantages`` (all). The trainer re-mixes every micro-batch
     with the current multipliers through this when they step per optimizer step."""
@@ -452,7 +459,15 @@ def weigh_streams(formulation, component_adv_n, kl_adv_n, multipliers, squash=Tr
     return ((A_c.shape[1] - w.sum()) if squash else 1.0) * A_kl + A_c @ w
 
 
-def multiplier_loss(multipliers, component_values, thresholds, equality, squash=True, *, upper_bound=False):
+def multiplier_loss(
+    multipliers: Tensor,
+    component_values: Tensor,
+    thresholds: Tensor | Sequence[float],
+    equality: bool,
+    squash: bool = True,
+    *,
+    upper_bound: bool = False,
+) -> Tensor:
     """sum_i squash(lambda)_i (V_i - theta_i), a scalar whose gradient reaches only the multipliers.
 
     component_values (N,): the constraint values (batch means of the component rewards), thresholds (N,).
@@ -470,15 +485,20 @@ def multiplier_loss(multipliers, component_values, thresholds, equality, squash=
     return (squash_multipliers(multipliers, equality and not upper_bound, squash) * violation).sum()
 
 
-def sat_rewards(component_rewards, thresholds):
+def sat_rewards(component_rewards: Tensor, thresholds: Tensor | Sequence[float]) -> Tensor:
     """PPO-SAT reward per completion (B,): -sum_i (r_i - theta_i)^2, from component rewards (B, N)."""
     theta = torch.as_tensor(thresholds, dtype=component_rewards.dtype, device=component_rewards.device)
     return -((component_rewards - theta) ** 2).sum(-1)
 
 
 def single_stream_rewards(
-    formulation, component_rewards, kl_rewards, multipliers=None, thresholds=None, clip_range=None
-):
+    formulation: str,
+    component_rewards: Tensor,
+    kl_rewards: Tensor,
+    multipliers: Tensor | None = None,
+    thresholds: Sequence[float] | None = None,
+    clip_range: float | None = None,
+) -> Tensor:
     """The one reward stream (B,) of the single-stream baselines: fixed sum_i w_i r_i (w = multipliers, default
     ones) or sat -sum_i (r_i - theta_i)^2, clipped to ``clip_range`` = (min, max) when given, then + r_KL: the
     order of TRL 1.16's ``RLOOTrainer`` (weighted sum, ``reward_clip_range``, then the KL penalty)."""
@@ -500,8 +520,14 @@ def single_stream_rewards(
 
 
 def mixed_rewards(
-    formulation, component_rewards, kl_rewards, multipliers=None, thresholds=None, squash=True, clip_range=None
-):
+    formulation: str,
+    component_rewards: Tensor,
+    kl_rewards: Tensor,
+    multipliers: Tensor | None = None,
+    thresholds: Sequence[float] | None = None,
+    squash: bool = True,
+    clip_range: float | None = None,
+) -> Tensor:
     """The per-completion reward (B,) each formulation optimises, with the multipliers in use (for logging).
 
     fixed / sat: the single stream (``single_stream_rewards``). mu / xi / nm: the Lagrangian reward with the mixing
@@ -521,18 +547,18 @@ def mixed_rewards(
 
 
 def formulation_advantages(
-    formulation,
-    component_rewards,
-    kl_rewards,
-    num_generations,
-    multipliers=None,
-    thresholds=None,
-    squash=True,
+    formulation: str,
+    component_rewards: Tensor,
+    kl_rewards: Tensor,
+    num_generations: int,
+    multipliers: Tensor | None = None,
+    thresholds: Sequence[float] | None = None,
+    squash: bool = True,
     *,
-    baseline=None,
-    normalise_single=NORM_EPS,
-    clip_range=None,
-):
+    baseline: Callable[[Tensor, int], Tensor] | None = None,
+    normalise_single: float | None = NORM_EPS,
+    clip_range: float | None = None,
+) -> Tensor:
     """Sequence advantages (B,) for any formulation, from per-completion rewards.
 
     component_rewards (B, N), kl_rewards (B,) (-kl_coef * sum_t (log pi_old - log pi_ref)), the num_generations

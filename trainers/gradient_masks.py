@@ -10,26 +10,30 @@ fp32 partitions, via ``partition_masks`` from deepspeed 0.19.8's ZeRO optimizers
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable, Iterable
+
 import torch
+from torch import Tensor, nn
 
 from posttrain.atomic import write_atomic
 
 
-def check_names(reference, other, what):
+def check_names(reference: Iterable[str], other: Iterable[str], what: str) -> None:
     if set(reference) != set(other):
         missing, extra = sorted(set(reference) - set(other)), sorted(set(other) - set(reference))
         raise KeyError(f"{what} does not match the parameters: missing {missing[:5]}, unexpected {extra[:5]}")
 
 
-def is_zero3(p):
+def is_zero3(p: Tensor) -> bool:
     return hasattr(p, "ds_id")
 
 
-def full_shape(p):
+def full_shape(p: Tensor) -> tuple[int, ...]:
     return tuple(p.ds_shape) if is_zero3(p) else tuple(p.shape)
 
 
-def trainable_parameters(model):
+def trainable_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     """(name, parameter) of the parameters the mask covers: every trainable one (tied weights once), named as
     in the bare model (a DDP / DeepSpeed / compiled wrapper is looked through, so no ``module.`` prefix)."""
     from accelerate.utils import extract_model_from_parallel
@@ -37,7 +41,7 @@ def trainable_parameters(model):
     return [(n, p) for n, p in extract_model_from_parallel(model).named_parameters() if p.requires_grad]
 
 
-def zero3_range(p):
+def zero3_range(p: Tensor) -> tuple[int, int]:
     """(start, length) of this rank's real entries of a ZeRO-3 parameter: rank k of its partition group holds
     entries [k c, (k + 1) c) of the flattened parameter (c = ``partition_numel()``; the last ranks' pieces may be
     short or empty: padding)."""
@@ -59,7 +63,16 @@ def _zero_grads(model):
         model.zero_grad(set_to_none=True)
 
 
-def accumulate_gradients(model, loader, loss_fn=None, *, max_batches=None, to_cpu=False, grad_scale=1.0, backward=None):
+def accumulate_gradients(
+    model: nn.Module,
+    loader: Iterable[dict[str, Tensor]],
+    loss_fn: Callable[[nn.Module, dict[str, Tensor]], Tensor] | None = None,
+    *,
+    max_batches: int | None = None,
+    to_cpu: bool = False,
+    grad_scale: float = 1.0,
+    backward: Callable[[Tensor], None] | None = None,
+) -> dict[str, Tensor]:
     """{name: float32 sum over batches of grad_scale * grad loss_fn(model, batch)}; loss_fn defaults to the
     model's own token-mean CE ``model(**batch).loss``. Runs in eval mode (official), restores the mode.
 
@@ -131,7 +144,7 @@ def accumulate_gradients(model, loader, loss_fn=None, *, max_batches=None, to_cp
     return sums
 
 
-def apply_gradient_mask(model, mask):
+def apply_gradient_mask(model: nn.Module, mask: dict[str, Tensor]) -> None:
     """Zero the gradients of masked-out entries (``p.grad`` of plain, DDP models). Call after clipping, before
     ``optimizer.step()``; a trainable parameter with a gradient but no mask entry is an error."""
     for name, p in trainable_parameters(model):
@@ -142,7 +155,7 @@ def apply_gradient_mask(model, mask):
         p.grad.masked_fill_(~mask[name].to(p.grad.device), 0)
 
 
-def partition_masks(engine, mask):
+def partition_masks(engine: nn.Module, mask: dict[str, Tensor]) -> dict[int, Tensor]:
     """{id(tensor): bool mask} for the flat fp32 tensors a DeepSpeed ZeRO optimizer steps on this rank: the ZeRO-1/2
     partition of each group (a parameter's piece is its ``_hp_mapping`` fragment) or the ZeRO-3 partition of each
     sub-group (``grad_position``; rank k holds entries [k c, (k + 1) c) of the flattened parameter, c its partition
@@ -177,7 +190,7 @@ def partition_masks(engine, mask):
     return out
 
 
-def install_partition_mask(engine, mask):
+def install_partition_mask(engine: nn.Module, mask: dict[str, Tensor]) -> list:
     """Mask a DeepSpeed engine's gradients after its clipping and before its optimizer step: ZeRO optimizers clip
     the flat fp32 partition gradients inside ``step()`` and then call the inner torch optimizer's ``step()``, so a
     step pre-hook on that optimizer sees the clipped gradients (the order of ``apply_gradient_mask``). Returns the
@@ -199,13 +212,13 @@ def install_partition_mask(engine, mask):
     return [o.register_step_pre_hook(hook) for o in inner if isinstance(o, torch.optim.Optimizer)]
 
 
-def mask_density(mask):
+def mask_density(mask: dict[str, Tensor]) -> float:
     """Fraction of entries updated (True), for logging."""
     total = sum(m.numel() for m in mask.values())
     return sum(int(m.sum()) for m in mask.values()) / max(total, 1)
 
 
-def save_mask(mask, path, metadata=None):
+def save_mask(mask: dict[str, Tensor], path: str | os.PathLike, metadata: dict | None = None) -> None:
     """Write the mask as bool safetensors, atomically (temporary file in the same folder, then ``os.replace``)."""
     from safetensors.torch import save_file
 
@@ -215,7 +228,9 @@ def save_mask(mask, path, metadata=None):
     )
 
 
-def load_mask(path, reference=None, device="cpu"):
+def load_mask(
+    path: str | os.PathLike, reference: nn.Module | dict | None = None, device: torch.device | str = "cpu"
+) -> dict[str, Tensor]:
     """Read a saved mask (names sorted); with ``reference`` checked by ``check_mask``."""
     from safetensors.torch import load_file
 
@@ -223,7 +238,7 @@ def load_mask(path, reference=None, device="cpu"):
     return mask if reference is None else check_mask(mask, reference, path)
 
 
-def check_mask(mask, reference, source):
+def check_mask(mask: dict[str, Tensor], reference: nn.Module | dict, source: object) -> dict[str, Tensor]:
     """``mask`` in the order of ``reference`` (a model, or {name: tensor or shape}) after checking that it has exactly
     the reference's (trainable) parameter names and shapes and bool entries, else one ValueError naming them."""
     if isinstance(reference, torch.nn.Module):

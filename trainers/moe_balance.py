@@ -82,11 +82,14 @@ land in every checkpoint's ``model.safetensors`` and resume bit for bit (tests/t
 from __future__ import annotations
 
 import math
+import os
 import types
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor, nn
 from transformers import TrainerCallback
 
 from posttrain.trainers.moe_routers import (
@@ -227,7 +230,15 @@ class MoEBalanceConfig:
 # ----------------------------------------------------------------------------------------------- pure math
 
 
-def biased_topk(scores, bias, k, n_group=1, topk_group=1, norm_topk_prob=True, scaling=1.0):
+def biased_topk(
+    scores: Tensor,
+    bias: Tensor,
+    k: int,
+    n_group: int = 1,
+    topk_group: int = 1,
+    norm_topk_prob: bool = True,
+    scaling: float = 1.0,
+) -> tuple[Tensor, Tensor]:
     """Top-k expert selection on ``scores + bias``; gate weights from the unbiased ``scores``.
 
     scores (N, E) affinities (sigmoid or softmax; leading dims beyond one are flattened back), bias (E,).
@@ -265,12 +276,21 @@ def biased_topk(scores, bias, k, n_group=1, topk_group=1, norm_topk_prob=True, s
     return indices.view(*lead, k), weights.view(*lead, k)
 
 
-def bias_step_size(rate, n, decay_power=0.5, decay_steps=1.0):
+def bias_step_size(rate: float, n: int, decay_power: float = 0.5, decay_steps: float = 1.0) -> float:
     """Step of the decaying rule at update n (0-based): rate (1 + n / decay_steps)^-decay_power."""
     return rate * (1.0 + n / decay_steps) ** (-decay_power)
 
 
-def update_expert_bias(bias, counts, rate, rule="sign", *, step=0, decay_power=0.5, decay_steps=1.0):
+def update_expert_bias(
+    bias: Tensor,
+    counts: Tensor,
+    rate: float,
+    rule: str = "sign",
+    *,
+    step: int = 0,
+    decay_power: float = 0.5,
+    decay_steps: float = 1.0,
+) -> Tensor:
     """One balancing step of the expert bias from the loads of the step (pure: returns a new tensor).
 
     bias (..., E), counts (..., E) (token counts, any dtype; leading dims are independent layers).
@@ -309,13 +329,13 @@ def _entropy_rows(c):
     return -(torch.where(p > 0, p * p.clamp_min(1e-300).log(), torch.zeros_like(p))).sum(dim=-1)
 
 
-def max_violation(counts):
+def max_violation(counts: Tensor) -> float:
     """MaxVio = (max_i c_i - c_bar) / c_bar of loads (E,); of (L, E), the mean over the L layers. 0 if no tokens."""
     c = counts.detach().double()
     return float(_maxvio_rows(c.reshape(-1, c.shape[-1])).mean())
 
 
-def load_entropy(counts, normalized=False):
+def load_entropy(counts: Tensor, normalized: bool = False) -> float:
     """Entropy (nats) of the load distribution c / sum c over experts (E,); of (L, E), the mean over layers.
 
     log E at perfect balance, 0 when one expert takes every token; ``normalized`` divides by log E. 0 if no tokens.
@@ -328,7 +348,9 @@ def load_entropy(counts, normalized=False):
     return float(h.mean())
 
 
-def aux_balance_loss(scores, indices, num_experts, alpha=1e-3, mask=None):
+def aux_balance_loss(
+    scores: Tensor, indices: Tensor, num_experts: int, alpha: float = 1e-3, mask: Tensor | None = None
+) -> Tensor:
     """Batch-wise auxiliary balance loss alpha * sum_i f_i P_i over all N tokens (the aux-loss baseline of Wang et
     al.; Switch Transformer / GShard form, as Qwen-MoE's and Mixtral's ``load_balancing_loss_func``).
 
@@ -350,7 +372,9 @@ def aux_balance_loss(scores, indices, num_experts, alpha=1e-3, mask=None):
     return alpha * (f.detach() * P).sum()
 
 
-def sequence_aux_balance_loss(scores, indices, num_experts, alpha=1e-3, mask=None):
+def sequence_aux_balance_loss(
+    scores: Tensor, indices: Tensor, num_experts: int, alpha: float = 1e-3, mask: Tensor | None = None
+) -> Tensor:
     """Sequence-wise balance loss of DeepSeek-V3 (arXiv 2412.19437, eqs. 17-20), averaged over the sequences.
 
     scores (B, T, E) affinities with gradient, indices (B, T, K), mask (B, T) optional (pads out). For each sequence
@@ -384,7 +408,13 @@ def sequence_aux_balance_loss(scores, indices, num_experts, alpha=1e-3, mask=Non
     return alpha * per_seq[tokens > 0].mean()
 
 
-def moe_metrics(counts, biases=None, names=None, per_layer=True, prefix="moe/"):
+def moe_metrics(
+    counts: Tensor | Sequence[Tensor],
+    biases: Sequence[Tensor] | None = None,
+    names: Sequence[str] | None = None,
+    per_layer: bool = True,
+    prefix: str = "moe/",
+) -> dict[str, float]:
     """Metrics of one step: per layer (``{prefix}{name}/maxvio|load_entropy|bias_norm``) and overall.
 
     counts (L, E) or a list of (E,); biases a matching list (or None); names the layer labels (default 0..L-1).
@@ -450,7 +480,7 @@ def _softmax_router_forward(self, hidden_states):
     return router_logits, weights, indices
 
 
-def install_expert_bias(model):
+def install_expert_bias(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """Give every router of ``model`` a selection-only expert bias; returns the routers ``[(name, module)]``.
 
     DeepSeek-V3-style routers (an ``e_score_correction_bias`` buffer already routing selection-only) are left as
@@ -484,7 +514,7 @@ def install_expert_bias(model):
     return routers
 
 
-def restore_expert_biases(model, folder):
+def restore_expert_biases(model: nn.Module, folder: str | os.PathLike) -> int:
     """For a model fresh from ``from_pretrained(folder)``: if ``folder`` was saved from patched routers (Qwen /
     Mixtral, ``install_expert_bias``), whose biases the stock class dropped, patch the routers and load the saved
     biases. Returns the number of biases loaded (0 when the folder holds none that the model lacks)."""
@@ -633,8 +663,16 @@ class RouterAuxLoss:
 
 
 def apply_bias_update(
-    model_or_counter, counts=None, rate=1e-3, rule="sign", *, step=0, decay_power=0.5, decay_steps=1.0, reduce=True
-):
+    model_or_counter: nn.Module | RoutingCounter,
+    counts: Tensor | None = None,
+    rate: float = 1e-3,
+    rule: str = "sign",
+    *,
+    step: int = 0,
+    decay_power: float = 0.5,
+    decay_steps: float = 1.0,
+    reduce: bool = True,
+) -> Tensor:
     """All-reduce the step's loads and update every router's bias in place (fp32, no grad); returns the loads.
 
     ``model_or_counter``: a ``RoutingCounter`` (its routers and, when ``counts`` is None, its counts) or a model

@@ -12,16 +12,19 @@ checkpoint names to runtime names (transformers converts the experts' layout on 
 
 from __future__ import annotations
 
+import os
 import re
+from collections.abc import Callable, Sequence
 
 import torch
+from torch import Tensor, nn
 
 from posttrain.trainers.runtime import sum_over_ranks
 
 BIAS_NAME = "e_score_correction_bias"  # DeepSeek-V3's buffer name; install_expert_bias uses it too
 
 
-def expert_counts(indices, num_experts, mask=None):
+def expert_counts(indices: Tensor, num_experts: int, mask: Tensor | None = None) -> Tensor:
     """Tokens routed to each expert: bincount of indices (..., k) over the tokens where ``mask`` (...) is true."""
     idx = indices.reshape(-1, indices.shape[-1])
     if mask is not None:
@@ -29,12 +32,12 @@ def expert_counts(indices, num_experts, mask=None):
     return torch.bincount(idx.reshape(-1), minlength=num_experts)
 
 
-def is_router(module) -> bool:
+def is_router(module: nn.Module) -> bool:
     name = type(module).__name__.lower()
     return name.endswith("topkrouter") or isinstance(getattr(module, "_buffers", {}).get(BIAS_NAME), torch.Tensor)
 
 
-def find_routers(model):
+def find_routers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """The MoE routers of a transformers model, in module order: ``[(qualified name, module)]``.
 
     A router is a module whose class name ends in ``TopkRouter``/``TopKRouter`` (DeepSeek-V3, GLM-4-MoE, Qwen2/3-MoE,
@@ -44,7 +47,7 @@ def find_routers(model):
     return [(n, m) for n, m in model.named_modules() if is_router(m)]
 
 
-def router_num_experts(module) -> int:
+def router_num_experts(module: nn.Module) -> int:
     for attr in ("num_experts", "n_routed_experts"):
         if isinstance(getattr(module, attr, None), int):
             return getattr(module, attr)
@@ -56,7 +59,7 @@ def layer_label(name: str, i: int) -> str:
     return f"layer{m.group(1)}" if m else f"router{i}"
 
 
-def expert_biases(model_or_routers):
+def expert_biases(model_or_routers: nn.Module | Sequence[tuple[str, nn.Module]]) -> list[Tensor]:
     """The bias buffers of every router, in order (raises if a router has none: see install_expert_bias)."""
     routers = model_or_routers if isinstance(model_or_routers, list) else find_routers(model_or_routers)
     out = []
@@ -70,7 +73,7 @@ def expert_biases(model_or_routers):
     return out
 
 
-def checkpoint_to_runtime_names(model):
+def checkpoint_to_runtime_names(model: nn.Module) -> Callable[[str], str]:
     """A function mapping a key as saved in a checkpoint to ``model``'s own state-dict key, by the renaming that
     ``from_pretrained`` applies: transformers 5.24 writes some modules under their hub names (Mixtral's ``mlp`` as
     ``block_sparse_moe``) and maps them back on load, and the biases of patched routers must follow the same rule.
@@ -98,7 +101,7 @@ def checkpoint_to_runtime_names(model):
     return runtime_name
 
 
-def saved_biases(folder):
+def saved_biases(folder: str | os.PathLike) -> dict[str, str]:
     """``{checkpoint key: safetensors file}`` of every ``e_score_correction_bias`` saved in ``folder``."""
     from pathlib import Path
 
@@ -111,7 +114,7 @@ def saved_biases(folder):
     return found
 
 
-def load_expert_biases(model, folder):
+def load_expert_biases(model: nn.Module, folder: str | os.PathLike) -> int:
     """Copy the ``e_score_correction_bias`` tensors saved in ``folder``'s safetensors files into ``model``.
 
     For patched Qwen/Mixtral models (see install_expert_bias); DeepSeek-V3's biases load with the model already.
@@ -233,7 +236,7 @@ class RoutingCounter:
         self._handles = []
 
 
-def all_reduce_counts(counts):
+def all_reduce_counts(counts: Tensor) -> Tensor:
     """Sum a list of per-layer counts over data-parallel ranks (no-op without torch.distributed); returns a new list
     of int64 tensors."""
     flat = sum_over_ranks(torch.cat([c.reshape(-1).to(torch.long) for c in counts]))  # one collective for all layers

@@ -12,6 +12,7 @@ its user (``trainers/wagle.py``).
 from __future__ import annotations
 
 import torch
+from torch import Tensor
 
 from posttrain.trainers.runtime import sum_over_ranks
 
@@ -30,7 +31,9 @@ def _chunks(tensor, size):
     return [flat[i : i + size] for i in range(0, flat.numel(), size)]
 
 
-def top_ratio_mask(scores, ratio, chunk_size=2**24, group=None):
+def top_ratio_mask(
+    scores: dict[str, Tensor], ratio: float, chunk_size: int = 2**24, group: object | None = None
+) -> dict[str, Tensor]:
     """{name: bool mask}, True for the global top int(n * ratio) scores over all tensors together, exactly.
 
     The k-th largest score is found by radix select: one 256-bin histogram of the next 8 key bits per pass, over

@@ -297,7 +297,7 @@ class ConvertedCheckpointLoad:
             target.load_state_dict(found, strict=False)
 
 
-def sum_over_ranks(t, group=None):
+def sum_over_ranks(t: torch.Tensor, group: object | None = None) -> torch.Tensor:
     """``t`` summed over the ranks of ``group`` (default: all) when torch.distributed is running, else ``t`` itself.
     The sum is a new tensor on ``t``'s device; under NCCL it goes through the current GPU (NCCL reduces device
     tensors only)."""

@@ -55,7 +55,8 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
+from transformers import PretrainedConfig
 from trl import DPOConfig, DPOTrainer
 
 from posttrain.trainers.activation_hooks import hook_points
@@ -179,7 +180,16 @@ MAPPINGS = ("zn_rescale", "none", "sigmoid", "layernorm")
 # ----------------------------------------------------------------------------------------------- pure math
 
 
-def sparsepo_loss(logratio, neg_kl, reward_mask, kl_mask, completion_mask, beta, l1_reward=0.0, l1_kl=0.0):
+def sparsepo_loss(
+    logratio: Tensor,
+    neg_kl: Tensor,
+    reward_mask: Tensor,
+    kl_mask: Tensor,
+    completion_mask: Tensor,
+    beta: float,
+    l1_reward: float = 0.0,
+    l1_kl: float = 0.0,
+) -> Tensor:
     """Per-pair SparsePO loss (B,). All inputs (2B, T), rows [chosen; rejected]; masks are applied on
     completion tokens only, and the L1 penalty sums each mask over both rows of the pair."""
     cm = completion_mask.to(logratio.dtype)
@@ -206,7 +216,7 @@ def _masked_minmax(x, mask, constant_range=False):
     return out * mask
 
 
-def activation_mask(features, completion_mask):
+def activation_mask(features: Tensor, completion_mask: Tensor) -> Tensor:
     """MaPO mask from feature-mean activations (N, T): per-sequence min-max over completion tokens, 0 elsewhere."""
     return _masked_minmax(features.float(), completion_mask)
 
@@ -277,7 +287,7 @@ class RandomMask(nn.Module):
         return torch.rand(mask.shape, device=mask.device)
 
 
-def build_mask_network(config: SparsePOConfig, model_config) -> nn.Module:
+def build_mask_network(config: SparsePOConfig, model_config: PretrainedConfig) -> nn.Module:
     text = model_config.get_text_config()
     dropout = 0.0 if config.disable_dropout else config.mask_dropout
     if config.mask_model == "random":
@@ -400,7 +410,16 @@ class _TokenTerms(torch.autograd.Function):
         )
 
 
-def token_terms(hidden, ref_hidden, labels, mask, lm_head, ref_lm_head, chunk_size=None, logit_mapping="none"):
+def token_terms(
+    hidden: Tensor,
+    ref_hidden: Tensor,
+    labels: Tensor,
+    mask: Tensor,
+    lm_head: nn.Module,
+    ref_lm_head: nn.Module,
+    chunk_size: int | None = None,
+    logit_mapping: str = "none",
+) -> tuple[Tensor, Tensor, Tensor]:
     """Token log-ratio l_t, -KL(pi_ref || pi)_t and the reference's mapped logits (``map_activation``; the mean
     logit by default, for MaPO's 'logits' hook),
     each shaped like ``mask`` and zero where it is False. Only masked positions are projected, through the
@@ -449,7 +468,7 @@ def parse_hook_types(activation_hook: str) -> tuple[str, ...]:
     return tuple(dict.fromkeys(kinds))
 
 
-def map_activation(x, mapping):
+def map_activation(x: Tensor, mapping: str) -> Tensor:
     """Per-token scalar of one hook point's activations x (..., d), by ``activation_mapping`` (official
     ``apply_activation_mapping``): the feature mean of x (``zn_rescale``, ``none``), of sigmoid(x)
     (``sigmoid``), or of layer_norm(x) without affine weights (``layernorm``: near 0 by construction, as in

@@ -64,6 +64,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from transformers import PretrainedConfig
 from trl import GRPOConfig, GRPOTrainer
 
 from posttrain.trainers.advantages import work_dtype
@@ -164,7 +165,9 @@ def generated_vocab(token_ids: Tensor, completion_mask: Tensor) -> tuple[Tensor,
     return vocab, torch.where(mask, pos, torch.zeros_like(pos))
 
 
-def slice_to_generated_vocab(probs_full: Tensor, token_ids: Tensor, completion_mask: Tensor):
+def slice_to_generated_vocab(
+    probs_full: Tensor, token_ids: Tensor, completion_mask: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
     """Restrict next-token probabilities (G, T, V) to V* (``generated_vocab``): returns probs (G, T, K) =
     probs_full[..., V*] (not renormalised), token_pos (G, T) and vocab (K,). The trainer never forms the full
     distribution: it computes the head's logits on V* only (``THRGRPOTrainer._thr_head_logits``)."""
@@ -172,7 +175,7 @@ def slice_to_generated_vocab(probs_full: Tensor, token_ids: Tensor, completion_m
     return probs_full.index_select(-1, vocab), token_pos, vocab
 
 
-def prediction_errors(probs, token_pos, completion_mask):
+def prediction_errors(probs: Tensor, token_pos: Tensor, completion_mask: Tensor) -> Tensor:
     """g = onehot(token_pos, K) - probs (G, T, K), zero on masked positions; float32 (float64 if given).
     K = 0 (every token masked: V* is empty) gives an empty (G, T, 0)."""
     dtype = work_dtype(probs)
@@ -196,7 +199,9 @@ def _anchor_from_errors(g: Tensor, h: Tensor, correct: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def token_influence(hidden, probs, token_pos, completion_mask, correct, beta=1.0):
+def token_influence(
+    hidden: Tensor, probs: Tensor, token_pos: Tensor, completion_mask: Tensor, correct: Tensor, beta: float = 1.0
+) -> tuple[Tensor, Tensor]:
     """Influence s (G, T) of every completion token on the correct samples, and the threshold tau.
 
     hidden (G, T, d): final hidden states; probs (G, T, K): next-token probabilities sliced to V*; token_pos
@@ -240,7 +245,9 @@ def _as_tensor(x, like):
 
 
 @torch.no_grad()
-def thr_advantages(advantages, s, tau, p, completion_mask, mode="reweight"):
+def thr_advantages(
+    advantages: Tensor, s: Tensor, tau: Tensor | float, p: float, completion_mask: Tensor, mode: str = "reweight"
+) -> Tensor:
     """THR per-token advantages (G, T) for one group (reconstruction, see the module docstring).
 
     advantages (G,): per-sample GRPO advantages; s (G, T), tau: from ``token_influence``; p: steering scalar.
@@ -264,7 +271,9 @@ def thr_advantages(advantages, s, tau, p, completion_mask, mode="reweight"):
 
 
 @torch.no_grad()
-def nthr_advantages(advantages, s, tau, correct, completion_mask):
+def nthr_advantages(
+    advantages: Tensor, s: Tensor, tau: Tensor | float, correct: Tensor, completion_mask: Tensor
+) -> Tensor:
     """NTHR per-token advantages (G, T) for one group (exact, as in the NTHR paper).
 
     Tokens of incorrect samples with s > tau get eta A_j, eta = 2 |0.5 - rho|, rho = N+ / G; every other valid
@@ -283,7 +292,7 @@ def nthr_advantages(advantages, s, tau, correct, completion_mask):
     return torch.where(selected, eta * A, A) * completion_mask.to(dtype)
 
 
-def gspo_token_old_logps(logps, old_logps, mask):
+def gspo_token_old_logps(logps: Tensor, old_logps: Tensor, mask: Tensor) -> Tensor:
     """The old log-probs that make a token-level ratio GSPO-token's (Zheng et al., arXiv 2507.18071).
 
     Returns sg[logps - seq] with seq = the masked mean of (logps - old_logps) per sequence, so that
@@ -296,7 +305,7 @@ def gspo_token_old_logps(logps, old_logps, mask):
     return logps - seq
 
 
-def lm_head_logit_transform(config):
+def lm_head_logit_transform(config: PretrainedConfig) -> tuple[float, float | None]:
     """(logit_scale, final_logit_softcapping) of a model config, read the way TRL 1.16's ``add_fused_lm_head``
     (trl/trainer/utils.py) reads them for the log-probs of the loss: ``logit_scale`` (Cohere), else
     ``output_multiplier``, else ``lm_head_multiplier`` (Falcon-H1), else 1 / ``logits_scaling`` (Granite, MiniCPM3;
@@ -314,7 +323,9 @@ def lm_head_logit_transform(config):
     return (1.0 if scale is None else float(scale)), (None if softcap is None else float(softcap))
 
 
-def postprocess_logits(logits, logit_scale=1.0, softcap=None, temperature=1.0):
+def postprocess_logits(
+    logits: Tensor, logit_scale: float = 1.0, softcap: float | None = None, temperature: float = 1.0
+) -> Tensor:
     """The sampling logits from raw LM-head outputs, in TRL 1.16's order (trl/kernels/chunked_logprob.py
     ``_torch_transform``): scale, then softcap * tanh(z / softcap), then divide by the temperature."""
     z = logits * logit_scale

@@ -58,7 +58,7 @@ __all__ = [
 ]
 
 
-def maybe_gather_lm_head_ctx(*params: torch.Tensor):
+def maybe_gather_lm_head_ctx(*params: torch.Tensor) -> contextlib.AbstractContextManager:
     """TRL's ``maybe_gather_lm_head_ctx`` (gathers ZeRO-3-partitioned head tensors for the block), looked up when
     called, so a test can stand in a simulated partitioning for it."""
     from trl.trainer import utils

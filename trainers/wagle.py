@@ -61,6 +61,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor, nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from posttrain.data.unlearning import ENCODED_FIELDS, REFUSALS, collate, encode_row, stream_indices
@@ -200,7 +201,9 @@ class WAGLEConfig(TrainingArguments):
 # ----------------------------------------------------------------------------------------------- pure math
 
 
-def attribution_scores(params, grad_forget, grad_retain, gamma):
+def attribution_scores(
+    params: dict[str, Tensor], grad_forget: dict[str, Tensor], grad_retain: dict[str, Tensor], gamma: float
+) -> dict[str, Tensor]:
     """WAGLE scores {name: |(theta - g_r / gamma) * g_f|} in float32, on the device of the forget gradients."""
     check_names(params, grad_forget, "grad_forget")
     check_names(params, grad_retain, "grad_retain")
@@ -219,7 +222,7 @@ def _attribution_scores_(grad_retain, theta, grad_forget, gamma):
     return grad_retain.div_(-gamma).add_(theta.to(grad_retain.device, torch.float32)).mul_(gf).abs_()
 
 
-def snip_scores(params, grad_forget):
+def snip_scores(params: dict[str, Tensor], grad_forget: dict[str, Tensor]) -> dict[str, Tensor]:
     """SNIP baseline {name: |theta * g_f|} (WAGLE without the retain correction)."""
     check_names(params, grad_forget, "grad_forget")
     return {
@@ -228,50 +231,52 @@ def snip_scores(params, grad_forget):
     }
 
 
-def magnitude_scores(params):
+def magnitude_scores(params: dict[str, Tensor]) -> dict[str, Tensor]:
     """Magnitude baseline {name: |theta|}."""
     return {n: t.detach().float().abs() for n, t in params.items()}
 
 
-def random_scores(shapes, seed=0):
+def random_scores(shapes: dict[str, Tensor | tuple[int, ...]], seed: int = 0) -> dict[str, Tensor]:
     """Random baseline: U[0, 1) scores from one CPU generator seeded once, tensors drawn in dict order.
     ``shapes`` maps names to shapes or tensors (only their shapes are used), so every rank draws the same."""
     g = torch.Generator().manual_seed(seed)
     return {n: torch.rand(tuple(s.shape if isinstance(s, torch.Tensor) else s), generator=g) for n, s in shapes.items()}
 
 
-def graddiff_loss(forget_ce, retain_ce, retain_weight=1.0):
+def graddiff_loss(forget_ce: Tensor, retain_ce: Tensor, retain_weight: float = 1.0) -> Tensor:
     """GradDiff (official GA+FT): -CE_f + lambda CE_r."""
     return -forget_ce + retain_weight * retain_ce
 
 
-def npo_forget_term(forget_ce, ref_forget_ce, beta=0.1):
+def npo_forget_term(forget_ce: Tensor, ref_forget_ce: Tensor, beta: float = 0.1) -> Tensor:
     """Official NPO term on batch token-mean CEs: -(2 / beta) log sigmoid(beta (CE_theta - CE_ref))."""
     return -(2.0 / beta) * F.logsigmoid(beta * (forget_ce - ref_forget_ce))
 
 
-def npo_loss(forget_ce, ref_forget_ce, retain_ce, beta=0.1, retain_weight=1.0):
+def npo_loss(
+    forget_ce: Tensor, ref_forget_ce: Tensor, retain_ce: Tensor, beta: float = 0.1, retain_weight: float = 1.0
+) -> Tensor:
     """NPO+FT: the NPO forget term + lambda CE_r."""
     return npo_forget_term(forget_ce, ref_forget_ce, beta) + retain_weight * retain_ce
 
 
-def po_loss(refusal_ce, retain_ce, retain_weight=1.0):
+def po_loss(refusal_ce: Tensor, retain_ce: Tensor, retain_weight: float = 1.0) -> Tensor:
     """PO (official CL+FT): CE of the forget questions with refusal answers + lambda CE_r."""
     return refusal_ce + retain_weight * retain_ce
 
 
 def build_mask(
-    model,
-    method,
-    ratio,
-    grad_forget=None,
-    grad_retain=None,
-    gamma=1e-6,
-    seed=0,
-    chunk_size=2**24,
-    device=None,
-    consume=False,
-):
+    model: nn.Module,
+    method: str,
+    ratio: float,
+    grad_forget: dict[str, Tensor] | None = None,
+    grad_retain: dict[str, Tensor] | None = None,
+    gamma: float = 1e-6,
+    seed: int = 0,
+    chunk_size: int = 2**24,
+    device: torch.device | str | None = None,
+    consume: bool = False,
+) -> dict[str, Tensor]:
     """The phase-1 mask of ``method`` (MASK_METHODS) over the model's trainable parameters; scores go to
     ``device`` (default: where they are computed). ``consume=True`` empties the gradient dicts as the scores are
     made, so scores and gradient sums never coexist in full (peak: model + the two sums)."""
