@@ -14,7 +14,7 @@ import importlib
 from dataclasses import dataclass
 
 
-def import_object(path: str):
+def import_object(path: str) -> object:
     """Import ``"package.module:attr"``."""
     module, _, attr = path.partition(":")
     return getattr(importlib.import_module(module), attr)

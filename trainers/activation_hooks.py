@@ -33,7 +33,7 @@ def _fused_qkv_split(attn, fused):
     return lambda o: o.split([split, kv_dim, kv_dim], dim=-1)
 
 
-def hook_points(model) -> dict[str, list[tuple[str, nn.Module, str, object]]]:
+def hook_points(model: nn.Module) -> dict[str, list[tuple[str, nn.Module, str, object]]]:
     """MaPO hook points per type, as the official hooks (``src/masks/hooks.py`` and the patched GPT-2 / GPT-NeoX /
     GPT-BigCode models of huawei-noah/HEBO SparsePO): (name, module, 'output'|'input', split or None).
 

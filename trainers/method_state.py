@@ -29,6 +29,9 @@ A trainer, or a ``TrainerCallback`` registered with it, declares its state with 
 from __future__ import annotations
 
 import contextlib
+import os
+from collections.abc import Iterable
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import torch
@@ -44,7 +47,7 @@ class MissingMethodStateError(UserError, FileNotFoundError):
     """A resume from a checkpoint that lacks the state this run needs (the CLI prints it as one line)."""
 
 
-def method_state_owners(trainer) -> dict:
+def method_state_owners(trainer: object) -> dict:
     """``{owner name: object}``: the trainer if it declares ``method_state``, and each callback that does."""
     owners = {TRAINER: trainer} if callable(getattr(trainer, "method_state", None)) else {}
     for cb in trainer.callback_handler.callbacks:
@@ -53,12 +56,12 @@ def method_state_owners(trainer) -> dict:
     return owners
 
 
-def save_method_state(state: dict, folder) -> Path:
+def save_method_state(state: dict, folder: str | os.PathLike) -> Path:
     """Write ``state`` to ``folder/method_state.pt`` atomically (temporary file in the folder, then rename)."""
     return write_atomic(Path(folder) / STATE_FILE, lambda tmp: torch.save(state, tmp))
 
 
-def read_method_state(folder, owners) -> dict:
+def read_method_state(folder: str | os.PathLike, owners: dict) -> dict:
     """The saved state of each of ``owners`` (names) in checkpoint ``folder``; one error if any is missing."""
     path = Path(folder) / STATE_FILE
     if not path.is_file():
@@ -97,7 +100,7 @@ def _broadcast_from_rank0(accelerator, make):
 
 
 @contextlib.contextmanager
-def gathered(params, modifier_rank=None):
+def gathered(params: Iterable[torch.nn.Parameter], modifier_rank: int | None = None) -> AbstractContextManager:
     """Whole parameters inside the block under DeepSpeed ZeRO-3 (a collective: every rank enters it; with
     ``modifier_rank`` that rank's in-place changes are partitioned back), a no-op otherwise."""
     params = [p for p in params if hasattr(p, "ds_id")]

@@ -33,6 +33,11 @@ check is one ``isfinite`` pass over each rank's parameters (its ZeRO-3 partition
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from transformers import TrainingArguments
+
 import json
 import os
 import re
@@ -57,14 +62,14 @@ class NonFiniteError(TrainingError):
     pass
 
 
-def checkpoint_folders(output_dir) -> list[Path]:
+def checkpoint_folders(output_dir: str | os.PathLike) -> list[Path]:
     """The ``checkpoint-N`` folders in ``output_dir``, complete or not, oldest step first."""
     folder = Path(output_dir)
     found = [c for c in folder.iterdir() if _CHECKPOINT.match(c.name) and c.is_dir()] if folder.is_dir() else []
     return sorted(found, key=lambda c: int(_CHECKPOINT.match(c.name).group(1)))
 
 
-def write_checkpoint_manifest(folder, args, world_size: int) -> Path:
+def write_checkpoint_manifest(folder: str | os.PathLike, args: TrainingArguments, world_size: int) -> Path:
     """List every file in ``folder`` (recursively) with its size into ``folder/checkpoint_manifest.json``, written
     last and atomically: the mark that the save finished on every rank."""
     folder = Path(folder)
@@ -83,7 +88,7 @@ def write_checkpoint_manifest(folder, args, world_size: int) -> Path:
     return write_json_atomic(folder / MANIFEST, manifest, indent=1, default=str)
 
 
-def read_manifest(folder) -> dict:
+def read_manifest(folder: str | os.PathLike) -> dict:
     return json.loads((Path(folder) / MANIFEST).read_text())
 
 
@@ -135,7 +140,7 @@ def _missing_for_resume(folder: Path, manifest: dict) -> list[str]:
     return needed
 
 
-def checkpoint_problem(folder) -> str | None:
+def checkpoint_problem(folder: str | os.PathLike) -> str | None:
     """None if ``folder`` is a complete, resumable checkpoint-N; else one line naming the missing or damaged file."""
     folder = Path(folder)
     match = _CHECKPOINT.match(folder.name)
@@ -175,11 +180,11 @@ def checkpoint_problem(folder) -> str | None:
     return None
 
 
-def is_complete_checkpoint(folder) -> bool:
+def is_complete_checkpoint(folder: str | os.PathLike) -> bool:
     return checkpoint_problem(folder) is None
 
 
-def latest_checkpoint(output_dir) -> Path | None:
+def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
     """The newest complete checkpoint in ``output_dir`` (incomplete newer ones are skipped), or None."""
     return next((c for c in reversed(checkpoint_folders(output_dir)) if is_complete_checkpoint(c)), None)
 

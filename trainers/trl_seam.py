@@ -38,6 +38,12 @@ TRL private utilities used (re-exported here): ``disable_gradient_checkpointing`
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+    from transformers import Trainer
+
 import contextlib
 from collections.abc import Iterator
 
@@ -88,7 +94,7 @@ def capture_last_hidden_state(model: torch.nn.Module) -> Iterator[dict]:
 
 
 @contextlib.contextmanager
-def reference_model(trainer) -> Iterator[torch.nn.Module]:
+def reference_model(trainer: Trainer) -> Iterator[torch.nn.Module]:
     """The model to call for reference log-probs / hidden states, as TRL 1.16's trainers choose it: the separate
     ``trainer.ref_model`` when there is one, else (PEFT) the policy with its adapter disabled, or with the adapter
     named ``"ref"`` (the initial copy TRL keeps for a PEFT model trained from an adapter) active."""
@@ -100,7 +106,7 @@ def reference_model(trainer) -> Iterator[torch.nn.Module]:
         yield trainer.model
 
 
-def gather_padded(accelerator, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+def gather_padded(accelerator: Accelerator, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """Gather (B, T, ...) tensors of every rank along dim 0, each right-padded along dim 1 with zeros to the longest
     T of any rank (ranks' completions differ in length). Every rank must call it (a collective)."""
     local_t = tensors[0].size(1)
