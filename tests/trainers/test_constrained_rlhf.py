@@ -851,3 +851,61 @@ def test_a_trained_reward_model_is_a_component(tmp_path):
     scores = trainer._component_rewards[:, 0]
     assert torch.isfinite(scores).all() and scores.std() > 0
     assert trainer.reward_func_names[0] == "rm"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["ddp", "zero3"])
+def test_constrained_rlhf_multipliers_are_identical_on_both_ranks(backend, tmp_path, run_env):
+    # Each rank holds other completions in a step: a multiplier step on the rank-local means would part the ranks.
+    import json
+    import subprocess
+
+    from support import BIN, ROOT
+
+    config = {"ddp": "cpu_2proc.yaml", "zero3": "zero3.yaml"}[backend]
+    cmd = [
+        str(BIN / "accelerate"),
+        "launch",
+        "--config_file",
+        str(ROOT / "accelerate_configs" / config),
+        "--num_processes",
+        "2",
+        "--mixed_precision",
+        "no",
+        "--main_process_port",
+        "29534",
+        str(ROOT / "tests" / "helpers" / "crlhf_ranks.py"),
+        str(tmp_path),
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=run_env, cwd=ROOT, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["world"] == 2
+    assert ranks[0]["lam"] == ranks[1]["lam"] and ranks[0]["momentum"] == ranks[1]["momentum"]  # bit for bit
+    assert len(set(ranks[0]["lam"])) > 1  # the constraints moved apart from their shared initial draw
+    assert any(abs(k) > 0 for k in ranks[0]["kl"][1:])  # the KL stream is live (reference model under ZeRO-3 too)
+
+
+def test_xi_advantages_mix_with_the_multipliers_before_their_step(tmp_path):
+    # multiplier_step: generation: the batch's advantages are mixed with lambda as it was before this batch's
+    # multiplier step (the step uses the batch's values, so mixing after it would leak them into the weights).
+    # kl_coef 0: the KL stream is zero, so the advantages follow from the logged component rewards alone.
+    trainer, inputs, _, _ = _loss_and_grads(
+        "constrained_rlhf/tiny", tmp_path, multiplier_step="generation", kl_coef=0.0
+    )
+    cfg = trainer.args
+    lam0 = LagrangeMultipliers.from_config(cfg, 3, generator=torch.Generator().manual_seed(cfg.seed)).lam.detach()
+    rewards = trainer._component_rewards.double()
+    zeros = torch.zeros(rewards.size(0), dtype=rewards.dtype)
+
+    def mixed(lam):
+        return formulation_advantages(
+            cfg.formulation, rewards, zeros, trainer.num_generations, lam, trainer.thresholds, cfg.squash_multipliers
+        )
+
+    before, after = mixed(lam0), mixed(trainer.multipliers.lam.detach().double())
+    assert not torch.allclose(before, after, atol=1e-4)  # the step moved the mix: the test can tell them apart
+    got = inputs["advantages"].double()
+    assert got.numel() == before.numel()
+    # TRL shuffles the generation batch before splitting it: compare as multisets
+    torch.testing.assert_close(got.sort().values, before.sort().values, atol=1e-5, rtol=0)

@@ -1152,3 +1152,47 @@ def test_maxvio_global(deepseek):
         b[0] = 10.0
     forced = maxvio_global(deepseek, tok, texts)
     assert forced["maxvio_global"] == pytest.approx(3.0) and forced["maxvio_global_max"] == pytest.approx(3.0)
+
+
+# --- wiring: the bias update's timing through a real Trainer, every rule ------------------------------------------
+
+
+@pytest.mark.parametrize("rule", ["sign", "proportional", "decaying"])
+def test_bias_updates_after_each_optimizer_step_with_the_steps_own_loads(rule, tmp_path, monkeypatch):
+    # Through TRL's SFTTrainer: after optimizer step n (n = 0, 1, 2) the biases must be the pure update applied to
+    # the loads of that step's forwards with step=n. The decaying rule's step size depends on n, so an update hooked
+    # one event early or late (before the optimizer step, at the next step's start) gives other biases.
+    import posttrain.trainers.moe_balance as moe_mod
+    from posttrain.recipes.train import build_trainer
+
+    seen = []
+    real = moe_mod.apply_bias_update
+
+    def recording(counter, *args, **kwargs):
+        seen.append([c.clone() for c in counter.counts])
+        return real(counter, *args, **kwargs)
+
+    monkeypatch.setattr(moe_mod, "apply_bias_update", recording)
+    rate, power, n0 = 1e-2, 1.0, 0.5
+    recipe = recipe_of(
+        tmp_path,
+        model_name_or_path="tiny:deepseek_v3",
+        max_steps=3,
+        moe_balance="aux_free",
+        moe_bias_rate=rate,
+        moe_bias_rule=rule,
+        moe_bias_decay_power=power,
+        moe_bias_decay_steps=n0,
+    )
+    trainer = build_trainer(recipe)
+    routers = find_routers(trainer.model)
+    want = [torch.zeros_like(b) for b in expert_biases(routers)]
+    trainer.train()
+    assert len(seen) == 3
+    for n, loads in enumerate(seen):
+        assert all(int(c.sum()) > 0 for c in loads)
+        want = [
+            update_expert_bias(b, c, rate, rule, step=n, decay_power=power, decay_steps=n0) for b, c in zip(want, loads)
+        ]
+    for got, expected in zip(expert_biases(routers), want):
+        torch.testing.assert_close(got, expected, atol=1e-7, rtol=0)

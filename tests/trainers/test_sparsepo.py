@@ -584,3 +584,67 @@ def test_token_terms_backward_allocates_head_gradients_inside_the_zero3_gather(m
     (g_l * lr[0] + g_d * kl[0]).sum().backward()
     torch.testing.assert_close(d_w, w0.grad)
     torch.testing.assert_close(d_b, b0.grad)
+
+
+# --- wiring: what the trainer feeds the math, against plain forwards of policy and reference --------------------
+
+
+def plain_terms(trainer, batch):
+    """(logratio, neg_kl, mask) from plain full-vocabulary forwards of policy and reference (no chunking)."""
+    ids, attn, cm = batch["input_ids"], batch["attention_mask"], batch["completion_mask"]
+    mask = cm[:, 1:].bool()
+    labels = ids[:, 1:].masked_fill(~mask, 0).unsqueeze(-1)
+    with torch.no_grad():
+        logp = F.log_softmax(
+            trainer.model._sparsepo_original_forward(input_ids=ids, attention_mask=attn).logits[:, :-1].float(), -1
+        )
+        ref_logp = F.log_softmax(trainer.ref_model(input_ids=ids, attention_mask=attn).logits[:, :-1].float(), -1)
+    logratio = (logp.gather(-1, labels) - ref_logp.gather(-1, labels)).squeeze(-1) * mask
+    neg_kl = (ref_logp.exp() * (logp - ref_logp)).sum(-1) * mask
+    return logratio, neg_kl, mask
+
+
+def test_learned_mask_is_the_mask_network_on_the_reference_hidden_states(tmp_path):
+    # The mask network reads the reference's hidden states (no gradient), not the policy's: with the policy moved
+    # away from the reference the two differ, and the trainer's mask must equal the network on the reference's.
+    trainer = make_trainer(tmp_path)
+    perturb(trainer.model)
+    trainer.model.eval()  # no dropout: the network's output is a function of its input
+    batch = first_batch(trainer)
+    got = trainer._terms_and_masks(trainer.model, batch)
+    mask = batch["completion_mask"][:, 1:].bool()
+    ids, attn = batch["input_ids"], batch["attention_mask"]
+    with torch.no_grad():
+        ref_states = trainer.ref_model(input_ids=ids, attention_mask=attn, output_hidden_states=True).hidden_states
+        policy_states = trainer.model._sparsepo_original_forward(
+            input_ids=ids, attention_mask=attn, output_hidden_states=True
+        ).hidden_states
+        net = trainer.model.sparsepo_masks["common"]
+        want = net([h[:, :-1] for h in ref_states[1:]], mask) * mask
+        other = net([h[:, :-1] for h in policy_states[1:]], mask) * mask
+    assert not torch.allclose(want, other, atol=1e-4)  # the test can tell the two inputs apart
+    torch.testing.assert_close(got["reward_mask"], want, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(got["kl_mask"], want, atol=1e-6, rtol=1e-5)
+    logratio, neg_kl, _ = plain_terms(trainer, batch)
+    torch.testing.assert_close(got["logratio"], logratio, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got["neg_kl"], neg_kl, atol=1e-5, rtol=1e-5)
+
+
+def test_logged_rewards_are_hand_computed_from_the_chosen_and_rejected_rows(tmp_path):
+    # The collator puts the chosen rows first, then the rejected ones (DPO's concatenated batch); the logged
+    # rewards are beta (sum l + sum d) of each (the official trainer's), averaged over the rows.
+    trainer = make_trainer(tmp_path, mask_type="uniform")
+    perturb(trainer.model)
+    trainer.model.train()  # the training metrics (dropout is disabled in the policy)
+    batch = first_batch(trainer)
+    trainer.compute_loss(trainer.model, batch)
+    logratio, neg_kl, mask = plain_terms(trainer, batch)
+    rewards = trainer.args.beta * ((logratio + neg_kl) * mask).sum(-1)
+    chosen, rejected = rewards.chunk(2)
+    logged = {k: v[-1] for k, v in trainer._metrics["train"].items()}
+    assert not torch.allclose(chosen, rejected)
+    assert logged["rewards/chosen"] == pytest.approx(chosen.mean().item(), abs=1e-6)
+    assert logged["rewards/rejected"] == pytest.approx(rejected.mean().item(), abs=1e-6)
+    assert logged["rewards/margins"] == pytest.approx((chosen - rejected).mean().item(), abs=1e-6)
+    assert logged["rewards/accuracies"] == pytest.approx((chosen > rejected).float().mean().item())
+    assert logged["kl/seq"] == pytest.approx((-(neg_kl * mask).sum(-1)).mean().item(), abs=1e-6)

@@ -440,7 +440,7 @@ def test_a_group_split_across_two_processes_gets_the_same_advantages(tmp_path):
         results[world] = _json.loads(path.read_text())
     assert results[2]["world"] == 2
     one, two = torch.tensor(results[1]["advantages"]), torch.tensor(results[2]["advantages"])
-    assert results[1]["metrics"]["thr/mixed_groups"] == [2.0]
+    assert results[1]["metrics"]["thr/mixed_groups"] == [3.0]  # the middle group is split across the two ranks
     torch.testing.assert_close(one, two, atol=1e-6, rtol=1e-5)
     assert not torch.allclose(one, one[:, :1].expand_as(one) * (one != 0))  # THR actually reweighted something
 
@@ -701,3 +701,30 @@ def test_gpu_recipes_reproduce_the_papers_batch_arithmetic(name):
     assert cfg.max_steps == want["rollouts"] * steps_per_rollout and cfg.num_iterations == 1
     assert cfg.max_completion_length == want["max_completion_length"]
     assert "spec" not in text and str(processes) in text.splitlines()[2]  # the comment states the process count
+
+
+# --- wiring: the trainer's token advantages against plain forwards and the pure functions ------------------------
+
+
+def test_trainer_token_advantages_equal_the_formula_on_plain_forwards(tmp_path):
+    # Independent recomputation: the backbone's last hidden state at the positions that predict each completion
+    # token (P-1 .. P+T-2), the full next-token distribution there sliced to V*, then token_influence and
+    # thr_advantages. Pins which hidden states, which positions and which probabilities the trainer uses.
+    trainer = _thr_trainer(tmp_path)
+    out, rewards = _mixed_out()
+    got = trainer.thr_token_advantages(out, rewards)
+    ids = torch.cat([out["prompt_ids"], out["completion_ids"]], 1)
+    att = torch.cat([out["prompt_mask"], out["completion_mask"]], 1)
+    P, mask = out["prompt_ids"].size(1), out["completion_mask"]
+    with torch.no_grad():
+        hidden = trainer.model.base_model(input_ids=ids, attention_mask=att).last_hidden_state[:, P - 1 : -1].float()
+        logits = trainer.model(input_ids=ids, attention_mask=att).logits[:, P - 1 : -1].float()
+    probs_full = torch.softmax(logits / trainer.temperature, -1)
+    probs, pos, _ = slice_to_generated_vocab(probs_full, out["completion_ids"], mask)
+    correct = rewards >= trainer.args.correct_threshold
+    s, tau = token_influence(hidden, probs, pos, mask, correct, beta=trainer.args.thr_beta)
+    want = thr_advantages(out["advantages"], s, tau, trainer.args.thr_p, mask, mode=trainer.args.thr_mode)
+    assert not torch.allclose(want, out["advantages"][:, None] * mask)  # THR moved some token
+    torch.testing.assert_close(got, want.to(got.dtype), atol=1e-5, rtol=1e-4)
+    hidden_got, _ = trainer._old_policy_hidden_and_lse(out)
+    torch.testing.assert_close(hidden_got, hidden, atol=1e-6, rtol=1e-5)

@@ -865,3 +865,35 @@ def test_micro_batched_attribution_gives_the_batch_gradient():
         pieces = accumulate_gradients(model, _pieces(batches, size), loss_fn=_piece_loss)
         for name in whole:
             torch.testing.assert_close(pieces[name], whole[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+# --- wiring: the retain stream under data parallelism ------------------------------------------------------------
+
+
+def test_ranks_read_disjoint_consecutive_retain_batches(tmp_path, monkeypatch):
+    # Micro-step k of rank r reads the retain rows at position (k * world + r) * B of the shared retain stream: the
+    # ranks together read the stream in order, none twice. Seen from rank 0 and rank 1 of a simulated 2-process run
+    # (the accelerator's rank and world are the only inputs), over three micro-steps.
+    from accelerate import Accelerator
+
+    trainer = wagle_trainer(tmp_path)
+    batch = trainer.args.per_device_train_batch_size
+    positions = {}
+
+    class Seen(Exception):
+        pass
+
+    def record(position):
+        positions.setdefault(rank, []).append(position)
+        raise Seen
+
+    monkeypatch.setattr(trainer, "retain_batch", record)
+    monkeypatch.setattr(Accelerator, "num_processes", property(lambda self: 2))
+    for rank in (0, 1):
+        monkeypatch.setattr(Accelerator, "process_index", property(lambda self, r=rank: r))
+        trainer.micro_step = 0
+        for _ in range(3):
+            with pytest.raises(Seen):
+                trainer.training_step(trainer.model, {})
+            trainer.micro_step += 1  # the raise skipped the trainer's own increment
+    assert positions == {0: [0, 2 * batch, 4 * batch], 1: [batch, 3 * batch, 5 * batch]}
