@@ -127,6 +127,7 @@ def test_epsilon_delta_budget_is_met():
     cfg = PrivateGSDConfig(epsilon=1.0, delta=1e-6, max_steps=200, synthetic_rows=50, output_dir="unused")
     S, report = synthesize(X, domain, cfg)
     assert S.shape == (50, 3) and report["privacy"]["epsilon"] <= 1.0 + 1e-6
+    assert report["non_private_diagnostics"]["max_error"] < 0.1
     with pytest.raises(ValueError, match="column 1: row 4 is outside its domain 3"):
         X[4, 1] = 3
         synthesize(X, domain, cfg)
