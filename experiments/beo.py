@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -69,12 +70,13 @@ def main() -> None:
     parser.add_argument("--no_mlp", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    warnings.filterwarnings("ignore", message=".*Stochastic Optimizer: Maximum iterations.*")
     start = time.time()
     runs = [run(v, s, not args.no_mlp) for v in VARIANTS for s in range(args.seeds)]
     prefixes = ["acc_"] + ([] if args.no_mlp else ["mlp_acc_"])
     print("| variant | classifier | " + " | ".join(ARMS) + " | BEO - clean only (pp) | noise - BEO (pp) | "
           "5-NN err clean -> protected | B_hat clean -> protected |")  # fmt: skip
-    print("|" + "---|" * 9)
+    print("|" + "---|" * 10)
     summary = {}
     for v in VARIANTS:
         rs = [r for r in runs if r["variant"] == v]
