@@ -18,9 +18,9 @@ Two modes:
   p_hat(y|x_i) ~ sum_{j != i, y_j = y} exp(-||x_i - x_j||^2 / 2h^2); S steps of sign-gradient ascent (L-inf;
   normalised gradient for L2) with step eta = 2.5 eps / S (the usual PGD schedule), each followed by the
   projection on the eps-ball and onto [0, 1]. The bandwidth h: the spec's pseudo-code takes the median pairwise
-  distance, but on digits that kernel is nearly flat (B_hat = 0.886 on the clean protected half, whose 5-NN error
-  is 0.03, against a maximum of 0.9), so the default here is the median nearest-neighbour distance of the clean
-  protected set (B_hat = 0.644 there); ``bandwidth_rule: median`` restores the pseudo-code's.
+  distance, but on digits that kernel is nearly flat (B_hat = 0.886 on the clean protected half of seed 0, whose
+  5-NN error is 0.03, against a maximum of 0.9), so the default here is the median nearest-neighbour distance of
+  the clean protected set (B_hat = 0.644 there); ``bandwidth_rule: median`` restores the pseudo-code's.
 
 As a data stage, ``protect`` maps (X, y) to the protected X and a report; ``protect_dataset`` does it on a
 ``datasets.Dataset`` with a feature column. The ``beo`` trainer runs the spec's digits experiment: half of the

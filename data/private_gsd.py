@@ -490,3 +490,34 @@ def synthesize(
             "noise_floor": float(np.abs(noisy - true).max()),
         },
     }
+
+
+def synthesize_dataset(dataset, domain: dict, cfg: PrivateGSDConfig, seed: Optional[int] = None):
+    """The data stage on a ``datasets.Dataset``: ``domain`` maps each released column to its public list of values
+    (categorical) or to ``"numeric"`` (values in [0, 1]); other columns are dropped. Returns (a Dataset of
+    ``cfg.synthetic_rows`` synthetic rows with those columns, the report)."""
+    from datasets import Dataset
+
+    missing = [c for c in domain if c not in dataset.column_names]
+    if missing:
+        raise ValueError(f"domain names columns {missing} that are not in the dataset ({dataset.column_names})")
+    cols, sizes = [], []
+    for name, values in domain.items():
+        data = dataset[name]
+        if values == "numeric":
+            cols.append(np.asarray(data, dtype=float))
+            sizes.append("numeric")
+            continue
+        index = {v: i for i, v in enumerate(values)}
+        unknown = next((r for r, v in enumerate(data) if v not in index), None)
+        if unknown is not None:
+            raise ValueError(
+                f"column '{name}' row {unknown}: value {data[unknown]!r} is not in its public domain {list(values)}"
+            )
+        cols.append(np.array([index[v] for v in data], dtype=float))
+        sizes.append(len(values))
+    S, report = synthesize(np.stack(cols, axis=1), sizes, cfg, seed)
+    out = {}
+    for j, (name, values) in enumerate(domain.items()):
+        out[name] = S[:, j].tolist() if values == "numeric" else [values[int(v)] for v in S[:, j]]
+    return Dataset.from_dict(out), report

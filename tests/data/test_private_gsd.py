@@ -22,6 +22,7 @@ from posttrain.data.private_gsd import (
     random_rows,
     report_noisy_max,
     synthesize,
+    synthesize_dataset,
 )
 
 
@@ -131,6 +132,23 @@ def test_epsilon_delta_budget_is_met():
     with pytest.raises(ValueError, match="column 1: row 4 is outside its domain 3"):
         X[4, 1] = 3
         synthesize(X, domain, cfg)
+
+
+def test_synthesize_dataset_is_a_data_stage():
+    from datasets import Dataset
+
+    X, _ = latent_categorical(600, 2, 3, 1, seed=2)
+    colours = ["red", "green", "blue"]
+    ds = Dataset.from_dict({"colour": [colours[int(v)] for v in X[:, 0]], "size": X[:, 1].astype(int).tolist(),
+                            "score": X[:, 2].tolist(), "secret_id": list(range(600))})  # fmt: skip
+    cfg = PrivateGSDConfig(rho=1.0, max_steps=300, synthetic_rows=40, prefix_thresholds=4, output_dir="unused")
+    out, report = synthesize_dataset(ds, {"colour": colours, "size": [0, 1, 2], "score": "numeric"}, cfg)
+    assert out.column_names == ["colour", "size", "score"] and len(out) == 40
+    assert set(out["colour"]) <= set(colours) and all(0 <= v <= 1 for v in out["score"])
+    assert report["privacy"]["rho_spent"] == pytest.approx(1.0)
+    first_red = ds["colour"].index("red")
+    with pytest.raises(ValueError, match=f"column 'colour' row {first_red}: value 'red' is not in its public domain"):
+        synthesize_dataset(ds, {"colour": ["green", "blue"]}, cfg)
 
 
 def test_prefix_queries_on_numeric_attributes():
