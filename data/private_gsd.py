@@ -89,8 +89,8 @@ class PrivateGSDConfig(AuxConfig):
         default=20, metadata={"help": "Prefix queries 1[x <= t] per numeric attribute, t = 1/T .. 1."}
     )
     synthetic_rows: int = field(default=300, metadata={"help": "N': rows of the synthetic data set."})
-    mutations: int = field(default=30, metadata={"help": "Mutation candidates per generation (paper: 50)."})
-    crossovers: int = field(default=30, metadata={"help": "Crossover candidates per generation (paper: 50)."})
+    mutations: int = field(default=50, metadata={"help": "Mutation candidates per generation (paper: 50)."})
+    crossovers: int = field(default=50, metadata={"help": "Crossover candidates per generation (paper: 50)."})
     elite_size: int = field(default=5, metadata={"help": "Data sets in the elite archive (paper: 5)."})
     early_stop_window: int = field(
         default=0, metadata={"help": "Stop after this many generations without improvement (0: N', the paper's)."}

@@ -38,7 +38,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def run(seed: int, rho: float, **kw) -> dict:
-    trainer = PrivateGSDTrainer(PrivateGSDConfig(seed=seed, rho=rho, output_dir="unused", **kw))
+    cfg = PrivateGSDConfig(seed=seed, rho=rho, mutations=30, crossovers=30, output_dir="unused", **kw)
+    trainer = PrivateGSDTrainer(cfg)
     start = time.process_time()
     curve = []
     while trainer.global_step < trainer.args.max_steps and not trainer.done():

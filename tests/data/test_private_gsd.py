@@ -30,7 +30,8 @@ from posttrain.data.private_gsd import (
 def run(tmp_path_factory):
     """The spec experiment, run once through train() (results.json, synthetic.jsonl), with the baseline."""
     out = tmp_path_factory.mktemp("gsd")
-    trainer = PrivateGSDTrainer(PrivateGSDConfig(output_dir=str(out), max_steps=4000, eval_every=4000))
+    cfg = PrivateGSDConfig(mutations=30, crossovers=30, max_steps=4000, eval_every=4000, output_dir=str(out))
+    trainer = PrivateGSDTrainer(cfg)
     final = trainer.train(verbose=False)
     baseline = independent_marginals_baseline(trainer.X, trainer.domain, 0.5, 300, np.random.default_rng(1))
     return {
