@@ -10,6 +10,9 @@ layout, or raises ``DataError`` with one line naming the dataset, split, row and
     files.py       checks of a local text file's bytes before it is parsed: UTF-8, line length
     loading.py     TASKS, load_source (one split of one source), load_task_datasets (the entry point)
     cascade_filter.py  the Deep Ignorance cascade filter (``data_filter:`` recipe keys, ``posttrain filter``)
+    beo.py             BEO unlearnable examples (centroid shift, PGA); ``protect_dataset``; method ``beo``
+    private_gsd.py     Private-GSD synthetic data under zCDP; ``synthesize_dataset``; method ``private_gsd``
+    privacy_accounting.py  zCDP accounting: Gaussian and exponential mechanisms, composition, (eps, delta)
 """
 
 from .args import DataArguments, DataError

@@ -115,6 +115,19 @@ METHODS: dict[str, Method] = {
         "aux",
         "WC-like Weight Compander on a digits MLP (arXiv 2306.16993, reconstructed); for LLMs: weight_compander_* keys",
     ),
+    # Data stages with their own experiment (a step perturbs or synthesises; the output rows land in output_dir).
+    "beo": Method(
+        "posttrain.data.beo:BEOTrainer",
+        "posttrain.data.beo:BEOConfig",
+        "aux",
+        "BEO unlearnable examples: centroid shift or PGA on a kernel Bayes-error estimate, digits (arXiv 2511.08191)",
+    ),
+    "private_gsd": Method(
+        "posttrain.data.private_gsd:PrivateGSDTrainer",
+        "posttrain.data.private_gsd:PrivateGSDConfig",
+        "aux",
+        "Private-GSD: zCDP synthetic data by a genetic algorithm on marginal and prefix queries (arXiv 2306.03257)",
+    ),
 }
 
 # Optimizers selectable in any LLM recipe with ``optim: <name>`` (``optim_args`` carries their options);
