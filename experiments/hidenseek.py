@@ -40,7 +40,7 @@ VARIANTS = {"hidenseek:scores": {"upload": "scores"}}
 def main() -> None:
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as out:
-        results = compare_arms(tuple(ROWS), seeds=SEEDS, output_dir=out, variants=VARIANTS)
+        results = compare_arms(tuple(ROWS), seeds=SEEDS, output_dir=out, variants=VARIANTS, max_seconds=3600)
     os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
     with open(os.path.join(HERE, "results", "hidenseek.json"), "w") as f:
         json.dump(results, f, indent=2)

@@ -26,6 +26,7 @@ dtype unless ``dtype`` is given (e.g. float64 for deep networks, whose product o
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -218,3 +219,95 @@ def keep_pruned(model: nn.Module, masks: dict[str, torch.Tensor]) -> list:
         keep = mask.to(params[name].dtype)
         handles.append(params[name].register_hook(lambda g, keep=keep: g * keep))
     return handles
+
+
+# --- LLM recipes: ``synflow_*`` keys on any recipe with a model --------------------------------------------------
+
+SYNFLOW_KEYS = ("synflow_density", "synflow_modules", "synflow_iterations")
+
+
+@dataclass
+class SynFlowArgs:
+    density: float = 1.0
+    modules: list[str] | str = "all-linear"
+    iterations: int = 100
+
+
+def parse_synflow_keys(values: dict, sources: dict, source: str, method: str, task: str) -> SynFlowArgs | None:
+    """Pop the ``synflow_*`` keys from a recipe's values and check them (nothing loads); ValueError names the key and
+    where it was set."""
+    from posttrain import did_you_mean
+
+    keys = [k for k in values if str(k).startswith("synflow")]
+    if not keys:
+        return None
+    for key in keys:
+        if key not in SYNFLOW_KEYS:
+            raise ValueError(
+                f"{sources.get(key, source)}: unknown key '{key}'{did_you_mean(key, SYNFLOW_KEYS)}; the SynFlow "
+                f"keys are {', '.join(SYNFLOW_KEYS)}"
+            )
+    given = {k.removeprefix("synflow_"): values.pop(k) for k in keys}
+    where = lambda k: sources.get(f"synflow_{k}", source)  # noqa: E731
+    if task == "aux":
+        raise ValueError(f"{where(next(iter(given)))}: synflow_* keys apply to LLM recipes; method '{method}' has none")
+    for key in ("density", "modules"):
+        if key not in given:
+            raise ValueError(
+                f"{source}: synflow_* keys need synflow_density (fraction kept, in (0, 1]) and synflow_modules (a list "
+                "of Linear module names such as [v_proj, o_proj, gate_proj, up_proj, down_proj])"
+            )
+    args = SynFlowArgs()
+    density = given["density"]
+    if isinstance(density, bool) or not isinstance(density, (int, float)) or not 0 < density <= 1:
+        raise ValueError(f"{where('density')}: synflow_density expects a number in (0, 1], got {density!r}")
+    args.density = float(density)
+    modules = given["modules"]
+    if isinstance(modules, str) and modules != "all-linear":
+        modules = [m.strip() for m in modules.split(",") if m.strip()]
+    if not (
+        modules == "all-linear" or (isinstance(modules, list) and modules and all(isinstance(m, str) for m in modules))
+    ):
+        raise ValueError(
+            f"{where('modules')}: synflow_modules expects all-linear or a list of module names, "
+            f"got {given['modules']!r}"
+        )
+    args.modules = modules
+    if "iterations" in given:
+        it = given["iterations"]
+        if isinstance(it, bool) or not isinstance(it, int) or it < 1:
+            raise ValueError(f"{where('iterations')}: synflow_iterations expects an integer >= 1, got {it!r}")
+        args.iterations = it
+    return args
+
+
+def attach_synflow(trainer, args: SynFlowArgs) -> dict:
+    """Prune ``trainer.model`` with SynFlow before ``train()`` and keep the pruned weights at zero while it trains.
+
+    The mask is computed from the loaded model, before a resumed run loads its checkpoint, so a resume finds the
+    same mask (SynFlow is deterministic). Scored in float32 when the model is in a 16-bit dtype."""
+    from posttrain import UserError
+
+    model = trainer.model
+    if hasattr(model, "peft_config"):
+        raise UserError("synflow_* keys prune the full weights; they do not combine with use_peft (LoRA)")
+    dtype = torch.float32 if next(model.parameters()).dtype in (torch.float16, torch.bfloat16) else None
+    try:
+        masks, report = synflow_prune(
+            model,
+            args.density,
+            forward=causal_lm_forward(),
+            iterations=args.iterations,
+            modules=args.modules,
+            dtype=dtype,
+        )
+    except ValueError as err:
+        raise UserError(f"synflow: {err}") from None
+    keep_pruned(model, masks)
+    empty = [name for name, m in masks.items() if not m.any()]
+    print(
+        f"posttrain: SynFlow kept {report['density']:.4f} of the weights of {len(masks)} tensors"
+        + (f"; {len(empty)} pruned entirely (e.g. {empty[0]})" if empty else "")
+    )
+    trainer.synflow = report
+    return report

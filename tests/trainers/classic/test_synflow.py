@@ -162,3 +162,43 @@ def test_bad_arguments():
         prunable_parameters(net, ["q_proj"])
     with pytest.raises(ValueError, match="density"):
         synflow_prune(net, 1.5, input_shape=(2,))
+
+
+def test_llm_recipe_prunes_then_trains_with_the_mask(tmp_path, capsys):
+    """``synflow_*`` keys on an SFT recipe: the saved model has the pruned half of the named projections at zero
+    after training, and the mask is SynFlow's on the loaded model."""
+    from transformers import AutoModelForCausalLM
+
+    from posttrain.cli import main
+    from posttrain.recipes.tiny import tiny_model_path
+
+    out = tmp_path / "run"
+    assert main(["train", "synflow/tiny_sft", "--max_steps", "2", "--output_dir", str(out)]) == 0
+    assert "SynFlow kept 0.5000 of the weights of 10 tensors" in capsys.readouterr().out
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_path("qwen3"), dtype=torch.float32)
+    targets = ["v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    masks, _ = synflow_prune(base, 0.5, forward=causal_lm_forward(), iterations=20, modules=targets)
+    trained = dict(AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).named_parameters())
+    for name, mask in masks.items():
+        assert not trained[name][~mask].any(), name
+        assert trained[name][mask].ne(0).all(), name
+    assert not torch.equal(trained["model.layers.0.mlp.up_proj.weight"], base.model.layers[0].mlp.up_proj.weight)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"synflow_density": 1.5}, "synflow_density expects a number in (0, 1]"),
+        ({"synflow_densty": 0.5}, "unknown key 'synflow_densty'"),
+        ({"synflow_modules": None}, "synflow_modules expects all-linear or a list"),
+        ({"synflow_iterations": 0}, "synflow_iterations expects an integer >= 1"),
+    ],
+)
+def test_llm_recipe_bad_keys(overrides, message):
+    from posttrain import UserError
+    from posttrain.recipes.config import load_recipe
+
+    with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
+        load_recipe("synflow/tiny_sft", overrides)
+    with pytest.raises(UserError, match="synflow_\\* keys apply to LLM recipes"):
+        load_recipe("fedau/quadratic_fedau", {"synflow_density": 0.5})
