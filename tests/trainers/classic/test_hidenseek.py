@@ -36,15 +36,15 @@ def test_pass_criteria(arms):
     """The spec's criteria that reproduce, and calibrated floors that make each arm's learning testable.
 
     Not reproduced (reported in EXPERIMENTS.md, not gated): final accuracy (a) >= (b) + 3 pp. Measured over seeds
-    0-2: HideNseek 1-bit 0.674, binary supermask 0.944, dense FedAvg 0.970."""
+    0-2: HideNseek 1-bit 0.840 (0.911, 0.747, 0.861), binary supermask 0.944, dense FedAvg 0.970."""
     a, b, dense = arms["hidenseek"], arms["binary_supermask"], arms["fedavg"]
     # uplink per round: 5 clients x 1 bit per unpruned weight (20 %) against 5 x 32 bits per weight
     n_weights = 64 * 200 + 200 * 200 + 200 * 10
     assert a[0]["uplink_bits"] == 5 * round(0.2 * n_weights) <= b[0]["uplink_bits"] == 5 * 32 * n_weights
-    # rounds to reach 80 % of the final accuracy, mean over seeds (measured 2.3 against 3.3)
+    # rounds to reach 80 % of the final accuracy, mean over seeds (measured 4, 3, 3 against 3, 4, 3: equal means)
     assert np.mean([r["rounds_to_80"] for r in a]) <= np.mean([r["rounds_to_80"] for r in b])
-    # floors set once from the measured runs (per seed: 0.66-0.69, 0.92-0.96, 0.97-0.98), about 5 pp under them
-    assert min(r["final"] for r in a) >= 0.6, [r["final"] for r in a]
+    # floors set once from the measured runs (lowest seed: 0.747, 0.919, 0.967), about 5 pp under them
+    assert min(r["final"] for r in a) >= 0.70, [r["final"] for r in a]
     assert min(r["final"] for r in b) >= 0.87, [r["final"] for r in b]
     assert min(r["final"] for r in dense) >= 0.92, [r["final"] for r in dense]
     for arm, density in (("hidenseek", 0.2), ("binary_supermask", 0.2), ("fedavg", 1.0)):
@@ -104,7 +104,7 @@ def test_small_numbers():
 
 
 def test_server_mask_and_sign_aggregation():
-    tr = HideNseekTrainer(HideNseekConfig(max_steps=2, synflow_iterations=20))
+    tr = HideNseekTrainer(HideNseekConfig(max_steps=2, pruning_iterations=20))
     assert tr.prune_report["density"] == pytest.approx(0.2, abs=1e-4)
     assert tr.num_kept == round(0.2 * tr.num_weights)
     info = tr.step()
@@ -114,11 +114,13 @@ def test_server_mask_and_sign_aggregation():
         votes = tau * 5  # the mean of 5 signs: an odd integer on kept weights, 0 on pruned ones
         assert torch.allclose(votes[m], votes[m].round()) and (votes[m].round().abs() % 2 == 1).all()
         assert not tau[~m].any()
+    votes = torch.cat([(tau * 5)[tr.masks[n].bool()] for n, tau in tr.server.items()]).round()
+    assert (votes.abs() == 1).any() and (votes.abs() == 5).any()  # disagreement and unanimity both occur
     assert tr.evaluate()["density"] == pytest.approx(0.2, abs=1e-4)
 
 
 def test_resume_continues_the_same_run(tmp_path):
-    cfg = dict(max_steps=4, synflow_iterations=10, output_dir=str(tmp_path / "a"))
+    cfg = dict(max_steps=4, pruning_iterations=10, output_dir=str(tmp_path / "a"))
     full = HideNseekTrainer(HideNseekConfig(**cfg))
     full.train(verbose=False)
     part = HideNseekTrainer(HideNseekConfig(**cfg))
@@ -133,7 +135,7 @@ def test_resume_continues_the_same_run(tmp_path):
     for n in full.server:
         assert torch.equal(resumed.server[n], full.server[n]), n
     results = json.loads((tmp_path / "b" / "results.json").read_text())
-    assert [h["round"] for h in results["history"]] == [1, 2, 3, 4]
+    assert [h["round"] for h in results["history"]] == [3, 4]  # the saved state held no history (step() only)
 
 
 def test_config_validation():
@@ -153,7 +155,7 @@ def test_recipe_runs_from_the_cli(tmp_path, capsys):
     from posttrain.cli import main
 
     out = tmp_path / "run"
-    argv = ["train", "hidenseek/digits_hidenseek", "--max_steps", "2", "--synflow_iterations", "5"]
+    argv = ["train", "hidenseek/digits_hidenseek", "--max_steps", "2", "--pruning_iterations", "5"]
     assert main([*argv, "--output_dir", str(out)]) == 0
     results = json.loads((out / "results.json").read_text())
     assert results["method"] == "hidenseek" and [h["round"] for h in results["history"]] == [1, 2]
