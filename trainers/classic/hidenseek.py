@@ -209,7 +209,8 @@ class HideNseekTrainer(AuxTrainer):
 
         a = self.args
         x, y = load_digits(return_X_y=True)
-        # Data, split and W0 come first from the seed, so every arm of a seed sees the same problem.
+        # Data, split, clients and W0 come first from the seed, so every arm of a seed sees the same problem (W0 the
+        # same draws, scaled by 1/sqrt(density) in the supermask arms).
         x_tr, x_te, y_tr, y_te = train_test_split(
             x / 16.0, y, test_size=a.test_fraction, random_state=a.seed, stratify=y
         )
@@ -235,7 +236,7 @@ class HideNseekTrainer(AuxTrainer):
         gen = torch.Generator().manual_seed(a.seed + 1)
         if a.arm == "fedavg":
             self.server = {n: w.clone() for n, w in self.w0.items()}
-        else:  # scores: uniform in the layer's init range, as edge-popup (signs random for hidenseek)
+        else:  # scores uniform in [-score_init, score_init]: random signs (hidenseek), a random top-k (edge-popup)
             self.server = {n: (torch.rand(w.shape, generator=gen) * 2 - 1) * a.score_init for n, w in self.w0.items()}
         self.num_weights = sum(w.numel() for w in self.w0.values())
         self.num_kept = int(sum(m.sum() for m in self.masks.values())) if self.masks else self.num_weights

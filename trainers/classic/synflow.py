@@ -21,6 +21,12 @@ and is not pruned). It returns the masks and a report, and by default zeroes the
 ``keep_pruned(model, masks)`` adds gradient hooks so that SGD/Adam/AdamW training keeps them at zero (a zero
 gradient leaves Adam's moments and decoupled weight decay of a zero weight at zero). Scoring runs in the model's
 dtype unless ``dtype`` is given (e.g. float64 for deep networks, whose product of layer sums can overflow).
+
+In LLM recipes the keys ``synflow_density`` (fraction kept), ``synflow_modules`` (``all-linear`` or a list of Linear
+module names) and ``synflow_iterations`` (default 100) prune the loaded model before training and keep it pruned
+(``attach_synflow``). Query and key projections get almost no saliency on the all-ones input (every position is the
+same vector, so attention is near-uniform whatever q and k are) and are removed entirely: leave them out. Not
+combined with LoRA (refused) and untested under DeepSpeed ZeRO-3 / FSDP, whose sharded weights the hooks do not see.
 """
 
 from __future__ import annotations
