@@ -38,6 +38,8 @@ def _list(what: str) -> None:
             "  data_filter   Deep Ignorance cascade filter: blocklist -> classifier -> optional judge (arXiv "
             "2508.06601)"
         )
+        print("model tools (recipe keys on any LLM method):")
+        print("  synflow_*     SynFlow pruning at load, kept pruned while training (arXiv 2006.05467)")
     if what in ("all", "recipes"):
         print("recipes (posttrain train <name>):")
         for name in builtin_recipes():

@@ -89,6 +89,7 @@ class Recipe:
     weight_compander: Any = (
         None  # CompanderArgs when the recipe sets ``weight_compander*`` (trainers/classic/weight_compander.py)
     )
+    synflow: Any = None  # SynFlowArgs when the recipe sets ``synflow_*`` (trainers/classic/synflow.py)
 
 
 def builtin_recipes(kind: str = "train") -> list[str]:
@@ -213,6 +214,16 @@ def build_recipe(values: dict[str, Any], sources: dict[str, str], source: str) -
         except ValueError as err:
             raise RecipeError(str(err)) from None
 
+    synflow = None
+    if any(str(key).startswith("synflow") for key in values):
+        # SynFlow pruning of the loaded model before training, any LLM method: kept beside the method config
+        from posttrain.trainers.classic.synflow import parse_synflow_keys
+
+        try:
+            synflow = parse_synflow_keys(values, sources, source, method, entry.task)
+        except ValueError as err:
+            raise RecipeError(str(err)) from None
+
     if entry.task == "aux":
         classes = {"config": entry.config_cls}
     else:
@@ -281,6 +292,7 @@ def build_recipe(values: dict[str, Any], sources: dict[str, str], source: str) -
         data_filter=data_filter,
         self_distill=self_distill,
         weight_compander=weight_compander,
+        synflow=synflow,
     )
 
 

@@ -115,6 +115,12 @@ METHODS: dict[str, Method] = {
         "aux",
         "WC-like Weight Compander on a digits MLP (arXiv 2306.16993, reconstructed); for LLMs: weight_compander_* keys",
     ),
+    "hidenseek": Method(
+        "posttrain.trainers.classic.hidenseek:HideNseekTrainer",
+        "posttrain.trainers.classic.hidenseek:HideNseekConfig",
+        "aux",
+        "HideNseek: federated sign supermask on a SynFlow-pruned random MLP, digits (arXiv 2206.04385, reconstructed)",
+    ),
     # Data stages with their own experiment (a step perturbs or synthesises; the output rows land in output_dir).
     "beo": Method(
         "posttrain.data.beo:BEOTrainer",
