@@ -164,9 +164,7 @@ def build_trainer(recipe: Recipe):
         from posttrain.trainers.classic.weight_compander import attach_weight_compander
 
         attach_weight_compander(trainer, recipe.weight_compander)
-    if (
-        recipe.synflow is not None
-    ):  # prune the loaded model before train() builds the optimizer (and loads a checkpoint)
+    if recipe.synflow is not None:  # prune before train() builds the optimizer (and loads a checkpoint)
         from posttrain.trainers.classic.synflow import attach_synflow
 
         attach_synflow(trainer, recipe.synflow)
