@@ -115,6 +115,19 @@ METHODS: dict[str, Method] = {
         "aux",
         "WC-like Weight Compander on a digits MLP (arXiv 2306.16993, reconstructed); for LLMs: weight_compander_* keys",
     ),
+    "modhifi": Method(
+        "posttrain.trainers.classic.modhifi:ModHiFiTrainer",
+        "posttrain.trainers.classic.modhifi:ModHiFiConfig",
+        "aux",
+        "ModHiFi model tool: prune / class-unlearn by high-fidelity components, no gradients (arXiv 2511.19566; "
+        "scores reconstructed); LLM MLP channels via model_name_or_path",
+    ),
+    "blindspot": Method(
+        "posttrain.trainers.classic.blindspot:BlindspotTrainer",
+        "posttrain.trainers.classic.blindspot:BlindspotConfig",
+        "aux",
+        "Blindspot regression unlearning through a partially trained proxy, and its baselines (arXiv 2210.08196)",
+    ),
 }
 
 # Optimizers selectable in any LLM recipe with ``optim: <name>`` (``optim_args`` carries their options);
