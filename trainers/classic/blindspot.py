@@ -127,7 +127,8 @@ def blindspot_loss(
         l_out = l_at = zero
     l_f = l_out + beta_at * l_at
     loss = c * l_f + (1 - c) * l_r
-    return loss, {"loss": float(loss), "L_r": float(l_r), "L_f": float(l_f), "AT": float(l_at), "c": float(c)}
+    parts = {"loss": loss, "L_r": l_r, "L_f": l_f, "AT": l_at, "c": c}
+    return loss, {k: float(v.detach()) for k, v in parts.items()}
 
 
 def gaussian_amnesiac_labels(y_train: torch.Tensor, n: int, generator: torch.Generator) -> torch.Tensor:

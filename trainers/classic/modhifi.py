@@ -76,6 +76,13 @@ class ModHiFiConfig(AuxConfig):
     unlearn_budget: float = field(
         default=0.25, metadata={"help": "unlearn: fraction of each hidden layer's units removed (top by score)."}
     )
+    unlearn_refit: str = field(
+        default="split",
+        metadata={
+            "help": "unlearn: the re-fit target on forget-class rows: split (the layer without the removed units) "
+            "or retain (re-fit on the other classes' rows only)."
+        },
+    )
     calib_samples: int = field(
         default=500,
         metadata={"help": "Calibration inputs: synthetic digits (per-class Gaussian draws) or text sequences."},
@@ -111,6 +118,8 @@ class ModHiFiConfig(AuxConfig):
             raise ValueError(f"score must be one of {', '.join(SCORES)}, got {self.score!r}")
         if not 0.0 <= self.sparsity < 1.0:
             raise ValueError(f"sparsity must be in [0, 1) (the fraction removed per layer), got {self.sparsity!r}")
+        if self.unlearn_refit not in ("split", "retain"):
+            raise ValueError(f"unlearn_refit must be split or retain, got {self.unlearn_refit!r}")
         if not 0.0 < self.unlearn_budget < 1.0:
             raise ValueError(f"unlearn_budget must be in (0, 1), got {self.unlearn_budget!r}")
         if not 0 <= int(self.forget_class) <= 9:
@@ -420,7 +429,9 @@ class ModHiFiTrainer(AuxTrainer):
         w = b = None
         if a.compensate:
             target = _original_next(self.original, self.calib, layer)
-            if a.mode == "unlearn":  # forget rows: what the layer gives without the removed units (no restoring)
+            if (
+                a.mode == "unlearn" and a.unlearn_refit == "split"
+            ):  # forget rows: what the layer gives without the removed units (no restoring)
                 nxt = _linears(self.model)[layer + 1]
                 target = torch.where(rows[:, None], target, z[:, keep] @ nxt.weight[:, keep].T + nxt.bias)
                 rows = slice(None)
