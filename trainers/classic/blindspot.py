@@ -280,7 +280,7 @@ class BlindspotTrainer(AuxTrainer):
             loss, info = blindspot_loss(pred, y, forget, proxy_pred, hidden, proxy_hidden, self.args.beta_at)
         else:
             loss = F.l1_loss(pred, y)
-            info = {"loss": float(loss)}
+            info = {"loss": float(loss.detach())}
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
