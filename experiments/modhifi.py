@@ -100,7 +100,11 @@ def main() -> None:
     means = [np.mean([r["test_acc"] for r in results["prune"][n]]) * 100 for n in names]
     ax1.bar(range(len(names)), means)
     ax1.axhline(np.mean([r["test_acc_before"] for r in results["prune"]["magnitude"]]) * 100, color="k", ls="--")
-    ax1.set_xticks(range(len(names)), [n.replace(" (", "\n(").replace(", ", ",\n") for n in names], fontsize=6)
+    ax1.set_xticks(
+        range(len(names)),
+        [n.replace(" (", "\n(").replace(", ", ",\n").replace(" + ", "\n+ ") for n in names],
+        fontsize=6,
+    )
     ax1.set(ylabel="test accuracy, 3-seed mean (%)", title="digits MLP, 50 % of each hidden layer pruned")
     for refit, marker in (("split", "o"), ("retain", "x")):
         for seed_i in range(len(SEEDS)):

@@ -51,6 +51,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from posttrain.trainers.classic.base import AuxConfig, AuxTrainer
+from posttrain.trainers.classic.channel_pruning import (
+    calibration_texts,
+    gated_mlps,
+    mlp_io,
+    mlp_outputs,
+    prune_gated_mlp,
+)
 from posttrain.trainers.classic.weight_compander import digits_split
 
 MODES = ("prune", "unlearn")
@@ -281,78 +288,6 @@ def replace_hidden_layer(
     return nn.Sequential(*[swap.get(id(m), m) for m in model])
 
 
-# --- the LLM (gated MLP channels) -------------------------------------------------------------------------------
-
-
-def gated_mlps(model) -> list[nn.Module]:
-    """Each decoder layer's MLP with gate_proj, up_proj and down_proj (Llama, Qwen, Mistral, SmolLM2 ...)."""
-    layers = getattr(getattr(model, "model", None), "layers", None)
-    mlps = [getattr(layer, "mlp", None) for layer in (layers or [])]
-    if not mlps or not all(all(hasattr(m, a) for a in ("gate_proj", "up_proj", "down_proj")) for m in mlps):
-        raise ValueError(
-            f"ModHiFi LLM pruning needs decoder layers with a gated MLP (mlp.gate_proj / up_proj / down_proj, as "
-            f"Llama, Qwen3 and SmolLM2 have); {type(model).__name__} has none: use e.g. tiny:qwen3 or tiny:llama"
-        )
-    return mlps
-
-
-@torch.no_grad()
-def mlp_io(model, mlp: nn.Module, batches: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(Z, Y) of one gated MLP over the calibration tokens: Z the down_proj input (the channels), Y its output."""
-    zs, ys = [], []
-
-    def hook(module, args, output):
-        zs.append(args[0].reshape(-1, args[0].shape[-1]).double())
-        ys.append(output.reshape(-1, output.shape[-1]).double())
-
-    handle = mlp.down_proj.register_forward_hook(hook)
-    try:
-        for ids in batches:
-            model(input_ids=ids)
-    finally:
-        handle.remove()
-    return torch.cat(zs), torch.cat(ys)
-
-
-def calibration_texts(rows, tokenizer) -> list[str]:
-    """The text of each row: a conversation (prompt + completion messages) through the chat template, else the
-    ``text`` column, else prompt + completion strings. No labels are used: it is only what the model reads."""
-    cols = rows.column_names
-    if "prompt" in cols and "completion" in cols and isinstance(rows[0]["prompt"], list):
-        return [tokenizer.apply_chat_template(r["prompt"] + r["completion"], tokenize=False) for r in rows]
-    if "text" in cols:
-        return [r["text"] + "\n" for r in rows]
-    if "prompt" in cols:
-        return [r["prompt"] + r.get("completion", "") + "\n" for r in rows]
-    raise ValueError(f"calibration data needs a text, or a prompt (and completion), column; it has {cols}")
-
-
-@torch.no_grad()
-def prune_gated_mlp(mlp: nn.Module, keep: torch.Tensor, w_down: torch.Tensor | None) -> None:
-    """Keep channels ``keep`` of a gated MLP in place: rows of gate_proj/up_proj, columns of down_proj (or w_down)."""
-
-    def shrink(lin: nn.Linear, weight: torch.Tensor) -> nn.Linear:
-        new = nn.Linear(weight.shape[1], weight.shape[0], bias=lin.bias is not None)
-        new = new.to(device=lin.weight.device, dtype=lin.weight.dtype)
-        new.weight.copy_(weight)
-        return new
-
-    bias = lambda lin: lin.bias  # noqa: E731
-    for name in ("gate_proj", "up_proj"):
-        lin = getattr(mlp, name)
-        new = shrink(lin, lin.weight[keep])
-        if bias(lin) is not None:
-            new.bias.copy_(lin.bias[keep])
-        setattr(mlp, name, new)
-    down = mlp.down_proj
-    new = shrink(down, down.weight[:, keep] if w_down is None else w_down.to(down.weight.dtype))
-    if bias(down) is not None:
-        new.bias.copy_(down.bias)
-    mlp.down_proj = new
-    if hasattr(mlp, "intermediate_size"):
-        mlp.intermediate_size = len(keep)
-
-
 # --- the trainer ------------------------------------------------------------------------------------------------
 
 
@@ -470,14 +405,16 @@ class ModHiFiTrainer(AuxTrainer):
             return list(ids[: n * a.calib_seq_len].view(n, a.calib_seq_len).split(16))
 
         self.calib, self.heldout = chunks(a.seed), chunks(a.seed + 1_000_003)
+        # the original model's MLP outputs, every layer in one pass: the re-fit targets
+        self.targets = mlp_outputs(self.original, self.calib) if a.compensate else None
         self.before = self._llm_metrics(self.original)
 
     @torch.no_grad()
     def _llm_metrics(self, model) -> dict:
         nll, n, err, ref = 0.0, 0, 0.0, 0.0
         for ids in self.heldout:
-            logits = model(input_ids=ids).logits.double()
-            orig = self.original(input_ids=ids).logits.double()
+            logits = model(input_ids=ids).logits.float()  # float32: a batch of full-vocabulary logits is large
+            orig = self.original(input_ids=ids).logits.float()
             nll += float(
                 F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum")
             )
@@ -500,7 +437,7 @@ class ModHiFiTrainer(AuxTrainer):
         keep = top_k(scores, m - int(round(a.sparsity * m)))
         w = None
         if a.compensate:
-            _, target = mlp_io(self.original, gated_mlps(self.original)[layer], self.calib)
+            target = self.targets[layer]
             w, _ = ls_compensate(z[:, keep], target, a.ridge, intercept=False)
         info = {"layer": layer, "kept": len(keep), "fidelity_kept": subset_fidelity(z, y, keep.tolist())}
         prune_gated_mlp(mlp, keep, w)

@@ -114,6 +114,9 @@ def test_config_errors_and_cli(tmp_path, capsys):
     assert results["method"] == "blindspot" and results["final"]["stopped_by"] == "criterion"
     assert (out / "curves.png").exists() and (out / "aux_state.pt").exists()
     capsys.readouterr()
+    assert main(["list"]) == 0
+    listed = capsys.readouterr().out
+    assert all(w in listed for w in ("blindspot ", "blindspot/diabetes", "blindspot/diabetes_gaussian"))
     assert main(["train", "blindspot/diabetes", "--arm", "retrain", "--output_dir", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err.strip()
     assert "arm must be one of" in err and "\n" not in err and not (tmp_path / "x").exists()

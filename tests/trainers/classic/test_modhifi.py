@@ -148,7 +148,8 @@ def test_tiny_qwen3_channels_pruned_into_a_loadable_smaller_model(tmp_path, caps
         assert main(["train", "modhifi/tiny", "--calib_samples", "16", "--output_dir", str(out), *extra]) == 0
         runs[arm] = json.loads((out / "results.json").read_text())["final"]
     err = {arm: r["logit_rel_err"] for arm, r in runs.items()}
-    assert err["modhifi"] < err["magnitude"] and err["modhifi"] < err["random"], err
+    # measured: 0.0037 against 0.0118 (magnitude) and 0.0141 (random); fidelity without the re-fit gives 0.0096
+    assert err["modhifi"] < 0.5 * err["magnitude"] and err["modhifi"] < 0.5 * err["random"], err
     assert runs["modhifi"]["params"] < runs["modhifi"]["params_before"]
     model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "modhifi" / "model"), dtype=torch.float32)
     trainer = ModHiFiTrainer(
@@ -160,6 +161,9 @@ def test_tiny_qwen3_channels_pruned_into_a_loadable_smaller_model(tmp_path, caps
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=ids).logits, trainer.model(input_ids=ids).logits)
     capsys.readouterr()
+    assert main(["list"]) == 0
+    listed = capsys.readouterr().out
+    assert all(w in listed for w in ("modhifi ", "modhifi/tiny", "modhifi/digits_prune", "modhifi/digits_unlearn"))
     assert main(["train", "modhifi/tiny", "--mode", "unlearn", "--output_dir", str(tmp_path / "x")]) == 2
     message = capsys.readouterr().err.strip()
     assert "mode prune only" in message and "\n" not in message
