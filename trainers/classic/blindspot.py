@@ -126,7 +126,7 @@ def blindspot_loss(
     else:
         l_out = l_at = zero
     l_f = l_out + beta_at * l_at
-    loss = (1 - c) * l_f + c * l_r
+    loss = c * l_f + (1 - c) * l_r
     parts = {"loss": loss, "L_r": l_r, "L_f": l_f, "AT": l_at, "c": c}
     return loss, {k: float(v.detach()) for k, v in parts.items()}
 
