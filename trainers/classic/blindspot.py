@@ -297,7 +297,7 @@ class BlindspotTrainer(AuxTrainer):
 
     @torch.no_grad()
     def evaluate(self) -> dict:
-        from scipy.stats import wasserstein_distance
+        from scipy.stats import wasserstein_distance  # scipy comes with scikit-learn (pinned in pyproject.toml)
 
         self.model.eval()
         mae = self._mae(self.model)
