@@ -121,6 +121,19 @@ METHODS: dict[str, Method] = {
         "aux",
         "HideNseek: federated sign supermask on a SynFlow-pruned random MLP, digits (arXiv 2206.04385, reconstructed)",
     ),
+    "modhifi": Method(
+        "posttrain.trainers.classic.modhifi:ModHiFiTrainer",
+        "posttrain.trainers.classic.modhifi:ModHiFiConfig",
+        "aux",
+        "ModHiFi model tool: prune / class-unlearn by high-fidelity components, no gradients (arXiv 2511.19566; "
+        "scores reconstructed); LLM MLP channels via model_name_or_path",
+    ),
+    "blindspot": Method(
+        "posttrain.trainers.classic.blindspot:BlindspotTrainer",
+        "posttrain.trainers.classic.blindspot:BlindspotConfig",
+        "aux",
+        "Blindspot regression unlearning through a partially trained proxy, and its baselines (arXiv 2210.08196)",
+    ),
     # Data stages with their own experiment (a step perturbs or synthesises; the output rows land in output_dir).
     "beo": Method(
         "posttrain.data.beo:BEOTrainer",
