@@ -115,6 +115,19 @@ METHODS: dict[str, Method] = {
         "aux",
         "WC-like Weight Compander on a digits MLP (arXiv 2306.16993, reconstructed); for LLMs: weight_compander_* keys",
     ),
+    "tanglenas": Method(
+        "posttrain.trainers.classic.tanglenas:TangleNASTrainer",
+        "posttrain.trainers.classic.tanglenas:TangleNASConfig",
+        "aux",
+        "TangleNAS weight-entangled one-shot NAS on a digits MLP, against a DARTS supernet (arXiv 2312.10440)",
+    ),
+    "enas": Method(
+        "posttrain.trainers.classic.enas:ENASTrainer",
+        "posttrain.trainers.classic.enas:ENASConfig",
+        "aux",
+        "ENAS controller with/without a memory buffer (buffer loss UNVERIFIED) and random search with shared "
+        "weights (arXiv 1904.00438)",
+    ),
 }
 
 # Optimizers selectable in any LLM recipe with ``optim: <name>`` (``optim_args`` carries their options);

@@ -293,7 +293,7 @@ class ENASTrainer(AuxTrainer):
             pick = self.rng.integers(len(self.buffer), size=min(args.replay_batch, len(self.buffer)))
             decode = self.controller.decode_loss(torch.tensor([self.buffer[i] for i in pick]))
             loss_c = loss_c + args.decode_weight * decode
-            info["decode_loss"] = float(decode)
+            info["decode_loss"] = float(decode.detach())
         self.opt_c.zero_grad(set_to_none=True)
         loss_c.backward()
         self.opt_c.step()

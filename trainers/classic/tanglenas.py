@@ -283,7 +283,9 @@ class TangleNASTrainer(AuxTrainer):
         out = {
             "alpha_entropy": alpha_entropy(self.alpha.detach()),
             "argmax_arch": "-".join(map(str, arch)),
-            "supernet_val_acc": float((self.net(self.data["val"][0], a_soft).argmax(-1) == self.data["val"][1]).float().mean()),
+            "supernet_val_acc": float(
+                (self.net(self.data["val"][0], a_soft).argmax(-1) == self.data["val"][1]).float().mean()
+            ),
             "inherited_test_acc": accuracy(self.net.child(arch), *self.data["test"]),
             "supernet_params": count_params(self.net),
             "activation_units": activation_units(self.args.arm, self.args.widths, self.args.layers),
