@@ -67,7 +67,7 @@ class TangleNASConfig(AuxConfig):
     widths: list = field(default_factory=lambda: [16, 64, 128], metadata={"help": "Candidate widths of each layer."})
     layers: int = field(default=2, metadata={"help": "Searchable hidden layers."})
     kappa: float = field(
-        default=0.1,
+        default=0.2,
         metadata={"help": "Weight of the parameter penalty kappa * E[#params] / #params(largest) in the arch loss."},
     )
     learning_rate: float = field(default=1e-3, metadata={"help": "AdamW learning rate of the supernet weights."})

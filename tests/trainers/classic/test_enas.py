@@ -153,3 +153,5 @@ def test_recipe_runs_from_the_cli_and_bad_values_are_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert "arm" in err and "\n" not in err
     assert not (tmp_path / "x").exists()
+    assert main(["list"]) == 0
+    assert "enas/digits_random" in capsys.readouterr().out
