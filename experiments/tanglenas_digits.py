@@ -3,8 +3,9 @@
 Setting (``trainers/classic/tanglenas.py``): an MLP 64-d1-d2-10, d1, d2 in {16, 64, 128}; 300 search iterations
 (one AdamW weight step on train, one Adam alpha step on val, lr 3e-4), parameter penalty kappa 0.2; every one of
 the 9 architectures retrained from scratch for 300 AdamW steps; seeds 0-2. Rows: TangleNAS with the DARTS,
-DrNAS and GDAS samplers, TangleNAS without the penalty and with 5x the penalty, and the DARTS supernet (separate weights). The kappa
-calibration (the penalised optimum of the retrained architectures' validation loss) is printed first.
+DrNAS and GDAS samplers, TangleNAS without the penalty and with 5x the penalty, and the DARTS supernet (separate
+weights). The kappa calibration (the penalised optimum of the retrained architectures' validation loss) is printed
+first.
 
 Pass criteria (tested in tests/trainers/classic/test_tanglenas.py): parameter memory <= 0.6 x DARTS; the argmax
 retrains to within 1 pp of the best of the 9; the argmax is in the top 3 on >= 2 of 3 seeds.
