@@ -113,17 +113,24 @@ def test_baseline_correlation_is_at_most_0_15(experiment):
 
 
 def test_resume_continues_the_same_trajectory(tmp_path):
-    cfg = dict(arm="enas_buffer", max_steps=10, output_dir=str(tmp_path))
-    full = ENASTrainer(ENASConfig(**cfg))
-    for _ in range(10):
-        full.step()
-    part = ENASTrainer(ENASConfig(**cfg))
-    for _ in range(4):
-        part.step()
-    resumed = ENASTrainer(ENASConfig(**cfg))
-    resumed.load_state_dict(part.state_dict())
-    for _ in range(6):
-        resumed.step()
+    """Killed after step 4 (saved at 3), resumed from aux_state.pt: the same weights, controller, baseline, buffer,
+    history and final numbers."""
+
+    class KilledAt4(ENASTrainer):
+        def step(self):
+            if self.global_step == 4:
+                raise KeyboardInterrupt
+            return super().step()
+
+    cfg = dict(arm="enas_buffer", max_steps=6, save_every=3, eval_every=3, corr_pairs=5, final_samples=3)
+    full = ENASTrainer(ENASConfig(**cfg, output_dir=str(tmp_path / "full")))
+    expected = full.train(verbose=False)
+    with pytest.raises(KeyboardInterrupt):
+        KilledAt4(ENASConfig(**cfg, output_dir=str(tmp_path / "cut"))).train(verbose=False)
+    resumed = ENASTrainer(ENASConfig(**cfg, output_dir=str(tmp_path / "cut")))
+    final = resumed.train(verbose=False, resume=True)
+    assert {k: v for k, v in final.items() if k != "seconds"} == {k: v for k, v in expected.items() if k != "seconds"}
+    assert resumed.history == full.history
     assert resumed.baseline == full.baseline and list(resumed.buffer) == list(full.buffer)
     for a, b in ((full.shared, resumed.shared), (full.controller, resumed.controller)):
         for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):

@@ -117,18 +117,24 @@ def test_argmax_retrains_within_1pp_of_the_best_and_ranks_top3(experiment):
 
 
 def test_resume_continues_the_same_trajectory(tmp_path):
-    cfg = dict(max_steps=12, sampler="gdas", retrain_steps=0, output_dir=str(tmp_path))
-    full = TangleNASTrainer(TangleNASConfig(**cfg))
-    for _ in range(12):
-        full.step()
-    part = TangleNASTrainer(TangleNASConfig(**cfg))
-    for _ in range(5):
-        part.step()
-    resumed = TangleNASTrainer(TangleNASConfig(**cfg))
-    resumed.load_state_dict(part.state_dict())
-    for _ in range(7):
-        resumed.step()
-    assert torch.equal(full.alpha, resumed.alpha)
+    """Killed after step 4 (saved at 3), resumed from aux_state.pt: the same alpha, weights, history and final numbers
+    (the DrNAS sampler draws from torch's global generator, which the state restores)."""
+
+    class KilledAt4(TangleNASTrainer):
+        def step(self):
+            if self.global_step == 4:
+                raise KeyboardInterrupt
+            return super().step()
+
+    cfg = dict(max_steps=6, save_every=3, eval_every=3, sampler="drnas", retrain_steps=2)
+    full = TangleNASTrainer(TangleNASConfig(**cfg, output_dir=str(tmp_path / "full")))
+    expected = full.train(verbose=False)
+    with pytest.raises(KeyboardInterrupt):
+        KilledAt4(TangleNASConfig(**cfg, output_dir=str(tmp_path / "cut"))).train(verbose=False)
+    resumed = TangleNASTrainer(TangleNASConfig(**cfg, output_dir=str(tmp_path / "cut")))
+    final = resumed.train(verbose=False, resume=True)
+    assert {k: v for k, v in final.items() if k != "seconds"} == {k: v for k, v in expected.items() if k != "seconds"}
+    assert resumed.history == full.history and torch.equal(full.alpha, resumed.alpha)
     for (name, a), b in zip(full.net.state_dict().items(), resumed.net.state_dict().values()):
         assert torch.equal(a, b), name
 
