@@ -120,6 +120,15 @@ def loose_ends(arch: tuple[int, ...] | list[int]) -> list[int]:
     return [i for i in range(nodes) if i not in used]
 
 
+def describe(arch: tuple[int, ...] | list[int]) -> str:
+    """A cell in words, e.g. "n0=tanh(x) n1=relu(n0) out=mean(n1)"."""
+    nodes = [
+        f"n{i}={OPS[arch[2 * i + 1]]}({'x' if arch[2 * i] == 0 else f'n{arch[2 * i] - 1}'})"
+        for i in range(len(arch) // 2)
+    ]
+    return " ".join(nodes) + f" out=mean({','.join(f'n{i}' for i in loose_ends(arch))})"
+
+
 def arch_graph(arch: tuple[int, ...] | list[int]) -> tuple[dict, set]:
     """The cell as a labelled DAG: ({node: label}, {(src, dst)}), nodes "x", 0..n-1 (labelled by op) and "out"."""
     nodes = len(arch) // 2
@@ -322,7 +331,7 @@ class ENASTrainer(AuxTrainer):
             "best_val_acc": accs[best],
             "mean_val_acc": float(np.mean(accs)),
             "best_test_acc": self._acc(*self.data["test"], archs[best]),
-            "best_arch": " ".join(f"{a}" for a in archs[best]),
+            "best_arch": describe(archs[best]),
         }
         if self.args.arm != "random":
             out["hidden_graph_spearman"] = self.hidden_graph_correlation()

@@ -16,6 +16,7 @@ from posttrain.trainers.classic.enas import (
     ENASTrainer,
     SharedCell,
     decision_sizes,
+    describe,
     graph_edit_distance,
     loose_ends,
     reinforce_loss,
@@ -33,6 +34,7 @@ FAN = (0, 0, 0, 1, 0, 2, 0, 3)  # every node reads x
 def test_search_space_and_graph_edit_distance_worked_examples():
     assert decision_sizes(4) == [1, 4, 2, 4, 3, 4, 4, 4] and np.prod(decision_sizes(4)) == 6144
     assert loose_ends(CHAIN) == [3] and loose_ends(FAN) == [0, 1, 2, 3]
+    assert describe(CHAIN) == "n0=tanh(x) n1=relu(n0) n2=sigmoid(n1) n3=identity(n2) out=mean(n3)"
     assert graph_edit_distance(CHAIN, CHAIN) == 0
     assert graph_edit_distance(CHAIN, (0, 1, 1, 1, 2, 2, 3, 3)) == 1  # one op relabelled
     # n1 reads x instead of n0: edge (n0, n1) -> (x, n1), and n0 becomes a loose end: + (n0, out)
