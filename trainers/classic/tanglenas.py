@@ -1,8 +1,8 @@
 """TangleNAS: weight-entangled gradient-based architecture search, against a DARTS supernet with separate weights.
 
 Paper: R. S. Sukthanker, A. Krishnakumar, M. Safari, F. Hutter, "Weight-Entanglement Meets Gradient-Based Neural
-Architecture Search", 2023 (arXiv 2312.10440); official code automl/TangleNAS. Written here from the paper's
-description; no code was copied (the fork that was read, hoanglocla9/TangleNAS, shows no licence).
+Architecture Search", arXiv 2312.10440 (2023; AutoML-Conf 2024, PMLR 256); official code automl/TangleNAS, whose
+licence was not verified. Written here from the paper's description (its "weight superposition"); no code copied.
 
 One-shot NAS over a supernet. DARTS (Liu et al., arXiv 1806.09055) runs every candidate op o_i of a choice and mixes
 their outputs, sum_i a_i o_i(x), with a = sampler(alpha): memory grows with the number of candidates. When the
@@ -21,8 +21,8 @@ the argmax per choice; it inherits its slices of the supernet (``inherited_test_
 The experiment (``posttrain train tanglenas/digits``): digits, an MLP 64-d1-d2-10 with d1, d2 in {16, 64, 128}
 (entangled as slices of 128; 9 architectures), 300 iterations, against the ``darts`` arm whose candidates have
 separate weights. The architecture loss adds a parameter-count penalty kappa * E_a[#params] / #params(largest)
-(normalised so kappa is unitless; E over the independent choices is exact, ``expected_params``), kappa calibrated
-so that the knee of the accuracy-size curve, width 64, is the penalised optimum (EXPERIMENTS.md). The penalty is
+(normalised so kappa is unitless; E over the independent choices is exact, ``expected_params``), kappa = 0.2
+calibrated so that the knee of the accuracy-size curve, 64-64, is the penalised optimum (EXPERIMENTS.md). The penalty is
 this experiment's addition: the paper searches without one.
 """
 
