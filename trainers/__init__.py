@@ -134,6 +134,19 @@ METHODS: dict[str, Method] = {
         "aux",
         "Blindspot regression unlearning through a partially trained proxy, and its baselines (arXiv 2210.08196)",
     ),
+    "tanglenas": Method(
+        "posttrain.trainers.classic.tanglenas:TangleNASTrainer",
+        "posttrain.trainers.classic.tanglenas:TangleNASConfig",
+        "aux",
+        "TangleNAS weight-entangled one-shot NAS on a digits MLP, against a DARTS supernet (arXiv 2312.10440)",
+    ),
+    "enas": Method(
+        "posttrain.trainers.classic.enas:ENASTrainer",
+        "posttrain.trainers.classic.enas:ENASConfig",
+        "aux",
+        "ENAS controller with/without a memory buffer (buffer loss UNVERIFIED) and random search with shared "
+        "weights (arXiv 1904.00438)",
+    ),
     # Data stages with their own experiment (a step perturbs or synthesises; the output rows land in output_dir).
     "beo": Method(
         "posttrain.data.beo:BEOTrainer",
