@@ -115,6 +115,18 @@ METHODS: dict[str, Method] = {
         "aux",
         "WC-like Weight Compander on a digits MLP (arXiv 2306.16993, reconstructed); for LLMs: weight_compander_* keys",
     ),
+    "bandlimited": Method(
+        "posttrain.trainers.classic.bandlimited:BandlimitedTrainer",
+        "posttrain.trainers.classic.bandlimited:BandlimitedConfig",
+        "aux",
+        "shallow networks with bandlimited random weights: random tanh features, ridge readout, width scan (Li et al. 2020)",
+    ),
+    "gbnn": Method(
+        "posttrain.trainers.classic.gbnn:GBNNTrainer",
+        "posttrain.trainers.classic.gbnn:GBNNConfig",
+        "aux",
+        "GBNN: a one-hidden-layer network trained stage by stage with gradient boosting (Emami & Martinez-Munoz 2019)",
+    ),
 }
 
 # Optimizers selectable in any LLM recipe with ``optim: <name>`` (``optim_args`` carries their options);
