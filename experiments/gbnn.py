@@ -125,7 +125,7 @@ def main() -> None:
     ax1.set(xlabel="stage (4 units each)", ylabel="test accuracy", title="breast_cancer: GBNN (dotted: joint MLP)")
     ax1.legend(fontsize=7)
     for i, (arm, runs) in enumerate(db.items()):
-        for j, (s, r) in enumerate(runs.items()):
+        for j, r in enumerate(runs.values()):
             ax2.semilogy(r["units"], r["test_mse"], color=f"C{i}", label=arm if j == 0 else None)
             ax2.semilogy(r["units"], r["train_mse"], color=f"C{i}", ls=":", lw=1)
     ax2.set(xlabel="hidden units (stages)", ylabel="MSE (dotted: train)", title="diabetes: the failure mode")

@@ -119,7 +119,7 @@ METHODS: dict[str, Method] = {
         "posttrain.trainers.classic.bandlimited:BandlimitedTrainer",
         "posttrain.trainers.classic.bandlimited:BandlimitedConfig",
         "aux",
-        "shallow networks with bandlimited random weights: random tanh features, ridge readout, width scan (Li et al. 2020)",
+        "shallow nets with bandlimited random weights: random tanh units, ridge readout, width scan (Li et al. 2020)",
     ),
     "gbnn": Method(
         "posttrain.trainers.classic.gbnn:GBNNTrainer",

@@ -14,11 +14,11 @@ Gradient boosting (Friedman 2001) whose base learners are tiny one-hidden-layer 
         rho_m = one Newton step of min_rho sum_i L(y_i, F_{m-1} + rho h_m) from rho = 0, on the whole training set
         F_m = F_{m-1} + eta rho_m h_m
 
-| loss | L(y, F) | F_0 | r | rho_m |
-|---|---|---|---|---|
-| squared | (y - F)^2 / 2 | mean y | y - F | 1 |
-| binary, y in {-1, 1} | log(1 + exp(-2 y F)) | 1/2 log((1 + ybar) / (1 - ybar)) | 2y / (1 + exp(2 y F)) | sum r h / sum h^2 r (2y - r) |
-| multiclass, one-hot Y | -log softmax(F)_y | 0 | Y - softmax(F) | sum h r / sum h^2 p (1 - p) |
+- squared:    L = (y - F)^2 / 2,        F_0 = mean y,                            r = y - F,      rho_m = 1
+- binary:     L = log(1 + exp(-2 y F)), F_0 = 1/2 log((1 + ybar) / (1 - ybar)),  r = 2y / (1 + exp(2 y F)),
+              y in {-1, 1},                                                       rho_m = sum r h / sum h^2 r (2y - r)
+- multiclass: L = -log softmax(F)_y,    F_0 = 0,                                 r = Y - softmax(F) (Y one-hot),
+                                                                                  rho_m = sum h r / sum h^2 p (1 - p)
 
 (the binary loss is the paper's log-exponential one, so P(y = 1) = sigmoid(2F); the multiclass rho is one scalar per
 stage, Newton's step with the Hessian's diagonal summed over samples and classes). The stage nets are fit with Adam
@@ -144,7 +144,7 @@ def negative_gradient(y: torch.Tensor, Fx: torch.Tensor, loss: str) -> torch.Ten
 
 
 def newton_step(y: torch.Tensor, Fx: torch.Tensor, h: torch.Tensor, loss: str) -> float:
-    """rho = -(sum dL/dF h) / (sum d2L/dF2 h^2): 1 (squared, exact), Friedman's binary step, the diagonal multiclass one."""
+    """rho = -(sum dL/dF h) / (sum d2L/dF2 h^2); 1 for the squared loss (the table in the module docstring)."""
     if loss == "squared":
         return 1.0
     r = negative_gradient(y, Fx, loss)
