@@ -401,10 +401,11 @@ class GBNNTrainer(AuxTrainer):
         super().load_state_dict(state)
         d, k = self.x_train.shape[1], (self.y_train.shape[1] if self.loss == "multiclass" else 1)
         self.stages = []
-        for params in state["stages"]:
-            net = StageNet(d, self.args.units_per_stage, k)
-            net.load_state_dict(params)
-            self.stages.append(net.requires_grad_(False))
+        with torch.random.fork_rng(devices=[]):  # building a net draws its init: keep the restored RNG untouched
+            for params in state["stages"]:
+                net = StageNet(d, self.args.units_per_stage, k)
+                net.load_state_dict(params)
+                self.stages.append(net.requires_grad_(False))
         self.rhos = [float(r) for r in state["rhos"]]
         self._reset_scores()  # F on both splits, rebuilt stage by stage exactly as training accumulated it
         with torch.no_grad():
