@@ -68,8 +68,8 @@ def test_c_band_20_fits_k4_but_not_k64(scans):
 def test_logged_numbers(scans):
     for omega, history in scans.items():
         assert [h["width"] for h in history] == WIDTHS and all(h["omega"] == omega for h in history)
-        for h in history:
-            assert h["cond_gram"] > 1 and all(h[f"train_mse_k{k}"] <= h[f"test_mse_k{k}"] * 10 + 1e-9 for k in (4, 16))
+        conds = [h["cond_gram"] for h in history]
+        assert all(1 < a < b for a, b in zip(conds, conds[1:])), conds  # more units, closer to rank-deficient
 
 
 # --- pure math ------------------------------------------------------------------------------------------------
