@@ -32,7 +32,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-import scipy.linalg
+import scipy.linalg  # scipy comes with scikit-learn (a pinned dependency)
 
 from posttrain.trainers.classic.base import AuxConfig, AuxTrainer
 
@@ -111,7 +111,9 @@ def hidden_features(x: np.ndarray, a: np.ndarray, b: np.ndarray, activation: str
 def ridge_readout(H: np.ndarray, y: np.ndarray, ridge: float) -> np.ndarray:
     """c = (H^T H + n lambda I)^-1 H^T y, y (n,) or (n, targets): a Cholesky solve of the normal equations.
 
-    With lambda = 0 and a rank-deficient H it falls back to the least-squares solution (scipy's lstsq).
+    With lambda = 0 and a rank-deficient H it falls back to the least-squares solution (scipy's lstsq). This is the
+    solve scikit-learn's Ridge(alpha=n lambda, fit_intercept=False, solver="cholesky") does; written with scipy so the
+    Gram matrix is formed once for every target.
     """
     n = H.shape[0]
     gram = H.T @ H
