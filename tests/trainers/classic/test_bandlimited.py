@@ -98,6 +98,10 @@ def test_ridge_readout_against_the_closed_form_and_lstsq():
     lam = 0.03
     expected = np.linalg.inv(H.T @ H + 50 * lam * np.eye(8)) @ H.T @ y
     np.testing.assert_allclose(ridge_readout(H, y, lam), expected, rtol=1e-10, atol=1e-12)
+    from sklearn.linear_model import Ridge
+
+    sk = Ridge(alpha=50 * lam, fit_intercept=False, solver="cholesky").fit(H, y).coef_.T
+    np.testing.assert_allclose(ridge_readout(H, y, lam), sk, rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(ridge_readout(H, y[:, 0], 0.0), np.linalg.lstsq(H, y[:, 0], rcond=None)[0], atol=1e-12)
     # one right-hand side per target gives the targets' separate solutions
     np.testing.assert_allclose(ridge_readout(H, y, lam)[:, 1], ridge_readout(H, y[:, 1], lam), rtol=1e-12)
