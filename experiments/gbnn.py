@@ -45,7 +45,7 @@ DIABETES = {
 
 def run(seed: int, **kwargs) -> GBNNTrainer:
     with tempfile.TemporaryDirectory() as out:
-        t = GBNNTrainer(GBNNConfig(seed=seed, output_dir=out, **kwargs))
+        t = GBNNTrainer(GBNNConfig(seed=seed, output_dir=out, max_seconds=3600, **kwargs))
         t.train(verbose=False)
     return t
 

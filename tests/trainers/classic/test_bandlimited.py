@@ -33,7 +33,9 @@ def scans(tmp_path_factory):
     for omega in (2.0, 20.0, 200.0):
         folder = tmp_path_factory.mktemp(f"omega{omega:g}")
         t = BandlimitedTrainer(
-            BandlimitedConfig(omega=omega, widths=WIDTHS, frequencies=[4, 16, 64], seed=0, output_dir=str(folder))
+            BandlimitedConfig(
+                omega=omega, widths=WIDTHS, frequencies=[4, 16, 64], seed=0, max_seconds=3600, output_dir=str(folder)
+            )
         )
         if omega == 2.0:
             t.train(verbose=False)
