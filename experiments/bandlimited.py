@@ -29,7 +29,12 @@ def run(omega: float, seed: int) -> list[dict]:
     with tempfile.TemporaryDirectory() as out:
         t = BandlimitedTrainer(
             BandlimitedConfig(
-                omega=omega, widths=list(WIDTHS), frequencies=list(FREQUENCIES), seed=seed, output_dir=out
+                omega=omega,
+                widths=list(WIDTHS),
+                frequencies=list(FREQUENCIES),
+                seed=seed,
+                max_seconds=3600,
+                output_dir=out,
             )
         )
         t.train(verbose=False)
