@@ -63,6 +63,8 @@ STAGE_OPTIMIZERS = ("adam", "lbfgs")
 DTYPE = torch.float64
 
 
+# The defaults are the official repository's (200 one-unit stages, eta 1, subsample 0.5, L-BFGS with 200 iterations,
+# logistic units); the recipes hold the experiments' settings.
 @dataclass
 class GBNNConfig(AuxConfig):
     dataset: str = field(
