@@ -147,6 +147,18 @@ METHODS: dict[str, Method] = {
         "ENAS controller with/without a memory buffer (buffer loss UNVERIFIED) and random search with shared "
         "weights (arXiv 1904.00438)",
     ),
+    "bandlimited": Method(
+        "posttrain.trainers.classic.bandlimited:BandlimitedTrainer",
+        "posttrain.trainers.classic.bandlimited:BandlimitedConfig",
+        "aux",
+        "shallow nets with bandlimited random weights: random tanh units, ridge readout, width scan (Li et al. 2020)",
+    ),
+    "gbnn": Method(
+        "posttrain.trainers.classic.gbnn:GBNNTrainer",
+        "posttrain.trainers.classic.gbnn:GBNNConfig",
+        "aux",
+        "GBNN: a one-hidden-layer network trained stage by stage with gradient boosting (Emami & Martinez-Munoz 2019)",
+    ),
     # Data stages with their own experiment (a step perturbs or synthesises; the output rows land in output_dir).
     "beo": Method(
         "posttrain.data.beo:BEOTrainer",
