@@ -115,6 +115,19 @@ METHODS: dict[str, Method] = {
         "aux",
         "WC-like Weight Compander on a digits MLP (arXiv 2306.16993, reconstructed); for LLMs: weight_compander_* keys",
     ),
+    "done": Method(
+        "posttrain.trainers.classic.done:DONETrainer",
+        "posttrain.trainers.classic.done:DONEConfig",
+        "aux",
+        "DONE: KL-DRO instance-reweighted adversarial training, first-order (arXiv 2308.00311); "
+        "for LLMs: kl_dro_r on sft",
+    ),
+    "pareto_da": Method(
+        "posttrain.trainers.classic.pareto_da:ParetoDATrainer",
+        "posttrain.trainers.classic.pareto_da:ParetoDAConfig",
+        "aux",
+        "ParetoDA: DANN objectives weighted by a target-guided Pareto direction (NeurIPS 2021) on rotated digits",
+    ),
 }
 
 # Optimizers selectable in any LLM recipe with ``optim: <name>`` (``optim_args`` carries their options);
