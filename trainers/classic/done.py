@@ -171,6 +171,47 @@ class KLDROReweight:
         self.log_u = state["log_u"]
 
 
+def kl_dro_sequence_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    reweight: KLDROReweight,
+    update: bool = True,
+    num_items_in_batch=None,
+    ignore_index: int = -100,
+    gather=None,
+) -> tuple[torch.Tensor, dict]:
+    """The KL-DRO reweighting of a causal-LM loss: sum_t w_seq(t) ce_t / N, w_i = exp(l_i / r) / u.
+
+    logits (B, T, V), labels (B, T) unshifted as the model receives them (position t predicts labels[t + 1]). l_i is
+    sequence i's mean token cross-entropy (a sequence without labelled tokens gets no weight and no say in u). N is
+    ``num_items_in_batch`` when given (as transformers' causal-LM loss under gradient accumulation), else the
+    labelled-token count, so weights of 1 give exactly the causal-LM loss. ``update``: advance u with this batch's
+    l (False in evaluation); ``gather`` (e.g. ``accelerator.gather``) collects every rank's l first, so all ranks
+    hold the same u.
+    """
+    logp = F.log_softmax(logits[:, :-1].float(), dim=-1)
+    target = labels[:, 1:]
+    mask = target != ignore_index
+    ce = torch.where(mask, -logp.gather(-1, target.clamp_min(0).unsqueeze(-1)).squeeze(-1), 0.0)
+    counts = mask.sum(-1)
+    has = counts > 0
+    seq = ce.sum(-1) / counts.clamp_min(1)
+    if update:
+        everyone = gather(seq.detach()[has]) if gather is not None else seq.detach()[has]
+        if everyone.numel():
+            reweight.update(everyone)
+    if reweight.log_u is None and has.any():  # an evaluation before any training step: u from this batch
+        reweight.update(seq.detach()[has])
+    if reweight.log_u is None:  # no labelled token at all
+        return ce.sum() * 0.0, {}
+    weights = torch.where(has, reweight.weights(seq), 0.0)
+    denom = num_items_in_batch if num_items_in_batch is not None else mask.sum()
+    denom = torch.as_tensor(denom, device=logits.device, dtype=torch.float32).clamp_min(1)
+    loss = (weights.detach().unsqueeze(-1) * ce).sum() / denom
+    info = reweight.info(weights[has]) if has.any() else {}
+    return loss, info
+
+
 def pgd_attack(
     model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, steps: int, alpha: float | None = None
 ) -> torch.Tensor:
@@ -312,3 +353,94 @@ def compare_arms(seeds=(0, 1, 2, 3, 4), **overrides) -> dict:
             final["min_ess_frac"] = min([h["ess_frac"] for h in trainer.history] + [final["ess_frac"]])
             out.setdefault(arm, []).append(final)
     return out
+
+
+# --- the LLM recipe keys and the SFT trainer ------------------------------------------------------------------
+
+KL_DRO_KEYS = ("kl_dro_r", "kl_dro_beta")
+
+
+@dataclass
+class KLDROArgs:
+    r: float = 1.0
+    beta: float = 0.5
+
+
+def parse_kl_dro_keys(values: dict, sources: dict, source: str, method: str, task: str) -> KLDROArgs | None:
+    """Pop ``kl_dro_r`` / ``kl_dro_beta`` from a recipe's values and check them (nothing loads). Raises ValueError
+    naming the key and where it was set."""
+    from posttrain import did_you_mean
+
+    keys = [k for k in values if str(k).startswith("kl_dro")]
+    if not keys:
+        return None
+    for key in keys:
+        if key not in KL_DRO_KEYS:
+            raise ValueError(
+                f"{sources.get(key, source)}: unknown key '{key}'{did_you_mean(key, KL_DRO_KEYS)}; the KL-DRO "
+                f"reweighting keys are {', '.join(KL_DRO_KEYS)}"
+            )
+    given = {k: values.pop(k) for k in keys}
+    where = " and ".join(sorted({sources.get(k, source) for k in given}))
+    if task != "sft":
+        raise ValueError(
+            f"{where}: kl_dro_* keys reweight each sequence of an SFT loss and apply to 'sft' recipes only, not to "
+            f"method '{method}'" + ("; the done method has its own 'r' and 'beta' keys" if task == "aux" else "")
+        )
+    if "kl_dro_r" not in given:
+        raise ValueError(f"{where}: kl_dro_beta needs kl_dro_r (the KL strength r > 0; e.g. 1.0)")
+    args = KLDROArgs()
+    for key, value in given.items():
+        name = key.removeprefix("kl_dro_")
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        try:
+            check_kl_dro(**{"r": args.r, "beta": args.beta, name: value})
+        except ValueError as err:
+            raise ValueError(f"{sources.get(key, source)}: kl_dro_{err}") from None
+        setattr(args, name, float(value))
+    return args
+
+
+def kl_dro_sft_trainer(sft_cls):
+    """``sft_cls`` (TRL's SFTTrainer, as ``runtime.guarded`` wraps it) with KL-DRO sequence weights; u is method
+    state (``method_state.pt`` in each checkpoint)."""
+
+    class KLDROSFTTrainer(sft_cls):
+        """SFT whose sequences weigh exp(l_i / r) / u in the token-averaged loss; r -> infinity: stock SFT."""
+
+        def __init__(self, *args, kl_dro: KLDROArgs, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.kl_dro = KLDROReweight(kl_dro.r, kl_dro.beta)
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            mode = "train" if self.model.training else "eval"
+            logits_inputs = {k: v for k, v in inputs.items() if k != "labels"}
+            logits_inputs["use_cache"] = False
+            outputs = model(**logits_inputs)
+            loss, info = kl_dro_sequence_loss(
+                outputs.logits,
+                inputs["labels"],
+                self.kl_dro,
+                update=mode == "train",
+                num_items_in_batch=num_items_in_batch,
+                gather=self.accelerator.gather,
+            )
+            # as TRL's SFT loss: num_items_in_batch counts every rank's tokens and DDP averages the gradients
+            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+                loss = loss * self.accelerator.num_processes
+            for name, value in info.items():
+                self._metrics[mode][f"kl_dro/{name}"].append(value)
+            return (loss, outputs) if return_outputs else loss
+
+        def method_state(self) -> dict:
+            return self.kl_dro.state_dict()
+
+        def load_method_state(self, state: dict) -> None:
+            self.kl_dro.load_state_dict(state)
+
+    KLDROSFTTrainer.__name__ = KLDROSFTTrainer.__qualname__ = "KLDROSFTTrainer"
+    return KLDROSFTTrainer

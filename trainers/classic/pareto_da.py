@@ -67,6 +67,7 @@ class ParetoDAConfig(AuxConfig):
     lp_eps: float = field(default=1e-3, metadata={"help": "Guided LP while the held-out L_TCM exceeds this."})
     max_steps: int = field(default=1500, metadata={"help": "Iterations (one step = one source and target batch)."})
     eval_every: int = field(default=250, metadata={"help": "Evaluate and log every this many steps."})
+    max_seconds: float = field(default=600.0, metadata={"help": "Wall-clock guard for one train() call."})
     output_dir: str = field(
         default="runs/pareto_da", metadata={"help": "Where results.json, curves.png and aux_state.pt are written."}
     )
