@@ -208,6 +208,7 @@ class ParetoDATrainer(AuxTrainer):
         )
         self.weighting = EPOWeighting(3, eps=a.lp_eps)
         self.moves = {"guided": 0, "dominance": 0}
+        self.alpha_min, self.alpha_sum_err = float("inf"), 0.0  # over every step: alpha stays on the simplex
         self.generator = torch.Generator().manual_seed(a.seed)
 
     def description(self) -> str:
@@ -266,6 +267,8 @@ class ParetoDATrainer(AuxTrainer):
             for p, g in zip(backbone, g_backbone):
                 p.grad = g
             self.moves[result.move] += 1
+            self.alpha_min = min(self.alpha_min, float(result.alpha.min()))
+            self.alpha_sum_err = max(self.alpha_sum_err, abs(float(result.alpha.sum()) - 1.0))
             info.update({f"alpha_{k}": float(v) for k, v in zip(("cls", "trans", "tcm"), result.alpha)})
             info.update(
                 {
@@ -295,6 +298,7 @@ class ParetoDATrainer(AuxTrainer):
             "scheduler": self.scheduler.state_dict(),
             "weighting": self.weighting.state_dict(),
             "moves": dict(self.moves),
+            "alpha_stats": (self.alpha_min, self.alpha_sum_err),
             "generator": self.generator.get_state(),
         }
 
@@ -305,6 +309,7 @@ class ParetoDATrainer(AuxTrainer):
         self.scheduler.load_state_dict(state["scheduler"])
         self.weighting.load_state_dict(state["weighting"])
         self.moves = dict(state["moves"])
+        self.alpha_min, self.alpha_sum_err = state["alpha_stats"]
         self.generator.set_state(state["generator"])
 
 
@@ -323,6 +328,6 @@ def compare_arms(seeds=(0, 1, 2), arms=ARMS, **overrides) -> dict:
             if arm == "paretoda":
                 final["lp_failure_frac"] = trainer.weighting.failures / max(trainer.weighting.steps, 1)
                 final["guided_frac"] = trainer.moves["guided"] / max(trainer.weighting.steps, 1)
-                final["alpha_min"] = min(min(h[f"alpha_{k}"] for k in ("cls", "trans", "tcm")) for h in trainer.history)
+                final["alpha_min"], final["alpha_sum_err"] = trainer.alpha_min, trainer.alpha_sum_err
             out.setdefault(arm, []).append(final)
     return out
