@@ -272,7 +272,7 @@ class ParetoDATrainer(AuxTrainer):
             info.update({f"alpha_{k}": float(v) for k, v in zip(("cls", "trans", "tcm"), result.alpha)})
             info.update(
                 {
-                    "loss_val_tcm": float(l_val),
+                    "loss_val_tcm": float(l_val.detach()),
                     "lp_failures": self.weighting.failures,
                     "guided_moves": self.moves["guided"],
                 }
