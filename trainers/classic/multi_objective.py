@@ -114,7 +114,9 @@ class EPOWeighting:
 
     ``loss, result = weighting(losses, params, guide_loss)``: ``loss`` = m * sum_j alpha_j L_j (backpropagate it as
     the shared parameters' loss); ``guide_loss`` is the held-out loss whose gradient steers the direction. Counts
-    the LP failures (``failures``) and the steps (``steps``).
+    the LP failures (``failures``), the steps (``steps``) and the dominance steps whose direction G^T alpha ascends
+    some objective to first order, (G G^T alpha)_j < -1e-6 max |G G^T| (``ascents``; 0 while the LP does its job:
+    its constraint is G G^T alpha >= 0; the fixed-preference fallback is not counted).
     """
 
     def __init__(self, m: int, eps: float = 1e-3, preference: list[float] | None = None):
@@ -124,7 +126,7 @@ class EPOWeighting:
         self.preference = np.full(m, 1.0 / m) if preference is None else np.asarray(preference, dtype=np.float64)
         if self.preference.shape != (m,) or (self.preference < 0).any() or abs(self.preference.sum() - 1) > 1e-9:
             raise ValueError(f"preference must be {m} non-negative numbers summing to 1, got {preference!r}")
-        self.steps = self.failures = 0
+        self.steps = self.failures = self.ascents = 0
 
     def __call__(
         self, losses: list[torch.Tensor], params: list[torch.Tensor], guide_loss: torch.Tensor
@@ -142,11 +144,15 @@ class EPOWeighting:
         )
         self.steps += 1
         self.failures += not result.success
+        if result.success and result.move == "dominance":
+            C = (G @ G.T).detach().double().cpu().numpy()
+            self.ascents += bool((C @ result.alpha).min() < -1e-6 * np.abs(C).max())
         alpha = torch.as_tensor(result.alpha, dtype=losses[0].dtype, device=losses[0].device)
         return self.m * (alpha * torch.stack(losses)).sum(), result
 
     def state_dict(self) -> dict:
-        return {"steps": self.steps, "failures": self.failures}
+        return {"steps": self.steps, "failures": self.failures, "ascents": self.ascents}
 
     def load_state_dict(self, state: dict) -> None:
         self.steps, self.failures = int(state["steps"]), int(state["failures"])
+        self.ascents = int(state.get("ascents", 0))

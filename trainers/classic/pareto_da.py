@@ -331,6 +331,7 @@ def compare_arms(seeds=(0, 1, 2), arms=ARMS, **overrides) -> dict:
             if arm == "paretoda":
                 final["lp_failure_frac"] = trainer.weighting.failures / max(trainer.weighting.steps, 1)
                 final["guided_frac"] = trainer.moves["guided"] / max(trainer.weighting.steps, 1)
+                final["ascent_frac"] = trainer.weighting.ascents / max(trainer.weighting.steps, 1)
                 final["alpha_min"], final["alpha_sum_err"] = trainer.alpha_min, trainer.alpha_sum_err
             out.setdefault(arm, []).append(final)
     return out

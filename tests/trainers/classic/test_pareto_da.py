@@ -149,7 +149,7 @@ def test_an_unshifted_target_scores_as_the_source_and_an_inverted_one_below_chan
     assert inverted["source_acc"] > 0.85 and inverted["target_acc"] < 0.05, inverted
 
 
-STEPS = 300  # the smallest run whose seed means decide both accuracy criteria as the 1500-iteration runs do
+STEPS = 300  # seed means here decide both accuracy criteria as at 1500 iterations (at 100, DANN = source-only)
 
 
 @pytest.fixture(scope="module")
@@ -172,9 +172,11 @@ def test_paretoda_beats_dann_by_one_point_on_rotated_digits(rotated):
     assert pareto >= dann + 0.01, (pareto, dann)
 
 
-def test_alpha_stays_on_the_simplex(rotated):
+def test_alpha_stays_on_the_simplex_and_the_direction_descends_every_objective(rotated):
     for run in rotated["paretoda"]:
         assert run["alpha_min"] >= 0 and run["alpha_sum_err"] < 1e-6, run
+        # the Pareto direction: no solved step ascends an objective to first order (equal weights do, often)
+        assert run["ascent_frac"] == 0, run
 
 
 def test_lp_failures_stay_under_five_percent_at_this_size(rotated):
