@@ -10,7 +10,7 @@ explains the below-chance numbers (an inverted digit is a sign-flipped centred i
 the source scores its own class lowest). The results JSON is rewritten after every run, so a killed run keeps what
 it finished; ``--plot`` only redraws the PNG from the JSON files present.
 
-    OMP_NUM_THREADS=1 .venv/bin/python experiments/pareto_da.py                     # ~15 min loaded, 1 thread
+    OMP_NUM_THREADS=1 .venv/bin/python experiments/pareto_da.py                     # ~125 s of CPU, 1 thread
     OMP_NUM_THREADS=1 .venv/bin/python experiments/pareto_da.py --shift rotate
     OMP_NUM_THREADS=1 .venv/bin/python experiments/pareto_da.py --arms source_only --shift none --seeds 0 \
         --tag ablation                                                              # one shift of the ablation
