@@ -90,6 +90,7 @@ class Recipe:
         None  # CompanderArgs when the recipe sets ``weight_compander*`` (trainers/classic/weight_compander.py)
     )
     synflow: Any = None  # SynFlowArgs when the recipe sets ``synflow_*`` (trainers/classic/synflow.py)
+    kl_dro: Any = None  # KLDROArgs when the recipe sets ``kl_dro_*`` (trainers/classic/done.py)
 
 
 def builtin_recipes(kind: str = "train") -> list[str]:
@@ -224,6 +225,18 @@ def build_recipe(values: dict[str, Any], sources: dict[str, str], source: str) -
         except ValueError as err:
             raise RecipeError(str(err)) from None
 
+    kl_dro = None
+    if any(str(key).startswith("kl_dro") for key in values):
+        # the KL-DRO sequence reweighting on sft (trainers/classic/done.py), kept beside the method config
+        from posttrain.trainers.classic.done import parse_kl_dro_keys
+
+        try:
+            kl_dro = parse_kl_dro_keys(values, sources, source, method, entry.task)
+        except ValueError as err:
+            raise RecipeError(str(err)) from None
+        if self_distill is not None:
+            raise RecipeError(f"{source}: kl_dro_* and self_distill_* both replace the SFT loss; use one of them")
+
     if entry.task == "aux":
         classes = {"config": entry.config_cls}
     else:
@@ -293,6 +306,7 @@ def build_recipe(values: dict[str, Any], sources: dict[str, str], source: str) -
         self_distill=self_distill,
         weight_compander=weight_compander,
         synflow=synflow,
+        kl_dro=kl_dro,
     )
 
 

@@ -139,6 +139,10 @@ def build_trainer(recipe: Recipe):
 
         check_teacher(recipe.self_distill, model_path)
         trainer_cls, extra["self_distill"] = self_distill_sft_trainer(trainer_cls), recipe.self_distill
+    if recipe.kl_dro is not None:  # SFT with KL-DRO sequence weights (trainers/classic/done.py)
+        from posttrain.trainers.classic.done import kl_dro_sft_trainer
+
+        trainer_cls, extra["kl_dro"] = kl_dro_sft_trainer(trainer_cls), recipe.kl_dro
     trainer = trainer_cls(
         model=model_path,
         args=config,

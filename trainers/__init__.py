@@ -159,6 +159,19 @@ METHODS: dict[str, Method] = {
         "aux",
         "GBNN: a one-hidden-layer network trained stage by stage with gradient boosting (Emami & Martinez-Munoz 2019)",
     ),
+    "done": Method(
+        "posttrain.trainers.classic.done:DONETrainer",
+        "posttrain.trainers.classic.done:DONEConfig",
+        "aux",
+        "DONE: KL-DRO instance-reweighted adversarial training, first-order (arXiv 2308.00311); "
+        "for LLMs: kl_dro_r on sft",
+    ),
+    "pareto_da": Method(
+        "posttrain.trainers.classic.pareto_da:ParetoDATrainer",
+        "posttrain.trainers.classic.pareto_da:ParetoDAConfig",
+        "aux",
+        "ParetoDA: DANN objectives weighted by a target-guided Pareto direction (NeurIPS 2021) on rotated digits",
+    ),
     # Data stages with their own experiment (a step perturbs or synthesises; the output rows land in output_dir).
     "beo": Method(
         "posttrain.data.beo:BEOTrainer",
