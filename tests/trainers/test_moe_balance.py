@@ -1196,3 +1196,9 @@ def test_bias_updates_after_each_optimizer_step_with_the_steps_own_loads(rule, t
         ]
     for got, expected in zip(expert_biases(routers), want):
         torch.testing.assert_close(got, expected, atol=1e-7, rtol=0)
+    # the logged MaxVio_batch of each step, by hand from that step's loads: mean over layers of (max - mean) / mean
+    logged = [h["moe/maxvio"] for h in trainer.state.log_history if "moe/maxvio" in h]
+    by_hand = [
+        sum(float((c.max() - c.float().mean()) / c.float().mean()) for c in loads) / len(loads) for loads in seen
+    ]
+    assert logged == pytest.approx(by_hand, rel=1e-5)

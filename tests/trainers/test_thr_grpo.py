@@ -728,3 +728,14 @@ def test_trainer_token_advantages_equal_the_formula_on_plain_forwards(tmp_path):
     torch.testing.assert_close(got, want.to(got.dtype), atol=1e-5, rtol=1e-4)
     hidden_got, _ = trainer._old_policy_hidden_and_lse(out)
     torch.testing.assert_close(hidden_got, hidden, atol=1e-6, rtol=1e-5)
+    # the logged statistics of the group, by hand from the same s and tau
+    m = mask.bool()
+    dominant = (s.abs() > tau) & m
+    sign = torch.sign(out["advantages"][:, None] * s)
+    logged = {k: v[-1] for k, v in trainer._metrics["train"].items()}
+    assert logged["thr/mixed_groups"] == 1.0
+    assert logged["thr/dominant"] == pytest.approx((dominant.sum() / m.sum()).item(), abs=1e-6)
+    assert logged["thr/positive"] == pytest.approx((((sign > 0) & dominant).sum() / dominant.sum()).item(), abs=1e-6)
+    assert logged["thr/negative"] == pytest.approx((((sign < 0) & dominant).sum() / dominant.sum()).item(), abs=1e-6)
+    assert logged["thr/abs_s"] == pytest.approx(s.abs()[m].mean().item(), rel=1e-4)
+    assert logged["thr/tau"] == pytest.approx(float(tau), rel=1e-4)
