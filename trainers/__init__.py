@@ -115,6 +115,18 @@ METHODS: dict[str, Method] = {
         "aux",
         "WC-like Weight Compander on a digits MLP (arXiv 2306.16993, reconstructed); for LLMs: weight_compander_* keys",
     ),
+    "unfolded_ista": Method(
+        "posttrain.trainers.classic.unfolded_ista:UnfoldedISTATrainer",
+        "posttrain.trainers.classic.unfolded_ista:UnfoldedISTAConfig",
+        "aux",
+        "deep-unfolded ISTA / IHT, learned step sizes, supervised vs unsupervised loss (arXiv 2509.01331)",
+    ),
+    "scad_mcp": Method(
+        "posttrain.trainers.classic.scad_mcp:ScadMCPTrainer",
+        "posttrain.trainers.classic.scad_mcp:ScadMCPConfig",
+        "aux",
+        "SCAD / MCP regression by accelerated gradient, optional MI screening (arXiv 2009.10629, 2410.10082)",
+    ),
 }
 
 # Optimizers selectable in any LLM recipe with ``optim: <name>`` (``optim_args`` carries their options);
