@@ -51,7 +51,9 @@ class MIScreenConfig:
     """How features are screened; the defaults are the thesis's (G = 2^7, d = n / log n)."""
 
     method: str = field(default="mi", metadata={"help": "mi (mutual information) or pearson (|correlation|)."})
-    top: int = field(default=0, metadata={"help": "Features kept, d; 0: floor(n / log n) (sure independence screening)."})
+    top: int = field(
+        default=0, metadata={"help": "Features kept, d; 0: floor(n / log n) (sure independence screening)."}
+    )
     grid: int = field(default=128, metadata={"help": "KDE grid points per axis (continuous target)."})
     bandwidth: str = field(
         default="scott", metadata={"help": "scott, silverman, or a number (bandwidth in standard deviations)."}
