@@ -75,8 +75,8 @@ class ScadMCPConfig(AuxConfig):
     ag_step: float = field(
         default=1.0,
         metadata={
-            "help": "AG's beta_k times L. Ghadimi & Lan's bound uses 1/2; at 1/2 AG needs about twice ISTA's iterations "
-            "here, at 1 it needs fewer (see EXPERIMENTS.md)."
+            "help": "AG's beta_k times L. Ghadimi & Lan's bound uses 1/2; at 1/2 AG needs about twice ISTA's "
+            "iterations here, at 1 it needs fewer (see EXPERIMENTS.md)."
         },
     )
     ag_restart: bool = field(
@@ -271,7 +271,7 @@ class AcceleratedGradient:
 def coordinate_descent(
     X: np.ndarray, y: np.ndarray, pen: Penalty, beta0: np.ndarray, tol: float = 1e-12, max_sweeps: int = 10000
 ) -> np.ndarray:
-    """Cyclic coordinate descent (Breheny & Huang 2011) on standardised columns: beta_j = prox_1(x_j^T r / n + beta_j)."""
+    """Cyclic coordinate descent (Breheny & Huang 2011), standardised columns: beta_j = prox_1(x_j^T r / n + beta_j)."""
     n = len(y)
     beta = beta0.copy()
     r = y - X @ beta

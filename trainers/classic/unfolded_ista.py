@@ -72,8 +72,8 @@ class UnfoldedISTAConfig(AuxConfig):
     reference_iters: int = field(
         default=500,
         metadata={
-            "help": "Iterations of the long-run reference: FISTA for the LASSO optimum (500 leave a gap in J_1 of about "
-            "1e-9, below that of 3000 ISTA iterations), IHT to its fixed point for l0."
+            "help": "Iterations of the long-run reference: FISTA for the LASSO optimum (500 leave a gap in J_1 of "
+            "about 1e-9, below that of 3000 ISTA iterations), IHT to its fixed point for l0."
         },
     )
     max_steps: int = field(default=500, metadata={"help": "Adam steps (one step = one fresh batch)."})
@@ -165,7 +165,7 @@ def fista_lasso(A: torch.Tensor, y: torch.Tensor, lambd: float, iters: int, tol:
 
 
 def iht_fixed_point(A: torch.Tensor, y: torch.Tensor, lambd: float, gamma: float, iters: int) -> torch.Tensor:
-    """Plain IHT with a constant step ``gamma`` from x_0 = 0, run until no entry changes (a fixed point) or ``iters``."""
+    """Plain IHT with a constant step ``gamma`` from x_0 = 0 until no entry changes (a fixed point) or ``iters``."""
     x, aty, gram = y.new_zeros((y.shape[0], A.shape[1])), y @ A, A.T @ A
     tau = math.sqrt(2 * lambd * gamma)
     for _ in range(iters):

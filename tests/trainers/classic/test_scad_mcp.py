@@ -120,7 +120,7 @@ def test_accelerated_gradient_needs_fewer_iterations_than_ista(experiment):
 
 
 def test_mi_screening_then_scad(tmp_path):
-    """The data stage inside the trainer: n / log n columns survive, the fit lives on them, metrics in the full space."""
+    """The data stage inside the trainer: n / log n columns survive, the fit lives on them, metrics in full space."""
     t = ScadMCPTrainer(ScadMCPConfig(screen="mi", p=1000, max_steps=2000, stop_gap=1e-8, output_dir=str(tmp_path)))
     final = t.train(verbose=False)
     true = np.flatnonzero(t.beta_true)
