@@ -6,8 +6,10 @@ sigma = 0.01, lambda = 0.05, T = 20, 500 Adam steps of 100 fresh samples, 1000 t
 - IHT: both DU-IHT variants reach a lower J_0 than IHT-20.
 """
 
+import functools
 import json
 import math
+import tempfile
 
 import pytest
 import torch
@@ -73,16 +75,15 @@ def test_fista_reaches_the_lasso_optimality_conditions():
     assert corr[~on].abs().max() <= 0.1 + 1e-8
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    """The spec's experiment for both algorithms and 3 seeds (sup and unsup trained side by side on the same data)."""
+@functools.cache
+def _runs(algo: str) -> dict:
+    """The spec's experiment for one algorithm and 3 seeds (sup and unsup trained side by side on the same data);
+    computed once per session and shared by the tests of that algorithm."""
     out = {}
-    for algo in ("ista", "iht"):
+    with tempfile.TemporaryDirectory() as folder:
         for seed in SEEDS:
-            args = UnfoldedISTAConfig(
-                algo=algo, seed=seed, eval_every=500, output_dir=str(tmp_path_factory.mktemp(f"{algo}{seed}"))
-            )
-            out[algo, seed] = UnfoldedISTATrainer(args).train(verbose=False)
+            args = UnfoldedISTAConfig(algo=algo, seed=seed, eval_every=500, output_dir=f"{folder}/{seed}")
+            out[seed] = UnfoldedISTATrainer(args).train(verbose=False)
     return out
 
 
@@ -90,21 +91,21 @@ def _majority(checks):
     return sum(checks) >= 2
 
 
-def test_unsupervised_du_ista_approaches_the_lasso_optimum(runs):
-    r = [runs["ista", s] for s in SEEDS]
+def test_unsupervised_du_ista_approaches_the_lasso_optimum():
+    r = [_runs("ista")[s] for s in SEEDS]
     assert _majority([x["J/unsup"] <= 1.10 * x["J/ista_ref"] for x in r]), r
     assert _majority([x["J/unsup"] < x["J/ista_T"] for x in r]), r
 
 
-def test_supervised_du_ista_wins_nmse_but_not_the_objective(runs):
-    r = [runs["ista", s] for s in SEEDS]
+def test_supervised_du_ista_wins_nmse_but_not_the_objective():
+    r = [_runs("ista")[s] for s in SEEDS]
     assert _majority([x["nmse_db/sup"] < x["nmse_db/unsup"] for x in r]), r
     assert _majority([x["J/sup"] > x["J/unsup"] for x in r]), r
     assert all(x["nmse_db/sup"] < x["nmse_db/ista_T"] for x in r), r  # both learn: far below ISTA-20's NMSE
 
 
-def test_both_du_iht_variants_beat_plain_iht_on_the_l0_objective(runs):
-    r = [runs["iht", s] for s in SEEDS]
+def test_both_du_iht_variants_beat_plain_iht_on_the_l0_objective():
+    r = [_runs("iht")[s] for s in SEEDS]
     assert _majority([x["J/sup"] < x["J/iht_T"] for x in r]), r
     assert _majority([x["J/unsup"] < x["J/iht_T"] for x in r]), r
 
