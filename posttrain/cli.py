@@ -38,6 +38,7 @@ def _list(what: str) -> None:
             "  data_filter   Deep Ignorance cascade filter: blocklist -> classifier -> optional judge (arXiv "
             "2508.06601)"
         )
+        print("  screen        mutual-information feature screening (arXiv 2410.10082): `screen: mi` in scad_mcp")
     if what in ("all", "recipes"):
         print("recipes (posttrain train <name>):")
         for name in builtin_recipes():
