@@ -75,6 +75,24 @@ def test_fista_reaches_the_lasso_optimality_conditions():
     assert corr[~on].abs().max() <= 0.1 + 1e-8
 
 
+@pytest.mark.parametrize("algo", ["ista", "iht"])
+def test_training_losses_are_the_squared_error_and_the_objective(algo, tmp_path):
+    t = UnfoldedISTATrainer(UnfoldedISTAConfig(algo=algo, test_samples=5, reference_iters=5, output_dir=str(tmp_path)))
+    g = torch.Generator().manual_seed(3)
+    x, x_hat = torch.randn(4, 100, generator=g), torch.randn(2, 4, 100, generator=g)
+    x_hat[x_hat.abs() < 0.5] = 0  # some exact zeros for the l0 count
+    y = torch.randn(4, 50, generator=g)
+    A = t.A32.double()
+    sup = sum(float(((x_hat[0, i] - x[i]) ** 2).sum()) for i in range(4)) / 4
+    unsup = 0.0
+    for i in range(4):
+        r = y[i].double() - A @ x_hat[1, i].double()
+        pen = x_hat[1, i].abs().sum() if algo == "ista" else (x_hat[1, i] != 0).sum()
+        unsup += (0.5 * float(r @ r) + 0.05 * float(pen)) / 4
+    assert t.variants == ["sup", "unsup"]
+    assert float(t.loss(x_hat, x, y)) == pytest.approx(sup + unsup, rel=1e-5)
+
+
 @functools.cache
 def _runs(algo: str) -> dict:
     """The spec's experiment for one algorithm and 3 seeds (sup and unsup trained side by side on the same data);
