@@ -2,7 +2,7 @@
 the Dataset stage, and the screening experiment: n = 300, p = 2000, y = 3 sin(x1) + 2 x2^2 + x3 + N(0, 0.5^2),
 keep the top 50 by MI (FFT KDE, 128^2 grid) and by |Pearson|, seeds 0-4.
 
-Pass criteria: MI recalls {x1, x2, x3} in at least 4 of 5 seeds; one screening takes at most 20 s. The spec's third
+Pass criteria: MI recalls {x1, x2, x3} in at least 4 of 5 seeds; one screening takes at most 20 s. The proposed third
 bar, "Pearson recalls x2 in at most 1 of 5 seeds", is NOT reproduced: Pearson recalls x2 in 2 of seeds 0-4 (31 of
 100 seeds measured): the sample correlation of x2 with x2^2 is 0 only in expectation (its spread at n = 300 is about
 0.16, against about 0.13 for the 50th largest of 2000 noise correlations). What is asserted is the measured contrast:

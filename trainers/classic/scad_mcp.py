@@ -35,10 +35,10 @@ X standardised (mean 0, x_j^T x_j / n = 1) and y centred, so L = ||X||_2^2 / n i
   reported is x_ag.
 - The reference f* is a long coordinate-descent run (Breheny & Huang 2011) from the same start.
 
-A run (``ScadMCPTrainer``): draw the spec's synthetic problem (n = 200, p = 500, s = 10 coefficients of +-1 at random
-positions, AR(1) design correlation rho^|i - j| with rho = 0.3 (the spec says "correlation 0.3"; AR(1) is this
-file's reading), noise sd ``noise``), optionally screen the features (``screen: mi | pearson``; the data stage
-``posttrain.data.mi_screening``), choose lambda on a validation split of the same size (a warm-started
+A run (``ScadMCPTrainer``): draw the synthetic problem (n = 200, p = 500, s = 10 coefficients of +-1 at random
+positions, AR(1) design correlation rho^|i - j| with rho = 0.3 (the design is only given as "correlation 0.3";
+AR(1) is this file's reading), noise sd ``noise``), optionally screen the features (``screen: mi | pearson``; the
+data stage ``posttrain.data.mi_screening``), choose lambda on a validation split of the same size (a warm-started
 coordinate-descent path over ``path_points`` values from lambda_max down), then one step is one iteration of the
 chosen solver at that lambda from beta = 0. Logged: F - f*, support F1 against the true support, validation MSE.
 """

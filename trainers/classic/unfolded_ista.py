@@ -19,13 +19,13 @@ fixed point of the original iteration. Two losses:
 - supervised:   E ||x_T - x||^2           (needs the ground truth x),
 - unsupervised: E J(x_T)                  (the original objective; needs only y).
 
-Claims tested here (the paper's, via the spec's prototype): for ISTA, supervised training gives the lower NMSE but
-does not minimise J_1, while unsupervised DU-ISTA gets close to the LASSO optimum in T = 20 layers; for IHT both
-trained variants beat plain IHT on J_0.
+Claims tested here (the paper's): for ISTA, supervised training gives the lower NMSE but does not minimise J_1,
+while unsupervised DU-ISTA gets close to the LASSO optimum in T = 20 layers; for IHT both trained variants beat
+plain IHT on J_0.
 
 What is a reconstruction: whether the paper also unties the thresholds from gamma_t or trains incrementally (layer by
 layer) is not known; only gamma_t is learned here, jointly over all layers. The l0 threshold form sqrt(2 lambda
-gamma) follows from the objective J_0 (the spec's "k-sparse" variant is not implemented). The LASSO optimum used as
+gamma) follows from the objective J_0 (a k-sparse hard-threshold variant is not implemented). The LASSO optimum used as
 the reference is computed with 500 FISTA iterations (Beck & Teboulle 2009) rather than 3000 ISTA iterations: the same
 minimiser, reached sooner (the gap in J_1 is about 1e-9).
 

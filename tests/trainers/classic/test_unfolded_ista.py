@@ -95,7 +95,7 @@ def test_training_losses_are_the_squared_error_and_the_objective(algo, tmp_path)
 
 @functools.cache
 def _runs(algo: str) -> dict:
-    """The spec's experiment for one algorithm and 3 seeds (sup and unsup trained side by side on the same data);
+    """The experiment for one algorithm and 3 seeds (sup and unsup trained side by side on the same data);
     computed once per session and shared by the tests of that algorithm."""
     out = {}
     with tempfile.TemporaryDirectory() as folder:
