@@ -38,6 +38,7 @@ def _list(what: str) -> None:
             "  data_filter   Deep Ignorance cascade filter: blocklist -> classifier -> optional judge (arXiv "
             "2508.06601)"
         )
+        print("  screen        mutual-information feature screening (arXiv 2410.10082): `screen: mi` in scad_mcp")
         print("model tools (recipe keys on any LLM method):")
         print("  synflow_*     SynFlow pruning at load, kept pruned while training (arXiv 2006.05467)")
     if what in ("all", "recipes"):

@@ -172,6 +172,18 @@ METHODS: dict[str, Method] = {
         "aux",
         "ParetoDA: DANN objectives weighted by a target-guided Pareto direction (NeurIPS 2021) on rotated digits",
     ),
+    "unfolded_ista": Method(
+        "posttrain.trainers.classic.unfolded_ista:UnfoldedISTATrainer",
+        "posttrain.trainers.classic.unfolded_ista:UnfoldedISTAConfig",
+        "aux",
+        "deep-unfolded ISTA / IHT, learned step sizes, supervised vs unsupervised loss (arXiv 2509.01331)",
+    ),
+    "scad_mcp": Method(
+        "posttrain.trainers.classic.scad_mcp:ScadMCPTrainer",
+        "posttrain.trainers.classic.scad_mcp:ScadMCPConfig",
+        "aux",
+        "SCAD / MCP regression by accelerated gradient, optional MI screening (arXiv 2009.10629, 2410.10082)",
+    ),
     # Data stages with their own experiment (a step perturbs or synthesises; the output rows land in output_dir).
     "beo": Method(
         "posttrain.data.beo:BEOTrainer",
