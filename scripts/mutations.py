@@ -7,8 +7,9 @@
 A developer's tool, not part of ``make test``: a mutation is a plausible bug in the trainer classes (the code around
 the pure math: which model's hidden states, which positions, which rows, which rank, when a hook fires). Each is a
 literal text replacement in one file, applied, tested, and reverted (also on Ctrl-C). A mutation is *killed* when
-the tests fail; a *survivor* names a wiring the tests do not pin. The selected tests (``-k``) are the ones written to
-pin that wiring, so the default run takes minutes, not the hour the whole files take on two cores.
+the tests fail on it and pass on the unmutated code (checked first, once per test selection); a *survivor* names a
+wiring the tests do not pin. The selected tests (``-k``) are the ones written to pin that wiring, so the default run
+takes minutes, not the hour the whole files take on two cores.
 """
 
 from __future__ import annotations
@@ -263,27 +264,40 @@ MUTATIONS = [
 ]
 
 
-def run(mutation: Mutation, full: bool, timeout: int) -> tuple[str, float]:
+def pytest(mutation: Mutation, full: bool, timeout: int) -> int | None:
+    """pytest's exit code on the mutation's tests (None on timeout)."""
+    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", mutation.tests]
+    if not full:
+        cmd += ["-k", mutation.select]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    try:
+        return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout).returncode
+    except subprocess.TimeoutExpired:
+        return None
+
+
+def run(mutation: Mutation, full: bool, timeout: int, baselines: dict) -> tuple[str, float]:
+    """Killed only if the same tests pass on the unmutated code (checked once per test selection)."""
     path = ROOT / mutation.file
     original = path.read_text()
     if original.count(mutation.old) != 1:
         return f"not applied ({original.count(mutation.old)} matches: the code moved; update the mutation)", 0.0
-    path.write_text(original.replace(mutation.old, mutation.new))
     start = time.time()
+    key = (mutation.tests, None if full else mutation.select)
+    if key not in baselines:
+        baselines[key] = pytest(mutation, full, timeout)
+    if baselines[key] != 0:
+        return f"baseline fails (exit {baselines[key]}): fix the tests first", time.time() - start
+    path.write_text(original.replace(mutation.old, mutation.new))
     try:
-        cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", mutation.tests]
-        if not full:
-            cmd += ["-k", mutation.select]
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-        try:
-            proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-        except subprocess.TimeoutExpired:
-            return "timeout", time.time() - start
-        if proc.returncode == 5:
-            return "no test selected", time.time() - start
-        return ("killed" if proc.returncode != 0 else "SURVIVED"), time.time() - start
+        code = pytest(mutation, full, timeout)
     finally:
         path.write_text(original)
+    if code is None:
+        return "timeout", time.time() - start
+    if code == 5:
+        return "no test selected", time.time() - start
+    return ("killed" if code != 0 else "SURVIVED"), time.time() - start
 
 
 def main() -> int:
@@ -293,10 +307,10 @@ def main() -> int:
     parser.add_argument("--timeout", type=int, default=1800, help="seconds per mutation")
     args = parser.parse_args()
     chosen = [m for m in MUTATIONS if not args.prefixes or m.id.startswith(tuple(args.prefixes))]
-    rows = []
+    rows, baselines = [], {}
     for i, m in enumerate(chosen, 1):
         print(f"[{i}/{len(chosen)}] {m.id}: {m.what} ...", end=" ", flush=True)
-        result, seconds = run(m, args.full, args.timeout)
+        result, seconds = run(m, args.full, args.timeout, baselines)
         print(f"{result} ({seconds:.0f} s)", flush=True)
         rows.append((m, result, seconds))
     print("\n| mutation | what | tests | result |\n|---|---|---|---|")

@@ -526,7 +526,7 @@ def max_param_diff(a, b):
 @pytest.mark.parametrize(
     "objective, neutral",
     [
-        ("graddiff", {"mask_method": "dense"}),
+        ("graddiff", {"mask_method": "dense", "retain_weight": 0.5}),  # lambda != 1: the trainer must apply it
         ("npo", {"mask_ratio": 1.0}),
         ("po", {"mask_method": "random", "mask_ratio": 1.0}),
     ],
