@@ -6,15 +6,28 @@ weights; older runs only in their ``checkpoint-N`` folders), an auxiliary traine
 ``run_summary.json``, which holds each metric's first and last logged value only: a table, no curves.
 Metrics are grouped by their prefix (``loss``, ``rewards/...``, ``constrained/...``, ``mask/...``): one PNG per
 group under ``RUN_DIR/report/``, plus ``report.md`` with each metric's first, last, min and max.
+
+``trainers.runtime`` (torch) and matplotlib are imported inside the functions that use them (start-up time of
+``posttrain``).
 """
 
 from __future__ import annotations
 
 import json
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 
 from posttrain import UserError
+from posttrain.atomic import write_json_atomic
+
+
+def write_experiment(result: dict, out: Path, name: str, plot: Callable[[dict, Path], Path | None]) -> str:
+    """An experiment script's ``result`` as ``out/<name>.json`` (written atomically) and ``plot(result, png)`` as
+    ``out/<name>.png``; returns the line saying what was written."""
+    path = write_json_atomic(Path(out) / f"{name}.json", result, indent=1)
+    png = plot(result, Path(out) / f"{name}.png")
+    return f"wrote {path}" + (f" and {png}" if png else "")
 
 
 def find_trainer_state(run_dir: Path) -> Path | None:

@@ -32,13 +32,13 @@ over the first 60 steps, and paired differences to GRPO (mean +- standard error 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
 import torch
 
+from posttrain.evals.report import write_experiment
 from posttrain.trainers.thr_grpo import (
     grpo_group_advantages,
     slice_to_generated_vocab,
@@ -268,10 +268,7 @@ def main(argv=None):
     print(format_table(result))
     print(f"({result['seconds']} s)")
     if not args.quick:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / f"{args.name}.json").write_text(json.dumps(result, indent=1) + "\n")
-        png = plot(result, args.out / f"{args.name}.png")
-        print(f"wrote {args.out / (args.name + '.json')}" + (f" and {png}" if png else ""))
+        print(write_experiment(result, args.out, args.name, plot))
     return result
 
 

@@ -30,7 +30,6 @@ not averaged). Lower forget accuracy at the same drop is better; ~0.54 (holdout)
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -38,6 +37,7 @@ from pathlib import Path
 import torch
 
 from posttrain.data.generators import fictitious_authors
+from posttrain.evals.report import write_experiment
 from posttrain.evals.unlearning import auc
 from posttrain.recipes.tiny import make_tiny
 from posttrain.trainers.wagle import (
@@ -398,10 +398,7 @@ def main(argv=None):
     print(format_table(result))
     print(f"({result['seconds']} s)")
     if not args.quick:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / f"{args.name}.json").write_text(json.dumps(result, indent=1) + "\n")
-        png = plot(result, args.out / f"{args.name}.png")
-        print(f"wrote {args.out / (args.name + '.json')}" + (f" and {png}" if png else ""))
+        print(write_experiment(result, args.out, args.name, plot))
     return result
 
 
