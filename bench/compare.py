@@ -98,7 +98,7 @@ def random_qwen2_05b() -> str:
     """A randomly initialised Qwen2-0.5B-shaped model (bf16 on GPU) with the tiny tokenizer, cached once."""
     from transformers import Qwen2Config
 
-    from posttrain.cache import cache_dir
+    from posttrain.paths import cache_dir
     from posttrain.recipes.tiny import build_once, build_tokenizer, init_model, save_pretrained_on_any_rank
 
     def build(out: Path) -> None:

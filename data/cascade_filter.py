@@ -64,6 +64,7 @@ from datasets import Dataset
 from posttrain import RecipeError, UserError
 from posttrain.atomic import write_json_atomic
 from posttrain.key_groups import pop_key_group
+from posttrain.plots import pyplot
 
 from .args import DataError
 
@@ -693,10 +694,7 @@ def _settings(cfg: CascadeFilterConfig) -> dict:
 
 def plot_report(report: dict, path) -> None:
     """Per stage: % filtered and, with labels, precision, recall and FPR (as %), one group of bars each."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     stages = list(report["stages"])
     metrics = ["percent_filtered"] + (["precision", "recall", "fpr"] if report["labels"] else [])

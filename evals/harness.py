@@ -13,8 +13,8 @@ folder gets ``results.json`` (numbers, configs, versions), ``results.md`` (one c
 plots: one bar chart per task, pass@k curves, MaxVio per layer. Task options are read with the recipes' type
 checker (``recipes.config.coerce``), so they read and fail like recipe keys.
 
-The modules that import torch, transformers or datasets (the tasks, checkpoint loading, ``recipes.output_dir`` by
-way of ``trainers.runtime``) are imported inside the functions that use them: checking an eval spec loads none.
+The modules that import torch, transformers or datasets (the tasks, checkpoint loading) are imported inside the
+functions that use them: checking an eval spec loads none.
 """
 
 from __future__ import annotations
@@ -35,8 +35,9 @@ import yaml
 
 from posttrain import UserError, __version__
 from posttrain.atomic import write_json_atomic
-from posttrain.cache import cache_dir
 from posttrain.model_folder import looks_like_path
+from posttrain.paths import cache_dir, not_a_folder
+from posttrain.plots import pyplot
 from posttrain.recipes.config import coerce, find_recipe, read_recipe_file, read_yaml
 
 RESULTS_VERSION = 1
@@ -199,13 +200,9 @@ def _check_output(output: str, where: str) -> None:
     # the folder is written after every model has been evaluated: a bad one must fail now, not then
     if not output.strip():
         raise UserError(f"{where}: output is empty; name a folder for the results, or leave it out for runs/eval")
-    from posttrain.recipes.output_dir import file_in_the_way
-
-    path = Path(output)
-    existing = file_in_the_way(path)
-    if existing is not None:
-        under = "" if existing == path else f" is under {existing}, which"
-        raise UserError(f"{where}: output {output}{under} is not a folder; name a new or existing folder")
+    problem = not_a_folder(Path(output))
+    if problem:
+        raise UserError(f"{where}: output {output}{problem}; name a new or existing folder")
 
 
 def _check_model(name: str) -> None:
@@ -460,10 +457,7 @@ def markdown_table(report: dict) -> str:
 def write_plots(report: dict, out_dir: Path) -> list[Path]:
     """Per-task bars across checkpoints, pass@k curves, MaxVio per layer. Needs matplotlib (skipped without)."""
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        plt = pyplot()
     except ImportError:
         return []
     models, written = report["models"], []

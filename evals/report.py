@@ -20,6 +20,7 @@ from pathlib import Path
 
 from posttrain import UserError
 from posttrain.atomic import write_json_atomic
+from posttrain.plots import pyplot
 
 
 def write_experiment(result: dict, out: Path, name: str, plot: Callable[[dict, Path], Path | None]) -> str:
@@ -125,10 +126,7 @@ def series(log_history: list[dict]) -> dict[str, tuple[list[int], list[float]]]:
 
 
 def report(run_dir: str, log=print) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     run = Path(run_dir)
     kind, log_file = find_run_log(run)

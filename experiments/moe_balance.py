@@ -48,6 +48,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
+from posttrain.plots import pyplot
 from posttrain.trainers.moe_balance import (  # noqa: E402
     MoEBalanceCallback,
     MoEBalanceConfig,
@@ -266,10 +267,7 @@ def verdict(by):
 
 
 def plot(runs, path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     k = 10

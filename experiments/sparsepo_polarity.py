@@ -38,6 +38,8 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+from posttrain.plots import pyplot
+
 # Offline and quiet before transformers / datasets are imported: everything here is built locally.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -422,10 +424,7 @@ def table(results: dict, target: float) -> str:
 
 
 def plot(results: dict, target: float, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     names = list(results)
     strip_rows = [(n, s) for n in names if "SparsePO" in n for s in results[n]["strips"]]

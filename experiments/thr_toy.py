@@ -32,13 +32,13 @@ over the first 60 steps, and paired differences to GRPO (mean +- standard error 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
 import torch
 
 from posttrain.evals.report import write_experiment
+from posttrain.plots import pyplot
 from posttrain.trainers.thr_grpo import (
     grpo_group_advantages,
     slice_to_generated_vocab,
@@ -224,13 +224,8 @@ def format_table(result):
 
 
 def plot(result, path):
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plot", file=sys.stderr)
+    plt = pyplot(optional=True)
+    if plt is None:
         return None
     panels = [
         ("greedy_acc", "greedy accuracy"),

@@ -30,7 +30,6 @@ not averaged). Lower forget accuracy at the same drop is better; ~0.54 (holdout)
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
@@ -39,6 +38,7 @@ import torch
 from posttrain.data.generators import fictitious_authors
 from posttrain.evals.report import write_experiment
 from posttrain.evals.unlearning import auc
+from posttrain.plots import pyplot
 from posttrain.recipes.tiny import make_tiny
 from posttrain.trainers.wagle import (
     accumulate_gradients,
@@ -330,13 +330,8 @@ def format_table(result):
 
 
 def plot(result, path):
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plot", file=sys.stderr)
+    plt = pyplot(optional=True)
+    if plt is None:
         return None
     ratios = result["config"]["ratios"]
     fig, axes = plt.subplots(1, len(ratios), figsize=(6 * len(ratios), 4.2), squeeze=False)

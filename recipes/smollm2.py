@@ -27,7 +27,7 @@ from pathlib import Path
 from huggingface_hub import model_info
 
 from posttrain import UserError
-from posttrain.cache import cache_dir
+from posttrain.paths import cache_dir
 from posttrain.recipes.tiny import STAMP_FILE, build_once, save_pretrained_on_any_rank
 
 logger = logging.getLogger(__name__)

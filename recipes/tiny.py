@@ -26,7 +26,7 @@ from pathlib import Path
 
 from filelock import FileLock  # a dependency of huggingface_hub, so always installed with transformers
 
-from posttrain.cache import cache_dir
+from posttrain.paths import cache_dir
 
 logger = logging.getLogger(__name__)
 

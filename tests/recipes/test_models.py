@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import ModelConfig
 
 from posttrain import UserError
-from posttrain.cache import cache_dir
+from posttrain.paths import cache_dir
 from posttrain.recipes import models, smollm2, tiny
 from posttrain.recipes.models import load_model, load_tokenizer, model_init_kwargs, peft_config, resolve_model_path
 from posttrain.recipes.smollm2 import SMOLLM2_ID
