@@ -43,7 +43,7 @@ What is a reconstruction here (the paper's classifier and keyword list are not a
   OpenAI-compatible client; its completion is parsed as the official code does.
 
 scikit-learn and matplotlib are imported inside the functions that use them (start-up time of ``posttrain``);
-``.loading`` inside ``_load`` and ``filter_to_folder``, because ``loading`` applies this stage.
+``data.loading`` imports this module inside ``load_task_datasets``, only for a recipe with ``data_filter`` keys.
 """
 
 from __future__ import annotations
@@ -67,6 +67,7 @@ from posttrain.key_groups import pop_key_group
 from posttrain.plots import pyplot
 
 from .args import DataError
+from .loading import _first, _quiet_datasets, _where, load_source
 
 TEXT_COLUMNS = ("text", "prompt", "completion", "chosen", "rejected", "messages", "question", "answer")
 MODES = ("strong", "weak")
@@ -503,8 +504,6 @@ class CascadeFilter:
 
 
 def _load(spec: str, split: str, data_args, what: str) -> Dataset:
-    from .loading import load_source  # loading applies this stage (filter_training_set): imported here, not above
-
     try:
         return load_source(
             spec,
@@ -718,8 +717,6 @@ def filter_to_folder(recipe, output: Optional[str] = None, overwrite: bool = Fal
     ``filtered.jsonl`` (the rows to train on: usable as ``dataset:``), ``judgments.jsonl`` (every input row with the
     official filter columns), ``report.json``, ``report.md`` and ``report.png``. An existing folder is replaced only
     with ``overwrite``. Returns the folder."""
-    from .loading import _first, _quiet_datasets, _where, load_source
-
     cfg, args = recipe.data_filter, recipe.data_args
     if cfg is None:
         raise UserError(

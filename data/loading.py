@@ -12,6 +12,9 @@ row can take minutes and gigabytes before training starts.
 Checks run column by column over batches of plain Python values (``Dataset.iter``), not ``ds[i]`` per row,
 so 100k rows take about a second. Per-value checks rather than Arrow types are needed because
 ``datasets`` stores columns of mixed JSON types as ``Json`` (one row a string, the next a list).
+
+The cascade filter (``cascade_filter.py``, which reads its sets with ``load_source``) is imported inside
+``load_task_datasets``, for a recipe with ``data_filter`` keys only: ``posttrain list`` does not pay for it.
 """
 
 from __future__ import annotations
@@ -30,7 +33,6 @@ from datasets import Dataset, DatasetDict, Value
 from trl.data_utils import extract_prompt, unpair_preference_dataset
 
 from .args import DEFAULT_MAX_ROW_BYTES, DataArguments, DataError
-from .cascade_filter import filter_training_set
 from .files import check_text_file, first_bad_json_line, is_json_array
 from .generators import GENERATORS
 
@@ -481,6 +483,8 @@ def load_task_datasets(
 
     train = _first(load(args.dataset_split, args.data_seed), args.max_samples)
     if data_filter is not None:
+        from .cascade_filter import filter_training_set  # only a recipe with data_filter keys pays for its import
+
         train = filter_training_set(data_filter, args, train, _where(args.dataset, args.dataset_split), report_dir)
     result = {"train": format_for_task(task, train, _where(args.dataset, args.dataset_split), args.max_row_bytes)}
     if args.eval_split is not None:

@@ -6,8 +6,9 @@ batches r, r + W, r + 2W, ...; every batch is computed exactly as on one process
 sampling seed), and the per-example results are gathered back in order. So a 2-process eval reproduces the
 1-process numbers, not just approximately.
 
-Model loading (``recipes.models``: transformers, TRL), the data layer (datasets) and ``trainers.moe_balance`` are
-imported inside the functions that use them: ``posttrain list evals`` imports this module and needs none of them.
+Model loading (``recipes.models``: transformers, TRL), the data layer (datasets), ``trainers.moe_balance`` and
+``huggingface_hub`` are imported inside the functions that use them: ``posttrain list evals`` imports this module
+and needs none of them.
 """
 
 from __future__ import annotations
