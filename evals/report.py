@@ -14,6 +14,7 @@ group under ``RUN_DIR/report/``, plus ``report.md`` with each metric's first, la
 from __future__ import annotations
 
 import json
+import time
 from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
@@ -23,12 +24,19 @@ from posttrain.atomic import write_json_atomic
 from posttrain.plots import pyplot
 
 
-def write_experiment(result: dict, out: Path, name: str, plot: Callable[[dict, Path], Path | None]) -> str:
-    """An experiment script's ``result`` as ``out/<name>.json`` (written atomically) and ``plot(result, png)`` as
-    ``out/<name>.png``; returns the line saying what was written."""
-    path = write_json_atomic(Path(out) / f"{name}.json", result, indent=1)
-    png = plot(result, Path(out) / f"{name}.png")
-    return f"wrote {path}" + (f" and {png}" if png else "")
+def finish_experiment(
+    result: dict, started: float, format_table: Callable[[dict], str], plot, out: Path | None, name: str
+) -> dict:
+    """The end of an experiment script: stamp ``result`` with the seconds since ``started``, print its table and
+    time and, unless ``out`` is None, write ``out/<name>.json`` (atomically) and ``plot(result, out/<name>.png)``."""
+    result["seconds"] = round(time.time() - started, 1)
+    print(format_table(result))
+    print(f"({result['seconds']} s)")
+    if out is not None:
+        path = write_json_atomic(Path(out) / f"{name}.json", result, indent=1)
+        png = plot(result, Path(out) / f"{name}.png")
+        print(f"wrote {path}" + (f" and {png}" if png else ""))
+    return result
 
 
 def find_trainer_state(run_dir: Path) -> Path | None:

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from posttrain.evals.report import write_experiment
+from posttrain.evals.report import finish_experiment
 from posttrain.plots import pyplot
 from posttrain.trainers.thr_grpo import (
     grpo_group_advantages,
@@ -259,12 +259,7 @@ def main(argv=None):
     steps = args.steps or (WINDOW if args.quick else 200)
     t0 = time.time()
     result = run(seeds=range(args.seeds), steps=steps)
-    result["seconds"] = round(time.time() - t0, 1)
-    print(format_table(result))
-    print(f"({result['seconds']} s)")
-    if not args.quick:
-        print(write_experiment(result, args.out, args.name, plot))
-    return result
+    return finish_experiment(result, t0, format_table, plot, None if args.quick else args.out, args.name)
 
 
 if __name__ == "__main__":

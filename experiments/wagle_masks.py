@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 from posttrain.data.generators import fictitious_authors
-from posttrain.evals.report import write_experiment
+from posttrain.evals.report import finish_experiment
 from posttrain.evals.unlearning import auc
 from posttrain.plots import pyplot
 from posttrain.recipes.tiny import make_tiny
@@ -389,12 +389,7 @@ def main(argv=None):
         )
     else:
         result = run(seeds=tuple(range(args.seeds)), steps=args.steps or UNLEARN["steps"], lr=args.lr or UNLEARN["lr"])
-    result["seconds"] = round(time.time() - t0, 1)
-    print(format_table(result))
-    print(f"({result['seconds']} s)")
-    if not args.quick:
-        print(write_experiment(result, args.out, args.name, plot))
-    return result
+    return finish_experiment(result, t0, format_table, plot, None if args.quick else args.out, args.name)
 
 
 if __name__ == "__main__":
