@@ -96,15 +96,15 @@ def preference_step_flops(trainer, batch) -> float | None:
 
 def random_qwen2_05b() -> str:
     """A randomly initialised Qwen2-0.5B-shaped model (bf16 on GPU) with the tiny tokenizer, cached once."""
-    from transformers import AutoModelForCausalLM, Qwen2Config
+    from transformers import Qwen2Config
 
-    from posttrain.recipes.tiny import build_once, build_tokenizer, cache_dir, save_pretrained_on_any_rank
+    from posttrain.paths import cache_dir
+    from posttrain.recipes.tiny import build_once, build_tokenizer, init_model, save_pretrained_on_any_rank
 
     def build(out: Path) -> None:
         tokenizer = build_tokenizer()
         config = Qwen2Config(**QWEN2_05B, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-        torch.manual_seed(0)
-        save_pretrained_on_any_rank(AutoModelForCausalLM.from_config(config), out)
+        save_pretrained_on_any_rank(init_model(config, seed=0), out)
         tokenizer.save_pretrained(out)
 
     final = cache_dir() / "bench" / "qwen2-0.5b-random"

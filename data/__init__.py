@@ -8,7 +8,7 @@ layout, or raises ``DataError`` with one line naming the dataset, split, row and
     generators.py  GENERATORS: builtin:arithmetic, builtin:preference_pairs, builtin:fictitious_facts,
                    builtin:fictitious_authors, builtin:review_prompts, builtin:topic_corpus
     files.py       checks of a local text file's bytes before it is parsed: UTF-8, line length
-    loading.py     TASKS, load_source (one split of one source), load_task_datasets (the entry point)
+    loading.py     DATA_TASKS, load_source (one split of one source), load_task_datasets (the entry point)
     cascade_filter.py  the Deep Ignorance cascade filter (``data_filter:`` recipe keys, ``posttrain filter``)
     beo.py             BEO unlearnable examples (centroid shift, PGA); ``protect_dataset``; method ``beo``
     private_gsd.py     Private-GSD synthetic data under zCDP; ``synthesize_dataset``; method ``private_gsd``
@@ -17,6 +17,6 @@ layout, or raises ``DataError`` with one line naming the dataset, split, row and
 
 from .args import DataArguments, DataError
 from .generators import GENERATORS
-from .loading import TASKS, load_source, load_task_datasets
+from .loading import DATA_TASKS, load_source, load_task_datasets
 
-__all__ = ["DataArguments", "DataError", "GENERATORS", "TASKS", "load_source", "load_task_datasets"]
+__all__ = ["DataArguments", "DataError", "GENERATORS", "DATA_TASKS", "load_source", "load_task_datasets"]

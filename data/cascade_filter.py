@@ -41,20 +41,33 @@ What is a reconstruction here (the paper's classifier and keyword list are not a
   the shortfall.
 * The LLM judge is a Python callable ``text -> completion`` (it owns its prompt and its endpoint) rather than an
   OpenAI-compatible client; its completion is parsed as the official code does.
+
+scikit-learn and matplotlib are imported inside the functions that use them (start-up time of ``posttrain``);
+``data.loading`` imports this module inside ``load_task_datasets``, only for a recipe with ``data_filter`` keys.
 """
 
 from __future__ import annotations
 
+import csv
+import importlib
+import os
 import random
 import re
+import shutil
+import tempfile
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any, Callable, Optional
 
 from datasets import Dataset
 
+from posttrain import RecipeError, UserError
 from posttrain.atomic import write_json_atomic
+from posttrain.key_groups import pop_key_group
+from posttrain.plots import pyplot
 
 from .args import DataError
+from .loading import _first, _quiet_datasets, _where, load_source
 
 TEXT_COLUMNS = ("text", "prompt", "completion", "chosen", "rejected", "messages", "question", "answer")
 MODES = ("strong", "weak")
@@ -176,8 +189,6 @@ class CascadeFilterConfig:
                 "alone); set data_filter: weak or remove data_filter_judge"
             )
         if self.data_filter_blocklist is not None:
-            import os
-
             if not os.path.isfile(os.path.expanduser(self.data_filter_blocklist)):
                 raise ValueError(
                     f"data_filter_blocklist: file not found: {self.data_filter_blocklist}; give a CSV "
@@ -192,8 +203,6 @@ class CascadeFilterConfig:
         module, _, attr = self.data_filter_judge.partition(":")
         if not module or not attr:
             raise ValueError(f"data_filter_judge must be 'package.module:function', got {self.data_filter_judge!r}")
-        import importlib
-
         try:
             fn = getattr(importlib.import_module(module), attr)
         except (ImportError, AttributeError) as err:
@@ -495,8 +504,6 @@ class CascadeFilter:
 
 
 def _load(spec: str, split: str, data_args, what: str) -> Dataset:
-    from .loading import load_source
-
     try:
         return load_source(
             spec,
@@ -510,9 +517,6 @@ def _load(spec: str, split: str, data_args, what: str) -> Dataset:
 
 
 def read_blocklist_csv(path: str) -> list[dict]:
-    import csv
-    import os
-
     if not os.path.isfile(path):
         raise DataError(
             f"data_filter_blocklist: file not found: {path}; give a CSV with columns keyword, pos_ratio "
@@ -635,39 +639,29 @@ def parse_filter_keys(
     Only the keys are checked here (nothing is loaded); the labelled set and the keyword file are read with the
     data, which ``build_trainer`` loads before the model.
     """
-    import typing
-
-    from posttrain import did_you_mean
-    from posttrain.recipes.config import RecipeError
-
-    names = filter_keys()
-    given = {k: values.pop(k) for k in list(values) if str(k).startswith("data_filter")}
-    if not given:
-        return None
-    for key in given:
-        if key not in names:
-            hint = did_you_mean(key, names)
-            raise RecipeError(
-                f"{sources.get(key, source)}: unknown key '{key}'{hint}; the data filter keys are {', '.join(names)}"
-            )
-    where = sources.get(next(iter(given)), source)
+    refusal = None
     if task in ("aux", "unlearn"):
         why = "has no training data" if task == "aux" else "trains on its forget set on purpose"
-        raise RecipeError(
-            f"{where}: data_filter keys ({', '.join(given)}) filter a training set, but method "
-            f"'{method}' {why}; remove them"
-        )
-    if "data_filter" not in given:
-        raise RecipeError(
-            f"{where}: {', '.join(given)} set but no data_filter; add `data_filter: weak` (or "
-            "strong), or remove the data_filter_* keys"
-        )
-    hints = typing.get_type_hints(CascadeFilterConfig)
-    kwargs = {k: coerce(v, hints[k], k, sources.get(k, source)) for k, v in given.items()}
+        refusal = f"data_filter keys ({{keys}}) filter a training set, but method '{method}' {why}; remove them"
+    kwargs = pop_key_group(
+        values,
+        sources,
+        source,
+        names=filter_keys(),
+        config_cls=CascadeFilterConfig,
+        switch="data_filter",
+        switch_fix="add `data_filter: weak` (or strong), or remove the data_filter_* keys",
+        refusal=refusal,
+        coerce=coerce,
+        prefix="data_filter",
+        group="data filter",
+    )
+    if kwargs is None:
+        return None
     try:
         return CascadeFilterConfig(**kwargs)
     except ValueError as err:
-        named = sorted({sources.get(k, source) for k in given if re.search(rf"\b{k}\b", str(err))}) or [
+        named = sorted({sources.get(k, source) for k in kwargs if re.search(rf"\b{k}\b", str(err))}) or [
             sources.get("data_filter", source)
         ]
         raise RecipeError(f"{' and '.join(named)}: invalid data filter settings: {err}") from None
@@ -678,8 +672,6 @@ def filter_training_set(
 ) -> Dataset:
     """The recipe path (``load_task_datasets``): filter the training rows before they are formatted, print one
     summary line and, with ``report_dir``, write ``data_filter_report.json`` there. Returns the rows to train on."""
-    import os
-
     result = build_cascade(cfg, data_args).apply(dataset, where)
     if len(result.dataset) == 0:
         raise DataError(
@@ -701,10 +693,7 @@ def _settings(cfg: CascadeFilterConfig) -> dict:
 
 def plot_report(report: dict, path) -> None:
     """Per stage: % filtered and, with labels, precision, recall and FPR (as %), one group of bars each."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     stages = list(report["stages"])
     metrics = ["percent_filtered"] + (["precision", "recall", "fpr"] if report["labels"] else [])
@@ -728,15 +717,6 @@ def filter_to_folder(recipe, output: Optional[str] = None, overwrite: bool = Fal
     ``filtered.jsonl`` (the rows to train on: usable as ``dataset:``), ``judgments.jsonl`` (every input row with the
     official filter columns), ``report.json``, ``report.md`` and ``report.png``. An existing folder is replaced only
     with ``overwrite``. Returns the folder."""
-    import os
-    import shutil
-    import tempfile
-    from pathlib import Path
-
-    from posttrain import UserError
-
-    from .loading import _first, _quiet_datasets, _where, load_source
-
     cfg, args = recipe.data_filter, recipe.data_args
     if cfg is None:
         raise UserError(

@@ -12,6 +12,9 @@ row can take minutes and gigabytes before training starts.
 Checks run column by column over batches of plain Python values (``Dataset.iter``), not ``ds[i]`` per row,
 so 100k rows take about a second. Per-value checks rather than Arrow types are needed because
 ``datasets`` stores columns of mixed JSON types as ``Json`` (one row a string, the next a list).
+
+The cascade filter (``cascade_filter.py``, which reads its sets with ``load_source``) is imported inside
+``load_task_datasets``, for a recipe with ``data_filter`` keys only: ``posttrain list`` does not pay for it.
 """
 
 from __future__ import annotations
@@ -33,7 +36,8 @@ from .args import DEFAULT_MAX_ROW_BYTES, DataArguments, DataError
 from .files import check_text_file, first_bad_json_line, is_json_array
 from .generators import GENERATORS
 
-TASKS: dict[str, str] = {
+# data task type (a method's ``task``) -> the rows it holds, as ``posttrain list data`` prints them
+DATA_TASKS: dict[str, str] = {
     "sft": "supervised fine-tuning: {messages} | {prompt, completion} | {text}; other columns are dropped",
     "preference": "pairwise preferences (DPO-style, reward models): {prompt, chosen, rejected} or {chosen, rejected}",
     "unpaired": "binary feedback (KTO): {prompt, completion, label} or preference pairs, which are unpaired",
@@ -452,8 +456,8 @@ def load_task_datasets(
 
     ``data_filter`` (a ``cascade_filter.CascadeFilterConfig``) filters the training rows before they are formatted
     (the eval rows are not filtered); its report goes to ``report_dir/data_filter_report.json`` when given."""
-    if task not in TASKS:
-        raise DataError(f"unknown task type '{task}'; valid ones are {', '.join(TASKS)}")
+    if task not in DATA_TASKS:
+        raise DataError(f"unknown task type '{task}'; valid ones are {', '.join(DATA_TASKS)}")
     if not args.dataset:
         raise DataError(
             f"task '{task}' needs a dataset: set `dataset:` to a hub id, a local .jsonl/.json/.csv/.parquet file "
@@ -479,7 +483,7 @@ def load_task_datasets(
 
     train = _first(load(args.dataset_split, args.data_seed), args.max_samples)
     if data_filter is not None:
-        from .cascade_filter import filter_training_set
+        from .cascade_filter import filter_training_set  # only a recipe with data_filter keys pays for its import
 
         train = filter_training_set(data_filter, args, train, _where(args.dataset, args.dataset_split), report_dir)
     result = {"train": format_for_task(task, train, _where(args.dataset, args.dataset_split), args.max_row_bytes)}

@@ -5,10 +5,15 @@ Data parallelism: the examples are cut into *global* batches of ``batch_size`` f
 batches r, r + W, r + 2W, ...; every batch is computed exactly as on one process (same padding, same per-batch
 sampling seed), and the per-example results are gathered back in order. So a 2-process eval reproduces the
 1-process numbers, not just approximately.
+
+Model loading (``recipes.models``: transformers, TRL), the data layer (datasets), ``trainers.moe_balance`` and
+``huggingface_hub`` are imported inside the functions that use them: ``posttrain list evals`` imports this module
+and needs none of them.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from dataclasses import dataclass, field
@@ -98,8 +103,6 @@ NOT_MODEL_FILES = frozenset(
 
 def file_fingerprint(path: Path) -> list:
     """[name, size, hash] of one file (see ``HASH_WHOLE_FILE_BELOW``)."""
-    import hashlib
-
     real = Path(path).resolve()
     st = real.stat()
     if real.parent.name == "blobs" and len(real.name) == 64:  # the HF cache names LFS blobs by their sha256

@@ -10,23 +10,35 @@ model the task loads (``reference``, ``retain_model``, ``reward_model``), the da
 eval and data code, and the library versions; so a re-run only loads models whose results are missing or stale. The
 output
 folder gets ``results.json`` (numbers, configs, versions), ``results.md`` (one column per checkpoint) and PNG
-plots: one bar chart per task, pass@k curves, MaxVio per layer.
+plots: one bar chart per task, pass@k curves, MaxVio per layer. Task options are read with the recipes' type
+checker (``recipes.config.coerce``), so they read and fail like recipe keys.
+
+The modules that import torch, transformers or datasets (the tasks, checkpoint loading) are imported inside the
+functions that use them: checking an eval spec loads none.
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
+import importlib.metadata
+import inspect
 import json
-import os
 import platform
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from posttrain import UserError
+import yaml
+
+from posttrain import UserError, __version__
 from posttrain.atomic import write_json_atomic
+from posttrain.model_folder import looks_like_path
+from posttrain.paths import cache_dir, not_a_folder
+from posttrain.plots import pyplot
+from posttrain.recipes.config import coerce, find_recipe, read_recipe_file, read_yaml
 
 RESULTS_VERSION = 1
 
@@ -44,12 +56,9 @@ class EvalSpec:
 
 
 def parse_tasks(value, where: str = "command line") -> dict[str, dict]:
-    """``"a,b"``, ``["a", "b"]`` or ``{"a": {config}, "b": null}`` -> {name: config}, checked against TASKS: option
+    """``"a,b"``, ``["a", "b"]`` or ``{"a": {config}, "b": null}`` -> {name: config}, checked against EVAL_TASKS: option
     names and types (read like recipe values), then the task's own check (``CHECKS``). ``where``: for messages."""
-    import inspect
-
-    from posttrain.evals.tasks import CHECKS, TASKS
-    from posttrain.recipes.config import coerce  # the recipe type checker: options read and fail like recipe keys
+    from posttrain.evals.tasks import CHECKS, EVAL_TASKS
 
     if isinstance(value, str):
         value = [t.strip() for t in value.split(",") if t.strip()]
@@ -59,9 +68,11 @@ def parse_tasks(value, where: str = "command line") -> dict[str, dict]:
         raise UserError(
             f"{where}: tasks: give task names (--tasks a,b) or, in an eval recipe, a mapping task -> config"
         )
-    unknown = [name for name in value if name not in TASKS]
+    unknown = [name for name in value if name not in EVAL_TASKS]
     if unknown:
-        raise UserError(f"{where}: unknown eval task(s) {', '.join(map(repr, unknown))}; valid: {', '.join(TASKS)}")
+        raise UserError(
+            f"{where}: unknown eval task(s) {', '.join(map(repr, unknown))}; valid: {', '.join(EVAL_TASKS)}"
+        )
     tasks = {}
     for name, config in value.items():
         if not isinstance(config, (dict, type(None))):
@@ -70,14 +81,14 @@ def parse_tasks(value, where: str = "command line") -> dict[str, dict]:
                 f'{config!r}; e.g. {{"math": {{"n": 64}}}}'
             )
         config = dict(config or {})
-        params = inspect.signature(TASKS[name][0]).parameters
+        params = inspect.signature(EVAL_TASKS[name][0]).parameters
         bad = [k for k in config if k not in params or k == "ctx"]
         if bad:
             raise UserError(
                 f"{where}: eval task '{name}' has no option(s) {', '.join(map(str, bad))}; "
                 f"valid: {', '.join(p for p in params if p != 'ctx')}"
             )
-        hints = typing.get_type_hints(TASKS[name][0])
+        hints = typing.get_type_hints(EVAL_TASKS[name][0])
         config = {k: coerce(v, hints.get(k, Any), k, f"{where}: eval task '{name}'") for k, v in config.items()}
         if name in CHECKS:
             defaults = {k: p.default for k, p in params.items() if p.default is not inspect.Parameter.empty}
@@ -102,10 +113,6 @@ def parse_task_config(text: str) -> dict:
 
 
 def _read_yaml(text: str, where: str, fix: str):
-    import yaml
-
-    from posttrain.recipes.config import read_yaml
-
     try:
         return read_yaml(text)
     except yaml.YAMLError as err:
@@ -131,8 +138,6 @@ EVAL_KEYS = {
 
 def load_eval_recipe(path: str, overrides: dict[str, Any]) -> EvalSpec:
     """An eval recipe (YAML with model, compare, tasks, output, limit, seed, batch_size, peft) plus CLI overrides."""
-    from posttrain.recipes.config import find_recipe, read_recipe_file
-
     file = find_recipe(path)
     values = read_recipe_file(file)
     if not isinstance(values, dict):
@@ -151,7 +156,6 @@ def load_eval_recipe(path: str, overrides: dict[str, Any]) -> EvalSpec:
 def make_spec(values: dict[str, Any], where: str = "command line", sources: dict[str, str] | None = None) -> EvalSpec:
     """The checked spec of ``values``; ``sources``: key -> where its value came from (default ``where``). Nothing
     here loads a model: every mistake is found before the first one loads."""
-    from posttrain.recipes.config import coerce
 
     def source(key: str) -> str:
         return (sources or {}).get(key, where)
@@ -196,19 +200,15 @@ def _check_output(output: str, where: str) -> None:
     # the folder is written after every model has been evaluated: a bad one must fail now, not then
     if not output.strip():
         raise UserError(f"{where}: output is empty; name a folder for the results, or leave it out for runs/eval")
-    from posttrain.recipes.output_dir import file_in_the_way
-
-    path = Path(output)
-    existing = file_in_the_way(path)
-    if existing is not None:
-        under = "" if existing == path else f" is under {existing}, which"
-        raise UserError(f"{where}: output {output}{under} is not a folder; name a new or existing folder")
+    problem = not_a_folder(Path(output))
+    if problem:
+        raise UserError(f"{where}: output {output}{problem}; name a new or existing folder")
 
 
 def _check_model(name: str) -> None:
-    # a path that does not exist fails here, before any model loads; hub ids are checked by transformers
-    looks_local = name.startswith(("/", ".", "~")) or os.sep in name and not name.count("/") == 1
-    if looks_local and not Path(name).expanduser().exists():
+    # a path that does not exist fails here, before any model loads (``resolve_model_path``'s test for a path);
+    # hub ids are checked by transformers, tiny:<arch> by resolve_model_path
+    if not name.startswith("tiny:") and looks_like_path(name) and not Path(name).expanduser().exists():
         raise UserError(f"checkpoint {name!r} does not exist; give a checkpoint folder, a hub id or tiny:<arch>")
 
 
@@ -216,13 +216,9 @@ def _check_model(name: str) -> None:
 
 
 def _versions() -> dict:
-    import importlib.metadata
-
     import torch
     import transformers
     import trl
-
-    from posttrain import __version__
 
     def version(dist):
         try:
@@ -265,8 +261,6 @@ def _code_fingerprint() -> str:
 def _referenced_files(folder: Path) -> list[Path]:
     """Files named in the YAML task files under ``folder`` that lie outside it (lm-eval ``data_files`` and the like),
     read as a path from the current folder or the YAML's own."""
-    import re
-
     found = set()
     for yaml_file in sorted(folder.rglob("*.y*ml")):
         for token in re.findall(r"[^\s'\"\[\]{},:]*[/.][^\s'\"\[\]{},]*", yaml_file.read_text(errors="replace")):
@@ -312,12 +306,10 @@ def cache_key(path: str, peft, task: str, config: dict, spec: EvalSpec) -> dict:
     """Everything that determines a task's numbers: the evaluated checkpoint (and adapter), each input the task
     reads (its options with their defaults filled in, see ``input_fingerprint``), limit / seed / batch size, the
     code of the tasks and data, and the versions of posttrain and the libraries that compute them."""
-    import inspect
-
     from posttrain.evals.common import model_fingerprint
-    from posttrain.evals.tasks import TASKS
+    from posttrain.evals.tasks import EVAL_TASKS
 
-    params = inspect.signature(TASKS[task][0]).parameters
+    params = inspect.signature(EVAL_TASKS[task][0]).parameters
     options = {k: p.default for k, p in params.items() if k != "ctx" and p.default is not inspect.Parameter.empty}
     options.update(config)
     return {
@@ -335,8 +327,6 @@ def cache_key(path: str, peft, task: str, config: dict, spec: EvalSpec) -> dict:
 
 
 def _cache_path(model: str, path: str, peft, task: str, config: dict, spec: EvalSpec) -> Path:
-    from posttrain.recipes.tiny import cache_dir
-
     key = cache_key(path, peft, task, config, spec)
     digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:24]
     return cache_dir() / "evals" / f"{task}-{digest}.json"
@@ -349,7 +339,7 @@ def run_eval(spec: EvalSpec, log=print) -> dict:
     from accelerate.utils import broadcast_object_list, gather_object
 
     from posttrain.evals.common import EvalContext, load_checkpoint
-    from posttrain.evals.tasks import TASKS
+    from posttrain.evals.tasks import EVAL_TASKS
     from posttrain.recipes.models import resolve_model_path
 
     state = PartialState(cpu=not torch.cuda.is_available())  # without cpu=True a CPU launch stays one process
@@ -371,7 +361,8 @@ def run_eval(spec: EvalSpec, log=print) -> dict:
         if not pending:
             continue
         model, tokenizer, _ = load_checkpoint(model_name, peft=peft, device=str(state.device))
-        ctx = EvalContext(
+        context = functools.partial(
+            EvalContext,
             model,
             tokenizer,
             model_name,
@@ -379,38 +370,21 @@ def run_eval(spec: EvalSpec, log=print) -> dict:
             seed=spec.seed,
             limit=spec.limit,
             batch_size=spec.batch_size,
-            world=state.num_processes,
-            rank=state.process_index,
-            _gather=gather_object,
         )
+        ctx = context(world=state.num_processes, rank=state.process_index, _gather=gather_object)
         for task, cached in pending.items():
-            fn, _, parallel = TASKS[task]
+            fn, _, parallel = EVAL_TASKS[task]
             log(f"{model_name} / {task} ...")
             if parallel or state.num_processes == 1:
                 out = fn(ctx, **spec.tasks[task])
             else:  # single-process task: rank 0 computes, the others receive its result
-                holder = [
-                    fn(
-                        EvalContext(
-                            model,
-                            tokenizer,
-                            model_name,
-                            path,
-                            seed=spec.seed,
-                            limit=spec.limit,
-                            batch_size=spec.batch_size,
-                        ),
-                        **spec.tasks[task],
-                    )
-                    if state.is_main_process
-                    else None
-                ]
+                holder = [fn(context(), **spec.tasks[task]) if state.is_main_process else None]
                 out = broadcast_object_list(holder)[0]
             out["config"] = spec.tasks[task]
             results[model_name][task] = out
             if state.is_main_process:
                 write_json_atomic(cached, out)
-        del model
+        del model, ctx, context
     report = {
         "models": spec.models,
         "tasks": spec.tasks,
@@ -483,10 +457,7 @@ def markdown_table(report: dict) -> str:
 def write_plots(report: dict, out_dir: Path) -> list[Path]:
     """Per-task bars across checkpoints, pass@k curves, MaxVio per layer. Needs matplotlib (skipped without)."""
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        plt = pyplot()
     except ImportError:
         return []
     models, written = report["models"], []

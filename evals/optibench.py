@@ -35,12 +35,14 @@ programs that ran), ``problems``; per problem: sandbox status, predictions and c
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import re
 from pathlib import Path
 from typing import Callable, Literal
 
+from posttrain.evals.common import generate, mean, render
 from posttrain.evals.sandbox import run_python
 
 TYPES = ("linear-notable", "linear-table", "nonlinear-notable", "nonlinear-table")
@@ -142,8 +144,6 @@ def is_correct(predicted: dict, results: dict, tol: float = 1e-4) -> bool:
 
 def score(records: list[dict]) -> dict[str, float]:
     """accuracy, accuracy per type (types present), code pass rate, mean wall seconds of the programs that ran."""
-    from posttrain.evals.common import mean
-
     metrics = {"accuracy": mean(r["correct"] for r in records)}
     for t in TYPES:
         of_type = [r["correct"] for r in records if r["type"] == t]
@@ -330,8 +330,6 @@ def run_optibench(
 
 def check_optibench(path: str | None, solver: str, timeout: float, tol: float, memory_mb: int, **_) -> None:
     """What would fail only after the model loaded: the data file, the solver package, the limits."""
-    import importlib.util
-
     load_problems(path)
     if importlib.util.find_spec(solver) is None:
         raise ValueError(
@@ -359,8 +357,6 @@ def optibench(
 ):
     """The eval task (``posttrain eval --tasks optibench``): the model writes solver code, it runs sandboxed, the
     model reads the values off its output. ``path``: the E-OPT JSON file (default: the 12 shipped problems)."""
-    from posttrain.evals.common import generate, render
-
     check_optibench(path=path, solver=solver, timeout=timeout, tol=tol, memory_mb=memory_mb)
     problems = load_problems(path)
     if ctx.limit:

@@ -6,15 +6,37 @@ weights; older runs only in their ``checkpoint-N`` folders), an auxiliary traine
 ``run_summary.json``, which holds each metric's first and last logged value only: a table, no curves.
 Metrics are grouped by their prefix (``loss``, ``rewards/...``, ``constrained/...``, ``mask/...``): one PNG per
 group under ``RUN_DIR/report/``, plus ``report.md`` with each metric's first, last, min and max.
+
+``trainers.runtime`` (torch) and matplotlib are imported inside the functions that use them (start-up time of
+``posttrain``).
 """
 
 from __future__ import annotations
 
 import json
+import time
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 
 from posttrain import UserError
+from posttrain.atomic import write_json_atomic
+from posttrain.plots import pyplot
+
+
+def finish_experiment(
+    result: dict, started: float, format_table: Callable[[dict], str], plot, out: Path | None, name: str
+) -> dict:
+    """The end of an experiment script: stamp ``result`` with the seconds since ``started``, print its table and
+    time and, unless ``out`` is None, write ``out/<name>.json`` (atomically) and ``plot(result, out/<name>.png)``."""
+    result["seconds"] = round(time.time() - started, 1)
+    print(format_table(result))
+    print(f"({result['seconds']} s)")
+    if out is not None:
+        path = write_json_atomic(Path(out) / f"{name}.json", result, indent=1)
+        png = plot(result, Path(out) / f"{name}.png")
+        print(f"wrote {path}" + (f" and {png}" if png else ""))
+    return result
 
 
 def find_trainer_state(run_dir: Path) -> Path | None:
@@ -112,10 +134,7 @@ def series(log_history: list[dict]) -> dict[str, tuple[list[int], list[float]]]:
 
 
 def report(run_dir: str, log=print) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     run = Path(run_dir)
     kind, log_file = find_run_log(run)

@@ -1,4 +1,5 @@
-"""The eval tasks and their registry, ``TASKS``: one explicit dict from task name to (function, description).
+"""The eval tasks and their registry, ``EVAL_TASKS``: one explicit dict from task name to (function, description,
+whether it runs data-parallel).
 
 A task is ``fn(ctx: EvalContext, **config) -> dict``: ``{"metrics": {name: float}, ...}`` plus optional extras
 the report plots (``curves``: name -> {"x": [...], "y": [...]}; ``per_layer``: layer -> value). Its keyword
@@ -6,6 +7,10 @@ arguments are the task's config (``--tasks math`` uses the defaults; an eval rec
 them) and they are part of the result-cache key; ``CHECKS`` refuses impossible configs before any model loads.
 Every task fixes its seeds; generation and scoring go through ``ctx.map_batches`` so that N processes give the
 numbers of one (see ``evals/common.py``).
+
+The modules only some tasks need (``recipes.models``, ``data.loading``, ``evals.unlearning``,
+``trainers.moe_balance``: transformers, TRL, datasets, scikit-learn) are imported inside those tasks, so that
+``posttrain list evals`` loads none of them.
 """
 
 from __future__ import annotations
@@ -15,14 +20,13 @@ import warnings
 from typing import Callable
 
 from posttrain.evals.arithmetic import pass_at_k
-from posttrain.evals.common import EvalContext, completion_logps, eval_rows, generate, mean, render
+from posttrain.evals.common import EvalContext, completion_logps, eval_rows, generate, load_checkpoint, mean, render
 from posttrain.evals.lm_harness import check_lm_eval, lm_eval
 from posttrain.evals.optibench import check_optibench, optibench
+from posttrain.trainers.rewards import numeric_match, reward_functions
 
 
 def _reference_logps(ctx: EvalContext, reference: str, pairs):
-    from posttrain.evals.common import load_checkpoint
-
     ref, _, _ = load_checkpoint(reference, device=str(ctx.device))
     try:
         return ctx.map_batches(pairs, lambda batch, _: completion_logps(ref, ctx.tokenizer, batch))  # noqa: F821 (del below)
@@ -191,8 +195,6 @@ def math_task(
 ):
     """Greedy accuracy and pass@k (unbiased estimator, Chen et al. 2021) from ``n`` samples per prompt, on
     prompt/answer data; a completion is correct when its last number equals the answer (``numeric_match``)."""
-    from posttrain.trainers.rewards import numeric_match
-
     check_math(n=n, k=k, temperature=temperature)
     builtin_arith = dataset == "builtin:arithmetic"
     rows = eval_rows(
@@ -256,7 +258,6 @@ def reward(
     split: str | None = None,
 ):
     """Mean score of the model's completions under named reward functions (``posttrain list rewards``)."""
-    from posttrain.recipes.train import reward_functions
 
     class _Config:  # what the reward builders read
         max_completion_length = max_new_tokens
@@ -310,7 +311,6 @@ def unlearning(
     # the unlearning sets are the *training* splits (the run's data seed, 0 by default), not held-out ones:
     # forgetting is measured on what the model was trained, then made to forget
     from posttrain.data.loading import load_source
-    from posttrain.evals.common import load_checkpoint
     from posttrain.evals.unlearning import reference_mia_min_k, truth_ratios, unlearning_metrics
 
     def split(name):
@@ -367,7 +367,7 @@ def moe_balance(
 
 
 # name -> (function, description, runs on every process (data-parallel) or on rank 0 only)
-TASKS: dict[str, tuple] = {
+EVAL_TASKS: dict[str, tuple] = {
     "preference": (
         preference,
         "held-out preference accuracy and margin (implicit DPO reward vs a reference, or a reward model)",

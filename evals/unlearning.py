@@ -41,6 +41,8 @@ argmax == answer token, then the mean over rows), ``forget_quality`` (with ``hol
 between the forget and holdout truth ratios of the same model, the never-trained holdout standing in for a retrained
 model) and ``forget_quality_vs_retain_model`` (with ``reference_forget_ratios``, a retain-only model's forget truth
 ratios: this is open-unlearning's ``forget_quality``, ``ks_test`` in ``privacy.py``).
+
+scikit-learn, SciPy and rouge-score are imported inside the metrics that use them (start-up time of ``posttrain``).
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ import zlib
 import torch
 
 from posttrain.data.unlearning import collate, encode_row
+from posttrain.evals.common import generate
 
 MIA_K = 0.4  # configs/eval/tofu_metrics/mia_min_k.yaml and mia_min_k_plus_plus.yaml
 ROUGE_MAX_NEW_TOKENS = 200  # configs/generation/default.yaml
@@ -213,8 +216,6 @@ def greedy_answers(
     model, tokenizer, rows, batch_size=16, prompt_template="{prompt}", max_new_tokens=ROUGE_MAX_NEW_TOKENS
 ):
     """The model's greedy answer to each row's prompt (chat template for conversational rows), stripped."""
-    from posttrain.evals.common import generate
-
     prompts = [
         r["prompt"] if isinstance(r["prompt"], list) else prompt_template.format(prompt=r["prompt"]) for r in rows
     ]

@@ -16,6 +16,7 @@ import json
 import os
 import tempfile
 
+from posttrain.plots import pyplot
 from posttrain.trainers.classic.bandlimited import BandlimitedConfig, BandlimitedTrainer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -64,10 +65,7 @@ def main() -> None:
     for omega in OMEGAS:
         print(f"  Omega {omega:g}: " + "/".join(f"{h['cond_gram']:.2g}" for h in first[f"{omega:g}"]))
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
     for omega in OMEGAS:

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from posttrain.data.beo import BEOConfig, BEOTrainer
+from posttrain.plots import pyplot
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ARMS = ("clean_only", "clean_plus_beo", "clean_plus_noise", "clean_plus_unmodified")
@@ -98,10 +99,7 @@ def main() -> None:
 
 
 def plot(summary: dict, runs: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 3.8), gridspec_kw={"width_ratios": [3, 1]})
     keys, width = list(summary), 0.2

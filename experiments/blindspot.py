@@ -19,6 +19,7 @@ import tempfile
 import numpy as np
 import torch
 
+from posttrain.plots import pyplot
 from posttrain.trainers.classic.blindspot import compare_arms
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -54,10 +55,7 @@ def main() -> None:
             f"{max(s['retain_ratio'] for s in ps):.3f} | {m['wasserstein_to_gold_f']:.1f} |"
         )
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for arm, r in results.items():

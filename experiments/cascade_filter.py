@@ -32,6 +32,7 @@ from posttrain.data.cascade_filter import (
     select_keywords,
 )
 from posttrain.data.generators import topic_corpus
+from posttrain.plots import pyplot
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -86,10 +87,7 @@ def main() -> None:
 
 
 def plot(runs: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.6))
     stages = runs[0]["weak"]["stages"]

@@ -57,6 +57,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from posttrain.plots import pyplot
 from posttrain.trainers.advantages import rloo_advantages
 from posttrain.trainers.constrained_rlhf import (
     ConstrainedRLHFConfig,
@@ -360,10 +361,7 @@ def table(out):
 
 
 def plot(out, path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.6))
     seed = min(out["runs"]["fixed"])
@@ -401,7 +399,7 @@ def plot(out, path):
         linewidths=0.7,
     )
     lo, hi = NM["low"], NM["high"]
-    ax.add_patch(matplotlib.patches.Rectangle(lo, hi[0] - lo[0], hi[1] - lo[1], fill=False, ls="--", color="0.5"))
+    ax.add_patch(plt.Rectangle(lo, hi[0] - lo[0], hi[1] - lo[1], fill=False, ls="--", color="0.5"))
     for r in out["nm"].values():
         p = np.array(r["path"])
         ax.plot(p[:, 0], p[:, 1], "-", lw=0.9, alpha=0.8)

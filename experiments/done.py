@@ -20,6 +20,7 @@ import time
 import numpy as np
 import torch
 
+from posttrain.plots import pyplot
 from posttrain.trainers.classic.done import DONEConfig, DONETrainer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -65,10 +66,7 @@ def main() -> None:
     with open(os.path.join(HERE, "results", "done.json"), "w") as f:
         json.dump({"criteria": criteria, "runs": rows}, f, indent=1)
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(14, 3.6))
     x = np.arange(len(SEEDS))

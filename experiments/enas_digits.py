@@ -21,6 +21,7 @@ import time
 import numpy as np
 import torch
 
+from posttrain.plots import pyplot
 from posttrain.trainers.classic.enas import ENASConfig, ENASTrainer, search
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -63,10 +64,7 @@ def main() -> None:
             f"{mean(arm, 'hidden_graph_spearman', 3):.3f} | {mean(arm, 'hidden_graph_spearman', 5):.3f} | {cpu:.1f} |"
         )
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
     for i, arm in enumerate(ARMS):

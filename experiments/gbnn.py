@@ -20,6 +20,7 @@ import tempfile
 
 import torch
 
+from posttrain.plots import pyplot
 from posttrain.trainers.classic.gbnn import GBNNConfig, GBNNTrainer, max_uptick, staged_scores
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -113,10 +114,7 @@ def main() -> None:
                 + " ".join(f"{tr[u]:.3g}" for u in marks)
             )
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
     for i, (s, r) in enumerate(bc.items()):

@@ -24,6 +24,7 @@ import tempfile
 import numpy as np
 import torch
 
+from posttrain.plots import pyplot
 from posttrain.trainers.classic.hidenseek import compare_arms
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -54,10 +55,7 @@ def main() -> None:
         mean = np.mean([x["final"] for x in r])
         print(f"| {name} | {accs} | {mean:.4f} | {rounds} | {r[0]['uplink_bits']:,} | {r[0]['density']:.3f} |")
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(6, 3.8))
     for label, name in ROWS.items():

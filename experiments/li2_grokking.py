@@ -22,6 +22,7 @@ import os
 
 import torch
 
+from posttrain.plots import pyplot
 from posttrain.trainers.classic.li2_grokking import Li2GrokkingConfig, Li2GrokkingTrainer, critical_fraction
 
 BASE = dict(moduli=[23], hidden_size=256, activation="sqr", loss="ce", max_seconds=3600)
@@ -98,10 +99,7 @@ def rounded(x):
 
 
 def plot(runs: dict, path: str, part: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     groups = sorted({r["tag"] if part == "fractions" else r["arm"] for r in runs.values()}, key=str)

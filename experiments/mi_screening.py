@@ -16,6 +16,7 @@ import time
 import numpy as np
 
 from posttrain.data.mi_screening import MIScreenConfig, screen_features
+from posttrain.plots import pyplot
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -56,10 +57,7 @@ def main() -> None:
     for r in rows:
         print(r)
     print("Pearson recall of x2 over 100 seeds:", results["pearson_x2_recall_100_seeds"])
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     X, y = problem(0)
     mi = screen_features(X, y, MIScreenConfig(top=50)).scores

@@ -24,6 +24,7 @@ import tempfile
 import numpy as np
 import torch
 
+from posttrain.plots import pyplot
 from posttrain.trainers.classic.modhifi import run_arms
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -90,10 +91,7 @@ def main() -> None:
             f"{r['params']} ({r['params_before']}) |"
         )
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 3.8))
     names = list(results["prune"])

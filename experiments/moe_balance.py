@@ -48,6 +48,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
+from posttrain.plots import pyplot
 from posttrain.trainers.moe_balance import (
     MoEBalanceCallback,
     MoEBalanceConfig,
@@ -119,38 +120,21 @@ def build_data(max_chars=MAX_CHARS):
 
 
 def make_model(seed=0):
-    from transformers import AutoModelForCausalLM, DeepseekV3Config
+    """``tiny:deepseek_v3`` with this experiment's vocabulary, expert count, top-k, one group and no special ids."""
+    from posttrain.recipes.tiny import init_model, tiny_config
 
-    cfg = DeepseekV3Config(
+    config = tiny_config(
+        "deepseek_v3",
         vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        moe_intermediate_size=32,
-        num_hidden_layers=2,
-        first_k_dense_replace=0,
-        num_attention_heads=4,
-        num_key_value_heads=4,
         n_routed_experts=N_EXPERTS,
-        n_shared_experts=1,
         num_experts_per_tok=TOP_K,
         n_group=1,
-        topk_group=1,
-        kv_lora_rank=16,
-        q_lora_rank=None,
-        qk_rope_head_dim=8,
-        qk_nope_head_dim=8,
-        v_head_dim=8,
-        routed_scaling_factor=1.0,
         norm_topk_prob=True,
         max_position_embeddings=SEQ,
-        tie_word_embeddings=True,
         pad_token_id=None,
-        bos_token_id=None,
         eos_token_id=None,
     )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    return init_model(config, seed)
 
 
 def aux_loss_of(model, router_logits):
@@ -282,10 +266,7 @@ def verdict(by):
 
 
 def plot(runs, path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     k = 10

@@ -25,6 +25,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from posttrain.evals.harness import load_eval_recipe, run_eval  # noqa: E402
 from posttrain.evals.optibench import TYPES  # noqa: E402
+from posttrain.plots import pyplot
 
 RECIPE = "eval/smollm2-135m_optibench"
 RUNS = {
@@ -64,10 +65,7 @@ def main() -> None:
 
 
 def plot(summary: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     metrics = ["accuracy", *[f"accuracy/{t}" for t in TYPES], "code_pass_rate"]
     statuses = sorted({s for run in summary.values() for s in run["statuses"]})

@@ -28,6 +28,7 @@ import time
 import numpy as np
 import torch
 
+from posttrain.plots import pyplot
 from posttrain.trainers.classic.pareto_da import ARMS, ParetoDAConfig, ParetoDATrainer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -74,10 +75,7 @@ def summarise(rows: list[dict]) -> dict:
 
 
 def plot() -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     files = [
         (s, os.path.join(RESULTS, f"pareto_da_{s}.json"))

@@ -33,6 +33,7 @@ from posttrain.data.private_gsd import (
     independent_marginals_baseline,
     max_marginal_error,
 )
+from posttrain.plots import pyplot
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -98,10 +99,7 @@ def main() -> None:
 
 
 def plot(runs: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.8))
     for r in runs["one_shot"]:

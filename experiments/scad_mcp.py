@@ -15,6 +15,7 @@ import os
 
 import numpy as np
 
+from posttrain.plots import pyplot
 from posttrain.trainers.classic.scad_mcp import (
     ISTA,
     AcceleratedGradient,
@@ -62,10 +63,7 @@ def main() -> None:
     os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
     with open(os.path.join(HERE, "results", "scad_mcp.json"), "w") as f:
         json.dump({"rows": rows, "curves_scad_seed0": curves}, f, indent=2)
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(5.5, 4))
     for name, z in curves.items():

@@ -14,6 +14,7 @@ import json
 import os
 import tempfile
 
+from posttrain.plots import pyplot
 from posttrain.trainers.classic.self_distill import KRRSelfDistillTrainer, SelfDistillConfig
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -37,10 +38,7 @@ def main() -> None:
     os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
     with open(os.path.join(HERE, "results", "self_distill_krr.json"), "w") as f:
         json.dump(results, f, indent=2)
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
     for a, r in results.items():

@@ -38,6 +38,8 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+from posttrain.plots import pyplot
+
 # Offline and quiet before transformers / datasets are imported: everything here is built locally.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -115,12 +117,11 @@ def build_small_model(path: Path, seed: int) -> str:
     Why not tiny:qwen3: on the 2-layer, hidden-64 model the learned mask (initialised at ~1e-3) grows so
     slowly at lr 1e-4 that after a few hundred steps it is still ~0.01-0.1 and its pattern depends a lot
     on the seed (see EXPERIMENTS.md); a wider input gives the mask readout a larger step per update."""
-    from transformers import AutoModelForCausalLM, Qwen3Config
+    from transformers import Qwen3Config
 
-    from posttrain.recipes.tiny import EOS_ID, PAD_ID, VOCAB_SIZE, build_tokenizer
+    from posttrain.recipes.tiny import TOKENIZER_IDS, build_tokenizer, init_model
 
     config = Qwen3Config(
-        vocab_size=VOCAB_SIZE,
         hidden_size=128,
         intermediate_size=256,
         num_hidden_layers=4,
@@ -128,14 +129,10 @@ def build_small_model(path: Path, seed: int) -> str:
         num_key_value_heads=2,
         head_dim=32,
         max_position_embeddings=256,
-        pad_token_id=PAD_ID,
-        eos_token_id=EOS_ID,
-        bos_token_id=None,
         tie_word_embeddings=True,
+        **TOKENIZER_IDS,
     )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model = init_model(config, seed)
     model.save_pretrained(path)
     build_tokenizer().save_pretrained(path)
     return str(path)
@@ -427,10 +424,7 @@ def table(results: dict, target: float) -> str:
 
 
 def plot(results: dict, target: float, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     names = list(results)
     strip_rows = [(n, s) for n in names if "SparsePO" in n for s in results[n]["strips"]]

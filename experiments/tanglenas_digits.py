@@ -24,6 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from posttrain.plots import pyplot
 from posttrain.trainers.classic.nas_space import digits_splits, train_mlp
 from posttrain.trainers.classic.tanglenas import (
     TangleNASConfig,
@@ -120,10 +121,7 @@ def main() -> None:
         cpu = np.mean([r["search_cpu_seconds"] for r in per_seed])
         print(f"| {row} | {found} | {gap} | {rk} | {p} | {cpu:.1f} |")
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 3.8))
     names = ["-".join(map(str, a)) for a in archs]

@@ -32,13 +32,13 @@ over the first 60 steps, and paired differences to GRPO (mean +- standard error 
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 import time
 from pathlib import Path
 
 import torch
 
+from posttrain.evals.report import finish_experiment
+from posttrain.plots import pyplot
 from posttrain.trainers.advantages import grpo_group_advantages
 from posttrain.trainers.thr_grpo import (
     slice_to_generated_vocab,
@@ -224,13 +224,8 @@ def format_table(result):
 
 
 def plot(result, path):
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plot", file=sys.stderr)
+    plt = pyplot(optional=True)
+    if plt is None:
         return None
     panels = [
         ("greedy_acc", "greedy accuracy"),
@@ -264,15 +259,7 @@ def main(argv=None):
     steps = args.steps or (WINDOW if args.quick else 200)
     t0 = time.time()
     result = run(seeds=range(args.seeds), steps=steps)
-    result["seconds"] = round(time.time() - t0, 1)
-    print(format_table(result))
-    print(f"({result['seconds']} s)")
-    if not args.quick:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / f"{args.name}.json").write_text(json.dumps(result, indent=1) + "\n")
-        png = plot(result, args.out / f"{args.name}.png")
-        print(f"wrote {args.out / (args.name + '.json')}" + (f" and {png}" if png else ""))
-    return result
+    return finish_experiment(result, t0, format_table, plot, None if args.quick else args.out, args.name)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import tempfile
 
 import torch
 
+from posttrain.plots import pyplot
 from posttrain.trainers.classic.unfolded_ista import UnfoldedISTAConfig, UnfoldedISTATrainer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -50,10 +51,7 @@ def main() -> None:
                 + " | "
                 + " / ".join(f"{r['J/' + k]:.4f}" for k in keys)
             )
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     r0 = results["ista"][0]

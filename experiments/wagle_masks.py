@@ -30,8 +30,6 @@ not averaged). Lower forget accuracy at the same drop is better; ~0.54 (holdout)
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 import time
 from pathlib import Path
 
@@ -39,7 +37,9 @@ import torch
 
 from posttrain.data.generators import fictitious_authors
 from posttrain.data.unlearning import collate, encode_row, stream_indices
+from posttrain.evals.report import finish_experiment
 from posttrain.evals.unlearning import auc
+from posttrain.plots import pyplot
 from posttrain.recipes.tiny import make_tiny
 from posttrain.trainers.gradient_masks import accumulate_gradients, apply_gradient_mask, mask_density
 from posttrain.trainers.wagle import build_mask, graddiff_loss
@@ -323,13 +323,8 @@ def format_table(result):
 
 
 def plot(result, path):
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plot", file=sys.stderr)
+    plt = pyplot(optional=True)
+    if plt is None:
         return None
     ratios = result["config"]["ratios"]
     fig, axes = plt.subplots(1, len(ratios), figsize=(6 * len(ratios), 4.2), squeeze=False)
@@ -387,15 +382,7 @@ def main(argv=None):
         )
     else:
         result = run(seeds=tuple(range(args.seeds)), steps=args.steps or UNLEARN["steps"], lr=args.lr or UNLEARN["lr"])
-    result["seconds"] = round(time.time() - t0, 1)
-    print(format_table(result))
-    print(f"({result['seconds']} s)")
-    if not args.quick:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / f"{args.name}.json").write_text(json.dumps(result, indent=1) + "\n")
-        png = plot(result, args.out / f"{args.name}.png")
-        print(f"wrote {args.out / (args.name + '.json')}" + (f" and {png}" if png else ""))
-    return result
+    return finish_experiment(result, t0, format_table, plot, None if args.quick else args.out, args.name)
 
 
 if __name__ == "__main__":

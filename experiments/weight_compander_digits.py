@@ -26,6 +26,7 @@ import tempfile
 import numpy as np
 import torch
 
+from posttrain.plots import pyplot
 from posttrain.trainers.classic.weight_compander import WeightCompanderConfig, WeightCompanderTrainer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -65,10 +66,7 @@ def main() -> None:
     wc = results["WC-like (learnable bound, slope)"]["per_seed"][0]
     print("seed 0 learned bound/slope:", {k: round(v, 3) for k, v in wc.items() if k.startswith(("bound/", "slope/"))})
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
     bins = np.linspace(-0.4, 0.4, 161)  # the same bins for every arm

@@ -9,7 +9,9 @@ The repository's top-level folders are mapped into this one namespace by setupto
     data/      -> posttrain.data       dataset loading, formatting and built-in generators
 
 This package itself owns the namespace, the command line (``posttrain`` / ``python -m posttrain``)
-and the one error type that the command line turns into a one-line message.
+and the error types that the command line turns into a one-line message.
+
+``difflib`` is imported inside ``did_you_mean``, which only an error calls: ``posttrain --help`` imports this module.
 """
 
 __version__ = "0.1.0"
@@ -17,6 +19,10 @@ __version__ = "0.1.0"
 
 class UserError(Exception):
     """A mistake in what the user gave (recipe, override, dataset): printed as one line, exit code 2."""
+
+
+class RecipeError(UserError):
+    """A mistake in a recipe or its command-line overrides; the message names the file (or command line) and key."""
 
 
 def did_you_mean(word, choices) -> str:

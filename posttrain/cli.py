@@ -10,6 +10,9 @@
 A mistake in the input (recipe, override, data) prints one line and exits with code 2; a run stopped on purpose
 (non-finite loss) exits with 1, Ctrl-C with 130 (one line: where it stopped, how to resume); ``--debug`` shows the
 traceback instead.
+
+Every subcommand imports what it needs inside its function, so ``posttrain --help`` loads no ML library and each
+subcommand only what it uses (``python -X importtime -m posttrain --help`` shows it).
 """
 
 from __future__ import annotations
@@ -55,19 +58,19 @@ def _list(what: str) -> None:
         for name, (description, _) in sorted(REWARDS.items()):
             print(f"  {name:<18} {description}")
     if what in ("all", "evals"):
-        from posttrain.evals.tasks import TASKS as EVAL_TASKS
+        from posttrain.evals.tasks import EVAL_TASKS
 
         print("eval tasks (posttrain eval --tasks):")
         for name, (_, description, _) in EVAL_TASKS.items():
             print(f"  {name:<18} {description}")
     if what in ("all", "data"):
-        from posttrain.data import GENERATORS, TASKS
+        from posttrain.data import DATA_TASKS, GENERATORS
 
         print("built-in datasets (recipe `dataset: builtin:<name>`):")
         for name, entry in sorted(GENERATORS.items()):
             print(f"  {name:<17} {entry.description}")
         print("data task types:")
-        for name, description in TASKS.items():
+        for name, description in DATA_TASKS.items():
             print(f"  {name:<11} {description}")
 
 
@@ -130,7 +133,6 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     train_p = sub.add_parser("train", help="run a recipe: a .yaml path or <method>/<name>, then --key value overrides")
     train_p.add_argument("recipe")
-    train_p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     train_p.add_argument(
         "--resume", action="store_true", help="continue from the newest complete checkpoint in output_dir"
     )
@@ -166,7 +168,6 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--dense_layers", type=int, default=0, help="keep the first N layers dense")
     up.add_argument("--n_group", type=int, default=1, help="expert groups (group-limited routing)")
     up.add_argument("--topk_group", type=int, default=1, help="groups kept per token")
-    up.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
 
     eval_p = sub.add_parser("eval", help="evaluate checkpoints on registered tasks (or run an eval recipe)")
     eval_p.add_argument("recipe", nargs="?", help="an eval recipe (.yaml path or eval/<name>); flags override it")
@@ -180,7 +181,6 @@ def main(argv: list[str] | None = None) -> int:
     eval_p.add_argument("--seed", type=int)
     eval_p.add_argument("--batch_size", type=int)
     eval_p.add_argument("--no_cache", action="store_true", help="recompute even when a cached result exists")
-    eval_p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     filter_p = sub.add_parser(
         "filter",
         help="run a recipe's data_filter on its training set alone and write the "
@@ -189,10 +189,10 @@ def main(argv: list[str] | None = None) -> int:
     filter_p.add_argument("recipe", help="a recipe (.yaml path or <method>/<name>) with data_filter keys")
     filter_p.add_argument("--output", help="a new folder (default: the recipe's output_dir + '-filtered')")
     filter_p.add_argument("--overwrite", action="store_true", help="replace the output folder if it exists")
-    filter_p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     report_p = sub.add_parser("report", help="plot a training run's logged metrics (RUN_DIR/report/)")
     report_p.add_argument("run_dir")
-    report_p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+    for command in (train_p, up, eval_p, filter_p, report_p):
+        command.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
 
     args, rest = parser.parse_known_args(argv)
     debug = getattr(args, "debug", False)

@@ -7,7 +7,9 @@ have is set in all of them). Command-line overrides ``--key value`` / ``--key=va
 
 Every mistake becomes one ``UserError`` line that names the file and the key: unknown keys (with the
 closest valid key), values of the wrong type, unknown methods (with the valid ones), missing files.
-Nothing here loads a model.
+Nothing here loads a model. The key groups whose modules import torch or datasets (``data_filter*``, the
+self-distillation and Weight Compander keys, TRL's ``ModelConfig`` and ``DataArguments``) are imported inside
+``build_recipe``, where a recipe uses them: ``posttrain list`` and the recipe checks load neither.
 """
 
 from __future__ import annotations
@@ -25,14 +27,11 @@ from typing import Any
 
 import yaml
 
-from posttrain import UserError, did_you_mean
-from posttrain.trainers import METHODS, OPTIMIZERS
+from posttrain import RecipeError, did_you_mean
+from posttrain.recipes.moe import check_moe_recipe, moe_keys, parse_moe_keys
+from posttrain.trainers import METHODS, OPTIMIZERS, import_object
 
 RECIPES_DIR = Path(__file__).resolve().parent
-
-
-class RecipeError(UserError):
-    pass
 
 
 class _Loader(yaml.SafeLoader):
@@ -192,8 +191,6 @@ def build_recipe(values: dict[str, Any], sources: dict[str, str], source: str) -
     moe = None
     if any(str(key).startswith("moe_") for key in values):
         # MoE load balancing works with any LLM trainer: kept beside the method config, like ``optim``.
-        from posttrain.recipes.moe import parse_moe_keys
-
         moe = parse_moe_keys(values, sources, source, method, entry.task, coerce)
 
     data_filter = None
@@ -291,8 +288,6 @@ def build_recipe(values: dict[str, Any], sources: dict[str, str], source: str) -
     if optimizer is not None:
         _check_optimizer_args(optimizer, built["config"], source)
     if moe is not None:
-        from posttrain.recipes.moe import check_moe_recipe
-
         check_moe_recipe(values, built["config"], moe, sources, source)
     return Recipe(
         method,
@@ -407,8 +402,6 @@ def _blame(message: str, values: dict[str, Any], sources: dict[str, str], source
 
 
 def _moe_names() -> set[str]:
-    from posttrain.recipes.moe import moe_keys
-
     return set(moe_keys())
 
 
@@ -419,8 +412,6 @@ def _has_gpu() -> bool:
 
 
 def _check_optimizer_args(name: str, config, source: str) -> None:
-    from posttrain.trainers import import_object
-
     try:
         import_object(OPTIMIZERS[name][1])(getattr(config, "optim_args", None))
     except ValueError as err:

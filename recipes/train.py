@@ -3,6 +3,9 @@
 Order matters: data and reward functions are checked before any model loads, so a bad recipe fails in
 seconds. The model is handed to TRL as a resolved path with ``model_init_kwargs``: TRL then builds the
 policy, the reference model and any ZeRO-3 partitioning itself, exactly as its own scripts do.
+
+Model loading (transformers, TRL), the data layer (datasets) and the method-specific trainers of self-distillation
+and the Weight Compander are imported inside ``build_trainer``: an auxiliary run loads none of them.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from typing import Any
 from posttrain import Interrupted, UserError
 from posttrain.atomic import write_json_atomic
 from posttrain.recipes.config import Recipe
+from posttrain.recipes.moe import attach_moe, prepare_moe
 from posttrain.recipes.output_dir import (
     is_main_process,
     output_dir_lock,
@@ -23,36 +27,11 @@ from posttrain.recipes.output_dir import (
     settings_from_checkpoint,
 )
 from posttrain.trainers import METHODS, OPTIMIZERS, import_object
-from posttrain.trainers.runtime import checkpoint_problem, guarded
-
-
-def reward_functions(names: list[str], config) -> list:
-    """The reward callables named in ``reward_funcs``; ``rm:<directory>`` is a learned reward model (the output of a
-    ``reward`` recipe), handed to TRL as its path so TRL loads it as a one-label sequence classifier."""
-    from posttrain.recipes.models import check_model_folder
-    from posttrain.trainers.rewards import REWARDS
-
-    unknown = [name for name in names if name not in REWARDS and not name.startswith("rm:")]
-    if unknown or not names:
-        raise UserError(
-            f"unknown reward function(s) {', '.join(map(repr, unknown)) or '(none given)'} in reward_funcs; "
-            f"valid: {', '.join(sorted(REWARDS))}, or rm:<directory> for a trained reward model"
-        )
-    funcs = []
-    for name in names:
-        if name.startswith("rm:"):
-            path = Path(name[3:]).expanduser()
-            if not (path / "config.json").is_file():
-                raise UserError(
-                    f"reward_funcs: {name!r}: {path} is not a saved model directory (no config.json); "
-                    "train one with a `reward` recipe and name its output_dir"
-                )
-            check_model_folder(path, name)
-            funcs.append(str(path))
-        else:
-            funcs.append(REWARDS[name][1](config))
-    return funcs
-
+from posttrain.trainers.classic.base import PLOT_FILE, RESULTS_FILE
+from posttrain.trainers.classic.base import STATE_FILE as AUX_STATE_FILE
+from posttrain.trainers.method_state import STATE_FILE, MissingMethodStateError
+from posttrain.trainers.rewards import reward_functions
+from posttrain.trainers.runtime import checkpoint_problem, guarded, latest_checkpoint
 
 # what TRL passes to every reward function besides the dataset columns
 _REWARD_PROTOCOL = {"prompts", "completions", "completion_ids", "trainer_state", "log_extra", "log_metric"}
@@ -87,8 +66,6 @@ def _validate_per_reward_settings(config, funcs: list) -> None:
 def _check_method_state(recipe: Recipe, checkpoint: Path) -> None:
     """A method with state (``method_state`` on its trainer, or aux-free expert biases) resumes only from a checkpoint
     that holds it: say so before the model loads (the mechanism checks each owner's entry again on resume)."""
-    from posttrain.trainers.method_state import STATE_FILE, MissingMethodStateError
-
     stateful = hasattr(METHODS[recipe.method].trainer_cls, "method_state")
     if (stateful or getattr(recipe.moe, "moe_balance", None) == "aux_free") and not (checkpoint / STATE_FILE).is_file():
         raise MissingMethodStateError(
@@ -102,7 +79,6 @@ def build_trainer(recipe: Recipe):
     """Everything up to (not including) ``trainer.train()``: returns the TRL trainer."""
     from posttrain.data import load_task_datasets
     from posttrain.recipes.models import load_tokenizer, model_init_kwargs, peft_config, resolve_model_path
-    from posttrain.recipes.moe import attach_moe, prepare_moe
 
     method, config, model_args = METHODS[recipe.method], recipe.config, recipe.model_args
     if not model_args.model_name_or_path:
@@ -223,12 +199,10 @@ def train(recipe: Recipe, resume: bool = False, overwrite_output_dir: bool = Fal
 def train_aux(recipe: Recipe, resume: bool = False, overwrite_output_dir: bool = False) -> dict[str, Any]:
     """An auxiliary method (``trainers/classic/base.py``) under the same output_dir rules as an LLM run: the lock,
     ``--resume`` from the saved state, and no fresh run over a folder that holds another run's state."""
-    from posttrain.trainers.classic.base import PLOT_FILE, RESULTS_FILE, STATE_FILE
-
     config = recipe.config
     folder = Path(config.output_dir)
     with output_dir_lock(folder, True):
-        previous = [folder / name for name in (STATE_FILE, RESULTS_FILE, PLOT_FILE) if (folder / name).exists()]
+        previous = [folder / name for name in (AUX_STATE_FILE, RESULTS_FILE, PLOT_FILE) if (folder / name).exists()]
         if previous and not resume:
             if not overwrite_output_dir:
                 raise UserError(
@@ -239,10 +213,10 @@ def train_aux(recipe: Recipe, resume: bool = False, overwrite_output_dir: bool =
             for path in previous:
                 path.unlink()
             print(f"posttrain: --overwrite_output_dir: deleted {', '.join(p.name for p in previous)} in {folder}")
-        has_state = (folder / STATE_FILE).is_file()
+        has_state = (folder / AUX_STATE_FILE).is_file()
         if resume and previous and not has_state:  # results of a run that left no state: nothing to continue
             raise UserError(
-                f"--resume: {folder} holds {previous[0].name} but no {STATE_FILE} to continue from; "
+                f"--resume: {folder} holds {previous[0].name} but no {AUX_STATE_FILE} to continue from; "
                 "choose another --output_dir, or pass --overwrite_output_dir to start over"
             )
         trainer = METHODS[recipe.method].trainer_cls(config)
@@ -251,12 +225,12 @@ def train_aux(recipe: Recipe, resume: bool = False, overwrite_output_dir: bool =
                 trainer.load()
             except ValueError as err:  # the saved run had another config
                 raise UserError(
-                    f"--resume: {folder / STATE_FILE}: {err}; rerun with the saved settings, or start "
+                    f"--resume: {folder / AUX_STATE_FILE}: {err}; rerun with the saved settings, or start "
                     "over with --overwrite_output_dir"
                 ) from None
-            print(f"posttrain: resuming {recipe.method} from step {trainer.global_step} ({folder / STATE_FILE})")
+            print(f"posttrain: resuming {recipe.method} from step {trainer.global_step} ({folder / AUX_STATE_FILE})")
         elif resume:
-            print(f"posttrain: no {STATE_FILE} in {folder}; starting from scratch")
+            print(f"posttrain: no {AUX_STATE_FILE} in {folder}; starting from scratch")
         try:
             return trainer.train()
         except KeyboardInterrupt:
@@ -271,8 +245,6 @@ def train_aux(recipe: Recipe, resume: bool = False, overwrite_output_dir: bool =
 def where_interrupted(trainer, output_dir) -> str:
     """The one line for Ctrl-C: the step reached and what ``--resume`` would continue from. A checkpoint cut short
     by the interrupt has no manifest, so ``--resume`` skips it (trainers/runtime.py)."""
-    from posttrain.trainers.runtime import latest_checkpoint
-
     for callback in trainer.callback_handler.callbacks:  # an open tqdm bar would redraw itself after the line
         for bar in (getattr(callback, "training_bar", None), getattr(callback, "prediction_bar", None)):
             if bar is not None:

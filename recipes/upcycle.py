@@ -27,6 +27,9 @@ copies); the shared expert is ``shared_experts`` exact copies side by side; the 
 expert's down projection is scaled by 1 / (2 S) and ``routed_scaling_factor`` = 1/2, so that with identical experts,
 whatever the router picks (its gate weights sum to 1), shared + routed = MLP(x): at noise 0 the MoE computes the
 dense model's logits (up to float rounding; tested). ``shared_experts`` >= 1: the block always has a shared expert.
+
+transformers, TRL and ``recipes.models`` are imported inside ``upcycle`` and ``moe_config``: the state-dict maths
+here needs torch alone.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from pathlib import Path
 import torch
 
 from posttrain import UserError
+from posttrain.paths import not_a_folder
 
 PROVENANCE = "posttrain_upcycle.json"
 
@@ -183,16 +187,14 @@ def upcycle(
     from trl import ModelConfig
 
     from posttrain.recipes.models import load_tokenizer, resolve_model_path
-    from posttrain.recipes.output_dir import file_in_the_way
 
     if noise < 0:
         raise UserError(f"upcycle: noise must be >= 0 (got {noise})")
     dst = Path(dst)
     # checked before the source loads: the folder is only written at the end
-    existing = file_in_the_way(dst)
-    if existing is not None:
-        where = "" if existing == dst else f" is under {existing}, which"
-        raise UserError(f"upcycle: destination {dst}{where} is not a folder; pick a new folder")
+    problem = not_a_folder(dst)
+    if problem:
+        raise UserError(f"upcycle: destination {dst}{problem}; pick a new folder")
     if dst.exists() and any(dst.iterdir()):
         raise UserError(f"upcycle: {dst} exists and is not empty; pick a new folder")
     path = resolve_model_path(src)

@@ -4,7 +4,7 @@ Classes are named as ``"module:attr"`` strings and imported on first use, so ``p
 recipe errors do not pay for importing TRL. The stock TRL trainers are registered next to the
 research methods so that every method's baseline is one word away in the same recipe.
 
-``task`` names the data the method needs (see ``posttrain.data.TASKS``); ``aux`` marks a non-LLM
+``task`` names the data the method needs (see ``posttrain.data.DATA_TASKS``); ``aux`` marks a non-LLM
 auxiliary trainer, driven by its own config alone (no model or data arguments).
 """
 

@@ -3,18 +3,48 @@
 Each entry builds the callable from the method config, because some rewards depend on it (the length
 penalty needs ``max_completion_length``). The callables follow TRL's reward-function protocol:
 ``fn(prompts, completions, completion_ids, **dataset_columns) -> list[float]``; completions are plain
-strings or conversational message lists.
+strings or conversational message lists. ``reward_functions(names, config)`` turns a recipe's (or an eval
+task's) ``reward_funcs`` into those callables.
 """
 
 from __future__ import annotations
 
 import math
 import re
+from pathlib import Path
 from typing import Callable
+
+from posttrain import UserError
+from posttrain.model_folder import check_model_folder
 
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 # "The answer is 19." (our arithmetic format) or GSM8K's "#### 19".
 _FORMAT = re.compile(r"(?:the answer is|####)\s*\$?-?\d[\d,]*(?:\.\d+)?\s*\.?\s*$", re.IGNORECASE)
+
+
+def reward_functions(names: list[str], config) -> list:
+    """The reward callables named in ``reward_funcs``; ``rm:<directory>`` is a learned reward model (the output of a
+    ``reward`` recipe), handed to TRL as its path so TRL loads it as a one-label sequence classifier."""
+    unknown = [name for name in names if name not in REWARDS and not name.startswith("rm:")]
+    if unknown or not names:
+        raise UserError(
+            f"unknown reward function(s) {', '.join(map(repr, unknown)) or '(none given)'} in reward_funcs; "
+            f"valid: {', '.join(sorted(REWARDS))}, or rm:<directory> for a trained reward model"
+        )
+    funcs = []
+    for name in names:
+        if name.startswith("rm:"):
+            path = Path(name[3:]).expanduser()
+            if not (path / "config.json").is_file():
+                raise UserError(
+                    f"reward_funcs: {name!r}: {path} is not a saved model directory (no config.json); "
+                    "train one with a `reward` recipe and name its output_dir"
+                )
+            check_model_folder(path, name)
+            funcs.append(str(path))
+        else:
+            funcs.append(REWARDS[name][1](config))
+    return funcs
 
 
 def _text(completion) -> str:

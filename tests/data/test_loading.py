@@ -9,7 +9,7 @@ import pytest
 from datasets import Dataset
 
 from posttrain import UserError
-from posttrain.data import GENERATORS, TASKS, DataArguments, DataError, load_source, load_task_datasets
+from posttrain.data import DATA_TASKS, GENERATORS, DataArguments, DataError, load_source, load_task_datasets
 from posttrain.data.loading import EVAL_SEED_OFFSET, format_for_task
 
 
@@ -118,7 +118,7 @@ def test_unreachable_hub_id_is_a_data_error(monkeypatch):
 
 
 def test_task_names_and_unknown_task():
-    assert set(TASKS) == {"sft", "preference", "unpaired", "prompt", "unlearn"}
+    assert set(DATA_TASKS) == {"sft", "preference", "unpaired", "prompt", "unlearn"}
     message = _raises("unknown task type 'dpo'", load_task_datasets, "dpo", DataArguments(dataset="builtin:arithmetic"))
     assert "preference" in message
     _raises("needs a dataset", load_task_datasets, "sft", DataArguments())

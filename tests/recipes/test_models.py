@@ -15,10 +15,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import ModelConfig
 
 from posttrain import UserError
+from posttrain.paths import cache_dir
 from posttrain.recipes import models, smollm2, tiny
 from posttrain.recipes.models import load_model, load_tokenizer, model_init_kwargs, peft_config, resolve_model_path
 from posttrain.recipes.smollm2 import SMOLLM2_ID
-from posttrain.recipes.tiny import ARCHS, build_tiny, build_tokenizer, cache_dir, make_tiny, tiny_model_path
+from posttrain.recipes.tiny import ARCHS, build_tiny, build_tokenizer, make_tiny, tiny_model_path
 
 # Taken before any test redirects POSTTRAIN_CACHE: the SmolLM2 test keeps its 517 MB conversion here.
 USER_CACHE = cache_dir()

@@ -39,6 +39,7 @@ import torch
 from tqdm.auto import tqdm
 
 from posttrain.atomic import write_atomic, write_json_atomic
+from posttrain.plots import pyplot
 
 STATE_FILE = "aux_state.pt"
 RESULTS_FILE = "results.json"
@@ -193,10 +194,7 @@ class AuxTrainer:
 
 def plot_history(history: list[dict], path: str, title: str) -> None:
     """One panel per numeric key of the history, against ``step`` (matplotlib, Agg backend)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     keys = [
         k

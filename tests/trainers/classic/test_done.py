@@ -229,7 +229,8 @@ def test_done_tiny_recipe_trains_and_checkpoints_u(tmp_path):
     ],
 )
 def test_bad_kl_dro_keys_are_one_clear_error(over, message):
-    from posttrain.recipes.config import RecipeError, load_recipe
+    from posttrain import RecipeError
+    from posttrain.recipes.config import load_recipe
 
     with pytest.raises(RecipeError, match=message):
         load_recipe("sft/tiny", over)

@@ -243,7 +243,8 @@ def test_a_real_teacher_changes_the_loss_as_the_formula_says(tmp_path, teacher_d
     ],
 )
 def test_bad_self_distill_keys_are_one_clear_error(over, message):
-    from posttrain.recipes.config import RecipeError, load_recipe
+    from posttrain import RecipeError
+    from posttrain.recipes.config import load_recipe
 
     with pytest.raises(RecipeError, match=message):
         load_recipe("sft/tiny", over)

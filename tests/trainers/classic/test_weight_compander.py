@@ -211,7 +211,8 @@ def test_llm_lora_compands_the_adapters(tmp_path):
     ],
 )
 def test_bad_llm_keys_are_one_clear_error(over, message):
-    from posttrain.recipes.config import RecipeError, load_recipe
+    from posttrain import RecipeError
+    from posttrain.recipes.config import load_recipe
 
     with pytest.raises(RecipeError, match=message):
         load_recipe("sft/tiny", over)
