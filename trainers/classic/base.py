@@ -29,8 +29,10 @@ and refuses a fresh run into a folder that holds one, as for the LLM trainers.
 from __future__ import annotations
 
 import dataclasses
+import os
 import random
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -101,6 +103,22 @@ class AuxTrainer:
 
     def description(self) -> str:  # the progress bar's label
         return self.method
+
+    def minibatch_sgd_state(self) -> dict:
+        """What a trainer of one torch ``model`` by ``optimizer`` on minibatches drawn in ``order`` by ``generator``
+        adds to ``state_dict`` (``load_minibatch_sgd_state`` restores it)."""
+        return {
+            "model": {k: v.clone() for k, v in self.model.state_dict().items()},
+            "optimizer": self.optimizer.state_dict(),
+            "generator": self.generator.get_state(),
+            "order": self.order.clone(),
+        }
+
+    def load_minibatch_sgd_state(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.generator.set_state(state["generator"])
+        self.order = state["order"].clone()
 
     def state_dict(self) -> dict:
         rngs = {
@@ -190,6 +208,34 @@ class AuxTrainer:
         }
         write_json_atomic(out / RESULTS_FILE, results)
         write_atomic(out / PLOT_FILE, lambda tmp: plot_history(self.history, tmp, self.description()))
+
+
+def run_arms(
+    config_cls: type,
+    trainer_cls: type,
+    arms: dict[str, dict],
+    seeds: Iterable[int],
+    output_dir: str,
+    *,
+    expect: str = "max_steps",
+    extra: Callable[[str, AuxTrainer, dict], None] | None = None,
+    **overrides,
+) -> dict[str, list[dict]]:
+    """Every arm (name -> its config values) on every seed, each run in ``output_dir/<arm>-seed<seed>`` -> {arm:
+    [final ``evaluate()`` per seed]}. A run stopped otherwise than by ``expect`` (e.g. by ``max_seconds``) is not
+    comparable with the others: an error. ``extra(arm, trainer, final)`` adds a method's own numbers to ``final``."""
+    out: dict[str, list[dict]] = {}
+    for arm, values in arms.items():
+        for seed in seeds:
+            folder = os.path.join(output_dir, f"{arm}-seed{seed}")
+            trainer = trainer_cls(config_cls(seed=seed, output_dir=folder, **values, **overrides))
+            final = trainer.train(verbose=False)
+            if final["stopped_by"] != expect:
+                raise RuntimeError(f"{arm} seed {seed} stopped by {final['stopped_by']} after {final['step']} steps")
+            if extra is not None:
+                extra(arm, trainer, final)
+            out.setdefault(arm, []).append(final)
+    return out
 
 
 def plot_history(history: list[dict], path: str, title: str) -> None:

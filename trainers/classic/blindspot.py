@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from posttrain.trainers.classic.base import AuxConfig, AuxTrainer
+from posttrain.trainers.classic.base import AuxConfig, AuxTrainer, run_arms
 
 ARMS = ("blindspot", "gaussian_amnesiac", "finetune")
 
@@ -319,33 +319,17 @@ class BlindspotTrainer(AuxTrainer):
     def state_dict(self) -> dict:
         return {
             **super().state_dict(),
-            "model": {k: v.clone() for k, v in self.model.state_dict().items()},
-            "optimizer": self.optimizer.state_dict(),
-            "generator": self.generator.get_state(),
-            "order": self.order.clone(),
+            **self.minibatch_sgd_state(),
             "epoch": self.epoch,
         }
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.generator.set_state(state["generator"])
-        self.order, self.epoch = state["order"].clone(), int(state["epoch"])
+        self.load_minibatch_sgd_state(state)
+        self.epoch = int(state["epoch"])
 
 
 def compare_arms(seeds=(0, 1, 2), arms=ARMS, output_dir: str = "runs/blindspot", **overrides) -> dict[str, list[dict]]:
     """Every arm on the same split and original model per seed -> {arm: [final evaluate() per seed]}."""
-    import os
-
-    out: dict[str, list[dict]] = {}
-    for arm in arms:
-        for seed in seeds:
-            cfg = BlindspotConfig(
-                arm=arm, seed=seed, output_dir=os.path.join(output_dir, f"{arm}-seed{seed}"), **overrides
-            )
-            final = BlindspotTrainer(cfg).train(verbose=False)
-            if final["stopped_by"] != "criterion":
-                raise RuntimeError(f"{arm} seed {seed} stopped by {final['stopped_by']} after {final['step']} steps")
-            out.setdefault(arm, []).append(final)
-    return out
+    arm_values = {arm: {"arm": arm} for arm in arms}
+    return run_arms(BlindspotConfig, BlindspotTrainer, arm_values, seeds, output_dir, expect="criterion", **overrides)

@@ -36,7 +36,6 @@ Two uses:
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -44,7 +43,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from posttrain.trainers.classic.base import AuxConfig, AuxTrainer
+from posttrain.key_groups import pop_prefixed_keys
+from posttrain.trainers.classic.base import AuxConfig, AuxTrainer, run_arms
 
 
 @dataclass
@@ -321,38 +321,25 @@ class DONETrainer(AuxTrainer):
     def state_dict(self) -> dict:
         return {
             **super().state_dict(),
-            "model": {k: v.clone() for k, v in self.model.state_dict().items()},
-            "optimizer": self.optimizer.state_dict(),
+            **self.minibatch_sgd_state(),
             "reweight": self.reweight.state_dict(),
-            "generator": self.generator.get_state(),
-            "order": self.order.clone(),
         }
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        self.load_minibatch_sgd_state(state)
         self.reweight.load_state_dict(state["reweight"])
-        self.generator.set_state(state["generator"])
-        self.order = state["order"].clone()
 
 
 def compare_arms(seeds=(0, 1, 2, 3, 4), **overrides) -> dict:
     """Uniform PGD-AT and DONE on the same data and initial weights per seed -> {arm: [final evaluate() per seed]}."""
+
+    def min_ess(arm, trainer, final):
+        final["min_ess_frac"] = min([h["ess_frac"] for h in trainer.history] + [final["ess_frac"]])
+
     base = overrides.pop("output_dir", DONEConfig.output_dir)
-    out: dict[str, list[dict]] = {}
-    for arm, reweight in (("at", False), ("done", True)):
-        for seed in seeds:
-            cfg = DONEConfig(
-                reweight=reweight, seed=seed, output_dir=os.path.join(base, f"{arm}-seed{seed}"), **overrides
-            )
-            trainer = DONETrainer(cfg)
-            final = trainer.train(verbose=False)
-            if final["stopped_by"] != "max_steps":
-                raise RuntimeError(f"{arm} seed {seed} stopped by {final['stopped_by']} after {final['step']} steps")
-            final["min_ess_frac"] = min([h["ess_frac"] for h in trainer.history] + [final["ess_frac"]])
-            out.setdefault(arm, []).append(final)
-    return out
+    arms = {"at": {"reweight": False}, "done": {"reweight": True}}
+    return run_arms(DONEConfig, DONETrainer, arms, seeds, base, extra=min_ess, **overrides)
 
 
 # --- the LLM recipe keys and the SFT trainer ------------------------------------------------------------------
@@ -369,18 +356,9 @@ class KLDROArgs:
 def parse_kl_dro_keys(values: dict, sources: dict, source: str, method: str, task: str) -> KLDROArgs | None:
     """Pop ``kl_dro_r`` / ``kl_dro_beta`` from a recipe's values and check them (nothing loads). Raises ValueError
     naming the key and where it was set."""
-    from posttrain import did_you_mean
-
-    keys = [k for k in values if str(k).startswith("kl_dro")]
-    if not keys:
+    given = pop_prefixed_keys(values, sources, source, prefix="kl_dro", names=KL_DRO_KEYS, group="KL-DRO reweighting")
+    if given is None:
         return None
-    for key in keys:
-        if key not in KL_DRO_KEYS:
-            raise ValueError(
-                f"{sources.get(key, source)}: unknown key '{key}'{did_you_mean(key, KL_DRO_KEYS)}; the KL-DRO "
-                f"reweighting keys are {', '.join(KL_DRO_KEYS)}"
-            )
-    given = {k: values.pop(k) for k in keys}
     where = " and ".join(sorted({sources.get(k, source) for k in given}))
     if task != "sft":
         raise ValueError(

@@ -36,7 +36,6 @@ target on which the three arms separate; EXPERIMENTS.md has both.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -44,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from posttrain.trainers.classic.base import AuxConfig, AuxTrainer
+from posttrain.trainers.classic.base import AuxConfig, AuxTrainer, run_arms
 from posttrain.trainers.classic.multi_objective import EPOWeighting
 
 ARMS = ("source_only", "dann", "paretoda")
@@ -319,19 +318,14 @@ class ParetoDATrainer(AuxTrainer):
 def compare_arms(seeds=(0, 1, 2), arms=ARMS, **overrides) -> dict:
     """Every arm on the same data split and seed -> {arm: [final evaluate() per seed]} (ParetoDA's with the LP
     failure and guided-move fractions)."""
+
+    def lp_stats(arm, trainer, final):
+        if arm == "paretoda":
+            final["lp_failure_frac"] = trainer.weighting.failures / max(trainer.weighting.steps, 1)
+            final["guided_frac"] = trainer.moves["guided"] / max(trainer.weighting.steps, 1)
+            final["ascent_frac"] = trainer.weighting.ascents / max(trainer.weighting.steps, 1)
+            final["alpha_min"], final["alpha_sum_err"] = trainer.alpha_min, trainer.alpha_sum_err
+
     base = overrides.pop("output_dir", ParetoDAConfig.output_dir)
-    out: dict[str, list[dict]] = {}
-    for arm in arms:
-        for seed in seeds:
-            cfg = ParetoDAConfig(arm=arm, seed=seed, output_dir=os.path.join(base, f"{arm}-seed{seed}"), **overrides)
-            trainer = ParetoDATrainer(cfg)
-            final = trainer.train(verbose=False)
-            if final["stopped_by"] != "max_steps":
-                raise RuntimeError(f"{arm} seed {seed} stopped by {final['stopped_by']} after {final['step']} steps")
-            if arm == "paretoda":
-                final["lp_failure_frac"] = trainer.weighting.failures / max(trainer.weighting.steps, 1)
-                final["guided_frac"] = trainer.moves["guided"] / max(trainer.weighting.steps, 1)
-                final["ascent_frac"] = trainer.weighting.ascents / max(trainer.weighting.steps, 1)
-                final["alpha_min"], final["alpha_sum_err"] = trainer.alpha_min, trainer.alpha_sum_err
-            out.setdefault(arm, []).append(final)
-    return out
+    arm_values = {arm: {"arm": arm} for arm in arms}
+    return run_arms(ParetoDAConfig, ParetoDATrainer, arm_values, seeds, base, extra=lp_stats, **overrides)

@@ -37,6 +37,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from posttrain.key_groups import module_names, pop_prefixed_keys
+
 PRUNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
@@ -242,18 +244,10 @@ class SynFlowArgs:
 def parse_synflow_keys(values: dict, sources: dict, source: str, method: str, task: str) -> SynFlowArgs | None:
     """Pop the ``synflow_*`` keys from a recipe's values and check them (nothing loads); ValueError names the key and
     where it was set."""
-    from posttrain import did_you_mean
-
-    keys = [k for k in values if str(k).startswith("synflow")]
-    if not keys:
+    popped = pop_prefixed_keys(values, sources, source, prefix="synflow", names=SYNFLOW_KEYS, group="SynFlow")
+    if popped is None:
         return None
-    for key in keys:
-        if key not in SYNFLOW_KEYS:
-            raise ValueError(
-                f"{sources.get(key, source)}: unknown key '{key}'{did_you_mean(key, SYNFLOW_KEYS)}; the SynFlow "
-                f"keys are {', '.join(SYNFLOW_KEYS)}"
-            )
-    given = {k.removeprefix("synflow_"): values.pop(k) for k in keys}
+    given = {k.removeprefix("synflow_"): v for k, v in popped.items()}
     where = lambda k: sources.get(f"synflow_{k}", source)  # noqa: E731
     if task == "aux":
         raise ValueError(f"{where(next(iter(given)))}: synflow_* keys apply to LLM recipes; method '{method}' has none")
@@ -268,17 +262,7 @@ def parse_synflow_keys(values: dict, sources: dict, source: str, method: str, ta
     if isinstance(density, bool) or not isinstance(density, (int, float)) or not 0 < density <= 1:
         raise ValueError(f"{where('density')}: synflow_density expects a number in (0, 1], got {density!r}")
     args.density = float(density)
-    modules = given["modules"]
-    if isinstance(modules, str) and modules != "all-linear":
-        modules = [m.strip() for m in modules.split(",") if m.strip()]
-    if not (
-        modules == "all-linear" or (isinstance(modules, list) and modules and all(isinstance(m, str) for m in modules))
-    ):
-        raise ValueError(
-            f"{where('modules')}: synflow_modules expects all-linear or a list of module names, "
-            f"got {given['modules']!r}"
-        )
-    args.modules = modules
+    args.modules = module_names(given["modules"], "synflow_modules", where("modules"))
     if "iterations" in given:
         it = given["iterations"]
         if isinstance(it, bool) or not isinstance(it, int) or it < 1:

@@ -54,7 +54,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
-from posttrain.trainers.classic.base import AuxConfig, AuxTrainer
+from posttrain.key_groups import module_names, pop_prefixed_keys
+from posttrain.trainers.classic.base import AuxConfig, AuxTrainer, run_arms
 
 
 @dataclass
@@ -267,19 +268,12 @@ def parse_weight_compander_keys(
 ) -> CompanderArgs | None:
     """Pop the ``weight_compander_*`` keys from a recipe's values and check them (nothing loads); ValueError names
     the key and where it was set."""
-    from posttrain import did_you_mean
-
-    keys = [k for k in values if str(k).startswith("weight_compander")]
-    if not keys:
+    popped = pop_prefixed_keys(
+        values, sources, source, prefix="weight_compander", names=WC_KEYS, group="Weight Compander"
+    )
+    if popped is None:
         return None
-    for key in keys:
-        if key not in WC_KEYS:
-            hint = did_you_mean(key, WC_KEYS)
-            raise ValueError(
-                f"{sources.get(key, source)}: unknown key '{key}'{hint}; the Weight Compander keys are "
-                f"{', '.join(WC_KEYS)}"
-            )
-    given = {k.removeprefix("weight_compander_"): values.pop(k) for k in keys}
+    given = {k.removeprefix("weight_compander_"): v for k, v in popped.items()}
     where = lambda k: sources.get(f"weight_compander_{k}", source)  # noqa: E731
     if task == "aux":
         raise ValueError(
@@ -292,17 +286,7 @@ def parse_weight_compander_keys(
             "Linear module names such as [q_proj, v_proj])"
         )
     args = CompanderArgs()
-    modules = given["modules"]
-    if isinstance(modules, str) and modules != "all-linear":
-        modules = [m.strip() for m in modules.split(",") if m.strip()]
-    if not (
-        modules == "all-linear" or (isinstance(modules, list) and modules and all(isinstance(m, str) for m in modules))
-    ):
-        raise ValueError(
-            f"{where('modules')}: weight_compander_modules expects all-linear or a list of module names, "
-            f"got {given['modules']!r}"
-        )
-    args.modules = modules
+    args.modules = module_names(given["modules"], "weight_compander_modules", where("modules"))
     for key in ("bound", "bound_scale", "slope"):
         if key in given:
             value = given[key]
@@ -480,33 +464,16 @@ class WeightCompanderTrainer(AuxTrainer):
     def state_dict(self) -> dict:
         return {
             **super().state_dict(),
-            "model": {k: v.clone() for k, v in self.model.state_dict().items()},
-            "optimizer": self.optimizer.state_dict(),
-            "generator": self.generator.get_state(),
-            "order": self.order.clone(),
+            **self.minibatch_sgd_state(),
         }
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.generator.set_state(state["generator"])
-        self.order = state["order"].clone()
+        self.load_minibatch_sgd_state(state)
 
 
 def compare_arms(seeds=(0, 1, 2, 3, 4), **overrides) -> dict:
     """Baseline and WC-like on the same splits and initial weights per seed -> {arm: [final evaluate() per seed]}."""
-    import os
-
     base = overrides.pop("output_dir", WeightCompanderConfig.output_dir)
-    out: dict[str, list[dict]] = {}
-    for arm, compander in (("baseline", False), ("wc", True)):
-        for seed in seeds:
-            cfg = WeightCompanderConfig(
-                compander=compander, seed=seed, output_dir=os.path.join(base, f"{arm}-seed{seed}"), **overrides
-            )
-            final = WeightCompanderTrainer(cfg).train(verbose=False)
-            if final["stopped_by"] != "max_steps":
-                raise RuntimeError(f"{arm} seed {seed} stopped by {final['stopped_by']} after {final['step']} steps")
-            out.setdefault(arm, []).append(final)
-    return out
+    arms = {"baseline": {"compander": False}, "wc": {"compander": True}}
+    return run_arms(WeightCompanderConfig, WeightCompanderTrainer, arms, seeds, base, **overrides)
