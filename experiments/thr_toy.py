@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 
 from posttrain.evals.report import finish_experiment
-from posttrain.plots import pyplot
+from posttrain.plots import pyplot, save_figure
 from posttrain.trainers.advantages import grpo_group_advantages
 from posttrain.trainers.thr_grpo import (
     slice_to_generated_vocab,
@@ -242,10 +242,7 @@ def plot(result, path):
         ax.set_xlabel("step")
     axes[0].legend()
     fig.suptitle(f"THR toy: mean over {len(result['config']['seeds'])} seeds (dotted: end of the table's window)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def main(argv=None):

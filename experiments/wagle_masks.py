@@ -39,7 +39,7 @@ from posttrain.data.generators import fictitious_authors
 from posttrain.data.unlearning import collate, encode_row, stream_indices
 from posttrain.evals.report import finish_experiment
 from posttrain.evals.unlearning import auc
-from posttrain.plots import pyplot
+from posttrain.plots import pyplot, save_figure
 from posttrain.recipes.tiny import make_tiny
 from posttrain.trainers.gradient_masks import accumulate_gradients, apply_gradient_mask, mask_density
 from posttrain.trainers.wagle import build_mask, graddiff_loss
@@ -350,10 +350,7 @@ def plot(result, path):
         ax.set_title(f"GradDiff, mask ratio {ratio} (dense: all weights)")
         ax.legend(fontsize=8)
     fig.suptitle(f"WAGLE vs baseline masks, tiny Llama on fictitious authors, seeds {result['config']['seeds']}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def main(argv=None):

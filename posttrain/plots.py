@@ -23,3 +23,11 @@ def pyplot(optional: bool = False):
         print("matplotlib is not installed: no plot", file=sys.stderr)
         return None
     return plt
+
+
+def save_figure(fig, path):
+    """Lay out, write (110 dpi) and close a figure; returns ``path``."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    pyplot().close(fig)
+    return path

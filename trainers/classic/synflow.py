@@ -31,7 +31,8 @@ combined with LoRA (refused) and untested under DeepSpeed ZeRO-3 / FSDP, whose s
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -81,6 +82,28 @@ def global_top_mask(scores: dict[str, torch.Tensor], keep: float) -> dict[str, t
     return masks
 
 
+@contextlib.contextmanager
+def linearised(model: nn.Module, masks: dict[str, torch.Tensor] | None = None) -> Iterator[None]:
+    """Inside the block every parameter is |theta| (times its mask), the model in eval mode (batch norms use their
+    running statistics, dropout is off); the parameters and the mode are restored exactly after it."""
+    every = dict(model.named_parameters())
+    originals = {name: p.detach().clone() for name, p in every.items()}
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for name, p in every.items():
+                p.abs_()
+                if masks is not None and name in masks:
+                    p.mul_(masks[name])
+        yield
+    finally:
+        with torch.no_grad():
+            for name, p in every.items():
+                p.copy_(originals[name])
+        model.train(was_training)
+
+
 def synflow_scores(
     model: nn.Module,
     forward: Callable[[nn.Module], torch.Tensor],
@@ -89,16 +112,7 @@ def synflow_scores(
 ) -> tuple[dict[str, torch.Tensor], float]:
     """One SynFlow scoring pass: ``({name: |theta * dR/dtheta|}, R)`` with R = sum of ``forward(model)`` on the
     linearised (all parameters made |theta|), masked network. The model's parameters are restored exactly."""
-    every = dict(model.named_parameters())
-    originals = {name: p.detach().clone() for name, p in every.items()}
-    was_training = model.training
-    model.eval()  # batch norms use their running statistics, dropout is off
-    try:
-        with torch.no_grad():
-            for name, p in every.items():
-                p.abs_()
-                if masks is not None and name in masks:
-                    p.mul_(masks[name])
+    with linearised(model, masks):
         flags = [p.requires_grad for p in params.values()]
         for p in params.values():
             p.requires_grad_(True)
@@ -112,11 +126,6 @@ def synflow_scores(
         scores = {}
         for (name, p), g in zip(params.items(), grads):
             scores[name] = torch.zeros_like(p) if g is None else (p.detach() * g).abs()
-    finally:
-        with torch.no_grad():
-            for name, p in every.items():
-                p.copy_(originals[name])
-        model.train(was_training)
     return scores, r
 
 
@@ -187,22 +196,8 @@ def synaptic_flow(
     model: nn.Module, forward: Callable[[nn.Module], torch.Tensor], masks: dict[str, torch.Tensor] | None = None
 ) -> float:
     """R = 1^T f(1; |theta| * mu): the synaptic flow of the linearised, masked network (parameters restored)."""
-    every = dict(model.named_parameters())
-    originals = {name: p.detach().clone() for name, p in every.items()}
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            for name, p in every.items():
-                p.abs_()
-                if masks is not None and name in masks:
-                    p.mul_(masks[name])
-            return float(forward(model).sum())
-    finally:
-        with torch.no_grad():
-            for name, p in every.items():
-                p.copy_(originals[name])
-        model.train(was_training)
+    with linearised(model, masks), torch.no_grad():
+        return float(forward(model).sum())
 
 
 def mask_density(masks: dict[str, torch.Tensor]) -> float:
