@@ -30,6 +30,10 @@ packages in site-packages, ``grpo``/``rloo``/``dpo`` are ``trl/trainer/<name>_tr
     _softmax_router_forward (moe_balance.py)             transformers/models/qwen3_moe/modeling_qwen3_moe.py L259-268
                                                          (Qwen2-MoE L320-329, Mixtral L104-111)
 
+Public overrides that read TRL's inputs layout: ``compute_loss`` of the SFT trainers that self-distillation
+(``classic/self_distill.py``) and KL-DRO reweighting (``classic/done.py``) build, following
+trl/trainer/sft_trainer.py L1560-1678.
+
 TRL private utilities used (re-exported here): ``disable_gradient_checkpointing`` (trl/models/utils.py L397-416),
 ``maybe_gather_lm_head_ctx`` (trl/trainer/utils.py L200-235), ``use_adapter`` (trl/trainer/utils.py L1415-1453),
 ``prepare_deepspeed`` (trl/models/utils.py L246). The method state that rides in every checkpoint has its own module
