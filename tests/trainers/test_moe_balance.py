@@ -756,10 +756,10 @@ def test_trl_aux_loss_crash_that_the_guard_prevents(tmp_path, monkeypatch):
     """Without the guard TRL 1.16 dies inside training (the forward that ``trl/trainer/utils.py``
     ``add_fused_lm_head`` installs reads ``num_experts``, which ``DeepseekV3Config`` lacks); when TRL fixes it, this
     fails: drop the guard."""
-    import posttrain.recipes.moe as moe_mod
+    import posttrain.recipes.train as train_mod
     from posttrain.recipes.train import build_trainer
 
-    monkeypatch.setattr(moe_mod, "prepare_moe", lambda recipe, path: None)
+    monkeypatch.setattr(train_mod, "prepare_moe", lambda recipe, path: None)  # where build_trainer looks it up
     trainer = build_trainer(
         recipe_of(tmp_path, model_name_or_path="tiny:deepseek_v3", router_aux_loss_coef=0.01, max_steps=1)
     )
