@@ -78,3 +78,22 @@ def assert_one_line_error(proc, message: str, code: int = 2) -> None:
     assert "Traceback" not in err and len(err.splitlines()) == 1, f"not one line:\n{err[-3000:]}"
     assert err.startswith("posttrain: "), err
     assert message in err, f"{message!r} not in: {err}"
+
+
+def two_process_launch(config: str, port: int, *program: str) -> list[str]:
+    """The ``accelerate launch`` command line of a 2-process CPU run with a shipped accelerate config (``cpu_2proc``,
+    ``zero2``, ``zero3`` ...; bf16 is for GPUs, so mixed precision is off); ``program`` is the script or ``-m ...``
+    and its arguments."""
+    return [
+        str(BIN / "accelerate"),
+        "launch",
+        "--config_file",
+        str(ROOT / "accelerate_configs" / config),
+        "--num_processes",
+        "2",
+        "--mixed_precision",
+        "no",
+        "--main_process_port",
+        str(port),
+        *program,
+    ]

@@ -11,7 +11,7 @@ import subprocess
 import sys
 
 import pytest
-from support import BIN, ROOT
+from support import ROOT, two_process_launch
 
 pytestmark = pytest.mark.slow
 
@@ -23,17 +23,9 @@ CONFIGS = {
 
 
 def launch(config, recipe, output_dir, env, *extra):
-    cmd = [
-        str(BIN / "accelerate"),
-        "launch",
-        "--config_file",
-        str(ROOT / "accelerate_configs" / config),
-        "--num_processes",
-        "2",
-        "--mixed_precision",
-        "no",
-        "--main_process_port",
-        "29533",
+    cmd = two_process_launch(
+        config,
+        29533,
         "-m",
         "posttrain",
         "train",
@@ -43,7 +35,7 @@ def launch(config, recipe, output_dir, env, *extra):
         "--output_dir",
         str(output_dir),
         *extra,
-    ]
+    )
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return json.loads((output_dir / "run_summary.json").read_text())
