@@ -34,6 +34,17 @@ from posttrain.trainers import METHODS, OPTIMIZERS, import_object
 RECIPES_DIR = Path(__file__).resolve().parent
 
 
+# The key groups an LLM recipe may add beside its method config, as ``optim`` and the moe_* keys are: Recipe field ->
+# (key prefix, parser). A parser pops its group's keys from the values and checks them (nothing loads), returning its
+# args (None when the recipe has none) or raising ValueError with the file and key.
+RECIPE_KEY_GROUPS = {
+    "self_distill": ("self_distill_", "posttrain.trainers.classic.self_distill:parse_self_distill_keys"),
+    "weight_compander": ("weight_compander", "posttrain.trainers.classic.weight_compander:parse_weight_compander_keys"),
+    "synflow": ("synflow", "posttrain.trainers.classic.synflow:parse_synflow_keys"),  # SynFlow pruning before training
+    "kl_dro": ("kl_dro", "posttrain.trainers.classic.done:parse_kl_dro_keys"),  # KL-DRO sequence weights on sft
+}
+
+
 class _Loader(yaml.SafeLoader):
     """YAML 1.2 booleans: only true/false. YAML 1.1 also reads yes/no/on/off as booleans, which turns
     ``save_strategy: no`` (or ``--save_strategy no``) into False."""
@@ -200,39 +211,16 @@ def build_recipe(values: dict[str, Any], sources: dict[str, str], source: str) -
 
         data_filter = parse_filter_keys(values, sources, source, method, entry.task, coerce)
 
-    self_distill = weight_compander = None
-    if any(str(key).startswith(("self_distill_", "weight_compander")) for key in values):
-        # kept beside the method config, like ``optim``; each module checks its own keys (nothing loads)
-        from posttrain.trainers.classic.self_distill import parse_self_distill_keys
-        from posttrain.trainers.classic.weight_compander import parse_weight_compander_keys
-
-        try:
-            self_distill = parse_self_distill_keys(values, sources, source, method, entry.task)
-            weight_compander = parse_weight_compander_keys(values, sources, source, method, entry.task)
-        except ValueError as err:
-            raise RecipeError(str(err)) from None
-
-    synflow = None
-    if any(str(key).startswith("synflow") for key in values):
-        # SynFlow pruning of the loaded model before training, any LLM method: kept beside the method config
-        from posttrain.trainers.classic.synflow import parse_synflow_keys
-
-        try:
-            synflow = parse_synflow_keys(values, sources, source, method, entry.task)
-        except ValueError as err:
-            raise RecipeError(str(err)) from None
-
-    kl_dro = None
-    if any(str(key).startswith("kl_dro") for key in values):
-        # the KL-DRO sequence reweighting on sft (trainers/classic/done.py), kept beside the method config
-        from posttrain.trainers.classic.done import parse_kl_dro_keys
-
-        try:
-            kl_dro = parse_kl_dro_keys(values, sources, source, method, entry.task)
-        except ValueError as err:
-            raise RecipeError(str(err)) from None
-        if self_distill is not None:
-            raise RecipeError(f"{source}: kl_dro_* and self_distill_* both replace the SFT loss; use one of them")
+    groups = {}
+    for name, (prefix, parser) in RECIPE_KEY_GROUPS.items():
+        groups[name] = None
+        if any(str(key).startswith(prefix) for key in values):  # import the group's module only when it is used
+            try:
+                groups[name] = import_object(parser)(values, sources, source, method, entry.task)
+            except ValueError as err:
+                raise RecipeError(str(err)) from None
+    if groups["kl_dro"] is not None and groups["self_distill"] is not None:
+        raise RecipeError(f"{source}: kl_dro_* and self_distill_* both replace the SFT loss; use one of them")
 
     if entry.task == "aux":
         classes = {"config": entry.config_cls}
@@ -298,10 +286,7 @@ def build_recipe(values: dict[str, Any], sources: dict[str, str], source: str) -
         optimizer,
         moe,
         data_filter=data_filter,
-        self_distill=self_distill,
-        weight_compander=weight_compander,
-        synflow=synflow,
-        kl_dro=kl_dro,
+        **groups,
     )
 
 

@@ -447,9 +447,10 @@ def mix_upper_bound_advantages(
 def weigh_streams(
     formulation: str, component_adv_n: Tensor, kl_adv_n: Tensor, multipliers: Tensor, squash: bool = True
 ) -> Tensor:
-    """The mix of ALREADY normalised streams (B, N) and (B,) with the multipliers (detached): the last step of
-    ``mix_advantages`` (mu, xi, nm) or ``mix_upper_bound_advantages`` (all). The trainer re-mixes every micro-batch
-    with the current multipliers through this when they step per optimizer step."""
+    """The mix of streams (B, N) and (B,) with the multipliers (detached), as given (not normalised here): on the
+    normalised advantages it is the last step of ``mix_advantages`` (mu, xi, nm) or ``mix_upper_bound_advantages``
+    (all), and the trainer re-mixes every micro-batch with the current multipliers through it when they step per
+    optimizer step; on the raw rewards it is ``mixed_rewards``."""
     dtype = work_dtype(component_adv_n, kl_adv_n)
     A_c, A_kl = component_adv_n.to(dtype), kl_adv_n.to(dtype)
     lam = torch.as_tensor(multipliers).detach().to(dtype=dtype, device=A_c.device)
@@ -537,13 +538,7 @@ def mixed_rewards(
     """
     if formulation in ("fixed", "sat"):
         return single_stream_rewards(formulation, component_rewards, kl_rewards, multipliers, thresholds, clip_range)
-    dtype = work_dtype(component_rewards, kl_rewards)
-    r_c, r_kl = component_rewards.to(dtype), kl_rewards.to(dtype)
-    lam = torch.as_tensor(multipliers).detach().to(dtype=dtype, device=r_c.device)
-    if formulation == "all":
-        return r_kl + r_c @ (1 - squash_multipliers(lam, equality=False, squash=squash))
-    w = squash_multipliers(lam, formulation in ("xi", "nm"), squash)
-    return ((r_c.shape[1] - w.sum()) if squash else 1.0) * r_kl + r_c @ w
+    return weigh_streams(formulation, component_rewards, kl_rewards, multipliers, squash)  # the same weights
 
 
 def formulation_advantages(
