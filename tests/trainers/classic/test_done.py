@@ -226,6 +226,7 @@ def test_done_tiny_recipe_trains_and_checkpoints_u(tmp_path):
         ({"kl_dro_r": 1.0, "kl_dro_beta": 2.0}, r"beta must be in \(0, 1\]"),
         ({"kl_dro_beta": 0.5}, "needs kl_dro_r"),
         ({"kl_dro_rr": 1.0}, "unknown key 'kl_dro_rr'"),
+        ({"kl_dro_r": 1.0, "self_distill_alpha": 1.0}, "both replace the SFT loss"),
     ],
 )
 def test_bad_kl_dro_keys_are_one_clear_error(over, message):
