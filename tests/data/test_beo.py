@@ -1,4 +1,4 @@
-"""BEO unlearnable examples: the spec's digits experiment (train 70 / test 30, half of the training set protected at
+"""BEO unlearnable examples: the digits experiment (train 70 / test 30, half of the training set protected at
 eps = 0.2 L-inf, centroid shift k = 16 and 20 PGA steps, logistic-regression arms, 3 seeds) on one shared run per
 mode; the centroid shift on a hand-computed example; the kernel estimator against a direct loop and its gradient
 against finite differences; the k-NN proxy against scikit-learn; the Dataset stage; resume."""
@@ -52,21 +52,21 @@ def test_perturbation_stays_in_the_ball_and_the_range(runs, mode):
 
 @pytest.mark.parametrize("mode", list(STEPS))
 def test_knn_error_of_the_protected_half_at_least_doubles(runs, mode):
-    # spec: leave-one-out 5-NN error on the protected half >= 2x its clean value (mean over 3 seeds; measured
-    # centroid_shift 2.75x, pga 5.80x; pga with the spec's median-pairwise bandwidth: 1.96x, not reproduced)
+    # criterion: leave-one-out 5-NN error on the protected half >= 2x its clean value (mean over 3 seeds; measured
+    # centroid_shift 2.75x, pga 5.80x; pga with the median-pairwise bandwidth: 1.96x, not reproduced)
     assert criteria(runs[mode])["knn_ratio"] >= 2.0, criteria(runs[mode])
 
 
 @pytest.mark.parametrize("mode", list(STEPS))
 def test_protected_half_adds_no_learnable_signal(runs, mode):
-    # spec: acc(clean + BEO) <= acc(clean only) + 1 pp (measured: centroid_shift +0.86 pp, pga +0.74 pp; the
+    # criterion: acc(clean + BEO) <= acc(clean only) + 1 pp (measured: centroid_shift +0.86 pp, pga +0.74 pp; the
     # unmodified half adds +1.35 pp)
     assert criteria(runs[mode])["beo_minus_clean_only_pp"] <= 1.0, criteria(runs[mode])
 
 
 @pytest.mark.xfail(
     strict=True,
-    reason="not reproduced: the spec's acc(clean+noise) - acc(clean+BEO) >= 2 pp; on digits with logistic regression "
+    reason="not reproduced: acc(clean+noise) - acc(clean+BEO) >= 2 pp; on digits with logistic regression "
     "a whole clean half is worth only 1.35 pp, and BEO does not push accuracy below clean-only (noise - BEO: "
     "centroid_shift 0.19 pp, pga 0.31 pp)",
 )

@@ -77,7 +77,7 @@ def test_gaussian_sigma_and_exponential_mechanism():
     assert gaussian_sigma(0.5, 1.0) == pytest.approx(1.0)
     assert gaussian_sigma(0.5 / 15, 1 / 3000) == pytest.approx(
         math.sqrt(15 / (2 * 0.5)) / 3000
-    )  # the spec's cell sigma
+    )  # one marginal cell's sigma at rho 0.5 over 15 marginals, n = 3000
     for rho, sens in ((0.1, 2.0), (3.0, 0.01)):
         assert gaussian_rho(gaussian_sigma(rho, sens), sens) == pytest.approx(rho)
     assert exponential_mechanism_rho(exponential_mechanism_epsilon(0.02)) == pytest.approx(0.02)

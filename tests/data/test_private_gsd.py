@@ -1,4 +1,4 @@
-"""Private-GSD: the spec's smallest experiment (6 x 3-valued attributes, n = 3000, 15 two-way marginals, rho = 0.5
+"""Private-GSD: the smallest categorical experiment (6 x 3-valued attributes, n = 3000, 15 two-way marginals, rho = 0.5
 one-shot, N' = 300) with its three pass criteria on one shared run; the measurement noise, the incremental fitness,
 the selection mechanism, the adaptive ledger, prefix queries, resume, and the recipe."""
 
@@ -28,7 +28,7 @@ from posttrain.data.private_gsd import (
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    """The spec experiment, run once through train() (results.json, synthetic.jsonl), with the baseline."""
+    """The experiment, run once through train() (results.json, synthetic.jsonl), with the baseline."""
     out = tmp_path_factory.mktemp("gsd")
     cfg = PrivateGSDConfig(mutations=30, crossovers=30, max_steps=4000, eval_every=4000, output_dir=str(out))
     trainer = PrivateGSDTrainer(cfg)
@@ -45,13 +45,13 @@ def run(tmp_path_factory):
 
 
 def test_gsd_error_is_near_the_noise_floor(run):
-    # spec: err(GSD) <= 2 x noise floor + 0.01 (measured: GSD 0.0057, floor 0.0055)
+    # criterion: err(GSD) <= 2 x noise floor + 0.01 (measured: GSD 0.0057, floor 0.0055)
     assert run["gsd"] == pytest.approx(run["final"]["max_error"])
     assert run["gsd"] <= 2 * run["floor"] + 0.01, run
 
 
 def test_gsd_beats_independent_marginals(run):
-    # spec: err(GSD) <= 0.25 x err(independent noisy 1-way marginals) (measured: 0.0057 vs 0.111)
+    # criterion: err(GSD) <= 0.25 x err(independent noisy 1-way marginals) (measured: 0.0057 vs 0.111)
     assert run["gsd"] <= 0.25 * run["baseline"], run
 
 
@@ -153,7 +153,7 @@ def test_synthesize_dataset_is_a_data_stage():
 
 
 def test_prefix_queries_on_numeric_attributes():
-    # the spec's [P] extension: 1-D prefix queries on numeric attributes (non-differentiable), GSD error <= 0.05
+    # extension: 1-D prefix queries on numeric attributes (non-differentiable), GSD error <= 0.05
     trainer = PrivateGSDTrainer(PrivateGSDConfig(num_numeric=2, max_steps=3000, eval_every=3000, output_dir="unused"))
     while trainer.global_step < 3000 and not trainer.done():
         trainer.step()

@@ -68,7 +68,7 @@ def test_blindspot_closes_half_the_gap_and_keeps_the_retain_error(arms):
 
 
 def test_baselines_are_reported(arms):
-    """Blindspot against Gaussian-amnesiac on the 3-seed mean is reported, not gated (the spec's rule)."""
+    """Blindspot against Gaussian-amnesiac on the 3-seed mean is reported, not gated (the experiment's rule)."""
     mean = {arm: float(np.mean([r["gap_closed"] for r in runs])) for arm, runs in arms.items()}
     assert set(mean) == {"blindspot", "gaussian_amnesiac", "finetune"} and all(np.isfinite(list(mean.values())))
     print("gap closed (3-seed mean):", mean)

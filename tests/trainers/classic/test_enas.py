@@ -84,7 +84,7 @@ def test_controller_log_prob_entropy_and_decode_loss():
 
 @pytest.fixture(scope="module")
 def experiment():
-    """The spec's experiment: 400 alternating steps, 3 arms, 3 seeds; best of 50, correlation over 200 pairs."""
+    """The experiment: 400 alternating steps, 3 arms, 3 seeds; best of 50, correlation over 200 pairs."""
     return {
         arm: [search(arm, seed, output_dir="unused") for seed in SEEDS] for arm in ("enas", "enas_buffer", "random")
     }

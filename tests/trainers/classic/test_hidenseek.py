@@ -33,7 +33,7 @@ def arms(tmp_path_factory):
 
 
 def test_pass_criteria(arms):
-    """The spec's criteria that reproduce, and calibrated floors that make each arm's learning testable.
+    """The pass criteria that reproduce, and calibrated floors that make each arm's learning testable.
 
     Not reproduced (reported in EXPERIMENTS.md, not gated): final accuracy (a) >= (b) + 3 pp. Measured over seeds
     0-2: HideNseek 1-bit 0.840 (0.911, 0.747, 0.861), binary supermask 0.944, dense FedAvg 0.970."""

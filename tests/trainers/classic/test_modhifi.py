@@ -71,7 +71,7 @@ def test_gaussian_class_samples():
 
 @pytest.fixture(scope="module")
 def digits(tmp_path_factory):
-    """Every arm of the spec's digits experiment from one trained MLP and one synthetic calibration draw."""
+    """Every arm of the digits experiment from one trained MLP and one synthetic calibration draw."""
     out = str(tmp_path_factory.mktemp("modhifi"))
     arms = {
         "modhifi": dict(mode="prune", score="fidelity", compensate=True),

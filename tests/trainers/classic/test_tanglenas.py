@@ -97,7 +97,7 @@ def test_memory_criterion_at_most_0_6_of_darts():
 
 @pytest.fixture(scope="module")
 def experiment():
-    """The digits experiment at its spec size: 300 iterations, 3 seeds, and the 9 architectures retrained."""
+    """The digits experiment at its full size: 300 iterations, 3 seeds, and the 9 architectures retrained."""
     runs = {}
     for seed in SEEDS:
         space = enumerate_space(WIDTHS, 2, digits_splits(seed), 300, seed)
