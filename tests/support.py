@@ -80,10 +80,20 @@ def assert_one_line_error(proc, message: str, code: int = 2) -> None:
     assert message in err, f"{message!r} not in: {err}"
 
 
-def two_process_launch(config: str, port: int, *program: str) -> list[str]:
+def free_port() -> int:
+    """A TCP port free on this machine now, for a launch's rendezvous: a fixed port collides with any other run
+    (another test session, a second CI) that holds it."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def two_process_launch(config: str, *program: str) -> list[str]:
     """The ``accelerate launch`` command line of a 2-process CPU run with a shipped accelerate config (``cpu_2proc``,
-    ``zero2``, ``zero3`` ...; bf16 is for GPUs, so mixed precision is off); ``program`` is the script or ``-m ...``
-    and its arguments."""
+    ``zero2``, ``zero3`` ...; bf16 is for GPUs, so mixed precision is off) on a free port; ``program`` is the script
+    or ``-m ...`` and its arguments."""
     return [
         str(BIN / "accelerate"),
         "launch",
@@ -94,6 +104,6 @@ def two_process_launch(config: str, port: int, *program: str) -> list[str]:
         "--mixed_precision",
         "no",
         "--main_process_port",
-        str(port),
+        str(free_port()),
         *program,
     ]

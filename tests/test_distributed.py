@@ -25,7 +25,6 @@ CONFIGS = {
 def launch(config, recipe, output_dir, env, *extra):
     cmd = two_process_launch(
         config,
-        29533,
         "-m",
         "posttrain",
         "train",

@@ -5,13 +5,12 @@ import json
 import math
 import os
 import shutil
-import socket
 import subprocess
 import sys
 
 import pytest
 import torch
-from support import BIN, ROOT, assert_same_state, method_state
+from support import BIN, ROOT, assert_same_state, method_state, two_process_launch
 from transformers import AutoModelForCausalLM, TrainerCallback
 
 from posttrain.cli import main
@@ -368,25 +367,10 @@ def test_a_resume_names_the_settings_its_checkpoint_overrides(two_checkpoints, t
     assert "posttrain: warning" not in capsys.readouterr().out
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_a_deepspeed_zero2_checkpoint_is_complete_until_a_shard_is_damaged(tmp_path, run_env):
-    cmd = [
-        str(BIN / "accelerate"),
-        "launch",
-        "--config_file",
-        str(ROOT / "accelerate_configs" / "zero2.yaml"),
-        "--num_processes",
-        "2",
-        "--mixed_precision",
-        "no",
-        "--main_process_port",
-        str(_free_port()),
+    cmd = two_process_launch(
+        "zero2.yaml",
         "-m",
         "posttrain",
         "train",
@@ -396,7 +380,7 @@ def test_a_deepspeed_zero2_checkpoint_is_complete_until_a_shard_is_damaged(tmp_p
         *[f"--{k}={v}" for k, v in CHECKPOINTED.items()],
         "--save_steps=1",
         "--max_steps=2",
-    ]
+    )
     proc = subprocess.run(cmd, capture_output=True, text=True, env=run_env, cwd=ROOT, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     for step in (1, 2):

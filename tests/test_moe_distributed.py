@@ -18,7 +18,7 @@ import sys
 
 import pytest
 from safetensors.torch import load_file
-from support import BIN, ROOT
+from support import ROOT, two_process_launch
 
 pytestmark = pytest.mark.slow
 
@@ -56,25 +56,7 @@ def run(cmd, timeout=900):
 
 
 def launch(config, record, data, out, *extra):
-    run(
-        [
-            str(BIN / "accelerate"),
-            "launch",
-            "--config_file",
-            str(ROOT / "accelerate_configs" / config),
-            "--num_processes",
-            "2",
-            "--mixed_precision",
-            "no",
-            "--main_process_port",
-            "29547",
-            HELPER,
-            str(record),
-            data,
-            str(out),
-            *extra,
-        ]
-    )
+    run(two_process_launch(config, HELPER, str(record), data, str(out), *extra))
     return [json.loads((record / f"rank{r}.json").read_text()) for r in (0, 1)]
 
 

@@ -9,12 +9,11 @@ test_wagle.py and test_moe_balance.py.
 
 import json
 import os
-import socket
 import subprocess
 
 import pytest
 import torch
-from support import BIN, ROOT, assert_same_state, method_state
+from support import ROOT, assert_same_state, method_state, two_process_launch
 
 pytestmark = pytest.mark.slow
 
@@ -39,30 +38,12 @@ CASES = {
 }
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module", params=list(BACKENDS))
 def matrix(request, tmp_path_factory):
     out = tmp_path_factory.mktemp(f"resume-{request.param}")
-    cmd = [
-        str(BIN / "accelerate"),
-        "launch",
-        "--config_file",
-        str(ROOT / "accelerate_configs" / BACKENDS[request.param][0]),
-        "--num_processes",
-        "2",
-        "--mixed_precision",
-        "no",
-        "--main_process_port",
-        str(free_port()),
-        str(ROOT / "tests" / "helpers" / "resume_matrix.py"),
-        str(out),
-        json.dumps(CASES),
-    ]
+    cmd = two_process_launch(
+        BACKENDS[request.param][0], str(ROOT / "tests" / "helpers" / "resume_matrix.py"), str(out), json.dumps(CASES)
+    )
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=1800, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-8000:]

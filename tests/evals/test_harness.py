@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 import torch
-from support import BIN, ROOT
+from support import BIN, ROOT, free_port
 
 from posttrain import UserError
 from posttrain.evals import tasks as eval_tasks
@@ -277,7 +277,7 @@ def test_two_processes_give_the_numbers_of_one(tmp_path, run_env):
             "--num_processes",
             "2",
             "--main_process_port",
-            "29537",
+            str(free_port()),
             "-m",
             "posttrain",
             *args,

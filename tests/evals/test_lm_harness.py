@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from support import free_port
 
 from posttrain.evals import tasks as eval_tasks
 from posttrain.evals.common import EvalContext, load_checkpoint
@@ -225,7 +226,7 @@ def test_two_processes_give_the_numbers_of_one(task_dir, tmp_path, run_env):
             "--num_processes",
             "2",
             "--main_process_port",
-            "29538",
+            str(free_port()),
             "-m",
             "posttrain",
             *args,

@@ -863,7 +863,7 @@ def test_constrained_rlhf_multipliers_are_identical_on_both_ranks(backend, tmp_p
     from support import ROOT, two_process_launch
 
     config = {"ddp": "cpu_2proc.yaml", "zero3": "zero3.yaml"}[backend]
-    cmd = two_process_launch(config, 29534, str(ROOT / "tests" / "helpers" / "crlhf_ranks.py"), str(tmp_path))
+    cmd = two_process_launch(config, str(ROOT / "tests" / "helpers" / "crlhf_ranks.py"), str(tmp_path))
     proc = subprocess.run(cmd, capture_output=True, text=True, env=run_env, cwd=ROOT, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]

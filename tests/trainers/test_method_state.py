@@ -9,7 +9,7 @@ import subprocess
 
 import pytest
 import torch
-from support import BIN, ROOT, method_state
+from support import ROOT, method_state, two_process_launch
 
 from posttrain.cli import main
 from posttrain.recipes.config import load_recipe
@@ -94,17 +94,8 @@ def test_the_error_stops_every_rank_of_a_launch(dpo_checkpoint, tmp_path):
     checkpoint = tmp_path / "checkpoint-1"
     shutil.copytree(dpo_checkpoint, checkpoint)
     save_method_state({"MoEBalanceCallback": None}, checkpoint)  # a file, but not this method's state
-    cmd = [
-        str(BIN / "accelerate"),
-        "launch",
-        "--config_file",
-        str(ROOT / "accelerate_configs" / "cpu_2proc.yaml"),
-        "--num_processes",
-        "2",
-        "--mixed_precision",
-        "no",
-        "--main_process_port",
-        "29571",
+    cmd = two_process_launch(
+        "cpu_2proc.yaml",
         "-m",
         "posttrain",
         "train",
@@ -113,7 +104,7 @@ def test_the_error_stops_every_rank_of_a_launch(dpo_checkpoint, tmp_path):
         str(tmp_path / "out"),
         "--resume_from_checkpoint",
         str(checkpoint),
-    ]
+    )
     proc = subprocess.run(
         cmd, capture_output=True, text=True, cwd=ROOT, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}
     )

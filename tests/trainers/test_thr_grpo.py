@@ -411,13 +411,13 @@ def test_gspo_token_ratio_has_the_sequence_value_and_the_token_gradient(tmp_path
 
 @pytest.mark.slow
 def test_a_group_split_across_two_processes_gets_the_same_advantages(tmp_path):
-    from support import BIN, ROOT
+    from support import BIN, ROOT, free_port
 
     results = {}
     for world in (1, 2):
         path = tmp_path / f"w{world}.json"
         launch = (
-            ["--multi_gpu", "--num_processes", "2", "--main_process_port", "29555"]
+            ["--multi_gpu", "--num_processes", "2", "--main_process_port", str(free_port())]
             if world == 2
             else ["--num_processes", "1"]
         )

@@ -17,7 +17,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from support import method_state
+from support import free_port, method_state
 from torch import nn
 from transformers import AutoModelForCausalLM, TrainerCallback, get_scheduler
 
@@ -725,7 +725,7 @@ def _launch_helper(out, config=None):
             "--mixed_precision",
             "no",
             "--main_process_port",
-            "29561",
+            str(free_port()),
         ]
         if config
         else ["--num_processes", "1"]
@@ -830,7 +830,7 @@ def test_zero3_baseline_masks_equal_the_one_process_masks(method, tmp_path):
         "--mixed_precision",
         "no",
         "--main_process_port",
-        "29565",
+        str(free_port()),
     )
     assert one.keys() == two.keys() and all(torch.equal(one[k], two[k]) for k in one)
     assert 0 < sum(int(m.sum()) for m in one.values()) < sum(m.numel() for m in one.values())
