@@ -49,13 +49,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 
 from posttrain.plots import pyplot
-from posttrain.trainers.moe_balance import (
-    MoEBalanceCallback,
-    MoEBalanceConfig,
-    aux_balance_loss,
-    biased_topk,
-    max_violation,
-)
+from posttrain.trainers.moe_aux_loss import aux_balance_loss
+from posttrain.trainers.moe_balance import MoEBalanceCallback, MoEBalanceConfig, biased_topk, max_violation
 from posttrain.trainers.moe_routers import RoutingCounter, find_routers
 
 SEQ = 64

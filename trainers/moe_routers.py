@@ -22,6 +22,9 @@ from torch import Tensor, nn
 from posttrain.trainers.runtime import sum_over_ranks
 
 BIAS_NAME = "e_score_correction_bias"  # DeepSeek-V3's buffer name; install_expert_bias uses it too
+# Routers whose forward(hidden) returns (router_logits, topk_weights, topk_indices) with softmax affinities and
+# no bias (transformers 5.24): install_expert_bias (trainers/moe_balance.py) patches these.
+SOFTMAX_ROUTERS = ("Qwen2MoeTopKRouter", "Qwen3MoeTopKRouter", "MixtralTopKRouter")
 
 
 def expert_counts(indices: Tensor, num_experts: int, mask: Tensor | None = None) -> Tensor:
