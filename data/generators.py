@@ -9,8 +9,10 @@ split, used as "train") or a ``datasets.DatasetDict`` of named splits. All rando
 
 from __future__ import annotations
 
+import json
 import math
 import random
+from pathlib import Path
 from typing import Callable, NamedTuple, Optional, Union
 
 from datasets import Dataset, DatasetDict
@@ -411,166 +413,9 @@ QA_PER_AUTHOR = len(AUTHOR_ATTRIBUTES)
 PERTURBED_PER_QUESTION = 3
 AUTHOR_SPLITS = ("full", "forget01", "forget05", "forget10", "retain", "holdout", "world_facts")
 
-# (question, answer with {} for the fact, the fact, three wrong facts): real-world knowledge a model should keep
-_WORLD_FACTS = [
-    ("What is the capital of France?", "The capital of France is {}.", "Paris", ("Lyon", "Madrid", "Rome")),
-    ("What is the capital of Japan?", "The capital of Japan is {}.", "Tokyo", ("Osaka", "Beijing", "Seoul")),
-    ("What is the capital of Italy?", "The capital of Italy is {}.", "Rome", ("Milan", "Naples", "Athens")),
-    ("What is the capital of Canada?", "The capital of Canada is {}.", "Ottawa", ("Toronto", "Vancouver", "Montreal")),
-    (
-        "What is the capital of Australia?",
-        "The capital of Australia is {}.",
-        "Canberra",
-        ("Sydney", "Melbourne", "Perth"),
-    ),
-    ("What is the capital of Egypt?", "The capital of Egypt is {}.", "Cairo", ("Alexandria", "Tunis", "Rabat")),
-    ("What is the capital of Germany?", "The capital of Germany is {}.", "Berlin", ("Munich", "Vienna", "Hamburg")),
-    ("What is the capital of Spain?", "The capital of Spain is {}.", "Madrid", ("Barcelona", "Lisbon", "Seville")),
-    ("What is the capital of Kenya?", "The capital of Kenya is {}.", "Nairobi", ("Mombasa", "Kampala", "Addis Ababa")),
-    (
-        "What is the capital of Argentina?",
-        "The capital of Argentina is {}.",
-        "Buenos Aires",
-        ("Santiago", "Lima", "Cordoba"),
-    ),
-    (
-        "Which planet is closest to the Sun?",
-        "The planet closest to the Sun is {}.",
-        "Mercury",
-        ("Venus", "Mars", "Earth"),
-    ),
-    ("Which planet is known as the Red Planet?", "The Red Planet is {}.", "Mars", ("Jupiter", "Venus", "Saturn")),
-    (
-        "What is the largest planet in the Solar System?",
-        "The largest planet is {}.",
-        "Jupiter",
-        ("Saturn", "Neptune", "Earth"),
-    ),
-    (
-        "Which planet has the most famous rings?",
-        "The planet with the most famous rings is {}.",
-        "Saturn",
-        ("Mars", "Mercury", "Venus"),
-    ),
-    (
-        "What is the largest ocean on Earth?",
-        "The largest ocean is the {} Ocean.",
-        "Pacific",
-        ("Atlantic", "Indian", "Arctic"),
-    ),
-    (
-        "What is the longest river in Africa?",
-        "The longest river in Africa is the {}.",
-        "Nile",
-        ("Congo", "Niger", "Zambezi"),
-    ),
-    (
-        "What is the highest mountain on Earth?",
-        "The highest mountain on Earth is {}.",
-        "Mount Everest",
-        ("K2", "Kilimanjaro", "Mont Blanc"),
-    ),
-    ("On which continent is Brazil?", "Brazil is in {}.", "South America", ("Africa", "Europe", "Asia")),
-    ("On which continent is Kenya?", "Kenya is in {}.", "Africa", ("Asia", "South America", "Europe")),
-    (
-        "What is the largest desert in Africa?",
-        "The largest desert in Africa is the {}.",
-        "Sahara",
-        ("Kalahari", "Gobi", "Namib"),
-    ),
-    ("What is the chemical symbol for gold?", "The chemical symbol for gold is {}.", "Au", ("Ag", "Gd", "Go")),
-    ("What is the chemical symbol for iron?", "The chemical symbol for iron is {}.", "Fe", ("Ir", "In", "F")),
-    ("What is the chemical formula of water?", "The chemical formula of water is {}.", "H2O", ("CO2", "O2", "H2O2")),
-    (
-        "Which gas do plants take in for photosynthesis?",
-        "Plants take in {} for photosynthesis.",
-        "carbon dioxide",
-        ("oxygen", "nitrogen", "helium"),
-    ),
-    ("Which gas do humans need to breathe?", "Humans need to breathe {}.", "oxygen", ("nitrogen", "hydrogen", "argon")),
-    (
-        "At what temperature in Celsius does water boil at sea level?",
-        "Water boils at {} degrees Celsius at sea level.",
-        "100",
-        ("90", "80", "120"),
-    ),
-    (
-        "At what temperature in Celsius does water freeze?",
-        "Water freezes at {} degrees Celsius.",
-        "0",
-        ("10", "-10", "4"),
-    ),
-    ("How many continents are there?", "There are {} continents.", "seven", ("five", "six", "eight")),
-    ("How many days are in a leap year?", "A leap year has {} days.", "366", ("365", "364", "360")),
-    ("How many days are in a week?", "A week has {} days.", "seven", ("five", "six", "eight")),
-    ("How many hours are in a day?", "A day has {} hours.", "24", ("12", "20", "36")),
-    ("How many minutes are in an hour?", "An hour has {} minutes.", "60", ("100", "50", "30")),
-    ("How many months are in a year?", "A year has {} months.", "twelve", ("ten", "eleven", "thirteen")),
-    ("How many sides does a triangle have?", "A triangle has {} sides.", "three", ("four", "five", "six")),
-    ("How many sides does a hexagon have?", "A hexagon has {} sides.", "six", ("five", "seven", "eight")),
-    ("How many legs does a spider have?", "A spider has {} legs.", "eight", ("six", "ten", "four")),
-    ("How many legs does an insect have?", "An insect has {} legs.", "six", ("eight", "four", "ten")),
-    ("What is the square root of 81?", "The square root of 81 is {}.", "9", ("8", "7", "18")),
-    ("What is 7 times 8?", "7 times 8 is {}.", "56", ("54", "48", "64")),
-    ("What is 12 plus 15?", "12 plus 15 is {}.", "27", ("25", "28", "37")),
-    (
-        "Who wrote 'Romeo and Juliet'?",
-        "'Romeo and Juliet' was written by {}.",
-        "William Shakespeare",
-        ("Charles Dickens", "Jane Austen", "Mark Twain"),
-    ),
-    (
-        "Who painted the Mona Lisa?",
-        "The Mona Lisa was painted by {}.",
-        "Leonardo da Vinci",
-        ("Michelangelo", "Raphael", "Pablo Picasso"),
-    ),
-    (
-        "Who developed the theory of relativity?",
-        "The theory of relativity was developed by {}.",
-        "Albert Einstein",
-        ("Isaac Newton", "Niels Bohr", "Galileo Galilei"),
-    ),
-    (
-        "Who was the first person to walk on the Moon?",
-        "The first person to walk on the Moon was {}.",
-        "Neil Armstrong",
-        ("Buzz Aldrin", "Yuri Gagarin", "John Glenn"),
-    ),
-    (
-        "Which language is mainly spoken in Brazil?",
-        "The main language of Brazil is {}.",
-        "Portuguese",
-        ("Spanish", "French", "Italian"),
-    ),
-    (
-        "Which language is mainly spoken in Mexico?",
-        "The main language of Mexico is {}.",
-        "Spanish",
-        ("Portuguese", "English", "French"),
-    ),
-    ("What is the currency of Japan?", "The currency of Japan is the {}.", "yen", ("won", "yuan", "dollar")),
-    (
-        "What is the currency of the United Kingdom?",
-        "The currency of the United Kingdom is the {}.",
-        "pound sterling",
-        ("euro", "dollar", "franc"),
-    ),
-    (
-        "What is the largest mammal?",
-        "The largest mammal is the {}.",
-        "blue whale",
-        ("elephant", "giraffe", "hippopotamus"),
-    ),
-    ("What is the fastest land animal?", "The fastest land animal is the {}.", "cheetah", ("lion", "horse", "gazelle")),
-    ("What do bees make?", "Bees make {}.", "honey", ("milk", "silk", "wax paper")),
-    (
-        "What is the boiling point of water in Fahrenheit?",
-        "Water boils at {} degrees Fahrenheit.",
-        "212",
-        ("200", "180", "100"),
-    ),
-]
+# Real-world knowledge a model should keep: question, answer with {} for the fact, the fact, three wrong facts. A data
+# file, read when the authors generator runs.
+WORLD_FACTS_FILE = Path(__file__).with_name("world_facts.json")
 
 
 def _article(word: str) -> str:
@@ -725,7 +570,8 @@ def fictitious_authors(num_samples: int, seed: int) -> DatasetDict:
                 _qa_rows(rows, question, answer, name, attribute, paraphrased, perturbed)
         splits[split] = rows
     world: dict[str, list] = {c: [] for c in columns}
-    for question, template, fact, wrong in _WORLD_FACTS:
+    for item in json.loads(WORLD_FACTS_FILE.read_text()):
+        question, template, fact, wrong = item["question"], item["answer"], item["fact"], item["wrong"]
         answer = template.format(fact)
         _qa_rows(world, question, answer, "world", "world", answer, [template.format(w) for w in wrong])
     splits["world_facts"] = world

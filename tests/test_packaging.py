@@ -54,6 +54,8 @@ def test_built_wheel_holds_every_subpackage_and_recipe(tmp_path):
         assert package.replace(".", "/") + "/__init__.py" in names, package
     recipes = {str(p.relative_to(ROOT)) for p in (ROOT / "recipes").rglob("*.yaml")}
     assert recipes and {"posttrain/" + r for r in recipes} <= names
+    data_files = {str(p.relative_to(ROOT)) for p in (ROOT / "data").glob("*.json")}  # read by the data generators
+    assert data_files and {"posttrain/" + f for f in data_files} <= names
     assert not any(n.split("/")[0] in ("trainers", "data", "recipes", "evals", "tests") for n in names)
 
 
