@@ -28,7 +28,8 @@ import time
 import numpy as np
 import torch
 
-from posttrain.plots import pyplot
+from posttrain.atomic import write_json_atomic
+from posttrain.plots import pyplot, save_figure
 from posttrain.trainers.classic.pareto_da import ARMS, ParetoDAConfig, ParetoDATrainer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -109,8 +110,7 @@ def plot() -> None:
             ax.plot(x, a[:, j], ls=ls, label=f"alpha_{name} ({shift})")
     ax.set(xlabel="iteration", ylabel="alpha (seed mean)", title="ParetoDA weights", ylim=(0, 1))
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(os.path.join(RESULTS, "pareto_da.png"), dpi=90)
+    save_figure(fig, os.path.join(RESULTS, "pareto_da.png"), dpi=90)
 
 
 def main() -> None:
@@ -127,7 +127,6 @@ def main() -> None:
     if args.plot:
         plot()
         return
-    os.makedirs(RESULTS, exist_ok=True)
     path = os.path.join(RESULTS, f"pareto_da_{args.tag or args.shift}.json")
     rows = json.load(open(path))["runs"] if args.tag and os.path.exists(path) else []
     for arm in args.arms:
@@ -142,8 +141,7 @@ def main() -> None:
                 f"{100 * row['source_acc']:.1f} % ({row['cpu_seconds']:.0f} s cpu){extra}",
                 flush=True,
             )
-            with open(path, "w") as f:
-                json.dump({"summary": summarise(rows), "runs": rows}, f, indent=1)
+            write_json_atomic(path, {"summary": summarise(rows), "runs": rows}, indent=1)
     for arm, s in summarise(rows).items():
         print(
             f"{arm:>11}: mean target accuracy {100 * s['mean']:.2f} %  ({[round(100 * a, 1) for a in s['target_acc']]})"
