@@ -78,15 +78,11 @@ def summarise(rows: list[dict]) -> dict:
 def plot() -> None:
     plt = pyplot()
 
-    files = [
-        (s, os.path.join(RESULTS, f"pareto_da_{s}.json"))
-        for s in ("rotate_invert", "rotate")
-        if os.path.exists(os.path.join(RESULTS, f"pareto_da_{s}.json"))
-    ]
-    fig, axes = plt.subplots(1, len(files) + 1, figsize=(5 * (len(files) + 1), 3.6), squeeze=False)
+    paths = {s: os.path.join(RESULTS, f"pareto_da_{s}.json") for s in ("rotate_invert", "rotate")}
+    runs_by_shift = {s: json.load(open(path))["runs"] for s, path in paths.items() if os.path.exists(path)}
+    fig, axes = plt.subplots(1, len(runs_by_shift) + 1, figsize=(5 * (len(runs_by_shift) + 1), 3.6), squeeze=False)
     axes = axes[0]
-    for ax, (shift, path) in zip(axes, files):
-        rows = json.load(open(path))["runs"]
+    for ax, (shift, rows) in zip(axes, runs_by_shift.items()):
         for arm, color in zip(ARMS, ("tab:gray", "tab:blue", "tab:red")):
             runs = [r for r in rows if r["arm"] == arm]
             if not runs:
@@ -100,8 +96,8 @@ def plot() -> None:
         ax.set(xlabel="iteration", ylabel="target accuracy (%)", title=f"digits -> {shift.replace('_', ' + ')}")
         ax.legend(fontsize=7)
     ax = axes[-1]
-    for shift, path in files:
-        runs = [r for r in json.load(open(path))["runs"] if r["arm"] == "paretoda"]
+    for shift, rows in runs_by_shift.items():
+        runs = [r for r in rows if r["arm"] == "paretoda"]
         if not runs:
             continue
         a = np.array([r["alpha_windows"] for r in runs]).mean(0)
