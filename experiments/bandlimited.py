@@ -12,14 +12,14 @@ target's frequency lies outside the band; with a wide enough band it falls with 
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import tempfile
+from pathlib import Path
 
-from posttrain.plots import pyplot
+from posttrain.atomic import write_json_atomic
+from posttrain.plots import pyplot, save_figure
 from posttrain.trainers.classic.bandlimited import BandlimitedConfig, BandlimitedTrainer
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+RESULTS = Path(__file__).resolve().parent / "results"
 OMEGAS = (2.0, 20.0, 200.0)
 FREQUENCIES = (1, 4, 16, 64)
 WIDTHS = (100, 400, 1600)
@@ -47,9 +47,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     seeds = parser.parse_args().seeds
     results = {str(seed): {f"{omega:g}": run(omega, seed) for omega in OMEGAS} for seed in seeds}
-    os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
-    with open(os.path.join(HERE, "results", "bandlimited.json"), "w") as f:
-        json.dump({"widths": WIDTHS, "frequencies": FREQUENCIES, "runs": results}, f, indent=2)
+    write_json_atomic(RESULTS / "bandlimited.json", {"widths": WIDTHS, "frequencies": FREQUENCIES, "runs": results})
 
     first = results[str(seeds[0])]
     print(f"seed {seeds[0]}: test MSE at N = {WIDTHS[-1]}")
@@ -87,8 +85,7 @@ def main() -> None:
     ax2.set(xlabel="width N", ylabel="test MSE", title="width scan, k = 16 (every seed)")
     ax1.legend(fontsize=8)
     ax2.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(os.path.join(HERE, "results", "bandlimited.png"), dpi=90)
+    save_figure(fig, RESULTS / "bandlimited.png", dpi=90)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ acc(clean only) + 1 pp; acc(clean+noise) - acc(clean+BEO) >= 2 pp; LOO 5-NN erro
 from __future__ import annotations
 
 import argparse
-import json
 import time
 import warnings
 from pathlib import Path
@@ -27,8 +26,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from posttrain.atomic import write_json_atomic
 from posttrain.data.beo import BEOConfig, BEOTrainer
-from posttrain.plots import pyplot
+from posttrain.plots import pyplot, save_figure
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ARMS = ("clean_only", "clean_plus_beo", "clean_plus_noise", "clean_plus_unmodified")
@@ -92,8 +92,7 @@ def main() -> None:
                 f"({mean('knn_error_protected') / mean('knn_error_clean'):.2f}x) | "
                 f"{mean('bayes_error_clean'):.3f} -> {mean('bayes_error'):.3f} |"
             )  # fmt: skip
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "beo.json").write_text(json.dumps({"runs": runs, "summary": summary}, indent=2) + "\n")
+    write_json_atomic(RESULTS / "beo.json", {"runs": runs, "summary": summary})
     plot(summary, runs, RESULTS / "beo.png")
     print(f"{time.time() - start:.1f} s; wrote {RESULTS / 'beo.json'} and .png")
 
@@ -119,9 +118,7 @@ def plot(summary: dict, runs: list[dict], path: Path) -> None:
     right.axhline(2.0, color="k", ls="--", lw=1)
     right.set_xticks(range(len(variants)), variants, fontsize=8, rotation=15)
     right.set_title("5-NN error, protected / clean")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path, dpi=100)
 
 
 if __name__ == "__main__":

@@ -12,17 +12,17 @@ MAE_r(unl) <= 1.10 MAE_r(orig); reported: Blindspot against Gaussian-amnesiac on
 
 from __future__ import annotations
 
-import json
-import os
 import tempfile
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from posttrain.plots import pyplot
+from posttrain.atomic import write_json_atomic
+from posttrain.plots import pyplot, save_figure
 from posttrain.trainers.classic.blindspot import compare_arms
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+RESULTS = Path(__file__).resolve().parent / "results"
 SEEDS = (0, 1, 2)
 KEYS = ("mae_f", "mae_r", "mae_f_orig", "mae_r_orig", "mae_f_gold", "mae_r_gold", "gap_closed", "retain_ratio",
         "wasserstein_to_gold_f")  # fmt: skip
@@ -35,9 +35,7 @@ def main() -> None:
     results = {arm: {"per_seed": [{k: r[k] for k in KEYS} for r in rows]} for arm, rows in runs.items()}
     for r in results.values():
         r["mean"] = {k: float(np.mean([s[k] for s in r["per_seed"]])) for k in KEYS}
-    os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
-    with open(os.path.join(HERE, "results", "blindspot.json"), "w") as f:
-        json.dump(results, f, indent=2)
+    write_json_atomic(RESULTS / "blindspot.json", results)
 
     first = results["blindspot"]["per_seed"]
     print("original MAE_f / MAE_r per seed:", [(round(s["mae_f_orig"], 1), round(s["mae_r_orig"], 1)) for s in first])
@@ -65,8 +63,7 @@ def main() -> None:
                edgecolors="k", label="gold (retrained)")  # fmt: skip
     ax.set(xlabel="MAE on forget-test (higher: more forgotten)", ylabel="MAE on retain-test", title="diabetes, 3 seeds")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(os.path.join(HERE, "results", "blindspot.png"), dpi=90)
+    save_figure(fig, RESULTS / "blindspot.png", dpi=90)
 
 
 if __name__ == "__main__":

@@ -19,10 +19,10 @@ approved escalations exist.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
+from posttrain.atomic import write_json_atomic
 from posttrain.data.cascade_filter import (
     BlocklistStage,
     CascadeFilter,
@@ -32,7 +32,7 @@ from posttrain.data.cascade_filter import (
     select_keywords,
 )
 from posttrain.data.generators import topic_corpus
-from posttrain.plots import pyplot
+from posttrain.plots import pyplot, save_figure
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -80,8 +80,7 @@ def main() -> None:
         f"seed 0, filtered by group: strong {runs[0]['strong']['filtered_by_group']}, "
         f"weak {runs[0]['weak']['filtered_by_group']}"
     )
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "cascade_filter.json").write_text(json.dumps(runs, indent=2) + "\n")
+    write_json_atomic(RESULTS / "cascade_filter.json", runs)
     plot(runs, RESULTS / "cascade_filter.png")
     print(f"{time.time() - start:.1f} s; wrote {RESULTS / 'cascade_filter.json'} and .png")
 
@@ -118,9 +117,7 @@ def plot(runs: list[dict], path: Path) -> None:
     right.set_ylabel("recall (%)")
     right.set_title(f"strong vs weak, {len(runs)} seeds")
     right.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path, dpi=100)
 
 
 if __name__ == "__main__":

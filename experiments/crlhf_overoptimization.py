@@ -47,7 +47,6 @@ stepped per update (``optimizer_step``, the official cadence and the trainer's d
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import statistics
 import sys
@@ -57,7 +56,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from posttrain.plots import pyplot
+from posttrain.atomic import write_json_atomic
+from posttrain.plots import pyplot, save_figure
 from posttrain.trainers.advantages import rloo_advantages
 from posttrain.trainers.constrained_rlhf import (
     ConstrainedRLHFConfig,
@@ -413,9 +413,7 @@ def plot(out, path):
         ylim=(0, 0.6),
     )
     ax.legend(fontsize=8, loc="upper right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    save_figure(fig, path, dpi=80)
 
 
 def _rounded(obj, digits=5):
@@ -491,8 +489,7 @@ def main(argv=None):
     print(table(out))
     print(f"\n{out['seconds']:.1f} s")
     if not args.quick:
-        RESULTS.mkdir(exist_ok=True)
-        (RESULTS / f"{args.name}.json").write_text(json.dumps(_rounded(to_json(out)), indent=1))
+        write_json_atomic(RESULTS / f"{args.name}.json", _rounded(to_json(out)), indent=1)
         plot(out, RESULTS / f"{args.name}.png")
         print(f"wrote {RESULTS / args.name}.json and .png")
     return out

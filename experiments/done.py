@@ -13,17 +13,18 @@ eps 0.15, Adam 1e-3, 300 minibatches of 64, r = 1, beta = 0.5).
 from __future__ import annotations
 
 import json
-import os
 import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from posttrain.plots import pyplot
+from posttrain.atomic import write_json_atomic
+from posttrain.plots import pyplot, save_figure
 from posttrain.trainers.classic.done import DONEConfig, DONETrainer
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+RESULTS = Path(__file__).resolve().parent / "results"
 SEEDS = (0, 1, 2, 3, 4)
 ARMS = (("at", False), ("done", True))
 
@@ -62,9 +63,7 @@ def main() -> None:
         "average": criteria["average_robust_acc_diff_pp"] >= -1.0,
         "ess": criteria["done_min_ess_frac"] > 0.2,
     }
-    os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
-    with open(os.path.join(HERE, "results", "done.json"), "w") as f:
-        json.dump({"criteria": criteria, "runs": rows}, f, indent=1)
+    write_json_atomic(RESULTS / "done.json", {"criteria": criteria, "runs": rows}, indent=1)
 
     plt = pyplot()
 
@@ -88,8 +87,7 @@ def main() -> None:
     ax3.set(xlabel="minibatch step", ylabel="ESS / n of softmax(loss / r)", ylim=(0, 1.05))
     ax3.set_title("effective sample size of the KL-DRO weights", fontsize=10)
     ax3.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(os.path.join(HERE, "results", "done.png"), dpi=90)
+    save_figure(fig, RESULTS / "done.png", dpi=90)
     for arm, runs in (("at", at), ("done", done)):
         print(
             f"{arm:>4}: worst-class "

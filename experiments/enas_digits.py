@@ -14,17 +14,17 @@ accuracy <= 2 pp; correlation with the buffer >= without + 0.1; without the buff
 
 from __future__ import annotations
 
-import json
-import os
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from posttrain.plots import pyplot
+from posttrain.atomic import write_json_atomic
+from posttrain.plots import pyplot, save_figure
 from posttrain.trainers.classic.enas import ENASConfig, ENASTrainer, search
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+RESULTS = Path(__file__).resolve().parent / "results"
 SEEDS = (0, 1, 2, 3, 4)
 ARMS = ("enas", "enas_buffer", "random")
 KEYS = ("best_val_acc", "best_test_acc", "mean_val_acc", "hidden_graph_spearman")
@@ -41,9 +41,7 @@ def main() -> None:
             r["cpu_seconds"] = time.process_time() - start
             runs[arm].append(r)
     runs["untrained controller"] = [ENASTrainer(ENASConfig(seed=s, output_dir="unused")).evaluate() for s in SEEDS]
-    os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
-    with open(os.path.join(HERE, "results", "enas_digits.json"), "w") as f:
-        json.dump(runs, f, indent=2)
+    write_json_atomic(RESULTS / "enas_digits.json", runs)
 
     def mean(arm, key, n):
         vals = [r[key] for r in runs[arm][:n] if key in r]
@@ -81,8 +79,7 @@ def main() -> None:
     ax2.axhline(0.15, color="grey", lw=0.5, ls="--")
     ax2.set_xticks(range(len(names)), names, fontsize=8)
     ax2.set(ylabel="Spearman(hidden distance, GED)", title="structure in the controller's state")
-    fig.tight_layout()
-    fig.savefig(os.path.join(HERE, "results", "enas_digits.png"), dpi=80)
+    save_figure(fig, RESULTS / "enas_digits.png", dpi=80)
 
 
 if __name__ == "__main__":

@@ -14,16 +14,16 @@ Questions:
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import tempfile
+from pathlib import Path
 
 import torch
 
-from posttrain.plots import pyplot
+from posttrain.atomic import write_json_atomic
+from posttrain.plots import pyplot, save_figure
 from posttrain.trainers.classic.gbnn import GBNNConfig, GBNNTrainer, max_uptick, staged_scores
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+RESULTS = Path(__file__).resolve().parent / "results"
 
 BREAST_CANCER = dict(
     dataset="breast_cancer", max_steps=20, units_per_stage=4, eta=0.5, stage_optimizer="adam", stage_lr=0.05
@@ -87,9 +87,7 @@ def main() -> None:
     torch.set_num_threads(1)
     bc = {str(s): breast_cancer(s) for s in seeds}
     db = {arm: {str(s): diabetes(s, kw) for s in seeds} for arm, kw in DIABETES.items()}
-    os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
-    with open(os.path.join(HERE, "results", "gbnn.json"), "w") as f:
-        json.dump({"breast_cancer": bc, "diabetes": db}, f, indent=2)
+    write_json_atomic(RESULTS / "gbnn.json", {"breast_cancer": bc, "diabetes": db})
 
     print("| seed | GBNN acc | joint MLP acc | assembled vs staged, max abs | largest train-loss uptick |")
     print("|---|---|---|---|---|")
@@ -128,8 +126,7 @@ def main() -> None:
             ax2.semilogy(r["units"], r["train_mse"], color=f"C{i}", ls=":", lw=1)
     ax2.set(xlabel="hidden units (stages)", ylabel="MSE (dotted: train)", title="diabetes: the failure mode")
     ax2.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(os.path.join(HERE, "results", "gbnn.png"), dpi=90)
+    save_figure(fig, RESULTS / "gbnn.png", dpi=90)
 
 
 if __name__ == "__main__":

@@ -17,17 +17,17 @@ Pass criteria (the spec's, tested in tests/trainers/classic/test_hidenseek.py wh
 
 from __future__ import annotations
 
-import json
-import os
 import tempfile
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from posttrain.plots import pyplot
+from posttrain.atomic import write_json_atomic
+from posttrain.plots import pyplot, save_figure
 from posttrain.trainers.classic.hidenseek import compare_arms
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+RESULTS = Path(__file__).resolve().parent / "results"
 SEEDS = (0, 1, 2)
 ROWS = {
     "hidenseek": "hidenseek (SynFlow mask, sign supermask, 1-bit upload)",
@@ -42,9 +42,7 @@ def main() -> None:
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as out:
         results = compare_arms(tuple(ROWS), seeds=SEEDS, output_dir=out, variants=VARIANTS, max_seconds=3600)
-    os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
-    with open(os.path.join(HERE, "results", "hidenseek.json"), "w") as f:
-        json.dump(results, f, indent=2)
+    write_json_atomic(RESULTS / "hidenseek.json", results)
 
     print("| arm | final test acc, seeds 0-2 | mean | rounds to 80 % of final | uplink bits / round | density |")
     print("|---|---|---|---|---|---|")
@@ -65,8 +63,7 @@ def main() -> None:
         ax.fill_between(rounds, curves.min(0), curves.max(0), alpha=0.2)
     ax.set(xlabel="round", ylabel="test accuracy (mean, min-max over 3 seeds)", title="HideNseek on digits, 10 clients")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(os.path.join(HERE, "results", "hidenseek.png"), dpi=90)
+    save_figure(fig, RESULTS / "hidenseek.png", dpi=90)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,8 @@ import os
 
 import torch
 
-from posttrain.plots import pyplot
+from posttrain.atomic import write_text_atomic
+from posttrain.plots import pyplot, save_figure
 from posttrain.trainers.classic.li2_grokking import Li2GrokkingConfig, Li2GrokkingTrainer, critical_fraction
 
 BASE = dict(moduli=[23], hidden_size=256, activation="sqr", loss="ce", max_seconds=3600)
@@ -83,9 +84,8 @@ def main() -> None:
             f"{final['seconds']:.0f} s",
             flush=True,
         )
-        os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
-        with open(out + ".json", "w") as f:
-            json.dump(rounded({"critical_fraction": critical_fraction(23), "runs": runs}), f, separators=(",", ":"))
+        payload = rounded({"critical_fraction": critical_fraction(23), "runs": runs})
+        write_text_atomic(out + ".json", json.dumps(payload, separators=(",", ":")))
         plot(runs, out + ".png", args.part if args.part == "fractions" else f"train fraction {args.fraction}")
 
 
@@ -119,9 +119,7 @@ def plot(runs: dict, path: str, part: str) -> None:
     axes[1].set(xlabel="epoch", ylabel="Fourier concentration of W_a rows")
     axes[2].set(xlabel="epoch", ylabel="||G_F||")
     axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    save_figure(fig, path, dpi=80)
 
 
 if __name__ == "__main__":

@@ -9,16 +9,16 @@ quadratic x2? Seeds 0-4 for both, and the Pearson recall of x2 over 100 seeds (P
 
 from __future__ import annotations
 
-import json
-import os
 import time
+from pathlib import Path
 
 import numpy as np
 
+from posttrain.atomic import write_json_atomic
 from posttrain.data.mi_screening import MIScreenConfig, screen_features
-from posttrain.plots import pyplot
+from posttrain.plots import pyplot, save_figure
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def problem(seed: int, n: int = 300, p: int = 2000):
@@ -51,9 +51,7 @@ def main() -> None:
         )
     hits = [1 in screen_features(*problem(s), MIScreenConfig(method="pearson", top=50)).kept for s in range(100)]
     results = {"seeds": rows, "pearson_x2_recall_100_seeds": float(np.mean(hits))}
-    os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
-    with open(os.path.join(HERE, "results", "mi_screening.json"), "w") as f:
-        json.dump(results, f, indent=2)
+    write_json_atomic(RESULTS / "mi_screening.json", results)
     for r in rows:
         print(r)
     print("Pearson recall of x2 over 100 seeds:", results["pearson_x2_recall_100_seeds"])
@@ -70,8 +68,7 @@ def main() -> None:
     ax.axvline(np.sort(pe)[-50], ls="--", color="C3", lw=0.8)
     ax.set(xlabel="|Pearson correlation|", ylabel="MI estimate (nats)", title="screening scores, seed 0 (top-50 cuts)")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(os.path.join(HERE, "results", "mi_screening.png"), dpi=90)
+    save_figure(fig, RESULTS / "mi_screening.png", dpi=90)
 
 
 if __name__ == "__main__":

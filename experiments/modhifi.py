@@ -17,17 +17,17 @@ arithmetic chat text; the relative squared error of the logits against the origi
 
 from __future__ import annotations
 
-import json
-import os
 import tempfile
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from posttrain.plots import pyplot
+from posttrain.atomic import write_json_atomic
+from posttrain.plots import pyplot, save_figure
 from posttrain.trainers.classic.modhifi import run_arms
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+RESULTS = Path(__file__).resolve().parent / "results"
 SEEDS = (0, 1, 2)
 PRUNE = {
     "ModHiFi-P (fidelity + re-fit)": dict(score="fidelity", compensate=True),
@@ -63,9 +63,7 @@ def main() -> None:
         llm = {k: (v or {}) for k, v in LLM.items()}
         runs = run_arms(llm, 0, out, model_name_or_path="tiny:qwen3", calib_samples=32)
         results["llm"] = runs
-    os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
-    with open(os.path.join(HERE, "results", "modhifi.json"), "w") as f:
-        json.dump(results, f, indent=2)
+    write_json_atomic(RESULTS / "modhifi.json", results)
 
     pct = lambda v: f"{100 * v:.1f}"  # noqa: E731
     print("| pruning arm (50 % per layer) | test acc, seeds 0-2 (%) | mean drop (pp) |")
@@ -116,8 +114,7 @@ def main() -> None:
     ax2.axhline(3, color="k", ls=":")
     ax2.set(xlabel="forget-class (3) test accuracy (%)", ylabel="retain accuracy drop (pp)", title="unlearning")
     ax2.legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(os.path.join(HERE, "results", "modhifi.png"), dpi=90)
+    save_figure(fig, RESULTS / "modhifi.png", dpi=90)
 
 
 if __name__ == "__main__":

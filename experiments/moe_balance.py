@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import ast
-import json
 import os
 import sys
 import sysconfig
@@ -48,7 +47,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
-from posttrain.plots import pyplot
+from posttrain.atomic import write_json_atomic
+from posttrain.plots import pyplot, save_figure
 from posttrain.trainers.moe_aux_loss import aux_balance_loss
 from posttrain.trainers.moe_balance import MoEBalanceCallback, MoEBalanceConfig, biased_topk, max_violation
 from posttrain.trainers.moe_routers import RoutingCounter, find_routers
@@ -273,9 +273,7 @@ def plot(runs, path):
     axes[0].set(title=f"MaxVio_batch (mean over layers, {k}-step average), seed 0", xlabel="step", yscale="log")
     axes[1].set(title="training LM loss", xlabel="step")
     axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv=None):
@@ -345,8 +343,7 @@ def main(argv=None):
         "runs": runs,
     }
     if not args.quick:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / f"{args.name}.json").write_text(json.dumps(result, indent=1) + "\n")
+        write_json_atomic(args.out / f"{args.name}.json", result, indent=1)
         plot([r for r in runs if r["seed"] == 0], args.out / f"{args.name}.png")
         print(f"wrote {args.out / (args.name + '.json')} and .png ({time.time() - t0:.0f}s)")
     return result

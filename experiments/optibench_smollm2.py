@@ -16,16 +16,16 @@ Writes ``experiments/results/optibench_smollm2.json`` (metrics and per-problem s
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from posttrain.atomic import write_json_atomic  # noqa: E402
 from posttrain.evals.harness import load_eval_recipe, run_eval  # noqa: E402
 from posttrain.evals.optibench import TYPES  # noqa: E402
-from posttrain.plots import pyplot
+from posttrain.plots import pyplot, save_figure
 
 RECIPE = "eval/smollm2-135m_optibench"
 RUNS = {
@@ -57,8 +57,7 @@ def main() -> None:
             "statuses": out["statuses"],
             "problems": [{k: p.get(k) for k in keep} for p in out["problems"]],
         }
-    OUT.mkdir(exist_ok=True)
-    (OUT / "optibench_smollm2.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_json_atomic(OUT / "optibench_smollm2.json", summary)
     plot(summary, OUT / "optibench_smollm2.png")
     for name, s in summary.items():
         print(name, {k: round(v, 4) for k, v in s["metrics"].items()}, s["statuses"])
@@ -92,9 +91,7 @@ def plot(summary: dict, path: Path) -> None:
     right.set_ylabel("problems")
     right.set_title("sandbox status of each program", fontsize=9)
     right.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":

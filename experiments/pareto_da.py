@@ -28,7 +28,8 @@ import time
 import numpy as np
 import torch
 
-from posttrain.plots import pyplot
+from posttrain.atomic import write_json_atomic
+from posttrain.plots import pyplot, save_figure
 from posttrain.trainers.classic.pareto_da import ARMS, ParetoDAConfig, ParetoDATrainer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -77,15 +78,11 @@ def summarise(rows: list[dict]) -> dict:
 def plot() -> None:
     plt = pyplot()
 
-    files = [
-        (s, os.path.join(RESULTS, f"pareto_da_{s}.json"))
-        for s in ("rotate_invert", "rotate")
-        if os.path.exists(os.path.join(RESULTS, f"pareto_da_{s}.json"))
-    ]
-    fig, axes = plt.subplots(1, len(files) + 1, figsize=(5 * (len(files) + 1), 3.6), squeeze=False)
+    paths = {s: os.path.join(RESULTS, f"pareto_da_{s}.json") for s in ("rotate_invert", "rotate")}
+    runs_by_shift = {s: json.load(open(path))["runs"] for s, path in paths.items() if os.path.exists(path)}
+    fig, axes = plt.subplots(1, len(runs_by_shift) + 1, figsize=(5 * (len(runs_by_shift) + 1), 3.6), squeeze=False)
     axes = axes[0]
-    for ax, (shift, path) in zip(axes, files):
-        rows = json.load(open(path))["runs"]
+    for ax, (shift, rows) in zip(axes, runs_by_shift.items()):
         for arm, color in zip(ARMS, ("tab:gray", "tab:blue", "tab:red")):
             runs = [r for r in rows if r["arm"] == arm]
             if not runs:
@@ -99,8 +96,8 @@ def plot() -> None:
         ax.set(xlabel="iteration", ylabel="target accuracy (%)", title=f"digits -> {shift.replace('_', ' + ')}")
         ax.legend(fontsize=7)
     ax = axes[-1]
-    for shift, path in files:
-        runs = [r for r in json.load(open(path))["runs"] if r["arm"] == "paretoda"]
+    for shift, rows in runs_by_shift.items():
+        runs = [r for r in rows if r["arm"] == "paretoda"]
         if not runs:
             continue
         a = np.array([r["alpha_windows"] for r in runs]).mean(0)
@@ -109,8 +106,7 @@ def plot() -> None:
             ax.plot(x, a[:, j], ls=ls, label=f"alpha_{name} ({shift})")
     ax.set(xlabel="iteration", ylabel="alpha (seed mean)", title="ParetoDA weights", ylim=(0, 1))
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(os.path.join(RESULTS, "pareto_da.png"), dpi=90)
+    save_figure(fig, os.path.join(RESULTS, "pareto_da.png"), dpi=90)
 
 
 def main() -> None:
@@ -127,7 +123,6 @@ def main() -> None:
     if args.plot:
         plot()
         return
-    os.makedirs(RESULTS, exist_ok=True)
     path = os.path.join(RESULTS, f"pareto_da_{args.tag or args.shift}.json")
     rows = json.load(open(path))["runs"] if args.tag and os.path.exists(path) else []
     for arm in args.arms:
@@ -142,8 +137,7 @@ def main() -> None:
                 f"{100 * row['source_acc']:.1f} % ({row['cpu_seconds']:.0f} s cpu){extra}",
                 flush=True,
             )
-            with open(path, "w") as f:
-                json.dump({"summary": summarise(rows), "runs": rows}, f, indent=1)
+            write_json_atomic(path, {"summary": summarise(rows), "runs": rows}, indent=1)
     for arm, s in summarise(rows).items():
         print(
             f"{arm:>11}: mean target accuracy {100 * s['mean']:.2f} %  ({[round(100 * a, 1) for a in s['target_acc']]})"

@@ -20,12 +20,12 @@ prefix-query error <= 0.05.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 import numpy as np
 
+from posttrain.atomic import write_json_atomic
 from posttrain.data.private_gsd import (
     PrivateGSDConfig,
     PrivateGSDTrainer,
@@ -33,7 +33,7 @@ from posttrain.data.private_gsd import (
     independent_marginals_baseline,
     max_marginal_error,
 )
-from posttrain.plots import pyplot
+from posttrain.plots import pyplot, save_figure
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -92,8 +92,7 @@ def main() -> None:
                 f"{prefix} | {r['privacy']['rho_spent']:.4g} | {r['privacy']['epsilon']:.3f} | "
                 f"{r['cpu_seconds']:.1f} |"
             )
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "private_gsd.json").write_text(json.dumps(runs, indent=2) + "\n")
+    write_json_atomic(RESULTS / "private_gsd.json", runs)
     plot(runs, RESULTS / "private_gsd.png")
     print(f"{time.time() - start:.1f} s; wrote {RESULTS / 'private_gsd.json'} and .png")
 
@@ -120,9 +119,7 @@ def plot(runs: dict, path: Path) -> None:
     right.set_xlabel("rho (zCDP)")
     right.set_title("max 2-way error vs budget (mean of seeds)")
     right.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path, dpi=100)
 
 
 if __name__ == "__main__":

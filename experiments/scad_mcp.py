@@ -10,12 +10,12 @@ without the restart; seeds 0-2, both penalties; and the same with MI screening a
 
 from __future__ import annotations
 
-import json
-import os
+from pathlib import Path
 
 import numpy as np
 
-from posttrain.plots import pyplot
+from posttrain.atomic import write_json_atomic
+from posttrain.plots import pyplot, save_figure
 from posttrain.trainers.classic.scad_mcp import (
     ISTA,
     AcceleratedGradient,
@@ -26,7 +26,7 @@ from posttrain.trainers.classic.scad_mcp import (
     support_f1,
 )
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+RESULTS = Path(__file__).resolve().parent / "results"
 SOLVERS = {
     "ista": lambda t, z: ISTA(t.X, t.y, t.pen, z),
     "ag_1/L": lambda t, z: AcceleratedGradient(t.X, t.y, t.pen, z, 1.0, True),
@@ -60,9 +60,7 @@ def main() -> None:
                 print(row)
     t = ScadMCPTrainer(ScadMCPConfig(penalty="scad", seed=0))
     curves = {name: trace(t, make) for name, make in SOLVERS.items()}
-    os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
-    with open(os.path.join(HERE, "results", "scad_mcp.json"), "w") as f:
-        json.dump({"rows": rows, "curves_scad_seed0": curves}, f, indent=2)
+    write_json_atomic(RESULTS / "scad_mcp.json", {"rows": rows, "curves_scad_seed0": curves})
     plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(5.5, 4))
@@ -71,8 +69,7 @@ def main() -> None:
     ax.axhline(1e-6, color="k", lw=0.6)
     ax.set(xlabel="iteration", ylabel="F - f*", title="SCAD, n=200, p=500, seed 0", ylim=(1e-12, None))
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(os.path.join(HERE, "results", "scad_mcp.png"), dpi=90)
+    save_figure(fig, RESULTS / "scad_mcp.png", dpi=90)
 
 
 if __name__ == "__main__":

@@ -10,14 +10,14 @@ collapses to 0 (loss 0.495 in the limit); alpha > 0 converges to KRR with lambda
 
 from __future__ import annotations
 
-import json
-import os
 import tempfile
+from pathlib import Path
 
-from posttrain.plots import pyplot
+from posttrain.atomic import write_json_atomic
+from posttrain.plots import pyplot, save_figure
 from posttrain.trainers.classic.self_distill import KRRSelfDistillTrainer, SelfDistillConfig
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def run(alpha: str, steps: int = 20) -> dict:
@@ -35,9 +35,7 @@ def run(alpha: str, steps: int = 20) -> dict:
 
 def main() -> None:
     results = {a: run(a) for a in ("0.0", "0.35", "0.6", "auto")}
-    os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
-    with open(os.path.join(HERE, "results", "self_distill_krr.json"), "w") as f:
-        json.dump(results, f, indent=2)
+    write_json_atomic(RESULTS / "self_distill_krr.json", results)
     plt = pyplot()
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
@@ -47,8 +45,7 @@ def main() -> None:
     ax1.set(xlabel="distillation step", ylabel="MSE to sin(2 pi x)", title="KRR self-distillation (official toy)")
     ax2.set(xlabel="eigen-direction (largest first)", ylabel="B_20 diagonal", title="spectrum after 20 steps")
     ax1.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(os.path.join(HERE, "results", "self_distill_krr.png"), dpi=90)
+    save_figure(fig, RESULTS / "self_distill_krr.png", dpi=90)
     for a, r in results.items():
         print(
             f"alpha {a:>5}: " + " ".join(f"{v:.5f}" for v in r["loss"][:6]) + f" ... step 20 {r['loss'][-1]:.5f}"

@@ -38,6 +38,7 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+from posttrain.atomic import write_json_atomic
 from posttrain.plots import pyplot
 
 # Offline and quiet before transformers / datasets are imported: everything here is built locally.
@@ -638,7 +639,7 @@ def main(argv=None) -> dict:
         else {"criterion": "learned-mask ratio (differing / elsewhere) >= 3", "ratio": learned, "passed": learned >= 3},
         "variants": results,
     }
-    (out / "sparsepo_polarity.json").write_text(json.dumps(payload, indent=1) + "\n")
+    write_json_atomic(out / "sparsepo_polarity.json", payload, indent=1)
     plot(results, target, out / "sparsepo_polarity.png")
     print(f"wrote {out / 'sparsepo_polarity.json'} and {out / 'sparsepo_polarity.png'}")
     return payload

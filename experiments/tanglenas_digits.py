@@ -16,15 +16,15 @@ retrains to within 1 pp of the best of the 9; the argmax is in the top 3 on >= 2
 from __future__ import annotations
 
 import itertools
-import json
-import os
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from posttrain.plots import pyplot
+from posttrain.atomic import write_json_atomic
+from posttrain.plots import pyplot, save_figure
 from posttrain.trainers.classic.nas_space import digits_splits, train_mlp
 from posttrain.trainers.classic.tanglenas import (
     TangleNASConfig,
@@ -34,7 +34,7 @@ from posttrain.trainers.classic.tanglenas import (
     ranks,
 )
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+RESULTS = Path(__file__).resolve().parent / "results"
 SEEDS, WIDTHS, RETRAIN = (0, 1, 2), [16, 64, 128], 300
 ROWS = {
     "TangleNAS, DARTS sampler": dict(arm="tanglenas", sampler="darts"),
@@ -100,9 +100,7 @@ def main() -> None:
         "memory": memory,
         "runs": results,
     }
-    os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
-    with open(os.path.join(HERE, "results", "tanglenas_digits.json"), "w") as f:
-        json.dump(out, f, indent=2)
+    write_json_atomic(RESULTS / "tanglenas_digits.json", out)
 
     print("memory:", memory)
     print("| architecture | #params | test acc, seeds 0-2 (retrained) | mean | val CE mean |")
@@ -133,8 +131,7 @@ def main() -> None:
     ax2.axhline(1 / 3, color="grey", lw=0.5)
     ax2.set(xlabel="search iteration", ylabel="mean softmax(alpha) of width 128", title="seed 0")
     ax2.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(os.path.join(HERE, "results", "tanglenas_digits.png"), dpi=80)
+    save_figure(fig, RESULTS / "tanglenas_digits.png", dpi=80)
 
 
 if __name__ == "__main__":

@@ -10,16 +10,16 @@ variants beat plain IHT on J_0 (nonconvex case)? Plus the mismatch test: train w
 
 from __future__ import annotations
 
-import json
-import os
 import tempfile
+from pathlib import Path
 
 import torch
 
-from posttrain.plots import pyplot
+from posttrain.atomic import write_json_atomic
+from posttrain.plots import pyplot, save_figure
 from posttrain.trainers.classic.unfolded_ista import UnfoldedISTAConfig, UnfoldedISTATrainer
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+RESULTS = Path(__file__).resolve().parent / "results"
 SEEDS = (0, 1, 2)
 
 
@@ -37,9 +37,7 @@ def main() -> None:
     for algo, test_p in (("ista", -1.0), ("iht", -1.0), ("ista", 0.2), ("iht", 0.2)):
         name = algo if test_p == -1.0 else f"{algo}_mismatch"
         results[name] = {seed: run(algo, seed, test_p) for seed in SEEDS}
-    os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
-    with open(os.path.join(HERE, "results", "unfolded_ista.json"), "w") as f:
-        json.dump(results, f, indent=2)
+    write_json_atomic(RESULTS / "unfolded_ista.json", results)
     for name, by_seed in results.items():
         algo = name.split("_")[0]
         print(f"{name}: seed | NMSE dB {algo}-T / ref / sup / unsup | J {algo}-T / ref / sup / unsup")
@@ -70,8 +68,7 @@ def main() -> None:
         axes[2].plot(range(1, 21), r0[f"gamma/{kind}"], marker=".", label=f"gamma_t, {kind}")
     axes[2].set(xlabel="layer t", ylabel="learned step size", title="learned gamma_t (ISTA, seed 0)")
     axes[2].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(os.path.join(HERE, "results", "unfolded_ista.png"), dpi=90)
+    save_figure(fig, RESULTS / "unfolded_ista.png", dpi=90)
 
 
 if __name__ == "__main__":

@@ -19,17 +19,17 @@ Mechanism criteria (5-seed means, tested in tests/trainers/classic/test_weight_c
 
 from __future__ import annotations
 
-import json
-import os
 import tempfile
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from posttrain.plots import pyplot
+from posttrain.atomic import write_json_atomic
+from posttrain.plots import pyplot, save_figure
 from posttrain.trainers.classic.weight_compander import WeightCompanderConfig, WeightCompanderTrainer
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+RESULTS = Path(__file__).resolve().parent / "results"
 SEEDS = (0, 1, 2, 3, 4)
 ROWS = {
     "baseline": dict(compander=False),
@@ -53,9 +53,7 @@ def main() -> None:
             if seed == 0:
                 weights[row] = torch.cat([w.reshape(-1) for w in t.effective_weights()]).numpy()
         results[row] = {"per_seed": finals, "mean": {k: float(np.mean([f[k] for f in finals])) for k in KEYS}}
-    os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
-    with open(os.path.join(HERE, "results", "weight_compander_digits.json"), "w") as f:
-        json.dump(results, f, indent=2)
+    write_json_atomic(RESULTS / "weight_compander_digits.json", results)
 
     print("| arm | test acc (per seed) | mean test acc | mean max abs w | mean near-zero fraction |")
     print("|---|---|---|---|---|")
@@ -79,8 +77,7 @@ def main() -> None:
     ax2.set_xticks(range(len(names)), [n.replace(" (", "\n(").replace(", ", ",\n") for n in names], fontsize=6)
     ax2.set_ylim(90, 97)
     ax2.set(ylabel="test accuracy, 5-seed mean (%)", title="digits, 300 training images")
-    fig.tight_layout()
-    fig.savefig(os.path.join(HERE, "results", "weight_compander_digits.png"), dpi=90)
+    save_figure(fig, RESULTS / "weight_compander_digits.png", dpi=90)
 
 
 if __name__ == "__main__":

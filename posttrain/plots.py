@@ -25,9 +25,9 @@ def pyplot(optional: bool = False):
     return plt
 
 
-def save_figure(fig, path):
-    """Lay out, write (110 dpi) and close a figure; returns ``path``."""
+def save_figure(fig, path, dpi: int = 110):
+    """Lay out, write (at ``dpi``) and close a figure; returns ``path``."""
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=dpi)
     pyplot().close(fig)
     return path
