@@ -66,7 +66,9 @@ MEASUREMENTS = ("one_shot", "adaptive")
 
 
 @dataclass
-class PrivateGSDConfig(AuxConfig):
+class PrivateGSDConfig(AuxConfig, max_steps=4000, eval_every=250):
+    """A step is one generation."""
+
     rho: float = field(default=0.5, metadata={"help": "Total zCDP budget rho (ignored when epsilon is set)."})
     epsilon: float = field(
         default=0.0, metadata={"help": "If > 0: the budget as (epsilon, delta)-DP, turned into the largest rho."}
@@ -95,8 +97,6 @@ class PrivateGSDConfig(AuxConfig):
     early_stop_window: int = field(
         default=0, metadata={"help": "Stop after this many generations without improvement (0: N', the paper's)."}
     )
-    max_steps: int = field(default=4000, metadata={"help": "Generations (a step is one generation)."})
-    eval_every: int = field(default=250, metadata={"help": "Evaluate and log every this many generations."})
 
     def __post_init__(self):
         if self.measurement not in MEASUREMENTS:

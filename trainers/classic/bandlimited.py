@@ -40,7 +40,9 @@ ACTIVATIONS = ("tanh", "sigmoid", "relu")
 
 
 @dataclass
-class BandlimitedConfig(AuxConfig):
+class BandlimitedConfig(AuxConfig, max_steps=3, eval_every=1, output_dir="runs/bandlimited"):
+    """A step is one width of the scan (max_steps at most len(widths))."""
+
     omega: float = field(
         default=20.0, metadata={"help": "Band Omega: a_j ~ U[-Omega, Omega]^d, b_j ~ U[-Omega, Omega]."}
     )
@@ -57,12 +59,6 @@ class BandlimitedConfig(AuxConfig):
     ridge: float = field(default=1e-8, metadata={"help": "Ridge lambda of c = (H^T H + n lambda I)^-1 H^T y."})
     n_train: int = field(default=2000, metadata={"help": "Training points x ~ U[-1, 1]."})
     n_test: int = field(default=1000, metadata={"help": "Test points x ~ U[-1, 1]."})
-    max_steps: int = field(default=3, metadata={"help": "Steps: one per width of the scan (at most len(widths))."})
-    eval_every: int = field(default=1, metadata={"help": "Evaluate and log every this many steps."})
-    max_seconds: float = field(default=60.0, metadata={"help": "Wall-clock guard for one train() call."})
-    output_dir: str = field(
-        default="runs/bandlimited", metadata={"help": "Where results.json, curves.png and aux_state.pt are written."}
-    )
 
     def __post_init__(self):
         if self.activation not in ACTIVATIONS:

@@ -4,8 +4,11 @@ A method subclasses two things:
 
 - ``AuxConfig``: a dataclass of run controls (``seed``, ``max_steps``, ``eval_every``, ``save_every``,
   ``max_seconds``, ``output_dir``). The method's config extends it with its own fields, each with a ``help``
-  metadata string and the paper's default; it may redeclare a base field to change its default, and its
-  ``__post_init__`` calls ``super().__post_init__()`` after its own checks (a ValueError names the field).
+  metadata string and the paper's default. It changes a base field's default in its class line, not by
+  redeclaring the field: ``class BandlimitedConfig(AuxConfig, max_steps=3, output_dir="runs/bandlimited")``
+  (``__init_subclass__`` accepts only inherited field names, and the field keeps the base's type, help and place
+  in the field order); what a step is for the method goes in the config's docstring. Its ``__post_init__`` calls
+  ``super().__post_init__()`` after its own checks (a ValueError names the field).
 - ``AuxTrainer``: ``__init__(args)`` seeds Python, NumPy and torch, sets ``self.rng`` (a NumPy Generator seeded
   with ``args.seed``), ``self.global_step = 0`` and ``self.history = []``, then calls ``setup()``. The method sets
   ``method`` (its registry name) and implements ``setup()`` (build the problem, model, optimizer),
@@ -61,6 +64,20 @@ class AuxConfig:
     output_dir: str = field(
         default="runs/aux", metadata={"help": "Where results.json, curves.png and aux_state.pt are written."}
     )
+
+    def __init_subclass__(cls, **run_defaults):
+        """``class C(AuxConfig, max_steps=3, output_dir="runs/c")``: C's defaults of inherited fields. Each becomes
+        the field as C had redeclared it (the base's type and help, the new default), before ``@dataclass`` runs on
+        C, so the field keeps its place in the base's order."""
+        super().__init_subclass__()
+        inherited = {f.name: f for f in dataclasses.fields(cls)}  # cls is not yet a dataclass: its bases' fields
+        for name, value in run_defaults.items():
+            if name not in inherited:
+                raise TypeError(f"{cls.__name__}: {name!r} is not an inherited field; valid: {', '.join(inherited)}")
+            if "__annotations__" not in cls.__dict__:  # a config that adds no field of its own
+                cls.__annotations__ = {}
+            cls.__annotations__[name] = inherited[name].type
+            setattr(cls, name, field(default=value, metadata=dict(inherited[name].metadata)))
 
     def __post_init__(self):
         for name, low in (("max_steps", 1), ("eval_every", 1), ("seed", 0), ("save_every", 0)):

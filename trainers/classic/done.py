@@ -48,7 +48,9 @@ from posttrain.trainers.classic.base import AuxConfig, AuxTrainer, run_arms
 
 
 @dataclass
-class DONEConfig(AuxConfig):
+class DONEConfig(AuxConfig, max_steps=300, eval_every=50, output_dir="runs/done"):
+    """A step is one minibatch (the default 300 = 30 epochs of 640 points by 64)."""
+
     reweight: bool = field(
         default=True,
         metadata={"help": "DONE's KL-DRO instance weights; false: PGD adversarial training with uniform weights."},
@@ -69,11 +71,6 @@ class DONEConfig(AuxConfig):
     hidden: int = field(default=64, metadata={"help": "Hidden width of the MLP dim-hidden-3."})
     learning_rate: float = field(default=1e-3, metadata={"help": "Adam learning rate."})
     batch_size: int = field(default=64, metadata={"help": "Minibatch size."})
-    max_steps: int = field(default=300, metadata={"help": "Minibatch steps (300 = 30 epochs of 640 points by 64)."})
-    eval_every: int = field(default=50, metadata={"help": "Evaluate and log every this many steps."})
-    output_dir: str = field(
-        default="runs/done", metadata={"help": "Where results.json, curves.png and aux_state.pt are written."}
-    )
 
     def __post_init__(self):
         for name in ("pgd_steps", "eval_pgd_steps", "dim", "hidden", "batch_size"):

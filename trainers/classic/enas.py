@@ -49,7 +49,9 @@ OP_FNS = (torch.tanh, F.relu, torch.sigmoid, lambda z: z)
 
 
 @dataclass
-class ENASConfig(AuxConfig):
+class ENASConfig(AuxConfig, max_steps=400, output_dir="runs/enas"):
+    """A step alternates one shared-weight step and one controller update."""
+
     arm: str = field(
         default="enas",
         metadata={
@@ -72,11 +74,6 @@ class ENASConfig(AuxConfig):
     batch_size: int = field(default=64, metadata={"help": "Minibatch of the shared step and of each reward."})
     final_samples: int = field(default=50, metadata={"help": "Architectures sampled to pick the best found."})
     corr_pairs: int = field(default=200, metadata={"help": "Pairs of architectures for the hidden/graph correlation."})
-    max_steps: int = field(default=400, metadata={"help": "Alternating steps (shared step, controller update)."})
-    eval_every: int = field(default=100, metadata={"help": "Evaluate and log every this many steps."})
-    output_dir: str = field(
-        default="runs/enas", metadata={"help": "Where results.json, curves.png and aux_state.pt are written."}
-    )
 
     def __post_init__(self):
         if self.arm not in ARMS:

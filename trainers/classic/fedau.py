@@ -36,7 +36,9 @@ PARTICIPATION = ("bernoulli",)
 
 
 @dataclass
-class FedAUConfig(AuxConfig):
+class FedAUConfig(AuxConfig, max_steps=3000, eval_every=500, output_dir="runs/fedau"):
+    """A step is one communication round."""
+
     num_clients: int = field(default=100, metadata={"help": "Number of clients N."})
     dim: int = field(default=10, metadata={"help": "Model dimension d."})
     local_steps: int = field(default=5, metadata={"help": "Local SGD steps I per participating client."})
@@ -44,12 +46,9 @@ class FedAUConfig(AuxConfig):
     lr_decay_at: float = field(default=0.5, metadata={"help": "Fraction of max_steps after which local_lr is x0.1."})
     global_lr: float = field(default=1.0, metadata={"help": "Server learning rate eta_g."})
     grad_noise: float = field(default=1.0, metadata={"help": "Std of the Gaussian noise added to each local gradient."})
-    max_steps: int = field(default=3000, metadata={"help": "Communication rounds (one step = one round)."})
     cutoff: int = field(default=50, metadata={"help": "FedAU cutoff K on the interval length."})
     aggregator: str = field(default="fedau", metadata={"help": f"One of {', '.join(AGGREGATORS)}."})
     participation: str = field(default="bernoulli", metadata={"help": f"One of {', '.join(PARTICIPATION)}."})
-    output_dir: str = field(default="runs/fedau", metadata={"help": "Where results.json and the state are written."})
-    eval_every: int = field(default=500, metadata={"help": "Evaluate and log every this many rounds."})
 
     def __post_init__(self):
         if self.aggregator not in AGGREGATORS:

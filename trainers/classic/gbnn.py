@@ -66,13 +66,14 @@ DTYPE = torch.float64
 # The defaults are the official repository's (200 one-unit stages, eta 1, subsample 0.5, L-BFGS with 200 iterations,
 # logistic units); the recipes hold the experiments' settings.
 @dataclass
-class GBNNConfig(AuxConfig):
+class GBNNConfig(AuxConfig, max_steps=200, eval_every=1, output_dir="runs/gbnn"):
+    """A step is one boosting stage (max_steps is the number of stages T)."""
+
     dataset: str = field(
         default="breast_cancer",
         metadata={"help": f"scikit-learn data set, one of {', '.join(DATASETS)} (its loss: {DATASETS})."},
     )
     test_fraction: float = field(default=0.3, metadata={"help": "Held-out fraction (stratified for classification)."})
-    max_steps: int = field(default=200, metadata={"help": "Boosting stages T (one step = one stage)."})
     units_per_stage: int = field(default=1, metadata={"help": "Hidden units u of each stage net."})
     eta: float = field(default=1.0, metadata={"help": "Shrinkage eta of each stage's Newton step."})
     subsample: float = field(default=0.5, metadata={"help": "Fraction of the training set each stage net is fit on."})
@@ -89,10 +90,6 @@ class GBNNConfig(AuxConfig):
     )
     joint_lr: float = field(default=0.01, metadata={"help": "Adam learning rate of the joint MLP."})
     joint_iters: int = field(default=1000, metadata={"help": "Full-batch Adam iterations of the joint MLP."})
-    eval_every: int = field(default=1, metadata={"help": "Evaluate and log every this many stages."})
-    output_dir: str = field(
-        default="runs/gbnn", metadata={"help": "Where results.json, curves.png and aux_state.pt are written."}
-    )
 
     def __post_init__(self):
         if self.dataset not in DATASETS:

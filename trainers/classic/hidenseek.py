@@ -55,7 +55,9 @@ FLOAT_BITS = 32
 
 
 @dataclass
-class HideNseekConfig(AuxConfig):
+class HideNseekConfig(AuxConfig, max_steps=30, eval_every=1, output_dir="runs/hidenseek"):
+    """A step is one communication round."""
+
     arm: str = field(default="hidenseek", metadata={"help": f"One of {', '.join(ARMS)}."})
     num_clients: int = field(default=10, metadata={"help": "Number of clients."})
     clients_per_round: int = field(default=5, metadata={"help": "Clients sampled (uniformly, no repeats) per round."})
@@ -78,10 +80,6 @@ class HideNseekConfig(AuxConfig):
         default="sign", metadata={"help": "hidenseek: upload sign(tau) (1 bit) or the float scores (32 bits)."}
     )
     test_fraction: float = field(default=0.2, metadata={"help": "Held-out fraction of digits for the accuracy."})
-    max_steps: int = field(default=30, metadata={"help": "Communication rounds (one step = one round)."})
-    eval_every: int = field(default=1, metadata={"help": "Evaluate and log every this many rounds."})
-    max_seconds: float = field(default=60.0, metadata={"help": "Wall-clock guard for one train() call."})
-    output_dir: str = field(default="runs/hidenseek", metadata={"help": "Where results.json and the state go."})
 
     def __post_init__(self):
         if self.arm not in ARMS:

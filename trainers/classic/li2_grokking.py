@@ -55,7 +55,9 @@ CRITICAL_RATIO_MULTIPLIER = 2.7482  # the repository's critical_ratio_multiplier
 
 
 @dataclass
-class Li2GrokkingConfig(AuxConfig):
+class Li2GrokkingConfig(AuxConfig, max_steps=3000, output_dir="runs/li2_grokking"):
+    """A step is one full-batch epoch (one optimizer step); eval_every logs the statistics every this many epochs."""
+
     moduli: list[int] = field(
         default_factory=lambda: [127],
         metadata={"help": "The group Z_m1 x ... x Z_mk as its moduli ([127]: modular addition mod 127)."},
@@ -74,13 +76,10 @@ class Li2GrokkingConfig(AuxConfig):
     weight_decay: float = field(default=1e-4, metadata={"help": "Weight decay of Adam / SGD (L2, in the gradient)."})
     muon_lr: float = field(default=1e-2, metadata={"help": "Muon's learning rate on W (optimizer: muon)."})
     muon_weight_decay: float = field(default=1e-2, metadata={"help": "Muon's decoupled weight decay on W."})
-    max_steps: int = field(default=3000, metadata={"help": "Full-batch epochs (one step = one optimizer step)."})
-    eval_every: int = field(default=100, metadata={"help": "Evaluate and log the statistics every this many epochs."})
     stop_at_test_acc: float = field(
         default=0.0,
         metadata={"help": "Stop once a logged test accuracy reaches this (0: never; e.g. 0.9 to time grokking)."},
     )
-    output_dir: str = field(default="runs/li2_grokking", metadata={"help": "Where results.json and the state go."})
 
     def __post_init__(self):
         for name, valid in (("activation", ACTIVATIONS), ("loss", LOSSES), ("optimizer", OPTIMIZERS)):

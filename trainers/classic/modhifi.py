@@ -66,7 +66,10 @@ MODEL_DIR = "model"
 
 
 @dataclass
-class ModHiFiConfig(AuxConfig):
+class ModHiFiConfig(AuxConfig, eval_every=1, output_dir="runs/modhifi"):
+    """A step processes one layer; max_steps is only a cap, the run stops after the last. For an LLM, model/ is
+    written beside results.json."""
+
     mode: str = field(
         default="prune",
         metadata={"help": "prune (ModHiFi-P: keep the top fraction per layer) or unlearn (ModHiFi-U: forget a class)."},
@@ -111,12 +114,6 @@ class ModHiFiConfig(AuxConfig):
         default="builtin:arithmetic", metadata={"help": "LLM: the generator whose chat texts are the calibration."}
     )
     calib_seq_len: int = field(default=64, metadata={"help": "LLM: tokens per calibration sequence."})
-    max_steps: int = field(default=1000, metadata={"help": "Layers to process at most (it stops after the last)."})
-    eval_every: int = field(default=1, metadata={"help": "Evaluate and log every this many layers."})
-    output_dir: str = field(
-        default="runs/modhifi",
-        metadata={"help": "Where results.json, curves.png, aux_state.pt (and model/ for an LLM) are written."},
-    )
 
     def __post_init__(self):
         if self.mode not in MODES:

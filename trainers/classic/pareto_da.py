@@ -50,7 +50,9 @@ ARMS = ("source_only", "dann", "paretoda")
 
 
 @dataclass
-class ParetoDAConfig(AuxConfig):
+class ParetoDAConfig(AuxConfig, max_steps=1500, eval_every=250, max_seconds=600.0, output_dir="runs/pareto_da"):
+    """A step is one source and one target batch."""
+
     arm: str = field(
         default="paretoda",
         metadata={"help": f"One of {', '.join(ARMS)}: L_cls only; L_cls + L_trans; the Pareto-weighted three."},
@@ -67,12 +69,6 @@ class ParetoDAConfig(AuxConfig):
     lr_decay: float = field(default=0.75, metadata={"help": "Exponent of the lr decay."})
     grl_warmup_steps: int = field(default=1000, metadata={"help": "Steps of DANN's reversal-coefficient warm-up."})
     lp_eps: float = field(default=1e-3, metadata={"help": "Guided LP while the held-out L_TCM exceeds this."})
-    max_steps: int = field(default=1500, metadata={"help": "Iterations (one step = one source and target batch)."})
-    eval_every: int = field(default=250, metadata={"help": "Evaluate and log every this many steps."})
-    max_seconds: float = field(default=600.0, metadata={"help": "Wall-clock guard for one train() call."})
-    output_dir: str = field(
-        default="runs/pareto_da", metadata={"help": "Where results.json, curves.png and aux_state.pt are written."}
-    )
 
     def __post_init__(self):
         if self.arm not in ARMS:

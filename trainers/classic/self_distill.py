@@ -72,7 +72,9 @@ ALPHA_AUTO = "auto"
 
 
 @dataclass
-class SelfDistillConfig(AuxConfig):
+class SelfDistillConfig(AuxConfig, max_steps=6, eval_every=1, output_dir="runs/self_distill"):
+    """A step is one distillation step; step 1 is the teacher (plain KRR)."""
+
     alpha: str = field(
         default="0.35",
         metadata={
@@ -86,11 +88,6 @@ class SelfDistillConfig(AuxConfig):
     )
     lambd: float = field(default=0.2, metadata={"help": "Ridge regularisation lambda."})
     grid_points: int = field(default=101, metadata={"help": "Points of the evaluation grid on [0, 1]."})
-    max_steps: int = field(default=6, metadata={"help": "Distillation steps (step 1 is the teacher, plain KRR)."})
-    eval_every: int = field(default=1, metadata={"help": "Evaluate and log every this many steps."})
-    output_dir: str = field(
-        default="runs/self_distill", metadata={"help": "Where results.json, curves.png and aux_state.pt are written."}
-    )
 
     def __post_init__(self):
         self.alpha = str(self.alpha)

@@ -53,7 +53,9 @@ ARMS = ("tanglenas", "darts")
 
 
 @dataclass
-class TangleNASConfig(AuxConfig):
+class TangleNASConfig(AuxConfig, max_steps=300, eval_every=50, output_dir="runs/tanglenas"):
+    """A step is one search iteration: one weight step and one arch step."""
+
     arm: str = field(
         default="tanglenas",
         metadata={
@@ -80,11 +82,6 @@ class TangleNASConfig(AuxConfig):
     batch_size: int = field(default=64, metadata={"help": "Minibatch of both the weight and the arch step."})
     retrain_steps: int = field(
         default=300, metadata={"help": "AdamW steps to retrain the argmax architecture at the end (0: skip)."}
-    )
-    max_steps: int = field(default=300, metadata={"help": "Search iterations (one weight and one arch step each)."})
-    eval_every: int = field(default=50, metadata={"help": "Evaluate and log every this many steps."})
-    output_dir: str = field(
-        default="runs/tanglenas", metadata={"help": "Where results.json, curves.png and aux_state.pt are written."}
     )
 
     def __post_init__(self):

@@ -47,7 +47,9 @@ LOSSES = ("sup", "unsup")
 
 
 @dataclass
-class UnfoldedISTAConfig(AuxConfig):
+class UnfoldedISTAConfig(AuxConfig, max_steps=500, eval_every=50, output_dir="runs/unfolded_ista"):
+    """A step is one Adam step on a fresh batch."""
+
     algo: str = field(default="ista", metadata={"help": "ista (LASSO, soft threshold) or iht (l0, hard threshold)."})
     losses: str = field(
         default="sup,unsup",
@@ -75,11 +77,6 @@ class UnfoldedISTAConfig(AuxConfig):
             "help": "Iterations of the long-run reference: FISTA for the LASSO optimum (500 leave a gap in J_1 of "
             "about 1e-9, below that of 3000 ISTA iterations), IHT to its fixed point for l0."
         },
-    )
-    max_steps: int = field(default=500, metadata={"help": "Adam steps (one step = one fresh batch)."})
-    eval_every: int = field(default=50, metadata={"help": "Evaluate and log every this many steps."})
-    output_dir: str = field(
-        default="runs/unfolded_ista", metadata={"help": "Where results.json, curves.png and aux_state.pt are written."}
     )
 
     def __post_init__(self):

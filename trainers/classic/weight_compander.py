@@ -59,7 +59,9 @@ from posttrain.trainers.classic.base import AuxConfig, AuxTrainer, run_arms
 
 
 @dataclass
-class WeightCompanderConfig(AuxConfig):
+class WeightCompanderConfig(AuxConfig, max_steps=450, eval_every=50, output_dir="runs/weight_compander"):
+    """A step is one minibatch (the default 450 = 150 epochs of 300 images in minibatches of 100)."""
+
     compander: bool = field(
         default=True,
         metadata={
@@ -84,14 +86,6 @@ class WeightCompanderConfig(AuxConfig):
         metadata={"help": "AdamW's decoupled decay; false: torch Adam's L2 weight_decay (see the module docstring)."},
     )
     batch_size: int = field(default=100, metadata={"help": "Minibatch size."})
-    max_steps: int = field(
-        default=450, metadata={"help": "Minibatch steps (450 = 150 epochs of 300 images in minibatches of 100)."}
-    )
-    eval_every: int = field(default=50, metadata={"help": "Evaluate and log every this many steps."})
-    output_dir: str = field(
-        default="runs/weight_compander",
-        metadata={"help": "Where results.json, curves.png and aux_state.pt are written."},
-    )
 
     def __post_init__(self):
         for name in ("hidden", "batch_size"):
