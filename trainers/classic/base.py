@@ -8,7 +8,8 @@ A method subclasses two things:
   redeclaring the field: ``class BandlimitedConfig(AuxConfig, max_steps=3, output_dir="runs/bandlimited")``
   (``__init_subclass__`` accepts only inherited field names, and the field keeps the base's type, help and place
   in the field order); what a step is for the method goes in the config's docstring. Its ``__post_init__`` calls
-  ``super().__post_init__()`` after its own checks (a ValueError names the field).
+  ``super().__post_init__()`` after its own checks (a ValueError names the field); ``require_choice``,
+  ``require_at_least``, ``require_positive`` and ``require_non_negative`` make the common ones.
 - ``AuxTrainer``: ``__init__(args)`` seeds Python, NumPy and torch, sets ``self.rng`` (a NumPy Generator seeded
   with ``args.seed``), ``self.global_step = 0`` and ``self.history = []``, then calls ``setup()``. The method sets
   ``method`` (its registry name) and implements ``setup()`` (build the problem, model, optimizer),
@@ -80,11 +81,34 @@ class AuxConfig:
             setattr(cls, name, field(default=value, metadata=dict(inherited[name].metadata)))
 
     def __post_init__(self):
-        for name, low in (("max_steps", 1), ("eval_every", 1), ("seed", 0), ("save_every", 0)):
+        self.require_at_least(1, "max_steps", "eval_every")
+        self.require_at_least(0, "seed", "save_every")
+        self.require_positive("max_seconds")
+
+    # The checks of a config's __post_init__: each raises a ValueError naming the first bad field and its value.
+    def require_choice(self, **valid: Iterable[str]) -> None:
+        """Each named field's value is one of its ``valid`` choices."""
+        for name, choices in valid.items():
+            if getattr(self, name) not in choices:
+                raise ValueError(f"unknown {name} {getattr(self, name)!r}; valid: {', '.join(choices)}")
+
+    def require_at_least(self, low: int, *names: str) -> None:
+        """Each named (integer) field is >= ``low``."""
+        for name in names:
             if int(getattr(self, name)) < low:
                 raise ValueError(f"{name} must be >= {low}, got {getattr(self, name)!r}")
-        if not self.max_seconds > 0:
-            raise ValueError(f"max_seconds must be > 0, got {self.max_seconds!r}")
+
+    def require_positive(self, *names: str) -> None:
+        """Each named field is > 0 (NaN fails)."""
+        for name in names:
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
+
+    def require_non_negative(self, *names: str) -> None:
+        """Each named field is >= 0 (NaN fails)."""
+        for name in names:
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
 
 
 class AuxTrainer:

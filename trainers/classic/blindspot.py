@@ -74,11 +74,8 @@ class BlindspotConfig(AuxConfig, max_steps=100_000, eval_every=50, output_dir="r
             raise ValueError(f"forget_quantile must be in [0.05, 0.5], got {self.forget_quantile!r}")
         if not 0.1 <= self.test_fraction <= 0.5:
             raise ValueError(f"test_fraction must be in [0.1, 0.5], got {self.test_fraction!r}")
-        for name in ("hidden", "original_epochs", "proxy_epochs", "unlearn_epochs", "batch_size"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
-        if not self.learning_rate > 0:
-            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate!r}")
+        self.require_at_least(1, "hidden", "original_epochs", "proxy_epochs", "unlearn_epochs", "batch_size")
+        self.require_positive("learning_rate")
         super().__post_init__()
 
 

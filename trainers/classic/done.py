@@ -73,16 +73,12 @@ class DONEConfig(AuxConfig, max_steps=300, eval_every=50, output_dir="runs/done"
     batch_size: int = field(default=64, metadata={"help": "Minibatch size."})
 
     def __post_init__(self):
-        for name in ("pgd_steps", "eval_pgd_steps", "dim", "hidden", "batch_size"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
+        self.require_at_least(1, "pgd_steps", "eval_pgd_steps", "dim", "hidden", "batch_size")
         for name in ("n_train", "n_test"):
             if int(getattr(self, name)) < 30:
                 raise ValueError(f"{name} must be >= 30 (three classes, one a minority), got {getattr(self, name)!r}")
         check_kl_dro(self.r, self.beta)
-        for name in ("epsilon", "separation", "minority_gap", "learning_rate"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        self.require_positive("epsilon", "separation", "minority_gap", "learning_rate")
         if not 0 < self.minority_frac < 0.5:
             raise ValueError(f"minority_frac must be in (0, 0.5), got {self.minority_frac!r}")
         super().__post_init__()

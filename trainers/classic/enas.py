@@ -78,25 +78,11 @@ class ENASConfig(AuxConfig, max_steps=400, output_dir="runs/enas"):
     def __post_init__(self):
         if self.arm not in ARMS:
             raise ValueError(f"arm must be one of {ARMS}, got {self.arm!r}")
-        for name, low in (
-            ("nodes", 1),
-            ("width", 1),
-            ("controller_hidden", 1),
-            ("samples_per_update", 1),
-            ("buffer_size", 1),
-            ("replay_batch", 1),
-            ("batch_size", 1),
-            ("final_samples", 1),
-            ("corr_pairs", 3),
-        ):
-            if int(getattr(self, name)) < low:
-                raise ValueError(f"{name} must be >= {low}, got {getattr(self, name)!r}")
-        for name in ("controller_lr", "learning_rate"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
-        for name in ("entropy_weight", "decode_weight", "weight_decay"):
-            if not getattr(self, name) >= 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        self.require_at_least(1, "nodes", "width", "controller_hidden", "samples_per_update", "buffer_size")
+        self.require_at_least(1, "replay_batch", "batch_size", "final_samples")
+        self.require_at_least(3, "corr_pairs")
+        self.require_positive("controller_lr", "learning_rate")
+        self.require_non_negative("entropy_weight", "decode_weight", "weight_decay")
         if not 0 <= self.baseline_decay < 1:
             raise ValueError(f"baseline_decay must be in [0, 1), got {self.baseline_decay!r}")
         super().__post_init__()

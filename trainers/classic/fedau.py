@@ -51,20 +51,12 @@ class FedAUConfig(AuxConfig, max_steps=3000, eval_every=500, output_dir="runs/fe
     participation: str = field(default="bernoulli", metadata={"help": f"One of {', '.join(PARTICIPATION)}."})
 
     def __post_init__(self):
-        if self.aggregator not in AGGREGATORS:
-            raise ValueError(f"unknown aggregator {self.aggregator!r}; valid: {', '.join(AGGREGATORS)}")
-        if self.participation not in PARTICIPATION:
-            raise ValueError(f"unknown participation {self.participation!r}; valid: {', '.join(PARTICIPATION)}")
-        for name in ("num_clients", "dim", "local_steps", "cutoff"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
-        for name in ("local_lr", "global_lr"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        self.require_choice(aggregator=AGGREGATORS, participation=PARTICIPATION)
+        self.require_at_least(1, "num_clients", "dim", "local_steps", "cutoff")
+        self.require_positive("local_lr", "global_lr")
         if not 0.0 <= self.lr_decay_at <= 1.0:
             raise ValueError(f"lr_decay_at must be in [0, 1], got {self.lr_decay_at!r}")
-        if not self.grad_noise >= 0:
-            raise ValueError(f"grad_noise must be >= 0, got {self.grad_noise!r}")
+        self.require_non_negative("grad_noise")
         super().__post_init__()
 
 

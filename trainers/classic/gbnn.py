@@ -92,22 +92,14 @@ class GBNNConfig(AuxConfig, max_steps=200, eval_every=1, output_dir="runs/gbnn")
     joint_iters: int = field(default=1000, metadata={"help": "Full-batch Adam iterations of the joint MLP."})
 
     def __post_init__(self):
-        if self.dataset not in DATASETS:
-            raise ValueError(f"unknown dataset {self.dataset!r}; valid: {', '.join(DATASETS)}")
-        if self.stage_optimizer not in STAGE_OPTIMIZERS:
-            raise ValueError(f"unknown stage_optimizer {self.stage_optimizer!r}; valid: {', '.join(STAGE_OPTIMIZERS)}")
+        self.require_choice(dataset=DATASETS, stage_optimizer=STAGE_OPTIMIZERS)
         if not 0.0 < self.test_fraction < 1.0:
             raise ValueError(f"test_fraction must be in (0, 1), got {self.test_fraction!r}")
         if not 0.0 < self.subsample <= 1.0:
             raise ValueError(f"subsample must be in (0, 1], got {self.subsample!r}")
-        for name in ("units_per_stage", "stage_iters", "joint_iters"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
-        for name in ("eta", "stage_lr", "joint_lr"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
-        if not self.stage_weight_decay >= 0:
-            raise ValueError(f"stage_weight_decay must be >= 0, got {self.stage_weight_decay!r}")
+        self.require_at_least(1, "units_per_stage", "stage_iters", "joint_iters")
+        self.require_positive("eta", "stage_lr", "joint_lr")
+        self.require_non_negative("stage_weight_decay")
         super().__post_init__()
 
     @property

@@ -82,15 +82,10 @@ class HideNseekConfig(AuxConfig, max_steps=30, eval_every=1, output_dir="runs/hi
     test_fraction: float = field(default=0.2, metadata={"help": "Held-out fraction of digits for the accuracy."})
 
     def __post_init__(self):
-        if self.arm not in ARMS:
-            raise ValueError(f"unknown arm {self.arm!r}; valid: {', '.join(ARMS)}")
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"unknown optimizer {self.optimizer!r}; valid: {', '.join(OPTIMIZERS)}")
-        if self.upload not in UPLOADS:
-            raise ValueError(f"unknown upload {self.upload!r}; valid: {', '.join(UPLOADS)}")
-        for name in ("num_clients", "clients_per_round", "local_epochs", "batch_size", "hidden", "pruning_iterations"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
+        self.require_choice(arm=ARMS, optimizer=OPTIMIZERS, upload=UPLOADS)
+        self.require_at_least(
+            1, "num_clients", "clients_per_round", "local_epochs", "batch_size", "hidden", "pruning_iterations"
+        )
         if self.clients_per_round > self.num_clients:
             raise ValueError(
                 f"clients_per_round ({self.clients_per_round}) must be <= num_clients ({self.num_clients})"
@@ -99,9 +94,7 @@ class HideNseekConfig(AuxConfig, max_steps=30, eval_every=1, output_dir="runs/hi
             raise ValueError(f"density must be in (0, 1], got {self.density!r}")
         if not 0.0 < self.test_fraction < 1.0:
             raise ValueError(f"test_fraction must be in (0, 1), got {self.test_fraction!r}")
-        for name in ("dirichlet_alpha", "local_lr", "score_init"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        self.require_positive("dirichlet_alpha", "local_lr", "score_init")
         if not 0.0 <= self.momentum < 1.0:
             raise ValueError(f"momentum must be in [0, 1), got {self.momentum!r}")
         super().__post_init__()

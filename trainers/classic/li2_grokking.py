@@ -82,23 +82,16 @@ class Li2GrokkingConfig(AuxConfig, max_steps=3000, output_dir="runs/li2_grokking
     )
 
     def __post_init__(self):
-        for name, valid in (("activation", ACTIVATIONS), ("loss", LOSSES), ("optimizer", OPTIMIZERS)):
-            if getattr(self, name) not in valid:
-                raise ValueError(f"unknown {name} {getattr(self, name)!r}; valid: {', '.join(valid)}")
+        self.require_choice(activation=ACTIVATIONS, loss=LOSSES, optimizer=OPTIMIZERS)
         if not self.moduli or any(int(m) < 2 for m in self.moduli):
             raise ValueError(f"moduli must be a non-empty list of integers >= 2, got {self.moduli!r}")
         if not 0.0 < self.train_fraction < 1.0:
             raise ValueError(f"train_fraction must be in (0, 1), got {self.train_fraction!r}")
         if not 0.0 <= self.stop_at_test_acc <= 1.0:
             raise ValueError(f"stop_at_test_acc must be in [0, 1], got {self.stop_at_test_acc!r}")
-        if int(self.hidden_size) < 1:
-            raise ValueError(f"hidden_size must be >= 1, got {self.hidden_size!r}")
-        for name in ("lr", "muon_lr"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
-        for name in ("weight_decay", "muon_weight_decay"):
-            if not getattr(self, name) >= 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        self.require_at_least(1, "hidden_size")
+        self.require_positive("lr", "muon_lr")
+        self.require_non_negative("weight_decay", "muon_weight_decay")
         super().__post_init__()
 
 

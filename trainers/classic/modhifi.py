@@ -128,9 +128,7 @@ class ModHiFiConfig(AuxConfig, eval_every=1, output_dir="runs/modhifi"):
             raise ValueError(f"unlearn_budget must be in (0, 1), got {self.unlearn_budget!r}")
         if not 0 <= int(self.forget_class) <= 9:
             raise ValueError(f"forget_class must be a digit class 0..9, got {self.forget_class!r}")
-        for name in ("calib_samples", "hidden", "train_epochs", "calib_seq_len"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
+        self.require_at_least(1, "calib_samples", "hidden", "train_epochs", "calib_seq_len")
         if not 50 <= self.train_size <= 1500:
             raise ValueError(f"train_size must be in [50, 1500] (digits has 1797 images), got {self.train_size!r}")
         if not (self.ridge >= 0 and math.isfinite(self.ridge)):

@@ -71,19 +71,12 @@ class ParetoDAConfig(AuxConfig, max_steps=1500, eval_every=250, max_seconds=600.
     lp_eps: float = field(default=1e-3, metadata={"help": "Guided LP while the held-out L_TCM exceeds this."})
 
     def __post_init__(self):
-        if self.arm not in ARMS:
-            raise ValueError(f"unknown arm {self.arm!r}; valid: {', '.join(ARMS)}")
-        for name in ("hidden", "batch_size", "grl_warmup_steps"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
+        self.require_choice(arm=ARMS)
+        self.require_at_least(1, "hidden", "batch_size", "grl_warmup_steps")
         if not 0 < self.val_frac < 0.5:
             raise ValueError(f"val_frac must be in (0, 0.5), got {self.val_frac!r}")
-        for name in ("learning_rate",):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
-        for name in ("momentum", "weight_decay", "lr_gamma", "lr_decay", "lp_eps"):
-            if not getattr(self, name) >= 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        self.require_positive("learning_rate")
+        self.require_non_negative("momentum", "weight_decay", "lr_gamma", "lr_decay", "lp_eps")
         super().__post_init__()
 
 

@@ -103,9 +103,7 @@ class ScadMCPConfig(AuxConfig, max_steps=2000, eval_every=10, output_dir="runs/s
             raise ValueError(f"a must be > 2 (SCAD), got {self.a!r}")
         if not self.gamma > 1:
             raise ValueError(f"gamma must be > 1 (MCP), got {self.gamma!r}")
-        for name in ("n", "p", "s", "path_points", "reference_sweeps"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
+        self.require_at_least(1, "n", "p", "s", "path_points", "reference_sweeps")
         if self.s > self.p:
             raise ValueError(f"s ({self.s}) must be <= p ({self.p})")
         if not 0 <= self.rho < 1:
@@ -114,9 +112,7 @@ class ScadMCPConfig(AuxConfig, max_steps=2000, eval_every=10, output_dir="runs/s
             raise ValueError(f"path_min_ratio must be in (0, 1), got {self.path_min_ratio!r}")
         if not 0 < self.ag_step <= 1:
             raise ValueError(f"ag_step must be in (0, 1] (beta_k L), got {self.ag_step!r}")
-        for name in ("lambd", "noise", "stop_gap"):
-            if not getattr(self, name) >= 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        self.require_non_negative("lambd", "noise", "stop_gap")
         self.screen_config()  # checks the screen_* keys
         super().__post_init__()
 

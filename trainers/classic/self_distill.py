@@ -98,11 +98,8 @@ class SelfDistillConfig(AuxConfig, max_steps=6, eval_every=1, output_dir="runs/s
                 raise ValueError(f"alpha must be a number in [0, 1] or 'auto', got {self.alpha!r}") from None
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"alpha must be in [0, 1] (the ground-truth weight), got {value!r}")
-        if int(self.grid_points) < 2:
-            raise ValueError(f"grid_points must be >= 2, got {self.grid_points!r}")
-        for name in ("rbf_gamma", "lambd"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        self.require_at_least(2, "grid_points")
+        self.require_positive("rbf_gamma", "lambd")
         super().__post_init__()
 
 

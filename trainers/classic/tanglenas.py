@@ -95,16 +95,10 @@ class TangleNASConfig(AuxConfig, max_steps=300, eval_every=50, output_dir="runs/
         if widths != sorted(set(widths)):
             raise ValueError(f"widths must be increasing and distinct (slices of the largest), got {self.widths!r}")
         self.widths = widths
-        if int(self.layers) < 1:
-            raise ValueError(f"layers must be >= 1, got {self.layers!r}")
-        for name in ("learning_rate", "arch_learning_rate", "tau_max", "tau_min"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
-        for name in ("kappa", "weight_decay", "arch_weight_decay", "alpha_init", "retrain_steps"):
-            if not getattr(self, name) >= 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
-        if int(self.batch_size) < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size!r}")
+        self.require_at_least(1, "layers")
+        self.require_positive("learning_rate", "arch_learning_rate", "tau_max", "tau_min")
+        self.require_non_negative("kappa", "weight_decay", "arch_weight_decay", "alpha_init", "retrain_steps")
+        self.require_at_least(1, "batch_size")
         super().__post_init__()
 
 

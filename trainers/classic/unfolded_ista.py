@@ -87,19 +87,13 @@ class UnfoldedISTAConfig(AuxConfig, max_steps=500, eval_every=50, output_dir="ru
         if not names or bad or len(set(names)) != len(names):
             raise ValueError(f"losses must be a comma-separated subset of {', '.join(LOSSES)}, got {self.losses!r}")
         self.losses = ",".join(names)
-        for name in ("m", "n", "layers", "batch_size", "test_samples", "reference_iters"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
+        self.require_at_least(1, "m", "n", "layers", "batch_size", "test_samples", "reference_iters")
         if not 0.0 < self.p <= 1.0:
             raise ValueError(f"p must be in (0, 1], got {self.p!r}")
         if self.test_p != -1.0 and not 0.0 < self.test_p <= 1.0:
             raise ValueError(f"test_p must be in (0, 1] or -1 (same as p), got {self.test_p!r}")
-        for name in ("sigma",):
-            if not getattr(self, name) >= 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
-        for name in ("lambd", "lr"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        self.require_non_negative("sigma")
+        self.require_positive("lambd", "lr")
         super().__post_init__()
 
 

@@ -88,19 +88,15 @@ class WeightCompanderConfig(AuxConfig, max_steps=450, eval_every=50, output_dir=
     batch_size: int = field(default=100, metadata={"help": "Minibatch size."})
 
     def __post_init__(self):
-        for name in ("hidden", "batch_size"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
+        self.require_at_least(1, "hidden", "batch_size")
         if not 10 <= self.train_size <= 1500:
             raise ValueError(
                 f"train_size must be in [10, 1500] (digits has 1797 images; the rest is the test set), "
                 f"got {self.train_size!r}"
             )
         check_bound_slope(self.bound, self.slope)
-        if not self.learning_rate > 0:
-            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate!r}")
-        if not self.weight_decay >= 0:
-            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
+        self.require_positive("learning_rate")
+        self.require_non_negative("weight_decay")
         super().__post_init__()
 
 
