@@ -15,8 +15,10 @@ A method subclasses two things:
   ``method`` (its registry name) and implements ``setup()`` (build the problem, model, optimizer),
   ``training_step() -> dict`` (ONE unit of work: a round, an epoch, an optimizer step; ``step()`` calls it and
   advances ``global_step``), ``evaluate() -> dict``, optionally ``done() -> bool`` (its own stop criterion) and
-  ``description()`` (the progress bar's label). A method with state beyond its RNGs extends ``state_dict()``
-  (``{**super().state_dict(), ...}``) and ``load_state_dict(state)`` (``super().load_state_dict(state)`` first).
+  ``description()`` (the progress bar's label). A method with state beyond its RNGs names the attributes that
+  have their own ``state_dict()`` / ``load_state_dict()`` (modules, optimizers, batch iterators) in ``stateful``,
+  and for the rest extends ``state_dict()`` (``{**super().state_dict(), ...}``) and ``load_state_dict(state)``
+  (``super().load_state_dict(state)`` first).
 
 ``train()`` runs ``step()`` until ``max_steps``, ``done()`` or ``max_seconds`` (wall clock of this call), with a
 tqdm bar. Every ``eval_every`` steps it appends ``{"step", **step info, **evaluate()}`` to the history; every
@@ -115,6 +117,7 @@ class AuxTrainer:
     """Base of the auxiliary trainers; see the module docstring for what a method implements."""
 
     method = "aux"  # the registry name, used in results.json and the progress bar
+    stateful: tuple[str, ...] = ()  # attributes saved by their state_dict() and restored by their load_state_dict()
 
     def __init__(self, args: AuxConfig):
         self.args, self.global_step, self.history, self.last_saved_step = args, 0, [], None
@@ -171,7 +174,8 @@ class AuxTrainer:
         if torch.cuda.is_available():
             rngs["cuda"] = torch.cuda.get_rng_state_all()
         config = {k: v for k, v in dataclasses.asdict(self.args).items() if k not in RESUME_FREE}
-        return {"step": self.global_step, "history": list(self.history), "rng": rngs, "config": config}
+        parts = {name: getattr(self, name).state_dict() for name in self.stateful}
+        return {"step": self.global_step, "history": list(self.history), "rng": rngs, "config": config, **parts}
 
     def load_state_dict(self, state: dict) -> None:
         mine = {k: v for k, v in dataclasses.asdict(self.args).items() if k not in RESUME_FREE}
@@ -189,6 +193,8 @@ class AuxTrainer:
         self.rng.bit_generator.state = rngs["generator"]
         if "cuda" in rngs and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rngs["cuda"])
+        for name in self.stateful:
+            getattr(self, name).load_state_dict(state[name])
 
     def save(self) -> None:
         state = self.state_dict()

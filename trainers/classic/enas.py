@@ -229,6 +229,7 @@ class ENASTrainer(AuxTrainer):
     the controller arms) one controller update."""
 
     method = "enas"
+    stateful = ("shared", "controller", "opt_w", "opt_c", "train_batches", "val_batches")
 
     def setup(self) -> None:
         args = self.args
@@ -323,12 +324,6 @@ class ENASTrainer(AuxTrainer):
     def state_dict(self) -> dict:
         return {
             **super().state_dict(),
-            "shared": self.shared.state_dict(),
-            "controller": self.controller.state_dict(),
-            "opt_w": self.opt_w.state_dict(),
-            "opt_c": self.opt_c.state_dict(),
-            "train_batches": self.train_batches.state_dict(),
-            "val_batches": self.val_batches.state_dict(),
             "sampler": self.sampler.get_state(),
             "baseline": self.baseline,
             "buffer": list(self.buffer),
@@ -336,12 +331,6 @@ class ENASTrainer(AuxTrainer):
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
-        self.shared.load_state_dict(state["shared"])
-        self.controller.load_state_dict(state["controller"])
-        self.opt_w.load_state_dict(state["opt_w"])
-        self.opt_c.load_state_dict(state["opt_c"])
-        self.train_batches.load_state_dict(state["train_batches"])
-        self.val_batches.load_state_dict(state["val_batches"])
         self.sampler.set_state(state["sampler"])
         self.baseline = state["baseline"]
         self.buffer = deque((tuple(a) for a in state["buffer"]), maxlen=self.args.buffer_size)

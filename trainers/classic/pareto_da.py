@@ -173,6 +173,7 @@ class ParetoDATrainer(AuxTrainer):
     """Source-only, DANN or DANN + ParetoDA on rotated, inverted digits; one step = one iteration."""
 
     method = "pareto_da"
+    stateful = ("optimizer", "scheduler", "weighting")
 
     def setup(self) -> None:
         a = self.args
@@ -285,9 +286,6 @@ class ParetoDATrainer(AuxTrainer):
         return {
             **super().state_dict(),
             "modules": {k: v.clone() for k, v in self.modules_.state_dict().items()},
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "weighting": self.weighting.state_dict(),
             "moves": dict(self.moves),
             "alpha_stats": (self.alpha_min, self.alpha_sum_err),
             "generator": self.generator.get_state(),
@@ -296,9 +294,6 @@ class ParetoDATrainer(AuxTrainer):
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
         self.modules_.load_state_dict(state["modules"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.weighting.load_state_dict(state["weighting"])
         self.moves = dict(state["moves"])
         self.alpha_min, self.alpha_sum_err = state["alpha_stats"]
         self.generator.set_state(state["generator"])
