@@ -16,9 +16,9 @@ A method subclasses two things:
   ``training_step() -> dict`` (ONE unit of work: a round, an epoch, an optimizer step; ``step()`` calls it and
   advances ``global_step``), ``evaluate() -> dict``, optionally ``done() -> bool`` (its own stop criterion) and
   ``description()`` (the progress bar's label). A method with state beyond its RNGs names the attributes that
-  have their own ``state_dict()`` / ``load_state_dict()`` (modules, optimizers, batch iterators) in ``stateful``,
-  and for the rest extends ``state_dict()`` (``{**super().state_dict(), ...}``) and ``load_state_dict(state)``
-  (``super().load_state_dict(state)`` first).
+  hold it in ``stateful`` (a module, optimizer or batch iterator by its ``state_dict()``, a torch Generator by its
+  state, a tensor by a copy; each saved under its name), and for the rest extends ``state_dict()``
+  (``{**super().state_dict(), ...}``) and ``load_state_dict(state)`` (``super().load_state_dict(state)`` first).
 
 ``train()`` runs ``step()`` until ``max_steps``, ``done()`` or ``max_seconds`` (wall clock of this call), with a
 tqdm bar. Every ``eval_every`` steps it appends ``{"step", **step info, **evaluate()}`` to the history; every
@@ -113,11 +113,31 @@ class AuxConfig:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
 
 
+def save_part(part):
+    """What ``state_dict()`` saves of a ``stateful`` attribute."""
+    if isinstance(part, torch.Generator):
+        return part.get_state()
+    if isinstance(part, torch.Tensor):
+        return part.detach().clone()
+    return part.state_dict()
+
+
+def load_part(part, saved) -> None:
+    """Restore a ``stateful`` attribute in place from what ``save_part`` returned."""
+    if isinstance(part, torch.Generator):
+        part.set_state(saved)
+    elif isinstance(part, torch.Tensor):
+        with torch.no_grad():  # a trained tensor (a leaf that requires grad) is overwritten, not differentiated
+            part.copy_(saved)
+    else:
+        part.load_state_dict(saved)
+
+
 class AuxTrainer:
     """Base of the auxiliary trainers; see the module docstring for what a method implements."""
 
     method = "aux"  # the registry name, used in results.json and the progress bar
-    stateful: tuple[str, ...] = ()  # attributes saved by their state_dict() and restored by their load_state_dict()
+    stateful: tuple[str, ...] = ()  # the attributes state_dict() saves and load_state_dict() restores, by name
 
     def __init__(self, args: AuxConfig):
         self.args, self.global_step, self.history, self.last_saved_step = args, 0, [], None
@@ -174,7 +194,7 @@ class AuxTrainer:
         if torch.cuda.is_available():
             rngs["cuda"] = torch.cuda.get_rng_state_all()
         config = {k: v for k, v in dataclasses.asdict(self.args).items() if k not in RESUME_FREE}
-        parts = {name: getattr(self, name).state_dict() for name in self.stateful}
+        parts = {name: save_part(getattr(self, name)) for name in self.stateful}
         return {"step": self.global_step, "history": list(self.history), "rng": rngs, "config": config, **parts}
 
     def load_state_dict(self, state: dict) -> None:
@@ -194,7 +214,7 @@ class AuxTrainer:
         if "cuda" in rngs and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rngs["cuda"])
         for name in self.stateful:
-            getattr(self, name).load_state_dict(state[name])
+            load_part(getattr(self, name), state[name])
 
     def save(self) -> None:
         state = self.state_dict()

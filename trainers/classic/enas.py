@@ -229,7 +229,7 @@ class ENASTrainer(AuxTrainer):
     the controller arms) one controller update."""
 
     method = "enas"
-    stateful = ("shared", "controller", "opt_w", "opt_c", "train_batches", "val_batches")
+    stateful = ("shared", "controller", "opt_w", "opt_c", "train_batches", "val_batches", "sampler")
 
     def setup(self) -> None:
         args = self.args
@@ -324,14 +324,12 @@ class ENASTrainer(AuxTrainer):
     def state_dict(self) -> dict:
         return {
             **super().state_dict(),
-            "sampler": self.sampler.get_state(),
             "baseline": self.baseline,
             "buffer": list(self.buffer),
         }
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
-        self.sampler.set_state(state["sampler"])
         self.baseline = state["baseline"]
         self.buffer = deque((tuple(a) for a in state["buffer"]), maxlen=self.args.buffer_size)
 

@@ -173,7 +173,7 @@ class ParetoDATrainer(AuxTrainer):
     """Source-only, DANN or DANN + ParetoDA on rotated, inverted digits; one step = one iteration."""
 
     method = "pareto_da"
-    stateful = ("optimizer", "scheduler", "weighting")
+    stateful = ("optimizer", "scheduler", "weighting", "generator")
 
     def setup(self) -> None:
         a = self.args
@@ -288,7 +288,6 @@ class ParetoDATrainer(AuxTrainer):
             "modules": {k: v.clone() for k, v in self.modules_.state_dict().items()},
             "moves": dict(self.moves),
             "alpha_stats": (self.alpha_min, self.alpha_sum_err),
-            "generator": self.generator.get_state(),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -296,7 +295,6 @@ class ParetoDATrainer(AuxTrainer):
         self.modules_.load_state_dict(state["modules"])
         self.moves = dict(state["moves"])
         self.alpha_min, self.alpha_sum_err = state["alpha_stats"]
-        self.generator.set_state(state["generator"])
 
 
 def compare_arms(seeds=(0, 1, 2), arms=ARMS, **overrides) -> dict:

@@ -212,7 +212,7 @@ class TangleNASTrainer(AuxTrainer):
     """Bi-level one-shot search on digits; one step is one weight step (train) and one alpha step (val)."""
 
     method = "tanglenas"
-    stateful = ("net", "opt_w", "opt_a", "train_batches", "val_batches")
+    stateful = ("net", "alpha", "opt_w", "opt_a", "train_batches", "val_batches", "gumbel")
 
     def setup(self) -> None:
         args = self.args
@@ -287,19 +287,6 @@ class TangleNASTrainer(AuxTrainer):
                     self.retrained[arch] = mlp_accuracy(arch, self.data, self.args.retrain_steps, self.args.seed)
             out["retrain_test_acc"] = self.retrained[arch]
         return out
-
-    def state_dict(self) -> dict:
-        return {
-            **super().state_dict(),
-            "alpha": self.alpha.detach().clone(),
-            "gumbel": self.gumbel.get_state(),
-        }
-
-    def load_state_dict(self, state: dict) -> None:
-        super().load_state_dict(state)
-        with torch.no_grad():
-            self.alpha.copy_(state["alpha"])
-        self.gumbel.set_state(state["gumbel"])
 
 
 def memory_ratio(widths: list[int], layers: int) -> dict[str, float]:
