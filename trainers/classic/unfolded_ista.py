@@ -191,11 +191,12 @@ class UnfoldedISTATrainer(AuxTrainer):
     """Trains T step sizes of DU-ISTA / DU-IHT per loss; a step is one Adam step on a fresh batch."""
 
     method = "unfolded_ista"
+    stateful = ("log_gamma", "optimizer", "generator")
 
     def setup(self) -> None:
         a = self.args
         self.variants = a.losses.split(",")
-        self.gen = torch.Generator().manual_seed(a.seed)  # the training stream (saved for --resume)
+        self.generator = torch.Generator().manual_seed(a.seed)  # the training stream (saved for --resume)
         g = torch.Generator().manual_seed(a.seed + 10_000)  # A and the test set: fixed by the seed
         self.A = torch.randn(a.m, a.n, generator=g, dtype=torch.float64) / math.sqrt(a.m)
         self.A32 = self.A.float()
@@ -238,8 +239,8 @@ class UnfoldedISTATrainer(AuxTrainer):
 
     def training_step(self) -> dict:
         a = self.args
-        x = bernoulli_gaussian(a.batch_size, a.n, a.p, self.gen)
-        y = measure(self.A, x, a.sigma, self.gen)
+        x = bernoulli_gaussian(a.batch_size, a.n, a.p, self.generator)
+        y = measure(self.A, x, a.sigma, self.generator)
         x, y = x.float(), y.float()  # float32 training: half the memory traffic of the (overhead-bound) small ops
         x_hat = unfolded_forward(self.A32, y, self.log_gamma.float().exp(), a.lambd, a.algo)
         loss = self.loss(x_hat, x, y)
@@ -258,18 +259,3 @@ class UnfoldedISTATrainer(AuxTrainer):
             out[f"J/{kind}"] = float(objective(a.algo, self.A, self.y_test, x_hat[v], a.lambd).mean())
             out[f"gamma/{kind}"] = self.log_gamma[v].exp().tolist()
         return out
-
-    def state_dict(self) -> dict:
-        return {
-            **super().state_dict(),
-            "log_gamma": self.log_gamma.detach().clone(),
-            "optimizer": self.optimizer.state_dict(),
-            "generator": self.gen.get_state(),
-        }
-
-    def load_state_dict(self, state: dict) -> None:
-        super().load_state_dict(state)
-        with torch.no_grad():
-            self.log_gamma.copy_(state["log_gamma"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.gen.set_state(state["generator"])
