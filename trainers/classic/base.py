@@ -79,6 +79,8 @@ class AuxConfig:
                 raise TypeError(f"{cls.__name__}: {name!r} is not an inherited field; valid: {', '.join(inherited)}")
             if "__annotations__" not in cls.__dict__:  # a config that adds no field of its own
                 cls.__annotations__ = {}
+            if name in cls.__annotations__:
+                raise TypeError(f"{cls.__name__}: {name!r} is both declared in the class and set in its class line")
             cls.__annotations__[name] = inherited[name].type
             setattr(cls, name, field(default=value, metadata=dict(inherited[name].metadata)))
 
