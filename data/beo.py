@@ -50,7 +50,9 @@ BANDWIDTH_RULES = ("nn_median", "median")
 
 
 @dataclass
-class BEOConfig(AuxConfig):
+class BEOConfig(AuxConfig, max_steps=1, eval_every=1):
+    """A step is one PGA iteration (centroid_shift: exactly one step, the closed form)."""
+
     mode: str = field(default="centroid_shift", metadata={"help": "centroid_shift (closed form, one step) or pga."})
     epsilon: float = field(
         default=0.2, metadata={"help": "Perturbation budget ||delta_i|| <= epsilon (inputs in [0, 1])."}
@@ -71,8 +73,6 @@ class BEOConfig(AuxConfig):
     protect_fraction: float = field(default=0.5, metadata={"help": "Share of the training set that is protected."})
     test_fraction: float = field(default=0.3, metadata={"help": "Share of digits held out for test accuracy."})
     knn_k: int = field(default=5, metadata={"help": "k of the leave-one-out k-NN error (the Bayes error proxy)."})
-    max_steps: int = field(default=1, metadata={"help": "PGA iterations (centroid_shift: exactly 1)."})
-    eval_every: int = field(default=1, metadata={"help": "Evaluate and log every this many steps."})
 
     def __post_init__(self):
         if self.mode not in MODES:

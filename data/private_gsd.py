@@ -66,7 +66,9 @@ MEASUREMENTS = ("one_shot", "adaptive")
 
 
 @dataclass
-class PrivateGSDConfig(AuxConfig):
+class PrivateGSDConfig(AuxConfig, max_steps=4000, eval_every=250):
+    """A step is one generation."""
+
     rho: float = field(default=0.5, metadata={"help": "Total zCDP budget rho (ignored when epsilon is set)."})
     epsilon: float = field(
         default=0.0, metadata={"help": "If > 0: the budget as (epsilon, delta)-DP, turned into the largest rho."}
@@ -95,8 +97,6 @@ class PrivateGSDConfig(AuxConfig):
     early_stop_window: int = field(
         default=0, metadata={"help": "Stop after this many generations without improvement (0: N', the paper's)."}
     )
-    max_steps: int = field(default=4000, metadata={"help": "Generations (a step is one generation)."})
-    eval_every: int = field(default=250, metadata={"help": "Evaluate and log every this many generations."})
 
     def __post_init__(self):
         if self.measurement not in MEASUREMENTS:
@@ -105,19 +105,10 @@ class PrivateGSDConfig(AuxConfig):
             raise ValueError(f"rho must be > 0 (or set epsilon > 0), got rho={self.rho}, epsilon={self.epsilon}")
         if not 0 < self.delta < 1:
             raise ValueError(f"delta must be in (0, 1), got {self.delta}")
-        for name, low in (
-            ("num_rows", 2),
-            ("num_values", 2),
-            ("synthetic_rows", 2),
-            ("mutations", 1),
-            ("crossovers", 1),
-            ("elite_size", 1),
-            ("adaptive_rounds", 1),
-            ("prefix_thresholds", 1),
-            ("marginal_k", 1),
-        ):
-            if int(getattr(self, name)) < low:
-                raise ValueError(f"{name} must be >= {low}, got {getattr(self, name)!r}")
+        self.require_at_least(2, "num_rows", "num_values", "synthetic_rows")
+        self.require_at_least(
+            1, "mutations", "crossovers", "elite_size", "adaptive_rounds", "prefix_thresholds", "marginal_k"
+        )
         if self.num_categorical + self.num_numeric < 1:
             raise ValueError("num_categorical + num_numeric must be >= 1")
         if self.num_categorical and not 1 <= self.marginal_k <= self.num_categorical:

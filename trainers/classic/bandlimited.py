@@ -40,7 +40,9 @@ ACTIVATIONS = ("tanh", "sigmoid", "relu")
 
 
 @dataclass
-class BandlimitedConfig(AuxConfig):
+class BandlimitedConfig(AuxConfig, max_steps=3, eval_every=1, output_dir="runs/bandlimited"):
+    """A step is one width of the scan (max_steps at most len(widths))."""
+
     omega: float = field(
         default=20.0, metadata={"help": "Band Omega: a_j ~ U[-Omega, Omega]^d, b_j ~ U[-Omega, Omega]."}
     )
@@ -57,27 +59,16 @@ class BandlimitedConfig(AuxConfig):
     ridge: float = field(default=1e-8, metadata={"help": "Ridge lambda of c = (H^T H + n lambda I)^-1 H^T y."})
     n_train: int = field(default=2000, metadata={"help": "Training points x ~ U[-1, 1]."})
     n_test: int = field(default=1000, metadata={"help": "Test points x ~ U[-1, 1]."})
-    max_steps: int = field(default=3, metadata={"help": "Steps: one per width of the scan (at most len(widths))."})
-    eval_every: int = field(default=1, metadata={"help": "Evaluate and log every this many steps."})
-    max_seconds: float = field(default=60.0, metadata={"help": "Wall-clock guard for one train() call."})
-    output_dir: str = field(
-        default="runs/bandlimited", metadata={"help": "Where results.json, curves.png and aux_state.pt are written."}
-    )
 
     def __post_init__(self):
-        if self.activation not in ACTIVATIONS:
-            raise ValueError(f"unknown activation {self.activation!r}; valid: {', '.join(ACTIVATIONS)}")
-        if not self.omega > 0:
-            raise ValueError(f"omega must be > 0, got {self.omega!r}")
-        if not self.ridge >= 0:
-            raise ValueError(f"ridge must be >= 0, got {self.ridge!r}")
+        self.require_choice(activation=ACTIVATIONS)
+        self.require_positive("omega")
+        self.require_non_negative("ridge")
         if not self.widths or any(int(w) < 1 for w in self.widths) or list(self.widths) != sorted(set(self.widths)):
             raise ValueError(f"widths must be increasing positive integers, got {self.widths!r}")
         if not self.frequencies:
             raise ValueError("frequencies must name at least one k (targets sin(k pi x))")
-        for name in ("n_train", "n_test"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
+        self.require_at_least(1, "n_train", "n_test")
         if int(self.max_steps) > len(self.widths):
             raise ValueError(
                 f"max_steps ({self.max_steps}) exceeds the {len(self.widths)} widths of the scan: one step fits one "

@@ -4,14 +4,20 @@ A method subclasses two things:
 
 - ``AuxConfig``: a dataclass of run controls (``seed``, ``max_steps``, ``eval_every``, ``save_every``,
   ``max_seconds``, ``output_dir``). The method's config extends it with its own fields, each with a ``help``
-  metadata string and the paper's default; it may redeclare a base field to change its default, and its
-  ``__post_init__`` calls ``super().__post_init__()`` after its own checks (a ValueError names the field).
+  metadata string and the paper's default. It changes a base field's default in its class line, not by
+  redeclaring the field: ``class BandlimitedConfig(AuxConfig, max_steps=3, output_dir="runs/bandlimited")``
+  (``__init_subclass__`` accepts only inherited field names, and the field keeps the base's type, help and place
+  in the field order); what a step is for the method goes in the config's docstring. Its ``__post_init__`` calls
+  ``super().__post_init__()`` after its own checks (a ValueError names the field); ``require_choice``,
+  ``require_at_least``, ``require_positive`` and ``require_non_negative`` make the common ones.
 - ``AuxTrainer``: ``__init__(args)`` seeds Python, NumPy and torch, sets ``self.rng`` (a NumPy Generator seeded
   with ``args.seed``), ``self.global_step = 0`` and ``self.history = []``, then calls ``setup()``. The method sets
   ``method`` (its registry name) and implements ``setup()`` (build the problem, model, optimizer),
   ``training_step() -> dict`` (ONE unit of work: a round, an epoch, an optimizer step; ``step()`` calls it and
   advances ``global_step``), ``evaluate() -> dict``, optionally ``done() -> bool`` (its own stop criterion) and
-  ``description()`` (the progress bar's label). A method with state beyond its RNGs extends ``state_dict()``
+  ``description()`` (the progress bar's label). A method with state beyond its RNGs names the attributes that
+  hold it in ``stateful`` (a module, optimizer or batch iterator by its ``state_dict()``, a torch Generator by its
+  state, a tensor by a copy; each saved under its name), and for the rest extends ``state_dict()``
   (``{**super().state_dict(), ...}``) and ``load_state_dict(state)`` (``super().load_state_dict(state)`` first).
 
 ``train()`` runs ``step()`` until ``max_steps``, ``done()`` or ``max_seconds`` (wall clock of this call), with a
@@ -62,18 +68,78 @@ class AuxConfig:
         default="runs/aux", metadata={"help": "Where results.json, curves.png and aux_state.pt are written."}
     )
 
+    def __init_subclass__(cls, **run_defaults):
+        """``class C(AuxConfig, max_steps=3, output_dir="runs/c")``: C's defaults of inherited fields. Each becomes
+        the field as C had redeclared it (the base's type and help, the new default), before ``@dataclass`` runs on
+        C, so the field keeps its place in the base's order."""
+        super().__init_subclass__()
+        inherited = {f.name: f for f in dataclasses.fields(cls)}  # cls is not yet a dataclass: its bases' fields
+        for name, value in run_defaults.items():
+            if name not in inherited:
+                raise TypeError(f"{cls.__name__}: {name!r} is not an inherited field; valid: {', '.join(inherited)}")
+            if "__annotations__" not in cls.__dict__:  # a config that adds no field of its own
+                cls.__annotations__ = {}
+            if name in cls.__annotations__:
+                raise TypeError(f"{cls.__name__}: {name!r} is both declared in the class and set in its class line")
+            cls.__annotations__[name] = inherited[name].type
+            setattr(cls, name, field(default=value, metadata=dict(inherited[name].metadata)))
+
     def __post_init__(self):
-        for name, low in (("max_steps", 1), ("eval_every", 1), ("seed", 0), ("save_every", 0)):
+        self.require_at_least(1, "max_steps", "eval_every")
+        self.require_at_least(0, "seed", "save_every")
+        self.require_positive("max_seconds")
+
+    # The checks of a config's __post_init__: each raises a ValueError naming the first bad field and its value.
+    def require_choice(self, **valid: Iterable[str]) -> None:
+        """Each named field's value is one of its ``valid`` choices."""
+        for name, choices in valid.items():
+            if getattr(self, name) not in choices:
+                raise ValueError(f"unknown {name} {getattr(self, name)!r}; valid: {', '.join(choices)}")
+
+    def require_at_least(self, low: int, *names: str) -> None:
+        """Each named (integer) field is >= ``low``."""
+        for name in names:
             if int(getattr(self, name)) < low:
                 raise ValueError(f"{name} must be >= {low}, got {getattr(self, name)!r}")
-        if not self.max_seconds > 0:
-            raise ValueError(f"max_seconds must be > 0, got {self.max_seconds!r}")
+
+    def require_positive(self, *names: str) -> None:
+        """Each named field is > 0 (NaN fails)."""
+        for name in names:
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
+
+    def require_non_negative(self, *names: str) -> None:
+        """Each named field is >= 0 (NaN fails)."""
+        for name in names:
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+
+
+def save_part(part):
+    """What ``state_dict()`` saves of a ``stateful`` attribute."""
+    if isinstance(part, torch.Generator):
+        return part.get_state()
+    if isinstance(part, torch.Tensor):
+        return part.detach().clone()
+    return part.state_dict()
+
+
+def load_part(part, saved) -> None:
+    """Restore a ``stateful`` attribute in place from what ``save_part`` returned."""
+    if isinstance(part, torch.Generator):
+        part.set_state(saved)
+    elif isinstance(part, torch.Tensor):
+        with torch.no_grad():  # a trained tensor (a leaf that requires grad) is overwritten, not differentiated
+            part.copy_(saved)
+    else:
+        part.load_state_dict(saved)
 
 
 class AuxTrainer:
     """Base of the auxiliary trainers; see the module docstring for what a method implements."""
 
     method = "aux"  # the registry name, used in results.json and the progress bar
+    stateful: tuple[str, ...] = ()  # the attributes state_dict() saves and load_state_dict() restores, by name
 
     def __init__(self, args: AuxConfig):
         self.args, self.global_step, self.history, self.last_saved_step = args, 0, [], None
@@ -130,7 +196,8 @@ class AuxTrainer:
         if torch.cuda.is_available():
             rngs["cuda"] = torch.cuda.get_rng_state_all()
         config = {k: v for k, v in dataclasses.asdict(self.args).items() if k not in RESUME_FREE}
-        return {"step": self.global_step, "history": list(self.history), "rng": rngs, "config": config}
+        parts = {name: save_part(getattr(self, name)) for name in self.stateful}
+        return {"step": self.global_step, "history": list(self.history), "rng": rngs, "config": config, **parts}
 
     def load_state_dict(self, state: dict) -> None:
         mine = {k: v for k, v in dataclasses.asdict(self.args).items() if k not in RESUME_FREE}
@@ -148,6 +215,8 @@ class AuxTrainer:
         self.rng.bit_generator.state = rngs["generator"]
         if "cuda" in rngs and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rngs["cuda"])
+        for name in self.stateful:
+            load_part(getattr(self, name), state[name])
 
     def save(self) -> None:
         state = self.state_dict()

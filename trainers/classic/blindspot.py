@@ -46,7 +46,9 @@ ARMS = ("blindspot", "gaussian_amnesiac", "finetune")
 
 
 @dataclass
-class BlindspotConfig(AuxConfig):
+class BlindspotConfig(AuxConfig, max_steps=100_000, eval_every=50, output_dir="runs/blindspot"):
+    """A step is one minibatch; max_steps is only a cap, the run stops after unlearn_epochs."""
+
     arm: str = field(
         default="blindspot",
         metadata={"help": "blindspot (the method), gaussian_amnesiac or finetune (retain only): the baselines."},
@@ -62,13 +64,6 @@ class BlindspotConfig(AuxConfig):
     unlearn_epochs: int = field(default=40, metadata={"help": "Epochs of the unlearning fine-tune (every arm)."})
     learning_rate: float = field(default=1e-3, metadata={"help": "Adam learning rate (all training)."})
     batch_size: int = field(default=32, metadata={"help": "Minibatch size (all training)."})
-    max_steps: int = field(
-        default=100_000, metadata={"help": "Minibatch steps at most (it stops after unlearn_epochs)."}
-    )
-    eval_every: int = field(default=50, metadata={"help": "Evaluate and log every this many minibatches."})
-    output_dir: str = field(
-        default="runs/blindspot", metadata={"help": "Where results.json, curves.png and aux_state.pt are written."}
-    )
 
     def __post_init__(self):
         if self.arm not in ARMS:
@@ -79,11 +74,8 @@ class BlindspotConfig(AuxConfig):
             raise ValueError(f"forget_quantile must be in [0.05, 0.5], got {self.forget_quantile!r}")
         if not 0.1 <= self.test_fraction <= 0.5:
             raise ValueError(f"test_fraction must be in [0.1, 0.5], got {self.test_fraction!r}")
-        for name in ("hidden", "original_epochs", "proxy_epochs", "unlearn_epochs", "batch_size"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
-        if not self.learning_rate > 0:
-            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate!r}")
+        self.require_at_least(1, "hidden", "original_epochs", "proxy_epochs", "unlearn_epochs", "batch_size")
+        self.require_positive("learning_rate")
         super().__post_init__()
 
 

@@ -48,7 +48,9 @@ from posttrain.trainers.classic.base import AuxConfig, AuxTrainer, run_arms
 
 
 @dataclass
-class DONEConfig(AuxConfig):
+class DONEConfig(AuxConfig, max_steps=300, eval_every=50, output_dir="runs/done"):
+    """A step is one minibatch (the default 300 = 30 epochs of 640 points by 64)."""
+
     reweight: bool = field(
         default=True,
         metadata={"help": "DONE's KL-DRO instance weights; false: PGD adversarial training with uniform weights."},
@@ -69,23 +71,14 @@ class DONEConfig(AuxConfig):
     hidden: int = field(default=64, metadata={"help": "Hidden width of the MLP dim-hidden-3."})
     learning_rate: float = field(default=1e-3, metadata={"help": "Adam learning rate."})
     batch_size: int = field(default=64, metadata={"help": "Minibatch size."})
-    max_steps: int = field(default=300, metadata={"help": "Minibatch steps (300 = 30 epochs of 640 points by 64)."})
-    eval_every: int = field(default=50, metadata={"help": "Evaluate and log every this many steps."})
-    output_dir: str = field(
-        default="runs/done", metadata={"help": "Where results.json, curves.png and aux_state.pt are written."}
-    )
 
     def __post_init__(self):
-        for name in ("pgd_steps", "eval_pgd_steps", "dim", "hidden", "batch_size"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
+        self.require_at_least(1, "pgd_steps", "eval_pgd_steps", "dim", "hidden", "batch_size")
         for name in ("n_train", "n_test"):
             if int(getattr(self, name)) < 30:
                 raise ValueError(f"{name} must be >= 30 (three classes, one a minority), got {getattr(self, name)!r}")
         check_kl_dro(self.r, self.beta)
-        for name in ("epsilon", "separation", "minority_gap", "learning_rate"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        self.require_positive("epsilon", "separation", "minority_gap", "learning_rate")
         if not 0 < self.minority_frac < 0.5:
             raise ValueError(f"minority_frac must be in (0, 0.5), got {self.minority_frac!r}")
         super().__post_init__()

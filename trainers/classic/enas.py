@@ -49,7 +49,9 @@ OP_FNS = (torch.tanh, F.relu, torch.sigmoid, lambda z: z)
 
 
 @dataclass
-class ENASConfig(AuxConfig):
+class ENASConfig(AuxConfig, max_steps=400, output_dir="runs/enas"):
+    """A step alternates one shared-weight step and one controller update."""
+
     arm: str = field(
         default="enas",
         metadata={
@@ -72,34 +74,15 @@ class ENASConfig(AuxConfig):
     batch_size: int = field(default=64, metadata={"help": "Minibatch of the shared step and of each reward."})
     final_samples: int = field(default=50, metadata={"help": "Architectures sampled to pick the best found."})
     corr_pairs: int = field(default=200, metadata={"help": "Pairs of architectures for the hidden/graph correlation."})
-    max_steps: int = field(default=400, metadata={"help": "Alternating steps (shared step, controller update)."})
-    eval_every: int = field(default=100, metadata={"help": "Evaluate and log every this many steps."})
-    output_dir: str = field(
-        default="runs/enas", metadata={"help": "Where results.json, curves.png and aux_state.pt are written."}
-    )
 
     def __post_init__(self):
         if self.arm not in ARMS:
             raise ValueError(f"arm must be one of {ARMS}, got {self.arm!r}")
-        for name, low in (
-            ("nodes", 1),
-            ("width", 1),
-            ("controller_hidden", 1),
-            ("samples_per_update", 1),
-            ("buffer_size", 1),
-            ("replay_batch", 1),
-            ("batch_size", 1),
-            ("final_samples", 1),
-            ("corr_pairs", 3),
-        ):
-            if int(getattr(self, name)) < low:
-                raise ValueError(f"{name} must be >= {low}, got {getattr(self, name)!r}")
-        for name in ("controller_lr", "learning_rate"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
-        for name in ("entropy_weight", "decode_weight", "weight_decay"):
-            if not getattr(self, name) >= 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        self.require_at_least(1, "nodes", "width", "controller_hidden", "samples_per_update", "buffer_size")
+        self.require_at_least(1, "replay_batch", "batch_size", "final_samples")
+        self.require_at_least(3, "corr_pairs")
+        self.require_positive("controller_lr", "learning_rate")
+        self.require_non_negative("entropy_weight", "decode_weight", "weight_decay")
         if not 0 <= self.baseline_decay < 1:
             raise ValueError(f"baseline_decay must be in [0, 1), got {self.baseline_decay!r}")
         super().__post_init__()
@@ -246,6 +229,7 @@ class ENASTrainer(AuxTrainer):
     the controller arms) one controller update."""
 
     method = "enas"
+    stateful = ("shared", "controller", "opt_w", "opt_c", "train_batches", "val_batches", "sampler")
 
     def setup(self) -> None:
         args = self.args
@@ -340,26 +324,12 @@ class ENASTrainer(AuxTrainer):
     def state_dict(self) -> dict:
         return {
             **super().state_dict(),
-            "shared": self.shared.state_dict(),
-            "controller": self.controller.state_dict(),
-            "opt_w": self.opt_w.state_dict(),
-            "opt_c": self.opt_c.state_dict(),
-            "train_batches": self.train_batches.state_dict(),
-            "val_batches": self.val_batches.state_dict(),
-            "sampler": self.sampler.get_state(),
             "baseline": self.baseline,
             "buffer": list(self.buffer),
         }
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
-        self.shared.load_state_dict(state["shared"])
-        self.controller.load_state_dict(state["controller"])
-        self.opt_w.load_state_dict(state["opt_w"])
-        self.opt_c.load_state_dict(state["opt_c"])
-        self.train_batches.load_state_dict(state["train_batches"])
-        self.val_batches.load_state_dict(state["val_batches"])
-        self.sampler.set_state(state["sampler"])
         self.baseline = state["baseline"]
         self.buffer = deque((tuple(a) for a in state["buffer"]), maxlen=self.args.buffer_size)
 

@@ -36,7 +36,9 @@ PARTICIPATION = ("bernoulli",)
 
 
 @dataclass
-class FedAUConfig(AuxConfig):
+class FedAUConfig(AuxConfig, max_steps=3000, eval_every=500, output_dir="runs/fedau"):
+    """A step is one communication round."""
+
     num_clients: int = field(default=100, metadata={"help": "Number of clients N."})
     dim: int = field(default=10, metadata={"help": "Model dimension d."})
     local_steps: int = field(default=5, metadata={"help": "Local SGD steps I per participating client."})
@@ -44,28 +46,17 @@ class FedAUConfig(AuxConfig):
     lr_decay_at: float = field(default=0.5, metadata={"help": "Fraction of max_steps after which local_lr is x0.1."})
     global_lr: float = field(default=1.0, metadata={"help": "Server learning rate eta_g."})
     grad_noise: float = field(default=1.0, metadata={"help": "Std of the Gaussian noise added to each local gradient."})
-    max_steps: int = field(default=3000, metadata={"help": "Communication rounds (one step = one round)."})
     cutoff: int = field(default=50, metadata={"help": "FedAU cutoff K on the interval length."})
     aggregator: str = field(default="fedau", metadata={"help": f"One of {', '.join(AGGREGATORS)}."})
     participation: str = field(default="bernoulli", metadata={"help": f"One of {', '.join(PARTICIPATION)}."})
-    output_dir: str = field(default="runs/fedau", metadata={"help": "Where results.json and the state are written."})
-    eval_every: int = field(default=500, metadata={"help": "Evaluate and log every this many rounds."})
 
     def __post_init__(self):
-        if self.aggregator not in AGGREGATORS:
-            raise ValueError(f"unknown aggregator {self.aggregator!r}; valid: {', '.join(AGGREGATORS)}")
-        if self.participation not in PARTICIPATION:
-            raise ValueError(f"unknown participation {self.participation!r}; valid: {', '.join(PARTICIPATION)}")
-        for name in ("num_clients", "dim", "local_steps", "cutoff"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
-        for name in ("local_lr", "global_lr"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        self.require_choice(aggregator=AGGREGATORS, participation=PARTICIPATION)
+        self.require_at_least(1, "num_clients", "dim", "local_steps", "cutoff")
+        self.require_positive("local_lr", "global_lr")
         if not 0.0 <= self.lr_decay_at <= 1.0:
             raise ValueError(f"lr_decay_at must be in [0, 1], got {self.lr_decay_at!r}")
-        if not self.grad_noise >= 0:
-            raise ValueError(f"grad_noise must be >= 0, got {self.grad_noise!r}")
+        self.require_non_negative("grad_noise")
         super().__post_init__()
 
 

@@ -66,13 +66,14 @@ DTYPE = torch.float64
 # The defaults are the official repository's (200 one-unit stages, eta 1, subsample 0.5, L-BFGS with 200 iterations,
 # logistic units); the recipes hold the experiments' settings.
 @dataclass
-class GBNNConfig(AuxConfig):
+class GBNNConfig(AuxConfig, max_steps=200, eval_every=1, output_dir="runs/gbnn"):
+    """A step is one boosting stage (max_steps is the number of stages T)."""
+
     dataset: str = field(
         default="breast_cancer",
         metadata={"help": f"scikit-learn data set, one of {', '.join(DATASETS)} (its loss: {DATASETS})."},
     )
     test_fraction: float = field(default=0.3, metadata={"help": "Held-out fraction (stratified for classification)."})
-    max_steps: int = field(default=200, metadata={"help": "Boosting stages T (one step = one stage)."})
     units_per_stage: int = field(default=1, metadata={"help": "Hidden units u of each stage net."})
     eta: float = field(default=1.0, metadata={"help": "Shrinkage eta of each stage's Newton step."})
     subsample: float = field(default=0.5, metadata={"help": "Fraction of the training set each stage net is fit on."})
@@ -89,28 +90,16 @@ class GBNNConfig(AuxConfig):
     )
     joint_lr: float = field(default=0.01, metadata={"help": "Adam learning rate of the joint MLP."})
     joint_iters: int = field(default=1000, metadata={"help": "Full-batch Adam iterations of the joint MLP."})
-    eval_every: int = field(default=1, metadata={"help": "Evaluate and log every this many stages."})
-    output_dir: str = field(
-        default="runs/gbnn", metadata={"help": "Where results.json, curves.png and aux_state.pt are written."}
-    )
 
     def __post_init__(self):
-        if self.dataset not in DATASETS:
-            raise ValueError(f"unknown dataset {self.dataset!r}; valid: {', '.join(DATASETS)}")
-        if self.stage_optimizer not in STAGE_OPTIMIZERS:
-            raise ValueError(f"unknown stage_optimizer {self.stage_optimizer!r}; valid: {', '.join(STAGE_OPTIMIZERS)}")
+        self.require_choice(dataset=DATASETS, stage_optimizer=STAGE_OPTIMIZERS)
         if not 0.0 < self.test_fraction < 1.0:
             raise ValueError(f"test_fraction must be in (0, 1), got {self.test_fraction!r}")
         if not 0.0 < self.subsample <= 1.0:
             raise ValueError(f"subsample must be in (0, 1], got {self.subsample!r}")
-        for name in ("units_per_stage", "stage_iters", "joint_iters"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
-        for name in ("eta", "stage_lr", "joint_lr"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
-        if not self.stage_weight_decay >= 0:
-            raise ValueError(f"stage_weight_decay must be >= 0, got {self.stage_weight_decay!r}")
+        self.require_at_least(1, "units_per_stage", "stage_iters", "joint_iters")
+        self.require_positive("eta", "stage_lr", "joint_lr")
+        self.require_non_negative("stage_weight_decay")
         super().__post_init__()
 
     @property

@@ -55,7 +55,9 @@ FLOAT_BITS = 32
 
 
 @dataclass
-class HideNseekConfig(AuxConfig):
+class HideNseekConfig(AuxConfig, max_steps=30, eval_every=1, output_dir="runs/hidenseek"):
+    """A step is one communication round."""
+
     arm: str = field(default="hidenseek", metadata={"help": f"One of {', '.join(ARMS)}."})
     num_clients: int = field(default=10, metadata={"help": "Number of clients."})
     clients_per_round: int = field(default=5, metadata={"help": "Clients sampled (uniformly, no repeats) per round."})
@@ -78,21 +80,12 @@ class HideNseekConfig(AuxConfig):
         default="sign", metadata={"help": "hidenseek: upload sign(tau) (1 bit) or the float scores (32 bits)."}
     )
     test_fraction: float = field(default=0.2, metadata={"help": "Held-out fraction of digits for the accuracy."})
-    max_steps: int = field(default=30, metadata={"help": "Communication rounds (one step = one round)."})
-    eval_every: int = field(default=1, metadata={"help": "Evaluate and log every this many rounds."})
-    max_seconds: float = field(default=60.0, metadata={"help": "Wall-clock guard for one train() call."})
-    output_dir: str = field(default="runs/hidenseek", metadata={"help": "Where results.json and the state go."})
 
     def __post_init__(self):
-        if self.arm not in ARMS:
-            raise ValueError(f"unknown arm {self.arm!r}; valid: {', '.join(ARMS)}")
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"unknown optimizer {self.optimizer!r}; valid: {', '.join(OPTIMIZERS)}")
-        if self.upload not in UPLOADS:
-            raise ValueError(f"unknown upload {self.upload!r}; valid: {', '.join(UPLOADS)}")
-        for name in ("num_clients", "clients_per_round", "local_epochs", "batch_size", "hidden", "pruning_iterations"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
+        self.require_choice(arm=ARMS, optimizer=OPTIMIZERS, upload=UPLOADS)
+        self.require_at_least(
+            1, "num_clients", "clients_per_round", "local_epochs", "batch_size", "hidden", "pruning_iterations"
+        )
         if self.clients_per_round > self.num_clients:
             raise ValueError(
                 f"clients_per_round ({self.clients_per_round}) must be <= num_clients ({self.num_clients})"
@@ -101,9 +94,7 @@ class HideNseekConfig(AuxConfig):
             raise ValueError(f"density must be in (0, 1], got {self.density!r}")
         if not 0.0 < self.test_fraction < 1.0:
             raise ValueError(f"test_fraction must be in (0, 1), got {self.test_fraction!r}")
-        for name in ("dirichlet_alpha", "local_lr", "score_init"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        self.require_positive("dirichlet_alpha", "local_lr", "score_init")
         if not 0.0 <= self.momentum < 1.0:
             raise ValueError(f"momentum must be in [0, 1), got {self.momentum!r}")
         super().__post_init__()

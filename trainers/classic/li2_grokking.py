@@ -55,7 +55,9 @@ CRITICAL_RATIO_MULTIPLIER = 2.7482  # the repository's critical_ratio_multiplier
 
 
 @dataclass
-class Li2GrokkingConfig(AuxConfig):
+class Li2GrokkingConfig(AuxConfig, max_steps=3000, output_dir="runs/li2_grokking"):
+    """A step is one full-batch epoch (one optimizer step); eval_every logs the statistics every this many epochs."""
+
     moduli: list[int] = field(
         default_factory=lambda: [127],
         metadata={"help": "The group Z_m1 x ... x Z_mk as its moduli ([127]: modular addition mod 127)."},
@@ -74,32 +76,22 @@ class Li2GrokkingConfig(AuxConfig):
     weight_decay: float = field(default=1e-4, metadata={"help": "Weight decay of Adam / SGD (L2, in the gradient)."})
     muon_lr: float = field(default=1e-2, metadata={"help": "Muon's learning rate on W (optimizer: muon)."})
     muon_weight_decay: float = field(default=1e-2, metadata={"help": "Muon's decoupled weight decay on W."})
-    max_steps: int = field(default=3000, metadata={"help": "Full-batch epochs (one step = one optimizer step)."})
-    eval_every: int = field(default=100, metadata={"help": "Evaluate and log the statistics every this many epochs."})
     stop_at_test_acc: float = field(
         default=0.0,
         metadata={"help": "Stop once a logged test accuracy reaches this (0: never; e.g. 0.9 to time grokking)."},
     )
-    output_dir: str = field(default="runs/li2_grokking", metadata={"help": "Where results.json and the state go."})
 
     def __post_init__(self):
-        for name, valid in (("activation", ACTIVATIONS), ("loss", LOSSES), ("optimizer", OPTIMIZERS)):
-            if getattr(self, name) not in valid:
-                raise ValueError(f"unknown {name} {getattr(self, name)!r}; valid: {', '.join(valid)}")
+        self.require_choice(activation=ACTIVATIONS, loss=LOSSES, optimizer=OPTIMIZERS)
         if not self.moduli or any(int(m) < 2 for m in self.moduli):
             raise ValueError(f"moduli must be a non-empty list of integers >= 2, got {self.moduli!r}")
         if not 0.0 < self.train_fraction < 1.0:
             raise ValueError(f"train_fraction must be in (0, 1), got {self.train_fraction!r}")
         if not 0.0 <= self.stop_at_test_acc <= 1.0:
             raise ValueError(f"stop_at_test_acc must be in [0, 1], got {self.stop_at_test_acc!r}")
-        if int(self.hidden_size) < 1:
-            raise ValueError(f"hidden_size must be >= 1, got {self.hidden_size!r}")
-        for name in ("lr", "muon_lr"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
-        for name in ("weight_decay", "muon_weight_decay"):
-            if not getattr(self, name) >= 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        self.require_at_least(1, "hidden_size")
+        self.require_positive("lr", "muon_lr")
+        self.require_non_negative("weight_decay", "muon_weight_decay")
         super().__post_init__()
 
 

@@ -66,7 +66,10 @@ MODEL_DIR = "model"
 
 
 @dataclass
-class ModHiFiConfig(AuxConfig):
+class ModHiFiConfig(AuxConfig, eval_every=1, output_dir="runs/modhifi"):
+    """A step processes one layer; max_steps is only a cap, the run stops after the last. For an LLM, model/ is
+    written beside results.json."""
+
     mode: str = field(
         default="prune",
         metadata={"help": "prune (ModHiFi-P: keep the top fraction per layer) or unlearn (ModHiFi-U: forget a class)."},
@@ -111,12 +114,6 @@ class ModHiFiConfig(AuxConfig):
         default="builtin:arithmetic", metadata={"help": "LLM: the generator whose chat texts are the calibration."}
     )
     calib_seq_len: int = field(default=64, metadata={"help": "LLM: tokens per calibration sequence."})
-    max_steps: int = field(default=1000, metadata={"help": "Layers to process at most (it stops after the last)."})
-    eval_every: int = field(default=1, metadata={"help": "Evaluate and log every this many layers."})
-    output_dir: str = field(
-        default="runs/modhifi",
-        metadata={"help": "Where results.json, curves.png, aux_state.pt (and model/ for an LLM) are written."},
-    )
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -131,9 +128,7 @@ class ModHiFiConfig(AuxConfig):
             raise ValueError(f"unlearn_budget must be in (0, 1), got {self.unlearn_budget!r}")
         if not 0 <= int(self.forget_class) <= 9:
             raise ValueError(f"forget_class must be a digit class 0..9, got {self.forget_class!r}")
-        for name in ("calib_samples", "hidden", "train_epochs", "calib_seq_len"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
+        self.require_at_least(1, "calib_samples", "hidden", "train_epochs", "calib_seq_len")
         if not 50 <= self.train_size <= 1500:
             raise ValueError(f"train_size must be in [50, 1500] (digits has 1797 images), got {self.train_size!r}")
         if not (self.ridge >= 0 and math.isfinite(self.ridge)):

@@ -50,7 +50,9 @@ ARMS = ("source_only", "dann", "paretoda")
 
 
 @dataclass
-class ParetoDAConfig(AuxConfig):
+class ParetoDAConfig(AuxConfig, max_steps=1500, eval_every=250, max_seconds=600.0, output_dir="runs/pareto_da"):
+    """A step is one source and one target batch."""
+
     arm: str = field(
         default="paretoda",
         metadata={"help": f"One of {', '.join(ARMS)}: L_cls only; L_cls + L_trans; the Pareto-weighted three."},
@@ -67,27 +69,14 @@ class ParetoDAConfig(AuxConfig):
     lr_decay: float = field(default=0.75, metadata={"help": "Exponent of the lr decay."})
     grl_warmup_steps: int = field(default=1000, metadata={"help": "Steps of DANN's reversal-coefficient warm-up."})
     lp_eps: float = field(default=1e-3, metadata={"help": "Guided LP while the held-out L_TCM exceeds this."})
-    max_steps: int = field(default=1500, metadata={"help": "Iterations (one step = one source and target batch)."})
-    eval_every: int = field(default=250, metadata={"help": "Evaluate and log every this many steps."})
-    max_seconds: float = field(default=600.0, metadata={"help": "Wall-clock guard for one train() call."})
-    output_dir: str = field(
-        default="runs/pareto_da", metadata={"help": "Where results.json, curves.png and aux_state.pt are written."}
-    )
 
     def __post_init__(self):
-        if self.arm not in ARMS:
-            raise ValueError(f"unknown arm {self.arm!r}; valid: {', '.join(ARMS)}")
-        for name in ("hidden", "batch_size", "grl_warmup_steps"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
+        self.require_choice(arm=ARMS)
+        self.require_at_least(1, "hidden", "batch_size", "grl_warmup_steps")
         if not 0 < self.val_frac < 0.5:
             raise ValueError(f"val_frac must be in (0, 0.5), got {self.val_frac!r}")
-        for name in ("learning_rate",):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
-        for name in ("momentum", "weight_decay", "lr_gamma", "lr_decay", "lp_eps"):
-            if not getattr(self, name) >= 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        self.require_positive("learning_rate")
+        self.require_non_negative("momentum", "weight_decay", "lr_gamma", "lr_decay", "lp_eps")
         super().__post_init__()
 
 
@@ -184,6 +173,7 @@ class ParetoDATrainer(AuxTrainer):
     """Source-only, DANN or DANN + ParetoDA on rotated, inverted digits; one step = one iteration."""
 
     method = "pareto_da"
+    stateful = ("optimizer", "scheduler", "weighting", "generator")
 
     def setup(self) -> None:
         a = self.args
@@ -296,23 +286,15 @@ class ParetoDATrainer(AuxTrainer):
         return {
             **super().state_dict(),
             "modules": {k: v.clone() for k, v in self.modules_.state_dict().items()},
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "weighting": self.weighting.state_dict(),
             "moves": dict(self.moves),
             "alpha_stats": (self.alpha_min, self.alpha_sum_err),
-            "generator": self.generator.get_state(),
         }
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
         self.modules_.load_state_dict(state["modules"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.weighting.load_state_dict(state["weighting"])
         self.moves = dict(state["moves"])
         self.alpha_min, self.alpha_sum_err = state["alpha_stats"]
-        self.generator.set_state(state["generator"])
 
 
 def compare_arms(seeds=(0, 1, 2), arms=ARMS, **overrides) -> dict:

@@ -59,7 +59,9 @@ SCREENS = ("none", "mi", "pearson")
 
 
 @dataclass
-class ScadMCPConfig(AuxConfig):
+class ScadMCPConfig(AuxConfig, max_steps=2000, eval_every=10, output_dir="runs/scad_mcp"):
+    """A step is one solver iteration at the chosen lambda."""
+
     penalty: str = field(default="scad", metadata={"help": "scad or mcp."})
     solver: str = field(default="ag", metadata={"help": "ag (accelerated gradient, Ghadimi & Lan) or ista."})
     a: float = field(default=3.7, metadata={"help": "SCAD's a (> 2)."})
@@ -92,11 +94,6 @@ class ScadMCPConfig(AuxConfig):
     screen_grid: int = field(default=128, metadata={"help": "KDE grid points per axis of the MI estimate."})
     screen_bandwidth: str = field(default="scott", metadata={"help": "scott, silverman or a number (in sds)."})
     screen_kernel: str = field(default="gaussian", metadata={"help": "gaussian or epa."})
-    max_steps: int = field(default=2000, metadata={"help": "Solver iterations at the chosen lambda."})
-    eval_every: int = field(default=10, metadata={"help": "Evaluate and log every this many iterations."})
-    output_dir: str = field(
-        default="runs/scad_mcp", metadata={"help": "Where results.json, curves.png and aux_state.pt are written."}
-    )
 
     def __post_init__(self):
         for name, valid in (("penalty", PENALTIES), ("solver", SOLVERS), ("screen", SCREENS)):
@@ -106,9 +103,7 @@ class ScadMCPConfig(AuxConfig):
             raise ValueError(f"a must be > 2 (SCAD), got {self.a!r}")
         if not self.gamma > 1:
             raise ValueError(f"gamma must be > 1 (MCP), got {self.gamma!r}")
-        for name in ("n", "p", "s", "path_points", "reference_sweeps"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
+        self.require_at_least(1, "n", "p", "s", "path_points", "reference_sweeps")
         if self.s > self.p:
             raise ValueError(f"s ({self.s}) must be <= p ({self.p})")
         if not 0 <= self.rho < 1:
@@ -117,9 +112,7 @@ class ScadMCPConfig(AuxConfig):
             raise ValueError(f"path_min_ratio must be in (0, 1), got {self.path_min_ratio!r}")
         if not 0 < self.ag_step <= 1:
             raise ValueError(f"ag_step must be in (0, 1] (beta_k L), got {self.ag_step!r}")
-        for name in ("lambd", "noise", "stop_gap"):
-            if not getattr(self, name) >= 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        self.require_non_negative("lambd", "noise", "stop_gap")
         self.screen_config()  # checks the screen_* keys
         super().__post_init__()
 

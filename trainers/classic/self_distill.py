@@ -72,7 +72,9 @@ ALPHA_AUTO = "auto"
 
 
 @dataclass
-class SelfDistillConfig(AuxConfig):
+class SelfDistillConfig(AuxConfig, max_steps=6, eval_every=1, output_dir="runs/self_distill"):
+    """A step is one distillation step; step 1 is the teacher (plain KRR)."""
+
     alpha: str = field(
         default="0.35",
         metadata={
@@ -86,11 +88,6 @@ class SelfDistillConfig(AuxConfig):
     )
     lambd: float = field(default=0.2, metadata={"help": "Ridge regularisation lambda."})
     grid_points: int = field(default=101, metadata={"help": "Points of the evaluation grid on [0, 1]."})
-    max_steps: int = field(default=6, metadata={"help": "Distillation steps (step 1 is the teacher, plain KRR)."})
-    eval_every: int = field(default=1, metadata={"help": "Evaluate and log every this many steps."})
-    output_dir: str = field(
-        default="runs/self_distill", metadata={"help": "Where results.json, curves.png and aux_state.pt are written."}
-    )
 
     def __post_init__(self):
         self.alpha = str(self.alpha)
@@ -101,11 +98,8 @@ class SelfDistillConfig(AuxConfig):
                 raise ValueError(f"alpha must be a number in [0, 1] or 'auto', got {self.alpha!r}") from None
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"alpha must be in [0, 1] (the ground-truth weight), got {value!r}")
-        if int(self.grid_points) < 2:
-            raise ValueError(f"grid_points must be >= 2, got {self.grid_points!r}")
-        for name in ("rbf_gamma", "lambd"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        self.require_at_least(2, "grid_points")
+        self.require_positive("rbf_gamma", "lambd")
         super().__post_init__()
 
 

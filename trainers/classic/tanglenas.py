@@ -53,7 +53,9 @@ ARMS = ("tanglenas", "darts")
 
 
 @dataclass
-class TangleNASConfig(AuxConfig):
+class TangleNASConfig(AuxConfig, max_steps=300, eval_every=50, output_dir="runs/tanglenas"):
+    """A step is one search iteration: one weight step and one arch step."""
+
     arm: str = field(
         default="tanglenas",
         metadata={
@@ -81,11 +83,6 @@ class TangleNASConfig(AuxConfig):
     retrain_steps: int = field(
         default=300, metadata={"help": "AdamW steps to retrain the argmax architecture at the end (0: skip)."}
     )
-    max_steps: int = field(default=300, metadata={"help": "Search iterations (one weight and one arch step each)."})
-    eval_every: int = field(default=50, metadata={"help": "Evaluate and log every this many steps."})
-    output_dir: str = field(
-        default="runs/tanglenas", metadata={"help": "Where results.json, curves.png and aux_state.pt are written."}
-    )
 
     def __post_init__(self):
         if self.arm not in ARMS:
@@ -98,16 +95,10 @@ class TangleNASConfig(AuxConfig):
         if widths != sorted(set(widths)):
             raise ValueError(f"widths must be increasing and distinct (slices of the largest), got {self.widths!r}")
         self.widths = widths
-        if int(self.layers) < 1:
-            raise ValueError(f"layers must be >= 1, got {self.layers!r}")
-        for name in ("learning_rate", "arch_learning_rate", "tau_max", "tau_min"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
-        for name in ("kappa", "weight_decay", "arch_weight_decay", "alpha_init", "retrain_steps"):
-            if not getattr(self, name) >= 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
-        if int(self.batch_size) < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size!r}")
+        self.require_at_least(1, "layers")
+        self.require_positive("learning_rate", "arch_learning_rate", "tau_max", "tau_min")
+        self.require_non_negative("kappa", "weight_decay", "arch_weight_decay", "alpha_init", "retrain_steps")
+        self.require_at_least(1, "batch_size")
         super().__post_init__()
 
 
@@ -146,6 +137,21 @@ def alpha_entropy(alpha: torch.Tensor) -> float:
 # --- the supernets -------------------------------------------------------------------------------------------
 
 
+def inherit(arch: tuple[int, ...], rows: list[tuple[torch.Tensor, torch.Tensor]], head: nn.Linear) -> nn.Sequential:
+    """The child ``mlp(arch)`` holding the supernet's weights: ``rows`` gives each searchable layer's (weight, bias)
+    for its chosen width, over the largest previous width (the first d_prev columns are kept), then the head."""
+    net, d_prev = mlp(arch), N_FEATURES
+    linears = [m for m in net if isinstance(m, nn.Linear)]
+    with torch.no_grad():
+        for lin, (weight, bias), d in zip(linears, rows, arch):
+            lin.weight.copy_(weight[:, :d_prev])
+            lin.bias.copy_(bias)
+            d_prev = d
+        linears[-1].weight.copy_(head.weight[:, :d_prev])
+        linears[-1].bias.copy_(head.bias)
+    return net
+
+
 class EntangledMLP(nn.Module):
     """Each searchable layer is ONE Linear(d_prev_max, d_max); candidate widths are its leading rows."""
 
@@ -164,16 +170,7 @@ class EntangledMLP(nn.Module):
 
     def child(self, arch: tuple[int, ...]) -> nn.Sequential:
         """The argmax architecture with its slices of the supernet weights (the paper's inheritance)."""
-        net, d_prev = mlp(arch), N_FEATURES
-        linears = [m for m in net if isinstance(m, nn.Linear)]
-        with torch.no_grad():
-            for lin, layer, d in zip(linears, self.hidden, arch):
-                lin.weight.copy_(layer.weight[:d, :d_prev])
-                lin.bias.copy_(layer.bias[:d])
-                d_prev = d
-            linears[-1].weight.copy_(self.head.weight[:, :d_prev])
-            linears[-1].bias.copy_(self.head.bias)
-        return net
+        return inherit(arch, [(layer.weight[:d], layer.bias[:d]) for layer, d in zip(self.hidden, arch)], self.head)
 
 
 class SeparateMLP(nn.Module):
@@ -194,17 +191,8 @@ class SeparateMLP(nn.Module):
         return self.head(x)
 
     def child(self, arch: tuple[int, ...]) -> nn.Sequential:
-        net, d_prev = mlp(arch), N_FEATURES
-        linears = [m for m in net if isinstance(m, nn.Linear)]
-        with torch.no_grad():
-            for lin, ops, d in zip(linears, self.hidden, arch):
-                op = ops[self.widths.index(d)]
-                lin.weight.copy_(op.weight[:, :d_prev])
-                lin.bias.copy_(op.bias)
-                d_prev = d
-            linears[-1].weight.copy_(self.head.weight[:, :d_prev])
-            linears[-1].bias.copy_(self.head.bias)
-        return net
+        chosen = [ops[self.widths.index(d)] for ops, d in zip(self.hidden, arch)]
+        return inherit(arch, [(op.weight, op.bias) for op in chosen], self.head)
 
 
 def activation_units(arm: str, widths: list[int], layers: int) -> int:
@@ -224,6 +212,7 @@ class TangleNASTrainer(AuxTrainer):
     """Bi-level one-shot search on digits; one step is one weight step (train) and one alpha step (val)."""
 
     method = "tanglenas"
+    stateful = ("net", "alpha", "opt_w", "opt_a", "train_batches", "val_batches", "gumbel")
 
     def setup(self) -> None:
         args = self.args
@@ -298,29 +287,6 @@ class TangleNASTrainer(AuxTrainer):
                     self.retrained[arch] = mlp_accuracy(arch, self.data, self.args.retrain_steps, self.args.seed)
             out["retrain_test_acc"] = self.retrained[arch]
         return out
-
-    def state_dict(self) -> dict:
-        return {
-            **super().state_dict(),
-            "net": self.net.state_dict(),
-            "alpha": self.alpha.detach().clone(),
-            "opt_w": self.opt_w.state_dict(),
-            "opt_a": self.opt_a.state_dict(),
-            "train_batches": self.train_batches.state_dict(),
-            "val_batches": self.val_batches.state_dict(),
-            "gumbel": self.gumbel.get_state(),
-        }
-
-    def load_state_dict(self, state: dict) -> None:
-        super().load_state_dict(state)
-        self.net.load_state_dict(state["net"])
-        with torch.no_grad():
-            self.alpha.copy_(state["alpha"])
-        self.opt_w.load_state_dict(state["opt_w"])
-        self.opt_a.load_state_dict(state["opt_a"])
-        self.train_batches.load_state_dict(state["train_batches"])
-        self.val_batches.load_state_dict(state["val_batches"])
-        self.gumbel.set_state(state["gumbel"])
 
 
 def memory_ratio(widths: list[int], layers: int) -> dict[str, float]:

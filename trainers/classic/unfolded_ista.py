@@ -47,7 +47,9 @@ LOSSES = ("sup", "unsup")
 
 
 @dataclass
-class UnfoldedISTAConfig(AuxConfig):
+class UnfoldedISTAConfig(AuxConfig, max_steps=500, eval_every=50, output_dir="runs/unfolded_ista"):
+    """A step is one Adam step on a fresh batch."""
+
     algo: str = field(default="ista", metadata={"help": "ista (LASSO, soft threshold) or iht (l0, hard threshold)."})
     losses: str = field(
         default="sup,unsup",
@@ -76,11 +78,6 @@ class UnfoldedISTAConfig(AuxConfig):
             "about 1e-9, below that of 3000 ISTA iterations), IHT to its fixed point for l0."
         },
     )
-    max_steps: int = field(default=500, metadata={"help": "Adam steps (one step = one fresh batch)."})
-    eval_every: int = field(default=50, metadata={"help": "Evaluate and log every this many steps."})
-    output_dir: str = field(
-        default="runs/unfolded_ista", metadata={"help": "Where results.json, curves.png and aux_state.pt are written."}
-    )
 
     def __post_init__(self):
         if self.algo not in ALGOS:
@@ -90,19 +87,13 @@ class UnfoldedISTAConfig(AuxConfig):
         if not names or bad or len(set(names)) != len(names):
             raise ValueError(f"losses must be a comma-separated subset of {', '.join(LOSSES)}, got {self.losses!r}")
         self.losses = ",".join(names)
-        for name in ("m", "n", "layers", "batch_size", "test_samples", "reference_iters"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
+        self.require_at_least(1, "m", "n", "layers", "batch_size", "test_samples", "reference_iters")
         if not 0.0 < self.p <= 1.0:
             raise ValueError(f"p must be in (0, 1], got {self.p!r}")
         if self.test_p != -1.0 and not 0.0 < self.test_p <= 1.0:
             raise ValueError(f"test_p must be in (0, 1] or -1 (same as p), got {self.test_p!r}")
-        for name in ("sigma",):
-            if not getattr(self, name) >= 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
-        for name in ("lambd", "lr"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        self.require_non_negative("sigma")
+        self.require_positive("lambd", "lr")
         super().__post_init__()
 
 
@@ -200,11 +191,12 @@ class UnfoldedISTATrainer(AuxTrainer):
     """Trains T step sizes of DU-ISTA / DU-IHT per loss; a step is one Adam step on a fresh batch."""
 
     method = "unfolded_ista"
+    stateful = ("log_gamma", "optimizer", "generator")
 
     def setup(self) -> None:
         a = self.args
         self.variants = a.losses.split(",")
-        self.gen = torch.Generator().manual_seed(a.seed)  # the training stream (saved for --resume)
+        self.generator = torch.Generator().manual_seed(a.seed)  # the training stream (saved for --resume)
         g = torch.Generator().manual_seed(a.seed + 10_000)  # A and the test set: fixed by the seed
         self.A = torch.randn(a.m, a.n, generator=g, dtype=torch.float64) / math.sqrt(a.m)
         self.A32 = self.A.float()
@@ -247,8 +239,8 @@ class UnfoldedISTATrainer(AuxTrainer):
 
     def training_step(self) -> dict:
         a = self.args
-        x = bernoulli_gaussian(a.batch_size, a.n, a.p, self.gen)
-        y = measure(self.A, x, a.sigma, self.gen)
+        x = bernoulli_gaussian(a.batch_size, a.n, a.p, self.generator)
+        y = measure(self.A, x, a.sigma, self.generator)
         x, y = x.float(), y.float()  # float32 training: half the memory traffic of the (overhead-bound) small ops
         x_hat = unfolded_forward(self.A32, y, self.log_gamma.float().exp(), a.lambd, a.algo)
         loss = self.loss(x_hat, x, y)
@@ -267,18 +259,3 @@ class UnfoldedISTATrainer(AuxTrainer):
             out[f"J/{kind}"] = float(objective(a.algo, self.A, self.y_test, x_hat[v], a.lambd).mean())
             out[f"gamma/{kind}"] = self.log_gamma[v].exp().tolist()
         return out
-
-    def state_dict(self) -> dict:
-        return {
-            **super().state_dict(),
-            "log_gamma": self.log_gamma.detach().clone(),
-            "optimizer": self.optimizer.state_dict(),
-            "generator": self.gen.get_state(),
-        }
-
-    def load_state_dict(self, state: dict) -> None:
-        super().load_state_dict(state)
-        with torch.no_grad():
-            self.log_gamma.copy_(state["log_gamma"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.gen.set_state(state["generator"])

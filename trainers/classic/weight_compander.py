@@ -59,7 +59,9 @@ from posttrain.trainers.classic.base import AuxConfig, AuxTrainer, run_arms
 
 
 @dataclass
-class WeightCompanderConfig(AuxConfig):
+class WeightCompanderConfig(AuxConfig, max_steps=450, eval_every=50, output_dir="runs/weight_compander"):
+    """A step is one minibatch (the default 450 = 150 epochs of 300 images in minibatches of 100)."""
+
     compander: bool = field(
         default=True,
         metadata={
@@ -84,29 +86,17 @@ class WeightCompanderConfig(AuxConfig):
         metadata={"help": "AdamW's decoupled decay; false: torch Adam's L2 weight_decay (see the module docstring)."},
     )
     batch_size: int = field(default=100, metadata={"help": "Minibatch size."})
-    max_steps: int = field(
-        default=450, metadata={"help": "Minibatch steps (450 = 150 epochs of 300 images in minibatches of 100)."}
-    )
-    eval_every: int = field(default=50, metadata={"help": "Evaluate and log every this many steps."})
-    output_dir: str = field(
-        default="runs/weight_compander",
-        metadata={"help": "Where results.json, curves.png and aux_state.pt are written."},
-    )
 
     def __post_init__(self):
-        for name in ("hidden", "batch_size"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
+        self.require_at_least(1, "hidden", "batch_size")
         if not 10 <= self.train_size <= 1500:
             raise ValueError(
                 f"train_size must be in [10, 1500] (digits has 1797 images; the rest is the test set), "
                 f"got {self.train_size!r}"
             )
         check_bound_slope(self.bound, self.slope)
-        if not self.learning_rate > 0:
-            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate!r}")
-        if not self.weight_decay >= 0:
-            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
+        self.require_positive("learning_rate")
+        self.require_non_negative("weight_decay")
         super().__post_init__()
 
 
