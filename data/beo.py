@@ -17,13 +17,13 @@ Two modes:
   is a reconstruction): B_hat(X) = mean_i [1 - max_y p_hat(y|x_i)] with the leave-one-out kernel posterior
   p_hat(y|x_i) ~ sum_{j != i, y_j = y} exp(-||x_i - x_j||^2 / 2h^2); S steps of sign-gradient ascent (L-inf;
   normalised gradient for L2) with step eta = 2.5 eps / S (the usual PGD schedule), each followed by the
-  projection on the eps-ball and onto [0, 1]. The bandwidth h: the spec's pseudo-code takes the median pairwise
+  projection on the eps-ball and onto [0, 1]. The bandwidth h: our first reconstruction took the median pairwise
   distance, but on digits that kernel is nearly flat (B_hat = 0.886 on the clean protected half of seed 0, whose
   5-NN error is 0.03, against a maximum of 0.9), so the default here is the median nearest-neighbour distance of
-  the clean protected set (B_hat = 0.644 there); ``bandwidth_rule: median`` restores the pseudo-code's.
+  the clean protected set (B_hat = 0.644 there); ``bandwidth_rule: median`` restores it.
 
 As a data stage, ``protect`` maps (X, y) to the protected X and a report; ``protect_dataset`` does it on a
-``datasets.Dataset`` with a feature column. The ``beo`` trainer runs the spec's digits experiment: half of the
+``datasets.Dataset`` with a feature column. The ``beo`` trainer runs a digits experiment: half of the
 training set is protected, and logistic regression is trained on clean-only, clean + BEO, clean + uniform noise
 at the same eps, and clean + unmodified halves; the leave-one-out 5-NN error of the protected half is the Bayes
 error proxy. A step is one PGA iteration over all protected samples (centroid_shift: one step).
@@ -67,7 +67,7 @@ class BEOConfig(AuxConfig, max_steps=1, eval_every=1):
         default="nn_median",
         metadata={
             "help": "pga, when bandwidth is 0: nn_median (median distance to the nearest other point) or median "
-            "(median pairwise distance, the spec's pseudo-code; it makes B_hat nearly flat on digits)."
+            "(median pairwise distance, our first reconstruction; it makes B_hat nearly flat on digits)."
         },
     )
     protect_fraction: float = field(default=0.5, metadata={"help": "Share of the training set that is protected."})
@@ -308,7 +308,7 @@ class BEOTrainer(AuxTrainer):
 
 
 def criteria(results: list[dict]) -> dict:
-    """The spec's pass criteria on the mean over seeds of each run's final numbers (accuracies in [0, 1])."""
+    """The pass criteria on the mean over seeds of each run's final numbers (accuracies in [0, 1])."""
     mean = lambda k: float(np.mean([r[k] for r in results]))  # noqa: E731
     return {
         "beo_minus_clean_only_pp": 100 * (mean("acc_clean_plus_beo") - mean("acc_clean_only")),

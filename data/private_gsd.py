@@ -34,8 +34,8 @@ Optimisation (post-processing, free): minimise L(S) = ||a_hat - q(S)||_2^2 by a 
 * early stop when the best fitness has not improved for ``early_stop_window`` generations (official default: N').
 
 Reconstruction choices: the mutated row is drawn uniformly (the official code draws it from a window of a fixed
-permutation; with one row per candidate the two agree in law); the built-in data (``latent_categorical``) is the
-spec's toy (attributes correlated through a latent class), not one of the paper's ACS tasks.
+permutation; with one row per candidate the two agree in law); the built-in data (``latent_categorical``) is a
+toy of ours (attributes correlated through a latent class), not one of the paper's ACS tasks.
 """
 
 from __future__ import annotations

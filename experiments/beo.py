@@ -5,8 +5,8 @@ data, unlike the same half with uniform noise at the same eps, and does it raise
 
 Setting: digits scaled to [0, 1], train 70 / test 30 (stratified, per seed), half of the training set protected
 (629 images). Modes: the repository's centroid shift (PCA k = 16) and 20 PGA steps on the leave-one-out kernel
-estimate of the Bayes error (bandwidth: median nearest-neighbour distance; ``pga_median_h`` uses the spec
-pseudo-code's median pairwise distance). Arms: logistic regression (the tests' classifier) and, here only, a
+estimate of the Bayes error (bandwidth: median nearest-neighbour distance; ``pga_median_h`` uses the median
+pairwise distance, our first reconstruction's). Arms: logistic regression (the tests' classifier) and, here only, a
 64-128-10 MLP (scikit-learn MLPClassifier, adam, 300 epochs), trained on clean-only / clean + BEO / clean + uniform
 noise / clean + unmodified, scored on the clean test set.
 

@@ -1,6 +1,6 @@
 """Blindspot regression unlearning on diabetes, against Gaussian-amnesiac and fine-tune (arXiv 2210.08196).
 
-Setting (the spec's smallest experiment): scikit-learn's diabetes, x standardised, y in original units, 25 % held
+Setting (the smallest experiment): scikit-learn's diabetes, x standardised, y in original units, 25 % held
 out; forget = training samples with y at or below the training 25th percentile; MLP 10-64-64-1, L1 loss, Adam 1e-3,
 batch 32; original 400 epochs on all training data, gold 400 epochs on the retain set, proxy 30 epochs on the
 retain set, every arm fine-tunes 40 epochs; beta_AT = 50; 3 seeds. Criteria (tested per seed in

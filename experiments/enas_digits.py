@@ -4,7 +4,7 @@ Setting (``trainers/classic/enas.py``): a 4-node cell (input and op per node, sh
 alternating steps (one shared-weight minibatch, one controller update of 4 children), LSTM controller with hidden 32;
 the best of 50 sampled architectures by shared-weight validation accuracy; the Spearman correlation between the
 controller's final hidden-state distance and the graph edit distance over 200 pairs. Seeds 0-4 (the criteria use
-0-2, the spec's three). A reference row: the untrained controller (step 0).
+0-2). A reference row: the untrained controller (step 0).
 
 Pass criteria (tested in tests/trainers/classic/test_enas.py, 3-seed means): |ENAS - RS-WS| best-found validation
 accuracy <= 2 pp; correlation with the buffer >= without + 0.1; without the buffer <= 0.15.

@@ -9,7 +9,7 @@ rounds of 5 clients x 2 local epochs (minibatch 32), 3 seeds. Rows:
 * binary_supermask: edge-popup top-20 % |scores| over all weights, FedAvg on the float scores (Adam 0.05);
 * fedavg: dense FedAvg (SGD 0.1, momentum 0.9), the reference.
 
-Pass criteria (the spec's, tested in tests/trainers/classic/test_hidenseek.py where they hold): final accuracy
+Pass criteria (tested in tests/trainers/classic/test_hidenseek.py where they hold): final accuracy
 (a) >= (b) + 3 pp over 3 seeds; rounds to 80 % of the final accuracy (a) <= (b); uplink bits per round (a) <= (b).
 
     .venv/bin/python experiments/hidenseek.py   # ~1 minute of CPU on 1 thread; results/hidenseek.json, .png

@@ -3,7 +3,7 @@ and selection rules are a reconstruction, UNVERIFIED).
 
 Digits (3 seeds): an MLP 64-256-256-10 trained on 1200 images (20 Adam epochs), 597 test images; 500 synthetic
 calibration inputs from per-class Gaussian fits. Pruning removes 50 % of each hidden layer, no fine-tuning; the
-spec's arms are ModHiFi-P (singleton fidelity + least-squares re-fit), magnitude and random (no re-fit); the rows
+arms are ModHiFi-P (singleton fidelity + least-squares re-fit), magnitude and random (no re-fit); the rows
 after them separate the score from the re-fit. Unlearning forgets class 3 with budgets 10/25/50 % per layer, with
 the default re-fit (split) and the retain-only re-fit. Criteria (tested on seed 0 in
 tests/trainers/classic/test_modhifi.py): pruning drop <= 3 pp, >= magnitude + 3 pp, >= random + 5 pp; unlearning

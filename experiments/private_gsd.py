@@ -1,4 +1,4 @@
-"""Private-GSD on the spec's categorical toy (arXiv 2306.03257), numpy, CPU, under a minute.
+"""Private-GSD on a categorical toy (arXiv 2306.03257), numpy, CPU, under a minute.
 
 Question: does the genetic search fit the noisy two-way marginals down to the measurement noise, far better than
 sampling from independent noisy one-way marginals at the same budget, with the budget accounted exactly?
