@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import re
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from posttrain import UserError
 from posttrain.model_folder import check_model_folder
@@ -22,7 +22,7 @@ _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 _FORMAT = re.compile(r"(?:the answer is|####)\s*\$?-?\d[\d,]*(?:\.\d+)?\s*\.?\s*$", re.IGNORECASE)
 
 
-def reward_functions(names: list[str], config) -> list:
+def reward_functions(names: list[str], config: Any) -> list:
     """The reward callables named in ``reward_funcs``; ``rm:<directory>`` is a learned reward model (the output of a
     ``reward`` recipe), handed to TRL as its path so TRL loads it as a one-label sequence classifier."""
     unknown = [name for name in names if name not in REWARDS and not name.startswith("rm:")]
@@ -64,7 +64,7 @@ def last_number(text: str) -> float | None:
         return None
 
 
-def numeric_match(completions, answer, **kwargs) -> list[float]:
+def numeric_match(completions: list, answer: list, **kwargs) -> list[float]:
     """1.0 when the last number in the completion equals the reference answer numerically, else 0.0.
 
     Numeric, not string, comparison: GSM-style references write "8.0" where a model writes "8".
@@ -78,7 +78,7 @@ def numeric_match(completions, answer, **kwargs) -> list[float]:
     return rewards
 
 
-def answer_format(completions, **kwargs) -> list[float]:
+def answer_format(completions: list, **kwargs) -> list[float]:
     """1.0 when the completion ends with a final-answer statement ("The answer is N." or "#### N"), else 0.0."""
     return [float(bool(_FORMAT.search(_text(c).strip()))) for c in completions]
 
@@ -128,7 +128,7 @@ def _length_fraction(config) -> Callable:
     return length_fraction
 
 
-def distinct_2(completions, **kwargs) -> list[float]:
+def distinct_2(completions: list, **kwargs) -> list[float]:
     """Distinct word bigrams / word bigrams of the completion, in [0, 1] (1 for fewer than two words): lexical
     diversity, the diversity half of the official constrained-RLHF evaluation score; repetition lowers it."""
     scores = []

@@ -42,17 +42,13 @@ TRL private utilities used (re-exported here): ``disable_gradient_checkpointing`
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from accelerate import Accelerator
-    from transformers import Trainer
-
 import contextlib
 from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
+from accelerate import Accelerator
+from transformers import Trainer
 from trl.models.utils import disable_gradient_checkpointing, prepare_deepspeed
 from trl.trainer.utils import use_adapter
 

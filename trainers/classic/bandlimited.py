@@ -29,6 +29,7 @@ around |a|): Omega = 2 cannot fit sin(16 pi x) at any width, Omega = 200 can.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -130,7 +131,7 @@ def gram_condition(H: np.ndarray, ridge: float) -> float:
     return float((s[0] / s[-1]) ** 2) if width <= n and s[-1] > 0 else float("inf")
 
 
-def sine_targets(x: np.ndarray, frequencies) -> np.ndarray:
+def sine_targets(x: np.ndarray, frequencies: Sequence[float]) -> np.ndarray:
     """sin(k pi x_1) for each k: (n, len(frequencies))."""
     return np.sin(np.pi * x[:, :1] * np.asarray(frequencies, dtype=float)[None, :])
 

@@ -115,7 +115,7 @@ class AuxConfig:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
 
 
-def save_part(part):
+def save_part(part: object) -> object:
     """What ``state_dict()`` saves of a ``stateful`` attribute."""
     if isinstance(part, torch.Generator):
         return part.get_state()
@@ -124,7 +124,7 @@ def save_part(part):
     return part.state_dict()
 
 
-def load_part(part, saved) -> None:
+def load_part(part: object, saved: object) -> None:
     """Restore a ``stateful`` attribute in place from what ``save_part`` returned."""
     if isinstance(part, torch.Generator):
         part.set_state(saved)

@@ -33,6 +33,7 @@ from __future__ import annotations
 import copy
 import functools
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -321,7 +322,9 @@ class BlindspotTrainer(AuxTrainer):
         self.epoch = int(state["epoch"])
 
 
-def compare_arms(seeds=(0, 1, 2), arms=ARMS, output_dir: str = "runs/blindspot", **overrides) -> dict[str, list[dict]]:
+def compare_arms(
+    seeds: Iterable[int] = (0, 1, 2), arms: Iterable[str] = ARMS, output_dir: str = "runs/blindspot", **overrides
+) -> dict[str, list[dict]]:
     """Every arm on the same split and original model per seed -> {arm: [final evaluate() per seed]}."""
     arm_values = {arm: {"arm": arm} for arm in arms}
     return run_arms(BlindspotConfig, BlindspotTrainer, arm_values, seeds, output_dir, expect="criterion", **overrides)

@@ -9,11 +9,14 @@ ModHiFi (``trainers/classic/modhifi.py``) scores the channels; any other score c
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
+from datasets import Dataset
 from torch import nn
 
 
-def gated_mlps(model) -> list[nn.Module]:
+def gated_mlps(model: nn.Module) -> list[nn.Module]:
     """Each decoder layer's MLP with gate_proj, up_proj and down_proj (Llama, Qwen, Mistral, SmolLM2 ...)."""
     layers = getattr(getattr(model, "model", None), "layers", None)
     mlps = [getattr(layer, "mlp", None) for layer in (layers or [])]
@@ -30,7 +33,7 @@ class _Reached(Exception):
 
 
 @torch.no_grad()
-def mlp_io(model, mlp: nn.Module, batches: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def mlp_io(model: nn.Module, mlp: nn.Module, batches: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """(Z, Y) of one gated MLP over the calibration tokens: Z the down_proj input (the channels), Y its output.
     Each forward pass stops at that layer (the layers above it cannot change its input)."""
     zs, ys = [], []
@@ -53,7 +56,7 @@ def mlp_io(model, mlp: nn.Module, batches: list[torch.Tensor]) -> tuple[torch.Te
 
 
 @torch.no_grad()
-def mlp_outputs(model, batches: list[torch.Tensor]) -> list[torch.Tensor]:
+def mlp_outputs(model: nn.Module, batches: list[torch.Tensor]) -> list[torch.Tensor]:
     """Every gated MLP's output over the calibration tokens, one forward pass per batch: [(tokens, hidden)] per layer,
     float32 (the re-fit targets of a whole model at once)."""
     mlps = gated_mlps(model)
@@ -73,7 +76,7 @@ def mlp_outputs(model, batches: list[torch.Tensor]) -> list[torch.Tensor]:
     return [torch.cat(o) for o in outs]
 
 
-def calibration_texts(rows, tokenizer) -> list[str]:
+def calibration_texts(rows: Dataset, tokenizer: Any) -> list[str]:
     """The text of each row: a conversation (prompt + completion messages) through the chat template, else the
     ``text`` column, else prompt + completion strings. No labels are used: it is only what the model reads."""
     cols = rows.column_names

@@ -36,6 +36,7 @@ Two uses:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -84,7 +85,7 @@ class DONEConfig(AuxConfig, max_steps=300, eval_every=50, output_dir="runs/done"
         super().__post_init__()
 
 
-def check_kl_dro(r, beta) -> None:
+def check_kl_dro(r: float, beta: float) -> None:
     if isinstance(r, bool) or not isinstance(r, (int, float)) or not (r > 0 and math.isfinite(r)):
         raise ValueError(f"r must be a number > 0 (the KL strength; large r: uniform weights), got {r!r}")
     if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0 < beta <= 1:
@@ -169,9 +170,9 @@ def kl_dro_sequence_loss(
     labels: torch.Tensor,
     reweight: KLDROReweight,
     update: bool = True,
-    num_items_in_batch=None,
+    num_items_in_batch: int | torch.Tensor | None = None,
     ignore_index: int = -100,
-    gather=None,
+    gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, dict]:
     """The KL-DRO reweighting of a causal-LM loss: sum_t w_seq(t) ce_t / N, w_i = exp(l_i / r) / u.
 
@@ -226,7 +227,9 @@ def pgd_attack(
 # --- the minority-class experiment ----------------------------------------------------------------------------
 
 
-def minority_blobs(n: int, dim: int, minority_frac: float, separation: float, gap: float, rng: np.random.Generator):
+def minority_blobs(
+    n: int, dim: int, minority_frac: float, separation: float, gap: float, rng: np.random.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Unit-variance Gaussian blobs: class 0 at 0, class 1 at ``separation`` along e_1, class 2 (``minority_frac``
     of the points) ``gap`` beyond class 1 along e_2, so its only near neighbour is class 1."""
     means = np.zeros((3, dim))
@@ -324,7 +327,7 @@ class DONETrainer(AuxTrainer):
         self.reweight.load_state_dict(state["reweight"])
 
 
-def compare_arms(seeds=(0, 1, 2, 3, 4), **overrides) -> dict:
+def compare_arms(seeds: Iterable[int] = (0, 1, 2, 3, 4), **overrides) -> dict:
     """Uniform PGD-AT and DONE on the same data and initial weights per seed -> {arm: [final evaluate() per seed]}."""
 
     def min_ess(arm, trainer, final):
@@ -376,7 +379,7 @@ def parse_kl_dro_keys(values: dict, sources: dict, source: str, method: str, tas
     return args
 
 
-def kl_dro_sft_trainer(sft_cls):
+def kl_dro_sft_trainer(sft_cls: type) -> type:
     """``sft_cls`` (TRL's SFTTrainer, as ``runtime.guarded`` wraps it) with KL-DRO sequence weights; u is method
     state (``method_state.pt`` in each checkpoint)."""
 

@@ -33,6 +33,7 @@ of their hidden states and their graph edit distance (``graph_edit_distance``).
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -131,7 +132,7 @@ def graph_edit_distance(a: tuple[int, ...] | list[int], b: tuple[int, ...] | lis
     return sum(la[k] != lb[k] for k in la) + len(ea ^ eb)
 
 
-def spearman(x, y) -> float:
+def spearman(x: Sequence[float], y: Sequence[float]) -> float:
     """Spearman rank correlation (scipy; NaN if either side is constant)."""
     from scipy.stats import spearmanr
 

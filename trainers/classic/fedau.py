@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -184,7 +185,9 @@ class FedAUTrainer(AuxTrainer):
         self.tracker.load_state_dict(copy.deepcopy(state["tracker"]))
 
 
-def compare_aggregators(aggregators=("fedau", "fedavg", "known_prob"), seeds=(0, 1, 2), **config_overrides) -> dict:
+def compare_aggregators(
+    aggregators: Iterable[str] = ("fedau", "fedavg", "known_prob"), seeds: Iterable[int] = (0, 1, 2), **config_overrides
+) -> dict:
     """Run every aggregator on every seed (same clients per seed) -> {aggregator: [excess per seed]}.
 
     Each run writes to ``<output_dir>/<aggregator>-seed<seed>/results.json``.

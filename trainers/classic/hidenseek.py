@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import copy
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -147,7 +148,9 @@ def binary_supermask_weight(w0: torch.Tensor, scores: torch.Tensor, density: flo
     return topk_ste(scores.abs(), density) * w0
 
 
-def dirichlet_split(labels: np.ndarray, num_clients: int, alpha: float, rng: np.random.Generator, min_size: int = 10):
+def dirichlet_split(
+    labels: np.ndarray, num_clients: int, alpha: float, rng: np.random.Generator, min_size: int = 10
+) -> list[np.ndarray]:
     """Non-IID label split: for each class, its samples go to the clients in Dirichlet(alpha) proportions.
     Redrawn until every client holds at least ``min_size`` samples. Returns one index array per client."""
     for _ in range(1000):
@@ -303,7 +306,7 @@ class HideNseekTrainer(AuxTrainer):
 ARM_DEFAULTS = {"hidenseek": {"local_lr": 0.15}, "fedavg": {"optimizer": "sgd", "local_lr": 0.1}}
 
 
-def compare_arms(arms=ARMS, seeds=(0, 1, 2), **overrides) -> dict:
+def compare_arms(arms: Iterable[str] = ARMS, seeds: Iterable[int] = (0, 1, 2), **overrides) -> dict:
     """Run every arm on every seed -> {arm: [results per seed]}, each {"accuracy": per-round curve, "final",
     "rounds_to_80", "uplink_bits" (per round)}. ``ARM_DEFAULTS`` apply under ``overrides``; an arm name with a suffix
     (``hidenseek:scores``) takes its settings from ``variants``. Each run writes

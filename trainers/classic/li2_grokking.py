@@ -40,6 +40,7 @@ weight_decay), so a Muon run differs from the Adam run only in the hidden matrix
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -98,7 +99,7 @@ class Li2GrokkingConfig(AuxConfig, max_steps=3000, output_dir="runs/li2_grokking
 # --- the pure math ----------------------------------------------------------------------------------------
 
 
-def group_table(moduli) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def group_table(moduli: Sequence[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """All pairs (a, b) of G = Z_m1 x ... x Z_mk (elements as flat C-order indices) and their sums a + b."""
     moduli = tuple(int(m) for m in moduli)
     order = math.prod(moduli)
@@ -112,7 +113,7 @@ def critical_fraction(order: int) -> float:
     return CRITICAL_RATIO_MULTIPLIER * math.log(order) / order
 
 
-def fourier_concentration(rows: np.ndarray, moduli) -> float:
+def fourier_concentration(rows: np.ndarray, moduli: Sequence[int]) -> float:
     """Mean over rows of (energy of the dominant non-trivial character pair {k, -k}) / (non-trivial energy).
 
     ``rows`` is (units, M): each row a function on G. The DFT over G is the k-dimensional DFT of the row reshaped

@@ -42,6 +42,7 @@ from __future__ import annotations
 import copy
 import functools
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -164,7 +165,7 @@ def singleton_fidelity(z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return torch.where(zz > 0, (zy * zy).sum(1) / (zz.clamp_min(1e-300) * yy.clamp_min(1e-300)), 0.0)
 
 
-def subset_fidelity(z: torch.Tensor, y: torch.Tensor, subset) -> float:
+def subset_fidelity(z: torch.Tensor, y: torch.Tensor, subset: Iterable[int]) -> float:
     """SF(S) = 1 - ||Y - Z_S B*||^2 / ||Y||^2 with B* the least-squares fit (for checks and the report)."""
     z, y = z.double()[:, list(subset)], y.double()
     b = torch.linalg.lstsq(z, y, driver="gelsd").solution

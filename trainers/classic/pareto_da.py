@@ -36,6 +36,7 @@ target on which the three arms separate; EXPERIMENTS.md has both.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -142,7 +143,9 @@ def grad_reverse(x: torch.Tensor, coeff: float) -> torch.Tensor:
 # --- the digits experiment ------------------------------------------------------------------------------------
 
 
-def digits_domains(seed: int, rotate: float, invert: bool, val_frac: float):
+def digits_domains(
+    seed: int, rotate: float, invert: bool, val_frac: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]:
     """Source: half of scikit-learn's digits (pixels in [0, 1]); target: the other half rotated and inverted,
     its order split into (train, held-out). Returns xs, ys, xt, yt (yt only for evaluation), the held-out index."""
     from scipy.ndimage import rotate as nd_rotate
@@ -297,7 +300,7 @@ class ParetoDATrainer(AuxTrainer):
         self.alpha_min, self.alpha_sum_err = state["alpha_stats"]
 
 
-def compare_arms(seeds=(0, 1, 2), arms=ARMS, **overrides) -> dict:
+def compare_arms(seeds: Iterable[int] = (0, 1, 2), arms: Iterable[str] = ARMS, **overrides) -> dict:
     """Every arm on the same data split and seed -> {arm: [final evaluate() per seed]} (ParetoDA's with the LP
     failure and guided-move fractions)."""
 

@@ -402,7 +402,15 @@ class ScadMCPTrainer(AuxTrainer):
         self.solver.load(state["solver"])
 
 
-def iterations_to_gap(solver, X: np.ndarray, y: np.ndarray, pen: Penalty, f_star: float, tol: float, limit: int) -> int:
+def iterations_to_gap(
+    solver: ISTA | AcceleratedGradient,
+    X: np.ndarray,
+    y: np.ndarray,
+    pen: Penalty,
+    f_star: float,
+    tol: float,
+    limit: int,
+) -> int:
     """Iterations until F(beta) - f* <= tol (``limit`` + 1 if never)."""
     for k in range(1, limit + 1):
         if objective(X, y, solver.step(), pen) - f_star <= tol:

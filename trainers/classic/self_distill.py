@@ -237,7 +237,7 @@ def gt_mixed_distill_loss(
     teacher_logits: torch.Tensor,
     labels: torch.Tensor,
     alpha: float,
-    num_items_in_batch=None,
+    num_items_in_batch: int | torch.Tensor | None = None,
     ignore_index: int = -100,
 ) -> tuple[torch.Tensor, dict]:
     """Cross-entropy of the student against alpha one-hot(label) + (1 - alpha) softmax(teacher), causal-LM style.
@@ -359,7 +359,7 @@ def check_teacher(args: SelfDistillArgs, student_path: str) -> None:
         )
 
 
-def self_distill_sft_trainer(sft_cls):
+def self_distill_sft_trainer(sft_cls: type) -> type:
     """``sft_cls`` (TRL's SFTTrainer, as ``runtime.guarded`` wraps it) with the ground-truth-mixed target."""
 
     class SelfDistillSFTTrainer(sft_cls):

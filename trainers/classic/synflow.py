@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -266,7 +267,7 @@ def parse_synflow_keys(values: dict, sources: dict, source: str, method: str, ta
     return args
 
 
-def attach_synflow(trainer, args: SynFlowArgs) -> dict:
+def attach_synflow(trainer: Any, args: SynFlowArgs) -> dict:
     """Prune ``trainer.model`` with SynFlow before ``train()`` and keep the pruned weights at zero while it trains.
 
     The mask is computed from the loaded model, before a resumed run loads its checkpoint, so a resume finds the

@@ -46,7 +46,9 @@ data gradient, into lr-sized steps to zero in both arms, and that dominates the 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -100,7 +102,7 @@ class WeightCompanderConfig(AuxConfig, max_steps=450, eval_every=50, output_dir=
         super().__post_init__()
 
 
-def check_bound_slope(bound, slope) -> None:
+def check_bound_slope(bound: float | None, slope: float) -> None:
     if bound is not None and not (isinstance(bound, (int, float)) and bound > 0 and math.isfinite(bound)):
         raise ValueError(f"bound must be a number > 0, got {bound!r}")
     if not (isinstance(slope, (int, float)) and slope > 1 and math.isfinite(slope)):
@@ -177,12 +179,12 @@ def companded_layers(model: nn.Module) -> dict[str, nn.Module]:
 
 def apply_weight_compander(
     model: nn.Module,
-    modules="all-linear",
+    modules: str | Sequence[str] = "all-linear",
     bound: float | None = None,
     bound_scale: float = 2.0,
     slope: float = 2.0,
     learnable: bool = True,
-    exclude=("lm_head", "score"),
+    exclude: Sequence[str] = ("lm_head", "score"),
 ) -> list[str]:
     """Attach a ``Compander`` to the weight of every matching ``nn.Linear`` (a name in ``modules`` or
     ``"all-linear"``; ``exclude`` names are skipped, like peft's all-linear skips the output head). With peft LoRA
@@ -343,7 +345,7 @@ class WeightCompanderCallback:
             m.parametrizations.weight[0].sigma.copy_(state[name]["sigma"])
 
 
-def attach_weight_compander(trainer, args: CompanderArgs) -> list[str]:
+def attach_weight_compander(trainer: Any, args: CompanderArgs) -> list[str]:
     """Compand the recipe's Linear layers of ``trainer.model`` (before ``train()`` builds the optimizer), save baked
     weights, keep v/rho/sigma as method state, and keep rho and sigma out of weight decay."""
     from transformers import TrainerCallback
@@ -379,7 +381,7 @@ def attach_weight_compander(trainer, args: CompanderArgs) -> list[str]:
 # --- the digits experiment ------------------------------------------------------------------------------------
 
 
-def digits_split(train_size: int, seed: int):
+def digits_split(train_size: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """scikit-learn's bundled digits (offline), pixels scaled to [0, 1]; a seeded train/test split."""
     from sklearn.datasets import load_digits
 
@@ -462,7 +464,7 @@ class WeightCompanderTrainer(AuxTrainer):
         self.load_minibatch_sgd_state(state)
 
 
-def compare_arms(seeds=(0, 1, 2, 3, 4), **overrides) -> dict:
+def compare_arms(seeds: Iterable[int] = (0, 1, 2, 3, 4), **overrides) -> dict:
     """Baseline and WC-like on the same splits and initial weights per seed -> {arm: [final evaluate() per seed]}."""
     base = overrides.pop("output_dir", WeightCompanderConfig.output_dir)
     arms = {"baseline": {"compander": False}, "wc": {"compander": True}}
