@@ -90,6 +90,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def one_process_launch(*program: str) -> list[str]:
+    """The ``accelerate launch`` command line of a 1-process run (the reference a 2-process run is compared with)."""
+    return [str(BIN / "accelerate"), "launch", "--num_processes", "1", *program]
+
+
 def two_process_launch(config: str, *program: str) -> list[str]:
     """The ``accelerate launch`` command line of a 2-process CPU run with a shipped accelerate config (``cpu_2proc``,
     ``zero2``, ``zero3`` ...; bf16 is for GPUs, so mixed precision is off) on a free port; ``program`` is the script

@@ -15,10 +15,10 @@ import math
 import os
 import random
 import shutil
-import socket
 
 import pytest
 import torch
+from support import free_port
 
 from posttrain import UserError
 from posttrain.recipes.config import build_recipe, load_recipe
@@ -545,10 +545,7 @@ def _rank_main(rank, port, out_dir):
 def test_all_reduce_two_ranks(tmp_path):
     import torch.multiprocessing as mp
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_rank_main, args=(port, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_rank_main, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     assert r0["counts"].tolist() == r1["counts"].tolist() == [3, 0, 2, 3]
     # c_bar = 2: each rank alone would move expert 0 differently; the reduced loads give one answer

@@ -17,7 +17,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from support import free_port, method_state
+from support import free_port, method_state, one_process_launch, two_process_launch
 from torch import nn
 from transformers import AutoModelForCausalLM, TrainerCallback, get_scheduler
 
@@ -185,15 +185,10 @@ def _sharded_topk_rank(rank, world, port, seed, out_dir):
 
 
 def test_sharded_mask_equals_the_mask_of_the_whole_tensors(tmp_path):
-    import socket
-
     import torch.multiprocessing as mp
 
     seed, world = torch.seed() % 2**31, 3
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    mp.spawn(_sharded_topk_rank, args=(world, port, seed, str(tmp_path)), nprocs=world, join=True)
+    mp.spawn(_sharded_topk_rank, args=(world, free_port(), seed, str(tmp_path)), nprocs=world, join=True)
     per_rank = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
     g = torch.Generator().manual_seed(seed)
     for trial in range(12):
@@ -714,29 +709,10 @@ def test_checkpoint_without_wagle_state_is_refused(tmp_path):
 
 
 def _launch_helper(out, config=None):
-    from support import BIN, ROOT
+    from support import ROOT
 
-    launch = (
-        [
-            "--config_file",
-            str(ROOT / "accelerate_configs" / config),
-            "--num_processes",
-            "2",
-            "--mixed_precision",
-            "no",
-            "--main_process_port",
-            str(free_port()),
-        ]
-        if config
-        else ["--num_processes", "1"]
-    )
-    cmd = [
-        str(BIN / "accelerate"),
-        "launch",
-        *launch,
-        str(ROOT / "tests" / "helpers" / "wagle_distributed.py"),
-        str(out),
-    ]
+    program = (str(ROOT / "tests" / "helpers" / "wagle_distributed.py"), str(out))
+    cmd = two_process_launch(config, *program) if config else one_process_launch(*program)
     proc = subprocess.run(
         cmd, capture_output=True, text=True, cwd=ROOT, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"}
     )
@@ -794,44 +770,19 @@ def test_two_processes_share_one_mask_equal_to_the_one_process_mask(config, one_
 @pytest.mark.parametrize("method", ["snip", "magnitude", "random"])
 def test_zero3_baseline_masks_equal_the_one_process_masks(method, tmp_path):
     # the baselines on ZeRO-3 pieces too: fp32 master weights, the forget pieces, random_scores' draws sliced
-    from support import BIN, ROOT
+    from support import ROOT
 
-    def mask_of(name, *launch):
-        cmd = [
-            str(BIN / "accelerate"),
-            "launch",
-            *launch,
-            "-m",
-            "posttrain",
-            "train",
-            "wagle/tiny",
-            "--mask_method",
-            method,
-            "--mask_ratio",
-            "0.3",
-            "--max_steps",
-            "1",
-            "--output_dir",
-            str(tmp_path / name),
-        ]
+    def mask_of(name, launch):
+        program = ["-m", "posttrain", "train", "wagle/tiny", "--mask_method", method, "--mask_ratio", "0.3"]
+        cmd = launch(*program, "--max_steps", "1", "--output_dir", str(tmp_path / name))
         proc = subprocess.run(
             cmd, capture_output=True, text=True, cwd=ROOT, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"}
         )
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-5000:]
         return load_mask(tmp_path / name / MASK_FILE)
 
-    one = mask_of("one", "--num_processes", "1")
-    two = mask_of(
-        "two",
-        "--config_file",
-        str(ROOT / "accelerate_configs" / "zero3.yaml"),
-        "--num_processes",
-        "2",
-        "--mixed_precision",
-        "no",
-        "--main_process_port",
-        str(free_port()),
-    )
+    one = mask_of("one", one_process_launch)
+    two = mask_of("two", lambda *program: two_process_launch("zero3.yaml", *program))
     assert one.keys() == two.keys() and all(torch.equal(one[k], two[k]) for k in one)
     assert 0 < sum(int(m.sum()) for m in one.values()) < sum(m.numel() for m in one.values())
 
