@@ -90,6 +90,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def assert_refused(argv: list[str], message: str, capsys, output_dir) -> str:
+    """In-process ``posttrain <argv> --output_dir <output_dir>`` is refused: exit 2, one stderr line holding
+    ``message``, and nothing written to ``output_dir``. Returns the line, for further checks."""
+    from posttrain.cli import main
+
+    capsys.readouterr()
+    assert main([*argv, "--output_dir", str(output_dir)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err, err
+    assert not Path(output_dir).exists()  # refused before anything ran
+    return err
+
+
 def one_process_launch(*program: str) -> list[str]:
     """The ``accelerate launch`` command line of a 1-process run (the reference a 2-process run is compared with)."""
     return [str(BIN / "accelerate"), "launch", "--num_processes", "1", *program]

@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from support import assert_refused
 
 from posttrain.trainers.classic.blindspot import (
     BlindspotConfig,
@@ -117,6 +118,4 @@ def test_config_errors_and_cli(tmp_path, capsys):
     assert main(["list"]) == 0
     listed = capsys.readouterr().out
     assert all(w in listed for w in ("blindspot ", "blindspot/diabetes", "blindspot/diabetes_gaussian"))
-    assert main(["train", "blindspot/diabetes", "--arm", "retrain", "--output_dir", str(tmp_path / "x")]) == 2
-    err = capsys.readouterr().err.strip()
-    assert "arm must be one of" in err and "\n" not in err and not (tmp_path / "x").exists()
+    assert_refused(["train", "blindspot/diabetes", "--arm", "retrain"], "arm must be one of", capsys, tmp_path / "x")

@@ -5,6 +5,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from support import assert_refused
 
 from posttrain.trainers.classic.li2_grokking import (
     Li2GrokkingConfig,
@@ -161,8 +162,5 @@ def test_recipe_runs_from_the_cli_and_bad_values_are_one_line(tmp_path, capsys):
     results = json.loads((out / "results.json").read_text())
     assert results["method"] == "li2_grokking" and [h["step"] for h in results["history"]] == [10, 20]
     assert (out / "curves.png").exists() and (out / "aux_state.pt").exists()
-    capsys.readouterr()
-    assert main(["train", "li2_grokking/z23_adam", "--optimizer", "lion", "--output_dir", str(tmp_path / "x")]) == 2
-    err = capsys.readouterr().err.strip()
-    assert "unknown optimizer 'lion'" in err and "valid: adam, sgd, muon" in err and "\n" not in err
-    assert not (tmp_path / "x").exists()  # refused before anything ran
+    argv = ["train", "li2_grokking/z23_adam", "--optimizer", "lion"]
+    assert "valid: adam, sgd, muon" in assert_refused(argv, "unknown optimizer 'lion'", capsys, tmp_path / "x")
